@@ -1,0 +1,440 @@
+//! CPUID normalisation: turn what `KVM_GET_SUPPORTED_CPUID` reports into what one vCPU of a
+//! flint guest should see.
+//!
+//! The topology presented is one package with `vcpu_count` cores of one thread each; the
+//! (x2)APIC ID of a vCPU is its index, matching the MP table.
+
+use kvm_bindings::kvm_cpuid_entry2;
+
+/// Leaf 0x1: XSAVE (ecx bit 26), hypervisor present (ecx bit 31), HTT (edx bit 28).
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+/// Leaf 0x1 ebx bits 15-8: CLFLUSH line size in 8-byte units (64 bytes).
+const CLFLUSH_LINE_SIZE: u32 = 8;
+/// Leaf 0x6 eax bit 2: APIC timer always running (ARAT).
+const LEAF6_EAX_ARAT: u32 = 1 << 2;
+/// Leaf 0xB/0x1F level types (ecx bits 15-8).
+const LEVEL_TYPE_SMT: u32 = 1;
+const LEVEL_TYPE_CORE: u32 = 2;
+
+/// Number of bits needed to hold an index below `count`: ceil(log2(count)), 0 for 0 and 1.
+fn id_bits(count: u32) -> u32 {
+    if count <= 1 {
+        0
+    } else {
+        u32::BITS - (count - 1).leading_zeros()
+    }
+}
+
+/// Leaf 0x1: APIC ID, logical processor count, CLFLUSH size, HTT and hypervisor bits.
+fn leaf_0x1(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
+    // Keep the brand index in bits 7-0.
+    entry.ebx =
+        (entry.ebx & 0xff) | (CLFLUSH_LINE_SIZE << 8) | (vcpu_count << 16) | (vcpu_id << 24);
+    if vcpu_count > 1 {
+        entry.edx |= LEAF1_EDX_HTT;
+    } else {
+        entry.edx &= !LEAF1_EDX_HTT;
+    }
+    entry.ecx |= LEAF1_ECX_HYPERVISOR;
+}
+
+/// Leaf 0x4 (deterministic cache parameters, every subleaf): cores per package and threads
+/// sharing each cache. L1 and L2 are private to a core; L3 is shared by the whole package.
+fn leaf_0x4(entry: &mut kvm_cpuid_entry2, vcpu_count: u32) {
+    // Cache type 0: no more caches; leave the terminating subleaf alone.
+    if entry.eax & 0x1f == 0 {
+        return;
+    }
+    let level = (entry.eax >> 5) & 0x7;
+    // Bits 31-26: addressable core IDs - 1 (6 bits).
+    let cores = vcpu_count.saturating_sub(1).min(0x3f);
+    // Bits 25-14: addressable logical processor IDs sharing this cache - 1 (12 bits).
+    let sharing = if level >= 3 {
+        vcpu_count.saturating_sub(1).min(0xfff)
+    } else {
+        0
+    };
+    entry.eax = (entry.eax & 0x3fff) | (cores << 26) | (sharing << 14);
+}
+
+/// Leaves 0xB and 0x1F (extended topology): an SMT level of one thread, a core level of
+/// `vcpu_count` cores, and invalid levels above; edx is the x2APIC ID everywhere.
+fn leaf_extended_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
+    let subleaf = entry.index;
+    match subleaf {
+        0 => {
+            entry.eax = 0;
+            entry.ebx = 1;
+            entry.ecx = (LEVEL_TYPE_SMT << 8) | subleaf;
+        }
+        1 => {
+            entry.eax = id_bits(vcpu_count);
+            entry.ebx = vcpu_count;
+            entry.ecx = (LEVEL_TYPE_CORE << 8) | subleaf;
+        }
+        _ => {
+            entry.eax = 0;
+            entry.ebx = 0;
+            entry.ecx = subleaf & 0xff;
+        }
+    }
+    entry.edx = vcpu_id;
+}
+
+/// Normalise the supported CPUID entries for vCPU `vcpu_id` of `vcpu_count`:
+/// - leaf 0x1: initial APIC ID = vcpu_id, logical processor count, CLFLUSH size, HTT when
+///   vcpu_count > 1, the hypervisor bit set, TSC-deadline as KVM reports;
+/// - leaf 0x4 / 0xB / 0x1F (Intel) and 0x8000_001E (AMD) topology: one thread per core,
+///   `vcpu_count` cores in one package, x2APIC IDs = vcpu_id;
+/// - leaf 0x6: no power management that flint cannot emulate;
+/// - leaf 0xA: no architectural PMU;
+/// - leaf 0xD: consistent with leaf 1 (no XSAVE in leaf 1 → leaf 0xD zeroed; otherwise sizes as
+///   reported);
+/// - leaf 0x4000_0000..: KVM signature and features left as reported.
+///
+/// In detail:
+/// - 0x4: eax bits 31-26 = min(vcpu_count, 64) - 1; bits 25-14 = 0 for L1/L2 and
+///   vcpu_count - 1 for L3 and beyond;
+/// - 0xB / 0x1F: subleaf 0 is the SMT level (shift 0, 1 logical processor), subleaf 1 the core
+///   level (shift ceil(log2(vcpu_count)), vcpu_count logical processors), higher subleaves are
+///   invalid levels;
+/// - 0x6: only ARAT kept in eax, ecx cleared;
+/// - 0x8000_0008: ecx NC (bits 7-0) = vcpu_count - 1 and ApicIdSize (bits 15-12) =
+///   ceil(log2(vcpu_count));
+/// - 0x8000_001E: eax = extended APIC ID = vcpu_id, ebx = compute unit vcpu_id with one thread,
+///   ecx = node 0 of 1.
+///
+/// Leaves that are absent are not added; leaves not listed are left unchanged.
+pub fn normalize(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) {
+    let vcpu_id = u32::from(vcpu_id);
+    let vcpu_count = u32::from(vcpu_count);
+    for entry in entries.iter_mut() {
+        match entry.function {
+            0x1 => leaf_0x1(entry, vcpu_id, vcpu_count),
+            0x4 => leaf_0x4(entry, vcpu_count),
+            0x6 => {
+                entry.eax &= LEAF6_EAX_ARAT;
+                entry.ecx = 0;
+            }
+            0xa => {
+                entry.eax = 0;
+                entry.ebx = 0;
+                entry.ecx = 0;
+                entry.edx = 0;
+            }
+            0xb | 0x1f => leaf_extended_topology(entry, vcpu_id, vcpu_count),
+            0x8000_0008 => {
+                let nc = vcpu_count.saturating_sub(1) & 0xff;
+                entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(vcpu_count) << 12) | nc;
+            }
+            0x8000_001e => {
+                entry.eax = vcpu_id;
+                // Bits 15-8: threads per compute unit - 1 = 0; bits 7-0: compute unit ID.
+                entry.ebx = vcpu_id & 0xff;
+                // Bits 10-8: nodes per processor - 1 = 0; bits 7-0: node ID 0.
+                entry.ecx = 0;
+            }
+            _ => {}
+        }
+    }
+
+    // Leaf 0xD only makes sense when leaf 1 advertises XSAVE.
+    let xsave = entries
+        .iter()
+        .any(|e| e.function == 0x1 && e.ecx & LEAF1_ECX_XSAVE != 0);
+    if !xsave {
+        for entry in entries.iter_mut().filter(|e| e.function == 0xd) {
+            entry.eax = 0;
+            entry.ebx = 0;
+            entry.ecx = 0;
+            entry.edx = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// KVM_CPUID_FLAG_SIGNIFCANT_INDEX.
+    const SIGNIFICANT_INDEX: u32 = 1;
+
+    fn entry(function: u32, index: u32, regs: [u32; 4]) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            flags: if matches!(function, 0x4 | 0xb | 0xd | 0x1f) {
+                SIGNIFICANT_INDEX
+            } else {
+                0
+            },
+            eax: regs[0],
+            ebx: regs[1],
+            ecx: regs[2],
+            edx: regs[3],
+            ..Default::default()
+        }
+    }
+
+    fn find(entries: &[kvm_cpuid_entry2], function: u32, index: u32) -> kvm_cpuid_entry2 {
+        *entries
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
+    }
+
+    /// A host-like supported CPUID list (numbers loosely from a 16-core Intel part).
+    fn host_entries() -> Vec<kvm_cpuid_entry2> {
+        vec![
+            entry(0x0, 0, [0x1f, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]),
+            entry(0x1, 0, [0x000a_0671, 0x2b10_0800, 0xf7fa_3223, 0x0f8b_fbff]),
+            // L1d, L1i, L2, L3, terminator.
+            entry(0x4, 0, [0x1c00_4121, 0x02c0_003f, 0x3f, 0]),
+            entry(0x4, 1, [0x1c00_4122, 0x01c0_003f, 0x3f, 0]),
+            entry(0x4, 2, [0x1c00_4143, 0x03c0_003f, 0x3ff, 0]),
+            entry(0x4, 3, [0x1c03_c163, 0x03c0_003f, 0x7fff, 4]),
+            entry(0x4, 4, [0, 0, 0, 0]),
+            entry(0x6, 0, [0x0000_00f7, 0x2, 0x9, 0]),
+            entry(0x7, 0, [0, 0x029c_6fbf, 0x4040_0004, 0xbc00_0400]),
+            entry(0xa, 0, [0x0803_0805, 0, 0, 0x0603]),
+            entry(0xb, 0, [1, 2, 0x100, 0x2b]),
+            entry(0xb, 1, [5, 16, 0x201, 0x2b]),
+            entry(0xb, 2, [0, 0, 2, 0x2b]),
+            entry(0xd, 0, [0x207, 0x340, 0xa88, 0]),
+            entry(0xd, 1, [0xf, 0x340, 0, 0]),
+            entry(0xd, 2, [0x100, 0x240, 0, 0]),
+            entry(0x1f, 0, [1, 2, 0x100, 0x2b]),
+            entry(0x1f, 1, [5, 16, 0x201, 0x2b]),
+            entry(0x1f, 2, [0, 0, 2, 0x2b]),
+            entry(
+                0x4000_0000,
+                0,
+                [0x4000_0001, 0x4b4d_564b, 0x564b_4d56, 0x4d],
+            ),
+            entry(0x4000_0001, 0, [0x0100_7afb, 0, 0, 1]),
+            entry(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
+            entry(0x8000_0008, 0, [0x3027, 0, 0x7007, 0]),
+            entry(0x8000_001e, 0, [0x2b, 0x0115, 0x0301, 0]),
+        ]
+    }
+
+    fn normalized(vcpu_id: u8, vcpu_count: u8) -> Vec<kvm_cpuid_entry2> {
+        let mut entries = host_entries();
+        normalize(&mut entries, vcpu_id, vcpu_count);
+        entries
+    }
+
+    #[test]
+    fn id_bits_values() {
+        assert_eq!(id_bits(0), 0);
+        assert_eq!(id_bits(1), 0);
+        assert_eq!(id_bits(2), 1);
+        assert_eq!(id_bits(3), 2);
+        assert_eq!(id_bits(4), 2);
+        assert_eq!(id_bits(5), 3);
+        assert_eq!(id_bits(254), 8);
+        assert_eq!(id_bits(255), 8);
+    }
+
+    #[test]
+    fn leaf_1_single_vcpu() {
+        let e = find(&normalized(0, 1), 0x1, 0);
+        assert_eq!(e.ebx, 0x0001_0800);
+        assert_eq!(e.edx & LEAF1_EDX_HTT, 0);
+        assert_eq!(e.ecx & LEAF1_ECX_HYPERVISOR, LEAF1_ECX_HYPERVISOR);
+        // Other feature bits untouched (TSC-deadline bit 24 as reported).
+        assert_eq!(e.ecx, 0xf7fa_3223);
+        assert_eq!(e.eax, 0x000a_0671);
+        assert_eq!(e.edx, 0x0f8b_fbff & !LEAF1_EDX_HTT);
+    }
+
+    #[test]
+    fn leaf_1_four_vcpus() {
+        for id in 0..4 {
+            let e = find(&normalized(id, 4), 0x1, 0);
+            assert_eq!(e.ebx >> 24, u32::from(id));
+            assert_eq!((e.ebx >> 16) & 0xff, 4);
+            assert_eq!((e.ebx >> 8) & 0xff, 8);
+            assert_eq!(e.ebx & 0xff, 0);
+            assert_eq!(e.edx & LEAF1_EDX_HTT, LEAF1_EDX_HTT);
+            assert_eq!(e.ecx & LEAF1_ECX_HYPERVISOR, LEAF1_ECX_HYPERVISOR);
+        }
+    }
+
+    #[test]
+    fn leaf_1_keeps_brand_index_and_sets_hypervisor() {
+        let mut entries = vec![entry(0x1, 0, [0, 0xffff_ff05, 0, LEAF1_EDX_HTT])];
+        normalize(&mut entries, 3, 1);
+        assert_eq!(entries[0].ebx, 0x0301_0805);
+        assert_eq!(entries[0].ecx, LEAF1_ECX_HYPERVISOR);
+        assert_eq!(entries[0].edx, 0);
+    }
+
+    #[test]
+    fn leaf_4_topology() {
+        for (count, cores_field) in [(1u8, 0u32), (4, 3)] {
+            let entries = normalized(0, count);
+            for sub in 0..3 {
+                let e = find(&entries, 0x4, sub);
+                assert_eq!(e.eax >> 26, cores_field, "subleaf {sub}");
+                assert_eq!((e.eax >> 14) & 0xfff, 0, "subleaf {sub}");
+                // Type, level and the other low bits kept.
+                assert_eq!(e.eax & 0x3fff, find(&host_entries(), 0x4, sub).eax & 0x3fff);
+            }
+            let l3 = find(&entries, 0x4, 3);
+            assert_eq!((l3.eax >> 5) & 7, 3);
+            assert_eq!(l3.eax >> 26, cores_field);
+            assert_eq!((l3.eax >> 14) & 0xfff, u32::from(count) - 1);
+            assert_eq!(l3.eax & 0x3fff, 0x0163);
+            // ebx/ecx/edx (geometry) untouched.
+            assert_eq!(l3.ebx, 0x03c0_003f);
+            assert_eq!(l3.ecx, 0x7fff);
+            assert_eq!(find(&entries, 0x4, 4).eax, 0);
+        }
+    }
+
+    #[test]
+    fn leaf_4_clamps_large_counts() {
+        let entries = normalized(200, 254);
+        let l3 = find(&entries, 0x4, 3);
+        assert_eq!(l3.eax >> 26, 0x3f);
+        assert_eq!((l3.eax >> 14) & 0xfff, 253);
+    }
+
+    #[test]
+    fn extended_topology_single_vcpu() {
+        let entries = normalized(0, 1);
+        for leaf in [0xb, 0x1f] {
+            let smt = find(&entries, leaf, 0);
+            assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 0));
+            let core = find(&entries, leaf, 1);
+            assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (0, 1, 0x201, 0));
+            let invalid = find(&entries, leaf, 2);
+            assert_eq!(
+                (invalid.eax, invalid.ebx, invalid.ecx, invalid.edx),
+                (0, 0, 2, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn extended_topology_four_vcpus() {
+        for id in 0..4u8 {
+            let entries = normalized(id, 4);
+            let id = u32::from(id);
+            for leaf in [0xb, 0x1f] {
+                let smt = find(&entries, leaf, 0);
+                assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, id));
+                let core = find(&entries, leaf, 1);
+                assert_eq!((core.eax, core.ebx, core.ecx, core.edx), (2, 4, 0x201, id));
+                let invalid = find(&entries, leaf, 2);
+                assert_eq!(
+                    (invalid.eax, invalid.ebx, invalid.ecx, invalid.edx),
+                    (0, 0, 2, id)
+                );
+                // The package ID derived from the core shift is 0 for every vCPU.
+                assert_eq!(id >> core.eax, 0);
+            }
+        }
+    }
+
+    #[test]
+    fn extended_topology_odd_count() {
+        let mut entries = vec![entry(0xb, 1, [0; 4]), entry(0xb, 5, [9; 4])];
+        normalize(&mut entries, 2, 3);
+        assert_eq!(entries[0].eax, 2);
+        assert_eq!(entries[0].ebx, 3);
+        assert_eq!(entries[1].ecx, 5);
+        assert_eq!(entries[1].eax, 0);
+        assert_eq!(entries[1].edx, 2);
+    }
+
+    #[test]
+    fn leaf_6_power_management() {
+        let e = find(&normalized(0, 1), 0x6, 0);
+        assert_eq!(e.eax, LEAF6_EAX_ARAT);
+        assert_eq!(e.ecx, 0);
+        let mut entries = vec![entry(0x6, 0, [0xfb, 0, 0xf, 0])];
+        normalize(&mut entries, 0, 1);
+        assert_eq!(entries[0].eax, 0);
+        assert_eq!(entries[0].ecx, 0);
+    }
+
+    #[test]
+    fn leaf_a_no_pmu() {
+        let e = find(&normalized(1, 2), 0xa, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0));
+    }
+
+    #[test]
+    fn leaf_d_kept_with_xsave() {
+        let entries = normalized(0, 2);
+        let host = host_entries();
+        for sub in 0..3 {
+            assert_eq!(find(&entries, 0xd, sub), find(&host, 0xd, sub));
+        }
+    }
+
+    #[test]
+    fn leaf_d_zeroed_without_xsave() {
+        let mut entries = host_entries();
+        for e in entries.iter_mut().filter(|e| e.function == 1) {
+            e.ecx &= !LEAF1_ECX_XSAVE;
+        }
+        normalize(&mut entries, 0, 2);
+        for sub in 0..3 {
+            let e = find(&entries, 0xd, sub);
+            assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0), "subleaf {sub}");
+            assert_eq!(e.flags, SIGNIFICANT_INDEX);
+        }
+        // Without any leaf 1 there is no XSAVE either.
+        let mut entries = vec![entry(0xd, 0, [0x207, 0x340, 0xa88, 0])];
+        normalize(&mut entries, 0, 1);
+        assert_eq!(entries[0].eax, 0);
+    }
+
+    #[test]
+    fn amd_leaves() {
+        let entries = normalized(3, 4);
+        assert_eq!(
+            find(&entries, 0x8000_0001, 0),
+            find(&host_entries(), 0x8000_0001, 0)
+        );
+        let e = find(&entries, 0x8000_0008, 0);
+        assert_eq!(e.ecx & 0xff, 3);
+        assert_eq!((e.ecx >> 12) & 0xf, 2);
+        assert_eq!(e.eax, 0x3027);
+        let e = find(&entries, 0x8000_001e, 0);
+        assert_eq!(e.eax, 3);
+        assert_eq!(e.ebx, 3);
+        assert_eq!(e.ecx, 0);
+
+        let entries = normalized(0, 1);
+        let e = find(&entries, 0x8000_0008, 0);
+        assert_eq!(e.ecx & 0xf0ff, 0);
+        let e = find(&entries, 0x8000_001e, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx), (0, 0, 0));
+    }
+
+    #[test]
+    fn other_leaves_untouched() {
+        let entries = normalized(2, 4);
+        let host = host_entries();
+        for function in [0x0, 0x7, 0x4000_0000, 0x4000_0001] {
+            assert_eq!(find(&entries, function, 0), find(&host, function, 0));
+        }
+        assert_eq!(entries.len(), host.len());
+    }
+
+    #[test]
+    fn empty_list_and_zero_count_do_not_panic() {
+        normalize(&mut [], 0, 1);
+        let mut entries = host_entries();
+        normalize(&mut entries, 0, 0);
+        normalize(&mut entries, 255, 255);
+        let e = find(&entries, 0x1, 0);
+        assert_eq!(e.ebx >> 24, 255);
+    }
+}

@@ -1,0 +1,277 @@
+//! A minimal i8042 keyboard controller: enough for Linux's driver to probe it quickly and for a
+//! guest to reset the machine (`reboot=k`), which ends the VM.
+//!
+//! Ports: data at 0x60 (offset 0), command/status at 0x64 (offset 4).
+
+use std::collections::VecDeque;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::bus::BusDevice;
+use crate::IrqLine;
+
+const DATA: u64 = 0;
+const COMMAND: u64 = 4;
+
+// Status register bits.
+const SB_OUT_FULL: u8 = 0x01;
+const SB_SYSTEM: u8 = 0x04;
+const SB_COMMAND: u8 = 0x08;
+const SB_KBD_ENABLED: u8 = 0x10;
+
+// Controller configuration ("command byte") bits.
+const CTR_KBD_INT: u8 = 0x01;
+const CTR_SYSTEM: u8 = 0x04;
+const CTR_KBD_DISABLE: u8 = 0x10;
+const CTR_AUX_DISABLE: u8 = 0x20;
+const CTR_XLATE: u8 = 0x40;
+
+// Controller commands.
+const CMD_READ_CTR: u8 = 0x20;
+const CMD_WRITE_CTR: u8 = 0x60;
+const CMD_AUX_DISABLE: u8 = 0xa7;
+const CMD_AUX_ENABLE: u8 = 0xa8;
+const CMD_AUX_TEST: u8 = 0xa9;
+const CMD_SELF_TEST: u8 = 0xaa;
+const CMD_KBD_TEST: u8 = 0xab;
+const CMD_KBD_DISABLE: u8 = 0xad;
+const CMD_KBD_ENABLE: u8 = 0xae;
+const CMD_READ_OUTP: u8 = 0xd0;
+const CMD_WRITE_OUTP: u8 = 0xd1;
+const CMD_WRITE_KBD_OUTBUF: u8 = 0xd2;
+const CMD_WRITE_AUX_OUTBUF: u8 = 0xd3;
+const CMD_WRITE_AUX: u8 = 0xd4;
+const CMD_PULSE_RESET: u8 = 0xfe;
+
+// Replies.
+const SELF_TEST_OK: u8 = 0x55;
+const PORT_TEST_OK: u8 = 0x00;
+/// "Clock line stuck low": tells the guest there is no auxiliary (mouse) port.
+const AUX_TEST_ABSENT: u8 = 0x01;
+const KBD_ACK: u8 = 0xfa;
+const KBD_RESET_OK: u8 = 0xaa;
+
+/// Output port bit 0 low holds the CPU in reset.
+const OUTP_RESET_RELEASED: u8 = 0x01;
+
+/// The keyboard controller. Its reset line is an `EventFd` that the VMM watches.
+pub struct I8042 {
+    reset: EventFd,
+    irq: IrqLine,
+    ctr: u8,
+    status_cmd: bool,
+    out: VecDeque<u8>,
+    awaiting_data_for: Option<u8>,
+    resets: u64,
+}
+
+impl I8042 {
+    /// A controller that writes `reset` when the guest resets the machine and raises `irq`
+    /// (IRQ 1) when it has a byte for the guest.
+    pub fn new(reset: EventFd, irq: IrqLine) -> Self {
+        I8042 {
+            reset,
+            irq,
+            ctr: CTR_KBD_INT | CTR_SYSTEM | CTR_XLATE | CTR_AUX_DISABLE,
+            status_cmd: false,
+            out: VecDeque::new(),
+            awaiting_data_for: None,
+            resets: 0,
+        }
+    }
+
+    /// How many times the guest asked for a reset.
+    pub fn resets(&self) -> u64 {
+        self.resets
+    }
+
+    fn status(&self) -> u8 {
+        let mut s = SB_SYSTEM | SB_KBD_ENABLED;
+        if !self.out.is_empty() {
+            s |= SB_OUT_FULL;
+        }
+        if self.status_cmd {
+            s |= SB_COMMAND;
+        }
+        s
+    }
+
+    fn push(&mut self, byte: u8) {
+        // The guest reads one byte per response; a bounded queue keeps a misbehaving guest
+        // from growing it without limit.
+        if self.out.len() < 16 {
+            self.out.push_back(byte);
+        }
+        self.notify();
+    }
+
+    fn notify(&self) {
+        if !self.out.is_empty() && self.ctr & CTR_KBD_INT != 0 {
+            // A lost interrupt only delays the guest's driver; it polls the status register.
+            let _ = self.irq.trigger();
+        }
+    }
+
+    fn request_reset(&mut self) {
+        self.resets += 1;
+        // If this write fails the eventfd counter is saturated: a reset is already pending.
+        let _ = self.reset.write(1);
+    }
+
+    fn command(&mut self, cmd: u8) {
+        self.status_cmd = true;
+        match cmd {
+            CMD_READ_CTR => self.push(self.ctr),
+            CMD_WRITE_CTR | CMD_WRITE_OUTP | CMD_WRITE_KBD_OUTBUF | CMD_WRITE_AUX_OUTBUF
+            | CMD_WRITE_AUX => self.awaiting_data_for = Some(cmd),
+            CMD_AUX_DISABLE => self.ctr |= CTR_AUX_DISABLE,
+            CMD_AUX_ENABLE => self.ctr &= !CTR_AUX_DISABLE,
+            CMD_AUX_TEST => self.push(AUX_TEST_ABSENT),
+            CMD_SELF_TEST => self.push(SELF_TEST_OK),
+            CMD_KBD_TEST => self.push(PORT_TEST_OK),
+            CMD_KBD_DISABLE => self.ctr |= CTR_KBD_DISABLE,
+            CMD_KBD_ENABLE => self.ctr &= !CTR_KBD_DISABLE,
+            CMD_READ_OUTP => self.push(OUTP_RESET_RELEASED),
+            CMD_PULSE_RESET => self.request_reset(),
+            // 0xf0-0xff pulse output-port lines low for a moment; bit 0 is the CPU reset line.
+            c if c >= 0xf0 && c & 1 == 0 => self.request_reset(),
+            _ => {}
+        }
+    }
+
+    fn data(&mut self, byte: u8) {
+        self.status_cmd = false;
+        match self.awaiting_data_for.take() {
+            Some(CMD_WRITE_CTR) => {
+                self.ctr = byte;
+                self.notify();
+            }
+            Some(CMD_WRITE_OUTP) => {
+                if byte & OUTP_RESET_RELEASED == 0 {
+                    self.request_reset();
+                }
+            }
+            Some(CMD_WRITE_KBD_OUTBUF) => self.push(byte),
+            // No auxiliary device: loopback through it and commands to it get nothing back.
+            Some(CMD_WRITE_AUX_OUTBUF) | Some(CMD_WRITE_AUX) => {}
+            Some(_) => {}
+            // A byte for the keyboard itself: acknowledge; a reset also reports success.
+            None => {
+                self.push(KBD_ACK);
+                if byte == 0xff {
+                    self.push(KBD_RESET_OK);
+                }
+            }
+        }
+    }
+}
+
+impl BusDevice for I8042 {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let value = match offset {
+            DATA => {
+                let v = self.out.pop_front().unwrap_or(0);
+                self.notify();
+                v
+            }
+            COMMAND => self.status(),
+            _ => return,
+        };
+        if let Some(first) = data.first_mut() {
+            *first = value;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let Some(&byte) = data.first() else { return };
+        match offset {
+            DATA => self.data(byte),
+            COMMAND => self.command(byte),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    fn controller() -> (I8042, EventFd, EventFd) {
+        let reset = EventFd::new(EFD_NONBLOCK).unwrap();
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let dev = I8042::new(
+            reset.try_clone().unwrap(),
+            IrqLine::new(irq.try_clone().unwrap()),
+        );
+        (dev, reset, irq)
+    }
+
+    fn read(dev: &mut I8042, offset: u64) -> u8 {
+        let mut b = [0u8];
+        dev.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn reset_command_signals_the_vmm() {
+        let (mut dev, reset, _) = controller();
+        assert!(reset.read().is_err(), "no reset yet");
+        dev.write(COMMAND, &[CMD_PULSE_RESET]);
+        assert_eq!(reset.read().unwrap(), 1);
+        assert_eq!(dev.resets(), 1);
+    }
+
+    #[test]
+    fn output_port_write_with_reset_low_signals_the_vmm() {
+        let (mut dev, reset, _) = controller();
+        dev.write(COMMAND, &[CMD_WRITE_OUTP]);
+        dev.write(DATA, &[0x02]);
+        assert_eq!(reset.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn self_test_and_ctr_round_trip() {
+        let (mut dev, reset, irq) = controller();
+        dev.write(COMMAND, &[CMD_SELF_TEST]);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, SB_OUT_FULL);
+        assert_eq!(read(&mut dev, DATA), SELF_TEST_OK);
+        assert!(irq.read().unwrap() >= 1);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+
+        dev.write(COMMAND, &[CMD_WRITE_CTR]);
+        dev.write(DATA, &[0x45]);
+        dev.write(COMMAND, &[CMD_READ_CTR]);
+        assert_eq!(read(&mut dev, DATA), 0x45);
+        assert!(reset.read().is_err(), "no reset from ordinary commands");
+    }
+
+    #[test]
+    fn aux_port_reads_as_absent_and_keyboard_acks() {
+        let (mut dev, _, _) = controller();
+        dev.write(COMMAND, &[CMD_AUX_TEST]);
+        assert_eq!(read(&mut dev, DATA), AUX_TEST_ABSENT);
+        dev.write(COMMAND, &[CMD_WRITE_AUX_OUTBUF]);
+        dev.write(DATA, &[0x5a]);
+        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+        dev.write(DATA, &[0xff]);
+        assert_eq!(read(&mut dev, DATA), KBD_ACK);
+        assert_eq!(read(&mut dev, DATA), KBD_RESET_OK);
+    }
+
+    #[test]
+    fn output_queue_is_bounded_and_odd_accesses_are_harmless() {
+        let (mut dev, _, _) = controller();
+        for _ in 0..1000 {
+            dev.write(COMMAND, &[CMD_SELF_TEST]);
+        }
+        assert!(dev.out.len() <= 16);
+        dev.write(2, &[0xfe]);
+        dev.write(COMMAND, &[]);
+        let mut wide = [0xffu8; 4];
+        dev.read(3, &mut wide);
+        assert_eq!(wide, [0; 4]);
+        assert_eq!(dev.resets(), 0);
+    }
+}

@@ -1,0 +1,277 @@
+//! Command-line parsing: turns arguments into a [`Command`], with one-sentence errors.
+
+use std::path::PathBuf;
+
+use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use vmm::VmConfig;
+
+/// What the user asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Print this help text and exit.
+    Help(String),
+    Version,
+    Boot(VmConfig),
+}
+
+/// A command line that cannot be understood.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CliError {
+    #[error("no command given (see 'flint --help')")]
+    NoCommand,
+    #[error("unknown command '{0}' (see 'flint --help')")]
+    UnknownCommand(String),
+    #[error("unknown option '{option}' for 'flint {command}' (see 'flint {command} --help')")]
+    UnknownOption {
+        command: &'static str,
+        option: String,
+    },
+    #[error("{0} needs a value")]
+    MissingValue(&'static str),
+    #[error("{option} takes a whole number, not '{value}'")]
+    NotANumber { option: &'static str, value: String },
+    #[error("{0} was given more than once")]
+    Repeated(&'static str),
+    #[error("'flint boot' needs --kernel PATH")]
+    NoKernel,
+}
+
+fn main_help() -> String {
+    format!(
+        "flint {version}: a KVM-based microVM monitor
+
+Usage:
+  flint boot --kernel PATH [OPTIONS]   boot a guest kernel on the serial console
+  flint --help | --version
+
+Run 'flint boot --help' for the boot options.
+",
+        version = env!("CARGO_PKG_VERSION")
+    )
+}
+
+fn boot_help() -> String {
+    format!(
+        "Usage: flint boot --kernel PATH [OPTIONS]
+
+Boot a Linux guest and connect its serial console to this terminal (input is forwarded;
+a terminal is put in raw mode until flint exits).
+
+Options:
+  --kernel PATH     guest kernel: uncompressed ELF vmlinux (PVH entry used when present)
+                    or bzImage
+  --initrd PATH     initial RAM disk
+  --cmdline STRING  kernel command line (default: \"{DEFAULT_CMDLINE}\")
+  --vcpus N         number of vCPUs, 1-254 and at most what the host's KVM allows
+                    (default: {DEFAULT_VCPUS})
+  --memory MIB      guest memory in MiB, at least 64 (default: {DEFAULT_MEM_MIB})
+  -h, --help        print this help
+
+Exit status: 0 when the guest reboots or powers off; 1 when flint cannot start the VM or a
+vCPU fails (one line on stderr says why); 128+N when stopped by signal N (SIGINT, SIGTERM,
+SIGHUP). After the guest writes 123 to port 0x3f0, flint logs the time from its start.
+Set FLINT_LOG=debug|info|warn|error|off to change how much flint logs (default: info).
+"
+    )
+}
+
+/// Parse the arguments after the program name.
+pub fn parse(args: &[String]) -> Result<Command, CliError> {
+    let Some(first) = args.first() else {
+        return Err(CliError::NoCommand);
+    };
+    match first.as_str() {
+        "-h" | "--help" | "help" => Ok(Command::Help(main_help())),
+        "-V" | "--version" => Ok(Command::Version),
+        "boot" => parse_boot(&args[1..]),
+        other => Err(CliError::UnknownCommand(other.to_string())),
+    }
+}
+
+/// Split `--name=value` or take the value from the next argument.
+fn option_value<'a>(
+    name: &'static str,
+    inline: Option<&'a str>,
+    rest: &mut impl Iterator<Item = &'a String>,
+) -> Result<&'a str, CliError> {
+    match inline {
+        Some(v) => Ok(v),
+        None => rest
+            .next()
+            .map(String::as_str)
+            .ok_or(CliError::MissingValue(name)),
+    }
+}
+
+fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), CliError> {
+    if slot.is_some() {
+        return Err(CliError::Repeated(name));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(option: &'static str, value: &str) -> Result<T, CliError> {
+    value.parse().map_err(|_| CliError::NotANumber {
+        option,
+        value: value.to_string(),
+    })
+}
+
+fn parse_boot(args: &[String]) -> Result<Command, CliError> {
+    let mut kernel = None;
+    let mut initrd = None;
+    let mut cmdline = None;
+    let mut vcpus = None;
+    let mut memory = None;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+            _ => (arg.as_str(), None),
+        };
+        match name {
+            "-h" | "--help" => return Ok(Command::Help(boot_help())),
+            "--kernel" => {
+                let v = option_value("--kernel", inline, &mut rest)?;
+                set_once(&mut kernel, "--kernel", PathBuf::from(v))?;
+            }
+            "--initrd" => {
+                let v = option_value("--initrd", inline, &mut rest)?;
+                set_once(&mut initrd, "--initrd", PathBuf::from(v))?;
+            }
+            "--cmdline" => {
+                let v = option_value("--cmdline", inline, &mut rest)?;
+                set_once(&mut cmdline, "--cmdline", v.to_string())?;
+            }
+            "--vcpus" => {
+                let v = option_value("--vcpus", inline, &mut rest)?;
+                set_once(&mut vcpus, "--vcpus", number("--vcpus", v)?)?;
+            }
+            "--memory" => {
+                let v = option_value("--memory", inline, &mut rest)?;
+                set_once(&mut memory, "--memory", number("--memory", v)?)?;
+            }
+            _ => {
+                return Err(CliError::UnknownOption {
+                    command: "boot",
+                    option: arg.clone(),
+                })
+            }
+        }
+    }
+    let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
+    config.initrd = initrd;
+    if let Some(c) = cmdline {
+        config.cmdline = c;
+    }
+    if let Some(v) = vcpus {
+        config.vcpus = v;
+    }
+    if let Some(m) = memory {
+        config.mem_mib = m;
+    }
+    Ok(Command::Boot(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &[&str]) -> Vec<String> {
+        s.iter().map(|a| a.to_string()).collect()
+    }
+
+    fn boot(s: &[&str]) -> Result<VmConfig, CliError> {
+        let mut all = vec!["boot"];
+        all.extend_from_slice(s);
+        match parse(&args(&all))? {
+            Command::Boot(c) => Ok(c),
+            other => panic!("expected boot, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn boot_with_defaults() {
+        let c = boot(&["--kernel", "/k"]).unwrap();
+        assert_eq!(c, VmConfig::new("/k"));
+    }
+
+    #[test]
+    fn boot_with_every_option_in_both_spellings() {
+        let c = boot(&[
+            "--kernel=/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "console=ttyS0 quiet",
+            "--vcpus=4",
+            "--memory",
+            "2048",
+        ])
+        .unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!(c.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(c.cmdline, "console=ttyS0 quiet");
+        assert_eq!((c.vcpus, c.mem_mib), (4, 2048));
+    }
+
+    #[test]
+    fn cmdline_values_may_contain_equals_signs() {
+        let c = boot(&["--kernel", "/k", "--cmdline", "root=/dev/vda rw"]).unwrap();
+        assert_eq!(c.cmdline, "root=/dev/vda rw");
+        let c = boot(&["--kernel", "/k", "--cmdline=a=b c=d"]).unwrap();
+        assert_eq!(c.cmdline, "a=b c=d");
+    }
+
+    #[test]
+    fn bad_command_lines_get_one_sentence() {
+        let cases: &[(&[&str], CliError)] = &[
+            (&[], CliError::NoCommand),
+            (&["run"], CliError::UnknownCommand("run".into())),
+            (&["boot"], CliError::NoKernel),
+            (&["boot", "--kernel"], CliError::MissingValue("--kernel")),
+            (
+                &["boot", "--kernel", "/k", "--vcpus", "two"],
+                CliError::NotANumber {
+                    option: "--vcpus",
+                    value: "two".into(),
+                },
+            ),
+            (
+                &["boot", "--kernel", "/k", "--memory", "-5"],
+                CliError::NotANumber {
+                    option: "--memory",
+                    value: "-5".into(),
+                },
+            ),
+            (
+                &["boot", "--kernel", "/k", "--kernel", "/j"],
+                CliError::Repeated("--kernel"),
+            ),
+            (
+                &["boot", "--kernel", "/k", "--disk", "x"],
+                CliError::UnknownOption {
+                    command: "boot",
+                    option: "--disk".into(),
+                },
+            ),
+        ];
+        for (argv, want) in cases {
+            let got = parse(&args(argv)).unwrap_err();
+            assert_eq!(&got, want, "for {argv:?}");
+            assert!(!got.to_string().contains('\n'));
+        }
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(
+            matches!(parse(&args(&["--help"])), Ok(Command::Help(t)) if t.contains("flint boot"))
+        );
+        assert!(
+            matches!(parse(&args(&["boot", "--kernel", "/k", "--help"])), Ok(Command::Help(t)) if t.contains("--memory MIB"))
+        );
+        assert_eq!(parse(&args(&["--version"])), Ok(Command::Version));
+    }
+}

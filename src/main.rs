@@ -1,0 +1,81 @@
+//! `flint`: the command-line front end of the flint microVM monitor.
+
+mod cli;
+mod logger;
+mod terminal;
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use cli::Command;
+use vmm::{ConsoleIo, Ending};
+
+/// Exit status when flint itself fails (bad input, host problem, guest fault).
+const STATUS_ERROR: u8 = 1;
+
+fn main() -> ExitCode {
+    let start = Instant::now();
+    logger::init();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match cli::parse(&args) {
+        Ok(Command::Help(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Version) => {
+            println!("flint {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Ok(Command::Boot(config)) => boot(&config, start),
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(message: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("flint: error: {message}");
+    ExitCode::from(STATUS_ERROR)
+}
+
+fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
+    // Validate before touching the terminal so that bad input leaves it as it was.
+    if let Err(e) = config.validate() {
+        return fail(&e);
+    }
+    let raw_terminal = terminal::RawMode::enable_on_stdin();
+    let console = ConsoleIo {
+        output: Box::new(std::io::stdout()),
+        input: Some(Box::new(std::io::stdin())),
+    };
+    let result = vmm::run(config, console, start);
+    // Restore the terminal before printing anything of our own.
+    drop(raw_terminal);
+    match result {
+        Err(e) => fail(&e),
+        Ok(outcome) => {
+            if outcome.unhandled_pio + outcome.unhandled_mmio > 0 {
+                log::info!(
+                    "ignored {} port and {} MMIO accesses that no device handles",
+                    outcome.unhandled_pio,
+                    outcome.unhandled_mmio
+                );
+            }
+            match outcome.ending {
+                Ending::Reset => ExitCode::SUCCESS,
+                Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),
+                Ending::Signal(sig) => {
+                    log::warn!("stopped the VM on signal {}", signal_name(sig));
+                    ExitCode::from(128u8.saturating_add(sig as u8))
+                }
+            }
+        }
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        n => format!("{n}"),
+    }
+}

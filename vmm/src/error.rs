@@ -1,0 +1,109 @@
+//! The errors a VM can fail to start or run with, each one sentence for the user.
+
+use std::io;
+use std::path::PathBuf;
+
+use crate::config::ConfigError;
+
+/// Why flint could not start or keep running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{}", kvm_open_message(.0))]
+    KvmOpen(io::Error),
+    #[error("KVM API version {0} is not supported (flint needs version 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM on this host lacks {0}, which flint needs")]
+    KvmCapability(&'static str),
+    #[error("{requested} vCPUs is more than this host's KVM allows (at most {max})")]
+    HostVcpuLimit { requested: u32, max: u32 },
+    #[error("KVM failed to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
+    GuestMemory { mib: u64, reason: String },
+    #[error("cannot read {what} {}: {source}", .path.display())]
+    ReadFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is neither an ELF vmlinux nor a bzImage kernel", .0.display())]
+    KernelFormat(PathBuf),
+    #[error("cannot load the kernel {} into {mib} MiB of guest memory: {reason}", .path.display())]
+    KernelLoad {
+        path: PathBuf,
+        mib: u64,
+        reason: String,
+    },
+    #[error("the initrd {} ({size} bytes) does not fit in {mib} MiB of guest memory beside the kernel", .path.display())]
+    InitrdTooLarge { path: PathBuf, size: u64, mib: u64 },
+    #[error("cannot write the kernel command line into guest memory: {0}")]
+    Cmdline(String),
+    #[error("cannot set up the boot state: {0}")]
+    Arch(#[from] arch::Error),
+    #[error("cannot set up vCPU {id}: {what}: {source}")]
+    VcpuSetup {
+        id: u32,
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot {what}: {source}")]
+    Host {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn kvm_open_message(e: &io::Error) -> String {
+    match e.kind() {
+        io::ErrorKind::NotFound => {
+            "/dev/kvm does not exist: KVM is not available on this host".to_string()
+        }
+        io::ErrorKind::PermissionDenied => {
+            "no permission to open /dev/kvm: run flint as a user with read-write access to it \
+             (usually the kvm group)"
+                .to_string()
+        }
+        _ => format!("cannot open /dev/kvm: {e}"),
+    }
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kvm_open_errors_say_what_to_do() {
+        let missing = Error::KvmOpen(io::Error::from_raw_os_error(libc::ENOENT)).to_string();
+        assert_eq!(
+            missing,
+            "/dev/kvm does not exist: KVM is not available on this host"
+        );
+        let denied = Error::KvmOpen(io::Error::from_raw_os_error(libc::EACCES)).to_string();
+        assert!(
+            denied.starts_with("no permission to open /dev/kvm"),
+            "{denied}"
+        );
+    }
+
+    #[test]
+    fn messages_are_one_line() {
+        let e = Error::KernelFormat(PathBuf::from("/tmp/x"));
+        assert_eq!(
+            e.to_string(),
+            "/tmp/x is neither an ELF vmlinux nor a bzImage kernel"
+        );
+        assert!(!e.to_string().contains('\n'));
+    }
+}

@@ -1,0 +1,176 @@
+//! vCPUs: their boot state, and the thread that runs each one and dispatches its exits.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use devices::bus::Bus;
+use kvm_bindings::{
+    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::error::{Error, Result};
+use crate::exit::{Ending, Endings};
+use crate::loader::KernelEntry;
+
+/// Guest accesses that no device claimed. They are answered (reads see all ones) and counted,
+/// never fatal.
+#[derive(Debug, Default)]
+pub struct UnhandledAccesses {
+    pub pio: AtomicU64,
+    pub mmio: AtomicU64,
+}
+
+/// What every vCPU thread shares.
+pub struct VcpuShared {
+    pub pio: Bus,
+    pub mmio: Bus,
+    pub unhandled: UnhandledAccesses,
+    pub endings: Arc<Endings>,
+    /// Set when the VM is stopping: vCPU threads leave their run loop at the next exit.
+    pub stop: AtomicBool,
+}
+
+/// One configured vCPU, ready to run.
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+}
+
+impl Vcpu {
+    /// Create vCPU `id` of `count` and give it its boot state.
+    pub fn new(
+        kvm: &Kvm,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        id: u32,
+        count: u32,
+        entry: KernelEntry,
+    ) -> Result<Vcpu> {
+        let setup = |what: &'static str| move |source| Error::VcpuSetup { id, what, source };
+        let fd = vm.create_vcpu(u64::from(id)).map_err(setup("create it"))?;
+
+        let mut cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(setup("read the supported CPUID"))?;
+        // Both fit in u8: the configuration allows at most 254 vCPUs.
+        arch::cpuid::normalize(cpuid.as_mut_slice(), id as u8, count as u8);
+        fd.set_cpuid2(&cpuid).map_err(setup("set CPUID"))?;
+
+        let entries = arch::regs::boot_msrs();
+        let msrs = Msrs::from_entries(&entries).map_err(|_| Error::VcpuSetup {
+            id,
+            what: "build the MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let set = fd.set_msrs(&msrs).map_err(setup("set MSRs"))?;
+        if set != entries.len() {
+            return Err(Error::VcpuSetup {
+                id,
+                what: "set MSRs",
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            });
+        }
+
+        fd.set_fpu(&arch::regs::boot_fpu())
+            .map_err(setup("set the FPU state"))?;
+        let sregs = fd.get_sregs().map_err(setup("read segment registers"))?;
+        let sregs = arch::regs::boot_sregs(mem, entry.protocol, &sregs)?;
+        fd.set_sregs(&sregs)
+            .map_err(setup("set segment registers"))?;
+        fd.set_regs(&arch::regs::boot_regs(entry.entry, entry.protocol))
+            .map_err(setup("set registers"))?;
+
+        let mut lapic = fd.get_lapic().map_err(setup("read the local APIC"))?;
+        arch::regs::set_lint(&mut lapic);
+        fd.set_lapic(&lapic).map_err(setup("set the local APIC"))?;
+        Ok(Vcpu { id, fd })
+    }
+
+    /// This vCPU's index.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Run the guest until the VM stops or this vCPU ends it.
+    pub fn run(mut self, shared: &VcpuShared) {
+        while !shared.stop.load(Ordering::Acquire) {
+            if let Some(ending) = self.run_once(shared) {
+                shared.endings.report(ending);
+                return;
+            }
+        }
+    }
+
+    /// Run until one exit and handle it; `Some` when the exit ends the VM.
+    fn run_once(&mut self, shared: &VcpuShared) -> Option<Ending> {
+        let vcpu = self.id;
+        let fault = |reason: String| Some(Ending::Fault { vcpu, reason });
+        match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if !shared.pio.write(u64::from(port), data) {
+                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !shared.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !shared.mmio.read(addr, data) {
+                    data.fill(0xff);
+                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if !shared.mmio.write(addr, data) {
+                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
+                }
+                None
+            }
+            Ok(VcpuExit::Shutdown) => fault("the guest triple-faulted (shutdown exit)".into()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ending::Reset),
+                other => fault(format!("unexpected system event {other}")),
+            },
+            Ok(VcpuExit::InternalError) => {
+                let suberror = self.internal_suberror();
+                fault(format!("KVM internal error (suberror {suberror})"))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => fault(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+            )),
+            Ok(VcpuExit::Hlt) => fault("the vCPU halted with no way to wake up".into()),
+            Ok(VcpuExit::Intr) => None,
+            Ok(other) => fault(format!("unexpected exit {}", exit_name(&other))),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked by the VMM (stop) or interrupted by a signal: check the stop flag.
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => fault(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    fn internal_suberror(&mut self) -> u32 {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: KVM filled the `internal` member of the union: this is called only right
+        // after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+}
+
+fn exit_name(exit: &VcpuExit) -> String {
+    let debug = format!("{exit:?}");
+    debug
+        .split(['(', ' ', '{'])
+        .next()
+        .unwrap_or("unknown")
+        .to_string()
+}

@@ -1,0 +1,246 @@
+//! One running microVM: KVM setup, devices, vCPU threads, and waiting for the VM to end.
+
+use std::io::{Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use devices::bus::{lock, Bus};
+use devices::legacy::{BootTimer, SerialConsole, I8042};
+use devices::IrqLine;
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+use crate::exit::{Ending, Endings};
+use crate::vcpu::{UnhandledAccesses, Vcpu, VcpuShared};
+use crate::{loader, memory, signals};
+
+const SERIAL_PORT: u64 = 0x3f8;
+const SERIAL_IRQ: u32 = 4;
+const I8042_PORT: u64 = 0x60;
+const I8042_IRQ: u32 = 1;
+const BOOT_TIMER_PORT: u64 = 0x3f0;
+const TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_API_VERSION: i32 = 12;
+
+/// Where the guest's serial console goes.
+pub struct ConsoleIo {
+    /// Guest output.
+    pub output: Box<dyn Write + Send>,
+    /// Host input forwarded to the guest, if any.
+    pub input: Option<Box<dyn Read + Send>>,
+}
+
+/// How a VM run ended, with what was counted along the way.
+#[derive(Debug)]
+pub struct Outcome {
+    pub ending: Ending,
+    /// Port accesses no device claimed.
+    pub unhandled_pio: u64,
+    /// MMIO accesses no device claimed.
+    pub unhandled_mmio: u64,
+}
+
+/// Open `/dev/kvm` and check what flint relies on.
+fn open_kvm() -> Result<Kvm> {
+    let kvm =
+        Kvm::new().map_err(|e| Error::KvmOpen(std::io::Error::from_raw_os_error(e.errno())))?;
+    let version = kvm.get_api_version();
+    if version != KVM_API_VERSION {
+        return Err(Error::KvmApiVersion(version));
+    }
+    for (cap, name) in [
+        (Cap::Irqchip, "an in-kernel interrupt controller"),
+        (Cap::Pit2, "an in-kernel PIT"),
+        (Cap::Irqfd, "irqfd"),
+        (Cap::UserMemory, "user memory regions"),
+        (Cap::ImmediateExit, "immediate exit"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(Error::KvmCapability(name));
+        }
+    }
+    Ok(kvm)
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
+    move |source| Error::Kvm { what, source }
+}
+
+fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::Host { what, source }
+}
+
+/// Boot the VM `config` describes and run it until it ends. `start` is when the VMM process
+/// started: the boot-timer device measures from it.
+pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outcome> {
+    config.validate()?;
+    let kvm = open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus() as u32;
+    if config.vcpus > max_vcpus {
+        return Err(Error::HostVcpuLimit {
+            requested: config.vcpus,
+            max: max_vcpus,
+        });
+    }
+
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the interrupt controller"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+    let mem = memory::create(config.mem_bytes())?;
+    memory::register(&vm, &mem)?;
+    let entry = loader::load(config, &mem)?;
+    arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
+
+    let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
+    let reset_evt = endings
+        .eventfd()
+        .try_clone()
+        .map_err(host_err("clone an eventfd"))?;
+
+    let serial = Arc::new(Mutex::new(SerialConsole::new(
+        irq_line(&vm, SERIAL_IRQ)?,
+        console.output,
+    )));
+    let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt, irq_line(&vm, I8042_IRQ)?)));
+    let boot_timer = BootTimer::new(start, |elapsed: Duration| {
+        log::info!("guest boot time: {} ms", elapsed.as_millis());
+    });
+    let mut pio = Bus::new();
+    let bus_err = |e: devices::bus::BusError| Error::Host {
+        what: "map a device",
+        source: std::io::Error::other(e.to_string()),
+    };
+    pio.insert(serial.clone(), SERIAL_PORT, 8)
+        .map_err(bus_err)?;
+    pio.insert(i8042.clone(), I8042_PORT, 5).map_err(bus_err)?;
+    pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
+        .map_err(bus_err)?;
+
+    let shared = Arc::new(VcpuShared {
+        pio,
+        mmio: Bus::new(),
+        unhandled: UnhandledAccesses::default(),
+        endings: endings.clone(),
+        stop: Default::default(),
+    });
+
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(&kvm, &vm, &mem, id, config.vcpus, entry)?);
+    }
+
+    if crate::host_kvm_is_pvm() {
+        log::warn!(
+            "/dev/kvm on this host is PVM (kvm_pvm), which cannot boot a normal Linux guest; \
+             only tiny test guests run here (resources/demo.sh runs flint in a nested KVM host)"
+        );
+    }
+    signals::install(endings.eventfd()).map_err(host_err("install signal handlers"))?;
+    let mut threads = Vec::with_capacity(vcpus.len());
+    for vcpu in vcpus {
+        let vcpu_shared = shared.clone();
+        let name = format!("vcpu{}", vcpu.id());
+        let handle = thread::Builder::new()
+            .name(name)
+            .spawn(move || vcpu.run(&vcpu_shared))
+            .map_err(host_err("start a vCPU thread"));
+        match handle {
+            Ok(h) => threads.push(h),
+            Err(e) => {
+                stop_vcpus(&shared, threads);
+                return Err(e);
+            }
+        }
+    }
+    if let Some(input) = console.input {
+        spawn_console_input(input, serial.clone());
+    }
+
+    let ending = wait_for_ending(&endings, &i8042);
+    stop_vcpus(&shared, threads);
+    // Guest memory must outlive every vCPU: only now may it be unmapped.
+    drop(mem);
+    Ok(Outcome {
+        ending,
+        unhandled_pio: shared.unhandled.pio.load(Ordering::Relaxed),
+        unhandled_mmio: shared.unhandled.mmio.load(Ordering::Relaxed),
+    })
+}
+
+fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(host_err("create an eventfd"))?;
+    vm.register_irqfd(&evt, gsi)
+        .map_err(kvm_err("connect a device interrupt"))?;
+    Ok(IrqLine::new(evt))
+}
+
+/// Block until a vCPU, the keyboard controller or a signal ends the VM.
+fn wait_for_ending(endings: &Endings, i8042: &Mutex<I8042>) -> Ending {
+    loop {
+        // EINTR (a signal arrived) is fine: the checks below tell what happened.
+        let _ = endings.eventfd().read();
+        if let Some(ending) = endings.first() {
+            return ending;
+        }
+        if lock(i8042).resets() > 0 {
+            return Ending::Reset;
+        }
+        if let Some(sig) = signals::received() {
+            return Ending::Signal(sig);
+        }
+    }
+}
+
+/// Make every vCPU thread leave `KVM_RUN` and wait for all of them.
+fn stop_vcpus(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
+    shared.stop.store(true, Ordering::Release);
+    // A kick that lands just before a thread enters KVM_RUN is lost, so kick until each
+    // thread has finished.
+    for handle in threads {
+        while !handle.is_finished() {
+            let _ = handle.kill(signals::kick_signal());
+            thread::sleep(Duration::from_micros(500));
+        }
+        let _ = handle.join();
+    }
+}
+
+/// Forward host input to the serial console until the input ends. Input that does not fit in
+/// the UART's FIFO waits until the guest has read some: nothing typed is lost.
+fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<SerialConsole>>) {
+    let _ = thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            loop {
+                let n = match input.read(&mut buf) {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => return,
+                };
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = lock(&serial).enqueue_input(pending);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+        });
+}
