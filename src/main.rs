@@ -59,6 +59,14 @@ fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
                     outcome.unhandled_mmio
                 );
             }
+            if let Some(m) = outcome.memory {
+                log::debug!(
+                    "memory: VMM overhead {} KiB (resident {} KiB, of which guest RAM {} KiB)",
+                    m.overhead_kib(),
+                    m.rss_kib,
+                    m.guest_kib
+                );
+            }
             match outcome.ending {
                 Ending::Reset => ExitCode::SUCCESS,
                 Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),

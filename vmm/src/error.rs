@@ -26,7 +26,7 @@ pub enum Error {
     },
     #[error("cannot allocate {mib} MiB of guest memory: {reason}")]
     GuestMemory { mib: u64, reason: String },
-    #[error("cannot read {what} {}: {source}", .path.display())]
+    #[error("cannot read {what} {}: {}", .path.display(), io_reason(.source))]
     ReadFile {
         what: &'static str,
         path: PathBuf,
@@ -54,12 +54,21 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
-    #[error("cannot {what}: {source}")]
+    #[error("cannot {what}: {}", io_reason(.source))]
     Host {
         what: &'static str,
         #[source]
         source: io::Error,
     },
+}
+
+/// An I/O error as a short reason: "No such file or directory", without "(os error 2)".
+fn io_reason(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 fn kvm_open_message(e: &io::Error) -> String {
@@ -72,7 +81,7 @@ fn kvm_open_message(e: &io::Error) -> String {
              (usually the kvm group)"
                 .to_string()
         }
-        _ => format!("cannot open /dev/kvm: {e}"),
+        _ => format!("cannot open /dev/kvm: {}", io_reason(e)),
     }
 }
 

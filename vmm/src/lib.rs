@@ -7,6 +7,7 @@ mod exit;
 mod loader;
 mod memory;
 mod signals;
+mod usage;
 mod vcpu;
 mod vm;
 
@@ -14,6 +15,7 @@ pub use config::{ConfigError, VmConfig};
 pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;
+pub use usage::MemoryUsage;
 pub use vm::{run, ConsoleIo, Outcome};
 
 /// Whether this host's `/dev/kvm` is PVM (the `kvm_pvm` module): a software nested KVM that

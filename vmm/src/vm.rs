@@ -44,6 +44,8 @@ pub struct Outcome {
     pub unhandled_pio: u64,
     /// MMIO accesses no device claimed.
     pub unhandled_mmio: u64,
+    /// Host memory use when the VM ended.
+    pub memory: Option<crate::usage::MemoryUsage>,
 }
 
 /// Open `/dev/kvm` and check what flint relies on.
@@ -172,10 +174,12 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
 
     let ending = wait_for_ending(&endings, &i8042);
     stop_vcpus(&shared, threads);
+    let memory = crate::usage::measure(&mem);
     // Guest memory must outlive every vCPU: only now may it be unmapped.
     drop(mem);
     Ok(Outcome {
         ending,
+        memory,
         unhandled_pio: shared.unhandled.pio.load(Ordering::Relaxed),
         unhandled_mmio: shared.unhandled.mmio.load(Ordering::Relaxed),
     })
