@@ -54,8 +54,9 @@ fn boot_help() -> String {
     format!(
         "Usage: flint boot --kernel PATH [OPTIONS]
 
-Boot a Linux guest and connect its serial console to this terminal (input is forwarded;
-a terminal is put in raw mode until flint exits).
+Boot a Linux guest and connect its serial console to this terminal. Input is forwarded; a
+terminal is put in raw mode until flint exits, so Ctrl-C goes to the guest: type Ctrl-A x
+to stop the VM from the console (Ctrl-A Ctrl-A sends one Ctrl-A).
 
 Options:
   --kernel PATH     guest kernel: uncompressed ELF vmlinux (PVH entry used when present)
@@ -69,7 +70,7 @@ Options:
 
 Exit status: 0 when the guest reboots or powers off; 1 when flint cannot start the VM or a
 vCPU fails (one line on stderr says why); 128+N when stopped by signal N (SIGINT, SIGTERM,
-SIGHUP). After the guest writes 123 to port 0x3f0, flint logs the time from its start.
+SIGHUP); 130 after Ctrl-A x. After the guest writes 123 to port 0x3f0, flint logs the time from its start.
 Set FLINT_LOG=debug|info|warn|error|off to change how much flint logs (default: info).
 "
     )

@@ -12,6 +12,8 @@ use vmm::{ConsoleIo, Ending};
 
 /// Exit status when flint itself fails (bad input, host problem, guest fault).
 const STATUS_ERROR: u8 = 1;
+/// Exit status when the user quits from the console, as for Ctrl-C on a shell.
+const STATUS_CONSOLE_QUIT: u8 = 130;
 
 fn main() -> ExitCode {
     let start = Instant::now();
@@ -45,6 +47,7 @@ fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
     let console = ConsoleIo {
         output: Box::new(std::io::stdout()),
         input: Some(Box::new(std::io::stdin())),
+        escape: raw_terminal.is_some(),
     };
     let result = vmm::run(config, console, start);
     // Restore the terminal before printing anything of our own.
@@ -70,6 +73,10 @@ fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
             match outcome.ending {
                 Ending::Reset => ExitCode::SUCCESS,
                 Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),
+                Ending::ConsoleQuit => {
+                    log::warn!("stopped the VM from the console (Ctrl-A x)");
+                    ExitCode::from(STATUS_CONSOLE_QUIT)
+                }
                 Ending::Signal(sig) => {
                     log::warn!("stopped the VM on signal {}", signal_name(sig));
                     ExitCode::from(128u8.saturating_add(sig as u8))

@@ -500,3 +500,52 @@ fn no_permission_on_dev_kvm_is_one_sentence() {
         "{msgs:?}"
     );
 }
+
+#[test]
+fn ctrl_a_x_on_a_terminal_stops_the_vm() {
+    let dir = TempDir::new("escape");
+    let mut g = Guest::default();
+    g.print("spinning\n").spin();
+    let kernel = dir.write("vmlinux", &g.elf());
+    // `script` runs flint on a pseudo-terminal, as a user's shell would: flint switches it to
+    // raw mode and watches the input for its escape sequence.
+    let mut child = Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{} boot --kernel {}",
+            env!("CARGO_BIN_EXE_flint"),
+            s(&kernel)
+        ))
+        .arg("/dev/null")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !text(&seen).contains("spinning") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "output ended early: {:?}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    child.stdin.as_mut().unwrap().write_all(b"\x01x").unwrap();
+    let status = {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "Ctrl-A x did not stop flint");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "output: {rest}");
+    assert!(
+        rest.contains("stopped the VM from the console (Ctrl-A x)"),
+        "{rest}"
+    );
+}

@@ -11,6 +11,8 @@ pub enum Ending {
     Reset,
     /// The VMM was told to stop by a signal.
     Signal(i32),
+    /// The user typed the console's quit sequence (Ctrl-A x).
+    ConsoleQuit,
     /// A vCPU hit something flint cannot continue from.
     Fault { vcpu: u32, reason: String },
 }

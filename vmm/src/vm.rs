@@ -34,6 +34,9 @@ pub struct ConsoleIo {
     pub output: Box<dyn Write + Send>,
     /// Host input forwarded to the guest, if any.
     pub input: Option<Box<dyn Read + Send>>,
+    /// Whether Ctrl-A x in the input stops the VM (Ctrl-A Ctrl-A sends one Ctrl-A). For a
+    /// terminal in raw mode, where Ctrl-C goes to the guest.
+    pub escape: bool,
 }
 
 /// How a VM run ended, with what was counted along the way.
@@ -169,7 +172,7 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
         }
     }
     if let Some(input) = console.input {
-        spawn_console_input(input, serial.clone());
+        spawn_console_input(input, console.escape, serial.clone(), endings.clone());
     }
 
     let ending = wait_for_ending(&endings, &i8042);
@@ -223,13 +226,50 @@ fn stop_vcpus(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
     }
 }
 
+/// Ctrl-A: the console escape key.
+const ESCAPE: u8 = 0x01;
+
+/// Strips the escape sequences out of console input.
+#[derive(Debug, Default)]
+struct EscapeFilter {
+    after_escape: bool,
+}
+
+impl EscapeFilter {
+    /// Filter `input` into `out`; true when the user typed Ctrl-A x.
+    fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) -> bool {
+        for &b in input {
+            if self.after_escape {
+                self.after_escape = false;
+                match b {
+                    b'x' | b'X' => return true,
+                    ESCAPE => out.push(ESCAPE),
+                    other => out.extend_from_slice(&[ESCAPE, other]),
+                }
+            } else if b == ESCAPE {
+                self.after_escape = true;
+            } else {
+                out.push(b);
+            }
+        }
+        false
+    }
+}
+
 /// Forward host input to the serial console until the input ends. Input that does not fit in
 /// the UART's FIFO waits until the guest has read some: nothing typed is lost.
-fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<SerialConsole>>) {
+fn spawn_console_input(
+    mut input: Box<dyn Read + Send>,
+    escape: bool,
+    serial: Arc<Mutex<SerialConsole>>,
+    endings: Arc<Endings>,
+) {
     let _ = thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
             let mut buf = [0u8; 64];
+            let mut filter = EscapeFilter::default();
+            let mut filtered = Vec::with_capacity(buf.len() * 2);
             loop {
                 let n = match input.read(&mut buf) {
                     Ok(0) => return,
@@ -237,7 +277,16 @@ fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<Serial
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(_) => return,
                 };
-                let mut pending = &buf[..n];
+                filtered.clear();
+                let mut pending = if escape {
+                    if filter.filter(&buf[..n], &mut filtered) {
+                        endings.report(Ending::ConsoleQuit);
+                        return;
+                    }
+                    &filtered[..]
+                } else {
+                    &buf[..n]
+                };
                 while !pending.is_empty() {
                     let taken = lock(&serial).enqueue_input(pending);
                     pending = &pending[taken..];
@@ -247,4 +296,26 @@ fn spawn_console_input(mut input: Box<dyn Read + Send>, serial: Arc<Mutex<Serial
                 }
             }
         });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_filter_passes_text_and_catches_ctrl_a_x() {
+        let mut f = EscapeFilter::default();
+        let mut out = Vec::new();
+        assert!(!f.filter(b"ls\r", &mut out));
+        assert_eq!(out, b"ls\r");
+        out.clear();
+        // Ctrl-A Ctrl-A is a literal Ctrl-A; Ctrl-A then another key passes both through,
+        // also when the sequence is split across reads.
+        assert!(!f.filter(&[ESCAPE, ESCAPE, ESCAPE], &mut out));
+        assert!(!f.filter(b"c", &mut out));
+        assert_eq!(out, [ESCAPE, ESCAPE, b'c']);
+        out.clear();
+        assert!(f.filter(&[b'a', ESCAPE, b'x', b'z'], &mut out));
+        assert_eq!(out, b"a");
+    }
 }
