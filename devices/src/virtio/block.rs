@@ -1,0 +1,1299 @@
+//! virtio-blk (virtio 1.2 section 5.2) backed by a raw disk image file.
+//!
+//! Requests are served synchronously on the thread that calls
+//! [`VirtioDevice::process_queue`]: data moves between guest memory and the file with
+//! `read(2)`/`write(2)` straight into and out of guest memory (no bounce buffer). Every
+//! guest-supplied descriptor is checked before use; [`parse_request`] turns a descriptor chain
+//! into a typed [`Request`] or a typed error without touching the disk, which keeps it fuzzable.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use log::{debug, warn};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile,
+};
+
+use super::{
+    ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+
+/// Bytes per sector: capacity and request offsets are counted in these.
+pub const SECTOR_SIZE: u64 = 512;
+/// The size of the device's only queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most data descriptors in one request (the header and status take the other two).
+pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Most descriptors in one request chain.
+pub const MAX_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+/// Most data bytes in one request.
+pub const MAX_DATA_LEN: u32 = 128 << 20;
+/// Length of the device ID string returned by `GET_ID`.
+pub const ID_BYTES: usize = 20;
+
+/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` in the configuration space is valid.
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+/// `VIRTIO_BLK_F_RO`: the disk is read-only.
+pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+/// `VIRTIO_BLK_F_FLUSH`: the device handles flush requests.
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+
+/// Request types.
+pub const VIRTIO_BLK_T_IN: u32 = 0;
+pub const VIRTIO_BLK_T_OUT: u32 = 1;
+pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
+pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+
+/// Request status values.
+pub const VIRTIO_BLK_S_OK: u8 = 0;
+pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+
+/// Size of the request header: type, reserved, sector.
+const HEADER_LEN: u32 = 16;
+/// Size of the configuration space we expose: capacity, size_max, seg_max.
+const CONFIG_LEN: usize = 16;
+
+/// Why a block device cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    #[error("cannot open the disk image {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the disk image {} is {size} bytes, which is not a multiple of 512", path.display())]
+    Size { path: PathBuf, size: u64 },
+    #[error(
+        "the id {id:?} given for the disk image {} is {len} bytes long; virtio-blk ids are at most 20 bytes",
+        path.display()
+    )]
+    IdTooLong {
+        path: PathBuf,
+        id: String,
+        len: usize,
+    },
+}
+
+/// What kind of request a chain carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestType {
+    /// Read sectors into the guest.
+    In,
+    /// Write sectors from the guest.
+    Out,
+    /// Make completed writes durable.
+    Flush,
+    /// Return the device ID string.
+    GetId,
+    /// Anything else; completed with `VIRTIO_BLK_S_UNSUPP`.
+    Unsupported(u32),
+}
+
+/// A checked guest memory range: inside guest memory and non-empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A well-formed request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub request_type: RequestType,
+    /// The first sector, from the header (checked against the disk size only when executed).
+    pub sector: u64,
+    /// The data buffers in order: device-readable for `Out`, device-writable for `In` and
+    /// `GetId`, empty otherwise.
+    pub data: Vec<Segment>,
+    /// Sum of `data` lengths.
+    pub data_len: u32,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+/// What is wrong with a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
+    BrokenChain,
+    #[error("the chain has {0} descriptors; at most {MAX_DESCRIPTORS} are allowed")]
+    TooManyDescriptors(usize),
+    #[error("the chain does not end with a device-writable status byte")]
+    NoStatus,
+    #[error("a descriptor has length zero")]
+    ZeroLength,
+    #[error("a descriptor is not inside guest memory")]
+    OutsideMemory,
+    #[error("a device-readable descriptor follows a device-writable one")]
+    ReadableAfterWritable,
+    #[error("the request header is shorter than 16 bytes")]
+    ShortHeader,
+    #[error("the request carries data in the wrong direction")]
+    WrongDirection,
+    #[error("the data length {0} is not a multiple of 512")]
+    UnalignedLength(u32),
+    #[error("the data length {0} exceeds the limit of {MAX_DATA_LEN} bytes")]
+    TooLarge(u64),
+}
+
+/// A chain that is not a well-formed request, and where to report that, if anywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BadRequest {
+    pub error: RequestError,
+    /// The status byte, when the chain has a usable one: the request completes with
+    /// `VIRTIO_BLK_S_IOERR`. Without it the chain is returned with used length 0.
+    pub status: Option<GuestAddress>,
+}
+
+/// Request counters, shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct BlockMetrics {
+    /// Completed `IN` requests.
+    pub reads: AtomicU64,
+    /// Completed `OUT` requests.
+    pub writes: AtomicU64,
+    /// Completed `FLUSH` requests that synced the file.
+    pub flushes: AtomicU64,
+    /// Completed `GET_ID` requests.
+    pub get_ids: AtomicU64,
+    /// Bytes read from the disk into the guest.
+    pub bytes_read: AtomicU64,
+    /// Bytes written from the guest to the disk.
+    pub bytes_written: AtomicU64,
+    /// Requests completed with `VIRTIO_BLK_S_IOERR` (including malformed ones).
+    pub io_errors: AtomicU64,
+    /// Requests completed with `VIRTIO_BLK_S_UNSUPP`.
+    pub unsupported: AtomicU64,
+    /// Malformed descriptor chains.
+    pub invalid_chains: AtomicU64,
+}
+
+fn inc(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// Split the first `n` bytes off `segs`. `None` if `segs` holds fewer than `n` bytes.
+fn take_front(segs: &[Segment], mut n: u32) -> Option<(Vec<Segment>, Vec<Segment>)> {
+    let mut front = Vec::new();
+    let mut rest = Vec::new();
+    for s in segs {
+        if n == 0 {
+            rest.push(*s);
+        } else if s.len <= n {
+            front.push(*s);
+            n -= s.len;
+        } else {
+            front.push(Segment {
+                addr: s.addr,
+                len: n,
+            });
+            // In range: `s` was checked to lie inside guest memory.
+            rest.push(Segment {
+                addr: s.addr.unchecked_add(u64::from(n)),
+                len: s.len - n,
+            });
+            n = 0;
+        }
+    }
+    (n == 0).then_some((front, rest))
+}
+
+fn total_len(segs: &[Segment]) -> u64 {
+    segs.iter().map(|s| u64::from(s.len)).sum()
+}
+
+/// Turn a descriptor chain into a [`Request`], checking everything the guest controls except
+/// the sector range (which depends on the disk).
+///
+/// The layout follows the spec without assuming descriptor boundaries: the device-readable
+/// part starts with the 16-byte header and carries `OUT` data after it; the device-writable
+/// part carries `IN`/`GET_ID` data and ends with the status byte.
+pub fn parse_request(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<Request, BadRequest> {
+    let bad = |error, status| BadRequest { error, status };
+
+    let mut descs = Vec::new();
+    let mut count = 0usize;
+    let mut last = None;
+    for d in chain {
+        count += 1;
+        if descs.len() < MAX_DESCRIPTORS {
+            descs.push(d);
+        }
+        last = Some(d);
+    }
+    let last = match last {
+        // A last descriptor that still points onwards means iteration stopped early: the
+        // chain loops, links outside the table, or a descriptor could not be read.
+        Some(d) if !d.has_next() => d,
+        _ => return Err(bad(RequestError::BrokenChain, None)),
+    };
+
+    let status = (last.is_write_only() && last.len() > 0)
+        .then(|| last.addr().checked_add(u64::from(last.len()) - 1))
+        .flatten()
+        .filter(|&a| mem.address_in_range(a))
+        .ok_or(bad(RequestError::NoStatus, None))?;
+    let fail = |error| Err(bad(error, Some(status)));
+
+    if count > MAX_DESCRIPTORS {
+        return fail(RequestError::TooManyDescriptors(count));
+    }
+
+    let mut readable = Vec::new();
+    let mut writable = Vec::new();
+    for d in &descs {
+        if d.len() == 0 {
+            return fail(RequestError::ZeroLength);
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return fail(RequestError::OutsideMemory);
+        }
+        let seg = Segment {
+            addr: d.addr(),
+            len: d.len(),
+        };
+        if d.is_write_only() {
+            writable.push(seg);
+        } else if writable.is_empty() {
+            readable.push(seg);
+        } else {
+            return fail(RequestError::ReadableAfterWritable);
+        }
+    }
+    // Drop the status byte from the writable part.
+    if let Some(s) = writable.last_mut() {
+        s.len -= 1;
+        if s.len == 0 {
+            writable.pop();
+        }
+    }
+
+    let Some((header_segs, readable_data)) = take_front(&readable, HEADER_LEN) else {
+        return fail(RequestError::ShortHeader);
+    };
+    let mut header = [0u8; HEADER_LEN as usize];
+    let mut at = 0;
+    for s in &header_segs {
+        let end = at + s.len as usize;
+        if mem.read_slice(&mut header[at..end], s.addr).is_err() {
+            return fail(RequestError::OutsideMemory);
+        }
+        at = end;
+    }
+    let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let mut sector_bytes = [0u8; 8];
+    sector_bytes.copy_from_slice(&header[8..16]);
+    let sector = u64::from_le_bytes(sector_bytes);
+
+    let (request_type, data) = match request_type {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_GET_ID if !readable_data.is_empty() => {
+            return fail(RequestError::WrongDirection)
+        }
+        VIRTIO_BLK_T_OUT if !writable.is_empty() => return fail(RequestError::WrongDirection),
+        VIRTIO_BLK_T_IN => (RequestType::In, writable),
+        VIRTIO_BLK_T_OUT => (RequestType::Out, readable_data),
+        VIRTIO_BLK_T_GET_ID => (RequestType::GetId, writable),
+        VIRTIO_BLK_T_FLUSH => (RequestType::Flush, Vec::new()),
+        t => (RequestType::Unsupported(t), Vec::new()),
+    };
+    let data_len = total_len(&data);
+    let data_len = match u32::try_from(data_len) {
+        Ok(len) if len <= MAX_DATA_LEN => len,
+        _ => return fail(RequestError::TooLarge(data_len)),
+    };
+    if matches!(request_type, RequestType::In | RequestType::Out)
+        && u64::from(data_len) % SECTOR_SIZE != 0
+    {
+        return fail(RequestError::UnalignedLength(data_len));
+    }
+    Ok(Request {
+        request_type,
+        sector,
+        data,
+        data_len,
+        status,
+    })
+}
+
+/// The disk and what the device reports about it.
+struct Disk {
+    file: File,
+    /// Size in bytes, a multiple of [`SECTOR_SIZE`].
+    size: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    metrics: Arc<BlockMetrics>,
+}
+
+/// Why an executed request failed (logged at debug level; the guest sees IOERR).
+#[derive(Debug, thiserror::Error)]
+enum IoError {
+    #[error("sectors {sector}+{len} bytes are past the end of the disk")]
+    PastEnd { sector: u64, len: u32 },
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("guest memory: {0}")]
+    Memory(String),
+    #[error("disk: {0}")]
+    Disk(#[from] std::io::Error),
+}
+
+impl Disk {
+    /// The byte offset of a `len`-byte transfer at `sector`, if it lies inside the disk.
+    fn offset(&self, sector: u64, len: u32) -> Result<u64, IoError> {
+        sector
+            .checked_mul(SECTOR_SIZE)
+            .filter(|off| {
+                off.checked_add(u64::from(len))
+                    .is_some_and(|end| end <= self.size)
+            })
+            .ok_or(IoError::PastEnd { sector, len })
+    }
+
+    /// Read into `data`; on error, `done` holds the bytes already placed in the guest.
+    fn read(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        req: &Request,
+        done: &mut u32,
+    ) -> Result<(), IoError> {
+        let off = self.offset(req.sector, req.data_len)?;
+        self.file.seek(SeekFrom::Start(off))?;
+        for seg in &req.data {
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+                let mut slice = slice.map_err(|e| IoError::Memory(e.to_string()))?;
+                self.file
+                    .read_exact_volatile(&mut slice)
+                    .map_err(|e| IoError::Memory(e.to_string()))?;
+                *done += slice.len() as u32;
+            }
+        }
+        Ok(())
+    }
+
+    fn write(&mut self, mem: &GuestMemoryMmap, req: &Request) -> Result<(), IoError> {
+        if self.read_only {
+            return Err(IoError::ReadOnly);
+        }
+        let off = self.offset(req.sector, req.data_len)?;
+        self.file.seek(SeekFrom::Start(off))?;
+        for seg in &req.data {
+            for slice in GuestMemoryBackend::get_slices(mem, seg.addr, seg.len as usize) {
+                let slice = slice.map_err(|e| IoError::Memory(e.to_string()))?;
+                self.file
+                    .write_all_volatile(&slice)
+                    .map_err(|e| IoError::Memory(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn get_id(&self, mem: &GuestMemoryMmap, req: &Request, done: &mut u32) -> Result<(), IoError> {
+        let mut left = &self.id[..];
+        for seg in &req.data {
+            if left.is_empty() {
+                break;
+            }
+            let n = left.len().min(seg.len as usize);
+            mem.write_slice(&left[..n], seg.addr)
+                .map_err(|e| IoError::Memory(e.to_string()))?;
+            left = &left[n..];
+            *done += n as u32;
+        }
+        Ok(())
+    }
+
+    /// Run a well-formed request. Returns the status and how many data bytes went to the guest.
+    fn execute(&mut self, mem: &GuestMemoryMmap, req: &Request) -> (u8, u32) {
+        let m = self.metrics.clone();
+        let mut done = 0;
+        let result = match req.request_type {
+            RequestType::In => self.read(mem, req, &mut done).map(|()| {
+                inc(&m.reads, 1);
+                inc(&m.bytes_read, u64::from(req.data_len));
+            }),
+            RequestType::Out => self.write(mem, req).map(|()| {
+                inc(&m.writes, 1);
+                inc(&m.bytes_written, u64::from(req.data_len));
+            }),
+            // Nothing can be pending on a read-only disk.
+            RequestType::Flush if self.read_only => Ok(()),
+            RequestType::Flush => self
+                .file
+                .sync_data()
+                .map(|()| inc(&m.flushes, 1))
+                .map_err(IoError::from),
+            RequestType::GetId => self
+                .get_id(mem, req, &mut done)
+                .map(|()| inc(&m.get_ids, 1)),
+            RequestType::Unsupported(t) => {
+                debug!("virtio-blk: unsupported request type {t}");
+                inc(&m.unsupported, 1);
+                return (VIRTIO_BLK_S_UNSUPP, 0);
+            }
+        };
+        match result {
+            Ok(()) => (VIRTIO_BLK_S_OK, done),
+            Err(e) => {
+                debug!("virtio-blk: {:?} request failed: {e}", req.request_type);
+                inc(&m.io_errors, 1);
+                (VIRTIO_BLK_S_IOERR, done)
+            }
+        }
+    }
+
+    /// Serve one chain. Returns the used length: bytes written to the guest.
+    fn handle_chain(
+        &mut self,
+        mem: &GuestMemoryMmap,
+        chain: impl IntoIterator<Item = Descriptor>,
+    ) -> u32 {
+        let (status, status_addr, done) = match parse_request(mem, chain) {
+            Ok(req) => {
+                let (status, done) = self.execute(mem, &req);
+                (status, req.status, done)
+            }
+            Err(bad) => {
+                debug!("virtio-blk: malformed request: {}", bad.error);
+                inc(&self.metrics.invalid_chains, 1);
+                let Some(addr) = bad.status else {
+                    return 0;
+                };
+                inc(&self.metrics.io_errors, 1);
+                (VIRTIO_BLK_S_IOERR, addr, 0)
+            }
+        };
+        match mem.write_obj(status, status_addr) {
+            Ok(()) => done + 1,
+            Err(_) => done,
+        }
+    }
+}
+
+/// What the device holds while the driver has it running.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio block device on a raw disk image.
+pub struct Block {
+    disk: Disk,
+    path: PathBuf,
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+}
+
+impl Block {
+    /// A block device on the image at `path`, opened read-write unless `read_only`. `id` is
+    /// what `GET_ID` returns (at most 20 bytes); an empty `id` picks one from the file's device
+    /// and inode numbers.
+    pub fn new(path: &Path, read_only: bool, id: &str) -> Result<Block, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if id.len() > ID_BYTES {
+            return Err(BlockError::IdTooLong {
+                path: path.to_path_buf(),
+                id: id.to_string(),
+                len: id.len(),
+            });
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(open_err)?;
+        let meta = file.metadata().map_err(open_err)?;
+        if meta.is_dir() {
+            return Err(open_err(std::io::Error::other("it is a directory")));
+        }
+        // Seeking to the end also works for block devices, whose metadata length is 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+
+        let mut id_bytes = [0u8; ID_BYTES];
+        let id = if id.is_empty() {
+            format!("{:x}-{:x}", meta.dev(), meta.ino())
+        } else {
+            id.to_string()
+        };
+        let n = id.len().min(ID_BYTES);
+        id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_SEG_MAX;
+        if read_only {
+            avail_features |= VIRTIO_BLK_F_RO;
+        }
+
+        let mut config = [0u8; CONFIG_LEN];
+        config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+
+        Ok(Block {
+            disk: Disk {
+                file,
+                size,
+                read_only,
+                id: id_bytes,
+                metrics: Arc::new(BlockMetrics::default()),
+            },
+            path: path.to_path_buf(),
+            avail_features,
+            acked_features: 0,
+            config,
+            active: None,
+        })
+    }
+
+    /// The image path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.disk.size
+    }
+
+    /// Whether the disk is read-only.
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only
+    }
+
+    /// The `GET_ID` string, zero padded.
+    pub fn id(&self) -> &[u8; ID_BYTES] {
+        &self.disk.id
+    }
+
+    /// The request counters; the handle stays valid for the device's lifetime.
+    pub fn metrics(&self) -> Arc<BlockMetrics> {
+        self.disk.metrics.clone()
+    }
+
+    /// The features the driver accepted at the last activation.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                want: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.remove(0);
+        self.acked_features = acked_features;
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        let (Some(active), 0) = (self.active.as_mut(), index) else {
+            return;
+        };
+        let Active {
+            mem,
+            queue,
+            interrupt,
+        } = active;
+        let mem: &GuestMemoryMmap = mem;
+        let mut used_any = false;
+        loop {
+            // Only an optimisation (fewer guest exits while we work); failures are harmless.
+            let _ = queue.disable_notification(mem);
+            let mut popped = false;
+            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+                popped = true;
+                let head = chain.head_index();
+                let len = self.disk.handle_chain(mem, chain);
+                if let Err(e) = queue.add_used(mem, head, len) {
+                    warn!(
+                        "virtio-blk {}: cannot return a buffer: {e}",
+                        self.path.display()
+                    );
+                    break;
+                }
+                used_any = true;
+            }
+            // Re-arm notifications; if the driver added requests meanwhile, go again (unless
+            // nothing could be taken, e.g. a bogus available index: wait for the next kick).
+            match queue.enable_notification(mem) {
+                Ok(true) if popped => continue,
+                _ => break,
+            }
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            interrupt.signal_used_queue();
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{
+        guest_memory, interrupt, irq_count, r, w, Desc, TempFile, TestQueue, VIRTQ_DESC_F_NEXT,
+        VIRTQ_DESC_F_WRITE,
+    };
+
+    const MEM_SIZE: usize = 0x40_0000;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    struct Setup {
+        block: Block,
+        tq: TestQueue,
+        mem: GuestMemoryMmap,
+        irq: Arc<VirtioInterrupt>,
+        _file: TempFile,
+    }
+
+    /// A disk of `sectors` sectors whose byte `i` is `i % 251`, behind an activated device.
+    fn setup_with(sectors: u64, read_only: bool, id: &str, event_idx: bool) -> Setup {
+        let contents: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let file = TempFile::with_contents(&contents);
+        let mut block = Block::new(file.path(), read_only, id).unwrap();
+        let mem = guest_memory(MEM_SIZE);
+        let tq = TestQueue::new(&mem, 0, QUEUE_SIZE);
+        let mut q = tq.queue();
+        q.set_event_idx(event_idx);
+        let irq = interrupt();
+        let features = block.avail_features()
+            & !(if event_idx {
+                0
+            } else {
+                VIRTIO_RING_F_EVENT_IDX
+            });
+        block
+            .activate(mem.clone(), features, vec![q], irq.clone())
+            .unwrap();
+        Setup {
+            block,
+            tq,
+            mem,
+            irq,
+            _file: file,
+        }
+    }
+
+    fn setup(sectors: u64) -> Setup {
+        setup_with(sectors, false, "", false)
+    }
+
+    impl Setup {
+        fn header(&self, t: u32, sector: u64) {
+            self.mem.write_obj(t, GuestAddress(HDR)).unwrap();
+            self.mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+            self.mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+            self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        }
+
+        /// Submit a chain and process it; returns (status byte, used length).
+        fn run(&mut self, descs: &[Desc]) -> (u8, u32) {
+            let before = self.tq.used_idx();
+            let head = self.tq.add_chain(descs);
+            self.block.process_queue(0);
+            assert_eq!(self.tq.used_idx(), before.wrapping_add(1), "chain consumed");
+            let (id, len) = self.tq.used_elem(before);
+            assert_eq!(id, u32::from(head));
+            (self.mem.read_obj(GuestAddress(STATUS)).unwrap(), len)
+        }
+
+        fn request(&mut self, t: u32, sector: u64, data: &[Desc]) -> (u8, u32) {
+            self.header(t, sector);
+            let mut descs = vec![r(HDR, 16)];
+            descs.extend_from_slice(data);
+            descs.push(w(STATUS, 1));
+            self.run(&descs)
+        }
+
+        fn guest(&self, addr: u64, len: usize) -> Vec<u8> {
+            let mut v = vec![0; len];
+            self.mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+            v
+        }
+
+        fn disk(&self) -> Vec<u8> {
+            std::fs::read(self.block.path()).unwrap()
+        }
+
+        fn metric(&self, f: impl Fn(&BlockMetrics) -> &AtomicU64) -> u64 {
+            f(&self.block.metrics()).load(Ordering::Relaxed)
+        }
+    }
+
+    fn pattern(start: u64, len: usize) -> Vec<u8> {
+        (start..start + len as u64)
+            .map(|i| (i % 251) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn features_and_config() {
+        let s = setup(8);
+        let f = s.block.avail_features();
+        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
+        assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
+        assert_ne!(f & VIRTIO_BLK_F_SEG_MAX, 0);
+        assert_eq!(f & VIRTIO_BLK_F_RO, 0);
+        let mut cap = [0u8; 8];
+        s.block.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mut seg = [0u8; 4];
+        s.block.read_config(12, &mut seg);
+        assert_eq!(u32::from_le_bytes(seg), 254);
+        let mut past = [0xffu8; 8];
+        s.block.read_config(12, &mut past);
+        assert_eq!(past, [254, 0, 0, 0, 0, 0, 0, 0]);
+        let mut past = [0xffu8; 4];
+        s.block.read_config(u64::MAX, &mut past);
+        assert_eq!(past, [0; 4]);
+        assert_eq!(s.block.device_type(), TYPE_BLOCK);
+        assert_eq!(s.block.queue_max_sizes(), &[256]);
+    }
+
+    #[test]
+    fn read_request() {
+        let mut s = setup(16);
+        let (st, len) = s.request(VIRTIO_BLK_T_IN, 2, &[w(DATA, 1024)]);
+        assert_eq!((st, len), (VIRTIO_BLK_S_OK, 1025));
+        assert_eq!(s.guest(DATA, 1024), pattern(1024, 1024));
+        assert_eq!(s.metric(|m| &m.reads), 1);
+        assert_eq!(s.metric(|m| &m.bytes_read), 1024);
+        assert_eq!(irq_count(&s.irq), 1);
+        assert_ne!(s.irq.status() & crate::virtio::INT_USED_RING, 0);
+    }
+
+    #[test]
+    fn write_request() {
+        let mut s = setup(16);
+        let data: Vec<u8> = (0..1536).map(|i| (i * 7) as u8).collect();
+        s.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let (st, len) = s.request(VIRTIO_BLK_T_OUT, 3, &[r(DATA, 1536)]);
+        assert_eq!((st, len), (VIRTIO_BLK_S_OK, 1));
+        let disk = s.disk();
+        assert_eq!(&disk[1536..3072], &data[..]);
+        assert_eq!(&disk[..1536], &pattern(0, 1536)[..]);
+        assert_eq!(&disk[3072..], &pattern(3072, 16 * 512 - 3072)[..]);
+        assert_eq!(s.metric(|m| &m.writes), 1);
+        assert_eq!(s.metric(|m| &m.bytes_written), 1536);
+    }
+
+    #[test]
+    fn requests_spanning_many_descriptors() {
+        let mut s = setup(256);
+        // 200 data descriptors of 512 bytes each, scattered in memory, plus header/status.
+        let segs: Vec<Desc> = (0..200).map(|i| w(DATA + 1000 * i, 512)).collect();
+        let (st, len) = s.request(VIRTIO_BLK_T_IN, 10, &segs);
+        assert_eq!((st, len), (VIRTIO_BLK_S_OK, 200 * 512 + 1));
+        for i in 0..200u64 {
+            assert_eq!(s.guest(DATA + 1000 * i, 512), pattern((10 + i) * 512, 512));
+        }
+        // Writes too, with descriptors split across sector boundaries.
+        let data: Vec<u8> = (0..2048).map(|i| (i * 13 % 256) as u8).collect();
+        s.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+        let segs = [r(DATA, 100), r(DATA + 100, 1000), r(DATA + 1100, 948)];
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 1, &segs), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(&s.disk()[512..2560], &data[..]);
+    }
+
+    #[test]
+    fn header_and_status_may_share_descriptors_with_data() {
+        let mut s = setup(16);
+        // Header followed by OUT data in one descriptor.
+        let data = vec![0x5au8; 512];
+        s.header(VIRTIO_BLK_T_OUT, 4);
+        s.mem.write_slice(&data, GuestAddress(HDR + 16)).unwrap();
+        assert_eq!(
+            s.run(&[r(HDR, 16 + 512), w(STATUS, 1)]),
+            (VIRTIO_BLK_S_OK, 1)
+        );
+        assert_eq!(&s.disk()[2048..2560], &data[..]);
+        // IN data and status in one descriptor; header split in two.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        let (_, len) = s.run(&[r(HDR, 8), r(HDR + 8, 8), w(STATUS - 512, 513)]);
+        assert_eq!(len, 513);
+        assert_eq!(s.guest(STATUS - 512, 512), pattern(0, 512));
+        assert_eq!(s.guest(STATUS, 1), [VIRTIO_BLK_S_OK]);
+    }
+
+    #[test]
+    fn flush_syncs_the_file() {
+        let mut s = setup(4);
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(s.metric(|m| &m.flushes), 1);
+    }
+
+    #[test]
+    fn get_id_default_and_explicit() {
+        let mut s = setup_with(4, false, "my-disk", false);
+        assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, &[w(DATA, 20)]), (0, 21));
+        let mut want = [0u8; 20];
+        want[..7].copy_from_slice(b"my-disk");
+        assert_eq!(s.guest(DATA, 20), want);
+        // A shorter buffer gets a truncated id.
+        s.mem.write_slice(&[0xee; 20], GuestAddress(DATA)).unwrap();
+        assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, &[w(DATA, 4)]), (0, 5));
+        assert_eq!(s.guest(DATA, 5), b"my-d\xee");
+
+        let mut s = setup(4);
+        let meta = std::fs::metadata(s.block.path()).unwrap();
+        let expected = format!("{:x}-{:x}", meta.dev(), meta.ino());
+        assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, &[w(DATA, 20)]), (0, 21));
+        let got = s.guest(DATA, 20);
+        let n = expected.len().min(20);
+        assert_eq!(&got[..n], &expected.as_bytes()[..n]);
+        assert!(got[n..].iter().all(|&b| b == 0));
+        assert_eq!(s.block.id()[..n], expected.as_bytes()[..n]);
+
+        let twenty = "abcdefghijklmnopqrst";
+        let s = setup_with(4, false, twenty, false);
+        assert_eq!(s.block.id(), twenty.as_bytes());
+    }
+
+    #[test]
+    fn unsupported_types() {
+        let mut s = setup(4);
+        for t in [2, 11, 13, 0x8000_0000] {
+            assert_eq!(s.request(t, 0, &[]), (VIRTIO_BLK_S_UNSUPP, 1));
+        }
+        assert_eq!(s.metric(|m| &m.unsupported), 4);
+    }
+
+    #[test]
+    fn read_only_disk() {
+        let mut s = setup_with(4, true, "", false);
+        assert_ne!(s.block.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert!(s.block.read_only());
+        s.mem.write_slice(&[1; 512], GuestAddress(DATA)).unwrap();
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_OUT, 0, &[r(DATA, 512)]),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        assert_eq!(s.disk(), pattern(0, 2048));
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_IN, 1, &[w(DATA, 512)]),
+            (VIRTIO_BLK_S_OK, 513)
+        );
+        assert_eq!(s.guest(DATA, 512), pattern(512, 512));
+    }
+
+    #[test]
+    fn requests_past_the_end() {
+        let mut s = setup(4);
+        let ioerr = (VIRTIO_BLK_S_IOERR, 1);
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 4, &[w(DATA, 512)]), ioerr);
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 3, &[w(DATA, 1024)]), ioerr);
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 3, &[r(DATA, 1024)]), ioerr);
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, u64::MAX, &[w(DATA, 512)]), ioerr);
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_IN, u64::MAX / 512, &[w(DATA, 512)]),
+            ioerr
+        );
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 3, &[w(DATA, 512)]).0, 0);
+        assert_eq!(s.disk(), pattern(0, 2048));
+        assert_eq!(s.metric(|m| &m.io_errors), 5);
+    }
+
+    #[test]
+    fn lengths_must_be_sector_multiples() {
+        let mut s = setup(4);
+        let ioerr = (VIRTIO_BLK_S_IOERR, 1);
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, &[w(DATA, 511)]), ioerr);
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, &[r(DATA, 100)]), ioerr);
+        assert_eq!(s.metric(|m| &m.invalid_chains), 2);
+        assert_eq!(s.disk(), pattern(0, 2048));
+    }
+
+    #[test]
+    fn wrong_directions() {
+        let mut s = setup(4);
+        let ioerr = (VIRTIO_BLK_S_IOERR, 1);
+        // IN with device-readable data.
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, &[r(DATA, 512)]), ioerr);
+        // OUT with device-writable data.
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, &[w(DATA, 512)]), ioerr);
+        // Header device-writable: no readable header at all.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(s.run(&[w(HDR, 16), w(DATA, 512), w(STATUS, 1)]), ioerr);
+        // Readable after writable.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            s.run(&[r(HDR, 16), w(DATA, 512), r(DATA, 1), w(STATUS, 1)]),
+            ioerr
+        );
+        // Status device-readable: nowhere to report, consumed with length 0.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        let (st, len) = s.run(&[r(HDR, 16), w(DATA, 512), r(STATUS, 1)]);
+        assert_eq!((st, len), (0xff, 0));
+        assert_eq!(s.guest(DATA, 512), vec![0; 512], "nothing read");
+    }
+
+    #[test]
+    fn descriptors_outside_memory() {
+        let mut s = setup(4);
+        let ioerr = (VIRTIO_BLK_S_IOERR, 1);
+        let end = MEM_SIZE as u64;
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 0, &[w(end - 256, 512)]), ioerr);
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_IN, 0, &[w(u64::MAX - 100, 512)]),
+            ioerr
+        );
+        assert_eq!(s.request(VIRTIO_BLK_T_OUT, 0, &[r(end, 512)]), ioerr);
+        s.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(
+            s.run(&[r(end + 4096, 16), w(DATA, 512), w(STATUS, 1)]),
+            ioerr
+        );
+        // Status outside memory: consumed with length 0.
+        s.header(VIRTIO_BLK_T_IN, 0);
+        let (_, len) = s.run(&[r(HDR, 16), w(DATA, 512), w(end, 1)]);
+        assert_eq!(len, 0);
+        let (_, len) = s.run(&[r(HDR, 16), w(DATA, 512), w(u64::MAX, 1)]);
+        assert_eq!(len, 0);
+    }
+
+    #[test]
+    fn zero_length_and_missing_status() {
+        let mut s = setup(4);
+        assert_eq!(
+            s.request(VIRTIO_BLK_T_IN, 0, &[w(DATA, 0), w(DATA, 512)]),
+            (VIRTIO_BLK_S_IOERR, 1)
+        );
+        s.header(VIRTIO_BLK_T_IN, 0);
+        assert_eq!(s.run(&[r(HDR, 16), w(DATA, 512), w(STATUS, 0)]).1, 0);
+        s.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(s.run(&[r(HDR, 16)]), (0xff, 0));
+        // Short header.
+        s.header(VIRTIO_BLK_T_FLUSH, 0);
+        assert_eq!(s.run(&[r(HDR, 15), w(STATUS, 1)]), (VIRTIO_BLK_S_IOERR, 1));
+    }
+
+    #[test]
+    fn broken_and_looping_chains() {
+        let mut s = setup(4);
+        s.header(VIRTIO_BLK_T_IN, 0);
+        // A loop: 0 -> 1 -> 0.
+        s.tq.set_desc(0, HDR, 16, VIRTQ_DESC_F_NEXT, 1);
+        s.tq.set_desc(1, DATA, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 0);
+        s.tq.publish(0);
+        // Next index outside the table.
+        s.tq.set_desc(2, HDR, 16, VIRTQ_DESC_F_NEXT, 999);
+        s.tq.publish(2);
+        s.block.process_queue(0);
+        assert_eq!(s.tq.used_idx(), 2);
+        assert_eq!(s.tq.used_elem(0), (0, 0));
+        assert_eq!(s.tq.used_elem(1), (2, 0));
+        assert_eq!(s.metric(|m| &m.invalid_chains), 2);
+    }
+
+    #[test]
+    fn overlong_chains_via_indirect_table() {
+        let mut s = setup(600);
+        // An indirect table (not offered, but followed by the queue library) of 300 entries.
+        let table = 0x38_0000u64;
+        let n = 300u16;
+        let put = |i: u16, addr: u64, len: u32, flags: u16| {
+            let at = GuestAddress(table + 16 * u64::from(i));
+            s.mem.write_obj(addr, at).unwrap();
+            s.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+            s.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+            s.mem.write_obj(i + 1, at.unchecked_add(14)).unwrap();
+        };
+        put(0, HDR, 16, VIRTQ_DESC_F_NEXT);
+        for i in 1..n - 1 {
+            put(
+                i,
+                DATA + 512 * u64::from(i),
+                512,
+                VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE,
+            );
+        }
+        put(n - 1, STATUS, 1, VIRTQ_DESC_F_WRITE);
+        s.header(VIRTIO_BLK_T_IN, 0);
+        s.tq.set_desc(0, table, 16 * u32::from(n), 4, 0);
+        s.tq.publish(0);
+        s.block.process_queue(0);
+        assert_eq!(s.tq.used_elem(0), (0, 1));
+        assert_eq!(s.guest(STATUS, 1), [VIRTIO_BLK_S_IOERR]);
+    }
+
+    #[test]
+    fn too_much_data() {
+        let mem = guest_memory(MEM_SIZE);
+        let descs = [
+            Descriptor::new(HDR, 16, VIRTQ_DESC_F_NEXT, 1),
+            Descriptor::new(0, 0x10_0000, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2),
+            Descriptor::new(0, MAX_DATA_LEN, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 3),
+            Descriptor::new(STATUS, 1, VIRTQ_DESC_F_WRITE, 0),
+        ];
+        // Memory is smaller than the cap: build a bigger one.
+        let big = guest_memory(MAX_DATA_LEN as usize + 0x40_0000);
+        let err = parse_request(&big, descs).unwrap_err();
+        assert_eq!(
+            err,
+            BadRequest {
+                error: RequestError::TooLarge(u64::from(MAX_DATA_LEN) + 0x10_0000),
+                status: Some(GuestAddress(STATUS)),
+            }
+        );
+        let err = parse_request(&mem, descs).unwrap_err();
+        assert_eq!(err.error, RequestError::OutsideMemory);
+    }
+
+    #[test]
+    fn parser_returns_typed_requests() {
+        let mem = guest_memory(MEM_SIZE);
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
+        mem.write_obj(77u64, GuestAddress(HDR + 8)).unwrap();
+        let req = parse_request(
+            &mem,
+            [
+                Descriptor::new(HDR, 16, VIRTQ_DESC_F_NEXT, 1),
+                Descriptor::new(DATA, 4096, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, 2),
+                Descriptor::new(STATUS, 1, VIRTQ_DESC_F_WRITE, 0),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            req,
+            Request {
+                request_type: RequestType::In,
+                sector: 77,
+                data: vec![Segment {
+                    addr: GuestAddress(DATA),
+                    len: 4096
+                }],
+                data_len: 4096,
+                status: GuestAddress(STATUS),
+            }
+        );
+        assert_eq!(
+            parse_request(&mem, []).unwrap_err(),
+            BadRequest {
+                error: RequestError::BrokenChain,
+                status: None
+            }
+        );
+    }
+
+    #[test]
+    fn keeps_serving_after_bad_requests_and_batches() {
+        let mut s = setup(8);
+        s.header(VIRTIO_BLK_T_IN, 0);
+        // Three chains in one kick: bad, bad without status, good.
+        s.tq.add_chain(&[r(HDR, 16), w(DATA, 100), w(STATUS, 1)]);
+        s.tq.add_chain(&[r(HDR, 16), w(DATA, 512), r(STATUS, 1)]);
+        s.tq.add_chain(&[r(HDR, 16), w(DATA, 512), w(STATUS + 1, 1)]);
+        s.block.process_queue(0);
+        assert_eq!(s.tq.used_idx(), 3);
+        assert_eq!(s.tq.used_elem(0).1, 1);
+        assert_eq!(s.tq.used_elem(1).1, 0);
+        assert_eq!(s.tq.used_elem(2).1, 513);
+        assert_eq!(s.guest(STATUS + 1, 1), [VIRTIO_BLK_S_OK]);
+        assert_eq!(irq_count(&s.irq), 1, "one interrupt per batch");
+        // Other queue indices and an empty queue do nothing.
+        s.block.process_queue(1);
+        s.block.process_queue(0);
+        assert_eq!(irq_count(&s.irq), 0);
+        assert_eq!(s.request(VIRTIO_BLK_T_IN, 7, &[w(DATA, 512)]).0, 0);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts() {
+        let mut s = setup_with(8, false, "", true);
+        // used_event (after the avail ring) = 1: interrupt only once the second buffer is used.
+        let used_event = s.tq.avail.unchecked_add(4 + 2 * u64::from(QUEUE_SIZE));
+        s.mem.write_obj(1u16, used_event).unwrap();
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, 0);
+        assert_eq!(irq_count(&s.irq), 0);
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]).0, 0);
+        assert_eq!(irq_count(&s.irq), 1);
+        // avail_event (after the used ring) tells the driver where we are.
+        let avail_event = s.tq.used.unchecked_add(4 + 8 * u64::from(QUEUE_SIZE));
+        assert_eq!(s.mem.read_obj::<u16>(avail_event).unwrap(), 2);
+    }
+
+    #[test]
+    fn reset_stops_serving_and_activate_checks_queue_count() {
+        let mut s = setup(4);
+        s.block.reset();
+        s.header(VIRTIO_BLK_T_FLUSH, 0);
+        s.tq.add_chain(&[r(HDR, 16), w(STATUS, 1)]);
+        s.block.process_queue(0);
+        assert_eq!(s.tq.used_idx(), 0);
+        assert_eq!(
+            s.block.activate(s.mem.clone(), 0, vec![], s.irq.clone()),
+            Err(ActivateError::QueueCount { want: 1, got: 0 })
+        );
+    }
+
+    #[test]
+    fn creation_errors() {
+        let file = TempFile::with_contents(&[0u8; 1000]);
+        let err = Block::new(file.path(), false, "").err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "the disk image {} is 1000 bytes, which is not a multiple of 512",
+                file.path().display()
+            )
+        );
+        let missing = Path::new("/nonexistent/flint-disk.img");
+        let err = Block::new(missing, true, "").err().unwrap();
+        assert!(err
+            .to_string()
+            .starts_with("cannot open the disk image /nonexistent/flint-disk.img: "));
+        let file = TempFile::with_contents(&[0u8; 512]);
+        let err = Block::new(file.path(), false, "abcdefghijklmnopqrstu")
+            .err()
+            .unwrap();
+        assert!(matches!(err, BlockError::IdTooLong { len: 21, .. }));
+        assert!(err.to_string().contains(&file.path().display().to_string()));
+        let err = Block::new(Path::new("/tmp"), true, "").err().unwrap();
+        assert!(matches!(err, BlockError::Open { .. }));
+        // Empty images are fine (capacity 0).
+        let file = TempFile::with_contents(&[]);
+        assert_eq!(Block::new(file.path(), true, "").unwrap().size(), 0);
+    }
+
+    #[test]
+    fn end_to_end_through_the_mmio_transport() {
+        use crate::bus::BusDevice;
+        use crate::virtio::mmio::{MmioTransport, STATUS_DRIVER_OK};
+
+        let contents = pattern(0, 8 * 512);
+        let file = TempFile::with_contents(&contents);
+        let block = Block::new(file.path(), false, "e2e").unwrap();
+        let metrics = block.metrics();
+        let mem = guest_memory(MEM_SIZE);
+        let irq = interrupt();
+        let mut t = MmioTransport::new(Box::new(block), mem.clone(), irq.clone()).unwrap();
+        let rd = |t: &mut MmioTransport, off: u64| {
+            let mut d = [0u8; 4];
+            t.read(off, &mut d);
+            u32::from_le_bytes(d)
+        };
+        let wr = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+
+        assert_eq!(rd(&mut t, 0x8), TYPE_BLOCK);
+        wr(&mut t, 0x70, 0);
+        wr(&mut t, 0x70, 1);
+        wr(&mut t, 0x70, 3);
+        wr(&mut t, 0x14, 1);
+        let hi = rd(&mut t, 0x10);
+        wr(&mut t, 0x14, 0);
+        let lo = rd(&mut t, 0x10);
+        let offered = (u64::from(hi) << 32) | u64::from(lo);
+        assert_eq!(offered, t.device().avail_features());
+        wr(&mut t, 0x24, 0);
+        wr(&mut t, 0x20, lo);
+        wr(&mut t, 0x24, 1);
+        wr(&mut t, 0x20, hi);
+        wr(&mut t, 0x70, 0xb);
+        assert_eq!(rd(&mut t, 0x70), 0xb);
+        // Capacity through the config window, as two 32-bit reads.
+        assert_eq!(rd(&mut t, 0x100), 8);
+        assert_eq!(rd(&mut t, 0x104), 0);
+        assert_eq!(rd(&mut t, 0x10c), SEG_MAX);
+
+        let mut tq = TestQueue::new(&mem, 0, 128);
+        wr(&mut t, 0x30, 0);
+        assert_eq!(rd(&mut t, 0x34), 256);
+        wr(&mut t, 0x38, 128);
+        wr(&mut t, 0x80, tq.desc.0 as u32);
+        wr(&mut t, 0x90, tq.avail.0 as u32);
+        wr(&mut t, 0xa0, tq.used.0 as u32);
+        wr(&mut t, 0x44, 1);
+        wr(&mut t, 0x70, 0xb | STATUS_DRIVER_OK);
+        assert!(t.is_activated());
+
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
+        mem.write_obj(5u64, GuestAddress(HDR + 8)).unwrap();
+        tq.add_chain(&[r(HDR, 16), w(DATA, 1024), w(STATUS, 1)]);
+        wr(&mut t, 0x50, 0);
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(tq.used_elem(0), (0, 1025));
+        let mut got = vec![0u8; 1024];
+        mem.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+        assert_eq!(got, &contents[2560..3584]);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), 0);
+        assert_eq!(rd(&mut t, 0x60), 1);
+        assert_eq!(irq_count(&irq), 1);
+        wr(&mut t, 0x64, 1);
+        assert_eq!(rd(&mut t, 0x60), 0);
+        assert_eq!(metrics.reads.load(Ordering::Relaxed), 1);
+
+        // A reset stops the device.
+        wr(&mut t, 0x70, 0);
+        assert!(!t.is_activated());
+    }
+}

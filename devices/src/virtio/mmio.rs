@@ -1,0 +1,847 @@
+//! The virtio-mmio transport, version 2 (virtio 1.2 section 4.2): the register block a guest
+//! driver uses to discover a device, negotiate features, set up queues and drive the device
+//! status state machine.
+//!
+//! Registers below [`CONFIG_OFFSET`] are 32 bits wide and only 32-bit aligned accesses reach
+//! them; anything else reads as zero and writes are ignored. The device-specific configuration
+//! space from [`CONFIG_OFFSET`] on takes accesses of any width.
+
+use std::sync::Arc;
+
+use log::{debug, warn};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    VirtioDevice, VirtioInterrupt, INT_CONFIG_CHANGE, INT_USED_RING, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use crate::bus::BusDevice;
+
+/// Size of one virtio-mmio device's register window.
+pub const MMIO_REGION_SIZE: u64 = 0x1000;
+/// Offset of `QueueNotify`: the VMM registers each queue's ioeventfd here (datamatch = index).
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+/// Offset of the device-specific configuration space.
+pub const CONFIG_OFFSET: u64 = 0x100;
+
+/// "virt" in little endian.
+pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
+/// The modern (non-legacy) virtio-mmio interface.
+pub const MMIO_VERSION: u32 = 2;
+/// The vendor ID flint devices report: "FLNT" as a big-endian ASCII word.
+pub const VENDOR_ID: u32 = 0x464c_4e54;
+
+/// Device status bits (virtio 1.2 section 2.1).
+pub const STATUS_ACKNOWLEDGE: u32 = 1;
+pub const STATUS_DRIVER: u32 = 2;
+pub const STATUS_DRIVER_OK: u32 = 4;
+pub const STATUS_FEATURES_OK: u32 = 8;
+pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
+pub const STATUS_FAILED: u32 = 0x80;
+
+// Register offsets (virtio 1.2 section 4.2.2).
+const MAGIC_VALUE: u64 = 0x000;
+const VERSION: u64 = 0x004;
+const DEVICE_ID: u64 = 0x008;
+const VENDOR: u64 = 0x00c;
+const DEVICE_FEATURES: u64 = 0x010;
+const DEVICE_FEATURES_SEL: u64 = 0x014;
+const DRIVER_FEATURES: u64 = 0x020;
+const DRIVER_FEATURES_SEL: u64 = 0x024;
+const QUEUE_SEL: u64 = 0x030;
+const QUEUE_NUM_MAX: u64 = 0x034;
+const QUEUE_NUM: u64 = 0x038;
+const QUEUE_READY: u64 = 0x044;
+const QUEUE_NOTIFY: u64 = QUEUE_NOTIFY_OFFSET;
+const INTERRUPT_STATUS: u64 = 0x060;
+const INTERRUPT_ACK: u64 = 0x064;
+const STATUS: u64 = 0x070;
+const QUEUE_DESC_LOW: u64 = 0x080;
+const QUEUE_DESC_HIGH: u64 = 0x084;
+const QUEUE_DRIVER_LOW: u64 = 0x090;
+const QUEUE_DRIVER_HIGH: u64 = 0x094;
+const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+const SHM_LEN_LOW: u64 = 0x0b0;
+const SHM_LEN_HIGH: u64 = 0x0b4;
+const CONFIG_GENERATION: u64 = 0x0fc;
+
+/// What the driver wrote into one queue's registers. Turned into a [`Queue`] (and validated)
+/// only on `DRIVER_OK`, so that the order of register writes does not matter.
+#[derive(Clone, Copy, Debug, Default)]
+struct QueueConfig {
+    size: u16,
+    ready: bool,
+    desc: u64,
+    driver: u64,
+    device: u64,
+}
+
+/// Why the driver's queue setup was refused on `DRIVER_OK`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+enum QueueSetupError {
+    #[error("queue {0} has size {1}, which is not a power of two no larger than {2}")]
+    Size(usize, u16, u16),
+    #[error("queue {0} has misaligned ring addresses")]
+    Alignment(usize),
+    #[error("queue {0} has rings outside guest memory")]
+    Memory(usize),
+    #[error("queue {0} is ready but queue {1} before it is not")]
+    Gap(usize, usize),
+}
+
+/// The virtio-mmio register interface in front of one [`VirtioDevice`].
+pub struct MmioTransport {
+    device: Box<dyn VirtioDevice>,
+    mem: GuestMemoryMmap,
+    interrupt: Arc<VirtioInterrupt>,
+    queue_evts: Vec<EventFd>,
+    queues: Vec<QueueConfig>,
+    queue_sel: u32,
+    device_features_sel: u32,
+    driver_features_sel: u32,
+    acked_features: u64,
+    status: u32,
+    activated: bool,
+    config_generation: u32,
+}
+
+impl MmioTransport {
+    /// A transport for `device`, whose queues live in `mem` and whose interrupt is `interrupt`.
+    /// Creates one non-blocking eventfd per queue for the VMM to register as ioeventfds.
+    pub fn new(
+        device: Box<dyn VirtioDevice>,
+        mem: GuestMemoryMmap,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> std::io::Result<Self> {
+        let num_queues = device.queue_max_sizes().len();
+        let queue_evts = (0..num_queues)
+            .map(|_| EventFd::new(EFD_NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut transport = MmioTransport {
+            device,
+            mem,
+            interrupt,
+            queue_evts,
+            queues: Vec::new(),
+            queue_sel: 0,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            acked_features: 0,
+            status: 0,
+            activated: false,
+            config_generation: 0,
+        };
+        transport.reset_queues();
+        Ok(transport)
+    }
+
+    /// One eventfd per queue, in queue index order.
+    pub fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    /// The guest notified queue `index`: let the device process it if it is running.
+    pub fn process_queue(&mut self, index: usize) {
+        if self.activated && index < self.queues.len() {
+            self.device.process_queue(index);
+        }
+    }
+
+    /// The device behind this transport.
+    pub fn device(&self) -> &dyn VirtioDevice {
+        self.device.as_ref()
+    }
+
+    /// The device behind this transport, mutably.
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+        self.device.as_mut()
+    }
+
+    /// The `Status` register.
+    pub fn status(&self) -> u32 {
+        self.status
+    }
+
+    /// Whether the device was activated (the driver set `DRIVER_OK` and the queues were good).
+    pub fn is_activated(&self) -> bool {
+        self.activated
+    }
+
+    /// The features the driver accepted.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The interrupt the transport and its device raise.
+    pub fn interrupt(&self) -> &Arc<VirtioInterrupt> {
+        &self.interrupt
+    }
+
+    fn reset_queues(&mut self) {
+        self.queues = self
+            .device
+            .queue_max_sizes()
+            .iter()
+            .map(|&max| QueueConfig {
+                size: max,
+                ..QueueConfig::default()
+            })
+            .collect();
+    }
+
+    fn reset(&mut self) {
+        if self.activated {
+            debug!("virtio-mmio: driver reset an active device");
+        }
+        self.device.reset();
+        self.activated = false;
+        self.reset_queues();
+        self.queue_sel = 0;
+        self.device_features_sel = 0;
+        self.driver_features_sel = 0;
+        self.acked_features = 0;
+        self.status = 0;
+        self.interrupt.ack(INT_USED_RING | INT_CONFIG_CHANGE);
+    }
+
+    fn selected_queue(&self) -> Option<&QueueConfig> {
+        self.queues.get(self.queue_sel as usize)
+    }
+
+    fn selected_max_size(&self) -> u16 {
+        self.device
+            .queue_max_sizes()
+            .get(self.queue_sel as usize)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Apply `f` to the selected queue while the driver may still change queue registers.
+    fn update_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
+        if self.status & STATUS_DRIVER_OK != 0 {
+            warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
+            return;
+        }
+        if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
+            f(q);
+        }
+    }
+
+    fn device_features_page(&self) -> u32 {
+        match self.device_features_sel {
+            0 => self.device.avail_features() as u32,
+            1 => (self.device.avail_features() >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    fn write_driver_features(&mut self, value: u32) {
+        // Features are negotiated between DRIVER and FEATURES_OK only.
+        if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
+            warn!("virtio-mmio: driver features written outside negotiation ignored");
+            return;
+        }
+        let shift = match self.driver_features_sel {
+            0 => 0,
+            1 => 32,
+            _ => return,
+        };
+        self.acked_features =
+            (self.acked_features & !(0xffff_ffffu64 << shift)) | (u64::from(value) << shift);
+    }
+
+    fn features_acceptable(&self) -> bool {
+        let offered = self.device.avail_features();
+        self.acked_features & VIRTIO_F_VERSION_1 != 0 && self.acked_features & !offered == 0
+    }
+
+    fn write_status(&mut self, value: u32) {
+        if value == 0 {
+            self.reset();
+            return;
+        }
+        // The driver only ever adds bits (other than by resetting); record FAILED as it comes.
+        let new = value & !self.status;
+        if new & STATUS_FAILED != 0 {
+            self.status |= STATUS_FAILED;
+        }
+        if new & STATUS_ACKNOWLEDGE != 0 {
+            self.status |= STATUS_ACKNOWLEDGE;
+        }
+        if new & STATUS_DRIVER != 0 && self.status & STATUS_ACKNOWLEDGE != 0 {
+            self.status |= STATUS_DRIVER;
+        }
+        if new & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER != 0 {
+            if self.features_acceptable() {
+                self.status |= STATUS_FEATURES_OK;
+            } else {
+                warn!(
+                    "virtio-mmio: refusing features {:#x} (offered {:#x})",
+                    self.acked_features,
+                    self.device.avail_features()
+                );
+            }
+        }
+        if new & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
+            self.status |= STATUS_DRIVER_OK;
+            self.activate();
+        }
+    }
+
+    /// Build the queues the driver configured, in index order: the ready ones, which must come
+    /// first.
+    fn build_queues(&self) -> Result<Vec<Queue>, QueueSetupError> {
+        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let max_sizes = self.device.queue_max_sizes();
+        let mut queues = Vec::new();
+        let mut first_unready = None;
+        for (i, (cfg, &max)) in self.queues.iter().zip(max_sizes).enumerate() {
+            if !cfg.ready {
+                first_unready.get_or_insert(i);
+                continue;
+            }
+            if let Some(gap) = first_unready {
+                return Err(QueueSetupError::Gap(i, gap));
+            }
+            let mut q = Queue::new(max).map_err(|_| QueueSetupError::Size(i, cfg.size, max))?;
+            q.try_set_size(cfg.size)
+                .map_err(|_| QueueSetupError::Size(i, cfg.size, max))?;
+            q.try_set_desc_table_address(GuestAddress(cfg.desc))
+                .and_then(|_| q.try_set_avail_ring_address(GuestAddress(cfg.driver)))
+                .and_then(|_| q.try_set_used_ring_address(GuestAddress(cfg.device)))
+                .map_err(|_| QueueSetupError::Alignment(i))?;
+            q.set_event_idx(event_idx);
+            q.set_ready(true);
+            if !q.is_valid(&self.mem) {
+                return Err(QueueSetupError::Memory(i));
+            }
+            queues.push(q);
+        }
+        Ok(queues)
+    }
+
+    fn activate(&mut self) {
+        let result = self
+            .build_queues()
+            .map_err(|e| e.to_string())
+            .and_then(|queues| {
+                self.device
+                    .activate(
+                        self.mem.clone(),
+                        self.acked_features,
+                        queues,
+                        self.interrupt.clone(),
+                    )
+                    .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(()) => self.activated = true,
+            Err(e) => {
+                warn!(
+                    "virtio-mmio: cannot activate device type {}: {e}",
+                    self.device.device_type()
+                );
+                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.interrupt.signal_config_change();
+            }
+        }
+    }
+
+    fn read_register(&self, offset: u64) -> u32 {
+        match offset {
+            MAGIC_VALUE => MMIO_MAGIC_VALUE,
+            VERSION => MMIO_VERSION,
+            DEVICE_ID => self.device.device_type(),
+            VENDOR => VENDOR_ID,
+            DEVICE_FEATURES => self.device_features_page(),
+            QUEUE_NUM_MAX => u32::from(self.selected_max_size()),
+            QUEUE_READY => self.selected_queue().map_or(0, |q| u32::from(q.ready)),
+            INTERRUPT_STATUS => self.interrupt.status(),
+            STATUS => self.status,
+            // No shared memory regions: a length of all ones says "absent".
+            SHM_LEN_LOW | SHM_LEN_HIGH => u32::MAX,
+            CONFIG_GENERATION => self.config_generation,
+            _ => {
+                debug!("virtio-mmio: read of write-only or unknown register {offset:#x}");
+                0
+            }
+        }
+    }
+
+    fn write_register(&mut self, offset: u64, value: u32) {
+        let lo = |old: u64| (old & !0xffff_ffff) | u64::from(value);
+        let hi = |old: u64| (old & 0xffff_ffff) | (u64::from(value) << 32);
+        match offset {
+            DEVICE_FEATURES_SEL => self.device_features_sel = value,
+            DRIVER_FEATURES => self.write_driver_features(value),
+            DRIVER_FEATURES_SEL => self.driver_features_sel = value,
+            QUEUE_SEL => self.queue_sel = value,
+            // A size that does not fit 16 bits is recorded as 0 and refused on DRIVER_OK.
+            QUEUE_NUM => self.update_queue(|q| q.size = u16::try_from(value).unwrap_or(0)),
+            QUEUE_READY => self.update_queue(|q| q.ready = value & 1 != 0),
+            QUEUE_NOTIFY => self.process_queue(value as usize),
+            INTERRUPT_ACK => self.interrupt.ack(value),
+            STATUS => self.write_status(value),
+            QUEUE_DESC_LOW => self.update_queue(|q| q.desc = lo(q.desc)),
+            QUEUE_DESC_HIGH => self.update_queue(|q| q.desc = hi(q.desc)),
+            QUEUE_DRIVER_LOW => self.update_queue(|q| q.driver = lo(q.driver)),
+            QUEUE_DRIVER_HIGH => self.update_queue(|q| q.driver = hi(q.driver)),
+            QUEUE_DEVICE_LOW => self.update_queue(|q| q.device = lo(q.device)),
+            QUEUE_DEVICE_HIGH => self.update_queue(|q| q.device = hi(q.device)),
+            _ => debug!("virtio-mmio: write of read-only or unknown register {offset:#x}"),
+        }
+    }
+}
+
+impl BusDevice for MmioTransport {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        if offset >= CONFIG_OFFSET {
+            self.device.read_config(offset - CONFIG_OFFSET, data);
+        } else if data.len() == 4 && offset % 4 == 0 {
+            data.copy_from_slice(&self.read_register(offset).to_le_bytes());
+        } else {
+            debug!(
+                "virtio-mmio: {}-byte read at {offset:#x} ignored",
+                data.len()
+            );
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if offset >= CONFIG_OFFSET {
+            self.device.write_config(offset - CONFIG_OFFSET, data);
+        } else if let (Ok(bytes), 0) = (<[u8; 4]>::try_from(data), offset % 4) {
+            self.write_register(offset, u32::from_le_bytes(bytes));
+        } else {
+            debug!(
+                "virtio-mmio: {}-byte write at {offset:#x} ignored",
+                data.len()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{guest_memory, interrupt, irq_count, TestQueue};
+    use crate::virtio::ActivateError;
+    use std::sync::Mutex;
+
+    /// A queue as activated: size, desc, driver, device, event idx.
+    type QueueSeen = (u16, u64, u64, u64, bool);
+
+    /// What the fake device saw, shared with the test.
+    #[derive(Default)]
+    struct Log {
+        activations: Vec<(u64, Vec<QueueSeen>)>,
+        processed: Vec<usize>,
+        resets: usize,
+        config_writes: Vec<(u64, Vec<u8>)>,
+    }
+
+    struct FakeDevice {
+        max_sizes: Vec<u16>,
+        features: u64,
+        fail: bool,
+        log: Arc<Mutex<Log>>,
+    }
+
+    impl VirtioDevice for FakeDevice {
+        fn device_type(&self) -> u32 {
+            42
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &self.max_sizes
+        }
+        fn avail_features(&self) -> u64 {
+            self.features
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            let config: Vec<u8> = (0u8..8).collect();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = usize::try_from(offset)
+                    .ok()
+                    .and_then(|o| config.get(o + i).copied())
+                    .unwrap_or(0);
+            }
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            self.log
+                .lock()
+                .unwrap()
+                .config_writes
+                .push((offset, data.to_vec()));
+        }
+        fn activate(
+            &mut self,
+            _mem: GuestMemoryMmap,
+            acked_features: u64,
+            queues: Vec<Queue>,
+            _interrupt: Arc<VirtioInterrupt>,
+        ) -> Result<(), ActivateError> {
+            if self.fail {
+                return Err(ActivateError::Backend("test".into()));
+            }
+            if queues.len() != self.max_sizes.len() {
+                return Err(ActivateError::QueueCount {
+                    want: self.max_sizes.len(),
+                    got: queues.len(),
+                });
+            }
+            let qs = queues
+                .iter()
+                .map(|q| {
+                    (
+                        q.size(),
+                        q.desc_table(),
+                        q.avail_ring(),
+                        q.used_ring(),
+                        q.event_idx_enabled(),
+                    )
+                })
+                .collect();
+            self.log
+                .lock()
+                .unwrap()
+                .activations
+                .push((acked_features, qs));
+            Ok(())
+        }
+        fn process_queue(&mut self, index: usize) {
+            self.log.lock().unwrap().processed.push(index);
+        }
+        fn reset(&mut self) {
+            self.log.lock().unwrap().resets += 1;
+        }
+    }
+
+    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1;
+
+    struct Harness {
+        t: MmioTransport,
+        log: Arc<Mutex<Log>>,
+        mem: GuestMemoryMmap,
+    }
+
+    fn harness(max_sizes: &[u16], fail: bool) -> Harness {
+        let log = Arc::new(Mutex::new(Log::default()));
+        let mem = guest_memory(0x10_0000);
+        let dev = FakeDevice {
+            max_sizes: max_sizes.to_vec(),
+            features: FEATURES,
+            fail,
+            log: log.clone(),
+        };
+        let t = MmioTransport::new(Box::new(dev), mem.clone(), interrupt()).unwrap();
+        Harness { t, log, mem }
+    }
+
+    impl Harness {
+        fn rd(&mut self, offset: u64) -> u32 {
+            let mut d = [0u8; 4];
+            self.t.read(offset, &mut d);
+            u32::from_le_bytes(d)
+        }
+        fn wr(&mut self, offset: u64, v: u32) {
+            self.t.write(offset, &v.to_le_bytes());
+        }
+        fn negotiate(&mut self, features: u64) -> bool {
+            self.wr(STATUS, STATUS_ACKNOWLEDGE);
+            self.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            self.wr(DRIVER_FEATURES_SEL, 0);
+            self.wr(DRIVER_FEATURES, features as u32);
+            self.wr(DRIVER_FEATURES_SEL, 1);
+            self.wr(DRIVER_FEATURES, (features >> 32) as u32);
+            self.wr(
+                STATUS,
+                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+            );
+            self.rd(STATUS) & STATUS_FEATURES_OK != 0
+        }
+        fn setup_queue(&mut self, index: u32, size: u16, base: u64) {
+            let tq = TestQueue::new(&self.mem, base, size);
+            self.wr(QUEUE_SEL, index);
+            self.wr(QUEUE_NUM, u32::from(size));
+            self.wr(QUEUE_DESC_LOW, tq.desc.0 as u32);
+            self.wr(QUEUE_DESC_HIGH, (tq.desc.0 >> 32) as u32);
+            self.wr(QUEUE_DRIVER_LOW, tq.avail.0 as u32);
+            self.wr(QUEUE_DRIVER_HIGH, 0);
+            self.wr(QUEUE_DEVICE_LOW, tq.used.0 as u32);
+            self.wr(QUEUE_DEVICE_HIGH, 0);
+            self.wr(QUEUE_READY, 1);
+        }
+        fn driver_ok(&mut self) {
+            let s = self.rd(STATUS);
+            self.wr(STATUS, s | STATUS_DRIVER_OK);
+        }
+    }
+
+    #[test]
+    fn identification_registers() {
+        let mut h = harness(&[256, 64], false);
+        assert_eq!(h.rd(MAGIC_VALUE), 0x7472_6976);
+        assert_eq!(h.rd(VERSION), 2);
+        assert_eq!(h.rd(DEVICE_ID), 42);
+        assert_eq!(h.rd(VENDOR), VENDOR_ID);
+        assert_eq!(h.rd(DEVICE_FEATURES), 1 | (1 << 29));
+        h.wr(DEVICE_FEATURES_SEL, 1);
+        assert_eq!(h.rd(DEVICE_FEATURES), 1);
+        h.wr(DEVICE_FEATURES_SEL, 2);
+        assert_eq!(h.rd(DEVICE_FEATURES), 0);
+        assert_eq!(h.rd(QUEUE_NUM_MAX), 256);
+        h.wr(QUEUE_SEL, 1);
+        assert_eq!(h.rd(QUEUE_NUM_MAX), 64);
+        h.wr(QUEUE_SEL, 2);
+        assert_eq!(h.rd(QUEUE_NUM_MAX), 0);
+        assert_eq!(h.rd(QUEUE_READY), 0);
+        assert_eq!(h.rd(SHM_LEN_LOW), u32::MAX);
+        assert_eq!(h.rd(CONFIG_GENERATION), 0);
+        assert_eq!(h.t.queue_events().len(), 2);
+    }
+
+    #[test]
+    fn happy_path_activates_with_configured_queues() {
+        let mut h = harness(&[256, 64], false);
+        assert!(h.negotiate(FEATURES));
+        h.setup_queue(0, 128, 0x1000);
+        h.setup_queue(1, 64, 0x8000);
+        assert_eq!(h.rd(QUEUE_READY), 1);
+        h.driver_ok();
+        assert!(h.t.is_activated());
+        assert_eq!(
+            h.rd(STATUS),
+            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+        );
+        let log = h.log.lock().unwrap();
+        assert_eq!(log.activations.len(), 1);
+        let (acked, qs) = &log.activations[0];
+        assert_eq!(*acked, FEATURES);
+        let q0 = TestQueue::new(&h.mem, 0x1000, 128);
+        assert_eq!(
+            qs[0],
+            (128, q0.desc.0, q0.avail.0, q0.used.0, true),
+            "event idx enabled on queues when negotiated"
+        );
+        assert_eq!(qs[1].0, 64);
+    }
+
+    #[test]
+    fn features_without_version_1_or_unoffered_are_refused() {
+        let mut h = harness(&[16], false);
+        assert!(!h.negotiate(1));
+        h.driver_ok();
+        assert!(!h.t.is_activated());
+        assert_eq!(h.rd(STATUS) & (STATUS_FEATURES_OK | STATUS_DRIVER_OK), 0);
+
+        h.wr(STATUS, 0);
+        assert!(!h.negotiate(VIRTIO_F_VERSION_1 | 1 << 5), "not offered");
+        h.wr(STATUS, 0);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert_eq!(h.t.acked_features(), VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn status_bits_need_their_predecessors() {
+        let mut h = harness(&[16], false);
+        h.wr(STATUS, STATUS_DRIVER);
+        assert_eq!(h.rd(STATUS), 0);
+        h.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
+        assert_eq!(h.rd(STATUS), STATUS_ACKNOWLEDGE);
+        // Features written before DRIVER are ignored.
+        h.wr(DRIVER_FEATURES_SEL, 1);
+        h.wr(DRIVER_FEATURES, 1);
+        assert_eq!(h.t.acked_features(), 0);
+        h.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_FAILED);
+        assert_eq!(h.rd(STATUS), STATUS_ACKNOWLEDGE | STATUS_FAILED);
+    }
+
+    #[test]
+    fn reset_and_renegotiate_activates_again() {
+        let mut h = harness(&[32], false);
+        assert!(h.negotiate(FEATURES));
+        h.setup_queue(0, 32, 0x1000);
+        h.driver_ok();
+        assert!(h.t.is_activated());
+        h.t.interrupt().signal_used_queue();
+        h.wr(STATUS, 0);
+        assert!(!h.t.is_activated());
+        assert_eq!(h.rd(STATUS), 0);
+        assert_eq!(h.rd(INTERRUPT_STATUS), 0);
+        assert_eq!(h.rd(QUEUE_READY), 0);
+        assert_eq!(h.t.acked_features(), 0);
+        assert_eq!(h.log.lock().unwrap().resets, 1);
+        // Queue notifications are not forwarded while reset.
+        h.wr(QUEUE_NOTIFY, 0);
+        assert!(h.log.lock().unwrap().processed.is_empty());
+
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x4000);
+        h.driver_ok();
+        assert!(h.t.is_activated());
+        let log = h.log.lock().unwrap();
+        assert_eq!(log.activations.len(), 2);
+        assert_eq!(log.activations[1].0, VIRTIO_F_VERSION_1);
+        assert_eq!(log.activations[1].1[0].0, 16);
+        assert!(!log.activations[1].1[0].4, "no event idx this time");
+    }
+
+    fn assert_needs_reset(h: &mut Harness) {
+        assert!(!h.t.is_activated());
+        assert_ne!(h.rd(STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
+        assert_ne!(h.rd(INTERRUPT_STATUS) & INT_CONFIG_CHANGE, 0);
+        assert!(irq_count(h.t.interrupt()) > 0);
+        assert!(h.log.lock().unwrap().activations.is_empty());
+    }
+
+    #[test]
+    fn bad_queue_sizes_are_refused() {
+        for size in [0u32, 3, 48, 512, 0x1_0000 + 16] {
+            let mut h = harness(&[256], false);
+            assert!(h.negotiate(VIRTIO_F_VERSION_1));
+            h.setup_queue(0, 16, 0x1000);
+            h.wr(QUEUE_NUM, size);
+            h.driver_ok();
+            assert_needs_reset(&mut h);
+        }
+    }
+
+    #[test]
+    fn queues_outside_memory_or_misaligned_are_refused() {
+        let mut h = harness(&[256], false);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.wr(QUEUE_DEVICE_HIGH, 1);
+        h.driver_ok();
+        assert_needs_reset(&mut h);
+
+        let mut h = harness(&[256], false);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.wr(QUEUE_DESC_LOW, 0x1008);
+        h.driver_ok();
+        assert_needs_reset(&mut h);
+    }
+
+    #[test]
+    fn missing_queue_and_gaps_are_refused() {
+        let mut h = harness(&[16, 16], false);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(1, 16, 0x1000);
+        h.driver_ok();
+        assert_needs_reset(&mut h);
+
+        let mut h = harness(&[16, 16], false);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.driver_ok();
+        assert_needs_reset(&mut h);
+    }
+
+    #[test]
+    fn activation_failure_sets_needs_reset() {
+        let mut h = harness(&[16], true);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.driver_ok();
+        assert_needs_reset(&mut h);
+        h.wr(STATUS, 0);
+        assert_eq!(h.rd(STATUS), 0);
+    }
+
+    #[test]
+    fn queue_registers_are_frozen_after_driver_ok() {
+        let mut h = harness(&[256], false);
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.driver_ok();
+        h.wr(QUEUE_READY, 0);
+        h.wr(QUEUE_NUM, 32);
+        assert_eq!(h.rd(QUEUE_READY), 1);
+        assert_eq!(h.t.queues[0].size, 16);
+        // Features too.
+        h.wr(DRIVER_FEATURES_SEL, 0);
+        h.wr(DRIVER_FEATURES, 0xffff_ffff);
+        assert_eq!(h.t.acked_features(), VIRTIO_F_VERSION_1);
+    }
+
+    #[test]
+    fn odd_accesses_below_config_are_ignored() {
+        let mut h = harness(&[256], false);
+        let mut two = [0xffu8; 2];
+        h.t.read(MAGIC_VALUE, &mut two);
+        assert_eq!(two, [0, 0]);
+        let mut eight = [0xffu8; 8];
+        h.t.read(MAGIC_VALUE, &mut eight);
+        assert_eq!(eight, [0; 8]);
+        let mut four = [0xffu8; 4];
+        h.t.read(MAGIC_VALUE + 1, &mut four);
+        assert_eq!(four, [0; 4]);
+        // Writes that are not aligned 32-bit stores do nothing.
+        h.t.write(STATUS, &[1]);
+        h.t.write(STATUS, &[1, 0, 0, 0, 0, 0, 0, 0]);
+        h.t.write(STATUS + 2, &[1, 0, 0, 0]);
+        assert_eq!(h.rd(STATUS), 0);
+        // Unknown registers read as zero and ignore writes.
+        h.wr(0x0f0, 5);
+        assert_eq!(h.rd(0x0f0), 0);
+        assert_eq!(h.rd(QUEUE_NOTIFY), 0);
+        // Offsets far past the window are fine too.
+        let mut d = [0xffu8; 4];
+        h.t.read(u64::MAX - 3, &mut d);
+        assert_eq!(d, [0; 4]);
+        h.t.write(u64::MAX - 3, &[1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn config_space_any_width() {
+        let mut h = harness(&[256], false);
+        let mut b = [0u8; 1];
+        h.t.read(CONFIG_OFFSET + 3, &mut b);
+        assert_eq!(b, [3]);
+        let mut w = [0u8; 2];
+        h.t.read(CONFIG_OFFSET + 5, &mut w);
+        assert_eq!(w, [5, 6]);
+        let mut q = [0xffu8; 8];
+        h.t.read(CONFIG_OFFSET + 4, &mut q);
+        assert_eq!(q, [4, 5, 6, 7, 0, 0, 0, 0], "past the end reads zero");
+        h.t.write(CONFIG_OFFSET + 1, &[9, 8]);
+        assert_eq!(h.log.lock().unwrap().config_writes, vec![(1, vec![9, 8])]);
+    }
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let mut h = harness(&[256], false);
+        h.t.interrupt().signal_used_queue();
+        h.t.interrupt().signal_config_change();
+        assert_eq!(h.rd(INTERRUPT_STATUS), INT_USED_RING | INT_CONFIG_CHANGE);
+        assert_eq!(irq_count(h.t.interrupt()), 2);
+        h.wr(INTERRUPT_ACK, INT_USED_RING);
+        assert_eq!(h.rd(INTERRUPT_STATUS), INT_CONFIG_CHANGE);
+        h.wr(INTERRUPT_ACK, INT_CONFIG_CHANGE);
+        assert_eq!(h.rd(INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn queue_notify_writes_are_forwarded_when_active() {
+        let mut h = harness(&[16, 16], false);
+        h.wr(QUEUE_NOTIFY, 0);
+        h.t.process_queue(0);
+        assert!(h.log.lock().unwrap().processed.is_empty());
+        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        h.setup_queue(0, 16, 0x1000);
+        h.setup_queue(1, 16, 0x4000);
+        h.driver_ok();
+        h.wr(QUEUE_NOTIFY, 1);
+        h.wr(QUEUE_NOTIFY, 0);
+        h.wr(QUEUE_NOTIFY, 2);
+        h.wr(QUEUE_NOTIFY, u32::MAX);
+        h.t.process_queue(1);
+        h.t.process_queue(7);
+        assert_eq!(h.log.lock().unwrap().processed, vec![1, 0, 1]);
+    }
+}

@@ -1,0 +1,130 @@
+//! virtio devices on the virtio-mmio transport (virtio 1.x, "modern" only).
+//!
+//! - [`mmio::MmioTransport`] is the register interface the guest driver talks to (a
+//!   [`crate::bus::BusDevice`] on the MMIO bus); it owns feature negotiation, device status,
+//!   queue setup and reset, and hands the configured queues to its device on `DRIVER_OK`.
+//! - A [`VirtioDevice`] (block, rng, ...) does the device-specific work over guest memory.
+//! - The VMM registers one ioeventfd per queue ([`mmio::MmioTransport::queue_events`]) so a
+//!   guest notification never exits to a vCPU thread, and its event loop calls
+//!   [`mmio::MmioTransport::process_queue`] when one fires. Interrupts go out through an irqfd
+//!   ([`VirtioInterrupt`]).
+
+pub mod block;
+pub mod mmio;
+pub mod rng;
+#[cfg(test)]
+mod test_utils;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::IrqLine;
+
+/// `VIRTIO_F_VERSION_1`: every flint device offers it and requires the driver to accept it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+
+/// `VIRTIO_RING_F_EVENT_IDX`: used/available event suppression. The transport enables it on
+/// every queue it hands to a device when the driver accepted it.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Device type IDs (virtio spec 5).
+pub const TYPE_NET: u32 = 1;
+pub const TYPE_BLOCK: u32 = 2;
+pub const TYPE_RNG: u32 = 4;
+pub const TYPE_VSOCK: u32 = 19;
+
+/// Interrupt status bits (the MMIO `InterruptStatus` register).
+pub const INT_USED_RING: u32 = 1;
+pub const INT_CONFIG_CHANGE: u32 = 2;
+
+/// A virtio device's interrupt: the status the guest reads and acknowledges, plus the irqfd.
+#[derive(Debug)]
+pub struct VirtioInterrupt {
+    status: AtomicU32,
+    irq: IrqLine,
+}
+
+impl VirtioInterrupt {
+    /// An interrupt raised through `irq`.
+    pub fn new(irq: IrqLine) -> Self {
+        VirtioInterrupt {
+            status: AtomicU32::new(0),
+            irq,
+        }
+    }
+
+    /// The device put buffers in a used ring.
+    pub fn signal_used_queue(&self) {
+        self.signal(INT_USED_RING);
+    }
+
+    /// The device's configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.signal(INT_CONFIG_CHANGE);
+    }
+
+    fn signal(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::AcqRel);
+        // A failed eventfd write means the counter is saturated: an interrupt is pending.
+        let _ = self.irq.trigger();
+    }
+
+    /// The `InterruptStatus` register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// The driver wrote `InterruptACK`.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// The irqfd, for registering with KVM.
+    pub fn irq(&self) -> &IrqLine {
+        &self.irq
+    }
+}
+
+/// Why a device could not start with what the driver set up.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues; the device needs {want}")]
+    QueueCount { want: usize, got: usize },
+    #[error("the device cannot start: {0}")]
+    Backend(String),
+}
+
+/// A virtio device model behind a transport.
+///
+/// Everything the guest controls (descriptor addresses, lengths, chain shapes, config offsets)
+/// is untrusted: a malformed request gets an error status or is dropped and counted, and never
+/// panics or blocks the VMM.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`TYPE_*`).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers, including [`VIRTIO_F_VERSION_1`].
+    fn avail_features(&self) -> u64;
+    /// Read `data.len()` bytes of the device-specific configuration space at `offset`; bytes
+    /// past its end read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes the configuration space; most devices ignore it.
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Start serving `queues` (as the driver configured them, in index order) over `mem`,
+    /// having negotiated `acked_features`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: std::sync::Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError>;
+    /// The guest notified queue `index`: process what it made available.
+    fn process_queue(&mut self, index: usize);
+    /// Return to the state before activation (the driver reset the device). Pending requests
+    /// are dropped; backends (files) stay open.
+    fn reset(&mut self);
+}

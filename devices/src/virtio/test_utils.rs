@@ -1,0 +1,179 @@
+//! Test helpers: a driver's view of a split virtqueue laid out in real guest memory.
+
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::VirtioInterrupt;
+use crate::IrqLine;
+
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+/// Guest memory of `size` bytes at address 0.
+pub fn guest_memory(size: usize) -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+}
+
+/// An interrupt on a fresh eventfd.
+pub fn interrupt() -> Arc<VirtioInterrupt> {
+    Arc::new(VirtioInterrupt::new(IrqLine::new(
+        EventFd::new(EFD_NONBLOCK).unwrap(),
+    )))
+}
+
+/// How many times `interrupt` fired since the last call.
+pub fn irq_count(interrupt: &VirtioInterrupt) -> u64 {
+    interrupt.irq().eventfd().read().unwrap_or(0)
+}
+
+/// One descriptor of a chain: guest address, length, device-writable.
+#[derive(Clone, Copy, Debug)]
+pub struct Desc {
+    pub addr: u64,
+    pub len: u32,
+    pub write: bool,
+}
+
+/// Device-readable descriptor.
+pub fn r(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        write: false,
+    }
+}
+
+/// Device-writable descriptor.
+pub fn w(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        write: true,
+    }
+}
+
+/// The driver side of a split queue at fixed addresses.
+pub struct TestQueue {
+    pub mem: GuestMemoryMmap,
+    pub size: u16,
+    pub desc: GuestAddress,
+    pub avail: GuestAddress,
+    pub used: GuestAddress,
+    next_desc: u16,
+    avail_idx: u16,
+}
+
+impl TestQueue {
+    /// A queue of `size` entries whose rings start at `base` (4 KiB-aligned is plenty).
+    pub fn new(mem: &GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let desc = GuestAddress(base);
+        let avail = desc.unchecked_add(16 * u64::from(size));
+        let used = GuestAddress((avail.0 + 6 + 2 * u64::from(size) + 3) & !3);
+        let q = TestQueue {
+            mem: mem.clone(),
+            size,
+            desc,
+            avail,
+            used,
+            next_desc: 0,
+            avail_idx: 0,
+        };
+        q.mem.write_obj(0u16, avail).unwrap();
+        q.mem.write_obj(0u16, avail.unchecked_add(2)).unwrap();
+        q.mem.write_obj(0u16, used).unwrap();
+        q.mem.write_obj(0u16, used.unchecked_add(2)).unwrap();
+        q
+    }
+
+    /// A device-side queue configured like a driver would.
+    pub fn queue(&self) -> Queue {
+        let mut q = Queue::new(self.size).unwrap();
+        q.try_set_size(self.size).unwrap();
+        q.try_set_desc_table_address(self.desc).unwrap();
+        q.try_set_avail_ring_address(self.avail).unwrap();
+        q.try_set_used_ring_address(self.used).unwrap();
+        q.set_ready(true);
+        q
+    }
+
+    /// Write descriptor `index` verbatim.
+    pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let at = self.desc.unchecked_add(16 * u64::from(index));
+        self.mem.write_obj(addr, at).unwrap();
+        self.mem.write_obj(len, at.unchecked_add(8)).unwrap();
+        self.mem.write_obj(flags, at.unchecked_add(12)).unwrap();
+        self.mem.write_obj(next, at.unchecked_add(14)).unwrap();
+    }
+
+    /// Put descriptor `head` in the available ring.
+    pub fn publish(&mut self, head: u16) {
+        let slot = self
+            .avail
+            .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
+        self.mem.write_obj(head, slot).unwrap();
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.mem
+            .write_obj(self.avail_idx, self.avail.unchecked_add(2))
+            .unwrap();
+    }
+
+    /// Lay out `descs` as a chain in free descriptor slots and make it available. Returns its head.
+    pub fn add_chain(&mut self, descs: &[Desc]) -> u16 {
+        let head = self.next_desc;
+        for (i, d) in descs.iter().enumerate() {
+            let index = (head + i as u16) % self.size;
+            let last = i + 1 == descs.len();
+            let flags = if d.write { VIRTQ_DESC_F_WRITE } else { 0 }
+                | if last { 0 } else { VIRTQ_DESC_F_NEXT };
+            self.set_desc(index, d.addr, d.len, flags, (index + 1) % self.size);
+        }
+        self.next_desc = (head + descs.len() as u16) % self.size;
+        self.publish(head);
+        head
+    }
+
+    /// The used ring's `idx`.
+    pub fn used_idx(&self) -> u16 {
+        self.mem.read_obj(self.used.unchecked_add(2)).unwrap()
+    }
+
+    /// Used ring entry `i`: (descriptor head, length).
+    pub fn used_elem(&self, i: u16) -> (u32, u32) {
+        let at = self.used.unchecked_add(4 + 8 * u64::from(i % self.size));
+        (
+            self.mem.read_obj(at).unwrap(),
+            self.mem.read_obj(at.unchecked_add(4)).unwrap(),
+        )
+    }
+}
+
+/// A file in the temp directory, removed on drop.
+pub struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    /// A new file holding `contents`.
+    pub fn with_contents(contents: &[u8]) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "flint-devices-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
