@@ -438,3 +438,63 @@ mod tests {
         assert_eq!(e.ebx >> 24, 255);
     }
 }
+
+/// The XCR0 value that enables every state component the (normalised) CPUID offers: leaf 0xD
+/// subleaf 0 EAX/EDX. `None` when leaf 1 has no XSAVE or there is no leaf 0xD.
+///
+/// Starting a vCPU with this XCR0 keeps leaf 0xD's "size for the enabled components" (which
+/// KVM derives from its view of XCR0) equal to what the guest kernel computes from the
+/// per-component leaves, even on a host that does not trap the guest's own XSETBV.
+pub fn supported_xcr0(entries: &[kvm_cpuid_entry2]) -> Option<u64> {
+    let leaf1 = entries.iter().find(|e| e.function == 0x1)?;
+    if leaf1.ecx & LEAF1_ECX_XSAVE == 0 {
+        return None;
+    }
+    let leaf_d = entries.iter().find(|e| e.function == 0xd && e.index == 0)?;
+    let xcr0 = u64::from(leaf_d.eax) | (u64::from(leaf_d.edx) << 32);
+    // x87 state is architecturally always enabled.
+    Some(xcr0 | 1)
+}
+
+#[cfg(test)]
+mod xcr0_tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32, eax: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ecx,
+            edx,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn xcr0_follows_leaf_0xd_when_xsave_is_offered() {
+        let entries = [
+            entry(0x1, 0, 0, LEAF1_ECX_XSAVE, 0),
+            entry(0xd, 0, 0x7, 0, 0x0),
+        ];
+        assert_eq!(supported_xcr0(&entries), Some(0x7));
+        let high = [
+            entry(0x1, 0, 0, LEAF1_ECX_XSAVE, 0),
+            entry(0xd, 0, 0x3, 0, 0x1),
+        ];
+        assert_eq!(supported_xcr0(&high), Some(0x1_0000_0003));
+    }
+
+    #[test]
+    fn no_xcr0_without_xsave_or_leaf_0xd() {
+        assert_eq!(
+            supported_xcr0(&[entry(0x1, 0, 0, 0, 0), entry(0xd, 0, 0x7, 0, 0)]),
+            None
+        );
+        assert_eq!(
+            supported_xcr0(&[entry(0x1, 0, 0, LEAF1_ECX_XSAVE, 0)]),
+            None
+        );
+        assert_eq!(supported_xcr0(&[]), None);
+    }
+}

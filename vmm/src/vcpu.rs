@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use devices::bus::Bus;
 use kvm_bindings::{
-    Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -57,6 +57,14 @@ impl Vcpu {
         // Both fit in u8: the configuration allows at most 254 vCPUs.
         arch::cpuid::normalize(cpuid.as_mut_slice(), id as u8, count as u8);
         fd.set_cpuid2(&cpuid).map_err(setup("set CPUID"))?;
+        if let Some(xcr0) = arch::cpuid::supported_xcr0(cpuid.as_slice()) {
+            let mut xcrs = kvm_xcrs {
+                nr_xcrs: 1,
+                ..Default::default()
+            };
+            xcrs.xcrs[0].value = xcr0;
+            fd.set_xcrs(&xcrs).map_err(setup("set XCR0"))?;
+        }
 
         let entries = arch::regs::boot_msrs();
         let msrs = Msrs::from_entries(&entries).map_err(|_| Error::VcpuSetup {
