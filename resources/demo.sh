@@ -15,10 +15,9 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=resources/lib.sh
 . "$here/lib.sh"
 
-ensure_packages build-essential ca-certificates curl
-if ! command -v cargo >/dev/null 2>&1; then
-    ensure_packages cargo rustc
-fi
+ensure_packages build-essential qemu-system-x86 busybox-static
+command -v cargo >/dev/null 2>&1 ||
+    die "Rust is not installed: install a toolchain >= 1.85 with rustup, then run this again"
 "$here/build-guest-kernel.sh"
 "$here/build-guest-initramfs.sh"
 log "building flint (release)"

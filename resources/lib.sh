@@ -1,0 +1,90 @@
+# shellcheck shell=bash
+# Shared helpers for the resources/*.sh scripts. Source it; do not run it.
+
+# All built artefacts live outside the work tree so `cargo clean` and git
+# never touch them and several checkouts can share them.
+FLINT_CACHE=${FLINT_CACHE:-$HOME/.cache/flint}
+export FLINT_CACHE
+
+log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
+die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
+
+# ensure_packages PKG...: install the Debian packages that are missing.
+# `apt-get update` runs only when something actually has to be installed so a
+# warm machine never touches the network.
+ensure_packages() {
+    local missing=() p
+    for p in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$p")
+        fi
+    done
+    if ((${#missing[@]})); then
+        log "installing missing packages: ${missing[*]}"
+        local sudo=()
+        if [ "$(id -u)" -ne 0 ]; then sudo=(sudo); fi
+        # explicit `|| die`: callers may run this where `set -e` is suspended
+        "${sudo[@]}" apt-get update -qq || die "apt-get update failed"
+        DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq \
+            --no-install-recommends "${missing[@]}" >&2 || die "apt-get install ${missing[*]} failed"
+    fi
+}
+
+# pkg_version PKG: installed version of a Debian package.
+pkg_version() { dpkg-query -W -f='${Version}' "$1"; }
+
+# stamp_of ITEM...: one sha256 over files (by content) and literal strings.
+stamp_of() {
+    local item
+    for item in "$@"; do
+        if [ -f "$item" ]; then sha256sum <"$item"; else printf '%s\n' "$item"; fi
+    done | sha256sum | cut -d' ' -f1
+}
+
+# cpio_dev_nodes: print an uncompressed newc cpio archive (with trailer) that
+# holds /dev and /dev/console. The kernel opens /dev/console for PID 1 before
+# /init can mount devtmpfs, so the node must be in the initramfs itself;
+# writing the header by hand means no root (mknod) is needed to build images.
+# Prepend the output to the main archive inside the same gzip stream: the
+# kernel unpacks concatenated archives.
+cpio_dev_nodes() {
+    _cpio_entry dev 040755 0 0
+    _cpio_entry dev/console 020600 5 1
+    _cpio_entry TRAILER!!! 0 0 0
+}
+# _cpio_entry NAME OCTAL_MODE RDEV_MAJOR RDEV_MINOR (an entry without data)
+_cpio_entry() {
+    local name=$1 mode=$((8#$2)) maj=$3 min=$4 namesize=$((${#1} + 1))
+    # magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
+    # rdevmajor, rdevminor, namesize, check
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+        0 "$mode" 0 0 1 0 0 0 0 "$maj" "$min" "$namesize" 0
+    printf '%s\0' "$name"
+    # the 110-byte header plus the name is padded to a multiple of 4
+    head -c $(((4 - (110 + namesize) % 4) % 4)) /dev/zero
+}
+
+# make_initramfs DIR OUT [gzip|none]: pack DIR (plus /dev/console) as a newc
+# archive, all files owned by root, gzip'ed unless told otherwise.
+make_initramfs() {
+    local dir=$1 out=$2 compress=${3:-gzip}
+    local filter=(gzip -6n)
+    if [ "$compress" = none ]; then filter=(cat); fi
+    {
+        cpio_dev_nodes
+        (cd "$dir" && find . -mindepth 1 | sed 's|^\./||' | LC_ALL=C sort |
+            cpio -o -H newc -R 0:0 --quiet)
+    } | "${filter[@]}" >"$out.tmp"
+    mv "$out.tmp" "$out"
+}
+
+# install_busybox DIR: busybox-static as DIR/bin/busybox plus one symlink per
+# applet (bin/ only: busybox finds its applets by name wherever they are).
+install_busybox() {
+    local dir=$1 applet
+    mkdir -p "$dir/bin" "$dir/sbin" "$dir/usr/bin" "$dir/usr/sbin"
+    cp /bin/busybox "$dir/bin/busybox"
+    for applet in $("$dir/bin/busybox" --list); do
+        [ -e "$dir/bin/$applet" ] || ln -s busybox "$dir/bin/$applet"
+    done
+}

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The single test command of flint (CI runs it through .ci/run):
+#   1. install the Debian packages the rig needs (only the missing ones),
+#   2. build the cached test images: guest kernel, guest initramfs, nested host,
+#   3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
+#      (all tiers; tier 3 boots real guests in the nested host, see
+#      tests/support/mod.rs).
+# Artefacts are cached in $FLINT_CACHE (default ~/.cache/flint), so a warm run
+# only pays for cargo.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source=resources/lib.sh
+. "$here/lib.sh"
+
+total_start=$SECONDS
+timings=()
+
+# stage NAME CMD...: run one stage with a header and its duration.
+stage() {
+    local name=$1 start=$SECONDS rc=0
+    shift
+    printf '\n==================== %s ====================\n' "$name"
+    "$@" || rc=$?
+    local took=$((SECONDS - start))
+    timings+=("$(printf '%-28s %4d s%s' "$name" "$took" "$( ((rc)) && echo '  FAILED')")")
+    if ((rc)); then
+        printf '==================== %s FAILED (status %d, %d s) ====================\n' "$name" "$rc" "$took"
+        summary
+        exit "$rc"
+    fi
+    printf -- '-------------------- %s: done in %d s\n' "$name" "$took"
+}
+
+summary() {
+    printf '\n==================== timing summary ====================\n'
+    printf '%s\n' "${timings[@]}"
+    printf '%-28s %4d s\n' total $((SECONDS - total_start))
+}
+
+packages() {
+    # Everything the build scripts and the tier-3 tests use, so a fresh Debian
+    # 12 machine needs a single apt-get run.
+    ensure_packages \
+        qemu-system-x86 busybox-static linux-source-6.1 \
+        build-essential bc flex bison libelf-dev libssl-dev \
+        cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils
+    command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
+    cargo --version
+    rustc --version
+}
+
+cd "$repo"
+stage "packages" packages
+stage "guest kernel" "$here/build-guest-kernel.sh"
+stage "guest initramfs" "$here/build-guest-initramfs.sh"
+stage "nested host kernel" "$here/nested-host/build-host.sh"
+stage "cargo fmt" cargo fmt --all -- --check
+stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
+stage "cargo test" cargo test --workspace
+summary

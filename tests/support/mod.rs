@@ -1,0 +1,513 @@
+//! Harness for flint's tier-3 tests: real Linux guests booted by the real `flint` binary.
+//!
+//! Integration tests use it with `mod support;`.
+//!
+//! # Where guests run
+//!
+//! The development and CI machines have a `/dev/kvm` (PVM) that cannot boot Linux, so by
+//! default a test *scenario* (a shell script) runs inside the nested KVM host VM of
+//! `resources/nested-host/run.sh` (QEMU TCG with kvm_amd inside). On a machine whose own KVM
+//! boots Linux, the same script runs directly with `sh`. `FLINT_TEST_RIG=nested` or
+//! `FLINT_TEST_RIG=direct` overrides the choice.
+//!
+//! # What a scenario script sees (the same both ways)
+//!
+//! | variable     | nested host            | direct                       |
+//! |--------------|------------------------|------------------------------|
+//! | `$FLINT`     | `/flint`               | `CARGO_BIN_EXE_flint`        |
+//! | `$VMLINUX`   | `/guest/vmlinux`       | `$FLINT_CACHE/guest/vmlinux` |
+//! | `$BZIMAGE`   | `/guest/bzImage`       | `$FLINT_CACHE/guest/bzImage` |
+//! | `$INITRAMFS` | `/guest/initramfs.cpio.gz` | `$FLINT_CACHE/guest/initramfs.cpio.gz` |
+//! | `$FILES`     | `/files` (the `extra_files`, by name) | temp dir of symlinks |
+//! | `$WORK`      | `/tmp/work` (tmpfs)    | fresh temp dir, removed after |
+//!
+//! Always call programs through these variables (full paths): in the nested host the script
+//! runs under busybox `sh`, which prefers its own applets to anything on `PATH`. Write
+//! POSIX/busybox shell. The preamble also defines:
+//!
+//! - `flint_case NAME CMD...` runs `CMD` (stdin `/dev/null`, killed after `$CASE_TIMEOUT`
+//!   seconds, default 120) and prints its stdout and stderr framed as
+//!   `=== CASE NAME` / `--- stdout` / `--- stderr` / `=== END NAME status=N`, which
+//!   [`ScenarioRun::case`] parses back. `flint_case_stdin` is the same but keeps the caller's
+//!   stdin (pipe into it). While it runs, the output files are `$WORK/NAME.out` and
+//!   `$WORK/NAME.err`.
+//!
+//! Guest side: [`exec_cmdline`] builds a kernel command line whose `flint.exec=<base64>` the
+//! guest initramfs (`resources/build-guest-initramfs.sh`) decodes and runs after printing
+//! `FLINT-GUEST-READY`; it then prints `FLINT-GUEST-EXIT <status>` and reboots, which ends
+//! flint with status 0.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+/// The command line flint uses when `--cmdline` is not given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off";
+
+/// x86 `COMMAND_LINE_SIZE` of the guest kernel, including the terminating NUL.
+pub const GUEST_CMDLINE_MAX: usize = 2048;
+
+/// Root of the flint workspace (the `flint` package lives at the top).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `$FLINT_CACHE`, default `$HOME/.cache/flint`: where the resources/ scripts put images.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("FLINT_CACHE").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").expect("neither FLINT_CACHE nor HOME is set");
+    PathBuf::from(home).join(".cache").join("flint")
+}
+
+/// The guest kernel (both formats) and initramfs built by the resources/ scripts.
+#[derive(Debug, Clone)]
+pub struct GuestImages {
+    pub vmlinux: PathBuf,
+    pub bzimage: PathBuf,
+    pub initramfs: PathBuf,
+}
+
+/// Locate the guest images. Panics (the test fails; it never skips) when they are missing.
+pub fn guest_images() -> GuestImages {
+    let dir = cache_dir().join("guest");
+    let images = GuestImages {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio.gz"),
+    };
+    for path in [&images.vmlinux, &images.bzimage, &images.initramfs] {
+        assert!(
+            path.is_file(),
+            "guest images missing: {} does not exist; run resources/build-guest-kernel.sh and \
+             resources/build-guest-initramfs.sh (or resources/run-tests.sh, which does both)",
+            path.display()
+        );
+    }
+    images
+}
+
+/// The `flint` binary cargo built for this test run.
+pub fn flint_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flint"))
+}
+
+/// Whether this machine's own `/dev/kvm` can boot a Linux guest: not when it is missing, nor
+/// when it is PVM (`kvm_pvm`), whose instruction emulator cannot run a stock kernel.
+pub fn local_kvm_boots_linux() -> bool {
+    Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Result of [`run_scenario`].
+#[derive(Debug, Clone)]
+pub struct ScenarioRun {
+    /// The scenario script's exit status (run.sh: 98 = timeout, 99 = host VM failure).
+    pub status: i32,
+    /// Everything printed (console of the host VM, or stdout then stderr when direct),
+    /// with `\r` removed.
+    pub output: String,
+}
+
+/// One `flint_case` section of a scenario's output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Case {
+    pub name: String,
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Case {
+    /// Non-empty lines of stderr.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+impl ScenarioRun {
+    /// All `flint_case` sections, in order.
+    pub fn cases(&self) -> Vec<Case> {
+        parse_cases(&self.output)
+    }
+
+    /// The section of case `name`; panics (showing the output) if the scenario did not print it.
+    pub fn case(&self, name: &str) -> Case {
+        self.cases()
+            .into_iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "case {name:?} missing from the scenario output (status {}):\n{}",
+                    self.status, self.output
+                )
+            })
+    }
+}
+
+/// Parse `=== CASE name` ... `=== END name status=N` sections (see the module docs).
+pub fn parse_cases(output: &str) -> Vec<Case> {
+    let mut cases = Vec::new();
+    let mut current: Option<(String, String, String, u8)> = None; // name, out, err, part
+    for line in output.lines() {
+        // Markers are matched anywhere in the line: terminal escape sequences from the
+        // firmware or a guest may precede them on the console.
+        if let Some((_, name)) = line.split_once("=== CASE ") {
+            current = Some((name.trim().to_string(), String::new(), String::new(), 0));
+            continue;
+        }
+        let Some((name, out, err, part)) = current.as_mut() else {
+            continue;
+        };
+        if let Some((_, rest)) = line.split_once("=== END ") {
+            let mut words = rest.split_whitespace();
+            if words.next() == Some(name.as_str()) {
+                let status = words
+                    .next()
+                    .and_then(|w| w.strip_prefix("status="))
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(-1);
+                let (name, out, err, _) = current.take().unwrap();
+                cases.push(Case {
+                    name,
+                    status,
+                    stdout: out,
+                    stderr: err,
+                });
+                continue;
+            }
+        }
+        match (line, *part) {
+            ("--- stdout", 0) => *part = 1,
+            ("--- stderr", 1) => *part = 2,
+            (_, 1) => {
+                out.push_str(line);
+                out.push('\n');
+            }
+            (_, 2) => {
+                err.push_str(line);
+                err.push('\n');
+            }
+            _ => {}
+        }
+    }
+    cases
+}
+
+/// Standard base64 (RFC 4648, with padding).
+pub fn base64_encode(data: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Kernel command line that makes the guest run `guest_script` (with `sh`) after boot:
+/// `console=ttyS0 reboot=k panic=1 pci=off flint.exec=<base64>`. Panics when the result does
+/// not fit the guest's command line (about 1.4 KiB of script).
+pub fn exec_cmdline(guest_script: &str) -> String {
+    let cmdline = format!(
+        "{DEFAULT_CMDLINE} flint.exec={}",
+        base64_encode(guest_script.as_bytes())
+    );
+    assert!(
+        cmdline.len() < GUEST_CMDLINE_MAX,
+        "guest script too long for the kernel command line ({} of {} bytes)",
+        cmdline.len(),
+        GUEST_CMDLINE_MAX - 1
+    );
+    cmdline
+}
+
+/// Quote `s` for a POSIX shell (single quotes).
+pub fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Shell functions every scenario gets after the variables (see the module docs).
+const PREAMBLE_FUNCTIONS: &str = r#"
+CASE_TIMEOUT=${CASE_TIMEOUT:-120}
+_flint_case_report() {
+    echo "=== CASE $1"
+    echo "--- stdout"
+    cat "$WORK/$1.out"
+    echo "--- stderr"
+    cat "$WORK/$1.err"
+    echo "=== END $1 status=$2"
+}
+flint_case() {
+    _fc_name=$1
+    shift
+    timeout "$CASE_TIMEOUT" "$@" </dev/null >"$WORK/$_fc_name.out" 2>"$WORK/$_fc_name.err"
+    _flint_case_report "$_fc_name" $?
+}
+flint_case_stdin() {
+    _fc_name=$1
+    shift
+    timeout "$CASE_TIMEOUT" "$@" >"$WORK/$_fc_name.out" 2>"$WORK/$_fc_name.err"
+    _flint_case_report "$_fc_name" $?
+}
+"#;
+
+/// Serializes scenarios: two nested host VMs at once would share 2 cores and time out.
+static SCENARIO_LOCK: Mutex<()> = Mutex::new(());
+
+/// Run `script` (see the module docs for what it sees) and return its status and output.
+/// `extra_files` are `(host path, name)`: each is available as `$FILES/name`.
+/// The output is also printed, so a failing test shows it.
+pub fn run_scenario(script: &str, extra_files: &[(PathBuf, &str)]) -> ScenarioRun {
+    run_scenario_with(script, extra_files, &ScenarioOptions::default())
+}
+
+/// Knobs of [`run_scenario_with`].
+#[derive(Debug, Clone)]
+pub struct ScenarioOptions {
+    /// Memory of the nested host VM, MiB.
+    pub host_mem_mib: u32,
+    /// Whole-scenario time limit, seconds (nested: includes the host VM boot).
+    pub timeout_secs: u32,
+}
+
+impl Default for ScenarioOptions {
+    fn default() -> Self {
+        ScenarioOptions {
+            host_mem_mib: 3072,
+            timeout_secs: 600,
+        }
+    }
+}
+
+/// [`run_scenario`] with explicit options.
+pub fn run_scenario_with(
+    script: &str,
+    extra_files: &[(PathBuf, &str)],
+    options: &ScenarioOptions,
+) -> ScenarioRun {
+    let images = guest_images();
+    let flint = flint_bin();
+    assert!(flint.is_file(), "flint binary missing: {}", flint.display());
+    for (path, name) in extra_files {
+        assert!(path.exists(), "extra file missing: {}", path.display());
+        assert!(
+            !name.is_empty() && !name.contains('/') && !name.contains(':'),
+            "bad extra file name {name:?}"
+        );
+    }
+    let direct = match std::env::var("FLINT_TEST_RIG").as_deref() {
+        Ok("direct") => true,
+        Ok("nested") => false,
+        _ => local_kvm_boots_linux(),
+    };
+    let _guard = SCENARIO_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let run = if direct {
+        run_direct(script, extra_files, &images, &flint)
+    } else {
+        run_nested(script, extra_files, &images, &flint, options)
+    };
+    println!(
+        "----- scenario ({}) exit status {} -----\n{}\n----- end of scenario output -----",
+        if direct { "direct" } else { "nested host" },
+        run.status,
+        run.output
+    );
+    run
+}
+
+fn preamble(vars: &[(&str, &Path)]) -> String {
+    // The first `echo` ends whatever the firmware left on the console's current line.
+    let mut s = String::from("# flint test scenario (generated by tests/support)\necho\n");
+    for (name, path) in vars {
+        let _ = writeln!(s, "{name}={}", sh_quote(&path.to_string_lossy()));
+        let _ = writeln!(s, "export {name}");
+    }
+    s.push_str(PREAMBLE_FUNCTIONS);
+    s
+}
+
+/// A temporary directory removed on drop (no extra crates for tempfile).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
+        let dir = base.join(format!(
+            "flint-test-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn combined_output(out: &std::process::Output) -> String {
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.stderr.is_empty() {
+        s.push_str("\n----- stderr -----\n");
+        s.push_str(&String::from_utf8_lossy(&out.stderr));
+    }
+    s.replace('\r', "")
+}
+
+fn run_direct(
+    script: &str,
+    extra_files: &[(PathBuf, &str)],
+    images: &GuestImages,
+    flint: &Path,
+) -> ScenarioRun {
+    let tmp = TempDir::new("direct");
+    let work = tmp.0.join("work");
+    let files = tmp.0.join("files");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::create_dir_all(&files).unwrap();
+    for (path, name) in extra_files {
+        let abs = std::fs::canonicalize(path).unwrap();
+        std::os::unix::fs::symlink(abs, files.join(name)).unwrap();
+    }
+    let mut text = preamble(&[
+        ("FLINT", flint),
+        ("VMLINUX", &images.vmlinux),
+        ("BZIMAGE", &images.bzimage),
+        ("INITRAMFS", &images.initramfs),
+        ("FILES", &files),
+        ("WORK", &work),
+    ]);
+    text.push_str(script);
+    let path = tmp.0.join("scenario.sh");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new("sh")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    ScenarioRun {
+        status: out.status.code().unwrap_or(-1),
+        output: combined_output(&out),
+    }
+}
+
+fn run_nested(
+    script: &str,
+    extra_files: &[(PathBuf, &str)],
+    images: &GuestImages,
+    flint: &Path,
+    options: &ScenarioOptions,
+) -> ScenarioRun {
+    let tmp = TempDir::new("nested");
+    let mut text = preamble(&[
+        ("FLINT", Path::new("/flint")),
+        ("VMLINUX", Path::new("/guest/vmlinux")),
+        ("BZIMAGE", Path::new("/guest/bzImage")),
+        ("INITRAMFS", Path::new("/guest/initramfs.cpio.gz")),
+        ("FILES", Path::new("/files")),
+        ("WORK", Path::new("/tmp/work")),
+    ]);
+    text.push_str("mkdir -p \"$WORK\" \"$FILES\"\n");
+    text.push_str(script);
+    let path = tmp.0.join("scenario.sh");
+    std::fs::write(&path, text).unwrap();
+
+    let run_sh = repo_root().join("resources/nested-host/run.sh");
+    let mut cmd = Command::new(&run_sh);
+    cmd.arg("--mem")
+        .arg(options.host_mem_mib.to_string())
+        .arg("--timeout")
+        .arg(options.timeout_secs.to_string())
+        .arg("--scenario")
+        .arg(&path);
+    let mut add = |host: &Path, guest: &str| {
+        let mut a = host.as_os_str().to_owned();
+        a.push(":");
+        a.push(guest);
+        cmd.arg("--add").arg(a);
+    };
+    add(flint, "/flint");
+    add(&images.vmlinux, "/guest/vmlinux");
+    add(&images.bzimage, "/guest/bzImage");
+    add(&images.initramfs, "/guest/initramfs.cpio.gz");
+    for (host, name) in extra_files {
+        add(host, &format!("/files/{name}"));
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", run_sh.display()));
+    ScenarioRun {
+        status: out.status.code().unwrap_or(-1),
+        output: combined_output(&out),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(base64_encode(plain.as_bytes()), encoded, "{plain:?}");
+        }
+        assert_eq!(base64_encode(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    #[test]
+    fn cases_are_parsed_back() {
+        let out = "noise\n\x1bc\x1b[2J=== CASE a\n--- stdout\nhello\n--- stderr\nflint: error: x\n=== END a status=1\n\
+                   junk\n=== CASE b\n--- stdout\n--- stderr\n=== END b status=0\n";
+        let cases = parse_cases(out);
+        assert_eq!(cases.len(), 2);
+        assert_eq!(cases[0].name, "a");
+        assert_eq!(cases[0].status, 1);
+        assert_eq!(cases[0].stdout, "hello\n");
+        assert_eq!(cases[0].stderr_lines(), vec!["flint: error: x"]);
+        assert_eq!(cases[1].status, 0);
+        assert!(cases[1].stdout.is_empty() && cases[1].stderr.is_empty());
+    }
+
+    #[test]
+    fn exec_cmdline_carries_the_script() {
+        let c = exec_cmdline("echo hi");
+        assert_eq!(c, format!("{DEFAULT_CMDLINE} flint.exec=ZWNobyBoaQ=="));
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+    }
+}
