@@ -7,7 +7,7 @@ use std::path::PathBuf;
 /// keyboard controller (which ends the VM), no PCI probing, and an i8042 driver that skips
 /// probing a mouse port and multiplexer the VM does not have.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+    "console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 /// Default number of vCPUs.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Default guest memory in MiB.
@@ -20,6 +20,37 @@ pub const MAX_MEM_MIB: u64 = arch::layout::MAX_MEM_SIZE >> 20;
 pub const MAX_VCPUS: u32 = 254;
 /// Longest kernel command line in bytes, not counting the terminating NUL.
 pub const MAX_CMDLINE_LEN: usize = arch::layout::CMDLINE_MAX_SIZE - 1;
+
+/// Longest drive id (virtio-blk serial) in bytes.
+pub const MAX_DRIVE_ID_LEN: usize = 20;
+/// Most virtio devices a VM can have: one interrupt line each, on IOAPIC pins 5-23.
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+
+/// One virtio-blk disk backed by a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriveConfig {
+    /// The image file (or block device) on the host.
+    pub path: PathBuf,
+    /// Advertise the disk read-only and refuse writes.
+    pub read_only: bool,
+    /// The guest mounts this disk as `/` (`root=/dev/vda`).
+    pub root: bool,
+    /// What the guest reads as the disk's serial (virtio-blk get-id); a stable default derived
+    /// from the file when `None`.
+    pub id: Option<String>,
+}
+
+impl DriveConfig {
+    /// A read-write, non-root disk without an id.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DriveConfig {
+            path: path.into(),
+            read_only: false,
+            root: false,
+            id: None,
+        }
+    }
+}
 
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +65,10 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest memory in MiB.
     pub mem_mib: u64,
+    /// virtio-blk disks, in the order the guest sees them (a root disk always comes first).
+    pub drives: Vec<DriveConfig>,
+    /// Whether the guest gets a virtio-rng entropy device.
+    pub entropy: bool,
 }
 
 impl VmConfig {
@@ -45,6 +80,8 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             vcpus: DEFAULT_VCPUS,
             mem_mib: DEFAULT_MEM_MIB,
+            drives: Vec::new(),
+            entropy: true,
         }
     }
 
@@ -99,6 +136,16 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("the kernel command line contains {0:?}; only printable ASCII is allowed")]
     CmdlineCharacter(char),
+    #[error("only one disk can be the root disk")]
+    SeveralRootDisks,
+    #[error("{0} virtio devices is more than a VM can have (at most {MAX_VIRTIO_DEVICES})")]
+    TooManyDevices(usize),
+    #[error(
+        "drive id {0:?} must be 1 to {MAX_DRIVE_ID_LEN} printable ASCII characters without spaces"
+    )]
+    DriveId(String),
+    #[error("drive id {0:?} is used by more than one disk")]
+    DuplicateDriveId(String),
 }
 
 #[cfg(test)]
@@ -167,6 +214,44 @@ mod tests {
         for (config, want) in cases {
             assert_eq!(config.validate(), Err(want));
         }
+    }
+
+    #[test]
+    fn drive_rules() {
+        let mut c = VmConfig::new("/vmlinux");
+        let disk = |p: &str, root: bool, id: Option<&str>| DriveConfig {
+            root,
+            id: id.map(str::to_string),
+            ..DriveConfig::new(p)
+        };
+        c.drives = vec![disk("/a", false, Some("data")), disk("/b", true, None)];
+        assert_eq!(c.validate(), Ok(()));
+        let order: Vec<_> = c
+            .drives_in_guest_order()
+            .iter()
+            .map(|d| d.path.clone())
+            .collect();
+        assert_eq!(order, vec![PathBuf::from("/b"), PathBuf::from("/a")]);
+
+        c.drives.push(disk("/c", true, None));
+        assert_eq!(c.validate(), Err(ConfigError::SeveralRootDisks));
+        c.drives.pop();
+        c.drives.push(disk("/c", false, Some("data")));
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::DuplicateDriveId("data".into()))
+        );
+        c.drives.pop();
+        for bad in ["", "has space", "x".repeat(21).as_str()] {
+            c.drives[0].id = Some(bad.to_string());
+            assert_eq!(c.validate(), Err(ConfigError::DriveId(bad.to_string())));
+        }
+        c.drives = (0..19)
+            .map(|i| disk(&format!("/d{i}"), false, None))
+            .collect();
+        assert_eq!(c.validate(), Err(ConfigError::TooManyDevices(20)));
+        c.entropy = false;
+        assert_eq!(c.validate(), Ok(()));
     }
 
     #[test]
