@@ -112,7 +112,32 @@ impl VmConfig {
         {
             return Err(ConfigError::CmdlineCharacter(c));
         }
+        if self.drives.iter().filter(|d| d.root).count() > 1 {
+            return Err(ConfigError::SeveralRootDisks);
+        }
+        let devices = self.drives.len() + usize::from(self.entropy);
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices(devices));
+        }
+        for (i, drive) in self.drives.iter().enumerate() {
+            if let Some(id) = &drive.id {
+                let printable = id.chars().all(|c| c.is_ascii_graphic());
+                if id.is_empty() || id.len() > MAX_DRIVE_ID_LEN || !printable {
+                    return Err(ConfigError::DriveId(id.clone()));
+                }
+                if self.drives[..i].iter().any(|d| d.id.as_ref() == Some(id)) {
+                    return Err(ConfigError::DuplicateDriveId(id.clone()));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The drives in the order the guest enumerates them: the root disk first (it becomes
+    /// `/dev/vda`), then the others as given.
+    pub fn drives_in_guest_order(&self) -> Vec<&DriveConfig> {
+        let root = self.drives.iter().filter(|d| d.root);
+        root.chain(self.drives.iter().filter(|d| !d.root)).collect()
     }
 
     /// Guest memory in bytes.
