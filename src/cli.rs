@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::VmConfig;
+use vmm::{DriveConfig, VmConfig};
 
 /// What the user asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -34,6 +34,31 @@ pub enum CliError {
     Repeated(&'static str),
     #[error("'flint boot' needs --kernel PATH")]
     NoKernel,
+    #[error("--disk needs a path before its options, as in --disk PATH[,ro][,root][,id=NAME]")]
+    DiskPath,
+    #[error("unknown --disk option '{0}' (expected ro, root or id=NAME)")]
+    DiskOption(String),
+}
+
+/// Parse `PATH[,ro][,root][,id=NAME]`.
+fn parse_disk(spec: &str) -> Result<DriveConfig, CliError> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or(CliError::DiskPath)?;
+    let mut drive = DriveConfig::new(path);
+    for opt in parts {
+        match opt {
+            "ro" => drive.read_only = true,
+            "root" => drive.root = true,
+            _ => match opt.strip_prefix("id=") {
+                Some(id) => drive.id = Some(id.to_string()),
+                None => return Err(CliError::DiskOption(opt.to_string())),
+            },
+        }
+    }
+    Ok(drive)
 }
 
 fn main_help() -> String {
@@ -66,6 +91,13 @@ Options:
   --vcpus N         number of vCPUs, 1-254 and at most what the host's KVM allows
                     (default: {DEFAULT_VCPUS})
   --memory MIB      guest memory in MiB, at least 64 (default: {DEFAULT_MEM_MIB})
+  --disk PATH[,ro][,root][,id=NAME]
+                    a virtio-blk disk on a raw image file (size a multiple of 512); ro:
+                    read-only; root: the guest mounts it as / (root=/dev/vda); id: the
+                    serial the guest reads (at most 20 characters). Repeatable; the guest
+                    sees the root disk first, then the others in order (vda, vdb, ...)
+  --rootfs PATH     shorthand for --disk PATH,root
+  The guest always gets a virtio-rng entropy device (/dev/hwrng).
   -h, --help        print this help
 
 Exit status: 0 when the guest reboots or powers off; 1 when flint cannot start the VM or a
@@ -125,6 +157,7 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
     let mut cmdline = None;
     let mut vcpus = None;
     let mut memory = None;
+    let mut drives = Vec::new();
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -153,6 +186,16 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
                 let v = option_value("--memory", inline, &mut rest)?;
                 set_once(&mut memory, "--memory", number("--memory", v)?)?;
             }
+            "--disk" => {
+                let v = option_value("--disk", inline, &mut rest)?;
+                drives.push(parse_disk(v)?);
+            }
+            "--rootfs" => {
+                let v = option_value("--rootfs", inline, &mut rest)?;
+                let mut drive = DriveConfig::new(v);
+                drive.root = true;
+                drives.push(drive);
+            }
             _ => {
                 return Err(CliError::UnknownOption {
                     command: "boot",
@@ -172,6 +215,7 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
     if let Some(m) = memory {
         config.mem_mib = m;
     }
+    config.drives = drives;
     Ok(Command::Boot(config))
 }
 
@@ -251,11 +295,19 @@ mod tests {
                 CliError::Repeated("--kernel"),
             ),
             (
-                &["boot", "--kernel", "/k", "--disk", "x"],
+                &["boot", "--kernel", "/k", "--net", "x"],
                 CliError::UnknownOption {
                     command: "boot",
-                    option: "--disk".into(),
+                    option: "--net".into(),
                 },
+            ),
+            (
+                &["boot", "--kernel", "/k", "--disk", ",ro"],
+                CliError::DiskPath,
+            ),
+            (
+                &["boot", "--kernel", "/k", "--disk", "/d,rw"],
+                CliError::DiskOption("rw".into()),
             ),
         ];
         for (argv, want) in cases {
@@ -263,6 +315,34 @@ mod tests {
             assert_eq!(&got, want, "for {argv:?}");
             assert!(!got.to_string().contains('\n'));
         }
+    }
+
+    #[test]
+    fn disks_in_every_form() {
+        let c = boot(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/a.img",
+            "--disk=/b.img,ro,id=data",
+            "--rootfs",
+            "/root.ext4",
+        ])
+        .unwrap();
+        let want = vec![
+            DriveConfig::new("/a.img"),
+            DriveConfig {
+                read_only: true,
+                id: Some("data".into()),
+                ..DriveConfig::new("/b.img")
+            },
+            DriveConfig {
+                root: true,
+                ..DriveConfig::new("/root.ext4")
+            },
+        ];
+        assert_eq!(c.drives, want);
+        assert!(c.entropy);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub enum Error {
     InitrdTooLarge { path: PathBuf, size: u64, mib: u64 },
     #[error("cannot write the kernel command line into guest memory: {0}")]
     Cmdline(String),
+    #[error("{0}")]
+    Device(String),
+    #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]
+    CmdlineWithDevicesTooLong { len: usize, max: usize },
     #[error("cannot set up the boot state: {0}")]
     Arch(#[from] arch::Error),
     #[error("cannot set up vCPU {id}: {what}: {source}")]

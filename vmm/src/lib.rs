@@ -2,7 +2,9 @@
 //! loading and the VM's lifecycle. Front ends build a [`VmConfig`] and call [`run`].
 
 pub mod config;
+mod device_manager;
 mod error;
+mod event_loop;
 mod exit;
 mod loader;
 mod memory;
@@ -11,7 +13,7 @@ mod usage;
 mod vcpu;
 mod vm;
 
-pub use config::{ConfigError, VmConfig};
+pub use config::{ConfigError, DriveConfig, VmConfig};
 pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;

@@ -72,8 +72,9 @@ fn open(what: &'static str, path: &Path) -> Result<File> {
     Ok(file)
 }
 
-/// Load the kernel, initrd and command line, and write the boot parameters.
-pub fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<KernelEntry> {
+/// Load the kernel, initrd and `cmdline` (the configured one plus what flint adds), and write
+/// the boot parameters.
+pub fn load(config: &VmConfig, cmdline_text: &str, mem: &GuestMemoryMmap) -> Result<KernelEntry> {
     let mut kernel = open("the kernel", &config.kernel)?;
     let format = detect_format(&mut kernel)
         .map_err(|source| Error::ReadFile {
@@ -123,9 +124,9 @@ pub fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<KernelEntry> {
     };
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX_SIZE).map_err(|e| Error::Cmdline(e.to_string()))?;
-    if !config.cmdline.is_empty() {
+    if !cmdline_text.is_empty() {
         cmdline
-            .insert_str(&config.cmdline)
+            .insert_str(cmdline_text)
             .map_err(|e| Error::Cmdline(e.to_string()))?;
     }
     load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline)
@@ -134,7 +135,7 @@ pub fn load(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<KernelEntry> {
     let info = BootInfo {
         mem_size: config.mem_bytes(),
         cmdline_addr: GuestAddress(CMDLINE_START),
-        cmdline_size: config.cmdline.len() + 1,
+        cmdline_size: cmdline_text.len() + 1,
         initrd,
     };
     match entry.protocol {

@@ -14,11 +14,12 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::config::VmConfig;
+use crate::config::{VmConfig, MAX_CMDLINE_LEN};
 use crate::error::{Error, Result};
+use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
 use crate::vcpu::{UnhandledAccesses, Vcpu, VcpuShared};
-use crate::{loader, memory, signals};
+use crate::{device_manager, loader, memory, signals};
 
 const SERIAL_PORT: u64 = 0x3f8;
 const SERIAL_IRQ: u32 = 4;
@@ -94,6 +95,8 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
         });
     }
 
+    // Open disk images before creating the VM so that their errors come first.
+    let virtio_devices = device_manager::build_devices(config)?;
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
     vm.set_tss_address(TSS_ADDRESS)
         .map_err(kvm_err("set the TSS address"))?;
@@ -107,7 +110,10 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
 
     let mem = memory::create(config.mem_bytes())?;
     memory::register(&vm, &mem)?;
-    let entry = loader::load(config, &mem)?;
+    let mut mmio = Bus::new();
+    let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
+    let cmdline = full_cmdline(&config.cmdline, &virtio.cmdline)?;
+    let entry = loader::load(config, &cmdline, &mem)?;
     arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
 
     let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
@@ -137,7 +143,7 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
 
     let shared = Arc::new(VcpuShared {
         pio,
-        mmio: Bus::new(),
+        mmio,
         unhandled: UnhandledAccesses::default(),
         endings: endings.clone(),
         stop: Default::default(),
@@ -155,6 +161,8 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
         );
     }
     signals::install(endings.eventfd()).map_err(host_err("install signal handlers"))?;
+    let event_loop =
+        EventLoop::start(&virtio.transports).map_err(host_err("start the device event loop"))?;
     let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus {
         let vcpu_shared = shared.clone();
@@ -177,6 +185,7 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
 
     let ending = wait_for_ending(&endings, &i8042);
     stop_vcpus(&shared, threads);
+    event_loop.stop();
     let memory = crate::usage::measure(&mem);
     // Guest memory must outlive every vCPU: only now may it be unmapped.
     drop(mem);
@@ -186,6 +195,22 @@ pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outc
         unhandled_pio: shared.unhandled.pio.load(Ordering::Relaxed),
         unhandled_mmio: shared.unhandled.mmio.load(Ordering::Relaxed),
     })
+}
+
+/// The configured command line followed by flint's additions, checked against the limit.
+fn full_cmdline(configured: &str, additions: &str) -> Result<String> {
+    let cmdline = match (configured.is_empty(), additions.is_empty()) {
+        (_, true) => configured.to_string(),
+        (true, false) => additions.to_string(),
+        (false, false) => format!("{configured} {additions}"),
+    };
+    if cmdline.len() > MAX_CMDLINE_LEN {
+        return Err(Error::CmdlineWithDevicesTooLong {
+            len: cmdline.len(),
+            max: MAX_CMDLINE_LEN,
+        });
+    }
+    Ok(cmdline)
 }
 
 fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
@@ -301,6 +326,18 @@ fn spawn_console_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_parameters_follow_the_configured_cmdline() {
+        assert_eq!(full_cmdline("a b", "c").unwrap(), "a b c");
+        assert_eq!(full_cmdline("", "c").unwrap(), "c");
+        assert_eq!(full_cmdline("a", "").unwrap(), "a");
+        let long = "x".repeat(MAX_CMDLINE_LEN - 1);
+        assert!(matches!(
+            full_cmdline(&long, "yy"),
+            Err(Error::CmdlineWithDevicesTooLong { len, .. }) if len == MAX_CMDLINE_LEN + 2
+        ));
+    }
 
     #[test]
     fn escape_filter_passes_text_and_catches_ctrl_a_x() {

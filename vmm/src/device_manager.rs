@@ -1,0 +1,188 @@
+//! virtio-mmio devices: building them from the configuration, placing each in its MMIO slot
+//! with its interrupt, wiring queue notifications to ioeventfds, and describing them to the
+//! guest on the kernel command line.
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::Bus;
+use devices::virtio::block::Block;
+use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use devices::virtio::{VirtioDevice, VirtioInterrupt};
+use devices::IrqLine;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+
+/// First virtio-mmio slot: the start of the MMIO hole.
+pub const MMIO_SLOTS_START: u64 = arch::layout::MMIO_GAP_START;
+/// Interrupt lines for virtio devices: IOAPIC pins 5-23 (0-4 are the PIT, keyboard, cascade
+/// and serial ports).
+const FIRST_IRQ: u32 = 5;
+const LAST_IRQ: u32 = 23;
+
+/// Where one virtio-mmio device lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioSlot {
+    pub base: u64,
+    pub irq: u32,
+}
+
+impl MmioSlot {
+    /// The `n`th slot, if there is an interrupt line left for it.
+    pub fn nth(n: usize) -> Option<MmioSlot> {
+        let irq = FIRST_IRQ.checked_add(u32::try_from(n).ok()?)?;
+        (irq <= LAST_IRQ).then(|| MmioSlot {
+            base: MMIO_SLOTS_START + n as u64 * MMIO_REGION_SIZE,
+            irq,
+        })
+    }
+
+    /// How the guest kernel learns about this device (`VIRTIO_MMIO_CMDLINE_DEVICES`).
+    pub fn cmdline_param(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            MMIO_REGION_SIZE >> 10,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+/// The virtio devices of a VM, in slot order.
+pub struct VirtioDevices {
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    pub slots: Vec<MmioSlot>,
+    /// Kernel command line additions: the devices, and the root disk when there is one.
+    pub cmdline: String,
+}
+
+/// The device models the configuration asks for, in the order the guest sees them.
+pub fn build_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    for drive in config.drives_in_guest_order() {
+        let block = Block::new(
+            &drive.path,
+            drive.read_only,
+            drive.id.as_deref().unwrap_or(""),
+        )
+        .map_err(|e| Error::Device(e.to_string()))?;
+        devices.push(Box::new(block));
+    }
+    if config.entropy {
+        devices.push(Box::new(Rng::new()));
+    }
+    Ok(devices)
+}
+
+/// Root-disk parameters for the kernel command line.
+fn root_cmdline(config: &VmConfig) -> Option<String> {
+    let root = config.drives.iter().find(|d| d.root)?;
+    Some(format!(
+        "root=/dev/vda {}",
+        if root.read_only { "ro" } else { "rw" }
+    ))
+}
+
+/// Place `devices` in MMIO slots on `mmio`, connect their interrupts and queue notifications.
+pub fn attach(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    mmio: &mut Bus,
+    config: &VmConfig,
+    devices: Vec<Box<dyn VirtioDevice>>,
+) -> Result<VirtioDevices> {
+    let host = |what: &'static str| move |source| Error::Host { what, source };
+    let kvm = |what: &'static str| move |source| Error::Kvm { what, source };
+    let mut out = VirtioDevices {
+        transports: Vec::new(),
+        slots: Vec::new(),
+        cmdline: String::new(),
+    };
+    for (n, device) in devices.into_iter().enumerate() {
+        let slot = MmioSlot::nth(n).ok_or_else(|| {
+            Error::Device(format!(
+                "no interrupt line left for virtio device {}",
+                n + 1
+            ))
+        })?;
+        let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(host("create an eventfd"))?;
+        vm.register_irqfd(&irq_evt, slot.irq)
+            .map_err(kvm("connect a virtio interrupt"))?;
+        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(irq_evt)));
+        let transport = MmioTransport::new(device, mem.clone(), interrupt)
+            .map_err(host("create virtio queue events"))?;
+        for (index, evt) in transport.queue_events().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(evt, &addr, index as u32)
+                .map_err(kvm("connect a virtio queue notification"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), slot.base, MMIO_REGION_SIZE)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        if !out.cmdline.is_empty() {
+            out.cmdline.push(' ');
+        }
+        out.cmdline.push_str(&slot.cmdline_param());
+        out.transports.push(transport);
+        out.slots.push(slot);
+    }
+    if let Some(root) = root_cmdline(config) {
+        out.cmdline.push(' ');
+        out.cmdline.push_str(&root);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DriveConfig;
+
+    #[test]
+    fn slots_are_page_sized_with_distinct_irqs_and_run_out() {
+        let first = MmioSlot::nth(0).unwrap();
+        assert_eq!(
+            first,
+            MmioSlot {
+                base: 0xc000_0000,
+                irq: 5
+            }
+        );
+        assert_eq!(first.cmdline_param(), "virtio_mmio.device=4K@0xc0000000:5");
+        let last = MmioSlot::nth(18).unwrap();
+        assert_eq!(
+            last,
+            MmioSlot {
+                base: 0xc001_2000,
+                irq: 23
+            }
+        );
+        assert_eq!(MmioSlot::nth(19), None);
+        assert_eq!(MmioSlot::nth(usize::MAX), None);
+    }
+
+    #[test]
+    fn root_disk_goes_on_the_command_line() {
+        let mut c = VmConfig::new("/k");
+        assert_eq!(root_cmdline(&c), None);
+        c.drives.push(DriveConfig {
+            root: true,
+            ..DriveConfig::new("/r")
+        });
+        assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda rw"));
+        c.drives[0].read_only = true;
+        assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda ro"));
+    }
+
+    #[test]
+    fn unusable_disks_are_refused_with_the_path() {
+        let mut c = VmConfig::new("/k");
+        c.drives.push(DriveConfig::new("/nonexistent/disk.img"));
+        let err = build_devices(&c).err().unwrap().to_string();
+        assert!(err.contains("/nonexistent/disk.img"), "{err}");
+    }
+}
