@@ -8,6 +8,7 @@ use std::thread::{self, JoinHandle};
 
 use devices::bus::lock;
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::BACKEND_EVENT_BASE;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -27,9 +28,14 @@ impl MutEventSubscriber for QueueNotifications {
                 log::error!("cannot watch queue {index} of a virtio device: {e:?}");
             }
         }
+        lock(&self.transport).init_backend(ops);
     }
 
-    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if events.data() >= BACKEND_EVENT_BASE {
+            lock(&self.transport).process_backend(events, ops);
+            return;
+        }
         let index = events.data() as usize;
         let Some(evt) = self.events.get(index) else {
             return;

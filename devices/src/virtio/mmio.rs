@@ -144,6 +144,20 @@ impl MmioTransport {
     }
 
     /// The guest notified queue `index`: let the device process it if it is running.
+    /// Let the device register its backend event sources with the event loop.
+    pub fn init_backend(&mut self, ops: &mut event_manager::EventOps) {
+        self.device.init_backend(ops);
+    }
+
+    /// A backend event source of the device is ready.
+    pub fn process_backend(
+        &mut self,
+        events: event_manager::Events,
+        ops: &mut event_manager::EventOps,
+    ) {
+        self.device.process_backend(events, ops);
+    }
+
     pub fn process_queue(&mut self, index: usize) {
         if self.activated && index < self.queues.len() {
             self.device.process_queue(index);

@@ -17,6 +17,8 @@ mod test_utils;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use event_manager::{EventOps, Events};
+
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 
@@ -34,6 +36,10 @@ pub const TYPE_NET: u32 = 1;
 pub const TYPE_BLOCK: u32 = 2;
 pub const TYPE_RNG: u32 = 4;
 pub const TYPE_VSOCK: u32 = 19;
+
+/// Event-loop data values at or above this belong to a device's backend (TAP, sockets);
+/// values below it are queue indexes.
+pub const BACKEND_EVENT_BASE: u32 = 1 << 16;
 
 /// Interrupt status bits (the MMIO `InterruptStatus` register).
 pub const INT_USED_RING: u32 = 1;
@@ -127,4 +133,11 @@ pub trait VirtioDevice: Send {
     /// Return to the state before activation (the driver reset the device). Pending requests
     /// are dropped; backends (files) stay open.
     fn reset(&mut self);
+    /// Register the device's host-side event sources (a TAP, sockets) with the VMM's event
+    /// loop, with data values at or above [`BACKEND_EVENT_BASE`]. Called once when the loop
+    /// starts, possibly before the driver activates the device.
+    fn init_backend(&mut self, _ops: &mut EventOps) {}
+    /// One of the device's backend event sources is ready. The device may add or remove
+    /// sources through `ops` (e.g. a new connection's socket).
+    fn process_backend(&mut self, _events: Events, _ops: &mut EventOps) {}
 }
