@@ -2,6 +2,7 @@
 //! loading and the VM's lifecycle. Front ends build a [`VmConfig`] and call [`run`].
 
 pub mod config;
+pub mod controller;
 mod device_manager;
 mod error;
 mod event_loop;
