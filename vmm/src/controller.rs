@@ -4,8 +4,10 @@
 //! VM state. Nothing here knows about HTTP or JSON.
 
 use std::path::PathBuf;
+use std::time::Instant;
 
-use crate::config::DriveConfig;
+use crate::config::{ConfigError, DriveConfig, VmConfig};
+use crate::vm::{ConsoleIo, Vm};
 
 /// The kernel to boot.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,5 +217,372 @@ impl From<&ApiDrive> for DriveConfig {
             root: d.root,
             id: Some(d.id.clone()),
         }
+    }
+}
+
+/// Executes [`Request`]s on the VMM thread: holds the configuration until `InstanceStart`,
+/// then the running [`Vm`].
+pub struct Controller {
+    id: String,
+    config: FullConfig,
+    vm: Option<Vm>,
+    paused: bool,
+    console: Option<ConsoleIo>,
+    start: Instant,
+}
+
+fn refuse(message: impl Into<String>) -> RequestError {
+    RequestError(message.into())
+}
+
+impl Controller {
+    /// A controller for a VM not yet configured. `console` is what the guest's serial console
+    /// will be connected to; `start` is when the VMM process started.
+    pub fn new(id: impl Into<String>, console: ConsoleIo, start: Instant) -> Controller {
+        Controller {
+            id: id.into(),
+            config: FullConfig {
+                boot_source: None,
+                machine: MachineConfig::default(),
+                drives: Vec::new(),
+                network_interfaces: Vec::new(),
+                vsock: None,
+                entropy: false,
+                logger: None,
+                metrics: None,
+            },
+            vm: None,
+            paused: false,
+            console: Some(console),
+            start,
+        }
+    }
+
+    /// The running VM, once started.
+    pub fn vm(&self) -> Option<&Vm> {
+        self.vm.as_ref()
+    }
+
+    /// Take the VM out to shut it down.
+    pub fn take_vm(&mut self) -> Option<Vm> {
+        self.vm.take()
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> VmState {
+        match (&self.vm, self.paused) {
+            (None, _) => VmState::NotStarted,
+            (Some(_), false) => VmState::Running,
+            (Some(_), true) => VmState::Paused,
+        }
+    }
+
+    fn before_start(&self, what: &str) -> Result<(), RequestError> {
+        match self.vm {
+            None => Ok(()),
+            Some(_) => Err(refuse(format!(
+                "{what} can only be changed before the VM starts (InstanceStart)"
+            ))),
+        }
+    }
+
+    fn running(&self, what: &str) -> Result<&Vm, RequestError> {
+        self.vm
+            .as_ref()
+            .ok_or_else(|| refuse(format!("cannot {what}: the VM has not been started")))
+    }
+
+    /// Carry out one request.
+    pub fn handle(&mut self, request: Request) -> Result<Response, RequestError> {
+        match request {
+            Request::Describe => Ok(Response::Info(InstanceInfo {
+                id: self.id.clone(),
+                state: self.state(),
+                vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+                app_name: "flint".to_string(),
+            })),
+            Request::GetMachineConfig => Ok(Response::MachineConfig(self.config.machine)),
+            Request::GetFullConfig => Ok(Response::FullConfig(self.config.clone())),
+            Request::SetBootSource(boot) => {
+                self.before_start("the boot source")?;
+                self.config.boot_source = Some(boot);
+                Ok(Response::Done)
+            }
+            Request::SetMachineConfig(machine) => {
+                self.before_start("the machine configuration")?;
+                check_machine(&machine)?;
+                self.config.machine = machine;
+                Ok(Response::Done)
+            }
+            Request::UpdateMachineConfig(update) => {
+                self.before_start("the machine configuration")?;
+                let mut machine = self.config.machine;
+                machine.vcpus = update.vcpus.unwrap_or(machine.vcpus);
+                machine.mem_mib = update.mem_mib.unwrap_or(machine.mem_mib);
+                machine.smt = update.smt.unwrap_or(machine.smt);
+                machine.track_dirty_pages = update
+                    .track_dirty_pages
+                    .unwrap_or(machine.track_dirty_pages);
+                machine.huge_pages = update.huge_pages.unwrap_or(machine.huge_pages);
+                check_machine(&machine)?;
+                self.config.machine = machine;
+                Ok(Response::Done)
+            }
+            Request::SetDrive(drive) => {
+                self.before_start("drives")?;
+                if drive.root
+                    && self
+                        .config
+                        .drives
+                        .iter()
+                        .any(|d| d.root && d.id != drive.id)
+                {
+                    return Err(refuse(format!(
+                        "drive {} cannot be the root device: another drive already is",
+                        drive.id
+                    )));
+                }
+                match self.config.drives.iter_mut().find(|d| d.id == drive.id) {
+                    Some(existing) => *existing = drive,
+                    None => self.config.drives.push(drive),
+                }
+                Ok(Response::Done)
+            }
+            Request::UpdateDrivePath { id, .. } => {
+                if !self.config.drives.iter().any(|d| d.id == id) {
+                    return Err(refuse(format!("there is no drive with drive_id {id}")));
+                }
+                Err(refuse(
+                    "changing a drive's path_on_host is not supported yet by flint",
+                ))
+            }
+            Request::SetNetworkInterface(_) => {
+                self.before_start("network interfaces")?;
+                Err(refuse("network interfaces are not supported yet by flint"))
+            }
+            Request::SetVsock(_) => {
+                self.before_start("the vsock device")?;
+                Err(refuse("vsock is not supported yet by flint"))
+            }
+            Request::SetEntropy => {
+                self.before_start("the entropy device")?;
+                self.config.entropy = true;
+                Ok(Response::Done)
+            }
+            Request::SetLogger(logger) => {
+                self.config.logger = Some(logger);
+                Ok(Response::Done)
+            }
+            Request::SetMetrics(metrics) => {
+                self.config.metrics = Some(metrics);
+                Ok(Response::Done)
+            }
+            Request::FlushMetrics => Ok(Response::Done),
+            Request::Start => {
+                self.before_start("the VM")
+                    .map_err(|_| refuse("the VM is already started"))?;
+                let config = self.vm_config()?;
+                let console = self.console.take().ok_or_else(|| {
+                    refuse("cannot start the VM: an earlier start failed; start a new flint")
+                })?;
+                let mut vm = match Vm::build(&config, console, self.start) {
+                    Ok(vm) => vm,
+                    Err(e) => return Err(refuse(format!("cannot start the VM: {e}"))),
+                };
+                vm.start()
+                    .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
+                self.vm = Some(vm);
+                Ok(Response::Done)
+            }
+            Request::Pause => {
+                let vm = self.running("pause")?;
+                if !self.paused {
+                    vm.pause().map_err(|e| refuse(e.to_string()))?;
+                    self.paused = true;
+                }
+                Ok(Response::Done)
+            }
+            Request::Resume => {
+                let vm = self.running("resume")?;
+                vm.resume();
+                self.paused = false;
+                Ok(Response::Done)
+            }
+            Request::SendCtrlAltDel => {
+                let vm = self.running("send Ctrl-Alt-Del")?;
+                if self.paused {
+                    return Err(refuse("cannot send Ctrl-Alt-Del: the VM is paused"));
+                }
+                vm.send_ctrl_alt_del();
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    /// The VM configuration the API has built so far.
+    fn vm_config(&self) -> Result<VmConfig, RequestError> {
+        let boot = self.config.boot_source.as_ref().ok_or_else(|| {
+            refuse("cannot start the VM: no boot source (PUT /boot-source first)")
+        })?;
+        let mut config = VmConfig::new(&boot.kernel);
+        config.initrd = boot.initrd.clone();
+        if let Some(cmdline) = &boot.cmdline {
+            config.cmdline = cmdline.clone();
+        }
+        config.vcpus = self.config.machine.vcpus;
+        config.mem_mib = self.config.machine.mem_mib;
+        config.drives = self.config.drives.iter().map(DriveConfig::from).collect();
+        config.entropy = self.config.entropy;
+        config
+            .validate()
+            .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
+        Ok(config)
+    }
+}
+
+fn check_machine(machine: &MachineConfig) -> Result<(), RequestError> {
+    if machine.smt {
+        return Err(refuse(
+            "smt: flint presents one thread per core; simultaneous multithreading cannot be enabled",
+        ));
+    }
+    if machine.huge_pages {
+        return Err(refuse(
+            "huge_pages: huge pages are not supported yet by flint",
+        ));
+    }
+    let mut probe = VmConfig::new("/");
+    probe.vcpus = machine.vcpus;
+    probe.mem_mib = machine.mem_mib;
+    probe.validate().map_err(|e| {
+        let field = match e {
+            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } => "vcpu_count",
+            _ => "mem_size_mib",
+        };
+        refuse(format!("{field}: {e}"))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        let console = ConsoleIo {
+            output: Box::new(std::io::sink()),
+            input: None,
+            escape: false,
+        };
+        Controller::new("test-vm", console, Instant::now())
+    }
+
+    fn drive(id: &str, root: bool) -> ApiDrive {
+        ApiDrive {
+            id: id.into(),
+            path: PathBuf::from(format!("/{id}.img")),
+            root,
+            read_only: false,
+            partuuid: None,
+            cache_type: CacheType::Unsafe,
+        }
+    }
+
+    #[test]
+    fn describe_reports_not_started() {
+        let mut c = controller();
+        match c.handle(Request::Describe).unwrap() {
+            Response::Info(info) => {
+                assert_eq!(info.id, "test-vm");
+                assert_eq!(info.state.as_str(), "Not started");
+                assert_eq!(info.app_name, "flint");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn machine_config_is_validated_with_the_field_named() {
+        let mut c = controller();
+        let m = |vcpus, mem_mib| MachineConfig {
+            vcpus,
+            mem_mib,
+            ..MachineConfig::default()
+        };
+        assert_eq!(
+            c.handle(Request::SetMachineConfig(m(2, 256))),
+            Ok(Response::Done)
+        );
+        assert_eq!(
+            c.handle(Request::GetMachineConfig),
+            Ok(Response::MachineConfig(m(2, 256)))
+        );
+        let err = c.handle(Request::SetMachineConfig(m(0, 256))).unwrap_err();
+        assert!(err.0.starts_with("vcpu_count:"), "{err}");
+        let err = c
+            .handle(Request::SetMachineConfig(m(1, 1 << 30)))
+            .unwrap_err();
+        assert!(err.0.starts_with("mem_size_mib:"), "{err}");
+        let update = MachineConfigUpdate {
+            mem_mib: Some(512),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.handle(Request::UpdateMachineConfig(update)),
+            Ok(Response::Done)
+        );
+        assert_eq!(
+            c.handle(Request::GetMachineConfig),
+            Ok(Response::MachineConfig(m(2, 512)))
+        );
+        let smt = MachineConfigUpdate {
+            smt: Some(true),
+            ..Default::default()
+        };
+        assert!(c.handle(Request::UpdateMachineConfig(smt)).is_err());
+    }
+
+    #[test]
+    fn drives_are_replaced_by_id_and_only_one_is_root() {
+        let mut c = controller();
+        c.handle(Request::SetDrive(drive("rootfs", true))).unwrap();
+        c.handle(Request::SetDrive(drive("data", false))).unwrap();
+        let mut changed = drive("data", false);
+        changed.read_only = true;
+        c.handle(Request::SetDrive(changed.clone())).unwrap();
+        let err = c
+            .handle(Request::SetDrive(drive("other", true)))
+            .unwrap_err();
+        assert!(err.0.contains("another drive already is"), "{err}");
+        match c.handle(Request::GetFullConfig).unwrap() {
+            Response::FullConfig(full) => {
+                assert_eq!(full.drives, vec![drive("rootfs", true), changed]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn lifecycle_requests_need_a_started_vm() {
+        let mut c = controller();
+        for req in [Request::Pause, Request::Resume, Request::SendCtrlAltDel] {
+            let err = c.handle(req).unwrap_err();
+            assert!(err.0.contains("has not been started"), "{err}");
+        }
+        let err = c.handle(Request::Start).unwrap_err();
+        assert!(err.0.contains("no boot source"), "{err}");
+    }
+
+    #[test]
+    fn start_failures_are_reported_and_leave_the_vm_unstarted() {
+        let mut c = controller();
+        c.handle(Request::SetBootSource(BootSource {
+            kernel: PathBuf::from("/nonexistent/vmlinux"),
+            initrd: None,
+            cmdline: None,
+        }))
+        .unwrap();
+        let err = c.handle(Request::Start).unwrap_err();
+        assert!(err.0.starts_with("cannot start the VM:"), "{err}");
+        assert_eq!(c.state(), VmState::NotStarted);
     }
 }

@@ -19,7 +19,18 @@ pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;
 pub use usage::MemoryUsage;
-pub use vm::{run, ConsoleIo, Outcome};
+pub use vm::{run, ConsoleIo, Outcome, Vm};
+
+/// Route SIGINT, SIGTERM and SIGHUP to `wake` (written once per signal); see
+/// [`stop_signal_received`]. Starting a VM routes them to the VM's own wake-up event.
+pub fn install_stop_signals(wake: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+    signals::install(wake)
+}
+
+/// The stop signal flint received, if any.
+pub fn stop_signal_received() -> Option<i32> {
+    signals::received()
+}
 
 /// Whether this host's `/dev/kvm` is PVM (the `kvm_pvm` module): a software nested KVM that
 /// cannot boot an ordinary Linux guest kernel.

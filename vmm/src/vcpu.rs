@@ -1,9 +1,9 @@
 //! vCPUs: their boot state, and the thread that runs each one and dispatches its exits.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
-use devices::bus::Bus;
+use devices::bus::{lock, Bus};
 use kvm_bindings::{
     kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
@@ -30,6 +30,54 @@ pub struct VcpuShared {
     pub endings: Arc<Endings>,
     /// Set when the VM is stopping: vCPU threads leave their run loop at the next exit.
     pub stop: AtomicBool,
+    /// Closed while the VM is paused: vCPU threads wait at it instead of running the guest.
+    pub pause: PauseGate,
+}
+
+/// Where vCPU threads wait while the VM is paused.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    closed: AtomicBool,
+    state: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// Make vCPUs stop at the gate (once kicked out of `KVM_RUN`).
+    pub fn close(&self) {
+        let _guard = lock(&self.state);
+        self.closed.store(true, Ordering::Release);
+    }
+
+    /// Let waiting vCPUs go.
+    pub fn open(&self) {
+        let _guard = lock(&self.state);
+        self.closed.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// How many vCPU threads are waiting at the gate.
+    pub fn parked(&self) -> usize {
+        *lock(&self.state)
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Wait while the gate is closed and `stop` is not set.
+    fn wait(&self, stop: &AtomicBool) {
+        let mut parked = lock(&self.state);
+        *parked += 1;
+        while self.closed.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+            parked = self
+                .changed
+                .wait_timeout(parked, std::time::Duration::from_millis(50))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+        *parked -= 1;
+    }
 }
 
 /// One configured vCPU, ready to run.
@@ -104,6 +152,10 @@ impl Vcpu {
     /// Run the guest until the VM stops or this vCPU ends it.
     pub fn run(mut self, shared: &VcpuShared) {
         while !shared.stop.load(Ordering::Acquire) {
+            if shared.pause.is_closed() {
+                shared.pause.wait(&shared.stop);
+                continue;
+            }
             if let Some(ending) = self.run_once(shared) {
                 shared.endings.report(ending);
                 return;

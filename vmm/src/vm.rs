@@ -11,6 +11,7 @@ use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::IrqLine;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -18,7 +19,7 @@ use crate::config::{VmConfig, MAX_CMDLINE_LEN};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
-use crate::vcpu::{UnhandledAccesses, Vcpu, VcpuShared};
+use crate::vcpu::{PauseGate, UnhandledAccesses, Vcpu, VcpuShared};
 use crate::{device_manager, loader, memory, signals};
 
 const SERIAL_PORT: u64 = 0x3f8;
@@ -85,116 +86,231 @@ fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
 /// Boot the VM `config` describes and run it until it ends. `start` is when the VMM process
 /// started: the boot-timer device measures from it.
 pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outcome> {
-    config.validate()?;
-    let kvm = open_kvm()?;
-    let max_vcpus = kvm.get_max_vcpus() as u32;
-    if config.vcpus > max_vcpus {
-        return Err(Error::HostVcpuLimit {
-            requested: config.vcpus,
-            max: max_vcpus,
+    let mut vm = Vm::build(config, console, start)?;
+    vm.start()?;
+    let ending = vm.wait_for_ending();
+    Ok(vm.shutdown(ending))
+}
+
+/// How long `pause` waits for every vCPU to stop executing guest code.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One microVM: built (memory, devices, vCPUs configured), then started, paused and resumed,
+/// and finally shut down. Owned by the VMM thread.
+pub struct Vm {
+    // Field order matters for drop: threads and devices go before the VM fd and memory.
+    threads: Vec<JoinHandle<()>>,
+    event_loop: Option<EventLoop>,
+    unstarted: Vec<Vcpu>,
+    console_input: Option<(Box<dyn Read + Send>, bool)>,
+    shared: Arc<VcpuShared>,
+    serial: Arc<Mutex<SerialConsole>>,
+    i8042: Arc<Mutex<I8042>>,
+    virtio: device_manager::VirtioDevices,
+    endings: Arc<Endings>,
+    mem: GuestMemoryMmap,
+    _vm: VmFd,
+    _kvm: Kvm,
+}
+
+impl Vm {
+    /// Create the VM, load the kernel and configure every vCPU, without running anything.
+    pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
+        config.validate()?;
+        let kvm = open_kvm()?;
+        let max_vcpus = kvm.get_max_vcpus() as u32;
+        if config.vcpus > max_vcpus {
+            return Err(Error::HostVcpuLimit {
+                requested: config.vcpus,
+                max: max_vcpus,
+            });
+        }
+
+        // Open disk images before creating the VM so that their errors come first.
+        let virtio_devices = device_manager::build_devices(config)?;
+        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+        vm.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("create the interrupt controller"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+
+        let mem = memory::create(config.mem_bytes())?;
+        memory::register(&vm, &mem)?;
+        let mut mmio = Bus::new();
+        let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
+        let cmdline = full_cmdline(&config.cmdline, &virtio.cmdline)?;
+        let entry = loader::load(config, &cmdline, &mem)?;
+        arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
+
+        let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
+        let reset_evt = endings
+            .eventfd()
+            .try_clone()
+            .map_err(host_err("clone an eventfd"))?;
+
+        let serial = Arc::new(Mutex::new(SerialConsole::new(
+            irq_line(&vm, SERIAL_IRQ)?,
+            console.output,
+        )));
+        let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt, irq_line(&vm, I8042_IRQ)?)));
+        let boot_timer = BootTimer::new(start, |elapsed: Duration| {
+            log::info!("guest boot time: {} ms", elapsed.as_millis());
         });
+        let mut pio = Bus::new();
+        let bus_err = |e: devices::bus::BusError| Error::Host {
+            what: "map a device",
+            source: std::io::Error::other(e.to_string()),
+        };
+        pio.insert(serial.clone(), SERIAL_PORT, 8)
+            .map_err(bus_err)?;
+        pio.insert(i8042.clone(), I8042_PORT, 5).map_err(bus_err)?;
+        pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
+            .map_err(bus_err)?;
+
+        let shared = Arc::new(VcpuShared {
+            pio,
+            mmio,
+            unhandled: UnhandledAccesses::default(),
+            endings: endings.clone(),
+            stop: Default::default(),
+            pause: PauseGate::default(),
+        });
+
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            vcpus.push(Vcpu::new(&kvm, &vm, &mem, id, config.vcpus, entry)?);
+        }
+        Ok(Vm {
+            threads: Vec::new(),
+            event_loop: None,
+            unstarted: vcpus,
+            console_input: console.input.map(|i| (i, console.escape)),
+            shared,
+            serial,
+            i8042,
+            virtio,
+            endings,
+            mem,
+            _vm: vm,
+            _kvm: kvm,
+        })
     }
 
-    // Open disk images before creating the VM so that their errors come first.
-    let virtio_devices = device_manager::build_devices(config)?;
-    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-    vm.set_tss_address(TSS_ADDRESS)
-        .map_err(kvm_err("set the TSS address"))?;
-    vm.create_irq_chip()
-        .map_err(kvm_err("create the interrupt controller"))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
-
-    let mem = memory::create(config.mem_bytes())?;
-    memory::register(&vm, &mem)?;
-    let mut mmio = Bus::new();
-    let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
-    let cmdline = full_cmdline(&config.cmdline, &virtio.cmdline)?;
-    let entry = loader::load(config, &cmdline, &mem)?;
-    arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
-
-    let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
-    let reset_evt = endings
-        .eventfd()
-        .try_clone()
-        .map_err(host_err("clone an eventfd"))?;
-
-    let serial = Arc::new(Mutex::new(SerialConsole::new(
-        irq_line(&vm, SERIAL_IRQ)?,
-        console.output,
-    )));
-    let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt, irq_line(&vm, I8042_IRQ)?)));
-    let boot_timer = BootTimer::new(start, |elapsed: Duration| {
-        log::info!("guest boot time: {} ms", elapsed.as_millis());
-    });
-    let mut pio = Bus::new();
-    let bus_err = |e: devices::bus::BusError| Error::Host {
-        what: "map a device",
-        source: std::io::Error::other(e.to_string()),
-    };
-    pio.insert(serial.clone(), SERIAL_PORT, 8)
-        .map_err(bus_err)?;
-    pio.insert(i8042.clone(), I8042_PORT, 5).map_err(bus_err)?;
-    pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
-        .map_err(bus_err)?;
-
-    let shared = Arc::new(VcpuShared {
-        pio,
-        mmio,
-        unhandled: UnhandledAccesses::default(),
-        endings: endings.clone(),
-        stop: Default::default(),
-    });
-
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-    for id in 0..config.vcpus {
-        vcpus.push(Vcpu::new(&kvm, &vm, &mem, id, config.vcpus, entry)?);
-    }
-
-    if crate::host_kvm_is_pvm() {
-        log::warn!(
-            "/dev/kvm on this host is PVM (kvm_pvm), which cannot boot a normal Linux guest; \
-             only tiny test guests run here (resources/demo.sh runs flint in a nested KVM host)"
+    /// Start the device event loop, the vCPU threads and console input.
+    pub fn start(&mut self) -> Result<()> {
+        if crate::host_kvm_is_pvm() {
+            log::warn!(
+                "/dev/kvm on this host is PVM (kvm_pvm), which cannot boot a normal Linux guest; \
+                 only tiny test guests run here (resources/demo.sh runs flint in a nested KVM host)"
+            );
+        }
+        signals::install(self.endings.eventfd()).map_err(host_err("install signal handlers"))?;
+        self.event_loop = Some(
+            EventLoop::start(&self.virtio.transports)
+                .map_err(host_err("start the device event loop"))?,
         );
+        for vcpu in self.unstarted.drain(..) {
+            let vcpu_shared = self.shared.clone();
+            let handle = thread::Builder::new()
+                .name(format!("vcpu{}", vcpu.id()))
+                .spawn(move || vcpu.run(&vcpu_shared))
+                .map_err(host_err("start a vCPU thread"))?;
+            self.threads.push(handle);
+        }
+        if let Some((input, escape)) = self.console_input.take() {
+            spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
+        }
+        Ok(())
     }
-    signals::install(endings.eventfd()).map_err(host_err("install signal handlers"))?;
-    let event_loop =
-        EventLoop::start(&virtio.transports).map_err(host_err("start the device event loop"))?;
-    let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus {
-        let vcpu_shared = shared.clone();
-        let name = format!("vcpu{}", vcpu.id());
-        let handle = thread::Builder::new()
-            .name(name)
-            .spawn(move || vcpu.run(&vcpu_shared))
-            .map_err(host_err("start a vCPU thread"));
-        match handle {
-            Ok(h) => threads.push(h),
-            Err(e) => {
-                stop_vcpus(&shared, threads);
-                return Err(e);
+
+    /// The eventfd that becomes readable when something may have ended the VM; then call
+    /// [`Vm::ending`].
+    pub fn ending_event(&self) -> &EventFd {
+        self.endings.eventfd()
+    }
+
+    /// Why the VM ended, if it did: a vCPU, the keyboard controller or a signal.
+    pub fn ending(&self) -> Option<Ending> {
+        if let Some(ending) = self.endings.first() {
+            return Some(ending);
+        }
+        if lock(&self.i8042).resets() > 0 {
+            return Some(Ending::Reset);
+        }
+        signals::received().map(Ending::Signal)
+    }
+
+    /// Block until the VM ends.
+    pub fn wait_for_ending(&self) -> Ending {
+        loop {
+            // EINTR (a signal arrived) is fine: `ending` tells what happened.
+            let _ = self.endings.eventfd().read();
+            if let Some(ending) = self.ending() {
+                return ending;
             }
         }
     }
-    if let Some(input) = console.input {
-        spawn_console_input(input, console.escape, serial.clone(), endings.clone());
+
+    /// Stop every vCPU from executing guest code until [`Vm::resume`].
+    pub fn pause(&self) -> Result<()> {
+        self.shared.pause.close();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        while self.shared.pause.parked() < self.threads.len() {
+            if Instant::now() > deadline {
+                self.shared.pause.open();
+                return Err(Error::Host {
+                    what: "pause the vCPUs",
+                    source: std::io::Error::other("they did not stop within 5 s"),
+                });
+            }
+            for handle in &self.threads {
+                if !handle.is_finished() {
+                    let _ = handle.kill(signals::kick_signal());
+                }
+            }
+            thread::sleep(Duration::from_micros(500));
+        }
+        Ok(())
     }
 
-    let ending = wait_for_ending(&endings, &i8042);
-    stop_vcpus(&shared, threads);
-    event_loop.stop();
-    let memory = crate::usage::measure(&mem);
-    // Guest memory must outlive every vCPU: only now may it be unmapped.
-    drop(mem);
-    Ok(Outcome {
-        ending,
-        memory,
-        unhandled_pio: shared.unhandled.pio.load(Ordering::Relaxed),
-        unhandled_mmio: shared.unhandled.mmio.load(Ordering::Relaxed),
-    })
+    /// Let paused vCPUs run again.
+    pub fn resume(&self) {
+        self.shared.pause.open();
+    }
+
+    /// Press Ctrl-Alt-Del on the guest's keyboard.
+    pub fn send_ctrl_alt_del(&self) {
+        lock(&self.i8042).press_ctrl_alt_del();
+    }
+
+    /// Stop everything and report how the run went.
+    pub fn shutdown(mut self, ending: Ending) -> Outcome {
+        self.shared.pause.open();
+        stop_vcpus(&self.shared, std::mem::take(&mut self.threads));
+        if let Some(event_loop) = self.event_loop.take() {
+            event_loop.stop();
+        }
+        let memory = crate::usage::measure(&self.mem);
+        Outcome {
+            ending,
+            memory,
+            unhandled_pio: self.shared.unhandled.pio.load(Ordering::Relaxed),
+            unhandled_mmio: self.shared.unhandled.mmio.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // Guest memory must outlive every vCPU thread: stop them before it is unmapped.
+        self.shared.pause.open();
+        stop_vcpus(&self.shared, std::mem::take(&mut self.threads));
+    }
 }
 
 /// The configured command line followed by flint's additions, checked against the limit.
@@ -218,23 +334,6 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
     vm.register_irqfd(&evt, gsi)
         .map_err(kvm_err("connect a device interrupt"))?;
     Ok(IrqLine::new(evt))
-}
-
-/// Block until a vCPU, the keyboard controller or a signal ends the VM.
-fn wait_for_ending(endings: &Endings, i8042: &Mutex<I8042>) -> Ending {
-    loop {
-        // EINTR (a signal arrived) is fine: the checks below tell what happened.
-        let _ = endings.eventfd().read();
-        if let Some(ending) = endings.first() {
-            return ending;
-        }
-        if lock(i8042).resets() > 0 {
-            return Ending::Reset;
-        }
-        if let Some(sig) = signals::received() {
-            return Ending::Signal(sig);
-        }
-    }
 }
 
 /// Make every vCPU thread leave `KVM_RUN` and wait for all of them.

@@ -51,6 +51,9 @@ const AUX_TEST_ABSENT: u8 = 0x01;
 const KBD_ACK: u8 = 0xfa;
 const KBD_RESET_OK: u8 = 0xaa;
 
+/// Ctrl down, Alt down, Del down (extended), Del up, Alt up, Ctrl up.
+const CTRL_ALT_DEL: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+
 /// Output port bit 0 low holds the CPU in reset.
 const OUTP_RESET_RELEASED: u8 = 0x01;
 
@@ -77,6 +80,15 @@ impl I8042 {
             out: VecDeque::new(),
             awaiting_data_for: None,
             resets: 0,
+        }
+    }
+
+    /// Press and release Ctrl-Alt-Del on the keyboard (scan code set 1, as the controller
+    /// delivers it with translation on). A guest with an AT keyboard driver reboots (or
+    /// does what its init was told to do with Ctrl-Alt-Del).
+    pub fn press_ctrl_alt_del(&mut self) {
+        for byte in CTRL_ALT_DEL {
+            self.push(*byte);
         }
     }
 
@@ -258,6 +270,19 @@ mod tests {
         dev.write(DATA, &[0xff]);
         assert_eq!(read(&mut dev, DATA), KBD_ACK);
         assert_eq!(read(&mut dev, DATA), KBD_RESET_OK);
+    }
+
+    #[test]
+    fn ctrl_alt_del_arrives_as_scan_codes_with_interrupts() {
+        let (mut dev, reset, irq) = controller();
+        dev.press_ctrl_alt_del();
+        assert!(irq.read().unwrap() >= 1);
+        let mut got = Vec::new();
+        while read(&mut dev, COMMAND) & SB_OUT_FULL != 0 {
+            got.push(read(&mut dev, DATA));
+        }
+        assert_eq!(got, CTRL_ALT_DEL);
+        assert!(reset.read().is_err(), "the guest decides whether to reset");
     }
 
     #[test]
