@@ -180,6 +180,32 @@ pub enum Request {
     Resume,
 }
 
+impl Request {
+    /// A short name for the request, as counted in metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Describe => "describe",
+            Request::GetMachineConfig => "get_machine_config",
+            Request::GetFullConfig => "get_vm_config",
+            Request::SetBootSource(_) => "put_boot_source",
+            Request::SetMachineConfig(_) => "put_machine_config",
+            Request::UpdateMachineConfig(_) => "patch_machine_config",
+            Request::SetDrive(_) => "put_drive",
+            Request::UpdateDrivePath { .. } => "patch_drive",
+            Request::SetNetworkInterface(_) => "put_network_interface",
+            Request::SetVsock(_) => "put_vsock",
+            Request::SetEntropy => "put_entropy",
+            Request::SetLogger(_) => "put_logger",
+            Request::SetMetrics(_) => "put_metrics",
+            Request::Start => "instance_start",
+            Request::SendCtrlAltDel => "send_ctrl_alt_del",
+            Request::FlushMetrics => "flush_metrics",
+            Request::Pause => "pause",
+            Request::Resume => "resume",
+        }
+    }
+}
+
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
@@ -224,6 +250,9 @@ impl From<&ApiDrive> for DriveConfig {
 /// then the running [`Vm`].
 pub struct Controller {
     id: String,
+    metrics_file: Option<std::fs::File>,
+    /// Requests handled, by kind, for the metrics.
+    requests: std::collections::BTreeMap<&'static str, u64>,
     config: FullConfig,
     vm: Option<Vm>,
     paused: bool,
@@ -241,6 +270,8 @@ impl Controller {
     pub fn new(id: impl Into<String>, console: ConsoleIo, start: Instant) -> Controller {
         Controller {
             id: id.into(),
+            metrics_file: None,
+            requests: Default::default(),
             config: FullConfig {
                 boot_source: None,
                 machine: MachineConfig::default(),
@@ -294,6 +325,7 @@ impl Controller {
 
     /// Carry out one request.
     pub fn handle(&mut self, request: Request) -> Result<Response, RequestError> {
+        *self.requests.entry(request.kind()).or_default() += 1;
         match request {
             Request::Describe => Ok(Response::Info(InstanceInfo {
                 id: self.id.clone(),
@@ -374,10 +406,29 @@ impl Controller {
                 Ok(Response::Done)
             }
             Request::SetMetrics(metrics) => {
+                let file = std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&metrics.path)
+                    .map_err(|e| {
+                        refuse(format!(
+                            "metrics_path: cannot open {}: {e}",
+                            metrics.path.display()
+                        ))
+                    })?;
+                self.metrics_file = Some(file);
                 self.config.metrics = Some(metrics);
                 Ok(Response::Done)
             }
-            Request::FlushMetrics => Ok(Response::Done),
+            Request::FlushMetrics => {
+                if self.metrics_file.is_none() {
+                    return Err(refuse(
+                        "cannot flush metrics: no metrics file (PUT /metrics first)",
+                    ));
+                }
+                self.flush_metrics()?;
+                Ok(Response::Done)
+            }
             Request::Start => {
                 self.before_start("the VM")
                     .map_err(|_| refuse("the VM is already started"))?;
@@ -417,6 +468,27 @@ impl Controller {
                 Ok(Response::Done)
             }
         }
+    }
+
+    /// Append one metrics line to the metrics file, if one is configured.
+    pub fn flush_metrics(&mut self) -> Result<(), RequestError> {
+        use std::io::Write;
+        let Some(file) = self.metrics_file.as_mut() else {
+            return Ok(());
+        };
+        let timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let api: Vec<(&str, u64)> = self.requests.iter().map(|(k, v)| (*k, *v)).collect();
+        let sections = [("api_server", api)];
+        let line = match &self.vm {
+            Some(vm) => vm.metrics_line(timestamp_ms, &sections),
+            None => {
+                crate::metrics::json_line(timestamp_ms, &Default::default(), (0, 0), &[], &sections)
+            }
+        };
+        writeln!(file, "{line}").map_err(|e| refuse(format!("cannot write metrics: {e}")))
     }
 
     /// The VM configuration the API has built so far.
@@ -570,6 +642,36 @@ mod tests {
         }
         let err = c.handle(Request::Start).unwrap_err();
         assert!(err.0.contains("no boot source"), "{err}");
+    }
+
+    #[test]
+    fn metrics_lines_count_requests() {
+        let mut c = controller();
+        let err = c.handle(Request::FlushMetrics).unwrap_err();
+        assert!(err.0.contains("PUT /metrics first"), "{err}");
+        let dir = std::env::temp_dir().join(format!("flint-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.json");
+        c.handle(Request::SetMetrics(MetricsConfig { path: path.clone() }))
+            .unwrap();
+        c.handle(Request::Describe).unwrap();
+        c.handle(Request::FlushMetrics).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 1);
+        assert!(
+            lines[0]
+                .contains("\"api_server\":{\"describe\":1,\"flush_metrics\":2,\"put_metrics\":1}"),
+            "{}",
+            lines[0]
+        );
+        let err = c
+            .handle(Request::SetMetrics(MetricsConfig {
+                path: PathBuf::from("/nonexistent/dir/m.json"),
+            }))
+            .unwrap_err();
+        assert!(err.0.starts_with("metrics_path: cannot open"), "{err}");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VmConfig;
 use crate::error::{Error, Result};
+use crate::metrics::DeviceMetrics;
 
 /// First virtio-mmio slot: the start of the MMIO hole.
 pub const MMIO_SLOTS_START: u64 = arch::layout::MMIO_GAP_START;
@@ -56,26 +57,51 @@ impl MmioSlot {
 pub struct VirtioDevices {
     pub transports: Vec<Arc<Mutex<MmioTransport>>>,
     pub slots: Vec<MmioSlot>,
+    /// Each device's counters.
+    pub metrics: Vec<DeviceMetrics>,
     /// Kernel command line additions: the devices, and the root disk when there is one.
     pub cmdline: String,
 }
 
-/// The device models the configuration asks for, in the order the guest sees them.
-pub fn build_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>> {
-    let mut devices: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    for drive in config.drives_in_guest_order() {
-        let block = Block::new(
-            &drive.path,
-            drive.read_only,
-            drive.id.as_deref().unwrap_or(""),
-        )
-        .map_err(|e| Error::Device(e.to_string()))?;
-        devices.push(Box::new(block));
+/// The device models the configuration asks for, in the order the guest sees them, with
+/// handles on their counters.
+pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, DeviceMetrics)>> {
+    let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceMetrics)> = Vec::new();
+    for (n, drive) in config.drives_in_guest_order().into_iter().enumerate() {
+        let id = drive.id.as_deref().unwrap_or("");
+        let block = Block::new(&drive.path, drive.read_only, id)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let name = drive
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("vd{}", disk_letter(n)));
+        let metrics = DeviceMetrics::Block {
+            name,
+            metrics: block.metrics(),
+        };
+        devices.push((Box::new(block), metrics));
     }
     if config.entropy {
-        devices.push(Box::new(Rng::new()));
+        let rng = Rng::new();
+        let metrics = DeviceMetrics::Rng(rng.metrics());
+        devices.push((Box::new(rng), metrics));
     }
     Ok(devices)
+}
+
+/// The letter Linux gives the `n`th virtio disk (a, b, ..., z, then aa, ab, ...).
+fn disk_letter(n: usize) -> String {
+    let mut n = n;
+    let mut s = Vec::new();
+    loop {
+        s.push(b'a' + (n % 26) as u8);
+        if n < 26 {
+            break;
+        }
+        n = n / 26 - 1;
+    }
+    s.reverse();
+    String::from_utf8(s).unwrap_or_default()
 }
 
 /// Root-disk parameters for the kernel command line.
@@ -93,16 +119,18 @@ pub fn attach(
     mem: &GuestMemoryMmap,
     mmio: &mut Bus,
     config: &VmConfig,
-    devices: Vec<Box<dyn VirtioDevice>>,
+    devices: Vec<(Box<dyn VirtioDevice>, DeviceMetrics)>,
 ) -> Result<VirtioDevices> {
     let host = |what: &'static str| move |source| Error::Host { what, source };
     let kvm = |what: &'static str| move |source| Error::Kvm { what, source };
     let mut out = VirtioDevices {
         transports: Vec::new(),
         slots: Vec::new(),
+        metrics: Vec::new(),
         cmdline: String::new(),
     };
-    for (n, device) in devices.into_iter().enumerate() {
+    for (n, (device, metrics)) in devices.into_iter().enumerate() {
+        out.metrics.push(metrics);
         let slot = MmioSlot::nth(n).ok_or_else(|| {
             Error::Device(format!(
                 "no interrupt line left for virtio device {}",
@@ -163,6 +191,15 @@ mod tests {
         );
         assert_eq!(MmioSlot::nth(19), None);
         assert_eq!(MmioSlot::nth(usize::MAX), None);
+    }
+
+    #[test]
+    fn disk_letters_follow_linux() {
+        let names: Vec<_> = [0, 1, 25, 26, 27, 51, 52]
+            .iter()
+            .map(|&n| disk_letter(n))
+            .collect();
+        assert_eq!(names, ["a", "b", "z", "aa", "ab", "az", "ba"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod event_loop;
 mod exit;
 mod loader;
 mod memory;
+pub mod metrics;
 mod signals;
 mod usage;
 mod vcpu;

@@ -30,6 +30,8 @@ pub struct VcpuShared {
     pub endings: Arc<Endings>,
     /// Set when the VM is stopping: vCPU threads leave their run loop at the next exit.
     pub stop: AtomicBool,
+    /// vCPU exits by kind.
+    pub exits: crate::metrics::ExitCounters,
     /// Closed while the VM is paused: vCPU threads wait at it instead of running the guest.
     pub pause: PauseGate,
 }
@@ -167,14 +169,20 @@ impl Vcpu {
     fn run_once(&mut self, shared: &VcpuShared) -> Option<Ending> {
         let vcpu = self.id;
         let fault = |reason: String| Some(Ending::Fault { vcpu, reason });
+        let exits = &shared.exits;
+        let count = |c: &AtomicU64| {
+            c.fetch_add(1, Ordering::Relaxed);
+        };
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
+                count(&exits.io_out);
                 if !shared.pio.write(u64::from(port), data) {
                     shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
                 }
                 None
             }
             Ok(VcpuExit::IoIn(port, data)) => {
+                count(&exits.io_in);
                 if !shared.pio.read(u64::from(port), data) {
                     data.fill(0xff);
                     shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
@@ -182,6 +190,7 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
+                count(&exits.mmio_read);
                 if !shared.mmio.read(addr, data) {
                     data.fill(0xff);
                     shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
@@ -189,32 +198,36 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
+                count(&exits.mmio_write);
                 if !shared.mmio.write(addr, data) {
                     shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
                 }
                 None
             }
-            Ok(VcpuExit::Shutdown) => fault("the guest triple-faulted (shutdown exit)".into()),
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ending::Reset),
-                other => fault(format!("unexpected system event {other}")),
-            },
-            Ok(VcpuExit::InternalError) => {
-                let suberror = self.internal_suberror();
-                fault(format!("KVM internal error (suberror {suberror})"))
+            Ok(VcpuExit::Intr) => {
+                count(&exits.interrupted);
+                None
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => fault(format!(
-                "KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
-            )),
-            Ok(VcpuExit::Hlt) => fault("the vCPU halted with no way to wake up".into()),
-            Ok(VcpuExit::Intr) => None,
-            Ok(other) => fault(format!("unexpected exit {}", exit_name(&other))),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked by the VMM (stop) or interrupted by a signal: check the stop flag.
+                count(&exits.interrupted);
+                // Kicked by the VMM (stop, pause) or interrupted by a signal: the run loop
+                // checks why.
                 self.fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => fault(format!("KVM_RUN failed: {e}")),
+            Err(e) => {
+                count(&exits.other);
+                fault(format!("KVM_RUN failed: {e}"))
+            }
+            Ok(VcpuExit::InternalError) => {
+                count(&exits.other);
+                let suberror = self.internal_suberror();
+                fault(format!("KVM internal error (suberror {suberror})"))
+            }
+            Ok(other) => {
+                count(&exits.other);
+                ending_exit(self.id, other)
+            }
         }
     }
 
@@ -223,6 +236,23 @@ impl Vcpu {
         // SAFETY: KVM filled the `internal` member of the union: this is called only right
         // after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR.
         unsafe { run.__bindgen_anon_1.internal.suberror }
+    }
+}
+
+/// Exits other than device accesses: they end the VM.
+fn ending_exit(vcpu: u32, exit: VcpuExit) -> Option<Ending> {
+    let fault = |reason: String| Some(Ending::Fault { vcpu, reason });
+    match exit {
+        VcpuExit::Shutdown => fault("the guest triple-faulted (shutdown exit)".into()),
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ending::Reset),
+            other => fault(format!("unexpected system event {other}")),
+        },
+        VcpuExit::FailEntry(reason, cpu) => fault(format!(
+            "KVM could not enter the guest (hardware reason {reason:#x} on host CPU {cpu})"
+        )),
+        VcpuExit::Hlt => fault("the vCPU halted with no way to wake up".into()),
+        other => fault(format!("unexpected exit {}", exit_name(&other))),
     }
 }
 

@@ -178,6 +178,7 @@ impl Vm {
             unhandled: UnhandledAccesses::default(),
             endings: endings.clone(),
             stop: Default::default(),
+            exits: Default::default(),
             pause: PauseGate::default(),
         });
 
@@ -281,6 +282,24 @@ impl Vm {
     /// Let paused vCPUs run again.
     pub fn resume(&self) {
         self.shared.pause.open();
+    }
+
+    /// Every counter as one JSON line, with `sections` (e.g. API request counts) added.
+    pub fn metrics_line(
+        &self,
+        timestamp_ms: u128,
+        sections: &[(&str, Vec<(&str, u64)>)],
+    ) -> String {
+        crate::metrics::json_line(
+            timestamp_ms,
+            &self.shared.exits,
+            (
+                self.shared.unhandled.pio.load(Ordering::Relaxed),
+                self.shared.unhandled.mmio.load(Ordering::Relaxed),
+            ),
+            &self.virtio.metrics,
+            sections,
+        )
     }
 
     /// Press Ctrl-Alt-Del on the guest's keyboard.

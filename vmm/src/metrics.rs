@@ -1,0 +1,140 @@
+//! Metrics: counters from the vCPUs, devices and API, written as one JSON object per line to the
+//! file `PUT /metrics` names, periodically and on `FlushMetrics`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use devices::virtio::block::BlockMetrics;
+use devices::virtio::rng::RngMetrics;
+
+/// vCPU exits by kind, summed over all vCPUs.
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    pub io_in: AtomicU64,
+    pub io_out: AtomicU64,
+    pub mmio_read: AtomicU64,
+    pub mmio_write: AtomicU64,
+    /// Interrupted `KVM_RUN` (kicks, signals).
+    pub interrupted: AtomicU64,
+    /// Exits that ended the VM or were unexpected.
+    pub other: AtomicU64,
+}
+
+/// One device's counters, by kind.
+#[derive(Clone)]
+pub enum DeviceMetrics {
+    Block {
+        name: String,
+        metrics: Arc<BlockMetrics>,
+    },
+    Rng(Arc<RngMetrics>),
+}
+
+fn get(a: &AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+/// A flat JSON object `{"k": v, ...}` of unsigned counters.
+fn object(pairs: &[(&str, u64)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in pairs.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        let _ = write!(s, "\"{k}\":{v}");
+    }
+    s.push('}');
+    s
+}
+
+/// Everything counted so far as one JSON line (without the newline). `sections` are extra
+/// top-level objects, such as the API's request counts.
+pub fn json_line(
+    timestamp_ms: u128,
+    exits: &ExitCounters,
+    unhandled: (u64, u64),
+    devices: &[DeviceMetrics],
+    sections: &[(&str, Vec<(&str, u64)>)],
+) -> String {
+    let mut line = format!("{{\"utc_timestamp_ms\":{timestamp_ms}");
+    let vcpu = object(&[
+        ("exit_io_in", get(&exits.io_in)),
+        ("exit_io_out", get(&exits.io_out)),
+        ("exit_mmio_read", get(&exits.mmio_read)),
+        ("exit_mmio_write", get(&exits.mmio_write)),
+        ("exit_interrupted", get(&exits.interrupted)),
+        ("exit_other", get(&exits.other)),
+        ("unhandled_pio", unhandled.0),
+        ("unhandled_mmio", unhandled.1),
+    ]);
+    let _ = write!(line, ",\"vcpu\":{vcpu}");
+    for device in devices {
+        match device {
+            DeviceMetrics::Block { name, metrics: m } => {
+                let obj = object(&[
+                    ("read_count", get(&m.reads)),
+                    ("write_count", get(&m.writes)),
+                    ("flush_count", get(&m.flushes)),
+                    ("get_id_count", get(&m.get_ids)),
+                    ("read_bytes", get(&m.bytes_read)),
+                    ("write_bytes", get(&m.bytes_written)),
+                    ("io_errors", get(&m.io_errors)),
+                    ("unsupported", get(&m.unsupported)),
+                    ("invalid_chains", get(&m.invalid_chains)),
+                ]);
+                let _ = write!(line, ",\"block_{name}\":{obj}");
+            }
+            DeviceMetrics::Rng(m) => {
+                let obj = object(&[
+                    ("requests", get(&m.requests)),
+                    ("bytes", get(&m.bytes)),
+                    ("invalid_chains", get(&m.invalid_chains)),
+                ]);
+                let _ = write!(line, ",\"entropy\":{obj}");
+            }
+        }
+    }
+    for (name, pairs) in sections {
+        let _ = write!(line, ",\"{name}\":{}", object(pairs));
+    }
+    line.push('}');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_is_one_json_object_with_every_section() {
+        let exits = ExitCounters::default();
+        exits.io_out.store(7, Ordering::Relaxed);
+        let block = Arc::new(BlockMetrics::default());
+        block.bytes_read.store(4096, Ordering::Relaxed);
+        let devices = vec![
+            DeviceMetrics::Block {
+                name: "rootfs".into(),
+                metrics: block,
+            },
+            DeviceMetrics::Rng(Arc::new(RngMetrics::default())),
+        ];
+        let line = json_line(
+            5,
+            &exits,
+            (1, 2),
+            &devices,
+            &[("api_server", vec![("requests", 3)])],
+        );
+        assert!(!line.contains('\n'));
+        assert!(line
+            .starts_with("{\"utc_timestamp_ms\":5,\"vcpu\":{\"exit_io_in\":0,\"exit_io_out\":7"));
+        assert!(line.contains("\"unhandled_pio\":1,\"unhandled_mmio\":2}"));
+        assert!(line.contains("\"block_rootfs\":{\"read_count\":0"));
+        assert!(line.contains("\"read_bytes\":4096"));
+        assert!(line.contains("\"entropy\":{\"requests\":0"));
+        assert!(line.ends_with(",\"api_server\":{\"requests\":3}}"));
+        // Balanced braces: one object.
+        assert_eq!(line.matches('{').count(), line.matches('}').count());
+    }
+}
