@@ -380,13 +380,20 @@ impl Controller {
                 }
                 Ok(Response::Done)
             }
-            Request::UpdateDrivePath { id, .. } => {
-                if !self.config.drives.iter().any(|d| d.id == id) {
+            Request::UpdateDrivePath { id, path } => {
+                let Some(drive) = self.config.drives.iter_mut().find(|d| d.id == id) else {
                     return Err(refuse(format!("there is no drive with drive_id {id}")));
+                };
+                match &self.vm {
+                    // Before start the new path is simply what the VM will use.
+                    None => drive.path = path,
+                    Some(vm) => {
+                        vm.replace_disk(&id, &path)
+                            .map_err(|e| refuse(format!("path_on_host: {e}")))?;
+                        drive.path = path;
+                    }
                 }
-                Err(refuse(
-                    "changing a drive's path_on_host is not supported yet by flint",
-                ))
+                Ok(Response::Done)
             }
             Request::SetNetworkInterface(_) => {
                 self.before_start("network interfaces")?;

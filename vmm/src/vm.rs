@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
+use devices::virtio::block::Block;
 use devices::IrqLine;
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -19,6 +20,7 @@ use crate::config::{VmConfig, MAX_CMDLINE_LEN};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
+use crate::metrics::DeviceMetrics;
 use crate::vcpu::{PauseGate, UnhandledAccesses, Vcpu, VcpuShared};
 use crate::{device_manager, loader, memory, signals};
 
@@ -300,6 +302,27 @@ impl Vm {
             &self.virtio.metrics,
             sections,
         )
+    }
+
+    /// Give the disk named `id` a new backing file; the guest sees the new medium and size.
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<u64> {
+        let index = self
+            .virtio
+            .metrics
+            .iter()
+            .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
+            .ok_or_else(|| Error::Device(format!("there is no drive with drive_id {id}")))?;
+        let mut transport = lock(&self.virtio.transports[index]);
+        let block = transport
+            .device_mut()
+            .as_any_mut()
+            .and_then(|any| any.downcast_mut::<Block>())
+            .ok_or_else(|| Error::Device(format!("device {id} is not a disk")))?;
+        let size = block
+            .replace_disk(path)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        transport.notify_config_change();
+        Ok(size)
     }
 
     /// Press Ctrl-Alt-Del on the guest's keyboard.

@@ -600,9 +600,45 @@ impl Block {
     }
 }
 
+impl Block {
+    /// Swap the backing file for the image at `path` (a new medium), keeping the id and the
+    /// read-only setting; returns the new size in bytes. The caller tells the driver that the
+    /// configuration changed so that it re-reads the capacity.
+    pub fn replace_disk(&mut self, path: &Path) -> Result<u64, BlockError> {
+        let open_err = |source| BlockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!self.disk.read_only)
+            .open(path)
+            .map_err(open_err)?;
+        if file.metadata().map_err(open_err)?.is_dir() {
+            return Err(open_err(std::io::Error::other("it is a directory")));
+        }
+        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+        if size % SECTOR_SIZE != 0 {
+            return Err(BlockError::Size {
+                path: path.to_path_buf(),
+                size,
+            });
+        }
+        self.disk.file = file;
+        self.disk.size = size;
+        self.path = path.to_path_buf();
+        self.config[0..8].copy_from_slice(&(size / SECTOR_SIZE).to_le_bytes());
+        Ok(size)
+    }
+}
+
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -1295,5 +1331,27 @@ mod tests {
         // A reset stops the device.
         wr(&mut t, 0x70, 0);
         assert!(!t.is_activated());
+    }
+
+    #[test]
+    fn replacing_the_disk_changes_size_and_keeps_the_id() {
+        let first = TempFile::with_contents(&[1u8; 1024]);
+        let second = TempFile::with_contents(&[2u8; 4096]);
+        let odd = TempFile::with_contents(&[3u8; 1000]);
+        let mut block = Block::new(first.path(), false, "swap").unwrap();
+        assert_eq!(block.replace_disk(second.path()).unwrap(), 4096);
+        assert_eq!(block.size(), 4096);
+        assert_eq!(block.path(), second.path());
+        let mut capacity = [0u8; 8];
+        block.read_config(0, &mut capacity);
+        assert_eq!(u64::from_le_bytes(capacity), 8);
+        assert_eq!(&block.id()[..4], b"swap");
+        let err = block.replace_disk(odd.path()).unwrap_err().to_string();
+        assert!(err.contains("not a multiple of 512"), "{err}");
+        assert_eq!(
+            block.size(),
+            4096,
+            "a refused medium leaves the old one in place"
+        );
     }
 }

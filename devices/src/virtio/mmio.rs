@@ -144,6 +144,12 @@ impl MmioTransport {
     }
 
     /// The guest notified queue `index`: let the device process it if it is running.
+    /// Tell the driver that the device's configuration space changed.
+    pub fn notify_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        self.interrupt.signal_config_change();
+    }
+
     /// Let the device register its backend event sources with the event loop.
     pub fn init_backend(&mut self, ops: &mut event_manager::EventOps) {
         self.device.init_backend(ops);

@@ -133,6 +133,11 @@ pub trait VirtioDevice: Send {
     /// Return to the state before activation (the driver reset the device). Pending requests
     /// are dropped; backends (files) stay open.
     fn reset(&mut self);
+    /// The concrete device, for operations only some device kinds have (e.g. swapping a
+    /// disk's medium).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
     /// Register the device's host-side event sources (a TAP, sockets) with the VMM's event
     /// loop, with data values at or above [`BACKEND_EVENT_BASE`]. Called once when the loop
     /// starts, possibly before the driver activates the device.
