@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use vmm::{DriveConfig, VmConfig};
 
+use crate::api_mode::ApiOptions;
+
 /// What the user asked for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
@@ -12,7 +14,12 @@ pub enum Command {
     Help(String),
     Version,
     Boot(VmConfig),
+    /// Serve the REST API and/or boot from a config file.
+    Api(ApiOptions),
 }
+
+/// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
+pub const DEFAULT_API_SOCK: &str = "/run/flint.socket";
 
 /// A command line that cannot be understood.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -32,6 +39,12 @@ pub enum CliError {
     NotANumber { option: &'static str, value: String },
     #[error("{0} was given more than once")]
     Repeated(&'static str),
+    #[error(
+        "--no-api needs --config-file: without the API, the VM can only be configured from a file"
+    )]
+    NoApiWithoutConfig,
+    #[error("--no-api and --api-sock contradict each other")]
+    NoApiWithSocket,
     #[error("'flint boot' needs --kernel PATH")]
     NoKernel,
     #[error("--disk needs a path before its options, as in --disk PATH[,ro][,root][,id=NAME]")]
@@ -67,6 +80,13 @@ fn main_help() -> String {
 
 Usage:
   flint boot --kernel PATH [OPTIONS]   boot a guest kernel on the serial console
+  flint --api-sock PATH [--config-file FILE] [--id ID]
+                                       serve the REST API (Firecracker-compatible) on a
+                                       Unix socket; configure and start the VM through it
+  flint --config-file FILE [--no-api | --api-sock PATH] [--id ID]
+                                       boot the VM a JSON config file describes (same schema
+                                       as the API bodies); the API is served on PATH (default
+                                       {DEFAULT_API_SOCK}) unless --no-api
   flint --help | --version
 
 Run 'flint boot --help' for the boot options.
@@ -117,6 +137,7 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         "-h" | "--help" | "help" => Ok(Command::Help(main_help())),
         "-V" | "--version" => Ok(Command::Version),
         "boot" => parse_boot(&args[1..]),
+        a if a.starts_with("--") => parse_api(args),
         other => Err(CliError::UnknownCommand(other.to_string())),
     }
 }
@@ -149,6 +170,50 @@ fn number<T: std::str::FromStr>(option: &'static str, value: &str) -> Result<T, 
         option,
         value: value.to_string(),
     })
+}
+
+fn parse_api(args: &[String]) -> Result<Command, CliError> {
+    let mut api_sock = None;
+    let mut config_file = None;
+    let mut id = None;
+    let mut no_api = false;
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+            _ => (arg.as_str(), None),
+        };
+        match name {
+            "--api-sock" => {
+                let v = option_value("--api-sock", inline, &mut rest)?;
+                set_once(&mut api_sock, "--api-sock", PathBuf::from(v))?;
+            }
+            "--config-file" => {
+                let v = option_value("--config-file", inline, &mut rest)?;
+                set_once(&mut config_file, "--config-file", PathBuf::from(v))?;
+            }
+            "--id" => {
+                let v = option_value("--id", inline, &mut rest)?;
+                set_once(&mut id, "--id", v.to_string())?;
+            }
+            "--no-api" if inline.is_none() => no_api = true,
+            _ => return Err(CliError::UnknownCommand(arg.clone())),
+        }
+    }
+    if no_api && api_sock.is_some() {
+        return Err(CliError::NoApiWithSocket);
+    }
+    if no_api && config_file.is_none() {
+        return Err(CliError::NoApiWithoutConfig);
+    }
+    if !no_api && api_sock.is_none() {
+        api_sock = Some(PathBuf::from(DEFAULT_API_SOCK));
+    }
+    Ok(Command::Api(ApiOptions {
+        api_sock,
+        config_file,
+        id: id.unwrap_or_else(|| "anonymous-instance".to_string()),
+    }))
 }
 
 fn parse_boot(args: &[String]) -> Result<Command, CliError> {
@@ -343,6 +408,34 @@ mod tests {
         ];
         assert_eq!(c.drives, want);
         assert!(c.entropy);
+    }
+
+    #[test]
+    fn api_mode_options() {
+        let api = |argv: &[&str]| match parse(&args(argv)) {
+            Ok(Command::Api(o)) => Ok(o),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let o = api(&["--api-sock", "/tmp/f.sock"]).unwrap();
+        assert_eq!(o.api_sock, Some(PathBuf::from("/tmp/f.sock")));
+        assert_eq!(o.config_file, None);
+        let o = api(&["--config-file=/c.json", "--no-api", "--id", "vm1"]).unwrap();
+        assert_eq!((o.api_sock, o.id.as_str()), (None, "vm1"));
+        let o = api(&["--config-file", "/c.json"]).unwrap();
+        assert_eq!(o.api_sock, Some(PathBuf::from(DEFAULT_API_SOCK)));
+        assert_eq!(
+            api(&["--no-api"]).unwrap_err(),
+            CliError::NoApiWithoutConfig
+        );
+        assert_eq!(
+            api(&["--no-api", "--config-file", "/c", "--api-sock", "/s"]).unwrap_err(),
+            CliError::NoApiWithSocket
+        );
+        assert_eq!(
+            api(&["--api-sock", "/s", "--bogus"]).unwrap_err(),
+            CliError::UnknownCommand("--bogus".into())
+        );
     }
 
     #[test]

@@ -1,10 +1,24 @@
-//! A minimal logger: one line per message on stderr, prefixed with `flint:`.
+//! A minimal logger: one line per message on stderr (or the file `PUT /logger` names),
+//! prefixed with `flint:`.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::Mutex;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
+use vmm::controller::LoggerConfig;
 
-struct StderrLogger;
+struct Target {
+    file: Option<File>,
+    show_level: bool,
+    show_origin: bool,
+}
 
-impl Log for StderrLogger {
+struct FlintLogger {
+    target: Mutex<Target>,
+}
+
+impl Log for FlintLogger {
     fn enabled(&self, metadata: &Metadata) -> bool {
         metadata.level() <= log::max_level()
     }
@@ -13,19 +27,38 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let prefix = match record.level() {
-            Level::Error => "error: ",
-            Level::Warn => "warning: ",
-            Level::Info => "",
-            Level::Debug | Level::Trace => "debug: ",
+        let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        let prefix = match (record.level(), target.show_level) {
+            (Level::Error, _) => "error: ".to_string(),
+            (Level::Warn, _) => "warning: ".to_string(),
+            (Level::Info, false) => String::new(),
+            (Level::Debug | Level::Trace, false) => "debug: ".to_string(),
+            (level, true) => format!("{}: ", level.as_str().to_lowercase()),
         };
-        eprintln!("flint: {prefix}{}", record.args());
+        let origin = match (target.show_origin, record.file(), record.line()) {
+            (true, Some(file), Some(line)) => format!("[{file}:{line}] "),
+            _ => String::new(),
+        };
+        let line = format!("flint: {prefix}{origin}{}\n", record.args());
+        match target.file.as_mut() {
+            // A failed log write has nowhere better to go.
+            Some(file) => {
+                let _ = file.write_all(line.as_bytes());
+            }
+            None => eprint!("{line}"),
+        }
     }
 
     fn flush(&self) {}
 }
 
-static LOGGER: StderrLogger = StderrLogger;
+static LOGGER: FlintLogger = FlintLogger {
+    target: Mutex::new(Target {
+        file: None,
+        show_level: false,
+        show_origin: false,
+    }),
+};
 
 /// Install the logger. `FLINT_LOG=debug` (or `warn`, `error`, `off`) changes the level from the
 /// default `info`.
@@ -36,5 +69,49 @@ pub fn init() {
         .unwrap_or(LevelFilter::Info);
     if log::set_logger(&LOGGER).is_ok() {
         log::set_max_level(level);
+    }
+}
+
+/// Parse an API log level ("Error", "Warning", "Info", "Debug", "Trace", "Off").
+fn parse_level(level: &str) -> Option<LevelFilter> {
+    match level.to_ascii_lowercase().as_str() {
+        "warning" => Some(LevelFilter::Warn),
+        other => other.parse().ok(),
+    }
+}
+
+/// Send log lines to the file `config` names (appending), at its level.
+pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
+    let level = match &config.level {
+        Some(l) => Some(parse_level(l).ok_or_else(|| {
+            format!("level: {l:?} is not one of Error, Warning, Info, Debug, Trace, Off")
+        })?),
+        None => None,
+    };
+    let file = File::options()
+        .create(true)
+        .append(true)
+        .open(&config.path)
+        .map_err(|e| format!("log_path: cannot open {}: {e}", config.path.display()))?;
+    let mut target = LOGGER.target.lock().unwrap_or_else(|e| e.into_inner());
+    target.file = Some(file);
+    target.show_level = config.show_level;
+    target.show_origin = config.show_log_origin;
+    if let Some(level) = level {
+        log::set_max_level(level);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn api_levels_parse() {
+        assert_eq!(parse_level("Warning"), Some(LevelFilter::Warn));
+        assert_eq!(parse_level("Debug"), Some(LevelFilter::Debug));
+        assert_eq!(parse_level("Off"), Some(LevelFilter::Off));
+        assert_eq!(parse_level("loud"), None);
     }
 }

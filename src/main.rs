@@ -1,6 +1,9 @@
 //! `flint`: the command-line front end of the flint microVM monitor.
 
+mod api;
+mod api_mode;
 mod cli;
+mod config_file;
 mod logger;
 mod terminal;
 
@@ -29,11 +32,12 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Command::Boot(config)) => boot(&config, start),
+        Ok(Command::Api(options)) => api_mode::run(&options, start),
         Err(e) => fail(&e),
     }
 }
 
-fn fail(message: &dyn std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(message: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("flint: error: {message}");
     ExitCode::from(STATUS_ERROR)
 }
@@ -54,34 +58,37 @@ fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
     drop(raw_terminal);
     match result {
         Err(e) => fail(&e),
-        Ok(outcome) => {
-            if outcome.unhandled_pio + outcome.unhandled_mmio > 0 {
-                log::info!(
-                    "ignored {} port and {} MMIO accesses that no device handles",
-                    outcome.unhandled_pio,
-                    outcome.unhandled_mmio
-                );
-            }
-            if let Some(m) = outcome.memory {
-                log::debug!(
-                    "memory: VMM overhead {} KiB (resident {} KiB, of which guest RAM {} KiB)",
-                    m.overhead_kib(),
-                    m.rss_kib,
-                    m.guest_kib
-                );
-            }
-            match outcome.ending {
-                Ending::Reset => ExitCode::SUCCESS,
-                Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),
-                Ending::ConsoleQuit => {
-                    log::warn!("stopped the VM from the console (Ctrl-A x)");
-                    ExitCode::from(STATUS_CONSOLE_QUIT)
-                }
-                Ending::Signal(sig) => {
-                    log::warn!("stopped the VM on signal {}", signal_name(sig));
-                    ExitCode::from(128u8.saturating_add(sig as u8))
-                }
-            }
+        Ok(outcome) => report_outcome(outcome),
+    }
+}
+
+/// Log what a finished VM run counted and turn its ending into flint's exit status.
+pub(crate) fn report_outcome(outcome: vmm::Outcome) -> ExitCode {
+    if outcome.unhandled_pio + outcome.unhandled_mmio > 0 {
+        log::info!(
+            "ignored {} port and {} MMIO accesses that no device handles",
+            outcome.unhandled_pio,
+            outcome.unhandled_mmio
+        );
+    }
+    if let Some(m) = outcome.memory {
+        log::debug!(
+            "memory: VMM overhead {} KiB (resident {} KiB, of which guest RAM {} KiB)",
+            m.overhead_kib(),
+            m.rss_kib,
+            m.guest_kib
+        );
+    }
+    match outcome.ending {
+        Ending::Reset => ExitCode::SUCCESS,
+        Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),
+        Ending::ConsoleQuit => {
+            log::warn!("stopped the VM from the console (Ctrl-A x)");
+            ExitCode::from(STATUS_CONSOLE_QUIT)
+        }
+        Ending::Signal(sig) => {
+            log::warn!("stopped the VM on signal {}", signal_name(sig));
+            ExitCode::from(128u8.saturating_add(sig as u8))
         }
     }
 }

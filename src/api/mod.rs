@@ -1,0 +1,15 @@
+//! The REST API: Firecracker's HTTP+JSON API on a Unix socket, turned into the VMM thread's
+//! typed [`vmm::controller::Request`]s and their answers back into HTTP. Described for clients
+//! in `docs/api.yaml`.
+//!
+//! - `http`: HTTP/1.1 framing (request limits, answers),
+//! - `routes`: paths and methods to requests, answers to status codes,
+//! - `schema`: the JSON bodies, shared with the config file,
+//! - `server`: the socket, the server thread and its connections.
+
+mod http;
+mod routes;
+pub mod schema;
+pub mod server;
+
+pub use server::{ApiError, ApiServer};

@@ -1,0 +1,508 @@
+//! Routing: an HTTP method, path and body become a controller [`Request`] (or an answer given
+//! without the VMM), and the VMM's answer becomes an HTTP status and JSON body.
+
+use serde_json::Value;
+use vmm::controller::{Request, RequestError, Response};
+
+use super::schema::{self, BodyError};
+
+/// An answer to send: status, optional JSON body, and for 405 the allowed methods.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Option<Value>,
+    pub allow: Option<&'static str>,
+}
+
+impl Reply {
+    pub fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            body: None,
+            allow: None,
+        }
+    }
+
+    pub fn ok(body: Value) -> Reply {
+        Reply {
+            status: 200,
+            body: Some(body),
+            allow: None,
+        }
+    }
+
+    /// An error answer with Firecracker's body, `{"fault_message": "..."}`.
+    pub fn fault(status: u16, message: impl Into<String>) -> Reply {
+        Reply {
+            status,
+            body: Some(serde_json::json!({ "fault_message": message.into() })),
+            allow: None,
+        }
+    }
+}
+
+/// What to do with one request.
+#[derive(Debug, PartialEq)]
+pub enum Routed {
+    /// Ask the VMM thread.
+    Forward(Request),
+    /// Answer directly (bad request, unknown path, `GET /version`).
+    Reply(Reply),
+}
+
+impl From<BodyError> for Routed {
+    fn from(e: BodyError) -> Routed {
+        Routed::Reply(Reply::fault(400, e.0))
+    }
+}
+
+/// Decode percent-escapes in one path segment.
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The routes: path pattern (`{}` is one non-empty segment) and its methods.
+const ROUTES: &[(&str, &str)] = &[
+    ("/", "GET"),
+    ("/version", "GET"),
+    ("/actions", "PUT"),
+    ("/boot-source", "PUT"),
+    ("/machine-config", "GET, PUT, PATCH"),
+    ("/drives/{}", "PUT, PATCH"),
+    ("/network-interfaces/{}", "PUT"),
+    ("/vsock", "PUT"),
+    ("/entropy", "PUT"),
+    ("/vm", "PATCH"),
+    ("/vm/config", "GET"),
+    ("/logger", "PUT"),
+    ("/metrics", "PUT"),
+];
+
+/// Match `path` (without query) against the routes: the pattern, its methods and the decoded
+/// `{}` segment, if any.
+fn find_route(path: &str) -> Result<Option<(&'static str, &'static str, String)>, Reply> {
+    for (pattern, methods) in ROUTES {
+        match pattern.strip_suffix("{}") {
+            None if path == *pattern => return Ok(Some((pattern, methods, String::new()))),
+            None => {}
+            Some(prefix) => {
+                if let Some(id) = path.strip_prefix(prefix) {
+                    if !id.is_empty() && !id.contains('/') {
+                        let id = percent_decode(id).ok_or_else(|| {
+                            Reply::fault(400, format!("the path {path} has a bad percent-escape"))
+                        })?;
+                        return Ok(Some((pattern, methods, id)));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Parse a request body as one JSON value.
+fn json_body(body: &[u8]) -> Result<Value, Reply> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(Reply::fault(400, "the request needs a JSON body"));
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| Reply::fault(400, format!("the body is not valid JSON: {e}")))
+}
+
+/// The id in the path and the one in the body must agree.
+fn same_id(field: &str, in_path: &str, in_body: &str) -> Result<(), BodyError> {
+    if in_path == in_body {
+        Ok(())
+    } else {
+        Err(BodyError(format!(
+            "{field} '{in_body}' in the body does not match '{in_path}' in the path"
+        )))
+    }
+}
+
+/// Route one request. `path` may carry a query string, which is ignored.
+pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let (pattern, methods, id) = match find_route(path) {
+        Err(reply) => return Routed::Reply(reply),
+        Ok(None) => return Routed::Reply(Reply::fault(404, format!("no such path: {path}"))),
+        Ok(Some(found)) => found,
+    };
+    if !methods.split(", ").any(|m| m == method) {
+        return Routed::Reply(Reply {
+            allow: Some(methods),
+            ..Reply::fault(405, format!("{path} accepts {methods}, not {method}"))
+        });
+    }
+    match (method, pattern) {
+        ("GET", "/") => return Routed::Forward(Request::Describe),
+        ("GET", "/version") => return Routed::Reply(Reply::ok(schema::version_json())),
+        ("GET", "/machine-config") => return Routed::Forward(Request::GetMachineConfig),
+        ("GET", "/vm/config") => return Routed::Forward(Request::GetFullConfig),
+        _ => {}
+    }
+    let v = match json_body(body) {
+        Ok(v) => v,
+        Err(reply) => return Routed::Reply(reply),
+    };
+    match with_body(method, pattern, &id, &v) {
+        Ok(request) => Routed::Forward(request),
+        Err(e) => e.into(),
+    }
+}
+
+/// Requests that carry a JSON body.
+fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<Request, BodyError> {
+    Ok(match (method, pattern) {
+        ("PUT", "/actions") => schema::action(v, "")?,
+        ("PUT", "/boot-source") => Request::SetBootSource(schema::boot_source(v, "")?),
+        ("PUT", "/machine-config") => Request::SetMachineConfig(schema::machine_config(v, "")?),
+        ("PATCH", "/machine-config") => {
+            Request::UpdateMachineConfig(schema::machine_config_update(v, "")?)
+        }
+        ("PUT", "/drives/{}") => {
+            let drive = schema::drive(v, "")?;
+            same_id("drive_id", id, &drive.id)?;
+            Request::SetDrive(drive)
+        }
+        ("PATCH", "/drives/{}") => {
+            let (drive_id, path) = schema::partial_drive(v, "")?;
+            same_id("drive_id", id, &drive_id)?;
+            Request::UpdateDrivePath { id: drive_id, path }
+        }
+        ("PUT", "/network-interfaces/{}") => {
+            let iface = schema::network_interface(v, "")?;
+            same_id("iface_id", id, &iface.id)?;
+            Request::SetNetworkInterface(iface)
+        }
+        ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
+        ("PUT", "/entropy") => {
+            schema::entropy(v, "")?;
+            Request::SetEntropy
+        }
+        ("PATCH", "/vm") => schema::vm_state(v, "")?,
+        ("PUT", "/logger") => Request::SetLogger(schema::logger(v, "")?),
+        ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
+        // Every (method, pattern) pair of ROUTES is handled above or in `route`.
+        _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),
+    })
+}
+
+/// The HTTP answer for the VMM thread's answer.
+pub fn reply_for(result: Result<Response, RequestError>) -> Reply {
+    match result {
+        Ok(Response::Done) => Reply::no_content(),
+        Ok(Response::Info(info)) => Reply::ok(schema::instance_info_json(&info)),
+        Ok(Response::MachineConfig(m)) => Reply::ok(schema::machine_config_json(&m)),
+        Ok(Response::FullConfig(c)) => Reply::ok(crate::config_file::to_json(&c)),
+        Err(RequestError(message)) => Reply::fault(400, message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm::controller::{
+        ApiDrive, BootSource, CacheType, FullConfig, InstanceInfo, LoggerConfig, MachineConfig,
+        MachineConfigUpdate, MetricsConfig, NetworkInterface, VmState, Vsock,
+    };
+
+    fn fwd(method: &str, path: &str, body: &str) -> Request {
+        match route(method, path, body.as_bytes()) {
+            Routed::Forward(r) => r,
+            Routed::Reply(r) => panic!("{method} {path}: {r:?}"),
+        }
+    }
+
+    fn refused(method: &str, path: &str, body: &str) -> (u16, String) {
+        match route(method, path, body.as_bytes()) {
+            Routed::Forward(r) => panic!("{method} {path} was forwarded as {r:?}"),
+            Routed::Reply(r) => {
+                let msg = r.body.as_ref().unwrap()["fault_message"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                assert!(!msg.contains('\n'));
+                (r.status, msg)
+            }
+        }
+    }
+
+    #[test]
+    fn every_route_reaches_its_request() {
+        assert_eq!(fwd("GET", "/", ""), Request::Describe);
+        assert_eq!(fwd("GET", "/?x=1", ""), Request::Describe);
+        assert_eq!(fwd("GET", "/machine-config", ""), Request::GetMachineConfig);
+        assert_eq!(fwd("GET", "/vm/config", ""), Request::GetFullConfig);
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/boot-source",
+                r#"{"kernel_image_path": "/k", "boot_args": "quiet"}"#
+            ),
+            Request::SetBootSource(BootSource {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: Some("quiet".into())
+            })
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/machine-config",
+                r#"{"vcpu_count": 2, "mem_size_mib": 256}"#
+            ),
+            Request::SetMachineConfig(MachineConfig {
+                vcpus: 2,
+                mem_mib: 256,
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            fwd("PATCH", "/machine-config", r#"{"vcpu_count": 4}"#),
+            Request::UpdateMachineConfig(MachineConfigUpdate {
+                vcpus: Some(4),
+                ..Default::default()
+            })
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/drives/rootfs",
+                r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}"#
+            ),
+            Request::SetDrive(ApiDrive {
+                id: "rootfs".into(),
+                path: "/r".into(),
+                root: true,
+                read_only: false,
+                partuuid: None,
+                cache_type: CacheType::Unsafe
+            })
+        );
+        assert_eq!(
+            fwd(
+                "PATCH",
+                "/drives/data",
+                r#"{"drive_id": "data", "path_on_host": "/new"}"#
+            ),
+            Request::UpdateDrivePath {
+                id: "data".into(),
+                path: "/new".into()
+            }
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#
+            ),
+            Request::SetNetworkInterface(NetworkInterface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: None
+            })
+        );
+        assert_eq!(
+            fwd("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
+            Request::SetVsock(Vsock {
+                guest_cid: 3,
+                uds_path: "/v".into()
+            })
+        );
+        assert_eq!(fwd("PUT", "/entropy", "{}"), Request::SetEntropy);
+        assert_eq!(
+            fwd("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
+            Request::Start
+        );
+        assert_eq!(
+            fwd("PATCH", "/vm", r#"{"state": "Paused"}"#),
+            Request::Pause
+        );
+        assert_eq!(
+            fwd("PUT", "/logger", r#"{"log_path": "/l", "level": "Debug"}"#),
+            Request::SetLogger(LoggerConfig {
+                path: "/l".into(),
+                level: Some("Debug".into()),
+                show_level: false,
+                show_log_origin: false
+            })
+        );
+        assert_eq!(
+            fwd("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
+            Request::SetMetrics(MetricsConfig { path: "/m".into() })
+        );
+    }
+
+    #[test]
+    fn version_is_answered_without_the_vmm() {
+        match route("GET", "/version", b"") {
+            Routed::Reply(r) => {
+                assert_eq!(r.status, 200);
+                assert_eq!(
+                    r.body.unwrap()["firecracker_version"],
+                    env!("CARGO_PKG_VERSION")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn ids_in_the_path_are_percent_decoded_and_must_match_the_body() {
+        assert_eq!(
+            fwd(
+                "PATCH",
+                "/drives/my%20disk",
+                r#"{"drive_id": "my disk", "path_on_host": "/n"}"#
+            ),
+            Request::UpdateDrivePath {
+                id: "my disk".into(),
+                path: "/n".into()
+            }
+        );
+        assert_eq!(
+            refused(
+                "PUT",
+                "/drives/a",
+                r#"{"drive_id": "b", "path_on_host": "/r", "is_root_device": true}"#
+            ),
+            (
+                400,
+                "drive_id 'b' in the body does not match 'a' in the path".into()
+            )
+        );
+        assert_eq!(
+            refused(
+                "PUT",
+                "/network-interfaces/eth0",
+                r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#
+            ),
+            (
+                400,
+                "iface_id 'eth1' in the body does not match 'eth0' in the path".into()
+            )
+        );
+        assert_eq!(
+            refused("PATCH", "/drives/a%zz", "{}"),
+            (400, "the path /drives/a%zz has a bad percent-escape".into())
+        );
+    }
+
+    #[test]
+    fn unknown_paths_and_methods() {
+        for path in [
+            "/nope",
+            "/drives",
+            "/drives/",
+            "/drives/a/b",
+            "/machine-config/",
+            "/vm/config/x",
+            "",
+        ] {
+            assert_eq!(refused("GET", path, "").0, 404, "{path}");
+        }
+        let cases = [
+            ("POST", "/"),
+            ("PUT", "/"),
+            ("DELETE", "/drives/a"),
+            ("GET", "/drives/a"),
+            ("PATCH", "/network-interfaces/e"),
+            ("GET", "/actions"),
+            ("PUT", "/vm"),
+            ("PUT", "/vm/config"),
+            ("HEAD", "/version"),
+        ];
+        for (method, path) in cases {
+            match route(method, path, b"{}") {
+                Routed::Reply(r) => {
+                    assert_eq!(r.status, 405, "{method} {path}");
+                    assert!(r.allow.is_some());
+                }
+                other => panic!("{method} {path}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            refused("DELETE", "/machine-config", ""),
+            (
+                405,
+                "/machine-config accepts GET, PUT, PATCH, not DELETE".into()
+            )
+        );
+    }
+
+    #[test]
+    fn bad_bodies() {
+        assert_eq!(
+            refused("PUT", "/actions", ""),
+            (400, "the request needs a JSON body".into())
+        );
+        let (status, msg) = refused("PUT", "/actions", "{");
+        assert_eq!(status, 400);
+        assert!(msg.starts_with("the body is not valid JSON: "), "{msg}");
+        assert_eq!(
+            refused(
+                "PUT",
+                "/actions",
+                r#"{"action_type": "InstanceStart", "x": 1}"#
+            ),
+            (400, "unknown field 'x' (expected action_type)".into())
+        );
+        assert_eq!(
+            refused("PATCH", "/vm", r#"{"state": "Running"}"#),
+            (
+                400,
+                "state must be one of \"Paused\", \"Resumed\", not \"Running\"".into()
+            )
+        );
+    }
+
+    #[test]
+    fn vmm_answers_become_http_answers() {
+        assert_eq!(reply_for(Ok(Response::Done)), Reply::no_content());
+        let r = reply_for(Err(RequestError("the VM is already running".into())));
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            r.body.unwrap()["fault_message"],
+            "the VM is already running"
+        );
+        let r = reply_for(Ok(Response::Info(InstanceInfo {
+            id: "vm1".into(),
+            state: VmState::NotStarted,
+            vmm_version: "0.1.0".into(),
+            app_name: "flint".into(),
+        })));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.body.unwrap(),
+            serde_json::json!({"id": "vm1", "state": "Not started", "vmm_version": "0.1.0",
+                               "app_name": "flint"})
+        );
+        let r = reply_for(Ok(Response::MachineConfig(MachineConfig::default())));
+        assert_eq!(r.body.unwrap()["huge_pages"], "None");
+        let r = reply_for(Ok(Response::FullConfig(FullConfig {
+            boot_source: None,
+            machine: MachineConfig::default(),
+            drives: vec![],
+            network_interfaces: vec![],
+            vsock: None,
+            entropy: true,
+            logger: None,
+            metrics: None,
+        })));
+        assert_eq!(r.body.unwrap()["entropy"], serde_json::json!({}));
+    }
+}

@@ -1,0 +1,986 @@
+//! The JSON bodies of the API and the config file, shared by both: each body is read from a
+//! `serde_json::Value` into the controller's types, with one-sentence errors that name the
+//! field, and each controller type is written back in the same schema.
+//!
+//! Bodies are read by hand rather than with `#[derive(Deserialize)]` so that every error
+//! names its field and says what was expected in plain words.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use vmm::controller::{
+    ApiDrive, BootSource, CacheType, InstanceInfo, LoggerConfig, MachineConfig,
+    MachineConfigUpdate, MetricsConfig, NetworkInterface, Request, Vsock,
+};
+
+/// A body that cannot be accepted: one sentence naming the field and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
+/// Log levels as Firecracker spells them; accepted in any case.
+pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
+
+/// Fields that Firecracker accepts but flint refuses (with the reason).
+const NO_RATE_LIMITERS: &str = "is not supported: flint has no rate limiters yet";
+
+/// Longest JSON value quoted back in an error message.
+const MAX_QUOTED: usize = 40;
+
+/// A JSON value as quoted in an error message, shortened if long.
+fn quote(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() <= MAX_QUOTED {
+        s
+    } else {
+        let cut: String = s.chars().take(MAX_QUOTED).collect();
+        format!("{cut}...")
+    }
+}
+
+/// The fields of one JSON object, checked against the ones a body accepts.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    /// Prefix of error messages, e.g. `drives[1]: ` (empty for API bodies).
+    ctx: String,
+}
+
+impl<'a> Fields<'a> {
+    /// Check that `v` is an object whose keys are all in `allowed` (a key in `refused` with a
+    /// non-null value gets that key's reason instead of "unknown field").
+    fn new(
+        v: &'a Value,
+        ctx: &str,
+        allowed: &[&str],
+        refused: &[(&str, &str)],
+    ) -> Result<Fields<'a>, BodyError> {
+        let ctx = if ctx.is_empty() {
+            String::new()
+        } else {
+            format!("{ctx}: ")
+        };
+        let Value::Object(map) = v else {
+            return Err(BodyError(format!(
+                "{ctx}expected a JSON object, not {}",
+                quote(v)
+            )));
+        };
+        for (key, value) in map {
+            if allowed.contains(&key.as_str()) {
+                continue;
+            }
+            if let Some((_, why)) = refused.iter().find(|(k, _)| k == key) {
+                if value.is_null() {
+                    continue;
+                }
+                return Err(BodyError(format!("{ctx}{key} {why}")));
+            }
+            let expected = if allowed.is_empty() {
+                "no fields are accepted here".to_string()
+            } else {
+                format!("expected {}", allowed.join(", "))
+            };
+            return Err(BodyError(format!(
+                "{ctx}unknown field '{key}' ({expected})"
+            )));
+        }
+        Ok(Fields { map, ctx })
+    }
+
+    fn err(&self, msg: String) -> BodyError {
+        BodyError(format!("{}{msg}", self.ctx))
+    }
+
+    /// The value of `name`, `None` when absent or null.
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map.get(name).filter(|v| !v.is_null())
+    }
+
+    fn required(&self, name: &str) -> Result<&'a Value, BodyError> {
+        match self.map.get(name) {
+            None => Err(self.err(format!("missing required field '{name}'"))),
+            Some(v) => Ok(v),
+        }
+    }
+
+    fn as_str(&self, name: &str, v: &'a Value) -> Result<&'a str, BodyError> {
+        v.as_str()
+            .ok_or_else(|| self.err(format!("{name} must be a string, not {}", quote(v))))
+    }
+
+    fn req_str(&self, name: &str) -> Result<String, BodyError> {
+        let v = self.required(name)?;
+        self.as_str(name, v).map(str::to_string)
+    }
+
+    fn opt_str(&self, name: &str) -> Result<Option<String>, BodyError> {
+        self.get(name)
+            .map(|v| self.as_str(name, v).map(str::to_string))
+            .transpose()
+    }
+
+    fn as_bool(&self, name: &str, v: &Value) -> Result<bool, BodyError> {
+        v.as_bool()
+            .ok_or_else(|| self.err(format!("{name} must be true or false, not {}", quote(v))))
+    }
+
+    fn req_bool(&self, name: &str) -> Result<bool, BodyError> {
+        let v = self.required(name)?;
+        self.as_bool(name, v)
+    }
+
+    fn opt_bool(&self, name: &str) -> Result<Option<bool>, BodyError> {
+        self.get(name).map(|v| self.as_bool(name, v)).transpose()
+    }
+
+    fn as_uint(&self, name: &str, v: &Value, max: u64) -> Result<u64, BodyError> {
+        v.as_u64().filter(|n| *n <= max).ok_or_else(|| {
+            self.err(format!(
+                "{name} must be a whole number from 0 to {max}, not {}",
+                quote(v)
+            ))
+        })
+    }
+
+    fn req_uint(&self, name: &str, max: u64) -> Result<u64, BodyError> {
+        let v = self.required(name)?;
+        self.as_uint(name, v, max)
+    }
+
+    fn opt_uint(&self, name: &str, max: u64) -> Result<Option<u64>, BodyError> {
+        self.get(name)
+            .map(|v| self.as_uint(name, v, max))
+            .transpose()
+    }
+
+    /// A string that must be one of `choices` (exact spelling).
+    fn as_choice(
+        &self,
+        name: &str,
+        v: &Value,
+        choices: &[&'static str],
+    ) -> Result<&'static str, BodyError> {
+        v.as_str()
+            .and_then(|s| choices.iter().find(|c| **c == s).copied())
+            .ok_or_else(|| {
+                let list: Vec<String> = choices.iter().map(|c| format!("\"{c}\"")).collect();
+                self.err(format!(
+                    "{name} must be one of {}, not {}",
+                    list.join(", "),
+                    quote(v)
+                ))
+            })
+    }
+
+    fn req_choice(&self, name: &str, choices: &[&'static str]) -> Result<&'static str, BodyError> {
+        let v = self.required(name)?;
+        self.as_choice(name, v, choices)
+    }
+
+    fn opt_choice(
+        &self,
+        name: &str,
+        choices: &[&'static str],
+    ) -> Result<Option<&'static str>, BodyError> {
+        self.get(name)
+            .map(|v| self.as_choice(name, v, choices))
+            .transpose()
+    }
+}
+
+/// `PUT /boot-source`, config file `boot-source`.
+pub fn boot_source(v: &Value, ctx: &str) -> Result<BootSource, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &["kernel_image_path", "initrd_path", "boot_args"],
+        &[],
+    )?;
+    Ok(BootSource {
+        kernel: f.req_str("kernel_image_path")?.into(),
+        initrd: f.opt_str("initrd_path")?.map(PathBuf::from),
+        cmdline: f.opt_str("boot_args")?,
+    })
+}
+
+const MACHINE_FIELDS: &[&str] = &[
+    "vcpu_count",
+    "mem_size_mib",
+    "smt",
+    "track_dirty_pages",
+    "huge_pages",
+    "cpu_template",
+];
+const HUGE_PAGES: &[&str] = &["None", "2M"];
+/// CPU templates: Firecracker's are refused by the choice list, only "None" is accepted.
+const CPU_TEMPLATES: &[&str] = &["None"];
+
+fn huge_pages(f: &Fields) -> Result<Option<bool>, BodyError> {
+    f.opt_choice("huge_pages", HUGE_PAGES)
+        .map(|c| c.map(|c| c == "2M"))
+}
+
+/// `PUT /machine-config`, config file `machine-config`: optional fields not given take their
+/// defaults, as in Firecracker.
+pub fn machine_config(v: &Value, ctx: &str) -> Result<MachineConfig, BodyError> {
+    let f = Fields::new(v, ctx, MACHINE_FIELDS, &[])?;
+    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
+    let defaults = MachineConfig::default();
+    Ok(MachineConfig {
+        vcpus: f.req_uint("vcpu_count", u32::MAX.into())? as u32,
+        mem_mib: f.req_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?.unwrap_or(defaults.smt),
+        track_dirty_pages: f
+            .opt_bool("track_dirty_pages")?
+            .unwrap_or(defaults.track_dirty_pages),
+        huge_pages: huge_pages(&f)?.unwrap_or(defaults.huge_pages),
+    })
+}
+
+/// `PATCH /machine-config`: every field optional.
+pub fn machine_config_update(v: &Value, ctx: &str) -> Result<MachineConfigUpdate, BodyError> {
+    let f = Fields::new(v, ctx, MACHINE_FIELDS, &[])?;
+    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
+    Ok(MachineConfigUpdate {
+        vcpus: f.opt_uint("vcpu_count", u32::MAX.into())?.map(|n| n as u32),
+        mem_mib: f.opt_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?,
+        track_dirty_pages: f.opt_bool("track_dirty_pages")?,
+        huge_pages: huge_pages(&f)?,
+    })
+}
+
+const CACHE_TYPES: &[&str] = &["Unsafe", "Writeback"];
+const IO_ENGINES: &[&str] = &["Sync"];
+
+/// `PUT /drives/{drive_id}`, config file `drives[]`.
+pub fn drive(v: &Value, ctx: &str) -> Result<ApiDrive, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &[
+            "drive_id",
+            "path_on_host",
+            "is_root_device",
+            "is_read_only",
+            "partuuid",
+            "cache_type",
+            "io_engine",
+        ],
+        &[
+            ("rate_limiter", NO_RATE_LIMITERS),
+            ("socket", "is not supported: flint has no vhost-user drives"),
+        ],
+    )?;
+    let cache_type = match f.opt_choice("cache_type", CACHE_TYPES)? {
+        Some("Writeback") => CacheType::Writeback,
+        _ => CacheType::Unsafe,
+    };
+    f.opt_choice("io_engine", IO_ENGINES)?;
+    Ok(ApiDrive {
+        id: f.req_str("drive_id")?,
+        path: f.req_str("path_on_host")?.into(),
+        root: f.req_bool("is_root_device")?,
+        read_only: f.opt_bool("is_read_only")?.unwrap_or(false),
+        partuuid: f.opt_str("partuuid")?,
+        cache_type,
+    })
+}
+
+/// `PATCH /drives/{drive_id}`: the drive's id and its new backing file.
+pub fn partial_drive(v: &Value, ctx: &str) -> Result<(String, PathBuf), BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &["drive_id", "path_on_host"],
+        &[("rate_limiter", NO_RATE_LIMITERS)],
+    )?;
+    Ok((f.req_str("drive_id")?, f.req_str("path_on_host")?.into()))
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (hex digits in either case).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in mac.iter_mut() {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
+    parts.join(":")
+}
+
+/// `PUT /network-interfaces/{iface_id}`, config file `network-interfaces[]`.
+pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &["iface_id", "host_dev_name", "guest_mac"],
+        &[
+            ("rx_rate_limiter", NO_RATE_LIMITERS),
+            ("tx_rate_limiter", NO_RATE_LIMITERS),
+        ],
+    )?;
+    let mac = match f.opt_str("guest_mac")? {
+        None => None,
+        Some(s) => Some(parse_mac(&s).ok_or_else(|| {
+            f.err(format!(
+                "guest_mac must be a MAC address such as \"06:00:ac:10:00:02\", not \"{s}\""
+            ))
+        })?),
+    };
+    Ok(NetworkInterface {
+        id: f.req_str("iface_id")?,
+        tap: f.req_str("host_dev_name")?,
+        mac,
+    })
+}
+
+/// `PUT /vsock`, config file `vsock`. `vsock_id` (deprecated in Firecracker) is accepted and
+/// ignored.
+pub fn vsock(v: &Value, ctx: &str) -> Result<Vsock, BodyError> {
+    let f = Fields::new(v, ctx, &["guest_cid", "uds_path", "vsock_id"], &[])?;
+    f.opt_str("vsock_id")?;
+    Ok(Vsock {
+        guest_cid: f.req_uint("guest_cid", u32::MAX.into())?,
+        uds_path: f.req_str("uds_path")?.into(),
+    })
+}
+
+/// `PUT /entropy`, config file `entropy`: an empty object.
+pub fn entropy(v: &Value, ctx: &str) -> Result<(), BodyError> {
+    Fields::new(v, ctx, &[], &[("rate_limiter", NO_RATE_LIMITERS)])?;
+    Ok(())
+}
+
+/// `PUT /actions`.
+pub fn action(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["action_type"], &[])?;
+    Ok(
+        match f.req_choice(
+            "action_type",
+            &["InstanceStart", "SendCtrlAltDel", "FlushMetrics"],
+        )? {
+            "InstanceStart" => Request::Start,
+            "SendCtrlAltDel" => Request::SendCtrlAltDel,
+            _ => Request::FlushMetrics,
+        },
+    )
+}
+
+/// `PATCH /vm`.
+pub fn vm_state(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["state"], &[])?;
+    Ok(match f.req_choice("state", &["Paused", "Resumed"])? {
+        "Paused" => Request::Pause,
+        _ => Request::Resume,
+    })
+}
+
+/// `PUT /logger`, config file `logger`. The level is accepted in any case and passed on in
+/// Firecracker's spelling ("Warning", ...).
+pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &["log_path", "level", "show_level", "show_log_origin"],
+        &[(
+            "module",
+            "is not supported: flint cannot filter its log by module",
+        )],
+    )?;
+    let level = match f.get("level") {
+        None => None,
+        Some(l) => Some(
+            l.as_str()
+                .and_then(|s| LOG_LEVELS.iter().find(|c| c.eq_ignore_ascii_case(s)))
+                .map(|c| c.to_string())
+                .ok_or_else(|| {
+                    f.err(format!(
+                        "level must be one of {} (in any case), not {}",
+                        LOG_LEVELS.join(", "),
+                        quote(l)
+                    ))
+                })?,
+        ),
+    };
+    Ok(LoggerConfig {
+        path: f.req_str("log_path")?.into(),
+        level,
+        show_level: f.opt_bool("show_level")?.unwrap_or(false),
+        show_log_origin: f.opt_bool("show_log_origin")?.unwrap_or(false),
+    })
+}
+
+/// `PUT /metrics`, config file `metrics`.
+pub fn metrics(v: &Value, ctx: &str) -> Result<MetricsConfig, BodyError> {
+    let f = Fields::new(v, ctx, &["metrics_path"], &[])?;
+    Ok(MetricsConfig {
+        path: f.req_str("metrics_path")?.into(),
+    })
+}
+
+// ---- Answers and GET /vm/config, in the same schema. ----
+
+fn path_string(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+#[derive(Serialize)]
+struct InstanceInfoOut<'a> {
+    id: &'a str,
+    state: &'static str,
+    vmm_version: &'a str,
+    app_name: &'a str,
+}
+
+/// `GET /` answer.
+pub fn instance_info_json(i: &InstanceInfo) -> Value {
+    to_value(InstanceInfoOut {
+        id: &i.id,
+        state: i.state.as_str(),
+        vmm_version: &i.vmm_version,
+        app_name: &i.app_name,
+    })
+}
+
+/// `GET /version` answer: Firecracker's key and flint's own, both with flint's version.
+pub fn version_json() -> Value {
+    let version = env!("CARGO_PKG_VERSION");
+    serde_json::json!({ "firecracker_version": version, "vmm_version": version })
+}
+
+#[derive(Serialize)]
+struct MachineConfigOut {
+    vcpu_count: u32,
+    mem_size_mib: u64,
+    smt: bool,
+    track_dirty_pages: bool,
+    huge_pages: &'static str,
+}
+
+/// `GET /machine-config` answer.
+pub fn machine_config_json(m: &MachineConfig) -> Value {
+    to_value(MachineConfigOut {
+        vcpu_count: m.vcpus,
+        mem_size_mib: m.mem_mib,
+        smt: m.smt,
+        track_dirty_pages: m.track_dirty_pages,
+        huge_pages: if m.huge_pages { "2M" } else { "None" },
+    })
+}
+
+#[derive(Serialize)]
+struct BootSourceOut {
+    kernel_image_path: String,
+    initrd_path: Option<String>,
+    boot_args: Option<String>,
+}
+
+pub fn boot_source_json(b: &BootSource) -> Value {
+    to_value(BootSourceOut {
+        kernel_image_path: path_string(&b.kernel),
+        initrd_path: b.initrd.as_deref().map(path_string),
+        boot_args: b.cmdline.clone(),
+    })
+}
+
+#[derive(Serialize)]
+struct DriveOut<'a> {
+    drive_id: &'a str,
+    path_on_host: String,
+    is_root_device: bool,
+    is_read_only: bool,
+    partuuid: Option<&'a str>,
+    cache_type: &'static str,
+    io_engine: &'static str,
+}
+
+pub fn drive_json(d: &ApiDrive) -> Value {
+    to_value(DriveOut {
+        drive_id: &d.id,
+        path_on_host: path_string(&d.path),
+        is_root_device: d.root,
+        is_read_only: d.read_only,
+        partuuid: d.partuuid.as_deref(),
+        cache_type: match d.cache_type {
+            CacheType::Unsafe => "Unsafe",
+            CacheType::Writeback => "Writeback",
+        },
+        io_engine: "Sync",
+    })
+}
+
+#[derive(Serialize)]
+struct NetworkInterfaceOut<'a> {
+    iface_id: &'a str,
+    host_dev_name: &'a str,
+    guest_mac: Option<String>,
+}
+
+pub fn network_interface_json(n: &NetworkInterface) -> Value {
+    to_value(NetworkInterfaceOut {
+        iface_id: &n.id,
+        host_dev_name: &n.tap,
+        guest_mac: n.mac.as_ref().map(format_mac),
+    })
+}
+
+#[derive(Serialize)]
+struct VsockOut {
+    guest_cid: u64,
+    uds_path: String,
+}
+
+pub fn vsock_json(v: &Vsock) -> Value {
+    to_value(VsockOut {
+        guest_cid: v.guest_cid,
+        uds_path: path_string(&v.uds_path),
+    })
+}
+
+#[derive(Serialize)]
+struct LoggerOut<'a> {
+    log_path: String,
+    level: Option<&'a str>,
+    show_level: bool,
+    show_log_origin: bool,
+}
+
+pub fn logger_json(l: &LoggerConfig) -> Value {
+    to_value(LoggerOut {
+        log_path: path_string(&l.path),
+        level: l.level.as_deref(),
+        show_level: l.show_level,
+        show_log_origin: l.show_log_origin,
+    })
+}
+
+pub fn metrics_json(m: &MetricsConfig) -> Value {
+    serde_json::json!({ "metrics_path": path_string(&m.path) })
+}
+
+fn to_value(v: impl Serialize) -> Value {
+    // Serializing these plain structs (strings, numbers, booleans) cannot fail.
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err<T: std::fmt::Debug>(r: Result<T, BodyError>) -> String {
+        let msg = r.unwrap_err().0;
+        assert!(!msg.contains('\n'), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn boot_source_bodies() {
+        let b = boot_source(
+            &json!({"kernel_image_path": "/k", "initrd_path": "/i", "boot_args": "quiet"}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            b,
+            BootSource {
+                kernel: "/k".into(),
+                initrd: Some("/i".into()),
+                cmdline: Some("quiet".into())
+            }
+        );
+        let b = boot_source(&json!({"kernel_image_path": "/k", "initrd_path": null}), "").unwrap();
+        assert_eq!((b.initrd, b.cmdline), (None, None));
+        assert_eq!(
+            err(boot_source(&json!({}), "")),
+            "missing required field 'kernel_image_path'"
+        );
+        assert_eq!(
+            err(boot_source(&json!({"kernel_image_path": 5}), "")),
+            "kernel_image_path must be a string, not 5"
+        );
+        assert_eq!(
+            err(boot_source(&json!({"kernel_image_path": null}), "")),
+            "kernel_image_path must be a string, not null"
+        );
+        let e = err(boot_source(
+            &json!({"kernel_image_path": "/k", "kernel": "/k"}),
+            "",
+        ));
+        assert!(
+            e.starts_with("unknown field 'kernel' (expected kernel_image_path"),
+            "{e}"
+        );
+        assert_eq!(
+            err(boot_source(&json!([1]), "")),
+            "expected a JSON object, not [1]"
+        );
+    }
+
+    #[test]
+    fn machine_config_bodies() {
+        let m = machine_config(&json!({"vcpu_count": 2, "mem_size_mib": 256}), "").unwrap();
+        assert_eq!(
+            m,
+            MachineConfig {
+                vcpus: 2,
+                mem_mib: 256,
+                ..MachineConfig::default()
+            }
+        );
+        let m = machine_config(
+            &json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": true, "track_dirty_pages": true,
+                    "huge_pages": "2M", "cpu_template": "None"}),
+            "",
+        )
+        .unwrap();
+        assert!(m.smt && m.track_dirty_pages && m.huge_pages);
+        // 0 vCPUs is for the VMM to refuse; the API passes it on.
+        assert_eq!(
+            machine_config(&json!({"vcpu_count": 0, "mem_size_mib": 128}), "")
+                .unwrap()
+                .vcpus,
+            0
+        );
+        for (body, want) in [
+            (
+                json!({"mem_size_mib": 128}),
+                "missing required field 'vcpu_count'",
+            ),
+            (
+                json!({"vcpu_count": 1}),
+                "missing required field 'mem_size_mib'",
+            ),
+            (
+                json!({"vcpu_count": -1, "mem_size_mib": 128}),
+                "vcpu_count must be a whole number from 0 to 4294967295, not -1",
+            ),
+            (
+                json!({"vcpu_count": 1.5, "mem_size_mib": 128}),
+                "vcpu_count must be a whole number from 0 to 4294967295, not 1.5",
+            ),
+            (
+                json!({"vcpu_count": 4294967296u64, "mem_size_mib": 128}),
+                "vcpu_count must be a whole number from 0 to 4294967295, not 4294967296",
+            ),
+            (
+                json!({"vcpu_count": "2", "mem_size_mib": 128}),
+                "vcpu_count must be a whole number from 0 to 4294967295, not \"2\"",
+            ),
+            (
+                json!({"vcpu_count": 1, "mem_size_mib": 1e30}),
+                "mem_size_mib must be a whole number from 0 to 18446744073709551615, not 1e+30",
+            ),
+            (
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": "yes"}),
+                "smt must be true or false, not \"yes\"",
+            ),
+            (
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "Transparent"}),
+                "huge_pages must be one of \"None\", \"2M\", not \"Transparent\"",
+            ),
+            (
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}),
+                "cpu_template must be one of \"None\", not \"T2\"",
+            ),
+        ] {
+            assert_eq!(err(machine_config(&body, "")), want, "{body}");
+        }
+    }
+
+    #[test]
+    fn machine_config_updates() {
+        assert_eq!(
+            machine_config_update(&json!({}), "").unwrap(),
+            MachineConfigUpdate::default()
+        );
+        let u =
+            machine_config_update(&json!({"mem_size_mib": 512, "huge_pages": "None"}), "").unwrap();
+        assert_eq!(
+            u,
+            MachineConfigUpdate {
+                mem_mib: Some(512),
+                huge_pages: Some(false),
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            err(machine_config_update(&json!({"vcpus": 2}), "")),
+            "unknown field 'vcpus' (expected vcpu_count, mem_size_mib, smt, track_dirty_pages, \
+             huge_pages, cpu_template)"
+        );
+    }
+
+    #[test]
+    fn drive_bodies() {
+        let d = drive(
+            &json!({"drive_id": "rootfs", "path_on_host": "/r.ext4", "is_root_device": true,
+                    "is_read_only": true, "partuuid": "1234-01", "cache_type": "Writeback",
+                    "io_engine": "Sync", "rate_limiter": null}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            d,
+            ApiDrive {
+                id: "rootfs".into(),
+                path: "/r.ext4".into(),
+                root: true,
+                read_only: true,
+                partuuid: Some("1234-01".into()),
+                cache_type: CacheType::Writeback,
+            }
+        );
+        let base = json!({"drive_id": "d", "path_on_host": "/d", "is_root_device": false});
+        let d = drive(&base, "").unwrap();
+        assert!(!d.read_only && d.cache_type == CacheType::Unsafe && d.partuuid.is_none());
+        let with = |k: &str, v: Value| {
+            let mut b = base.clone();
+            b[k] = v;
+            b
+        };
+        assert_eq!(
+            err(drive(&with("io_engine", json!("Async")), "")),
+            "io_engine must be one of \"Sync\", not \"Async\""
+        );
+        assert_eq!(
+            err(drive(&with("rate_limiter", json!({"bandwidth": {}})), "")),
+            "rate_limiter is not supported: flint has no rate limiters yet"
+        );
+        assert_eq!(
+            err(drive(&with("is_root_device", json!(1)), "")),
+            "is_root_device must be true or false, not 1"
+        );
+        assert_eq!(
+            err(drive(&with("cache_type", json!("unsafe")), "")),
+            "cache_type must be one of \"Unsafe\", \"Writeback\", not \"unsafe\""
+        );
+        assert_eq!(
+            err(drive(&json!({"drive_id": "d", "path_on_host": "/d"}), "")),
+            "missing required field 'is_root_device'"
+        );
+        assert_eq!(
+            partial_drive(&json!({"drive_id": "d", "path_on_host": "/n"}), "").unwrap(),
+            ("d".to_string(), PathBuf::from("/n"))
+        );
+        assert_eq!(
+            err(partial_drive(&json!({"drive_id": "d"}), "")),
+            "missing required field 'path_on_host'"
+        );
+    }
+
+    #[test]
+    fn macs() {
+        assert_eq!(
+            parse_mac("06:00:AC:10:00:ff"),
+            Some([6, 0, 0xac, 0x10, 0, 0xff])
+        );
+        for bad in [
+            "",
+            "06:00:ac:10:00",
+            "06:00:ac:10:00:02:03",
+            "6:00:ac:10:00:02",
+            "06:00:ac:10:00:0g",
+            "06-00-ac-10-00-02",
+            "+6:00:ac:10:00:02",
+            "06:00:ac:10:00:02\n",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            format_mac(&[6, 0, 0xac, 0x10, 0, 0xff]),
+            "06:00:ac:10:00:ff"
+        );
+    }
+
+    #[test]
+    fn network_interface_bodies() {
+        let n = network_interface(
+            &json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            n,
+            NetworkInterface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: Some([6, 0, 0xac, 0x10, 0, 2])
+            }
+        );
+        assert_eq!(
+            err(network_interface(
+                &json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00"}),
+                ""
+            )),
+            "guest_mac must be a MAC address such as \"06:00:ac:10:00:02\", not \"06:00\""
+        );
+        assert_eq!(
+            err(network_interface(
+                &json!({"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {}}),
+                ""
+            )),
+            "rx_rate_limiter is not supported: flint has no rate limiters yet"
+        );
+        assert_eq!(
+            err(network_interface(&json!({"iface_id": "eth0"}), "")),
+            "missing required field 'host_dev_name'"
+        );
+    }
+
+    #[test]
+    fn small_bodies() {
+        assert_eq!(
+            vsock(
+                &json!({"guest_cid": 3, "uds_path": "/v.sock", "vsock_id": "v"}),
+                ""
+            )
+            .unwrap(),
+            Vsock {
+                guest_cid: 3,
+                uds_path: "/v.sock".into()
+            }
+        );
+        assert_eq!(
+            err(vsock(&json!({"guest_cid": -3, "uds_path": "/v"}), "")),
+            "guest_cid must be a whole number from 0 to 4294967295, not -3"
+        );
+        entropy(&json!({}), "").unwrap();
+        entropy(&json!({"rate_limiter": null}), "").unwrap();
+        assert_eq!(
+            err(entropy(&json!({"rate_limiter": {}}), "")),
+            "rate_limiter is not supported: flint has no rate limiters yet"
+        );
+        assert_eq!(
+            err(entropy(&json!({"x": 1}), "")),
+            "unknown field 'x' (no fields are accepted here)"
+        );
+        for (a, want) in [
+            ("InstanceStart", Request::Start),
+            ("SendCtrlAltDel", Request::SendCtrlAltDel),
+            ("FlushMetrics", Request::FlushMetrics),
+        ] {
+            assert_eq!(action(&json!({ "action_type": a }), "").unwrap(), want);
+        }
+        assert_eq!(
+            err(action(&json!({"action_type": "Reboot"}), "")),
+            "action_type must be one of \"InstanceStart\", \"SendCtrlAltDel\", \"FlushMetrics\", \
+             not \"Reboot\""
+        );
+        assert_eq!(
+            vm_state(&json!({"state": "Paused"}), "").unwrap(),
+            Request::Pause
+        );
+        assert_eq!(
+            vm_state(&json!({"state": "Resumed"}), "").unwrap(),
+            Request::Resume
+        );
+        assert_eq!(
+            err(vm_state(&json!({}), "")),
+            "missing required field 'state'"
+        );
+        assert_eq!(
+            metrics(&json!({"metrics_path": "/m"}), "").unwrap(),
+            MetricsConfig { path: "/m".into() }
+        );
+    }
+
+    #[test]
+    fn logger_bodies() {
+        let l = logger(
+            &json!({"log_path": "/l", "level": "warning", "show_level": true}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            LoggerConfig {
+                path: "/l".into(),
+                level: Some("Warning".into()),
+                show_level: true,
+                show_log_origin: false
+            }
+        );
+        assert_eq!(
+            err(logger(&json!({"log_path": "/l", "level": "loud"}), "")),
+            "level must be one of Error, Warning, Info, Debug, Trace, Off (in any case), not \"loud\""
+        );
+        assert_eq!(
+            err(logger(&json!({"log_path": "/l", "module": "api"}), "")),
+            "module is not supported: flint cannot filter its log by module"
+        );
+    }
+
+    #[test]
+    fn errors_carry_their_context_and_quote_briefly() {
+        assert_eq!(
+            err(drive(&json!({"drive_id": 1}), "drives[2]")),
+            "drives[2]: drive_id must be a string, not 1"
+        );
+        let long = "x".repeat(100);
+        let e = err(boot_source(&json!({ "kernel_image_path": [long] }), ""));
+        assert!(e.ends_with("...") && e.len() < 120, "{e}");
+    }
+
+    #[test]
+    fn answers_round_trip() {
+        let d = ApiDrive {
+            id: "d".into(),
+            path: "/d".into(),
+            root: false,
+            read_only: true,
+            partuuid: None,
+            cache_type: CacheType::Writeback,
+        };
+        assert_eq!(drive(&drive_json(&d), "").unwrap(), d);
+        let n = NetworkInterface {
+            id: "eth0".into(),
+            tap: "tap0".into(),
+            mac: Some([1, 2, 3, 4, 5, 6]),
+        };
+        assert_eq!(
+            network_interface(&network_interface_json(&n), "").unwrap(),
+            n
+        );
+        let m = MachineConfig {
+            vcpus: 4,
+            mem_mib: 1024,
+            smt: false,
+            track_dirty_pages: true,
+            huge_pages: true,
+        };
+        assert_eq!(machine_config(&machine_config_json(&m), "").unwrap(), m);
+        let b = BootSource {
+            kernel: "/k".into(),
+            initrd: None,
+            cmdline: Some("a=b".into()),
+        };
+        assert_eq!(boot_source(&boot_source_json(&b), "").unwrap(), b);
+        let l = LoggerConfig {
+            path: "/l".into(),
+            level: None,
+            show_level: false,
+            show_log_origin: true,
+        };
+        assert_eq!(logger(&logger_json(&l), "").unwrap(), l);
+        let v = Vsock {
+            guest_cid: 7,
+            uds_path: "/v".into(),
+        };
+        assert_eq!(vsock(&vsock_json(&v), "").unwrap(), v);
+        let v = version_json();
+        assert_eq!(v["firecracker_version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(v["vmm_version"], env!("CARGO_PKG_VERSION"));
+    }
+}

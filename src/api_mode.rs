@@ -1,0 +1,145 @@
+//! `flint --api-sock PATH` / `flint --config-file FILE`: a VMM process configured through the
+//! REST API and/or a config file, whose VMM thread (this one) executes requests in order and
+//! owns the VM.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use vmm::controller::{Controller, Request, RequestError, Response};
+use vmm::{ConsoleIo, Ending};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::api::{ApiError, ApiServer};
+use crate::{config_file, fail, report_outcome, terminal};
+
+/// How the process was asked to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiOptions {
+    pub api_sock: Option<PathBuf>,
+    pub config_file: Option<PathBuf>,
+    pub id: String,
+}
+
+/// A reply channel for one request.
+pub type Reply = mpsc::Sender<Result<Response, RequestError>>;
+
+/// How often metrics are written when a metrics file is configured.
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// Wait until `fds` has a readable descriptor, a signal interrupts the wait, or `timeout`
+/// passes.
+fn wait_readable(fds: &[i32], timeout: Duration) {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+}
+
+/// Run the VMM thread: configure from the file, serve the API, and exit when the VM ends.
+pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
+    let wake = match EventFd::new(EFD_NONBLOCK) {
+        Ok(w) => w,
+        Err(e) => return fail(&format!("cannot create an eventfd: {e}")),
+    };
+    if let Err(e) = vmm::install_stop_signals(&wake) {
+        return fail(&format!("cannot install signal handlers: {e}"));
+    }
+    let raw_terminal = terminal::RawMode::enable_on_stdin();
+    let console = ConsoleIo {
+        output: Box::new(std::io::stdout()),
+        input: Some(Box::new(std::io::stdin())),
+        escape: raw_terminal.is_some(),
+    };
+    let mut controller = Controller::new(options.id.clone(), console, start);
+
+    if let Some(path) = &options.config_file {
+        let requests = match config_file::load(path) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(raw_terminal);
+                return fail(&e);
+            }
+        };
+        for request in requests.into_iter().chain([Request::Start]) {
+            if let Err(e) = controller.handle(request) {
+                drop(raw_terminal);
+                return fail(&format!("{}: {e}", path.display()));
+            }
+        }
+    }
+
+    let (tx, rx) = mpsc::channel::<(Request, Reply)>();
+    let server = match &options.api_sock {
+        Some(path) => match wake
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|w| ApiServer::start(path, tx, w).map_err(|e: ApiError| e.to_string()))
+        {
+            Ok(server) => Some(server),
+            Err(e) => {
+                drop(raw_terminal);
+                return fail(&e);
+            }
+        },
+        None => None,
+    };
+
+    let mut next_metrics = Instant::now() + METRICS_PERIOD;
+    let ending = loop {
+        let mut fds = vec![wake.as_raw_fd()];
+        if let Some(vm) = controller.vm() {
+            fds.push(vm.ending_event().as_raw_fd());
+        }
+        wait_readable(&fds, next_metrics.saturating_duration_since(Instant::now()));
+        if Instant::now() >= next_metrics {
+            if let Err(e) = controller.flush_metrics() {
+                log::warn!("{e}");
+            }
+            next_metrics = Instant::now() + METRICS_PERIOD;
+        }
+        let _ = wake.read();
+        while let Ok((request, reply)) = rx.try_recv() {
+            if let Request::SetLogger(logger) = &request {
+                if let Err(e) = crate::logger::redirect(logger) {
+                    let _ = reply.send(Err(RequestError(e)));
+                    continue;
+                }
+            }
+            // The client may have gone away; nothing to do then.
+            let _ = reply.send(controller.handle(request));
+        }
+        if let Some(vm) = controller.vm() {
+            if let Some(ending) = vm.ending() {
+                break Some(ending);
+            }
+        } else if let Some(sig) = vmm::stop_signal_received() {
+            break Some(Ending::Signal(sig));
+        }
+    };
+    let outcome = match (ending, controller.take_vm()) {
+        (Some(ending), Some(vm)) => Some(vm.shutdown(ending)),
+        _ => None,
+    };
+    if let Some(server) = server {
+        server.stop();
+    }
+    drop(raw_terminal);
+    match outcome {
+        Some(outcome) => report_outcome(outcome),
+        None => {
+            let sig = vmm::stop_signal_received().unwrap_or(libc::SIGTERM);
+            log::warn!("stopped on signal {sig} before the VM started");
+            ExitCode::from(128u8.saturating_add(sig as u8))
+        }
+    }
+}

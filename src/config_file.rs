@@ -1,0 +1,367 @@
+//! The configuration file: one JSON document with the API's bodies under Firecracker's keys
+//! (`boot-source`, `machine-config`, `drives`, ...), turned into the [`Request`]s that
+//! configure the VM; and the same schema written back for `GET /vm/config`.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Map, Value};
+use vmm::controller::{FullConfig, Request};
+
+use crate::api::schema::{self, BodyError};
+
+/// The keys of a config file, in the order their requests are made.
+pub const KEYS: &[&str] = &[
+    "logger",
+    "metrics",
+    "machine-config",
+    "boot-source",
+    "drives",
+    "network-interfaces",
+    "vsock",
+    "entropy",
+];
+
+/// A config file that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid JSON: {message}")]
+    Json { path: PathBuf, message: String },
+    #[error("the config file {path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Read the config file at `path` into the requests that configure the VM (not `Start`).
+pub fn load(path: &Path) -> Result<Vec<Request>, ConfigFileError> {
+    let text = std::fs::read(path).map_err(|source| ConfigFileError::Read {
+        path: path.into(),
+        source,
+    })?;
+    let value: Value = serde_json::from_slice(&text).map_err(|e| ConfigFileError::Json {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    from_json(&value).map_err(|e| ConfigFileError::Invalid {
+        path: path.into(),
+        message: e.0,
+    })
+}
+
+/// The list under `key`: absent or null is empty.
+fn list<'a>(doc: &'a Map<String, Value>, key: &str) -> Result<&'a [Value], BodyError> {
+    match doc.get(key) {
+        None | Some(Value::Null) => Ok(&[]),
+        Some(Value::Array(items)) => Ok(items),
+        Some(other) => Err(BodyError(format!(
+            "{key} must be a list, not {}",
+            match other {
+                Value::Object(_) => "an object",
+                Value::String(_) => "a string",
+                Value::Number(_) => "a number",
+                _ => "true or false",
+            }
+        ))),
+    }
+}
+
+/// Refuse a second item with an id already seen.
+fn unique(seen: &mut HashSet<String>, ctx: &str, field: &str, id: &str) -> Result<(), BodyError> {
+    if seen.insert(id.to_string()) {
+        Ok(())
+    } else {
+        Err(BodyError(format!("{ctx}: {field} '{id}' is used twice")))
+    }
+}
+
+/// The requests that a config document makes, in the order of [`KEYS`].
+pub fn from_json(v: &Value) -> Result<Vec<Request>, BodyError> {
+    let Value::Object(doc) = v else {
+        return Err(BodyError(
+            "the document must be a JSON object with keys such as \"boot-source\"".into(),
+        ));
+    };
+    if let Some(key) = doc.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        return Err(BodyError(format!(
+            "unknown key '{key}' (expected {})",
+            KEYS.join(", ")
+        )));
+    }
+    let section = |key: &str| doc.get(key).filter(|v| !v.is_null());
+    let mut requests = Vec::new();
+    if let Some(v) = section("logger") {
+        requests.push(Request::SetLogger(schema::logger(v, "logger")?));
+    }
+    if let Some(v) = section("metrics") {
+        requests.push(Request::SetMetrics(schema::metrics(v, "metrics")?));
+    }
+    if let Some(v) = section("machine-config") {
+        requests.push(Request::SetMachineConfig(schema::machine_config(
+            v,
+            "machine-config",
+        )?));
+    }
+    if let Some(v) = section("boot-source") {
+        requests.push(Request::SetBootSource(schema::boot_source(
+            v,
+            "boot-source",
+        )?));
+    }
+    let mut ids = HashSet::new();
+    for (i, v) in list(doc, "drives")?.iter().enumerate() {
+        let ctx = format!("drives[{i}]");
+        let drive = schema::drive(v, &ctx)?;
+        unique(&mut ids, &ctx, "drive_id", &drive.id)?;
+        requests.push(Request::SetDrive(drive));
+    }
+    let mut ids = HashSet::new();
+    for (i, v) in list(doc, "network-interfaces")?.iter().enumerate() {
+        let ctx = format!("network-interfaces[{i}]");
+        let iface = schema::network_interface(v, &ctx)?;
+        unique(&mut ids, &ctx, "iface_id", &iface.id)?;
+        requests.push(Request::SetNetworkInterface(iface));
+    }
+    if let Some(v) = section("vsock") {
+        requests.push(Request::SetVsock(schema::vsock(v, "vsock")?));
+    }
+    if let Some(v) = section("entropy") {
+        schema::entropy(v, "entropy")?;
+        requests.push(Request::SetEntropy);
+    }
+    Ok(requests)
+}
+
+/// The whole configuration in the config file's schema (`GET /vm/config`). Sections not
+/// configured are null, as in Firecracker.
+pub fn to_json(config: &FullConfig) -> Value {
+    let or_null = |v: Option<Value>| v.unwrap_or(Value::Null);
+    serde_json::json!({
+        "boot-source": or_null(config.boot_source.as_ref().map(schema::boot_source_json)),
+        "machine-config": schema::machine_config_json(&config.machine),
+        "drives": config.drives.iter().map(schema::drive_json).collect::<Vec<_>>(),
+        "network-interfaces": config
+            .network_interfaces
+            .iter()
+            .map(schema::network_interface_json)
+            .collect::<Vec<_>>(),
+        "vsock": or_null(config.vsock.as_ref().map(schema::vsock_json)),
+        "entropy": if config.entropy { serde_json::json!({}) } else { Value::Null },
+        "logger": or_null(config.logger.as_ref().map(schema::logger_json)),
+        "metrics": or_null(config.metrics.as_ref().map(schema::metrics_json)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use vmm::controller::{
+        ApiDrive, BootSource, CacheType, LoggerConfig, MachineConfig, MetricsConfig,
+        NetworkInterface, Vsock,
+    };
+
+    fn full() -> FullConfig {
+        FullConfig {
+            boot_source: Some(BootSource {
+                kernel: "/k".into(),
+                initrd: Some("/i".into()),
+                cmdline: Some("console=ttyS0".into()),
+            }),
+            machine: MachineConfig {
+                vcpus: 2,
+                mem_mib: 256,
+                ..Default::default()
+            },
+            drives: vec![
+                ApiDrive {
+                    id: "rootfs".into(),
+                    path: "/r".into(),
+                    root: true,
+                    read_only: false,
+                    partuuid: None,
+                    cache_type: CacheType::Unsafe,
+                },
+                ApiDrive {
+                    id: "data".into(),
+                    path: "/d".into(),
+                    root: false,
+                    read_only: true,
+                    partuuid: None,
+                    cache_type: CacheType::Writeback,
+                },
+            ],
+            network_interfaces: vec![NetworkInterface {
+                id: "eth0".into(),
+                tap: "tap0".into(),
+                mac: Some([6, 0, 0xac, 0x10, 0, 2]),
+            }],
+            vsock: Some(Vsock {
+                guest_cid: 3,
+                uds_path: "/v.sock".into(),
+            }),
+            entropy: true,
+            logger: Some(LoggerConfig {
+                path: "/l".into(),
+                level: Some("Info".into()),
+                show_level: true,
+                show_log_origin: false,
+            }),
+            metrics: Some(MetricsConfig { path: "/m".into() }),
+        }
+    }
+
+    #[test]
+    fn a_full_document_makes_every_request_in_order() {
+        let c = full();
+        let requests = from_json(&to_json(&c)).unwrap();
+        assert_eq!(
+            requests,
+            vec![
+                Request::SetLogger(c.logger.clone().unwrap()),
+                Request::SetMetrics(c.metrics.clone().unwrap()),
+                Request::SetMachineConfig(c.machine),
+                Request::SetBootSource(c.boot_source.clone().unwrap()),
+                Request::SetDrive(c.drives[0].clone()),
+                Request::SetDrive(c.drives[1].clone()),
+                Request::SetNetworkInterface(c.network_interfaces[0].clone()),
+                Request::SetVsock(c.vsock.clone().unwrap()),
+                Request::SetEntropy,
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_configuration_is_written_with_nulls_and_reads_back() {
+        let c = FullConfig {
+            boot_source: None,
+            machine: MachineConfig::default(),
+            drives: vec![],
+            network_interfaces: vec![],
+            vsock: None,
+            entropy: false,
+            logger: None,
+            metrics: None,
+        };
+        let v = to_json(&c);
+        assert_eq!(v["boot-source"], Value::Null);
+        assert_eq!(v["entropy"], Value::Null);
+        assert_eq!(v["drives"], json!([]));
+        assert_eq!(
+            from_json(&v).unwrap(),
+            vec![Request::SetMachineConfig(MachineConfig::default())]
+        );
+        assert_eq!(from_json(&json!({})).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn the_firecracker_getting_started_document_loads() {
+        let doc = json!({
+            "boot-source": {
+                "kernel_image_path": "vmlinux",
+                "boot_args": "console=ttyS0 reboot=k panic=1 pci=off",
+                "initrd_path": null
+            },
+            "drives": [{
+                "drive_id": "rootfs",
+                "partuuid": null,
+                "is_root_device": true,
+                "cache_type": "Unsafe",
+                "is_read_only": false,
+                "path_on_host": "rootfs.ext4",
+                "io_engine": "Sync",
+                "rate_limiter": null,
+                "socket": null
+            }],
+            "machine-config": {
+                "vcpu_count": 2,
+                "mem_size_mib": 1024,
+                "smt": false,
+                "track_dirty_pages": false,
+                "huge_pages": "None"
+            },
+            "network-interfaces": [],
+            "vsock": null,
+            "logger": null,
+            "metrics": null,
+            "entropy": null
+        });
+        assert_eq!(from_json(&doc).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn bad_documents_are_refused_with_the_place() {
+        let cases = [
+            (json!([]), "the document must be a JSON object with keys such as \"boot-source\""),
+            (
+                json!({"balloon": {}}),
+                "unknown key 'balloon' (expected logger, metrics, machine-config, boot-source, \
+                 drives, network-interfaces, vsock, entropy)",
+            ),
+            (json!({"drives": {}}), "drives must be a list, not an object"),
+            (
+                json!({"drives": [{"drive_id": "a", "path_on_host": "/a", "is_root_device": 1}]}),
+                "drives[0]: is_root_device must be true or false, not 1",
+            ),
+            (
+                json!({"drives": [
+                    {"drive_id": "a", "path_on_host": "/a", "is_root_device": true},
+                    {"drive_id": "a", "path_on_host": "/b", "is_root_device": false}]}),
+                "drives[1]: drive_id 'a' is used twice",
+            ),
+            (
+                json!({"network-interfaces": [
+                    {"iface_id": "e", "host_dev_name": "t0"},
+                    {"iface_id": "e", "host_dev_name": "t1"}]}),
+                "network-interfaces[1]: iface_id 'e' is used twice",
+            ),
+            (
+                json!({"machine-config": {"vcpu_count": 1}}),
+                "machine-config: missing required field 'mem_size_mib'",
+            ),
+            (
+                json!({"boot-source": {"kernel_image_path": "/k", "x": 1}}),
+                "boot-source: unknown field 'x' (expected kernel_image_path, initrd_path, boot_args)",
+            ),
+            (
+                json!({"entropy": {"rate_limiter": {}}}),
+                "entropy: rate_limiter is not supported: flint has no rate limiters yet",
+            ),
+            (json!({"vsock": 3}), "vsock: expected a JSON object, not 3"),
+        ];
+        for (doc, want) in cases {
+            assert_eq!(from_json(&doc).unwrap_err().0, want, "{doc}");
+        }
+    }
+
+    #[test]
+    fn load_reads_files_and_names_them_in_errors() {
+        let dir = std::env::temp_dir().join(format!("flint-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(&good, to_json(&full()).to_string()).unwrap();
+        assert_eq!(load(&good).unwrap().len(), 9);
+
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, "{\"drives\": [}").unwrap();
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "the config file {} is not valid JSON: ",
+                bad.display()
+            )),
+            "{e}"
+        );
+        std::fs::write(&bad, "{\"boot\": {}}").unwrap();
+        let e = load(&bad).unwrap_err().to_string();
+        assert!(e.contains("is invalid: unknown key 'boot'"), "{e}");
+        let missing = dir.join("missing.json");
+        let e = load(&missing).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read the config file "), "{e}");
+        assert!(!e.contains('\n'));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
