@@ -135,6 +135,11 @@ impl TestQueue {
         head
     }
 
+    /// The descriptor slot the next [`TestQueue::add_chain`] starts at.
+    pub fn next_desc(&self) -> u16 {
+        self.next_desc
+    }
+
     /// The used ring's `idx`.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(self.used.unchecked_add(2)).unwrap()
@@ -175,5 +180,64 @@ impl TempFile {
 impl Drop for TempFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Runs a device's backend on a real `event-manager` loop, like the VMM's event loop does.
+pub struct BackendLoop<D: super::VirtioDevice + 'static> {
+    pub device: Arc<std::sync::Mutex<D>>,
+    manager: event_manager::EventManager<BackendSubscriber<D>>,
+}
+
+/// Forwards a device's backend events from the event loop.
+pub struct BackendSubscriber<D: super::VirtioDevice>(Arc<std::sync::Mutex<D>>);
+
+impl<D: super::VirtioDevice> event_manager::MutEventSubscriber for BackendSubscriber<D> {
+    fn init(&mut self, ops: &mut event_manager::EventOps) {
+        self.0.lock().unwrap().init_backend(ops);
+    }
+
+    fn process(&mut self, events: event_manager::Events, ops: &mut event_manager::EventOps) {
+        assert!(events.data() >= super::BACKEND_EVENT_BASE);
+        self.0.lock().unwrap().process_backend(events, ops);
+    }
+}
+
+impl<D: super::VirtioDevice + 'static> BackendLoop<D> {
+    /// Register `device`'s backend with a fresh event manager.
+    pub fn new(device: D) -> Self {
+        use event_manager::SubscriberOps;
+        let device = Arc::new(std::sync::Mutex::new(device));
+        let mut manager = event_manager::EventManager::new().unwrap();
+        manager.add_subscriber(BackendSubscriber(device.clone()));
+        BackendLoop { device, manager }
+    }
+
+    /// Dispatch whatever is ready within `timeout_ms`; returns the number of events.
+    pub fn run_once(&mut self, timeout_ms: i32) -> usize {
+        self.manager.run_with_timeout(timeout_ms).unwrap()
+    }
+
+    /// Run the loop until `done` holds (checked after each round) or `timeout` passes.
+    pub fn run_until(
+        &mut self,
+        timeout: std::time::Duration,
+        mut done: impl FnMut(&mut D) -> bool,
+    ) -> bool {
+        let end = std::time::Instant::now() + timeout;
+        loop {
+            if done(&mut self.device.lock().unwrap()) {
+                return true;
+            }
+            if std::time::Instant::now() >= end {
+                return false;
+            }
+            self.run_once(10);
+        }
+    }
+
+    /// The device, locked.
+    pub fn dev(&self) -> std::sync::MutexGuard<'_, D> {
+        self.device.lock().unwrap()
     }
 }

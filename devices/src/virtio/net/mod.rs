@@ -1,0 +1,735 @@
+//! virtio-net (virtio 1.2 section 5.1) backed by a Linux TAP interface.
+//!
+//! Every frame crosses the device with the 12-byte `virtio_net_hdr_v1` in front of it. The TAP
+//! is opened with `IFF_VNET_HDR` and the same header size, so the header the guest writes on
+//! transmit goes to the kernel as is (checksum and segmentation offload requests included), and
+//! the header the kernel writes on receive goes to the guest with `num_buffers` filled in.
+//!
+//! The TAP is registered edge-triggered for reading and writing with the VMM's event loop:
+//! - Receive: frames are read from the TAP only while the guest has receive buffers. When it
+//!   has none, the device stops reading (frames wait in the kernel's queue) and resumes when
+//!   the driver refills the receive queue.
+//! - Transmit: chains go to the TAP with `writev(2)` straight from guest memory. When the TAP
+//!   is full, the chain stays in the queue and transmission resumes when the TAP becomes
+//!   writable again.
+
+pub mod tap;
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use log::{debug, warn};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{
+    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET, VIRTIO_F_VERSION_1,
+};
+use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+
+/// The size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Index of the receive queue.
+pub const RX_QUEUE: usize = 0;
+/// Index of the transmit queue.
+pub const TX_QUEUE: usize = 1;
+/// Longest frame (without the virtio-net header) in either direction: a 64 KiB GSO packet
+/// plus an Ethernet header with a VLAN tag.
+pub const MAX_FRAME_LEN: usize = 65536 + 18;
+/// Shortest frame the device transmits: an Ethernet header.
+pub const MIN_FRAME_LEN: usize = 14;
+
+/// Feature bits (virtio 1.2 section 5.1.3).
+pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
+pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
+pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
+pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
+pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
+pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
+pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
+pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
+pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+
+/// `status` in the configuration space: the link is up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Configuration space: mac[6], status (le16).
+const CONFIG_LEN: usize = 8;
+/// Offset of `num_buffers` in the virtio-net header.
+const NUM_BUFFERS_OFFSET: usize = 10;
+/// The event-loop data value of the TAP.
+const TAP_EVENT: u32 = BACKEND_EVENT_BASE;
+
+/// Why a network device cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot set up the network device on TAP {name}: {source}")]
+    Tap { name: String, source: TapError },
+    #[error("the MAC address {mac} for TAP {name} is a multicast or all-zero address")]
+    BadMac { name: String, mac: String },
+}
+
+/// Why a MAC address string was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MacError {
+    #[error("{0:?} is not a MAC address of the form aa:bb:cc:dd:ee:ff")]
+    Syntax(String),
+    #[error("{0:?} is a multicast MAC address; a NIC needs a unicast one")]
+    Multicast(String),
+    #[error("{0:?} is the all-zero MAC address")]
+    Zero(String),
+}
+
+/// Parse `aa:bb:cc:dd:ee:ff` (hex, either case) into a unicast, non-zero MAC address.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], MacError> {
+    let syntax = || MacError::Syntax(s.to_string());
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in mac.iter_mut() {
+        let p = parts.next().ok_or_else(syntax)?;
+        if p.len() != 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(syntax());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| syntax())?;
+    }
+    if parts.next().is_some() {
+        return Err(syntax());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(MacError::Multicast(s.to_string()));
+    }
+    if mac == [0; 6] {
+        return Err(MacError::Zero(s.to_string()));
+    }
+    Ok(mac)
+}
+
+/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The MAC address of the `index`-th network device of a VM when none is given: locally
+/// administered unicast `06:46:4c:4e:54:<index>` ("FLNT"), the same on every run. VMs that
+/// share a bridge need explicit, distinct addresses.
+pub fn default_mac(index: u8) -> [u8; 6] {
+    [0x06, 0x46, 0x4c, 0x4e, 0x54, index]
+}
+
+/// Frame and error counters, shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_frames: AtomicU64,
+    /// Frame bytes (without the virtio-net header) delivered to the guest.
+    pub rx_bytes: AtomicU64,
+    /// Frames read from the TAP and dropped: larger than the guest's receive buffers, or
+    /// shorter than a header.
+    pub rx_dropped: AtomicU64,
+    /// TAP read failures and unusable receive chains (returned to the guest empty).
+    pub rx_errors: AtomicU64,
+    /// Frames written to the TAP.
+    pub tx_frames: AtomicU64,
+    /// Frame bytes (without the virtio-net header) written to the TAP.
+    pub tx_bytes: AtomicU64,
+    /// Malformed transmit chains, dropped.
+    pub tx_malformed: AtomicU64,
+    /// Frames the TAP refused (other than being full), dropped.
+    pub tx_errors: AtomicU64,
+    /// Times the TAP was full and transmission paused until it became writable.
+    pub tx_blocked: AtomicU64,
+}
+
+fn inc(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A checked guest memory range: inside guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// What is wrong with a transmit chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TxError {
+    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
+    BrokenChain,
+    #[error("the chain has a device-writable descriptor")]
+    WrongDirection,
+    #[error("a descriptor is not inside guest memory")]
+    OutsideMemory,
+    #[error("the chain holds {0} bytes, less than a virtio-net header and an Ethernet header")]
+    TooShort(u64),
+    #[error("the chain holds {0} bytes, more than a virtio-net header and the largest frame")]
+    TooLong(u64),
+}
+
+/// What is wrong with a receive chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RxChainError {
+    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
+    BrokenChain,
+    #[error("the chain has a device-readable descriptor")]
+    WrongDirection,
+    #[error("a descriptor is not inside guest memory")]
+    OutsideMemory,
+    #[error("the chain cannot hold a virtio-net header")]
+    TooShort,
+}
+
+/// Check a transmit chain: device-readable descriptors inside guest memory holding a
+/// virtio-net header and a frame of sane size. Returns the non-empty segments in order.
+pub fn parse_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<Vec<Segment>, TxError> {
+    let mut segs = Vec::new();
+    let mut total = 0u64;
+    let mut last = None;
+    for d in chain {
+        last = Some(d);
+        if d.is_write_only() {
+            return Err(TxError::WrongDirection);
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(TxError::OutsideMemory);
+        }
+        total += u64::from(d.len());
+        if total > (VNET_HDR_LEN + MAX_FRAME_LEN) as u64 {
+            return Err(TxError::TooLong(total));
+        }
+        segs.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+        });
+    }
+    // Iteration stops early, leaving `next` set, on loops and unreadable descriptors.
+    if last.is_none_or(|d| d.has_next()) {
+        return Err(TxError::BrokenChain);
+    }
+    if total < (VNET_HDR_LEN + MIN_FRAME_LEN) as u64 {
+        return Err(TxError::TooShort(total));
+    }
+    Ok(segs)
+}
+
+/// A receive chain taken from the queue but not used yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RxChain {
+    head: u16,
+    segs: Vec<Segment>,
+    capacity: usize,
+}
+
+/// Check a receive chain: device-writable descriptors inside guest memory with room for at
+/// least a virtio-net header.
+fn parse_rx_chain(
+    mem: &GuestMemoryMmap,
+    head: u16,
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<RxChain, RxChainError> {
+    let mut segs = Vec::new();
+    let mut capacity = 0usize;
+    let mut last = None;
+    for d in chain {
+        last = Some(d);
+        if !d.is_write_only() {
+            return Err(RxChainError::WrongDirection);
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(RxChainError::OutsideMemory);
+        }
+        capacity = capacity.saturating_add(d.len() as usize);
+        segs.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+        });
+    }
+    if last.is_none_or(|d| d.has_next()) {
+        return Err(RxChainError::BrokenChain);
+    }
+    if capacity < VNET_HDR_LEN {
+        return Err(RxChainError::TooShort);
+    }
+    Ok(RxChain {
+        head,
+        segs,
+        capacity,
+    })
+}
+
+/// Write `data` into `segs` from their start; `data` fits.
+fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], mut data: &[u8]) -> bool {
+    for s in segs {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(s.len as usize);
+        if mem.write_slice(&data[..n], s.addr).is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    data.is_empty()
+}
+
+/// Outcome of trying to hand one frame to the guest.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivery {
+    Delivered,
+    /// Not enough receive buffers yet; keep the frame.
+    NoBuffers,
+    /// The frame can never fit the guest's buffers.
+    TooBig,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+    mrg_rxbuf: bool,
+    /// Receive chains popped from the queue and not used yet, in order.
+    rx_chains: VecDeque<RxChain>,
+    /// Used entries added since the last interrupt.
+    rx_used: bool,
+    tx_used: bool,
+}
+
+impl Active {
+    /// Pop receive chains until `want` bytes fit (or one chain, without mergeable buffers).
+    /// Returns whether the stash holds enough.
+    fn stash_rx(&mut self, want: usize, metrics: &NetMetrics) -> bool {
+        loop {
+            let have: usize = if self.mrg_rxbuf {
+                self.rx_chains.iter().map(|c| c.capacity).sum()
+            } else {
+                self.rx_chains.front().map_or(0, |c| c.capacity)
+            };
+            if have >= want || (!self.mrg_rxbuf && !self.rx_chains.is_empty()) {
+                return have >= want;
+            }
+            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+                return false;
+            };
+            let head = chain.head_index();
+            match parse_rx_chain(&self.mem, head, chain) {
+                Ok(c) => self.rx_chains.push_back(c),
+                Err(e) => {
+                    debug!("virtio-net: unusable receive chain: {e}");
+                    inc(&metrics.rx_errors, 1);
+                    self.add_used_rx(head, 0);
+                }
+            }
+        }
+    }
+
+    fn add_used_rx(&mut self, head: u16, len: u32) {
+        if let Err(e) = self.rx.add_used(&self.mem, head, len) {
+            warn!("virtio-net: cannot return a receive buffer: {e}");
+        }
+        self.rx_used = true;
+    }
+
+    /// Whether the guest offers a receive buffer (stashed or in the ring).
+    fn has_rx_buffer(&mut self, metrics: &NetMetrics) -> bool {
+        self.stash_rx(1, metrics)
+    }
+
+    /// Hand `frame` (virtio-net header included) to the guest.
+    fn deliver(&mut self, frame: &mut [u8], metrics: &NetMetrics) -> Delivery {
+        if !self.stash_rx(frame.len(), metrics) {
+            if !self.mrg_rxbuf && !self.rx_chains.is_empty() {
+                return Delivery::TooBig;
+            }
+            // The whole ring is ours and still too small: it will never fit.
+            if self.rx_chains.len() >= usize::from(self.rx.size()) {
+                return Delivery::TooBig;
+            }
+            return Delivery::NoBuffers;
+        }
+        let mut chains = Vec::new();
+        let mut covered = 0usize;
+        while covered < frame.len() {
+            let Some(c) = self.rx_chains.pop_front() else {
+                break;
+            };
+            covered += c.capacity;
+            chains.push(c);
+        }
+        // At most the queue size, which fits in 16 bits.
+        let num_buffers = chains.len() as u16;
+        frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
+        let mut rest: &[u8] = frame;
+        let mut ok = true;
+        for c in chains {
+            let n = rest.len().min(c.capacity);
+            ok &= write_segments(&self.mem, &c.segs, &rest[..n]);
+            rest = &rest[n..];
+            // `n` is at most the frame length.
+            self.add_used_rx(c.head, n as u32);
+        }
+        if !ok {
+            inc(&metrics.rx_errors, 1);
+        }
+        Delivery::Delivered
+    }
+
+    fn signal(&mut self) {
+        let mut notify = false;
+        if std::mem::take(&mut self.rx_used) {
+            notify |= self.rx.needs_notification(&self.mem).unwrap_or(true);
+        }
+        if std::mem::take(&mut self.tx_used) {
+            notify |= self.tx.needs_notification(&self.mem).unwrap_or(true);
+        }
+        if notify {
+            self.interrupt.signal_used_queue();
+        }
+    }
+}
+
+/// A virtio network device on a TAP interface.
+pub struct Net {
+    tap: Tap,
+    mac: [u8; 6],
+    avail_features: u64,
+    acked_features: u64,
+    config: [u8; CONFIG_LEN],
+    active: Option<Active>,
+    /// Receive bounce buffer: one frame with its header.
+    rx_buf: Vec<u8>,
+    /// Length of a frame in `rx_buf` waiting for receive buffers.
+    rx_pending: Option<usize>,
+    /// The TAP may have frames queued (edge-triggered: cleared only on `EAGAIN`).
+    tap_readable: bool,
+    /// The TAP was full; waiting for it to become writable.
+    tx_blocked: bool,
+    metrics: Arc<NetMetrics>,
+}
+
+impl Net {
+    /// A network device on the TAP `tap_name` (attached to if it exists, created otherwise)
+    /// with the MAC address `mac`.
+    pub fn new(tap_name: &str, mac: [u8; 6]) -> Result<Net, NetError> {
+        if mac[0] & 1 != 0 || mac == [0; 6] {
+            return Err(NetError::BadMac {
+                name: tap_name.to_string(),
+                mac: format_mac(&mac),
+            });
+        }
+        let tap = Tap::open_or_create(tap_name).map_err(|source| NetError::Tap {
+            name: tap_name.to_string(),
+            source,
+        })?;
+        let mut config = [0u8; CONFIG_LEN];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        Ok(Net {
+            tap,
+            mac,
+            avail_features: VIRTIO_F_VERSION_1
+                | VIRTIO_NET_F_MAC
+                | VIRTIO_NET_F_STATUS
+                | VIRTIO_NET_F_CSUM
+                | VIRTIO_NET_F_GUEST_CSUM
+                | VIRTIO_NET_F_GUEST_TSO4
+                | VIRTIO_NET_F_GUEST_TSO6
+                | VIRTIO_NET_F_HOST_TSO4
+                | VIRTIO_NET_F_HOST_TSO6
+                | VIRTIO_NET_F_MRG_RXBUF,
+            acked_features: 0,
+            config,
+            active: None,
+            rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
+            rx_pending: None,
+            tap_readable: true,
+            tx_blocked: false,
+            metrics: Arc::new(NetMetrics::default()),
+        })
+    }
+
+    /// The TAP interface.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// The counters; the handle stays valid for the device's lifetime.
+    pub fn metrics(&self) -> Arc<NetMetrics> {
+        self.metrics.clone()
+    }
+
+    /// The features the driver accepted at the last activation.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    /// The TAP reported `set`.
+    fn tap_event(&mut self, set: EventSet) {
+        if set.contains(EventSet::ERROR) || set.contains(EventSet::HANG_UP) {
+            debug!("virtio-net {}: TAP reported {set:?}", self.tap.name());
+        }
+        if set.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+            self.tap_readable = true;
+        }
+        if set.contains(EventSet::OUT) && self.tx_blocked {
+            self.tx_blocked = false;
+            self.process_tx();
+        }
+        self.process_rx();
+    }
+
+    /// Move frames from the TAP to the guest while it has buffers.
+    fn process_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let m = &*self.metrics;
+        loop {
+            let len = match self.rx_pending.take() {
+                Some(len) => len,
+                None => {
+                    if !self.tap_readable || !active.has_rx_buffer(m) {
+                        break;
+                    }
+                    match self.tap.read_frame(&mut self.rx_buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            self.tap_readable = false;
+                            break;
+                        }
+                        Err(e) => {
+                            debug!("virtio-net {}: TAP read failed: {e}", self.tap.name());
+                            inc(&m.rx_errors, 1);
+                            // Wait for the next edge rather than spin on a failing TAP.
+                            self.tap_readable = false;
+                            break;
+                        }
+                    }
+                }
+            };
+            if len < VNET_HDR_LEN {
+                inc(&m.rx_dropped, 1);
+                continue;
+            }
+            match active.deliver(&mut self.rx_buf[..len], m) {
+                Delivery::Delivered => {
+                    inc(&m.rx_frames, 1);
+                    inc(&m.rx_bytes, (len - VNET_HDR_LEN) as u64);
+                }
+                Delivery::TooBig => {
+                    debug!(
+                        "virtio-net {}: dropped a {len}-byte frame larger than the receive buffers",
+                        self.tap.name()
+                    );
+                    inc(&m.rx_dropped, 1);
+                }
+                Delivery::NoBuffers => {
+                    self.rx_pending = Some(len);
+                    break;
+                }
+            }
+        }
+        active.signal();
+    }
+
+    /// Move frames from the guest's transmit queue to the TAP.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let m = &*self.metrics;
+        let mem = active.mem.clone();
+        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            match parse_tx_chain(&mem, chain) {
+                Err(e) => {
+                    debug!(
+                        "virtio-net {}: malformed transmit chain: {e}",
+                        self.tap.name()
+                    );
+                    inc(&m.tx_malformed, 1);
+                }
+                Ok(segs) => match write_frame(&self.tap, &mem, &segs) {
+                    Ok(n) => {
+                        inc(&m.tx_frames, 1);
+                        inc(&m.tx_bytes, n.saturating_sub(VNET_HDR_LEN) as u64);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Leave the chain in the queue; retry when the TAP is writable.
+                        let next = active.tx.next_avail().wrapping_sub(1);
+                        active.tx.set_next_avail(next);
+                        self.tx_blocked = true;
+                        inc(&m.tx_blocked, 1);
+                        break;
+                    }
+                    Err(e) => {
+                        debug!("virtio-net {}: TAP write failed: {e}", self.tap.name());
+                        inc(&m.tx_errors, 1);
+                    }
+                },
+            }
+            if let Err(e) = active.tx.add_used(&mem, head, 0) {
+                warn!(
+                    "virtio-net {}: cannot return a transmit buffer: {e}",
+                    self.tap.name()
+                );
+                break;
+            }
+            active.tx_used = true;
+        }
+        active.signal();
+    }
+}
+
+/// `writev` the frame in `segs` (checked to lie in `mem`) to the TAP.
+fn write_frame(tap: &Tap, mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result<usize> {
+    let mut slices = Vec::with_capacity(segs.len());
+    for s in segs {
+        for slice in GuestMemoryBackend::get_slices(mem, s.addr, s.len as usize) {
+            slices.push(slice.map_err(|e| io::Error::other(e.to_string()))?);
+        }
+    }
+    let guards: Vec<_> = slices.iter().map(|s| (s.ptr_guard(), s.len())).collect();
+    let iovs: Vec<libc::iovec> = guards
+        .iter()
+        .map(|(g, len)| libc::iovec {
+            iov_base: g.as_ptr() as *mut libc::c_void,
+            iov_len: *len,
+        })
+        .collect();
+    // SAFETY: each iovec points into a mapped guest memory region (`get_slices` checked the
+    // range), kept alive by `mem` and the pointer guards for the duration of the call.
+    unsafe { tap.writev(&iovs) }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        TYPE_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { want: 2, got });
+        };
+        let mut offload = 0;
+        if acked_features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+            offload |= TUN_F_CSUM;
+            if acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+                offload |= TUN_F_TSO4;
+            }
+            if acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+                offload |= TUN_F_TSO6;
+            }
+        }
+        self.tap
+            .set_offload(offload)
+            .map_err(|e| ActivateError::Backend(e.to_string()))?;
+        self.acked_features = acked_features;
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            mrg_rxbuf: acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            rx_chains: VecDeque::new(),
+            rx_used: false,
+            tx_used: false,
+        });
+        self.tx_blocked = false;
+        // Frames may have queued up while the device was not running.
+        self.tap_readable = true;
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match index {
+            RX_QUEUE => self.process_rx(),
+            TX_QUEUE => {
+                self.process_tx();
+                // Frames to the guest may be waiting too; cheap when none are.
+                self.process_rx();
+            }
+            _ => {}
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.acked_features = 0;
+        if self.rx_pending.take().is_some() {
+            inc(&self.metrics.rx_dropped, 1);
+        }
+        self.tx_blocked = false;
+        // No offloads for whatever reads the TAP's frames next.
+        if let Err(e) = self.tap.set_offload(0) {
+            warn!("virtio-net: {e}");
+        }
+    }
+
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        let set = EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED;
+        if let Err(e) = ops.add(Events::with_data_raw(self.tap.as_raw_fd(), TAP_EVENT, set)) {
+            warn!(
+                "virtio-net {}: cannot watch the TAP: {e:?}",
+                self.tap.name()
+            );
+        }
+    }
+
+    fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() == TAP_EVENT {
+            self.tap_event(events.event_set());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,962 @@
+//! virtio-vsock (virtio 1.2 section 5.10) with the guest's streams mapped to Unix sockets on
+//! the host:
+//!
+//! - Host to guest: a host program connects to the device's socket (`uds_path`) and sends
+//!   `CONNECT <port>\n`; the device opens a stream to guest port `<port>` from a host port it
+//!   allocates (counting up from [`FIRST_HOST_PORT`]). When the guest accepts, the program
+//!   reads `OK <host port>\n` and the socket carries the stream; when the guest refuses, the
+//!   socket is closed.
+//! - Guest to host: a guest connecting to CID 2 port `P` makes the device connect to the Unix
+//!   socket `<uds_path>_P`.
+//!
+//! Every stream has its own credit in both directions: the device never sends the guest more
+//! than it has room for, and buffers at most what it advertised for data on its way to a slow
+//! host socket. Host sockets are non-blocking and watched edge-triggered on the VMM's event
+//! loop; socket registrations made while serving a queue notification (which has no access
+//! to the event loop) are handed to the loop through an internal eventfd.
+
+pub mod conn;
+pub mod packet;
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events};
+use log::{debug, warn};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{
+    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
+    VIRTIO_F_VERSION_1,
+};
+use conn::{ConnError, Connection, State};
+use packet::{
+    check_guest_header, parse_connect_line, rst_for, Header, Op, HDR_LEN, MAX_PAYLOAD, OP_RST,
+};
+
+/// The size of each queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Queue indexes.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+pub const EVENT_QUEUE: usize = 2;
+/// The first host port handed out for host-initiated connections.
+pub const FIRST_HOST_PORT: u32 = 1024;
+/// Longest `CONNECT <port>\n` line accepted from a host program.
+pub const MAX_CONNECT_LINE: usize = 64;
+/// Most host programs that connected and have not sent their `CONNECT` line yet.
+pub const MAX_PENDING_HOST: usize = 1024;
+/// Most connections at once.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+const LISTENER_EVENT: u32 = BACKEND_EVENT_BASE;
+const WAKE_EVENT: u32 = BACKEND_EVENT_BASE + 1;
+const FIRST_SOCKET_EVENT: u32 = BACKEND_EVENT_BASE + 2;
+
+/// Why a vsock device cannot be created.
+#[derive(Debug, thiserror::Error)]
+pub enum VsockError {
+    #[error("the guest CID {0} is reserved; use a CID from 3 to 4294967294")]
+    InvalidCid(u64),
+    #[error("the vsock socket path {} is in use by another program", .0.display())]
+    InUse(PathBuf),
+    #[error("the vsock socket path {} exists and is not a socket", .0.display())]
+    NotASocket(PathBuf),
+    #[error("cannot listen on the vsock socket {}: {source}", path.display())]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("cannot create the vsock device's wakeup eventfd: {0}")]
+    EventFd(io::Error),
+}
+
+/// Counters, shared with whoever reports metrics.
+#[derive(Debug, Default)]
+pub struct VsockMetrics {
+    /// Packets put in the guest's receive queue.
+    pub rx_packets: AtomicU64,
+    /// Payload bytes delivered to the guest.
+    pub rx_bytes: AtomicU64,
+    /// Packets taken from the guest's transmit queue.
+    pub tx_packets: AtomicU64,
+    /// Payload bytes from the guest accepted for host sockets.
+    pub tx_bytes: AtomicU64,
+    /// Malformed transmit chains or packets, dropped (and reset when they name a connection).
+    pub malformed: AtomicU64,
+    /// Unusable receive chains, returned empty.
+    pub rx_errors: AtomicU64,
+    /// Resets sent to the guest.
+    pub resets_sent: AtomicU64,
+    /// Connections established (either direction).
+    pub connections_opened: AtomicU64,
+    /// Connections removed.
+    pub connections_closed: AtomicU64,
+    /// Guest connections to `<uds_path>_<port>` that failed.
+    pub connect_failures: AtomicU64,
+    /// Host programs that sent no valid `CONNECT <port>` line.
+    pub bad_connect_lines: AtomicU64,
+    /// Guests that sent more than their credit.
+    pub credit_violations: AtomicU64,
+    /// Host socket errors that reset a connection.
+    pub host_errors: AtomicU64,
+}
+
+fn inc(counter: &AtomicU64, by: u64) {
+    counter.fetch_add(by, Ordering::Relaxed);
+}
+
+/// A connection's key: (host-side port, guest port).
+pub type Key = (u32, u32);
+
+/// What is wrong with a transmit chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TxChainError {
+    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
+    BrokenChain,
+    #[error("the chain has a device-writable descriptor")]
+    WrongDirection,
+    #[error("a descriptor is not inside guest memory")]
+    OutsideMemory,
+    #[error("the chain holds {0} bytes, less than a packet header")]
+    ShortHeader(u64),
+    #[error("the packet claims {0} payload bytes, more than {MAX_PAYLOAD}")]
+    TooLong(u32),
+    #[error("the packet claims {len} payload bytes but the chain holds {have}")]
+    ShortPayload { len: u32, have: u64 },
+}
+
+/// Read a transmit chain: the header and `len` payload bytes from device-readable descriptors.
+pub fn parse_tx_chain(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<(Header, Vec<u8>), TxChainError> {
+    let mut segs = Vec::new();
+    let mut total = 0u64;
+    let mut last = None;
+    for d in chain {
+        last = Some(d);
+        if d.is_write_only() {
+            return Err(TxChainError::WrongDirection);
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(TxChainError::OutsideMemory);
+        }
+        total += u64::from(d.len());
+        segs.push((d.addr(), d.len() as usize));
+    }
+    if last.is_none_or(|d| d.has_next()) {
+        return Err(TxChainError::BrokenChain);
+    }
+    if total < HDR_LEN as u64 {
+        return Err(TxChainError::ShortHeader(total));
+    }
+    let mut hdr_bytes = [0u8; HDR_LEN];
+    let mut hdr_at = 0;
+    let mut payload = Vec::new();
+    let mut want_payload = None;
+    for (addr, len) in segs {
+        let mut addr = addr;
+        let mut len = len;
+        if hdr_at < HDR_LEN {
+            let n = len.min(HDR_LEN - hdr_at);
+            mem.read_slice(&mut hdr_bytes[hdr_at..hdr_at + n], addr)
+                .map_err(|_| TxChainError::OutsideMemory)?;
+            hdr_at += n;
+            len -= n;
+            addr = GuestAddress(addr.0 + n as u64);
+            if hdr_at < HDR_LEN {
+                continue;
+            }
+            let hdr = Header::from_bytes(&hdr_bytes);
+            if hdr.len > MAX_PAYLOAD {
+                return Err(TxChainError::TooLong(hdr.len));
+            }
+            if total - (HDR_LEN as u64) < u64::from(hdr.len) {
+                return Err(TxChainError::ShortPayload {
+                    len: hdr.len,
+                    have: total - HDR_LEN as u64,
+                });
+            }
+            want_payload = Some(hdr.len as usize);
+            payload.reserve(hdr.len as usize);
+        }
+        let Some(want) = want_payload else { continue };
+        let n = len.min(want - payload.len());
+        if n > 0 {
+            let start = payload.len();
+            payload.resize(start + n, 0);
+            mem.read_slice(&mut payload[start..], addr)
+                .map_err(|_| TxChainError::OutsideMemory)?;
+        }
+    }
+    Ok((Header::from_bytes(&hdr_bytes), payload))
+}
+
+/// Connect to the Unix socket at `path` without blocking (a full backlog fails at once).
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: all-zero is a valid `sockaddr_un`.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is an initialised `sockaddr_un` of the length passed, alive for the call.
+    let ret = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+/// A host program that connected and has not sent its `CONNECT` line yet.
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+struct Active {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    /// Held for the driver; the device sends no events (no migration).
+    _event: Queue,
+    interrupt: Arc<VirtioInterrupt>,
+}
+
+/// A virtio socket device.
+pub struct Vsock {
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: UnixListener,
+    config: [u8; 8],
+    active: Option<Active>,
+    conns: HashMap<Key, (u32, Connection<UnixStream>)>,
+    /// Event-loop data value -> connection.
+    by_event: HashMap<u32, Key>,
+    pending: HashMap<u32, PendingHost>,
+    /// Resets for connections that do not exist (anymore).
+    ctrl: VecDeque<Header>,
+    next_event: u32,
+    next_host_port: u32,
+    /// Sockets to add to the event loop, and sockets to remove from it (kept open until then).
+    to_register: Vec<(u32, RawFd)>,
+    to_unregister: Vec<UnixStream>,
+    wake: EventFd,
+    backend_started: bool,
+    scratch: Vec<u8>,
+    metrics: Arc<VsockMetrics>,
+}
+
+impl Vsock {
+    /// A vsock device for a guest with CID `guest_cid`, listening for host programs at
+    /// `uds_path`. A stale socket file there is replaced; the file is removed on drop.
+    pub fn new(guest_cid: u64, uds_path: &Path) -> Result<Vsock, VsockError> {
+        if !(3..=u64::from(u32::MAX - 1)).contains(&guest_cid) {
+            return Err(VsockError::InvalidCid(guest_cid));
+        }
+        if let Ok(meta) = std::fs::symlink_metadata(uds_path) {
+            if !meta.file_type().is_socket() {
+                return Err(VsockError::NotASocket(uds_path.to_path_buf()));
+            }
+            if UnixStream::connect(uds_path).is_ok() {
+                return Err(VsockError::InUse(uds_path.to_path_buf()));
+            }
+            // Nobody listens: a leftover from an earlier run.
+            let _ = std::fs::remove_file(uds_path);
+        }
+        let bind_err = |source| VsockError::Bind {
+            path: uds_path.to_path_buf(),
+            source,
+        };
+        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        listener.set_nonblocking(true).map_err(bind_err)?;
+        let wake = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        Ok(Vsock {
+            guest_cid,
+            uds_path: uds_path.to_path_buf(),
+            listener,
+            config: guest_cid.to_le_bytes(),
+            active: None,
+            conns: HashMap::new(),
+            by_event: HashMap::new(),
+            pending: HashMap::new(),
+            ctrl: VecDeque::new(),
+            next_event: FIRST_SOCKET_EVENT,
+            next_host_port: FIRST_HOST_PORT,
+            to_register: Vec::new(),
+            to_unregister: Vec::new(),
+            wake,
+            backend_started: false,
+            scratch: vec![0; 16 * 1024],
+            metrics: Arc::new(VsockMetrics::default()),
+        })
+    }
+
+    /// The guest's CID.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// Where host programs connect.
+    pub fn uds_path(&self) -> &Path {
+        &self.uds_path
+    }
+
+    /// The counters; the handle stays valid for the device's lifetime.
+    pub fn metrics(&self) -> Arc<VsockMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    fn alloc_event(&mut self) -> u32 {
+        loop {
+            let id = self.next_event;
+            self.next_event = self.next_event.checked_add(1).unwrap_or(FIRST_SOCKET_EVENT);
+            if !self.by_event.contains_key(&id) && !self.pending.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
+    fn alloc_host_port(&mut self, guest_port: u32) -> u32 {
+        loop {
+            let port = self.next_host_port;
+            self.next_host_port = self
+                .next_host_port
+                .checked_add(1)
+                .filter(|&p| p != u32::MAX)
+                .unwrap_or(FIRST_HOST_PORT);
+            if !self.conns.contains_key(&(port, guest_port)) {
+                return port;
+            }
+        }
+    }
+
+    /// Watch `stream` (already non-blocking) under `id`.
+    fn watch(&mut self, id: u32, stream: &UnixStream) {
+        self.to_register.push((id, stream.as_raw_fd()));
+    }
+
+    /// Stop watching `stream` (registered under `id`) and close it once the loop let go.
+    fn unwatch(&mut self, id: u32, stream: UnixStream) {
+        if let Some(i) = self.to_register.iter().position(|&(e, _)| e == id) {
+            // Never registered: just close it.
+            self.to_register.swap_remove(i);
+        } else {
+            self.to_unregister.push(stream);
+        }
+    }
+
+    /// Apply pending registration changes to the event loop.
+    fn sync_registrations(&mut self, ops: &mut EventOps) {
+        for (id, fd) in self.to_register.drain(..) {
+            let set =
+                EventSet::IN | EventSet::OUT | EventSet::READ_HANG_UP | EventSet::EDGE_TRIGGERED;
+            if let Err(e) = ops.add(Events::with_data_raw(fd, id, set)) {
+                warn!("virtio-vsock: cannot watch a host socket: {e:?}");
+            }
+        }
+        for stream in self.to_unregister.drain(..) {
+            if let Err(e) = ops.remove(Events::empty(&stream)) {
+                debug!("virtio-vsock: cannot unwatch a host socket: {e:?}");
+            }
+        }
+    }
+
+    /// Ask the event loop to apply registration changes made outside it.
+    fn wake_loop(&self) {
+        if self.backend_started && !(self.to_register.is_empty() && self.to_unregister.is_empty()) {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// Forget connection `key`; with `rst`, tell the guest.
+    fn remove_conn(&mut self, key: Key, rst: bool) {
+        let Some((id, conn)) = self.conns.remove(&key) else {
+            return;
+        };
+        self.by_event.remove(&id);
+        if rst {
+            self.queue_rst(key);
+        }
+        inc(&self.metrics.connections_closed, 1);
+        self.unwatch(id, conn.stream);
+    }
+
+    fn queue_rst(&mut self, (local, peer): Key) {
+        self.ctrl
+            .push_back(Header::to_guest(self.guest_cid, local, peer, OP_RST));
+    }
+
+    /// Accept every waiting host program.
+    fn accept_all(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.pending.len() >= MAX_PENDING_HOST
+                        || self.conns.len() >= MAX_CONNECTIONS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        debug!("virtio-vsock: refusing a host connection");
+                        continue;
+                    }
+                    let id = self.alloc_event();
+                    self.watch(id, &stream);
+                    self.pending.insert(
+                        id,
+                        PendingHost {
+                            stream,
+                            line: Vec::new(),
+                        },
+                    );
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    warn!(
+                        "virtio-vsock: accept on {} failed: {e}",
+                        self.uds_path.display()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Read a pending host program's `CONNECT` line; open the connection when it is complete.
+    fn serve_pending(&mut self, id: u32) {
+        let Some(mut p) = self.pending.remove(&id) else {
+            return;
+        };
+        let mut buf = [0u8; MAX_CONNECT_LINE];
+        loop {
+            match p.stream.read(&mut buf) {
+                Ok(0) => {
+                    debug!("virtio-vsock: host program left before CONNECT");
+                    self.unwatch(id, p.stream);
+                    return;
+                }
+                Ok(n) => {
+                    p.line.extend_from_slice(&buf[..n]);
+                    if let Some(nl) = p.line.iter().position(|&b| b == b'\n') {
+                        let port = parse_connect_line(&p.line[..nl]);
+                        match port {
+                            Some(port) if self.conns.len() < MAX_CONNECTIONS => {
+                                let early = p.line[nl + 1..].to_vec();
+                                self.open_host_initiated(id, p.stream, port, &early);
+                            }
+                            _ => {
+                                inc(&self.metrics.bad_connect_lines, 1);
+                                self.unwatch(id, p.stream);
+                            }
+                        }
+                        return;
+                    }
+                    if p.line.len() > MAX_CONNECT_LINE {
+                        inc(&self.metrics.bad_connect_lines, 1);
+                        self.unwatch(id, p.stream);
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.unwatch(id, p.stream);
+                    return;
+                }
+            }
+        }
+        self.pending.insert(id, p);
+    }
+
+    fn open_host_initiated(&mut self, id: u32, stream: UnixStream, port: u32, early: &[u8]) {
+        let local = self.alloc_host_port(port);
+        let conn = Connection::host_initiated(stream, self.guest_cid, local, port, early);
+        self.conns.insert((local, port), (id, conn));
+        self.by_event.insert(id, (local, port));
+    }
+
+    /// A host socket of connection `key` reported `set`.
+    fn socket_event(&mut self, key: Key, set: EventSet) {
+        if let Some((_, c)) = self.conns.get_mut(&key) {
+            if set.intersects(EventSet::IN | EventSet::READ_HANG_UP | EventSet::HANG_UP) {
+                c.host_readable = true;
+            }
+            if set.intersects(EventSet::OUT | EventSet::ERROR | EventSet::HANG_UP) {
+                c.host_writable = true;
+            }
+            if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                c.host_hup = true;
+                c.host_readable = true;
+            }
+        }
+        self.service(Some(key));
+    }
+
+    /// Move data between host sockets and connection buffers (for one connection or all),
+    /// then fill the guest's receive queue.
+    fn service(&mut self, only: Option<Key>) {
+        let keys: Vec<Key> = match only {
+            Some(k) => vec![k],
+            None => self.conns.keys().copied().collect(),
+        };
+        for key in keys {
+            self.service_conn(key);
+        }
+        self.fill_rx();
+    }
+
+    fn service_conn(&mut self, key: Key) {
+        let Some((_, c)) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let mut result = c.flush_to_host();
+        if result.is_ok() && c.take_host_write_shutdown() {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        if result.is_ok() && c.state == State::Established {
+            result = c.fill_from_host(&mut self.scratch);
+        }
+        let finished = c.finished();
+        match result {
+            Err(e) => {
+                debug!("virtio-vsock: connection {key:?}: {e}");
+                inc(&self.metrics.host_errors, 1);
+                self.remove_conn(key, true);
+            }
+            Ok(()) if finished => {
+                // The guest closed and its data reached the host: acknowledge with a reset.
+                self.remove_conn(key, true);
+            }
+            Ok(()) => {}
+        }
+    }
+
+    /// Handle one packet from the guest.
+    fn handle_guest_packet(&mut self, hdr: Header, payload: &[u8]) {
+        let m = self.metrics.clone();
+        let op = match check_guest_header(&hdr, self.guest_cid) {
+            Ok(op) => op,
+            Err(e) => {
+                debug!("virtio-vsock: malformed packet: {e}");
+                inc(&m.malformed, 1);
+                if e.wants_rst(&hdr) {
+                    self.ctrl.push_back(rst_for(&hdr, self.guest_cid));
+                }
+                return;
+            }
+        };
+        let key = (hdr.dst_port, hdr.src_port);
+        if op == Op::Request {
+            if self.conns.contains_key(&key) {
+                debug!("virtio-vsock: request for existing connection {key:?}");
+                inc(&m.malformed, 1);
+                self.remove_conn(key, true);
+                return;
+            }
+            self.open_guest_initiated(&hdr);
+            return;
+        }
+        let Some((_, c)) = self.conns.get_mut(&key) else {
+            if op != Op::Rst {
+                debug!("virtio-vsock: {op:?} for unknown connection {key:?}");
+                inc(&m.malformed, 1);
+                self.ctrl.push_back(rst_for(&hdr, self.guest_cid));
+            }
+            return;
+        };
+        c.update_peer_credit(&hdr);
+        let result = match op {
+            Op::Rst => {
+                self.remove_conn(key, false);
+                return;
+            }
+            Op::Response if c.state == State::Connecting => {
+                c.on_response(&hdr);
+                inc(&m.connections_opened, 1);
+                Ok(())
+            }
+            Op::Response | Op::Request => Err(ConnError::NotEstablished),
+            Op::Rw => c.on_guest_data(payload).inspect(|()| {
+                inc(&m.tx_bytes, payload.len() as u64);
+            }),
+            Op::Shutdown { rcv, send } => {
+                c.on_guest_shutdown(rcv, send);
+                Ok(())
+            }
+            Op::CreditUpdate => Ok(()),
+            Op::CreditRequest => {
+                c.on_credit_request();
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => self.service_conn(key),
+            Err(e) => {
+                debug!("virtio-vsock: resetting connection {key:?}: {e}");
+                if matches!(e, ConnError::CreditExceeded { .. }) {
+                    inc(&m.credit_violations, 1);
+                } else {
+                    inc(&m.malformed, 1);
+                }
+                self.remove_conn(key, true);
+            }
+        }
+    }
+
+    fn open_guest_initiated(&mut self, hdr: &Header) {
+        let m = self.metrics.clone();
+        let key = (hdr.dst_port, hdr.src_port);
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", hdr.dst_port));
+        let stream = if self.conns.len() >= MAX_CONNECTIONS {
+            Err(io::Error::from_raw_os_error(libc::EMFILE))
+        } else {
+            connect_nonblocking(Path::new(&path))
+        };
+        match stream {
+            Ok(stream) => {
+                let id = self.alloc_event();
+                self.watch(id, &stream);
+                let conn = Connection::guest_initiated(stream, self.guest_cid, hdr);
+                self.conns.insert(key, (id, conn));
+                self.by_event.insert(id, key);
+                inc(&m.connections_opened, 1);
+            }
+            Err(e) => {
+                debug!(
+                    "virtio-vsock: guest connection to {} failed: {e}",
+                    Path::new(&path).display()
+                );
+                inc(&m.connect_failures, 1);
+                self.queue_rst(key);
+            }
+        }
+    }
+
+    /// Take the guest's transmit queue.
+    fn process_tx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let mut packets = Vec::new();
+        let mut used = false;
+        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+            let head = chain.head_index();
+            match parse_tx_chain(&mem, chain) {
+                Ok(p) => packets.push(p),
+                Err(e) => {
+                    debug!("virtio-vsock: malformed transmit chain: {e}");
+                    inc(&self.metrics.malformed, 1);
+                }
+            }
+            if let Err(e) = active.tx.add_used(&mem, head, 0) {
+                warn!("virtio-vsock: cannot return a transmit buffer: {e}");
+                break;
+            }
+            used = true;
+        }
+        if used && active.tx.needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        inc(&self.metrics.tx_packets, packets.len() as u64);
+        for (hdr, payload) in packets {
+            self.handle_guest_packet(hdr, &payload);
+        }
+    }
+
+    /// Put waiting packets in the guest's receive buffers.
+    fn fill_rx(&mut self) {
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let m = &*self.metrics;
+        let mem = active.mem.clone();
+        let mut ready: VecDeque<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, (_, c))| c.has_packet())
+            .map(|(k, _)| *k)
+            .collect();
+        let mut used = false;
+        let mut finished = Vec::new();
+        while !self.ctrl.is_empty() || !ready.is_empty() {
+            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+                break;
+            };
+            let head = chain.head_index();
+            let segs = match rx_segments(&mem, chain) {
+                Ok(segs) => segs,
+                Err(()) => {
+                    inc(&m.rx_errors, 1);
+                    if let Err(e) = active.rx.add_used(&mem, head, 0) {
+                        warn!("virtio-vsock: cannot return a receive buffer: {e}");
+                        break;
+                    }
+                    used = true;
+                    continue;
+                }
+            };
+            let capacity: usize = segs.iter().map(|s| s.1).sum();
+            let packet = if let Some(hdr) = self.ctrl.pop_front() {
+                if hdr.op == OP_RST {
+                    inc(&m.resets_sent, 1);
+                }
+                Some((hdr, Vec::new()))
+            } else {
+                let mut out = None;
+                while let Some(key) = ready.pop_front() {
+                    let Some((_, c)) = self.conns.get_mut(&key) else {
+                        continue;
+                    };
+                    let Some(o) = c.next_packet(capacity - HDR_LEN) else {
+                        continue;
+                    };
+                    if o.last {
+                        finished.push(key);
+                    } else {
+                        // Keep the host data coming while the guest has room.
+                        if c.fill_from_host(&mut self.scratch).is_err() {
+                            c.host_hup = true;
+                        }
+                        if c.has_packet() {
+                            ready.push_back(key);
+                        }
+                    }
+                    out = Some((o.hdr, o.payload));
+                    break;
+                }
+                out
+            };
+            let Some((hdr, payload)) = packet else {
+                // Nothing to send after all: give the buffer back to the ring.
+                let next = active.rx.next_avail().wrapping_sub(1);
+                active.rx.set_next_avail(next);
+                break;
+            };
+            let mut bytes = hdr.to_bytes().to_vec();
+            bytes.extend_from_slice(&payload);
+            if !write_segments(&mem, &segs, &bytes) {
+                inc(&m.rx_errors, 1);
+            }
+            inc(&m.rx_packets, 1);
+            inc(&m.rx_bytes, payload.len() as u64);
+            // At most HDR_LEN + MAX_PAYLOAD.
+            if let Err(e) = active.rx.add_used(&mem, head, bytes.len() as u32) {
+                warn!("virtio-vsock: cannot return a receive buffer: {e}");
+                break;
+            }
+            used = true;
+        }
+        if used && active.rx.needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+        for key in finished {
+            self.remove_conn(key, false);
+        }
+    }
+
+    /// Drop every connection (the driver reset the device).
+    fn drop_all(&mut self) {
+        let keys: Vec<Key> = self.conns.keys().copied().collect();
+        for key in keys {
+            self.remove_conn(key, false);
+        }
+        self.ctrl.clear();
+    }
+}
+
+/// The device-writable descriptors of a receive chain, with room for a header.
+fn rx_segments(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+) -> Result<Vec<(GuestAddress, usize)>, ()> {
+    let mut segs = Vec::new();
+    let mut total = 0usize;
+    let mut last = None;
+    for d in chain {
+        last = Some(d);
+        if !d.is_write_only() {
+            return Err(());
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(());
+        }
+        total = total.saturating_add(d.len() as usize);
+        segs.push((d.addr(), d.len() as usize));
+    }
+    if last.is_none_or(|d| d.has_next()) || total < HDR_LEN {
+        return Err(());
+    }
+    Ok(segs)
+}
+
+fn write_segments(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], mut data: &[u8]) -> bool {
+    for &(addr, len) in segs {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(len);
+        if mem.write_slice(&data[..n], addr).is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    data.is_empty()
+}
+
+impl Drop for Vsock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.uds_path);
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        VIRTIO_F_VERSION_1
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = offset
+                .checked_add(i as u64)
+                .and_then(|o| usize::try_from(o).ok())
+                .and_then(|o| self.config.get(o).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        _acked_features: u64,
+        queues: Vec<Queue>,
+        interrupt: Arc<VirtioInterrupt>,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx, event]) = <[Queue; 3]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { want: 3, got });
+        };
+        self.active = Some(Active {
+            mem,
+            rx,
+            tx,
+            _event: event,
+            interrupt,
+        });
+        self.service(None);
+        self.wake_loop();
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match index {
+            RX_QUEUE => self.fill_rx(),
+            TX_QUEUE => {
+                self.process_tx();
+                self.fill_rx();
+            }
+            _ => {}
+        }
+        self.wake_loop();
+    }
+
+    fn reset(&mut self) {
+        self.drop_all();
+        self.active = None;
+        self.wake_loop();
+    }
+
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::with_data(
+            &self.listener,
+            LISTENER_EVENT,
+            EventSet::IN,
+        )) {
+            warn!(
+                "virtio-vsock: cannot watch {}: {e:?}",
+                self.uds_path.display()
+            );
+        }
+        if let Err(e) = ops.add(Events::with_data(&self.wake, WAKE_EVENT, EventSet::IN)) {
+            warn!("virtio-vsock: cannot watch the wakeup eventfd: {e:?}");
+        }
+        self.backend_started = true;
+        self.sync_registrations(ops);
+    }
+
+    fn process_backend(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            LISTENER_EVENT => self.accept_all(),
+            WAKE_EVENT => {
+                let _ = self.wake.read();
+            }
+            id => {
+                if self.pending.contains_key(&id) {
+                    self.serve_pending(id);
+                    // The CONNECT line may have opened a connection.
+                    if let Some(&key) = self.by_event.get(&id) {
+                        self.service(Some(key));
+                    }
+                } else if let Some(&key) = self.by_event.get(&id) {
+                    self.socket_event(key, events.event_set());
+                }
+            }
+        }
+        self.sync_registrations(ops);
+    }
+}
+
+#[cfg(test)]
+mod tests;
