@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::{DriveConfig, VmConfig};
+use vmm::{DriveConfig, NetConfig, VmConfig, VsockConfig};
 
 use crate::api_mode::ApiOptions;
 
@@ -51,6 +51,51 @@ pub enum CliError {
     DiskPath,
     #[error("unknown --disk option '{0}' (expected ro, root or id=NAME)")]
     DiskOption(String),
+    #[error("--net needs tap=NAME, as in --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]; got '{0}'")]
+    NetSpec(String),
+    #[error("--net: {0}")]
+    NetMac(vmm::MacError),
+    #[error("--vsock needs cid=N,uds=PATH; got '{0}'")]
+    VsockSpec(String),
+}
+
+/// Parse `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+fn parse_net(spec: &str) -> Result<NetConfig, CliError> {
+    let mut tap = None;
+    let mut mac = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("tap", name)) if !name.is_empty() && tap.is_none() => tap = Some(name),
+            Some(("mac", m)) if mac.is_none() => {
+                let parsed = vmm::parse_mac(m).map_err(CliError::NetMac)?;
+                mac = Some(parsed);
+            }
+            _ => return Err(CliError::NetSpec(spec.to_string())),
+        }
+    }
+    let tap = tap.ok_or_else(|| CliError::NetSpec(spec.to_string()))?;
+    Ok(NetConfig {
+        tap: tap.to_string(),
+        mac,
+    })
+}
+
+/// Parse `cid=N,uds=PATH`.
+fn parse_vsock(spec: &str) -> Result<VsockConfig, CliError> {
+    let bad = || CliError::VsockSpec(spec.to_string());
+    let mut cid = None;
+    let mut uds = None;
+    for part in spec.split(',') {
+        match part.split_once('=') {
+            Some(("cid", n)) if cid.is_none() => cid = Some(n.parse().map_err(|_| bad())?),
+            Some(("uds", p)) if uds.is_none() && !p.is_empty() => uds = Some(PathBuf::from(p)),
+            _ => return Err(bad()),
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or_else(bad)?,
+        uds_path: uds.ok_or_else(bad)?,
+    })
 }
 
 /// Parse `PATH[,ro][,root][,id=NAME]`.
@@ -117,6 +162,14 @@ Options:
                     serial the guest reads (at most 20 characters). Repeatable; the guest
                     sees the root disk first, then the others in order (vda, vdb, ...)
   --rootfs PATH     shorthand for --disk PATH,root
+  --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]
+                    a virtio-net NIC on the host TAP device NAME (opened if it exists,
+                    else created and removed at exit; needs CAP_NET_ADMIN). Repeatable;
+                    default MACs are 06:46:4c:4e:54:<index>
+  --vsock cid=N,uds=PATH
+                    a virtio-vsock device with guest CID N (>= 3); host programs connect
+                    to the Unix socket PATH and send \"CONNECT <port>\\n\" to reach a guest
+                    port; guest connections to host port P go to PATH_P
   The guest always gets a virtio-rng entropy device (/dev/hwrng).
   -h, --help        print this help
 
@@ -223,6 +276,8 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
     let mut vcpus = None;
     let mut memory = None;
     let mut drives = Vec::new();
+    let mut nets = Vec::new();
+    let mut vsock = None;
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
         let (name, inline) = match arg.split_once('=') {
@@ -255,6 +310,14 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
                 let v = option_value("--disk", inline, &mut rest)?;
                 drives.push(parse_disk(v)?);
             }
+            "--net" => {
+                let v = option_value("--net", inline, &mut rest)?;
+                nets.push(parse_net(v)?);
+            }
+            "--vsock" => {
+                let v = option_value("--vsock", inline, &mut rest)?;
+                set_once(&mut vsock, "--vsock", parse_vsock(v)?)?;
+            }
             "--rootfs" => {
                 let v = option_value("--rootfs", inline, &mut rest)?;
                 let mut drive = DriveConfig::new(v);
@@ -281,6 +344,8 @@ fn parse_boot(args: &[String]) -> Result<Command, CliError> {
         config.mem_mib = m;
     }
     config.drives = drives;
+    config.nets = nets;
+    config.vsock = vsock;
     Ok(Command::Boot(config))
 }
 
@@ -360,10 +425,10 @@ mod tests {
                 CliError::Repeated("--kernel"),
             ),
             (
-                &["boot", "--kernel", "/k", "--net", "x"],
+                &["boot", "--kernel", "/k", "--frobnicate", "x"],
                 CliError::UnknownOption {
                     command: "boot",
-                    option: "--net".into(),
+                    option: "--frobnicate".into(),
                 },
             ),
             (
@@ -408,6 +473,78 @@ mod tests {
         ];
         assert_eq!(c.drives, want);
         assert!(c.entropy);
+    }
+
+    #[test]
+    fn nets_and_vsock() {
+        let c = boot(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0",
+            "--net=tap=tap1,mac=02:00:00:00:00:01",
+            "--vsock",
+            "cid=3,uds=/tmp/v.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.nets,
+            vec![
+                NetConfig {
+                    tap: "tap0".into(),
+                    mac: None
+                },
+                NetConfig {
+                    tap: "tap1".into(),
+                    mac: Some([2, 0, 0, 0, 0, 1])
+                },
+            ]
+        );
+        assert_eq!(
+            c.vsock,
+            Some(VsockConfig {
+                guest_cid: 3,
+                uds_path: "/tmp/v.sock".into()
+            })
+        );
+        for bad in [
+            "mac=02:00:00:00:00:01",
+            "tap=",
+            "tap=a,foo=b",
+            "tap=a,tap=b",
+        ] {
+            assert!(
+                matches!(
+                    boot(&["--kernel", "/k", "--net", bad]),
+                    Err(CliError::NetSpec(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in [
+            "01:00:00:00:00:01",
+            "00:00:00:00:00:00",
+            "02:00:00:00:00",
+            "zz:00:00:00:00:01",
+        ] {
+            let spec = format!("tap=t,mac={bad}");
+            assert!(
+                matches!(
+                    boot(&["--kernel", "/k", "--net", &spec]),
+                    Err(CliError::NetMac(_))
+                ),
+                "{bad}"
+            );
+        }
+        for bad in ["cid=3", "uds=/x", "cid=x,uds=/x", "cid=3,uds=/x,extra=1"] {
+            assert!(
+                matches!(
+                    boot(&["--kernel", "/k", "--vsock", bad]),
+                    Err(CliError::VsockSpec(_))
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

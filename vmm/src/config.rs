@@ -52,6 +52,25 @@ impl DriveConfig {
     }
 }
 
+/// One virtio-net interface backed by a host TAP device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The TAP interface: opened if it exists, otherwise created (and gone when flint exits).
+    pub tap: String,
+    /// The guest's MAC address; a stable default per interface when `None`.
+    pub mac: Option<[u8; 6]>,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more).
+    pub guest_cid: u64,
+    /// The host side: a Unix socket flint listens on (`CONNECT <port>` to reach a guest port);
+    /// guest connections to host port P go to `<uds_path>_P`.
+    pub uds_path: PathBuf,
+}
+
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
@@ -69,6 +88,10 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub entropy: bool,
+    /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
+    pub nets: Vec<NetConfig>,
+    /// The vsock device, if any.
+    pub vsock: Option<VsockConfig>,
 }
 
 impl VmConfig {
@@ -82,6 +105,8 @@ impl VmConfig {
             mem_mib: DEFAULT_MEM_MIB,
             drives: Vec::new(),
             entropy: true,
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -115,7 +140,10 @@ impl VmConfig {
         if self.drives.iter().filter(|d| d.root).count() > 1 {
             return Err(ConfigError::SeveralRootDisks);
         }
-        let devices = self.drives.len() + usize::from(self.entropy);
+        let devices = self.drives.len()
+            + usize::from(self.entropy)
+            + self.nets.len()
+            + usize::from(self.vsock.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -128,6 +156,16 @@ impl VmConfig {
                 if self.drives[..i].iter().any(|d| d.id.as_ref() == Some(id)) {
                     return Err(ConfigError::DuplicateDriveId(id.clone()));
                 }
+            }
+        }
+        for (i, net) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|n| n.tap == net.tap) {
+                return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            }
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.guest_cid < 3 || vsock.guest_cid > u64::from(u32::MAX - 1) {
+                return Err(ConfigError::VsockCid(vsock.guest_cid));
             }
         }
         Ok(())
@@ -171,6 +209,10 @@ pub enum ConfigError {
     DriveId(String),
     #[error("drive id {0:?} is used by more than one disk")]
     DuplicateDriveId(String),
+    #[error("TAP device {0} is given to more than one network interface")]
+    DuplicateTap(String),
+    #[error("vsock guest CID {0} is invalid: it must be from 3 to 4294967294")]
+    VsockCid(u64),
 }
 
 #[cfg(test)]

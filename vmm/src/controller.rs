@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::config::{ConfigError, DriveConfig, VmConfig};
+use crate::config::{ConfigError, DriveConfig, NetConfig, VmConfig, VsockConfig};
 use crate::vm::{ConsoleIo, Vm};
 
 /// The kernel to boot.
@@ -395,13 +395,40 @@ impl Controller {
                 }
                 Ok(Response::Done)
             }
-            Request::SetNetworkInterface(_) => {
+            Request::SetNetworkInterface(iface) => {
                 self.before_start("network interfaces")?;
-                Err(refuse("network interfaces are not supported yet by flint"))
+                if let Some(other) = self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .find(|n| n.tap == iface.tap && n.id != iface.id)
+                {
+                    return Err(refuse(format!(
+                        "host_dev_name: {} is already used by interface {}",
+                        iface.tap, other.id
+                    )));
+                }
+                match self
+                    .config
+                    .network_interfaces
+                    .iter_mut()
+                    .find(|n| n.id == iface.id)
+                {
+                    Some(existing) => *existing = iface,
+                    None => self.config.network_interfaces.push(iface),
+                }
+                Ok(Response::Done)
             }
-            Request::SetVsock(_) => {
+            Request::SetVsock(vsock) => {
                 self.before_start("the vsock device")?;
-                Err(refuse("vsock is not supported yet by flint"))
+                if vsock.guest_cid < 3 || vsock.guest_cid > u64::from(u32::MAX - 1) {
+                    return Err(refuse(format!(
+                        "guest_cid: {} is invalid: it must be from 3 to 4294967294",
+                        vsock.guest_cid
+                    )));
+                }
+                self.config.vsock = Some(vsock);
+                Ok(Response::Done)
             }
             Request::SetEntropy => {
                 self.before_start("the entropy device")?;
@@ -512,6 +539,19 @@ impl Controller {
         config.mem_mib = self.config.machine.mem_mib;
         config.drives = self.config.drives.iter().map(DriveConfig::from).collect();
         config.entropy = self.config.entropy;
+        config.nets = self
+            .config
+            .network_interfaces
+            .iter()
+            .map(|n| NetConfig {
+                tap: n.tap.clone(),
+                mac: n.mac,
+            })
+            .collect();
+        config.vsock = self.config.vsock.as_ref().map(|v| VsockConfig {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.clone(),
+        });
         config
             .validate()
             .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{default_mac, Net};
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::IrqLine;
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -80,6 +82,21 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
             metrics: block.metrics(),
         };
         devices.push((Box::new(block), metrics));
+    }
+    for (n, net) in config.nets.iter().enumerate() {
+        let mac = net.mac.unwrap_or_else(|| default_mac(n as u8));
+        let dev = Net::new(&net.tap, mac).map_err(|e| Error::Device(e.to_string()))?;
+        let metrics = DeviceMetrics::Net {
+            name: format!("eth{n}"),
+            metrics: dev.metrics(),
+        };
+        devices.push((Box::new(dev), metrics));
+    }
+    if let Some(vsock) = &config.vsock {
+        let dev = Vsock::new(vsock.guest_cid, &vsock.uds_path)
+            .map_err(|e| Error::Device(e.to_string()))?;
+        let metrics = DeviceMetrics::Vsock(dev.metrics());
+        devices.push((Box::new(dev), metrics));
     }
     if config.entropy {
         let rng = Rng::new();

@@ -15,7 +15,8 @@ mod usage;
 mod vcpu;
 mod vm;
 
-pub use config::{ConfigError, DriveConfig, VmConfig};
+pub use config::{ConfigError, DriveConfig, NetConfig, VmConfig, VsockConfig};
+pub use devices::virtio::net::{parse_mac, MacError};
 pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;

@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::virtio::block::BlockMetrics;
+use devices::virtio::net::NetMetrics;
 use devices::virtio::rng::RngMetrics;
+use devices::virtio::vsock::VsockMetrics;
 
 /// vCPU exits by kind, summed over all vCPUs.
 #[derive(Debug, Default)]
@@ -29,6 +31,11 @@ pub enum DeviceMetrics {
         metrics: Arc<BlockMetrics>,
     },
     Rng(Arc<RngMetrics>),
+    Net {
+        name: String,
+        metrics: Arc<NetMetrics>,
+    },
+    Vsock(Arc<VsockMetrics>),
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -92,6 +99,37 @@ pub fn json_line(
                     ("invalid_chains", get(&m.invalid_chains)),
                 ]);
                 let _ = write!(line, ",\"entropy\":{obj}");
+            }
+            DeviceMetrics::Net { name, metrics: m } => {
+                let obj = object(&[
+                    ("rx_frames", get(&m.rx_frames)),
+                    ("rx_bytes", get(&m.rx_bytes)),
+                    ("rx_dropped", get(&m.rx_dropped)),
+                    ("rx_errors", get(&m.rx_errors)),
+                    ("tx_frames", get(&m.tx_frames)),
+                    ("tx_bytes", get(&m.tx_bytes)),
+                    ("tx_malformed", get(&m.tx_malformed)),
+                    ("tx_errors", get(&m.tx_errors)),
+                    ("tx_blocked", get(&m.tx_blocked)),
+                ]);
+                let _ = write!(line, ",\"net_{name}\":{obj}");
+            }
+            DeviceMetrics::Vsock(m) => {
+                let obj = object(&[
+                    ("rx_packets", get(&m.rx_packets)),
+                    ("rx_bytes", get(&m.rx_bytes)),
+                    ("tx_packets", get(&m.tx_packets)),
+                    ("tx_bytes", get(&m.tx_bytes)),
+                    ("malformed", get(&m.malformed)),
+                    ("rx_errors", get(&m.rx_errors)),
+                    ("resets_sent", get(&m.resets_sent)),
+                    ("connections_opened", get(&m.connections_opened)),
+                    ("connections_closed", get(&m.connections_closed)),
+                    ("connect_failures", get(&m.connect_failures)),
+                    ("credit_violations", get(&m.credit_violations)),
+                    ("host_errors", get(&m.host_errors)),
+                ]);
+                let _ = write!(line, ",\"vsock\":{obj}");
             }
         }
     }
