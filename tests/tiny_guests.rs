@@ -549,3 +549,145 @@ fn ctrl_a_x_on_a_terminal_stops_the_vm() {
         "{rest}"
     );
 }
+
+// ---- seccomp ----
+
+/// `Seccomp:` mode of every thread of `pid`, by thread name.
+fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
+    let mut modes = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let name = std::fs::read_to_string(dir.join("comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        modes.push((name, mode));
+    }
+    modes.sort();
+    modes
+}
+
+fn spinning_flint(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Child {
+    let mut g = Guest::default();
+    g.print("spinning\n").spin();
+    let kernel = dir.write("vmlinux", &g.elf());
+    let mut cmd = flint();
+    cmd.args(["boot", "--vcpus", "2", "--kernel"])
+        .arg(&kernel)
+        .args(extra)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn wait_for_spinning(child: &mut Child) {
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 64];
+    while !text(&seen).contains("spinning\n") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "guest output ended early: {:?}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[test]
+fn every_thread_runs_under_a_seccomp_filter() {
+    let dir = TempDir::new("seccomp");
+    let mut child = spinning_flint(&dir, &[], &[]);
+    wait_for_spinning(&mut child);
+    let modes = seccomp_modes(child.id());
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_bounded(child, Duration::from_secs(20));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        text(&out.stderr)
+    );
+    let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
+    for expected in ["vcpu0", "vcpu1", "event-loop", "console-in", "flint"] {
+        assert!(
+            names.contains(&expected),
+            "no {expected} thread in {modes:?}"
+        );
+    }
+    for (name, mode) in &modes {
+        assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
+    }
+}
+
+#[test]
+fn no_seccomp_leaves_threads_unfiltered() {
+    let dir = TempDir::new("noseccomp");
+    let mut child = spinning_flint(&dir, &["--no-seccomp"], &[]);
+    wait_for_spinning(&mut child);
+    let modes = seccomp_modes(child.id());
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    wait_bounded(child, Duration::from_secs(20));
+    assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");
+}
+
+#[test]
+fn a_forbidden_system_call_stops_flint_and_names_it() {
+    for thread in ["vcpu", "event-loop", "console-in", "vmm"] {
+        let dir = TempDir::new("violation");
+        let child = spinning_flint(&dir, &[], &[("FLINT_SECCOMP_SELF_TEST", thread)]);
+        let out = wait_bounded(child, Duration::from_secs(20));
+        assert_eq!(
+            out.status.code(),
+            Some(128 + libc::SIGSYS),
+            "{thread}: {}",
+            text(&out.stderr)
+        );
+        let expected = format!(
+            "flint: error: seccomp: the {thread} thread made the forbidden system call {}",
+            libc::SYS_getppid
+        );
+        assert!(
+            text(&out.stderr).contains(&expected),
+            "{thread}: {}",
+            text(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn the_api_thread_is_filtered_too() {
+    let dir = TempDir::new("api-seccomp");
+    let sock = dir.0.join("api.sock");
+    let child = flint()
+        .arg("--api-sock")
+        .arg(&sock)
+        .env("FLINT_SECCOMP_SELF_TEST", "api")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(child, Duration::from_secs(20));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGSYS),
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("seccomp: the api thread made the forbidden system call"),
+        "{}",
+        text(&out.stderr)
+    );
+}

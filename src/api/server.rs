@@ -149,7 +149,13 @@ impl ApiServer {
         };
         let thread = std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Api) {
+                    log::error!("{e}; the API is not served");
+                    return;
+                }
+                worker.run()
+            })
             .map_err(ApiError::Setup)?;
         server.thread = Some(thread);
         Ok(server)
@@ -238,6 +244,9 @@ struct Conn {
     continued: bool,
     /// The connection failed; drop it.
     broken: bool,
+    /// The answer is sent and our side shut down; what the client still sends is read and
+    /// discarded until it closes, so that the answer is not lost to a reset.
+    draining: bool,
     last_progress: Instant,
     interest: EventSet,
 }
@@ -252,6 +261,7 @@ impl Conn {
             closing: false,
             continued: false,
             broken: false,
+            draining: false,
             last_progress: Instant::now(),
             interest: EventSet::IN | EventSet::READ_HANG_UP,
         }
@@ -264,7 +274,9 @@ impl Conn {
             match self.stream.read(&mut chunk) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
-                    self.input.extend_from_slice(&chunk[..n]);
+                    if !self.draining {
+                        self.input.extend_from_slice(&chunk[..n]);
+                    }
                     self.last_progress = Instant::now();
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -341,18 +353,32 @@ impl Conn {
         }
     }
 
-    /// Whether the connection is finished and should be dropped.
-    fn done(&self) -> bool {
-        self.broken || (self.output.is_empty() && (self.closing || self.eof))
+    /// Once a closing connection's answer is sent, shut down our side and drain the client's
+    /// unread bytes instead of closing at once: closing a socket with unread input resets it,
+    /// and the client could lose the answer (e.g. a 413 for a body it is still sending).
+    fn start_draining(&mut self) {
+        if self.closing && self.output.is_empty() && !self.eof && !self.broken && !self.draining {
+            let _ = self.stream.shutdown(std::net::Shutdown::Write);
+            self.draining = true;
+            self.input.clear();
+        }
     }
 
-    /// Whether a partial request or an unsent answer is waiting on the client.
+    /// Whether the connection is finished and should be dropped.
+    fn done(&self) -> bool {
+        self.broken || (self.output.is_empty() && (self.eof || (self.closing && !self.draining)))
+    }
+
+    /// Whether a partial request, an unsent answer or a draining client is waiting.
     fn pending(&self) -> bool {
-        !self.input.is_empty() || !self.output.is_empty()
+        !self.input.is_empty() || !self.output.is_empty() || self.draining
     }
 
     fn wanted_events(&self) -> EventSet {
         let mut events = EventSet::empty();
+        if self.draining {
+            return EventSet::IN | EventSet::READ_HANG_UP;
+        }
         if !self.eof && !self.closing && self.input.len() < READ_LIMIT {
             events |= EventSet::IN | EventSet::READ_HANG_UP;
         }
@@ -444,7 +470,7 @@ impl Worker {
             return;
         };
         conn.read();
-        loop {
+        while !conn.draining {
             let before = conn.input.len();
             conn.process(&self.vmm);
             conn.flush();
@@ -452,6 +478,7 @@ impl Worker {
                 break;
             }
         }
+        conn.start_draining();
         if conn.done() {
             self.conns.remove(&token);
             return;

@@ -94,9 +94,16 @@ impl EventLoop {
             evt: stop.try_clone()?,
             stopped: stopped.clone(),
         }));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let thread = thread::Builder::new()
             .name("event-loop".into())
             .spawn(move || {
+                let installed = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop);
+                let ok = installed.is_ok();
+                let _ = ready_tx.send(installed.map_err(|e| e.to_string()));
+                if !ok {
+                    return;
+                }
                 while !stopped.load(Ordering::Acquire) {
                     if let Err(e) = manager.run() {
                         log::error!("the device event loop failed: {e:?}");
@@ -104,6 +111,13 @@ impl EventLoop {
                     }
                 }
             })?;
+        let ready = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the event loop thread died".to_string()));
+        if let Err(e) = ready {
+            let _ = thread.join();
+            return Err(std::io::Error::other(e));
+        }
         Ok(EventLoop {
             stop,
             thread: Some(thread),

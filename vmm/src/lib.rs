@@ -10,6 +10,7 @@ mod exit;
 mod loader;
 mod memory;
 pub mod metrics;
+pub mod seccomp;
 mod signals;
 mod usage;
 mod vcpu;

@@ -153,6 +153,13 @@ impl Vcpu {
 
     /// Run the guest until the VM stops or this vCPU ends it.
     pub fn run(mut self, shared: &VcpuShared) {
+        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+            shared.endings.report(Ending::Fault {
+                vcpu: self.id,
+                reason: e.to_string(),
+            });
+            return;
+        }
         while !shared.stop.load(Ordering::Acquire) {
             if shared.pause.is_closed() {
                 shared.pause.wait(&shared.stop);

@@ -228,6 +228,9 @@ impl Vm {
         if let Some((input, escape)) = self.console_input.take() {
             spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
         }
+        // Last: threads started from here on would inherit this filter too.
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)
+            .map_err(|e| Error::Device(e.to_string()))?;
         Ok(())
     }
 
@@ -433,6 +436,10 @@ fn spawn_console_input(
     let _ = thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
+            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleIn) {
+                log::error!("{e}; console input is not forwarded");
+                return;
+            }
             let mut buf = [0u8; 64];
             let mut filter = EscapeFilter::default();
             let mut filtered = Vec::with_capacity(buf.len() * 2);
