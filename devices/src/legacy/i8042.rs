@@ -49,6 +49,11 @@ const PORT_TEST_OK: u8 = 0x00;
 /// "Clock line stuck low": tells the guest there is no auxiliary (mouse) port.
 const AUX_TEST_ABSENT: u8 = 0x01;
 const KBD_ACK: u8 = 0xfa;
+const KBD_CMD_ECHO: u8 = 0xee;
+const KBD_CMD_GET_ID: u8 = 0xf2;
+const KBD_CMD_RESET: u8 = 0xff;
+/// What an MF2 keyboard (with translation) answers to "get ID".
+const KBD_ID: [u8; 2] = [0xab, 0x83];
 const KBD_RESET_OK: u8 = 0xaa;
 
 /// Ctrl down, Alt down, Del down (extended), Del up, Alt up, Ctrl up.
@@ -163,17 +168,28 @@ impl I8042 {
                     self.request_reset();
                 }
             }
-            Some(CMD_WRITE_KBD_OUTBUF) => self.push(byte),
-            // No auxiliary device: loopback through it and commands to it get nothing back.
-            Some(CMD_WRITE_AUX_OUTBUF) | Some(CMD_WRITE_AUX) => {}
+            // The loopback byte comes back at once, but as keyboard data (no AUX flag): a
+            // driver probing for a mouse port sees "no auxiliary device" without waiting for
+            // a timeout.
+            Some(CMD_WRITE_KBD_OUTBUF) | Some(CMD_WRITE_AUX_OUTBUF) => self.push(byte),
+            // No auxiliary device: commands to it get nothing back.
+            Some(CMD_WRITE_AUX) => {}
             Some(_) => {}
-            // A byte for the keyboard itself: acknowledge; a reset also reports success.
-            None => {
-                self.push(KBD_ACK);
-                if byte == 0xff {
+            // A byte for the keyboard itself: answer as an MF2 keyboard would, so that a
+            // driver's probe never waits for a timeout.
+            None => match byte {
+                KBD_CMD_ECHO => self.push(KBD_CMD_ECHO),
+                KBD_CMD_GET_ID => {
+                    self.push(KBD_ACK);
+                    self.push(KBD_ID[0]);
+                    self.push(KBD_ID[1]);
+                }
+                KBD_CMD_RESET => {
+                    self.push(KBD_ACK);
                     self.push(KBD_RESET_OK);
                 }
-            }
+                _ => self.push(KBD_ACK),
+            },
         }
     }
 }
@@ -264,12 +280,21 @@ mod tests {
         let (mut dev, _, _) = controller();
         dev.write(COMMAND, &[CMD_AUX_TEST]);
         assert_eq!(read(&mut dev, DATA), AUX_TEST_ABSENT);
+        // The loopback byte comes back without the AUX flag (status bit 5): no mouse port.
         dev.write(COMMAND, &[CMD_WRITE_AUX_OUTBUF]);
         dev.write(DATA, &[0x5a]);
-        assert_eq!(read(&mut dev, COMMAND) & SB_OUT_FULL, 0);
+        let status = read(&mut dev, COMMAND);
+        assert_eq!(status & SB_OUT_FULL, SB_OUT_FULL);
+        assert_eq!(status & 0x20, 0);
+        assert_eq!(read(&mut dev, DATA), 0x5a);
         dev.write(DATA, &[0xff]);
         assert_eq!(read(&mut dev, DATA), KBD_ACK);
         assert_eq!(read(&mut dev, DATA), KBD_RESET_OK);
+        dev.write(DATA, &[KBD_CMD_GET_ID]);
+        assert_eq!(read(&mut dev, DATA), KBD_ACK);
+        assert_eq!([read(&mut dev, DATA), read(&mut dev, DATA)], KBD_ID);
+        dev.write(DATA, &[0xed]);
+        assert_eq!(read(&mut dev, DATA), KBD_ACK, "set LEDs is acknowledged");
     }
 
     #[test]

@@ -1,0 +1,281 @@
+#!/usr/bin/env bash
+# Boot comparison (not a test): boots the test guest N times with flint and N times with
+# Debian's QEMU (-M microvm, KVM) in the same host and the same run, alternating, and prints
+# both side by side. Both VMMs are measured the same way from the outside by a tiny helper
+# (vmm-probe, compiled from the C source below): time from just before fork+exec of the VMM
+# until the guest's FLINT-GUEST-READY line arrives on the VMM's stdout (the serial console),
+# and, at that moment, the VMM's VmRSS minus the resident part of its guest-RAM mapping
+# (from /proc/PID/smaps). flint's own figures (boot-timer port write, VMM overhead at guest
+# reboot) are printed too.
+#
+# usage: resources/bench-compare.sh [-n RUNS] [--memory MIB] [--format elf|bzimage]
+#
+# Both VMMs boot the same kernel file and initramfs with the same command line, except for
+# `reboot=`: flint exits on the i8042 reset (reboot=k); QEMU's microvm has no i8042, so its
+# guest uses a triple fault (reboot=t), which -no-reboot turns into an exit.
+#
+# Where the local /dev/kvm cannot boot Linux (PVM), the runs happen inside the nested KVM
+# host (resources/nested-host/run.sh); timings there are only comparable with other timings
+# taken in the same rig, in the same run. BENCH_RAW=1 prints the raw console lines.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=resources/lib.sh
+. "$here/lib.sh"
+
+runs=10
+memory=128
+format=elf
+while (($#)); do
+    case $1 in
+    -n) runs=${2:?}; shift ;;
+    --memory) memory=${2:?}; shift ;;
+    --format) format=${2:?}; shift ;;
+    *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
+    esac
+    shift
+done
+case $format in
+elf) kernel_name=vmlinux ;;
+bzimage) kernel_name=bzImage ;;
+*) die "--format is elf or bzimage" ;;
+esac
+
+# qemu-system-data holds qboot (/usr/share/qemu/bios-microvm.bin), microvm's default firmware.
+ensure_packages qemu-system-x86 qemu-system-data gcc libc6-dev
+"$here/build-guest-kernel.sh"
+"$here/build-guest-initramfs.sh"
+log "building flint (release)"
+(cd "$here/.." && cargo build --release --quiet)
+flint=${CARGO_TARGET_DIR:-$here/../target}/release/flint
+guest=$FLINT_CACHE/guest
+qemu=/usr/bin/qemu-system-x86_64
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+cat >"$work/vmm-probe.c" <<'PROBE_C'
+/* vmm-probe TIMEOUT_S GUEST_MIB PROGRAM ARGS...
+ * Runs PROGRAM with stdin /dev/null and stdout on a pipe. Prints one line:
+ *   PROBE ready_ms T rss_kib R guest_rss_kib G overhead_kib R-G exit S total_ms E
+ * T: CLOCK_MONOTONIC from just before fork() to the arrival of FLINT-GUEST-READY;
+ * R: VmRSS of PROGRAM at that moment; G: resident KiB of its guest-RAM mapping(s) (those
+ * whose size is GUEST_MIB, rounded up by at most 4 MiB); E: until PROGRAM exited.
+ * PROGRAM is killed after TIMEOUT_S. PROBE_ECHO=1 copies its output to stderr, each
+ * line prefixed with the elapsed milliseconds. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+static pid_t child;
+static void on_alarm(int sig) { (void)sig; if (child > 0) kill(child, SIGKILL); }
+
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static void sample_mem(pid_t pid, long guest_kib, long *rss, long *guest_rss) {
+    char path[64], line[512];
+    *rss = -1;
+    *guest_rss = 0;
+    snprintf(path, sizeof path, "/proc/%d/status", (int)pid);
+    FILE *f = fopen(path, "r");
+    if (f) {
+        while (fgets(line, sizeof line, f))
+            if (sscanf(line, "VmRSS: %ld", rss) == 1) break;
+        fclose(f);
+    }
+    snprintf(path, sizeof path, "/proc/%d/smaps", (int)pid);
+    f = fopen(path, "r");
+    if (!f) return;
+    int in_guest = 0;
+    while (fgets(line, sizeof line, f)) {
+        unsigned long lo, hi;
+        long v;
+        char *dash = strchr(line, '-'), *space = strchr(line, ' ');
+        if (dash && space && dash < space && sscanf(line, "%lx-%lx ", &lo, &hi) == 2) {
+            long kib = (long)((hi - lo) >> 10);
+            in_guest = kib >= guest_kib && kib <= guest_kib + 4096;
+        } else if (in_guest && sscanf(line, "Rss: %ld", &v) == 1) {
+            *guest_rss += v;
+        }
+    }
+    fclose(f);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) {
+        fprintf(stderr, "usage: vmm-probe TIMEOUT_S GUEST_MIB PROGRAM ARGS...\n");
+        return 2;
+    }
+    int timeout_s = atoi(argv[1]);
+    long guest_kib = atol(argv[2]) * 1024;
+    int fds[2];
+    if (pipe(fds)) { perror("pipe"); return 2; }
+    double t0 = now_ms();
+    child = fork();
+    if (child < 0) { perror("fork"); return 2; }
+    if (child == 0) {
+        int nul = open("/dev/null", O_RDONLY);
+        dup2(nul, 0);
+        dup2(fds[1], 1);
+        close(fds[0]);
+        close(fds[1]);
+        execv(argv[3], argv + 3);
+        perror("exec");
+        _exit(127);
+    }
+    close(fds[1]);
+    signal(SIGALRM, on_alarm);
+    alarm(timeout_s);
+
+    const char *marker = "FLINT-GUEST-READY";
+    size_t mlen = strlen(marker), matched = 0;
+    double ready = -1;
+    long rss = -1, guest_rss = 0;
+    char buf[4096], tail[2048];
+    size_t tail_len = 0;
+    int echo = getenv("PROBE_ECHO") != NULL, bol = 1;
+    for (;;) {
+        ssize_t n = read(fds[0], buf, sizeof buf);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) break;
+        for (ssize_t i = 0; i < n; i++) {
+            if (ready < 0) {
+                if (buf[i] == marker[matched]) {
+                    if (++matched == mlen) {
+                        ready = now_ms() - t0;
+                        sample_mem(child, guest_kib, &rss, &guest_rss);
+                    }
+                } else {
+                    matched = buf[i] == marker[0];
+                }
+            }
+            if (echo) {
+                if (bol) fprintf(stderr, "[%9.1f] ", now_ms() - t0);
+                fputc(buf[i], stderr);
+                bol = buf[i] == '\n';
+            }
+            if (tail_len == sizeof tail) {
+                memmove(tail, tail + sizeof tail / 2, sizeof tail / 2);
+                tail_len = sizeof tail / 2;
+            }
+            tail[tail_len++] = buf[i];
+        }
+    }
+    int status = 0;
+    waitpid(child, &status, 0);
+    double total = now_ms() - t0;
+    int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (ready < 0) {
+        printf("PROBE-FAILED no FLINT-GUEST-READY; exit %d after %.0f ms; output tail:\n", code, total);
+        fwrite(tail, 1, tail_len, stdout);
+        printf("\nPROBE-END\n");
+        return 1;
+    }
+    printf("PROBE ready_ms %.1f rss_kib %ld guest_rss_kib %ld overhead_kib %ld exit %d total_ms %.0f\n",
+           ready, rss, guest_rss, rss - guest_rss, code, total);
+    return code == 0 ? 0 : 1;
+}
+PROBE_C
+gcc -O2 -static -Wall -Werror -o "$work/vmm-probe" "$work/vmm-probe.c" || die "cannot build vmm-probe"
+
+cmdline="console=ttyS0 panic=1 pci=off acpi=off quiet flint.exec=$(printf 'true' | base64 -w0)"
+# The fastest microvm setup found in the nested host: no option ROMs, no RTC/PIT/PIC, no
+# ACPI tables (flint has none either); firmware is qboot, QEMU's default for microvm.
+qemu_args="-M microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off,acpi=off \
+-enable-kvm -cpu host -m $memory -smp 1 -nodefaults -no-user-config -nographic \
+-serial stdio -no-reboot"
+
+cat >"$work/scenario.sh" <<SCENARIO
+#!/bin/sh
+# Runs in the benchmark host (nested or direct); \$BIN holds flint, the probe and the guest,
+# \$QEMU is qemu-system-x86_64 (in the nested host at /usr/bin, where it finds /usr/share/qemu).
+echo "BENCH qemu-version \$(\$QEMU --version | head -n1)"
+flint_boot() {
+    FLINT_LOG=debug \$BIN/vmm-probe 60 $memory \$BIN/flint boot --kernel \$BIN/$kernel_name \\
+        --initrd \$BIN/initramfs.cpio.gz --vcpus 1 --memory $memory \\
+        --cmdline "$cmdline reboot=k" >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED flint run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH flint /' \$TMPD/out
+    grep -E 'guest boot time|VMM overhead' \$TMPD/err | sed 's/^/BENCH /'
+}
+qemu_boot() {
+    \$BIN/vmm-probe 60 $memory \$QEMU $qemu_args -kernel \$BIN/$kernel_name \\
+        -initrd \$BIN/initramfs.cpio.gz -append "$cmdline reboot=t" >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED qemu run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH qemu /' \$TMPD/out
+}
+# Alternate which VMM goes first so that drifting load hits both alike.
+i=0
+while [ \$i -lt $runs ]; do
+    if [ \$((i % 2)) -eq 0 ]; then flint_boot; qemu_boot; else qemu_boot; flint_boot; fi
+    i=\$((i + 1))
+done
+SCENARIO
+
+if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+    log "local /dev/kvm cannot boot Linux: running 2 x $runs boots inside the nested KVM host"
+    {
+        echo "BIN=/bench; TMPD=/tmp; QEMU=$qemu"
+        cat "$work/scenario.sh"
+    } >"$work/nested.sh"
+    "$here/nested-host/run.sh" --timeout $((120 + 40 * runs)) --scenario "$work/nested.sh" \
+        --add "$flint:/bench/flint" --add "$work/vmm-probe:/bench/vmm-probe" \
+        --add "$qemu:$qemu" --add /usr/share/qemu:/usr/share/qemu \
+        --add "$guest/$kernel_name:/bench/$kernel_name" \
+        --add "$guest/initramfs.cpio.gz:/bench/initramfs.cpio.gz" >"$work/out" 2>&1 ||
+        { cat "$work/out"; die "benchmark run failed"; }
+    where="nested KVM host (QEMU TCG, Debian cloud kernel, kvm_amd) on $(nproc) cores"
+else
+    mkdir -p "$work/bin"
+    cp "$flint" "$work/vmm-probe" "$guest/$kernel_name" "$guest/initramfs.cpio.gz" "$work/bin/"
+    BIN=$work/bin TMPD=$work QEMU=$qemu sh "$work/scenario.sh" >"$work/out" 2>&1 ||
+        { cat "$work/out"; die "benchmark run failed"; }
+    where="local hardware KVM"
+fi
+
+# stats LABEL UNIT: median, min, p90, max of the numbers on stdin.
+stats() {
+    sort -n | awk -v label="$1" -v unit="$2" '
+        { v[NR] = $1 }
+        END {
+            if (NR == 0) { printf "%-44s no samples\n", label; exit 1 }
+            med = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            p90 = v[int(NR * 0.9 + 0.999)]
+            printf "%-44s median %7.1f %s   min %7.1f   p90 %7.1f   max %7.1f   (n=%d)\n",
+                label, med, unit, v[1], p90, v[NR], NR
+        }'
+}
+# probe VMM FIELD: one PROBE field of one VMM, a number a line.
+probe() {
+    sed -n "s/.*BENCH $1 PROBE .*$2 \\([0-9.-]*\\).*/\\1/p" "$work/clean"
+}
+
+tr -d "\r" <"$work/out" >"$work/clean"
+[ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
+echo "boot comparison: $runs boots per VMM, alternating; $format kernel, 1 vCPU, $memory MiB, $(date -u +%Y-%m-%d)"
+echo "where: $where"
+sed -n 's/.*BENCH qemu-version /other VMM: /p' "$work/clean"
+echo "other VMM command: qemu-system-x86_64 $qemu_args -kernel $kernel_name -initrd initramfs.cpio.gz -append \"$cmdline reboot=t\""
+echo
+echo "process start -> FLINT-GUEST-READY on the console (measured from outside, same for both):"
+probe flint ready_ms | stats "  flint" ms
+probe qemu ready_ms | stats "  qemu microvm" ms
+echo "VMM VmRSS minus resident guest RAM, sampled at FLINT-GUEST-READY:"
+probe flint overhead_kib | awk '{ print $1 / 1024 }' | stats "  flint" MiB
+probe qemu overhead_kib | awk '{ print $1 / 1024 }' | stats "  qemu microvm" MiB
+echo "flint's own figures:"
+sed -n 's/.*BENCH flint: guest boot time: \([0-9]*\) ms$/\1/p' "$work/clean" |
+    stats "  process start -> guest /init (boot timer)" ms
+sed -n 's/.*BENCH flint: debug: memory: VMM overhead \([0-9]*\) KiB.*/\1/p' "$work/clean" |
+    awk '{ print $1 / 1024 }' | stats "  VMM memory beyond guest RAM (at reboot)" MiB
