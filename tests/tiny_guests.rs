@@ -607,7 +607,24 @@ fn every_thread_runs_under_a_seccomp_filter() {
     let dir = TempDir::new("seccomp");
     let mut child = spinning_flint(&dir, &[], &[]);
     wait_for_spinning(&mut child);
-    let modes = seccomp_modes(child.id());
+    // Threads start and install their filters concurrently with the guest's first output:
+    // poll until all of them are there and filtered (KVM's own kernel threads that show up in
+    // the task list are not flint's).
+    let expected = ["vcpu0", "vcpu1", "event-loop", "console-in", "flint"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let modes = loop {
+        let modes: Vec<_> = seccomp_modes(child.id())
+            .into_iter()
+            .filter(|(name, _)| !name.starts_with("kvm"))
+            .collect();
+        let complete = expected.iter().all(|e| modes.iter().any(|(n, _)| n == e))
+            && modes.len() == expected.len()
+            && modes.iter().all(|(_, m)| m == "2");
+        if complete || Instant::now() > deadline {
+            break modes;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = wait_bounded(child, Duration::from_secs(20));
@@ -618,7 +635,7 @@ fn every_thread_runs_under_a_seccomp_filter() {
         text(&out.stderr)
     );
     let names: Vec<&str> = modes.iter().map(|(n, _)| n.as_str()).collect();
-    for expected in ["vcpu0", "vcpu1", "event-loop", "console-in", "flint"] {
+    for expected in expected {
         assert!(
             names.contains(&expected),
             "no {expected} thread in {modes:?}"
