@@ -45,7 +45,7 @@ packages() {
     ensure_packages \
         qemu-system-x86 busybox-static linux-source-6.1 \
         build-essential bc flex bison libelf-dev libssl-dev \
-        cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils
+        cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils curl iproute2
     command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
     cargo --version
     rustc --version
@@ -55,6 +55,8 @@ cd "$repo"
 stage "packages" packages
 stage "guest kernel" "$here/build-guest-kernel.sh"
 stage "guest initramfs" "$here/build-guest-initramfs.sh"
+stage "guest rootfs" "$here/build-rootfs.sh"
+stage "sandbox image" "$here/build-sandbox-image.sh"
 stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings

@@ -6,6 +6,7 @@ use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use vmm::{DriveConfig, NetConfig, VmConfig, VsockConfig};
 
 use crate::api_mode::ApiOptions;
+use crate::sandbox::{CommandOptions, ExecOptions, RunOptions};
 
 /// What the user asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -16,6 +17,10 @@ pub enum Command {
     Boot(VmConfig),
     /// Serve the REST API and/or boot from a config file.
     Api(ApiOptions),
+    /// Run a command in a throwaway microVM.
+    Run(RunOptions),
+    /// Run a command in a running microVM.
+    Exec(ExecOptions),
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
@@ -45,6 +50,24 @@ pub enum CliError {
     NoApiWithoutConfig,
     #[error("--no-api and --api-sock contradict each other")]
     NoApiWithSocket,
+    #[error(
+        "'flint {0}' needs a command after --, as in 'flint {0} [OPTIONS] -- COMMAND [ARG]...'"
+    )]
+    NoCommandToRun(&'static str),
+    #[error("{option} takes KEY=VALUE, not '{value}'")]
+    EnvSpec { option: &'static str, value: String },
+    #[error("{option} takes {form}, not '{value}'")]
+    CopySpec {
+        option: &'static str,
+        form: &'static str,
+        value: String,
+    },
+    #[error("--net takes none or tap=NAME, not '{0}'")]
+    RunNet(String),
+    #[error("'flint exec' needs --api-sock PATH (the API socket of the running VM)")]
+    NoApiSock,
+    #[error("{0} must be an absolute path inside the guest")]
+    GuestPath(String),
     #[error("'flint boot' needs --kernel PATH")]
     NoKernel,
     #[error("--disk needs a path before its options, as in --disk PATH[,ro][,root][,id=NAME]")]
@@ -125,6 +148,11 @@ fn main_help() -> String {
 
 Usage:
   flint boot --kernel PATH [OPTIONS]   boot a guest kernel on the serial console
+  flint run [OPTIONS] -- COMMAND [ARG]...
+                                       run a command in a throwaway microVM and exit with
+                                       its status ('flint run --help')
+  flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...
+                                       run a command in a running microVM
   flint --api-sock PATH [--config-file FILE] [--id ID]
                                        serve the REST API (Firecracker-compatible) on a
                                        Unix socket; configure and start the VM through it
@@ -193,6 +221,8 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         "-h" | "--help" | "help" => Ok(Command::Help(main_help())),
         "-V" | "--version" => Ok(Command::Version),
         "boot" => parse_boot(&args[1..]),
+        "run" => parse_run(&args[1..]),
+        "exec" => parse_exec(&args[1..]),
         a if a.starts_with("--") => parse_api(args),
         other => Err(CliError::UnknownCommand(other.to_string())),
     }
@@ -226,6 +256,230 @@ fn number<T: std::str::FromStr>(option: &'static str, value: &str) -> Result<T, 
         option,
         value: value.to_string(),
     })
+}
+
+fn run_help() -> String {
+    format!(
+        "Usage: flint run [OPTIONS] -- COMMAND [ARG]...
+
+Boot a throwaway microVM, run COMMAND in it through the guest agent, stream its stdout and
+stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing
+is left behind: the VM, its sockets and temporary files are gone when flint exits.
+
+Options:
+  --kernel PATH        guest kernel (default: $FLINT_CACHE/guest/vmlinux, built by
+                       resources/build-guest-kernel.sh; FLINT_CACHE defaults to ~/.cache/flint)
+  --image PATH         sandbox initramfs with busybox and the agent (default:
+                       $FLINT_CACHE/sandbox/initramfs.cpio.gz, resources/build-sandbox-image.sh);
+                       the guest's root is a RAM file system, so the image is never modified
+  --rootfs IMAGE       boot from this ext4 image instead (its init must start flint-agent);
+                       the guest writes to a private copy, never to IMAGE
+  --vcpus N            vCPUs (default: {DEFAULT_VCPUS})
+  --memory MIB         guest memory in MiB (default: {DEFAULT_MEM_MIB})
+  --timeout SECONDS    stop the VM and exit with 124 if COMMAND has not finished by then
+  --net none|tap=NAME  no network (default), or a NIC on the host TAP device NAME
+  --env KEY=VALUE      set an environment variable for COMMAND (repeatable)
+  --workdir DIR        COMMAND's working directory in the guest (default: /)
+  --copy-in HOST:GUEST copy a host file into the guest before COMMAND runs (repeatable)
+  --copy-out GUEST:HOST
+                       copy a guest file out after COMMAND ends (repeatable)
+  --no-seccomp         do not install seccomp filters (debugging only)
+
+Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeout expired;
+125 when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not
+be started (not found, not executable); 128+N when flint was stopped by signal N (Ctrl-C
+kills COMMAND, then the VM).
+"
+    )
+}
+
+fn exec_help() -> String {
+    "Usage: flint exec --api-sock PATH [--env KEY=VALUE]... [--workdir DIR] -- COMMAND [ARG]...
+
+Run COMMAND in the running microVM whose API socket is PATH (its guest must run flint-agent
+and the VM must have a vsock device), like 'flint run' but without a new VM; any number of
+times. Exit status: COMMAND's, or 125 when flint cannot reach the agent.
+"
+    .to_string()
+}
+
+/// Split the arguments at `--`: options before, the command after.
+fn split_command<'a>(
+    args: &'a [String],
+    command: &'static str,
+) -> Result<(&'a [String], Vec<String>), CliError> {
+    let dash = args
+        .iter()
+        .position(|a| a == "--")
+        .ok_or(CliError::NoCommandToRun(command))?;
+    let argv = args[dash + 1..].to_vec();
+    if argv.is_empty() {
+        return Err(CliError::NoCommandToRun(command));
+    }
+    Ok((&args[..dash], argv))
+}
+
+fn parse_env(value: &str) -> Result<(String, String), CliError> {
+    match value.split_once('=') {
+        Some((k, v)) if !k.is_empty() && !k.contains('\0') => Ok((k.to_string(), v.to_string())),
+        _ => Err(CliError::EnvSpec {
+            option: "--env",
+            value: value.to_string(),
+        }),
+    }
+}
+
+fn guest_path(path: &str) -> Result<String, CliError> {
+    if path.starts_with('/') {
+        Ok(path.to_string())
+    } else {
+        Err(CliError::GuestPath(path.to_string()))
+    }
+}
+
+/// Options shared by `run` and `exec`; `Ok(true)` when `name` was one of them.
+fn command_option<'a>(
+    name: &str,
+    inline: Option<&'a str>,
+    rest: &mut impl Iterator<Item = &'a String>,
+    command: &mut CommandOptions,
+) -> Result<bool, CliError> {
+    match name {
+        "--env" => {
+            let v = option_value("--env", inline, rest)?;
+            command.env.push(parse_env(v)?);
+        }
+        "--workdir" => {
+            let v = option_value("--workdir", inline, rest)?;
+            command.workdir = Some(guest_path(v)?);
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn parse_run(args: &[String]) -> Result<Command, CliError> {
+    if args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+    {
+        return Ok(Command::Help(run_help()));
+    }
+    let (opts, argv) = split_command(args, "run")?;
+    let mut o = RunOptions {
+        vcpus: DEFAULT_VCPUS,
+        mem_mib: DEFAULT_MEM_MIB,
+        ..RunOptions::default()
+    };
+    let mut rest = opts.iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+            _ => (arg.as_str(), None),
+        };
+        if command_option(name, inline, &mut rest, &mut o.command)? {
+            continue;
+        }
+        match name {
+            "--kernel" => o.kernel = Some(option_value("--kernel", inline, &mut rest)?.into()),
+            "--image" => o.image = Some(option_value("--image", inline, &mut rest)?.into()),
+            "--rootfs" => o.rootfs = Some(option_value("--rootfs", inline, &mut rest)?.into()),
+            "--vcpus" => o.vcpus = number("--vcpus", option_value("--vcpus", inline, &mut rest)?)?,
+            "--memory" => {
+                o.mem_mib = number("--memory", option_value("--memory", inline, &mut rest)?)?
+            }
+            "--timeout" => {
+                let secs: u64 = number("--timeout", option_value("--timeout", inline, &mut rest)?)?;
+                o.timeout = Some(std::time::Duration::from_secs(secs));
+            }
+            "--net" => {
+                let v = option_value("--net", inline, &mut rest)?;
+                o.net = match v {
+                    "none" => None,
+                    _ => match v.strip_prefix("tap=") {
+                        Some(name) if !name.is_empty() => Some(name.to_string()),
+                        _ => return Err(CliError::RunNet(v.to_string())),
+                    },
+                };
+            }
+            "--copy-in" => {
+                let v = option_value("--copy-in", inline, &mut rest)?;
+                let bad = || CliError::CopySpec {
+                    option: "--copy-in",
+                    form: "HOST:GUEST",
+                    value: v.to_string(),
+                };
+                let (host, guest) = v.split_once(':').ok_or_else(bad)?;
+                if host.is_empty() {
+                    return Err(bad());
+                }
+                o.copy_in.push((host.into(), guest_path(guest)?));
+            }
+            "--copy-out" => {
+                let v = option_value("--copy-out", inline, &mut rest)?;
+                let bad = || CliError::CopySpec {
+                    option: "--copy-out",
+                    form: "GUEST:HOST",
+                    value: v.to_string(),
+                };
+                let (guest, host) = v.split_once(':').ok_or_else(bad)?;
+                if host.is_empty() {
+                    return Err(bad());
+                }
+                o.copy_out.push((guest_path(guest)?, host.into()));
+            }
+            "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
+            _ => {
+                return Err(CliError::UnknownOption {
+                    command: "run",
+                    option: arg.clone(),
+                })
+            }
+        }
+    }
+    o.command.argv = argv;
+    Ok(Command::Run(o))
+}
+
+fn parse_exec(args: &[String]) -> Result<Command, CliError> {
+    if args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+    {
+        return Ok(Command::Help(exec_help()));
+    }
+    let (opts, argv) = split_command(args, "exec")?;
+    let mut command = CommandOptions::default();
+    let mut api_sock = None;
+    let mut rest = opts.iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+            _ => (arg.as_str(), None),
+        };
+        if command_option(name, inline, &mut rest, &mut command)? {
+            continue;
+        }
+        match name {
+            "--api-sock" => {
+                let v = option_value("--api-sock", inline, &mut rest)?;
+                set_once(&mut api_sock, "--api-sock", PathBuf::from(v))?;
+            }
+            _ => {
+                return Err(CliError::UnknownOption {
+                    command: "exec",
+                    option: arg.clone(),
+                })
+            }
+        }
+    }
+    command.argv = argv;
+    Ok(Command::Exec(ExecOptions {
+        api_sock: api_sock.ok_or(CliError::NoApiSock)?,
+        command,
+    }))
 }
 
 fn parse_api(args: &[String]) -> Result<Command, CliError> {
@@ -408,7 +662,7 @@ mod tests {
     fn bad_command_lines_get_one_sentence() {
         let cases: &[(&[&str], CliError)] = &[
             (&[], CliError::NoCommand),
-            (&["run"], CliError::UnknownCommand("run".into())),
+            (&["frob"], CliError::UnknownCommand("frob".into())),
             (&["boot"], CliError::NoKernel),
             (&["boot", "--kernel"], CliError::MissingValue("--kernel")),
             (
@@ -550,6 +804,100 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn run_and_exec_options() {
+        let run = |argv: &[&str]| match parse(&args(argv)) {
+            Ok(Command::Run(o)) => Ok(o),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let o = run(&[
+            "run",
+            "--memory",
+            "256",
+            "--timeout=5",
+            "--env",
+            "A=b=c",
+            "--workdir",
+            "/tmp",
+            "--copy-in",
+            "/h/in:/g/in",
+            "--copy-out",
+            "/g/out:/h/out",
+            "--net",
+            "tap=t0",
+            "--",
+            "sh",
+            "-c",
+            "echo --env",
+        ])
+        .unwrap();
+        assert_eq!(o.mem_mib, 256);
+        assert_eq!(o.timeout, Some(std::time::Duration::from_secs(5)));
+        assert_eq!(o.command.env, vec![("A".to_string(), "b=c".to_string())]);
+        assert_eq!(o.command.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(o.command.argv, ["sh", "-c", "echo --env"]);
+        assert_eq!(
+            o.copy_in,
+            vec![(PathBuf::from("/h/in"), "/g/in".to_string())]
+        );
+        assert_eq!(
+            o.copy_out,
+            vec![("/g/out".to_string(), PathBuf::from("/h/out"))]
+        );
+        assert_eq!(o.net.as_deref(), Some("t0"));
+        assert_eq!(
+            run(&["run", "true"]).unwrap_err(),
+            CliError::NoCommandToRun("run")
+        );
+        assert_eq!(
+            run(&["run", "--"]).unwrap_err(),
+            CliError::NoCommandToRun("run")
+        );
+        assert!(matches!(
+            run(&["run", "--env", "noequals", "--", "x"]),
+            Err(CliError::EnvSpec { .. })
+        ));
+        assert!(matches!(
+            run(&["run", "--copy-in", "nocolon", "--", "x"]),
+            Err(CliError::CopySpec { .. })
+        ));
+        assert_eq!(
+            run(&["run", "--copy-in", "/h:relative", "--", "x"]).unwrap_err(),
+            CliError::GuestPath("relative".into())
+        );
+        assert_eq!(
+            run(&["run", "--net", "eth0", "--", "x"]).unwrap_err(),
+            CliError::RunNet("eth0".into())
+        );
+        match parse(&args(&[
+            "exec",
+            "--api-sock",
+            "/s",
+            "--env",
+            "K=V",
+            "--",
+            "ls",
+            "-l",
+        ]))
+        .unwrap()
+        {
+            Command::Exec(o) => {
+                assert_eq!(o.api_sock, PathBuf::from("/s"));
+                assert_eq!(o.command.argv, ["ls", "-l"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse(&args(&["exec", "--", "ls"])).unwrap_err(),
+            CliError::NoApiSock
+        );
+        assert!(matches!(
+            parse(&args(&["run", "--help"])),
+            Ok(Command::Help(_))
+        ));
     }
 
     #[test]

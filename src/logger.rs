@@ -72,6 +72,13 @@ pub fn init() {
     }
 }
 
+/// Log only warnings and errors, unless `FLINT_LOG` chose a level.
+pub fn quiet_unless_asked() {
+    if std::env::var_os("FLINT_LOG").is_none() {
+        log::set_max_level(LevelFilter::Warn);
+    }
+}
+
 /// Parse an API log level ("Error", "Warning", "Info", "Debug", "Trace", "Off").
 fn parse_level(level: &str) -> Option<LevelFilter> {
     match level.to_ascii_lowercase().as_str() {

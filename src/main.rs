@@ -5,6 +5,7 @@ mod api_mode;
 mod cli;
 mod config_file;
 mod logger;
+mod sandbox;
 mod terminal;
 
 use std::process::ExitCode;
@@ -33,6 +34,12 @@ fn main() -> ExitCode {
         }
         Ok(Command::Boot(config)) => boot(&config, start),
         Ok(Command::Api(options)) => api_mode::run(&options, start),
+        Ok(Command::Run(options)) => {
+            // A sandbox's output is the command's: flint itself only speaks up for problems.
+            logger::quiet_unless_asked();
+            sandbox::run(&options, start)
+        }
+        Ok(Command::Exec(options)) => sandbox::exec(&options),
         Err(e) => fail(&e),
     }
 }

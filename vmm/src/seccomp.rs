@@ -49,6 +49,9 @@ pub enum ThreadKind {
     Api,
     /// Forwards terminal input to the serial console.
     ConsoleIn,
+    /// `flint run`/`exec`: talks to the guest agent over the vsock Unix socket, copies files
+    /// in and out, and writes the command's output.
+    AgentClient,
 }
 
 impl ThreadKind {
@@ -60,6 +63,7 @@ impl ThreadKind {
             ThreadKind::EventLoop => "event-loop",
             ThreadKind::Api => "api",
             ThreadKind::ConsoleIn => "console-in",
+            ThreadKind::AgentClient => "agent-client",
         }
     }
 }
@@ -181,6 +185,33 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
             &[FIONBIO]
         }
         ThreadKind::ConsoleIn => &[],
+        ThreadKind::AgentClient => {
+            allow(SOCKETS);
+            allow(FILES);
+            allow(&[
+                libc::SYS_clone3,
+                libc::SYS_clone,
+                libc::SYS_set_robust_list,
+                libc::SYS_rseq,
+                libc::SYS_prctl,
+                libc::SYS_mkdir,
+                libc::SYS_mkdirat,
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_fchmod,
+                libc::SYS_fchmodat,
+                libc::SYS_chmod,
+                libc::SYS_ftruncate,
+                libc::SYS_copy_file_range,
+                libc::SYS_sendfile,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+            ]);
+            &[FIONBIO, TCGETS]
+        }
         ThreadKind::Vmm => {
             allow(FILES);
             allow(&[
@@ -195,6 +226,9 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 libc::SYS_shutdown,
                 libc::SYS_getrandom,
                 libc::SYS_rt_sigaction,
+                // Removing a sandbox's temporary directory at the end.
+                libc::SYS_getdents64,
+                libc::SYS_rmdir,
             ]);
             &[TCGETS, TCSETS]
         }
@@ -338,6 +372,7 @@ mod tests {
             ThreadKind::EventLoop,
             ThreadKind::Api,
             ThreadKind::ConsoleIn,
+            ThreadKind::AgentClient,
         ] {
             let bpf = program(kind).unwrap();
             assert!(bpf.len() > 10, "{kind:?}");

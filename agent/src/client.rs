@@ -1,0 +1,597 @@
+//! The host side: connect to the guest agent through flint's vsock Unix socket and run
+//! commands or copy files.
+
+use std::fs::{self, File};
+use std::io::{self, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::protocol::{
+    read_message, ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, DATA_CHUNK,
+};
+
+/// Why a client operation failed. Every message is one sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot connect to the vsock socket {}: {source}", path.display())]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("the guest agent did not answer on vsock port {port} within {} s ({last})", timeout.as_secs_f64())]
+    Timeout {
+        port: u32,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("the vsock socket answered {0:?} to CONNECT instead of `OK <port>`")]
+    Handshake(String),
+    #[error("the connection to the guest agent failed: {0}")]
+    Io(#[source] io::Error),
+    #[error("the guest agent sent a malformed frame: {0}")]
+    Protocol(#[source] ProtocolError),
+    #[error("the request cannot be sent: {0}")]
+    BadRequest(#[source] ProtocolError),
+    #[error("the guest agent closed the connection unexpectedly")]
+    Closed,
+    #[error("the guest agent sent an unexpected {0} frame")]
+    Unexpected(&'static str),
+    /// The command never ran (not found, not executable, bad working directory...); the
+    /// message is the agent's.
+    #[error("{0}")]
+    NotStarted(String),
+    /// The agent reported a failure (of a copy, or while a command ran); its message.
+    #[error("{0}")]
+    Remote(String),
+    #[error("cannot read {}: {source}", path.display())]
+    HostRead { path: PathBuf, source: io::Error },
+    #[error("cannot write {}: {source}", path.display())]
+    HostWrite { path: PathBuf, source: io::Error },
+    #[error("the path {} is not valid UTF-8", path.display())]
+    NonUtf8Path { path: PathBuf },
+    #[error("cannot write the command's output: {0}")]
+    Output(#[source] io::Error),
+    #[error("the connection to the guest agent is unusable after an earlier error")]
+    Broken,
+}
+
+impl From<FrameError> for AgentError {
+    fn from(e: FrameError) -> Self {
+        match e {
+            FrameError::Io(e) => AgentError::Io(e),
+            FrameError::Protocol(e) => AgentError::Protocol(e),
+        }
+    }
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandStatus {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal terminated it.
+    Killed(i32),
+}
+
+impl CommandStatus {
+    /// The status a shell would report: the exit status, or 128 + the signal number.
+    pub fn code(&self) -> i32 {
+        match *self {
+            CommandStatus::Exited(code) => code,
+            CommandStatus::Killed(signal) => 128 + signal,
+        }
+    }
+
+    /// Exited with status 0.
+    pub fn success(&self) -> bool {
+        *self == CommandStatus::Exited(0)
+    }
+}
+
+/// The writing half of a connection, shared by the client, its stdin forwarder and
+/// [`Signaller`]s. Frames are written whole under the lock.
+#[derive(Debug)]
+struct Writer {
+    stream: UnixStream,
+    /// A command runs: stdin and signals may be sent.
+    active: bool,
+    /// Counts commands, so that the stdin forwarder of an earlier one never writes again.
+    generation: u64,
+}
+
+type Shared = Arc<Mutex<Writer>>;
+
+fn lock(shared: &Shared) -> MutexGuard<'_, Writer> {
+    // A panic while holding the lock leaves a consistent Writer: keep using it.
+    shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn send_on(writer: &mut Writer, msg: &ToAgent) -> Result<(), AgentError> {
+    let frame = msg.encode().map_err(AgentError::BadRequest)?;
+    writer.stream.write_all(&frame).map_err(AgentError::Io)
+}
+
+/// Sends signals to the command that a client runs, from any thread (e.g. a Ctrl-C handler).
+#[derive(Debug, Clone)]
+pub struct Signaller {
+    shared: Shared,
+}
+
+impl Signaller {
+    /// Send `signal` (1-64) to the running command's process group. Returns whether a
+    /// command was running (when none is, nothing is sent).
+    pub fn signal(&self, signal: i32) -> Result<bool, AgentError> {
+        let mut w = lock(&self.shared);
+        if !w.active {
+            return Ok(false);
+        }
+        send_on(&mut w, &ToAgent::Signal(signal))?;
+        Ok(true)
+    }
+}
+
+/// A connection to the guest agent. Operations run one at a time; after a failure other
+/// than [`AgentError::NotStarted`] or [`AgentError::Remote`] the connection is closed (which
+/// kills a command still running) and later calls return [`AgentError::Broken`].
+#[derive(Debug)]
+pub struct AgentClient {
+    reader: BufReader<UnixStream>,
+    shared: Shared,
+    broken: bool,
+}
+
+/// One connection attempt's failure: worth retrying or not.
+enum Attempt {
+    Retry(String),
+    Fatal(AgentError),
+}
+
+impl AgentClient {
+    /// Connect to the agent listening on vsock `port` of the VM whose vsock device has the
+    /// Unix socket `uds_path` (`--vsock cid=N,uds=PATH`): send `CONNECT <port>` and wait for
+    /// `OK`. Until `timeout` passes, a missing socket (flint still starting), a refused
+    /// connection and a guest that closes the stream (no agent listening yet, the guest is
+    /// booting) are retried every 100 ms.
+    pub fn connect(
+        uds_path: &Path,
+        port: u32,
+        timeout: Duration,
+    ) -> Result<AgentClient, AgentError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match Self::try_connect(uds_path, port, deadline) {
+                Ok(stream) => return AgentClient::from_stream(stream),
+                Err(Attempt::Fatal(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => why,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(AgentError::Timeout {
+                    port,
+                    timeout,
+                    last,
+                });
+            }
+            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+        }
+    }
+
+    fn try_connect(uds_path: &Path, port: u32, deadline: Instant) -> Result<UnixStream, Attempt> {
+        let mut stream = match UnixStream::connect(uds_path) {
+            Ok(s) => s,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(Attempt::Retry(format!("last attempt: {e}")));
+            }
+            Err(source) => {
+                return Err(Attempt::Fatal(AgentError::Connect {
+                    path: uds_path.to_path_buf(),
+                    source,
+                }))
+            }
+        };
+        let remaining = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        let io_err = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                Attempt::Retry("the guest did not accept the connection in time".into())
+            }
+            io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                Attempt::Retry("the guest refused the connection; is the agent running?".into())
+            }
+            _ => Attempt::Fatal(AgentError::Io(e)),
+        };
+        let set = stream
+            .set_read_timeout(Some(remaining))
+            .and_then(|()| stream.set_write_timeout(Some(remaining)));
+        set.map_err(io_err)?;
+        stream
+            .write_all(format!("CONNECT {port}\n").as_bytes())
+            .map_err(io_err)?;
+        // Byte by byte: whatever follows the line belongs to the agent's stream.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        loop {
+            match stream.read(&mut byte) {
+                Ok(0) => {
+                    return Err(Attempt::Retry(
+                        "the guest refused the connection; is the agent running?".into(),
+                    ))
+                }
+                Ok(_) if byte[0] == b'\n' => break,
+                Ok(_) if line.len() < 64 => line.push(byte[0]),
+                Ok(_) => {
+                    return Err(Attempt::Fatal(AgentError::Handshake(
+                        String::from_utf8_lossy(&line).into_owned(),
+                    )))
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(e)),
+            }
+        }
+        let text = String::from_utf8_lossy(&line).into_owned();
+        let ok = text
+            .strip_prefix("OK ")
+            .is_some_and(|p| p.trim().parse::<u32>().is_ok());
+        if !ok {
+            return Err(Attempt::Fatal(AgentError::Handshake(text)));
+        }
+        let clear = stream
+            .set_read_timeout(None)
+            .and_then(|()| stream.set_write_timeout(None));
+        clear.map_err(|e| Attempt::Fatal(AgentError::Io(e)))?;
+        Ok(stream)
+    }
+
+    /// A client on a stream already connected to the agent (after any handshake).
+    pub fn from_stream(stream: UnixStream) -> Result<AgentClient, AgentError> {
+        let write_half = stream.try_clone().map_err(AgentError::Io)?;
+        Ok(AgentClient {
+            reader: BufReader::with_capacity(256 * 1024, stream),
+            shared: Arc::new(Mutex::new(Writer {
+                stream: write_half,
+                active: false,
+                generation: 0,
+            })),
+            broken: false,
+        })
+    }
+
+    /// A handle that sends signals to the command [`run`](Self::run) is running.
+    pub fn signaller(&self) -> Signaller {
+        Signaller {
+            shared: Arc::clone(&self.shared),
+        }
+    }
+
+    fn send(&mut self, msg: &ToAgent) -> Result<(), AgentError> {
+        send_on(&mut lock(&self.shared), msg)
+    }
+
+    fn recv(&mut self) -> Result<FromAgent, AgentError> {
+        match read_message::<FromAgent, _>(&mut self.reader)? {
+            Some(msg) => Ok(msg),
+            None => Err(AgentError::Closed),
+        }
+    }
+
+    /// Close the connection for good (both halves, whoever else holds a handle on it).
+    fn poison(&mut self) {
+        self.broken = true;
+        let mut w = lock(&self.shared);
+        w.active = false;
+        let _ = w.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Run an operation; poison the connection if it failed in a way that leaves the stream
+    /// in an unknown state.
+    fn guarded<T>(
+        &mut self,
+        op: impl FnOnce(&mut Self) -> Result<T, AgentError>,
+    ) -> Result<T, AgentError> {
+        if self.broken {
+            return Err(AgentError::Broken);
+        }
+        let result = op(self);
+        match &result {
+            Ok(_)
+            | Err(
+                AgentError::NotStarted(_)
+                | AgentError::Remote(_)
+                | AgentError::BadRequest(_)
+                | AgentError::NonUtf8Path { .. },
+            ) => {}
+            Err(_) => self.poison(),
+        }
+        result
+    }
+
+    /// Run a command in the guest: its stdout and stderr are written to `stdout` and
+    /// `stderr` as they arrive (each flushed after every chunk; the two stay separate and in
+    /// order), `stdin` (if any) is forwarded until its end, then the command's stdin is
+    /// closed (immediately when `stdin` is `None`). Returns how the command ended.
+    ///
+    /// `stdin` is read on a thread of its own that is not joined: it ends at the next read
+    /// that returns after the command has finished (that chunk is dropped) or when the
+    /// connection closes. Output is never buffered beyond one chunk, so any amount flows.
+    pub fn run<I>(
+        &mut self,
+        spec: &ExecSpec,
+        stdin: Option<I>,
+        stdout: impl Write,
+        stderr: impl Write,
+    ) -> Result<CommandStatus, AgentError>
+    where
+        I: Read + Send + 'static,
+    {
+        self.guarded(|c| c.run_inner(spec, stdin, stdout, stderr))
+    }
+
+    fn run_inner<I>(
+        &mut self,
+        spec: &ExecSpec,
+        stdin: Option<I>,
+        mut stdout: impl Write,
+        mut stderr: impl Write,
+    ) -> Result<CommandStatus, AgentError>
+    where
+        I: Read + Send + 'static,
+    {
+        let exec = ToAgent::Exec(spec.clone());
+        exec.encode().map_err(AgentError::BadRequest)?;
+        self.send(&exec)?;
+        match self.recv()? {
+            FromAgent::Started { .. } => {}
+            FromAgent::Error(message) => return Err(AgentError::NotStarted(message)),
+            other => return Err(unexpected(&other)),
+        }
+        let generation = {
+            let mut w = lock(&self.shared);
+            w.active = true;
+            w.generation += 1;
+            w.generation
+        };
+        match stdin {
+            None => self.send(&ToAgent::StdinEof)?,
+            Some(input) => {
+                let shared = Arc::clone(&self.shared);
+                std::thread::Builder::new()
+                    .name("agent-stdin".into())
+                    .spawn(move || forward_stdin(input, &shared, generation))
+                    .map_err(AgentError::Io)?;
+            }
+        }
+        let status = loop {
+            match self.recv()? {
+                FromAgent::Stdout(data) => stdout
+                    .write_all(&data)
+                    .and_then(|()| stdout.flush())
+                    .map_err(AgentError::Output)?,
+                FromAgent::Stderr(data) => stderr
+                    .write_all(&data)
+                    .and_then(|()| stderr.flush())
+                    .map_err(AgentError::Output)?,
+                FromAgent::Exited { code } => break CommandStatus::Exited(code),
+                FromAgent::Killed { signal } => break CommandStatus::Killed(signal),
+                FromAgent::Error(message) => return Err(AgentError::Remote(message)),
+                other => return Err(unexpected(&other)),
+            }
+        };
+        lock(&self.shared).active = false;
+        Ok(status)
+    }
+
+    /// Copy the host file `host_path` to `guest_path` (absolute; parent directories are
+    /// created, an existing file is replaced), with the same permission bits.
+    pub fn copy_in(&mut self, host_path: &Path, guest_path: &Path) -> Result<(), AgentError> {
+        let guest = utf8(guest_path)?;
+        let host_read = |source| AgentError::HostRead {
+            path: host_path.to_path_buf(),
+            source,
+        };
+        let mut file = File::open(host_path).map_err(host_read)?;
+        let meta = file.metadata().map_err(host_read)?;
+        if meta.is_dir() {
+            return Err(host_read(io::Error::from(io::ErrorKind::IsADirectory)));
+        }
+        let header = ToAgent::CopyIn {
+            path: guest.to_string(),
+            mode: meta.permissions().mode() & 0o7777,
+        };
+        header.encode().map_err(AgentError::BadRequest)?;
+        self.guarded(|c| {
+            c.send(&header)?;
+            let mut buf = vec![0u8; DATA_CHUNK];
+            loop {
+                let n = match file.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    // The agent cannot be told to abandon the file: closing the connection
+                    // (guarded) makes it discard the partial copy.
+                    Err(e) => return Err(host_read(e)),
+                };
+                c.send(&ToAgent::FileData(buf[..n].to_vec()))?;
+            }
+            c.send(&ToAgent::FileEnd)?;
+            match c.recv()? {
+                FromAgent::Ok => Ok(()),
+                FromAgent::Error(message) => Err(AgentError::Remote(message)),
+                other => Err(unexpected(&other)),
+            }
+        })
+    }
+
+    /// Copy the guest file `guest_path` (absolute, a regular file) to `host_path` (parent
+    /// directories are created, an existing file is replaced), with the same permission
+    /// bits. The host file appears complete or not at all.
+    pub fn copy_out(&mut self, guest_path: &Path, host_path: &Path) -> Result<(), AgentError> {
+        let request = ToAgent::CopyOut {
+            path: utf8(guest_path)?.to_string(),
+        };
+        request.encode().map_err(AgentError::BadRequest)?;
+        self.guarded(|c| {
+            c.send(&request)?;
+            let mut part: Option<PartFile> = None;
+            let mut failed: Option<io::Error> = None;
+            loop {
+                let msg = c.recv()?;
+                if matches!(msg, FromAgent::FileData(_) | FromAgent::FileEnd { .. })
+                    && part.is_none()
+                    && failed.is_none()
+                {
+                    match PartFile::create(host_path) {
+                        Ok(p) => part = Some(p),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+                match msg {
+                    FromAgent::FileData(data) => {
+                        if let (Some(p), None) = (&mut part, &failed) {
+                            if let Err(e) = p.file.write_all(&data) {
+                                // Keep reading to the end of the file, so that the
+                                // connection stays usable, then report this.
+                                failed = Some(e);
+                            }
+                        }
+                    }
+                    FromAgent::FileEnd { mode } => {
+                        let result = match (part.take(), failed) {
+                            (Some(p), None) => p.commit(mode),
+                            (_, Some(e)) => Err(e),
+                            (None, None) => unreachable!("the part file is created first"),
+                        };
+                        return result.map_err(|source| AgentError::HostWrite {
+                            path: host_path.to_path_buf(),
+                            source,
+                        });
+                    }
+                    FromAgent::Error(message) => return Err(AgentError::Remote(message)),
+                    other => return Err(unexpected(&other)),
+                }
+            }
+        })
+    }
+
+    /// Ask the agent to sync and reboot the guest, which ends the VM (flint exits 0 with the
+    /// default `reboot=k`). Returns once the agent has acknowledged (or the connection went
+    /// away with the guest); wait for the flint process itself to know the VM is gone.
+    pub fn shutdown(mut self) -> Result<(), AgentError> {
+        self.guarded(|c| {
+            c.send(&ToAgent::Shutdown)?;
+            match c.recv() {
+                Ok(FromAgent::Ok) | Err(AgentError::Closed) => Ok(()),
+                Err(AgentError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
+                Ok(FromAgent::Error(message)) => Err(AgentError::Remote(message)),
+                Ok(other) => Err(unexpected(&other)),
+                Err(e) => Err(e),
+            }
+        })
+    }
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        // A stdin forwarder may still hold the write half: make sure the agent sees the
+        // connection end now (it kills a command still running).
+        let _ = lock(&self.shared).stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// The stdin forwarder thread of command `generation`.
+fn forward_stdin(mut input: impl Read, shared: &Shared, generation: u64) {
+    let mut buf = vec![0u8; DATA_CHUNK];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // An unreadable input ends like an empty one.
+            Err(_) => 0,
+        };
+        let mut w = lock(shared);
+        if !w.active || w.generation != generation {
+            return;
+        }
+        let msg = if n == 0 {
+            ToAgent::StdinEof
+        } else {
+            ToAgent::Stdin(buf[..n].to_vec())
+        };
+        if send_on(&mut w, &msg).is_err() || n == 0 {
+            return;
+        }
+    }
+}
+
+fn unexpected(msg: &FromAgent) -> AgentError {
+    AgentError::Unexpected(match msg {
+        FromAgent::Started { .. } => "Started",
+        FromAgent::Stdout(_) => "Stdout",
+        FromAgent::Stderr(_) => "Stderr",
+        FromAgent::Exited { .. } => "Exited",
+        FromAgent::Killed { .. } => "Killed",
+        FromAgent::Error(_) => "Error",
+        FromAgent::FileData(_) => "FileData",
+        FromAgent::FileEnd { .. } => "FileEnd",
+        FromAgent::Ok => "Ok",
+    })
+}
+
+fn utf8(path: &Path) -> Result<&str, AgentError> {
+    path.to_str().ok_or_else(|| AgentError::NonUtf8Path {
+        path: path.to_path_buf(),
+    })
+}
+
+/// A host file being received: written next to its final name, renamed when complete,
+/// removed if abandoned.
+struct PartFile {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl PartFile {
+    fn create(dest: &Path) -> io::Result<PartFile> {
+        let name = dest
+            .file_name()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
+        let dir = match dest.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        fs::create_dir_all(&dir)?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(".flint-part-{}", std::process::id()));
+        let tmp = dir.join(tmp_name);
+        let file = File::create(&tmp)?;
+        Ok(PartFile {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    fn commit(mut self, mode: u32) -> io::Result<()> {
+        self.file
+            .set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+        fs::rename(&self.tmp, &self.dest)?;
+        // Renamed: nothing left to remove.
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! flint's sandbox guest agent: the wire protocol ([`protocol`]) between a host program and
+//! the agent that runs in the guest (the `flint-agent` binary, listening on vsock port
+//! [`AGENT_PORT`]), and the host-side client ([`AgentClient`]).
+//!
+//! ```no_run
+//! use std::path::Path;
+//! use std::time::Duration;
+//! use flint_agent::{AgentClient, ExecSpec, AGENT_PORT};
+//!
+//! let mut client = AgentClient::connect(Path::new("/tmp/v.sock"), AGENT_PORT, Duration::from_secs(30))?;
+//! let spec = ExecSpec::new(["sh", "-c", "echo hello; exit 3"]).env("FOO", "bar");
+//! let status = client.run(&spec, None::<std::io::Empty>, std::io::stdout(), std::io::stderr())?;
+//! assert_eq!(status.code(), 3);
+//! client.shutdown()?; // the guest reboots, flint exits 0
+//! # Ok::<(), flint_agent::AgentError>(())
+//! ```
+
+pub mod client;
+pub mod protocol;
+
+pub use client::{AgentClient, AgentError, CommandStatus, Signaller};
+pub use protocol::{
+    ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, AGENT_PORT, DATA_CHUNK,
+    MAX_PAYLOAD,
+};
+
+/// The environment every command starts from (the `Exec` request's variables are added).
+pub const DEFAULT_ENV: [(&str, &str); 2] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+];

@@ -1,0 +1,763 @@
+//! `flint-agent`: the guest side of flint's sandbox mode.
+//!
+//! Listens on vsock port [`AGENT_PORT`] (any CID) and serves each connection on a thread of
+//! its own (see [`flint_agent::protocol`] for what a connection carries). Commands run in
+//! their own process group with the default environment plus the requested variables, their
+//! stdout and stderr are streamed back as they are produced, and they are killed (the whole
+//! process group) if the host connection drops while they run. Diagnostics go to the kernel
+//! log (`/dev/kmsg`), or to stderr when that cannot be opened.
+//!
+//! Started by the sandbox image's `/init` (resources/build-sandbox-image.sh), which restarts
+//! it should it ever exit.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use flint_agent::protocol::{
+    read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
+    SHUTDOWN_GRACE,
+};
+use flint_agent::{AGENT_PORT, DEFAULT_ENV};
+
+/// After the command exits, how long its output pipes may stay idle (held open by processes
+/// it left behind) before the exit is reported anyway.
+const OUTPUT_GRACE: Duration = Duration::from_secs(1);
+/// Stdin chunks queued for a command that does not read them before the connection stops
+/// reading (backpressure to the host).
+const STDIN_QUEUE: usize = 64;
+
+fn main() {
+    let mut port = AGENT_PORT;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--port" => match args.next().and_then(|p| p.parse().ok()) {
+                Some(p) => port = p,
+                None => usage_error("--port needs a port number"),
+            },
+            "--version" => {
+                println!("flint-agent {}", env!("CARGO_PKG_VERSION"));
+                return;
+            }
+            "--help" | "-h" => {
+                println!("usage: flint-agent [--port N]   (default port {AGENT_PORT})");
+                return;
+            }
+            other => usage_error(&format!("unknown argument {other:?}")),
+        }
+    }
+    let listener = match vsock_listen(port) {
+        Ok(l) => l,
+        Err(e) => {
+            log(3, &format!("cannot listen on vsock port {port}: {e}"));
+            std::process::exit(1);
+        }
+    };
+    log(6, &format!("listening on vsock port {port}"));
+    let agent = Arc::new(Agent {
+        on_shutdown: Box::new(reboot_guest),
+    });
+    loop {
+        match vsock_accept(&listener) {
+            Ok(fd) => {
+                let agent = Arc::clone(&agent);
+                let spawned = std::thread::Builder::new()
+                    .name("conn".into())
+                    .spawn(move || serve(File::from(fd), &agent));
+                if let Err(e) = spawned {
+                    log(3, &format!("cannot start a connection thread: {e}"));
+                }
+            }
+            Err(e) => match e.raw_os_error() {
+                Some(libc::EINTR | libc::ECONNABORTED) => {}
+                _ => {
+                    // Out of descriptors or memory: wait for connections to end.
+                    log(3, &format!("accept failed: {e}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            },
+        }
+    }
+}
+
+fn usage_error(msg: &str) -> ! {
+    eprintln!("flint-agent: {msg}");
+    std::process::exit(2);
+}
+
+/// Write one line to the kernel log at `level` (3 = error, 6 = info).
+fn log(level: u8, msg: &str) {
+    static KMSG: OnceLock<Option<Mutex<File>>> = OnceLock::new();
+    let kmsg = KMSG.get_or_init(|| {
+        OpenOptions::new()
+            .write(true)
+            .open("/dev/kmsg")
+            .ok()
+            .map(Mutex::new)
+    });
+    match kmsg {
+        Some(f) => {
+            let line = format!("<{level}>flint-agent: {msg}\n");
+            let _ = f
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(line.as_bytes());
+        }
+        None => eprintln!("flint-agent: {msg}"),
+    }
+}
+
+/// `sync`, then reboot: with flint's `reboot=k` the guest resets and flint exits 0.
+fn reboot_guest() {
+    log(6, "shutdown requested: syncing and rebooting");
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // SAFETY: reboot takes a command constant and no pointers; it only returns on failure.
+    let rc = unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    if rc != 0 {
+        log(3, &format!("reboot failed: {}", io::Error::last_os_error()));
+    }
+}
+
+fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
+    // SAFETY: socket takes no pointers; the result is checked before use.
+    let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: sockaddr_vm is plain old data for which all zeroes is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    // SAFETY: `addr` is a valid sockaddr_vm that outlives the call and its exact size is
+    // passed; `fd` is an open socket.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: listen on a bound socket we own; no pointers.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+fn vsock_accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: null address pointers are allowed (the peer address is not wanted); the
+    // listener is a valid socket for the duration of the call.
+    let raw = unsafe {
+        libc::accept4(
+            listener.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
+/// What the connections share.
+struct Agent {
+    /// Called after a `Shutdown` request was answered.
+    on_shutdown: Box<dyn Fn() + Send + Sync>,
+}
+
+/// The sending half of a connection: frames are written whole under the lock, so output
+/// threads and the connection thread can share it.
+#[derive(Clone)]
+struct Out(Arc<Mutex<File>>);
+
+impl Out {
+    fn lock(&self) -> MutexGuard<'_, File> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send(&self, msg: &FromAgent) -> io::Result<()> {
+        let frame = msg
+            .encode()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        self.lock().write_all(&frame)
+    }
+
+    /// Send `buf[HEADER_LEN..HEADER_LEN + n]` as a frame of `kind`, using the start of
+    /// `buf` for the header (no copy of the data).
+    fn send_data(&self, kind: u8, buf: &mut [u8], n: usize) -> io::Result<()> {
+        buf[0] = kind;
+        buf[1..HEADER_LEN].copy_from_slice(&(n as u32).to_le_bytes());
+        self.lock().write_all(&buf[..HEADER_LEN + n])
+    }
+
+    fn error(&self, msg: impl Into<String>) -> io::Result<()> {
+        self.send(&FromAgent::Error(msg.into()))
+    }
+}
+
+/// The connection must end (host gone or misbehaving).
+struct Hangup;
+
+/// Serve one host connection until it ends.
+fn serve(stream: File, agent: &Agent) {
+    let out = match stream.try_clone() {
+        Ok(w) => Out(Arc::new(Mutex::new(w))),
+        Err(e) => {
+            log(3, &format!("cannot duplicate a connection: {e}"));
+            return;
+        }
+    };
+    let mut conn = Conn {
+        reader: BufReader::with_capacity(256 * 1024, stream),
+        out,
+        session: None,
+    };
+    let _ = conn.run(agent);
+    // Dropping a session that still runs kills its process group and reaps it.
+    conn.session = None;
+}
+
+struct Conn {
+    reader: BufReader<File>,
+    out: Out,
+    session: Option<Session>,
+}
+
+impl Conn {
+    fn recv(&mut self) -> Result<ToAgent, Hangup> {
+        match read_message::<ToAgent, _>(&mut self.reader) {
+            Ok(Some(msg)) => Ok(msg),
+            Ok(None) | Err(FrameError::Io(_)) => Err(Hangup),
+            Err(FrameError::Protocol(e)) => {
+                let _ = self
+                    .out
+                    .error(format!("the host sent a malformed frame: {e}"));
+                Err(Hangup)
+            }
+        }
+    }
+
+    fn reply(&self, msg: &FromAgent) -> Result<(), Hangup> {
+        self.out.send(msg).map_err(|_| Hangup)
+    }
+
+    fn run(&mut self, agent: &Agent) -> Result<(), Hangup> {
+        loop {
+            let msg = self.recv()?;
+            if self.session.as_ref().is_some_and(Session::is_done) {
+                self.session = None;
+            }
+            match msg {
+                ToAgent::Exec(spec) => {
+                    if self.session.is_some() {
+                        self.reply(&FromAgent::Error(
+                            "a command is already running on this connection".into(),
+                        ))?;
+                        continue;
+                    }
+                    match Session::start(&spec, &self.out) {
+                        Ok(s) => self.session = Some(s),
+                        Err(message) => self.reply(&FromAgent::Error(message))?,
+                    }
+                }
+                // Stdin and signals for a command that has finished are dropped.
+                ToAgent::Stdin(data) => {
+                    if let Some(s) = &mut self.session {
+                        s.stdin(data);
+                    }
+                }
+                ToAgent::StdinEof => {
+                    if let Some(s) = &mut self.session {
+                        s.close_stdin();
+                    }
+                }
+                ToAgent::Signal(signal) => {
+                    if let Some(s) = &self.session {
+                        s.signal(signal);
+                    }
+                }
+                ToAgent::CopyIn { path, mode } => self.copy_in(&path, mode)?,
+                ToAgent::CopyOut { path } => self.copy_out(&path)?,
+                ToAgent::FileData(_) | ToAgent::FileEnd => {
+                    let _ = self
+                        .out
+                        .error("the host sent file data outside of a copy-in");
+                    return Err(Hangup);
+                }
+                ToAgent::Shutdown => {
+                    let _ = self.reply(&FromAgent::Ok);
+                    // Give the host the chance to read the answer and hang up.
+                    wait_readable(self.reader.get_ref().as_raw_fd(), SHUTDOWN_GRACE);
+                    (agent.on_shutdown)();
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn copy_in(&mut self, path: &str, mode: u32) -> Result<(), Hangup> {
+        let mut part = PartFile::create(Path::new(path))
+            .map_err(|e| format!("cannot create {path}: {}", describe(&e)));
+        loop {
+            match self.recv()? {
+                ToAgent::FileData(data) => {
+                    if let Ok(p) = &mut part {
+                        if let Err(e) = p.file.write_all(&data) {
+                            part = Err(format!("cannot write {path}: {}", describe(&e)));
+                        }
+                    }
+                }
+                ToAgent::FileEnd => break,
+                _ => {
+                    let _ = self
+                        .out
+                        .error("the host sent another request in the middle of a copy-in");
+                    return Err(Hangup);
+                }
+            }
+        }
+        let result = part.and_then(|p| {
+            p.commit(mode)
+                .map_err(|e| format!("cannot write {path}: {}", describe(&e)))
+        });
+        match result {
+            Ok(()) => self.reply(&FromAgent::Ok),
+            Err(message) => self.reply(&FromAgent::Error(message)),
+        }
+    }
+
+    fn copy_out(&mut self, path: &str) -> Result<(), Hangup> {
+        let opened = File::open(path).and_then(|f| {
+            let meta = f.metadata()?;
+            if meta.is_file() {
+                Ok((f, meta.permissions().mode() & 0o7777))
+            } else {
+                Err(io::Error::other("not a regular file"))
+            }
+        });
+        let (mut file, mode) = match opened {
+            Ok(x) => x,
+            Err(e) => {
+                return self.reply(&FromAgent::Error(format!(
+                    "cannot copy {path} out: {}",
+                    describe(&e)
+                )))
+            }
+        };
+        let mut buf = vec![0u8; HEADER_LEN + DATA_CHUNK];
+        loop {
+            match file.read(&mut buf[HEADER_LEN..]) {
+                Ok(0) => break,
+                Ok(n) => {
+                    let kind = FromAgent::FileData(Vec::new()).kind();
+                    self.out.send_data(kind, &mut buf, n).map_err(|_| Hangup)?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return self.reply(&FromAgent::Error(format!(
+                        "cannot read {path}: {}",
+                        describe(&e)
+                    )))
+                }
+            }
+        }
+        self.reply(&FromAgent::FileEnd { mode })
+    }
+}
+
+/// An io::Error as a phrase, without std's "(os error N)" suffix.
+fn describe(e: &io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
+/// Wait until `fd` is readable (data, EOF or error) or `timeout` passes.
+fn wait_readable(fd: RawFd, timeout: Duration) {
+    let mut fds = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let _ = poll(&mut fds, timeout.as_millis().min(i32::MAX as u128) as i32);
+}
+
+fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of pollfd of the given length
+    // for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// A guest file being copied in: written under a temporary name in the same directory,
+/// renamed when complete, removed if abandoned.
+struct PartFile {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl PartFile {
+    fn create(dest: &Path) -> io::Result<PartFile> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let name = dest
+            .file_name()
+            .ok_or_else(|| io::Error::other("the path names no file"))?;
+        let dir = dest.parent().unwrap_or(Path::new("/"));
+        fs::create_dir_all(dir)?;
+        let mut tmp_name = std::ffi::OsString::from(".");
+        tmp_name.push(name);
+        tmp_name.push(format!(
+            ".flint-part-{}",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let tmp = dir.join(tmp_name);
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        Ok(PartFile {
+            file,
+            tmp,
+            dest: dest.to_path_buf(),
+        })
+    }
+
+    fn commit(mut self, mode: u32) -> io::Result<()> {
+        // Explicitly: the mode given at creation is subject to the umask.
+        self.file
+            .set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
+        fs::rename(&self.tmp, &self.dest)?;
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+/// Whether the command has been reaped (its pid, and so its process group id, may then be
+/// reused: no more signals).
+#[derive(Default)]
+struct ProcState {
+    reaped: bool,
+}
+
+/// The command a connection runs.
+struct Session {
+    pgid: i32,
+    state: Arc<Mutex<ProcState>>,
+    /// Set (under the connection's send lock) just before the final `Exited`/`Killed`.
+    done: Arc<AtomicBool>,
+    stdin: Option<SyncSender<Vec<u8>>>,
+    output: Option<JoinHandle<()>>,
+}
+
+impl Session {
+    /// Spawn the command and the threads that serve it; `Err` is the message for the host.
+    fn start(spec: &ExecSpec, out: &Out) -> Result<Session, String> {
+        let argv0 = &spec.argv[0];
+        let workdir = spec.workdir.as_deref().unwrap_or("/");
+        match fs::metadata(workdir) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(format!(
+                    "cannot use {workdir} as the working directory: not a directory"
+                ))
+            }
+            Err(e) => {
+                return Err(format!(
+                    "cannot use {workdir} as the working directory: {}",
+                    describe(&e)
+                ))
+            }
+        }
+        let mut cmd = Command::new(argv0);
+        cmd.args(&spec.argv[1..])
+            .env_clear()
+            .envs(DEFAULT_ENV)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(workdir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot run `{argv0}`: {}", describe(&e)))?;
+        let pid = child.id();
+        let pidfd = match pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("cannot watch `{argv0}`: {}", describe(&e)));
+            }
+        };
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            unreachable!("all three streams are piped")
+        };
+        // A failure here means the host is gone: the output thread notices and kills it.
+        let _ = out.send(&FromAgent::Started { pid });
+
+        let (tx, rx) = sync_channel::<Vec<u8>>(STDIN_QUEUE);
+        // Not joined: it may block on a pipe that a left-behind process holds and never
+        // reads; it ends when that process goes or the channel closes.
+        let _ = std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                let mut pipe = Some(stdin);
+                for data in rx {
+                    if let Some(p) = &mut pipe {
+                        if p.write_all(&data).is_err() {
+                            // The command closed its stdin: drop the rest.
+                            pipe = None;
+                        }
+                    }
+                }
+            });
+
+        let state = Arc::new(Mutex::new(ProcState::default()));
+        let done = Arc::new(AtomicBool::new(false));
+        let output = {
+            let (state, done, out) = (Arc::clone(&state), Arc::clone(&done), out.clone());
+            let pipes = [OwnedFd::from(stdout), OwnedFd::from(stderr)];
+            std::thread::Builder::new()
+                .name("output".into())
+                .spawn(move || forward_output(child, pidfd, pipes, &out, &state, &done))
+        };
+        let output = match output {
+            Ok(h) => h,
+            Err(e) => {
+                kill_group(pid as i32, libc::SIGKILL);
+                return Err(format!("cannot start a thread: {}", describe(&e)));
+            }
+        };
+        Ok(Session {
+            pgid: pid as i32,
+            state,
+            done,
+            stdin: Some(tx),
+            output: Some(output),
+        })
+    }
+
+    fn is_done(&self) -> bool {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    fn stdin(&mut self, data: Vec<u8>) {
+        if let Some(tx) = &self.stdin {
+            if tx.send(data).is_err() {
+                self.stdin = None;
+            }
+        }
+    }
+
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+    }
+
+    /// Signal the command's process group, unless the command has been reaped.
+    fn signal(&self, signal: i32) {
+        let state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.reaped {
+            kill_group(self.pgid, signal);
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.is_done() {
+            self.signal(libc::SIGKILL);
+        }
+        self.stdin = None;
+        if let Some(h) = self.output.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn kill_group(pgid: i32, signal: i32) {
+    // SAFETY: kill takes no pointers; a negative pid addresses the process group.
+    unsafe { libc::kill(-pgid, signal) };
+}
+
+fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no pointers; the result is checked.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the syscall returned a fresh (close-on-exec) descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
+}
+
+/// The output thread of a command: forwards stdout and stderr until both end (or, once the
+/// command has exited, until they stay idle for [`OUTPUT_GRACE`]), reaps the command and
+/// reports how it ended. If the host goes away, the command's process group is killed.
+fn forward_output(
+    mut child: Child,
+    pidfd: OwnedFd,
+    pipes: [OwnedFd; 2],
+    out: &Out,
+    state: &Mutex<ProcState>,
+    done: &AtomicBool,
+) {
+    let pgid = child.id() as i32;
+    let kinds = [
+        FromAgent::Stdout(Vec::new()).kind(),
+        FromAgent::Stderr(Vec::new()).kind(),
+    ];
+    let mut pipes = pipes.map(Some);
+    let mut exited = false;
+    let mut host_ok = true;
+    let mut buf = vec![0u8; HEADER_LEN + DATA_CHUNK];
+    loop {
+        if pipes.iter().all(Option::is_none) && exited {
+            break;
+        }
+        // Once the command has exited, what it wrote is already in the pipes: stop when
+        // they stay idle (processes it left behind may hold them open).
+        let timeout_ms = if exited {
+            OUTPUT_GRACE.as_millis() as i32
+        } else {
+            -1
+        };
+        let mut fds = Vec::with_capacity(3);
+        let mut which = Vec::with_capacity(3);
+        for (i, p) in pipes.iter().enumerate() {
+            if let Some(fd) = p {
+                fds.push(pollfd(fd.as_raw_fd()));
+                which.push(i);
+            }
+        }
+        if !exited {
+            fds.push(pollfd(pidfd.as_raw_fd()));
+            which.push(2);
+        }
+        match poll(&mut fds, timeout_ms) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                log(3, &format!("poll failed: {e}"));
+                break;
+            }
+        }
+        for (pfd, &i) in fds.iter().zip(&which) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            if i == 2 {
+                exited = true;
+                continue;
+            }
+            let Some(fd) = &pipes[i] else { continue };
+            // SAFETY: `fd` is an open pipe we own and `buf[HEADER_LEN..]` is a writable
+            // buffer of the length passed.
+            let n = unsafe {
+                libc::read(
+                    fd.as_raw_fd(),
+                    buf[HEADER_LEN..].as_mut_ptr().cast(),
+                    DATA_CHUNK,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if !matches!(
+                    e.kind(),
+                    io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+                ) {
+                    pipes[i] = None;
+                }
+                continue;
+            }
+            if n == 0 {
+                pipes[i] = None;
+                continue;
+            }
+            if host_ok && out.send_data(kinds[i], &mut buf, n as usize).is_err() {
+                // The host is gone: nobody wants the command any more.
+                host_ok = false;
+                let st = state.lock().unwrap_or_else(|e| e.into_inner());
+                if !st.reaped {
+                    kill_group(pgid, libc::SIGKILL);
+                }
+            }
+        }
+    }
+    // Close our ends: processes left behind that still write get SIGPIPE.
+    drop(pipes);
+    let status = {
+        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+        let status = child.wait();
+        st.reaped = true;
+        status
+    };
+    let msg = match status {
+        Ok(s) => match (s.code(), s.signal()) {
+            (Some(code), _) => FromAgent::Exited { code },
+            (None, Some(signal)) => FromAgent::Killed { signal },
+            (None, None) => FromAgent::Error("the command ended in an unknown way".into()),
+        },
+        Err(e) => FromAgent::Error(format!(
+            "cannot collect the command's status: {}",
+            describe(&e)
+        )),
+    };
+    // `done` is set under the send lock, before the host can see the end of the command.
+    let mut w = out.lock();
+    done.store(true, Ordering::SeqCst);
+    if host_ok {
+        if let Ok(frame) = msg.encode() {
+            let _ = w.write_all(&frame);
+        }
+    }
+}
+
+fn pollfd(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,882 @@
+//! The wire protocol between a host program and the guest agent.
+//!
+//! One byte stream per connection (vsock port [`AGENT_PORT`] in the guest, reached from the
+//! host through flint's vsock Unix socket) carries frames
+//!
+//! ```text
+//! [kind: u8][len: u32 little-endian][payload: len bytes]
+//! ```
+//!
+//! with `len` at most [`MAX_PAYLOAD`]; a reader checks the length before it allocates anything.
+//! Host-to-agent kinds are `0x01..`, agent-to-host kinds `0x81..`, so a frame sent the wrong
+//! way is an unknown kind. Inside payloads integers are little-endian, a string is a `u32`
+//! byte length followed by that many bytes of UTF-8 (never containing NUL), and a list is a
+//! `u32` count followed by its elements. A payload must be consumed exactly: trailing bytes
+//! are an error.
+//!
+//! # A connection
+//!
+//! A connection carries operations one after the other:
+//!
+//! - **exec**: `Exec` → `Started` (or `Error` when the command could not be started: the
+//!   operation ends there), then any number of `Stdout`/`Stderr` in the order the command
+//!   wrote them, while the host sends `Stdin`, one `StdinEof` and `Signal`s; it ends with
+//!   `Exited` or `Killed`, after every byte of output. `Stdin`/`StdinEof`/`Signal` sent when no
+//!   command runs are ignored. If the connection drops while a command runs, the agent kills
+//!   the command's process group.
+//! - **copy-in**: `CopyIn { path, mode }`, `FileData`..., `FileEnd` → `Ok` or `Error`.
+//! - **copy-out**: `CopyOut { path }` → `FileData`..., `FileEnd { mode }`, or `Error`.
+//! - **shutdown**: `Shutdown` → `Ok`; the agent then waits (at most
+//!   [`SHUTDOWN_GRACE`]) for the host to close the connection, syncs and reboots the guest,
+//!   which ends flint (with `reboot=k`) with status 0.
+//!
+//! A malformed frame from the host gets an `Error` reply and the connection is closed.
+
+use std::io::{self, Read, Write};
+use std::time::Duration;
+
+/// The vsock port the guest agent listens on (any CID).
+pub const AGENT_PORT: u32 = 52;
+/// Largest payload of one frame; bigger frames are rejected, never allocated.
+pub const MAX_PAYLOAD: usize = 1024 * 1024;
+/// Size of the frame header (kind + length).
+pub const HEADER_LEN: usize = 5;
+/// Size of the data chunks (output, stdin, file contents) the agent and the client send.
+pub const DATA_CHUNK: usize = 64 * 1024;
+/// How long the agent waits after answering `Shutdown` for the host to hang up before it
+/// reboots the guest anyway.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// Frame kinds, host to agent.
+pub mod kind {
+    pub const EXEC: u8 = 0x01;
+    pub const STDIN: u8 = 0x02;
+    pub const STDIN_EOF: u8 = 0x03;
+    pub const SIGNAL: u8 = 0x04;
+    pub const COPY_IN: u8 = 0x05;
+    pub const FILE_DATA_IN: u8 = 0x06;
+    pub const FILE_END_IN: u8 = 0x07;
+    pub const COPY_OUT: u8 = 0x08;
+    pub const SHUTDOWN: u8 = 0x09;
+    // Agent to host.
+    pub const STARTED: u8 = 0x81;
+    pub const STDOUT: u8 = 0x82;
+    pub const STDERR: u8 = 0x83;
+    pub const EXITED: u8 = 0x84;
+    pub const KILLED: u8 = 0x85;
+    pub const ERROR: u8 = 0x86;
+    pub const FILE_DATA_OUT: u8 = 0x87;
+    pub const FILE_END_OUT: u8 = 0x88;
+    pub const OK: u8 = 0x89;
+}
+
+/// Why a frame is malformed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("the frame is truncated")]
+    Truncated,
+    #[error("the frame's payload of {len} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
+    TooLarge { len: usize },
+    #[error("the frame kind {0:#04x} is unknown in this direction")]
+    UnknownKind(u8),
+    #[error("the {0} field is not valid UTF-8")]
+    BadUtf8(&'static str),
+    #[error("the frame has {0} unexpected trailing bytes")]
+    TrailingBytes(usize),
+    #[error("the frame is invalid: {0}")]
+    Invalid(&'static str),
+}
+
+/// Why reading or writing a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// What to run: the host's `Exec` request.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecSpec {
+    /// Program and arguments; the program is looked up in the command's `PATH`.
+    pub argv: Vec<String>,
+    /// Variables added to (or replacing those of) the default environment:
+    /// `PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`, `HOME=/root`.
+    pub env: Vec<(String, String)>,
+    /// Working directory (absolute); `/` when `None`.
+    pub workdir: Option<String>,
+}
+
+impl ExecSpec {
+    /// A spec running `argv` with the default environment in `/`.
+    pub fn new<S: Into<String>>(argv: impl IntoIterator<Item = S>) -> ExecSpec {
+        ExecSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..ExecSpec::default()
+        }
+    }
+
+    /// Add an environment variable.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> ExecSpec {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Set the working directory.
+    pub fn workdir(mut self, dir: impl Into<String>) -> ExecSpec {
+        self.workdir = Some(dir.into());
+        self
+    }
+
+    fn validate(&self) -> Result<(), ProtocolError> {
+        if self.argv.is_empty() {
+            return Err(ProtocolError::Invalid("the command line is empty"));
+        }
+        if self.argv[0].is_empty() {
+            return Err(ProtocolError::Invalid("the program name is empty"));
+        }
+        let no_nul = |s: &String| !s.contains('\0');
+        if !self.argv.iter().all(no_nul) {
+            return Err(ProtocolError::Invalid("an argument contains a NUL byte"));
+        }
+        for (k, v) in &self.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return Err(ProtocolError::Invalid(
+                    "an environment variable name is empty or contains '=' or NUL",
+                ));
+            }
+        }
+        if let Some(dir) = &self.workdir {
+            check_path(dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// The guest paths of copy-in, copy-out and the working directory must be absolute.
+fn check_path(path: &str) -> Result<(), ProtocolError> {
+    if !path.starts_with('/') {
+        return Err(ProtocolError::Invalid("a guest path is not absolute"));
+    }
+    if path.contains('\0') {
+        return Err(ProtocolError::Invalid("a guest path contains a NUL byte"));
+    }
+    Ok(())
+}
+
+fn check_signal(signal: i32) -> Result<(), ProtocolError> {
+    if (1..=64).contains(&signal) {
+        Ok(())
+    } else {
+        Err(ProtocolError::Invalid("a signal number is outside 1-64"))
+    }
+}
+
+fn check_mode(mode: u32) -> Result<(), ProtocolError> {
+    if mode <= 0o7777 {
+        Ok(())
+    } else {
+        Err(ProtocolError::Invalid("a file mode has bits beyond 0o7777"))
+    }
+}
+
+/// Host to agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToAgent {
+    /// Run a command.
+    Exec(ExecSpec),
+    /// Bytes for the command's stdin.
+    Stdin(Vec<u8>),
+    /// Close the command's stdin.
+    StdinEof,
+    /// Send this signal to the command's process group.
+    Signal(i32),
+    /// Start writing the guest file `path` (absolute; parent directories are created) with
+    /// permission bits `mode`; its contents follow as `FileData` frames and a `FileEnd`.
+    CopyIn { path: String, mode: u32 },
+    /// A chunk of the file being copied in.
+    FileData(Vec<u8>),
+    /// The end of the file being copied in.
+    FileEnd,
+    /// Send the guest file `path` (absolute, a regular file).
+    CopyOut { path: String },
+    /// Sync and reboot the guest (ends the VM).
+    Shutdown,
+}
+
+/// Agent to host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromAgent {
+    /// The command runs, as process `pid` (also its process group).
+    Started { pid: u32 },
+    /// Bytes the command wrote to stdout.
+    Stdout(Vec<u8>),
+    /// Bytes the command wrote to stderr.
+    Stderr(Vec<u8>),
+    /// The command exited with this status (0-255).
+    Exited { code: i32 },
+    /// The command was terminated by this signal.
+    Killed { signal: i32 },
+    /// The request failed; one sentence. Before `Started` it means the command could not
+    /// be started.
+    Error(String),
+    /// A chunk of the file being copied out.
+    FileData(Vec<u8>),
+    /// The end of the file being copied out, with its permission bits.
+    FileEnd { mode: u32 },
+    /// Copy-in or shutdown done.
+    Ok,
+}
+
+/// A frame type of one direction.
+pub trait Message: Sized {
+    /// The frame kind byte.
+    fn kind(&self) -> u8;
+    /// Append the payload (without header) to `out`.
+    fn encode_payload(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError>;
+    /// Parse a payload of frame kind `kind`.
+    fn decode(kind: u8, payload: &[u8]) -> Result<Self, ProtocolError>;
+
+    /// The whole frame: header and payload.
+    fn encode(&self) -> Result<Vec<u8>, ProtocolError> {
+        let mut out = vec![self.kind(), 0, 0, 0, 0];
+        self.encode_payload(&mut out)?;
+        let len = out.len() - HEADER_LEN;
+        if len > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { len });
+        }
+        out[1..HEADER_LEN].copy_from_slice(&(len as u32).to_le_bytes());
+        Ok(out)
+    }
+}
+
+impl Message for ToAgent {
+    fn kind(&self) -> u8 {
+        match self {
+            ToAgent::Exec(_) => kind::EXEC,
+            ToAgent::Stdin(_) => kind::STDIN,
+            ToAgent::StdinEof => kind::STDIN_EOF,
+            ToAgent::Signal(_) => kind::SIGNAL,
+            ToAgent::CopyIn { .. } => kind::COPY_IN,
+            ToAgent::FileData(_) => kind::FILE_DATA_IN,
+            ToAgent::FileEnd => kind::FILE_END_IN,
+            ToAgent::CopyOut { .. } => kind::COPY_OUT,
+            ToAgent::Shutdown => kind::SHUTDOWN,
+        }
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        match self {
+            ToAgent::Exec(spec) => {
+                spec.validate()?;
+                put_u32(out, spec.argv.len())?;
+                for a in &spec.argv {
+                    put_str(out, a)?;
+                }
+                put_u32(out, spec.env.len())?;
+                for (k, v) in &spec.env {
+                    put_str(out, k)?;
+                    put_str(out, v)?;
+                }
+                match &spec.workdir {
+                    None => out.push(0),
+                    Some(dir) => {
+                        out.push(1);
+                        put_str(out, dir)?;
+                    }
+                }
+            }
+            ToAgent::Stdin(data) | ToAgent::FileData(data) => put_data(out, data)?,
+            ToAgent::StdinEof | ToAgent::FileEnd | ToAgent::Shutdown => {}
+            ToAgent::Signal(signal) => {
+                check_signal(*signal)?;
+                out.extend_from_slice(&signal.to_le_bytes());
+            }
+            ToAgent::CopyIn { path, mode } => {
+                check_mode(*mode)?;
+                check_path(path)?;
+                out.extend_from_slice(&mode.to_le_bytes());
+                put_str(out, path)?;
+            }
+            ToAgent::CopyOut { path } => {
+                check_path(path)?;
+                put_str(out, path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode(kind: u8, payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut d = Decoder::new(payload)?;
+        let msg = match kind {
+            kind::EXEC => {
+                let mut spec = ExecSpec::default();
+                // Every element takes at least 4 bytes, so the loops end with the payload.
+                for _ in 0..d.u32()? {
+                    spec.argv.push(d.string("argument")?);
+                }
+                for _ in 0..d.u32()? {
+                    let k = d.string("environment name")?;
+                    let v = d.string("environment value")?;
+                    spec.env.push((k, v));
+                }
+                spec.workdir = match d.u8()? {
+                    0 => None,
+                    1 => Some(d.string("working directory")?),
+                    _ => {
+                        return Err(ProtocolError::Invalid(
+                            "the working-directory flag is not 0 or 1",
+                        ))
+                    }
+                };
+                spec.validate()?;
+                ToAgent::Exec(spec)
+            }
+            kind::STDIN => ToAgent::Stdin(d.rest()),
+            kind::STDIN_EOF => ToAgent::StdinEof,
+            kind::SIGNAL => {
+                let signal = d.i32()?;
+                check_signal(signal)?;
+                ToAgent::Signal(signal)
+            }
+            kind::COPY_IN => {
+                let mode = d.u32()?;
+                check_mode(mode)?;
+                let path = d.string("path")?;
+                check_path(&path)?;
+                ToAgent::CopyIn { path, mode }
+            }
+            kind::FILE_DATA_IN => ToAgent::FileData(d.rest()),
+            kind::FILE_END_IN => ToAgent::FileEnd,
+            kind::COPY_OUT => {
+                let path = d.string("path")?;
+                check_path(&path)?;
+                ToAgent::CopyOut { path }
+            }
+            kind::SHUTDOWN => ToAgent::Shutdown,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        d.finish()?;
+        Ok(msg)
+    }
+}
+
+impl Message for FromAgent {
+    fn kind(&self) -> u8 {
+        match self {
+            FromAgent::Started { .. } => kind::STARTED,
+            FromAgent::Stdout(_) => kind::STDOUT,
+            FromAgent::Stderr(_) => kind::STDERR,
+            FromAgent::Exited { .. } => kind::EXITED,
+            FromAgent::Killed { .. } => kind::KILLED,
+            FromAgent::Error(_) => kind::ERROR,
+            FromAgent::FileData(_) => kind::FILE_DATA_OUT,
+            FromAgent::FileEnd { .. } => kind::FILE_END_OUT,
+            FromAgent::Ok => kind::OK,
+        }
+    }
+
+    fn encode_payload(&self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        match self {
+            FromAgent::Started { pid } => out.extend_from_slice(&pid.to_le_bytes()),
+            FromAgent::Stdout(data) | FromAgent::Stderr(data) | FromAgent::FileData(data) => {
+                put_data(out, data)?
+            }
+            FromAgent::Exited { code } => out.extend_from_slice(&code.to_le_bytes()),
+            FromAgent::Killed { signal } => {
+                check_signal(*signal)?;
+                out.extend_from_slice(&signal.to_le_bytes());
+            }
+            FromAgent::Error(message) => put_str(out, message)?,
+            FromAgent::FileEnd { mode } => {
+                check_mode(*mode)?;
+                out.extend_from_slice(&mode.to_le_bytes());
+            }
+            FromAgent::Ok => {}
+        }
+        Ok(())
+    }
+
+    fn decode(kind: u8, payload: &[u8]) -> Result<Self, ProtocolError> {
+        let mut d = Decoder::new(payload)?;
+        let msg = match kind {
+            kind::STARTED => FromAgent::Started { pid: d.u32()? },
+            kind::STDOUT => FromAgent::Stdout(d.rest()),
+            kind::STDERR => FromAgent::Stderr(d.rest()),
+            kind::EXITED => {
+                let code = d.i32()?;
+                if !(0..=255).contains(&code) {
+                    return Err(ProtocolError::Invalid("an exit status is outside 0-255"));
+                }
+                FromAgent::Exited { code }
+            }
+            kind::KILLED => {
+                let signal = d.i32()?;
+                check_signal(signal)?;
+                FromAgent::Killed { signal }
+            }
+            kind::ERROR => FromAgent::Error(d.string("error message")?),
+            kind::FILE_DATA_OUT => FromAgent::FileData(d.rest()),
+            kind::FILE_END_OUT => {
+                let mode = d.u32()?;
+                check_mode(mode)?;
+                FromAgent::FileEnd { mode }
+            }
+            kind::OK => FromAgent::Ok,
+            other => return Err(ProtocolError::UnknownKind(other)),
+        };
+        d.finish()?;
+        Ok(msg)
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) -> Result<(), ProtocolError> {
+    if n > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge { len: n });
+    }
+    out.extend_from_slice(&(n as u32).to_le_bytes());
+    Ok(())
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), ProtocolError> {
+    put_u32(out, s.len())?;
+    put_data(out, s.as_bytes())
+}
+
+fn put_data(out: &mut Vec<u8>, data: &[u8]) -> Result<(), ProtocolError> {
+    // Checked before copying so that a huge buffer is refused, not duplicated.
+    let len = out.len() - HEADER_LEN + data.len();
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge { len });
+    }
+    out.extend_from_slice(data);
+    Ok(())
+}
+
+/// A cursor over a payload.
+struct Decoder<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Decoder<'a> {
+    fn new(buf: &'a [u8]) -> Result<Self, ProtocolError> {
+        if buf.len() > MAX_PAYLOAD {
+            return Err(ProtocolError::TooLarge { len: buf.len() });
+        }
+        Ok(Decoder { buf })
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
+        if n > self.buf.len() {
+            return Err(ProtocolError::Truncated);
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, ProtocolError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, ProtocolError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn i32(&mut self) -> Result<i32, ProtocolError> {
+        Ok(self.u32()? as i32)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, ProtocolError> {
+        let len = self.u32()? as usize;
+        let bytes = self.take(len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::BadUtf8(field))
+    }
+
+    fn rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buf).to_vec()
+    }
+
+    fn finish(&self) -> Result<(), ProtocolError> {
+        match self.buf.len() {
+            0 => Ok(()),
+            n => Err(ProtocolError::TrailingBytes(n)),
+        }
+    }
+}
+
+/// Parse a frame header: the kind and the payload length (checked against [`MAX_PAYLOAD`]).
+pub fn parse_header(header: &[u8; HEADER_LEN]) -> Result<(u8, usize), ProtocolError> {
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(ProtocolError::TooLarge { len });
+    }
+    Ok((header[0], len))
+}
+
+/// Decode one frame from the start of `buf`: `Ok(None)` when `buf` holds only part of a
+/// frame so far, otherwise the message and how many bytes it took.
+pub fn decode_frame<M: Message>(buf: &[u8]) -> Result<Option<(M, usize)>, ProtocolError> {
+    let Some(header) = buf.first_chunk::<HEADER_LEN>() else {
+        return Ok(None);
+    };
+    let (kind, len) = parse_header(header)?;
+    let Some(payload) = buf[HEADER_LEN..].get(..len) else {
+        return Ok(None);
+    };
+    Ok(Some((M::decode(kind, payload)?, HEADER_LEN + len)))
+}
+
+/// Read one frame from a stream: `Ok(None)` on a clean end of stream (before a frame
+/// starts); an end of stream inside a frame is [`ProtocolError::Truncated`].
+pub fn read_message<M: Message, R: Read + ?Sized>(r: &mut R) -> Result<Option<M>, FrameError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut got = 0;
+    while got < HEADER_LEN {
+        match r.read(&mut header[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(ProtocolError::Truncated.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (kind, len) = parse_header(&header)?;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof => FrameError::Protocol(ProtocolError::Truncated),
+        _ => FrameError::Io(e),
+    })?;
+    Ok(Some(M::decode(kind, &payload)?))
+}
+
+/// Encode `msg` and write the whole frame with one `write_all`.
+pub fn write_message<M: Message, W: Write + ?Sized>(w: &mut W, msg: &M) -> Result<(), FrameError> {
+    let frame = msg.encode()?;
+    w.write_all(&frame)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    fn all_to_agent() -> Vec<ToAgent> {
+        vec![
+            ToAgent::Exec(ExecSpec::new(["sh", "-c", "echo hi"])),
+            ToAgent::Exec(
+                ExecSpec::new(["/bin/true"])
+                    .env("A", "1")
+                    .env("EMPTY", "")
+                    .env("UNICODE", "é✓")
+                    .workdir("/tmp/x y"),
+            ),
+            ToAgent::Stdin(vec![]),
+            ToAgent::Stdin(vec![0, 1, 2, 255]),
+            ToAgent::StdinEof,
+            ToAgent::Signal(2),
+            ToAgent::Signal(64),
+            ToAgent::CopyIn {
+                path: "/a/b".into(),
+                mode: 0o4755,
+            },
+            ToAgent::FileData(vec![7; DATA_CHUNK]),
+            ToAgent::FileEnd,
+            ToAgent::CopyOut {
+                path: "/etc/passwd".into(),
+            },
+            ToAgent::Shutdown,
+        ]
+    }
+
+    fn all_from_agent() -> Vec<FromAgent> {
+        vec![
+            FromAgent::Started { pid: 4242 },
+            FromAgent::Stdout(b"out\n".to_vec()),
+            FromAgent::Stderr(vec![]),
+            FromAgent::Exited { code: 0 },
+            FromAgent::Exited { code: 255 },
+            FromAgent::Killed { signal: 9 },
+            FromAgent::Error("cannot run `x`: No such file or directory".into()),
+            FromAgent::FileData(vec![1; 1000]),
+            FromAgent::FileEnd { mode: 0o644 },
+            FromAgent::Ok,
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        for msg in all_to_agent() {
+            let bytes = msg.encode().unwrap();
+            assert_eq!(bytes[0], msg.kind());
+            let (back, used) = decode_frame::<ToAgent>(&bytes).unwrap().unwrap();
+            assert_eq!(back, msg);
+            assert_eq!(used, bytes.len());
+            let mut r = &bytes[..];
+            assert_eq!(read_message::<ToAgent, _>(&mut r).unwrap().unwrap(), msg);
+            assert!(read_message::<ToAgent, _>(&mut r).unwrap().is_none());
+        }
+        for msg in all_from_agent() {
+            let bytes = msg.encode().unwrap();
+            let (back, used) = decode_frame::<FromAgent>(&bytes).unwrap().unwrap();
+            assert_eq!(back, msg);
+            assert_eq!(used, bytes.len());
+        }
+    }
+
+    #[test]
+    fn stream_of_frames() {
+        let mut stream = Vec::new();
+        for msg in all_from_agent() {
+            write_message(&mut stream, &msg).unwrap();
+        }
+        let mut r = &stream[..];
+        let mut got = Vec::new();
+        while let Some(m) = read_message::<FromAgent, _>(&mut r).unwrap() {
+            got.push(m);
+        }
+        assert_eq!(got, all_from_agent());
+    }
+
+    #[test]
+    fn short_frames_wait_or_fail() {
+        let bytes = ToAgent::Exec(ExecSpec::new(["ls", "-l"])).encode().unwrap();
+        for cut in 0..bytes.len() {
+            // Incrementally: not yet a frame.
+            assert!(decode_frame::<ToAgent>(&bytes[..cut]).unwrap().is_none());
+            // From a stream that ends there: truncated (or a clean end at 0).
+            let mut r = &bytes[..cut];
+            match read_message::<ToAgent, _>(&mut r) {
+                Ok(None) => assert_eq!(cut, 0),
+                Err(FrameError::Protocol(ProtocolError::Truncated)) => assert!(cut > 0),
+                other => panic!("cut {cut}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn payloads_shorter_than_their_fields() {
+        let cases: &[(u8, &[u8])] = &[
+            (kind::SIGNAL, &[2, 0]),
+            (kind::EXEC, &[]),
+            (kind::EXEC, &[1, 0, 0, 0]), // one argument, missing
+            (kind::EXEC, &[1, 0, 0, 0, 5, 0, 0, 0, b'a']), // string shorter than its length
+            (kind::EXEC, &[1, 0, 0, 0, 1, 0, 0, 0, b'a', 0, 0, 0, 0]), // no workdir flag
+            (kind::COPY_IN, &[0xa4, 1, 0]),
+            (kind::COPY_OUT, &[9, 0, 0, 0, b'/']),
+        ];
+        for (k, p) in cases {
+            assert_eq!(
+                ToAgent::decode(*k, p),
+                Err(ProtocolError::Truncated),
+                "kind {k:#x} payload {p:?}"
+            );
+        }
+        for (k, p) in [
+            (kind::STARTED, &[1u8][..]),
+            (kind::EXITED, &[]),
+            (kind::KILLED, &[9, 0, 0]),
+            (kind::FILE_END_OUT, &[0]),
+            (kind::ERROR, &[4, 0, 0, 0, b'x']),
+        ] {
+            assert_eq!(FromAgent::decode(k, p), Err(ProtocolError::Truncated));
+        }
+    }
+
+    #[test]
+    fn oversized_frames_are_refused_before_allocation() {
+        let mut header = [kind::STDIN, 0, 0, 0, 0];
+        header[1..].copy_from_slice(&(MAX_PAYLOAD as u32 + 1).to_le_bytes());
+        assert_eq!(
+            parse_header(&header),
+            Err(ProtocolError::TooLarge {
+                len: MAX_PAYLOAD + 1
+            })
+        );
+        // A reader that claims 4 GiB: refused from the header alone.
+        header[1..].copy_from_slice(&u32::MAX.to_le_bytes());
+        let mut r = &header[..];
+        assert!(matches!(
+            read_message::<ToAgent, _>(&mut r),
+            Err(FrameError::Protocol(ProtocolError::TooLarge { .. }))
+        ));
+        assert!(matches!(
+            decode_frame::<FromAgent>(&header),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        // Exactly the limit is fine.
+        let max = ToAgent::Stdin(vec![0; MAX_PAYLOAD]).encode().unwrap();
+        assert_eq!(max.len(), HEADER_LEN + MAX_PAYLOAD);
+        let mut r = &max[..];
+        assert!(read_message::<ToAgent, _>(&mut r).unwrap().is_some());
+        // Encoding refuses what decoding would.
+        assert_eq!(
+            ToAgent::Stdin(vec![0; MAX_PAYLOAD + 1]).encode(),
+            Err(ProtocolError::TooLarge {
+                len: MAX_PAYLOAD + 1
+            })
+        );
+        let huge_argv = ExecSpec::new(vec!["x".repeat(1000); 1100]);
+        assert!(matches!(
+            ToAgent::Exec(huge_argv).encode(),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_and_wrong_direction() {
+        for k in [0u8, 0x0a, 0x7f, 0x80, 0x8a, 0xff] {
+            assert_eq!(ToAgent::decode(k, &[]), Err(ProtocolError::UnknownKind(k)));
+            assert_eq!(
+                FromAgent::decode(k, &[]),
+                Err(ProtocolError::UnknownKind(k))
+            );
+        }
+        // Host kinds are unknown to the host reader and the other way round.
+        assert_eq!(
+            FromAgent::decode(kind::SHUTDOWN, &[]),
+            Err(ProtocolError::UnknownKind(kind::SHUTDOWN))
+        );
+        assert_eq!(
+            ToAgent::decode(kind::OK, &[]),
+            Err(ProtocolError::UnknownKind(kind::OK))
+        );
+        let mut r = &frame(0x42, b"abc")[..];
+        assert!(matches!(
+            read_message::<ToAgent, _>(&mut r),
+            Err(FrameError::Protocol(ProtocolError::UnknownKind(0x42)))
+        ));
+    }
+
+    #[test]
+    fn bad_utf8_in_strings() {
+        let bad = [2, 0, 0, 0, 0xc3, 0x28];
+        let mut exec = vec![1, 0, 0, 0];
+        exec.extend_from_slice(&bad);
+        exec.extend_from_slice(&[0, 0, 0, 0, 0]);
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &exec),
+            Err(ProtocolError::BadUtf8("argument"))
+        );
+        let mut env = vec![1, 0, 0, 0, 1, 0, 0, 0, b'x', 1, 0, 0, 0];
+        env.extend_from_slice(&[1, 0, 0, 0, b'K']);
+        env.extend_from_slice(&bad);
+        env.push(0);
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &env),
+            Err(ProtocolError::BadUtf8("environment value"))
+        );
+        let mut workdir = vec![1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1];
+        workdir.extend_from_slice(&bad);
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &workdir),
+            Err(ProtocolError::BadUtf8("working directory"))
+        );
+        let mut copy_in = vec![0xa4, 1, 0, 0];
+        copy_in.extend_from_slice(&bad);
+        assert_eq!(
+            ToAgent::decode(kind::COPY_IN, &copy_in),
+            Err(ProtocolError::BadUtf8("path"))
+        );
+        assert_eq!(
+            ToAgent::decode(kind::COPY_OUT, &bad),
+            Err(ProtocolError::BadUtf8("path"))
+        );
+        assert_eq!(
+            FromAgent::decode(kind::ERROR, &bad),
+            Err(ProtocolError::BadUtf8("error message"))
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_and_invalid_values() {
+        assert_eq!(
+            ToAgent::decode(kind::STDIN_EOF, &[0]),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        assert_eq!(
+            ToAgent::decode(kind::SIGNAL, &[2, 0, 0, 0, 9]),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        assert_eq!(
+            FromAgent::decode(kind::OK, &[1, 2]),
+            Err(ProtocolError::TrailingBytes(2))
+        );
+        let invalid = |r: Result<ToAgent, ProtocolError>| {
+            assert!(matches!(r, Err(ProtocolError::Invalid(_))), "{r:?}")
+        };
+        invalid(ToAgent::decode(kind::SIGNAL, &0i32.to_le_bytes()));
+        invalid(ToAgent::decode(kind::SIGNAL, &65i32.to_le_bytes()));
+        invalid(ToAgent::decode(kind::EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0])); // no argv
+        invalid(ToAgent::decode(
+            kind::EXEC,
+            &[1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 2], // workdir flag 2
+        ));
+        invalid(ToAgent::decode(
+            kind::EXEC,
+            &[
+                1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1, 1, 0, 0, 0, b'r',
+            ], // relative
+        ));
+        invalid(ToAgent::decode(
+            kind::COPY_OUT,
+            &[3, 0, 0, 0, b'a', b'/', b'b'],
+        ));
+        invalid(ToAgent::decode(
+            kind::COPY_IN,
+            &[0, 0x10, 0, 0, 2, 0, 0, 0, b'/', b'a'],
+        ));
+        assert!(matches!(
+            FromAgent::decode(kind::EXITED, &256i32.to_le_bytes()),
+            Err(ProtocolError::Invalid(_))
+        ));
+        assert!(matches!(
+            FromAgent::decode(kind::KILLED, &0i32.to_le_bytes()),
+            Err(ProtocolError::Invalid(_))
+        ));
+        // The encoder refuses the same things.
+        for bad in [
+            ToAgent::Exec(ExecSpec::default()),
+            ToAgent::Exec(ExecSpec::new(["a\0b"])),
+            ToAgent::Exec(ExecSpec::new(["x"]).env("A=B", "c")),
+            ToAgent::Exec(ExecSpec::new(["x"]).env("", "c")),
+            ToAgent::Exec(ExecSpec::new(["x"]).workdir("tmp")),
+            ToAgent::Signal(0),
+            ToAgent::CopyIn {
+                path: "/x".into(),
+                mode: 0o10000,
+            },
+            ToAgent::CopyOut { path: "x".into() },
+        ] {
+            assert!(
+                matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_are_one_sentence() {
+        let errors = [
+            ProtocolError::Truncated,
+            ProtocolError::TooLarge { len: 5 },
+            ProtocolError::UnknownKind(3),
+            ProtocolError::BadUtf8("path"),
+            ProtocolError::TrailingBytes(2),
+            ProtocolError::Invalid("x"),
+        ];
+        for e in errors {
+            let s = e.to_string();
+            assert!(!s.is_empty() && !s.contains('\n'), "{s:?}");
+        }
+    }
+}

@@ -1,0 +1,667 @@
+//! The agent's connection handling, driven by the real client over Unix socket pairs (no VM:
+//! the commands run on the test machine).
+
+use super::*;
+use flint_agent::protocol::{kind, write_message};
+use flint_agent::{AgentClient, AgentError, CommandStatus};
+use std::io::Cursor;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Instant;
+
+struct TestAgent {
+    shutdowns: Arc<AtomicU64>,
+}
+
+impl TestAgent {
+    fn new() -> TestAgent {
+        TestAgent {
+            shutdowns: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Serve one connection on a thread; returns the host end.
+    fn connect_raw(&self) -> UnixStream {
+        self.connect_raw_with_sndbuf(None)
+    }
+
+    /// [`connect_raw`](Self::connect_raw), with the agent's send buffer set to `sndbuf`.
+    fn connect_raw_with_sndbuf(&self, sndbuf: Option<libc::c_int>) -> UnixStream {
+        let (host, guest) = UnixStream::pair().unwrap();
+        if let Some(size) = sndbuf {
+            // SAFETY: setsockopt reads an int of the given size from a live local; the
+            // socket is open.
+            let rc = unsafe {
+                libc::setsockopt(
+                    guest.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_SNDBUF,
+                    std::ptr::addr_of!(size).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        }
+        let shutdowns = Arc::clone(&self.shutdowns);
+        std::thread::spawn(move || {
+            let agent = Agent {
+                on_shutdown: Box::new(move || {
+                    shutdowns.fetch_add(1, Ordering::SeqCst);
+                }),
+            };
+            serve(File::from(OwnedFd::from(guest)), &agent);
+        });
+        host
+    }
+
+    fn client(&self) -> AgentClient {
+        AgentClient::from_stream(self.connect_raw()).unwrap()
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "flint-agent-test-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Run `argv` (with `stdin`) and collect its output.
+fn run(
+    client: &mut AgentClient,
+    spec: &ExecSpec,
+    stdin: Option<Vec<u8>>,
+) -> Result<(CommandStatus, Vec<u8>, Vec<u8>), AgentError> {
+    let mut out = Vec::new();
+    let mut err = Vec::new();
+    let status = client.run(spec, stdin.map(Cursor::new), &mut out, &mut err)?;
+    Ok((status, out, err))
+}
+
+fn sh(script: &str) -> ExecSpec {
+    ExecSpec::new(["sh", "-c", script])
+}
+
+/// Pseudo-random bytes (xorshift), no extra crates.
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+struct CountingWriter(u64);
+
+impl Write for CountingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        assert!(
+            buf.iter().all(|&b| b == 0),
+            "unexpected bytes in the output"
+        );
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn process_exists(pid: i32) -> bool {
+    // SAFETY: signal 0 only checks for existence; no pointers.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+#[test]
+fn exit_statuses_and_signals() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    for code in [0, 1, 42, 255] {
+        let (status, _, _) = run(&mut c, &sh(&format!("exit {code}")), None).unwrap();
+        assert_eq!(status, CommandStatus::Exited(code));
+    }
+    let (status, _, _) = run(&mut c, &sh("kill -9 $$"), None).unwrap();
+    assert_eq!(status, CommandStatus::Killed(9));
+    assert_eq!(status.code(), 137);
+    let (status, _, _) = run(&mut c, &sh("kill -SEGV $$"), None).unwrap();
+    assert_eq!(status, CommandStatus::Killed(libc::SIGSEGV));
+    // The connection is still good after all that.
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["echo", "still here"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"still here\n");
+}
+
+#[test]
+fn stdout_and_stderr_stay_separate_and_ordered() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let script = "i=0; while [ $i -lt 300 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done";
+    let (status, out, err) = run(&mut c, &sh(script), None).unwrap();
+    assert!(status.success());
+    let want = |p: &str| (0..300).map(|i| format!("{p}{i}\n")).collect::<String>();
+    assert_eq!(String::from_utf8(out).unwrap(), want("out"));
+    assert_eq!(String::from_utf8(err).unwrap(), want("err"));
+}
+
+#[test]
+fn hundred_mib_of_output_and_a_stderr_flood() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let mut out = CountingWriter(0);
+    let mut err = CountingWriter(0);
+    let spec = sh("head -c 104857600 /dev/zero & head -c 20971520 /dev/zero >&2; wait");
+    let status = c.run(&spec, None::<io::Empty>, &mut out, &mut err).unwrap();
+    assert!(status.success());
+    assert_eq!(out.0, 100 << 20);
+    assert_eq!(err.0, 20 << 20);
+}
+
+/// A consumer that stalls on its first chunk.
+struct StallingWriter(u64);
+
+impl Write for StallingWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.0 == 0 {
+            std::thread::sleep(OUTPUT_GRACE * 3);
+        }
+        self.0 += buf.len() as u64;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_stalled_reader_still_gets_all_the_output() {
+    let agent = TestAgent::new();
+    // A small send buffer for the agent, so that it blocks as soon as the host stalls (for
+    // three times OUTPUT_GRACE) while the command exits with output still on its way: none of
+    // it may be lost, however long the host takes.
+    let host = agent.connect_raw_with_sndbuf(Some(4096));
+    let mut c = AgentClient::from_stream(host).unwrap();
+    let mut out = StallingWriter(0);
+    // The first chunk makes the host stall; the rest is more than one read of the agent.
+    let spec = sh("head -c 1000 /dev/zero; sleep 0.5; head -c 120000 /dev/zero");
+    let status = c
+        .run(&spec, None::<io::Empty>, &mut out, io::sink())
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(out.0, 121_000);
+}
+
+#[test]
+fn stdin_reaches_the_command() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let input = noise(3 << 20, 7);
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["cat"]), Some(input.clone())).unwrap();
+    assert!(status.success());
+    assert!(out == input, "cat did not echo its input unchanged");
+    // No stdin: the command sees end of file at once.
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["cat"]), None).unwrap();
+    assert!(status.success() && out.is_empty());
+    // A command that ignores its stdin while lots is sent still finishes.
+    let (status, _, _) = run(&mut c, &sh("exit 3"), Some(noise(8 << 20, 3))).unwrap();
+    assert_eq!(status, CommandStatus::Exited(3));
+}
+
+#[test]
+fn stdin_of_a_finished_command_goes_nowhere() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    // An input that blocks until we write to it.
+    let (input, mut feeder) = UnixStream::pair().unwrap();
+    let status = c
+        .run(
+            &ExecSpec::new(["true"]),
+            Some(input),
+            io::sink(),
+            io::sink(),
+        )
+        .unwrap();
+    assert!(status.success());
+    // The forwarder wakes up now, after its command: the bytes must not reach the next one.
+    feeder.write_all(b"stray input\n").unwrap();
+    drop(feeder);
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["cat"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"");
+}
+
+#[test]
+fn commands_that_cannot_start() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let e = run(&mut c, &ExecSpec::new(["no-such-command-xyz"]), None).unwrap_err();
+    assert!(matches!(e, AgentError::NotStarted(_)), "{e:?}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("no-such-command-xyz") && msg.contains("No such file"),
+        "{msg}"
+    );
+    let e = run(&mut c, &ExecSpec::new(["/etc/hostname"]), None).unwrap_err();
+    assert!(matches!(e, AgentError::NotStarted(_)), "{e:?}");
+    let e = run(
+        &mut c,
+        &ExecSpec::new(["true"]).workdir("/no/such/dir"),
+        None,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotStarted(m) if m.contains("/no/such/dir")),
+        "{e:?}"
+    );
+    let e = run(
+        &mut c,
+        &ExecSpec::new(["true"]).workdir("/etc/hostname"),
+        None,
+    )
+    .unwrap_err();
+    assert!(matches!(e, AgentError::NotStarted(_)), "{e:?}");
+    // An invalid request is refused before it is sent.
+    let e = run(&mut c, &ExecSpec::new(["true"]).workdir("relative"), None).unwrap_err();
+    assert!(matches!(e, AgentError::BadRequest(_)), "{e:?}");
+    // None of that broke the connection.
+    let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn env_and_workdir_apply() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let dir = temp_dir("workdir");
+    let spec = sh("pwd; echo \"$FOO|$HOME|$PATH|$EMPTY|${UNSET-unset}\"; env | wc -l")
+        .env("FOO", "bar baz")
+        .env("EMPTY", "")
+        .workdir(dir.to_str().unwrap());
+    let (status, out, _) = run(&mut c, &spec, None).unwrap();
+    assert!(status.success());
+    let out = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], dir.to_str().unwrap());
+    assert_eq!(
+        lines[1],
+        format!("bar baz|/root|{}||unset", DEFAULT_ENV[0].1)
+    );
+    // Only PATH, HOME, FOO, EMPTY and what sh itself adds (PWD, SHLVL, _).
+    let count: usize = lines[2].trim().parse().unwrap();
+    assert!(count <= 7, "the environment leaks variables: {count}");
+    // HOME can be overridden; the default working directory is /.
+    let (_, out, _) = run(&mut c, &sh("echo $HOME; pwd").env("HOME", "/tmp"), None).unwrap();
+    assert_eq!(out, b"/tmp\n/\n");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn copy_in_and_out_preserve_bytes_and_mode() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let dir = temp_dir("copy");
+    for (name, len, mode) in [
+        ("big", (3 << 20) + 12345, 0o751),
+        ("empty", 0, 0o600),
+        ("one", 1, 0o4755),
+    ] {
+        let src = dir.join(name);
+        let data = noise(len, len as u64);
+        fs::write(&src, &data).unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(mode)).unwrap();
+        let guest = dir.join("guest/a/b").join(name);
+        c.copy_in(&src, &guest).unwrap();
+        assert!(fs::read(&guest).unwrap() == data);
+        assert_eq!(
+            fs::metadata(&guest).unwrap().permissions().mode() & 0o7777,
+            mode
+        );
+        let back = dir.join("back/c").join(name);
+        c.copy_out(&guest, &back).unwrap();
+        assert!(
+            fs::read(&back).unwrap() == data,
+            "{name}: copy-out changed the bytes"
+        );
+        assert_eq!(
+            fs::metadata(&back).unwrap().permissions().mode() & 0o7777,
+            mode
+        );
+    }
+    // Replacing an existing file.
+    fs::write(dir.join("new"), b"new").unwrap();
+    c.copy_in(&dir.join("new"), &dir.join("guest/a/b/big"))
+        .unwrap();
+    assert_eq!(fs::read(dir.join("guest/a/b/big")).unwrap(), b"new");
+    // No temporary files left behind.
+    let leftovers: Vec<_> = fs::read_dir(dir.join("guest/a/b"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("flint-part"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Failures are reported and leave the connection usable.
+    let e = c
+        .copy_out(Path::new("/no/such/file"), &dir.join("x"))
+        .unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Remote(m) if m.contains("/no/such/file")),
+        "{e:?}"
+    );
+    assert!(!dir.join("x").exists());
+    let e = c.copy_out(&dir, &dir.join("x")).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Remote(m) if m.contains("not a regular file")),
+        "{e:?}"
+    );
+    let e = c
+        .copy_in(&dir.join("new"), &dir.join("new/under-a-file"))
+        .unwrap_err();
+    assert!(matches!(e, AgentError::Remote(_)), "{e:?}");
+    let e = c.copy_in(&dir.join("missing"), &dir.join("y")).unwrap_err();
+    assert!(matches!(e, AgentError::HostRead { .. }), "{e:?}");
+    let e = c
+        .copy_in(&dir.join("new"), Path::new("relative"))
+        .unwrap_err();
+    assert!(matches!(e, AgentError::BadRequest(_)), "{e:?}");
+    let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
+    assert!(status.success());
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn signals_reach_the_process_group() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let signaller = c.signaller();
+    assert!(
+        !signaller.signal(libc::SIGTERM).unwrap(),
+        "nothing runs yet"
+    );
+    let t = std::thread::spawn(move || {
+        let status = run(&mut c, &sh("sleep 30; echo not killed"), None).unwrap();
+        (status, c)
+    });
+    let start = Instant::now();
+    // SIGCONT (harmless) is sent once the command runs; then give sh a moment to start sleep.
+    while !signaller.signal(libc::SIGCONT).unwrap() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(signaller.signal(libc::SIGINT).unwrap());
+    let ((status, out, _), _c) = t.join().unwrap();
+    assert_eq!(status, CommandStatus::Killed(libc::SIGINT));
+    assert!(out.is_empty());
+    assert!(start.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn a_dropped_connection_kills_the_process_group() {
+    let agent = TestAgent::new();
+    let mut host = agent.connect_raw();
+    let spec = sh("sleep 300 & echo $!; wait");
+    write_message(&mut host, &ToAgent::Exec(spec)).unwrap();
+    let Some(FromAgent::Started { pid }) = read_message(&mut host).unwrap() else {
+        panic!("no Started")
+    };
+    let Some(FromAgent::Stdout(line)) = read_message(&mut host).unwrap() else {
+        panic!("no Stdout")
+    };
+    let sleeper: i32 = String::from_utf8(line).unwrap().trim().parse().unwrap();
+    assert!(process_exists(pid as i32) && process_exists(sleeper));
+    drop(host);
+    let start = Instant::now();
+    while process_exists(pid as i32) || process_exists(sleeper) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the command survived its connection"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn processes_left_behind_do_not_hold_up_the_exit() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let start = Instant::now();
+    let (status, out, _) = run(&mut c, &sh("sleep 5 & echo started"), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"started\n");
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(4), "took {took:?}");
+}
+
+#[test]
+fn connections_run_concurrently() {
+    let agent = TestAgent::new();
+    let start = Instant::now();
+    let threads: Vec<_> = (0..4)
+        .map(|i| {
+            let mut c = agent.client();
+            std::thread::spawn(move || {
+                let (status, out, _) =
+                    run(&mut c, &sh(&format!("sleep 1; echo {i}")), None).unwrap();
+                assert!(status.success());
+                assert_eq!(out, format!("{i}\n").into_bytes());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "connections were serialized"
+    );
+}
+
+#[test]
+fn one_command_at_a_time_per_connection() {
+    let agent = TestAgent::new();
+    let mut host = agent.connect_raw();
+    write_message(&mut host, &ToAgent::Exec(sh("read x; echo got $x"))).unwrap();
+    assert!(matches!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Started { .. })
+    ));
+    write_message(&mut host, &ToAgent::Exec(sh("true"))).unwrap();
+    let Some(FromAgent::Error(m)) = read_message(&mut host).unwrap() else {
+        panic!("a second Exec should be refused")
+    };
+    assert!(m.contains("already running"), "{m}");
+    write_message(&mut host, &ToAgent::Stdin(b"hello\n".to_vec())).unwrap();
+    write_message(&mut host, &ToAgent::StdinEof).unwrap();
+    assert_eq!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Stdout(b"got hello\n".to_vec()))
+    );
+    assert_eq!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Exited { code: 0 })
+    );
+    // Stdin and signals after the end are ignored; the next command runs.
+    write_message(&mut host, &ToAgent::Stdin(b"late".to_vec())).unwrap();
+    write_message(&mut host, &ToAgent::Signal(9)).unwrap();
+    write_message(&mut host, &ToAgent::Exec(sh("exit 5"))).unwrap();
+    assert!(matches!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Started { .. })
+    ));
+    write_message(&mut host, &ToAgent::StdinEof).unwrap();
+    assert_eq!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Exited { code: 5 })
+    );
+}
+
+/// Send raw bytes; expect one `Error` frame and then the end of the connection.
+fn expect_error_and_hangup(agent: &TestAgent, bytes: &[u8], what: &str) {
+    let mut host = agent.connect_raw();
+    host.write_all(bytes).unwrap();
+    match read_message::<FromAgent, _>(&mut host) {
+        Ok(Some(FromAgent::Error(m))) => assert!(m.contains(what), "{m:?} lacks {what:?}"),
+        other => panic!("expected an Error frame, got {other:?}"),
+    }
+    assert!(matches!(read_message::<FromAgent, _>(&mut host), Ok(None)));
+}
+
+#[test]
+fn malformed_frames_get_an_error_and_a_hangup() {
+    let agent = TestAgent::new();
+    expect_error_and_hangup(&agent, &[0x42, 0, 0, 0, 0], "unknown");
+    expect_error_and_hangup(&agent, &[kind::OK, 0, 0, 0, 0], "unknown");
+    expect_error_and_hangup(&agent, &[kind::STDIN, 0xff, 0xff, 0xff, 0xff], "exceeds");
+    expect_error_and_hangup(&agent, &[kind::COPY_OUT, 3, 0, 0, 0, 1, 0, 0], "truncated");
+    expect_error_and_hangup(
+        &agent,
+        &[kind::COPY_OUT, 5, 0, 0, 0, 1, 0, 0, 0, 0xff],
+        "UTF-8",
+    );
+    expect_error_and_hangup(
+        &agent,
+        &[kind::FILE_END_IN, 0, 0, 0, 0],
+        "outside of a copy-in",
+    );
+    // A copy-in interrupted by another request; its partial file is removed.
+    let dir = temp_dir("bad-copy");
+    let target = dir.join("f");
+    let mut bytes = ToAgent::CopyIn {
+        path: target.to_str().unwrap().into(),
+        mode: 0o644,
+    }
+    .encode()
+    .unwrap();
+    bytes.extend(ToAgent::FileData(b"partial".to_vec()).encode().unwrap());
+    bytes.extend(ToAgent::Exec(sh("true")).encode().unwrap());
+    expect_error_and_hangup(&agent, &bytes, "middle of a copy-in");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        fs::read_dir(&dir).unwrap().count(),
+        0,
+        "partial file left behind"
+    );
+    fs::remove_dir_all(dir).unwrap();
+    // An end of stream inside a frame just ends the connection.
+    let mut host = agent.connect_raw();
+    host.write_all(&[kind::EXEC, 10, 0]).unwrap();
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(matches!(
+        read_message::<FromAgent, _>(&mut host),
+        Ok(Some(FromAgent::Error(_))) | Ok(None)
+    ));
+}
+
+#[test]
+fn shutdown_is_acknowledged() {
+    let agent = TestAgent::new();
+    let c = agent.client();
+    let start = Instant::now();
+    c.shutdown().unwrap();
+    while agent.shutdowns.load(Ordering::SeqCst) == 0 {
+        assert!(start.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The client hung up, so the agent did not wait out the grace period.
+    assert!(start.elapsed() < SHUTDOWN_GRACE);
+}
+
+/// A stand-in for flint's vsock socket: refuses the first `refusals` connections the way
+/// flint does when no guest program listens (closes them), then answers `OK` and hands the
+/// stream to the agent.
+fn fake_vsock(
+    path: &Path,
+    refusals: usize,
+    answer: &'static str,
+) -> std::thread::JoinHandle<String> {
+    let listener = UnixListener::bind(path).unwrap();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        for (i, stream) in listener.incoming().enumerate() {
+            let mut stream = stream.unwrap();
+            line.clear();
+            let mut byte = [0u8; 1];
+            while stream.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+                line.push(byte[0] as char);
+            }
+            if i < refusals {
+                continue; // dropped: refused
+            }
+            stream.write_all(answer.as_bytes()).unwrap();
+            let agent = Agent {
+                on_shutdown: Box::new(|| {}),
+            };
+            serve(File::from(OwnedFd::from(stream)), &agent);
+            return line;
+        }
+        unreachable!()
+    })
+}
+
+#[test]
+fn connect_retries_until_the_agent_answers() {
+    let dir = temp_dir("connect");
+    let sock = dir.join("v.sock");
+    // The socket appears late and the first attempts are refused.
+    let sock2 = sock.clone();
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        fake_vsock(&sock2, 3, "OK 1024\n").join().unwrap()
+    });
+    let mut c = AgentClient::connect(&sock, AGENT_PORT, Duration::from_secs(20)).unwrap();
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["echo", "via vsock"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"via vsock\n");
+    drop(c);
+    assert_eq!(server.join().unwrap(), "CONNECT 52");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn connect_gives_up_with_a_reason() {
+    let dir = temp_dir("connect-fail");
+    let start = Instant::now();
+    let e =
+        AgentClient::connect(&dir.join("none.sock"), 52, Duration::from_millis(500)).unwrap_err();
+    assert!(matches!(e, AgentError::Timeout { .. }), "{e:?}");
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    assert!(start.elapsed() < Duration::from_secs(5));
+    assert!(e.to_string().contains("port 52"), "{e}");
+
+    let sock = dir.join("bad.sock");
+    let _server = fake_vsock(&sock, 0, "NOPE\n");
+    let e = AgentClient::connect(&sock, 52, Duration::from_secs(5)).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Handshake(a) if a == "NOPE"),
+        "{e:?}"
+    );
+
+    // Something that is not a socket.
+    fs::write(dir.join("file"), b"").unwrap();
+    let e = AgentClient::connect(&dir.join("file"), 52, Duration::from_secs(1)).unwrap_err();
+    assert!(
+        matches!(e, AgentError::Connect { .. } | AgentError::Timeout { .. }),
+        "{e:?}"
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_closed_connection_is_an_error_not_a_hang() {
+    let (host, guest) = UnixStream::pair().unwrap();
+    let mut c = AgentClient::from_stream(host).unwrap();
+    drop(guest);
+    let e = run(&mut c, &ExecSpec::new(["true"]), None).unwrap_err();
+    assert!(matches!(e, AgentError::Closed | AgentError::Io(_)), "{e:?}");
+    let e = run(&mut c, &ExecSpec::new(["true"]), None).unwrap_err();
+    assert!(matches!(e, AgentError::Broken), "{e:?}");
+}

@@ -1,0 +1,427 @@
+//! `flint run` and `flint exec`: run a command in a throwaway microVM (or a running one)
+//! through the guest agent, stream its output, and exit with its status.
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
+use vmm::seccomp::{self, ThreadKind};
+use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+/// Exit status when the command timed out (the VM is killed first), as `timeout(1)` does.
+pub const STATUS_TIMEOUT: u8 = 124;
+/// Exit status when the sandbox itself failed: the VM could not start, the agent could not be
+/// reached, or a copy failed. The command's own statuses are passed through unchanged.
+pub const STATUS_SANDBOX_FAILED: u8 = 125;
+/// Exit status when the command could not be started (not found, not executable, bad working
+/// directory), as a shell reports it.
+pub const STATUS_NOT_STARTED: u8 = 127;
+/// How long the guest gets to boot and start its agent.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The guest's vsock context id inside a `flint run` sandbox.
+const SANDBOX_CID: u64 = 3;
+/// Kernel command line of sandboxes: a silent console (it is not shown) and quick reboots.
+const SANDBOX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet \
+                               i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+
+/// What the command runs with, common to `run` and `exec`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CommandOptions {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub workdir: Option<String>,
+}
+
+/// `flint run` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    pub kernel: Option<PathBuf>,
+    pub image: Option<PathBuf>,
+    pub rootfs: Option<PathBuf>,
+    pub vcpus: u32,
+    pub mem_mib: u64,
+    pub timeout: Option<Duration>,
+    pub net: Option<String>,
+    pub copy_in: Vec<(PathBuf, String)>,
+    pub copy_out: Vec<(String, PathBuf)>,
+    pub command: CommandOptions,
+}
+
+/// `flint exec` options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecOptions {
+    pub api_sock: PathBuf,
+    pub command: CommandOptions,
+}
+
+fn sandbox_failed(message: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("flint: error: {message}");
+    ExitCode::from(STATUS_SANDBOX_FAILED)
+}
+
+fn cache_dir() -> PathBuf {
+    match std::env::var_os("FLINT_CACHE") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+            .join(".cache/flint"),
+    }
+}
+
+/// A private directory for the sandbox's sockets and disk copies, removed on drop.
+struct WorkDir(PathBuf);
+
+impl WorkDir {
+    fn create() -> std::io::Result<WorkDir> {
+        let base = std::env::temp_dir();
+        for attempt in 0..100u32 {
+            let dir = base.join(format!("flint-run-{}-{attempt}", std::process::id()));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    std::fs::set_permissions(
+                        &dir,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                    )?;
+                    return Ok(WorkDir(dir));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("no free temporary directory name"))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn exec_spec(command: &CommandOptions) -> ExecSpec {
+    let mut spec = ExecSpec::new(command.argv.iter().cloned());
+    spec.env = command.env.clone();
+    spec.workdir = command.workdir.clone();
+    spec
+}
+
+/// What the agent-client thread reports.
+enum ClientResult {
+    Finished(CommandStatus),
+    Failed(AgentError),
+}
+
+/// Run one command through the agent: copies in, the command, copies out, then ask the guest
+/// to power off (only for a throwaway VM).
+fn drive_agent(
+    uds: &Path,
+    spec: &ExecSpec,
+    copy_in: &[(PathBuf, String)],
+    copy_out: &[(String, PathBuf)],
+    power_off: bool,
+    signaller: &mpsc::Sender<flint_agent::Signaller>,
+) -> Result<CommandStatus, AgentError> {
+    let mut client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+    let _ = signaller.send(client.signaller());
+    for (host, guest) in copy_in {
+        client.copy_in(host, Path::new(guest))?;
+    }
+    let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
+    let status = client.run(spec, stdin, std::io::stdout(), std::io::stderr())?;
+    for (guest, host) in copy_out {
+        client.copy_out(Path::new(guest), host)?;
+    }
+    if power_off {
+        client.shutdown()?;
+    }
+    Ok(status)
+}
+
+/// `flint run`.
+pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
+    let cache = cache_dir();
+    let kernel = options
+        .kernel
+        .clone()
+        .unwrap_or_else(|| cache.join("guest/vmlinux"));
+    let image = options
+        .image
+        .clone()
+        .unwrap_or_else(|| cache.join("sandbox/initramfs.cpio.gz"));
+    for (what, path, hint) in [
+        ("guest kernel", &kernel, "resources/build-guest-kernel.sh"),
+        ("sandbox image", &image, "resources/build-sandbox-image.sh"),
+    ] {
+        let needed = options.rootfs.is_none() || what == "guest kernel";
+        if needed && !path.is_file() {
+            return sandbox_failed(&format!(
+                "the {what} {} does not exist (build it with {hint}, or pass it explicitly)",
+                path.display()
+            ));
+        }
+    }
+    let work = match WorkDir::create() {
+        Ok(w) => w,
+        Err(e) => return sandbox_failed(&format!("cannot create a temporary directory: {e}")),
+    };
+    let uds = work.0.join("vsock.sock");
+    let mut config = VmConfig::new(&kernel);
+    config.cmdline = SANDBOX_CMDLINE.to_string();
+    config.vcpus = options.vcpus;
+    config.mem_mib = options.mem_mib;
+    config.vsock = Some(VsockConfig {
+        guest_cid: SANDBOX_CID,
+        uds_path: uds.clone(),
+    });
+    if let Some(tap) = &options.net {
+        config.nets.push(NetConfig {
+            tap: tap.clone(),
+            mac: None,
+        });
+    }
+    match &options.rootfs {
+        // A private copy: the image itself is never modified.
+        Some(rootfs) => {
+            let copy = work.0.join("rootfs.img");
+            if let Err(e) = std::fs::copy(rootfs, &copy) {
+                return sandbox_failed(&format!(
+                    "cannot copy the root file system {}: {e}",
+                    rootfs.display()
+                ));
+            }
+            let mut drive = DriveConfig::new(copy);
+            drive.root = true;
+            config.drives.push(drive);
+        }
+        None => config.initrd = Some(image),
+    }
+    if let Err(e) = config.validate() {
+        return sandbox_failed(&e);
+    }
+
+    // The guest's console is not shown: the command's output is. Keep it for diagnostics.
+    let console_log = work.0.join("console.log");
+    let console_out: Box<dyn Write + Send> = match std::fs::File::create(&console_log) {
+        Ok(f) => Box::new(f),
+        Err(e) => return sandbox_failed(&format!("cannot create the console log: {e}")),
+    };
+    let mut vm = match Vm::build(
+        &config,
+        ConsoleIo {
+            output: console_out,
+            input: None,
+            escape: false,
+        },
+        start,
+    ) {
+        Ok(vm) => vm,
+        Err(e) => return sandbox_failed(&e),
+    };
+
+    // The agent client runs on its own thread, started before the VMM thread restricts
+    // itself (threads inherit filters), with its own filter.
+    let done = match EventFd::new(EFD_NONBLOCK) {
+        Ok(e) => e,
+        Err(e) => return sandbox_failed(&format!("cannot create an eventfd: {e}")),
+    };
+    let done_writer = match done.try_clone() {
+        Ok(e) => e,
+        Err(e) => return sandbox_failed(&format!("cannot create an eventfd: {e}")),
+    };
+    let (result_tx, result_rx) = mpsc::channel();
+    let (signaller_tx, signaller_rx) = mpsc::channel();
+    let spec = exec_spec(&options.command);
+    let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
+    let client_uds = uds.clone();
+    let client = thread::Builder::new()
+        .name("agent-client".into())
+        .spawn(move || {
+            let result = match seccomp::install(ThreadKind::AgentClient) {
+                Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
+                Ok(()) => {
+                    match drive_agent(&client_uds, &spec, &copy_in, &copy_out, true, &signaller_tx)
+                    {
+                        Ok(status) => ClientResult::Finished(status),
+                        Err(e) => ClientResult::Failed(e),
+                    }
+                }
+            };
+            let _ = result_tx.send(result);
+            let _ = done_writer.write(1);
+        });
+    if let Err(e) = client {
+        return sandbox_failed(&format!("cannot start the agent client: {e}"));
+    }
+    if let Err(e) = vm.start() {
+        return sandbox_failed(&e);
+    }
+
+    let deadline = options.timeout.map(|t| Instant::now() + t);
+    let mut command_status = None;
+    let mut client_error = None;
+    let ending = loop {
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        wait_readable(&[vm.ending_event().as_raw_fd(), done.as_raw_fd()], timeout);
+        if let Ok(result) = result_rx.try_recv() {
+            match result {
+                ClientResult::Finished(status) => command_status = Some(status),
+                ClientResult::Failed(e) => {
+                    client_error = Some(e);
+                    break None;
+                }
+            }
+        }
+        if let Some(ending) = vm.ending() {
+            break Some(ending);
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let outcome = vm.shutdown(Ending::Signal(libc::SIGALRM));
+            drop(outcome);
+            eprintln!(
+                "flint: error: the command did not finish within {} s; the VM was stopped",
+                options.timeout.unwrap_or_default().as_secs()
+            );
+            return ExitCode::from(STATUS_TIMEOUT);
+        }
+    };
+    match ending {
+        Some(Ending::Signal(sig)) => {
+            // Ctrl-C (or a stop signal): kill the command, then the VM.
+            if let Ok(signaller) = signaller_rx.try_recv() {
+                let _ = signaller.signal(libc::SIGKILL);
+            }
+            vm.shutdown(Ending::Signal(sig));
+            eprintln!("flint: stopped the sandbox on signal {sig}");
+            return ExitCode::from(128u8.saturating_add(sig as u8));
+        }
+        Some(Ending::Reset) => {
+            // The guest powered off after the command: the normal end. The client may still
+            // be reporting; wait for it briefly.
+            if command_status.is_none() && client_error.is_none() {
+                match result_rx.recv_timeout(Duration::from_secs(5)) {
+                    Ok(ClientResult::Finished(s)) => command_status = Some(s),
+                    Ok(ClientResult::Failed(e)) => client_error = Some(e),
+                    Err(_) => {}
+                }
+            }
+            vm.shutdown(Ending::Reset);
+        }
+        Some(other) => {
+            vm.shutdown(other.clone());
+            log_console_tail(&console_log, true);
+            let reason = match other {
+                Ending::Fault { vcpu, reason } => format!("vCPU {vcpu}: {reason}"),
+                Ending::ConsoleQuit => "the console asked to quit".to_string(),
+                _ => "it ended".to_string(),
+            };
+            return sandbox_failed(&format!(
+                "the sandbox VM stopped before the command finished: {reason}"
+            ));
+        }
+        None => {
+            vm.shutdown(Ending::Reset);
+        }
+    }
+    match client_error {
+        // The command itself could not start (not found, not executable...): as a shell.
+        Some(e @ AgentError::NotStarted(_)) => {
+            eprintln!("flint: error: {e}");
+            return ExitCode::from(STATUS_NOT_STARTED);
+        }
+        Some(e) => {
+            log_console_tail(&console_log, command_status.is_none());
+            return sandbox_failed(&e);
+        }
+        None => {}
+    }
+    match command_status {
+        Some(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
+        None => sandbox_failed(&"the guest powered off before the command reported its status"),
+    }
+}
+
+/// On failure, show what the guest printed last (it may say why).
+fn log_console_tail(path: &Path, failed: bool) {
+    if !failed {
+        return;
+    }
+    if let Ok(text) = std::fs::read_to_string(path) {
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(20)..] {
+            eprintln!("flint: guest console: {line}");
+        }
+    }
+}
+
+fn wait_readable(fds: &[i32], timeout: Option<Duration>) {
+    let mut polls: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
+    unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
+}
+
+/// Ask a running flint's API for its vsock socket.
+fn vsock_path(api_sock: &Path) -> Result<PathBuf, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(api_sock).map_err(|e| {
+        format!(
+            "cannot connect to the API socket {}: {e}",
+            api_sock.display()
+        )
+    })?;
+    stream
+        .write_all(b"GET /vm/config HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("cannot talk to the API socket {}: {e}", api_sock.display()))?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|e| {
+        format!(
+            "cannot read from the API socket {}: {e}",
+            api_sock.display()
+        )
+    })?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or("the API answered something that is not HTTP")?;
+    let json: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("the API's /vm/config is not JSON: {e}"))?;
+    json.get("vsock")
+        .and_then(|v| v.get("uds_path"))
+        .and_then(|p| p.as_str())
+        .map(PathBuf::from)
+        .ok_or_else(|| {
+            format!(
+                "the VM behind {} has no vsock device, so it has no agent to run commands",
+                api_sock.display()
+            )
+        })
+}
+
+/// `flint exec`.
+pub fn exec(options: &ExecOptions) -> ExitCode {
+    let uds = match vsock_path(&options.api_sock) {
+        Ok(p) => p,
+        Err(e) => return sandbox_failed(&e),
+    };
+    let (signaller_tx, _signaller_rx) = mpsc::channel();
+    let spec = exec_spec(&options.command);
+    match drive_agent(&uds, &spec, &[], &[], false, &signaller_tx) {
+        Ok(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
+        Err(e @ AgentError::NotStarted(_)) => {
+            eprintln!("flint: error: {e}");
+            ExitCode::from(STATUS_NOT_STARTED)
+        }
+        Err(e) => sandbox_failed(&e),
+    }
+}
