@@ -439,6 +439,18 @@ mod tests {
     }
 }
 
+/// Leaf 0x1 ecx bit 24: the local APIC supports TSC-deadline mode.
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+
+/// Advertise the local APIC's TSC-deadline timer mode in leaf 1. KVM emulates it with an
+/// in-kernel LAPIC (`KVM_CAP_TSC_DEADLINE_TIMER`) but `KVM_GET_SUPPORTED_CPUID` leaves the bit
+/// to the VMM; with it a Linux guest needs no LAPIC timer calibration against the PIT.
+pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
+    for entry in entries.iter_mut().filter(|e| e.function == 0x1) {
+        entry.ecx |= LEAF1_ECX_TSC_DEADLINE;
+    }
+}
+
 /// The XCR0 value that enables every state component the (normalised) CPUID offers: leaf 0xD
 /// subleaf 0 EAX/EDX. `None` when leaf 1 has no XSAVE or there is no leaf 0xD.
 ///
@@ -483,6 +495,14 @@ mod xcr0_tests {
             entry(0xd, 0, 0x3, 0, 0x1),
         ];
         assert_eq!(supported_xcr0(&high), Some(0x1_0000_0003));
+    }
+
+    #[test]
+    fn tsc_deadline_is_set_in_leaf_1_only() {
+        let mut entries = [entry(0x1, 0, 0, 0, 0), entry(0x7, 0, 0, 0, 0)];
+        enable_tsc_deadline(&mut entries);
+        assert_eq!(entries[0].ecx, LEAF1_ECX_TSC_DEADLINE);
+        assert_eq!(entries[1].ecx, 0);
     }
 
     #[test]

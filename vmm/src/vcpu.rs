@@ -106,6 +106,9 @@ impl Vcpu {
             .map_err(setup("read the supported CPUID"))?;
         // Both fit in u8: the configuration allows at most 254 vCPUs.
         arch::cpuid::normalize(cpuid.as_mut_slice(), id as u8, count as u8);
+        if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+            arch::cpuid::enable_tsc_deadline(cpuid.as_mut_slice());
+        }
         fd.set_cpuid2(&cpuid).map_err(setup("set CPUID"))?;
         if let Some(xcr0) = arch::cpuid::supported_xcr0(cpuid.as_slice()) {
             let mut xcrs = kvm_xcrs {
