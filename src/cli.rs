@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::{DriveConfig, NetConfig, VmConfig, VsockConfig};
+use vmm::{DriveConfig, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig};
 
 use crate::api_mode::ApiOptions;
 use crate::sandbox::{CommandOptions, ExecOptions, RunOptions};
@@ -72,20 +72,54 @@ pub enum CliError {
     NoKernel,
     #[error("--disk needs a path before its options, as in --disk PATH[,ro][,root][,id=NAME]")]
     DiskPath,
-    #[error("unknown --disk option '{0}' (expected ro, root or id=NAME)")]
+    #[error(
+        "unknown --disk option '{0}' (expected ro, root, id=NAME, bw=BYTES_PER_SEC or iops=N)"
+    )]
     DiskOption(String),
-    #[error("--net needs tap=NAME, as in --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]; got '{0}'")]
+    #[error(
+        "--net needs tap=NAME, as in --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]; got '{0}'"
+    )]
     NetSpec(String),
+    #[error("{option} {key}= must be a whole number from 1 to {max}, not '{value}'")]
+    Rate {
+        option: &'static str,
+        key: &'static str,
+        value: String,
+        max: u64,
+    },
     #[error("--net: {0}")]
     NetMac(vmm::MacError),
     #[error("--vsock needs cid=N,uds=PATH; got '{0}'")]
     VsockSpec(String),
 }
 
-/// Parse `tap=NAME[,mac=AA:BB:CC:DD:EE:FF]`.
+/// A per-second rate given as `key=N` to `option`: a bucket of N tokens refilled in 1 s.
+fn parse_rate(
+    option: &'static str,
+    key: &'static str,
+    value: &str,
+) -> Result<TokenBucketConfig, CliError> {
+    // Anything above this is no limit worth asking for; it also keeps the arithmetic small.
+    const MAX: u64 = 1 << 50;
+    match value.parse::<u64>() {
+        Ok(n) if (1..=MAX).contains(&n) && !value.starts_with('+') => {
+            Ok(TokenBucketConfig::per_second(n))
+        }
+        _ => Err(CliError::Rate {
+            option,
+            key,
+            value: value.to_string(),
+            max: MAX,
+        }),
+    }
+}
+
+/// Parse `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]`. `bw` limits each direction
+/// (receive and transmit) to that many frame bytes a second.
 fn parse_net(spec: &str) -> Result<NetConfig, CliError> {
     let mut tap = None;
     let mut mac = None;
+    let mut bw = None;
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tap", name)) if !name.is_empty() && tap.is_none() => tap = Some(name),
@@ -93,13 +127,20 @@ fn parse_net(spec: &str) -> Result<NetConfig, CliError> {
                 let parsed = vmm::parse_mac(m).map_err(CliError::NetMac)?;
                 mac = Some(parsed);
             }
+            Some(("bw", n)) if bw.is_none() => bw = Some(parse_rate("--net", "bw", n)?),
             _ => return Err(CliError::NetSpec(spec.to_string())),
         }
     }
     let tap = tap.ok_or_else(|| CliError::NetSpec(spec.to_string()))?;
+    let limiter = bw.map(|b| RateLimiterConfig {
+        bandwidth: Some(b),
+        ops: None,
+    });
     Ok(NetConfig {
-        tap: tap.to_string(),
         mac,
+        rx_rate_limiter: limiter,
+        tx_rate_limiter: limiter,
+        ..NetConfig::new(tap)
     })
 }
 
@@ -121,7 +162,7 @@ fn parse_vsock(spec: &str) -> Result<VsockConfig, CliError> {
     })
 }
 
-/// Parse `PATH[,ro][,root][,id=NAME]`.
+/// Parse `PATH[,ro][,root][,id=NAME][,bw=BYTES_PER_SEC][,iops=N]`.
 fn parse_disk(spec: &str) -> Result<DriveConfig, CliError> {
     let mut parts = spec.split(',');
     let path = parts
@@ -129,16 +170,18 @@ fn parse_disk(spec: &str) -> Result<DriveConfig, CliError> {
         .filter(|p| !p.is_empty())
         .ok_or(CliError::DiskPath)?;
     let mut drive = DriveConfig::new(path);
+    let mut limiter = RateLimiterConfig::default();
     for opt in parts {
-        match opt {
-            "ro" => drive.read_only = true,
-            "root" => drive.root = true,
-            _ => match opt.strip_prefix("id=") {
-                Some(id) => drive.id = Some(id.to_string()),
-                None => return Err(CliError::DiskOption(opt.to_string())),
-            },
+        match (opt, opt.split_once('=')) {
+            ("ro", _) => drive.read_only = true,
+            ("root", _) => drive.root = true,
+            (_, Some(("id", id))) => drive.id = Some(id.to_string()),
+            (_, Some(("bw", n))) => limiter.bandwidth = Some(parse_rate("--disk", "bw", n)?),
+            (_, Some(("iops", n))) => limiter.ops = Some(parse_rate("--disk", "iops", n)?),
+            _ => return Err(CliError::DiskOption(opt.to_string())),
         }
     }
+    drive.rate_limiter = (!limiter.is_unlimited()).then_some(limiter);
     Ok(drive)
 }
 
@@ -184,16 +227,20 @@ Options:
   --vcpus N         number of vCPUs, 1-254 and at most what the host's KVM allows
                     (default: {DEFAULT_VCPUS})
   --memory MIB      guest memory in MiB, at least 64 (default: {DEFAULT_MEM_MIB})
-  --disk PATH[,ro][,root][,id=NAME]
+  --disk PATH[,ro][,root][,id=NAME][,bw=BYTES_PER_SEC][,iops=N]
                     a virtio-blk disk on a raw image file (size a multiple of 512); ro:
                     read-only; root: the guest mounts it as / (root=/dev/vda); id: the
-                    serial the guest reads (at most 20 characters). Repeatable; the guest
-                    sees the root disk first, then the others in order (vda, vdb, ...)
+                    serial the guest reads (at most 20 characters); bw, iops: rate limits
+                    in data bytes and requests per second (token buckets refilled over
+                    1 s). Repeatable; the guest sees the root disk first, then the others
+                    in order (vda, vdb, ...)
   --rootfs PATH     shorthand for --disk PATH,root
-  --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF]
+  --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]
                     a virtio-net NIC on the host TAP device NAME (opened if it exists,
-                    else created and removed at exit; needs CAP_NET_ADMIN). Repeatable;
-                    default MACs are 06:46:4c:4e:54:<index>
+                    else created and removed at exit; needs CAP_NET_ADMIN); bw: limit
+                    each direction (receive, transmit) to that many frame bytes per second
+                    (token buckets refilled over 1 s). Repeatable; default MACs are
+                    06:46:4c:4e:54:<index>
   --vsock cid=N,uds=PATH
                     a virtio-vsock device with guest CID N (>= 3); host programs connect
                     to the Unix socket PATH and send \"CONNECT <port>\\n\" to reach a guest
@@ -707,6 +754,74 @@ mod tests {
     }
 
     #[test]
+    fn disk_and_net_rate_limits() {
+        let c = boot(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "/a.img,bw=1048576,iops=100,ro",
+            "--disk=/b.img,iops=5",
+            "--net",
+            "tap=t0,bw=125000",
+        ])
+        .unwrap();
+        let per_sec = |size| TokenBucketConfig {
+            size,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        };
+        assert_eq!(
+            c.drives[0].rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(per_sec(1 << 20)),
+                ops: Some(per_sec(100)),
+            })
+        );
+        assert!(c.drives[0].read_only);
+        assert_eq!(
+            c.drives[1].rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(per_sec(5)),
+            })
+        );
+        let want = Some(RateLimiterConfig {
+            bandwidth: Some(per_sec(125_000)),
+            ops: None,
+        });
+        assert_eq!(c.nets[0].rx_rate_limiter, want);
+        assert_eq!(c.nets[0].tx_rate_limiter, want);
+        assert_eq!(
+            boot(&["--kernel", "/k", "--disk", "/a.img"])
+                .unwrap()
+                .drives[0]
+                .rate_limiter,
+            None
+        );
+        for (option, spec) in [
+            ("--disk", "/a,bw=0"),
+            ("--disk", "/a,iops=-1"),
+            ("--disk", "/a,bw=1k"),
+            ("--disk", "/a,iops="),
+            ("--disk", "/a,bw=+5"),
+            ("--disk", "/a,bw=99999999999999999999"),
+            ("--net", "tap=t,bw=0"),
+        ] {
+            let err = boot(&["--kernel", "/k", option, spec]).unwrap_err();
+            assert!(matches!(err, CliError::Rate { .. }), "{spec}: {err:?}");
+            assert!(err.to_string().starts_with(option), "{err}");
+        }
+        assert!(matches!(
+            boot(&["--kernel", "/k", "--net", "tap=t,bw=5,bw=6"]),
+            Err(CliError::NetSpec(_))
+        ));
+        assert!(matches!(
+            boot(&["--kernel", "/k", "--net", "tap=t,iops=5"]),
+            Err(CliError::NetSpec(_))
+        ));
+    }
+
+    #[test]
     fn disks_in_every_form() {
         let c = boot(&[
             "--kernel",
@@ -749,13 +864,10 @@ mod tests {
         assert_eq!(
             c.nets,
             vec![
+                NetConfig::new("tap0"),
                 NetConfig {
-                    tap: "tap0".into(),
-                    mac: None
-                },
-                NetConfig {
-                    tap: "tap1".into(),
-                    mac: Some([2, 0, 0, 0, 0, 1])
+                    mac: Some([2, 0, 0, 0, 0, 1]),
+                    ..NetConfig::new("tap1")
                 },
             ]
         );

@@ -184,6 +184,7 @@ mod tests {
                     read_only: false,
                     partuuid: None,
                     cache_type: CacheType::Unsafe,
+                    rate_limiter: None,
                 },
                 ApiDrive {
                     id: "data".into(),
@@ -192,12 +193,15 @@ mod tests {
                     read_only: true,
                     partuuid: None,
                     cache_type: CacheType::Writeback,
+                    rate_limiter: None,
                 },
             ],
             network_interfaces: vec![NetworkInterface {
                 id: "eth0".into(),
                 tap: "tap0".into(),
                 mac: Some([6, 0, 0xac, 0x10, 0, 2]),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             }],
             vsock: Some(Vsock {
                 guest_cid: 3,
@@ -328,7 +332,7 @@ mod tests {
             ),
             (
                 json!({"entropy": {"rate_limiter": {}}}),
-                "entropy: rate_limiter is not supported: flint has no rate limiters yet",
+                "entropy: rate_limiter is not supported: flint does not rate-limit the entropy device",
             ),
             (json!({"vsock": 3}), "vsock: expected a JSON object, not 3"),
         ];

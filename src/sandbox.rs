@@ -179,10 +179,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         uds_path: uds.clone(),
     });
     if let Some(tap) = &options.net {
-        config.nets.push(NetConfig {
-            tap: tap.clone(),
-            mac: None,
-        });
+        config.nets.push(NetConfig::new(tap.clone()));
     }
     match &options.rootfs {
         // A private copy: the image itself is never modified.

@@ -66,6 +66,7 @@ fn full_config() -> FullConfig {
             read_only: false,
             partuuid: None,
             cache_type: CacheType::Unsafe,
+            rate_limiter: None,
         }],
         network_interfaces: vec![],
         vsock: None,
@@ -400,6 +401,8 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
             id: "eth0".into(),
             tap: "tap0".into(),
             mac: Some([6, 0, 0xac, 0x10, 0, 2]),
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         })
     );
     assert_eq!(

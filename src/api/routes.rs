@@ -290,7 +290,8 @@ mod tests {
                 root: true,
                 read_only: false,
                 partuuid: None,
-                cache_type: CacheType::Unsafe
+                cache_type: CacheType::Unsafe,
+                rate_limiter: None,
             })
         );
         assert_eq!(
@@ -313,7 +314,9 @@ mod tests {
             Request::SetNetworkInterface(NetworkInterface {
                 id: "eth0".into(),
                 tap: "tap0".into(),
-                mac: None
+                mac: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             })
         );
         assert_eq!(

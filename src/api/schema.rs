@@ -13,6 +13,7 @@ use vmm::controller::{
     ApiDrive, BootSource, CacheType, InstanceInfo, LoggerConfig, MachineConfig,
     MachineConfigUpdate, MetricsConfig, NetworkInterface, Request, Vsock,
 };
+use vmm::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};
 
 /// A body that cannot be accepted: one sentence naming the field and the problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -23,7 +24,9 @@ pub struct BodyError(pub String);
 pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
 
 /// Fields that Firecracker accepts but flint refuses (with the reason).
-const NO_RATE_LIMITERS: &str = "is not supported: flint has no rate limiters yet";
+const NO_ENTROPY_LIMITER: &str = "is not supported: flint does not rate-limit the entropy device";
+const NO_LIMITER_UPDATE: &str =
+    "cannot be changed by PATCH: flint sets a drive's rate limiter only before the VM starts";
 
 /// Longest JSON value quoted back in an error message.
 const MAX_QUOTED: usize = 40;
@@ -267,11 +270,9 @@ pub fn drive(v: &Value, ctx: &str) -> Result<ApiDrive, BodyError> {
             "partuuid",
             "cache_type",
             "io_engine",
+            "rate_limiter",
         ],
-        &[
-            ("rate_limiter", NO_RATE_LIMITERS),
-            ("socket", "is not supported: flint has no vhost-user drives"),
-        ],
+        &[("socket", "is not supported: flint has no vhost-user drives")],
     )?;
     let cache_type = match f.opt_choice("cache_type", CACHE_TYPES)? {
         Some("Writeback") => CacheType::Writeback,
@@ -285,6 +286,107 @@ pub fn drive(v: &Value, ctx: &str) -> Result<ApiDrive, BodyError> {
         read_only: f.opt_bool("is_read_only")?.unwrap_or(false),
         partuuid: f.opt_str("partuuid")?,
         cache_type,
+        rate_limiter: rate_limiter(&f, "rate_limiter")?,
+    })
+}
+
+/// The object at `name` (not null), whose keys must all be in `allowed`.
+fn nested<'a>(
+    f: &Fields<'a>,
+    name: &str,
+    v: &'a Value,
+    allowed: &[&str],
+) -> Result<&'a Map<String, Value>, BodyError> {
+    let Value::Object(map) = v else {
+        return Err(f.err(format!("{name} must be a JSON object, not {}", quote(v))));
+    };
+    if let Some(key) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(f.err(format!(
+            "unknown field '{name}.{key}' (expected {})",
+            allowed.join(", ")
+        )));
+    }
+    Ok(map)
+}
+
+/// A whole number in `min..=max` at `name` (already known to be present).
+fn bounded(f: &Fields, name: &str, v: &Value, min: u64, max: u64) -> Result<u64, BodyError> {
+    v.as_u64()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| {
+            f.err(format!(
+                "{name} must be a whole number from {min} to {max}, not {}",
+                quote(v)
+            ))
+        })
+}
+
+/// A Firecracker token bucket: `{"size": N, "one_time_burst": N?, "refill_time": MS}`.
+fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<TokenBucketConfig, BodyError> {
+    let map = nested(f, name, v, &["size", "one_time_burst", "refill_time"])?;
+    let field = |key: &str| map.get(key).filter(|v| !v.is_null());
+    let required = |key: &str| {
+        field(key).ok_or_else(|| f.err(format!("missing required field '{name}.{key}'")))
+    };
+    Ok(TokenBucketConfig {
+        size: bounded(f, &format!("{name}.size"), required("size")?, 1, u64::MAX)?,
+        one_time_burst: field("one_time_burst")
+            .map(|v| bounded(f, &format!("{name}.one_time_burst"), v, 0, u64::MAX))
+            .transpose()?
+            .unwrap_or(0),
+        refill_time_ms: bounded(
+            f,
+            &format!("{name}.refill_time"),
+            required("refill_time")?,
+            1,
+            MAX_REFILL_TIME_MS,
+        )?,
+    })
+}
+
+/// A Firecracker rate limiter at `name`: `{"bandwidth": BUCKET?, "ops": BUCKET?}`; absent or
+/// null is no limiter.
+fn rate_limiter(f: &Fields, name: &str) -> Result<Option<RateLimiterConfig>, BodyError> {
+    let Some(v) = f.get(name) else {
+        return Ok(None);
+    };
+    let map = nested(f, name, v, &["bandwidth", "ops"])?;
+    let bucket = |key: &str| {
+        map.get(key)
+            .filter(|v| !v.is_null())
+            .map(|v| token_bucket(f, &format!("{name}.{key}"), v))
+            .transpose()
+    };
+    Ok(Some(RateLimiterConfig {
+        bandwidth: bucket("bandwidth")?,
+        ops: bucket("ops")?,
+    }))
+}
+
+#[derive(Serialize)]
+struct TokenBucketOut {
+    size: u64,
+    one_time_burst: u64,
+    refill_time: u64,
+}
+
+#[derive(Serialize)]
+struct RateLimiterOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bandwidth: Option<TokenBucketOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ops: Option<TokenBucketOut>,
+}
+
+fn rate_limiter_out(r: &Option<RateLimiterConfig>) -> Option<RateLimiterOut> {
+    let bucket = |b: &TokenBucketConfig| TokenBucketOut {
+        size: b.size,
+        one_time_burst: b.one_time_burst,
+        refill_time: b.refill_time_ms,
+    };
+    r.as_ref().map(|r| RateLimiterOut {
+        bandwidth: r.bandwidth.as_ref().map(bucket),
+        ops: r.ops.as_ref().map(bucket),
     })
 }
 
@@ -294,7 +396,7 @@ pub fn partial_drive(v: &Value, ctx: &str) -> Result<(String, PathBuf), BodyErro
         v,
         ctx,
         &["drive_id", "path_on_host"],
-        &[("rate_limiter", NO_RATE_LIMITERS)],
+        &[("rate_limiter", NO_LIMITER_UPDATE)],
     )?;
     Ok((f.req_str("drive_id")?, f.req_str("path_on_host")?.into()))
 }
@@ -324,11 +426,14 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyE
     let f = Fields::new(
         v,
         ctx,
-        &["iface_id", "host_dev_name", "guest_mac"],
         &[
-            ("rx_rate_limiter", NO_RATE_LIMITERS),
-            ("tx_rate_limiter", NO_RATE_LIMITERS),
+            "iface_id",
+            "host_dev_name",
+            "guest_mac",
+            "rx_rate_limiter",
+            "tx_rate_limiter",
         ],
+        &[],
     )?;
     let mac = match f.opt_str("guest_mac")? {
         None => None,
@@ -342,6 +447,8 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyE
         id: f.req_str("iface_id")?,
         tap: f.req_str("host_dev_name")?,
         mac,
+        rx_rate_limiter: rate_limiter(&f, "rx_rate_limiter")?,
+        tx_rate_limiter: rate_limiter(&f, "tx_rate_limiter")?,
     })
 }
 
@@ -358,7 +465,7 @@ pub fn vsock(v: &Value, ctx: &str) -> Result<Vsock, BodyError> {
 
 /// `PUT /entropy`, config file `entropy`: an empty object.
 pub fn entropy(v: &Value, ctx: &str) -> Result<(), BodyError> {
-    Fields::new(v, ctx, &[], &[("rate_limiter", NO_RATE_LIMITERS)])?;
+    Fields::new(v, ctx, &[], &[("rate_limiter", NO_ENTROPY_LIMITER)])?;
     Ok(())
 }
 
@@ -503,6 +610,8 @@ struct DriveOut<'a> {
     partuuid: Option<&'a str>,
     cache_type: &'static str,
     io_engine: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rate_limiter: Option<RateLimiterOut>,
 }
 
 pub fn drive_json(d: &ApiDrive) -> Value {
@@ -517,6 +626,7 @@ pub fn drive_json(d: &ApiDrive) -> Value {
             CacheType::Writeback => "Writeback",
         },
         io_engine: "Sync",
+        rate_limiter: rate_limiter_out(&d.rate_limiter),
     })
 }
 
@@ -525,6 +635,10 @@ struct NetworkInterfaceOut<'a> {
     iface_id: &'a str,
     host_dev_name: &'a str,
     guest_mac: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rx_rate_limiter: Option<RateLimiterOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tx_rate_limiter: Option<RateLimiterOut>,
 }
 
 pub fn network_interface_json(n: &NetworkInterface) -> Value {
@@ -532,6 +646,8 @@ pub fn network_interface_json(n: &NetworkInterface) -> Value {
         iface_id: &n.id,
         host_dev_name: &n.tap,
         guest_mac: n.mac.as_ref().map(format_mac),
+        rx_rate_limiter: rate_limiter_out(&n.rx_rate_limiter),
+        tx_rate_limiter: rate_limiter_out(&n.tx_rate_limiter),
     })
 }
 
@@ -740,6 +856,7 @@ mod tests {
                 read_only: true,
                 partuuid: Some("1234-01".into()),
                 cache_type: CacheType::Writeback,
+                rate_limiter: None,
             }
         );
         let base = json!({"drive_id": "d", "path_on_host": "/d", "is_root_device": false});
@@ -756,7 +873,7 @@ mod tests {
         );
         assert_eq!(
             err(drive(&with("rate_limiter", json!({"bandwidth": {}})), "")),
-            "rate_limiter is not supported: flint has no rate limiters yet"
+            "missing required field 'rate_limiter.bandwidth.size'"
         );
         assert_eq!(
             err(drive(&with("is_root_device", json!(1)), "")),
@@ -777,6 +894,95 @@ mod tests {
         assert_eq!(
             err(partial_drive(&json!({"drive_id": "d"}), "")),
             "missing required field 'path_on_host'"
+        );
+    }
+
+    #[test]
+    fn rate_limiter_bodies() {
+        let base = json!({"drive_id": "d", "path_on_host": "/d", "is_root_device": false});
+        let with = |rl: Value| {
+            let mut v = base.clone();
+            v["rate_limiter"] = rl;
+            drive(&v, "")
+        };
+        let d = with(json!({
+            "bandwidth": {"size": 1048576, "one_time_burst": 4096, "refill_time": 100},
+            "ops": {"size": 10, "refill_time": 1000}
+        }))
+        .unwrap();
+        assert_eq!(
+            d.rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig {
+                    size: 1 << 20,
+                    one_time_burst: 4096,
+                    refill_time_ms: 100,
+                }),
+                ops: Some(TokenBucketConfig::per_second(10)),
+            })
+        );
+        assert_eq!(with(Value::Null).unwrap().rate_limiter, None);
+        assert_eq!(
+            with(json!({"bandwidth": null, "ops": null}))
+                .unwrap()
+                .rate_limiter,
+            Some(RateLimiterConfig::default())
+        );
+        // Round trip through the answer.
+        assert_eq!(drive(&drive_json(&d), "").unwrap(), d);
+        let cases = [
+            (json!(5), "rate_limiter must be a JSON object, not 5"),
+            (
+                json!({"bw": {}}),
+                "unknown field 'rate_limiter.bw' (expected bandwidth, ops)",
+            ),
+            (
+                json!({"ops": {"size": 1, "refill_time": 1, "x": 1}}),
+                "unknown field 'rate_limiter.ops.x' (expected size, one_time_burst, refill_time)",
+            ),
+            (
+                json!({"ops": []}),
+                "rate_limiter.ops must be a JSON object, not []",
+            ),
+            (
+                json!({"bandwidth": {"size": 0, "refill_time": 100}}),
+                "rate_limiter.bandwidth.size must be a whole number from 1 to \
+                 18446744073709551615, not 0",
+            ),
+            (
+                json!({"bandwidth": {"size": 1.5, "refill_time": 100}}),
+                "rate_limiter.bandwidth.size must be a whole number from 1 to \
+                 18446744073709551615, not 1.5",
+            ),
+            (
+                json!({"ops": {"size": 1}}),
+                "missing required field 'rate_limiter.ops.refill_time'",
+            ),
+            (
+                json!({"ops": {"size": 1, "refill_time": 0}}),
+                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, not 0",
+            ),
+            (
+                json!({"ops": {"size": 1, "refill_time": 3600001}}),
+                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, \
+                 not 3600001",
+            ),
+            (
+                json!({"ops": {"size": 1, "refill_time": 1, "one_time_burst": "x"}}),
+                "rate_limiter.ops.one_time_burst must be a whole number from 0 to \
+                 18446744073709551615, not \"x\"",
+            ),
+        ];
+        for (rl, want) in cases {
+            assert_eq!(err(with(rl)), want);
+        }
+        assert_eq!(
+            err(partial_drive(
+                &json!({"drive_id": "d", "path_on_host": "/n", "rate_limiter": {}}),
+                ""
+            )),
+            "rate_limiter cannot be changed by PATCH: flint sets a drive's rate limiter only \
+             before the VM starts"
         );
     }
 
@@ -816,7 +1022,9 @@ mod tests {
             NetworkInterface {
                 id: "eth0".into(),
                 tap: "tap0".into(),
-                mac: Some([6, 0, 0xac, 0x10, 0, 2])
+                mac: Some([6, 0, 0xac, 0x10, 0, 2]),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
             }
         );
         assert_eq!(
@@ -826,12 +1034,28 @@ mod tests {
             )),
             "guest_mac must be a MAC address such as \"06:00:ac:10:00:02\", not \"06:00\""
         );
+        let n = network_interface(
+            &json!({"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {},
+                    "tx_rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(n.rx_rate_limiter, Some(RateLimiterConfig::default()));
+        assert_eq!(
+            n.tx_rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(TokenBucketConfig::per_second(100)),
+            })
+        );
         assert_eq!(
             err(network_interface(
-                &json!({"iface_id": "eth0", "host_dev_name": "tap0", "rx_rate_limiter": {}}),
-                ""
+                &json!({"iface_id": "eth0", "host_dev_name": "tap0",
+                        "tx_rate_limiter": {"bandwidth": {"size": -1, "refill_time": 1}}}),
+                "network-interfaces[0]"
             )),
-            "rx_rate_limiter is not supported: flint has no rate limiters yet"
+            "network-interfaces[0]: tx_rate_limiter.bandwidth.size must be a whole number \
+             from 1 to 18446744073709551615, not -1"
         );
         assert_eq!(
             err(network_interface(&json!({"iface_id": "eth0"}), "")),
@@ -860,7 +1084,7 @@ mod tests {
         entropy(&json!({"rate_limiter": null}), "").unwrap();
         assert_eq!(
             err(entropy(&json!({"rate_limiter": {}}), "")),
-            "rate_limiter is not supported: flint has no rate limiters yet"
+            "rate_limiter is not supported: flint does not rate-limit the entropy device"
         );
         assert_eq!(
             err(entropy(&json!({"x": 1}), "")),
@@ -942,12 +1166,18 @@ mod tests {
             read_only: true,
             partuuid: None,
             cache_type: CacheType::Writeback,
+            rate_limiter: None,
         };
         assert_eq!(drive(&drive_json(&d), "").unwrap(), d);
         let n = NetworkInterface {
             id: "eth0".into(),
             tap: "tap0".into(),
             mac: Some([1, 2, 3, 4, 5, 6]),
+            rx_rate_limiter: Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::per_second(1000)),
+                ops: None,
+            }),
+            tx_rate_limiter: None,
         };
         assert_eq!(
             network_interface(&network_interface_json(&n), "").unwrap(),

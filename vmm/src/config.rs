@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};
+
 /// Kernel command line used when the user gives none: serial console, reboot through the
 /// keyboard controller (which ends the VM), no PCI probing, and an i8042 driver that skips
 /// probing a mouse port and multiplexer the VM does not have.
@@ -38,6 +40,8 @@ pub struct DriveConfig {
     /// What the guest reads as the disk's serial (virtio-blk get-id); a stable default derived
     /// from the file when `None`.
     pub id: Option<String>,
+    /// Limits the disk's bandwidth (bytes) and operations (requests); unlimited when `None`.
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DriveConfig {
@@ -48,6 +52,7 @@ impl DriveConfig {
             read_only: false,
             root: false,
             id: None,
+            rate_limiter: None,
         }
     }
 }
@@ -59,6 +64,22 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; a stable default per interface when `None`.
     pub mac: Option<[u8; 6]>,
+    /// Limits frames from the TAP to the guest; unlimited when `None`.
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits frames from the guest to the TAP; unlimited when `None`.
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl NetConfig {
+    /// An interface on the TAP `tap` with the default MAC address and no rate limits.
+    pub fn new(tap: impl Into<String>) -> Self {
+        NetConfig {
+            tap: tap.into(),
+            mac: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        }
+    }
 }
 
 /// The virtio-vsock device.
@@ -163,6 +184,31 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateTap(net.tap.clone()));
             }
         }
+        let limiters = self
+            .drives
+            .iter()
+            .map(|d| {
+                (
+                    d.path.display().to_string(),
+                    "rate_limiter",
+                    &d.rate_limiter,
+                )
+            })
+            .chain(self.nets.iter().flat_map(|n| {
+                [
+                    (n.tap.clone(), "rx_rate_limiter", &n.rx_rate_limiter),
+                    (n.tap.clone(), "tx_rate_limiter", &n.tx_rate_limiter),
+                ]
+            }));
+        for (device, field, limiter) in limiters {
+            if let Some(Err((bucket, e))) = limiter.as_ref().map(RateLimiterConfig::validate) {
+                return Err(ConfigError::RateLimiter {
+                    device,
+                    field: format!("{field}.{bucket}"),
+                    problem: e.to_string(),
+                });
+            }
+        }
         if let Some(vsock) = &self.vsock {
             if vsock.guest_cid < 3 || vsock.guest_cid > u64::from(u32::MAX - 1) {
                 return Err(ConfigError::VsockCid(vsock.guest_cid));
@@ -213,11 +259,55 @@ pub enum ConfigError {
     DuplicateTap(String),
     #[error("vsock guest CID {0} is invalid: it must be from 3 to 4294967294")]
     VsockCid(u64),
+    #[error("{device}: {field}.{problem}")]
+    RateLimiter {
+        device: String,
+        field: String,
+        problem: String,
+    },
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rate_limiters_are_validated_with_the_device_and_field() {
+        let mut c = VmConfig::new("/vmlinux");
+        c.drives.push(DriveConfig {
+            rate_limiter: Some(RateLimiterConfig {
+                bandwidth: Some(TokenBucketConfig::per_second(1 << 20)),
+                ops: Some(TokenBucketConfig::per_second(100)),
+            }),
+            ..DriveConfig::new("/d.img")
+        });
+        c.nets.push(NetConfig {
+            tx_rate_limiter: Some(RateLimiterConfig::default()),
+            ..NetConfig::new("tap0")
+        });
+        assert_eq!(c.validate(), Ok(()));
+        c.nets[0].rx_rate_limiter = Some(RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                refill_time_ms: 0,
+                ..TokenBucketConfig::per_second(5)
+            }),
+        });
+        let err = c.validate().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tap0: rx_rate_limiter.ops.refill_time must be between 1 and 3600000 milliseconds, not 0"
+        );
+        c.nets.clear();
+        c.drives[0].rate_limiter = Some(RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig::per_second(0)),
+            ops: None,
+        });
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "/d.img: rate_limiter.bandwidth.size must be at least 1"
+        );
+    }
 
     #[test]
     fn defaults_are_valid() {

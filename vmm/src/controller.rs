@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::config::{ConfigError, DriveConfig, NetConfig, VmConfig, VsockConfig};
+use crate::config::{
+    ConfigError, DriveConfig, NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
+};
 use crate::vm::{ConsoleIo, Vm};
 
 /// The kernel to boot.
@@ -64,6 +66,7 @@ pub struct ApiDrive {
     /// `/dev/vda`.
     pub partuuid: Option<String>,
     pub cache_type: CacheType,
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// A network interface backed by a host TAP device.
@@ -72,6 +75,8 @@ pub struct NetworkInterface {
     pub id: String,
     pub tap: String,
     pub mac: Option<[u8; 6]>,
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// The vsock device.
@@ -242,6 +247,7 @@ impl From<&ApiDrive> for DriveConfig {
             read_only: d.read_only,
             root: d.root,
             id: Some(d.id.clone()),
+            rate_limiter: d.rate_limiter,
         }
     }
 }
@@ -546,6 +552,8 @@ impl Controller {
             .map(|n| NetConfig {
                 tap: n.tap.clone(),
                 mac: n.mac,
+                rx_rate_limiter: n.rx_rate_limiter,
+                tx_rate_limiter: n.tx_rate_limiter,
             })
             .collect();
         config.vsock = self.config.vsock.as_ref().map(|v| VsockConfig {
@@ -603,6 +611,7 @@ mod tests {
             read_only: false,
             partuuid: None,
             cache_type: CacheType::Unsafe,
+            rate_limiter: None,
         }
     }
 

@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::Bus;
+use devices::rate_limiter::RateLimiter;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{default_mac, Net};
@@ -16,7 +17,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::VmConfig;
+use crate::config::{RateLimiterConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::metrics::DeviceMetrics;
 
@@ -65,14 +66,30 @@ pub struct VirtioDevices {
     pub cmdline: String,
 }
 
+/// A rate limiter (and its timerfd, created here on the VMM thread) for `config`, if any.
+fn limiter(config: &Option<RateLimiterConfig>, device: &str) -> Result<Option<RateLimiter>> {
+    config
+        .as_ref()
+        .filter(|c| !c.is_unlimited())
+        .map(|c| {
+            RateLimiter::new(c).map_err(|e| {
+                Error::Device(format!("{device}: cannot create a rate limiter timer: {e}"))
+            })
+        })
+        .transpose()
+}
+
 /// The device models the configuration asks for, in the order the guest sees them, with
 /// handles on their counters.
 pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, DeviceMetrics)>> {
     let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceMetrics)> = Vec::new();
     for (n, drive) in config.drives_in_guest_order().into_iter().enumerate() {
         let id = drive.id.as_deref().unwrap_or("");
-        let block = Block::new(&drive.path, drive.read_only, id)
+        let mut block = Block::new(&drive.path, drive.read_only, id)
             .map_err(|e| Error::Device(e.to_string()))?;
+        if let Some(limiter) = limiter(&drive.rate_limiter, &drive.path.display().to_string())? {
+            block = block.with_rate_limiter(limiter);
+        }
         let name = drive
             .id
             .clone()
@@ -85,7 +102,12 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     }
     for (n, net) in config.nets.iter().enumerate() {
         let mac = net.mac.unwrap_or_else(|| default_mac(n as u8));
-        let dev = Net::new(&net.tap, mac).map_err(|e| Error::Device(e.to_string()))?;
+        let dev = Net::new(&net.tap, mac)
+            .map_err(|e| Error::Device(e.to_string()))?
+            .with_rate_limiters(
+                limiter(&net.rx_rate_limiter, &net.tap)?,
+                limiter(&net.tx_rate_limiter, &net.tap)?,
+            );
         let metrics = DeviceMetrics::Net {
             name: format!("eth{n}"),
             metrics: dev.metrics(),
@@ -230,6 +252,38 @@ mod tests {
         assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda rw"));
         c.drives[0].read_only = true;
         assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda ro"));
+    }
+
+    #[test]
+    fn drives_get_their_rate_limiters() {
+        use devices::virtio::block::Block;
+        let path =
+            std::env::temp_dir().join(format!("flint-dm-limited-{}.img", std::process::id()));
+        std::fs::write(&path, vec![0u8; 4096]).unwrap();
+        let mut c = VmConfig::new("/k");
+        c.entropy = false;
+        c.drives.push(DriveConfig {
+            rate_limiter: Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(crate::config::TokenBucketConfig::per_second(10)),
+            }),
+            ..DriveConfig::new(&path)
+        });
+        c.drives.push(DriveConfig {
+            // No bucket: no limiter at all.
+            rate_limiter: Some(RateLimiterConfig::default()),
+            ..DriveConfig::new(&path)
+        });
+        let mut devices = build_devices(&c).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let limited: Vec<bool> = devices
+            .iter_mut()
+            .map(|(d, _)| {
+                let block = d.as_any_mut().unwrap().downcast_mut::<Block>().unwrap();
+                block.rate_limiter().is_some()
+            })
+            .collect();
+        assert_eq!(limited, [true, false]);
     }
 
     #[test]

@@ -16,7 +16,10 @@ mod usage;
 mod vcpu;
 mod vm;
 
-pub use config::{ConfigError, DriveConfig, NetConfig, VmConfig, VsockConfig};
+pub use config::{
+    ConfigError, DriveConfig, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig,
+    VsockConfig, MAX_REFILL_TIME_MS,
+};
 pub use devices::virtio::net::{parse_mac, MacError};
 pub use error::{Error, Result};
 pub use exit::Ending;

@@ -89,6 +89,7 @@ pub fn json_line(
                     ("io_errors", get(&m.io_errors)),
                     ("unsupported", get(&m.unsupported)),
                     ("invalid_chains", get(&m.invalid_chains)),
+                    ("rate_limiter_throttled", get(&m.rate_limiter_throttled)),
                 ]);
                 let _ = write!(line, ",\"block_{name}\":{obj}");
             }
@@ -111,6 +112,14 @@ pub fn json_line(
                     ("tx_malformed", get(&m.tx_malformed)),
                     ("tx_errors", get(&m.tx_errors)),
                     ("tx_blocked", get(&m.tx_blocked)),
+                    (
+                        "rx_rate_limiter_throttled",
+                        get(&m.rx_rate_limiter_throttled),
+                    ),
+                    (
+                        "tx_rate_limiter_throttled",
+                        get(&m.tx_rate_limiter_throttled),
+                    ),
                 ]);
                 let _ = write!(line, ",\"net_{name}\":{obj}");
             }

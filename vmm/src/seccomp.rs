@@ -83,6 +83,9 @@ const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
 const FIONBIO: u64 = 0x5421;
 
+/// Arming and reading the rate limiters' timerfds (never creating them).
+const TIMERS: &[i64] = &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime];
+
 /// What every thread needs: memory, locks, signals, time, leaving.
 const COMMON: &[i64] = &[
     libc::SYS_read,
@@ -172,8 +175,13 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let ioctls: &[u64] = match kind {
         // Device register writes run on vCPU threads, and a virtio driver's DRIVER_OK
         // activates the device there: a NIC then sets its TAP's offloads.
-        ThreadKind::Vcpu => &[KVM_RUN, TUNSETOFFLOAD],
+        // A device reset disarms its rate limiters' timers (created at device construction).
+        ThreadKind::Vcpu => {
+            allow(TIMERS);
+            &[KVM_RUN, TUNSETOFFLOAD]
+        }
         ThreadKind::EventLoop => {
+            allow(TIMERS);
             allow(SOCKETS);
             allow(FILES);
             allow(&[libc::SYS_getrandom, libc::SYS_eventfd2]);

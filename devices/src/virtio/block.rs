@@ -8,22 +8,26 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile,
 };
+use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    ActivateError, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_VERSION_1,
-    VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_BLOCK,
+    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
+use crate::rate_limiter::RateLimiter;
 
 /// Bytes per sector: capacity and request offsets are counted in these.
 pub const SECTOR_SIZE: u64 = 512;
@@ -174,6 +178,8 @@ pub struct BlockMetrics {
     pub unsupported: AtomicU64,
     /// Malformed descriptor chains.
     pub invalid_chains: AtomicU64,
+    /// Times a request did not fit the rate limiter and the queue paused until its timer.
+    pub rate_limiter_throttled: AtomicU64,
 }
 
 fn inc(counter: &AtomicU64, by: u64) {
@@ -453,13 +459,9 @@ impl Disk {
         }
     }
 
-    /// Serve one chain. Returns the used length: bytes written to the guest.
-    fn handle_chain(
-        &mut self,
-        mem: &GuestMemoryMmap,
-        chain: impl IntoIterator<Item = Descriptor>,
-    ) -> u32 {
-        let (status, status_addr, done) = match parse_request(mem, chain) {
+    /// Serve a parsed chain. Returns the used length: bytes written to the guest.
+    fn complete(&mut self, mem: &GuestMemoryMmap, parsed: Result<Request, BadRequest>) -> u32 {
+        let (status, status_addr, done) = match parsed {
             Ok(req) => {
                 let (status, done) = self.execute(mem, &req);
                 (status, req.status, done)
@@ -496,7 +498,11 @@ pub struct Block {
     acked_features: u64,
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
+    limiter: Option<RateLimiter>,
 }
+
+/// The event-loop data value of the rate limiter's timer.
+const RATE_LIMITER_EVENT: u32 = BACKEND_EVENT_BASE;
 
 impl Block {
     /// A block device on the image at `path`, opened read-write unless `read_only`. `id` is
@@ -566,7 +572,21 @@ impl Block {
             acked_features: 0,
             config,
             active: None,
+            limiter: None,
         })
+    }
+
+    /// Limit the device's requests with `limiter`: each read or write takes its data length
+    /// from the bandwidth bucket, and every well-formed request takes one operation (flush and
+    /// get-id requests take no bandwidth). Malformed chains are not limited.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// The rate limiter, if any.
+    pub fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.limiter.as_ref()
     }
 
     /// The image path.
@@ -693,14 +713,32 @@ impl VirtioDevice for Block {
         } = active;
         let mem: &GuestMemoryMmap = mem;
         let mut used_any = false;
-        loop {
+        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+            // The limiter's timer restarts the queue.
+            return;
+        }
+        'serve: loop {
             // Only an optimisation (fewer guest exits while we work); failures are harmless.
             let _ = queue.disable_notification(mem);
             let mut popped = false;
             while let Some(chain) = queue.pop_descriptor_chain(mem) {
                 popped = true;
                 let head = chain.head_index();
-                let len = self.disk.handle_chain(mem, chain);
+                let parsed = parse_request(mem, chain);
+                if let (Ok(req), Some(limiter)) = (&parsed, self.limiter.as_mut()) {
+                    let bytes = match req.request_type {
+                        RequestType::In | RequestType::Out => u64::from(req.data_len),
+                        _ => 0,
+                    };
+                    if !limiter.consume(bytes) {
+                        // Leave the request in the queue (notifications stay off: the guest
+                        // need not kick) until the limiter's timer fires.
+                        queue.go_to_previous_position();
+                        inc(&self.disk.metrics.rate_limiter_throttled, 1);
+                        break 'serve;
+                    }
+                }
+                let len = self.disk.complete(mem, parsed);
                 if let Err(e) = queue.add_used(mem, head, len) {
                     warn!(
                         "virtio-blk {}: cannot return a buffer: {e}",
@@ -725,6 +763,31 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
         self.acked_features = 0;
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.unblock();
+        }
+    }
+
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        if let Some(limiter) = &self.limiter {
+            let ev = Events::with_data_raw(limiter.as_raw_fd(), RATE_LIMITER_EVENT, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                warn!(
+                    "virtio-blk {}: cannot watch the rate limiter's timer: {e:?}",
+                    self.path.display()
+                );
+            }
+        }
+    }
+
+    fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() != RATE_LIMITER_EVENT {
+            return;
+        }
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.timer_fired();
+            self.process_queue(0);
+        }
     }
 }
 
@@ -735,6 +798,7 @@ mod tests {
         guest_memory, interrupt, irq_count, r, w, Desc, TempFile, TestQueue, VIRTQ_DESC_F_NEXT,
         VIRTQ_DESC_F_WRITE,
     };
+    use std::time::Duration;
 
     const MEM_SIZE: usize = 0x40_0000;
     const HDR: u64 = 0x10_0000;
@@ -777,6 +841,40 @@ mod tests {
             irq,
             _file: file,
         }
+    }
+
+    /// A limited disk of `sectors` sectors on a backend event loop, with its queue.
+    fn limited_setup(
+        sectors: u64,
+        config: crate::rate_limiter::RateLimiterConfig,
+    ) -> (
+        crate::virtio::test_utils::BackendLoop<Block>,
+        TestQueue,
+        GuestMemoryMmap,
+        TempFile,
+    ) {
+        let contents: Vec<u8> = (0..sectors * SECTOR_SIZE)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let file = TempFile::with_contents(&contents);
+        let limiter = RateLimiter::new(&config).unwrap();
+        let mut block = Block::new(file.path(), false, "")
+            .unwrap()
+            .with_rate_limiter(limiter);
+        let mem = guest_memory(MEM_SIZE);
+        let tq = TestQueue::new(&mem, 0, QUEUE_SIZE);
+        let features = block.avail_features() & !VIRTIO_RING_F_EVENT_IDX;
+        block
+            .activate(mem.clone(), features, vec![tq.queue()], interrupt())
+            .unwrap();
+        let lp = crate::virtio::test_utils::BackendLoop::new(block);
+        (lp, tq, mem, file)
+    }
+
+    fn read_chain(mem: &GuestMemoryMmap, sector: u64, len: u32) -> Vec<Desc> {
+        mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+        vec![r(HDR, 16), w(DATA, len), w(STATUS, 1)]
     }
 
     fn setup(sectors: u64) -> Setup {
@@ -829,6 +927,102 @@ mod tests {
         (start..start + len as u64)
             .map(|i| (i % 251) as u8)
             .collect()
+    }
+
+    #[test]
+    fn rate_limited_disk_serves_its_budget_then_waits_for_the_timer() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+        let config = RateLimiterConfig {
+            // 8 KiB at once, refilled in 100 ms.
+            bandwidth: Some(TokenBucketConfig {
+                size: 8192,
+                one_time_burst: 0,
+                refill_time_ms: 100,
+            }),
+            ops: None,
+        };
+        let (mut lp, mut tq, mem, _file) = limited_setup(64, config);
+        let m = lp.dev().metrics();
+        // Two 4 KiB reads fit; the third does not.
+        for i in 0..3 {
+            tq.add_chain(&read_chain(&mem, i * 8, 4096));
+        }
+        let start = std::time::Instant::now();
+        lp.dev().process_queue(0);
+        assert_eq!(tq.used_idx(), 2, "8 KiB served, then throttled");
+        assert_eq!(m.bytes_read.load(Ordering::Relaxed), 8192);
+        assert_eq!(m.rate_limiter_throttled.load(Ordering::Relaxed), 1);
+        assert!(lp.dev().rate_limiter().unwrap().is_blocked());
+        // A kick while throttled serves nothing.
+        lp.dev().process_queue(0);
+        assert_eq!(tq.used_idx(), 2);
+        assert_eq!(m.rate_limiter_throttled.load(Ordering::Relaxed), 1);
+        // The timer restarts the queue once half the bucket has refilled (~50 ms).
+        assert!(lp.run_until(Duration::from_secs(5), |_| tq.used_idx() == 3));
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        assert_eq!(tq.used_elem(2).1, 4097);
+        assert_eq!(
+            mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(m.bytes_read.load(Ordering::Relaxed), 3 * 4096);
+        assert!(!lp.dev().rate_limiter().unwrap().is_blocked());
+    }
+
+    #[test]
+    fn rate_limited_ops_and_requests_larger_than_the_bucket() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+        let config = RateLimiterConfig {
+            // 2 KiB per 50 ms: every 4 KiB read is larger than the bucket.
+            bandwidth: Some(TokenBucketConfig {
+                size: 2048,
+                one_time_burst: 0,
+                refill_time_ms: 50,
+            }),
+            // One request at a time plus a burst of one.
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: 1,
+                refill_time_ms: 50,
+            }),
+        };
+        let (mut lp, mut tq, mem, _file) = limited_setup(64, config);
+        let m = lp.dev().metrics();
+        // A malformed chain (no status) is not limited.
+        tq.add_chain(&[r(HDR, 16)]);
+        for i in 0..3 {
+            tq.add_chain(&read_chain(&mem, i * 8, 4096));
+        }
+        lp.dev().process_queue(0);
+        // The malformed chain and the first big read (full buckets) pass; the second read
+        // would take the burst op but the bandwidth bucket is empty.
+        assert_eq!(tq.used_idx(), 2);
+        assert_eq!(m.invalid_chains.load(Ordering::Relaxed), 1);
+        assert_eq!(m.reads.load(Ordering::Relaxed), 1);
+        assert!(lp.run_until(Duration::from_secs(5), |_| tq.used_idx() == 4));
+        assert_eq!(m.reads.load(Ordering::Relaxed), 3);
+        assert!(m.rate_limiter_throttled.load(Ordering::Relaxed) >= 2);
+    }
+
+    #[test]
+    fn reset_clears_a_pending_throttle() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+        let config = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 3_600_000,
+            }),
+        };
+        let (lp, mut tq, mem, _file) = limited_setup(8, config);
+        tq.add_chain(&read_chain(&mem, 0, 512));
+        tq.add_chain(&read_chain(&mem, 0, 512));
+        lp.dev().process_queue(0);
+        assert_eq!(tq.used_idx(), 1);
+        assert!(lp.dev().rate_limiter().unwrap().is_blocked());
+        lp.dev().reset();
+        assert!(!lp.dev().rate_limiter().unwrap().is_blocked());
     }
 
     #[test]

@@ -31,6 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::{
     ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET, VIRTIO_F_VERSION_1,
 };
+use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
 /// The size of each queue.
@@ -65,6 +66,25 @@ const CONFIG_LEN: usize = 8;
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// The event-loop data value of the TAP.
 const TAP_EVENT: u32 = BACKEND_EVENT_BASE;
+/// The event-loop data value of the receive rate limiter's timer.
+const RX_LIMITER_EVENT: u32 = BACKEND_EVENT_BASE + 1;
+/// The event-loop data value of the transmit rate limiter's timer.
+const TX_LIMITER_EVENT: u32 = BACKEND_EVENT_BASE + 2;
+
+/// Whether `limiter` (if any) lets a `bytes`-byte frame through; a new refusal is counted.
+fn admit(limiter: &mut Option<RateLimiter>, bytes: usize, throttled: &AtomicU64) -> bool {
+    let Some(l) = limiter.as_mut() else {
+        return true;
+    };
+    let was_blocked = l.is_blocked();
+    if l.consume(bytes as u64) {
+        return true;
+    }
+    if !was_blocked {
+        inc(throttled, 1);
+    }
+    false
+}
 
 /// Why a network device cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +167,10 @@ pub struct NetMetrics {
     pub tx_errors: AtomicU64,
     /// Times the TAP was full and transmission paused until it became writable.
     pub tx_blocked: AtomicU64,
+    /// Times a received frame did not fit the receive rate limiter and reception paused.
+    pub rx_rate_limiter_throttled: AtomicU64,
+    /// Times a transmit frame did not fit the transmit rate limiter and transmission paused.
+    pub tx_rate_limiter_throttled: AtomicU64,
 }
 
 fn inc(counter: &AtomicU64, by: u64) {
@@ -416,8 +440,14 @@ pub struct Net {
     active: Option<Active>,
     /// Receive bounce buffer: one frame with its header.
     rx_buf: Vec<u8>,
-    /// Length of a frame in `rx_buf` waiting for receive buffers.
+    /// Length of a frame in `rx_buf` waiting for receive buffers or the receive limiter.
     rx_pending: Option<usize>,
+    /// The pending frame was already charged to the receive limiter.
+    rx_pending_charged: bool,
+    /// Limits frames from the TAP to the guest.
+    rx_limiter: Option<RateLimiter>,
+    /// Limits frames from the guest to the TAP.
+    tx_limiter: Option<RateLimiter>,
     /// The TAP may have frames queued (edge-triggered: cleared only on `EAGAIN`).
     tap_readable: bool,
     /// The TAP was full; waiting for it to become writable.
@@ -460,10 +490,33 @@ impl Net {
             active: None,
             rx_buf: vec![0; VNET_HDR_LEN + MAX_FRAME_LEN],
             rx_pending: None,
+            rx_pending_charged: false,
+            rx_limiter: None,
+            tx_limiter: None,
             tap_readable: true,
             tx_blocked: false,
             metrics: Arc::new(NetMetrics::default()),
         })
+    }
+
+    /// Limit received (TAP to guest) and transmitted (guest to TAP) frames. Each frame takes
+    /// its length without the virtio-net header from the bandwidth bucket and one operation
+    /// from the ops bucket. A received frame that does not fit waits in the device (further
+    /// frames wait in the TAP's queue); a transmit chain that does not fit stays in the queue.
+    pub fn with_rate_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
+        self
+    }
+
+    /// The receive rate limiter, if any.
+    pub fn rx_rate_limiter(&self) -> Option<&RateLimiter> {
+        self.rx_limiter.as_ref()
+    }
+
+    /// The transmit rate limiter, if any.
+    pub fn tx_rate_limiter(&self) -> Option<&RateLimiter> {
+        self.tx_limiter.as_ref()
     }
 
     /// The TAP interface.
@@ -508,14 +561,18 @@ impl Net {
         };
         let m = &*self.metrics;
         loop {
-            let len = match self.rx_pending.take() {
-                Some(len) => len,
+            let (len, charged) = match self.rx_pending.take() {
+                Some(len) => (len, self.rx_pending_charged),
                 None => {
-                    if !self.tap_readable || !active.has_rx_buffer(m) {
+                    let limited = self
+                        .rx_limiter
+                        .as_ref()
+                        .is_some_and(RateLimiter::is_blocked);
+                    if !self.tap_readable || limited || !active.has_rx_buffer(m) {
                         break;
                     }
                     match self.tap.read_frame(&mut self.rx_buf) {
-                        Ok(n) => n,
+                        Ok(n) => (n, false),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.tap_readable = false;
                             break;
@@ -534,6 +591,19 @@ impl Net {
                 inc(&m.rx_dropped, 1);
                 continue;
             }
+            let frame_len = len - VNET_HDR_LEN;
+            if !charged
+                && !admit(
+                    &mut self.rx_limiter,
+                    frame_len,
+                    &m.rx_rate_limiter_throttled,
+                )
+            {
+                // Keep the frame until the limiter's timer fires.
+                self.rx_pending = Some(len);
+                self.rx_pending_charged = false;
+                break;
+            }
             match active.deliver(&mut self.rx_buf[..len], m) {
                 Delivery::Delivered => {
                     inc(&m.rx_frames, 1);
@@ -548,6 +618,7 @@ impl Net {
                 }
                 Delivery::NoBuffers => {
                     self.rx_pending = Some(len);
+                    self.rx_pending_charged = true;
                     break;
                 }
             }
@@ -562,6 +633,14 @@ impl Net {
         };
         let m = &*self.metrics;
         let mem = active.mem.clone();
+        if self
+            .tx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            // The limiter's timer restarts transmission.
+            return;
+        }
         while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
             let head = chain.head_index();
             match parse_tx_chain(&mem, chain) {
@@ -571,6 +650,21 @@ impl Net {
                         self.tap.name()
                     );
                     inc(&m.tx_malformed, 1);
+                }
+                Ok(segs)
+                    if !admit(
+                        &mut self.tx_limiter,
+                        segs.iter()
+                            .map(|s| s.len as usize)
+                            .sum::<usize>()
+                            .saturating_sub(VNET_HDR_LEN),
+                        &m.tx_rate_limiter_throttled,
+                    ) =>
+                {
+                    // Leave the chain in the queue until the limiter's timer fires.
+                    let next = active.tx.next_avail().wrapping_sub(1);
+                    active.tx.set_next_avail(next);
+                    break;
                 }
                 Ok(segs) => match write_frame(&self.tap, &mem, &segs) {
                     Ok(n) => {
@@ -707,6 +801,13 @@ impl VirtioDevice for Net {
         if self.rx_pending.take().is_some() {
             inc(&self.metrics.rx_dropped, 1);
         }
+        self.rx_pending_charged = false;
+        for limiter in [&mut self.rx_limiter, &mut self.tx_limiter]
+            .into_iter()
+            .flatten()
+        {
+            limiter.unblock();
+        }
         self.tx_blocked = false;
         // No offloads for whatever reads the TAP's frames next.
         if let Err(e) = self.tap.set_offload(0) {
@@ -722,11 +823,40 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
+        let limiters = [
+            (&self.rx_limiter, RX_LIMITER_EVENT),
+            (&self.tx_limiter, TX_LIMITER_EVENT),
+        ];
+        for (limiter, data) in limiters {
+            let Some(limiter) = limiter else {
+                continue;
+            };
+            let ev = Events::with_data_raw(limiter.as_raw_fd(), data, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                warn!(
+                    "virtio-net {}: cannot watch a rate limiter's timer: {e:?}",
+                    self.tap.name()
+                );
+            }
+        }
     }
 
     fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {
-        if events.data() == TAP_EVENT {
-            self.tap_event(events.event_set());
+        match events.data() {
+            TAP_EVENT => self.tap_event(events.event_set()),
+            RX_LIMITER_EVENT => {
+                if let Some(l) = self.rx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                self.process_rx();
+            }
+            TX_LIMITER_EVENT => {
+                if let Some(l) = self.tx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                self.process_tx();
+            }
+            _ => {}
         }
     }
 }

@@ -552,3 +552,87 @@ fn inactive_or_reset_device_leaves_the_tap_alone() {
     lp.dev().reset();
     assert!(lp.dev().active.is_none());
 }
+
+fn ops_limiter(per_refill: u64, refill_time_ms: u64) -> RateLimiter {
+    use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+    RateLimiter::new(&RateLimiterConfig {
+        bandwidth: None,
+        ops: Some(TokenBucketConfig {
+            size: per_refill,
+            one_time_burst: 0,
+            refill_time_ms,
+        }),
+    })
+    .unwrap()
+}
+
+#[test]
+fn tx_rate_limiter_holds_frames_in_the_queue_until_the_timer() {
+    let net = net_on_new_tap(true).with_rate_limiters(None, Some(ops_limiter(1, 100)));
+    let s = activate(net, VIRTIO_F_VERSION_1);
+    let Setup {
+        net,
+        rxq: _rxq,
+        mut txq,
+        irq: _irq,
+    } = s;
+    let sock = PacketSocket::bind(net.tap().name());
+    let metrics = net.metrics();
+    let mut lp = BackendLoop::new(net);
+    for i in 0..3u8 {
+        let f = frame([0xff; 6], 100, i);
+        let at = BUF + u64::from(i) * 0x1000;
+        txq.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+        txq.mem.write_slice(&f, GuestAddress(at + 12)).unwrap();
+        txq.add_chain(&[r(at, 12 + f.len() as u32)]);
+    }
+    let start = Instant::now();
+    lp.dev().process_queue(TX_QUEUE);
+    assert_eq!(txq.used_idx(), 1, "one frame per 100 ms");
+    assert_eq!(m(&metrics.tx_frames), 1);
+    assert_eq!(m(&metrics.tx_rate_limiter_throttled), 1);
+    assert!(lp.dev().tx_rate_limiter().unwrap().is_blocked());
+    // Kicks while throttled send nothing and are not counted again.
+    lp.dev().process_queue(TX_QUEUE);
+    assert_eq!(txq.used_idx(), 1);
+    assert_eq!(m(&metrics.tx_rate_limiter_throttled), 1);
+    assert!(lp.run_until(Duration::from_secs(5), |_| txq.used_idx() == 3));
+    assert!(start.elapsed() >= Duration::from_millis(180));
+    assert_eq!(m(&metrics.tx_frames), 3);
+    for i in 0..3u8 {
+        let got = sock.recv_ours(Duration::from_secs(2)).expect("frame");
+        assert_eq!(got, frame([0xff; 6], 100, i), "frames in order");
+    }
+}
+
+#[test]
+fn rx_rate_limiter_holds_frames_until_the_timer() {
+    let net = net_on_new_tap(true).with_rate_limiters(Some(ops_limiter(1, 100)), None);
+    let name = net.tap().name().to_string();
+    let sock = PacketSocket::bind(&name);
+    let s = activate(net, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let Setup {
+        net,
+        mut rxq,
+        txq: _txq,
+        irq: _irq,
+    } = s;
+    let metrics = net.metrics();
+    for i in 0..4 {
+        rxq.add_chain(&[w(BUF + i * 0x1000, 2048)]);
+    }
+    let mut lp = BackendLoop::new(net);
+    let frames: Vec<_> = (0..3u8).map(|i| frame(MAC, 200, i)).collect();
+    for f in &frames {
+        sock.send(f);
+    }
+    let start = Instant::now();
+    assert!(lp.run_until(Duration::from_secs(2), |_| m(&metrics.rx_frames) >= 1));
+    assert!(m(&metrics.rx_rate_limiter_throttled) >= 1);
+    assert!(lp.run_until(Duration::from_secs(5), |_| m(&metrics.rx_frames) == 3));
+    assert!(start.elapsed() >= Duration::from_millis(180));
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(read_mem(&rxq, BUF + i as u64 * 0x1000 + 12, f.len()), *f);
+    }
+    assert_eq!(m(&metrics.rx_dropped), 0);
+}
