@@ -61,4 +61,5 @@ stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 stage "cargo test" cargo test --workspace
+stage "API fuzzing" "$here/fuzz-api.sh"
 summary
