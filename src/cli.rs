@@ -6,6 +6,7 @@ use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use vmm::{DriveConfig, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig};
 
 use crate::api_mode::ApiOptions;
+use crate::jail::{CgroupVersion, JailOptions, Rlimit, DEFAULT_CHROOT_BASE};
 use crate::sandbox::{CommandOptions, ExecOptions, RunOptions};
 
 /// What the user asked for.
@@ -21,6 +22,8 @@ pub enum Command {
     Run(RunOptions),
     /// Run a command in a running microVM.
     Exec(ExecOptions),
+    /// Run flint in a jail.
+    Jail(JailOptions),
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
@@ -91,6 +94,20 @@ pub enum CliError {
     NetMac(vmm::MacError),
     #[error("--vsock needs cid=N,uds=PATH; got '{0}'")]
     VsockSpec(String),
+    #[error("'flint jail' needs {0}")]
+    JailNeeds(&'static str),
+    #[error("the jail id '{0}' must be 1 to 64 letters, digits and dashes")]
+    JailId(String),
+    #[error("'flint jail' needs a non-zero --uid: the jailed flint must not run as root")]
+    JailRootUid,
+    #[error("--cgroup-version takes 1 or 2, not '{0}'")]
+    CgroupVersion(String),
+    #[error("--cgroup takes FILE=VALUE with a cgroup file name such as memory.max, not '{0}'")]
+    CgroupSpec(String),
+    #[error("--rlimit takes RESOURCE=N[,RESOURCE=N]... with RESOURCE one of nofile, fsize, nproc, core, as, memlock; got '{0}'")]
+    RlimitSpec(String),
+    #[error("--file {0} must be an absolute path without '.' or '..'")]
+    JailFile(String),
 }
 
 /// A per-second rate given as `key=N` to `option`: a bucket of N tokens refilled in 1 s.
@@ -203,6 +220,9 @@ Usage:
                                        boot the VM a JSON config file describes (same schema
                                        as the API bodies); the API is served on PATH (default
                                        {DEFAULT_API_SOCK}) unless --no-api
+  flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
+                                       run flint in a chroot with its own namespaces and
+                                       cgroup as an unprivileged user ('flint jail --help')
   flint --help | --version
 
 Run 'flint boot --help' for the boot options.
@@ -270,6 +290,7 @@ pub fn parse(args: &[String]) -> Result<Command, CliError> {
         "boot" => parse_boot(&args[1..]),
         "run" => parse_run(&args[1..]),
         "exec" => parse_exec(&args[1..]),
+        "jail" => parse_jail(&args[1..]),
         a if a.starts_with("--") => parse_api(args),
         other => Err(CliError::UnknownCommand(other.to_string())),
     }
@@ -526,6 +547,170 @@ fn parse_exec(args: &[String]) -> Result<Command, CliError> {
     Ok(Command::Exec(ExecOptions {
         api_sock: api_sock.ok_or(CliError::NoApiSock)?,
         command,
+    }))
+}
+
+fn jail_help() -> String {
+    format!(
+        "Usage: flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
+
+Run 'flint FLINT_ARGS...' in a jail (needs root): a copy of flint in CHROOT_BASE/ID/root with
+/dev/kvm, /dev/net/tun and /dev/urandom, its own mount, IPC, UTS, network and PID namespaces,
+the cgroup flint/ID, rlimits, and the user UID:GID with no supplementary groups and no way to
+gain privileges. When it ends, the cgroup and CHROOT_BASE/ID are removed and 'flint jail'
+exits with its status. SIGINT, SIGTERM and SIGHUP are forwarded to it.
+
+Options:
+  --id ID                 the jail's name: 1 to 64 letters, digits and dashes; also the
+                          hostname in the jail
+  --uid UID, --gid GID    the user and group the jailed flint runs as (UID not 0)
+  --chroot-base DIR       where jails go (default: {DEFAULT_CHROOT_BASE})
+  --netns PATH            join this network namespace (e.g. /var/run/netns/NAME) instead
+                          of a new, empty one
+  --cgroup-version 1|2    the cgroup interface (default: 2 when /sys/fs/cgroup is cgroup2)
+  --cgroup FILE=VALUE     write VALUE to FILE in the jail's cgroup, e.g. memory.max=268435456
+                          or pids.max=64 (v1: memory.limit_in_bytes, cpu.cfs_quota_us);
+                          repeatable
+  --rlimit RESOURCE=N[,RESOURCE=N]...
+                          set limits (soft and hard) on nofile, fsize, nproc, core, as,
+                          memlock; repeatable
+  --file HOST_PATH        copy this host file (e.g. the kernel) into the jail at the same
+                          absolute path; repeatable
+
+Exit status: the jailed flint's (128+N when signal N killed it); 1 when the jail cannot be
+set up (one line on stderr says why).
+"
+    )
+}
+
+fn parse_jail(args: &[String]) -> Result<Command, CliError> {
+    if args
+        .iter()
+        .take_while(|a| *a != "--")
+        .any(|a| a == "-h" || a == "--help")
+    {
+        return Ok(Command::Help(jail_help()));
+    }
+    let Some(dash) = args.iter().position(|a| a == "--") else {
+        return Err(CliError::JailNeeds(
+            "flint's arguments after --, as in 'flint jail --id ID --uid UID --gid GID -- boot --kernel PATH'",
+        ));
+    };
+    let flint_args = args[dash + 1..].to_vec();
+    if flint_args.is_empty() {
+        return Err(CliError::JailNeeds(
+            "flint's arguments after --, as in 'flint jail --id ID --uid UID --gid GID -- boot --kernel PATH'",
+        ));
+    }
+    let mut id = None;
+    let mut uid = None;
+    let mut gid = None;
+    let mut chroot_base = None;
+    let mut netns = None;
+    let mut cgroup_version = None;
+    let mut cgroups = Vec::new();
+    let mut rlimits = Vec::new();
+    let mut files = Vec::new();
+    let mut rest = args[..dash].iter();
+    while let Some(arg) = rest.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
+            _ => (arg.as_str(), None),
+        };
+        match name {
+            "--id" => {
+                let v = option_value("--id", inline, &mut rest)?;
+                if !crate::jail::valid_id(v) {
+                    return Err(CliError::JailId(v.to_string()));
+                }
+                set_once(&mut id, "--id", v.to_string())?;
+            }
+            "--uid" => {
+                let v = option_value("--uid", inline, &mut rest)?;
+                set_once(&mut uid, "--uid", number::<u32>("--uid", v)?)?;
+            }
+            "--gid" => {
+                let v = option_value("--gid", inline, &mut rest)?;
+                set_once(&mut gid, "--gid", number::<u32>("--gid", v)?)?;
+            }
+            "--chroot-base" => {
+                let v = option_value("--chroot-base", inline, &mut rest)?;
+                set_once(&mut chroot_base, "--chroot-base", PathBuf::from(v))?;
+            }
+            "--netns" => {
+                let v = option_value("--netns", inline, &mut rest)?;
+                set_once(&mut netns, "--netns", PathBuf::from(v))?;
+            }
+            "--cgroup-version" => {
+                let v = option_value("--cgroup-version", inline, &mut rest)?;
+                let version = match v {
+                    "1" => CgroupVersion::V1,
+                    "2" => CgroupVersion::V2,
+                    _ => return Err(CliError::CgroupVersion(v.to_string())),
+                };
+                set_once(&mut cgroup_version, "--cgroup-version", version)?;
+            }
+            "--cgroup" => {
+                let v = option_value("--cgroup", inline, &mut rest)?;
+                match v.split_once('=') {
+                    Some((file, value))
+                        if file.contains('.')
+                            && !file.starts_with('.')
+                            && !file.contains('/')
+                            && !value.is_empty() =>
+                    {
+                        cgroups.push((file.to_string(), value.to_string()))
+                    }
+                    _ => return Err(CliError::CgroupSpec(v.to_string())),
+                }
+            }
+            "--rlimit" => {
+                let v = option_value("--rlimit", inline, &mut rest)?;
+                for part in v.split(',') {
+                    let limit = part
+                        .split_once('=')
+                        .and_then(|(r, n)| Some((Rlimit::from_name(r)?, n.parse::<u64>().ok()?)));
+                    rlimits.push(limit.ok_or_else(|| CliError::RlimitSpec(v.to_string()))?);
+                }
+            }
+            "--file" => {
+                let v = option_value("--file", inline, &mut rest)?;
+                let path = PathBuf::from(v);
+                if !path.is_absolute()
+                    || path.components().any(|c| {
+                        matches!(
+                            c,
+                            std::path::Component::CurDir | std::path::Component::ParentDir
+                        )
+                    })
+                {
+                    return Err(CliError::JailFile(v.to_string()));
+                }
+                files.push(path);
+            }
+            _ => {
+                return Err(CliError::UnknownOption {
+                    command: "jail",
+                    option: arg.clone(),
+                })
+            }
+        }
+    }
+    let uid = uid.ok_or(CliError::JailNeeds("--uid UID"))?;
+    if uid == 0 {
+        return Err(CliError::JailRootUid);
+    }
+    Ok(Command::Jail(JailOptions {
+        id: id.ok_or(CliError::JailNeeds("--id ID"))?,
+        uid,
+        gid: gid.ok_or(CliError::JailNeeds("--gid GID"))?,
+        chroot_base: chroot_base.unwrap_or_else(|| PathBuf::from(DEFAULT_CHROOT_BASE)),
+        netns,
+        cgroup_version,
+        cgroups,
+        rlimits,
+        files,
+        flint_args,
     }))
 }
 
@@ -1038,6 +1223,193 @@ mod tests {
             api(&["--api-sock", "/s", "--bogus"]).unwrap_err(),
             CliError::UnknownCommand("--bogus".into())
         );
+    }
+
+    fn jail(s: &[&str]) -> Result<JailOptions, CliError> {
+        let mut all = vec!["jail"];
+        all.extend_from_slice(s);
+        match parse(&args(&all))? {
+            Command::Jail(o) => Ok(o),
+            other => panic!("expected jail, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn jail_options() {
+        let o = jail(&[
+            "--id",
+            "vm-1",
+            "--uid",
+            "1000",
+            "--gid=100",
+            "--",
+            "boot",
+            "--kernel",
+            "/k",
+        ])
+        .unwrap();
+        assert_eq!(
+            o,
+            JailOptions {
+                id: "vm-1".into(),
+                uid: 1000,
+                gid: 100,
+                chroot_base: PathBuf::from("/srv/flint"),
+                netns: None,
+                cgroup_version: None,
+                cgroups: vec![],
+                rlimits: vec![],
+                files: vec![],
+                flint_args: args(&["boot", "--kernel", "/k"]),
+            }
+        );
+        let o = jail(&[
+            "--id=a",
+            "--uid=1",
+            "--gid=2",
+            "--chroot-base",
+            "/tmp/j",
+            "--netns",
+            "/var/run/netns/x",
+            "--cgroup-version",
+            "2",
+            "--cgroup",
+            "memory.max=268435456",
+            "--cgroup=cpu.max=50000 100000",
+            "--rlimit",
+            "nofile=64,fsize=1000",
+            "--rlimit=core=0",
+            "--file",
+            "/k",
+            "--file=/d/disk.img",
+            "--",
+            "--id",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(o.chroot_base, PathBuf::from("/tmp/j"));
+        assert_eq!(o.netns, Some(PathBuf::from("/var/run/netns/x")));
+        assert_eq!(o.cgroup_version, Some(CgroupVersion::V2));
+        assert_eq!(
+            o.cgroups,
+            vec![
+                ("memory.max".to_string(), "268435456".to_string()),
+                ("cpu.max".to_string(), "50000 100000".to_string())
+            ]
+        );
+        assert_eq!(
+            o.rlimits,
+            vec![
+                (Rlimit::NoFile, 64),
+                (Rlimit::FSize, 1000),
+                (Rlimit::Core, 0)
+            ]
+        );
+        assert_eq!(
+            o.files,
+            vec![PathBuf::from("/k"), PathBuf::from("/d/disk.img")]
+        );
+        // Options after -- are flint's, not the jail's.
+        assert_eq!(o.flint_args, args(&["--id", "x"]));
+        assert!(matches!(
+            parse(&args(&["jail", "--help"])),
+            Ok(Command::Help(_))
+        ));
+    }
+
+    #[test]
+    fn bad_jail_command_lines_get_one_sentence() {
+        let base = ["--id", "a", "--uid", "1", "--gid", "1"];
+        let with = |extra: &[&str], tail: &[&str]| {
+            let mut v: Vec<&str> = base.to_vec();
+            v.extend_from_slice(extra);
+            v.extend_from_slice(tail);
+            jail(&v).unwrap_err().to_string()
+        };
+        let cases: Vec<(String, &str)> = vec![
+            (
+                with(&[], &[]),
+                "'flint jail' needs flint's arguments after --",
+            ),
+            (
+                with(&[], &["--"]),
+                "'flint jail' needs flint's arguments after --",
+            ),
+            (
+                jail(&["--id", "a", "--gid", "1", "--", "boot"])
+                    .unwrap_err()
+                    .to_string(),
+                "'flint jail' needs --uid UID",
+            ),
+            (
+                jail(&["--uid", "1", "--gid", "1", "--", "boot"])
+                    .unwrap_err()
+                    .to_string(),
+                "'flint jail' needs --id ID",
+            ),
+            (
+                jail(&["--id", "a", "--uid", "1", "--", "boot"])
+                    .unwrap_err()
+                    .to_string(),
+                "'flint jail' needs --gid GID",
+            ),
+            (
+                jail(&["--id", "a", "--uid", "0", "--gid", "1", "--", "boot"])
+                    .unwrap_err()
+                    .to_string(),
+                "non-zero --uid",
+            ),
+            (
+                jail(&["--id", "a/b", "--uid", "1", "--gid", "1", "--", "boot"])
+                    .unwrap_err()
+                    .to_string(),
+                "the jail id 'a/b' must be 1 to 64 letters, digits and dashes",
+            ),
+            (
+                with(&["--uid", "2"], &["--", "boot"]),
+                "--uid was given more than once",
+            ),
+            (
+                with(&["--cgroup-version", "3"], &["--", "boot"]),
+                "--cgroup-version takes 1 or 2",
+            ),
+            (
+                with(&["--cgroup", "memory"], &["--", "boot"]),
+                "--cgroup takes FILE=VALUE",
+            ),
+            (
+                with(&["--cgroup", "../x=1"], &["--", "boot"]),
+                "--cgroup takes FILE=VALUE",
+            ),
+            (
+                with(&["--rlimit", "nofile=x"], &["--", "boot"]),
+                "--rlimit takes",
+            ),
+            (
+                with(&["--rlimit", "stack=1"], &["--", "boot"]),
+                "--rlimit takes",
+            ),
+            (
+                with(&["--file", "k"], &["--", "boot"]),
+                "--file k must be an absolute path",
+            ),
+            (
+                with(&["--file", "/a/../b"], &["--", "boot"]),
+                "must be an absolute path",
+            ),
+            (
+                with(&["--bogus"], &["--", "boot"]),
+                "unknown option '--bogus' for 'flint jail'",
+            ),
+            (
+                with(&["--uid", "x"], &["--", "boot"]),
+                "--uid takes a whole number",
+            ),
+        ];
+        for (message, expected) in cases {
+            assert!(message.contains(expected), "{message:?} lacks {expected:?}");
+            assert!(!message.contains('\n'), "{message:?}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod api;
 mod api_mode;
 mod cli;
 mod config_file;
+mod jail;
 mod logger;
 mod sandbox;
 mod terminal;
@@ -40,6 +41,7 @@ fn main() -> ExitCode {
             sandbox::run(&options, start)
         }
         Ok(Command::Exec(options)) => sandbox::exec(&options),
+        Ok(Command::Jail(options)) => jail::run(&options),
         Err(e) => fail(&e),
     }
 }
