@@ -20,6 +20,8 @@ pub enum Ending {
 /// The first ending reported wins; the VMM thread waits on `evt`.
 pub struct Endings {
     first: Mutex<Option<Ending>>,
+    /// Set with `first`: lets vCPU threads stop without taking the lock.
+    ended: std::sync::atomic::AtomicBool,
     evt: EventFd,
 }
 
@@ -28,6 +30,7 @@ impl Endings {
     pub fn new() -> std::io::Result<Self> {
         Ok(Endings {
             first: Mutex::new(None),
+            ended: Default::default(),
             evt: EventFd::new(0)?,
         })
     }
@@ -37,6 +40,7 @@ impl Endings {
         let mut first = devices::bus::lock(&self.first);
         if first.is_none() {
             *first = Some(ending);
+            self.ended.store(true, std::sync::atomic::Ordering::Release);
         }
         drop(first);
         // Fails only if the counter is saturated, which means a wake-up is already pending.
@@ -46,6 +50,11 @@ impl Endings {
     /// The eventfd the VMM thread waits on; others may write it to wake that thread.
     pub fn eventfd(&self) -> &EventFd {
         &self.evt
+    }
+
+    /// Whether an ending has been reported.
+    pub fn ended(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The ending reported so far, if any.

@@ -163,7 +163,9 @@ impl Vcpu {
             });
             return;
         }
-        while !shared.stop.load(Ordering::Acquire) {
+        // Once anything ended the VM (e.g. this vCPU's own keyboard-controller reset) run no
+        // further guest code: what the guest would do next no longer matters.
+        while !shared.stop.load(Ordering::Acquire) && !shared.endings.ended() {
             if shared.pause.is_closed() {
                 shared.pause.wait(&shared.stop);
                 continue;

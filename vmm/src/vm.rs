@@ -150,16 +150,15 @@ impl Vm {
         arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
 
         let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
-        let reset_evt = endings
-            .eventfd()
-            .try_clone()
-            .map_err(host_err("clone an eventfd"))?;
+        // Recorded on the vCPU thread that wrote the reset command, before it runs on.
+        let reset_endings = endings.clone();
+        let on_reset = move || reset_endings.report(Ending::Reset);
 
         let serial = Arc::new(Mutex::new(SerialConsole::new(
             irq_line(&vm, SERIAL_IRQ)?,
             console.output,
         )));
-        let i8042 = Arc::new(Mutex::new(I8042::new(reset_evt, irq_line(&vm, I8042_IRQ)?)));
+        let i8042 = Arc::new(Mutex::new(I8042::new(on_reset, irq_line(&vm, I8042_IRQ)?)));
         let boot_timer = BootTimer::new(start, |elapsed: Duration| {
             log::info!("guest boot time: {} ms", elapsed.as_millis());
         });

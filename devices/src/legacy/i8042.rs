@@ -5,8 +5,6 @@
 
 use std::collections::VecDeque;
 
-use vmm_sys_util::eventfd::EventFd;
-
 use crate::bus::BusDevice;
 use crate::IrqLine;
 
@@ -62,9 +60,12 @@ const CTRL_ALT_DEL: &[u8] = &[0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
 /// Output port bit 0 low holds the CPU in reset.
 const OUTP_RESET_RELEASED: u8 = 0x01;
 
-/// The keyboard controller. Its reset line is an `EventFd` that the VMM watches.
+/// The keyboard controller. Its reset line is a callback into the VMM, run synchronously on
+/// the vCPU thread that wrote the reset command, so that the VMM learns of the reset before
+/// that vCPU executes anything else (a Linux guest follows a keyboard reset with other reset
+/// methods, ending in a triple fault, if the first one does not take effect at once).
 pub struct I8042 {
-    reset: EventFd,
+    reset: Box<dyn Fn() + Send>,
     irq: IrqLine,
     ctr: u8,
     status_cmd: bool,
@@ -74,11 +75,11 @@ pub struct I8042 {
 }
 
 impl I8042 {
-    /// A controller that writes `reset` when the guest resets the machine and raises `irq`
+    /// A controller that calls `reset` when the guest resets the machine and raises `irq`
     /// (IRQ 1) when it has a byte for the guest.
-    pub fn new(reset: EventFd, irq: IrqLine) -> Self {
+    pub fn new(reset: impl Fn() + Send + 'static, irq: IrqLine) -> Self {
         I8042 {
-            reset,
+            reset: Box::new(reset),
             irq,
             ctr: CTR_KBD_INT | CTR_SYSTEM | CTR_XLATE | CTR_AUX_DISABLE,
             status_cmd: false,
@@ -131,8 +132,7 @@ impl I8042 {
 
     fn request_reset(&mut self) {
         self.resets += 1;
-        // If this write fails the eventfd counter is saturated: a reset is already pending.
-        let _ = self.reset.write(1);
+        (self.reset)();
     }
 
     fn command(&mut self, cmd: u8) {
@@ -224,13 +224,16 @@ impl BusDevice for I8042 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     fn controller() -> (I8042, EventFd, EventFd) {
         let reset = EventFd::new(EFD_NONBLOCK).unwrap();
         let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let reset_writer = reset.try_clone().unwrap();
         let dev = I8042::new(
-            reset.try_clone().unwrap(),
+            move || {
+                reset_writer.write(1).unwrap();
+            },
             IrqLine::new(irq.try_clone().unwrap()),
         );
         (dev, reset, irq)
