@@ -101,12 +101,7 @@ pub enum RequestType {
     Unsupported(u32),
 }
 
-/// A checked guest memory range: inside guest memory and non-empty.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
-}
+pub use super::chain::Segment;
 
 /// A well-formed request.
 #[derive(Debug, Clone, PartialEq, Eq)]

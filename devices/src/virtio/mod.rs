@@ -10,6 +10,7 @@
 //!   ([`VirtioInterrupt`]).
 
 pub mod block;
+pub mod chain;
 pub mod mmio;
 pub mod net;
 pub mod rng;

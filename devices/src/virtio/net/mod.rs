@@ -25,9 +25,10 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
+use super::chain::{add_used_together, segments, write_segments, ChainError, Direction, Segment};
 use super::{
     ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET, VIRTIO_F_VERSION_1,
 };
@@ -177,37 +178,20 @@ fn inc(counter: &AtomicU64, by: u64) {
     counter.fetch_add(by, Ordering::Relaxed);
 }
 
-/// A checked guest memory range: inside guest memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Segment {
-    pub addr: GuestAddress,
-    pub len: u32,
-}
-
 /// What is wrong with a transmit chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TxError {
-    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
-    BrokenChain,
-    #[error("the chain has a device-writable descriptor")]
-    WrongDirection,
-    #[error("a descriptor is not inside guest memory")]
-    OutsideMemory,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("the chain holds {0} bytes, less than a virtio-net header and an Ethernet header")]
     TooShort(u64),
-    #[error("the chain holds {0} bytes, more than a virtio-net header and the largest frame")]
-    TooLong(u64),
 }
 
 /// What is wrong with a receive chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RxChainError {
-    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
-    BrokenChain,
-    #[error("the chain has a device-readable descriptor")]
-    WrongDirection,
-    #[error("a descriptor is not inside guest memory")]
-    OutsideMemory,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("the chain cannot hold a virtio-net header")]
     TooShort,
 }
@@ -218,33 +202,8 @@ pub fn parse_tx_chain(
     mem: &GuestMemoryMmap,
     chain: impl IntoIterator<Item = Descriptor>,
 ) -> Result<Vec<Segment>, TxError> {
-    let mut segs = Vec::new();
-    let mut total = 0u64;
-    let mut last = None;
-    for d in chain {
-        last = Some(d);
-        if d.is_write_only() {
-            return Err(TxError::WrongDirection);
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(TxError::OutsideMemory);
-        }
-        total += u64::from(d.len());
-        if total > (VNET_HDR_LEN + MAX_FRAME_LEN) as u64 {
-            return Err(TxError::TooLong(total));
-        }
-        segs.push(Segment {
-            addr: d.addr(),
-            len: d.len(),
-        });
-    }
-    // Iteration stops early, leaving `next` set, on loops and unreadable descriptors.
-    if last.is_none_or(|d| d.has_next()) {
-        return Err(TxError::BrokenChain);
-    }
+    let limit = (VNET_HDR_LEN + MAX_FRAME_LEN) as u64;
+    let (segs, total) = segments(mem, chain, Direction::DeviceReads, limit)?;
     if total < (VNET_HDR_LEN + MIN_FRAME_LEN) as u64 {
         return Err(TxError::TooShort(total));
     }
@@ -266,52 +225,16 @@ fn parse_rx_chain(
     head: u16,
     chain: impl IntoIterator<Item = Descriptor>,
 ) -> Result<RxChain, RxChainError> {
-    let mut segs = Vec::new();
-    let mut capacity = 0usize;
-    let mut last = None;
-    for d in chain {
-        last = Some(d);
-        if !d.is_write_only() {
-            return Err(RxChainError::WrongDirection);
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(RxChainError::OutsideMemory);
-        }
-        capacity = capacity.saturating_add(d.len() as usize);
-        segs.push(Segment {
-            addr: d.addr(),
-            len: d.len(),
-        });
-    }
-    if last.is_none_or(|d| d.has_next()) {
-        return Err(RxChainError::BrokenChain);
-    }
-    if capacity < VNET_HDR_LEN {
+    let (segs, capacity) = segments(mem, chain, Direction::DeviceWrites, u64::MAX)?;
+    if capacity < VNET_HDR_LEN as u64 {
         return Err(RxChainError::TooShort);
     }
     Ok(RxChain {
         head,
         segs,
-        capacity,
+        // Guest memory is addressable, so its size fits in `usize`.
+        capacity: capacity as usize,
     })
-}
-
-/// Write `data` into `segs` from their start; `data` fits.
-fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], mut data: &[u8]) -> bool {
-    for s in segs {
-        if data.is_empty() {
-            break;
-        }
-        let n = data.len().min(s.len as usize);
-        if mem.write_slice(&data[..n], s.addr).is_err() {
-            return false;
-        }
-        data = &data[n..];
-    }
-    data.is_empty()
 }
 
 /// Outcome of trying to hand one frame to the guest.
@@ -403,16 +326,23 @@ impl Active {
         frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&num_buffers.to_le_bytes());
         let mut rest: &[u8] = frame;
         let mut ok = true;
+        let mut used = Vec::with_capacity(chains.len());
         for c in chains {
             let n = rest.len().min(c.capacity);
             ok &= write_segments(&self.mem, &c.segs, &rest[..n]);
             rest = &rest[n..];
             // `n` is at most the frame length.
-            self.add_used_rx(c.head, n as u32);
+            used.push((c.head, n as u32));
         }
         if !ok {
             inc(&metrics.rx_errors, 1);
         }
+        // The driver reads `num_buffers` and then expects every buffer of the frame in the used
+        // ring at once; publishing them one by one makes it drop the frame as truncated.
+        if let Err(e) = add_used_together(&mut self.rx, &self.mem, &used) {
+            warn!("virtio-net: cannot return receive buffers: {e}");
+        }
+        self.rx_used = true;
         Delivery::Delivered
     }
 

@@ -31,10 +31,11 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::chain::{segments, write_segments, ChainError, Direction, Segment};
 use super::{
     ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
@@ -119,12 +120,8 @@ pub type Key = (u32, u32);
 /// What is wrong with a transmit chain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum TxChainError {
-    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
-    BrokenChain,
-    #[error("the chain has a device-writable descriptor")]
-    WrongDirection,
-    #[error("a descriptor is not inside guest memory")]
-    OutsideMemory,
+    #[error(transparent)]
+    Chain(#[from] ChainError),
     #[error("the chain holds {0} bytes, less than a packet header")]
     ShortHeader(u64),
     #[error("the packet claims {0} payload bytes, more than {MAX_PAYLOAD}")]
@@ -138,26 +135,7 @@ pub fn parse_tx_chain(
     mem: &GuestMemoryMmap,
     chain: impl IntoIterator<Item = Descriptor>,
 ) -> Result<(Header, Vec<u8>), TxChainError> {
-    let mut segs = Vec::new();
-    let mut total = 0u64;
-    let mut last = None;
-    for d in chain {
-        last = Some(d);
-        if d.is_write_only() {
-            return Err(TxChainError::WrongDirection);
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(TxChainError::OutsideMemory);
-        }
-        total += u64::from(d.len());
-        segs.push((d.addr(), d.len() as usize));
-    }
-    if last.is_none_or(|d| d.has_next()) {
-        return Err(TxChainError::BrokenChain);
-    }
+    let (segs, total) = segments(mem, chain, Direction::DeviceReads, u64::MAX)?;
     if total < HDR_LEN as u64 {
         return Err(TxChainError::ShortHeader(total));
     }
@@ -165,13 +143,13 @@ pub fn parse_tx_chain(
     let mut hdr_at = 0;
     let mut payload = Vec::new();
     let mut want_payload = None;
-    for (addr, len) in segs {
-        let mut addr = addr;
-        let mut len = len;
+    for s in segs {
+        let mut addr = s.addr;
+        let mut len = s.len as usize;
         if hdr_at < HDR_LEN {
             let n = len.min(HDR_LEN - hdr_at);
             mem.read_slice(&mut hdr_bytes[hdr_at..hdr_at + n], addr)
-                .map_err(|_| TxChainError::OutsideMemory)?;
+                .map_err(|_| ChainError::OutsideMemory)?;
             hdr_at += n;
             len -= n;
             addr = GuestAddress(addr.0 + n as u64);
@@ -197,7 +175,7 @@ pub fn parse_tx_chain(
             let start = payload.len();
             payload.resize(start + n, 0);
             mem.read_slice(&mut payload[start..], addr)
-                .map_err(|_| TxChainError::OutsideMemory)?;
+                .map_err(|_| ChainError::OutsideMemory)?;
         }
     }
     Ok((Header::from_bytes(&hdr_bytes), payload))
@@ -725,9 +703,9 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            let segs = match rx_segments(&mem, chain) {
-                Ok(segs) => segs,
-                Err(()) => {
+            let (segs, capacity) = match rx_segments(&mem, chain) {
+                Some(found) => found,
+                None => {
                     inc(&m.rx_errors, 1);
                     if let Err(e) = active.rx.add_used(&mem, head, 0) {
                         warn!("virtio-vsock: cannot return a receive buffer: {e}");
@@ -737,7 +715,6 @@ impl Vsock {
                     continue;
                 }
             };
-            let capacity: usize = segs.iter().map(|s| s.1).sum();
             let packet = if let Some(hdr) = self.ctrl.pop_front() {
                 if hdr.op == OP_RST {
                     inc(&m.resets_sent, 1);
@@ -810,42 +787,12 @@ impl Vsock {
 fn rx_segments(
     mem: &GuestMemoryMmap,
     chain: impl IntoIterator<Item = Descriptor>,
-) -> Result<Vec<(GuestAddress, usize)>, ()> {
-    let mut segs = Vec::new();
-    let mut total = 0usize;
-    let mut last = None;
-    for d in chain {
-        last = Some(d);
-        if !d.is_write_only() {
-            return Err(());
-        }
-        if d.len() == 0 {
-            continue;
-        }
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(());
-        }
-        total = total.saturating_add(d.len() as usize);
-        segs.push((d.addr(), d.len() as usize));
+) -> Option<(Vec<Segment>, usize)> {
+    match segments(mem, chain, Direction::DeviceWrites, u64::MAX) {
+        // Guest memory is addressable, so its size fits in `usize`.
+        Ok((segs, total)) if total >= HDR_LEN as u64 => Some((segs, total as usize)),
+        _ => None,
     }
-    if last.is_none_or(|d| d.has_next()) || total < HDR_LEN {
-        return Err(());
-    }
-    Ok(segs)
-}
-
-fn write_segments(mem: &GuestMemoryMmap, segs: &[(GuestAddress, usize)], mut data: &[u8]) -> bool {
-    for &(addr, len) in segs {
-        if data.is_empty() {
-            break;
-        }
-        let n = data.len().min(len);
-        if mem.write_slice(&data[..n], addr).is_err() {
-            return false;
-        }
-        data = &data[n..];
-    }
-    data.is_empty()
 }
 
 impl Drop for Vsock {

@@ -1,0 +1,229 @@
+//! Checked views of descriptor chains shared by the devices: the data segments of a chain
+//! that runs in one direction, copying into them, and returning several chains to the guest at
+//! once.
+
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// A checked guest memory range: inside guest memory and non-empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// Which way the data of a chain flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The device reads (driver-to-device buffers).
+    DeviceReads,
+    /// The device writes (device-to-driver buffers).
+    DeviceWrites,
+}
+
+/// What is wrong with a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("the descriptor chain is empty or broken (bad index, loop or unreadable descriptor)")]
+    BrokenChain,
+    #[error("a descriptor points the wrong way for this queue")]
+    WrongDirection,
+    #[error("a descriptor is not inside guest memory")]
+    OutsideMemory,
+    #[error("the chain holds more than {0} bytes")]
+    TooLong(u64),
+}
+
+/// The non-empty segments of `chain`, all flowing `direction` and inside `mem`, with their total
+/// length. Stops with [`ChainError::TooLong`] as soon as the total passes `limit`, so a guest
+/// cannot make the device collect an unbounded list.
+pub fn segments(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+    direction: Direction,
+    limit: u64,
+) -> Result<(Vec<Segment>, u64), ChainError> {
+    let mut segs = Vec::new();
+    let mut total = 0u64;
+    let mut last = None;
+    for d in chain {
+        last = Some(d);
+        if d.is_write_only() != (direction == Direction::DeviceWrites) {
+            return Err(ChainError::WrongDirection);
+        }
+        if d.len() == 0 {
+            continue;
+        }
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(ChainError::OutsideMemory);
+        }
+        total += u64::from(d.len());
+        if total > limit {
+            return Err(ChainError::TooLong(limit));
+        }
+        segs.push(Segment {
+            addr: d.addr(),
+            len: d.len(),
+        });
+    }
+    // The iterator stops early, leaving `next` set, on loops and unreadable descriptors.
+    if last.is_none_or(|d| d.has_next()) {
+        return Err(ChainError::BrokenChain);
+    }
+    Ok((segs, total))
+}
+
+/// Copy `data` into `segs` from their start. False when it does not fit or memory refuses.
+pub fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], mut data: &[u8]) -> bool {
+    for s in segs {
+        if data.is_empty() {
+            break;
+        }
+        let n = data.len().min(s.len as usize);
+        if mem.write_slice(&data[..n], s.addr).is_err() {
+            return false;
+        }
+        data = &data[n..];
+    }
+    data.is_empty()
+}
+
+/// Put every `(head, len)` of `used` in the used ring and then publish them with a single index
+/// update, so the driver sees all of them or none (a mergeable receive packet spread over
+/// several buffers must appear at once: virtio 1.2, 5.1.6.4.2).
+///
+/// Only for queues without `VIRTIO_RING_F_EVENT_IDX`: the queue's own count of entries added
+/// since the last notification check grows by one per call, not per entry.
+pub fn add_used_together(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    used: &[(u16, u32)],
+) -> Result<(), virtio_queue::Error> {
+    let Some((&(last_head, last_len), earlier)) = used.split_last() else {
+        return Ok(());
+    };
+    let size = queue.size();
+    let base = queue.next_used();
+    for (i, &(head, len)) in earlier.iter().enumerate() {
+        if head >= size {
+            return Err(virtio_queue::Error::InvalidDescriptorIndex);
+        }
+        // `earlier` holds fewer entries than the queue size, so `i` fits in 16 bits.
+        let slot = base.wrapping_add(i as u16) % size;
+        // 4 bytes of flags and index, then 8-byte elements.
+        let addr = GuestAddress(queue.used_ring())
+            .checked_add(4 + u64::from(slot) * 8)
+            .ok_or(virtio_queue::Error::AddressOverflow)?;
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        mem.write_slice(&elem, addr)
+            .map_err(virtio_queue::Error::GuestMemory)?;
+    }
+    // The last entry goes through the queue, whose release store of the index also publishes
+    // the entries written above.
+    queue.set_next_used(base.wrapping_add(earlier.len() as u16));
+    if let Err(e) = queue.add_used(mem, last_head, last_len) {
+        queue.set_next_used(base);
+        return Err(e);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::{guest_memory, r, w, Desc, TestQueue};
+    use virtio_queue::QueueOwnedT;
+
+    const MEM: usize = 0x10_0000;
+
+    /// `descs` as a chain popped from a fresh queue.
+    fn chain_of(mem: &GuestMemoryMmap, descs: &[Desc]) -> Vec<Descriptor> {
+        let mut tq = TestQueue::new(mem, 0x8_0000, 16);
+        tq.add_chain(descs);
+        let mut q = tq.queue();
+        let chain = q.iter(mem).unwrap().next().unwrap();
+        chain.collect()
+    }
+
+    #[test]
+    fn writable_chain_gives_its_non_empty_segments() {
+        let mem = guest_memory(MEM);
+        let chain = chain_of(&mem, &[w(0x1000, 16), w(0x2000, 0), w(0x3000, 32)]);
+        let (segs, total) = segments(&mem, chain, Direction::DeviceWrites, 1 << 20).unwrap();
+        assert_eq!(total, 48);
+        let seg = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        assert_eq!(segs, vec![seg(0x1000, 16), seg(0x3000, 32)]);
+    }
+
+    #[test]
+    fn chain_errors_are_named() {
+        let mem = guest_memory(MEM);
+        let mixed = chain_of(&mem, &[r(0x1000, 16), w(0x2000, 16)]);
+        assert_eq!(
+            segments(&mem, mixed, Direction::DeviceReads, 1 << 20),
+            Err(ChainError::WrongDirection)
+        );
+        let outside = chain_of(&mem, &[r(MEM as u64 - 0x10, 0x20)]);
+        assert_eq!(
+            segments(&mem, outside, Direction::DeviceReads, 1 << 20),
+            Err(ChainError::OutsideMemory)
+        );
+        let long = chain_of(&mem, &[r(0x1000, 64), r(0x2000, 64)]);
+        assert_eq!(
+            segments(&mem, long, Direction::DeviceReads, 100),
+            Err(ChainError::TooLong(100))
+        );
+        assert_eq!(
+            segments(&mem, Vec::new(), Direction::DeviceReads, 100),
+            Err(ChainError::BrokenChain)
+        );
+    }
+
+    #[test]
+    fn write_segments_spreads_data_and_refuses_overflow() {
+        let mem = guest_memory(MEM);
+        let segs = [
+            Segment {
+                addr: GuestAddress(0x1000),
+                len: 3,
+            },
+            Segment {
+                addr: GuestAddress(0x2000),
+                len: 4,
+            },
+        ];
+        assert!(write_segments(&mem, &segs, b"abcdefg"));
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 4];
+        mem.read_slice(&mut a, GuestAddress(0x1000)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!((&a, &b), (b"abc", b"defg"));
+        assert!(!write_segments(&mem, &segs, b"abcdefgh"));
+    }
+
+    #[test]
+    fn several_used_entries_appear_with_one_index_update() {
+        let mem = guest_memory(MEM);
+        let tq = TestQueue::new(&mem, 0x8_0000, 4);
+        let mut queue = tq.queue();
+        // Start near the end of the ring to check the slot arithmetic.
+        queue.set_next_used(3);
+        add_used_together(&mut queue, &mem, &[(1, 10), (2, 20), (3, 30)]).unwrap();
+        assert_eq!(queue.next_used(), 6);
+        assert_eq!(tq.used_idx(), 6);
+        assert_eq!(tq.used_elem(3), (1, 10));
+        assert_eq!(tq.used_elem(4), (2, 20));
+        assert_eq!(tq.used_elem(5), (3, 30));
+        // A bad head index publishes nothing.
+        assert!(add_used_together(&mut queue, &mem, &[(9, 1), (1, 1)]).is_err());
+        assert!(add_used_together(&mut queue, &mem, &[(1, 1), (9, 1)]).is_err());
+        assert_eq!(queue.next_used(), 6);
+        assert_eq!(tq.used_idx(), 6);
+    }
+}
