@@ -1,5 +1,5 @@
-//! `vsock-io`: streams deterministic bytes over vsock or Unix sockets and checksums them, for
-//! flint's end-to-end network tests (`tests/network.rs`) and `resources/bench-net.sh`.
+//! `vsock-io`: streams deterministic bytes over vsock, Unix or TCP sockets and checksums them,
+//! for flint's end-to-end network tests (`tests/network.rs`) and `resources/bench-net.sh`.
 //!
 //! It runs inside test guests, whose initramfs has only busybox, so it is built as a static
 //! binary (`RUSTFLAGS="-C target-feature=+crt-static"`), and in the nested test host.
@@ -16,6 +16,8 @@
 //!       unix:PATH           listen on / connect to the Unix socket PATH
 //!       flint:PATH:PORT     connect to flint's vsock socket PATH and ask for guest PORT
 //!                           (`CONNECT PORT\n`, answered `OK <host port>\n`)
+//!       tcp:PORT            listen on TCP PORT (all IPv4 addresses)
+//!       tcp:IP:PORT         connect to TCP IP:PORT
 //! ```
 //!
 //! `listen` serves N connections (default 1) at once, `connect` opens N at once; each one
@@ -32,6 +34,7 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::process::ExitCode;
@@ -144,12 +147,14 @@ impl Generator {
 enum Conn {
     Vsock(File),
     Unix(UnixStream),
+    Tcp(TcpStream),
 }
 
 impl Conn {
     fn shutdown_write(&self) -> io::Result<()> {
         match self {
             Conn::Unix(s) => s.shutdown(std::net::Shutdown::Write),
+            Conn::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
             Conn::Vsock(f) => {
                 // SAFETY: shutdown(2) on a socket descriptor this value owns; no memory is
                 // passed.
@@ -169,6 +174,7 @@ impl Read for Conn {
         match self {
             Conn::Vsock(f) => f.read(buf),
             Conn::Unix(s) => s.read(buf),
+            Conn::Tcp(s) => s.read(buf),
         }
     }
 }
@@ -178,6 +184,7 @@ impl Write for Conn {
         match self {
             Conn::Vsock(f) => f.write(buf),
             Conn::Unix(s) => s.write(buf),
+            Conn::Tcp(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -273,6 +280,8 @@ enum Addr {
     Vsock(u32, u32),
     Unix(String),
     Flint(String, u32),
+    TcpListen(u16),
+    Tcp(String),
 }
 
 fn parse_addr(s: &str) -> Result<Addr, String> {
@@ -284,6 +293,18 @@ fn parse_addr(s: &str) -> Result<Addr, String> {
         return match rest.split_once(':') {
             None => Ok(Addr::VsockListen(num(rest)?)),
             Some((cid, port)) => Ok(Addr::Vsock(num(cid)?, num(port)?)),
+        };
+    }
+    if let Some(rest) = s.strip_prefix("tcp:") {
+        return match rest.rsplit_once(':') {
+            None => rest
+                .parse()
+                .map(Addr::TcpListen)
+                .map_err(|_| format!("bad port in {s:?}")),
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Addr::Tcp(rest.to_string()))
+            }
+            Some(_) => Err(format!("bad address {s:?}")),
         };
     }
     if let Some(path) = s.strip_prefix("unix:").filter(|p| !p.is_empty()) {
@@ -333,8 +354,8 @@ fn parse_options(listen: bool, args: &[String]) -> Result<Options, String> {
     let mut it = args.iter();
     let addr = parse_addr(it.next().ok_or("missing address")?)?;
     match (&addr, listen) {
-        (Addr::VsockListen(_) | Addr::Unix(_), true) => {}
-        (Addr::Vsock(..) | Addr::Unix(_) | Addr::Flint(..), false) => {}
+        (Addr::VsockListen(_) | Addr::Unix(_) | Addr::TcpListen(_), true) => {}
+        (Addr::Vsock(..) | Addr::Unix(_) | Addr::Flint(..) | Addr::Tcp(_), false) => {}
         _ => {
             return Err(format!(
                 "cannot {} on {addr:?}",
@@ -505,7 +526,8 @@ fn connect_once(addr: &Addr) -> io::Result<Conn> {
         Addr::Vsock(cid, port) => vsock_connect(*cid, *port),
         Addr::Unix(path) => UnixStream::connect(path).map(Conn::Unix),
         Addr::Flint(path, port) => flint_connect(path, *port),
-        Addr::VsockListen(_) => unreachable!("checked by parse_options"),
+        Addr::Tcp(addr) => TcpStream::connect(addr.as_str()).map(Conn::Tcp),
+        Addr::VsockListen(_) | Addr::TcpListen(_) => unreachable!("checked by parse_options"),
     }
 }
 
@@ -568,6 +590,7 @@ fn run(opts: &Options) -> io::Result<bool> {
         enum Listener {
             Vsock(OwnedFd),
             Unix(UnixListener),
+            Tcp(TcpListener),
         }
         let listener = match &opts.addr {
             Addr::VsockListen(port) => Listener::Vsock(vsock_listen(*port)?),
@@ -575,6 +598,7 @@ fn run(opts: &Options) -> io::Result<bool> {
                 let _ = std::fs::remove_file(path);
                 Listener::Unix(UnixListener::bind(path)?)
             }
+            Addr::TcpListen(port) => Listener::Tcp(TcpListener::bind(("0.0.0.0", *port))?),
             _ => unreachable!("checked by parse_options"),
         };
         // Ready: scripts may wait for this line.
@@ -585,6 +609,7 @@ fn run(opts: &Options) -> io::Result<bool> {
                 let conn = match &listener {
                     Listener::Vsock(fd) => vsock_accept(fd),
                     Listener::Unix(l) => l.accept().map(|(s, _)| Conn::Unix(s)),
+                    Listener::Tcp(l) => l.accept().map(|(s, _)| Conn::Tcp(s)),
                 };
                 handles.push(scope.spawn(move || serve(conn, i, opts)));
             }
@@ -629,7 +654,7 @@ fn sum_stdin() -> io::Result<()> {
 
 const USAGE: &str = "usage: vsock-io listen|connect ADDR [--conns N] (--recv | --send BYTES) \
 [--abort-after BYTES] [--seed S] [--retry SECS]\n       vsock-io gen BYTES [--seed S]\n       \
-vsock-io sum\nADDR: vsock:PORT | vsock:CID:PORT | unix:PATH | flint:PATH:PORT";
+vsock-io sum\nADDR: vsock:PORT | vsock:CID:PORT | unix:PATH | flint:PATH:PORT | tcp:PORT | tcp:IP:PORT";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -728,10 +753,16 @@ mod tests {
             Ok(Addr::Flint("/tmp/v:sock".into(), 52))
         );
         for bad in [
-            "vsock:", "vsock:x", "unix:", "flint:/p", "flint::5", "tcp:1",
+            "vsock:", "vsock:x", "unix:", "flint:/p", "flint::5", "tcp:x", "tcp::5", "tcp:h:x",
+            "udp:1",
         ] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
+        assert_eq!(parse_addr("tcp:5001"), Ok(Addr::TcpListen(5001)));
+        assert_eq!(
+            parse_addr("tcp:10.0.0.1:5001"),
+            Ok(Addr::Tcp("10.0.0.1:5001".into()))
+        );
         assert_eq!(parse_size("16M"), Ok(16 << 20));
         assert_eq!(parse_size("3k"), Ok(3072));
         assert_eq!(parse_size("12"), Ok(12));

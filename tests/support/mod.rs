@@ -465,6 +465,70 @@ fn run_nested(
     }
 }
 
+/// One file for [`initramfs_with`]: its absolute path in the guest, contents and permission
+/// bits (e.g. `0o755`).
+#[derive(Debug, Clone)]
+pub struct GuestFile {
+    pub path: String,
+    pub data: Vec<u8>,
+    pub mode: u32,
+}
+
+/// An uncompressed newc cpio archive (with trailer) of `files`, owned by root, preceded by
+/// entries for their parent directories (mode 0755).
+pub fn newc_archive(files: &[GuestFile]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+        let namesize = name.len() + 1;
+        // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
+        // rdevmajor, rdevminor, namesize, check
+        let size = u32::try_from(data.len()).expect("a cpio newc file is below 4 GiB");
+        let namesize = u32::try_from(namesize).expect("file name too long");
+        let fields = [0, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, namesize, 0];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08X}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        // header + name, then the data, each padded to a multiple of 4
+        out.resize(out.len().next_multiple_of(4), 0);
+        out.extend_from_slice(data);
+        out.resize(out.len().next_multiple_of(4), 0);
+    }
+    let mut out = Vec::new();
+    let mut dirs: Vec<&str> = Vec::new();
+    for f in files {
+        let path = f.path.trim_start_matches('/');
+        assert!(
+            f.path.starts_with('/')
+                && !path.is_empty()
+                && !path.split('/').any(|c| c.is_empty() || c == ".."),
+            "bad guest path {:?}",
+            f.path
+        );
+        for (i, _) in path.match_indices('/') {
+            if !dirs.contains(&&path[..i]) {
+                dirs.push(&path[..i]);
+                entry(&mut out, &path[..i], 0o040_755, &[]);
+            }
+        }
+        entry(&mut out, path, 0o100_000 | (f.mode & 0o7777), &f.data);
+    }
+    entry(&mut out, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Write `out`: the guest initramfs `base` followed by an archive of `files` (the kernel
+/// unpacks concatenated archives, later files replacing earlier ones). `base` is padded with
+/// zeros to a multiple of 4 bytes, where the kernel expects an uncompressed archive to start.
+pub fn initramfs_with(base: &Path, files: &[GuestFile], out: &Path) {
+    let mut data = std::fs::read(base)
+        .unwrap_or_else(|e| panic!("cannot read the initramfs {}: {e}", base.display()));
+    data.resize(data.len().next_multiple_of(4), 0);
+    data.extend_from_slice(&newc_archive(files));
+    std::fs::write(out, data).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,5 +573,25 @@ mod tests {
     #[test]
     fn quoting() {
         assert_eq!(sh_quote("a'b"), r"'a'\''b'");
+    }
+
+    #[test]
+    fn newc_archive_layout() {
+        let a = newc_archive(&[GuestFile {
+            path: "/t/x".into(),
+            data: b"hello".to_vec(),
+            mode: 0o755,
+        }]);
+        assert_eq!(a.len() % 4, 0);
+        // directory t, file t/x, trailer
+        let text = String::from_utf8_lossy(&a);
+        assert_eq!(text.matches("070701").count(), 3);
+        assert!(a.starts_with(b"07070100000000000041ED"));
+        let file = text.find("t/x\0").unwrap();
+        assert_eq!(&text[file - 110 + 14..file - 110 + 22], "000081ED");
+        assert_eq!(&text[file - 110 + 54..file - 110 + 62], "00000005");
+        let data = (file + 4).next_multiple_of(4);
+        assert_eq!(&a[data..data + 5], b"hello");
+        assert!(text.contains("TRAILER!!!"));
     }
 }
