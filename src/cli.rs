@@ -259,8 +259,8 @@ Options:
                     a virtio-net NIC on the host TAP device NAME (opened if it exists,
                     else created and removed at exit; needs CAP_NET_ADMIN); bw: limit
                     each direction (receive, transmit) to that many frame bytes per second
-                    (token buckets refilled over 1 s). Repeatable; default MACs are
-                    06:46:4c:4e:54:<index>
+                    (token buckets refilled over 1 s). Repeatable; the default MAC is
+                    06:46:4c followed by three bytes of a hash of NAME
   --vsock cid=N,uds=PATH
                     a virtio-vsock device with guest CID N (>= 3); host programs connect
                     to the Unix socket PATH and send \"CONNECT <port>\\n\" to reach a guest

@@ -101,7 +101,7 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         devices.push((Box::new(block), metrics));
     }
     for (n, net) in config.nets.iter().enumerate() {
-        let mac = net.mac.unwrap_or_else(|| default_mac(n as u8));
+        let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
         let dev = Net::new(&net.tap, mac)
             .map_err(|e| Error::Device(e.to_string()))?
             .with_rate_limiters(

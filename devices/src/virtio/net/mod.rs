@@ -139,11 +139,17 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .join(":")
 }
 
-/// The MAC address of the `index`-th network device of a VM when none is given: locally
-/// administered unicast `06:46:4c:4e:54:<index>` ("FLNT"), the same on every run. VMs that
-/// share a bridge need explicit, distinct addresses.
-pub fn default_mac(index: u8) -> [u8; 6] {
-    [0x06, 0x46, 0x4c, 0x4e, 0x54, index]
+/// The MAC address of a network device on the TAP `tap_name` when none is given: locally
+/// administered unicast `06:46:4c:xx:xx:xx` ("FL" and three bytes of a hash of the TAP name).
+/// It is the same every time the TAP is used, and VMs on different TAPs of one bridge get
+/// different addresses (TAP names are unique on a host).
+pub fn default_mac(tap_name: &str) -> [u8; 6] {
+    // 32-bit FNV-1a.
+    let hash = tap_name.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    let [_, a, b, c] = hash.to_be_bytes();
+    [0x06, 0x46, 0x4c, a, b, c]
 }
 
 /// Frame and error counters, shared with whoever reports metrics.

@@ -173,9 +173,14 @@ fn mac_parsing_and_default() {
     let e = parse_mac("nope").unwrap_err().to_string();
     assert!(e.contains("\"nope\""), "{e}");
 
-    let d = default_mac(3);
-    assert_eq!(d, default_mac(3), "stable");
-    assert_ne!(d, default_mac(4));
+    let d = default_mac("fltap0");
+    assert_eq!(d, default_mac("fltap0"), "stable");
+    assert_ne!(d, default_mac("fltap1"));
+    assert_ne!(default_mac("tap0"), default_mac("tap1"));
+    // Locally administered unicast.
+    assert_eq!(d[0] & 0b11, 0b10);
+    assert_eq!(d[..3], [0x06, 0x46, 0x4c]);
+    assert_eq!(default_mac("fltap1"), [0x06, 0x46, 0x4c, 0x41, 0x92, 0x13]);
     assert_eq!(d[0] & 0b11, 0b10, "locally administered unicast");
     assert_eq!(parse_mac(&format_mac(&d)), Ok(d));
 }
