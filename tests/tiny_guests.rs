@@ -300,9 +300,14 @@ fn triple_fault_is_reported_with_the_vcpu() {
     let out = boot(&g, &[], b"");
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stdout), "about to fault\n");
-    assert_eq!(
-        messages(&out),
-        vec!["flint: error: vCPU 0: the guest triple-faulted (shutdown exit)".to_string()]
+    let messages = messages(&out);
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    // The message says where the vCPU was, for whoever debugs the guest.
+    assert!(
+        messages[0]
+            .starts_with("flint: error: vCPU 0: the guest triple-faulted (shutdown exit; rip 0x")
+            && messages[0].contains(", cr3 0x"),
+        "{messages:?}"
     );
 }
 

@@ -78,6 +78,13 @@ pub struct SeccompError {
 
 // ioctl requests some threads may make.
 const KVM_RUN: u64 = 0xae80;
+/// `_IOR(KVMIO, nr, T)` for a `T` of `size` bytes.
+const fn kvm_ior(nr: u64, size: usize) -> u64 {
+    (2 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+/// Read when a guest fault ends the VM, for the error message.
+const KVM_GET_REGS: u64 = kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
+const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -176,9 +183,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         // Device register writes run on vCPU threads, and a virtio driver's DRIVER_OK
         // activates the device there: a NIC then sets its TAP's offloads.
         // A device reset disarms its rate limiters' timers (created at device construction).
+        // A fatal guest fault reads the registers for its message.
         ThreadKind::Vcpu => {
             allow(TIMERS);
-            &[KVM_RUN, TUNSETOFFLOAD]
+            &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD]
         }
         ThreadKind::EventLoop => {
             allow(TIMERS);
@@ -371,6 +379,13 @@ fn self_test(kind: ThreadKind) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn register_ioctl_numbers_match_kvm_ioctls() {
+        // The values from <linux/kvm.h> on x86_64.
+        assert_eq!(KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+    }
 
     #[test]
     fn every_filter_compiles() {

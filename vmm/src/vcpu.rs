@@ -231,6 +231,13 @@ impl Vcpu {
                 count(&exits.other);
                 fault(format!("KVM_RUN failed: {e}"))
             }
+            Ok(VcpuExit::Shutdown) => {
+                count(&exits.other);
+                fault(format!(
+                    "the guest triple-faulted (shutdown exit; {})",
+                    self.cpu_state()
+                ))
+            }
             Ok(VcpuExit::InternalError) => {
                 count(&exits.other);
                 let suberror = self.internal_suberror();
@@ -240,6 +247,17 @@ impl Vcpu {
                 count(&exits.other);
                 ending_exit(self.id, other)
             }
+        }
+    }
+
+    /// Where the vCPU was, for the message of a fatal exit.
+    fn cpu_state(&self) -> String {
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => format!(
+                "rip {:#x}, rsp {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
+                r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            ),
+            (Err(e), _) | (_, Err(e)) => format!("registers unreadable: {e}"),
         }
     }
 
@@ -255,7 +273,6 @@ impl Vcpu {
 fn ending_exit(vcpu: u32, exit: VcpuExit) -> Option<Ending> {
     let fault = |reason: String| Some(Ending::Fault { vcpu, reason });
     match exit {
-        VcpuExit::Shutdown => fault("the guest triple-faulted (shutdown exit)".into()),
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_RESET | KVM_SYSTEM_EVENT_SHUTDOWN => Some(Ending::Reset),
             other => fault(format!("unexpected system event {other}")),
