@@ -20,7 +20,7 @@ ensure_packages kmod xz-utils zstd qemu-system-x86 busybox-static cpio gzip
 
 # Modules the rig needs: KVM itself, plus tun/veth/bridge for network tests.
 # Their dependencies are added from `modinfo -F depends` below.
-wanted=(irqbypass kvm kvm-amd tun veth bridge)
+wanted=(irqbypass kvm kvm-amd tun veth bridge vhost_net vhost_vsock)
 
 # linux-image-cloud-amd64 is a metapackage; its Depends names the real,
 # versioned package (e.g. linux-image-6.1.0-56-cloud-amd64).
