@@ -9,6 +9,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use log::debug;
+
 use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
@@ -116,28 +118,32 @@ enum ClientResult {
     Failed(AgentError),
 }
 
-/// Run one command through the agent: copies in, the command, copies out, then ask the guest
-/// to power off (only for a throwaway VM).
+/// Run one command through the agent: copies in, the command, copies out.
 fn drive_agent(
     uds: &Path,
     spec: &ExecSpec,
     copy_in: &[(PathBuf, String)],
     copy_out: &[(String, PathBuf)],
-    power_off: bool,
     signaller: &mpsc::Sender<flint_agent::Signaller>,
+    start: Instant,
 ) -> Result<CommandStatus, AgentError> {
     let mut client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+    debug!(
+        "sandbox: agent connected at {} ms",
+        start.elapsed().as_millis()
+    );
     let _ = signaller.send(client.signaller());
     for (host, guest) in copy_in {
         client.copy_in(host, Path::new(guest))?;
     }
     let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
     let status = client.run(spec, stdin, std::io::stdout(), std::io::stderr())?;
+    debug!(
+        "sandbox: command ended at {} ms",
+        start.elapsed().as_millis()
+    );
     for (guest, host) in copy_out {
         client.copy_out(Path::new(guest), host)?;
-    }
-    if power_off {
-        client.shutdown()?;
     }
     Ok(status)
 }
@@ -241,8 +247,14 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             let result = match seccomp::install(ThreadKind::AgentClient) {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
-                    match drive_agent(&client_uds, &spec, &copy_in, &copy_out, true, &signaller_tx)
-                    {
+                    match drive_agent(
+                        &client_uds,
+                        &spec,
+                        &copy_in,
+                        &copy_out,
+                        &signaller_tx,
+                        start,
+                    ) {
                         Ok(status) => ClientResult::Finished(status),
                         Err(e) => ClientResult::Failed(e),
                     }
@@ -266,7 +278,12 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         wait_readable(&[vm.ending_event().as_raw_fd(), done.as_raw_fd()], timeout);
         if let Ok(result) = result_rx.try_recv() {
             match result {
-                ClientResult::Finished(status) => command_status = Some(status),
+                // Once the status and the copies are in, nothing in the throwaway guest
+                // matters: stop it rather than wait for it to power off.
+                ClientResult::Finished(status) => {
+                    command_status = Some(status);
+                    break None;
+                }
                 ClientResult::Failed(e) => {
                     client_error = Some(e);
                     break None;
@@ -274,6 +291,10 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             }
         }
         if let Some(ending) = vm.ending() {
+            debug!(
+                "sandbox: the VM ended at {} ms",
+                start.elapsed().as_millis()
+            );
             break Some(ending);
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
@@ -297,7 +318,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             return ExitCode::from(128u8.saturating_add(sig as u8));
         }
         Some(Ending::Reset) => {
-            // The guest powered off after the command: the normal end. The client may still
+            // The guest powered off (the command may have rebooted it). The client may still
             // be reporting; wait for it briefly.
             if command_status.is_none() && client_error.is_none() {
                 match result_rx.recv_timeout(Duration::from_secs(5)) {
@@ -413,7 +434,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
     };
     let (signaller_tx, _signaller_rx) = mpsc::channel();
     let spec = exec_spec(&options.command);
-    match drive_agent(&uds, &spec, &[], &[], false, &signaller_tx) {
+    match drive_agent(&uds, &spec, &[], &[], &signaller_tx, Instant::now()) {
         Ok(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
         Err(e @ AgentError::NotStarted(_)) => {
             eprintln!("flint: error: {e}");
