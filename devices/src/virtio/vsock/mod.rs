@@ -751,7 +751,8 @@ impl Vsock {
                 active.rx.set_next_avail(next);
                 break;
             };
-            let mut bytes = hdr.to_bytes().to_vec();
+            let mut bytes = Vec::with_capacity(HDR_LEN + payload.len());
+            bytes.extend_from_slice(&hdr.to_bytes());
             bytes.extend_from_slice(&payload);
             if !write_segments(&mem, &segs, &bytes) {
                 inc(&m.rx_errors, 1);
