@@ -12,13 +12,6 @@ use std::process::Command;
 
 use support::{cache_dir, repo_root, run_scenario, Case};
 
-fn show(case: &Case) -> String {
-    format!(
-        "case {} (status {}):\n--- stdout\n{}--- stderr\n{}",
-        case.name, case.status, case.stdout, case.stderr
-    )
-}
-
 /// Build (or find up to date: the script is cached by a stamp) the sandbox image and the
 /// client, and return their paths.
 fn sandbox_artefacts() -> (PathBuf, PathBuf) {
@@ -178,8 +171,8 @@ fn agent_runs_commands_in_a_sandbox_guest() {
 
     let case = |name: &str| run.case(name);
     let expect = |c: &Case, status: i32, stdout: &str| {
-        assert_eq!(c.status, status, "{}", show(c));
-        assert_eq!(c.stdout, stdout, "{}", show(c));
+        assert_eq!(c.status, status, "{}", c.show());
+        assert_eq!(c.stdout, stdout, "{}", c.show());
     };
 
     expect(&case("first"), 0, "hello from the sandbox\n");
@@ -190,18 +183,18 @@ fn agent_runs_commands_in_a_sandbox_guest() {
 
     let streams = case("streams");
     expect(&streams, 3, "out1\nout2\n");
-    assert_eq!(streams.stderr, "err1\nerr2\n", "{}", show(&streams));
+    assert_eq!(streams.stderr, "err1\nerr2\n", "{}", streams.show());
 
     for name in ["notfound", "badworkdir"] {
         let c = case(name);
-        assert_eq!(c.status, 127, "{}", show(&c));
-        assert!(c.stdout.is_empty(), "{}", show(&c));
+        assert_eq!(c.status, 127, "{}", c.show());
+        assert!(c.stdout.is_empty(), "{}", c.show());
         let lines = c.stderr_lines();
-        assert_eq!(lines.len(), 1, "{}", show(&c));
+        assert_eq!(lines.len(), 1, "{}", c.show());
         assert!(
             lines[0].starts_with("agent-client: error: "),
             "{}",
-            show(&c)
+            c.show()
         );
     }
     assert!(case("notfound").stderr.contains("/no/such/command"));
@@ -219,12 +212,12 @@ fn agent_runs_commands_in_a_sandbox_guest() {
         lines.next().map(str::trim),
         Some("104857600"),
         "{}",
-        show(&big)
+        big.show()
     );
     assert!(
         lines.next().is_some_and(|l| l.starts_with("status=0 ")),
         "{}",
-        show(&big)
+        big.show()
     );
 
     expect(&case("flood"), 0, "done\nstatus=0 stderr_bytes=20971520\n");
@@ -235,37 +228,37 @@ fn agent_runs_commands_in_a_sandbox_guest() {
         .lines()
         .map(|l| l.split_whitespace().nth(1).unwrap_or(""))
         .collect();
-    assert_eq!(sums.len(), 2, "{}", show(&stdin));
+    assert_eq!(sums.len(), 2, "{}", stdin.show());
     assert!(
         sums[0].len() == 32 && sums[0] == sums[1],
         "{}",
-        show(&stdin)
+        stdin.show()
     );
 
     let copy = case("copy");
     let copycheck = case("copycheck");
-    assert_eq!(copy.status, 0, "{}", show(&copy));
+    assert_eq!(copy.status, 0, "{}", copy.show());
     let host_line = copycheck.stdout.lines().next().unwrap_or("");
     let host: Vec<&str> = host_line.split_whitespace().collect();
-    assert_eq!(host.len(), 4, "{}", show(&copycheck)); // host <md5> - 751
+    assert_eq!(host.len(), 4, "{}", copycheck.show()); // host <md5> - 751
     assert_eq!(
         copy.stdout,
         format!("{}  -\n751\n", host[1]),
         "copy-in changed the bytes or the mode\n{}",
-        show(&copy)
+        copy.show()
     );
     assert_eq!(
         copycheck.stdout,
         format!("{host_line}\n{}\n", host_line.replacen("host", "back", 1)),
         "copy-out changed the bytes or the mode\n{}",
-        show(&copycheck)
+        copycheck.show()
     );
     let missing = case("copymissing");
-    assert_eq!(missing.status, 125, "{}", show(&missing));
+    assert_eq!(missing.status, 125, "{}", missing.show());
     assert!(
         missing.stderr.contains("/no/such/file"),
         "{}",
-        show(&missing)
+        missing.show()
     );
 
     expect(&case("sigint"), 0, "status=130\n");
@@ -278,18 +271,18 @@ fn agent_runs_commands_in_a_sandbox_guest() {
         vm.status,
         0,
         "flint should exit 0 after the agent's reboot\n{}",
-        show(&vm)
+        vm.show()
     );
     assert!(
         vm.stderr.contains("guest boot time"),
         "the sandbox /init did not write the boot timer\n{}",
-        show(&vm)
+        vm.show()
     );
     for bad in ["Kernel panic", "BUG:", "Oops:", "restarting it", "panicked"] {
         assert!(
             !vm.stdout.contains(bad),
             "guest reported {bad:?}\n{}",
-            show(&vm)
+            vm.show()
         );
     }
 }

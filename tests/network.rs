@@ -28,11 +28,11 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use support::{
-    cache_dir, exec_cmdline, guest_images, initramfs_with, repo_root, run_scenario_with, Case,
-    GuestFile, ScenarioOptions, ScenarioRun, GUEST_CMDLINE_MAX,
+    assert_one_error, exec_cmdline, guest_images, initramfs_with, repo_root, run_scenario_with,
+    Case, GuestFile, ScenarioOptions, ScenarioRun, GUEST_CMDLINE_MAX,
 };
 
 /// Bytes of each TCP stream (each direction).
@@ -263,25 +263,6 @@ host_run() {
 // Output parsing and checks
 // ---------------------------------------------------------------------------------------
 
-fn show(case: &Case) -> String {
-    format!(
-        "case {} (status {}):\n--- stdout\n{}--- stderr\n{}",
-        case.name, case.status, case.stdout, case.stderr
-    )
-}
-
-/// The value of the first line `KEY=value` in `text`.
-fn value_in<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .map(str::trim)
-}
-
-fn value_of<'a>(case: &'a Case, key: &str) -> &'a str {
-    value_in(&case.stdout, key)
-        .unwrap_or_else(|| panic!("no {key}= line in the guest output\n{}", show(case)))
-}
-
 /// One `vsock-io: conn=...` report line.
 #[derive(Debug, Clone, PartialEq)]
 struct Xfer {
@@ -376,39 +357,19 @@ fn assert_guest_ran(case: &Case, status: i32, done_marker: &str) {
         case.status,
         status,
         "flint exited with an unexpected status\n{}",
-        show(case)
+        case.show()
     );
     assert!(
         case.stdout.contains("FLINT-GUEST-READY"),
         "guest init never printed FLINT-GUEST-READY\n{}",
-        show(case)
+        case.show()
     );
     assert!(
         case.stdout.lines().any(|l| l.trim() == done_marker),
         "the guest script did not get to {done_marker}\n{}",
-        show(case)
+        case.show()
     );
-    for bad in [
-        "Kernel panic",
-        "BUG:",
-        "Oops:",
-        "WARNING:",
-        "Call Trace",
-        "NETDEV WATCHDOG",
-    ] {
-        assert!(
-            !case.stdout.contains(bad),
-            "guest kernel reported {bad:?}\n{}",
-            show(case)
-        );
-    }
-    for line in case.stderr_lines() {
-        assert!(
-            !line.starts_with("flint: error:") && !line.contains("panicked"),
-            "unexpected error output from flint\n{}",
-            show(case)
-        );
-    }
+    case.assert_no_errors();
 }
 
 /// busybox ping's summary for `count` pings, all answered.
@@ -419,13 +380,13 @@ fn assert_pings_answered(case: &Case, host: &str, count: u32) {
         .split(&header)
         .nth(1)
         .and_then(|after| after.lines().find(|l| l.contains("packets transmitted")))
-        .unwrap_or_else(|| panic!("no ping summary for {host}\n{}", show(case)));
+        .unwrap_or_else(|| panic!("no ping summary for {host}\n{}", case.show()));
     assert!(
         summary.contains(&format!(
             "{count} packets transmitted, {count} packets received, 0% packet loss"
         )),
         "the guest's pings to {host} were not all answered: {summary:?}\n{}",
-        show(case)
+        case.show()
     );
 }
 
@@ -496,19 +457,19 @@ sed 's/^/HOST h2g-sent /' "$WORK/h2g.txt"
 
     let guest = run.case("tap_guest");
     assert_guest_ran(&guest, 0, "NET-GUEST-DONE");
-    let ctx = show(&guest);
+    let ctx = guest.show();
     assert_eq!(
-        value_of(&guest, "ETH0-MAC"),
+        guest.value_of("ETH0-MAC"),
         "02:00:00:00:00:10",
         "the guest's first NIC does not have the MAC given with mac=\n{ctx}"
     );
-    let mac1 = value_of(&guest, "ETH1-MAC");
+    let mac1 = guest.value_of("ETH1-MAC");
     // The default for fltap1: 06:46:4c and the 32-bit FNV-1a hash of "fltap1" without its top byte.
     assert_eq!(
         mac1, "06:46:4c:41:92:13",
         "the second NIC should have the default MAC of the TAP fltap1\n{ctx}"
     );
-    assert_eq!(value_of(&guest, "ETH0-ADDR"), "yes", "{ctx}");
+    assert_eq!(guest.value_of("ETH0-ADDR"), "yes", "{ctx}");
     assert_pings_answered(&guest, "10.0.0.1", 3);
     assert_pings_answered(&guest, "10.0.1.1", 3);
     // 8 KB echo requests and replies: IP fragments in both directions.
@@ -642,15 +603,15 @@ echo "HOST fltapa-after=$(link_state fltapa)"
     assert_guest_ran(&b, 143, "B-DONE");
     assert_pings_answered(&b, "10.0.2.2", 3);
     assert_pings_answered(&a, "10.0.2.3", 3);
-    let sent = one_xfer(&b.stdout, "B-SENT", &show(&b));
-    let got = one_xfer(&a.stdout, "A-GOT", &show(&a));
+    let sent = one_xfer(&b.stdout, "B-SENT", &b.show());
+    let got = one_xfer(&a.stdout, "A-GOT", &a.show());
     assert_eq!(sent.bytes, 4 << 20);
     assert_eq!(
         (got.bytes, &got.sum),
         (sent.bytes, &sent.sum),
         "guest A received other bytes than guest B sent over the bridge\n{}\n{}",
-        show(&a),
-        show(&b)
+        a.show(),
+        b.show()
     );
     assert!(
         host_value(&run, "bridge-ports-ns").contains("fltapb"),
@@ -675,23 +636,23 @@ echo "HOST fltapa-after=$(link_state fltapa)"
 /// A flint run in the scenario that must fail at start: status 1, nothing on stdout, one
 /// `flint: error:` line mentioning every needle.
 fn assert_case_rejected(case: &Case, needles: &[&str]) {
-    assert_eq!(case.status, 1, "flint should exit 1\n{}", show(case));
+    assert_eq!(case.status, 1, "flint should exit 1\n{}", case.show());
     assert!(
         case.stdout.trim().is_empty(),
         "the guest must not start\n{}",
-        show(case)
+        case.show()
     );
     let lines = case.stderr_lines();
     assert!(
         lines.len() == 1 && lines[0].starts_with("flint: error: "),
         "expected exactly one line `flint: error: ...`\n{}",
-        show(case)
+        case.show()
     );
     for needle in needles {
         assert!(
             lines[0].contains(needle),
             "the error should mention {needle:?}\n{}",
-            show(case)
+            case.show()
         );
     }
 }
@@ -761,7 +722,7 @@ sed 's/^/HOST g2h32 /' "$WORK/h6001.txt"
 
     let guest = run.case("vsock_guest");
     assert_guest_ran(&guest, 0, "VSOCK-GUEST-DONE");
-    let ctx = show(&guest);
+    let ctx = guest.show();
     let out = &run.output;
 
     // One stream each way.
@@ -909,87 +870,6 @@ sed 's/^/HOST g2h32 /' "$WORK/h6001.txt"
 // ---------------------------------------------------------------------------------------
 // Malformed configuration (local, no guest)
 // ---------------------------------------------------------------------------------------
-
-/// Result of one local flint run.
-struct Local {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Local {
-    fn show(&self) -> String {
-        format!(
-            "status {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Run `flint boot --kernel <guest kernel> ARGS` on this machine, killed after 60 s.
-fn flint_local(args: &[&str]) -> Local {
-    let kernel = cache_dir().join("guest").join("vmlinux");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .arg("boot")
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run flint");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait for flint").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collect flint's output");
-    Local {
-        status: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Exit status 1, nothing on stdout, exactly one stderr line `flint: error: ...` that
-/// contains every one of `needles`.
-fn assert_one_error(args: &[&str], needles: &[&str]) {
-    let run = flint_local(args);
-    let what = format!("flint boot --kernel ... {}", args.join(" "));
-    assert_eq!(run.status, Some(1), "{what}: should exit 1\n{}", run.show());
-    assert!(
-        run.stdout.trim().is_empty(),
-        "{what}: nothing should reach stdout\n{}",
-        run.show()
-    );
-    let lines: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "{what}: expected exactly one stderr line\n{}",
-        run.show()
-    );
-    assert!(
-        lines[0].starts_with("flint: error: ") && !lines[0].contains("panicked"),
-        "{what}: stderr line is not `flint: error: <sentence>`\n{}",
-        run.show()
-    );
-    for needle in needles {
-        assert!(
-            lines[0].contains(needle),
-            "{what}: the error should mention {needle:?}\n{}",
-            run.show()
-        );
-    }
-}
 
 /// Bad `--net` and `--vsock` values fail before any guest runs, with one sentence that names
 /// the problem. The last cases get past argument parsing and fail when flint sets the devices

@@ -16,12 +16,11 @@
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use support::{
-    base64_encode, cache_dir, run_scenario_with, sh_quote, Case, ScenarioOptions, ScenarioRun,
-    DEFAULT_CMDLINE, GUEST_CMDLINE_MAX,
+    assert_one_error, base64_encode, cache_dir, run_scenario_with, sh_quote, Case, ScenarioOptions,
+    ScenarioRun, DEFAULT_CMDLINE, GUEST_CMDLINE_MAX,
 };
 
 /// The ext4 root filesystem image of `resources/build-rootfs.sh`.
@@ -58,22 +57,6 @@ fn options(timeout_secs: u32) -> ScenarioOptions {
         timeout_secs,
         ..ScenarioOptions::default()
     }
-}
-
-fn show(case: &Case) -> String {
-    format!(
-        "case {} (status {}):\n--- stdout\n{}--- stderr\n{}",
-        case.name, case.status, case.stdout, case.stderr
-    )
-}
-
-/// The value of the first stdout line `KEY=value` (the guest prints them).
-fn value_of<'a>(case: &'a Case, key: &str) -> &'a str {
-    case.stdout
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no {key}= line in the guest output\n{}", show(case)))
 }
 
 /// The value of the scenario's `HOST name=value` line.
@@ -117,12 +100,12 @@ fn assert_clean_boot(case: &Case) {
         case.status,
         0,
         "flint should exit 0 after the guest reboots\n{}",
-        show(case)
+        case.show()
     );
     assert!(
         case.stdout.contains("FLINT-GUEST-READY"),
         "guest init never printed FLINT-GUEST-READY\n{}",
-        show(case)
+        case.show()
     );
     for bad in [
         "Kernel panic",
@@ -136,20 +119,20 @@ fn assert_clean_boot(case: &Case) {
         assert!(
             !case.stdout.contains(bad),
             "guest kernel reported {bad:?}\n{}",
-            show(case)
+            case.show()
         );
     }
     for line in case.stderr_lines() {
         assert!(
             !line.starts_with("flint: error:") && !line.contains("panicked"),
             "unexpected error output on a successful boot\n{}",
-            show(case)
+            case.show()
         );
     }
     assert!(
         case.stderr.contains("flint: guest boot time: "),
         "no boot-time line: the guest's init did not write the boot-timer port\n{}",
-        show(case)
+        case.show()
     );
 }
 
@@ -159,14 +142,14 @@ fn assert_script_ran(case: &Case) {
     assert!(
         case.stdout.lines().any(|l| l.trim() == "SCRIPT-DONE"),
         "the guest script did not run to its end\n{}",
-        show(case)
+        case.show()
     );
     assert!(
         case.stdout
             .lines()
             .any(|l| l.trim() == "FLINT-GUEST-EXIT 0"),
         "the guest script failed (no FLINT-GUEST-EXIT 0)\n{}",
-        show(case)
+        case.show()
     );
 }
 
@@ -259,51 +242,51 @@ flint_case fsck_after_second "$FILES/e2fsck" -fn "$WORK/root.ext4"
     assert_script_ran(&first);
     for boot in [&first, &run.case("second_boot")] {
         assert_eq!(
-            value_of(boot, "ROOT-DEV"),
-            value_of(boot, "VDA-DEV"),
+            boot.value_of("ROOT-DEV"),
+            boot.value_of("VDA-DEV"),
             "/ is not mounted from /dev/vda\n{}",
-            show(boot)
+            boot.show()
         );
-        assert_eq!(value_of(boot, "ROOT-FSTYPE"), "ext4", "{}", show(boot));
+        assert_eq!(boot.value_of("ROOT-FSTYPE"), "ext4", "{}", boot.show());
         assert!(
-            value_of(boot, "ROOT-OPTS").starts_with("rw"),
+            boot.value_of("ROOT-OPTS").starts_with("rw"),
             "/ is not mounted read-write\n{}",
-            show(boot)
+            boot.show()
         );
         assert!(
-            value_of(boot, "ROOT-MOUNTS").contains(" / ext4 rw"),
+            boot.value_of("ROOT-MOUNTS").contains(" / ext4 rw"),
             "/proc/mounts does not show a read-write ext4 root\n{}",
-            show(boot)
+            boot.show()
         );
         assert_eq!(
-            value_of(boot, "ROOT-ARGS"),
+            boot.value_of("ROOT-ARGS"),
             "root=/dev/vda rw",
             "the guest's /proc/cmdline lacks flint's root=/dev/vda rw\n{}",
-            show(boot)
+            boot.show()
         );
     }
-    assert_eq!(value_of(&first, "ROOT-WRITABLE"), "yes", "{}", show(&first));
-    let big_md5 = value_of(&first, "BIG-MD5");
+    assert_eq!(first.value_of("ROOT-WRITABLE"), "yes", "{}", first.show());
+    let big_md5 = first.value_of("BIG-MD5");
     assert_md5("md5 of /big", big_md5);
 
     // Entropy: 4096 bytes from virtio-rng, which look random.
-    assert_eq!(value_of(&first, "RNG-BYTES"), "4096", "{}", show(&first));
-    let distinct: u32 = value_of(&first, "RNG-DISTINCT").parse().unwrap();
+    assert_eq!(first.value_of("RNG-BYTES"), "4096", "{}", first.show());
+    let distinct: u32 = first.value_of("RNG-DISTINCT").parse().unwrap();
     assert!(
         distinct >= 200,
         "4096 bytes from /dev/hwrng hold only {distinct} distinct byte values\n{}",
-        show(&first)
+        first.show()
     );
     assert_eq!(
-        value_of(&first, "RNG-REPEATS"),
+        first.value_of("RNG-REPEATS"),
         "no",
         "two reads of /dev/hwrng gave the same bytes\n{}",
-        show(&first)
+        first.show()
     );
     assert!(
-        value_of(&first, "RNG-CURRENT").starts_with("virtio_rng"),
+        first.value_of("RNG-CURRENT").starts_with("virtio_rng"),
         "the guest's hw_random device is not virtio-rng\n{}",
-        show(&first)
+        first.show()
     );
 
     for name in ["fsck_after_first", "fsck_after_second"] {
@@ -312,45 +295,45 @@ flint_case fsck_after_second "$FILES/e2fsck" -fn "$WORK/root.ext4"
             fsck.status,
             0,
             "e2fsck -fn finds the root file system damaged or unclean after a guest boot\n{}",
-            show(&fsck)
+            fsck.show()
         );
     }
 
     let second = run.case("second_boot");
     assert_script_ran(&second);
     assert_eq!(
-        value_of(&second, "PERSIST"),
+        second.value_of("PERSIST"),
         token,
         "a file written in the first boot did not survive\n{}",
-        show(&second)
+        second.show()
     );
     assert_eq!(
-        value_of(&second, "BIG-MD5"),
+        second.value_of("BIG-MD5"),
         big_md5,
         "an 8 MiB file written in the first boot reads back differently\n{}",
-        show(&second)
+        second.show()
     );
     assert_eq!(
-        value_of(&second, "VDB-SERIAL"),
+        second.value_of("VDB-SERIAL"),
         "extra-disk",
         "{}",
-        show(&second)
+        second.show()
     );
-    assert_eq!(value_of(&second, "VDB-SIZE"), "6144", "{}", show(&second));
+    assert_eq!(second.value_of("VDB-SIZE"), "6144", "{}", second.show());
 
     let demo = run.case("demo_shell");
     assert_clean_boot(&demo);
     assert!(
         demo.stdout.contains("ext4 root on /dev/vda"),
         "the default command line did not reach the rootfs demo shell\n{}",
-        show(&demo)
+        demo.show()
     );
     assert!(
         demo.stdout
             .lines()
             .any(|l| l.trim() == format!("DEMO-42 {token}")),
         "the demo shell did not run the typed command on the persisted root\n{}",
-        show(&demo)
+        demo.show()
     );
 }
 
@@ -440,7 +423,8 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
 
     let write = run.case("write_64m");
     assert_script_ran(&write);
-    let times: Vec<f64> = value_of(&write, "WRITE-SECS")
+    let times: Vec<f64> = write
+        .value_of("WRITE-SECS")
         .split_whitespace()
         .filter_map(|t| t.parse().ok())
         .collect();
@@ -452,20 +436,20 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
             t2 - t1
         );
     }
-    let written = value_of(&write, "WRITTEN-MD5");
+    let written = write.value_of("WRITTEN-MD5");
     assert_md5("md5 of the data the guest wrote", written);
     assert_ne!(
         written,
         md5_of_zeros(64 * MIB),
         "the guest wrote zeros, not random data\n{}",
-        show(&write)
+        write.show()
     );
     assert_eq!(host_value(&run, "zeros64"), md5_of_zeros(64 * MIB));
     assert_eq!(
         host_value(&run, "after_write"),
         written,
         "the image file does not hold the 64 MiB the guest wrote\n{}",
-        show(&write)
+        write.show()
     );
     assert_eq!(
         host_value(&run, "size_after_write"),
@@ -473,20 +457,20 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
         "the image file changed size"
     );
     assert_eq!(
-        value_of(&write, "REREAD-MD5"),
+        write.value_of("REREAD-MD5"),
         written,
         "re-reading the disk in the same boot (caches dropped) gives other data\n{}",
-        show(&write)
+        write.show()
     );
 
     let read = run.case("read_64m");
     assert_script_ran(&read);
-    assert_eq!(value_of(&read, "VDA-SIZE"), "131072", "{}", show(&read));
+    assert_eq!(read.value_of("VDA-SIZE"), "131072", "{}", read.show());
     assert_eq!(
-        value_of(&read, "READ-MD5"),
+        read.value_of("READ-MD5"),
         written,
         "a new boot reads back other data than was written\n{}",
-        show(&read)
+        read.show()
     );
     assert_eq!(
         host_value(&run, "after_read"),
@@ -498,21 +482,21 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
     assert!(
         durable.stdout.lines().any(|l| l.trim() == "DURABLE-SYNCED"),
         "the guest never reported its fsync'ed write\n{}",
-        show(&durable)
+        durable.show()
     );
     assert_eq!(
         durable.status,
         137,
         "flint should have been running until killed with SIGKILL (status 137)\n{}",
-        show(&durable)
+        durable.show()
     );
-    let pattern = value_of(&durable, "PATTERN-MD5");
+    let pattern = durable.value_of("PATTERN-MD5");
     assert_md5("md5 of the durable pattern", pattern);
     assert_eq!(
         host_value(&run, "durable_region"),
         pattern,
         "after kill -9 the image does not hold the 4 MiB the guest had fsync'ed\n{}",
-        show(&durable)
+        durable.show()
     );
     assert_eq!(
         host_value(&run, "durable_before"),
@@ -591,24 +575,24 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
 
     let ro = run.case("ro_disk");
     assert_script_ran(&ro);
-    assert_eq!(value_of(&ro, "VDA-RO"), "0", "{}", show(&ro));
+    assert_eq!(ro.value_of("VDA-RO"), "0", "{}", ro.show());
     assert_eq!(
-        value_of(&ro, "VDB-RO"),
+        ro.value_of("VDB-RO"),
         "1",
         "the ,ro disk is not read-only in the guest\n{}",
-        show(&ro)
+        ro.show()
     );
     assert_ne!(
-        value_of(&ro, "RO-WRITE"),
+        ro.value_of("RO-WRITE"),
         "0",
         "a write to the read-only disk succeeded\n{}",
-        show(&ro)
+        ro.show()
     );
     assert_ne!(
-        value_of(&ro, "RO-DIRECT-WRITE"),
+        ro.value_of("RO-DIRECT-WRITE"),
         "0",
         "an O_DIRECT write to the read-only disk succeeded\n{}",
-        show(&ro)
+        ro.show()
     );
     let ro_before = host_value(&run, "ro_before");
     assert_md5("md5 of ro.img", ro_before);
@@ -618,27 +602,27 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
         "the read-only disk's image file changed"
     );
     assert_eq!(
-        value_of(&ro, "RO-MD5"),
+        ro.value_of("RO-MD5"),
         ro_before,
         "the guest reads other data from the read-only disk than the file holds\n{}",
-        show(&ro)
+        ro.show()
     );
     // The control: the read-write disk next to it takes the same kind of write.
-    assert_eq!(value_of(&ro, "RW-WRITE"), "0", "{}", show(&ro));
+    assert_eq!(ro.value_of("RW-WRITE"), "0", "{}", ro.show());
     assert_eq!(
         host_value(&run, "rw_block3"),
-        value_of(&ro, "RW-MD5"),
+        ro.value_of("RW-MD5"),
         "a write to the read-write disk did not reach its image file\n{}",
-        show(&ro)
+        ro.show()
     );
 
     let four = run.case("four_disks");
     assert_script_ran(&four);
     assert_eq!(
-        value_of(&four, "DISKS"),
+        four.value_of("DISKS"),
         "vda vdb vdc vdd",
         "the guest should see exactly four disks\n{}",
-        show(&four)
+        four.show()
     );
     let expected = [
         ("vda", "2048", "alpha", "0"),
@@ -648,111 +632,32 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
     ];
     for (disk, size, serial, ro) in expected {
         assert_eq!(
-            value_of(&four, &format!("{disk}-SIZE")),
+            four.value_of(&format!("{disk}-SIZE")),
             size,
             "{disk} has the wrong size (512-byte sectors)\n{}",
-            show(&four)
+            four.show()
         );
         assert_eq!(
-            value_of(&four, &format!("{disk}-SERIAL")),
+            four.value_of(&format!("{disk}-SERIAL")),
             serial,
             "{disk} has the wrong serial (id=)\n{}",
-            show(&four)
+            four.show()
         );
         assert_eq!(
-            value_of(&four, &format!("{disk}-RO")),
+            four.value_of(&format!("{disk}-RO")),
             ro,
             "{disk} has the wrong read-only flag\n{}",
-            show(&four)
+            four.show()
         );
     }
     let d_md5 = host_value(&run, "d_md5");
     assert_md5("md5 of d.img", d_md5);
     assert_eq!(
-        value_of(&four, "VDD-MD5"),
+        four.value_of("VDD-MD5"),
         d_md5,
         "the guest reads other data from a 2049-sector disk than the file holds\n{}",
-        show(&four)
+        four.show()
     );
-}
-
-/// Result of one local flint run.
-struct Local {
-    status: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Local {
-    fn show(&self) -> String {
-        format!(
-            "status {:?}\n--- stdout\n{}--- stderr\n{}",
-            self.status, self.stdout, self.stderr
-        )
-    }
-}
-
-/// Run `flint boot --kernel <guest kernel> ARGS` on this machine, killed after 60 s.
-fn flint_local(args: &[&str]) -> Local {
-    let kernel = cache_dir().join("guest").join("vmlinux");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .arg("boot")
-        .arg("--kernel")
-        .arg(&kernel)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run flint");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait for flint").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("collect flint's output");
-    Local {
-        status: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// Exit status 1, nothing on stdout, exactly one stderr line `flint: error: ...` that
-/// contains every one of `needles`.
-fn assert_one_error(run: &Local, needles: &[&str]) {
-    assert_eq!(run.status, Some(1), "flint should exit 1\n{}", run.show());
-    assert!(
-        run.stdout.trim().is_empty(),
-        "nothing should reach stdout\n{}",
-        run.show()
-    );
-    let lines: Vec<&str> = run
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(
-        lines.len(),
-        1,
-        "expected exactly one stderr line\n{}",
-        run.show()
-    );
-    assert!(
-        lines[0].starts_with("flint: error: "),
-        "stderr line is not `flint: error: <sentence>`\n{}",
-        run.show()
-    );
-    for needle in needles {
-        assert!(
-            lines[0].contains(needle),
-            "the error should mention {needle:?}\n{}",
-            run.show()
-        );
-    }
 }
 
 /// A file in the temp directory, removed on drop.
@@ -790,40 +695,49 @@ fn rejects_bad_disks() {
     let good = TempFile::new("good", 4096);
     let other = TempFile::new("other", 4096);
 
-    let run = flint_local(&["--disk", &odd.arg("")]);
-    assert_one_error(&run, &[&odd.path().display().to_string(), "512"]);
-    let run = flint_local(&["--rootfs", &odd.arg("")]);
-    assert_one_error(&run, &[&odd.path().display().to_string(), "512"]);
+    assert_one_error(
+        &["--disk", &odd.arg("")],
+        &[&odd.path().display().to_string(), "512"],
+    );
+    assert_one_error(
+        &["--rootfs", &odd.arg("")],
+        &[&odd.path().display().to_string(), "512"],
+    );
 
     let missing = "/nonexistent/flint-storage-test/disk.img";
-    let run = flint_local(&["--disk", missing]);
-    assert_one_error(&run, &[missing]);
-    let run = flint_local(&["--disk", &format!("{missing},ro")]);
-    assert_one_error(&run, &[missing]);
+    assert_one_error(&["--disk", missing], &[missing]);
+    assert_one_error(&["--disk", &format!("{missing},ro")], &[missing]);
 
     let dir = std::env::temp_dir();
-    let run = flint_local(&["--disk", &dir.display().to_string()]);
-    assert_one_error(&run, &[&dir.display().to_string()]);
+    assert_one_error(
+        &["--disk", &dir.display().to_string()],
+        &[&dir.display().to_string()],
+    );
 
-    let run = flint_local(&["--disk", &good.arg(",root"), "--disk", &other.arg(",root")]);
-    assert_one_error(&run, &["root"]);
-    let run = flint_local(&["--rootfs", &good.arg(""), "--rootfs", &other.arg("")]);
-    assert_one_error(&run, &["root"]);
+    assert_one_error(
+        &["--disk", &good.arg(",root"), "--disk", &other.arg(",root")],
+        &["root"],
+    );
+    assert_one_error(
+        &["--rootfs", &good.arg(""), "--rootfs", &other.arg("")],
+        &["root"],
+    );
 
-    let run = flint_local(&["--disk", &good.arg(",foo")]);
-    assert_one_error(&run, &["foo"]);
-    let run = flint_local(&["--disk", "x,foo"]);
-    assert_one_error(&run, &["foo"]);
-    let run = flint_local(&["--disk", ",ro"]);
-    assert_one_error(&run, &["--disk"]);
+    assert_one_error(&["--disk", &good.arg(",foo")], &["foo"]);
+    assert_one_error(&["--disk", "x,foo"], &["foo"]);
+    assert_one_error(&["--disk", ",ro"], &["--disk"]);
 
-    let run = flint_local(&["--disk", &good.arg(",id=a-name-with-21-chars!")]);
-    assert_one_error(&run, &["a-name-with-21-chars!"]);
-    let run = flint_local(&[
-        "--disk",
-        &good.arg(",id=same"),
-        "--disk",
-        &other.arg(",id=same"),
-    ]);
-    assert_one_error(&run, &["same"]);
+    assert_one_error(
+        &["--disk", &good.arg(",id=a-name-with-21-chars!")],
+        &["a-name-with-21-chars!"],
+    );
+    assert_one_error(
+        &[
+            "--disk",
+            &good.arg(",id=same"),
+            "--disk",
+            &other.arg(",id=same"),
+        ],
+        &["same"],
+    );
 }

@@ -128,6 +128,135 @@ impl Case {
             .filter(|l| !l.trim().is_empty())
             .collect()
     }
+
+    /// The whole case, for assertion messages.
+    pub fn show(&self) -> String {
+        format!(
+            "case {} (status {}):\n--- stdout\n{}--- stderr\n{}",
+            self.name, self.status, self.stdout, self.stderr
+        )
+    }
+
+    /// The value of the first stdout line `KEY=value` (guest scripts print them); panics,
+    /// showing the case, when there is none.
+    pub fn value_of(&self, key: &str) -> &str {
+        value_in(&self.stdout, key)
+            .unwrap_or_else(|| panic!("no {key}= line in the guest output\n{}", self.show()))
+    }
+
+    /// No guest kernel oops, panic or warning on the console, and no error from flint.
+    pub fn assert_no_errors(&self) {
+        for bad in [
+            "Kernel panic",
+            "BUG:",
+            "Oops:",
+            "WARNING:",
+            "Call Trace",
+            "NETDEV WATCHDOG",
+        ] {
+            assert!(
+                !self.stdout.contains(bad),
+                "guest kernel reported {bad:?}\n{}",
+                self.show()
+            );
+        }
+        for line in self.stderr_lines() {
+            assert!(
+                !line.starts_with("flint: error:") && !line.contains("panicked"),
+                "unexpected error output from flint\n{}",
+                self.show()
+            );
+        }
+    }
+}
+
+/// The value of the first line `KEY=value` in `text`, trimmed.
+pub fn value_in<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(key)?.strip_prefix('='))
+        .map(str::trim)
+}
+
+/// Result of one `flint` run on this machine (see [`flint_boot_local`]).
+pub struct LocalRun {
+    pub status: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl LocalRun {
+    pub fn show(&self) -> String {
+        format!(
+            "status {:?}\n--- stdout\n{}--- stderr\n{}",
+            self.status, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run `flint boot --kernel <guest kernel> ARGS` on this machine (stdin closed), killed
+/// after 60 s. For configuration errors, which flint reports before any guest code runs.
+pub fn flint_boot_local(args: &[&str]) -> LocalRun {
+    let kernel = cache_dir().join("guest").join("vmlinux");
+    let mut child = Command::new(flint_bin())
+        .arg("boot")
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run flint");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait for flint").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect flint's output");
+    LocalRun {
+        status: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `flint boot --kernel ... ARGS` exits 1 with nothing on stdout and exactly one stderr line
+/// `flint: error: ...` that contains every one of `needles`.
+pub fn assert_one_error(args: &[&str], needles: &[&str]) {
+    let run = flint_boot_local(args);
+    let what = format!("flint boot --kernel ... {}", args.join(" "));
+    assert_eq!(run.status, Some(1), "{what}: should exit 1\n{}", run.show());
+    assert!(
+        run.stdout.trim().is_empty(),
+        "{what}: nothing should reach stdout\n{}",
+        run.show()
+    );
+    let lines: Vec<&str> = run
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected exactly one stderr line\n{}",
+        run.show()
+    );
+    assert!(
+        lines[0].starts_with("flint: error: ") && !lines[0].contains("panicked"),
+        "{what}: stderr line is not `flint: error: <sentence>`\n{}",
+        run.show()
+    );
+    for needle in needles {
+        assert!(
+            lines[0].contains(needle),
+            "{what}: the error should mention {needle:?}\n{}",
+            run.show()
+        );
+    }
 }
 
 impl ScenarioRun {
