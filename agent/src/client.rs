@@ -140,6 +140,9 @@ pub struct AgentClient {
     broken: bool,
 }
 
+/// How often [`AgentClient::connect`] retries while the guest boots and starts its agent.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
+
 /// One connection attempt's failure: worth retrying or not.
 enum Attempt {
     Retry(String),
@@ -151,7 +154,7 @@ impl AgentClient {
     /// Unix socket `uds_path` (`--vsock cid=N,uds=PATH`): send `CONNECT <port>` and wait for
     /// `OK`. Until `timeout` passes, a missing socket (flint still starting), a refused
     /// connection and a guest that closes the stream (no agent listening yet, the guest is
-    /// booting) are retried every 100 ms.
+    /// booting) are retried every [`RETRY_INTERVAL`].
     pub fn connect(
         uds_path: &Path,
         port: u32,
@@ -172,7 +175,7 @@ impl AgentClient {
                     last,
                 });
             }
-            std::thread::sleep((deadline - now).min(Duration::from_millis(100)));
+            std::thread::sleep((deadline - now).min(RETRY_INTERVAL));
         }
     }
 

@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod protocol;
+pub mod vsock;
 
 pub use client::{AgentClient, AgentError, CommandStatus, Signaller};
 pub use protocol::{

@@ -1,13 +1,14 @@
 //! `agent-client`: a small host program around [`AgentClient`], for tests and by-hand use.
 //!
 //! ```text
-//! agent-client UDS [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR]
+//! agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR]
 //!              [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown]
 //!              [-- COMMAND [ARG]...]
 //! ```
 //!
-//! Connects to the guest agent through flint's vsock socket UDS (retrying for `--timeout`
-//! seconds, default 60), copies files in, runs COMMAND (its stdout and stderr go to ours, our
+//! Connects to the guest agent through flint's vsock socket UDS, or with `vsock:CID` straight
+//! to guest CID over AF_VSOCK (a VMM with vhost-vsock, such as QEMU), retrying for `--timeout`
+//! seconds (default 60); copies files in, runs COMMAND (its stdout and stderr go to ours, our
 //! stdin goes to it; SIGINT, SIGTERM and SIGHUP are forwarded to it), copies files out, then
 //! with `--shutdown` powers the guest off. Exit status: the command's (128 + N when signal N
 //! killed it), 127 when it could not be started, 125 for any other failure.
@@ -18,8 +19,16 @@ use std::time::Duration;
 
 use flint_agent::{AgentClient, AgentError, ExecSpec, Signaller, AGENT_PORT};
 
+/// Where the agent is.
+enum Target {
+    /// flint's vsock Unix socket.
+    Uds(PathBuf),
+    /// A guest context id, over AF_VSOCK.
+    Cid(u32),
+}
+
 struct Args {
-    uds: PathBuf,
+    target: Target,
     port: u32,
     timeout: Duration,
     spec: ExecSpec,
@@ -30,7 +39,7 @@ struct Args {
 
 fn parse_args() -> Result<Args, String> {
     let mut it = std::env::args().skip(1);
-    let mut uds = None;
+    let mut target = None;
     let mut port = AGENT_PORT;
     let mut timeout = Duration::from_secs(60);
     let mut spec = ExecSpec::default();
@@ -69,12 +78,17 @@ fn parse_args() -> Result<Args, String> {
                 }
             }
             s if s.starts_with('-') => return Err(format!("unknown option {s}")),
-            s if uds.is_none() => uds = Some(PathBuf::from(s)),
+            s if target.is_none() => {
+                target = Some(match s.strip_prefix("vsock:") {
+                    Some(cid) => Target::Cid(cid.parse().map_err(|_| format!("bad CID in {s:?}"))?),
+                    None => Target::Uds(PathBuf::from(s)),
+                })
+            }
             s => return Err(format!("unexpected argument {s:?}")),
         }
     }
     Ok(Args {
-        uds: uds.ok_or("missing the vsock socket path (UDS)")?,
+        target: target.ok_or("missing the vsock socket path (UDS) or vsock:CID")?,
         port,
         timeout,
         spec,
@@ -117,7 +131,10 @@ fn forward_signals(signaller: Signaller) {
 }
 
 fn run(args: &Args) -> Result<i32, AgentError> {
-    let mut client = AgentClient::connect(&args.uds, args.port, args.timeout)?;
+    let mut client = match &args.target {
+        Target::Uds(path) => AgentClient::connect(path, args.port, args.timeout)?,
+        Target::Cid(cid) => flint_agent::vsock::connect_agent(*cid, args.port, args.timeout)?,
+    };
     forward_signals(client.signaller());
     for (host, guest) in &args.copy_in {
         client.copy_in(host, guest)?;
@@ -147,7 +164,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("agent-client: error: {e}");
             eprintln!(
-                "usage: agent-client UDS [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR] \
+                "usage: agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR] \
                  [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown] [-- COMMAND [ARG]...]"
             );
             return ExitCode::from(125);
