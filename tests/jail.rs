@@ -1,9 +1,11 @@
 //! Tier 2: `flint jail` on the local machine (needs root, /dev/kvm and cgroup v1 mounted per
 //! controller under /sys/fs/cgroup; the tests say so and pass without checking otherwise).
 //!
-//! The jailed flint boots tiny guests (a few bytes of 64-bit code in a minimal ELF, as in
-//! tests/tiny_guests.rs); the tests look at it from outside while it runs: namespaces, user,
+//! The jailed flint boots tiny guests (a few bytes of 64-bit code in a minimal ELF, from
+//! tests/support/tiny.rs as in tests/tiny_guests.rs); the tests look at it from outside while it runs: namespaces, user,
 //! cgroup membership and limits, and that nothing is left behind when it ends.
+
+mod support;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -11,106 +13,12 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const LOAD_ADDR: u64 = 0x10_0000;
-const COM1: u16 = 0x3f8;
-const I8042_COMMAND: u16 = 0x64;
+use support::tiny::{flint, text, wait_bounded, Guest};
+use support::TempDir;
+
 const UID: u32 = 10123;
 const GID: u32 = 10124;
 const V1: &str = "/sys/fs/cgroup";
-
-/// Just enough of an x86-64 emitter: print on COM1, reset, spin.
-#[derive(Default)]
-struct Guest {
-    code: Vec<u8>,
-}
-
-impl Guest {
-    fn print(&mut self, text: &str) -> &mut Self {
-        self.code.extend_from_slice(&[0x66, 0xba]);
-        self.code.extend_from_slice(&COM1.to_le_bytes());
-        for b in text.bytes() {
-            self.code.extend_from_slice(&[0xb0, b, 0xee]);
-        }
-        self
-    }
-
-    /// Ask the keyboard controller to reset the machine (flint exits 0), then spin.
-    fn reset(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x66, 0xba]);
-        self.code.extend_from_slice(&I8042_COMMAND.to_le_bytes());
-        self.code.extend_from_slice(&[0xb0, 0xfe, 0xee]);
-        self.spin()
-    }
-
-    fn spin(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0xeb, 0xfe]);
-        self
-    }
-
-    /// Wrap the code in an ELF64 executable loaded and entered at 1 MiB.
-    fn elf(&self) -> Vec<u8> {
-        const EHDR: usize = 64;
-        const PHDR: usize = 56;
-        let offset = (EHDR + PHDR) as u64;
-        let len = self.code.len() as u64;
-        let mut f = Vec::new();
-        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-        f.extend_from_slice(&1u32.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-        f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-        f.extend_from_slice(&(EHDR as u16).to_le_bytes());
-        f.extend_from_slice(&(PHDR as u16).to_le_bytes());
-        f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
-        f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f.extend_from_slice(&7u32.to_le_bytes()); // RWX
-        f.extend_from_slice(&offset.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
-        f.extend_from_slice(&len.to_le_bytes()); // p_filesz
-        f.extend_from_slice(&len.to_le_bytes()); // p_memsz
-        f.extend_from_slice(&0x1000u64.to_le_bytes());
-        f.extend_from_slice(&self.code);
-        f
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("flint-test-{}-{n}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn flint() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flint"));
-    cmd.env_remove("FLINT_LOG");
-    cmd
-}
 
 /// The jail tests need root, /dev/kvm and the v1 memory, pids and cpu controllers (what the
 /// development and CI machines have). Fail, never skip, when they are missing.
@@ -158,28 +66,8 @@ fn jail(base: &TempDir, id: &str, extra: &[&str], flint_args: &[&str]) -> Comman
     cmd
 }
 
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "flint jail did not finish within {limit:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
 fn run(cmd: &mut Command) -> Output {
     wait_bounded(cmd.spawn().unwrap(), Duration::from_secs(60))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// The v1 cgroups of a jail, one per controller the jail uses.
@@ -310,6 +198,21 @@ fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
 
+/// Send `signal` to the jail process, wait for it to end and check that it exits with status
+/// 128 + `signal` (the jailed flint stopped the VM on the signal).
+fn stop_jail(child: Child, signal: i32) -> Output {
+    // SAFETY: kill takes plain integers; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let out = wait_bounded(child, Duration::from_secs(30));
+    assert_eq!(
+        out.status.code(),
+        Some(128 + signal),
+        "stderr: {}",
+        text(&out.stderr)
+    );
+    out
+}
+
 #[test]
 fn running_jail_is_isolated_unprivileged_and_limited() {
     require_jail();
@@ -424,15 +327,7 @@ fn running_jail_is_isolated_unprivileged_and_limited() {
     }
 
     // SIGTERM to the jail process reaches the jailed flint, which stops the VM.
-    // SAFETY: kill takes plain integers; the pid is our child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_bounded(child, Duration::from_secs(30));
-    assert_eq!(
-        out.status.code(),
-        Some(128 + 15),
-        "stderr: {}",
-        text(&out.stderr)
-    );
+    let out = stop_jail(child, libc::SIGTERM);
     assert!(
         text(&out.stderr).contains("SIGTERM"),
         "{}",
@@ -475,15 +370,7 @@ fn cgroup_v2_when_asked() {
         "{pid} not in {}: {procs}",
         cg.display()
     );
-    // SAFETY: kill takes plain integers; the pid is our child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let out = wait_bounded(child, Duration::from_secs(30));
-    assert_eq!(
-        out.status.code(),
-        Some(128 + 2),
-        "stderr: {}",
-        text(&out.stderr)
-    );
+    stop_jail(child, libc::SIGINT);
     drop(reader.join());
     assert!(!cg.exists(), "{} was left behind", cg.display());
     assert!(!base.0.join(&id).exists());
@@ -636,15 +523,7 @@ fn joins_the_network_namespace_given() {
     assert_eq!(ns(&pid, "net"), std::fs::read_link(&netns).unwrap());
     // The other namespaces are still new ones.
     assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
-    // SAFETY: kill takes plain integers; the pid is our child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let out = wait_bounded(child, Duration::from_secs(30));
-    assert_eq!(
-        out.status.code(),
-        Some(128 + 15),
-        "stderr: {}",
-        text(&out.stderr)
-    );
+    stop_jail(child, libc::SIGTERM);
     drop(reader.join());
     let _ = holder.kill();
     let _ = holder.wait();

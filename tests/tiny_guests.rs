@@ -1,179 +1,20 @@
 //! Tier 2: tiny guests on the local /dev/kvm.
 //!
 //! Each test builds a few dozen bytes of 64-bit guest code, wraps them in a minimal ELF
-//! `vmlinux` (no PVH note, so flint enters it through the 64-bit boot protocol with paging on),
-//! runs the real `flint boot` binary on it and checks what a user would see: console output,
+//! `vmlinux` (no PVH note, so flint enters it through the 64-bit boot protocol with paging on;
+//! see tests/support/tiny.rs), runs the real `flint boot` binary on it and checks what a user would see: console output,
 //! exit status and flint's messages. These run on any KVM, including the PVM nested KVM of the
 //! CI machines, which cannot boot a real Linux guest.
+
+mod support;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-const LOAD_ADDR: u64 = 0x10_0000;
-const COM1: u16 = 0x3f8;
-const COM1_LSR: u16 = 0x3fd;
-const BOOT_TIMER: u16 = 0x3f0;
-const I8042_COMMAND: u16 = 0x64;
-
-/// A tiny x86-64 machine-code emitter for the handful of instructions these guests use.
-#[derive(Default)]
-struct Guest {
-    code: Vec<u8>,
-}
-
-impl Guest {
-    fn mov_dx(&mut self, port: u16) -> &mut Self {
-        self.code.extend_from_slice(&[0x66, 0xba]);
-        self.code.extend_from_slice(&port.to_le_bytes());
-        self
-    }
-
-    /// `out port, byte`.
-    fn out8(&mut self, port: u16, byte: u8) -> &mut Self {
-        self.mov_dx(port);
-        self.code.extend_from_slice(&[0xb0, byte, 0xee]);
-        self
-    }
-
-    /// `in al, port`.
-    fn in8(&mut self, port: u16) -> &mut Self {
-        self.mov_dx(port);
-        self.code.push(0xec);
-        self
-    }
-
-    /// Print `text` on the serial console, one `out` per byte.
-    fn print(&mut self, text: &str) -> &mut Self {
-        self.mov_dx(COM1);
-        for b in text.bytes() {
-            self.code.extend_from_slice(&[0xb0, b, 0xee]);
-        }
-        self
-    }
-
-    /// Ask the keyboard controller to reset the machine, then spin until flint stops us.
-    fn reset(&mut self) -> &mut Self {
-        self.out8(I8042_COMMAND, 0xfe).spin()
-    }
-
-    /// `jmp $`.
-    fn spin(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0xeb, 0xfe]);
-        self
-    }
-
-    /// Unless the flags say "equal", print `message` and reset.
-    fn or_fail(&mut self, message: &str) -> &mut Self {
-        let mut fail = Guest::default();
-        fail.print(message).reset();
-        assert!(fail.code.len() < 128);
-        self.code.extend_from_slice(&[0x74, fail.code.len() as u8]);
-        self.code.extend_from_slice(&fail.code);
-        self
-    }
-
-    /// `cmp al, byte` then [`Self::or_fail`].
-    fn expect_al(&mut self, byte: u8, message: &str) -> &mut Self {
-        self.code.extend_from_slice(&[0x3c, byte]);
-        self.or_fail(message)
-    }
-
-    /// Write then read back a 32-bit MMIO location; an unclaimed read must see all ones.
-    fn mmio_roundtrip_unclaimed(&mut self, addr: u32, message: &str) -> &mut Self {
-        self.code.push(0xbf); // mov edi, imm32
-        self.code.extend_from_slice(&addr.to_le_bytes());
-        self.code
-            .extend_from_slice(&[0xc7, 0x07, 0x78, 0x56, 0x34, 0x12]); // mov dword [rdi], imm32
-        self.code.extend_from_slice(&[0x8b, 0x07]); // mov eax, [rdi]
-        self.code.extend_from_slice(&[0x83, 0xf8, 0xff]); // cmp eax, -1
-        self.or_fail(message)
-    }
-
-    /// Echo console input back until the guest reads `stop`.
-    fn echo_until(&mut self, stop: u8) -> &mut Self {
-        // wait: mov dx, LSR; in al, dx; test al, 1; jz wait
-        self.in8(COM1_LSR);
-        self.code.extend_from_slice(&[0xa8, 0x01, 0x74, 0xf7]);
-        // mov dx, COM1; in al, dx; cmp al, stop; je done; out dx, al; jmp wait
-        self.in8(COM1);
-        self.code
-            .extend_from_slice(&[0x3c, stop, 0x74, 0x03, 0xee, 0xeb, 0xeb]);
-        self
-    }
-
-    /// An invalid opcode with no IDT to handle it: #UD, #GP, #DF, then a triple fault.
-    fn ud2(&mut self) -> &mut Self {
-        self.code.extend_from_slice(&[0x0f, 0x0b]);
-        self
-    }
-
-    /// Wrap the code in an ELF64 executable loaded and entered at 1 MiB.
-    fn elf(&self) -> Vec<u8> {
-        const EHDR: usize = 64;
-        const PHDR: usize = 56;
-        let offset = (EHDR + PHDR) as u64;
-        let len = self.code.len() as u64;
-        let mut f = Vec::new();
-        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-        f.extend_from_slice(&1u32.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-        f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-        f.extend_from_slice(&(EHDR as u16).to_le_bytes());
-        f.extend_from_slice(&(PHDR as u16).to_le_bytes());
-        f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
-        f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f.extend_from_slice(&7u32.to_le_bytes()); // RWX
-        f.extend_from_slice(&offset.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
-        f.extend_from_slice(&len.to_le_bytes()); // p_filesz
-        f.extend_from_slice(&len.to_le_bytes()); // p_memsz
-        f.extend_from_slice(&0x1000u64.to_le_bytes());
-        f.extend_from_slice(&self.code);
-        f
-    }
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("flint-test-{}-{n}-{name}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-
-    fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
-        let path = self.0.join(name);
-        std::fs::write(&path, bytes).unwrap();
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn flint() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flint"));
-    cmd.env_remove("FLINT_LOG");
-    cmd
-}
+use support::tiny::{flint, text, wait_bounded, Guest, BOOT_TIMER, I8042_COMMAND};
+use support::TempDir;
 
 /// Run `flint boot --kernel <guest> ARGS` with `input` on stdin, failing the test if it does not
 /// finish within a generous bound (a hang is a bug, not a slow test).
@@ -192,27 +33,6 @@ fn boot(guest: &Guest, args: &[&str], input: &[u8]) -> Output {
         .unwrap();
     child.stdin.take().unwrap().write_all(input).unwrap();
     wait_bounded(child, Duration::from_secs(60))
-}
-
-fn wait_bounded(mut child: Child, limit: Duration) -> Output {
-    let deadline = Instant::now() + limit;
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "flint did not exit within {limit:?}; stdout {:?} stderr {:?}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 /// flint's own stderr lines, without the one-line PVM note this CI machine gets.
@@ -320,27 +140,46 @@ fn reset_with_several_vcpus_stops_them_all() {
     assert_eq!(out.status.code(), Some(0));
 }
 
-fn spawn_spinning_guest(dir: &TempDir, vcpus: &str) -> Child {
+/// Write the kernel of a guest that prints `spinning` and spins into `dir`.
+fn spinning_kernel(dir: &TempDir) -> PathBuf {
     let mut g = Guest::default();
     g.print("spinning\n").spin();
-    let kernel = dir.write("vmlinux", &g.elf());
-    let mut child = flint()
-        .args(["boot", "--vcpus", vcpus, "--kernel"])
-        .arg(&kernel)
-        .stdin(Stdio::null())
+    dir.write("vmlinux", &g.elf())
+}
+
+/// `flint boot --vcpus VCPUS --kernel <spinning guest>`, stdout and stderr piped.
+fn spinning_flint_command(dir: &TempDir, vcpus: &str) -> Command {
+    let mut cmd = flint();
+    cmd.args(["boot", "--vcpus", vcpus, "--kernel"])
+        .arg(spinning_kernel(dir))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd
+}
+
+/// Read `output` until it has given `marker`; fails the test if it ends first.
+fn read_until(output: &mut impl Read, marker: &str) {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !text(&seen).contains(marker) {
+        let n = output.read(&mut buf).unwrap();
+        assert!(n > 0, "output ended before {marker:?}: {:?}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Wait until the spinning guest of `child` runs (has printed its line).
+fn wait_for_spinning(child: &mut Child) {
+    read_until(&mut child.stdout.take().unwrap(), "spinning\n");
+}
+
+fn spawn_spinning_guest(dir: &TempDir, vcpus: &str) -> Child {
+    let mut child = spinning_flint_command(dir, vcpus)
+        .stdin(Stdio::null())
         .spawn()
         .unwrap();
     // Wait until the guest runs before signalling.
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !text(&seen).contains("spinning\n") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "guest output ended early: {:?}", text(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    wait_for_spinning(&mut child);
     child
 }
 
@@ -509,9 +348,7 @@ fn no_permission_on_dev_kvm_is_one_sentence() {
 #[test]
 fn ctrl_a_x_on_a_terminal_stops_the_vm() {
     let dir = TempDir::new("escape");
-    let mut g = Guest::default();
-    g.print("spinning\n").spin();
-    let kernel = dir.write("vmlinux", &g.elf());
+    let kernel = spinning_kernel(&dir);
     // `script` runs flint on a pseudo-terminal, as a user's shell would: flint switches it to
     // raw mode and watches the input for its escape sequence.
     let mut child = Command::new("script")
@@ -528,13 +365,7 @@ fn ctrl_a_x_on_a_terminal_stops_the_vm() {
         .spawn()
         .unwrap();
     let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 256];
-    while !text(&seen).contains("spinning") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "output ended early: {:?}", text(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+    read_until(&mut stdout, "spinning");
     child.stdin.as_mut().unwrap().write_all(b"\x01x").unwrap();
     let status = {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -580,31 +411,12 @@ fn seccomp_modes(pid: u32) -> Vec<(String, String)> {
 }
 
 fn spinning_flint(dir: &TempDir, extra: &[&str], env: &[(&str, &str)]) -> Child {
-    let mut g = Guest::default();
-    g.print("spinning\n").spin();
-    let kernel = dir.write("vmlinux", &g.elf());
-    let mut cmd = flint();
-    cmd.args(["boot", "--vcpus", "2", "--kernel"])
-        .arg(&kernel)
+    spinning_flint_command(dir, "2")
         .args(extra)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.spawn().unwrap()
-}
-
-fn wait_for_spinning(child: &mut Child) {
-    let mut stdout = child.stdout.take().unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 64];
-    while !text(&seen).contains("spinning\n") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "guest output ended early: {:?}", text(&seen));
-        seen.extend_from_slice(&buf[..n]);
-    }
+        .spawn()
+        .unwrap()
 }
 
 #[test]

@@ -43,6 +43,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
+pub mod tiny;
+
 /// The command line flint uses when `--cmdline` is not given.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off";
 
@@ -472,21 +474,29 @@ fn preamble(vars: &[(&str, &Path)]) -> String {
     s
 }
 
-/// A temporary directory removed on drop (no extra crates for tempfile).
-struct TempDir(PathBuf);
+/// A temporary directory, `$TMPDIR/flint-test-TAG-PID-N` (default `/tmp`), removed on drop
+/// (no extra crates for tempfile).
+pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    fn new(tag: &str) -> TempDir {
+    pub fn new(tag: &str) -> TempDir {
         use std::sync::atomic::{AtomicU32, Ordering};
         static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/tmp"), PathBuf::from);
-        let dir = base.join(format!(
+        let dir = std::env::temp_dir().join(format!(
             "flint-test-{tag}-{}-{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         TempDir(dir)
+    }
+
+    /// Write `bytes` to the file `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, bytes)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        path
     }
 }
 

@@ -1,0 +1,172 @@
+//! Tiny guests for the tier-2 tests on the local /dev/kvm (tests/tiny_guests.rs,
+//! tests/jail.rs): a few bytes of 64-bit code wrapped in a minimal ELF `vmlinux` (no PVH
+//! note, so flint enters it through the 64-bit boot protocol with paging on), and what it
+//! takes to run the real `flint` binary on one.
+
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+/// Where [`Guest::elf`] loads the code and enters it: 1 MiB.
+pub const LOAD_ADDR: u64 = 0x10_0000;
+pub const COM1: u16 = 0x3f8;
+pub const COM1_LSR: u16 = 0x3fd;
+pub const BOOT_TIMER: u16 = 0x3f0;
+pub const I8042_COMMAND: u16 = 0x64;
+
+/// A tiny x86-64 machine-code emitter for the handful of instructions these guests use.
+#[derive(Default)]
+pub struct Guest {
+    code: Vec<u8>,
+}
+
+impl Guest {
+    fn mov_dx(&mut self, port: u16) -> &mut Self {
+        self.code.extend_from_slice(&[0x66, 0xba]);
+        self.code.extend_from_slice(&port.to_le_bytes());
+        self
+    }
+
+    /// `out port, byte`.
+    pub fn out8(&mut self, port: u16, byte: u8) -> &mut Self {
+        self.mov_dx(port);
+        self.code.extend_from_slice(&[0xb0, byte, 0xee]);
+        self
+    }
+
+    /// `in al, port`.
+    pub fn in8(&mut self, port: u16) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xec);
+        self
+    }
+
+    /// Print `text` on the serial console, one `out` per byte.
+    pub fn print(&mut self, text: &str) -> &mut Self {
+        self.mov_dx(COM1);
+        for b in text.bytes() {
+            self.code.extend_from_slice(&[0xb0, b, 0xee]);
+        }
+        self
+    }
+
+    /// Ask the keyboard controller to reset the machine (flint exits 0), then spin until
+    /// flint stops us.
+    pub fn reset(&mut self) -> &mut Self {
+        self.out8(I8042_COMMAND, 0xfe).spin()
+    }
+
+    /// `jmp $`.
+    pub fn spin(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0xeb, 0xfe]);
+        self
+    }
+
+    /// Unless the flags say "equal", print `message` and reset.
+    pub fn or_fail(&mut self, message: &str) -> &mut Self {
+        let mut fail = Guest::default();
+        fail.print(message).reset();
+        assert!(fail.code.len() < 128);
+        self.code.extend_from_slice(&[0x74, fail.code.len() as u8]);
+        self.code.extend_from_slice(&fail.code);
+        self
+    }
+
+    /// `cmp al, byte` then [`Self::or_fail`].
+    pub fn expect_al(&mut self, byte: u8, message: &str) -> &mut Self {
+        self.code.extend_from_slice(&[0x3c, byte]);
+        self.or_fail(message)
+    }
+
+    /// Write then read back a 32-bit MMIO location; an unclaimed read must see all ones.
+    pub fn mmio_roundtrip_unclaimed(&mut self, addr: u32, message: &str) -> &mut Self {
+        self.code.push(0xbf); // mov edi, imm32
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self.code
+            .extend_from_slice(&[0xc7, 0x07, 0x78, 0x56, 0x34, 0x12]); // mov dword [rdi], imm32
+        self.code.extend_from_slice(&[0x8b, 0x07]); // mov eax, [rdi]
+        self.code.extend_from_slice(&[0x83, 0xf8, 0xff]); // cmp eax, -1
+        self.or_fail(message)
+    }
+
+    /// Echo console input back until the guest reads `stop`.
+    pub fn echo_until(&mut self, stop: u8) -> &mut Self {
+        // wait: mov dx, LSR; in al, dx; test al, 1; jz wait
+        self.in8(COM1_LSR);
+        self.code.extend_from_slice(&[0xa8, 0x01, 0x74, 0xf7]);
+        // mov dx, COM1; in al, dx; cmp al, stop; je done; out dx, al; jmp wait
+        self.in8(COM1);
+        self.code
+            .extend_from_slice(&[0x3c, stop, 0x74, 0x03, 0xee, 0xeb, 0xeb]);
+        self
+    }
+
+    /// An invalid opcode with no IDT to handle it: #UD, #GP, #DF, then a triple fault.
+    pub fn ud2(&mut self) -> &mut Self {
+        self.code.extend_from_slice(&[0x0f, 0x0b]);
+        self
+    }
+
+    /// Wrap the code in an ELF64 executable loaded and entered at [`LOAD_ADDR`].
+    pub fn elf(&self) -> Vec<u8> {
+        const EHDR: usize = 64;
+        const PHDR: usize = 56;
+        let offset = (EHDR + PHDR) as u64;
+        let len = self.code.len() as u64;
+        let mut f = Vec::new();
+        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+        f.extend_from_slice(&1u32.to_le_bytes());
+        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+        f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
+        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+        f.extend_from_slice(&(EHDR as u16).to_le_bytes());
+        f.extend_from_slice(&(PHDR as u16).to_le_bytes());
+        f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+        f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+        f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+        f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+        f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+        f.extend_from_slice(&offset.to_le_bytes());
+        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+        f.extend_from_slice(&len.to_le_bytes()); // p_filesz
+        f.extend_from_slice(&len.to_le_bytes()); // p_memsz
+        f.extend_from_slice(&0x1000u64.to_le_bytes());
+        f.extend_from_slice(&self.code);
+        f
+    }
+}
+
+/// The `flint` binary of this test run, without the caller's `FLINT_LOG`.
+pub fn flint() -> Command {
+    let mut cmd = Command::new(super::flint_bin());
+    cmd.env_remove("FLINT_LOG");
+    cmd
+}
+
+/// Wait for `child` and collect its output, failing the test (after killing it) if it does
+/// not finish within `limit`: a hang is a bug, not a slow test.
+pub fn wait_bounded(mut child: Child, limit: Duration) -> Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "flint did not exit within {limit:?}; stdout {:?} stderr {:?}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Output bytes as text (lossy).
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
