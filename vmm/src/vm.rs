@@ -380,17 +380,30 @@ fn irq_line(vm: &VmFd, gsi: u32) -> Result<IrqLine> {
     Ok(IrqLine::new(evt))
 }
 
-/// Make every vCPU thread leave `KVM_RUN` and wait for all of them.
+/// How long a stop waits for the vCPU threads to leave `KVM_RUN`.
+const VCPU_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Make every vCPU thread leave `KVM_RUN` and wait for all of them, for at most
+/// [`VCPU_STOP_TIMEOUT`]: a thread that does not stop by then (the host kernel did not let it
+/// return) is left behind rather than keeping the VMM from exiting.
 fn stop_vcpus(shared: &VcpuShared, threads: Vec<JoinHandle<()>>) {
     shared.stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + VCPU_STOP_TIMEOUT;
     // A kick that lands just before a thread enters KVM_RUN is lost, so kick until each
     // thread has finished.
-    for handle in threads {
-        while !handle.is_finished() {
+    for (index, handle) in threads.into_iter().enumerate() {
+        while !handle.is_finished() && Instant::now() < deadline {
             let _ = handle.kill(signals::kick_signal());
             thread::sleep(Duration::from_micros(500));
         }
-        let _ = handle.join();
+        if handle.is_finished() {
+            let _ = handle.join();
+        } else {
+            log::error!(
+                "vCPU {index} did not stop within {} s; leaving it behind",
+                VCPU_STOP_TIMEOUT.as_secs()
+            );
+        }
     }
 }
 
