@@ -8,7 +8,7 @@
 
 mod support;
 
-use support::{exec_cmdline, run_scenario, sh_quote, Case, ScenarioRun, DEFAULT_CMDLINE};
+use support::{exec_cmdline, run_scenario, sh_quote, Case, DEFAULT_CMDLINE};
 
 /// Guest-side script of the boot cases: proves it ran, reports CPUs and memory, and ends
 /// with a distinctive status that the guest init reports as `FLINT-GUEST-EXIT 7`.
@@ -105,13 +105,6 @@ fn assert_probe_boot(case: &Case, vcpus: u32, mem_mib: u64) {
     );
 }
 
-fn assert_scenario_ok(run: &ScenarioRun) {
-    assert_eq!(
-        run.status, 0,
-        "scenario failed (98: timeout, 99: host VM failure); output above"
-    );
-}
-
 #[test]
 fn boots_linux_guests() {
     let cmdline = sh_quote(&exec_cmdline(GUEST_PROBE));
@@ -141,7 +134,7 @@ flint_case bzimage_2cpu_512m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRA
 "#
     );
     let run = run_scenario(&script, &[]);
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let elf = run.case("elf_1cpu_128m");
     assert_probe_boot(&elf, 1, 128);
@@ -237,7 +230,7 @@ if [ "$(id -u)" = 0 ]; then ns="unshare -m"; else ns="unshare -r -m"; fi
 flint_case no_kvm $ns sh -c 'mount -t tmpfs tmpfs /dev && exec "$@"' sh "$FLINT" boot $ok
 "#;
     let run = run_scenario(script, &[]);
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     assert_rejected(
         &run.case("missing_kernel"),

@@ -32,7 +32,7 @@ use std::time::Instant;
 
 use support::{
     assert_one_error, exec_cmdline, guest_images, initramfs_with, repo_root, run_scenario_with,
-    Case, GuestFile, ScenarioOptions, ScenarioRun, GUEST_CMDLINE_MAX,
+    Case, GuestFile, ScenarioOptions, GUEST_CMDLINE_MAX,
 };
 
 /// Bytes of each TCP stream (each direction).
@@ -333,23 +333,6 @@ fn one_xfer(text: &str, prefix: &str, context: &str) -> Xfer {
     v.into_iter().next().unwrap()
 }
 
-fn assert_scenario_ok(run: &ScenarioRun) {
-    assert_eq!(
-        run.status, 0,
-        "scenario failed (98: timeout, 99: host VM failure); output above"
-    );
-}
-
-/// The value of the scenario's `HOST name=value` line.
-fn host_value<'a>(run: &'a ScenarioRun, name: &str) -> &'a str {
-    let prefix = format!("HOST {name}=");
-    run.output
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no `{prefix}` line in the scenario output (see above)"))
-}
-
 /// flint exited with `status` after a guest that ran its script: no kernel trouble, no error
 /// or panic from flint.
 fn assert_guest_ran(case: &Case, status: i32, done_marker: &str) {
@@ -453,7 +436,7 @@ sed 's/^/HOST h2g-sent /' "$WORK/h2g.txt"
     let started = Instant::now();
     let run = run_scenario_with(&script, &scenario_files(initramfs), &options(900));
     println!("TAP scenario took {:?}", started.elapsed());
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let guest = run.case("tap_guest");
     assert_guest_ran(&guest, 0, "NET-GUEST-DONE");
@@ -503,19 +486,19 @@ sed 's/^/HOST h2g-sent /' "$WORK/h2g.txt"
         got.secs
     );
 
-    assert_eq!(host_value(&run, "fltap1-before"), "absent");
+    assert_eq!(run.host_value("fltap1-before"), "absent");
     assert_eq!(
-        host_value(&run, "fltap1-during"),
+        run.host_value("fltap1-during"),
         "present",
         "flint did not create the TAP fltap1 named by --net"
     );
     assert_eq!(
-        host_value(&run, "fltap1-after"),
+        run.host_value("fltap1-after"),
         "absent",
         "the TAP flint created is still there after flint exited"
     );
     assert_eq!(
-        host_value(&run, "fltap0-after"),
+        run.host_value("fltap0-after"),
         "present",
         "the persistent TAP that existed before flint is gone after flint exited"
     );
@@ -594,7 +577,7 @@ echo "HOST fltapa-after=$(link_state fltapa)"
     let started = Instant::now();
     let run = run_scenario_with(&script, &scenario_files(initramfs), &options(900));
     println!("bridge scenario took {:?}", started.elapsed());
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let a = run.case("guest_a");
     let b = run.case("guest_b");
@@ -614,20 +597,20 @@ echo "HOST fltapa-after=$(link_state fltapa)"
         b.show()
     );
     assert!(
-        host_value(&run, "bridge-ports-ns").contains("fltapb"),
+        run.host_value("bridge-ports-ns").contains("fltapb"),
         "fltapb was never attached to the bridge"
     );
     assert_eq!(
-        host_value(&run, "fltapb-after"),
+        run.host_value("fltapb-after"),
         "absent",
         "the TAP flint created is still there after flint was stopped with SIGTERM"
     );
-    assert_eq!(host_value(&run, "fltapa-after"), "present");
+    assert_eq!(run.host_value("fltapa-after"), "present");
 
     assert_case_rejected(&run.case("busy_tap"), &["fltapa"]);
     assert_case_rejected(&run.case("not_a_tap"), &["flbr0"]);
     assert_eq!(
-        host_value(&run, "flbr0-after-not-a-tap"),
+        run.host_value("flbr0-after-not-a-tap"),
         "present",
         "a failed --net tap=flbr0 removed the bridge flbr0"
     );
@@ -718,7 +701,7 @@ sed 's/^/HOST g2h32 /' "$WORK/h6001.txt"
     let started = Instant::now();
     let run = run_scenario_with(&script, &scenario_files(initramfs), &options(900));
     println!("vsock scenario took {:?}", started.elapsed());
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let guest = run.case("vsock_guest");
     assert_guest_ran(&guest, 0, "VSOCK-GUEST-DONE");

@@ -11,7 +11,7 @@
 //!
 //! Conventions: guest scripts print `KEY=value` lines (read with [`value_of`]); the scenario
 //! prints host-side facts (checksums of image files) as `HOST name=value` lines (read with
-//! [`host_value`]).
+//! [`support::ScenarioRun::host_value`]).
 
 mod support;
 
@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use support::{
     assert_one_error, base64_encode, cache_dir, run_scenario_with, sh_quote, Case, ScenarioOptions,
-    ScenarioRun, DEFAULT_CMDLINE, GUEST_CMDLINE_MAX,
+    DEFAULT_CMDLINE, GUEST_CMDLINE_MAX,
 };
 
 /// The ext4 root filesystem image of `resources/build-rootfs.sh`.
@@ -59,16 +59,6 @@ fn options(timeout_secs: u32) -> ScenarioOptions {
     }
 }
 
-/// The value of the scenario's `HOST name=value` line.
-fn host_value<'a>(run: &'a ScenarioRun, name: &str) -> &'a str {
-    let prefix = format!("HOST {name}=");
-    run.output
-        .lines()
-        .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no `{prefix}` line in the scenario output (see above)"))
-}
-
 /// An md5 checksum as `md5sum` prints it: 32 lowercase hex digits.
 fn assert_md5(what: &str, sum: &str) {
     assert!(
@@ -86,13 +76,6 @@ fn md5_of_zeros(len: usize) -> &'static str {
     }
 }
 
-fn assert_scenario_ok(run: &ScenarioRun) {
-    assert_eq!(
-        run.status, 0,
-        "scenario failed (98: timeout, 99: host VM failure); output above"
-    );
-}
-
 /// Checks shared by every guest boot that should have gone well: flint exits 0 after the
 /// guest ran its whole script and rebooted, without kernel trouble or errors from flint.
 fn assert_clean_boot(case: &Case) {
@@ -107,28 +90,7 @@ fn assert_clean_boot(case: &Case) {
         "guest init never printed FLINT-GUEST-READY\n{}",
         case.show()
     );
-    for bad in [
-        "Kernel panic",
-        "BUG:",
-        "Oops:",
-        "WARNING:",
-        "Call Trace",
-        "I/O error",
-        "EXT4-fs error",
-    ] {
-        assert!(
-            !case.stdout.contains(bad),
-            "guest kernel reported {bad:?}\n{}",
-            case.show()
-        );
-    }
-    for line in case.stderr_lines() {
-        assert!(
-            !line.starts_with("flint: error:") && !line.contains("panicked"),
-            "unexpected error output on a successful boot\n{}",
-            case.show()
-        );
-    }
+    case.assert_no_errors_or(&["I/O error", "EXT4-fs error"]);
     assert!(
         case.stderr.contains("flint: guest boot time: "),
         "no boot-time line: the guest's init did not write the boot-timer port\n{}",
@@ -236,7 +198,7 @@ flint_case fsck_after_second "$FILES/e2fsck" -fn "$WORK/root.ext4"
         "rootfs scenario done after {:?} (including any wait for other scenarios)",
         started.elapsed()
     );
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let first = run.case("first_boot");
     assert_script_ran(&first);
@@ -414,11 +376,11 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
         "data scenario done after {:?} (including any wait for other scenarios)",
         started.elapsed()
     );
-    assert_scenario_ok(&run);
+    run.assert_ok();
     println!(
         "64 MiB guest write+sync+reread boot: {} s, read-back boot: {} s",
-        host_value(&run, "write_secs"),
-        host_value(&run, "read_secs")
+        run.host_value("write_secs"),
+        run.host_value("read_secs")
     );
 
     let write = run.case("write_64m");
@@ -444,15 +406,15 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
         "the guest wrote zeros, not random data\n{}",
         write.show()
     );
-    assert_eq!(host_value(&run, "zeros64"), md5_of_zeros(64 * MIB));
+    assert_eq!(run.host_value("zeros64"), md5_of_zeros(64 * MIB));
     assert_eq!(
-        host_value(&run, "after_write"),
+        run.host_value("after_write"),
         written,
         "the image file does not hold the 64 MiB the guest wrote\n{}",
         write.show()
     );
     assert_eq!(
-        host_value(&run, "size_after_write"),
+        run.host_value("size_after_write"),
         (64 * MIB).to_string(),
         "the image file changed size"
     );
@@ -473,7 +435,7 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
         read.show()
     );
     assert_eq!(
-        host_value(&run, "after_read"),
+        run.host_value("after_read"),
         written,
         "reading the disk changed the image file"
     );
@@ -493,22 +455,22 @@ echo "HOST durable_size=$(wc -c <"$WORK/durable.img")"
     let pattern = durable.value_of("PATTERN-MD5");
     assert_md5("md5 of the durable pattern", pattern);
     assert_eq!(
-        host_value(&run, "durable_region"),
+        run.host_value("durable_region"),
         pattern,
         "after kill -9 the image does not hold the 4 MiB the guest had fsync'ed\n{}",
         durable.show()
     );
     assert_eq!(
-        host_value(&run, "durable_before"),
+        run.host_value("durable_before"),
         md5_of_zeros(MIB),
         "the MiB before the written region changed"
     );
     assert_eq!(
-        host_value(&run, "durable_after"),
+        run.host_value("durable_after"),
         md5_of_zeros(MIB),
         "the MiB after the written region changed"
     );
-    assert_eq!(host_value(&run, "durable_size"), (8 * MIB).to_string());
+    assert_eq!(run.host_value("durable_size"), (8 * MIB).to_string());
 }
 
 /// A read-only disk refuses writes and its file stays unchanged; four disks show up in order
@@ -571,7 +533,7 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
         "options scenario done after {:?} (including any wait for other scenarios)",
         started.elapsed()
     );
-    assert_scenario_ok(&run);
+    run.assert_ok();
 
     let ro = run.case("ro_disk");
     assert_script_ran(&ro);
@@ -594,10 +556,10 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
         "an O_DIRECT write to the read-only disk succeeded\n{}",
         ro.show()
     );
-    let ro_before = host_value(&run, "ro_before");
+    let ro_before = run.host_value("ro_before");
     assert_md5("md5 of ro.img", ro_before);
     assert_eq!(
-        host_value(&run, "ro_after"),
+        run.host_value("ro_after"),
         ro_before,
         "the read-only disk's image file changed"
     );
@@ -610,7 +572,7 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
     // The control: the read-write disk next to it takes the same kind of write.
     assert_eq!(ro.value_of("RW-WRITE"), "0", "{}", ro.show());
     assert_eq!(
-        host_value(&run, "rw_block3"),
+        run.host_value("rw_block3"),
         ro.value_of("RW-MD5"),
         "a write to the read-write disk did not reach its image file\n{}",
         ro.show()
@@ -650,7 +612,7 @@ flint_case four_disks "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" \
             four.show()
         );
     }
-    let d_md5 = host_value(&run, "d_md5");
+    let d_md5 = run.host_value("d_md5");
     assert_md5("md5 of d.img", d_md5);
     assert_eq!(
         four.value_of("VDD-MD5"),

@@ -148,14 +148,20 @@ impl Case {
 
     /// No guest kernel oops, panic or warning on the console, and no error from flint.
     pub fn assert_no_errors(&self) {
-        for bad in [
+        self.assert_no_errors_or(&[]);
+    }
+
+    /// [`Self::assert_no_errors`], and none of `also_bad` on the console either.
+    pub fn assert_no_errors_or(&self, also_bad: &[&str]) {
+        let usual = [
             "Kernel panic",
             "BUG:",
             "Oops:",
             "WARNING:",
             "Call Trace",
             "NETDEV WATCHDOG",
-        ] {
+        ];
+        for bad in usual.iter().chain(also_bad) {
             assert!(
                 !self.stdout.contains(bad),
                 "guest kernel reported {bad:?}\n{}",
@@ -262,6 +268,24 @@ pub fn assert_one_error(args: &[&str], needles: &[&str]) {
 }
 
 impl ScenarioRun {
+    /// The scenario script exited 0 (see [`Self::status`]).
+    pub fn assert_ok(&self) {
+        assert_eq!(
+            self.status, 0,
+            "scenario failed (98: timeout, 99: host VM failure); output above"
+        );
+    }
+
+    /// The value of the scenario's `HOST name=value` line (scenarios print host-side facts so).
+    pub fn host_value(&self, name: &str) -> &str {
+        let prefix = format!("HOST {name}=");
+        self.output
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
+            .map(str::trim)
+            .unwrap_or_else(|| panic!("no `{prefix}` line in the scenario output (see above)"))
+    }
+
     /// All `flint_case` sections, in order.
     pub fn cases(&self) -> Vec<Case> {
         parse_cases(&self.output)
@@ -701,6 +725,34 @@ mod tests {
         assert_eq!(cases[0].stderr_lines(), vec!["flint: error: x"]);
         assert_eq!(cases[1].status, 0);
         assert!(cases[1].stdout.is_empty() && cases[1].stderr.is_empty());
+    }
+
+    #[test]
+    fn console_trouble_and_host_values_are_found() {
+        let case = Case {
+            name: "c".into(),
+            status: 0,
+            stdout: "FLINT-GUEST-READY\nEXT4-fs error (device vda)\n".into(),
+            stderr: "flint: guest boot time: 5 ms\n".into(),
+        };
+        case.assert_no_errors();
+        let extra = std::panic::catch_unwind(|| case.assert_no_errors_or(&["EXT4-fs error"]));
+        assert!(extra.is_err(), "the extra console text was not caught");
+        let usual = Case {
+            stdout: "Kernel panic - not syncing\n".into(),
+            ..case.clone()
+        };
+        assert!(std::panic::catch_unwind(|| usual.assert_no_errors_or(&["x"])).is_err());
+
+        let run = ScenarioRun {
+            status: 0,
+            output: "noise\n  HOST md5=abc \nHOST md5x=no\n".into(),
+        };
+        run.assert_ok();
+        assert_eq!(run.host_value("md5"), "abc");
+        assert!(std::panic::catch_unwind(|| run.host_value("other")).is_err());
+        let failed = ScenarioRun { status: 98, ..run };
+        assert!(std::panic::catch_unwind(|| failed.assert_ok()).is_err());
     }
 
     #[test]
