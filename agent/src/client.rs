@@ -1,7 +1,7 @@
 //! The host side: connect to the guest agent through flint's vsock Unix socket and run
 //! commands or copy files.
 
-use std::fs::{self, File};
+use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::part_file::PartFile;
 use crate::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, DATA_CHUNK,
 };
@@ -456,7 +457,7 @@ impl AgentClient {
                 match msg {
                     FromAgent::FileData(data) => {
                         if let (Some(p), None) = (&mut part, &failed) {
-                            if let Err(e) = p.file.write_all(&data) {
+                            if let Err(e) = p.write_all(&data) {
                                 // Keep reading to the end of the file, so that the
                                 // connection stays usable, then report this.
                                 failed = Some(e);
@@ -549,52 +550,4 @@ fn utf8(path: &Path) -> Result<&str, AgentError> {
     path.to_str().ok_or_else(|| AgentError::NonUtf8Path {
         path: path.to_path_buf(),
     })
-}
-
-/// A host file being received: written next to its final name, renamed when complete,
-/// removed if abandoned.
-struct PartFile {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
-}
-
-impl PartFile {
-    fn create(dest: &Path) -> io::Result<PartFile> {
-        let name = dest
-            .file_name()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
-        let dir = match dest.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        fs::create_dir_all(&dir)?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".flint-part-{}", std::process::id()));
-        let tmp = dir.join(tmp_name);
-        let file = File::create(&tmp)?;
-        Ok(PartFile {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
-        })
-    }
-
-    fn commit(mut self, mode: u32) -> io::Result<()> {
-        self.file
-            .set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
-        fs::rename(&self.tmp, &self.dest)?;
-        // Renamed: nothing left to remove.
-        self.tmp = PathBuf::new();
-        Ok(())
-    }
-}
-
-impl Drop for PartFile {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.tmp);
-        }
-    }
 }

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod client;
+pub mod part_file;
 pub mod protocol;
 pub mod vsock;
 

@@ -13,16 +13,17 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use flint_agent::part_file::PartFile;
 use flint_agent::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
     SHUTDOWN_GRACE,
@@ -322,7 +323,7 @@ impl Conn {
             match self.recv()? {
                 ToAgent::FileData(data) => {
                     if let Ok(p) = &mut part {
-                        if let Err(e) = p.file.write_all(&data) {
+                        if let Err(e) = p.write_all(&data) {
                             part = Err(format!("cannot write {path}: {}", describe(&e)));
                         }
                     }
@@ -412,59 +413,6 @@ fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
-    }
-}
-
-/// A guest file being copied in: written under a temporary name in the same directory,
-/// renamed when complete, removed if abandoned.
-struct PartFile {
-    file: File,
-    tmp: PathBuf,
-    dest: PathBuf,
-}
-
-impl PartFile {
-    fn create(dest: &Path) -> io::Result<PartFile> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let name = dest
-            .file_name()
-            .ok_or_else(|| io::Error::other("the path names no file"))?;
-        let dir = dest.parent().unwrap_or(Path::new("/"));
-        fs::create_dir_all(dir)?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(
-            ".flint-part-{}",
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let tmp = dir.join(tmp_name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        Ok(PartFile {
-            file,
-            tmp,
-            dest: dest.to_path_buf(),
-        })
-    }
-
-    fn commit(mut self, mode: u32) -> io::Result<()> {
-        // Explicitly: the mode given at creation is subject to the umask.
-        self.file
-            .set_permissions(fs::Permissions::from_mode(mode & 0o7777))?;
-        fs::rename(&self.tmp, &self.dest)?;
-        self.tmp = PathBuf::new();
-        Ok(())
-    }
-}
-
-impl Drop for PartFile {
-    fn drop(&mut self) {
-        if !self.tmp.as_os_str().is_empty() {
-            let _ = fs::remove_file(&self.tmp);
-        }
     }
 }
 

@@ -6,6 +6,8 @@ use flint_agent::protocol::{kind, write_message};
 use flint_agent::{AgentClient, AgentError, CommandStatus};
 use std::io::Cursor;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 struct TestAgent {
