@@ -11,6 +11,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use support::tiny::{flint, text, wait_bounded, Guest};
@@ -157,7 +158,7 @@ fn jailed_flint(jail_pid: u32) -> u32 {
 }
 
 /// Wait until the guest has printed `marker` (so the VM runs), reading stdout on a thread.
-fn wait_for_output(child: &mut Child, marker: &str) -> std::thread::JoinHandle<String> {
+fn wait_for_output(child: &mut Child, marker: &str) -> JoinHandle<String> {
     let mut stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let marker = marker.to_string();
@@ -194,6 +195,18 @@ impl Drop for StopOnPanic {
     }
 }
 
+/// Spawn `cmd`, a [`jail`] command whose guest prints `ready`, and wait until the guest runs.
+/// Returns the jail process, the guard that stops it should the test fail (keep it alive to
+/// the end), the thread reading the guest's output (see [`wait_for_output`]) and the host PID
+/// of the jailed flint.
+fn start_jail(cmd: &mut Command) -> (Child, StopOnPanic, JoinHandle<String>, String) {
+    let mut child = cmd.spawn().unwrap();
+    let stop = StopOnPanic(child.id() as i32);
+    let reader = wait_for_output(&mut child, "ready");
+    let pid = jailed_flint(child.id()).to_string();
+    (child, stop, reader, pid)
+}
+
 fn ns(pid: &str, kind: &str) -> PathBuf {
     std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
 }
@@ -221,7 +234,7 @@ fn running_jail_is_isolated_unprivileged_and_limited() {
     let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
     let kernel = kernel.to_str().unwrap();
     let id = unique_id("run");
-    let mut child = jail(
+    let (child, _stop, reader, pid) = start_jail(&mut jail(
         &base,
         &id,
         &[
@@ -236,12 +249,7 @@ fn running_jail_is_isolated_unprivileged_and_limited() {
             "nofile=128,fsize=1048576",
         ],
         &["boot", "--kernel", kernel],
-    )
-    .spawn()
-    .unwrap();
-    let _stop = StopOnPanic(child.id() as i32);
-    let reader = wait_for_output(&mut child, "ready");
-    let pid = jailed_flint(child.id()).to_string();
+    ));
 
     // Namespaces: none shared with the host (this test), apart from the user namespace.
     for kind in ["net", "mnt", "pid", "ipc", "uts"] {
@@ -352,17 +360,12 @@ fn cgroup_v2_when_asked() {
     let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
     let kernel = kernel.to_str().unwrap();
     let id = unique_id("v2");
-    let mut child = jail(
+    let (child, _stop, reader, pid) = start_jail(&mut jail(
         &base,
         &id,
         &["--file", kernel, "--cgroup-version", "2"],
         &["boot", "--kernel", kernel],
-    )
-    .spawn()
-    .unwrap();
-    let _stop = StopOnPanic(child.id() as i32);
-    let reader = wait_for_output(&mut child, "ready");
-    let pid = jailed_flint(child.id()).to_string();
+    ));
     let cg = unified.join("flint").join(&id);
     let procs = read(cg.join("cgroup.procs"));
     assert!(
@@ -509,17 +512,12 @@ fn joins_the_network_namespace_given() {
     let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
     let kernel = kernel.to_str().unwrap();
     let id = unique_id("netns");
-    let mut child = jail(
+    let (child, _stop, reader, pid) = start_jail(&mut jail(
         &base,
         &id,
         &["--file", kernel, "--netns", &netns],
         &["boot", "--kernel", kernel],
-    )
-    .spawn()
-    .unwrap();
-    let _stop = StopOnPanic(child.id() as i32);
-    let reader = wait_for_output(&mut child, "ready");
-    let pid = jailed_flint(child.id()).to_string();
+    ));
     assert_eq!(ns(&pid, "net"), std::fs::read_link(&netns).unwrap());
     // The other namespaces are still new ones.
     assert_ne!(ns(&pid, "mnt"), ns("self", "mnt"));
