@@ -145,7 +145,7 @@ pub struct AgentClient {
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
 
 /// One connection attempt's failure: worth retrying or not.
-enum Attempt {
+pub(crate) enum Attempt {
     Retry(String),
     Fatal(AgentError),
 }
@@ -161,9 +161,21 @@ impl AgentClient {
         port: u32,
         timeout: Duration,
     ) -> Result<AgentClient, AgentError> {
+        Self::connect_retrying(port, timeout, |deadline| {
+            Self::try_connect(uds_path, port, deadline)
+        })
+    }
+
+    /// Make connection attempts (each given the overall deadline) until one succeeds, one
+    /// fails for good, or `timeout` passes; [`RETRY_INTERVAL`] apart.
+    pub(crate) fn connect_retrying(
+        port: u32,
+        timeout: Duration,
+        mut attempt: impl FnMut(Instant) -> Result<UnixStream, Attempt>,
+    ) -> Result<AgentClient, AgentError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let last = match Self::try_connect(uds_path, port, deadline) {
+            let last = match attempt(deadline) {
                 Ok(stream) => return AgentClient::from_stream(stream),
                 Err(Attempt::Fatal(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => why,

@@ -7,32 +7,23 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use crate::client::{AgentClient, AgentError, RETRY_INTERVAL};
+use crate::client::{AgentClient, AgentError, Attempt};
 
 /// Connect to the agent listening on vsock `port` of guest `cid`. Until `timeout` passes, a
 /// guest that is still booting or has no agent listening yet is retried every
-/// [`RETRY_INTERVAL`], as [`AgentClient::connect`] does through flint's socket.
+/// [`RETRY_INTERVAL`](crate::client::RETRY_INTERVAL), as [`AgentClient::connect`] does through flint's socket.
 pub fn connect_agent(cid: u32, port: u32, timeout: Duration) -> Result<AgentClient, AgentError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let remaining = deadline.saturating_duration_since(Instant::now());
+    AgentClient::connect_retrying(port, timeout, |deadline| {
         // One attempt waits at most 2 s for a guest whose vsock driver is not up yet.
-        let attempt = remaining.clamp(Duration::from_millis(1), Duration::from_secs(2));
-        let last = match connect(cid, port, attempt) {
-            Ok(stream) => return AgentClient::from_stream(stream),
-            Err(e) if worth_retrying(&e) => format!("last attempt: {e}"),
-            Err(e) => return Err(AgentError::Io(e)),
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(AgentError::Timeout {
-                port,
-                timeout,
-                last,
-            });
+        let attempt = deadline
+            .saturating_duration_since(Instant::now())
+            .clamp(Duration::from_millis(1), Duration::from_secs(2));
+        match connect(cid, port, attempt) {
+            Ok(stream) => Ok(stream),
+            Err(e) if worth_retrying(&e) => Err(Attempt::Retry(format!("last attempt: {e}"))),
+            Err(e) => Err(Attempt::Fatal(AgentError::Io(e))),
         }
-        std::thread::sleep((deadline - now).min(RETRY_INTERVAL));
-    }
+    })
 }
 
 /// Open a stream to guest `cid`, port `port`, waiting at most `timeout` for the guest to
