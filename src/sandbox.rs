@@ -309,9 +309,10 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     };
     match ending {
         Some(Ending::Signal(sig)) => {
-            // Ctrl-C (or a stop signal): kill the command, then the VM.
+            // Ctrl-C (or a stop signal): kill the command, then the VM. Never wait for the
+            // connection: the VM stops next whatever happens.
             if let Ok(signaller) = signaller_rx.try_recv() {
-                let _ = signaller.signal(libc::SIGKILL);
+                let _ = signaller.try_signal(libc::SIGKILL);
             }
             vm.shutdown(Ending::Signal(sig));
             eprintln!("flint: stopped the sandbox on signal {sig}");

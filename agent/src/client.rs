@@ -129,6 +129,22 @@ impl Signaller {
         send_on(&mut w, &ToAgent::Signal(signal))?;
         Ok(true)
     }
+
+    /// [`signal`](Self::signal), unless another thread is writing on the connection right
+    /// now (a write the guest may never take): then nothing is sent and the result is
+    /// `Ok(false)`. For callers that are about to tear the VM down anyway.
+    pub fn try_signal(&self, signal: i32) -> Result<bool, AgentError> {
+        let mut w = match self.shared.try_lock() {
+            Ok(w) => w,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        if !w.active {
+            return Ok(false);
+        }
+        send_on(&mut w, &ToAgent::Signal(signal))?;
+        Ok(true)
+    }
 }
 
 /// A connection to the guest agent. Operations run one at a time; after a failure other

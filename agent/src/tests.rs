@@ -407,6 +407,28 @@ fn signals_reach_the_process_group() {
 }
 
 #[test]
+fn try_signal_kills_a_running_command() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let signaller = c.signaller();
+    assert!(
+        !signaller.try_signal(libc::SIGKILL).unwrap(),
+        "nothing runs yet"
+    );
+    let t = std::thread::spawn(move || run(&mut c, &sh("sleep 30; echo not killed"), None));
+    let start = Instant::now();
+    while !signaller.try_signal(libc::SIGCONT).unwrap() {
+        assert!(start.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(signaller.try_signal(libc::SIGKILL).unwrap());
+    let (status, out, _) = t.join().unwrap().unwrap();
+    assert_eq!(status, CommandStatus::Killed(libc::SIGKILL));
+    assert!(out.is_empty());
+}
+
+#[test]
 fn a_dropped_connection_kills_the_process_group() {
     let agent = TestAgent::new();
     let mut host = agent.connect_raw();
