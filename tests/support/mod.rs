@@ -451,6 +451,15 @@ impl Default for ScenarioOptions {
     }
 }
 
+/// What flint reports when a guest triple-faults on AMD, whose KVM resets the vCPU before
+/// saying so. In the nested host, two Linux guests running at once
+/// now and then die this way at random points of their boot or of heavy I/O (QEMU as the
+/// nested VMM has died the same way): a flaw of QEMU TCG's emulation of SVM, as far as we can
+/// tell. A scenario that shows it runs once more (only in the nested host); a fault that
+/// happens again fails the test.
+pub const RIG_TRIPLE_FAULT: &str =
+    "the guest triple-faulted (shutdown exit; KVM reset the vCPU's registers";
+
 /// [`run_scenario`] with explicit options.
 pub fn run_scenario_with(
     script: &str,
@@ -473,11 +482,20 @@ pub fn run_scenario_with(
         _ => local_kvm_boots_linux(),
     };
     let _guard = SCENARIO_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let run = if direct {
+    let mut run = if direct {
         run_direct(script, extra_files, &images, &flint)
     } else {
         run_nested(script, extra_files, &images, &flint, options)
     };
+    if !direct && run.output.contains(RIG_TRIPLE_FAULT) {
+        println!(
+            "----- first try (nested host) exit status {} -----\n{}\n----- a guest reset \
+             itself in the emulated nested host (see RIG_TRIPLE_FAULT); running the scenario \
+             once more -----",
+            run.status, run.output
+        );
+        run = run_nested(script, extra_files, &images, &flint, options);
+    }
     println!(
         "----- scenario ({}) exit status {} -----\n{}\n----- end of scenario output -----",
         if direct { "direct" } else { "nested host" },

@@ -253,6 +253,11 @@ impl Vcpu {
     /// Where the vCPU was, for the message of a fatal exit.
     fn cpu_state(&self) -> String {
         match (self.fd.get_regs(), self.fd.get_sregs()) {
+            // AMD's KVM resets the vCPU before it reports a shutdown: its registers then say
+            // nothing about where the guest was.
+            (Ok(r), Ok(s)) if r.rip == 0xfff0 && s.cr0 & 1 == 0 && s.cs.selector == 0xf000 => {
+                "KVM reset the vCPU's registers before reporting it".to_string()
+            }
             (Ok(r), Ok(s)) => format!(
                 "rip {:#x}, rsp {:#x}, cr0 {:#x}, cr2 {:#x}, cr3 {:#x}, cr4 {:#x}, efer {:#x}",
                 r.rip, r.rsp, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
