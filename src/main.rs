@@ -38,7 +38,9 @@ fn main() -> ExitCode {
         Ok(Command::Run(options)) => {
             // A sandbox's output is the command's: flint itself only speaks up for problems.
             logger::quiet_unless_asked();
-            sandbox::run(&options, start)
+            let code = sandbox::run(&options, start);
+            log::debug!("sandbox: cleaned up at {} ms", start.elapsed().as_millis());
+            code
         }
         Ok(Command::Exec(options)) => sandbox::exec(&options),
         Ok(Command::Jail(options)) => jail::run(&options),

@@ -281,6 +281,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                 // Once the status and the copies are in, nothing in the throwaway guest
                 // matters: stop it rather than wait for it to power off.
                 ClientResult::Finished(status) => {
+                    debug!("sandbox: status in at {} ms", start.elapsed().as_millis());
                     command_status = Some(status);
                     break None;
                 }
@@ -346,6 +347,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             vm.shutdown(Ending::Reset);
         }
     }
+    debug!("sandbox: VM stopped at {} ms", start.elapsed().as_millis());
     match client_error {
         // The command itself could not start (not found, not executable...): as a shell.
         Some(e @ AgentError::NotStarted(_)) => {

@@ -51,7 +51,7 @@ pub struct Outcome {
     pub unhandled_pio: u64,
     /// MMIO accesses no device claimed.
     pub unhandled_mmio: u64,
-    /// Host memory use when the VM ended.
+    /// Host memory use when the VM ended (measured only when debug logging is on).
     pub memory: Option<crate::usage::MemoryUsage>,
 }
 
@@ -339,7 +339,10 @@ impl Vm {
         if let Some(event_loop) = self.event_loop.take() {
             event_loop.stop();
         }
-        let memory = crate::usage::measure(&self.mem);
+        // Walking the page tables of all guest RAM costs milliseconds: only when it is logged.
+        let memory = log::log_enabled!(log::Level::Debug)
+            .then(|| crate::usage::measure(&self.mem))
+            .flatten();
         Outcome {
             ending,
             memory,
