@@ -60,6 +60,6 @@ stage "sandbox image" "$here/build-sandbox-image.sh"
 stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
-stage "cargo test" cargo test --workspace
+stage "cargo test" cargo test --workspace --no-fail-fast
 stage "API fuzzing" "$here/fuzz-api.sh"
 summary
