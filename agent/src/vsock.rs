@@ -11,7 +11,8 @@ use crate::client::{AgentClient, AgentError, Attempt};
 
 /// Connect to the agent listening on vsock `port` of guest `cid`. Until `timeout` passes, a
 /// guest that is still booting or has no agent listening yet is retried every
-/// [`RETRY_INTERVAL`](crate::client::RETRY_INTERVAL), as [`AgentClient::connect`] does through flint's socket.
+/// [`RETRY_INTERVAL`](crate::client::RETRY_INTERVAL), as [`AgentClient::connect`] does
+/// through flint's socket.
 pub fn connect_agent(cid: u32, port: u32, timeout: Duration) -> Result<AgentClient, AgentError> {
     AgentClient::connect_retrying(port, timeout, |deadline| {
         // One attempt waits at most 2 s for a guest whose vsock driver is not up yet.
