@@ -152,8 +152,9 @@ fn flint_run_sandboxes() {
     let mut rig_faults = 0;
     for i in 1..=4 {
         let par = line(out, &format!("PAR {i} "));
-        let rig = par.starts_with("125 flint: error: the guest agent did not answer")
-            || par.contains("triple-faulted (shutdown exit; KVM reset");
+        let rig = par.starts_with("125 ")
+            && (par.contains("the guest agent did not answer")
+                || par.contains("triple-faulted (shutdown exit; KVM reset"));
         if rig && rig_faults == 0 {
             rig_faults += 1;
             continue;
