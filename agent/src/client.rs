@@ -122,12 +122,7 @@ impl Signaller {
     /// Send `signal` (1-64) to the running command's process group. Returns whether a
     /// command was running (when none is, nothing is sent).
     pub fn signal(&self, signal: i32) -> Result<bool, AgentError> {
-        let mut w = lock(&self.shared);
-        if !w.active {
-            return Ok(false);
-        }
-        send_on(&mut w, &ToAgent::Signal(signal))?;
-        Ok(true)
+        signal_on(&mut lock(&self.shared), signal)
     }
 
     /// [`signal`](Self::signal), unless another thread is writing on the connection right
@@ -139,12 +134,17 @@ impl Signaller {
             Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
         };
-        if !w.active {
-            return Ok(false);
-        }
-        send_on(&mut w, &ToAgent::Signal(signal))?;
-        Ok(true)
+        signal_on(&mut w, signal)
     }
+}
+
+/// Send `signal` if a command runs on the connection; whether one did.
+fn signal_on(writer: &mut Writer, signal: i32) -> Result<bool, AgentError> {
+    if !writer.active {
+        return Ok(false);
+    }
+    send_on(writer, &ToAgent::Signal(signal))?;
+    Ok(true)
 }
 
 /// A connection to the guest agent. Operations run one at a time; after a failure other
