@@ -522,7 +522,11 @@ mod tests {
 
 // TEMPORARY STUB (reverted before the snapshot branch is merged).
 impl Vm {
-    pub fn snapshot(&self, _state_path: &std::path::Path, _mem_path: &std::path::Path) -> Result<()> {
+    pub fn snapshot(
+        &self,
+        _state_path: &std::path::Path,
+        _mem_path: &std::path::Path,
+    ) -> Result<()> {
         Err(Error::Device("snapshots are not implemented".into()))
     }
     pub fn restore(
