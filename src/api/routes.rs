@@ -89,6 +89,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/vm/config", "GET"),
     ("/logger", "PUT"),
     ("/metrics", "PUT"),
+    ("/snapshot/create", "PUT"),
+    ("/snapshot/load", "PUT"),
 ];
 
 /// Match `path` (without query) against the routes: the pattern, its methods and the decoded
@@ -196,6 +198,8 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<Request
         ("PATCH", "/vm") => schema::vm_state(v, "")?,
         ("PUT", "/logger") => Request::SetLogger(schema::logger(v, "")?),
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
+        ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
+        ("PUT", "/snapshot/load") => schema::snapshot_load(v, "")?,
         // Every (method, pattern) pair of ROUTES is handled above or in `route`.
         _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),
     })
@@ -348,6 +352,92 @@ mod tests {
             fwd("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
             Request::SetMetrics(MetricsConfig { path: "/m".into() })
         );
+    }
+
+    #[test]
+    fn snapshot_bodies() {
+        let create = Request::CreateSnapshot {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+        };
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            create
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            create
+        );
+        let load = |resume| Request::LoadSnapshot {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+            resume,
+        };
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "File", "backend_path": "/m"}, "resume_vm": true}"#
+            ),
+            load(true)
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": false}"#
+            ),
+            load(false)
+        );
+        for (path, body, expected) in [
+            (
+                "/snapshot/create",
+                r#"{"snapshot_path": "/s"}"#,
+                "missing required field 'mem_file_path'",
+            ),
+            (
+                "/snapshot/create",
+                r#"{"snapshot_type": "Diff", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+                "snapshot_type \"Diff\" is not supported",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s"}"#,
+                "missing required field 'mem_backend'",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "mem_backend": {"backend_type": "File", "backend_path": "/m"}}"#,
+                "not both",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
+                "mem_backend: backend_type \"Uffd\" is not supported",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_path": "/m"}}"#,
+                "mem_backend: missing required field 'backend_type'",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true}"#,
+                "track_dirty_pages is not supported",
+            ),
+        ] {
+            let (status, msg) = refused("PUT", path, body);
+            assert_eq!(status, 400, "{body}");
+            assert!(msg.contains(expected), "{body}: {msg}");
+        }
     }
 
     #[test]

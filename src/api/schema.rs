@@ -493,6 +493,81 @@ pub fn vm_state(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     })
 }
 
+/// `PUT /snapshot/create`: only full snapshots.
+pub fn snapshot_create(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &["snapshot_path", "mem_file_path", "snapshot_type"],
+        &[(
+            "version",
+            "is not supported: flint writes its own snapshot format",
+        )],
+    )?;
+    if f.opt_choice("snapshot_type", &["Full", "Diff"])? == Some("Diff") {
+        return Err(f.err(
+            "snapshot_type \"Diff\" is not supported: flint writes full snapshots only".into(),
+        ));
+    }
+    Ok(Request::CreateSnapshot {
+        snapshot_path: f.req_str("snapshot_path")?.into(),
+        mem_file_path: f.req_str("mem_file_path")?.into(),
+    })
+}
+
+/// `PUT /snapshot/load`: the memory file comes as `mem_backend` (of type `File`) or, as in
+/// older Firecracker versions, `mem_file_path`.
+pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &[
+            "snapshot_path",
+            "mem_file_path",
+            "mem_backend",
+            "resume_vm",
+            "enable_diff_snapshots",
+            "track_dirty_pages",
+        ],
+        &[(
+            "network_overrides",
+            "is not supported: a loaded VM uses the TAP devices it was snapshotted with",
+        )],
+    )?;
+    for name in ["enable_diff_snapshots", "track_dirty_pages"] {
+        if f.opt_bool(name)? == Some(true) {
+            return Err(f.err(format!(
+                "{name} is not supported: flint writes full snapshots only"
+            )));
+        }
+    }
+    let mem_file_path = match (f.opt_str("mem_file_path")?, f.get("mem_backend")) {
+        (Some(path), None) => path,
+        (None, Some(backend)) => {
+            let ctx = format!("{}mem_backend", f.ctx);
+            let b = Fields::new(backend, &ctx, &["backend_type", "backend_path"], &[])?;
+            if b.req_choice("backend_type", &["File", "Uffd"])? == "Uffd" {
+                return Err(b.err(
+                    "backend_type \"Uffd\" is not supported: flint maps the memory file itself"
+                        .into(),
+                ));
+            }
+            b.req_str("backend_path")?
+        }
+        (Some(_), Some(_)) => {
+            return Err(f.err("give either mem_backend or mem_file_path, not both".into()))
+        }
+        (None, None) => {
+            return Err(f.err("missing required field 'mem_backend' (or 'mem_file_path')".into()))
+        }
+    };
+    Ok(Request::LoadSnapshot {
+        snapshot_path: f.req_str("snapshot_path")?.into(),
+        mem_file_path: mem_file_path.into(),
+        resume: f.opt_bool("resume_vm")?.unwrap_or(false),
+    })
+}
+
 /// `PUT /logger`, config file `logger`. The level is accepted in any case and passed on in
 /// Firecracker's spelling ("Warning", ...).
 pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {

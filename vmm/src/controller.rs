@@ -183,6 +183,18 @@ pub enum Request {
     Pause,
     /// `PATCH /vm` `{"state": "Resumed"}`
     Resume,
+    /// `PUT /snapshot/create` (paused VM): the VM's state and its memory, in two files.
+    CreateSnapshot {
+        snapshot_path: PathBuf,
+        mem_file_path: PathBuf,
+    },
+    /// `PUT /snapshot/load` (instead of configuring and starting): the VM continues from a
+    /// snapshot, paused unless `resume`.
+    LoadSnapshot {
+        snapshot_path: PathBuf,
+        mem_file_path: PathBuf,
+        resume: bool,
+    },
 }
 
 impl Request {
@@ -207,6 +219,8 @@ impl Request {
             Request::FlushMetrics => "flush_metrics",
             Request::Pause => "pause",
             Request::Resume => "resume",
+            Request::CreateSnapshot { .. } => "create_snapshot",
+            Request::LoadSnapshot { .. } => "load_snapshot",
         }
     }
 }
@@ -499,6 +513,26 @@ impl Controller {
                 self.paused = false;
                 Ok(Response::Done)
             }
+            Request::CreateSnapshot {
+                snapshot_path,
+                mem_file_path,
+            } => {
+                let vm = self.running("create a snapshot")?;
+                if !self.paused {
+                    return Err(refuse(
+                        "cannot create a snapshot: the VM is running; pause it first \
+                         (PATCH /vm with {\"state\": \"Paused\"})",
+                    ));
+                }
+                vm.snapshot(&snapshot_path, &mem_file_path)
+                    .map_err(|e| refuse(format!("cannot create the snapshot: {e}")))?;
+                Ok(Response::Done)
+            }
+            Request::LoadSnapshot {
+                snapshot_path,
+                mem_file_path,
+                resume,
+            } => self.load_snapshot(&snapshot_path, &mem_file_path, resume),
             Request::SendCtrlAltDel => {
                 let vm = self.running("send Ctrl-Alt-Del")?;
                 if self.paused {
@@ -529,6 +563,57 @@ impl Controller {
             }
         };
         writeln!(file, "{line}").map_err(|e| refuse(format!("cannot write metrics: {e}")))
+    }
+
+    /// Build the VM from a snapshot and start it, paused unless `resume`.
+    fn load_snapshot(
+        &mut self,
+        snapshot_path: &std::path::Path,
+        mem_file_path: &std::path::Path,
+        resume: bool,
+    ) -> Result<Response, RequestError> {
+        if self.vm.is_some() {
+            return Err(refuse(
+                "a snapshot can only be loaded before the VM starts; start a new flint",
+            ));
+        }
+        let c = &self.config;
+        if c.boot_source.is_some()
+            || !c.drives.is_empty()
+            || !c.network_interfaces.is_empty()
+            || c.vsock.is_some()
+            || c.entropy
+        {
+            return Err(refuse(
+                "a snapshot can only be loaded into a flint with no VM resources configured: \
+                 the snapshot brings its own configuration",
+            ));
+        }
+        let console = self.console.take().ok_or_else(|| {
+            refuse("cannot load the snapshot: an earlier start failed; start a new flint")
+        })?;
+        let (mut vm, config) = Vm::restore(
+            snapshot_path,
+            mem_file_path,
+            &mut |_| {},
+            console,
+            self.start,
+        )
+        .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
+        let started = if resume {
+            vm.start()
+        } else {
+            vm.start_paused()
+        };
+        started.map_err(|e| refuse(format!("cannot start the VM from the snapshot: {e}")))?;
+        self.paused = !resume;
+        self.config = FullConfig {
+            logger: self.config.logger.take(),
+            metrics: self.config.metrics.take(),
+            ..full_config(&config)
+        };
+        self.vm = Some(vm);
+        Ok(Response::Done)
     }
 
     /// The VM configuration the API has built so far.
@@ -564,6 +649,55 @@ impl Controller {
             .validate()
             .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
         Ok(config)
+    }
+}
+
+/// How the API describes a VM built from `config` (a loaded snapshot's).
+fn full_config(config: &VmConfig) -> FullConfig {
+    FullConfig {
+        boot_source: Some(BootSource {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: Some(config.cmdline.clone()),
+        }),
+        machine: MachineConfig {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            ..MachineConfig::default()
+        },
+        drives: config
+            .drives
+            .iter()
+            .enumerate()
+            .map(|(n, d)| ApiDrive {
+                id: d.id.clone().unwrap_or_else(|| format!("drive{n}")),
+                path: d.path.clone(),
+                root: d.root,
+                read_only: d.read_only,
+                partuuid: None,
+                cache_type: CacheType::Unsafe,
+                rate_limiter: d.rate_limiter,
+            })
+            .collect(),
+        network_interfaces: config
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(n, net)| NetworkInterface {
+                id: format!("eth{n}"),
+                tap: net.tap.clone(),
+                mac: net.mac,
+                rx_rate_limiter: net.rx_rate_limiter,
+                tx_rate_limiter: net.tx_rate_limiter,
+            })
+            .collect(),
+        vsock: config.vsock.as_ref().map(|v| Vsock {
+            guest_cid: v.guest_cid,
+            uds_path: v.uds_path.clone(),
+        }),
+        entropy: config.entropy,
+        logger: None,
+        metrics: None,
     }
 }
 
@@ -698,6 +832,30 @@ mod tests {
         }
         let err = c.handle(Request::Start).unwrap_err();
         assert!(err.0.contains("no boot source"), "{err}");
+    }
+
+    #[test]
+    fn snapshots_need_a_paused_vm_or_an_unconfigured_flint() {
+        let mut c = controller();
+        let create = Request::CreateSnapshot {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+        };
+        let err = c.handle(create).unwrap_err();
+        assert!(err.0.contains("has not been started"), "{err}");
+        c.handle(Request::SetEntropy).unwrap();
+        let load = Request::LoadSnapshot {
+            snapshot_path: "/nonexistent/s".into(),
+            mem_file_path: "/nonexistent/m".into(),
+            resume: true,
+        };
+        let err = c.handle(load.clone()).unwrap_err();
+        assert!(err.0.contains("no VM resources configured"), "{err}");
+        let mut c = controller();
+        let err = c.handle(load).unwrap_err();
+        assert!(err.0.starts_with("cannot load the snapshot:"), "{err}");
+        assert!(err.0.contains("/nonexistent/s"), "{err}");
+        assert_eq!(c.state(), VmState::NotStarted);
     }
 
     #[test]
