@@ -330,9 +330,15 @@ fn run_help() -> String {
     format!(
         "Usage: flint run [OPTIONS] -- COMMAND [ARG]...
 
-Boot a throwaway microVM, run COMMAND in it through the guest agent, stream its stdout and
+Start a throwaway microVM, run COMMAND in it through the guest agent, stream its stdout and
 stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing
 is left behind: the VM, its sockets and temporary files are gone when flint exits.
+
+With the default image and no network, the microVM is restored from a snapshot of a booted
+sandbox (in $FLINT_CACHE/sandbox/snapshots, made by the first such run, remade whenever the
+kernel, the image, flint, --vcpus or --memory change) instead of booting Linux: each
+sandbox's memory is a private copy-on-write mapping of it, and its agent sets the guest's
+clock and reseeds the guest's random number generator from the host before COMMAND runs.
 
 Options:
   --kernel PATH        guest kernel (default: $FLINT_CACHE/guest/vmlinux, built by
@@ -351,6 +357,7 @@ Options:
   --copy-in HOST:GUEST copy a host file into the guest before COMMAND runs (repeatable)
   --copy-out GUEST:HOST
                        copy a guest file out after COMMAND ends (repeatable)
+  --cold               boot the guest instead of restoring the snapshot (and make none)
   --no-seccomp         do not install seccomp filters (debugging only)
 
 Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeout expired;
@@ -498,6 +505,7 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
                 o.copy_out.push((guest_path(guest)?, host.into()));
             }
             "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
+            "--cold" if inline.is_none() => o.cold = true,
             _ => {
                 return Err(CliError::UnknownOption {
                     command: "run",
@@ -1145,6 +1153,8 @@ mod tests {
             vec![("/g/out".to_string(), PathBuf::from("/h/out"))]
         );
         assert_eq!(o.net.as_deref(), Some("t0"));
+        assert!(!o.cold, "restoring the snapshot is the default");
+        assert!(run(&["run", "--cold", "--", "true"]).unwrap().cold);
         assert_eq!(
             run(&["run", "true"]).unwrap_err(),
             CliError::NoCommandToRun("run")

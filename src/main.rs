@@ -7,6 +7,7 @@ mod config_file;
 mod jail;
 mod logger;
 mod sandbox;
+mod template;
 mod terminal;
 
 use std::process::ExitCode;

@@ -14,6 +14,8 @@ use log::debug;
 use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
+
+use crate::template::Template;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit status when the command timed out (the VM is killed first), as `timeout(1)` does.
@@ -53,6 +55,8 @@ pub struct RunOptions {
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
     pub command: CommandOptions,
+    /// Boot the guest even when a snapshot of a booted sandbox could be restored.
+    pub cold: bool,
 }
 
 /// `flint exec` options.
@@ -116,6 +120,24 @@ fn exec_spec(command: &CommandOptions) -> ExecSpec {
 enum ClientResult {
     Finished(CommandStatus),
     Failed(AgentError),
+    /// The agent answered and the connection is closed again: the booted guest can be
+    /// snapshotted now. The client waits for the snapshot before it connects again.
+    ReadyForSnapshot,
+}
+
+/// What the agent client does between connecting and running the command.
+enum Prepare {
+    /// Nothing: the guest booted just now.
+    Nothing,
+    /// The guest was restored from a snapshot: set its clock and reseed its random number
+    /// generator from the host first.
+    Refresh,
+    /// The guest booted and a template is to be made of it: call `ready` with no connection
+    /// open, wait for `done`, then connect again.
+    Template {
+        ready: Box<dyn FnOnce() + Send>,
+        done: mpsc::Receiver<()>,
+    },
 }
 
 /// Run one command through the agent: copies in, the command, copies out.
@@ -125,6 +147,7 @@ fn drive_agent(
     copy_in: &[(PathBuf, String)],
     copy_out: &[(String, PathBuf)],
     signaller: &mpsc::Sender<flint_agent::Signaller>,
+    prepare: Prepare,
     start: Instant,
 ) -> Result<CommandStatus, AgentError> {
     let mut client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
@@ -132,6 +155,23 @@ fn drive_agent(
         "sandbox: agent connected at {} ms",
         start.elapsed().as_millis()
     );
+    match prepare {
+        Prepare::Nothing => {}
+        Prepare::Refresh => {
+            client.refresh()?;
+            debug!(
+                "sandbox: guest clock and RNG refreshed at {} ms",
+                start.elapsed().as_millis()
+            );
+        }
+        Prepare::Template { ready, done } => {
+            drop(client);
+            ready();
+            // Whether or not the snapshot was made, the guest runs on.
+            let _ = done.recv();
+            client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+        }
+    }
     let _ = signaller.send(client.signaller());
     for (host, guest) in copy_in {
         client.copy_in(host, Path::new(guest))?;
@@ -146,6 +186,42 @@ fn drive_agent(
         client.copy_out(Path::new(guest), host)?;
     }
     Ok(status)
+}
+
+/// The guest's console goes to `path` (it is not shown; it is kept for diagnostics).
+fn console_to(path: &Path) -> Result<ConsoleIo, String> {
+    let file = std::fs::File::create(path)
+        .map_err(|e| format!("cannot create the console log: {e}"))?;
+    Ok(ConsoleIo {
+        output: Box::new(file),
+        input: None,
+        escape: false,
+    })
+}
+
+/// Restore the sandbox VM from `template` (its vsock socket moved to `uds`); `None`, with the
+/// template discarded, when that fails.
+fn restore(template: &Template, uds: &Path, console_log: &Path, start: Instant) -> Option<Vm> {
+    let (state, memory) = template.files()?;
+    let console = console_to(console_log).ok()?;
+    let mut move_socket = |config: &mut VmConfig| {
+        if let Some(vsock) = config.vsock.as_mut() {
+            vsock.uds_path = uds.to_path_buf();
+        }
+    };
+    match Vm::restore(&state, &memory, &mut move_socket, console, start) {
+        Ok((vm, config)) if config.vsock.is_some() => Some(vm),
+        Ok(_) => {
+            log::warn!("sandbox: the snapshot has no vsock device; booting instead");
+            template.discard();
+            None
+        }
+        Err(e) => {
+            log::warn!("sandbox: cannot restore the snapshot ({e}); booting instead");
+            template.discard();
+            None
+        }
+    }
 }
 
 /// `flint run`.
@@ -209,22 +285,38 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
 
     // The guest's console is not shown: the command's output is. Keep it for diagnostics.
     let console_log = work.0.join("console.log");
-    let console_out: Box<dyn Write + Send> = match std::fs::File::create(&console_log) {
-        Ok(f) => Box::new(f),
-        Err(e) => return sandbox_failed(&format!("cannot create the console log: {e}")),
+    // With the default image and no network, restore a snapshot of a booted sandbox (made by
+    // the first such run) instead of booting.
+    let template = (!options.cold && options.rootfs.is_none() && options.net.is_none())
+        .then(|| Template::for_config(&cache, &config))
+        .and_then(|t| {
+            t.map_err(|e| log::warn!("sandbox: no snapshot cache: {e}"))
+                .ok()
+        });
+    let restored = template
+        .as_ref()
+        .and_then(|t| restore(t, &uds, &console_log, start));
+    let prepare_first = if restored.is_some() {
+        debug!("sandbox: restored at {} ms", start.elapsed().as_millis());
+        Prepare::Refresh
+    } else {
+        Prepare::Nothing
     };
-    let mut vm = match Vm::build(
-        &config,
-        ConsoleIo {
-            output: console_out,
-            input: None,
-            escape: false,
-        },
-        start,
-    ) {
-        Ok(vm) => vm,
-        Err(e) => return sandbox_failed(&e),
+    let mut vm = match restored {
+        Some(vm) => vm,
+        None => {
+            let console = match console_to(&console_log) {
+                Ok(c) => c,
+                Err(e) => return sandbox_failed(&e),
+            };
+            match Vm::build(&config, console, start) {
+                Ok(vm) => vm,
+                Err(e) => return sandbox_failed(&e),
+            }
+        }
     };
+    // A booted guest is snapshotted once its agent answers, for the runs after this one.
+    let template = template.filter(|_| matches!(prepare_first, Prepare::Nothing));
 
     // The agent client runs on its own thread, started before the VMM thread restricts
     // itself (threads inherit filters), with its own filter.
@@ -238,6 +330,24 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     };
     let (result_tx, result_rx) = mpsc::channel();
     let (signaller_tx, signaller_rx) = mpsc::channel();
+    let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel();
+    let prepare = match &template {
+        Some(_) => {
+            let ready_tx = result_tx.clone();
+            let ready_writer = match done_writer.try_clone() {
+                Ok(e) => e,
+                Err(e) => return sandbox_failed(&format!("cannot create an eventfd: {e}")),
+            };
+            Prepare::Template {
+                ready: Box::new(move || {
+                    let _ = ready_tx.send(ClientResult::ReadyForSnapshot);
+                    let _ = ready_writer.write(1);
+                }),
+                done: snapshot_done_rx,
+            }
+        }
+        None => prepare_first,
+    };
     let spec = exec_spec(&options.command);
     let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
     let client_uds = uds.clone();
@@ -253,6 +363,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                         &copy_in,
                         &copy_out,
                         &signaller_tx,
+                        prepare,
                         start,
                     ) {
                         Ok(status) => ClientResult::Finished(status),
@@ -276,8 +387,19 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     let ending = loop {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
         wait_readable(&[vm.ending_event().as_raw_fd(), done.as_raw_fd()], timeout);
-        if let Ok(result) = result_rx.try_recv() {
+        // Drain the counter: the client may report more than once.
+        let _ = done.read();
+        let mut result = result_rx.try_recv().ok();
+        if let Some(ClientResult::ReadyForSnapshot) = result {
+            if let Some(template) = &template {
+                make_template(&vm, template, start);
+            }
+            let _ = snapshot_done_tx.send(());
+            result = result_rx.try_recv().ok();
+        }
+        if let Some(result) = result {
             match result {
+                ClientResult::ReadyForSnapshot => {}
                 // Once the status and the copies are in, nothing in the throwaway guest
                 // matters: stop it rather than wait for it to power off.
                 ClientResult::Finished(status) => {
@@ -326,7 +448,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                 match result_rx.recv_timeout(Duration::from_secs(5)) {
                     Ok(ClientResult::Finished(s)) => command_status = Some(s),
                     Ok(ClientResult::Failed(e)) => client_error = Some(e),
-                    Err(_) => {}
+                    Ok(ClientResult::ReadyForSnapshot) | Err(_) => {}
                 }
             }
             vm.shutdown(Ending::Reset);
@@ -363,6 +485,26 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     match command_status {
         Some(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
         None => sandbox_failed(&"the guest powered off before the command reported its status"),
+    }
+}
+
+/// Snapshot the booted sandbox into `template` (pausing it meanwhile). A failure is logged:
+/// this run goes on, and the next one boots again.
+fn make_template(vm: &Vm, template: &Template, start: Instant) {
+    let began = Instant::now();
+    let made = template.make(|state, memory| {
+        vm.pause().map_err(|e| e.to_string())?;
+        let written = vm.snapshot(state, memory).map_err(|e| e.to_string());
+        vm.resume();
+        written
+    });
+    match made {
+        Ok(()) => debug!(
+            "sandbox: snapshot of the booted guest made in {} ms (at {} ms)",
+            began.elapsed().as_millis(),
+            start.elapsed().as_millis()
+        ),
+        Err(e) => log::warn!("sandbox: cannot snapshot the booted sandbox for later runs: {e}"),
     }
 }
 
@@ -437,7 +579,15 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
     };
     let (signaller_tx, _signaller_rx) = mpsc::channel();
     let spec = exec_spec(&options.command);
-    match drive_agent(&uds, &spec, &[], &[], &signaller_tx, Instant::now()) {
+    match drive_agent(
+        &uds,
+        &spec,
+        &[],
+        &[],
+        &signaller_tx,
+        Prepare::Nothing,
+        Instant::now(),
+    ) {
         Ok(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
         Err(e @ AgentError::NotStarted(_)) => {
             eprintln!("flint: error: {e}");

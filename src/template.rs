@@ -1,0 +1,218 @@
+//! Sandbox templates: a snapshot of a booted sandbox guest whose agent is listening, cached on
+//! disk, that `flint run` restores instead of booting Linux.
+//!
+//! A template is a directory `$FLINT_CACHE/sandbox/snapshots/<key>` holding `state.json` and
+//! `memory` (written by [`vmm::Vm::snapshot`]). The key covers everything the snapshot
+//! depends on: the flint binary (its state format), the kernel and the image (path, size,
+//! modification time and inode), vCPUs, memory and the entropy device. A template is made by
+//! writing into a private temporary directory and renaming it into place, so concurrent runs
+//! never see half a template; when two make one at once, the first rename wins.
+
+use std::hash::Hasher;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use vmm::VmConfig;
+
+const STATE_FILE: &str = "state.json";
+const MEMORY_FILE: &str = "memory";
+
+/// FNV-1a, 64 bits: a stable hash for cache keys (std's `DefaultHasher` may change between
+/// Rust releases).
+struct Fnv(u64);
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+fn new_hasher() -> Fnv {
+    Fnv(0xcbf2_9ce4_8422_2325)
+}
+
+/// Identity of a file's contents as far as the cache cares: path, size, mtime and inode.
+fn hash_file(h: &mut Fnv, path: &Path) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    h.write(path.as_os_str().as_encoded_bytes());
+    h.write_u8(0);
+    for n in [meta.len(), meta.ino(), meta.dev()] {
+        h.write_u64(n);
+    }
+    h.write_i64(meta.mtime());
+    h.write_i64(meta.mtime_nsec());
+    Ok(())
+}
+
+/// Where the template for one sandbox configuration lives.
+#[derive(Debug, Clone)]
+pub struct Template {
+    dir: PathBuf,
+    /// The key's part that names the flint binary: templates of other binaries are stale.
+    binary: String,
+}
+
+impl Template {
+    /// The template for sandboxes booted from `config`, under `cache` (`$FLINT_CACHE`).
+    pub fn for_config(cache: &Path, config: &VmConfig) -> std::io::Result<Template> {
+        let mut h = new_hasher();
+        hash_file(&mut h, &std::env::current_exe()?)?;
+        let binary = format!("{:016x}", h.finish());
+        let mut h = new_hasher();
+        hash_file(&mut h, &config.kernel)?;
+        if let Some(initrd) = &config.initrd {
+            hash_file(&mut h, initrd)?;
+        }
+        h.write(config.cmdline.as_bytes());
+        h.write_u32(config.vcpus);
+        h.write_u64(config.mem_mib);
+        h.write_u8(u8::from(config.entropy));
+        Ok(Template {
+            dir: cache
+                .join("sandbox/snapshots")
+                .join(format!("{binary}-{:016x}", h.finish())),
+            binary,
+        })
+    }
+
+    /// The state and memory files, if the template has been made.
+    pub fn files(&self) -> Option<(PathBuf, PathBuf)> {
+        let state = self.dir.join(STATE_FILE);
+        let memory = self.dir.join(MEMORY_FILE);
+        (state.is_file() && memory.is_file()).then_some((state, memory))
+    }
+
+    /// Remove a template that could not be restored, so that the next run makes a new one.
+    pub fn discard(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+
+    /// Make the template with `write(state_path, memory_path)`, which writes both files.
+    /// Templates of other flint binaries are removed: they can never be used again.
+    pub fn make(
+        &self,
+        write: impl FnOnce(&Path, &Path) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let parent = self.dir.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(parent)
+            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        let tmp = parent.join(format!(".new-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        let made = std::fs::set_permissions(
+            &tmp,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| format!("cannot restrict {}: {e}", tmp.display()))
+        .and_then(|()| write(&tmp.join(STATE_FILE), &tmp.join(MEMORY_FILE)));
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if std::fs::rename(&tmp, &self.dir).is_err() {
+            // Another run made it first (the directory exists and is not empty).
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        self.remove_stale(parent);
+        Ok(())
+    }
+
+    /// Remove the templates of other flint binaries.
+    fn remove_stale(&self, parent: &Path) {
+        let Ok(entries) = std::fs::read_dir(parent) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if !name.starts_with('.') && !name.starts_with(&self.binary) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flint-template-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn the_key_follows_the_kernel_image_and_machine() {
+        let dir = scratch("key");
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        std::fs::write(dir.join("image"), b"image").unwrap();
+        let mut config = VmConfig::new(dir.join("vmlinux"));
+        config.initrd = Some(dir.join("image"));
+        let key = |c: &VmConfig| Template::for_config(&dir, c).unwrap().dir;
+        let first = key(&config);
+        assert_eq!(key(&config), first, "the key is stable");
+        let mut more_memory = config.clone();
+        more_memory.mem_mib *= 2;
+        let mut two_cpus = config.clone();
+        two_cpus.vcpus = 2;
+        assert_ne!(key(&more_memory), first);
+        assert_ne!(key(&two_cpus), first);
+        std::fs::write(dir.join("image"), b"a different image").unwrap();
+        assert_ne!(key(&config), first, "a rebuilt image makes a new template");
+        std::fs::remove_file(dir.join("image")).unwrap();
+        assert!(Template::for_config(&dir, &config).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_template_appears_whole_or_not_at_all_and_stale_ones_go() {
+        let dir = scratch("make");
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        let config = VmConfig::new(dir.join("vmlinux"));
+        let template = Template::for_config(&dir, &config).unwrap();
+        let stale = dir.join("sandbox/snapshots/0000000000000000-1111111111111111");
+        std::fs::create_dir_all(&stale).unwrap();
+        assert!(template.files().is_none());
+
+        let err = template
+            .make(|state, _| {
+                std::fs::write(state, b"{}").unwrap();
+                Err("the VM could not be paused".into())
+            })
+            .unwrap_err();
+        assert_eq!(err, "the VM could not be paused");
+        assert!(template.files().is_none());
+        assert!(stale.exists(), "nothing is removed when no template was made");
+
+        template
+            .make(|state, memory| {
+                std::fs::write(state, b"{}").unwrap();
+                std::fs::write(memory, b"").unwrap();
+                Ok(())
+            })
+            .unwrap();
+        let (state, memory) = template.files().unwrap();
+        assert!(state.is_file() && memory.is_file());
+        assert!(!stale.exists(), "templates of other flint binaries are removed");
+        let left: Vec<_> = std::fs::read_dir(dir.join("sandbox/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "no temporary directory is left: {left:?}");
+
+        // A second maker (another run that raced) leaves the first template in place.
+        template.make(|_, _| Ok(())).unwrap();
+        assert!(template.files().is_some());
+        template.discard();
+        assert!(template.files().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
