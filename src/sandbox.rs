@@ -190,8 +190,8 @@ fn drive_agent(
 
 /// The guest's console goes to `path` (it is not shown; it is kept for diagnostics).
 fn console_to(path: &Path) -> Result<ConsoleIo, String> {
-    let file = std::fs::File::create(path)
-        .map_err(|e| format!("cannot create the console log: {e}"))?;
+    let file =
+        std::fs::File::create(path).map_err(|e| format!("cannot create the console log: {e}"))?;
     Ok(ConsoleIo {
         output: Box::new(file),
         input: None,

@@ -105,12 +105,10 @@ impl Template {
         let tmp = parent.join(format!(".new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let made = std::fs::set_permissions(
-            &tmp,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(|e| format!("cannot restrict {}: {e}", tmp.display()))
-        .and_then(|()| write(&tmp.join(STATE_FILE), &tmp.join(MEMORY_FILE)));
+        let made =
+            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(|e| format!("cannot restrict {}: {e}", tmp.display()))
+                .and_then(|()| write(&tmp.join(STATE_FILE), &tmp.join(MEMORY_FILE)));
         if let Err(e) = made {
             let _ = std::fs::remove_dir_all(&tmp);
             return Err(e);
@@ -143,7 +141,8 @@ mod tests {
     use super::*;
 
     fn scratch(name: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("flint-template-{name}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("flint-template-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
@@ -190,7 +189,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(err, "the VM could not be paused");
         assert!(template.files().is_none());
-        assert!(stale.exists(), "nothing is removed when no template was made");
+        assert!(
+            stale.exists(),
+            "nothing is removed when no template was made"
+        );
 
         template
             .make(|state, memory| {
@@ -201,7 +203,10 @@ mod tests {
             .unwrap();
         let (state, memory) = template.files().unwrap();
         assert!(state.is_file() && memory.is_file());
-        assert!(!stale.exists(), "templates of other flint binaries are removed");
+        assert!(
+            !stale.exists(),
+            "templates of other flint binaries are removed"
+        );
         let left: Vec<_> = std::fs::read_dir(dir.join("sandbox/snapshots"))
             .unwrap()
             .map(|e| e.unwrap().file_name())

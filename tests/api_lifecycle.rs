@@ -1,6 +1,7 @@
 //! Tier 3: the REST API drives a real Linux guest through Firecracker's getting-started
-//! sequence (configure, start, pause, resume, Ctrl-Alt-Del) with `curl --unix-socket`, in the
-//! nested KVM host (or directly on a host whose KVM boots Linux).
+//! sequence (configure, start, pause, resume, Ctrl-Alt-Del) and through snapshot create and
+//! load, with `curl --unix-socket`, in the nested KVM host (or directly on a host whose KVM
+//! boots Linux).
 
 mod support;
 
@@ -8,18 +9,9 @@ use std::path::PathBuf;
 
 use support::{run_scenario, DEFAULT_CMDLINE};
 
-/// Steps print `STEP <name> <http status>` or `CHECK <name> <yes|no>` lines; the Rust side
-/// asserts on them.
-const SCENARIO: &str = r#"
-CURL=$FILES/curl
-SOCK=$WORK/flint.sock
-mkfifo "$WORK/console-in"
-# Keep the fifo open for writing so flint's stdin stays connected.
-sleep 600 >"$WORK/console-in" &
-keep=$!
-"$FLINT" --api-sock "$SOCK" --id api-e2e <"$WORK/console-in" >"$WORK/console" 2>"$WORK/stderr" &
-pid=$!
-i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+/// Shell helpers of both scenarios: `call NAME METHOD PATH [BODY]` sends one request to
+/// `$SOCK` and prints its status and body; `wait_for FILE TEXT SECONDS` prints yes or no.
+const HELPERS: &str = r#"
 call() { # name method path [body]
     name=$1; method=$2; path=$3; body=${4:-}
     if [ -n "$body" ]; then
@@ -36,6 +28,20 @@ wait_for() { # file text seconds
     i=0; while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt $(($3 * 10)) ]; do sleep 0.1; i=$((i+1)); done
     grep -q "$2" "$1" && echo yes || echo no
 }
+"#;
+
+/// Steps print `STEP <name> <http status>` or `CHECK <name> <yes|no>` lines; the Rust side
+/// asserts on them.
+const SCENARIO: &str = r#"
+CURL=$FILES/curl
+SOCK=$WORK/flint.sock
+mkfifo "$WORK/console-in"
+# Keep the fifo open for writing so flint's stdin stays connected.
+sleep 600 >"$WORK/console-in" &
+keep=$!
+"$FLINT" --api-sock "$SOCK" --id api-e2e <"$WORK/console-in" >"$WORK/console" 2>"$WORK/stderr" &
+pid=$!
+i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
 call describe_before GET /
 call boot_source PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"initrd_path\": \"$INITRAMFS\", \"boot_args\": \"$GUEST_CMDLINE\"}"
 call machine_config PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
@@ -68,6 +74,74 @@ echo "--- flint stderr"; cat "$WORK/stderr"
 echo "--- guest console (tail)"; tail -n 30 "$WORK/console"
 "#;
 
+/// Three flints in turn: A boots a guest and snapshots it; B loads that snapshot (paused),
+/// resumes it and snapshots it again; C loads B's snapshot and runs on. The guest's shell
+/// keeps a variable set before the first snapshot, and its uptime keeps counting.
+const SNAPSHOT_SCENARIO: &str = r#"
+CURL=$FILES/curl
+start_flint() { # name
+    mkfifo "$WORK/$1.in"
+    sleep 900 >"$WORK/$1.in" &
+    eval "keep_$1=\$!"
+    SOCK=$WORK/$1.sock
+    "$FLINT" --api-sock "$SOCK" --id "snap-$1" <"$WORK/$1.in" >"$WORK/$1.console" 2>"$WORK/$1.stderr" &
+    pid=$!
+    i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+}
+stop_flint() { # name
+    kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
+    eval "kill \$keep_$1" 2>/dev/null
+}
+
+start_flint a
+call a_boot_source PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"initrd_path\": \"$INITRAMFS\", \"boot_args\": \"$GUEST_CMDLINE\"}"
+call a_machine PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
+call a_vsock PUT /vsock "{\"guest_cid\": 7, \"uds_path\": \"$WORK/v.sock\"}"
+call a_entropy PUT /entropy '{}'
+call a_start PUT /actions '{"action_type": "InstanceStart"}'
+echo "CHECK a_prompt $(wait_for "$WORK/a.console" '/ #' 180)"
+echo 'x=41; echo "UPTIME-A $(cut -d. -f1 /proc/uptime)"' >"$WORK/a.in"
+echo "CHECK a_uptime $(wait_for "$WORK/a.console" 'UPTIME-A [0-9]' 60)"
+call a_snapshot_running PUT /snapshot/create "{\"snapshot_path\": \"$WORK/s1\", \"mem_file_path\": \"$WORK/m1\"}"
+call a_pause PATCH /vm '{"state": "Paused"}'
+call a_snapshot PUT /snapshot/create "{\"snapshot_type\": \"Full\", \"snapshot_path\": \"$WORK/s1\", \"mem_file_path\": \"$WORK/m1\"}"
+echo "CHECK m1_mode $(stat -c %a "$WORK/m1")"
+echo "CHECK m1_sparse $([ $(du -k "$WORK/m1" | cut -f1) -lt $((256 * 1024)) ] && echo yes || echo no)"
+stop_flint a
+md5_m1=$(md5sum <"$WORK/m1")
+
+start_flint b
+call b_load PUT /snapshot/load "{\"snapshot_path\": \"$WORK/s1\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$WORK/m1\"}}"
+call b_describe GET /
+call b_config GET /vm/config
+call b_resume PATCH /vm '{"state": "Resumed"}'
+echo 'echo "RESTORED-$((x+1)) UPTIME-B $(cut -d. -f1 /proc/uptime)"' >"$WORK/b.in"
+echo "CHECK b_restored $(wait_for "$WORK/b.console" 'RESTORED-42' 60)"
+echo "UPTIMES $(grep -o 'UPTIME-A [0-9]*' "$WORK/a.console" | tail -n 1) $(grep -o 'UPTIME-B [0-9]*' "$WORK/b.console" | tail -n 1)"
+echo 'x=$((x+1))' >"$WORK/b.in"
+sleep 1
+call b_pause PATCH /vm '{"state": "Paused"}'
+call b_snapshot PUT /snapshot/create "{\"snapshot_path\": \"$WORK/s2\", \"mem_file_path\": \"$WORK/m2\"}"
+stop_flint b
+echo "CHECK m1_unchanged $([ "$(md5sum <"$WORK/m1")" = "$md5_m1" ] && echo yes || echo no)"
+
+start_flint c
+call c_entropy PUT /entropy '{}'
+call c_load_configured PUT /snapshot/load "{\"snapshot_path\": \"$WORK/s2\", \"mem_file_path\": \"$WORK/m2\"}"
+stop_flint c
+start_flint d
+call d_load PUT /snapshot/load "{\"snapshot_path\": \"$WORK/s2\", \"mem_file_path\": \"$WORK/m2\", \"resume_vm\": true}"
+call d_describe GET /
+echo 'echo "AGAIN-$((x+1))"' >"$WORK/d.in"
+echo "CHECK d_restored $(wait_for "$WORK/d.console" 'AGAIN-43' 60)"
+call d_ctrl_alt_del PUT /actions '{"action_type": "SendCtrlAltDel"}'
+i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+if kill -0 $pid 2>/dev/null; then echo "CHECK d_exited no"; else echo "CHECK d_exited yes"; fi
+wait $pid; echo "CHECK d_status $?"
+stop_flint d
+for n in a b d; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; done
+"#;
+
 fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
     let prefix = format!("{kind} {name} ");
     output
@@ -83,7 +157,7 @@ fn firecracker_getting_started_sequence() {
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{SCENARIO}");
+    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{SCENARIO}");
     let run = run_scenario(&script, &[(curl, "curl")]);
     assert_eq!(run.status, 0, "scenario failed");
     let out = &run.output;
@@ -159,4 +233,94 @@ fn firecracker_getting_started_sequence() {
         "yes",
         "the API socket was left behind"
     );
+}
+
+#[test]
+fn snapshot_create_and_load() {
+    let curl = PathBuf::from("/usr/bin/curl");
+    assert!(
+        curl.is_file(),
+        "curl is needed for this test (apt-get install curl)"
+    );
+    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{SNAPSHOT_SCENARIO}");
+    let run = run_scenario(&script, &[(curl, "curl")]);
+    assert_eq!(run.status, 0, "scenario failed");
+    let out = &run.output;
+    let step = |name: &str| value(out, "STEP", name);
+    let body = |name: &str| value(out, "BODY", name);
+    let check = |name: &str| value(out, "CHECK", name);
+
+    for name in [
+        "a_boot_source",
+        "a_machine",
+        "a_vsock",
+        "a_entropy",
+        "a_start",
+    ] {
+        assert_eq!(step(name), "204", "{name}: {}", body(name));
+    }
+    assert_eq!(check("a_prompt"), "yes", "the guest did not boot");
+    assert_eq!(check("a_uptime"), "yes");
+    assert_eq!(step("a_snapshot_running"), "400");
+    assert!(
+        body("a_snapshot_running").contains("pause it first"),
+        "{out}"
+    );
+    assert_eq!(step("a_pause"), "204");
+    assert_eq!(step("a_snapshot"), "204", "{}", body("a_snapshot"));
+    assert_eq!(
+        check("m1_mode"),
+        "600",
+        "guest memory is private to its owner"
+    );
+    assert_eq!(check("m1_sparse"), "yes", "zero pages are holes");
+
+    assert_eq!(step("b_load"), "204", "{}", body("b_load"));
+    assert!(body("b_describe").contains("\"state\":\"Paused\""), "{out}");
+    assert!(body("b_config").contains("\"vcpu_count\":2"), "{out}");
+    assert!(body("b_config").contains("\"mem_size_mib\":256"), "{out}");
+    assert!(body("b_config").contains("\"guest_cid\":7"), "{out}");
+    assert_eq!(step("b_resume"), "204");
+    assert_eq!(
+        check("b_restored"),
+        "yes",
+        "the restored guest lost its shell's state"
+    );
+    let uptimes: Vec<u64> = value(out, "UPTIMES", "UPTIME-A")
+        .split(" UPTIME-B ")
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        uptimes[1] >= uptimes[0] && uptimes[1] < uptimes[0] + 600,
+        "the restored guest's clock continues from the snapshot: {uptimes:?}"
+    );
+    assert_eq!(step("b_pause"), "204");
+    assert_eq!(
+        step("b_snapshot"),
+        "204",
+        "a restored VM can be snapshotted again: {}",
+        body("b_snapshot")
+    );
+    assert_eq!(
+        check("m1_unchanged"),
+        "yes",
+        "the restored guest wrote to the memory file"
+    );
+
+    assert_eq!(step("c_entropy"), "204");
+    assert_eq!(step("c_load_configured"), "400");
+    assert!(
+        body("c_load_configured").contains("no VM resources configured"),
+        "{out}"
+    );
+
+    assert_eq!(step("d_load"), "204", "{}", body("d_load"));
+    assert!(
+        body("d_describe").contains("\"state\":\"Running\""),
+        "{out}"
+    );
+    assert_eq!(check("d_restored"), "yes", "the second snapshot lost state");
+    assert_eq!(step("d_ctrl_alt_del"), "204");
+    assert_eq!(check("d_exited"), "yes", "Ctrl-Alt-Del did not end the VM");
+    assert_eq!(check("d_status"), "0");
 }

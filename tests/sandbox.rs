@@ -12,6 +12,9 @@ use support::{cache_dir, run_scenario_with, ScenarioOptions};
 /// prints what a sandbox could leak, to compare before and after.
 const PRELUDE: &str = r#"
 R="$FLINT run --kernel $VMLINUX --image $FILES/sandbox.cpio.gz"
+# The snapshot of a booted sandbox that flint run restores: made by the scenario's first run.
+export FLINT_CACHE=$WORK/flint-cache
+snapshots=$FLINT_CACHE/sandbox/snapshots
 # User-space processes (kernel threads have an empty cmdline and come and go on their own)
 # and their open files, mounts, network interfaces, cgroups, flint's temporary directories.
 state() {
@@ -29,6 +32,30 @@ state() {
 
 const SCENARIO: &str = r#"
 echo "STATE before $(state)"
+# The first run boots and snapshots the booted guest; the runs after it restore that.
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/first.err"; echo "STATUS first $?"
+echo "MADE $(grep -c 'snapshot of the booted guest made' "$WORK/first.err")"
+echo "TEMPLATES $(ls "$snapshots" | wc -l)"
+mem_md5() { md5sum "$snapshots"/*/memory | cut -d' ' -f1; }
+echo "MEMORY_MD5 before $(mem_md5)"
+for i in 1 2; do
+    FLINT_LOG=debug $R -- sh -c 'date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' \
+        </dev/null >"$WORK/restored$i.out" 2>"$WORK/restored$i.err"
+    echo "STATUS restored$i $?"
+    echo "HOST_TIME$i $(date +%s)"
+    echo "GUEST_TIME$i $(sed -n 1p "$WORK/restored$i.out")"
+    echo "RANDOM$i $(sed -n 2p "$WORK/restored$i.out")"
+    echo "RESTORED$i $(grep -c 'sandbox: restored at' "$WORK/restored$i.err")"
+done
+FLINT_LOG=debug $R --cold -- true </dev/null 2>"$WORK/cold.err"; echo "STATUS cold $?"
+echo "COLD_RESTORED $(grep -c 'sandbox: restored at' "$WORK/cold.err")"
+echo "MEMORY_MD5 after $(mem_md5)"
+# A damaged snapshot is not used: flint boots instead (and says so) and makes a new one.
+for f in "$snapshots"/*/state.json; do head -c 100 "$f" >"$f.cut"; mv "$f.cut" "$f"; done
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/damaged.err"; echo "STATUS damaged $?"
+echo "DAMAGED_WARNED $(grep -c 'cannot restore the snapshot' "$WORK/damaged.err")"
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/remade.err"; echo "STATUS remade $?"
+echo "REMADE_RESTORED $(grep -c 'sandbox: restored at' "$WORK/remade.err")"
 for code in 0 1 42; do
     $R -- sh -c "exit $code" </dev/null; echo "STATUS exit$code $?"
 done
@@ -97,6 +124,45 @@ fn flint_run_sandboxes() {
     let output = run_sandbox_scenario(SCENARIO, 900);
     let out = &output;
     let status = |name: &str| line(out, &format!("STATUS {name} "));
+    // Snapshot restore: made once, restored by later runs, never modified by them, refreshed.
+    assert_eq!(status("first"), "0");
+    assert_eq!(
+        line(out, "MADE "),
+        "1",
+        "the first run snapshots the booted guest"
+    );
+    assert_eq!(line(out, "TEMPLATES "), "1");
+    for i in 1..=2 {
+        assert_eq!(status(&format!("restored{i}")), "0");
+        assert_eq!(line(out, &format!("RESTORED{i} ")), "1", "run {i} restored");
+        let host: i64 = line(out, &format!("HOST_TIME{i} ")).parse().unwrap();
+        let guest: i64 = line(out, &format!("GUEST_TIME{i} ")).parse().unwrap();
+        assert!(
+            (0..=30).contains(&(host - guest)),
+            "a restored guest's clock is set from the host: guest {guest}, host {host}"
+        );
+        assert_eq!(line(out, &format!("RANDOM{i} ")).len(), 32, "{out}");
+    }
+    assert_ne!(
+        line(out, "RANDOM1 "),
+        line(out, "RANDOM2 "),
+        "two guests restored from one snapshot must not share their random numbers"
+    );
+    assert_eq!(status("cold"), "0");
+    assert_eq!(line(out, "COLD_RESTORED "), "0", "--cold boots");
+    assert_eq!(
+        line(out, "MEMORY_MD5 after "),
+        line(out, "MEMORY_MD5 before "),
+        "restored guests never write to the snapshot's memory file"
+    );
+    assert_eq!(status("damaged"), "0", "a damaged snapshot is not fatal");
+    assert_eq!(line(out, "DAMAGED_WARNED "), "1", "{out}");
+    assert_eq!(status("remade"), "0");
+    assert_eq!(
+        line(out, "REMADE_RESTORED "),
+        "1",
+        "the snapshot was made again"
+    );
     assert_eq!(status("exit0"), "0");
     assert_eq!(status("exit1"), "1");
     assert_eq!(status("exit42"), "42");
