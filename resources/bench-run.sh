@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Sandbox benchmark (not a test): latency of `flint run -- true` (start to exit) over N runs,
-# and sandboxes per minute with P running in parallel; then the same for QEMU's microvm booting
-# the same kernel and image, with the command run through the same guest agent (over
-# vhost-vsock). Where the local /dev/kvm cannot boot Linux (PVM), the runs happen inside the
+# and sandboxes per minute with P running in parallel: restored from the snapshot of a booted
+# sandbox (the default; the first run, which boots and makes that snapshot, is reported on its
+# own), booted (`--cold`), and QEMU's microvm booting the same kernel and image, with the
+# command run through the same guest agent (over vhost-vsock). Where the local /dev/kvm cannot boot Linux (PVM), the runs happen inside the
 # nested KVM host; timings there are only comparable with other timings taken in the same rig.
 #
 # usage: resources/bench-run.sh [-n RUNS] [-p PARALLEL] [--rounds R]
@@ -53,9 +54,15 @@ CMDLINE='$cmdline'
 SCENARIO
 cat >>"$work/scenario.sh" <<'SCENARIO'
 now() { cut -d' ' -f1 /proc/uptime; }
-# once_flint N / once_qemu N: one sandbox running `true`; N tells parallel runs apart.
+# Where flint run keeps the snapshot of a booted sandbox: empty at first.
+export FLINT_CACHE=$W/flint-cache
+# once_flint N / once_cold N / once_qemu N: one sandbox running `true`; N tells parallel runs
+# apart.
 once_flint() {
     "$BIN/flint" run --kernel "$BIN/vmlinux" --image "$BIN/sandbox.cpio.gz" -- true </dev/null
+}
+once_cold() {
+    "$BIN/flint" run --cold --kernel "$BIN/vmlinux" --image "$BIN/sandbox.cpio.gz" -- true </dev/null
 }
 once_qemu() {
     cid=$((3 + $1))
@@ -96,13 +103,17 @@ bench() {
     done
 }
 echo "BENCH-QEMU-VERSION $("$QEMU" --version | head -n1)"
+t0=$(now)
+once_flint 0 >"$W/out" 2>&1 || { echo "BENCH first run failed"; cat "$W/out"; }
+t1=$(now); echo "BENCH-FIRST $t0 $t1"
 bench flint
+bench cold
 bench qemu
 SCENARIO
 
 files=("$flint:flint" "$FLINT_CACHE/guest/vmlinux:vmlinux"
     "$FLINT_CACHE/sandbox/initramfs.cpio.gz:sandbox.cpio.gz" "$client:agent-client")
-budget=$((600 + 2 * (20 * runs + 60 * rounds)))
+budget=$((600 + 3 * (20 * runs + 60 * rounds)))
 if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
     log "local /dev/kvm cannot boot Linux: running inside the nested KVM host"
     { echo "BIN=/bench; W=/tmp; QEMU=$qemu"; cat "$work/scenario.sh"; } >"$work/nested.sh"
@@ -125,7 +136,10 @@ tr -d '\r' <"$work/out" >"$work/clean"
 echo "flint run benchmark, $(date -u +%Y-%m-%d): $runs sequential runs, $rounds rounds of $parallel in parallel"
 echo "where: $where; guest: 1 vCPU, 128 MiB, the sandbox image and its agent"
 echo "other VMM: $(sed -n 's/.*BENCH-QEMU-VERSION //p' "$work/clean" | head -n1), microvm, vhost-vsock, agent-client over AF_VSOCK"
-for vmm in flint qemu; do
+first=$(sed -n 's/.*BENCH-FIRST \([0-9.]*\) \([0-9.]*\)$/\1 \2/p' "$work/clean" | awk '{ printf "%.0f", ($2 - $1) * 1000 }')
+echo "flint's first run (boots, then snapshots the booted sandbox for the runs after it): ${first:-failed} ms"
+echo "flint: restored from that snapshot (default); cold: flint run --cold (boots every time)"
+for vmm in flint cold qemu; do
     awk -v vmm="$vmm" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" >"$work/$vmm"
     sed -n 's/.*BENCH run \([0-9.]*\) \([0-9.]*\)$/\1 \2/p' "$work/$vmm" | awk '{ print ($2 - $1) * 1000 }' |
         sort -n | awk -v vmm="$vmm" '{ v[NR] = $1 } END {
