@@ -15,7 +15,7 @@ use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
 
-use crate::template::Template;
+use crate::template::{Staging, Template};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit status when the command timed out (the VM is killed first), as `timeout(1)` does.
@@ -316,7 +316,13 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         }
     };
     // A booted guest is snapshotted once its agent answers, for the runs after this one.
-    let template = template.filter(|_| matches!(prepare_first, Prepare::Nothing));
+    let mut staging = template
+        .filter(|_| matches!(prepare_first, Prepare::Nothing))
+        .and_then(|t| {
+            t.prepare()
+                .map_err(|e| log::warn!("sandbox: cannot make a snapshot for later runs: {e}"))
+                .ok()
+        });
 
     // The agent client runs on its own thread, started before the VMM thread restricts
     // itself (threads inherit filters), with its own filter.
@@ -331,7 +337,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     let (result_tx, result_rx) = mpsc::channel();
     let (signaller_tx, signaller_rx) = mpsc::channel();
     let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel();
-    let prepare = match &template {
+    let prepare = match &staging {
         Some(_) => {
             let ready_tx = result_tx.clone();
             let ready_writer = match done_writer.try_clone() {
@@ -391,8 +397,8 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         let _ = done.read();
         let mut result = result_rx.try_recv().ok();
         if let Some(ClientResult::ReadyForSnapshot) = result {
-            if let Some(template) = &template {
-                make_template(&vm, template, start);
+            if let Some(staging) = staging.take() {
+                make_template(&vm, staging, start);
             }
             let _ = snapshot_done_tx.send(());
             result = result_rx.try_recv().ok();
@@ -490,9 +496,9 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
 
 /// Snapshot the booted sandbox into `template` (pausing it meanwhile). A failure is logged:
 /// this run goes on, and the next one boots again.
-fn make_template(vm: &Vm, template: &Template, start: Instant) {
+fn make_template(vm: &Vm, staging: Staging, start: Instant) {
     let began = Instant::now();
-    let made = template.make(|state, memory| {
+    let made = staging.commit(|state, memory| {
         vm.pause().map_err(|e| e.to_string())?;
         let written = vm.snapshot(state, memory).map_err(|e| e.to_string());
         vm.resume();

@@ -5,8 +5,9 @@
 //! `memory` (written by [`vmm::Vm::snapshot`]). The key covers everything the snapshot
 //! depends on: the flint binary (its state format), the kernel and the image (path, size,
 //! modification time and inode), vCPUs, memory and the entropy device. A template is made by
-//! writing into a private temporary directory and renaming it into place, so concurrent runs
-//! never see half a template; when two make one at once, the first rename wins.
+//! writing into a private temporary directory ([`Staging`]) and renaming it into place, so
+//! concurrent runs never see half a template; when two make one at once, the first rename
+//! wins.
 
 use std::hash::Hasher;
 use std::os::unix::fs::MetadataExt;
@@ -93,32 +94,25 @@ impl Template {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 
-    /// Make the template with `write(state_path, memory_path)`, which writes both files.
-    /// Templates of other flint binaries are removed: they can never be used again.
-    pub fn make(
-        &self,
-        write: impl FnOnce(&Path, &Path) -> Result<(), String>,
-    ) -> Result<(), String> {
+    /// Get ready to make the template: create its private temporary directory. Done before
+    /// the VM starts, as the VMM thread's seccomp filter allows no `mkdir` or `chmod`.
+    pub fn prepare(&self) -> Result<Staging, String> {
         let parent = self.dir.parent().unwrap_or(Path::new("/"));
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         let tmp = parent.join(format!(".new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let made =
-            std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .map_err(|e| format!("cannot restrict {}: {e}", tmp.display()))
-                .and_then(|()| write(&tmp.join(STATE_FILE), &tmp.join(MEMORY_FILE)));
-        if let Err(e) = made {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        if std::fs::rename(&tmp, &self.dir).is_err() {
-            // Another run made it first (the directory exists and is not empty).
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        self.remove_stale(parent);
-        Ok(())
+        let staging = Staging {
+            template: self.clone(),
+            tmp,
+        };
+        std::fs::set_permissions(
+            &staging.tmp,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(|e| format!("cannot restrict {}: {e}", staging.tmp.display()))?;
+        Ok(staging)
     }
 
     /// Remove the templates of other flint binaries.
@@ -133,6 +127,38 @@ impl Template {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
         }
+    }
+}
+
+/// A template being made: its files go into a private temporary directory that becomes the
+/// template when complete, and is removed otherwise.
+#[derive(Debug)]
+pub struct Staging {
+    template: Template,
+    tmp: PathBuf,
+}
+
+impl Staging {
+    /// Make the template with `write(state_path, memory_path)`, which writes both files.
+    /// Templates of other flint binaries are removed: they can never be used again.
+    pub fn commit(
+        self,
+        write: impl FnOnce(&Path, &Path) -> Result<(), String>,
+    ) -> Result<(), String> {
+        write(&self.tmp.join(STATE_FILE), &self.tmp.join(MEMORY_FILE))?;
+        // When another run made the template first, the directory exists and is not empty:
+        // that one stays, and dropping `self` removes this one.
+        let _ = std::fs::rename(&self.tmp, &self.template.dir);
+        if let Some(parent) = self.template.dir.parent() {
+            self.template.remove_stale(parent);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.tmp);
     }
 }
 
@@ -182,7 +208,9 @@ mod tests {
         assert!(template.files().is_none());
 
         let err = template
-            .make(|state, _| {
+            .prepare()
+            .unwrap()
+            .commit(|state, _| {
                 std::fs::write(state, b"{}").unwrap();
                 Err("the VM could not be paused".into())
             })
@@ -195,7 +223,9 @@ mod tests {
         );
 
         template
-            .make(|state, memory| {
+            .prepare()
+            .unwrap()
+            .commit(|state, memory| {
                 std::fs::write(state, b"{}").unwrap();
                 std::fs::write(memory, b"").unwrap();
                 Ok(())
@@ -207,15 +237,24 @@ mod tests {
             !stale.exists(),
             "templates of other flint binaries are removed"
         );
-        let left: Vec<_> = std::fs::read_dir(dir.join("sandbox/snapshots"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left.len(), 1, "no temporary directory is left: {left:?}");
+        let left = || -> Vec<_> {
+            std::fs::read_dir(dir.join("sandbox/snapshots"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect()
+        };
+        assert_eq!(
+            left().len(),
+            1,
+            "no temporary directory is left: {:?}",
+            left()
+        );
 
         // A second maker (another run that raced) leaves the first template in place.
-        template.make(|_, _| Ok(())).unwrap();
+        template.prepare().unwrap().commit(|_, _| Ok(())).unwrap();
         assert!(template.files().is_some());
+        drop(template.prepare().unwrap());
+        assert_eq!(left().len(), 1, "an unused staging directory is removed");
         template.discard();
         assert!(template.files().is_none());
         std::fs::remove_dir_all(&dir).unwrap();

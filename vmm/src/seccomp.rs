@@ -245,6 +245,10 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 // Removing a sandbox's temporary directory at the end.
                 libc::SYS_getdents64,
                 libc::SYS_rmdir,
+                // Publishing a finished snapshot of a booted sandbox (`flint run`).
+                libc::SYS_rename,
+                libc::SYS_renameat,
+                libc::SYS_renameat2,
             ]);
             &[TCGETS, TCSETS]
         }
