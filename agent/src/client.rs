@@ -579,10 +579,3 @@ fn utf8(path: &Path) -> Result<&str, AgentError> {
         path: path.to_path_buf(),
     })
 }
-
-// TEMPORARY STUB (reverted before the agent-refresh branch is merged).
-impl AgentClient {
-    pub fn refresh(&mut self) -> Result<(), AgentError> {
-        Ok(())
-    }
-}
