@@ -3,12 +3,12 @@
 
 use super::*;
 use flint_agent::protocol::{kind, write_message};
-use flint_agent::{AgentClient, AgentError, CommandStatus};
+use flint_agent::{AgentClient, AgentError, CommandStatus, REFRESH_ENTROPY};
 use std::io::Cursor;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// What a `Refresh` asked of the (stand-in) system, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -873,4 +873,51 @@ fn random_ioctl_numbers_match_linux() {
     assert_eq!(RNDRESEEDCRNG, libc::_IO(b'R'.into(), 0x07));
     assert_eq!(RNDADDENTROPY, 0x4008_5203);
     assert_eq!(RNDRESEEDCRNG, 0x5207);
+}
+
+fn now_ns() -> u64 {
+    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    since.unwrap().as_nanos() as u64
+}
+
+#[test]
+fn the_client_refreshes_with_the_host_time_and_fresh_entropy() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let before = now_ns();
+    c.refresh().unwrap();
+    let after = now_ns();
+    c.refresh().unwrap();
+    let calls = agent.system.calls();
+    let [SystemCall::SetClock(t1), SystemCall::ReseedRng(e1), SystemCall::SetClock(t2), SystemCall::ReseedRng(e2)] =
+        &calls[..]
+    else {
+        panic!("two refreshes should set the clock and reseed twice: {calls:?}")
+    };
+    assert!(before <= *t1 && *t1 <= after, "{before} <= {t1} <= {after}");
+    assert!(t1 <= t2);
+    assert_eq!(e1.len(), REFRESH_ENTROPY);
+    assert_eq!(e2.len(), REFRESH_ENTROPY);
+    assert_ne!(e1, e2, "each refresh needs entropy of its own");
+    assert!(e1.iter().any(|&b| b != 0) && e2.iter().any(|&b| b != 0));
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["echo", "after"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"after\n");
+}
+
+#[test]
+fn the_client_reports_a_failed_refresh() {
+    let agent = TestAgent::with_system(FakeSystem {
+        clock_error: Some("cannot set the guest clock: Operation not permitted".into()),
+        ..FakeSystem::default()
+    });
+    let mut c = agent.client();
+    let e = c.refresh().unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Remote(m) if m.contains("Operation not permitted") && m.contains("reseeded")),
+        "{e:?}"
+    );
+    // Not a broken connection.
+    let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
+    assert!(status.success());
 }
