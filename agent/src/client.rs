@@ -1,5 +1,5 @@
 //! The host side: connect to the guest agent through flint's vsock Unix socket and run
-//! commands or copy files.
+//! commands, copy files, or refresh a guest restored from a snapshot.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::part_file::PartFile;
 use crate::protocol::{
@@ -41,7 +41,8 @@ pub enum AgentError {
     /// message is the agent's.
     #[error("{0}")]
     NotStarted(String),
-    /// The agent reported a failure (of a copy, or while a command ran); its message.
+    /// The agent reported a failure (of a copy or a refresh, or while a command ran); its
+    /// message.
     #[error("{0}")]
     Remote(String),
     #[error("cannot read {}: {source}", path.display())]
@@ -54,6 +55,8 @@ pub enum AgentError {
     Output(#[source] io::Error),
     #[error("the connection to the guest agent is unusable after an earlier error")]
     Broken,
+    #[error("cannot get random bytes from the host kernel: {0}")]
+    HostRandom(#[source] io::Error),
 }
 
 impl From<FrameError> for AgentError {
@@ -156,6 +159,9 @@ pub struct AgentClient {
     shared: Shared,
     broken: bool,
 }
+
+/// How many bytes of the host's entropy [`AgentClient::refresh`] sends.
+pub const REFRESH_ENTROPY: usize = 64;
 
 /// How often [`AgentClient::connect`] retries while the guest boots and starts its agent.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
@@ -510,6 +516,35 @@ impl AgentClient {
         })
     }
 
+    /// Set the guest's wall clock (`CLOCK_REALTIME`) to the host's current time and reseed
+    /// the guest kernel's random number generator with [`REFRESH_ENTROPY`] bytes from the
+    /// host's `getrandom(2)`. Every guest restored from a snapshot wakes up with the
+    /// snapshot's time and the same random state as its siblings: call this first, before
+    /// anything runs in it. Returns once the agent has done both; a failure in the guest is
+    /// [`AgentError::Remote`] (the connection stays usable, but the guest should not be
+    /// trusted with untrusted code).
+    pub fn refresh(&mut self) -> Result<(), AgentError> {
+        let mut entropy = vec![0u8; REFRESH_ENTROPY];
+        host_random(&mut entropy).map_err(AgentError::HostRandom)?;
+        // A clock before the epoch becomes 0, which the encoder refuses as a broken clock.
+        let unix_time_ns = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let request = ToAgent::Refresh {
+            unix_time_ns,
+            entropy,
+        };
+        request.encode().map_err(AgentError::BadRequest)?;
+        self.guarded(|c| {
+            c.send(&request)?;
+            match c.recv()? {
+                FromAgent::Ok => Ok(()),
+                FromAgent::Error(message) => Err(AgentError::Remote(message)),
+                other => Err(unexpected(&other)),
+            }
+        })
+    }
+
     /// Ask the agent to sync and reboot the guest, which ends the VM (flint exits 0 with the
     /// default `reboot=k`). Returns once the agent has acknowledged (or the connection went
     /// away with the guest); wait for the flint process itself to know the VM is gone.
@@ -525,6 +560,27 @@ impl AgentClient {
             }
         })
     }
+}
+
+/// Fill `buf` from the host kernel's random number generator (`getrandom(2)`, blocking
+/// until it is initialised).
+fn host_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: `rest` is a valid, exclusively borrowed buffer of the length passed for
+        // the duration of the call; getrandom writes at most that many bytes into it.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 impl Drop for AgentClient {

@@ -20,7 +20,7 @@ pub mod part_file;
 pub mod protocol;
 pub mod vsock;
 
-pub use client::{AgentClient, AgentError, CommandStatus, Signaller};
+pub use client::{AgentClient, AgentError, CommandStatus, Signaller, REFRESH_ENTROPY};
 pub use protocol::{
     ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, AGENT_PORT, DATA_CHUNK,
     MAX_PAYLOAD,

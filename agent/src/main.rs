@@ -7,6 +7,9 @@
 //! process group) if the host connection drops while they run. Diagnostics go to the kernel
 //! log (`/dev/kmsg`), or to stderr when that cannot be opened.
 //!
+//! A `Refresh` request sets the guest's wall clock and reseeds the kernel's random number
+//! generator with entropy from the host (for guests restored from a snapshot).
+//!
 //! Started by the sandbox image's `/init` (resources/build-sandbox-image.sh), which restarts
 //! it should it ever exit.
 
@@ -36,6 +39,14 @@ const OUTPUT_GRACE: Duration = Duration::from_secs(1);
 /// Stdin chunks queued for a command that does not read them before the connection stops
 /// reading (backpressure to the host).
 const STDIN_QUEUE: usize = 64;
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+/// `RNDADDENTROPY` of `<linux/random.h>`: `_IOW('R', 0x03, int[2])`. Takes a
+/// `struct rand_pool_info`; needs `CAP_SYS_ADMIN`.
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
+/// `RNDRESEEDCRNG` of `<linux/random.h>`: `_IO('R', 0x07)`. No argument; needs
+/// `CAP_SYS_ADMIN`.
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
 
 fn main() {
     let mut port = AGENT_PORT;
@@ -67,6 +78,7 @@ fn main() {
     log(6, &format!("listening on vsock port {port}"));
     let agent = Arc::new(Agent {
         on_shutdown: Box::new(reboot_guest),
+        system: Arc::new(GuestSystem),
     });
     loop {
         match vsock_accept(&listener) {
@@ -130,6 +142,80 @@ fn reboot_guest() {
     }
 }
 
+/// Set the guest's `CLOCK_REALTIME` to `unix_time_ns` (nanoseconds since the Unix epoch).
+fn set_realtime(unix_time_ns: u64) -> Result<(), String> {
+    if cfg!(test) {
+        panic!("a test tried to set the test machine's clock");
+    }
+    let ts = libc::timespec {
+        // At most 1.8e10 s, far inside time_t.
+        tv_sec: (unix_time_ns / NS_PER_SEC) as libc::time_t,
+        tv_nsec: (unix_time_ns % NS_PER_SEC) as libc::c_long,
+    };
+    // SAFETY: `ts` is a valid timespec that outlives the call; clock_settime only reads it.
+    if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(format!("cannot set the guest clock: {}", describe(&e)));
+    }
+    Ok(())
+}
+
+/// Mix `entropy` into the kernel's entropy pool (crediting 8 bits a byte) and make the
+/// kernel's random number generator reseed from it at once.
+fn reseed_rng(entropy: &[u8]) -> Result<(), String> {
+    if cfg!(test) {
+        panic!("a test tried to reseed the test machine's random number generator");
+    }
+    let info = rand_pool_info(entropy)?;
+    let urandom = File::open("/dev/urandom")
+        .map_err(|e| format!("cannot open /dev/urandom: {}", describe(&e)))?;
+    // SAFETY: `info` is a struct rand_pool_info (entropy_count and buf_size, ints, then
+    // buf_size bytes) in a buffer aligned for its ints that outlives the call; the kernel
+    // only reads it. The descriptor is open.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(format!(
+            "cannot add entropy to the guest kernel's pool (RNDADDENTROPY): {}",
+            describe(&e)
+        ));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument and no pointers; the descriptor is open.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(format!(
+            "cannot reseed the guest kernel's random number generator (RNDRESEEDCRNG): {}",
+            describe(&e)
+        ));
+    }
+    Ok(())
+}
+
+/// `struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }` for `entropy`,
+/// crediting 8 bits a byte, as 32-bit words (the struct's alignment): the bytes follow the
+/// two counts, the last word padded with zeros (the kernel reads `buf_size` bytes).
+fn rand_pool_info(entropy: &[u8]) -> Result<Vec<u32>, String> {
+    let (Ok(bytes), Ok(bits)) = (
+        libc::c_int::try_from(entropy.len()),
+        libc::c_int::try_from(entropy.len() * 8),
+    ) else {
+        return Err(format!(
+            "cannot add {} bytes of entropy at once",
+            entropy.len()
+        ));
+    };
+    let mut words = Vec::with_capacity(2 + entropy.len().div_ceil(4));
+    words.push(bits as u32);
+    words.push(bytes as u32);
+    words.extend(entropy.chunks(4).map(|chunk| {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        u32::from_ne_bytes(word)
+    }));
+    Ok(words)
+}
+
 fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: socket takes no pointers; the result is checked before use.
     let raw = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
@@ -184,6 +270,51 @@ fn vsock_accept(listener: &OwnedFd) -> io::Result<OwnedFd> {
 struct Agent {
     /// Called after a `Shutdown` request was answered.
     on_shutdown: Box<dyn Fn() + Send + Sync>,
+    /// The guest-wide operations of a `Refresh`.
+    system: Arc<dyn System>,
+}
+
+impl Agent {
+    /// Set the clock and reseed the random number generator; `Err` is the message for the
+    /// host. The reseed is attempted even when the clock cannot be set: restored guests that
+    /// share their random state are the worse problem.
+    fn refresh(&self, unix_time_ns: u64, entropy: &[u8]) -> Result<(), String> {
+        let clock = self.system.set_clock(unix_time_ns);
+        let rng = self.system.reseed_rng(entropy);
+        match (clock, rng) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(clock), Ok(())) => Err(format!(
+                "{clock} (the random number generator was reseeded)"
+            )),
+            (Ok(()), Err(rng)) => Err(format!("{rng} (the clock was set)")),
+            (Err(clock), Err(rng)) => Err(format!("{clock}; {rng}")),
+        }
+    }
+}
+
+/// The operations of a `Refresh` that change the whole guest. Tests, which run the agent on
+/// the test machine, use a stand-in: they must never set its clock or feed its random
+/// number generator (the real functions panic in test builds).
+trait System: Send + Sync {
+    /// Set `CLOCK_REALTIME` to this many nanoseconds since the Unix epoch; `Err` is a
+    /// phrase such as "cannot set the guest clock: Operation not permitted".
+    fn set_clock(&self, unix_time_ns: u64) -> Result<(), String>;
+    /// Add these bytes to the kernel's entropy pool and reseed its random number generator;
+    /// `Err` as above.
+    fn reseed_rng(&self, entropy: &[u8]) -> Result<(), String>;
+}
+
+/// The guest's own clock and random number generator.
+struct GuestSystem;
+
+impl System for GuestSystem {
+    fn set_clock(&self, unix_time_ns: u64) -> Result<(), String> {
+        set_realtime(unix_time_ns)
+    }
+
+    fn reseed_rng(&self, entropy: &[u8]) -> Result<(), String> {
+        reseed_rng(entropy)
+    }
 }
 
 /// The sending half of a connection: frames are written whole under the lock, so output
@@ -312,6 +443,16 @@ impl Conn {
                     (agent.on_shutdown)();
                     return Ok(());
                 }
+                ToAgent::Refresh {
+                    unix_time_ns,
+                    entropy,
+                } => match agent.refresh(unix_time_ns, &entropy) {
+                    Ok(()) => self.reply(&FromAgent::Ok)?,
+                    Err(message) => {
+                        log(3, &format!("refresh failed: {message}"));
+                        self.reply(&FromAgent::Error(message))?;
+                    }
+                },
             }
         }
     }

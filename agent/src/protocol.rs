@@ -29,6 +29,15 @@
 //! - **shutdown**: `Shutdown` → `Ok`; the agent then waits (at most
 //!   [`SHUTDOWN_GRACE`]) for the host to close the connection, syncs and reboots the guest,
 //!   which ends flint (with `reboot=k`) with status 0.
+//! - **refresh**: `Refresh { unix_time_ns, entropy }` → `Ok` or `Error`. Payload
+//!   `[unix_time_ns: u64][entropy_len: u32][entropy: entropy_len bytes]`, with `unix_time_ns`
+//!   at least [`REFRESH_MIN_TIME_NS`] and `entropy_len` within
+//!   [`REFRESH_ENTROPY_MIN`]`..=`[`REFRESH_ENTROPY_MAX`]. The agent sets the guest's wall
+//!   clock (`CLOCK_REALTIME`) to that time, mixes the bytes into the kernel's entropy pool
+//!   (crediting 8 bits a byte) and forces the kernel's random number generator to reseed.
+//!   Meant for guests restored from a snapshot, which all wake up with the snapshot's time
+//!   and the same random state: the host sends it before it runs anything else. `Error` says
+//!   which step failed; the agent attempts the reseed even when setting the clock failed.
 //!
 //! A malformed frame from the host gets an `Error` reply and the connection is closed.
 
@@ -46,6 +55,13 @@ pub const DATA_CHUNK: usize = 64 * 1024;
 /// How long the agent waits after answering `Shutdown` for the host to hang up before it
 /// reboots the guest anyway.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// Fewest bytes of entropy a `Refresh` request carries (256 bits: a full reseed).
+pub const REFRESH_ENTROPY_MIN: usize = 32;
+/// Most bytes of entropy a `Refresh` request carries.
+pub const REFRESH_ENTROPY_MAX: usize = 512;
+/// The earliest wall-clock time a `Refresh` request may set, 2000-01-01T00:00:00Z, in
+/// nanoseconds since the Unix epoch: anything earlier is a broken host clock, not a time.
+pub const REFRESH_MIN_TIME_NS: u64 = 946_684_800 * 1_000_000_000;
 
 /// Frame kinds, host to agent.
 pub mod kind {
@@ -58,6 +74,7 @@ pub mod kind {
     pub const FILE_END_IN: u8 = 0x07;
     pub const COPY_OUT: u8 = 0x08;
     pub const SHUTDOWN: u8 = 0x09;
+    pub const REFRESH: u8 = 0x0a;
     // Agent to host.
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -173,6 +190,20 @@ fn check_signal(signal: i32) -> Result<(), ProtocolError> {
     }
 }
 
+fn check_refresh(unix_time_ns: u64, entropy: &[u8]) -> Result<(), ProtocolError> {
+    if unix_time_ns < REFRESH_MIN_TIME_NS {
+        return Err(ProtocolError::Invalid(
+            "a refresh time is before 2000-01-01 (the host clock is wrong)",
+        ));
+    }
+    if !(REFRESH_ENTROPY_MIN..=REFRESH_ENTROPY_MAX).contains(&entropy.len()) {
+        return Err(ProtocolError::Invalid(
+            "a refresh carries fewer than 32 or more than 512 bytes of entropy",
+        ));
+    }
+    Ok(())
+}
+
 fn check_mode(mode: u32) -> Result<(), ProtocolError> {
     if mode <= 0o7777 {
         Ok(())
@@ -203,6 +234,11 @@ pub enum ToAgent {
     CopyOut { path: String },
     /// Sync and reboot the guest (ends the VM).
     Shutdown,
+    /// Set the guest's wall clock to `unix_time_ns` (nanoseconds since the Unix epoch, at
+    /// least [`REFRESH_MIN_TIME_NS`]) and reseed the guest kernel's random number generator
+    /// with `entropy` ([`REFRESH_ENTROPY_MIN`] to [`REFRESH_ENTROPY_MAX`] bytes); for a guest
+    /// restored from a snapshot.
+    Refresh { unix_time_ns: u64, entropy: Vec<u8> },
 }
 
 /// Agent to host.
@@ -225,7 +261,7 @@ pub enum FromAgent {
     FileData(Vec<u8>),
     /// The end of the file being copied out, with its permission bits.
     FileEnd { mode: u32 },
-    /// Copy-in or shutdown done.
+    /// Copy-in, shutdown or refresh done.
     Ok,
 }
 
@@ -263,6 +299,7 @@ impl Message for ToAgent {
             ToAgent::FileEnd => kind::FILE_END_IN,
             ToAgent::CopyOut { .. } => kind::COPY_OUT,
             ToAgent::Shutdown => kind::SHUTDOWN,
+            ToAgent::Refresh { .. } => kind::REFRESH,
         }
     }
 
@@ -302,6 +339,15 @@ impl Message for ToAgent {
             ToAgent::CopyOut { path } => {
                 check_path(path)?;
                 put_str(out, path)?;
+            }
+            ToAgent::Refresh {
+                unix_time_ns,
+                entropy,
+            } => {
+                check_refresh(*unix_time_ns, entropy)?;
+                out.extend_from_slice(&unix_time_ns.to_le_bytes());
+                put_u32(out, entropy.len())?;
+                put_data(out, entropy)?;
             }
         }
         Ok(())
@@ -355,6 +401,16 @@ impl Message for ToAgent {
                 ToAgent::CopyOut { path }
             }
             kind::SHUTDOWN => ToAgent::Shutdown,
+            kind::REFRESH => {
+                let unix_time_ns = d.u64()?;
+                let len = d.u32()? as usize;
+                let entropy = d.take(len)?.to_vec();
+                check_refresh(unix_time_ns, &entropy)?;
+                ToAgent::Refresh {
+                    unix_time_ns,
+                    entropy,
+                }
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -485,6 +541,13 @@ impl<'a> Decoder<'a> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
+    fn u64(&mut self) -> Result<u64, ProtocolError> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes([
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+        ]))
+    }
+
     fn i32(&mut self) -> Result<i32, ProtocolError> {
         Ok(self.u32()? as i32)
     }
@@ -595,6 +658,14 @@ mod tests {
                 path: "/etc/passwd".into(),
             },
             ToAgent::Shutdown,
+            ToAgent::Refresh {
+                unix_time_ns: REFRESH_MIN_TIME_NS,
+                entropy: vec![0xa5; REFRESH_ENTROPY_MIN],
+            },
+            ToAgent::Refresh {
+                unix_time_ns: u64::MAX,
+                entropy: (0..REFRESH_ENTROPY_MAX).map(|i| i as u8).collect(),
+            },
         ]
     }
 
@@ -673,6 +744,13 @@ mod tests {
             (kind::EXEC, &[1, 0, 0, 0, 1, 0, 0, 0, b'a', 0, 0, 0, 0]), // no workdir flag
             (kind::COPY_IN, &[0xa4, 1, 0]),
             (kind::COPY_OUT, &[9, 0, 0, 0, b'/']),
+            (kind::REFRESH, &[]),
+            (kind::REFRESH, &[0, 0, 0, 0, 0, 0, 0]), // a 7-byte time
+            (kind::REFRESH, &[0, 0, 0, 0, 0, 0, 0, 0x40, 32, 0]), // a 2-byte length
+            (
+                kind::REFRESH,
+                &[0, 0, 0, 0, 0, 0, 0, 0x40, 32, 0, 0, 0, 1, 2],
+            ), // 2 of 32 bytes
         ];
         for (k, p) in cases {
             assert_eq!(
@@ -689,6 +767,96 @@ mod tests {
             (kind::ERROR, &[4, 0, 0, 0, b'x']),
         ] {
             assert_eq!(FromAgent::decode(k, p), Err(ProtocolError::Truncated));
+        }
+    }
+
+    #[test]
+    fn refresh_layout() {
+        let time: u64 = 1_700_000_000_123_456_789;
+        let entropy: Vec<u8> = (1..=32).collect();
+        let bytes = ToAgent::Refresh {
+            unix_time_ns: time,
+            entropy: entropy.clone(),
+        }
+        .encode()
+        .unwrap();
+        let mut want = frame(kind::REFRESH, &[]);
+        want[1..HEADER_LEN].copy_from_slice(&(8u32 + 4 + 32).to_le_bytes());
+        want.extend_from_slice(&time.to_le_bytes());
+        want.extend_from_slice(&32u32.to_le_bytes());
+        want.extend_from_slice(&entropy);
+        assert_eq!(bytes, want);
+        assert_eq!(kind::REFRESH, 0x0a);
+    }
+
+    #[test]
+    fn refresh_values_are_checked_both_ways() {
+        let payload = |time: u64, entropy: &[u8]| {
+            let mut p = time.to_le_bytes().to_vec();
+            p.extend_from_slice(&(entropy.len() as u32).to_le_bytes());
+            p.extend_from_slice(entropy);
+            p
+        };
+        let ok_time = REFRESH_MIN_TIME_NS;
+        for (time, len) in [
+            (0, 64),                       // the epoch: a host clock that was never set
+            (REFRESH_MIN_TIME_NS - 1, 64), // just before 2000
+            (ok_time, 0),
+            (ok_time, REFRESH_ENTROPY_MIN - 1),
+            (ok_time, REFRESH_ENTROPY_MAX + 1),
+            (ok_time, 4096),
+        ] {
+            let entropy = vec![1; len];
+            assert!(
+                matches!(
+                    ToAgent::decode(kind::REFRESH, &payload(time, &entropy)),
+                    Err(ProtocolError::Invalid(_))
+                ),
+                "time {time} entropy {len}"
+            );
+            assert!(
+                matches!(
+                    ToAgent::Refresh {
+                        unix_time_ns: time,
+                        entropy
+                    }
+                    .encode(),
+                    Err(ProtocolError::Invalid(_))
+                ),
+                "time {time} entropy {len}"
+            );
+        }
+        for len in [REFRESH_ENTROPY_MIN, 64, REFRESH_ENTROPY_MAX] {
+            let entropy = vec![7; len];
+            assert_eq!(
+                ToAgent::decode(kind::REFRESH, &payload(ok_time, &entropy)),
+                Ok(ToAgent::Refresh {
+                    unix_time_ns: ok_time,
+                    entropy
+                })
+            );
+        }
+        // A length that claims more than the payload holds is truncation, not an allocation.
+        let mut p = payload(ok_time, &[1; 32]);
+        p[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(
+            ToAgent::decode(kind::REFRESH, &p),
+            Err(ProtocolError::Truncated)
+        );
+        // Entropy bytes past the stated length are trailing bytes.
+        let mut p = payload(ok_time, &[1; 32]);
+        p.push(0);
+        assert_eq!(
+            ToAgent::decode(kind::REFRESH, &p),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        // The messages name the problem in one sentence.
+        for e in [
+            ToAgent::decode(kind::REFRESH, &payload(0, &[1; 32])).unwrap_err(),
+            ToAgent::decode(kind::REFRESH, &payload(ok_time, &[1; 8])).unwrap_err(),
+        ] {
+            let s = e.to_string();
+            assert!(s.contains("refresh") && !s.contains('\n'), "{s}");
         }
     }
 
@@ -734,7 +902,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_wrong_direction() {
-        for k in [0u8, 0x0a, 0x7f, 0x80, 0x8a, 0xff] {
+        for k in [0u8, 0x0b, 0x7f, 0x80, 0x8a, 0xff] {
             assert_eq!(ToAgent::decode(k, &[]), Err(ProtocolError::UnknownKind(k)));
             assert_eq!(
                 FromAgent::decode(k, &[]),
@@ -749,6 +917,10 @@ mod tests {
         assert_eq!(
             ToAgent::decode(kind::OK, &[]),
             Err(ProtocolError::UnknownKind(kind::OK))
+        );
+        assert_eq!(
+            FromAgent::decode(kind::REFRESH, &[]),
+            Err(ProtocolError::UnknownKind(kind::REFRESH))
         );
         let mut r = &frame(0x42, b"abc")[..];
         assert!(matches!(

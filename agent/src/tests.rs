@@ -3,21 +3,63 @@
 
 use super::*;
 use flint_agent::protocol::{kind, write_message};
-use flint_agent::{AgentClient, AgentError, CommandStatus};
+use flint_agent::{AgentClient, AgentError, CommandStatus, REFRESH_ENTROPY};
 use std::io::Cursor;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+/// What a `Refresh` asked of the (stand-in) system, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SystemCall {
+    SetClock(u64),
+    ReseedRng(Vec<u8>),
+}
+
+/// Stand-ins for the clock and the random number generator: they record what they are
+/// asked and fail with the given messages.
+#[derive(Default)]
+struct FakeSystem {
+    calls: Mutex<Vec<SystemCall>>,
+    clock_error: Option<String>,
+    rng_error: Option<String>,
+}
+
+impl FakeSystem {
+    fn calls(&self) -> Vec<SystemCall> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl System for FakeSystem {
+    fn set_clock(&self, unix_time_ns: u64) -> Result<(), String> {
+        let call = SystemCall::SetClock(unix_time_ns);
+        self.calls.lock().unwrap().push(call);
+        self.clock_error.clone().map_or(Ok(()), Err)
+    }
+
+    fn reseed_rng(&self, entropy: &[u8]) -> Result<(), String> {
+        let call = SystemCall::ReseedRng(entropy.to_vec());
+        self.calls.lock().unwrap().push(call);
+        self.rng_error.clone().map_or(Ok(()), Err)
+    }
+}
 
 struct TestAgent {
     shutdowns: Arc<AtomicU64>,
+    system: Arc<FakeSystem>,
 }
 
 impl TestAgent {
     fn new() -> TestAgent {
+        TestAgent::with_system(FakeSystem::default())
+    }
+
+    fn with_system(system: FakeSystem) -> TestAgent {
         TestAgent {
             shutdowns: Arc::new(AtomicU64::new(0)),
+            system: Arc::new(system),
         }
     }
 
@@ -44,11 +86,13 @@ impl TestAgent {
             assert_eq!(rc, 0, "{}", io::Error::last_os_error());
         }
         let shutdowns = Arc::clone(&self.shutdowns);
+        let system: Arc<dyn System> = self.system.clone();
         std::thread::spawn(move || {
             let agent = Agent {
                 on_shutdown: Box::new(move || {
                     shutdowns.fetch_add(1, Ordering::SeqCst);
                 }),
+                system,
             };
             serve(File::from(OwnedFd::from(guest)), &agent);
         });
@@ -623,6 +667,7 @@ fn fake_vsock(
             stream.write_all(answer.as_bytes()).unwrap();
             let agent = Agent {
                 on_shutdown: Box::new(|| {}),
+                system: Arc::new(FakeSystem::default()),
             };
             serve(File::from(OwnedFd::from(stream)), &agent);
             return line;
@@ -688,4 +733,191 @@ fn a_closed_connection_is_an_error_not_a_hang() {
     assert!(matches!(e, AgentError::Closed | AgentError::Io(_)), "{e:?}");
     let e = run(&mut c, &ExecSpec::new(["true"]), None).unwrap_err();
     assert!(matches!(e, AgentError::Broken), "{e:?}");
+}
+
+const NOV_2023_NS: u64 = 1_700_000_000_123_456_789;
+
+fn refresh_request(unix_time_ns: u64, entropy: Vec<u8>) -> ToAgent {
+    ToAgent::Refresh {
+        unix_time_ns,
+        entropy,
+    }
+}
+
+#[test]
+fn refresh_sets_the_clock_then_reseeds() {
+    let agent = TestAgent::new();
+    let mut host = agent.connect_raw();
+    let entropy = noise(64, 11);
+    write_message(&mut host, &refresh_request(NOV_2023_NS, entropy.clone())).unwrap();
+    assert_eq!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Ok)
+    );
+    assert_eq!(
+        agent.system.calls(),
+        [
+            SystemCall::SetClock(NOV_2023_NS),
+            SystemCall::ReseedRng(entropy.clone())
+        ]
+    );
+    // Any number of times, and commands still run on the connection afterwards.
+    let bigger = noise(512, 12);
+    write_message(&mut host, &refresh_request(u64::MAX, bigger.clone())).unwrap();
+    assert_eq!(
+        read_message::<FromAgent, _>(&mut host).unwrap(),
+        Some(FromAgent::Ok)
+    );
+    assert_eq!(agent.system.calls().len(), 4);
+    assert_eq!(
+        agent.system.calls()[2..],
+        [
+            SystemCall::SetClock(u64::MAX),
+            SystemCall::ReseedRng(bigger)
+        ]
+    );
+    let mut c = AgentClient::from_stream(host).unwrap();
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["echo", "after"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"after\n");
+}
+
+#[test]
+fn refresh_failures_are_reported_and_the_reseed_still_happens() {
+    let cases = [
+        (Some("cannot set the guest clock: Operation not permitted"), None),
+        (None, Some("cannot reseed the guest kernel's random number generator (RNDRESEEDCRNG): No data available")),
+        (Some("cannot set the guest clock: Invalid argument"), Some("cannot open /dev/urandom: No such file or directory")),
+    ];
+    for (clock_error, rng_error) in cases {
+        let agent = TestAgent::with_system(FakeSystem {
+            clock_error: clock_error.map(String::from),
+            rng_error: rng_error.map(String::from),
+            ..FakeSystem::default()
+        });
+        let mut host = agent.connect_raw();
+        let entropy = noise(32, 5);
+        write_message(&mut host, &refresh_request(NOV_2023_NS, entropy.clone())).unwrap();
+        let Some(FromAgent::Error(message)) = read_message(&mut host).unwrap() else {
+            panic!("a failed refresh should be an Error")
+        };
+        for part in clock_error.iter().chain(&rng_error) {
+            assert!(message.contains(part), "{message:?} lacks {part:?}");
+        }
+        match (clock_error, rng_error) {
+            (Some(_), None) => assert!(message.contains("was reseeded"), "{message}"),
+            (None, Some(_)) => assert!(message.contains("clock was set"), "{message}"),
+            _ => {}
+        }
+        assert!(!message.contains('\n'), "{message:?}");
+        // Both steps were attempted, whatever failed.
+        assert_eq!(
+            agent.system.calls(),
+            [
+                SystemCall::SetClock(NOV_2023_NS),
+                SystemCall::ReseedRng(entropy)
+            ]
+        );
+        // The connection stays usable.
+        let mut c = AgentClient::from_stream(host).unwrap();
+        let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
+        assert!(status.success());
+    }
+}
+
+#[test]
+fn malformed_refreshes_are_refused_without_touching_the_system() {
+    let agent = TestAgent::new();
+    let frame = |time: u64, entropy_len: usize| {
+        let mut payload = time.to_le_bytes().to_vec();
+        payload.extend_from_slice(&(entropy_len as u32).to_le_bytes());
+        payload.extend(noise(entropy_len, 3));
+        let mut f = vec![kind::REFRESH];
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend(payload);
+        f
+    };
+    expect_error_and_hangup(&agent, &frame(NOV_2023_NS, 31), "entropy");
+    expect_error_and_hangup(&agent, &frame(NOV_2023_NS, 513), "entropy");
+    expect_error_and_hangup(&agent, &frame(0, 64), "before 2000");
+    let mut short = frame(NOV_2023_NS, 64);
+    short[1..HEADER_LEN].copy_from_slice(&10u32.to_le_bytes());
+    short.truncate(HEADER_LEN + 10);
+    expect_error_and_hangup(&agent, &short, "truncated");
+    assert_eq!(agent.system.calls(), []);
+}
+
+#[test]
+fn rand_pool_info_layout() {
+    let entropy: Vec<u8> = (1..=34).collect();
+    let words = rand_pool_info(&entropy).unwrap();
+    assert_eq!(words.len(), 2 + 9);
+    assert_eq!(words[0], 34 * 8, "entropy_count is in bits");
+    assert_eq!(words[1], 34, "buf_size is in bytes");
+    let buf: Vec<u8> = words[2..].iter().flat_map(|w| w.to_ne_bytes()).collect();
+    assert_eq!(buf[..34], entropy[..]);
+    assert_eq!(buf[34..], [0, 0], "the last word is padded with zeros");
+    let words = rand_pool_info(&[9; 32]).unwrap();
+    let mut want = vec![256, 32];
+    want.extend([0x0909_0909; 8]);
+    assert_eq!(words, want);
+}
+
+#[test]
+fn random_ioctl_numbers_match_linux() {
+    // <linux/random.h>: RNDADDENTROPY _IOW('R', 0x03, int[2]), RNDRESEEDCRNG _IO('R', 0x07).
+    assert_eq!(
+        RNDADDENTROPY,
+        libc::_IOW::<[libc::c_int; 2]>(b'R'.into(), 0x03)
+    );
+    assert_eq!(RNDRESEEDCRNG, libc::_IO(b'R'.into(), 0x07));
+    assert_eq!(RNDADDENTROPY, 0x4008_5203);
+    assert_eq!(RNDRESEEDCRNG, 0x5207);
+}
+
+fn now_ns() -> u64 {
+    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    since.unwrap().as_nanos() as u64
+}
+
+#[test]
+fn the_client_refreshes_with_the_host_time_and_fresh_entropy() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let before = now_ns();
+    c.refresh().unwrap();
+    let after = now_ns();
+    c.refresh().unwrap();
+    let calls = agent.system.calls();
+    let [SystemCall::SetClock(t1), SystemCall::ReseedRng(e1), SystemCall::SetClock(t2), SystemCall::ReseedRng(e2)] =
+        &calls[..]
+    else {
+        panic!("two refreshes should set the clock and reseed twice: {calls:?}")
+    };
+    assert!(before <= *t1 && *t1 <= after, "{before} <= {t1} <= {after}");
+    assert!(t1 <= t2);
+    assert_eq!(e1.len(), REFRESH_ENTROPY);
+    assert_eq!(e2.len(), REFRESH_ENTROPY);
+    assert_ne!(e1, e2, "each refresh needs entropy of its own");
+    assert!(e1.iter().any(|&b| b != 0) && e2.iter().any(|&b| b != 0));
+    let (status, out, _) = run(&mut c, &ExecSpec::new(["echo", "after"]), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"after\n");
+}
+
+#[test]
+fn the_client_reports_a_failed_refresh() {
+    let agent = TestAgent::with_system(FakeSystem {
+        clock_error: Some("cannot set the guest clock: Operation not permitted".into()),
+        ..FakeSystem::default()
+    });
+    let mut c = agent.client();
+    let e = c.refresh().unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Remote(m) if m.contains("Operation not permitted") && m.contains("reseeded")),
+        "{e:?}"
+    );
+    // Not a broken connection.
+    let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
+    assert!(status.success());
 }

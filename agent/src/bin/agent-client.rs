@@ -1,14 +1,16 @@
 //! `agent-client`: a small host program around [`AgentClient`], for tests and by-hand use.
 //!
 //! ```text
-//! agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR]
-//!              [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown]
-//!              [-- COMMAND [ARG]...]
+//! agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--refresh] [--env K=V]...
+//!              [--workdir DIR] [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]...
+//!              [--shutdown] [-- COMMAND [ARG]...]
 //! ```
 //!
 //! Connects to the guest agent through flint's vsock socket UDS, or with `vsock:CID` straight
 //! to guest CID over AF_VSOCK (a VMM with vhost-vsock, such as QEMU), retrying for `--timeout`
-//! seconds (default 60); copies files in, runs COMMAND (its stdout and stderr go to ours, our
+//! seconds (default 60); with `--refresh` sets the guest's clock to the host's and reseeds
+//! its kernel's random number generator from the host's (for a guest restored from a
+//! snapshot); copies files in, runs COMMAND (its stdout and stderr go to ours, our
 //! stdin goes to it; SIGINT, SIGTERM and SIGHUP are forwarded to it), copies files out, then
 //! with `--shutdown` powers the guest off. Exit status: the command's (128 + N when signal N
 //! killed it), 127 when it could not be started, 125 for any other failure.
@@ -34,6 +36,7 @@ struct Args {
     spec: ExecSpec,
     copy_in: Vec<(PathBuf, PathBuf)>,
     copy_out: Vec<(PathBuf, PathBuf)>,
+    refresh: bool,
     shutdown: bool,
 }
 
@@ -45,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
     let mut spec = ExecSpec::default();
     let mut copy_in = Vec::new();
     let mut copy_out = Vec::new();
+    let mut refresh = false;
     let mut shutdown = false;
     let pair = |v: String, what: &str| -> Result<(PathBuf, PathBuf), String> {
         match v.split_once(':') {
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Args, String> {
             "--workdir" => spec.workdir = Some(value("--workdir")?),
             "--copy-in" => copy_in.push(pair(value("--copy-in")?, "--copy-in")?),
             "--copy-out" => copy_out.push(pair(value("--copy-out")?, "--copy-out")?),
+            "--refresh" => refresh = true,
             "--shutdown" => shutdown = true,
             "--" => {
                 spec.argv = it.by_ref().collect();
@@ -94,6 +99,7 @@ fn parse_args() -> Result<Args, String> {
         spec,
         copy_in,
         copy_out,
+        refresh,
         shutdown,
     })
 }
@@ -136,6 +142,9 @@ fn run(args: &Args) -> Result<i32, AgentError> {
         Target::Cid(cid) => flint_agent::vsock::connect_agent(*cid, args.port, args.timeout)?,
     };
     forward_signals(client.signaller());
+    if args.refresh {
+        client.refresh()?;
+    }
     for (host, guest) in &args.copy_in {
         client.copy_in(host, guest)?;
     }
@@ -164,7 +173,7 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("agent-client: error: {e}");
             eprintln!(
-                "usage: agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--env K=V]... [--workdir DIR] \
+                "usage: agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--refresh] [--env K=V]... [--workdir DIR] \
                  [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown] [-- COMMAND [ARG]...]"
             );
             return ExitCode::from(125);
