@@ -373,7 +373,9 @@ fn exec_help() -> String {
 
 Run COMMAND in the running microVM whose API socket is PATH (its guest must run flint-agent
 and the VM must have a vsock device), like 'flint run' but without a new VM; any number of
-times. Exit status: COMMAND's, or 125 when flint cannot reach the agent.
+times. First the agent sets the guest's clock from the host's and reseeds the guest's random
+number generator (the VM may have been loaded from a snapshot). Exit status: COMMAND's, or 125
+when flint cannot reach the agent.
 "
     .to_string()
 }

@@ -591,7 +591,9 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
         &[],
         &[],
         &signaller_tx,
-        Prepare::Nothing,
+        // The VM may have been loaded from a snapshot: its clock and random state would be
+        // the snapshot's. Cheap, and harmless for a VM that booted.
+        Prepare::Refresh,
         Instant::now(),
     ) {
         Ok(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
