@@ -225,6 +225,8 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 libc::SYS_sendfile,
                 libc::SYS_poll,
                 libc::SYS_ppoll,
+                // Entropy for a restored guest's random number generator.
+                libc::SYS_getrandom,
             ]);
             &[FIONBIO, TCGETS]
         }
