@@ -519,27 +519,3 @@ mod tests {
         assert_eq!(out, b"a");
     }
 }
-
-// TEMPORARY STUB (reverted before the snapshot branch is merged).
-impl Vm {
-    pub fn snapshot(
-        &self,
-        _state_path: &std::path::Path,
-        _mem_path: &std::path::Path,
-    ) -> Result<()> {
-        Err(Error::Device("snapshots are not implemented".into()))
-    }
-    pub fn restore(
-        _state_path: &std::path::Path,
-        _mem_path: &std::path::Path,
-        _adjust: &mut dyn FnMut(&mut VmConfig),
-        _console: ConsoleIo,
-        _start: Instant,
-    ) -> Result<(Vm, VmConfig)> {
-        Err(Error::Device("snapshots are not implemented".into()))
-    }
-    pub fn start_paused(&mut self) -> Result<()> {
-        self.start()?;
-        self.pause()
-    }
-}
