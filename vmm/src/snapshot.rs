@@ -212,9 +212,11 @@ mod tests {
     }
 
     fn vcpu(id: u32) -> VcpuState {
-        let mut regs = kvm_regs::default();
-        regs.rip = 0x10_0000 + u64::from(id);
-        regs.rbx = 42;
+        let regs = kvm_regs {
+            rip: 0x10_0000 + u64::from(id),
+            rbx: 42,
+            ..Default::default()
+        };
         let mut lapic = kvm_lapic_state::default();
         lapic.regs[0x20] = 7;
         VcpuState {
@@ -243,8 +245,10 @@ mod tests {
     fn sample() -> SnapshotState {
         let mut config = VmConfig::new("/boot/vmlinux");
         config.vcpus = 2;
-        let mut clock = kvm_clock_data::default();
-        clock.clock = 987_654_321;
+        let clock = kvm_clock_data {
+            clock: 987_654_321,
+            ..Default::default()
+        };
         SnapshotState {
             magic: MAGIC.into(),
             version: VERSION,
@@ -315,7 +319,7 @@ mod tests {
     }
 
     fn message(r: Result<SnapshotState>) -> String {
-        let msg = r.err().expect("refused").to_string();
+        let msg = r.expect_err("refused").to_string();
         assert!(!msg.contains('\n'), "{msg}");
         msg
     }

@@ -163,6 +163,10 @@ impl PauseGate {
     }
 }
 
+/// Device accesses a snapshot serves to complete a vCPU's last instruction (a `rep outs`
+/// makes one per element, at most a page's worth).
+const MAX_COMPLETION_EXITS: usize = 4096 + 1;
+
 /// MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSR_CHUNK: usize = 64;
 
@@ -285,17 +289,13 @@ impl Vcpu {
     /// Everything KVM holds about this vCPU, for a snapshot. First completes a pending I/O
     /// exit (KVM finishes the instruction only on the next `KVM_RUN`), without running guest
     /// code.
-    pub fn save_state(&mut self, msr_list: &[u32]) -> std::result::Result<VcpuState, String> {
+    pub fn save_state(&mut self, shared: &VcpuShared) -> std::result::Result<VcpuState, String> {
         let fail =
             |what: &'static str| move |e: kvm_ioctls::Error| format!("cannot read {what}: {e}");
-        self.fd.set_kvm_immediate_exit(1);
-        let completed = match self.fd.run() {
-            Err(e) if e.errno() == libc::EINTR => Ok(()),
-            Err(e) => Err(format!("cannot complete its last exit: {e}")),
-            Ok(_) => Err("it ran guest code while paused".to_string()),
-        };
+        let completed = self.complete_pending_exit(shared);
         self.fd.set_kvm_immediate_exit(0);
         completed?;
+        let msr_list = &shared.msr_list;
         Ok(VcpuState {
             id: self.id,
             cpuid: self.cpuid.as_slice().to_vec(),
@@ -309,6 +309,27 @@ impl Vcpu {
             msrs: self.read_msrs(msr_list)?,
             vcpu_events: self.fd.get_vcpu_events().map_err(fail("pending events"))?,
         })
+    }
+
+    /// Enter KVM with `immediate_exit` set: KVM completes the instruction of the last I/O exit
+    /// and returns at once, without running guest code. A string instruction may need more
+    /// device accesses first; they are served as usual.
+    fn complete_pending_exit(&mut self, shared: &VcpuShared) -> std::result::Result<(), String> {
+        self.fd.set_kvm_immediate_exit(1);
+        for _ in 0..MAX_COMPLETION_EXITS {
+            match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+                Err(e) if e.errno() == libc::EINTR => return Ok(()),
+                Err(e) => return Err(format!("cannot complete its last exit: {e}")),
+                Ok(None) => continue,
+                Ok(Some(exit)) => {
+                    return Err(format!(
+                        "completing its last exit gave exit {}",
+                        exit_name(&exit)
+                    ))
+                }
+            }
+        }
+        Err("completing its last exit took too many device accesses".into())
     }
 
     /// Every MSR of `list` that KVM lets us read; the others are skipped.
@@ -364,7 +385,7 @@ impl Vcpu {
                 let id = self.id;
                 shared
                     .pause
-                    .wait(&shared.stop, id, &mut || self.save_state(&shared.msr_list));
+                    .wait(&shared.stop, id, &mut || self.save_state(shared));
                 continue;
             }
             if let Some(ending) = self.run_once(shared) {
@@ -382,38 +403,9 @@ impl Vcpu {
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
-        match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                count(&exits.io_out);
-                if !shared.pio.write(u64::from(port), data) {
-                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                count(&exits.io_in);
-                if !shared.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                count(&exits.mmio_read);
-                if !shared.mmio.read(addr, data) {
-                    data.fill(0xff);
-                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                count(&exits.mmio_write);
-                if !shared.mmio.write(addr, data) {
-                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::Intr) => {
+        match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+            Ok(None) => None,
+            Ok(Some(VcpuExit::Intr)) => {
                 count(&exits.interrupted);
                 None
             }
@@ -428,19 +420,19 @@ impl Vcpu {
                 count(&exits.other);
                 fault(format!("KVM_RUN failed: {e}"))
             }
-            Ok(VcpuExit::Shutdown) => {
+            Ok(Some(VcpuExit::Shutdown)) => {
                 count(&exits.other);
                 fault(format!(
                     "the guest triple-faulted (shutdown exit; {})",
                     self.cpu_state()
                 ))
             }
-            Ok(VcpuExit::InternalError) => {
+            Ok(Some(VcpuExit::InternalError)) => {
                 count(&exits.other);
                 let suberror = self.internal_suberror();
                 fault(format!("KVM internal error (suberror {suberror})"))
             }
-            Ok(other) => {
+            Ok(Some(other)) => {
                 count(&exits.other);
                 ending_exit(self.id, other)
             }
@@ -469,6 +461,48 @@ impl Vcpu {
         // after KVM_RUN returned KVM_EXIT_INTERNAL_ERROR.
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
+}
+
+/// Hand a device access to its bus (unclaimed reads see all ones); any other exit is given
+/// back.
+fn dispatch_io<'a>(shared: &VcpuShared, exit: VcpuExit<'a>) -> Option<VcpuExit<'a>> {
+    let exits = &shared.exits;
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    let unhandled = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            count(&exits.io_out);
+            if !shared.pio.write(u64::from(port), data) {
+                unhandled(&shared.unhandled.pio);
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            count(&exits.io_in);
+            if !shared.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+                unhandled(&shared.unhandled.pio);
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            count(&exits.mmio_read);
+            if !shared.mmio.read(addr, data) {
+                data.fill(0xff);
+                unhandled(&shared.unhandled.mmio);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            count(&exits.mmio_write);
+            if !shared.mmio.write(addr, data) {
+                unhandled(&shared.unhandled.mmio);
+            }
+        }
+        other => return Some(other),
+    }
+    None
 }
 
 /// Exits other than device accesses: they end the VM.

@@ -1142,23 +1142,24 @@ mod tests {
         let mem = guest_memory(0x10_0000);
         let (h, _tq) = rng_harness(&mem);
         let good = h.t.state();
-        let mut bad = Vec::new();
-        bad.push(MmioTransportState {
-            device_type: 2,
-            ..good.clone()
-        });
-        bad.push(MmioTransportState {
-            queues: vec![],
-            ..good.clone()
-        });
-        bad.push(MmioTransportState {
-            acked_features: u64::MAX,
-            ..good.clone()
-        });
-        bad.push(MmioTransportState {
-            status: 0,
-            ..good.clone()
-        });
+        let mut bad = vec![
+            MmioTransportState {
+                device_type: 2,
+                ..good.clone()
+            },
+            MmioTransportState {
+                queues: vec![],
+                ..good.clone()
+            },
+            MmioTransportState {
+                acked_features: u64::MAX,
+                ..good.clone()
+            },
+            MmioTransportState {
+                status: 0,
+                ..good.clone()
+            },
+        ];
         let mut q = good.clone();
         q.queues[0].desc = u64::MAX - 8;
         bad.push(q);
