@@ -529,3 +529,32 @@ fn exit_name(exit: &VcpuExit) -> String {
         .unwrap_or("unknown")
         .to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs /dev/kvm (any KVM, PVM included).
+    #[test]
+    fn unreadable_msrs_are_skipped() {
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        fd.set_cpuid2(&cpuid).unwrap();
+        let vcpu = Vcpu { id: 0, fd, cpuid };
+        // IA32_TSC, two indexes no CPU has, SYSENTER_CS, SYSENTER_ESP; and a list longer
+        // than one KVM_GET_MSRS call.
+        let mut list = vec![0x10, 0xdead_beef, 0x174, 0x0bad_0000, 0x175];
+        list.extend(std::iter::repeat_n(0x174, MSR_CHUNK));
+        list.push(0xdead_beef);
+        list.push(0x175);
+        let read = vcpu.read_msrs(&list).unwrap();
+        let indexes: Vec<u32> = read.iter().map(|m| m.index).collect();
+        let mut want = vec![0x10, 0x174, 0x175];
+        want.extend(std::iter::repeat_n(0x174, MSR_CHUNK));
+        want.push(0x175);
+        assert_eq!(indexes, want);
+        assert!(vcpu.read_msrs(&[]).unwrap().is_empty());
+    }
+}

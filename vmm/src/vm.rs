@@ -312,16 +312,18 @@ impl Vm {
                 base.virtio.transports.len()
             )));
         }
-        for (transport, saved) in base.virtio.transports.iter().zip(&state.virtio) {
-            lock(transport)
-                .restore(saved)
-                .map_err(|e| invalid(e.to_string()))?;
-        }
+        // vCPUs (with their local APICs) first: an interrupt a restored device raises needs a
+        // destination, or the IOAPIC would hold it forever.
         let vcpus = state
             .vcpus
             .iter()
             .map(|v| Vcpu::restore(&base.vm, v))
             .collect::<Result<Vec<_>>>()?;
+        for (transport, saved) in base.virtio.transports.iter().zip(&state.virtio) {
+            lock(transport)
+                .restore(saved)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
         let serial = SerialConsole::from_state(
             &state.serial,
             irq_line(&base.vm, SERIAL_IRQ)?,

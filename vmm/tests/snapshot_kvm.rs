@@ -321,6 +321,27 @@ fn restore_refuses_a_memory_file_of_the_wrong_size() {
             run_and_snapshot(vm, &out, 2, (&state, &mem));
         });
     }
+    // `adjust` may change backends, not what the guest sees.
+    let err = {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let mut adjust = |c: &mut VmConfig| c.vcpus = 2;
+            Vm::restore(
+                &state,
+                &mem,
+                &mut adjust,
+                Output::default().console(),
+                Instant::now(),
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        })
+    };
+    assert!(
+        err.ends_with("the adjusted configuration changes the VM's devices, vCPUs or memory"),
+        "{err}"
+    );
     let short = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
     short.set_len(64 << 20).unwrap();
     let err = on_thread(move || {
