@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vmm::{ConsoleIo, Vm, VmConfig};
+use vmm::{ConsoleIo, Vm, VmConfig, VsockConfig};
 
 /// Where the guest code is loaded and entered (64-bit boot protocol, paging on).
 const LOAD_ADDR: u64 = 0x10_0000;
@@ -228,6 +228,14 @@ fn restored_guest_continues_counting() {
     let mut config = VmConfig::new(&kernel);
     config.vcpus = 1;
     config.mem_mib = 128;
+    // Devices the guest never uses: their (reset) state goes through the snapshot too, and
+    // the restored vsock device listens where `adjust` says.
+    assert!(config.entropy);
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path("v1.sock"),
+    });
+    let v2_sock = dir.path("v2.sock");
     let first = {
         let (state1, mem1) = (state1.clone(), mem1.clone());
         on_thread(move || {
@@ -266,12 +274,18 @@ fn restored_guest_continues_counting() {
             let (vm, config) = Vm::restore(
                 &state1,
                 &mem1,
-                &mut |c: &mut VmConfig| seen = Some(c.clone()),
+                &mut |c: &mut VmConfig| {
+                    seen = Some(c.clone());
+                    c.vsock.as_mut().unwrap().uds_path = v2_sock.clone();
+                },
                 out.console(),
                 Instant::now(),
             )
             .unwrap();
-            assert_eq!(Some(&config), seen.as_ref());
+            let seen = seen.expect("adjust was called");
+            assert!(seen.vsock.as_ref().unwrap().uds_path.ends_with("v1.sock"));
+            assert_eq!(config.vsock.as_ref().unwrap().uds_path, v2_sock);
+            assert!(v2_sock.exists());
             assert_eq!(config.vcpus, 1);
             assert_eq!(vm.config(), &config);
             run_and_snapshot(vm, &out, 20, (&state2, &mem2))
