@@ -163,9 +163,9 @@ impl PauseGate {
     }
 }
 
-/// Device accesses a snapshot serves to complete a vCPU's last instruction (a `rep outs`
-/// makes one per element, at most a page's worth).
-const MAX_COMPLETION_EXITS: usize = 4096 + 1;
+/// Device accesses a snapshot serves at most to complete a vCPU's last instruction (a
+/// string I/O instruction or an MMIO access split across pages can take more than one).
+const MAX_COMPLETION_EXITS: usize = 64;
 
 /// MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
 const MSR_CHUNK: usize = 64;

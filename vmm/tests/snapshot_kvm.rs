@@ -250,12 +250,15 @@ impl Output {
             escape: false,
         }
     }
-    /// Wait until the guest printed `lines` lines, or until the output is held.
+    /// Wait until the guest printed `lines` lines or, with `hold_at`, until the output is
+    /// held.
     fn wait_lines(&self, lines: usize) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.text().matches('\n').count() < lines
-            && !self.holding.load(std::sync::atomic::Ordering::SeqCst)
-        {
+        let done = |out: &Output| match out.hold_at {
+            Some(_) => out.holding.load(std::sync::atomic::Ordering::SeqCst),
+            None => out.text().matches('\n').count() >= lines,
+        };
+        while !done(self) {
             assert!(
                 Instant::now() < deadline,
                 "the guest printed only {:?}",
