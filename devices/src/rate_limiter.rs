@@ -29,7 +29,7 @@ use vmm_sys_util::timerfd::TimerFd;
 pub const MAX_REFILL_TIME_MS: u64 = 3_600_000;
 
 /// The configuration of one token bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct TokenBucketConfig {
     /// Tokens the bucket holds when full, and refills per `refill_time_ms`.
     pub size: u64,
@@ -62,7 +62,7 @@ impl TokenBucketConfig {
 }
 
 /// The configuration of a [`RateLimiter`]: each bucket is optional (absent means unlimited).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct RateLimiterConfig {
     /// Bytes.
     pub bandwidth: Option<TokenBucketConfig>,

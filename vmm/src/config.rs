@@ -29,7 +29,7 @@ pub const MAX_DRIVE_ID_LEN: usize = 20;
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
 /// One virtio-blk disk backed by a raw image file.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
     /// The image file (or block device) on the host.
     pub path: PathBuf,
@@ -58,7 +58,7 @@ impl DriveConfig {
 }
 
 /// One virtio-net interface backed by a host TAP device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The TAP interface: opened if it exists, otherwise created (and gone when flint exits).
     pub tap: String,
@@ -83,7 +83,7 @@ impl NetConfig {
 }
 
 /// The virtio-vsock device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context id (3 or more).
     pub guest_cid: u64,
@@ -93,7 +93,7 @@ pub struct VsockConfig {
 }
 
 /// Everything needed to boot one microVM.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Guest kernel: an uncompressed ELF `vmlinux` or a `bzImage`.
     pub kernel: PathBuf,

@@ -58,6 +58,33 @@ pub enum Error {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("cannot snapshot the VM: it is not paused")]
+    NotPaused,
+    #[error("cannot save the vCPUs' state: {0}")]
+    SnapshotVcpus(String),
+    #[error("cannot write the {what} file {}: {}", .path.display(), io_reason(.source))]
+    SnapshotWrite {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{} is not a flint snapshot state file: {reason}", .path.display())]
+    SnapshotFormat { path: PathBuf, reason: String },
+    #[error("{} is a version {version} flint snapshot; this flint reads only version {}", .path.display(), crate::snapshot::VERSION)]
+    SnapshotVersion { path: PathBuf, version: u32 },
+    #[error("the snapshot {} cannot be restored: {reason}", .path.display())]
+    SnapshotInvalid { path: PathBuf, reason: String },
+    #[error("the snapshot memory file {} holds {size} bytes but the snapshot's VM has {expected} bytes of memory", .path.display())]
+    SnapshotMemorySize {
+        path: PathBuf,
+        size: u64,
+        expected: u64,
+    },
+    #[error("cannot map the snapshot memory file {}: {reason}", .path.display())]
+    SnapshotMemoryMap { path: PathBuf, reason: String },
+    #[error("KVM refused MSR {index:#x} of vCPU {id} from the snapshot")]
+    SnapshotMsr { id: u32, index: u32 },
     #[error("cannot {what}: {}", io_reason(.source))]
     Host {
         what: &'static str,

@@ -12,6 +12,7 @@ mod memory;
 pub mod metrics;
 pub mod seccomp;
 mod signals;
+pub mod snapshot;
 mod usage;
 mod vcpu;
 mod vm;

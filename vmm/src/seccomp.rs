@@ -85,6 +85,23 @@ const fn kvm_ior(nr: u64, size: usize) -> u64 {
 /// Read when a guest fault ends the VM, for the error message.
 const KVM_GET_REGS: u64 = kvm_ior(0x81, std::mem::size_of::<kvm_bindings::kvm_regs>());
 const KVM_GET_SREGS: u64 = kvm_ior(0x83, std::mem::size_of::<kvm_bindings::kvm_sregs>());
+/// `_IOWR(KVMIO, nr, T)` for a `T` of `size` bytes.
+const fn kvm_iowr(nr: u64, size: usize) -> u64 {
+    (3 << 30) | ((size as u64) << 16) | (0xae << 8) | nr
+}
+// What a snapshot reads: on the vCPU threads (each its own vCPU)...
+const KVM_GET_MSRS: u64 = kvm_iowr(0x88, std::mem::size_of::<kvm_bindings::kvm_msrs>());
+const KVM_GET_LAPIC: u64 = kvm_ior(0x8e, std::mem::size_of::<kvm_bindings::kvm_lapic_state>());
+const KVM_GET_MP_STATE: u64 = kvm_ior(0x98, std::mem::size_of::<kvm_bindings::kvm_mp_state>());
+const KVM_GET_VCPU_EVENTS: u64 =
+    kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_vcpu_events>());
+const KVM_GET_DEBUGREGS: u64 = kvm_ior(0xa1, std::mem::size_of::<kvm_bindings::kvm_debugregs>());
+const KVM_GET_XSAVE: u64 = kvm_ior(0xa4, std::mem::size_of::<kvm_bindings::kvm_xsave>());
+const KVM_GET_XCRS: u64 = kvm_ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xcrs>());
+// ... and on the VMM thread (the VM's).
+const KVM_GET_IRQCHIP: u64 = kvm_iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>());
+const KVM_GET_CLOCK: u64 = kvm_ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
+const KVM_GET_PIT2: u64 = kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>());
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const TCGETS: u64 = 0x5401;
 const TCSETS: u64 = 0x5402;
@@ -184,9 +201,22 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         // activates the device there: a NIC then sets its TAP's offloads.
         // A device reset disarms its rate limiters' timers (created at device construction).
         // A fatal guest fault reads the registers for its message.
+        // A snapshot has each paused vCPU thread read its vCPU's state.
         ThreadKind::Vcpu => {
             allow(TIMERS);
-            &[KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS, TUNSETOFFLOAD]
+            &[
+                KVM_RUN,
+                KVM_GET_REGS,
+                KVM_GET_SREGS,
+                TUNSETOFFLOAD,
+                KVM_GET_MSRS,
+                KVM_GET_LAPIC,
+                KVM_GET_MP_STATE,
+                KVM_GET_VCPU_EVENTS,
+                KVM_GET_DEBUGREGS,
+                KVM_GET_XSAVE,
+                KVM_GET_XCRS,
+            ]
         }
         ThreadKind::EventLoop => {
             allow(TIMERS);
@@ -247,12 +277,14 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 // Removing a sandbox's temporary directory at the end.
                 libc::SYS_getdents64,
                 libc::SYS_rmdir,
-                // Publishing a finished snapshot of a booted sandbox (`flint run`).
+                // A snapshot's files: written whole, then renamed into place; and publishing a
+                // finished snapshot of a booted sandbox (`flint run`).
+                libc::SYS_ftruncate,
                 libc::SYS_rename,
                 libc::SYS_renameat,
                 libc::SYS_renameat2,
             ]);
-            &[TCGETS, TCSETS]
+            &[TCGETS, TCSETS, KVM_GET_IRQCHIP, KVM_GET_CLOCK, KVM_GET_PIT2]
         }
     };
     if !ioctls.is_empty() {
@@ -391,6 +423,16 @@ mod tests {
         // The values from <linux/kvm.h> on x86_64.
         assert_eq!(KVM_GET_REGS, 0x8090_ae81);
         assert_eq!(KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(KVM_GET_MSRS, 0xc008_ae88);
+        assert_eq!(KVM_GET_LAPIC, 0x8400_ae8e);
+        assert_eq!(KVM_GET_MP_STATE, 0x8004_ae98);
+        assert_eq!(KVM_GET_VCPU_EVENTS, 0x8040_ae9f);
+        assert_eq!(KVM_GET_DEBUGREGS, 0x8080_aea1);
+        assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
+        assert_eq!(KVM_GET_XCRS, 0x8188_aea6);
+        assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
+        assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
+        assert_eq!(KVM_GET_PIT2, 0x8070_ae9f);
     }
 
     #[test]

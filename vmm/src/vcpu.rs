@@ -5,7 +5,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use devices::bus::{lock, Bus};
 use kvm_bindings::{
-    kvm_xcrs, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msr_entry, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -13,6 +14,7 @@ use vm_memory::GuestMemoryMmap;
 use crate::error::{Error, Result};
 use crate::exit::{Ending, Endings};
 use crate::loader::KernelEntry;
+use crate::snapshot::VcpuState;
 
 /// Guest accesses that no device claimed. They are answered (reads see all ones) and counted,
 /// never fatal.
@@ -34,15 +36,29 @@ pub struct VcpuShared {
     pub exits: crate::metrics::ExitCounters,
     /// Closed while the VM is paused: vCPU threads wait at it instead of running the guest.
     pub pause: PauseGate,
+    /// The MSRs a snapshot saves: KVM's MSR index list.
+    pub msr_list: Vec<u32>,
 }
 
-/// Where vCPU threads wait while the VM is paused.
+/// Where vCPU threads wait while the VM is paused. While they wait they also answer requests
+/// for their state (for a snapshot): the vCPU fds live on their threads.
 #[derive(Debug, Default)]
 pub struct PauseGate {
     closed: AtomicBool,
-    state: Mutex<usize>,
+    state: Mutex<GateState>,
     changed: Condvar,
 }
+
+#[derive(Debug, Default)]
+struct GateState {
+    parked: usize,
+    /// Bumped for every state request; each parked vCPU answers each request once.
+    save_generation: u64,
+    saved: Vec<(u32, std::result::Result<VcpuState, String>)>,
+}
+
+/// How often a parked vCPU looks at the gate even without a wake-up.
+const GATE_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl PauseGate {
     /// Make vCPUs stop at the gate (once kicked out of `KVM_RUN`).
@@ -60,32 +76,106 @@ impl PauseGate {
 
     /// How many vCPU threads are waiting at the gate.
     pub fn parked(&self) -> usize {
-        *lock(&self.state)
+        lock(&self.state).parked
     }
 
-    fn is_closed(&self) -> bool {
+    /// Whether the gate is closed.
+    pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Wait while the gate is closed and `stop` is not set.
-    fn wait(&self, stop: &AtomicBool) {
-        let mut parked = lock(&self.state);
-        *parked += 1;
-        while self.closed.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
-            parked = self
+    /// With the gate closed, wait up to `timeout` for `count` vCPUs to park, then have each
+    /// save its state. Returns the states in vCPU id order, or why not.
+    pub fn collect_states(
+        &self,
+        count: usize,
+        timeout: std::time::Duration,
+    ) -> std::result::Result<Vec<VcpuState>, String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = lock(&self.state);
+        if !self.is_closed() {
+            return Err("the VM is not paused".into());
+        }
+        while st.parked < count {
+            if std::time::Instant::now() > deadline {
+                return Err(format!("only {} of {count} vCPUs stopped", st.parked));
+            }
+            st = self.wait_a_while(st);
+        }
+        st.save_generation += 1;
+        st.saved.clear();
+        self.changed.notify_all();
+        while st.saved.len() < count {
+            if std::time::Instant::now() > deadline {
+                return Err(format!(
+                    "only {} of {count} vCPUs saved their state in time",
+                    st.saved.len()
+                ));
+            }
+            st = self.wait_a_while(st);
+        }
+        let mut saved = std::mem::take(&mut st.saved);
+        saved.sort_by_key(|(id, _)| *id);
+        saved
+            .into_iter()
+            .map(|(id, r)| r.map_err(|e| format!("vCPU {id}: {e}")))
+            .collect()
+    }
+
+    fn wait_a_while<'a>(
+        &self,
+        guard: std::sync::MutexGuard<'a, GateState>,
+    ) -> std::sync::MutexGuard<'a, GateState> {
+        self.changed
+            .wait_timeout(guard, std::time::Duration::from_millis(5))
+            .map(|(g, _)| g)
+            .unwrap_or_else(|e| e.into_inner().0)
+    }
+
+    /// Wait while the gate is closed and `stop` is not set, answering state requests with
+    /// `save` (for vCPU `id`).
+    fn wait(
+        &self,
+        stop: &AtomicBool,
+        id: u32,
+        save: &mut dyn FnMut() -> std::result::Result<VcpuState, String>,
+    ) {
+        let mut st = lock(&self.state);
+        st.parked += 1;
+        let mut seen = st.save_generation;
+        loop {
+            if st.save_generation != seen {
+                seen = st.save_generation;
+                let state = save();
+                st.saved.push((id, state));
+                self.changed.notify_all();
+            }
+            if !self.closed.load(Ordering::Acquire) || stop.load(Ordering::Acquire) {
+                break;
+            }
+            st = self
                 .changed
-                .wait_timeout(parked, std::time::Duration::from_millis(50))
+                .wait_timeout(st, GATE_POLL)
                 .map(|(g, _)| g)
                 .unwrap_or_else(|e| e.into_inner().0);
         }
-        *parked -= 1;
+        st.parked -= 1;
     }
 }
+
+/// Device accesses a snapshot serves at most to complete a vCPU's last instruction (a
+/// string I/O instruction or an MMIO access split across pages can take more than one).
+const MAX_COMPLETION_EXITS: usize = 64;
+
+/// MSRs per KVM_GET_MSRS / KVM_SET_MSRS call.
+const MSR_CHUNK: usize = 64;
 
 /// One configured vCPU, ready to run.
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    /// The CPUID the vCPU was given (a snapshot saves it as it is).
+    cpuid: CpuId,
 }
 
 impl Vcpu {
@@ -146,7 +236,132 @@ impl Vcpu {
         let mut lapic = fd.get_lapic().map_err(setup("read the local APIC"))?;
         arch::regs::set_lint(&mut lapic);
         fd.set_lapic(&lapic).map_err(setup("set the local APIC"))?;
-        Ok(Vcpu { id, fd })
+        Ok(Vcpu { id, fd, cpuid })
+    }
+
+    /// Create vCPU `state.id` and give it the state a snapshot saved, in the order KVM needs:
+    /// CPUID, MP state, registers, segment registers, XSAVE, XCRs, debug registers, local
+    /// APIC, MSRs, then pending events.
+    pub fn restore(vm: &VmFd, state: &VcpuState) -> Result<Vcpu> {
+        let id = state.id;
+        let setup = |what: &'static str| move |source| Error::VcpuSetup { id, what, source };
+        let einval = |what: &'static str| Error::VcpuSetup {
+            id,
+            what,
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        };
+        let fd = vm.create_vcpu(u64::from(id)).map_err(setup("create it"))?;
+        let cpuid = CpuId::from_entries(&state.cpuid)
+            .map_err(|_| einval("rebuild CPUID (too many entries)"))?;
+        fd.set_cpuid2(&cpuid).map_err(setup("set CPUID"))?;
+        fd.set_mp_state(state.mp_state)
+            .map_err(setup("set the MP state"))?;
+        fd.set_regs(&state.regs).map_err(setup("set registers"))?;
+        fd.set_sregs(&state.sregs)
+            .map_err(setup("set segment registers"))?;
+        // SAFETY: KVM_SET_XSAVE reads more than the 4 KiB `kvm_xsave` only for a VM granted
+        // dynamically enabled XSTATE features (arch_prctl ARCH_REQ_XCOMP_GUEST_PERM, e.g. AMX),
+        // which flint never requests; so the kernel reads only `state.xsave`.
+        unsafe { fd.set_xsave(&state.xsave) }.map_err(setup("set the XSAVE state"))?;
+        if state.xcrs.nr_xcrs as usize > state.xcrs.xcrs.len() {
+            return Err(einval("set XCRs (bad count)"));
+        }
+        fd.set_xcrs(&state.xcrs).map_err(setup("set XCRs"))?;
+        fd.set_debug_regs(&state.debugregs)
+            .map_err(setup("set debug registers"))?;
+        fd.set_lapic(&state.lapic)
+            .map_err(setup("set the local APIC"))?;
+        for chunk in state.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| einval("build the MSR list"))?;
+            let set = fd.set_msrs(&msrs).map_err(setup("set MSRs"))?;
+            if set != chunk.len() {
+                return Err(Error::SnapshotMsr {
+                    id,
+                    index: chunk[set].index,
+                });
+            }
+        }
+        fd.set_vcpu_events(&state.vcpu_events)
+            .map_err(setup("set pending events"))?;
+        Ok(Vcpu { id, fd, cpuid })
+    }
+
+    /// Everything KVM holds about this vCPU, for a snapshot. First completes a pending I/O
+    /// exit (KVM finishes the instruction only on the next `KVM_RUN`), without running guest
+    /// code.
+    pub fn save_state(&mut self, shared: &VcpuShared) -> std::result::Result<VcpuState, String> {
+        let fail =
+            |what: &'static str| move |e: kvm_ioctls::Error| format!("cannot read {what}: {e}");
+        let completed = self.complete_pending_exit(shared);
+        self.fd.set_kvm_immediate_exit(0);
+        completed?;
+        let msr_list = &shared.msr_list;
+        Ok(VcpuState {
+            id: self.id,
+            cpuid: self.cpuid.as_slice().to_vec(),
+            mp_state: self.fd.get_mp_state().map_err(fail("the MP state"))?,
+            regs: self.fd.get_regs().map_err(fail("registers"))?,
+            sregs: self.fd.get_sregs().map_err(fail("segment registers"))?,
+            xsave: self.fd.get_xsave().map_err(fail("the XSAVE state"))?,
+            xcrs: self.fd.get_xcrs().map_err(fail("XCRs"))?,
+            debugregs: self.fd.get_debug_regs().map_err(fail("debug registers"))?,
+            lapic: self.fd.get_lapic().map_err(fail("the local APIC"))?,
+            msrs: self.read_msrs(msr_list)?,
+            vcpu_events: self.fd.get_vcpu_events().map_err(fail("pending events"))?,
+        })
+    }
+
+    /// Enter KVM with `immediate_exit` set: KVM completes the instruction of the last I/O exit
+    /// and returns at once, without running guest code. A string instruction may need more
+    /// device accesses first; they are served as usual.
+    fn complete_pending_exit(&mut self, shared: &VcpuShared) -> std::result::Result<(), String> {
+        self.fd.set_kvm_immediate_exit(1);
+        for _ in 0..MAX_COMPLETION_EXITS {
+            match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+                Err(e) if e.errno() == libc::EINTR => return Ok(()),
+                Err(e) => return Err(format!("cannot complete its last exit: {e}")),
+                Ok(None) => continue,
+                Ok(Some(exit)) => {
+                    return Err(format!(
+                        "completing its last exit gave exit {}",
+                        exit_name(&exit)
+                    ))
+                }
+            }
+        }
+        Err("completing its last exit took too many device accesses".into())
+    }
+
+    /// Every MSR of `list` that KVM lets us read; the others are skipped.
+    fn read_msrs(&self, list: &[u32]) -> std::result::Result<Vec<kvm_msr_entry>, String> {
+        let mut out = Vec::with_capacity(list.len());
+        let mut rest = list;
+        while !rest.is_empty() {
+            let chunk = &rest[..rest.len().min(MSR_CHUNK)];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries)
+                .map_err(|e| format!("cannot build the MSR list: {e:?}"))?;
+            let read = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|e| format!("cannot read MSRs: {e}"))?;
+            out.extend_from_slice(&msrs.as_slice()[..read.min(chunk.len())]);
+            // KVM stops at the first MSR it cannot read: skip that one.
+            let consumed = if read < chunk.len() {
+                log::debug!("vCPU {}: MSR {:#x} is not readable", self.id, chunk[read]);
+                read + 1
+            } else {
+                chunk.len()
+            };
+            rest = &rest[consumed..];
+        }
+        Ok(out)
     }
 
     /// This vCPU's index.
@@ -167,7 +382,10 @@ impl Vcpu {
         // further guest code: what the guest would do next no longer matters.
         while !shared.stop.load(Ordering::Acquire) && !shared.endings.ended() {
             if shared.pause.is_closed() {
-                shared.pause.wait(&shared.stop);
+                let id = self.id;
+                shared
+                    .pause
+                    .wait(&shared.stop, id, &mut || self.save_state(shared));
                 continue;
             }
             if let Some(ending) = self.run_once(shared) {
@@ -185,38 +403,9 @@ impl Vcpu {
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
-        match self.fd.run() {
-            Ok(VcpuExit::IoOut(port, data)) => {
-                count(&exits.io_out);
-                if !shared.pio.write(u64::from(port), data) {
-                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::IoIn(port, data)) => {
-                count(&exits.io_in);
-                if !shared.pio.read(u64::from(port), data) {
-                    data.fill(0xff);
-                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                count(&exits.mmio_read);
-                if !shared.mmio.read(addr, data) {
-                    data.fill(0xff);
-                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                count(&exits.mmio_write);
-                if !shared.mmio.write(addr, data) {
-                    shared.unhandled.mmio.fetch_add(1, Ordering::Relaxed);
-                }
-                None
-            }
-            Ok(VcpuExit::Intr) => {
+        match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+            Ok(None) => None,
+            Ok(Some(VcpuExit::Intr)) => {
                 count(&exits.interrupted);
                 None
             }
@@ -231,19 +420,19 @@ impl Vcpu {
                 count(&exits.other);
                 fault(format!("KVM_RUN failed: {e}"))
             }
-            Ok(VcpuExit::Shutdown) => {
+            Ok(Some(VcpuExit::Shutdown)) => {
                 count(&exits.other);
                 fault(format!(
                     "the guest triple-faulted (shutdown exit; {})",
                     self.cpu_state()
                 ))
             }
-            Ok(VcpuExit::InternalError) => {
+            Ok(Some(VcpuExit::InternalError)) => {
                 count(&exits.other);
                 let suberror = self.internal_suberror();
                 fault(format!("KVM internal error (suberror {suberror})"))
             }
-            Ok(other) => {
+            Ok(Some(other)) => {
                 count(&exits.other);
                 ending_exit(self.id, other)
             }
@@ -274,6 +463,48 @@ impl Vcpu {
     }
 }
 
+/// Hand a device access to its bus (unclaimed reads see all ones); any other exit is given
+/// back.
+fn dispatch_io<'a>(shared: &VcpuShared, exit: VcpuExit<'a>) -> Option<VcpuExit<'a>> {
+    let exits = &shared.exits;
+    let count = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    let unhandled = |c: &AtomicU64| {
+        c.fetch_add(1, Ordering::Relaxed);
+    };
+    match exit {
+        VcpuExit::IoOut(port, data) => {
+            count(&exits.io_out);
+            if !shared.pio.write(u64::from(port), data) {
+                unhandled(&shared.unhandled.pio);
+            }
+        }
+        VcpuExit::IoIn(port, data) => {
+            count(&exits.io_in);
+            if !shared.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+                unhandled(&shared.unhandled.pio);
+            }
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            count(&exits.mmio_read);
+            if !shared.mmio.read(addr, data) {
+                data.fill(0xff);
+                unhandled(&shared.unhandled.mmio);
+            }
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            count(&exits.mmio_write);
+            if !shared.mmio.write(addr, data) {
+                unhandled(&shared.unhandled.mmio);
+            }
+        }
+        other => return Some(other),
+    }
+    None
+}
+
 /// Exits other than device accesses: they end the VM.
 fn ending_exit(vcpu: u32, exit: VcpuExit) -> Option<Ending> {
     let fault = |reason: String| Some(Ending::Fault { vcpu, reason });
@@ -297,4 +528,33 @@ fn exit_name(exit: &VcpuExit) -> String {
         .next()
         .unwrap_or("unknown")
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs /dev/kvm (any KVM, PVM included).
+    #[test]
+    fn unreadable_msrs_are_skipped() {
+        let kvm = Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        fd.set_cpuid2(&cpuid).unwrap();
+        let vcpu = Vcpu { id: 0, fd, cpuid };
+        // IA32_TSC, two indexes no CPU has, SYSENTER_CS, SYSENTER_ESP; and a list longer
+        // than one KVM_GET_MSRS call.
+        let mut list = vec![0x10, 0xdead_beef, 0x174, 0x0bad_0000, 0x175];
+        list.extend(std::iter::repeat_n(0x174, MSR_CHUNK));
+        list.push(0xdead_beef);
+        list.push(0x175);
+        let read = vcpu.read_msrs(&list).unwrap();
+        let indexes: Vec<u32> = read.iter().map(|m| m.index).collect();
+        let mut want = vec![0x10, 0x174, 0x175];
+        want.extend(std::iter::repeat_n(0x174, MSR_CHUNK));
+        want.push(0x175);
+        assert_eq!(indexes, want);
+        assert!(vcpu.read_msrs(&[]).unwrap().is_empty());
+    }
 }

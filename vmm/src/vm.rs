@@ -1,6 +1,7 @@
 //! One running microVM: KVM setup, devices, vCPU threads, and waiting for the VM to end.
 
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
@@ -10,7 +11,10 @@ use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
 use devices::IrqLine;
-use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
+    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -110,55 +114,262 @@ pub struct Vm {
     i8042: Arc<Mutex<I8042>>,
     virtio: device_manager::VirtioDevices,
     endings: Arc<Endings>,
+    config: VmConfig,
     mem: GuestMemoryMmap,
-    _vm: VmFd,
+    vm: VmFd,
     _kvm: Kvm,
+}
+
+/// What `build` and `restore` create before the vCPUs.
+struct Base {
+    kvm: Kvm,
+    vm: VmFd,
+    mem: GuestMemoryMmap,
+    virtio: device_manager::VirtioDevices,
+    mmio: Bus,
+    endings: Arc<Endings>,
+}
+
+/// Open KVM and create a VM with its interrupt controllers, PIT and `mem` (from `make_mem`),
+/// restoring `vm_state` if given, then the virtio devices the configuration asks for.
+fn create_base(
+    config: &VmConfig,
+    make_mem: impl FnOnce() -> Result<GuestMemoryMmap>,
+    vm_state: Option<&crate::snapshot::VmState>,
+) -> Result<Base> {
+    config.validate()?;
+    let kvm = open_kvm()?;
+    let max_vcpus = kvm.get_max_vcpus() as u32;
+    if config.vcpus > max_vcpus {
+        return Err(Error::HostVcpuLimit {
+            requested: config.vcpus,
+            max: max_vcpus,
+        });
+    }
+
+    // Open disk images before creating the VM so that their errors come first.
+    let virtio_devices = device_manager::build_devices(config)?;
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_tss_address(TSS_ADDRESS)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the interrupt controller"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+    // Before any device can raise an interrupt: restored controllers must see it.
+    if let Some(state) = vm_state {
+        restore_vm_state(&vm, state)?;
+    }
+
+    let mem = make_mem()?;
+    memory::register(&vm, &mem)?;
+    let mut mmio = Bus::new();
+    let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
+    let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
+    Ok(Base {
+        kvm,
+        vm,
+        mem,
+        virtio,
+        mmio,
+        endings,
+    })
+}
+
+/// The interrupt controllers, PIT and clock of `vm`.
+fn save_vm_state(vm: &VmFd) -> Result<crate::snapshot::VmState> {
+    let chip = |id: u32| -> Result<kvm_irqchip> {
+        let mut chip = kvm_irqchip {
+            chip_id: id,
+            ..Default::default()
+        };
+        vm.get_irqchip(&mut chip)
+            .map_err(kvm_err("read the interrupt controller"))?;
+        Ok(chip)
+    };
+    Ok(crate::snapshot::VmState {
+        pic_master: chip(KVM_IRQCHIP_PIC_MASTER)?,
+        pic_slave: chip(KVM_IRQCHIP_PIC_SLAVE)?,
+        ioapic: chip(KVM_IRQCHIP_IOAPIC)?,
+        pit: vm.get_pit2().map_err(kvm_err("read the PIT"))?,
+        clock: vm.get_clock().map_err(kvm_err("read the guest clock"))?,
+    })
+}
+
+fn restore_vm_state(vm: &VmFd, state: &crate::snapshot::VmState) -> Result<()> {
+    let chips = [
+        (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
+        (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
+        (&state.ioapic, KVM_IRQCHIP_IOAPIC),
+    ];
+    for (chip, id) in chips {
+        // The id says which union member KVM reads: it must be the one it was saved as.
+        let chip = kvm_irqchip {
+            chip_id: id,
+            ..*chip
+        };
+        vm.set_irqchip(&chip)
+            .map_err(kvm_err("restore the interrupt controller"))?;
+    }
+    vm.set_pit2(&state.pit)
+        .map_err(kvm_err("restore the PIT"))?;
+    // The guest's clock continues from the snapshot's value. Flags describe how KVM read the
+    // clock (e.g. a host-realtime pair); none of them applies to setting it.
+    let clock = kvm_clock_data {
+        flags: 0,
+        ..state.clock
+    };
+    vm.set_clock(&clock)
+        .map_err(kvm_err("restore the guest clock"))?;
+    Ok(())
+}
+
+/// Whether `adjusted` builds the same devices, vCPUs and memory as `saved` (only backends,
+/// such as files, TAP names and socket paths, may differ).
+fn same_layout(saved: &VmConfig, adjusted: &VmConfig) -> bool {
+    saved.vcpus == adjusted.vcpus
+        && saved.mem_mib == adjusted.mem_mib
+        && saved.entropy == adjusted.entropy
+        && saved.drives.len() == adjusted.drives.len()
+        && saved.nets.len() == adjusted.nets.len()
+        && saved.vsock.is_some() == adjusted.vsock.is_some()
+        && saved
+            .drives_in_guest_order()
+            .iter()
+            .zip(adjusted.drives_in_guest_order())
+            .all(|(a, b)| a.read_only == b.read_only && a.id == b.id)
 }
 
 impl Vm {
     /// Create the VM, load the kernel and configure every vCPU, without running anything.
     pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
-        config.validate()?;
-        let kvm = open_kvm()?;
-        let max_vcpus = kvm.get_max_vcpus() as u32;
-        if config.vcpus > max_vcpus {
-            return Err(Error::HostVcpuLimit {
-                requested: config.vcpus,
-                max: max_vcpus,
-            });
+        let mem_size = config.mem_bytes();
+        let base = create_base(config, || memory::create(mem_size), None)?;
+        let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
+        let entry = loader::load(config, &cmdline, &base.mem)?;
+        arch::mptable::setup_mptable(&base.mem, config.vcpus as u8)?;
+
+        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+        for id in 0..config.vcpus {
+            vcpus.push(Vcpu::new(
+                &base.kvm,
+                &base.vm,
+                &base.mem,
+                id,
+                config.vcpus,
+                entry,
+            )?);
         }
+        let serial = SerialConsole::new(irq_line(&base.vm, SERIAL_IRQ)?, console.output);
+        Vm::assemble(
+            config,
+            base,
+            vcpus,
+            serial,
+            None,
+            console.input.map(|i| (i, console.escape)),
+            start,
+        )
+    }
 
-        // Open disk images before creating the VM so that their errors come first.
-        let virtio_devices = device_manager::build_devices(config)?;
-        let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
-        vm.set_tss_address(TSS_ADDRESS)
-            .map_err(kvm_err("set the TSS address"))?;
-        vm.create_irq_chip()
-            .map_err(kvm_err("create the interrupt controller"))?;
-        let pit = kvm_pit_config {
-            flags: KVM_PIT_SPEAKER_DUMMY,
-            ..Default::default()
+    /// Build a VM from the snapshot in `state_path` and `mem_path` (see [`Vm::snapshot`]). Its
+    /// configuration comes from the state file; `adjust` may change it (e.g. a new vsock
+    /// socket path) before devices open their backends, but not the devices, vCPUs or memory
+    /// it describes. Returns the VM (built, not started) and the configuration it was built
+    /// with. Guest memory is mapped copy-on-write from `mem_path`, which is never modified.
+    pub fn restore(
+        state_path: &Path,
+        mem_path: &Path,
+        adjust: &mut dyn FnMut(&mut VmConfig),
+        console: ConsoleIo,
+        start: Instant,
+    ) -> Result<(Vm, VmConfig)> {
+        let state = crate::snapshot::read_state(state_path)?;
+        let mut config = state.config.clone();
+        adjust(&mut config);
+        let invalid = |reason: String| Error::SnapshotInvalid {
+            path: state_path.to_path_buf(),
+            reason,
         };
-        vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
+        if !same_layout(&state.config, &config) {
+            return Err(invalid(
+                "the adjusted configuration changes the VM's devices, vCPUs or memory".into(),
+            ));
+        }
+        let mem_size = config.mem_bytes();
+        let base = create_base(
+            &config,
+            || memory::restore(mem_path, mem_size),
+            Some(&state.vm),
+        )?;
+        if base.virtio.transports.len() != state.virtio.len() {
+            return Err(invalid(format!(
+                "it holds {} virtio devices but its configuration has {}",
+                state.virtio.len(),
+                base.virtio.transports.len()
+            )));
+        }
+        // vCPUs (with their local APICs) first: an interrupt a restored device raises needs a
+        // destination, or the IOAPIC would hold it forever.
+        let vcpus = state
+            .vcpus
+            .iter()
+            .map(|v| Vcpu::restore(&base.vm, v))
+            .collect::<Result<Vec<_>>>()?;
+        for (transport, saved) in base.virtio.transports.iter().zip(&state.virtio) {
+            lock(transport)
+                .restore(saved)
+                .map_err(|e| invalid(e.to_string()))?;
+        }
+        let serial = SerialConsole::from_state(
+            &state.serial,
+            irq_line(&base.vm, SERIAL_IRQ)?,
+            console.output,
+        )
+        .map_err(invalid)?;
+        let vm = Vm::assemble(
+            &config,
+            base,
+            vcpus,
+            serial,
+            Some(&state.i8042),
+            console.input.map(|i| (i, console.escape)),
+            start,
+        )?;
+        Ok((vm, config))
+    }
 
-        let mem = memory::create(config.mem_bytes())?;
-        memory::register(&vm, &mem)?;
-        let mut mmio = Bus::new();
-        let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
-        let cmdline = full_cmdline(&config.cmdline, &virtio.cmdline)?;
-        let entry = loader::load(config, &cmdline, &mem)?;
-        arch::mptable::setup_mptable(&mem, config.vcpus as u8)?;
-
-        let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
+    /// The legacy devices, buses and vCPU thread state around `base` and `vcpus`.
+    fn assemble(
+        config: &VmConfig,
+        base: Base,
+        vcpus: Vec<Vcpu>,
+        serial: SerialConsole,
+        i8042_state: Option<&devices::legacy::I8042State>,
+        console_input: Option<(Box<dyn Read + Send>, bool)>,
+        start: Instant,
+    ) -> Result<Vm> {
+        let Base {
+            kvm,
+            vm,
+            mem,
+            virtio,
+            mmio,
+            endings,
+        } = base;
         // Recorded on the vCPU thread that wrote the reset command, before it runs on.
         let reset_endings = endings.clone();
         let on_reset = move || reset_endings.report(Ending::Reset);
 
-        let serial = Arc::new(Mutex::new(SerialConsole::new(
-            irq_line(&vm, SERIAL_IRQ)?,
-            console.output,
-        )));
-        let i8042 = Arc::new(Mutex::new(I8042::new(on_reset, irq_line(&vm, I8042_IRQ)?)));
+        let serial = Arc::new(Mutex::new(serial));
+        let mut i8042 = I8042::new(on_reset, irq_line(&vm, I8042_IRQ)?);
+        if let Some(state) = i8042_state {
+            i8042.restore_state(state);
+        }
+        let i8042 = Arc::new(Mutex::new(i8042));
         let boot_timer = BootTimer::new(start, |elapsed: Duration| {
             log::info!("guest boot time: {} ms", elapsed.as_millis());
         });
@@ -173,6 +384,14 @@ impl Vm {
         pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)
             .map_err(bus_err)?;
 
+        // MSRs a snapshot saves. A KVM without the list gets snapshots without MSRs.
+        let msr_list = match kvm.get_msr_index_list() {
+            Ok(list) => list.as_slice().to_vec(),
+            Err(e) => {
+                log::warn!("KVM does not list its MSRs ({e}); snapshots will not save them");
+                Vec::new()
+            }
+        };
         let shared = Arc::new(VcpuShared {
             pio,
             mmio,
@@ -181,26 +400,65 @@ impl Vm {
             stop: Default::default(),
             exits: Default::default(),
             pause: PauseGate::default(),
+            msr_list,
         });
-
-        let mut vcpus = Vec::with_capacity(config.vcpus as usize);
-        for id in 0..config.vcpus {
-            vcpus.push(Vcpu::new(&kvm, &vm, &mem, id, config.vcpus, entry)?);
-        }
         Ok(Vm {
             threads: Vec::new(),
             event_loop: None,
             unstarted: vcpus,
-            console_input: console.input.map(|i| (i, console.escape)),
+            console_input,
             shared,
             serial,
             i8042,
             virtio,
             endings,
+            config: config.clone(),
             mem,
-            _vm: vm,
+            vm,
             _kvm: kvm,
         })
+    }
+
+    /// The configuration the VM was built (or restored) with.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Like [`Vm::start`], but the vCPUs wait at the pause gate until [`Vm::resume`].
+    pub fn start_paused(&mut self) -> Result<()> {
+        self.shared.pause.close();
+        self.start()
+    }
+
+    /// Write the paused VM's complete state to `state_path` and its guest memory to
+    /// `mem_path` (both created or replaced, mode 0600). Fails if the VM is not paused.
+    pub fn snapshot(&self, state_path: &Path, mem_path: &Path) -> Result<()> {
+        if !self.shared.pause.is_closed() || self.threads.is_empty() {
+            return Err(Error::NotPaused);
+        }
+        let vcpus = self
+            .shared
+            .pause
+            .collect_states(self.threads.len(), PAUSE_TIMEOUT)
+            .map_err(Error::SnapshotVcpus)?;
+        let vm = save_vm_state(&self.vm)?;
+        // Devices keep running on the event loop: holding every transport keeps them from
+        // touching guest memory or their queues until memory is saved too.
+        let transports: Vec<_> = self.virtio.transports.iter().map(|t| lock(t)).collect();
+        let virtio = transports.iter().map(|t| t.state()).collect();
+        let state = crate::snapshot::SnapshotState {
+            magic: crate::snapshot::MAGIC.to_string(),
+            version: crate::snapshot::VERSION,
+            config: self.config.clone(),
+            vcpus,
+            vm,
+            serial: lock(&self.serial).state(),
+            i8042: lock(&self.i8042).state(),
+            virtio,
+        };
+        memory::save(&self.mem, mem_path)?;
+        drop(transports);
+        crate::snapshot::write_state(state_path, &state)
     }
 
     /// Start the device event loop, the vCPU threads and console input.

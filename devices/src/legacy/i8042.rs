@@ -74,7 +74,35 @@ pub struct I8042 {
     resets: u64,
 }
 
+/// The controller's state, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042State {
+    pub ctr: u8,
+    pub status_cmd: bool,
+    pub out: Vec<u8>,
+    pub awaiting_data_for: Option<u8>,
+}
+
 impl I8042 {
+    /// The controller's registers and pending output bytes.
+    pub fn state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            status_cmd: self.status_cmd,
+            out: self.out.iter().copied().collect(),
+            awaiting_data_for: self.awaiting_data_for,
+        }
+    }
+
+    /// Continue from `state` (see [`I8042::state`]); at most 16 pending bytes are kept.
+    pub fn restore_state(&mut self, state: &I8042State) {
+        self.ctr = state.ctr;
+        self.status_cmd = state.status_cmd;
+        self.out = state.out.iter().take(16).copied().collect();
+        self.awaiting_data_for = state.awaiting_data_for;
+        self.notify();
+    }
+
     /// A controller that calls `reset` when the guest resets the machine and raises `irq`
     /// (IRQ 1) when it has a byte for the guest.
     pub fn new(reset: impl Fn() + Send + 'static, irq: IrqLine) -> Self {

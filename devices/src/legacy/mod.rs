@@ -6,5 +6,5 @@ mod i8042;
 mod serial;
 
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
-pub use i8042::I8042;
-pub use serial::SerialConsole;
+pub use i8042::{I8042State, I8042};
+pub use serial::{SerialConsole, SerialConsoleState};

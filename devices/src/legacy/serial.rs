@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::Serial;
 
 use crate::bus::BusDevice;
@@ -14,11 +14,67 @@ pub struct SerialConsole {
     uart: Serial<IrqLine, NoEvents, Box<dyn Write + Send>>,
 }
 
+/// The UART's registers and receive FIFO, as saved in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialConsoleState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
+}
+
 impl SerialConsole {
     /// A UART that raises `irq` and writes guest output to `out`.
     pub fn new(irq: IrqLine, out: Box<dyn Write + Send>) -> Self {
         SerialConsole {
             uart: Serial::new(irq, out),
+        }
+    }
+
+    /// A UART continuing from `state` (see [`SerialConsole::state`]). Fails if the saved
+    /// receive FIFO is longer than the UART's.
+    pub fn from_state(
+        state: &SerialConsoleState,
+        irq: IrqLine,
+        out: Box<dyn Write + Send>,
+    ) -> Result<Self, String> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&s, irq, NoEvents, out)
+            .map_err(|e| format!("invalid serial port state: {e:?}"))?;
+        Ok(SerialConsole { uart })
+    }
+
+    /// The UART's registers and pending input.
+    pub fn state(&self) -> SerialConsoleState {
+        let s = self.uart.state();
+        SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
         }
     }
 
@@ -113,6 +169,33 @@ mod tests {
         let taken = serial.enqueue_input(&big);
         assert!(taken > 0 && taken < big.len());
         assert_eq!(serial.enqueue_input(b"y"), 0);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_registers_and_input() {
+        let (mut serial, _, _) = console();
+        serial.write(1, &[0x3]); // IER: RDA and THR interrupts
+        serial.write(7, &[0x5a]); // scratch
+        serial.enqueue_input(b"xy");
+        let state = serial.state();
+        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
+        let sink = Sink::default();
+        let mut restored = SerialConsole::from_state(
+            &state,
+            IrqLine::new(evt.try_clone().unwrap()),
+            Box::new(sink.clone()),
+        )
+        .unwrap();
+        assert_eq!(restored.state(), state);
+        let mut b = [0u8];
+        restored.read(1, &mut b);
+        assert_eq!(b[0], 0x3, "IER survives");
+        restored.read(0, &mut b);
+        assert_eq!(b[0], b'x');
+        let mut bad = state.clone();
+        bad.in_buffer = vec![0; 1000];
+        let err = SerialConsole::from_state(&bad, IrqLine::new(evt), Box::new(sink)).err();
+        assert!(err.is_some());
     }
 
     #[test]

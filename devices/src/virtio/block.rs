@@ -24,7 +24,7 @@ use vm_memory::{
 use vmm_sys_util::epoll::EventSet;
 
 use super::{
-    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_BLOCK,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::RateLimiter;
@@ -753,6 +753,13 @@ impl VirtioDevice for Block {
         if used_any && queue.needs_notification(mem).unwrap_or(true) {
             interrupt.signal_used_queue();
         }
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .iter()
+            .map(|a| QueuePosition::of(&a.queue))
+            .collect()
     }
 
     fn reset(&mut self) {

@@ -85,6 +85,16 @@ impl VirtioInterrupt {
         self.status.load(Ordering::Acquire)
     }
 
+    /// Set the `InterruptStatus` register (restoring a snapshot).
+    pub fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::Release);
+    }
+
+    /// Raise the interrupt line without changing the status (after restoring a snapshot).
+    pub fn retrigger(&self) {
+        let _ = self.irq.trigger();
+    }
+
     /// The driver wrote `InterruptACK`.
     pub fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::AcqRel);
@@ -103,6 +113,25 @@ pub enum ActivateError {
     QueueCount { want: usize, got: usize },
     #[error("the device cannot start: {0}")]
     Backend(String),
+}
+
+/// Where a running device is in one of its queues: the next available-ring entry it will
+/// take and the next used-ring entry it will fill. Saved in snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueuePosition {
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+impl QueuePosition {
+    /// Where `queue` is.
+    pub fn of(queue: &Queue) -> Self {
+        use virtio_queue::QueueT;
+        QueuePosition {
+            next_avail: queue.next_avail(),
+            next_used: queue.next_used(),
+        }
+    }
 }
 
 /// A virtio device model behind a transport.
@@ -148,4 +177,11 @@ pub trait VirtioDevice: Send {
     /// One of the device's backend event sources is ready. The device may add or remove
     /// sources through `ops` (e.g. a new connection's socket).
     fn process_backend(&mut self, _events: Events, _ops: &mut EventOps) {}
+    /// While activated: where the device is in each of its queues, in index order, such that
+    /// queues rebuilt at these positions continue the device's work (buffers it took but has
+    /// not used yet are given back). Empty while not activated.
+    fn queue_positions(&self) -> Vec<QueuePosition>;
+    /// The transport re-activated this (new) device from a snapshot: anything the device must
+    /// tell the driver about the host state it did not carry over (e.g. vsock connections).
+    fn restored(&mut self) {}
 }

@@ -9,7 +9,9 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
-use super::{ActivateError, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1};
+use super::{
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
+};
 
 /// The size of the device's only queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -192,6 +194,13 @@ impl VirtioDevice for Rng {
         if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .iter()
+            .map(|a| QueuePosition::of(&a.queue))
+            .collect()
     }
 
     fn reset(&mut self) {

@@ -30,7 +30,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{add_used_together, segments, write_segments, ChainError, Direction, Segment};
 use super::{
-    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET, VIRTIO_F_VERSION_1,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET,
+    VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -729,6 +730,16 @@ impl VirtioDevice for Net {
             }
             _ => {}
         }
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        let Some(a) = &self.active else {
+            return Vec::new();
+        };
+        // Receive chains taken but not used yet are the last ones taken: give them back.
+        let mut rx = QueuePosition::of(&a.rx);
+        rx.next_avail = rx.next_avail.wrapping_sub(a.rx_chains.len() as u16);
+        vec![rx, QueuePosition::of(&a.tx)]
     }
 
     fn reset(&mut self) {

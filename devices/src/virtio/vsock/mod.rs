@@ -37,7 +37,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::chain::{segments, write_segments, ChainError, Direction, Segment};
 use super::{
-    ActivateError, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
 };
 use conn::{ConnError, Connection, State};
@@ -51,6 +51,8 @@ pub const QUEUE_SIZE: u16 = 256;
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
+/// The only vsock event (`struct virtio_vsock_event`'s id): the host dropped every connection.
+pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// The first host port handed out for host-initiated connections.
 pub const FIRST_HOST_PORT: u32 = 1024;
 /// Longest `CONNECT <port>\n` line accepted from a host program.
@@ -231,8 +233,8 @@ struct Active {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
-    /// Held for the driver; the device sends no events (no migration).
-    _event: Queue,
+    /// Events for the driver: only a transport reset, after a snapshot restore.
+    event: Queue,
     interrupt: Arc<VirtioInterrupt>,
 }
 
@@ -256,6 +258,8 @@ pub struct Vsock {
     to_unregister: Vec<UnixStream>,
     wake: EventFd,
     backend_started: bool,
+    /// A transport-reset event waits for a buffer on the event queue.
+    event_pending: bool,
     scratch: Vec<u8>,
     metrics: Arc<VsockMetrics>,
 }
@@ -296,6 +300,7 @@ impl Vsock {
             ctrl: VecDeque::new(),
             next_event: FIRST_SOCKET_EVENT,
             next_host_port: FIRST_HOST_PORT,
+            event_pending: false,
             to_register: Vec::new(),
             to_unregister: Vec::new(),
             wake,
@@ -774,6 +779,42 @@ impl Vsock {
         }
     }
 
+    /// Send a pending transport-reset event, if the driver gave the event queue a buffer.
+    fn send_events(&mut self) {
+        if !self.event_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut() else {
+            return;
+        };
+        let mem = active.mem.clone();
+        let Some(chain) = active.event.pop_descriptor_chain(&mem) else {
+            return;
+        };
+        let head = chain.head_index();
+        let len = match segments(&mem, chain, Direction::DeviceWrites, 4096) {
+            Ok((segs, capacity)) if capacity >= 4 => {
+                let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+                if write_segments(&mem, &segs, &event) {
+                    self.event_pending = false;
+                    4
+                } else {
+                    0
+                }
+            }
+            _ => {
+                warn!("virtio-vsock: unusable event buffer");
+                0
+            }
+        };
+        if let Err(e) = active.event.add_used(&mem, head, len) {
+            warn!("virtio-vsock: cannot return an event buffer: {e}");
+        }
+        if active.event.needs_notification(&mem).unwrap_or(true) {
+            active.interrupt.signal_used_queue();
+        }
+    }
+
     /// Drop every connection (the driver reset the device).
     fn drop_all(&mut self) {
         let keys: Vec<Key> = self.conns.keys().copied().collect();
@@ -840,7 +881,7 @@ impl VirtioDevice for Vsock {
             mem,
             rx,
             tx,
-            _event: event,
+            event,
             interrupt,
         });
         self.service(None);
@@ -855,14 +896,30 @@ impl VirtioDevice for Vsock {
                 self.process_tx();
                 self.fill_rx();
             }
+            EVENT_QUEUE => self.send_events(),
             _ => {}
         }
+        self.wake_loop();
+    }
+
+    fn queue_positions(&self) -> Vec<QueuePosition> {
+        self.active
+            .iter()
+            .flat_map(|a| [&a.rx, &a.tx, &a.event].map(QueuePosition::of))
+            .collect()
+    }
+
+    fn restored(&mut self) {
+        self.drop_all();
+        self.event_pending = true;
+        self.send_events();
         self.wake_loop();
     }
 
     fn reset(&mut self) {
         self.drop_all();
         self.active = None;
+        self.event_pending = false;
         self.wake_loop();
     }
 

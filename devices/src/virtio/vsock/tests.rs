@@ -810,3 +810,72 @@ fn parse_tx_chain_splits_header_and_payload_anywhere() {
     assert_eq!(got, h);
     assert_eq!(payload, b"abcdef");
 }
+
+/// A fresh device activated with queues at `positions` (as the transport does on restore),
+/// told it was restored. Returns it with the driver's event queue.
+fn restored_device(
+    dir: &TempDir,
+    mem: &GuestMemoryMmap,
+    event_buffer_first: bool,
+) -> (Vsock, TestQueue) {
+    let rxq = TestQueue::new(mem, 0, QUEUE_SIZE);
+    let txq = TestQueue::new(mem, 0x8000, QUEUE_SIZE);
+    let mut evq = TestQueue::new(mem, 0x10000, QUEUE_SIZE);
+    if event_buffer_first {
+        evq.add_chain(&[w(0x20000, 4)]);
+    }
+    let mut dev = Vsock::new(CID, &dir.sock()).unwrap();
+    dev.activate(
+        mem.clone(),
+        VIRTIO_F_VERSION_1,
+        vec![rxq.queue(), txq.queue(), evq.queue()],
+        interrupt(),
+    )
+    .unwrap();
+    assert_eq!(dev.queue_positions().len(), 3);
+    dev.restored();
+    (dev, evq)
+}
+
+#[test]
+fn restore_sends_a_transport_reset_event() {
+    let dir = TempDir::new();
+    let mem = guest_memory(0x80_0000);
+    mem.write_obj(0xffff_ffffu32, GuestAddress(0x20000))
+        .unwrap();
+    let (dev, evq) = restored_device(&dir, &mem, true);
+    assert_eq!(evq.used_idx(), 1);
+    assert_eq!(evq.used_elem(0), (0, 4));
+    let id: u32 = mem.read_obj(GuestAddress(0x20000)).unwrap();
+    assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    assert_eq!(dev.queue_positions()[EVENT_QUEUE].next_used, 1);
+}
+
+#[test]
+fn transport_reset_waits_for_an_event_buffer() {
+    let dir = TempDir::new();
+    let mem = guest_memory(0x80_0000);
+    mem.write_obj(0xffff_ffffu32, GuestAddress(0x20000))
+        .unwrap();
+    let (mut dev, mut evq) = restored_device(&dir, &mem, false);
+    assert_eq!(evq.used_idx(), 0);
+    evq.add_chain(&[w(0x20000, 4)]);
+    dev.process_queue(EVENT_QUEUE);
+    assert_eq!(evq.used_idx(), 1);
+    let id: u32 = mem.read_obj(GuestAddress(0x20000)).unwrap();
+    assert_eq!(id, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET);
+    // Only one.
+    evq.add_chain(&[w(0x20100, 4)]);
+    dev.process_queue(EVENT_QUEUE);
+    assert_eq!(evq.used_idx(), 1);
+}
+
+#[test]
+fn a_booted_device_sends_no_events() {
+    let s = setup();
+    let mem = s.g.rxq.mem.clone();
+    let mut evq = TestQueue::new(&mem, 0x10000, QUEUE_SIZE);
+    evq.add_chain(&[w(0x20000, 4)]);
+    s.lp.dev().process_queue(EVENT_QUEUE);
+    assert_eq!(evq.used_idx(), 0);
+}

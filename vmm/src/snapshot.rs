@@ -1,0 +1,393 @@
+//! The snapshot format: a JSON state file (vCPUs, interrupt controllers, clock, devices and the
+//! VM's configuration) next to a memory file holding guest RAM.
+//!
+//! The memory file is the RAM regions back to back in guest-address order; all-zero pages are
+//! holes. A restored VM maps it copy-on-write, so the file is never modified and can back any
+//! number of VMs at once.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use devices::legacy::{I8042State, SerialConsoleState};
+use devices::virtio::mmio::MmioTransportState;
+use kvm_bindings::{
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+use crate::error::{Error, Result};
+
+/// What the state file starts with.
+pub const MAGIC: &str = "flint-snapshot";
+/// The state file format this flint writes and reads.
+pub const VERSION: u32 = 1;
+/// A state file is a few hundred KiB at most; anything far larger is not one.
+const MAX_STATE_FILE: u64 = 64 << 20;
+
+/// One vCPU as KVM holds it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    pub id: u32,
+    /// The CPUID the vCPU was given; restored as it is, never derived again.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    pub mp_state: kvm_mp_state,
+    pub regs: kvm_regs,
+    pub sregs: kvm_sregs,
+    pub xsave: kvm_xsave,
+    pub xcrs: kvm_xcrs,
+    pub debugregs: kvm_debugregs,
+    pub lapic: kvm_lapic_state,
+    /// Every MSR of KVM's MSR index list that KVM let us read.
+    pub msrs: Vec<kvm_msr_entry>,
+    pub vcpu_events: kvm_vcpu_events,
+}
+
+/// VM-wide KVM state: the in-kernel interrupt controllers, the PIT and the guest clock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VmState {
+    pub pic_master: kvm_irqchip,
+    pub pic_slave: kvm_irqchip,
+    pub ioapic: kvm_irqchip,
+    pub pit: kvm_pit_state2,
+    pub clock: kvm_clock_data,
+}
+
+/// Everything in a state file.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SnapshotState {
+    pub magic: String,
+    pub version: u32,
+    /// The VM's configuration; a restore builds the same devices from it.
+    pub config: VmConfig,
+    pub vcpus: Vec<VcpuState>,
+    pub vm: VmState,
+    pub serial: SerialConsoleState,
+    pub i8042: I8042State,
+    /// The virtio-mmio transports, in slot order.
+    pub virtio: Vec<MmioTransportState>,
+}
+
+/// Just the header, read first so that another version gets a clear message.
+#[derive(Deserialize)]
+struct Header {
+    magic: String,
+    version: u32,
+}
+
+impl SnapshotState {
+    /// Check what a restore relies on beyond the file's shape.
+    fn check(&self, path: &Path) -> Result<()> {
+        let invalid = |reason: String| Error::SnapshotInvalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if self.vcpus.len() != self.config.vcpus as usize {
+            return Err(invalid(format!(
+                "it holds {} vCPUs but its configuration has {}",
+                self.vcpus.len(),
+                self.config.vcpus
+            )));
+        }
+        if let Some((i, v)) = self
+            .vcpus
+            .iter()
+            .enumerate()
+            .find(|(i, v)| v.id as usize != *i)
+        {
+            return Err(invalid(format!("vCPU {i} has id {}", v.id)));
+        }
+        Ok(())
+    }
+}
+
+/// Create (or replace) `path` with mode 0600 through a temporary file in the same directory,
+/// renamed over it once complete: a reader never sees a half-written file, and a VM whose
+/// memory is mapped from the old file keeps it.
+pub(crate) fn write_atomically(
+    path: &Path,
+    what: &'static str,
+    write: impl FnOnce(&File) -> std::io::Result<()>,
+) -> Result<()> {
+    let err = |source| Error::SnapshotWrite {
+        what,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = temp_path(path);
+    let result = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|file| {
+            write(&file)?;
+            file.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+fn temp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    path.with_file_name(name)
+}
+
+/// Write `state` to `path`.
+pub fn write_state(path: &Path, state: &SnapshotState) -> Result<()> {
+    write_atomically(path, "snapshot state", |file| {
+        let mut w = BufWriter::new(file);
+        serde_json::to_writer(&mut w, state).map_err(std::io::Error::other)?;
+        w.flush()
+    })
+}
+
+/// Read and check the state file at `path`.
+pub fn read_state(path: &Path) -> Result<SnapshotState> {
+    let read_err = |source| Error::ReadFile {
+        what: "the snapshot state file",
+        path: path.to_path_buf(),
+        source,
+    };
+    let format = |reason: String| Error::SnapshotFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let file = File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_STATE_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(format(format!(
+            "it is larger than {} MiB",
+            MAX_STATE_FILE >> 20
+        )));
+    }
+    let header: Header = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
+    if header.magic != MAGIC {
+        return Err(format(format!("it starts with {:?}", header.magic)));
+    }
+    if header.version != VERSION {
+        return Err(Error::SnapshotVersion {
+            path: path.to_path_buf(),
+            version: header.version,
+        });
+    }
+    let state: SnapshotState = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
+    state.check(path)?;
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let p =
+                std::env::temp_dir().join(format!("flint-snapshot-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+        fn path(&self, file: &str) -> PathBuf {
+            self.0.join(file)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn vcpu(id: u32) -> VcpuState {
+        let regs = kvm_regs {
+            rip: 0x10_0000 + u64::from(id),
+            rbx: 42,
+            ..Default::default()
+        };
+        let mut lapic = kvm_lapic_state::default();
+        lapic.regs[0x20] = 7;
+        VcpuState {
+            id,
+            cpuid: vec![kvm_cpuid_entry2 {
+                function: 1,
+                eax: 0x806f8,
+                ..Default::default()
+            }],
+            mp_state: kvm_mp_state::default(),
+            regs,
+            sregs: kvm_sregs::default(),
+            xsave: kvm_xsave::default(),
+            xcrs: kvm_xcrs::default(),
+            debugregs: kvm_debugregs::default(),
+            lapic,
+            msrs: vec![kvm_msr_entry {
+                index: 0x10,
+                data: 123_456_789,
+                ..Default::default()
+            }],
+            vcpu_events: kvm_vcpu_events::default(),
+        }
+    }
+
+    fn sample() -> SnapshotState {
+        let mut config = VmConfig::new("/boot/vmlinux");
+        config.vcpus = 2;
+        let clock = kvm_clock_data {
+            clock: 987_654_321,
+            ..Default::default()
+        };
+        SnapshotState {
+            magic: MAGIC.into(),
+            version: VERSION,
+            config,
+            vcpus: vec![vcpu(0), vcpu(1)],
+            vm: VmState {
+                pic_master: kvm_irqchip::default(),
+                pic_slave: kvm_irqchip {
+                    chip_id: 1,
+                    ..Default::default()
+                },
+                ioapic: kvm_irqchip {
+                    chip_id: 2,
+                    ..Default::default()
+                },
+                pit: kvm_pit_state2::default(),
+                clock,
+            },
+            serial: SerialConsoleState {
+                baud_divisor_low: 12,
+                baud_divisor_high: 0,
+                interrupt_enable: 3,
+                interrupt_identification: 1,
+                line_control: 3,
+                line_status: 0x60,
+                modem_control: 8,
+                modem_status: 0xb0,
+                scratch: 0,
+                in_buffer: b"ab".to_vec(),
+            },
+            i8042: I8042State {
+                ctr: 0x47,
+                status_cmd: false,
+                out: vec![],
+                awaiting_data_for: None,
+            },
+            virtio: vec![MmioTransportState::default()],
+        }
+    }
+
+    #[test]
+    fn state_file_round_trip() {
+        let dir = TempDir::new("round-trip");
+        let path = dir.path("vm.state");
+        let state = sample();
+        write_state(&path, &state).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
+        let back = read_state(&path).unwrap();
+        assert_eq!(back.config, state.config);
+        assert_eq!(back.vcpus.len(), 2);
+        assert_eq!(back.vcpus[1].regs.rip, 0x10_0001);
+        assert_eq!(back.vcpus[1].regs.rbx, 42);
+        assert_eq!(back.vcpus[0].lapic.regs[0x20], 7);
+        assert_eq!(back.vcpus[0].cpuid[0].eax, 0x806f8);
+        assert_eq!(back.vcpus[0].msrs[0].data, 123_456_789);
+        assert_eq!(back.vm.clock.clock, 987_654_321);
+        assert_eq!(back.vm.ioapic.chip_id, 2);
+        assert_eq!(back.serial, state.serial);
+        assert_eq!(back.i8042, state.i8042);
+        assert_eq!(back.virtio, state.virtio);
+        // Replacing an existing file works and leaves no temporary file behind.
+        write_state(&path, &state).unwrap();
+        assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
+    }
+
+    fn message(r: Result<SnapshotState>) -> String {
+        let msg = r.expect_err("refused").to_string();
+        assert!(!msg.contains('\n'), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn bad_state_files_are_refused_clearly() {
+        let dir = TempDir::new("bad");
+        let path = dir.path("vm.state");
+        let good = serde_json::to_vec(&sample()).unwrap();
+
+        let msg = message(read_state(&dir.path("missing")));
+        assert!(
+            msg.starts_with("cannot read the snapshot state file"),
+            "{msg}"
+        );
+
+        for len in [0, 1, 10, good.len() / 2, good.len() - 1] {
+            std::fs::write(&path, &good[..len]).unwrap();
+            let msg = message(read_state(&path));
+            assert!(
+                msg.contains("is not a flint snapshot state file"),
+                "{len}: {msg}"
+            );
+        }
+
+        let mut corrupt = good.clone();
+        let at = corrupt.len() / 3;
+        corrupt[at..at + 8].copy_from_slice(b"@@@@@@@@");
+        std::fs::write(&path, &corrupt).unwrap();
+        assert!(message(read_state(&path)).contains("is not a flint snapshot state file"));
+
+        std::fs::write(&path, b"{\"magic\":\"something-else\",\"version\":1}").unwrap();
+        assert!(message(read_state(&path)).contains("is not a flint snapshot state file"));
+
+        let mut other = sample();
+        other.version = 7;
+        std::fs::write(&path, serde_json::to_vec(&other).unwrap()).unwrap();
+        let msg = message(read_state(&path));
+        assert!(
+            msg.ends_with("is a version 7 flint snapshot; this flint reads only version 1"),
+            "{msg}"
+        );
+
+        let mut wrong_count = sample();
+        wrong_count.vcpus.pop();
+        std::fs::write(&path, serde_json::to_vec(&wrong_count).unwrap()).unwrap();
+        let msg = message(read_state(&path));
+        assert!(
+            msg.contains("holds 1 vCPUs but its configuration has 2"),
+            "{msg}"
+        );
+
+        let mut wrong_id = sample();
+        wrong_id.vcpus[1].id = 5;
+        std::fs::write(&path, serde_json::to_vec(&wrong_id).unwrap()).unwrap();
+        assert!(message(read_state(&path)).contains("vCPU 1 has id 5"));
+
+        // Random bytes never panic.
+        let mut seed = 0x1234_5678u64;
+        for _ in 0..200 {
+            let mut bytes = good.clone();
+            for _ in 0..4 {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+                let i = (seed >> 33) as usize % bytes.len();
+                bytes[i] = (seed >> 17) as u8;
+            }
+            std::fs::write(&path, &bytes).unwrap();
+            let _ = read_state(&path);
+        }
+    }
+}

@@ -1,0 +1,512 @@
+//! Tier 2: snapshot and restore a tiny guest on the local /dev/kvm, through the vmm API.
+//!
+//! The guest counts in a register and in memory, checks that the two agree and prints the
+//! count in hex, one line each, to the serial port. A VM is paused mid-run and snapshotted;
+//! a new VM restored from the files must go on counting where the first one stopped, and a
+//! snapshot of the restored VM must work too. Seccomp filters are on, as in flint: each VM is
+//! built and run on its own thread (a thread that started a VM keeps the VMM filter).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm::{ConsoleIo, Vm, VmConfig, VsockConfig};
+
+/// Where the guest code is loaded and entered (64-bit boot protocol, paging on).
+const LOAD_ADDR: u64 = 0x10_0000;
+
+/// The guest (see the module doc), assembled from:
+///
+/// ```text
+///     mov r12, 0x200000        ; the counter in memory
+///     xor ebx, ebx             ; the counter in a register
+///     mov qword [r12], 0
+/// next:
+///     inc rbx
+///     inc qword [r12]
+///     cmp rbx, [r12]
+///     jne fail
+///     mov r8, rbx
+///     shl r8, 32
+///     mov ecx, 8
+///     mov dx, 0x3f8
+/// digit:                       ; 8 hex digits, most significant first
+///     rol r8, 4
+///     mov al, r8b
+///     and al, 0xf
+///     cmp al, 10
+///     jb decimal
+///     add al, 39
+/// decimal:
+///     add al, 48
+///     out dx, al
+///     dec ecx
+///     jnz digit
+///     mov al, 10
+///     out dx, al
+///     mov ecx, 0x1000
+/// delay:
+///     dec ecx
+///     jnz delay
+///     jmp next
+/// fail:                        ; "X\n", then a keyboard-controller reset
+///     mov dx, 0x3f8
+///     mov al, 'X'
+///     out dx, al
+///     mov al, 10
+///     out dx, al
+///     mov al, 0xfe
+///     out 0x64, al
+///     jmp $
+/// ```
+const COUNTER: &[u8] = &[
+    0x49, 0xc7, 0xc4, 0x00, 0x00, 0x20, 0x00, 0x31, 0xdb, 0x49, 0xc7, 0x04, 0x24, 0x00, 0x00, 0x00,
+    0x00, 0x48, 0xff, 0xc3, 0x49, 0xff, 0x04, 0x24, 0x49, 0x3b, 0x1c, 0x24, 0x75, 0x34, 0x49, 0x89,
+    0xd8, 0x49, 0xc1, 0xe0, 0x20, 0xb9, 0x08, 0x00, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0x49, 0xc1,
+    0xc0, 0x04, 0x44, 0x88, 0xc0, 0x24, 0x0f, 0x3c, 0x0a, 0x72, 0x02, 0x04, 0x27, 0x04, 0x30, 0xee,
+    0xff, 0xc9, 0x75, 0xea, 0xb0, 0x0a, 0xee, 0xb9, 0x01, 0x00, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc,
+    0xeb, 0xbf, 0x66, 0xba, 0xf8, 0x03, 0xb0, 0x58, 0xee, 0xb0, 0x0a, 0xee, 0xb0, 0xfe, 0xe6, 0x64,
+    0xeb, 0xfe,
+];
+
+/// A guest driving the virtio-rng device in the first virtio-mmio slot: it sets the device up
+/// with one 16-entry queue, then forever makes the same 8-byte buffer available, notifies the
+/// device, waits for the used ring to catch up and prints the count, as [`COUNTER`] does.
+/// A restored device that lost its place in the queue never catches up (or runs ahead).
+///
+/// ```text
+/// start:
+///     mov edi, 0xc0000000
+///     mov dword ptr [rdi+0x70], 1
+///     mov dword ptr [rdi+0x70], 3
+///     mov dword ptr [rdi+0x24], 1
+///     mov dword ptr [rdi+0x20], 1
+///     mov dword ptr [rdi+0x70], 0xb
+///     mov dword ptr [rdi+0x30], 0
+///     mov dword ptr [rdi+0x38], 16
+///     mov dword ptr [rdi+0x80], 0x300000
+///     mov dword ptr [rdi+0x84], 0
+///     mov dword ptr [rdi+0x90], 0x301000
+///     mov dword ptr [rdi+0x94], 0
+///     mov dword ptr [rdi+0xa0], 0x302000
+///     mov dword ptr [rdi+0xa4], 0
+///     mov dword ptr [rdi+0x44], 1
+///     mov dword ptr [rdi+0x70], 0xf
+///     mov eax, [rdi+0x70]
+///     cmp eax, 0xf
+///     jne fail
+///     mov qword ptr [0x300000], 0x304000
+///     mov dword ptr [0x300008], 8
+///     mov dword ptr [0x30000c], 2
+///     xor ebx, ebx
+/// next:
+///     inc ebx
+///     mov word ptr [0x301002], bx
+///     mov dword ptr [rdi+0x50], 0
+/// wait:
+///     movzx eax, word ptr [0x302002]
+///     cmp ax, bx
+///     jne wait
+///     mov r8, rbx
+///     shl r8, 32
+///     mov ecx, 8
+///     mov dx, 0x3f8
+/// digit:
+///     rol r8, 4
+///     mov al, r8b
+///     and al, 0xf
+///     cmp al, 10
+///     jb decimal
+///     add al, 39
+/// decimal:
+///     add al, 48
+///     out dx, al
+///     dec ecx
+///     jnz digit
+///     mov al, 10
+///     out dx, al
+///     jmp next
+/// fail:
+///     mov dx, 0x3f8
+///     mov al, 88
+///     out dx, al
+///     mov al, 10
+///     out dx, al
+///     mov al, 0xfe
+///     out 0x64, al
+/// hang:
+///     jmp hang
+/// ```
+const RNG_DRIVER: &[u8] = &[
+    0xbf, 0x00, 0x00, 0x00, 0xc0, 0xc7, 0x47, 0x70, 0x01, 0x00, 0x00, 0x00, 0xc7, 0x47, 0x70, 0x03,
+    0x00, 0x00, 0x00, 0xc7, 0x47, 0x24, 0x01, 0x00, 0x00, 0x00, 0xc7, 0x47, 0x20, 0x01, 0x00, 0x00,
+    0x00, 0xc7, 0x47, 0x70, 0x0b, 0x00, 0x00, 0x00, 0xc7, 0x47, 0x30, 0x00, 0x00, 0x00, 0x00, 0xc7,
+    0x47, 0x38, 0x10, 0x00, 0x00, 0x00, 0xc7, 0x87, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00, 0x30, 0x00,
+    0xc7, 0x87, 0x84, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x87, 0x90, 0x00, 0x00, 0x00,
+    0x00, 0x10, 0x30, 0x00, 0xc7, 0x87, 0x94, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0xc7, 0x87,
+    0xa0, 0x00, 0x00, 0x00, 0x00, 0x20, 0x30, 0x00, 0xc7, 0x87, 0xa4, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0x00, 0x00, 0xc7, 0x47, 0x44, 0x01, 0x00, 0x00, 0x00, 0xc7, 0x47, 0x70, 0x0f, 0x00, 0x00, 0x00,
+    0x8b, 0x47, 0x70, 0x83, 0xf8, 0x0f, 0x75, 0x6d, 0x48, 0xc7, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00,
+    0x00, 0x40, 0x30, 0x00, 0xc7, 0x04, 0x25, 0x08, 0x00, 0x30, 0x00, 0x08, 0x00, 0x00, 0x00, 0xc7,
+    0x04, 0x25, 0x0c, 0x00, 0x30, 0x00, 0x02, 0x00, 0x00, 0x00, 0x31, 0xdb, 0xff, 0xc3, 0x66, 0x89,
+    0x1c, 0x25, 0x02, 0x10, 0x30, 0x00, 0xc7, 0x47, 0x50, 0x00, 0x00, 0x00, 0x00, 0x0f, 0xb7, 0x04,
+    0x25, 0x02, 0x20, 0x30, 0x00, 0x66, 0x39, 0xd8, 0x75, 0xf3, 0x49, 0x89, 0xd8, 0x49, 0xc1, 0xe0,
+    0x20, 0xb9, 0x08, 0x00, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0x49, 0xc1, 0xc0, 0x04, 0x44, 0x88,
+    0xc0, 0x24, 0x0f, 0x3c, 0x0a, 0x72, 0x02, 0x04, 0x27, 0x04, 0x30, 0xee, 0xff, 0xc9, 0x75, 0xea,
+    0xb0, 0x0a, 0xee, 0xeb, 0xb7, 0x66, 0xba, 0xf8, 0x03, 0xb0, 0x58, 0xee, 0xb0, 0x0a, 0xee, 0xb0,
+    0xfe, 0xe6, 0x64, 0xeb, 0xfe,
+];
+
+/// `code` in a minimal ELF64 executable loaded and entered at [`LOAD_ADDR`] (no PVH note).
+fn elf(code: &[u8]) -> Vec<u8> {
+    const EHDR: u64 = 64;
+    const PHDR: u64 = 56;
+    let len = code.len() as u64;
+    let mut f = Vec::new();
+    f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
+    f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
+    f.extend_from_slice(&1u32.to_le_bytes());
+    f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
+    f.extend_from_slice(&EHDR.to_le_bytes()); // e_phoff
+    f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
+    f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
+    f.extend_from_slice(&(EHDR as u16).to_le_bytes());
+    f.extend_from_slice(&(PHDR as u16).to_le_bytes());
+    f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
+    f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
+    f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
+    f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    f.extend_from_slice(&7u32.to_le_bytes()); // RWX
+    f.extend_from_slice(&(EHDR + PHDR).to_le_bytes());
+    f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
+    f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
+    f.extend_from_slice(&len.to_le_bytes()); // p_filesz
+    f.extend_from_slice(&len.to_le_bytes()); // p_memsz
+    f.extend_from_slice(&0x1000u64.to_le_bytes());
+    f.extend_from_slice(code);
+    f
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("flint-snapkvm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self, file: &str) -> PathBuf {
+        self.0.join(file)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Console output shared with the test. With `hold_at`, the write that reaches that many
+/// bytes keeps the vCPU thread for a while, to let the test pause the VM while the vCPU is in
+/// the middle of an I/O exit.
+#[derive(Clone, Default)]
+struct Output {
+    buf: Arc<Mutex<Vec<u8>>>,
+    hold_at: Option<usize>,
+    holding: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Write for Output {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let len = {
+            let mut out = self.buf.lock().unwrap();
+            out.extend_from_slice(buf);
+            out.len()
+        };
+        if self.hold_at == Some(len) {
+            self.holding
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Output {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.buf.lock().unwrap()).into_owned()
+    }
+    fn console(&self) -> ConsoleIo {
+        ConsoleIo {
+            output: Box::new(self.clone()),
+            input: None,
+            escape: false,
+        }
+    }
+    /// Wait until the guest printed `lines` lines or, with `hold_at`, until the output is
+    /// held.
+    fn wait_lines(&self, lines: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let done = |out: &Output| match out.hold_at {
+            Some(_) => out.holding.load(std::sync::atomic::Ordering::SeqCst),
+            None => out.text().matches('\n').count() >= lines,
+        };
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest printed only {:?}",
+                self.text()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Run `vm` until it printed `lines` lines, pause it, snapshot it to `files` and check that it
+/// prints nothing while paused. Returns everything it printed.
+fn run_and_snapshot(mut vm: Vm, out: &Output, lines: usize, files: (&Path, &Path)) -> String {
+    vm.start().unwrap();
+    out.wait_lines(lines);
+    vm.pause().unwrap();
+    let printed = out.text();
+    vm.snapshot(files.0, files.1).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(out.text(), printed, "the guest ran while paused");
+    drop(vm);
+    printed
+}
+
+/// Every line is the next count after the one before, the first being `first`; the last
+/// line may be cut short (the VM was paused in the middle of it).
+fn assert_counts_from(text: &str, first: u64) {
+    assert!(!text.contains('X'), "the counters disagreed: {text:?}");
+    let mut expect = first;
+    let mut lines = text.split('\n').peekable();
+    while let Some(line) = lines.next() {
+        let want = format!("{expect:08x}");
+        if lines.peek().is_some() {
+            assert_eq!(line, want, "in {text:?}");
+        } else {
+            assert!(want.starts_with(line), "last line {line:?} in {text:?}");
+        }
+        expect += 1;
+    }
+}
+
+fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(f).join().unwrap()
+}
+
+fn file_bytes(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn restored_guest_continues_counting() {
+    let dir = TempDir::new("count");
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(COUNTER)).unwrap();
+    let (state1, mem1) = (dir.path("1.state"), dir.path("1.mem"));
+    let (state2, mem2) = (dir.path("2.state"), dir.path("2.mem"));
+
+    let mut config = VmConfig::new(&kernel);
+    config.vcpus = 1;
+    config.mem_mib = 128;
+    // Devices the guest never uses: their (reset) state goes through the snapshot too, and
+    // the restored vsock device listens where `adjust` says.
+    assert!(config.entropy);
+    config.vsock = Some(VsockConfig {
+        guest_cid: 3,
+        uds_path: dir.path("v1.sock"),
+    });
+    let v2_sock = dir.path("v2.sock");
+    let first = {
+        let (state1, mem1) = (state1.clone(), mem1.clone());
+        on_thread(move || {
+            // Paused while its vCPU handles the `out` of the 4th digit of line 21: KVM
+            // completes that instruction only when the vCPU next enters the guest, which a
+            // snapshot must take care of (or the restored guest prints the digit again).
+            let out = Output {
+                hold_at: Some(20 * 9 + 4),
+                ..Output::default()
+            };
+            let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            assert!(
+                vm.snapshot(&state1, &mem1).is_err(),
+                "an unstarted VM is not paused"
+            );
+            run_and_snapshot(vm, &out, 20, (&state1, &mem1))
+        })
+    };
+    assert!(first.ends_with("\n0000"), "paused at {first:?}");
+    assert_counts_from(&first, 1);
+
+    // The memory file is sparse: the guest touched a few pages of 128 MiB.
+    let meta = std::fs::metadata(&mem1).unwrap();
+    assert_eq!(meta.len(), 128 << 20);
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(allocated < 16 << 20, "{allocated} bytes allocated");
+    let mem1_before = file_bytes(&mem1);
+
+    // A second VM goes on from the snapshot, and can itself be snapshotted.
+    let second = {
+        let (state1, mem1, state2, mem2) =
+            (state1.clone(), mem1.clone(), state2.clone(), mem2.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let mut seen = None;
+            let (vm, config) = Vm::restore(
+                &state1,
+                &mem1,
+                &mut |c: &mut VmConfig| {
+                    seen = Some(c.clone());
+                    c.vsock.as_mut().unwrap().uds_path = v2_sock.clone();
+                },
+                out.console(),
+                Instant::now(),
+            )
+            .unwrap();
+            let seen = seen.expect("adjust was called");
+            assert!(seen.vsock.as_ref().unwrap().uds_path.ends_with("v1.sock"));
+            assert_eq!(config.vsock.as_ref().unwrap().uds_path, v2_sock);
+            assert!(v2_sock.exists());
+            assert_eq!(config.vcpus, 1);
+            assert_eq!(vm.config(), &config);
+            run_and_snapshot(vm, &out, 20, (&state2, &mem2))
+        })
+    };
+    assert!(
+        !second.starts_with("00000001"),
+        "the restored guest started over: {second:?}"
+    );
+    let both = format!("{first}{second}");
+    assert_counts_from(&both, 1);
+    assert!(
+        file_bytes(&mem1) == mem1_before,
+        "the restored guest wrote its memory file"
+    );
+
+    // A third VM, from the restored VM's snapshot, starting paused.
+    let third = on_thread(move || {
+        let out = Output::default();
+        let (mut vm, _) =
+            Vm::restore(&state2, &mem2, &mut |_| {}, out.console(), Instant::now()).unwrap();
+        vm.start_paused().unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(out.text(), "", "a VM started paused ran");
+        vm.resume();
+        out.wait_lines(5);
+        vm.pause().unwrap();
+        out.text()
+    });
+    assert_counts_from(&format!("{both}{third}"), 1);
+}
+
+#[test]
+fn restore_refuses_a_memory_file_of_the_wrong_size() {
+    let dir = TempDir::new("wrongsize");
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(COUNTER)).unwrap();
+    let (state, mem) = (dir.path("s"), dir.path("m"));
+    let mut config = VmConfig::new(&kernel);
+    config.vcpus = 1;
+    config.mem_mib = 128;
+    {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            run_and_snapshot(vm, &out, 2, (&state, &mem));
+        });
+    }
+    // `adjust` may change backends, not what the guest sees.
+    let err = {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let mut adjust = |c: &mut VmConfig| c.vcpus = 2;
+            Vm::restore(
+                &state,
+                &mem,
+                &mut adjust,
+                Output::default().console(),
+                Instant::now(),
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        })
+    };
+    assert!(
+        err.ends_with("the adjusted configuration changes the VM's devices, vCPUs or memory"),
+        "{err}"
+    );
+    let short = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    short.set_len(64 << 20).unwrap();
+    let err = on_thread(move || {
+        Vm::restore(
+            &state,
+            &mem,
+            &mut |_| {},
+            Output::default().console(),
+            Instant::now(),
+        )
+        .err()
+        .unwrap()
+        .to_string()
+    });
+    assert!(
+        err.contains("holds 67108864 bytes but the snapshot's VM has 134217728 bytes"),
+        "{err}"
+    );
+}
+
+#[test]
+fn restored_virtio_device_continues_its_queue() {
+    let dir = TempDir::new("virtio");
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(RNG_DRIVER)).unwrap();
+    let (state1, mem1) = (dir.path("1.state"), dir.path("1.mem"));
+    let (state2, mem2) = (dir.path("2.state"), dir.path("2.mem"));
+    let mut config = VmConfig::new(&kernel);
+    config.vcpus = 1;
+    config.mem_mib = 128;
+    config.entropy = true;
+
+    let first = {
+        let (state1, mem1) = (state1.clone(), mem1.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            run_and_snapshot(vm, &out, 30, (&state1, &mem1))
+        })
+    };
+    assert_counts_from(&first, 1);
+    let saved = vmm::snapshot::read_state(&state1).unwrap();
+    assert_eq!(saved.virtio.len(), 1);
+    let rng = &saved.virtio[0];
+    assert!(rng.activated, "{rng:?}");
+    let lines = first.matches('\n').count() as u16;
+    // The guest may have made one more buffer available than it printed.
+    assert!(
+        [lines, lines + 1].contains(&rng.queues[0].next_avail),
+        "{lines} lines, {rng:?}"
+    );
+
+    let second = {
+        let (state1, mem1) = (state1.clone(), mem1.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let (vm, _) =
+                Vm::restore(&state1, &mem1, &mut |_| {}, out.console(), Instant::now()).unwrap();
+            run_and_snapshot(vm, &out, 30, (&state2, &mem2))
+        })
+    };
+    assert_counts_from(&format!("{first}{second}"), 1);
+}
