@@ -273,6 +273,8 @@ impl Output {
 /// prints nothing while paused. Returns everything it printed.
 fn run_and_snapshot(mut vm: Vm, out: &Output, lines: usize, files: (&Path, &Path)) -> String {
     vm.start().unwrap();
+    let err = vm.snapshot(files.0, files.1).unwrap_err().to_string();
+    assert_eq!(err, "cannot snapshot the VM: it is not paused");
     out.wait_lines(lines);
     vm.pause().unwrap();
     let printed = out.text();
