@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 
 /// The unit of sparseness in a snapshot memory file: all-zero pages are holes.
 const PAGE: usize = 4096;
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// How much guest memory a snapshot copies out at a time.
 const CHUNK: usize = 1 << 20;
 
@@ -82,7 +83,8 @@ fn write_nonzero_pages(file: &File, data: &[u8], offset: u64) -> std::io::Result
     let mut run_start = None;
     let pages = data.chunks(PAGE).enumerate();
     for (i, page) in pages {
-        let zero = page.iter().all(|&b| b == 0);
+        // A slice comparison is a memcmp: fast even in debug builds.
+        let zero = page == &ZERO_PAGE[..page.len()];
         match (zero, run_start) {
             (false, None) => run_start = Some(i),
             (true, Some(start)) => {

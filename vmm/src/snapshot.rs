@@ -118,6 +118,8 @@ pub(crate) fn write_atomically(
         source,
     };
     let tmp = temp_path(path);
+    // Left behind by an earlier process with this pid that died mid-write.
+    let _ = std::fs::remove_file(&tmp);
     let result = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

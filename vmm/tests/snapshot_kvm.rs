@@ -273,6 +273,8 @@ impl Output {
 /// prints nothing while paused. Returns everything it printed.
 fn run_and_snapshot(mut vm: Vm, out: &Output, lines: usize, files: (&Path, &Path)) -> String {
     vm.start().unwrap();
+    let err = vm.snapshot(files.0, files.1).unwrap_err().to_string();
+    assert_eq!(err, "cannot snapshot the VM: it is not paused");
     out.wait_lines(lines);
     vm.pause().unwrap();
     let printed = out.text();
@@ -317,7 +319,8 @@ fn restored_guest_continues_counting() {
     let (state2, mem2) = (dir.path("2.state"), dir.path("2.mem"));
 
     let mut config = VmConfig::new(&kernel);
-    config.vcpus = 1;
+    // The second vCPU is never started by the guest: it waits for an INIT-SIPI, in the kernel.
+    config.vcpus = 2;
     config.mem_mib = 128;
     // Devices the guest never uses: their (reset) state goes through the snapshot too, and
     // the restored vsock device listens where `adjust` says.
@@ -348,6 +351,22 @@ fn restored_guest_continues_counting() {
     assert!(first.ends_with("\n0000"), "paused at {first:?}");
     assert_counts_from(&first, 1);
 
+    let saved = vmm::snapshot::read_state(&state1).unwrap();
+    let mp_states: Vec<u32> = saved.vcpus.iter().map(|v| v.mp_state.mp_state).collect();
+    assert_eq!(
+        mp_states,
+        [
+            kvm_bindings::KVM_MP_STATE_RUNNABLE,
+            kvm_bindings::KVM_MP_STATE_UNINITIALIZED
+        ]
+    );
+    assert!(!saved.vcpus[0].msrs.is_empty());
+    // Paused in the middle of printing the next count, which `rbx` holds.
+    assert_eq!(
+        saved.vcpus[0].regs.rbx,
+        first.matches('\n').count() as u64 + 1
+    );
+
     // The memory file is sparse: the guest touched a few pages of 128 MiB.
     let meta = std::fs::metadata(&mem1).unwrap();
     assert_eq!(meta.len(), 128 << 20);
@@ -377,7 +396,7 @@ fn restored_guest_continues_counting() {
             assert!(seen.vsock.as_ref().unwrap().uds_path.ends_with("v1.sock"));
             assert_eq!(config.vsock.as_ref().unwrap().uds_path, v2_sock);
             assert!(v2_sock.exists());
-            assert_eq!(config.vcpus, 1);
+            assert_eq!(config.vcpus, 2);
             assert_eq!(vm.config(), &config);
             run_and_snapshot(vm, &out, 20, (&state2, &mem2))
         })
