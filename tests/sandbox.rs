@@ -41,7 +41,8 @@ echo "MEMORY_MD5 before $(mem_md5)"
 for i in 1 2; do
     FLINT_LOG=debug $R -- sh -c 'date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n"; echo' \
         </dev/null >"$WORK/restored$i.out" 2>"$WORK/restored$i.err"
-    echo "STATUS restored$i $?"
+    rc=$?; echo "STATUS restored$i $rc"
+    [ $rc = 0 ] || tail -n 15 "$WORK/restored$i.err"
     echo "HOST_TIME$i $(date +%s)"
     echo "GUEST_TIME$i $(sed -n 1p "$WORK/restored$i.out")"
     echo "RANDOM$i $(sed -n 2p "$WORK/restored$i.out")"

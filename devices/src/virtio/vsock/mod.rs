@@ -260,6 +260,16 @@ pub struct Vsock {
     backend_started: bool,
     /// A transport-reset event waits for a buffer on the event queue.
     event_pending: bool,
+    /// The transport-reset event was sent and the driver has not yet handed the event queue
+    /// a new buffer, which Linux does only once it has reset its connections. Until then host
+    /// programs' connections wait in `deferred`: opened earlier, the guest could accept one
+    /// and then reset it with the stale ones.
+    reset_unacked: bool,
+    /// The event queue's available index when the reset was sent.
+    reset_sent_avail: u16,
+    /// Host programs whose `CONNECT` arrived while `reset_unacked`: (event id, stream, guest
+    /// port, bytes after the line).
+    deferred: Vec<(u32, UnixStream, u32, Vec<u8>)>,
     scratch: Vec<u8>,
     metrics: Arc<VsockMetrics>,
 }
@@ -301,6 +311,9 @@ impl Vsock {
             next_event: FIRST_SOCKET_EVENT,
             next_host_port: FIRST_HOST_PORT,
             event_pending: false,
+            reset_unacked: false,
+            reset_sent_avail: 0,
+            deferred: Vec::new(),
             to_register: Vec::new(),
             to_unregister: Vec::new(),
             wake,
@@ -463,6 +476,10 @@ impl Vsock {
                     if let Some(nl) = p.line.iter().position(|&b| b == b'\n') {
                         let port = parse_connect_line(&p.line[..nl]);
                         match port {
+                            Some(port) if self.event_pending || self.reset_unacked => {
+                                let early = p.line[nl + 1..].to_vec();
+                                self.deferred.push((id, p.stream, port, early));
+                            }
                             Some(port) if self.conns.len() < MAX_CONNECTIONS => {
                                 let early = p.line[nl + 1..].to_vec();
                                 self.open_host_initiated(id, p.stream, port, &early);
@@ -797,6 +814,11 @@ impl Vsock {
                 let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
                 if write_segments(&mem, &segs, &event) {
                     self.event_pending = false;
+                    self.reset_unacked = true;
+                    self.reset_sent_avail = active
+                        .event
+                        .avail_idx(&mem, std::sync::atomic::Ordering::Acquire)
+                        .map_or(0, |idx| idx.0);
                     4
                 } else {
                     0
@@ -810,9 +832,44 @@ impl Vsock {
         if let Err(e) = active.event.add_used(&mem, head, len) {
             warn!("virtio-vsock: cannot return an event buffer: {e}");
         }
+        // The driver's next buffer acknowledges the reset: be told when it comes.
+        if let Err(e) = active.event.enable_notification(&mem) {
+            warn!("virtio-vsock: cannot ask for event queue notifications: {e}");
+        }
         if active.event.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
+    }
+
+    /// After a transport reset was sent: once the driver gave the event queue another buffer
+    /// (Linux re-posts the event's buffer only after it has reset its connections), open the
+    /// host connections that waited.
+    fn ack_reset(&mut self) {
+        if !self.reset_unacked {
+            return;
+        }
+        let Some(active) = self.active.as_ref() else {
+            return;
+        };
+        // The driver may have had several buffers on the queue: only one added after the
+        // reset was sent says it was handled.
+        let given = active
+            .event
+            .avail_idx(&active.mem, std::sync::atomic::Ordering::Acquire)
+            .map(|idx| idx.0 != self.reset_sent_avail)
+            .unwrap_or(false);
+        if !given {
+            return;
+        }
+        self.reset_unacked = false;
+        for (id, stream, port, early) in std::mem::take(&mut self.deferred) {
+            if self.conns.len() < MAX_CONNECTIONS {
+                self.open_host_initiated(id, stream, port, &early);
+            } else {
+                self.unwatch(id, stream);
+            }
+        }
+        self.service(None);
     }
 
     /// Drop every connection (the driver reset the device).
@@ -821,6 +878,10 @@ impl Vsock {
         for key in keys {
             self.remove_conn(key, false);
         }
+        for (id, stream, _, _) in std::mem::take(&mut self.deferred) {
+            self.unwatch(id, stream);
+        }
+        self.reset_unacked = false;
         self.ctrl.clear();
     }
 }
@@ -896,7 +957,10 @@ impl VirtioDevice for Vsock {
                 self.process_tx();
                 self.fill_rx();
             }
-            EVENT_QUEUE => self.send_events(),
+            EVENT_QUEUE => {
+                self.ack_reset();
+                self.send_events();
+            }
             _ => {}
         }
         self.wake_loop();

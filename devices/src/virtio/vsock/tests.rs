@@ -879,3 +879,63 @@ fn a_booted_device_sends_no_events() {
     s.lp.dev().process_queue(EVENT_QUEUE);
     assert_eq!(evq.used_idx(), 0);
 }
+
+#[test]
+fn host_connections_wait_until_the_guest_has_handled_the_reset() {
+    let dir = TempDir::new();
+    let mem = guest_memory(0x80_0000);
+    let rxq = TestQueue::new(&mem, 0, QUEUE_SIZE);
+    let txq = TestQueue::new(&mem, 0x8000, QUEUE_SIZE);
+    let mut evq = TestQueue::new(&mem, 0x10000, QUEUE_SIZE);
+    // Linux keeps several event buffers on the queue.
+    evq.add_chain(&[w(0x20000, 4)]);
+    evq.add_chain(&[w(0x20100, 4)]);
+    let mut lp = BackendLoop::new(Vsock::new(CID, &dir.sock()).unwrap());
+    lp.dev()
+        .activate(
+            mem.clone(),
+            VIRTIO_F_VERSION_1,
+            vec![rxq.queue(), txq.queue(), evq.queue()],
+            interrupt(),
+        )
+        .unwrap();
+    lp.dev().restored();
+    // As the transport does after a restore: look at every queue once.
+    for q in [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] {
+        lp.dev().process_queue(q);
+    }
+    assert_eq!(evq.used_idx(), 1, "the reset event was sent");
+    let mut g = Guest {
+        rxq,
+        txq,
+        seen: 0,
+        buf_alloc: 1 << 20,
+    };
+    g.give_rx(&mut lp, 16);
+
+    // A host program connects at once (flint run's client does): the guest must not see the
+    // request while it may still reset its connections, this one included.
+    let mut host = UnixStream::connect(dir.sock()).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    for _ in 0..20 {
+        lp.run_once(5);
+    }
+    lp.dev().process_queue(EVENT_QUEUE);
+    assert_eq!(
+        g.pending(),
+        0,
+        "a request before the guest handled the reset"
+    );
+
+    // The driver handled the event and gives its buffer back: now the request goes out.
+    evq.add_chain(&[w(0x20000, 4)]);
+    lp.dev().process_queue(EVENT_QUEUE);
+    let pkts = g.wait(&mut lp, 1);
+    assert_eq!(pkts.len(), 1);
+    assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (OP_REQUEST, 52));
+    let resp = g.hdr(OP_RESPONSE, 52, pkts[0].0.src_port);
+    g.send(&mut lp, resp, &[]);
+    let (answer, _) = host_read(&mut lp, &mut host, 8);
+    assert!(answer.starts_with(b"OK "), "{answer:?}");
+    assert_eq!(lp.dev().connection_count(), 1);
+}
