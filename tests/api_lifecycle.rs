@@ -150,17 +150,23 @@ fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no {kind} {name} line in the output:\n{output}"))
 }
 
-#[test]
-fn firecracker_getting_started_sequence() {
+/// Run `scenario` (after [`HELPERS`]) in one host VM, with curl; its output.
+fn run_api_scenario(scenario: &str) -> String {
     let curl = PathBuf::from("/usr/bin/curl");
     assert!(
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{SCENARIO}");
+    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{scenario}");
     let run = run_scenario(&script, &[(curl, "curl")]);
     assert_eq!(run.status, 0, "scenario failed");
-    let out = &run.output;
+    run.output
+}
+
+#[test]
+fn firecracker_getting_started_sequence() {
+    let output = run_api_scenario(SCENARIO);
+    let out = &output;
     let step = |name: &str| value(out, "STEP", name);
     let body = |name: &str| value(out, "BODY", name);
     let check = |name: &str| value(out, "CHECK", name);
@@ -237,15 +243,8 @@ fn firecracker_getting_started_sequence() {
 
 #[test]
 fn snapshot_create_and_load() {
-    let curl = PathBuf::from("/usr/bin/curl");
-    assert!(
-        curl.is_file(),
-        "curl is needed for this test (apt-get install curl)"
-    );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{SNAPSHOT_SCENARIO}");
-    let run = run_scenario(&script, &[(curl, "curl")]);
-    assert_eq!(run.status, 0, "scenario failed");
-    let out = &run.output;
+    let output = run_api_scenario(SNAPSHOT_SCENARIO);
+    let out = &output;
     let step = |name: &str| value(out, "STEP", name);
     let body = |name: &str| value(out, "BODY", name);
     let check = |name: &str| value(out, "CHECK", name);

@@ -33,7 +33,8 @@ state() {
 const SCENARIO: &str = r#"
 echo "STATE before $(state)"
 # The first run boots and snapshots the booted guest; the runs after it restore that.
-FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/first.err"; echo "STATUS first $?"
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/first.err"; rc=$?; echo "STATUS first $rc"
+[ $rc = 0 ] || tail -n 15 "$WORK/first.err"
 echo "MADE $(grep -c 'snapshot of the booted guest made' "$WORK/first.err")"
 echo "TEMPLATES $(ls "$snapshots" | wc -l)"
 mem_md5() { md5sum "$snapshots"/*/memory | cut -d' ' -f1; }
@@ -48,14 +49,17 @@ for i in 1 2; do
     echo "RANDOM$i $(sed -n 2p "$WORK/restored$i.out")"
     echo "RESTORED$i $(grep -c 'sandbox: restored at' "$WORK/restored$i.err")"
 done
-FLINT_LOG=debug $R --cold -- true </dev/null 2>"$WORK/cold.err"; echo "STATUS cold $?"
+FLINT_LOG=debug $R --cold -- true </dev/null 2>"$WORK/cold.err"; rc=$?; echo "STATUS cold $rc"
+[ $rc = 0 ] || tail -n 15 "$WORK/cold.err"
 echo "COLD_RESTORED $(grep -c 'sandbox: restored at' "$WORK/cold.err")"
 echo "MEMORY_MD5 after $(mem_md5)"
 # A damaged snapshot is not used: flint boots instead (and says so) and makes a new one.
 for f in "$snapshots"/*/state.json; do head -c 100 "$f" >"$f.cut"; mv "$f.cut" "$f"; done
-FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/damaged.err"; echo "STATUS damaged $?"
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/damaged.err"; rc=$?; echo "STATUS damaged $rc"
+[ $rc = 0 ] || tail -n 15 "$WORK/damaged.err"
 echo "DAMAGED_WARNED $(grep -c 'cannot restore the snapshot' "$WORK/damaged.err")"
-FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/remade.err"; echo "STATUS remade $?"
+FLINT_LOG=debug $R -- true </dev/null 2>"$WORK/remade.err"; rc=$?; echo "STATUS remade $rc"
+[ $rc = 0 ] || tail -n 15 "$WORK/remade.err"
 echo "REMADE_RESTORED $(grep -c 'sandbox: restored at' "$WORK/remade.err")"
 for code in 0 1 42; do
     $R -- sh -c "exit $code" </dev/null; echo "STATUS exit$code $?"

@@ -6,8 +6,6 @@
 use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
-/// Where [`Guest::elf`] loads the code and enters it: 1 MiB.
-pub const LOAD_ADDR: u64 = 0x10_0000;
 pub const COM1: u16 = 0x3f8;
 pub const COM1_LSR: u16 = 0x3fd;
 pub const BOOT_TIMER: u16 = 0x3f0;
@@ -106,37 +104,10 @@ impl Guest {
         self
     }
 
-    /// Wrap the code in an ELF64 executable loaded and entered at [`LOAD_ADDR`].
+    /// Wrap the code in an ELF64 executable loaded and entered at 1 MiB
+    /// ([`super::elf::LOAD_ADDR`]).
     pub fn elf(&self) -> Vec<u8> {
-        const EHDR: usize = 64;
-        const PHDR: usize = 56;
-        let offset = (EHDR + PHDR) as u64;
-        let len = self.code.len() as u64;
-        let mut f = Vec::new();
-        f.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-        f.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        f.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-        f.extend_from_slice(&1u32.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // e_entry
-        f.extend_from_slice(&(EHDR as u64).to_le_bytes()); // e_phoff
-        f.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-        f.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-        f.extend_from_slice(&(EHDR as u16).to_le_bytes());
-        f.extend_from_slice(&(PHDR as u16).to_le_bytes());
-        f.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
-        f.extend_from_slice(&64u16.to_le_bytes()); // e_shentsize
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shnum
-        f.extend_from_slice(&0u16.to_le_bytes()); // e_shstrndx
-        f.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        f.extend_from_slice(&7u32.to_le_bytes()); // RWX
-        f.extend_from_slice(&offset.to_le_bytes());
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_vaddr
-        f.extend_from_slice(&LOAD_ADDR.to_le_bytes()); // p_paddr
-        f.extend_from_slice(&len.to_le_bytes()); // p_filesz
-        f.extend_from_slice(&len.to_le_bytes()); // p_memsz
-        f.extend_from_slice(&0x1000u64.to_le_bytes());
-        f.extend_from_slice(&self.code);
-        f
+        super::elf::elf(&self.code)
     }
 }
 
