@@ -19,7 +19,7 @@ pub enum Command {
     /// Serve the REST API and/or boot from a config file.
     Api(ApiOptions),
     /// Run a command in a throwaway microVM.
-    Run(RunOptions),
+    Run(Box<RunOptions>),
     /// Run a command in a running microVM.
     Exec(ExecOptions),
     /// Run flint in a jail.
@@ -65,8 +65,8 @@ pub enum CliError {
         form: &'static str,
         value: String,
     },
-    #[error("--net takes none or tap=NAME, not '{0}'")]
-    RunNet(String),
+    #[error("unknown --rootfs option '{0}' (expected bw=BYTES_PER_SEC or iops=N)")]
+    RootfsOption(String),
     #[error("'flint exec' needs --api-sock PATH (the API socket of the running VM)")]
     NoApiSock,
     #[error("{0} must be an absolute path inside the guest")]
@@ -346,12 +346,16 @@ Options:
   --image PATH         sandbox initramfs with busybox and the agent (default:
                        $FLINT_CACHE/sandbox/initramfs.cpio.gz, resources/build-sandbox-image.sh);
                        the guest's root is a RAM file system, so the image is never modified
-  --rootfs IMAGE       boot from this ext4 image instead (its init must start flint-agent);
-                       the guest writes to a private copy, never to IMAGE
+  --rootfs IMAGE[,bw=BYTES_PER_SEC][,iops=N]
+                       boot from this ext4 image instead (its init must start flint-agent);
+                       the guest writes to a private copy, never to IMAGE; bw, iops: limits
+                       on the guest's disk
   --vcpus N            vCPUs (default: {DEFAULT_VCPUS})
   --memory MIB         guest memory in MiB (default: {DEFAULT_MEM_MIB})
   --timeout SECONDS    stop the VM and exit with 124 if COMMAND has not finished by then
-  --net none|tap=NAME  no network (default), or a NIC on the host TAP device NAME
+  --net none|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]
+                       no network (default), or a NIC on the host TAP device NAME (bw limits
+                       each direction)
   --env KEY=VALUE      set an environment variable for COMMAND (repeatable)
   --workdir DIR        COMMAND's working directory in the guest (default: /)
   --copy-in HOST:GUEST copy a host file into the guest before COMMAND runs (repeatable)
@@ -461,7 +465,19 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
         match name {
             "--kernel" => o.kernel = Some(option_value("--kernel", inline, &mut rest)?.into()),
             "--image" => o.image = Some(option_value("--image", inline, &mut rest)?.into()),
-            "--rootfs" => o.rootfs = Some(option_value("--rootfs", inline, &mut rest)?.into()),
+            "--rootfs" => {
+                let v = option_value("--rootfs", inline, &mut rest)?;
+                let disk = parse_disk(v)?;
+                if disk.read_only || disk.root || disk.id.is_some() {
+                    let option = v
+                        .split(',')
+                        .skip(1)
+                        .find(|o| !o.starts_with("bw=") && !o.starts_with("iops="));
+                    return Err(CliError::RootfsOption(option.unwrap_or(v).to_string()));
+                }
+                o.rootfs = Some(disk.path);
+                o.rootfs_rate_limiter = disk.rate_limiter;
+            }
             "--vcpus" => o.vcpus = number("--vcpus", option_value("--vcpus", inline, &mut rest)?)?,
             "--memory" => {
                 o.mem_mib = number("--memory", option_value("--memory", inline, &mut rest)?)?
@@ -474,10 +490,7 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
                 let v = option_value("--net", inline, &mut rest)?;
                 o.net = match v {
                     "none" => None,
-                    _ => match v.strip_prefix("tap=") {
-                        Some(name) if !name.is_empty() => Some(name.to_string()),
-                        _ => return Err(CliError::RunNet(v.to_string())),
-                    },
+                    _ => Some(parse_net(v)?),
                 };
             }
             "--copy-in" => {
@@ -517,7 +530,7 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
         }
     }
     o.command.argv = argv;
-    Ok(Command::Run(o))
+    Ok(Command::Run(Box::new(o)))
 }
 
 fn parse_exec(args: &[String]) -> Result<Command, CliError> {
@@ -1154,7 +1167,7 @@ mod tests {
             o.copy_out,
             vec![("/g/out".to_string(), PathBuf::from("/h/out"))]
         );
-        assert_eq!(o.net.as_deref(), Some("t0"));
+        assert_eq!(o.net.as_ref().map(|n| n.tap.as_str()), Some("t0"));
         assert!(!o.cold, "restoring the snapshot is the default");
         assert!(run(&["run", "--cold", "--", "true"]).unwrap().cold);
         assert_eq!(
@@ -1179,8 +1192,46 @@ mod tests {
         );
         assert_eq!(
             run(&["run", "--net", "eth0", "--", "x"]).unwrap_err(),
-            CliError::RunNet("eth0".into())
+            CliError::NetSpec("eth0".into())
         );
+        // Rate limits for the sandbox's NIC and root disk, as for flint boot.
+        let o = run(&[
+            "run",
+            "--net",
+            "tap=t1,mac=02:00:00:00:00:01,bw=1000000",
+            "--rootfs",
+            "/img,bw=2000000,iops=300",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let net = o.net.unwrap();
+        assert_eq!(net.tap, "t1");
+        assert_eq!(net.mac, Some([2, 0, 0, 0, 0, 1]));
+        let bw = Some(TokenBucketConfig::per_second(1_000_000));
+        assert_eq!(net.rx_rate_limiter.unwrap().bandwidth, bw);
+        assert_eq!(net.tx_rate_limiter.unwrap().bandwidth, bw);
+        assert_eq!(o.rootfs, Some(PathBuf::from("/img")));
+        let disk = o.rootfs_rate_limiter.unwrap();
+        assert_eq!(
+            disk.bandwidth,
+            Some(TokenBucketConfig::per_second(2_000_000))
+        );
+        assert_eq!(disk.ops, Some(TokenBucketConfig::per_second(300)));
+        assert_eq!(
+            run(&["run", "--rootfs", "/img", "--", "true"])
+                .unwrap()
+                .rootfs_rate_limiter,
+            None
+        );
+        assert_eq!(
+            run(&["run", "--rootfs", "/img,ro", "--", "x"]).unwrap_err(),
+            CliError::RootfsOption("ro".into())
+        );
+        assert!(matches!(
+            run(&["run", "--rootfs", "/img,bw=0", "--", "x"]),
+            Err(CliError::Rate { .. })
+        ));
         match parse(&args(&[
             "exec",
             "--api-sock",

@@ -48,10 +48,13 @@ pub struct RunOptions {
     pub kernel: Option<PathBuf>,
     pub image: Option<PathBuf>,
     pub rootfs: Option<PathBuf>,
+    /// Limits on the root disk (`--rootfs IMAGE,bw=N,iops=N`).
+    pub rootfs_rate_limiter: Option<vmm::RateLimiterConfig>,
     pub vcpus: u32,
     pub mem_mib: u64,
     pub timeout: Option<Duration>,
-    pub net: Option<String>,
+    /// A NIC on a host TAP, with its MAC and bandwidth limit if given.
+    pub net: Option<NetConfig>,
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
     pub command: CommandOptions,
@@ -260,8 +263,8 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         guest_cid: SANDBOX_CID,
         uds_path: uds.clone(),
     });
-    if let Some(tap) = &options.net {
-        config.nets.push(NetConfig::new(tap.clone()));
+    if let Some(net) = &options.net {
+        config.nets.push(net.clone());
     }
     match &options.rootfs {
         // A private copy: the image itself is never modified.
@@ -275,6 +278,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             }
             let mut drive = DriveConfig::new(copy);
             drive.root = true;
+            drive.rate_limiter = options.rootfs_rate_limiter;
             config.drives.push(drive);
         }
         None => config.initrd = Some(image),
