@@ -310,12 +310,10 @@ sleep 1
 echo "STATE after $(state)"
 "#;
 
-/// Not in the default run: in the emulated nested host this soak (about 20 minutes) meets a
-/// freeze of the whole host VM too often for CI (a batch of 50 froze twice in a row in one
-/// run, and passed all 200 in another). Run it by hand with
-/// `cargo test --test sandbox -- --ignored`, or on a host with hardware KVM.
+/// Sandboxes restore a snapshot of a booted guest (made by each batch's first run), so the
+/// 200 take minutes. (When each booted, the soak took 20 minutes, long enough for the emulated
+/// nested host to freeze too often for CI: it was run by hand then.)
 #[test]
-#[ignore = "about 20 minutes; the nested host freezes too often for CI (see the comment)"]
 fn two_hundred_sandboxes_in_a_row_and_eight_at_once_leak_nothing() {
     let mut rig_faults = 0u32;
     for batch in 1..=4 {
