@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -124,8 +125,9 @@ enum ClientResult {
     Finished(CommandStatus),
     Failed(AgentError),
     /// The agent answered and the connection is closed again: the booted guest can be
-    /// snapshotted now. The client waits for the snapshot before it connects again.
-    ReadyForSnapshot,
+    /// snapshotted now, if its agent accepted a refresh (the value). The client waits for
+    /// the snapshot before it connects again.
+    ReadyForSnapshot(bool),
 }
 
 /// What the agent client does between connecting and running the command.
@@ -133,12 +135,17 @@ enum Prepare {
     /// Nothing: the guest booted just now.
     Nothing,
     /// The guest was restored from a snapshot: set its clock and reseed its random number
-    /// generator from the host first.
-    Refresh,
-    /// The guest booted and a template is to be made of it: call `ready` with no connection
+    /// generator from the host first. If that fails, `failed` is set: the snapshot is then
+    /// discarded, so that the next run boots and makes a new one.
+    Refresh { failed: Arc<AtomicBool> },
+    /// `flint exec`: refresh if the agent can; an agent from before the Refresh request gets
+    /// a warning and the command runs anyway.
+    RefreshIfSupported,
+    /// The guest booted and a template is to be made of it: check that its agent accepts a
+    /// refresh (restored sandboxes need one), call `ready` with the answer and no connection
     /// open, wait for `done`, then connect again.
     Template {
-        ready: Box<dyn FnOnce() + Send>,
+        ready: Box<dyn FnOnce(bool) + Send>,
         done: mpsc::Receiver<()>,
     },
 }
@@ -160,16 +167,30 @@ fn drive_agent(
     );
     match prepare {
         Prepare::Nothing => {}
-        Prepare::Refresh => {
-            client.refresh()?;
+        Prepare::Refresh { failed } => {
+            if let Err(e) = client.refresh() {
+                failed.store(true, Ordering::Release);
+                return Err(e);
+            }
             debug!(
                 "sandbox: guest clock and RNG refreshed at {} ms",
                 start.elapsed().as_millis()
             );
         }
+        Prepare::RefreshIfSupported => {
+            if let Err(e) = client.refresh() {
+                log::warn!(
+                    "the guest agent did not refresh the guest's clock and random number \
+                     generator ({e}); an agent from before flint's snapshots cannot"
+                );
+                // A refused request may have closed the connection.
+                client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+            }
+        }
         Prepare::Template { ready, done } => {
+            let refreshable = client.refresh().is_ok();
             drop(client);
-            ready();
+            ready(refreshable);
             // Whether or not the snapshot was made, the guest runs on.
             let _ = done.recv();
             client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
@@ -191,6 +212,21 @@ fn drive_agent(
     Ok(status)
 }
 
+/// Whether a VM restored with `restored` is the sandbox `want` describes: the same kernel,
+/// image, command line and machine, a vsock device, and no disk or NIC (whose backends a
+/// snapshot would open).
+fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
+    restored.kernel == want.kernel
+        && restored.initrd == want.initrd
+        && restored.cmdline == want.cmdline
+        && restored.vcpus == want.vcpus
+        && restored.mem_mib == want.mem_mib
+        && restored.entropy == want.entropy
+        && restored.drives.is_empty()
+        && restored.nets.is_empty()
+        && restored.vsock.as_ref().map(|v| v.guest_cid) == Some(SANDBOX_CID)
+}
+
 /// The guest's console goes to `path` (it is not shown; it is kept for diagnostics).
 fn console_to(path: &Path) -> Result<ConsoleIo, String> {
     let file =
@@ -204,7 +240,12 @@ fn console_to(path: &Path) -> Result<ConsoleIo, String> {
 
 /// Restore the sandbox VM from `template` (its vsock socket moved to `uds`); `None`, with the
 /// template discarded, when that fails.
-fn restore(template: &Template, uds: &Path, console_log: &Path, start: Instant) -> Option<Vm> {
+fn restore(template: &Template, want: &VmConfig, console_log: &Path, start: Instant) -> Option<Vm> {
+    let uds = &want
+        .vsock
+        .as_ref()
+        .expect("a sandbox has a vsock device")
+        .uds_path;
     let (state, memory) = template.files()?;
     let console = console_to(console_log).ok()?;
     let mut move_socket = |config: &mut VmConfig| {
@@ -213,9 +254,9 @@ fn restore(template: &Template, uds: &Path, console_log: &Path, start: Instant) 
         }
     };
     match Vm::restore(&state, &memory, &mut move_socket, console, start) {
-        Ok((vm, config)) if config.vsock.is_some() => Some(vm),
+        Ok((vm, config)) if same_sandbox(&config, want) => Some(vm),
         Ok(_) => {
-            log::warn!("sandbox: the snapshot has no vsock device; booting instead");
+            log::warn!("sandbox: the snapshot is not of this sandbox's VM; booting instead");
             template.discard();
             None
         }
@@ -299,10 +340,14 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         });
     let restored = template
         .as_ref()
-        .and_then(|t| restore(t, &uds, &console_log, start));
+        .and_then(|t| restore(t, &config, &console_log, start));
+    let refresh_failed = Arc::new(AtomicBool::new(false));
+    let restored_from = restored.as_ref().and(template.clone());
     let prepare_first = if restored.is_some() {
         debug!("sandbox: restored at {} ms", start.elapsed().as_millis());
-        Prepare::Refresh
+        Prepare::Refresh {
+            failed: refresh_failed.clone(),
+        }
     } else {
         Prepare::Nothing
     };
@@ -349,8 +394,8 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                 Err(e) => return sandbox_failed(&format!("cannot create an eventfd: {e}")),
             };
             Prepare::Template {
-                ready: Box::new(move || {
-                    let _ = ready_tx.send(ClientResult::ReadyForSnapshot);
+                ready: Box::new(move |refreshable| {
+                    let _ = ready_tx.send(ClientResult::ReadyForSnapshot(refreshable));
                     let _ = ready_writer.write(1);
                 }),
                 done: snapshot_done_rx,
@@ -400,16 +445,22 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         // Drain the counter: the client may report more than once.
         let _ = done.read();
         let mut result = result_rx.try_recv().ok();
-        if let Some(ClientResult::ReadyForSnapshot) = result {
-            if let Some(staging) = staging.take() {
-                make_template(&vm, staging, start);
+        if let Some(ClientResult::ReadyForSnapshot(refreshable)) = result {
+            match staging.take() {
+                Some(staging) if refreshable => make_template(&vm, staging, start),
+                Some(_) => log::warn!(
+                    "sandbox: the guest agent cannot refresh a restored guest (rebuild the \
+                     sandbox image with resources/build-sandbox-image.sh): no snapshot is made, \
+                     every run boots"
+                ),
+                None => {}
             }
             let _ = snapshot_done_tx.send(());
             result = result_rx.try_recv().ok();
         }
         if let Some(result) = result {
             match result {
-                ClientResult::ReadyForSnapshot => {}
+                ClientResult::ReadyForSnapshot(_) => {}
                 // Once the status and the copies are in, nothing in the throwaway guest
                 // matters: stop it rather than wait for it to power off.
                 ClientResult::Finished(status) => {
@@ -458,7 +509,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                 match result_rx.recv_timeout(Duration::from_secs(5)) {
                     Ok(ClientResult::Finished(s)) => command_status = Some(s),
                     Ok(ClientResult::Failed(e)) => client_error = Some(e),
-                    Ok(ClientResult::ReadyForSnapshot) | Err(_) => {}
+                    Ok(ClientResult::ReadyForSnapshot(_)) | Err(_) => {}
                 }
             }
             vm.shutdown(Ending::Reset);
@@ -480,6 +531,12 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         }
     }
     debug!("sandbox: VM stopped at {} ms", start.elapsed().as_millis());
+    if refresh_failed.load(Ordering::Acquire) {
+        if let Some(template) = &restored_from {
+            template.discard();
+            log::warn!("sandbox: the restored guest could not be refreshed; its snapshot was discarded, the next run boots");
+        }
+    }
     match client_error {
         // The command itself could not start (not found, not executable...): as a shell.
         Some(e @ AgentError::NotStarted(_)) => {
@@ -597,7 +654,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
         &signaller_tx,
         // The VM may have been loaded from a snapshot: its clock and random state would be
         // the snapshot's. Cheap, and harmless for a VM that booted.
-        Prepare::Refresh,
+        Prepare::RefreshIfSupported,
         Instant::now(),
     ) {
         Ok(status) => ExitCode::from(status.code().clamp(0, 255) as u8),

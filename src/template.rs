@@ -82,11 +82,27 @@ impl Template {
         })
     }
 
-    /// The state and memory files, if the template has been made.
+    /// The state and memory files, if the template has been made, by this user: the
+    /// directory (not a symbolic link) belongs to the effective user and nobody else may
+    /// write to it or its parent, and both files are regular files. A template anyone else
+    /// could have planted would run their guest in this user's sandboxes.
     pub fn files(&self) -> Option<(PathBuf, PathBuf)> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        let private = |path: &Path, want_dir: bool| {
+            std::fs::symlink_metadata(path).is_ok_and(|m| {
+                let kind_ok = if want_dir { m.is_dir() } else { m.is_file() };
+                kind_ok && m.uid() == me && m.mode() & 0o022 == 0
+            })
+        };
         let state = self.dir.join(STATE_FILE);
         let memory = self.dir.join(MEMORY_FILE);
-        (state.is_file() && memory.is_file()).then_some((state, memory))
+        let parent = self.dir.parent().unwrap_or(Path::new("/"));
+        (private(parent, true)
+            && private(&self.dir, true)
+            && private(&state, false)
+            && private(&memory, false))
+        .then_some((state, memory))
     }
 
     /// Remove a template that could not be restored, so that the next run makes a new one.
@@ -100,6 +116,9 @@ impl Template {
         let parent = self.dir.parent().unwrap_or(Path::new("/"));
         std::fs::create_dir_all(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::set_permissions(parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| format!("cannot restrict {}: {e}", parent.display()))?;
+        remove_abandoned(parent);
         let tmp = parent.join(format!(".new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
@@ -126,6 +145,29 @@ impl Template {
             if !name.starts_with('.') && !name.starts_with(&self.binary) {
                 let _ = std::fs::remove_dir_all(entry.path());
             }
+        }
+    }
+}
+
+/// Remove the staging directories (`.new-PID`) of runs that died while making a template.
+fn remove_abandoned(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(".new-"))
+            .and_then(|p| p.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists; nothing is sent.
+        let gone = unsafe { libc::kill(pid, 0) } != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if gone {
+            let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
@@ -165,6 +207,7 @@ impl Drop for Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn scratch(name: &str) -> PathBuf {
         let dir =
@@ -249,6 +292,28 @@ mod tests {
             "no temporary directory is left: {:?}",
             left()
         );
+
+        // The cache is private to its user.
+        let mode = std::fs::metadata(dir.join("sandbox/snapshots"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A template others could have written is not used.
+        let (_, memory) = template.files().unwrap();
+        std::fs::set_permissions(&memory, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(
+            template.files().is_none(),
+            "a world-writable memory file is used"
+        );
+        std::fs::set_permissions(&memory, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(template.files().is_some());
+        // The staging directory of a run that died is removed by the next maker.
+        let dead = dir.join("sandbox/snapshots/.new-999999999");
+        std::fs::create_dir_all(&dead).unwrap();
+        std::fs::write(dead.join(MEMORY_FILE), b"x").unwrap();
+        drop(template.prepare().unwrap());
+        assert!(!dead.exists(), "an abandoned staging directory stayed");
 
         // A second maker (another run that raced) leaves the first template in place.
         template.prepare().unwrap().commit(|_, _| Ok(())).unwrap();

@@ -579,6 +579,7 @@ impl Controller {
         }
         let c = &self.config;
         if c.boot_source.is_some()
+            || c.machine != MachineConfig::default()
             || !c.drives.is_empty()
             || !c.network_interfaces.is_empty()
             || c.vsock.is_some()
@@ -588,6 +589,15 @@ impl Controller {
                 "a snapshot can only be loaded into a flint with no VM resources configured: \
                  the snapshot brings its own configuration",
             ));
+        }
+        // Checked before the console is handed over, so that a wrong path can be corrected.
+        crate::snapshot::read_state(snapshot_path)
+            .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
+        if let Err(e) = std::fs::metadata(mem_file_path) {
+            return Err(refuse(format!(
+                "cannot load the snapshot: cannot open the memory file {}: {e}",
+                mem_file_path.display()
+            )));
         }
         let console = self.console.take().ok_or_else(|| {
             refuse("cannot load the snapshot: an earlier start failed; start a new flint")
@@ -856,6 +866,22 @@ mod tests {
         assert!(err.0.starts_with("cannot load the snapshot:"), "{err}");
         assert!(err.0.contains("/nonexistent/s"), "{err}");
         assert_eq!(c.state(), VmState::NotStarted);
+        // The console is still there: the VM can be started after a mistyped path.
+        assert!(c.console.is_some());
+        let mut c = controller();
+        c.handle(Request::SetMachineConfig(MachineConfig {
+            vcpus: 2,
+            ..MachineConfig::default()
+        }))
+        .unwrap();
+        let err = c
+            .handle(Request::LoadSnapshot {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                resume: false,
+            })
+            .unwrap_err();
+        assert!(err.0.contains("no VM resources configured"), "{err}");
     }
 
     #[test]

@@ -428,7 +428,7 @@ impl Vsock {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.pending.len() >= MAX_PENDING_HOST
+                    if self.pending.len() + self.deferred.len() >= MAX_PENDING_HOST
                         || self.conns.len() >= MAX_CONNECTIONS
                         || stream.set_nonblocking(true).is_err()
                     {
