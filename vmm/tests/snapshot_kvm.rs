@@ -17,7 +17,7 @@ use vmm::{ConsoleIo, Vm, VmConfig, VsockConfig};
 // The tiny-guest ELF wrapper of the top-level tests.
 #[path = "../../tests/support/elf.rs"]
 mod elf;
-use elf::{elf, LOAD_ADDR};
+use elf::elf;
 
 /// The guest (see the module doc), assembled from:
 ///
