@@ -57,6 +57,8 @@ pub enum AgentError {
     Broken,
     #[error("cannot get random bytes from the host kernel: {0}")]
     HostRandom(#[source] io::Error),
+    #[error("the guest agent did not answer the refresh within {} s", .0.as_secs_f64())]
+    RefreshTimeout(Duration),
 }
 
 impl From<FrameError> for AgentError {
@@ -162,6 +164,9 @@ pub struct AgentClient {
 
 /// How many bytes of the host's entropy [`AgentClient::refresh`] sends.
 pub const REFRESH_ENTROPY: usize = 64;
+
+/// How long [`AgentClient::refresh`] waits for the agent's answer.
+pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How often [`AgentClient::connect`] retries while the guest boots and starts its agent.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
@@ -524,6 +529,32 @@ impl AgentClient {
     /// [`AgentError::Remote`] (the connection stays usable, but the guest should not be
     /// trusted with untrusted code).
     pub fn refresh(&mut self) -> Result<(), AgentError> {
+        self.refresh_within(REFRESH_TIMEOUT)
+    }
+
+    /// [`refresh`](Self::refresh), giving the agent `timeout` to answer: a guest that froze
+    /// must not keep the host waiting forever.
+    pub fn refresh_within(&mut self, timeout: Duration) -> Result<(), AgentError> {
+        let stream = self.reader.get_ref();
+        stream
+            .set_read_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
+        let result = self.refresh_now();
+        let _ = self.reader.get_ref().set_read_timeout(None);
+        match result {
+            Err(AgentError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(AgentError::RefreshTimeout(timeout))
+            }
+            other => other,
+        }
+    }
+
+    fn refresh_now(&mut self) -> Result<(), AgentError> {
         let mut entropy = vec![0u8; REFRESH_ENTROPY];
         host_random(&mut entropy).map_err(AgentError::HostRandom)?;
         // A clock before the epoch becomes 0, which the encoder refuses as a broken clock.

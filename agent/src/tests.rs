@@ -921,3 +921,21 @@ fn the_client_reports_a_failed_refresh() {
     let (status, _, _) = run(&mut c, &ExecSpec::new(["true"]), None).unwrap();
     assert!(status.success());
 }
+
+#[test]
+fn a_refresh_the_agent_never_answers_times_out() {
+    let (host, guest) = std::os::unix::net::UnixStream::pair().unwrap();
+    let mut c = AgentClient::from_stream(host).unwrap();
+    let began = std::time::Instant::now();
+    let e = c
+        .refresh_within(std::time::Duration::from_millis(200))
+        .unwrap_err();
+    assert!(matches!(e, AgentError::RefreshTimeout(_)), "{e:?}");
+    assert!(
+        e.to_string()
+            .contains("did not answer the refresh within 0.2 s"),
+        "{e}"
+    );
+    assert!(began.elapsed() < std::time::Duration::from_secs(5));
+    drop(guest);
+}
