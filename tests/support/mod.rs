@@ -410,17 +410,23 @@ _flint_case_report() {
     cat "$WORK/$1.err"
     echo "=== END $1 status=$2"
 }
+# A case that `timeout` had to stop (124 from GNU timeout, 143 when busybox passes on flint's
+# SIGTERM status) is marked: its guest froze (see rig_failure).
+_flint_case_timed() {
+    case $2 in 124 | 143) echo "RIG-CASE-TIMEOUT $1" ;; esac
+    _flint_case_report "$1" "$2"
+}
 flint_case() {
     _fc_name=$1
     shift
     timeout "$CASE_TIMEOUT" "$@" </dev/null >"$WORK/$_fc_name.out" 2>"$WORK/$_fc_name.err"
-    _flint_case_report "$_fc_name" $?
+    _flint_case_timed "$_fc_name" $?
 }
 flint_case_stdin() {
     _fc_name=$1
     shift
     timeout "$CASE_TIMEOUT" "$@" >"$WORK/$_fc_name.out" 2>"$WORK/$_fc_name.err"
-    _flint_case_report "$_fc_name" $?
+    _flint_case_timed "$_fc_name" $?
 }
 "#;
 
@@ -464,12 +470,19 @@ pub const RIG_TRIPLE_FAULT: &str =
 /// random point of its boot, and rarely the host VM's own kernel crashes (recursive page faults
 /// right after a guest exit) or freezes; QEMU as the nested VMM has died the same way. A
 /// scenario that shows one of these runs once more; if it happens again, the test fails.
+/// What a scenario prints when a `flint_case` ran into its `$CASE_TIMEOUT`.
+pub const RIG_CASE_TIMEOUT: &str = "RIG-CASE-TIMEOUT ";
+
 pub fn rig_failure(run: &ScenarioRun) -> Option<&'static str> {
     match run.status {
         98 => Some("the nested host VM timed out (it freezes now and then)"),
         99 => Some("the nested host VM crashed"),
         _ if run.output.contains(RIG_TRIPLE_FAULT) => {
             Some("a guest died of a triple fault in the emulated nested host")
+        }
+        // A case's `timeout` had to stop flint: its guest froze.
+        _ if run.output.contains(RIG_CASE_TIMEOUT) => {
+            Some("a guest froze in the emulated nested host (its case timed out)")
         }
         _ => None,
     }
@@ -757,6 +770,23 @@ mod tests {
         assert_eq!(cases[0].stderr_lines(), vec!["flint: error: x"]);
         assert_eq!(cases[1].status, 0);
         assert!(cases[1].stdout.is_empty() && cases[1].stderr.is_empty());
+    }
+
+    #[test]
+    fn rig_failures_are_recognised() {
+        let run = |status, output: &str| ScenarioRun {
+            status,
+            output: output.to_string(),
+        };
+        assert!(rig_failure(&run(98, "")).is_some());
+        assert!(rig_failure(&run(99, "")).is_some());
+        assert!(rig_failure(&run(0, &format!("x {RIG_TRIPLE_FAULT} y"))).is_some());
+        let frozen =
+            "RIG-CASE-TIMEOUT a\n=== CASE a\n--- stdout\n--- stderr\n=== END a status=143\n";
+        assert!(rig_failure(&run(0, frozen)).unwrap().contains("froze"));
+        // A background case stopped on purpose with SIGTERM is no rig failure.
+        let stopped = "=== CASE b\n--- stdout\n--- stderr\n=== END b status=143\n";
+        assert_eq!(rig_failure(&run(0, stopped)), None);
     }
 
     #[test]
