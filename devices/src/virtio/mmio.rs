@@ -340,26 +340,12 @@ impl MmioTransport {
             .set_status(state.interrupt_status & (INT_USED_RING | INT_CONFIG_CHANGE));
         self.activated = false;
         if state.activated {
-            let activate_err = |reason: String| TransportRestoreError::Activate {
-                device_type,
-                reason,
-            };
-            let mut queues = self
-                .build_queues()
-                .map_err(|e| activate_err(e.to_string()))?;
-            for (q, saved) in queues.iter_mut().zip(&state.queues) {
-                q.set_next_avail(saved.next_avail);
-                q.set_next_used(saved.next_used);
-            }
-            let count = queues.len();
-            self.device
-                .activate(
-                    self.mem.clone(),
-                    self.acked_features,
-                    queues,
-                    self.interrupt.clone(),
-                )
-                .map_err(|e| activate_err(e.to_string()))?;
+            let count = self.start_device(&state.queues).map_err(|reason| {
+                TransportRestoreError::Activate {
+                    device_type,
+                    reason,
+                }
+            })?;
             self.activated = true;
             self.device.restored();
             // Notifications the device had not seen when the snapshot was taken are gone:
@@ -519,22 +505,29 @@ impl MmioTransport {
         Ok(queues)
     }
 
+    /// Build the driver's queues, put each at the position `saved` gives it (a restore; none
+    /// on a first activation) and hand them to the device. Returns how many queues it got.
+    fn start_device(&mut self, saved: &[QueueState]) -> Result<usize, String> {
+        let mut queues = self.build_queues().map_err(|e| e.to_string())?;
+        for (q, saved) in queues.iter_mut().zip(saved) {
+            q.set_next_avail(saved.next_avail);
+            q.set_next_used(saved.next_used);
+        }
+        let count = queues.len();
+        self.device
+            .activate(
+                self.mem.clone(),
+                self.acked_features,
+                queues,
+                self.interrupt.clone(),
+            )
+            .map_err(|e| e.to_string())?;
+        Ok(count)
+    }
+
     fn activate(&mut self) {
-        let result = self
-            .build_queues()
-            .map_err(|e| e.to_string())
-            .and_then(|queues| {
-                self.device
-                    .activate(
-                        self.mem.clone(),
-                        self.acked_features,
-                        queues,
-                        self.interrupt.clone(),
-                    )
-                    .map_err(|e| e.to_string())
-            });
-        match result {
-            Ok(()) => self.activated = true,
+        match self.start_device(&[]) {
+            Ok(_) => self.activated = true,
             Err(e) => {
                 warn!(
                     "virtio-mmio: cannot activate device type {}: {e}",
