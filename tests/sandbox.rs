@@ -263,8 +263,11 @@ sleep 1
 echo "STATE before $(state)"
 fails=0; rig=0; i=0
 while [ $i -lt 50 ]; do
+    t0=$(cut -d' ' -f1 /proc/uptime)
     timeout -k 10 60 $R -- true </dev/null >/dev/null 2>"$WORK/err"
     rc=$?
+    # Progress, so that a batch that runs out of time shows where the time went.
+    echo "run $i: status $rc after $(awk -v t0="$t0" '{ printf "%.1f", $1 - t0 }' /proc/uptime) s"
     if rig_fault $rc "$WORK/err"; then
         rig=$((rig + 1))
         echo "run $i: the guest died or froze (rig), status $rc"
