@@ -272,6 +272,9 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 libc::SYS_epoll_pwait,
                 libc::SYS_epoll_ctl,
                 libc::SYS_shutdown,
+                // Telling the guest agent to kill the command when a signal stops `flint
+                // run` (std writes to a Unix stream socket with send).
+                libc::SYS_sendto,
                 libc::SYS_getrandom,
                 libc::SYS_rt_sigaction,
                 // Removing a sandbox's temporary directory at the end.
@@ -460,6 +463,14 @@ mod tests {
         let api = rules_keys(ThreadKind::Api);
         assert!(api.contains(&libc::SYS_accept4));
         assert!(!api.contains(&libc::SYS_openat));
+    }
+
+    #[test]
+    fn the_vmm_thread_may_signal_the_guest_agent() {
+        // A signal that stops `flint run` makes the VMM thread tell the agent to kill the
+        // command: std writes to the agent's Unix socket with sendto.
+        assert!(rules_keys(ThreadKind::Vmm).contains(&libc::SYS_sendto));
+        assert!(!rules_keys(ThreadKind::Vmm).contains(&libc::SYS_socket));
     }
 
     fn rules_keys(kind: ThreadKind) -> Vec<i64> {
