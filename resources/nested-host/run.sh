@@ -24,6 +24,10 @@
 #                      terminal (type into a nested guest's shell; Ctrl-C is
 #                      passed through; Ctrl-A x quits QEMU).
 #
+# Environment: FLINT_HOST_QEMU_ARGS, extra QEMU arguments (split at spaces), for
+# debugging the host VM, e.g. "-monitor unix:/tmp/mon.sock,server,nowait" to read
+# its CPUs' registers with `info registers -a` when it hangs.
+#
 # Exit status: the scenario's (from the FLINT-HOST-SCENARIO-EXIT marker);
 # 98 on timeout; 99 when the marker is missing (host crashed, no /dev/kvm...).
 # The console (scenario output included) is copied to stdout.
@@ -105,6 +109,13 @@ copy_with_libs() {
         done
     fi
 }
+# kvm-hold keeps a VM open in the host for the whole run (see guest-tools/src/bin/kvm-hold.rs:
+# without it, QEMU's multi-threaded TCG now and then freezes the host when the host kernel
+# patches its scheduler as the first VM starts or the last one ends).
+log "building kvm-hold"
+(cd "$here/../.." && cargo build --release --quiet -p guest-tools --bin kvm-hold \
+    --target-dir "${CARGO_TARGET_DIR:-$here/../../target}/guest-tools")
+copy_with_libs "${CARGO_TARGET_DIR:-$here/../../target}/guest-tools/release/kvm-hold" /bin/kvm-hold
 for a in "${adds[@]}"; do
     case $a in
     *:/*) copy_with_libs "${a%%:*}" "${a#*:}" ;;
@@ -133,6 +144,16 @@ if [ ! -c /dev/kvm ]; then
     echo "FLINT-HOST-NO-KVM"
     poweroff -f
 fi
+
+# A VM that stays open, so that flint's VMs coming and going never patch the host
+# kernel (kvm-hold prints "ready" once its VM exists).
+/bin/kvm-hold >/tmp/kvm-hold.out 2>&1 &
+i=0
+until grep -q ready /tmp/kvm-hold.out 2>/dev/null || [ $i -ge 100 ]; do
+    sleep 0.1 2>/dev/null || sleep 1
+    i=$((i + 1))
+done
+grep -q ready /tmp/kvm-hold.out || echo "FLINT-HOST-KVM-HOLD-FAILED $(cat /tmp/kvm-hold.out)"
 
 # Keep host kernel messages off the console while the scenario prints: its
 # output is parsed. They are dumped below if the scenario fails.
@@ -172,6 +193,8 @@ fi
 # exit marker. QEMU's warnings about CPU features TCG (or the host) lacks are
 # dropped. `timeout --foreground` keeps QEMU in our process group so it can
 # read the terminal, and forwards TERM to it.
+qemu_extra=()
+read -r -a qemu_extra <<<"${FLINT_HOST_QEMU_ARGS:-}"
 exec {con}> >(tee "$tmp/console.log")
 tee_pid=$!
 exec 3<&0
@@ -179,6 +202,7 @@ timeout --foreground "$timeout" qemu-system-x86_64 \
     -accel tcg,thread=multi -cpu EPYC,+svm,+npt -smp 2 -m "$mem" \
     -nodefaults -no-user-config -nographic "${serial[@]}" -no-reboot \
     -kernel "$host/vmlinuz" -initrd "$tmp/host.cpio" -append "$append" \
+    "${qemu_extra[@]}" \
     <&3 >&"$con" 2> >(grep -v "support requested feature" >&2) &
 qemu_pid=$!
 rc=0
