@@ -79,6 +79,17 @@ $R -- /no/such/command </dev/null 2>"$WORK/nf.err"; echo "STATUS notfound $?"; e
 t0=$(cut -d. -f1 /proc/uptime)
 $R --timeout 2 -- sleep 60 </dev/null 2>"$WORK/to.err"; echo "STATUS timeout $?"
 echo "TIMEOUT_SECS $(( $(cut -d. -f1 /proc/uptime) - t0 ))"
+# Ctrl-C (SIGINT) or SIGTERM while the command runs: flint kills it, then the VM (128+N).
+for sig in INT TERM; do
+    $R -- sh -c 'echo started; exec sleep 60' </dev/null >"$WORK/sig.out" 2>"$WORK/sig.err" &
+    pid=$!
+    n=0
+    until grep -q started "$WORK/sig.out" || [ $n -ge 120 ]; do sleep 1; n=$((n + 1)); done
+    t0=$(cut -d. -f1 /proc/uptime)
+    kill -$sig $pid; wait $pid; echo "STATUS sig$sig $?"
+    echo "SIG_SECS$sig $(( $(cut -d. -f1 /proc/uptime) - t0 ))"
+    echo "SIGERR$sig [$(tr '\n' ' ' <"$WORK/sig.err")]"
+done
 # A fork bomb and a memory hog are contained by the VM: flint returns, the host still works.
 $R --timeout 10 -- sh -c 'bomb() { bomb | bomb & }; bomb' </dev/null >/dev/null 2>&1; echo "STATUS forkbomb $?"
 $R --memory 128 -- sh -c 'x=$(head -c 400000000 /dev/zero | tr "\0" x); echo survived' </dev/null >/dev/null 2>&1
@@ -201,6 +212,16 @@ fn flint_run_sandboxes() {
     assert_eq!(status("timeout"), "124");
     let secs: u64 = line(out, "TIMEOUT_SECS ").parse().unwrap();
     assert!(secs < 30, "--timeout 2 took {secs} s");
+    for (sig, code) in [("INT", "130"), ("TERM", "143")] {
+        assert_eq!(
+            status(&format!("sig{sig}")),
+            code,
+            "SIG{sig} on flint run while the command runs: 128+N ({})",
+            line(out, &format!("SIGERR{sig} "))
+        );
+        let secs: u64 = line(out, &format!("SIG_SECS{sig} ")).parse().unwrap();
+        assert!(secs < 30, "SIG{sig} took {secs} s to stop the sandbox");
+    }
     let forkbomb = status("forkbomb");
     assert!(
         forkbomb == "124" || forkbomb.parse::<u32>().is_ok(),
@@ -323,7 +344,7 @@ echo "STATE after $(state)"
 fn two_hundred_sandboxes_in_a_row_and_eight_at_once_leak_nothing() {
     let mut rig_faults = 0u32;
     for batch in 1..=4 {
-        let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_SEQUENTIAL}"), 600);
+        let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_SEQUENTIAL}"), 300);
         let out = &output;
         assert_eq!(
             line(out, "SEQUENTIAL_FAILS "),
@@ -345,7 +366,7 @@ fn two_hundred_sandboxes_in_a_row_and_eight_at_once_leak_nothing() {
         "{rig_faults} of 200 guests died or froze: more than the nested host explains"
     );
 
-    let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_PARALLEL}"), 600);
+    let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_PARALLEL}"), 300);
     let out = &output;
     // Every run succeeds, except that the nested host sometimes kills one guest of a batch
     // that boots at once (a triple fault, see rig_failure in tests/support) even on the
