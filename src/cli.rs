@@ -67,6 +67,8 @@ pub enum CliError {
     },
     #[error("unknown --rootfs option '{0}' (expected bw=BYTES_PER_SEC or iops=N)")]
     RootfsOption(String),
+    #[error("--rootfs needs a path before its options, as in --rootfs IMAGE[,bw=BYTES_PER_SEC][,iops=N]")]
+    RootfsPath,
     #[error("'flint exec' needs --api-sock PATH (the API socket of the running VM)")]
     NoApiSock,
     #[error("{0} must be an absolute path inside the guest")]
@@ -189,17 +191,49 @@ fn parse_disk(spec: &str) -> Result<DriveConfig, CliError> {
     let mut drive = DriveConfig::new(path);
     let mut limiter = RateLimiterConfig::default();
     for opt in parts {
+        if parse_limit("--disk", opt, &mut limiter)? {
+            continue;
+        }
         match (opt, opt.split_once('=')) {
             ("ro", _) => drive.read_only = true,
             ("root", _) => drive.root = true,
             (_, Some(("id", id))) => drive.id = Some(id.to_string()),
-            (_, Some(("bw", n))) => limiter.bandwidth = Some(parse_rate("--disk", "bw", n)?),
-            (_, Some(("iops", n))) => limiter.ops = Some(parse_rate("--disk", "iops", n)?),
             _ => return Err(CliError::DiskOption(opt.to_string())),
         }
     }
     drive.rate_limiter = (!limiter.is_unlimited()).then_some(limiter);
     Ok(drive)
+}
+
+/// Parse `flint run --rootfs IMAGE[,bw=BYTES_PER_SEC][,iops=N]`: the image and its limits.
+fn parse_rootfs(spec: &str) -> Result<(PathBuf, Option<RateLimiterConfig>), CliError> {
+    let mut parts = spec.split(',');
+    let path = parts
+        .next()
+        .filter(|p| !p.is_empty())
+        .ok_or(CliError::RootfsPath)?;
+    let mut limiter = RateLimiterConfig::default();
+    for opt in parts {
+        if !parse_limit("--rootfs", opt, &mut limiter)? {
+            return Err(CliError::RootfsOption(opt.to_string()));
+        }
+    }
+    Ok((path.into(), (!limiter.is_unlimited()).then_some(limiter)))
+}
+
+/// Apply a block device's `bw=BYTES_PER_SEC` or `iops=N` option of `option` to `limiter`;
+/// false when `opt` is neither.
+fn parse_limit(
+    option: &'static str,
+    opt: &str,
+    limiter: &mut RateLimiterConfig,
+) -> Result<bool, CliError> {
+    match opt.split_once('=') {
+        Some(("bw", n)) => limiter.bandwidth = Some(parse_rate(option, "bw", n)?),
+        Some(("iops", n)) => limiter.ops = Some(parse_rate(option, "iops", n)?),
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 fn main_help() -> String {
@@ -466,17 +500,9 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
             "--kernel" => o.kernel = Some(option_value("--kernel", inline, &mut rest)?.into()),
             "--image" => o.image = Some(option_value("--image", inline, &mut rest)?.into()),
             "--rootfs" => {
-                let v = option_value("--rootfs", inline, &mut rest)?;
-                let disk = parse_disk(v)?;
-                if disk.read_only || disk.root || disk.id.is_some() {
-                    let option = v
-                        .split(',')
-                        .skip(1)
-                        .find(|o| !o.starts_with("bw=") && !o.starts_with("iops="));
-                    return Err(CliError::RootfsOption(option.unwrap_or(v).to_string()));
-                }
-                o.rootfs = Some(disk.path);
-                o.rootfs_rate_limiter = disk.rate_limiter;
+                let (path, limiter) = parse_rootfs(option_value("--rootfs", inline, &mut rest)?)?;
+                o.rootfs = Some(path);
+                o.rootfs_rate_limiter = limiter;
             }
             "--vcpus" => o.vcpus = number("--vcpus", option_value("--vcpus", inline, &mut rest)?)?,
             "--memory" => {
@@ -1228,10 +1254,31 @@ mod tests {
             run(&["run", "--rootfs", "/img,ro", "--", "x"]).unwrap_err(),
             CliError::RootfsOption("ro".into())
         );
-        assert!(matches!(
-            run(&["run", "--rootfs", "/img,bw=0", "--", "x"]),
-            Err(CliError::Rate { .. })
-        ));
+        // Errors name --rootfs, not the --disk option it resembles.
+        let err = run(&["run", "--rootfs", "/img,bw=0", "--", "x"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CliError::Rate {
+                    option: "--rootfs",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with("--rootfs bw="), "{err}");
+        for bad in [",bw=5", ""] {
+            let err = run(&["run", "--rootfs", bad, "--", "x"]).unwrap_err();
+            assert_eq!(err, CliError::RootfsPath);
+            assert!(
+                err.to_string().starts_with("--rootfs needs a path"),
+                "{err}"
+            );
+        }
+        assert_eq!(
+            run(&["run", "--rootfs", "/img,id=x", "--", "x"]).unwrap_err(),
+            CliError::RootfsOption("id=x".into())
+        );
         match parse(&args(&[
             "exec",
             "--api-sock",
