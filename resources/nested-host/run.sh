@@ -113,9 +113,10 @@ copy_with_libs() {
 # without it, QEMU's multi-threaded TCG now and then freezes the host when the host kernel
 # patches its scheduler as the first VM starts or the last one ends).
 log "building kvm-hold"
+tools_target=${CARGO_TARGET_DIR:-$here/../../target}/guest-tools
 (cd "$here/../.." && cargo build --release --quiet -p guest-tools --bin kvm-hold \
-    --target-dir "${CARGO_TARGET_DIR:-$here/../../target}/guest-tools")
-copy_with_libs "${CARGO_TARGET_DIR:-$here/../../target}/guest-tools/release/kvm-hold" /bin/kvm-hold
+    --target-dir "$tools_target")
+copy_with_libs "$tools_target/release/kvm-hold" /bin/kvm-hold
 for a in "${adds[@]}"; do
     case $a in
     *:/*) copy_with_libs "${a%%:*}" "${a#*:}" ;;

@@ -463,6 +463,10 @@ impl Default for ScenarioOptions {
 pub const RIG_TRIPLE_FAULT: &str =
     "the guest triple-faulted (shutdown exit; KVM reset the vCPU's registers";
 
+/// What a scenario prints when a `flint_case` ran into its `$CASE_TIMEOUT`. See
+/// [`rig_failure`].
+pub const RIG_CASE_TIMEOUT: &str = "RIG-CASE-TIMEOUT ";
+
 /// Why a nested-host run failed for reasons of the rig rather than of flint, if it did.
 ///
 /// The nested host is QEMU's software emulation of an AMD CPU with SVM, running KVM. Now and
@@ -470,9 +474,6 @@ pub const RIG_TRIPLE_FAULT: &str =
 /// random point of its boot, and rarely the host VM's own kernel crashes (recursive page faults
 /// right after a guest exit) or freezes; QEMU as the nested VMM has died the same way. A
 /// scenario that shows one of these runs once more; if it happens again, the test fails.
-/// What a scenario prints when a `flint_case` ran into its `$CASE_TIMEOUT`.
-pub const RIG_CASE_TIMEOUT: &str = "RIG-CASE-TIMEOUT ";
-
 pub fn rig_failure(run: &ScenarioRun) -> Option<&'static str> {
     match run.status {
         98 => Some("the nested host VM timed out (it freezes now and then)"),
