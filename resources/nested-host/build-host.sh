@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch the kernel of the nested KVM host VM (see run.sh): Debian's stock
-# cloud kernel, whose kvm_amd works under QEMU TCG with +svm,+npt.
+# cloud kernel, whose kvm_amd works under QEMU TCG with +svm (run.sh turns npt off).
 #   $FLINT_CACHE/host/vmlinuz
 #   $FLINT_CACHE/host/modules/*.ko     (uncompressed)
 #   $FLINT_CACHE/host/modules/order    (load order, dependencies first)
