@@ -10,7 +10,8 @@ use std::path::PathBuf;
 use support::{run_scenario, DEFAULT_CMDLINE};
 
 /// Shell helpers of both scenarios: `call NAME METHOD PATH [BODY]` sends one request to
-/// `$SOCK` and prints its status and body; `wait_for FILE TEXT SECONDS` prints yes or no.
+/// `$SOCK` and prints its status and body; `check_for NAME FILE TEXT SECONDS` waits for TEXT
+/// in FILE (with the support preamble's `wait_for`) and prints `CHECK NAME yes` or `no`.
 const HELPERS: &str = r#"
 call() { # name method path [body]
     name=$1; method=$2; path=$3; body=${4:-}
@@ -24,9 +25,8 @@ call() { # name method path [body]
     echo "STEP $name $code"
     echo "BODY $name $(cat "$WORK/$name.body")"
 }
-wait_for() { # file text seconds
-    i=0; while ! grep -q "$2" "$1" 2>/dev/null && [ $i -lt $(($3 * 10)) ]; do sleep 0.1; i=$((i+1)); done
-    grep -q "$2" "$1" && echo yes || echo no
+check_for() { # name file text seconds
+    if wait_for "$2" "$3" "$4"; then echo "CHECK $1 yes"; else echo "CHECK $1 no"; fi
 }
 "#;
 
@@ -49,8 +49,8 @@ call machine_config_bad PUT /machine-config '{"vcpu_count": 0, "mem_size_mib": 2
 call entropy PUT /entropy '{}'
 call metrics PUT /metrics "{\"metrics_path\": \"$WORK/metrics.json\"}"
 call start PUT /actions '{"action_type": "InstanceStart"}'
-echo "CHECK guest_ready $(wait_for "$WORK/console" 'FLINT-GUEST-READY' 120)"
-echo "CHECK shell_prompt $(wait_for "$WORK/console" '/ #' 60)"
+check_for guest_ready "$WORK/console" 'FLINT-GUEST-READY' 120
+check_for shell_prompt "$WORK/console" '/ #' 60
 call describe_running GET /
 call boot_source_after_start PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\"}"
 call pause PATCH /vm '{"state": "Paused"}'
@@ -60,7 +60,7 @@ echo 'echo PAUSE-$((40+2))' >"$WORK/console-in"
 sleep 3
 echo "CHECK ran_while_paused $(grep -q 'PAUSE-42' "$WORK/console" && echo yes || echo no)"
 call resume PATCH /vm '{"state": "Resumed"}'
-echo "CHECK ran_after_resume $(wait_for "$WORK/console" 'PAUSE-42' 60)"
+check_for ran_after_resume "$WORK/console" 'PAUSE-42' 60
 call vm_config GET /vm/config
 call flush_metrics PUT /actions '{"action_type": "FlushMetrics"}'
 echo "CHECK metrics_line $(grep -c utc_timestamp_ms "$WORK/metrics.json")"
@@ -99,9 +99,9 @@ call a_machine PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
 call a_vsock PUT /vsock "{\"guest_cid\": 7, \"uds_path\": \"$WORK/v.sock\"}"
 call a_entropy PUT /entropy '{}'
 call a_start PUT /actions '{"action_type": "InstanceStart"}'
-echo "CHECK a_prompt $(wait_for "$WORK/a.console" '/ #' 180)"
+check_for a_prompt "$WORK/a.console" '/ #' 180
 echo 'x=41; echo "UPTIME-A $(cut -d. -f1 /proc/uptime)"' >"$WORK/a.in"
-echo "CHECK a_uptime $(wait_for "$WORK/a.console" 'UPTIME-A [0-9]' 60)"
+check_for a_uptime "$WORK/a.console" 'UPTIME-A [0-9]' 60
 call a_snapshot_running PUT /snapshot/create "{\"snapshot_path\": \"$WORK/s1\", \"mem_file_path\": \"$WORK/m1\"}"
 call a_pause PATCH /vm '{"state": "Paused"}'
 call a_snapshot PUT /snapshot/create "{\"snapshot_type\": \"Full\", \"snapshot_path\": \"$WORK/s1\", \"mem_file_path\": \"$WORK/m1\"}"
@@ -116,7 +116,7 @@ call b_describe GET /
 call b_config GET /vm/config
 call b_resume PATCH /vm '{"state": "Resumed"}'
 echo 'echo "RESTORED-$((x+1)) UPTIME-B $(cut -d. -f1 /proc/uptime)"' >"$WORK/b.in"
-echo "CHECK b_restored $(wait_for "$WORK/b.console" 'RESTORED-42' 60)"
+check_for b_restored "$WORK/b.console" 'RESTORED-42' 60
 echo "UPTIMES $(grep -o 'UPTIME-A [0-9]*' "$WORK/a.console" | tail -n 1) $(grep -o 'UPTIME-B [0-9]*' "$WORK/b.console" | tail -n 1)"
 echo 'x=$((x+1))' >"$WORK/b.in"
 sleep 1
@@ -133,7 +133,7 @@ start_flint d
 call d_load PUT /snapshot/load "{\"snapshot_path\": \"$WORK/s2\", \"mem_file_path\": \"$WORK/m2\", \"resume_vm\": true}"
 call d_describe GET /
 echo 'echo "AGAIN-$((x+1))"' >"$WORK/d.in"
-echo "CHECK d_restored $(wait_for "$WORK/d.console" 'AGAIN-43' 60)"
+check_for d_restored "$WORK/d.console" 'AGAIN-43' 60
 call d_ctrl_alt_del PUT /actions '{"action_type": "SendCtrlAltDel"}'
 i=0; while kill -0 $pid 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
 if kill -0 $pid 2>/dev/null; then echo "CHECK d_exited no"; else echo "CHECK d_exited yes"; fi

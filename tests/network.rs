@@ -204,8 +204,6 @@ fn options(timeout_secs: u32) -> ScenarioOptions {
 ///
 /// - `$IP` is iproute2, `$T` vsock-io, `$INITRD` the initramfs with /tools.
 /// - `$NS CMD...` runs CMD in the scenario's own network namespace (deleted on exit).
-/// - `bg_case NAME CMD...` is `flint_case` in the background (PID in `$BG_PID`);
-///   `end_case NAME PID` waits for it and prints its section.
 /// - `link_state DEV` prints `present` or `absent` (in the namespace);
 ///   `wait_link DEV SECS` waits until DEV exists.
 /// - `host_run NAME CMD...` runs CMD (time-limited) and prefixes its output lines `HOST NAME `.
@@ -225,16 +223,6 @@ cleanup() {
 }
 trap cleanup EXIT
 $NS "$IP" link set lo up
-bg_case() {
-    _bg_name=$1
-    shift
-    timeout "$CASE_TIMEOUT" "$@" </dev/null >"$WORK/$_bg_name.out" 2>"$WORK/$_bg_name.err" &
-    BG_PID=$!
-}
-end_case() {
-    wait "$2"
-    _flint_case_report "$1" $?
-}
 link_state() {
     if $NS "$IP" link show "$1" >/dev/null 2>&1; then echo present; else echo absent; fi
 }
@@ -243,13 +231,6 @@ wait_link() {
     while [ $_wl -lt "$2" ] && [ "$(link_state "$1")" = absent ]; do
         sleep 1
         _wl=$((_wl + 1))
-    done
-}
-wait_for() {
-    _wf=0
-    while [ $_wf -lt "$3" ] && ! grep -q "$2" "$1" 2>/dev/null; do
-        sleep 1
-        _wf=$((_wf + 1))
     done
 }
 host_run() {

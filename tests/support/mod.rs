@@ -31,6 +31,13 @@
 //!   [`ScenarioRun::case`] parses back. `flint_case_stdin` is the same but keeps the caller's
 //!   stdin (pipe into it). While it runs, the output files are `$WORK/NAME.out` and
 //!   `$WORK/NAME.err`.
+//! - `bg_case NAME CMD...` is `flint_case` in the background (PID in `$BG_PID`);
+//!   `end_case NAME PID` waits for it and prints its section.
+//! - `wait_for FILE TEXT SECONDS` waits until TEXT (a `grep` pattern) is in FILE; it returns 1
+//!   after SECONDS.
+//!
+//! A case that runs into `$CASE_TIMEOUT` and a `wait_for` that gives up print markers that
+//! [`rig_failure`] reads: such a scenario is run again (see there).
 //!
 //! Guest side: [`exec_cmdline`] builds a kernel command line whose `flint.exec=<base64>` the
 //! guest initramfs (`resources/build-guest-initramfs.sh`) decodes and runs after printing
@@ -428,6 +435,35 @@ flint_case_stdin() {
     timeout "$CASE_TIMEOUT" "$@" >"$WORK/$_fc_name.out" 2>"$WORK/$_fc_name.err"
     _flint_case_timed "$_fc_name" $?
 }
+bg_case() {
+    _bg_name=$1
+    shift
+    date +%s >"$WORK/$_bg_name.started"
+    timeout "$CASE_TIMEOUT" "$@" </dev/null >"$WORK/$_bg_name.out" 2>"$WORK/$_bg_name.err" &
+    BG_PID=$!
+}
+# Only a case that ran for its whole $CASE_TIMEOUT is marked: the scenario may stop a
+# background case itself (with SIGTERM, 143) long before that.
+end_case() {
+    wait "$2"
+    _ec_status=$?
+    _ec_secs=$(($(date +%s) - $(cat "$WORK/$1.started")))
+    if [ "$_ec_secs" -ge "$CASE_TIMEOUT" ]; then
+        _flint_case_timed "$1" $_ec_status
+    else
+        _flint_case_report "$1" $_ec_status
+    fi
+}
+wait_for() {
+    _wf_end=$(($(date +%s) + $3))
+    until grep -q "$2" "$1" 2>/dev/null; do
+        if [ "$(date +%s)" -ge "$_wf_end" ]; then
+            echo "RIG-WAIT-TIMEOUT $1: no '$2' after $3 s" >&2
+            return 1
+        fi
+        sleep 0.2 2>/dev/null || sleep 1
+    done
+}
 "#;
 
 /// Serializes scenarios: two nested host VMs at once would share 2 cores and time out.
@@ -467,13 +503,21 @@ pub const RIG_TRIPLE_FAULT: &str =
 /// [`rig_failure`].
 pub const RIG_CASE_TIMEOUT: &str = "RIG-CASE-TIMEOUT ";
 
+/// What a scenario prints when a `wait_for` gave up. See [`rig_failure`].
+pub const RIG_WAIT_TIMEOUT: &str = "RIG-WAIT-TIMEOUT ";
+
+/// How often a scenario runs at most when every try fails for reasons of the rig.
+pub const RIG_TRIES: u32 = 3;
+
 /// Why a nested-host run failed for reasons of the rig rather than of flint, if it did.
 ///
 /// The nested host is QEMU's software emulation of an AMD CPU with SVM, running KVM. Now and
 /// then (a few times in a hundred guest boots) a guest dies of a triple fault or stops at a
-/// random point of its boot, and rarely the host VM's own kernel crashes (recursive page faults
-/// right after a guest exit) or freezes; QEMU as the nested VMM has died the same way. A
-/// scenario that shows one of these runs once more; if it happens again, the test fails.
+/// random point of its boot or run, and rarely the host VM's own kernel crashes (recursive
+/// page faults right after a guest exit) or freezes; QEMU as the nested VMM has died the same
+/// way. A scenario that shows one of these runs again, up to [`RIG_TRIES`] times in all; a
+/// fault of flint's that makes a guest freeze every time still fails the test. Every try is
+/// listed in `$FLINT_TEST_RIG_LOG` when it is set (resources/run-tests.sh prints that list).
 pub fn rig_failure(run: &ScenarioRun) -> Option<&'static str> {
     match run.status {
         98 => Some("the nested host VM timed out (it freezes now and then)"),
@@ -485,7 +529,40 @@ pub fn rig_failure(run: &ScenarioRun) -> Option<&'static str> {
         _ if run.output.contains(RIG_CASE_TIMEOUT) => {
             Some("a guest froze in the emulated nested host (its case timed out)")
         }
+        _ if run.output.contains(RIG_WAIT_TIMEOUT) => {
+            Some("a guest froze in the emulated nested host (a wait_for gave up)")
+        }
         _ => None,
+    }
+}
+
+/// Append one line about a scenario try to `$FLINT_TEST_RIG_LOG`, if set: which test, which
+/// try, its status and time, and whether it failed for reasons of the rig.
+fn log_try(attempt: u32, run: &ScenarioRun, secs: u64, rig: Option<&str>) {
+    let Some(path) = std::env::var_os("FLINT_TEST_RIG_LOG") else {
+        return;
+    };
+    // cargo names test binaries NAME-HASH
+    let exe = std::env::args().next().unwrap_or_default();
+    let file = Path::new(&exe)
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy();
+    let binary = file.rsplit_once('-').map_or(&*file, |(name, _)| name);
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("?");
+    let verdict = rig.map_or(String::from("ran"), |why| format!("rig fault: {why}"));
+    let line = format!(
+        "{binary}::{test} try {attempt}: status {}, {secs} s, {verdict}\n",
+        run.status
+    );
+    use std::io::Write as _;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
     }
 }
 
@@ -511,19 +588,26 @@ pub fn run_scenario_with(
         _ => local_kvm_boots_linux(),
     };
     let _guard = SCENARIO_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let mut run = if direct {
-        run_direct(script, extra_files, &images, &flint)
-    } else {
-        run_nested(script, extra_files, &images, &flint, options)
+    let mut attempt = 1;
+    let run = loop {
+        let started = std::time::Instant::now();
+        let run = if direct {
+            run_direct(script, extra_files, &images, &flint)
+        } else {
+            run_nested(script, extra_files, &images, &flint, options)
+        };
+        let rig = rig_failure(&run).filter(|_| !direct);
+        log_try(attempt, &run, started.elapsed().as_secs(), rig);
+        match rig {
+            Some(why) if attempt < RIG_TRIES => println!(
+                "----- try {attempt} (nested host) exit status {} -----\n{}\n----- {why}: \
+                 running the scenario again -----",
+                run.status, run.output
+            ),
+            _ => break run,
+        }
+        attempt += 1;
     };
-    if let Some(why) = rig_failure(&run).filter(|_| !direct) {
-        println!(
-            "----- first try (nested host) exit status {} -----\n{}\n----- {why}: running \
-             the scenario once more -----",
-            run.status, run.output
-        );
-        run = run_nested(script, extra_files, &images, &flint, options);
-    }
     println!(
         "----- scenario ({}) exit status {} -----\n{}\n----- end of scenario output -----",
         if direct { "direct" } else { "nested host" },
@@ -785,6 +869,8 @@ mod tests {
         let frozen =
             "RIG-CASE-TIMEOUT a\n=== CASE a\n--- stdout\n--- stderr\n=== END a status=143\n";
         assert!(rig_failure(&run(0, frozen)).unwrap().contains("froze"));
+        let waited = "x\nRIG-WAIT-TIMEOUT /tmp/work/a.out: no 'A-DONE' after 120 s\n";
+        assert!(rig_failure(&run(0, waited)).unwrap().contains("wait_for"));
         // A background case stopped on purpose with SIGTERM is no rig failure.
         let stopped = "=== CASE b\n--- stdout\n--- stderr\n=== END b status=143\n";
         assert_eq!(rig_failure(&run(0, stopped)), None);
