@@ -33,7 +33,27 @@ stage() {
     printf -- '-------------------- %s: done in %d s\n' "$name" "$took"
 }
 
+# What went wrong, where a truncated log still shows it: each nested-host scenario try (see
+# rig_failure in tests/support/mod.rs) and the first lines of each test panic.
+rig_log=$repo/target/nested-scenario-tries.log
+test_log=$repo/target/cargo-test-output.log
+export FLINT_TEST_RIG_LOG=$rig_log
+
+run_cargo_test() {
+    mkdir -p "$(dirname "$rig_log")"
+    : >"$rig_log"
+    cargo test --workspace --no-fail-fast 2>&1 | tee "$test_log"
+}
+
 summary() {
+    if [ -s "$rig_log" ]; then
+        printf '\n==================== nested-host scenario tries ====================\n'
+        cat "$rig_log"
+    fi
+    if [ -s "$test_log" ] && grep -q "panicked at" "$test_log"; then
+        printf '\n==================== test panics (first lines) ====================\n'
+        grep -A3 "panicked at" "$test_log" | cut -c1-300 | head -n 60
+    fi
     printf '\n==================== timing summary ====================\n'
     printf '%s\n' "${timings[@]}"
     printf '%-28s %4d s\n' total $((SECONDS - total_start))
@@ -60,6 +80,6 @@ stage "sandbox image" "$here/build-sandbox-image.sh"
 stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
-stage "cargo test" cargo test --workspace --no-fail-fast
+stage "cargo test" run_cargo_test
 stage "API fuzzing" "$here/fuzz-api.sh"
 summary
