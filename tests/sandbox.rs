@@ -8,9 +8,27 @@ use std::path::PathBuf;
 
 use support::{cache_dir, run_scenario_with, ScenarioOptions};
 
-/// Shell prelude of both scenarios: `$R` runs a sandbox with the default image, and `state`
-/// prints what a sandbox could leak, to compare before and after.
+/// Shell prelude of the scenarios: `$R` runs a sandbox with the default image, `state`
+/// prints what a sandbox could leak, to compare before and after, and `rig_fault STATUS FILE`
+/// tells whether a sandbox failed because its guest died or froze in the nested host.
+///
+/// `rig_fault` is true when the guest died of a triple fault (status 125 and flint's message
+/// in FILE), when flint gave up on a guest whose agent never answered (125, a guest frozen
+/// while booting), or when the guest froze so that `timeout` stopped flint with SIGTERM
+/// (flint exits 143 then; a flint that ignored SIGTERM gets SIGKILL from `timeout -k`: 137).
+/// It then prints the marker of `rig_failure` (tests/support), so that the harness runs the
+/// scenario again; the Rust side requires every sandbox of the last try to succeed.
 const PRELUDE: &str = r#"
+rig_fault() {
+    if [ "$1" = 125 ] && grep -q -e "triple-faulted (shutdown exit; KVM reset" \
+        -e "the guest agent did not answer" "$2"; then
+        echo "RIG-CASE-TIMEOUT sandbox: $(grep -e triple-faulted -e 'did not answer' "$2")"
+    elif [ "$1" = 143 ]; then
+        echo "RIG-CASE-TIMEOUT sandbox: stopped by timeout"
+    else
+        return 1
+    fi
+}
 R="$FLINT run --kernel $VMLINUX --image $FILES/sandbox.cpio.gz"
 # The snapshot of a booted sandbox that flint run restores: made by the scenario's first run.
 export FLINT_CACHE=$WORK/flint-cache
@@ -100,7 +118,10 @@ for i in 1 2 3 4; do
     ( timeout -k 10 180 $R -- sh -c "echo parallel-$i" </dev/null >"$WORK/par$i.out" 2>&1; echo $? >"$WORK/par$i.rc" ) &
 done
 wait
-for i in 1 2 3 4; do echo "PAR $i $(cat "$WORK/par$i.rc") $(cat "$WORK/par$i.out" | tr '\n' ' ')"; done
+for i in 1 2 3 4; do
+    echo "PAR $i $(cat "$WORK/par$i.rc") $(cat "$WORK/par$i.out" | tr '\n' ' ')"
+    rig_fault "$(cat "$WORK/par$i.rc")" "$WORK/par$i.out" || true
+done
 sleep 1
 echo "STATE after $(state)"
 "#;
@@ -238,23 +259,12 @@ fn flint_run_sandboxes() {
         "the sandbox must survive its command's OOM"
     );
     assert_eq!(line(out, "HOST_OK "), "alive");
-    // In the nested host the first of several guests booting at once sometimes freezes or
-    // dies (an open question, see the soak test): one such sandbox may fail, with flint
-    // saying so (status 125); every other one must succeed.
-    let mut rig_faults = 0;
     for i in 1..=4 {
-        let par = line(out, &format!("PAR {i} "));
-        // 143: the guest froze so that `timeout` stopped flint (once, in CI, a restored
-        // sandbox of these four never finished and the whole scenario timed out).
-        let rig = par.starts_with("143 ")
-            || par.starts_with("125 ")
-                && (par.contains("the guest agent did not answer")
-                    || par.contains("triple-faulted (shutdown exit; KVM reset"));
-        if rig && rig_faults == 0 {
-            rig_faults += 1;
-            continue;
-        }
-        assert_eq!(par, format!("0 parallel-{i}"), "parallel sandbox {i}");
+        assert_eq!(
+            line(out, &format!("PAR {i} ")),
+            format!("0 parallel-{i}"),
+            "parallel sandbox {i}"
+        );
     }
     let before = line(out, "STATE before ");
     let after = line(out, "STATE after ");
@@ -265,20 +275,9 @@ fn flint_run_sandboxes() {
     assert!(after.ends_with("tmp=0"), "{after}");
 }
 
-/// `rig_fault STATUS FILE`: the sandbox failed because of the nested host's random guest
-/// faults (see `rig_failure` in tests/support), which flint must still report and clean up
-/// after: the guest died of a triple fault (status 125 and flint's message in FILE), or it
-/// froze while booting, so that `true` did not finish and `timeout` stopped flint with SIGTERM
-/// (flint exits 143 then; a flint that ignored SIGTERM gets SIGKILL from `timeout -k`: 137).
-const RIG_FAULT_FN: &str = r#"
-rig_fault() {
-    { [ "$1" = 125 ] && grep -q "triple-faulted (shutdown exit; KVM reset" "$2"; } || [ "$1" = 143 ]
-}
-"#;
-
 /// 50 sandboxes in a row; four of these make the 200 of the issue. Each batch boots its own
-/// nested host (the emulated host freezes or crashes now and then, and a batch that hits
-/// that runs again), and checks that its 50 runs left nothing behind.
+/// nested host (a batch in which the emulated host froze or crashed, or a guest died or
+/// froze, runs again: see `rig_fault`), and checks that its 50 runs left nothing behind.
 const SOAK_SEQUENTIAL: &str = r#"
 sleep 1
 echo "STATE before $(state)"
@@ -305,30 +304,26 @@ sleep 1
 echo "STATE after $(state)"
 "#;
 
-/// Eight sandboxes at once; the batch runs again (once) if a rig fault hit one of its guests.
+/// Eight sandboxes at once (again, see `rig_fault`, if a guest died or froze).
 const SOAK_PARALLEL: &str = r#"
 sleep 1
 echo "STATE before $(state)"
-for try in 1 2; do
-    for i in 1 2 3 4 5 6 7 8; do
-        ( timeout -k 10 120 $R -- sh -c "echo eight-$i" </dev/null >"$WORK/p$i.out" 2>&1; echo $? >"$WORK/p$i.rc" ) &
-    done
-    wait
-    ok=0; rig=0; fails=0
-    for i in 1 2 3 4 5 6 7 8; do
-        if [ "$(cat "$WORK/p$i.rc")" = 0 ] && grep -q "eight-$i" "$WORK/p$i.out"; then
-            ok=$((ok + 1))
-        elif rig_fault "$(cat "$WORK/p$i.rc")" "$WORK/p$i.out"; then
-            rig=$((rig + 1))
-            echo "parallel run $i (try $try): the guest died or froze (rig), status $(cat "$WORK/p$i.rc"):"
-            tail -n 3 "$WORK/p$i.out" | sed 's/triple-faulted/triple fault/'
-        else
-            fails=$((fails + 1))
-            echo "parallel run $i (try $try) failed with status $(cat "$WORK/p$i.rc"):"
-            cat "$WORK/p$i.out"
-        fi
-    done
-    [ $rig -eq 0 ] && break
+for i in 1 2 3 4 5 6 7 8; do
+    ( timeout -k 10 120 $R -- sh -c "echo eight-$i" </dev/null >"$WORK/p$i.out" 2>&1; echo $? >"$WORK/p$i.rc" ) &
+done
+wait
+ok=0; rig=0; fails=0
+for i in 1 2 3 4 5 6 7 8; do
+    if [ "$(cat "$WORK/p$i.rc")" = 0 ] && grep -q "eight-$i" "$WORK/p$i.out"; then
+        ok=$((ok + 1))
+    elif rig_fault "$(cat "$WORK/p$i.rc")" "$WORK/p$i.out"; then
+        rig=$((rig + 1))
+        echo "parallel run $i: the guest died or froze (rig), status $(cat "$WORK/p$i.rc")"
+    else
+        fails=$((fails + 1))
+        echo "parallel run $i failed with status $(cat "$WORK/p$i.rc"):"
+        cat "$WORK/p$i.out"
+    fi
 done
 echo "PARALLEL_OK $ok"
 echo "PARALLEL_RIG_FAULTS $rig"
@@ -342,16 +337,19 @@ echo "STATE after $(state)"
 /// nested host to freeze too often for CI: it was run by hand then.)
 #[test]
 fn two_hundred_sandboxes_in_a_row_and_eight_at_once_leak_nothing() {
-    let mut rig_faults = 0u32;
     for batch in 1..=4 {
-        let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_SEQUENTIAL}"), 300);
+        let output = run_sandbox_scenario(SOAK_SEQUENTIAL, 300);
         let out = &output;
         assert_eq!(
             line(out, "SEQUENTIAL_FAILS "),
             "0",
             "some runs of batch {batch} of 50 failed"
         );
-        rig_faults += line(out, "SEQUENTIAL_RIG_FAULTS ").parse::<u32>().unwrap();
+        assert_eq!(
+            line(out, "SEQUENTIAL_RIG_FAULTS "),
+            "0",
+            "in batch {batch} of 50, a guest died or froze in every try"
+        );
         assert_eq!(
             line(out, "STATE before "),
             line(out, "STATE after "),
@@ -359,28 +357,20 @@ fn two_hundred_sandboxes_in_a_row_and_eight_at_once_leak_nothing() {
              files behind"
         );
     }
-    // Guests that die of the rig's fault still test cleanup; too many would leave too few
-    // real runs.
-    assert!(
-        rig_faults <= 20,
-        "{rig_faults} of 200 guests died or froze: more than the nested host explains"
-    );
 
-    let output = run_sandbox_scenario(&format!("{RIG_FAULT_FN}{SOAK_PARALLEL}"), 300);
+    let output = run_sandbox_scenario(SOAK_PARALLEL, 300);
     let out = &output;
-    // Every run succeeds, except that the nested host sometimes kills one guest of a batch
-    // that boots at once (a triple fault, see rig_failure in tests/support) even on the
-    // batch's second try; flint must report that and clean up like any other failure.
     assert_eq!(
         line(out, "PARALLEL_FAILS "),
         "0",
-        "a parallel sandbox failed for a reason other than the rig's faults"
+        "a parallel sandbox failed"
     );
-    let ok: u32 = line(out, "PARALLEL_OK ").parse().unwrap();
-    assert!(
-        ok >= 7,
-        "only {ok} of eight parallel sandboxes succeeded (the rest died of the rig's faults)"
+    assert_eq!(
+        line(out, "PARALLEL_RIG_FAULTS "),
+        "0",
+        "a parallel sandbox's guest died or froze in every try"
     );
+    assert_eq!(line(out, "PARALLEL_OK "), "8");
     assert_eq!(
         line(out, "STATE before "),
         line(out, "STATE after "),
