@@ -511,11 +511,12 @@ pub const RIG_TRIES: u32 = 3;
 
 /// Why a nested-host run failed for reasons of the rig rather than of flint, if it did.
 ///
-/// The nested host is QEMU's software emulation of an AMD CPU with SVM, running KVM. Now and
-/// then (a few times in a hundred guest boots) a guest dies of a triple fault or stops at a
-/// random point of its boot or run, and rarely the host VM's own kernel crashes (recursive
-/// page faults right after a guest exit) or freezes; QEMU as the nested VMM has died the same
-/// way. A scenario that shows one of these runs again, up to [`RIG_TRIES`] times in all; a
+/// The nested host is QEMU's software emulation of an AMD CPU with SVM, running KVM. While
+/// it emulated nested paging too, a guest died of a triple fault or stopped at a random point
+/// a few times in a hundred boots (far more often with two guests at once); without it
+/// (resources/nested-host/run.sh) that has become rare, but the host VM's own kernel still
+/// crashes now and then (recursive page faults in exception entry, with QEMU as the nested
+/// VMM as well) or freezes. A scenario that shows one of these runs again, up to [`RIG_TRIES`] times in all; a
 /// fault of flint's that makes a guest freeze every time still fails the test. Every try is
 /// listed in `$FLINT_TEST_RIG_LOG` when it is set (resources/run-tests.sh prints that list).
 pub fn rig_failure(run: &ScenarioRun) -> Option<&'static str> {
