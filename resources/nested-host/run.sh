@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run a scenario script inside a nested KVM host: a QEMU TCG virtual machine
 # (AMD SVM exposed, nested paging not: see the QEMU command below) booting
-# Debian's cloud kernel with kvm_amd loaded. This is how flint boots real Linux guests on machines whose
-# own /dev/kvm cannot (see /work/shared/notes/kvm-on-ci-machines.md).
+# Debian's cloud kernel with kvm_amd loaded. This is how flint boots real Linux
+# guests on machines whose own /dev/kvm cannot (see
+# /work/shared/notes/kvm-on-ci-machines.md).
 #
 # usage: run.sh [--interactive] [--mem MIB] [--timeout SECS]
 #               --scenario SCRIPT [--add HOST_PATH:GUEST_PATH]...
