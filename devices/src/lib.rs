@@ -5,6 +5,7 @@
 //! vCPU threads or how the VM was configured.
 
 pub mod bus;
+pub mod guest_log;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;

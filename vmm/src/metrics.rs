@@ -76,6 +76,9 @@ pub fn json_line(
         ("unhandled_mmio", unhandled.1),
     ]);
     let _ = write!(line, ",\"vcpu\":{vcpu}");
+    let (logged, suppressed) = devices::guest_log::counts();
+    let guest_warnings = object(&[("logged", logged), ("suppressed", suppressed)]);
+    let _ = write!(line, ",\"guest_warnings\":{guest_warnings}");
     for device in devices {
         match device {
             DeviceMetrics::Block { name, metrics: m } => {
@@ -177,6 +180,7 @@ mod tests {
         assert!(line
             .starts_with("{\"utc_timestamp_ms\":5,\"vcpu\":{\"exit_io_in\":0,\"exit_io_out\":7"));
         assert!(line.contains("\"unhandled_pio\":1,\"unhandled_mmio\":2}"));
+        assert!(line.contains(",\"guest_warnings\":{\"logged\":"));
         assert!(line.contains("\"block_rootfs\":{\"read_count\":0"));
         assert!(line.contains("\"read_bytes\":4096"));
         assert!(line.contains("\"entropy\":{\"requests\":0"));
