@@ -23,6 +23,7 @@ use vm_memory::{
 };
 use vmm_sys_util::epoll::EventSet;
 
+use super::chain::pop_chain;
 use super::{
     ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -716,7 +717,7 @@ impl VirtioDevice for Block {
             // Only an optimisation (fewer guest exits while we work); failures are harmless.
             let _ = queue.disable_notification(mem);
             let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while let Some(chain) = pop_chain(queue, mem) {
                 popped = true;
                 let head = chain.head_index();
                 let parsed = parse_request(mem, chain);
@@ -1288,9 +1289,9 @@ mod tests {
     }
 
     #[test]
-    fn overlong_chains_via_indirect_table() {
+    fn indirect_tables_are_refused() {
         let mut s = setup(600);
-        // An indirect table (not offered, but followed by the queue library) of 300 entries.
+        // An indirect table (not offered) of 300 entries, which is also too long.
         let table = 0x38_0000u64;
         let n = 300u16;
         let put = |i: u16, addr: u64, len: u32, flags: u16| {
@@ -1313,9 +1314,20 @@ mod tests {
         s.header(VIRTIO_BLK_T_IN, 0);
         s.tq.set_desc(0, table, 16 * u32::from(n), 4, 0);
         s.tq.publish(0);
+        // A small, well-formed indirect table after a direct header descriptor.
+        s.tq.set_desc(1, HDR, 16, VIRTQ_DESC_F_NEXT, 2);
+        s.tq.set_desc(2, table + 16 * 3, 16 * 2, 4, 0);
+        put(3, DATA, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE);
+        put(4, STATUS, 1, VIRTQ_DESC_F_WRITE);
+        s.tq.publish(1);
         s.block.process_queue(0);
-        assert_eq!(s.tq.used_elem(0), (0, 1));
-        assert_eq!(s.guest(STATUS, 1), [VIRTIO_BLK_S_IOERR]);
+        // Both are malformed chains: returned unused, the status byte untouched.
+        assert_eq!(s.tq.used_idx(), 2);
+        assert_eq!(s.tq.used_elem(0), (0, 0));
+        assert_eq!(s.tq.used_elem(1), (1, 0));
+        assert_eq!(s.guest(STATUS, 1), [0xff]);
+        assert_eq!(s.metric(|m| &m.invalid_chains), 2);
+        assert_eq!(s.metric(|m| &m.reads), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::chain::pop_chain;
 use super::{
     ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
 };
@@ -169,7 +170,7 @@ impl VirtioDevice for Rng {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = pop_chain(&mut active.queue, mem) {
             let head = chain.head_index();
             let len = match fill_chain(mem, chain, &mut self.buf) {
                 Some(len) => {

@@ -28,7 +28,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::chain::{add_used_together, segments, write_segments, ChainError, Direction, Segment};
+use super::chain::{
+    add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
+};
 use super::{
     ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET,
     VIRTIO_F_VERSION_1,
@@ -280,7 +282,7 @@ impl Active {
             if have >= want || (!self.mrg_rxbuf && !self.rx_chains.is_empty()) {
                 return have >= want;
             }
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+            let Some(chain) = pop_chain(&mut self.rx, &self.mem) else {
                 return false;
             };
             let head = chain.head_index();
@@ -578,7 +580,7 @@ impl Net {
             // The limiter's timer restarts transmission.
             return;
         }
-        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+        while let Some(chain) = pop_chain(&mut active.tx, &mem) {
             let head = chain.head_index();
             match parse_tx_chain(&mem, chain) {
                 Err(e) => {
