@@ -193,7 +193,6 @@ impl MmioTransport {
         &self.queue_evts
     }
 
-    /// The guest notified queue `index`: let the device process it if it is running.
     /// Tell the driver that the device's configuration space changed.
     pub fn notify_config_change(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
@@ -212,11 +211,26 @@ impl MmioTransport {
         ops: &mut event_manager::EventOps,
     ) {
         self.device.process_backend(events, ops);
+        self.resignal_unfinished();
     }
 
+    /// The guest notified queue `index`: let the device process it if it is running.
     pub fn process_queue(&mut self, index: usize) {
         if self.activated && index < self.queues.len() {
             self.device.process_queue(index);
+            self.resignal_unfinished();
+        }
+    }
+
+    /// Make the queues the device left unfinished (it used its per-pass budget) look
+    /// notified again: the event loop comes back to them after the other ready events.
+    fn resignal_unfinished(&mut self) {
+        let unfinished = self.device.take_unfinished();
+        for (index, evt) in self.queue_evts.iter().enumerate().take(64) {
+            if unfinished & (1 << index) != 0 {
+                // A full counter (EAGAIN) means the queue is already signalled.
+                let _ = evt.write(1);
+            }
         }
     }
 
@@ -353,6 +367,7 @@ impl MmioTransport {
             for index in 0..count {
                 self.device.process_queue(index);
             }
+            self.resignal_unfinished();
         }
         if self.interrupt.status() != 0 {
             // The guest had not acknowledged it yet; a spurious interrupt is harmless, a lost
@@ -1039,6 +1054,11 @@ mod tests {
 
     /// A transport in front of a real entropy device, activated with one queue at 0x1000.
     fn rng_harness(mem: &GuestMemoryMmap) -> (Harness, TestQueue) {
+        rng_harness_sized(mem, 16)
+    }
+
+    /// [`rng_harness`] with a queue of `size` entries.
+    fn rng_harness_sized(mem: &GuestMemoryMmap, size: u16) -> (Harness, TestQueue) {
         let dev = crate::virtio::rng::Rng::new();
         let t = MmioTransport::new(Box::new(dev), mem.clone(), interrupt()).unwrap();
         let mut h = Harness {
@@ -1047,10 +1067,40 @@ mod tests {
             mem: mem.clone(),
         };
         assert!(h.negotiate(VIRTIO_F_VERSION_1));
-        h.setup_queue(0, 16, 0x1000);
+        h.setup_queue(0, size, 0x1000);
         h.driver_ok();
         assert!(h.t.is_activated());
-        (h, TestQueue::new(mem, 0x1000, 16))
+        (h, TestQueue::new(mem, 0x1000, size))
+    }
+
+    #[test]
+    fn a_queue_left_at_the_budget_is_signalled_again() {
+        let mem = guest_memory(0x10_0000);
+        let (mut h, mut tq) = rng_harness_sized(&mem, 256);
+        let head = tq.add_chain(&[w(0x8_0000, 16)]);
+        for _ in 1..crate::virtio::MAX_CHAINS_PER_PASS {
+            tq.publish(head);
+        }
+        h.wr(QUEUE_NOTIFY, 0);
+        assert_eq!(
+            usize::from(tq.used_idx()),
+            crate::virtio::MAX_CHAINS_PER_PASS
+        );
+        // The event loop watches this eventfd: it comes back to the queue.
+        assert_eq!(h.t.queue_events()[0].read().unwrap(), 1);
+        // What the driver adds meanwhile is served then, without a new notification.
+        for _ in 0..10 {
+            tq.publish(head);
+        }
+        h.t.process_queue(0);
+        assert_eq!(
+            usize::from(tq.used_idx()),
+            crate::virtio::MAX_CHAINS_PER_PASS + 10
+        );
+        assert!(
+            h.t.queue_events()[0].read().is_err(),
+            "finished: not signalled"
+        );
     }
 
     fn fresh_rng_transport(mem: &GuestMemoryMmap) -> MmioTransport {

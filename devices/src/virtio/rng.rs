@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::chain::pop_chain;
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, MAX_CHAINS_PER_PASS, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The size of the device's only queue.
@@ -62,6 +63,8 @@ pub struct Rng {
     active: Option<Active>,
     buf: Vec<u8>,
     metrics: Arc<RngMetrics>,
+    /// The last pass used its budget with chains left.
+    unfinished: bool,
 }
 
 impl Default for Rng {
@@ -77,6 +80,7 @@ impl Rng {
             active: None,
             buf: Vec::new(),
             metrics: Arc::new(RngMetrics::default()),
+            unfinished: false,
         }
     }
 
@@ -170,7 +174,12 @@ impl VirtioDevice for Rng {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = pop_chain(&mut active.queue, mem) {
+        let mut budget = MAX_CHAINS_PER_PASS;
+        while budget > 0 {
+            let Some(chain) = pop_chain(&mut active.queue, mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             let len = match fill_chain(mem, chain, &mut self.buf) {
                 Some(len) => {
@@ -195,6 +204,12 @@ impl VirtioDevice for Rng {
         if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
+        // Possibly nothing is left; the extra pass then finds the ring empty.
+        self.unfinished = budget == 0;
+    }
+
+    fn take_unfinished(&mut self) -> u64 {
+        u64::from(std::mem::take(&mut self.unfinished))
     }
 
     fn queue_positions(&self) -> Vec<QueuePosition> {
@@ -206,13 +221,17 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+        self.unfinished = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{guest_memory, interrupt, irq_count, r, w, TestQueue};
+    use crate::virtio::test_utils::{
+        guest_memory, interrupt, irq_count, r, w, Recycler, TestQueue,
+    };
+    use std::time::Duration;
     use vm_memory::GuestAddress;
 
     const BUF: u64 = 0x10_0000;
@@ -297,6 +316,25 @@ mod tests {
         tq.add_chain(&[w(BUF, 8)]);
         rng.process_queue(0);
         assert_eq!(tq.used_elem(4).1, 8);
+    }
+
+    #[test]
+    fn a_driver_that_keeps_adding_buffers_cannot_hold_a_pass() {
+        let (mut rng, mut tq, _irq) = setup();
+        // Large requests: the driver has time to add more while the device works.
+        let head = tq.add_chain(&[w(BUF, MAX_BYTES_PER_REQUEST as u32)]);
+        let view = tq.clone();
+        let driver = Recycler::start(tq, head, Duration::from_secs(3));
+        rng.process_queue(0);
+        let used = view.used_idx();
+        drop(driver);
+        assert_eq!(usize::from(used), MAX_CHAINS_PER_PASS);
+        assert_eq!(
+            rng.take_unfinished(),
+            1,
+            "the queue is left for another pass"
+        );
+        assert_eq!(rng.take_unfinished(), 0);
     }
 
     #[test]

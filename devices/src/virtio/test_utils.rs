@@ -56,6 +56,7 @@ pub fn w(addr: u64, len: u32) -> Desc {
 }
 
 /// The driver side of a split queue at fixed addresses.
+#[derive(Clone)]
 pub struct TestQueue {
     pub mem: GuestMemoryMmap,
     pub size: u16,
@@ -152,6 +153,57 @@ impl TestQueue {
             self.mem.read_obj(at).unwrap(),
             self.mem.read_obj(at.unchecked_add(4)).unwrap(),
         )
+    }
+}
+
+/// A hostile driver on another thread: it keeps one chain available in every free slot of a
+/// queue's available ring, republishing it as fast as the device uses entries, as a vCPU that
+/// keeps moving `avail.idx` would. Stops when dropped or after `limit`.
+pub struct Recycler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recycler {
+    /// Fill `tq`'s available ring with `head`, then keep it full on another thread.
+    pub fn start(mut tq: TestQueue, head: u16, limit: std::time::Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let refill = move |tq: &mut TestQueue| {
+            let used = tq.used_idx();
+            while tq.avail_idx.wrapping_sub(used) < tq.size {
+                tq.publish(head);
+            }
+        };
+        refill(&mut tq);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let running = Arc::new(AtomicBool::new(false));
+        let started = running.clone();
+        let end = std::time::Instant::now() + limit;
+        let thread = std::thread::spawn(move || {
+            started.store(true, Ordering::Release);
+            while !stopped.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                refill(&mut tq);
+                std::hint::spin_loop();
+            }
+        });
+        // The device starts once the driver is busy.
+        while !running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        Recycler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Recycler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 

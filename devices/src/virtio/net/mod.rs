@@ -32,8 +32,8 @@ use super::chain::{
     add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
 };
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    MAX_CHAINS_PER_PASS, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -267,6 +267,9 @@ struct Active {
     /// Used entries added since the last interrupt.
     rx_used: bool,
     tx_used: bool,
+    /// What is left of the current receive pass's budget: each frame and each receive chain
+    /// taken costs one.
+    rx_budget: usize,
 }
 
 impl Active {
@@ -282,6 +285,10 @@ impl Active {
             if have >= want || (!self.mrg_rxbuf && !self.rx_chains.is_empty()) {
                 return have >= want;
             }
+            if self.rx_budget == 0 {
+                return false;
+            }
+            self.rx_budget -= 1;
             let Some(chain) = pop_chain(&mut self.rx, &self.mem) else {
                 return false;
             };
@@ -391,6 +398,8 @@ pub struct Net {
     tap_readable: bool,
     /// The TAP was full; waiting for it to become writable.
     tx_blocked: bool,
+    /// Queues whose last pass used its budget (bit per queue index).
+    unfinished: u64,
     metrics: Arc<NetMetrics>,
 }
 
@@ -434,6 +443,7 @@ impl Net {
             tx_limiter: None,
             tap_readable: true,
             tx_blocked: false,
+            unfinished: 0,
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -499,7 +509,9 @@ impl Net {
             return;
         };
         let m = &*self.metrics;
-        loop {
+        active.rx_budget = MAX_CHAINS_PER_PASS;
+        while active.rx_budget > 0 {
+            active.rx_budget -= 1;
             let (len, charged) = match self.rx_pending.take() {
                 Some(len) => (len, self.rx_pending_charged),
                 None => {
@@ -562,6 +574,10 @@ impl Net {
                 }
             }
         }
+        if active.rx_budget == 0 {
+            // Frames or buffers may be left: the transport brings us back.
+            self.unfinished |= 1 << RX_QUEUE;
+        }
         active.signal();
     }
 
@@ -580,7 +596,12 @@ impl Net {
             // The limiter's timer restarts transmission.
             return;
         }
-        while let Some(chain) = pop_chain(&mut active.tx, &mem) {
+        let mut budget = MAX_CHAINS_PER_PASS;
+        while budget > 0 {
+            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             match parse_tx_chain(&mem, chain) {
                 Err(e) => {
@@ -632,6 +653,10 @@ impl Net {
                 break;
             }
             active.tx_used = true;
+        }
+        if budget == 0 {
+            // Chains may be left: the transport brings us back.
+            self.unfinished |= 1 << TX_QUEUE;
         }
         active.signal();
     }
@@ -715,6 +740,7 @@ impl VirtioDevice for Net {
             rx_chains: VecDeque::new(),
             rx_used: false,
             tx_used: false,
+            rx_budget: 0,
         });
         self.tx_blocked = false;
         // Frames may have queued up while the device was not running.
@@ -734,6 +760,10 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn take_unfinished(&mut self) -> u64 {
+        std::mem::take(&mut self.unfinished)
+    }
+
     fn queue_positions(&self) -> Vec<QueuePosition> {
         let Some(a) = &self.active else {
             return Vec::new();
@@ -746,6 +776,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+        self.unfinished = 0;
         self.acked_features = 0;
         if self.rx_pending.take().is_some() {
             inc(&self.metrics.rx_dropped, 1);
