@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::Mutex;
 
+use devices::guest_log::Limiter;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use vmm::controller::LoggerConfig;
 
@@ -24,7 +25,7 @@ impl Log for FlintLogger {
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) || !admit_target(record.target()) {
             return;
         }
         let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,6 +51,15 @@ impl Log for FlintLogger {
     }
 
     fn flush(&self) {}
+}
+
+/// Whether a record from the crate or module `target` is written. The virtio-queue library
+/// logs every malformed queue it sees, and what a queue holds is the guest's doing: flint
+/// checks queues before the library does, and whatever still gets through is limited like a
+/// guest warning (`devices::guest_warn!`: a burst, then one line per interval, all counted).
+fn admit_target(target: &str) -> bool {
+    static VIRTIO_QUEUE: Limiter = Limiter::new();
+    !target.starts_with("virtio_queue") || VIRTIO_QUEUE.admit().is_some()
 }
 
 static LOGGER: FlintLogger = FlintLogger {
@@ -113,6 +123,19 @@ pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_queue_lines_are_limited_and_others_are_not() {
+        let written = (0..100_000)
+            .filter(|_| admit_target("virtio_queue::queue"))
+            .count() as u64;
+        assert!(
+            written <= devices::guest_log::BURST + 2,
+            "{written} virtio-queue lines"
+        );
+        assert!((0..1000).all(|_| admit_target("flint::api")));
+        assert!((0..1000).all(|_| admit_target("vmm::vstate")));
+    }
 
     #[test]
     fn api_levels_parse() {

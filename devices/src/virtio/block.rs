@@ -744,7 +744,7 @@ impl VirtioDevice for Block {
                 }
                 let len = self.disk.complete(mem, parsed);
                 if let Err(e) = queue.add_used(mem, head, len) {
-                    warn!(
+                    crate::guest_warn!(
                         "virtio-blk {}: cannot return a buffer: {e}",
                         self.path.display()
                     );

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -419,7 +419,7 @@ impl MmioTransport {
     /// Apply `f` to the selected queue while the driver may still change queue registers.
     fn update_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
+            crate::guest_warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
             return;
         }
         if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
@@ -438,7 +438,7 @@ impl MmioTransport {
     fn write_driver_features(&mut self, value: u32) {
         // Features are negotiated between DRIVER and FEATURES_OK only.
         if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-            warn!("virtio-mmio: driver features written outside negotiation ignored");
+            crate::guest_warn!("virtio-mmio: driver features written outside negotiation ignored");
             return;
         }
         let shift = match self.driver_features_sel {
@@ -475,7 +475,7 @@ impl MmioTransport {
             if self.features_acceptable() {
                 self.status |= STATUS_FEATURES_OK;
             } else {
-                warn!(
+                crate::guest_warn!(
                     "virtio-mmio: refusing features {:#x} (offered {:#x})",
                     self.acked_features,
                     self.device.avail_features()
@@ -502,6 +502,25 @@ impl MmioTransport {
             }
             if let Some(gap) = first_unready {
                 return Err(QueueSetupError::Gap(i, gap));
+            }
+            // Checked here first so that virtio-queue, which logs every refusal, never sees
+            // a bad configuration.
+            if cfg.size == 0 || cfg.size > max || !cfg.size.is_power_of_two() {
+                return Err(QueueSetupError::Size(i, cfg.size, max));
+            }
+            if cfg.desc % 16 != 0 || cfg.driver % 2 != 0 || cfg.device % 4 != 0 {
+                return Err(QueueSetupError::Alignment(i));
+            }
+            let size = u64::from(cfg.size);
+            let rings = [
+                (cfg.desc, 16 * size),
+                (cfg.driver, 6 + 2 * size),
+                (cfg.device, 6 + 8 * size),
+            ];
+            if !rings.iter().all(|&(addr, len)| {
+                GuestMemoryBackend::check_range(&self.mem, GuestAddress(addr), len as usize)
+            }) {
+                return Err(QueueSetupError::Memory(i));
             }
             let mut q = Queue::new(max).map_err(|_| QueueSetupError::Size(i, cfg.size, max))?;
             q.try_set_size(cfg.size)
@@ -544,7 +563,7 @@ impl MmioTransport {
         match self.start_device(&[]) {
             Ok(_) => self.activated = true,
             Err(e) => {
-                warn!(
+                crate::guest_warn!(
                     "virtio-mmio: cannot activate device type {}: {e}",
                     self.device.device_type()
                 );
@@ -1071,6 +1090,58 @@ mod tests {
         h.driver_ok();
         assert!(h.t.is_activated());
         (h, TestQueue::new(mem, 0x1000, size))
+    }
+
+    #[test]
+    fn a_guest_repeating_bad_accesses_gets_a_bounded_number_of_log_lines() {
+        use crate::guest_log::BURST;
+        use crate::virtio::test_utils::logs;
+        use vm_memory::{Address, Bytes};
+        const N: usize = 100_000;
+        let mark = logs::start();
+        let mem = guest_memory(0x10_0000);
+        let (mut h, tq) = rng_harness(&mem);
+        for _ in 0..N {
+            h.wr(QUEUE_NUM, 8);
+            h.wr(DRIVER_FEATURES, 1);
+        }
+        // An available index far ahead of the device, notified again and again.
+        mem.write_obj(0x8000u16, tq.avail.unchecked_add(2)).unwrap();
+        for _ in 0..N {
+            h.wr(QUEUE_NOTIFY, 0);
+        }
+        // A queue the library would refuse (and log), set up again and again.
+        for _ in 0..N {
+            h.wr(STATUS, 0);
+            assert!(h.negotiate(VIRTIO_F_VERSION_1));
+            h.setup_queue(0, 16, 0x1000);
+            h.wr(QUEUE_NUM, 3);
+            h.driver_ok();
+        }
+        let lines = logs::since(mark);
+        let from = |text: &str| lines.iter().filter(|(_, m)| m.contains(text)).count();
+        for text in [
+            "after DRIVER_OK",
+            "outside negotiation",
+            "buffers available in a queue of 16",
+            "cannot activate",
+        ] {
+            // Each site writes its burst and at most one line per interval after it.
+            let n = from(text);
+            assert!(n >= 1 && n as u64 <= BURST + 2, "{n} lines with {text:?}");
+        }
+        assert!(
+            lines
+                .iter()
+                .all(|(target, _)| !target.starts_with("virtio_queue")),
+            "virtio-queue logged: {:?}",
+            lines.iter().find(|(t, _)| t.starts_with("virtio_queue"))
+        );
+        assert!(
+            lines.len() as u64 <= 4 * (BURST + 2),
+            "{} lines",
+            lines.len()
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
@@ -118,7 +118,7 @@ fn fill_chain(
     }
     buf.resize(want, 0);
     fill_random(buf)
-        .map_err(|e| warn!("virtio-rng: getrandom failed: {e}"))
+        .map_err(|e| crate::guest_warn!("virtio-rng: getrandom failed: {e}"))
         .ok()?;
     let mut at = 0;
     for (addr, n) in targets {
@@ -196,7 +196,7 @@ impl VirtioDevice for Rng {
                 }
             };
             if let Err(e) = active.queue.add_used(mem, head, len) {
-                warn!("virtio-rng: cannot return a buffer: {e}");
+                crate::guest_warn!("virtio-rng: cannot return a buffer: {e}");
                 break;
             }
             used_any = true;

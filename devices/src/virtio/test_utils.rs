@@ -293,3 +293,60 @@ impl<D: super::VirtioDevice + 'static> BackendLoop<D> {
         self.device.lock().unwrap()
     }
 }
+
+/// Warnings and errors logged by each test thread, captured by a process-wide logger.
+pub mod logs {
+    use std::sync::{Mutex, OnceLock};
+
+    /// One captured record: logging thread, target, message.
+    type Line = (Option<String>, String, String);
+
+    struct Capture(Mutex<Vec<Line>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                let thread = std::thread::current().name().map(str::to_string);
+                let line = (
+                    thread,
+                    record.target().to_string(),
+                    record.args().to_string(),
+                );
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    fn capture() -> &'static Capture {
+        static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+            log::set_logger(c).expect("no other logger in the test binary");
+            log::set_max_level(log::LevelFilter::Warn);
+            c
+        })
+    }
+
+    /// Start capturing (if not yet); returns a mark for [`since`].
+    pub fn start() -> usize {
+        capture().0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// `(target, message)` of every warning and error the calling thread logged since `mark`.
+    pub fn since(mark: usize) -> Vec<(String, String)> {
+        let me = std::thread::current().name().map(str::to_string);
+        let lines = capture().0.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .iter()
+            .skip(mark)
+            .filter(|(thread, _, _)| *thread == me)
+            .map(|(_, target, msg)| (target.clone(), msg.clone()))
+            .collect()
+    }
+}

@@ -306,7 +306,7 @@ impl Active {
 
     fn add_used_rx(&mut self, head: u16, len: u32) {
         if let Err(e) = self.rx.add_used(&self.mem, head, len) {
-            warn!("virtio-net: cannot return a receive buffer: {e}");
+            crate::guest_warn!("virtio-net: cannot return a receive buffer: {e}");
         }
         self.rx_used = true;
     }
@@ -356,7 +356,7 @@ impl Active {
         // The driver reads `num_buffers` and then expects every buffer of the frame in the used
         // ring at once; publishing them one by one makes it drop the frame as truncated.
         if let Err(e) = add_used_together(&mut self.rx, &self.mem, &used) {
-            warn!("virtio-net: cannot return receive buffers: {e}");
+            crate::guest_warn!("virtio-net: cannot return receive buffers: {e}");
         }
         self.rx_used = true;
         Delivery::Delivered
@@ -646,7 +646,7 @@ impl Net {
                 },
             }
             if let Err(e) = active.tx.add_used(&mem, head, 0) {
-                warn!(
+                crate::guest_warn!(
                     "virtio-net {}: cannot return a transmit buffer: {e}",
                     self.tap.name()
                 );
@@ -791,7 +791,8 @@ impl VirtioDevice for Net {
         self.tx_blocked = false;
         // No offloads for whatever reads the TAP's frames next.
         if let Err(e) = self.tap.set_offload(0) {
-            warn!("virtio-net: {e}");
+            // The driver resets the device as often as it likes.
+            crate::guest_warn!("virtio-net: {e}");
         }
     }
 
