@@ -2,11 +2,13 @@
 //! unprivileged user (in the spirit of Firecracker's jailer).
 //!
 //! The jail process (root) prepares `<chroot-base>/<id>/root` with a copy of this binary, the
-//! shared libraries it has mapped and the `--file`s; creates the cgroup `flint/<id>`; and
-//! forks a child in a new PID namespace. The child joins the cgroup, unshares the mount, IPC, UTS and network namespaces
+//! shared libraries it has mapped and the `--file`s; creates the cgroup `flint/<id>` (with
+//! the default `pids.max` unless `--cgroup` sets it); and forks a child in a new PID
+//! namespace. The child joins the cgroup, unshares the mount, IPC, UTS and network namespaces
 //! (its own, so that `pivot_root` does not move the jail process too), pivots into the jail
 //! root, mounts a fresh /proc and a small tmpfs on /dev with the device nodes flint needs,
-//! hands the jail root to the jail's user, applies the rlimits, drops every privilege and execs
+//! hands the jail root to the jail's user, applies the rlimits (with the default
+//! `RLIMIT_NOFILE` unless `--rlimit` sets it), drops every privilege and execs
 //! `/flint FLINT_ARGS...`. The jail process forwards SIGINT, SIGTERM and SIGHUP to it, waits,
 //! removes the cgroup and the jail directory, and exits with the child's status.
 //!
@@ -36,6 +38,15 @@ pub const DEFAULT_CHROOT_BASE: &str = "/srv/flint";
 const CGROUP_PARENT: &str = "flint";
 /// The v1 controllers a jail's cgroup is created under, when the host has them mounted.
 const V1_CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
+/// The rlimits (soft and hard) the jailed flint gets unless `--rlimit` sets them: more
+/// descriptors than flint holds at most (a vsock device's 4,096 connections and 1,024 host
+/// connections waiting, the devices' files, sockets and event fds), few enough that a
+/// compromised flint cannot take the host's.
+pub const DEFAULT_RLIMITS: [(Rlimit, u64); 1] = [(Rlimit::NoFile, 8192)];
+/// What the jail writes into its cgroup unless `--cgroup` sets it, where the host has the
+/// controller: room for the threads of a VM with the most vCPUs (254) and its devices, and
+/// no fork bomb.
+pub const DEFAULT_CGROUP_SETTINGS: [(&str, &str); 1] = [("pids.max", "512")];
 /// How many directories deep [`remove_tree`] goes before it moves what is below up to the
 /// top of the tree, so that it never holds more descriptors than this.
 const REMOVE_DEPTH: usize = 32;
@@ -94,6 +105,24 @@ impl Rlimit {
             Rlimit::MemLock => Resource::Memlock,
         }
     }
+}
+
+/// The rlimits to apply, in order: the defaults `given` does not set, then `given`.
+fn with_default_rlimits(given: &[(Rlimit, u64)]) -> Vec<(Rlimit, u64)> {
+    let mut all: Vec<(Rlimit, u64)> = DEFAULT_RLIMITS
+        .into_iter()
+        .filter(|(r, _)| !given.iter().any(|(g, _)| g == r))
+        .collect();
+    all.extend_from_slice(given);
+    all
+}
+
+/// The default cgroup settings `given` does not set.
+fn default_cgroup_settings(given: &[(String, String)]) -> Vec<(&'static str, &'static str)> {
+    DEFAULT_CGROUP_SETTINGS
+        .into_iter()
+        .filter(|(file, _)| !given.iter().any(|(g, _)| g == file))
+        .collect()
 }
 
 /// What `flint jail` was asked to do.
@@ -753,6 +782,13 @@ fn create_v1(o: &JailOptions, jail: &mut Jail, mounts: &[CgroupMount]) -> Result
         let (_, i) = made.iter().find(|&&(mm, _)| mm == m).expect("made above");
         write_setting(&jail.cgroups[*i], file, value)?;
     }
+    for (file, value) in default_cgroup_settings(&o.cgroups) {
+        let made_for =
+            find(controller_of(file)).and_then(|m| made.iter().find(|&&(mm, _)| mm == m));
+        if let Some(&(_, i)) = made_for {
+            write_default(&jail.cgroups[i], file, value)?;
+        }
+    }
     Ok(())
 }
 
@@ -793,6 +829,9 @@ fn create_v2(o: &JailOptions, jail: &mut Jail, mounts: &[CgroupMount]) -> Result
     for (file, value) in &o.cgroups {
         write_setting(&jail.cgroups[0], file, value)?;
     }
+    for (file, value) in default_cgroup_settings(&o.cgroups) {
+        write_default(&jail.cgroups[0], file, value)?;
+    }
     Ok(())
 }
 
@@ -823,6 +862,14 @@ fn write_setting(cg: &Cgroup, file: &str, value: &str) -> Result<()> {
     ctx(std::fs::write(&path, value), || {
         format!("write {file}={value} in the jail's cgroup {}", cg.shown)
     })
+}
+
+/// Write a default setting, where the cgroup has the file (its controller is enabled).
+fn write_default(cg: &Cgroup, file: &str, value: &str) -> Result<()> {
+    if cg.path.join(file).is_file() {
+        write_setting(cg, file, value)?;
+    }
+    Ok(())
 }
 
 /// The jailed flint's host PID, for the signal handler.
@@ -987,7 +1034,7 @@ impl ChildPlan {
             root: cstring(root)?,
             netns,
             hostname: o.id.clone(),
-            rlimits: o.rlimits.clone(),
+            rlimits: with_default_rlimits(&o.rlimits),
             devices,
             uid: o.uid,
             gid: o.gid,
@@ -1330,6 +1377,24 @@ mod tests {
         for dir in [host, jail, outside] {
             std::fs::remove_dir_all(dir).unwrap();
         }
+    }
+
+    #[test]
+    fn defaults_give_way_to_what_is_asked() {
+        assert_eq!(with_default_rlimits(&[]), [(Rlimit::NoFile, 8192)]);
+        assert_eq!(
+            with_default_rlimits(&[(Rlimit::FSize, 10)]),
+            [(Rlimit::NoFile, 8192), (Rlimit::FSize, 10)]
+        );
+        assert_eq!(
+            with_default_rlimits(&[(Rlimit::NoFile, 64)]),
+            [(Rlimit::NoFile, 64)]
+        );
+        assert_eq!(default_cgroup_settings(&[]), [("pids.max", "512")]);
+        let asked = [("memory.max".to_string(), "1".to_string())];
+        assert_eq!(default_cgroup_settings(&asked), [("pids.max", "512")]);
+        let asked = [("pids.max".to_string(), "64".to_string())];
+        assert!(default_cgroup_settings(&asked).is_empty());
     }
 
     #[test]

@@ -735,3 +735,38 @@ fn cleanup_removes_what_the_jailed_flint_left_without_following_its_links() {
     );
     assert_gone(&base, &id);
 }
+
+#[test]
+fn jailed_flint_gets_default_limits() {
+    require_jail();
+    let base = TempDir::new("jail-base");
+    let guests = TempDir::new("jail-guest");
+    let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
+    let kernel = kernel.to_str().unwrap();
+    let id = unique_id("defaults");
+    let (child, _stop, reader, pid) = start_jail(&mut jail(
+        &base,
+        &id,
+        &["--file", kernel],
+        &["boot", "--kernel", kernel],
+    ));
+    let limits = read(format!("/proc/{pid}/limits"));
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        nofile
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["8192", "8192"],
+        "{nofile}"
+    );
+    let pids = Path::new(V1).join("pids/flint").join(&id);
+    assert_eq!(read(pids.join("pids.max")).trim(), "512");
+    stop_jail(child, libc::SIGTERM);
+    drop(reader.join());
+    assert_gone(&base, &id);
+}
