@@ -566,15 +566,16 @@ impl Vsock {
         }
     }
 
-    /// End whatever waited longer than its timeout.
-    fn expire(&mut self) {
-        let now = Instant::now();
+    /// End whatever has waited longer than its timeout at `now`. The timer calls this with the
+    /// current time; tests and fuzzing pass a later one.
+    #[doc(hidden)]
+    pub fn expire_at(&mut self, now: Instant) {
         let t = self.timeouts;
         let m = self.metrics.clone();
         let stale: Vec<u32> = self
             .pending
             .iter()
-            .filter(|(_, p)| now.duration_since(p.since) >= t.connect)
+            .filter(|(_, p)| now.saturating_duration_since(p.since) >= t.connect)
             .map(|(&id, _)| id)
             .collect();
         for id in stale {
@@ -586,7 +587,7 @@ impl Vsock {
         }
         let (expired, kept): (Vec<Deferred>, Vec<Deferred>) = std::mem::take(&mut self.deferred)
             .into_iter()
-            .partition(|d| now.duration_since(d.since) >= t.deferred);
+            .partition(|d| now.saturating_duration_since(d.since) >= t.deferred);
         self.deferred = kept;
         for d in expired {
             guest_warn!(
@@ -1284,7 +1285,7 @@ impl VirtioDevice for Vsock {
             }
             TIMER_EVENT => {
                 let _ = self.timer.wait();
-                self.expire();
+                self.expire_at(Instant::now());
             }
             id => {
                 if self.pending.contains_key(&id) {
