@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
+use flint_agent::{AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, AGENT_PORT};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
 
@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub net: Option<NetConfig>,
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
+    /// The most bytes all copy-outs together may bring to the host (`--copy-out-limit`).
+    pub copy_out_limit: u64,
     pub command: CommandOptions,
     /// Boot the guest even when a snapshot of a booted sandbox could be restored.
     pub cold: bool,
@@ -156,6 +158,7 @@ fn drive_agent(
     spec: &ExecSpec,
     copy_in: &[(PathBuf, String)],
     copy_out: &[(String, PathBuf)],
+    copy_out_limit: u64,
     signaller: &mpsc::Sender<flint_agent::Signaller>,
     prepare: Prepare,
     start: Instant,
@@ -206,8 +209,10 @@ fn drive_agent(
         "sandbox: command ended at {} ms",
         start.elapsed().as_millis()
     );
+    // The guest decides how much it sends and how fast: bound both, even without --timeout.
+    let mut budget = CopyOutBudget::new(copy_out_limit, flint_agent::COPY_OUT_TIMEOUT);
     for (guest, host) in copy_out {
-        client.copy_out(Path::new(guest), host)?;
+        client.copy_out_within(Path::new(guest), host, &mut budget)?;
     }
     Ok(status)
 }
@@ -405,6 +410,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     };
     let spec = exec_spec(&options.command);
     let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
+    let copy_out_limit = options.copy_out_limit;
     let client_uds = uds.clone();
     let client = thread::Builder::new()
         .name("agent-client".into())
@@ -417,6 +423,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
                         &spec,
                         &copy_in,
                         &copy_out,
+                        copy_out_limit,
                         &signaller_tx,
                         prepare,
                         start,
@@ -651,6 +658,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
         &spec,
         &[],
         &[],
+        0,
         &signaller_tx,
         // The VM may have been loaded from a snapshot: its clock and random state would be
         // the snapshot's. Cheap, and harmless for a VM that booted.
