@@ -232,12 +232,61 @@ fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
         && restored.vsock.as_ref().map(|v| v.guest_cid) == Some(SANDBOX_CID)
 }
 
-/// The guest's console goes to `path` (it is not shown; it is kept for diagnostics).
+/// Most bytes of the guest's console kept in a sandbox's console log: the guest decides how
+/// much it prints, the host's disk is not its to fill.
+const CONSOLE_LOG_MAX: u64 = 1 << 20;
+/// How much of the console log's end is read to show its last lines.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+/// How many of the console log's last lines a failure shows.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// A log that keeps the first `left` bytes written to it and a note that the rest was
+/// dropped; every write succeeds.
+struct CappedLog<W: Write> {
+    out: W,
+    left: u64,
+    noted: bool,
+}
+
+impl<W: Write> CappedLog<W> {
+    fn new(out: W, max: u64) -> Self {
+        CappedLog {
+            out,
+            left: max,
+            noted: false,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedLog<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let keep = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if keep > 0 {
+            self.out.write_all(&buf[..keep])?;
+            self.left -= keep as u64;
+        }
+        if keep < buf.len() && !self.noted {
+            self.noted = true;
+            self.out
+                .write_all(b"\n[flint: the console log is full; later output is dropped]\n")?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The guest's console goes to `path` (it is not shown; it is kept for diagnostics), at most
+/// [`CONSOLE_LOG_MAX`] bytes of it.
 fn console_to(path: &Path) -> Result<ConsoleIo, String> {
     let file =
         std::fs::File::create(path).map_err(|e| format!("cannot create the console log: {e}"))?;
     Ok(ConsoleIo {
-        output: Box::new(file),
+        output: Box::new(CappedLog::new(file, CONSOLE_LOG_MAX)),
         input: None,
         escape: false,
     })
@@ -587,12 +636,46 @@ fn log_console_tail(path: &Path, failed: bool) {
     if !failed {
         return;
     }
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let lines: Vec<&str> = text.lines().collect();
-        for line in &lines[lines.len().saturating_sub(20)..] {
-            eprintln!("flint: guest console: {line}");
-        }
+    for line in console_tail(path) {
+        eprintln!("flint: guest console: {line}");
     }
+}
+
+/// The last [`CONSOLE_TAIL_LINES`] lines of the console log, from its last
+/// [`CONSOLE_TAIL_BYTES`] only, control characters (the guest's escape sequences) replaced
+/// by `?`.
+fn console_tail(path: &Path) -> Vec<String> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return Vec::new();
+    };
+    let from = len.saturating_sub(CONSOLE_TAIL_BYTES);
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err()
+        || file
+            .take(CONSOLE_TAIL_BYTES)
+            .read_to_end(&mut tail)
+            .is_err()
+    {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if from > 0 && !lines.is_empty() {
+        // The first line is cut.
+        lines.remove(0);
+    }
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..]
+        .iter()
+        .map(|line| {
+            line.chars()
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect()
+        })
+        .collect()
 }
 
 fn wait_readable(fds: &[i32], timeout: Option<Duration>) {
@@ -671,5 +754,66 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
             ExitCode::from(STATUS_NOT_STARTED)
         }
         Err(e) => sandbox_failed(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flint-sandbox-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_guest_printing_forever_fills_at_most_the_console_log_cap() {
+        let dir = scratch("console-cap");
+        let path = dir.join("console.log");
+        let mut console = console_to(&path).unwrap().output;
+        let line = [b'y'; 4095];
+        // 64 MiB of output, as a guest running `yes` would print.
+        for _ in 0..16 * 1024 {
+            console.write_all(&line).unwrap();
+            console.write_all(b"\n").unwrap();
+        }
+        console.flush().unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            (CONSOLE_LOG_MAX..CONSOLE_LOG_MAX + 100).contains(&size),
+            "the console log has {size} bytes"
+        );
+        let tail = console_tail(&path);
+        assert_eq!(
+            tail.last().map(String::as_str),
+            Some("[flint: the console log is full; later output is dropped]")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_console_tail_reads_only_the_end_and_defuses_escapes() {
+        let dir = scratch("console-tail");
+        let path = dir.join("console.log");
+        // A huge (sparse) log: reading it whole would take 64 GiB of memory.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(64 << 30).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for i in 0..30 {
+            writeln!(file, "line {i}").unwrap();
+        }
+        writeln!(file, "\x1b]0;owned\x07\x1b[2Jlast\tline").unwrap();
+        drop(file);
+        let tail = console_tail(&path);
+        assert_eq!(tail.len(), CONSOLE_TAIL_LINES);
+        assert_eq!(tail[0], "line 11");
+        assert_eq!(tail[CONSOLE_TAIL_LINES - 1], "?]0;owned??[2Jlast\tline");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(console_tail(&path).is_empty(), "a missing log has no tail");
     }
 }
