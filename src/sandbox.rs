@@ -93,14 +93,12 @@ impl WorkDir {
         let base = std::env::temp_dir();
         for attempt in 0..100u32 {
             let dir = base.join(format!("flint-run-{}-{attempt}", std::process::id()));
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {
-                    std::fs::set_permissions(
-                        &dir,
-                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-                    )?;
-                    return Ok(WorkDir(dir));
-                }
+            // Private from the start: no moment when others could enter it.
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir);
+            match made {
+                Ok(()) => return Ok(WorkDir(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
@@ -152,13 +150,22 @@ enum Prepare {
     },
 }
 
+/// The files copied around the command.
+#[derive(Default)]
+struct Copies {
+    /// Host file, guest path: before the command.
+    copy_in: Vec<(PathBuf, String)>,
+    /// Guest path, host file: after the command.
+    copy_out: Vec<(String, PathBuf)>,
+    /// The most bytes all copy-outs together may bring.
+    copy_out_limit: u64,
+}
+
 /// Run one command through the agent: copies in, the command, copies out.
 fn drive_agent(
     uds: &Path,
     spec: &ExecSpec,
-    copy_in: &[(PathBuf, String)],
-    copy_out: &[(String, PathBuf)],
-    copy_out_limit: u64,
+    copies: &Copies,
     signaller: &mpsc::Sender<flint_agent::Signaller>,
     prepare: Prepare,
     start: Instant,
@@ -200,7 +207,7 @@ fn drive_agent(
         }
     }
     let _ = signaller.send(client.signaller());
-    for (host, guest) in copy_in {
+    for (host, guest) in &copies.copy_in {
         client.copy_in(host, Path::new(guest))?;
     }
     let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
@@ -210,8 +217,8 @@ fn drive_agent(
         start.elapsed().as_millis()
     );
     // The guest decides how much it sends and how fast: bound both, even without --timeout.
-    let mut budget = CopyOutBudget::new(copy_out_limit, flint_agent::COPY_OUT_TIMEOUT);
-    for (guest, host) in copy_out {
+    let mut budget = CopyOutBudget::new(copies.copy_out_limit, flint_agent::COPY_OUT_TIMEOUT);
+    for (guest, host) in &copies.copy_out {
         client.copy_out_within(Path::new(guest), host, &mut budget)?;
     }
     Ok(status)
@@ -458,8 +465,11 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         None => prepare_first,
     };
     let spec = exec_spec(&options.command);
-    let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
-    let copy_out_limit = options.copy_out_limit;
+    let copies = Copies {
+        copy_in: options.copy_in.clone(),
+        copy_out: options.copy_out.clone(),
+        copy_out_limit: options.copy_out_limit,
+    };
     let client_uds = uds.clone();
     let client = thread::Builder::new()
         .name("agent-client".into())
@@ -467,16 +477,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             let result = match seccomp::install(ThreadKind::AgentClient) {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
-                    match drive_agent(
-                        &client_uds,
-                        &spec,
-                        &copy_in,
-                        &copy_out,
-                        copy_out_limit,
-                        &signaller_tx,
-                        prepare,
-                        start,
-                    ) {
+                    match drive_agent(&client_uds, &spec, &copies, &signaller_tx, prepare, start) {
                         Ok(status) => ClientResult::Finished(status),
                         Err(e) => ClientResult::Failed(e),
                     }
@@ -739,9 +740,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
     match drive_agent(
         &uds,
         &spec,
-        &[],
-        &[],
-        0,
+        &Copies::default(),
         &signaller_tx,
         // The VM may have been loaded from a snapshot: its clock and random state would be
         // the snapshot's. Cheap, and harmless for a VM that booted.
@@ -766,6 +765,22 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn the_work_directory_is_private_and_goes_away() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let one = WorkDir::create().unwrap();
+        let two = WorkDir::create().unwrap();
+        assert_ne!(one.0, two.0);
+        let meta = std::fs::symlink_metadata(&one.0).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+        let path = one.0.clone();
+        drop(one);
+        assert!(!path.exists());
     }
 
     #[test]
