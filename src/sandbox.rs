@@ -767,6 +767,52 @@ mod tests {
         dir
     }
 
+    /// The copy-out bounds (socket timeouts, the umask from /proc, removing a partial file)
+    /// need nothing the agent-client thread's seccomp filter forbids: a forbidden call would
+    /// stop the test process.
+    #[test]
+    fn bounded_copy_outs_run_under_the_agent_client_filter() {
+        use flint_agent::protocol::write_message;
+        use flint_agent::FromAgent;
+        use std::os::unix::net::UnixStream;
+        let dir = scratch("seccomp-copy-out");
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || {
+            let mut request = [0u8; 64];
+            let _ = guest.read(&mut request);
+            write_message(&mut guest, &FromAgent::FileData(vec![1; 10])).unwrap();
+            write_message(&mut guest, &FromAgent::FileEnd { mode: 0o6777 }).unwrap();
+            let _ = guest.read(&mut request);
+            // Over the budget.
+            write_message(&mut guest, &FromAgent::FileData(vec![2; 100])).unwrap();
+            let _ = std::io::copy(&mut guest, &mut std::io::sink());
+        });
+        let out = dir.clone();
+        let client = thread::spawn(move || {
+            assert!(seccomp::enabled());
+            seccomp::install(ThreadKind::AgentClient).unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
+            let mut client = AgentClient::from_stream(host).unwrap();
+            let mut budget = CopyOutBudget::new(50, Duration::from_secs(30));
+            client
+                .copy_out_within(Path::new("/a"), &out.join("a"), &mut budget)
+                .unwrap();
+            client
+                .copy_out_within(Path::new("/b"), &out.join("b"), &mut budget)
+                .unwrap_err()
+        });
+        let e = client.join().unwrap();
+        assert!(matches!(e, AgentError::CopyOutTooLarge { .. }), "{e:?}");
+        agent.join().unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("a")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o7022, 0, "{mode:o}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn the_work_directory_is_private_and_goes_away() {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
