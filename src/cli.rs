@@ -639,10 +639,11 @@ fn jail_help() -> String {
         "Usage: flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
 
 Run 'flint FLINT_ARGS...' in a jail (needs root): a copy of flint in CHROOT_BASE/ID/root with
-/dev/kvm, /dev/net/tun and /dev/urandom, its own mount, IPC, UTS, network and PID namespaces,
-the cgroup flint/ID, rlimits, and the user UID:GID with no supplementary groups and no way to
-gain privileges. When it ends, the cgroup and CHROOT_BASE/ID are removed and 'flint jail'
-exits with its status. SIGINT, SIGTERM and SIGHUP are forwarded to it.
+its own /dev (/dev/kvm, /dev/net/tun and /dev/urandom), its own mount, IPC, UTS, network and
+PID namespaces, the cgroup flint/ID, rlimits, and the user UID:GID (who gets the jail root)
+with no supplementary groups and no way to gain privileges. When it ends, the cgroup and
+CHROOT_BASE/ID are removed and 'flint jail' exits with its status. SIGINT, SIGTERM and SIGHUP
+are forwarded to it.
 
 Options:
   --id ID                 the jail's name: 1 to 64 letters, digits and dashes; also the
@@ -654,16 +655,18 @@ Options:
   --cgroup-version 1|2    the cgroup interface (default: 2 when /sys/fs/cgroup is cgroup2)
   --cgroup FILE=VALUE     write VALUE to FILE in the jail's cgroup, e.g. memory.max=268435456
                           or pids.max=64 (v1: memory.limit_in_bytes, cpu.cfs_quota_us);
-                          repeatable
+                          repeatable (default: pids.max={pids_max} where the pids controller is)
   --rlimit RESOURCE=N[,RESOURCE=N]...
                           set limits (soft and hard) on nofile, fsize, nproc, core, as,
-                          memlock; repeatable
+                          memlock; repeatable (default: nofile={nofile})
   --file HOST_PATH        copy this host file (e.g. the kernel) into the jail at the same
-                          absolute path; repeatable
+                          absolute path (not under /dev or /proc); repeatable
 
 Exit status: the jailed flint's (128+N when signal N killed it); 1 when the jail cannot be
 set up (one line on stderr says why).
-"
+",
+        pids_max = crate::jail::DEFAULT_CGROUP_SETTINGS[0].1,
+        nofile = crate::jail::DEFAULT_RLIMITS[0].1,
     )
 }
 
