@@ -36,10 +36,8 @@ fn scratch() -> &'static Path {
         } else {
             std::env::temp_dir()
         };
-        let dir = base.join(format!("flint-fuzz-agent-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+        // Created and removed by each input, so that nothing stays behind after a run.
+        base.join(format!("flint-fuzz-agent-{}", std::process::id()))
     })
 }
 
@@ -104,6 +102,7 @@ fuzz_target!(|data: &[u8]| {
     // End of stream for the client; its own requests still have somewhere to go (no EPIPE).
     agent.shutdown(std::net::Shutdown::Write).unwrap();
     let mut client = AgentClient::from_stream(host).unwrap();
+    std::fs::create_dir_all(scratch()).unwrap();
     match ops % 5 {
         0 => run(&mut client),
         1 => copy_out(&mut client),
@@ -123,4 +122,5 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(client);
     drop(agent);
+    std::fs::remove_dir_all(scratch()).unwrap();
 });
