@@ -93,6 +93,13 @@ $R --copy-in "$WORK/blob:/data/blob" --copy-out "/data/blob:$WORK/blob.back" \
    --env GREETING=hello --workdir /data -- sh -c 'echo "$GREETING from $(pwd)"' </dev/null >"$WORK/env.out"
 echo "STATUS copies $?"; echo "ENV $(cat "$WORK/env.out")"
 echo "MD5 back $(md5sum <"$WORK/blob.back" | cut -d' ' -f1)"
+# The guest cannot hand the host a set-id or writable file, nor more than --copy-out-limit.
+$R --copy-out "/tmp/x:$WORK/mode.back" -- sh -c 'echo hi >/tmp/x; chmod 6777 /tmp/x' </dev/null
+echo "STATUS mode $?"; echo "MODE $(stat -c %a "$WORK/mode.back") $(umask)"
+$R --copy-out-limit 1000 --copy-out "/tmp/big:$WORK/over/big" -- sh -c 'head -c 5000 /dev/zero >/tmp/big' \
+   </dev/null 2>"$WORK/over.err"
+echo "STATUS overlimit $?"; echo "OVER_FILES $(ls -A "$WORK/over" 2>/dev/null | wc -l)"
+echo "OVER_ERR $(cat "$WORK/over.err")"
 $R -- /no/such/command </dev/null 2>"$WORK/nf.err"; echo "STATUS notfound $?"; echo "NFERR $(cat "$WORK/nf.err")"
 t0=$(cut -d. -f1 /proc/uptime)
 $R --timeout 2 -- sleep 60 </dev/null 2>"$WORK/to.err"; echo "STATUS timeout $?"
@@ -232,6 +239,23 @@ fn flint_run_sandboxes() {
         line(out, "MD5 back "),
         line(out, "MD5 blob "),
         "copy in then out kept the bytes"
+    );
+    assert_eq!(status("mode"), "0");
+    let (mode, umask) = line(out, "MODE ").split_once(' ').unwrap();
+    let (mode, umask) = (
+        u32::from_str_radix(mode, 8).unwrap(),
+        u32::from_str_radix(umask, 8).unwrap(),
+    );
+    assert_eq!(
+        mode,
+        0o755 & !umask,
+        "a guest file of mode 6777 is copied out executable, never set-id or writable by others"
+    );
+    assert_eq!(status("overlimit"), "125", "{}", line(out, "OVER_ERR "));
+    assert_eq!(line(out, "OVER_FILES "), "0", "a refused copy left a file");
+    assert!(
+        line(out, "OVER_ERR ").contains("exceeds the copy-out limit of 1000 bytes"),
+        "{out}"
     );
     assert_eq!(status("notfound"), "127");
     assert!(line(out, "NFERR ").contains("/no/such/command"), "{out}");
