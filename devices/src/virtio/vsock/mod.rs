@@ -53,7 +53,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{segments, write_segments, ChainError, Direction, Segment};
+use super::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
 use super::{
     ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
@@ -924,7 +924,7 @@ impl Vsock {
                 self.tx_more = true;
                 break;
             }
-            let Some(chain) = active.tx.pop_descriptor_chain(&mem) else {
+            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
                 break;
             };
             taken += 1;
@@ -977,7 +977,7 @@ impl Vsock {
                 break;
             }
             taken += 1;
-            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+            let Some(chain) = pop_chain(&mut active.rx, &mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -1061,7 +1061,7 @@ impl Vsock {
             return;
         };
         let mem = active.mem.clone();
-        let Some(chain) = active.event.pop_descriptor_chain(&mem) else {
+        let Some(chain) = pop_chain(&mut active.event, &mem) else {
             return;
         };
         let head = chain.head_index();

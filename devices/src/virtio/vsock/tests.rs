@@ -672,6 +672,53 @@ fn malformed_packets_are_dropped_or_reset() {
 }
 
 #[test]
+fn transmit_chains_through_indirect_tables_are_refused() {
+    // No flint device offers VIRTIO_F_INDIRECT_DESC: a request the guest hides in an indirect
+    // table is malformed, not served.
+    let mut s = setup();
+    let mm = s.lp.dev().metrics();
+    let listener = UnixListener::bind(s.dir.port_path(9)).unwrap();
+    let mut req = s.g.hdr(OP_REQUEST, 300, 9);
+    req.len = 0;
+    let table = TXBUF + 0x2000;
+    s.g.txq
+        .mem
+        .write_slice(&req.to_bytes(), GuestAddress(TXBUF))
+        .unwrap();
+    // The indirect table: one readable descriptor holding the header.
+    s.g.txq.mem.write_obj(TXBUF, GuestAddress(table)).unwrap();
+    s.g.txq
+        .mem
+        .write_obj(HDR_LEN as u32, GuestAddress(table + 8))
+        .unwrap();
+    s.g.txq
+        .mem
+        .write_obj(0u16, GuestAddress(table + 12))
+        .unwrap();
+    let head = s.g.txq.next_desc();
+    s.g.txq.set_desc(
+        head,
+        table,
+        16,
+        crate::virtio::chain::VIRTQ_DESC_F_INDIRECT,
+        0,
+    );
+    s.g.txq.publish(head);
+    s.lp.dev().process_queue(TX_QUEUE);
+    assert_eq!(m(&mm.malformed), 1);
+    assert_eq!(s.g.txq.used_idx(), 1, "the chain goes back to the guest");
+    for _ in 0..5 {
+        s.lp.run_once(2);
+    }
+    assert_eq!(
+        s.g.recv(),
+        vec![],
+        "no response to a request in an indirect table"
+    );
+    drop(listener);
+}
+
+#[test]
 fn bad_rx_chains_are_returned_empty() {
     let mut s = setup_with_rx(0);
     s.g.rxq.add_chain(&[r(RXBUF, 64)]);
