@@ -63,8 +63,11 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -492,6 +495,11 @@ mod tests {
         assert_eq!(
             refused("PATCH", "/drives/a%zz", "{}"),
             (400, "the path /drives/a%zz has a bad percent-escape".into())
+        );
+        // Two hex digits exactly: no sign (which u8::from_str_radix would take).
+        assert_eq!(
+            refused("PATCH", "/drives/a%+1", "{}"),
+            (400, "the path /drives/a%+1 has a bad percent-escape".into())
         );
     }
 
