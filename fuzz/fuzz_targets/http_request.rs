@@ -41,7 +41,10 @@ fn check_encoded(reply: &Reply, close: bool) {
                 assert_eq!(body, 0);
             }
         }
-        other => panic!("answer {:?} does not parse: {other:?}", String::from_utf8_lossy(&out)),
+        other => panic!(
+            "answer {:?} does not parse: {other:?}",
+            String::from_utf8_lossy(&out)
+        ),
     }
 }
 

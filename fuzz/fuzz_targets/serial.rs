@@ -95,9 +95,8 @@ fuzz_target!(|data: &[u8]| {
             _ => {
                 let mut uart = serial.lock().unwrap();
                 let state = uart.state();
-                let restored =
-                    SerialConsole::from_state(&state, irq(&evt), Box::new(sink.clone()))
-                        .expect("a UART's own state is accepted");
+                let restored = SerialConsole::from_state(&state, irq(&evt), Box::new(sink.clone()))
+                    .expect("a UART's own state is accepted");
                 assert_eq!(restored.state(), state);
                 *uart = restored;
             }

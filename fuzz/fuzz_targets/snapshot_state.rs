@@ -36,8 +36,7 @@ fuzz_target!(|data: &[u8]| {
 
     let evt = EventFd::new(EFD_NONBLOCK).unwrap();
     let irq = || IrqLine::new(evt.try_clone().unwrap());
-    if let Ok(serial) = SerialConsole::from_state(&state.serial, irq(), Box::new(std::io::sink()))
-    {
+    if let Ok(serial) = SerialConsole::from_state(&state.serial, irq(), Box::new(std::io::sink())) {
         assert_eq!(serial.state(), state.serial);
     }
     let mut i8042 = I8042::new(|| {}, irq());
