@@ -390,7 +390,7 @@ impl Controller {
                         .any(|d| d.root && d.id != drive.id)
                 {
                     return Err(refuse(format!(
-                        "drive {} cannot be the root device: another drive already is",
+                        "drive {:?} cannot be the root device: another drive already is",
                         drive.id
                     )));
                 }
@@ -402,7 +402,7 @@ impl Controller {
             }
             Request::UpdateDrivePath { id, path } => {
                 let Some(drive) = self.config.drives.iter_mut().find(|d| d.id == id) else {
-                    return Err(refuse(format!("there is no drive with drive_id {id}")));
+                    return Err(refuse(format!("there is no drive with drive_id {id:?}")));
                 };
                 match &self.vm {
                     // Before start the new path is simply what the VM will use.
@@ -884,6 +884,19 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn ids_a_client_sent_are_quoted_in_one_line() {
+        let mut c = controller();
+        let err = c
+            .handle(Request::UpdateDrivePath {
+                id: "x\nflint: error: forged".into(),
+                path: "/n".into(),
+            })
+            .unwrap_err();
+        assert!(!err.0.contains('\n'), "{err}");
+        assert!(err.0.contains(r#""x\nflint: error: forged""#), "{err}");
     }
 
     #[test]

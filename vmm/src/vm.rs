@@ -571,7 +571,7 @@ impl Vm {
             .metrics
             .iter()
             .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
-            .ok_or_else(|| Error::Device(format!("there is no drive with drive_id {id}")))?;
+            .ok_or_else(|| Error::Device(format!("there is no drive with drive_id {id:?}")))?;
         let mut transport = lock(&self.virtio.transports[index]);
         let block = transport
             .device_mut()
