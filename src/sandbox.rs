@@ -405,11 +405,13 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     };
     let spec = exec_spec(&options.command);
     let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
+    // Only a run that copies files out may create files on the host.
+    let copies_out = !copy_out.is_empty();
     let client_uds = uds.clone();
     let client = thread::Builder::new()
         .name("agent-client".into())
         .spawn(move || {
-            let result = match seccomp::install(ThreadKind::AgentClient) {
+            let result = match seccomp::install(ThreadKind::AgentClient { copies_out }) {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
                     match drive_agent(
