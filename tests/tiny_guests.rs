@@ -660,6 +660,8 @@ fn the_agent_client_thread_creates_files_only_for_copy_out() {
             ("socket-dgram", SOCKET),
             // It reads --copy-in files; without --copy-out it creates none.
             ("openat-creat", OPENAT),
+            // It names its stdin forwarder thread, nothing else.
+            ("prctl-dumpable", (libc::SYS_prctl, "prctl")),
         ]
         .map(|(probe, call)| (tiny_sandbox(&dir, &[]), "agent-client", probe, call)),
     );

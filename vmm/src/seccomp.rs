@@ -45,7 +45,8 @@
 //! - **agent-client** (`flint run`): `socket` **only `AF_UNIX`, `SOCK_STREAM`** and `connect`
 //!   (the vsock device's Unix socket), calls on that connection, `poll`; `ioctl` only
 //!   `FIONBIO` and `TCGETS`; `getrandom` (entropy for a restored guest); thread creation for
-//!   its stdin forwarder (`clone3`, `clone`, `set_robust_list`, `rseq`, `prctl`); file reads
+//!   its stdin forwarder (`clone3`, `clone`, `set_robust_list`, `rseq`, and `prctl` **only
+//!   `PR_SET_NAME`**, which names it); file reads
 //!   for `--copy-in`: `openat` **read-only** (no `O_CREAT`, no `O_TRUNC`, access mode
 //!   `O_RDONLY`). Only when the run has `--copy-out` may it create files: `openat` with any
 //!   flags, `mkdir`, `rename`, `unlink`, `fchmod`, `chmod`, `ftruncate`.
@@ -381,7 +382,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 libc::SYS_clone,
                 libc::SYS_set_robust_list,
                 libc::SYS_rseq,
-                libc::SYS_prctl,
                 libc::SYS_copy_file_range,
                 libc::SYS_sendfile,
                 libc::SYS_poll,
@@ -440,8 +440,12 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         }
         _ => {}
     }
-    if kind == (ThreadKind::AgentClient { copies_out: false }) {
-        map.insert(libc::SYS_openat, read_only_opens()?);
+    if let ThreadKind::AgentClient { copies_out } = kind {
+        if !copies_out {
+            map.insert(libc::SYS_openat, read_only_opens()?);
+        }
+        // Naming its stdin forwarder thread ("agent-stdin"), which glibc does with prctl.
+        map.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
     }
     if opens_no_files(kind) {
         // Refused with EACCES by the second filter.
@@ -556,6 +560,7 @@ const CALL_NAMES: &[(i64, &str)] = &[
     (libc::SYS_tgkill, "tgkill"),
     (libc::SYS_rt_sigaction, "rt_sigaction"),
     (libc::SYS_ioctl, "ioctl"),
+    (libc::SYS_prctl, "prctl"),
     (libc::SYS_getppid, "getppid"),
 ];
 
@@ -662,6 +667,7 @@ pub const PROBES: &[&str] = &[
     "openat-creat",
     "tgkill-other-process",
     "sigaction-sigint",
+    "prctl-dumpable",
 ];
 
 /// Make the call `probe` names; `None` for an unknown probe, else what the call returned
@@ -739,6 +745,7 @@ fn probe_call(probe: &str) -> Option<i64> {
                 8,
             )
         },
+        "prctl-dumpable" => (unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }) as i64,
         _ => return None,
     };
     Some(result)
