@@ -4,7 +4,9 @@
 #   2. build the cached test images: guest kernel, guest initramfs, nested host,
 #   3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
 #      (all tiers; tier 3 boots real guests in the nested host, see
-#      tests/support/mod.rs).
+#      tests/support/mod.rs),
+#   4. schemathesis against the REST API (fuzz-api.sh) and every cargo-fuzz
+#      target for 20 s (fuzz.sh).
 # Artefacts are cached in $FLINT_CACHE (default ~/.cache/flint), so a warm run
 # only pays for cargo.
 set -euo pipefail
@@ -82,4 +84,5 @@ stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 stage "cargo test" run_cargo_test
 stage "API fuzzing" "$here/fuzz-api.sh"
+stage "fuzz targets" "$here/fuzz.sh" --seconds 20
 summary

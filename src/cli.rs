@@ -110,6 +110,29 @@ pub enum CliError {
     RlimitSpec(String),
     #[error("--file {0} must be an absolute path without '.' or '..'")]
     JailFile(String),
+    #[error("{option} takes a size in bytes with an optional K, M or G suffix (powers of 1024), as in 512M, not '{value}'")]
+    Size { option: &'static str, value: String },
+}
+
+/// A size in bytes: digits, optionally followed by `K`, `M` or `G` (KiB, MiB, GiB).
+fn parse_size(option: &'static str, value: &str) -> Result<u64, CliError> {
+    let bad = || CliError::Size {
+        option,
+        value: value.to_string(),
+    };
+    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((i, _)) => value.split_at(i),
+        None => (value, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        _ => return Err(bad()),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
 /// A per-second rate given as `key=N` to `option`: a bucket of N tokens refilled in 1 s.
@@ -394,7 +417,13 @@ Options:
   --workdir DIR        COMMAND's working directory in the guest (default: /)
   --copy-in HOST:GUEST copy a host file into the guest before COMMAND runs (repeatable)
   --copy-out GUEST:HOST
-                       copy a guest file out after COMMAND ends (repeatable)
+                       copy a guest file out after COMMAND ends (repeatable); the host file
+                       gets mode 0755 if the guest's is executable by its owner, else 0644,
+                       less the umask; all copy-outs together must finish within {copy_out_s} s
+  --copy-out-limit SIZE
+                       the most bytes all copy-outs together may bring to the host, with an
+                       optional K, M or G suffix (default: 1G); a copy that would go over
+                       fails (status 125) and leaves no file behind
   --cold               boot the guest instead of restoring the snapshot (and make none)
   --no-seccomp         do not install seccomp filters (debugging only)
 
@@ -402,7 +431,8 @@ Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeou
 125 when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not
 be started (not found, not executable); 128+N when flint was stopped by signal N (Ctrl-C
 kills COMMAND, then the VM).
-"
+",
+        copy_out_s = flint_agent::COPY_OUT_TIMEOUT.as_secs()
     )
 }
 
@@ -485,6 +515,7 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
     let mut o = RunOptions {
         vcpus: DEFAULT_VCPUS,
         mem_mib: DEFAULT_MEM_MIB,
+        copy_out_limit: flint_agent::COPY_OUT_LIMIT,
         ..RunOptions::default()
     };
     let mut rest = opts.iter();
@@ -545,6 +576,10 @@ fn parse_run(args: &[String]) -> Result<Command, CliError> {
                 }
                 o.copy_out.push((guest_path(guest)?, host.into()));
             }
+            "--copy-out-limit" => {
+                let v = option_value("--copy-out-limit", inline, &mut rest)?;
+                o.copy_out_limit = parse_size("--copy-out-limit", v)?;
+            }
             "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
             "--cold" if inline.is_none() => o.cold = true,
             _ => {
@@ -604,10 +639,11 @@ fn jail_help() -> String {
         "Usage: flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
 
 Run 'flint FLINT_ARGS...' in a jail (needs root): a copy of flint in CHROOT_BASE/ID/root with
-/dev/kvm, /dev/net/tun and /dev/urandom, its own mount, IPC, UTS, network and PID namespaces,
-the cgroup flint/ID, rlimits, and the user UID:GID with no supplementary groups and no way to
-gain privileges. When it ends, the cgroup and CHROOT_BASE/ID are removed and 'flint jail'
-exits with its status. SIGINT, SIGTERM and SIGHUP are forwarded to it.
+its own /dev (/dev/kvm, /dev/net/tun and /dev/urandom), its own mount, IPC, UTS, network and
+PID namespaces, the cgroup flint/ID, rlimits, and the user UID:GID (who gets the jail root)
+with no supplementary groups and no way to gain privileges. When it ends, the cgroup and
+CHROOT_BASE/ID are removed and 'flint jail' exits with its status. SIGINT, SIGTERM and SIGHUP
+are forwarded to it.
 
 Options:
   --id ID                 the jail's name: 1 to 64 letters, digits and dashes; also the
@@ -619,16 +655,18 @@ Options:
   --cgroup-version 1|2    the cgroup interface (default: 2 when /sys/fs/cgroup is cgroup2)
   --cgroup FILE=VALUE     write VALUE to FILE in the jail's cgroup, e.g. memory.max=268435456
                           or pids.max=64 (v1: memory.limit_in_bytes, cpu.cfs_quota_us);
-                          repeatable
+                          repeatable (default: pids.max={pids_max} where the pids controller is)
   --rlimit RESOURCE=N[,RESOURCE=N]...
                           set limits (soft and hard) on nofile, fsize, nproc, core, as,
-                          memlock; repeatable
+                          memlock; repeatable (default: nofile={nofile})
   --file HOST_PATH        copy this host file (e.g. the kernel) into the jail at the same
-                          absolute path; repeatable
+                          absolute path (not under /dev or /proc); repeatable
 
 Exit status: the jailed flint's (128+N when signal N killed it); 1 when the jail cannot be
 set up (one line on stderr says why).
-"
+",
+        pids_max = crate::jail::DEFAULT_CGROUP_SETTINGS[0].1,
+        nofile = crate::jail::DEFAULT_RLIMITS[0].1,
     )
 }
 
@@ -1196,6 +1234,23 @@ mod tests {
         assert_eq!(o.net.as_ref().map(|n| n.tap.as_str()), Some("t0"));
         assert!(!o.cold, "restoring the snapshot is the default");
         assert!(run(&["run", "--cold", "--", "true"]).unwrap().cold);
+        // Copy-outs are limited by default; --copy-out-limit takes K, M and G.
+        assert_eq!(o.copy_out_limit, 1 << 30);
+        for (value, bytes) in [
+            ("0", 0),
+            ("1000", 1000),
+            ("4k", 4096),
+            ("512M", 512 << 20),
+            ("2G", 2 << 30),
+        ] {
+            let o = run(&["run", "--copy-out-limit", value, "--", "true"]).unwrap();
+            assert_eq!(o.copy_out_limit, bytes, "{value}");
+        }
+        for bad in ["", "M", "1.5G", "-1", "1T", "1 G", "99999999999G"] {
+            let e = run(&["run", &format!("--copy-out-limit={bad}"), "--", "true"]).unwrap_err();
+            assert!(matches!(e, CliError::Size { .. }), "{bad}: {e:?}");
+            assert!(e.to_string().contains("K, M or G"), "{e}");
+        }
         assert_eq!(
             run(&["run", "true"]).unwrap_err(),
             CliError::NoCommandToRun("run")

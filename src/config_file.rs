@@ -74,7 +74,10 @@ fn unique(seen: &mut HashSet<String>, ctx: &str, field: &str, id: &str) -> Resul
     if seen.insert(id.to_string()) {
         Ok(())
     } else {
-        Err(BodyError(format!("{ctx}: {field} '{id}' is used twice")))
+        Err(BodyError(format!(
+            "{ctx}: {field} '{}' is used twice",
+            schema::quote_str(id)
+        )))
     }
 }
 
@@ -87,7 +90,8 @@ pub fn from_json(v: &Value) -> Result<Vec<Request>, BodyError> {
     };
     if let Some(key) = doc.keys().find(|k| !KEYS.contains(&k.as_str())) {
         return Err(BodyError(format!(
-            "unknown key '{key}' (expected {})",
+            "unknown key '{}' (expected {})",
+            schema::quote_str(key),
             KEYS.join(", ")
         )));
     }
@@ -216,6 +220,17 @@ mod tests {
             }),
             metrics: Some(MetricsConfig { path: "/m".into() }),
         }
+    }
+
+    #[test]
+    fn keys_and_ids_quoted_in_errors_stay_one_line() {
+        let err = from_json(&json!({"drives\n": []})).unwrap_err().0;
+        assert!(err.starts_with("unknown key 'drives\\n' ("), "{err}");
+        let drive = json!({"drive_id": "a\nb", "path_on_host": "/r", "is_root_device": false});
+        let err = from_json(&json!({ "drives": [drive.clone(), drive] }))
+            .unwrap_err()
+            .0;
+        assert_eq!(err, "drives[1]: drive_id 'a\\nb' is used twice");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fs::File;
 use std::io::Write;
 use std::sync::Mutex;
 
+use devices::guest_log::Limiter;
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use vmm::controller::LoggerConfig;
 
@@ -24,7 +25,7 @@ impl Log for FlintLogger {
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
+        if !self.enabled(record.metadata()) || !admit_target(record.target()) {
             return;
         }
         let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,6 +51,15 @@ impl Log for FlintLogger {
     }
 
     fn flush(&self) {}
+}
+
+/// Whether a record from the crate or module `target` is written. The virtio-queue library
+/// logs every malformed queue it sees, and what a queue holds is the guest's doing: flint
+/// checks queues before the library does, and whatever still gets through is limited like a
+/// guest warning (`devices::guest_warn!`: a burst, then one line per interval, all counted).
+fn admit_target(target: &str) -> bool {
+    static VIRTIO_QUEUE: Limiter = Limiter::new();
+    !target.starts_with("virtio_queue") || VIRTIO_QUEUE.admit().is_some()
 }
 
 static LOGGER: FlintLogger = FlintLogger {
@@ -87,7 +97,9 @@ fn parse_level(level: &str) -> Option<LevelFilter> {
     }
 }
 
-/// Send log lines to the file `config` names (appending), at its level.
+/// Send log lines to the file `config` names, at its level: opened as
+/// [`vmm::controller::open_output`] does (appended to or created with mode 0600, never
+/// through a symbolic link, a named pipe without blocking).
 pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
     let level = match &config.level {
         Some(l) => Some(parse_level(l).ok_or_else(|| {
@@ -95,11 +107,7 @@ pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
         })?),
         None => None,
     };
-    let file = File::options()
-        .create(true)
-        .append(true)
-        .open(&config.path)
-        .map_err(|e| format!("log_path: cannot open {}: {e}", config.path.display()))?;
+    let file = vmm::controller::open_output(&config.path).map_err(|e| format!("log_path: {e}"))?;
     let mut target = LOGGER.target.lock().unwrap_or_else(|e| e.into_inner());
     target.file = Some(file);
     target.show_level = config.show_level;
@@ -113,6 +121,45 @@ pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(path: &std::path::Path) -> LoggerConfig {
+        LoggerConfig {
+            path: path.to_path_buf(),
+            level: None,
+            show_level: false,
+            show_log_origin: false,
+        }
+    }
+
+    #[test]
+    fn the_log_is_never_written_through_a_symlink() {
+        let dir = std::env::temp_dir().join(format!("flint-log-link-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("target");
+        let link = dir.join("log");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = redirect(&config(&link)).unwrap_err();
+        assert!(
+            e.starts_with("log_path: cannot open") && e.contains("symbolic link"),
+            "{e}"
+        );
+        assert!(!target.exists(), "the symlink was followed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn virtio_queue_lines_are_limited_and_others_are_not() {
+        let written = (0..100_000)
+            .filter(|_| admit_target("virtio_queue::queue"))
+            .count() as u64;
+        assert!(
+            written <= devices::guest_log::BURST + 2,
+            "{written} virtio-queue lines"
+        );
+        assert!((0..1000).all(|_| admit_target("flint::api")));
+        assert!((0..1000).all(|_| admit_target("vmm::vstate")));
+    }
 
     #[test]
     fn api_levels_parse() {

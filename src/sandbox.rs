@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
-use flint_agent::{AgentClient, AgentError, CommandStatus, ExecSpec, AGENT_PORT};
+use flint_agent::{AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, AGENT_PORT};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
 
@@ -58,6 +58,8 @@ pub struct RunOptions {
     pub net: Option<NetConfig>,
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
+    /// The most bytes all copy-outs together may bring to the host (`--copy-out-limit`).
+    pub copy_out_limit: u64,
     pub command: CommandOptions,
     /// Boot the guest even when a snapshot of a booted sandbox could be restored.
     pub cold: bool,
@@ -91,14 +93,12 @@ impl WorkDir {
         let base = std::env::temp_dir();
         for attempt in 0..100u32 {
             let dir = base.join(format!("flint-run-{}-{attempt}", std::process::id()));
-            match std::fs::create_dir(&dir) {
-                Ok(()) => {
-                    std::fs::set_permissions(
-                        &dir,
-                        std::os::unix::fs::PermissionsExt::from_mode(0o700),
-                    )?;
-                    return Ok(WorkDir(dir));
-                }
+            // Private from the start: no moment when others could enter it.
+            let made =
+                std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                    .create(&dir);
+            match made {
+                Ok(()) => return Ok(WorkDir(dir)),
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(e),
             }
@@ -150,12 +150,22 @@ enum Prepare {
     },
 }
 
+/// The files copied around the command.
+#[derive(Default)]
+struct Copies {
+    /// Host file, guest path: before the command.
+    copy_in: Vec<(PathBuf, String)>,
+    /// Guest path, host file: after the command.
+    copy_out: Vec<(String, PathBuf)>,
+    /// The most bytes all copy-outs together may bring.
+    copy_out_limit: u64,
+}
+
 /// Run one command through the agent: copies in, the command, copies out.
 fn drive_agent(
     uds: &Path,
     spec: &ExecSpec,
-    copy_in: &[(PathBuf, String)],
-    copy_out: &[(String, PathBuf)],
+    copies: &Copies,
     signaller: &mpsc::Sender<flint_agent::Signaller>,
     prepare: Prepare,
     start: Instant,
@@ -197,7 +207,7 @@ fn drive_agent(
         }
     }
     let _ = signaller.send(client.signaller());
-    for (host, guest) in copy_in {
+    for (host, guest) in &copies.copy_in {
         client.copy_in(host, Path::new(guest))?;
     }
     let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
@@ -206,8 +216,10 @@ fn drive_agent(
         "sandbox: command ended at {} ms",
         start.elapsed().as_millis()
     );
-    for (guest, host) in copy_out {
-        client.copy_out(Path::new(guest), host)?;
+    // The guest decides how much it sends and how fast: bound both, even without --timeout.
+    let mut budget = CopyOutBudget::new(copies.copy_out_limit, flint_agent::COPY_OUT_TIMEOUT);
+    for (guest, host) in &copies.copy_out {
+        client.copy_out_within(Path::new(guest), host, &mut budget)?;
     }
     Ok(status)
 }
@@ -227,12 +239,61 @@ fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
         && restored.vsock.as_ref().map(|v| v.guest_cid) == Some(SANDBOX_CID)
 }
 
-/// The guest's console goes to `path` (it is not shown; it is kept for diagnostics).
+/// Most bytes of the guest's console kept in a sandbox's console log: the guest decides how
+/// much it prints, the host's disk is not its to fill.
+const CONSOLE_LOG_MAX: u64 = 1 << 20;
+/// How much of the console log's end is read to show its last lines.
+const CONSOLE_TAIL_BYTES: u64 = 16 * 1024;
+/// How many of the console log's last lines a failure shows.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// A log that keeps the first `left` bytes written to it and a note that the rest was
+/// dropped; every write succeeds.
+struct CappedLog<W: Write> {
+    out: W,
+    left: u64,
+    noted: bool,
+}
+
+impl<W: Write> CappedLog<W> {
+    fn new(out: W, max: u64) -> Self {
+        CappedLog {
+            out,
+            left: max,
+            noted: false,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedLog<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let keep = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        if keep > 0 {
+            self.out.write_all(&buf[..keep])?;
+            self.left -= keep as u64;
+        }
+        if keep < buf.len() && !self.noted {
+            self.noted = true;
+            self.out
+                .write_all(b"\n[flint: the console log is full; later output is dropped]\n")?;
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// The guest's console goes to `path` (it is not shown; it is kept for diagnostics), at most
+/// [`CONSOLE_LOG_MAX`] bytes of it.
 fn console_to(path: &Path) -> Result<ConsoleIo, String> {
     let file =
         std::fs::File::create(path).map_err(|e| format!("cannot create the console log: {e}"))?;
     Ok(ConsoleIo {
-        output: Box::new(file),
+        output: Box::new(CappedLog::new(file, CONSOLE_LOG_MAX)),
         input: None,
         escape: false,
     })
@@ -404,9 +465,13 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         None => prepare_first,
     };
     let spec = exec_spec(&options.command);
-    let (copy_in, copy_out) = (options.copy_in.clone(), options.copy_out.clone());
+    let copies = Copies {
+        copy_in: options.copy_in.clone(),
+        copy_out: options.copy_out.clone(),
+        copy_out_limit: options.copy_out_limit,
+    };
     // Only a run that copies files out may create files on the host.
-    let copies_out = !copy_out.is_empty();
+    let copies_out = !copies.copy_out.is_empty();
     let client_uds = uds.clone();
     let client = thread::Builder::new()
         .name("agent-client".into())
@@ -414,15 +479,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
             let result = match seccomp::install(ThreadKind::AgentClient { copies_out }) {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
-                    match drive_agent(
-                        &client_uds,
-                        &spec,
-                        &copy_in,
-                        &copy_out,
-                        &signaller_tx,
-                        prepare,
-                        start,
-                    ) {
+                    match drive_agent(&client_uds, &spec, &copies, &signaller_tx, prepare, start) {
                         Ok(status) => ClientResult::Finished(status),
                         Err(e) => ClientResult::Failed(e),
                     }
@@ -582,12 +639,46 @@ fn log_console_tail(path: &Path, failed: bool) {
     if !failed {
         return;
     }
-    if let Ok(text) = std::fs::read_to_string(path) {
-        let lines: Vec<&str> = text.lines().collect();
-        for line in &lines[lines.len().saturating_sub(20)..] {
-            eprintln!("flint: guest console: {line}");
-        }
+    for line in console_tail(path) {
+        eprintln!("flint: guest console: {line}");
     }
+}
+
+/// The last [`CONSOLE_TAIL_LINES`] lines of the console log, from its last
+/// [`CONSOLE_TAIL_BYTES`] only, control characters (the guest's escape sequences) replaced
+/// by `?`.
+fn console_tail(path: &Path) -> Vec<String> {
+    use std::io::{Seek, SeekFrom};
+    let Ok(mut file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    let Ok(len) = file.metadata().map(|m| m.len()) else {
+        return Vec::new();
+    };
+    let from = len.saturating_sub(CONSOLE_TAIL_BYTES);
+    let mut tail = Vec::new();
+    if file.seek(SeekFrom::Start(from)).is_err()
+        || file
+            .take(CONSOLE_TAIL_BYTES)
+            .read_to_end(&mut tail)
+            .is_err()
+    {
+        return Vec::new();
+    }
+    let text = String::from_utf8_lossy(&tail);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if from > 0 && !lines.is_empty() {
+        // The first line is cut.
+        lines.remove(0);
+    }
+    lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..]
+        .iter()
+        .map(|line| {
+            line.chars()
+                .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+                .collect()
+        })
+        .collect()
 }
 
 fn wait_readable(fds: &[i32], timeout: Option<Duration>) {
@@ -651,8 +742,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
     match drive_agent(
         &uds,
         &spec,
-        &[],
-        &[],
+        &Copies::default(),
         &signaller_tx,
         // The VM may have been loaded from a snapshot: its clock and random state would be
         // the snapshot's. Cheap, and harmless for a VM that booted.
@@ -665,5 +755,128 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
             ExitCode::from(STATUS_NOT_STARTED)
         }
         Err(e) => sandbox_failed(&e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flint-sandbox-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// The copy-out bounds (socket timeouts, the umask from /proc, removing a partial file)
+    /// need nothing the agent-client thread's seccomp filter forbids: a forbidden call would
+    /// stop the test process.
+    #[test]
+    fn bounded_copy_outs_run_under_the_agent_client_filter() {
+        use flint_agent::protocol::write_message;
+        use flint_agent::FromAgent;
+        use std::os::unix::net::UnixStream;
+        let dir = scratch("seccomp-copy-out");
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || {
+            let mut request = [0u8; 64];
+            let _ = guest.read(&mut request);
+            write_message(&mut guest, &FromAgent::FileData(vec![1; 10])).unwrap();
+            write_message(&mut guest, &FromAgent::FileEnd { mode: 0o6777 }).unwrap();
+            let _ = guest.read(&mut request);
+            // Over the budget.
+            write_message(&mut guest, &FromAgent::FileData(vec![2; 100])).unwrap();
+            let _ = std::io::copy(&mut guest, &mut std::io::sink());
+        });
+        let out = dir.clone();
+        let client = thread::spawn(move || {
+            assert!(seccomp::enabled());
+            seccomp::install(ThreadKind::AgentClient).unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
+            let mut client = AgentClient::from_stream(host).unwrap();
+            let mut budget = CopyOutBudget::new(50, Duration::from_secs(30));
+            client
+                .copy_out_within(Path::new("/a"), &out.join("a"), &mut budget)
+                .unwrap();
+            client
+                .copy_out_within(Path::new("/b"), &out.join("b"), &mut budget)
+                .unwrap_err()
+        });
+        let e = client.join().unwrap();
+        assert!(matches!(e, AgentError::CopyOutTooLarge { .. }), "{e:?}");
+        agent.join().unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join("a")).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o7022, 0, "{mode:o}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_work_directory_is_private_and_goes_away() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let one = WorkDir::create().unwrap();
+        let two = WorkDir::create().unwrap();
+        assert_ne!(one.0, two.0);
+        let meta = std::fs::symlink_metadata(&one.0).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(meta.uid(), unsafe { libc::geteuid() });
+        let path = one.0.clone();
+        drop(one);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_guest_printing_forever_fills_at_most_the_console_log_cap() {
+        let dir = scratch("console-cap");
+        let path = dir.join("console.log");
+        let mut console = console_to(&path).unwrap().output;
+        let line = [b'y'; 4095];
+        // 64 MiB of output, as a guest running `yes` would print.
+        for _ in 0..16 * 1024 {
+            console.write_all(&line).unwrap();
+            console.write_all(b"\n").unwrap();
+        }
+        console.flush().unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            (CONSOLE_LOG_MAX..CONSOLE_LOG_MAX + 100).contains(&size),
+            "the console log has {size} bytes"
+        );
+        let tail = console_tail(&path);
+        assert_eq!(
+            tail.last().map(String::as_str),
+            Some("[flint: the console log is full; later output is dropped]")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_console_tail_reads_only_the_end_and_defuses_escapes() {
+        let dir = scratch("console-tail");
+        let path = dir.join("console.log");
+        // A huge (sparse) log: reading it whole would take 64 GiB of memory.
+        let file = std::fs::File::create(&path).unwrap();
+        file.set_len(64 << 30).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        for i in 0..30 {
+            writeln!(file, "line {i}").unwrap();
+        }
+        writeln!(file, "\x1b]0;owned\x07\x1b[2Jlast\tline").unwrap();
+        drop(file);
+        let tail = console_tail(&path);
+        assert_eq!(tail.len(), CONSOLE_TAIL_LINES);
+        assert_eq!(tail[0], "line 11");
+        assert_eq!(tail[CONSOLE_TAIL_LINES - 1], "?]0;owned??[2Jlast\tline");
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(console_tail(&path).is_empty(), "a missing log has no tail");
     }
 }

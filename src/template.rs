@@ -82,27 +82,83 @@ impl Template {
         })
     }
 
-    /// The state and memory files, if the template has been made, by this user: the
-    /// directory (not a symbolic link) belongs to the effective user and nobody else may
-    /// write to it or its parent, and both files are regular files. A template anyone else
-    /// could have planted would run their guest in this user's sandboxes.
+    /// The state and memory files, if the template has been made, by this user, and nobody
+    /// else could have changed it: see [`trusted_files`](Self::trusted_files). A template
+    /// that exists but fails the checks is not used (with a warning).
     pub fn files(&self) -> Option<(PathBuf, PathBuf)> {
+        if std::fs::symlink_metadata(&self.dir).is_err() {
+            return None;
+        }
+        self.trusted_files()
+            .map_err(|why| {
+                log::warn!(
+                    "sandbox: not using the snapshot in {}: {why}; booting instead",
+                    self.dir.display()
+                )
+            })
+            .ok()
+    }
+
+    /// The state and memory files to load, named through the template directory's canonical
+    /// path (no symbolic links), after checking everything they are read through. A template
+    /// anyone else could have planted or changed would run their guest in this user's
+    /// sandboxes, so:
+    /// - the files are regular files owned by the effective user, not group- or
+    ///   world-writable;
+    /// - the template directory and the directory holding it belong to the effective user
+    ///   and are not group- or world-writable;
+    /// - every directory above those belongs to the effective user or root and is not group-
+    ///   or world-writable, unless it has the sticky bit (as `/tmp`), where nobody else can
+    ///   rename or remove what is ours.
+    pub fn trusted_files(&self) -> Result<(PathBuf, PathBuf), String> {
         // SAFETY: geteuid has no preconditions and cannot fail.
         let me = unsafe { libc::geteuid() };
-        let private = |path: &Path, want_dir: bool| {
-            std::fs::symlink_metadata(path).is_ok_and(|m| {
-                let kind_ok = if want_dir { m.is_dir() } else { m.is_file() };
-                kind_ok && m.uid() == me && m.mode() & 0o022 == 0
-            })
+        let dir = std::fs::canonicalize(&self.dir)
+            .map_err(|e| format!("cannot resolve {}: {e}", self.dir.display()))?;
+        let meta = |path: &Path| {
+            std::fs::symlink_metadata(path)
+                .map_err(|e| format!("cannot inspect {}: {e}", path.display()))
         };
-        let state = self.dir.join(STATE_FILE);
-        let memory = self.dir.join(MEMORY_FILE);
-        let parent = self.dir.parent().unwrap_or(Path::new("/"));
-        (private(parent, true)
-            && private(&self.dir, true)
-            && private(&state, false)
-            && private(&memory, false))
-        .then_some((state, memory))
+        let writable_by_others = |m: &std::fs::Metadata| m.mode() & 0o022 != 0;
+        for (depth, ancestor) in dir.ancestors().enumerate() {
+            let m = meta(ancestor)?;
+            let shown = ancestor.display();
+            if !m.is_dir() {
+                return Err(format!("{shown} is not a directory"));
+            }
+            if depth <= 1 {
+                // The template directory and the snapshot cache holding it: private.
+                if m.uid() != me {
+                    return Err(format!("{shown} belongs to another user"));
+                }
+                if writable_by_others(&m) {
+                    return Err(format!("{shown} is writable by other users"));
+                }
+            } else {
+                if m.uid() != me && m.uid() != 0 {
+                    return Err(format!("{shown} belongs to another user"));
+                }
+                if writable_by_others(&m) && m.mode() & libc::S_ISVTX == 0 {
+                    return Err(format!("{shown} is writable by other users"));
+                }
+            }
+        }
+        let state = dir.join(STATE_FILE);
+        let memory = dir.join(MEMORY_FILE);
+        for file in [&state, &memory] {
+            let m = meta(file)?;
+            let shown = file.display();
+            if !m.file_type().is_file() {
+                return Err(format!("{shown} is not a regular file"));
+            }
+            if m.uid() != me {
+                return Err(format!("{shown} belongs to another user"));
+            }
+            if writable_by_others(&m) {
+                return Err(format!("{shown} is writable by other users"));
+            }
+        }
+        Ok((state, memory))
     }
 
     /// Remove a template that could not be restored, so that the next run makes a new one.
@@ -113,25 +169,27 @@ impl Template {
     /// Get ready to make the template: create its private temporary directory. Done before
     /// the VM starts, as the VMM thread's seccomp filter allows no `mkdir` or `chmod`.
     pub fn prepare(&self) -> Result<Staging, String> {
+        use std::os::unix::fs::DirBuilderExt;
         let parent = self.dir.parent().unwrap_or(Path::new("/"));
-        std::fs::create_dir_all(parent)
+        // New directories are private from the start; an existing cache is made private.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)
             .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         std::fs::set_permissions(parent, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| format!("cannot restrict {}: {e}", parent.display()))?;
         remove_abandoned(parent);
         let tmp = parent.join(format!(".new-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir(&tmp).map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
-        let staging = Staging {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&tmp)
+            .map_err(|e| format!("cannot create {}: {e}", tmp.display()))?;
+        Ok(Staging {
             template: self.clone(),
             tmp,
-        };
-        std::fs::set_permissions(
-            &staging.tmp,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .map_err(|e| format!("cannot restrict {}: {e}", staging.tmp.display()))?;
-        Ok(staging)
+        })
     }
 
     /// Remove the templates of other flint binaries.
@@ -321,6 +379,94 @@ mod tests {
         drop(template.prepare().unwrap());
         assert_eq!(left().len(), 1, "an unused staging directory is removed");
         template.discard();
+        assert!(template.files().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A cache at `dir/<name>` with a made template; the template.
+    fn made(dir: &Path, cache: &Path) -> Template {
+        std::fs::write(dir.join("vmlinux"), b"kernel").unwrap();
+        let config = VmConfig::new(dir.join("vmlinux"));
+        let template = Template::for_config(cache, &config).unwrap();
+        template
+            .prepare()
+            .unwrap()
+            .commit(|state, memory| {
+                std::fs::write(state, b"{}").unwrap();
+                std::fs::write(memory, b"").unwrap();
+                Ok(())
+            })
+            .unwrap();
+        template
+    }
+
+    #[test]
+    fn every_directory_the_snapshot_is_read_through_is_checked() {
+        let dir = scratch("ancestors");
+        let cache = dir.join("home/user/.cache/flint");
+        let template = made(&dir, &cache);
+        assert!(template.files().is_some());
+        let home = dir.join("home");
+        let mode = |path: &Path, bits: u32| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(bits)).unwrap()
+        };
+        // Anyone who can rename entries of a directory above the cache could swap in a
+        // template of theirs.
+        for bits in [0o775, 0o757, 0o777] {
+            mode(&home, bits);
+            let e = template.trusted_files().unwrap_err();
+            assert!(
+                e.contains("home is writable by other users"),
+                "{bits:o}: {e}"
+            );
+            assert!(template.files().is_none(), "{bits:o}");
+        }
+        // Unless the sticky bit keeps them from touching what is not theirs (as in /tmp).
+        mode(&home, 0o1777);
+        assert!(template.files().is_some());
+        mode(&home, 0o755);
+        mode(&cache, 0o777);
+        assert!(template.files().is_none());
+        mode(&cache, 0o755);
+        assert!(template.files().is_some());
+        // The files themselves.
+        let (state, _) = template.files().unwrap();
+        mode(&state, 0o620);
+        assert!(template
+            .trusted_files()
+            .unwrap_err()
+            .contains("state.json is writable"));
+        mode(&state, 0o600);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_snapshot_is_read_through_no_symbolic_link() {
+        let dir = scratch("symlinks");
+        let real = dir.join("real-cache");
+        let template = made(&dir, &real);
+        // A cache reached through a symbolic link: the files are named by the real path.
+        std::os::unix::fs::symlink(&real, dir.join("link")).unwrap();
+        let config = VmConfig::new(dir.join("vmlinux"));
+        let through_link = Template::for_config(&dir.join("link"), &config).unwrap();
+        let (state, memory) = through_link.files().unwrap();
+        let canonical = std::fs::canonicalize(&dir).unwrap();
+        for file in [&state, &memory] {
+            assert!(
+                file.starts_with(canonical.join("real-cache")),
+                "{}",
+                file.display()
+            );
+            assert_eq!(std::fs::canonicalize(file).unwrap(), *file);
+        }
+        // A snapshot file that is a symbolic link (to a file planted elsewhere) is refused.
+        let (_, memory) = template.files().unwrap();
+        let planted = dir.join("planted");
+        std::fs::write(&planted, b"").unwrap();
+        std::fs::remove_file(&memory).unwrap();
+        std::os::unix::fs::symlink(&planted, &memory).unwrap();
+        let e = template.trusted_files().unwrap_err();
+        assert!(e.contains("memory is not a regular file"), "{e}");
         assert!(template.files().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -311,19 +311,31 @@ fn running_jail_is_isolated_unprivileged_and_limited() {
             cg.display()
         );
     }
-    // Its own files, the jail's, not the host's.
+    // Its own files, the jail's, not the host's; the jail root and the --file are its user's.
     let jail_root = base.0.join(&id).join("root");
     assert!(jail_root.join("flint").is_file());
     assert!(jail_root.join(kernel.trim_start_matches('/')).is_file());
     {
         use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        let kvm = std::fs::metadata(jail_root.join("dev/kvm")).unwrap();
+        let owner = |p: &Path| {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            (m.uid(), m.gid())
+        };
+        assert_eq!(owner(&jail_root), (UID, GID));
+        assert_eq!(
+            owner(&jail_root.join(kernel.trim_start_matches('/'))),
+            (UID, GID)
+        );
+        assert_eq!(owner(&jail_root.join("flint")), (0, 0));
+        // The device nodes are in the jail's own /dev (a tmpfs only the jail sees).
+        let kvm = std::fs::metadata(root.join("dev/kvm")).unwrap();
         assert!(kvm.file_type().is_char_device());
         assert_eq!(kvm.rdev(), libc::makedev(10, 232));
         assert_eq!(
             (kvm.uid(), kvm.gid(), kvm.mode() & 0o777),
             (UID, GID, 0o660)
         );
+        assert!(!jail_root.join("dev/kvm").exists());
     }
     // The hostname in the jail is its id.
     if Path::new("/usr/bin/nsenter").exists() {
@@ -525,5 +537,237 @@ fn joins_the_network_namespace_given() {
     drop(reader.join());
     let _ = holder.kill();
     let _ = holder.wait();
+    assert_gone(&base, &id);
+}
+
+/// A C string of a path or name, for the libc calls below.
+fn c(path: impl AsRef<Path>) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_ref().as_os_str().as_bytes()).unwrap()
+}
+
+/// Make the file operations of the calling thread (only) run as `UID:GID`, without root's
+/// file capabilities: the thread acts as another process of the jail's user on the host, or
+/// as the jailed flint itself once it has been compromised.
+fn become_jail_user() {
+    // SAFETY: setfsuid and setfsgid take plain integers and change the credentials of the
+    // calling thread only (the raw system calls, not glibc's process-wide wrappers).
+    unsafe {
+        libc::syscall(libc::SYS_setfsgid, GID);
+        libc::syscall(libc::SYS_setfsuid, UID);
+    }
+}
+
+/// Open the directory `path` as an `O_PATH` descriptor (to use as the `dirfd` of `*at` calls).
+fn open_dir(path: &Path) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: open with a NUL-terminated path; a non-negative result is a new fd we own.
+    let fd = unsafe {
+        libc::open(
+            c(path).as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    // SAFETY: fd is a new descriptor nothing else owns.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `symlinkat(target, dir, name)`: whether it was created.
+fn symlink_in(dir: &std::os::fd::OwnedFd, name: &str, target: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: two NUL-terminated strings and a directory fd we own.
+    unsafe { libc::symlinkat(c(target).as_ptr(), dir.as_raw_fd(), c(name).as_ptr()) == 0 }
+}
+
+/// As another process of the jail's user on the host would: wait for the jail root `root`
+/// to appear, then keep trying to plant symlinks to `outside` at `names` in it until one of
+/// them is planted, or until `stop`. Returns the names it managed to plant.
+fn plant_while_built(
+    root: &Path,
+    outside: &Path,
+    names: &[&str],
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let dir = loop {
+        if let Some(dir) = open_dir(root) {
+            break dir;
+        }
+        if stop.load(Ordering::SeqCst) || Instant::now() > deadline {
+            return Vec::new();
+        }
+        std::thread::yield_now();
+    };
+    become_jail_user();
+    let mut planted = Vec::new();
+    while planted.is_empty() && !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        for name in names {
+            if symlink_in(&dir, name, outside) {
+                planted.push(name.to_string());
+            }
+        }
+        std::thread::yield_now();
+    }
+    planted
+}
+
+/// The names in `dir`.
+fn names_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn symlinks_planted_while_the_jail_is_built_are_not_followed() {
+    require_jail();
+    let base = TempDir::new("jail-base");
+    let guests = TempDir::new("jail-guest");
+    let outside = TempDir::new("jail-outside");
+    let kernel = guests.write(
+        "vmlinux",
+        &Guest::default().print("hi from jail\n").reset().elf(),
+    );
+    let kernel = kernel.to_str().unwrap();
+    let id = unique_id("plant");
+    let root = base.0.join(&id).join("root");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    // Another process of the jail's user races the jail for the directory the --file goes
+    // into (/tmp) and for the one the device nodes went into (/dev).
+    let first = kernel.split('/').nth(1).unwrap();
+    let (out, planted) = std::thread::scope(|s| {
+        let planter = s.spawn(|| plant_while_built(&root, &outside.0, &[first, "dev"], &stop));
+        let out = run(&mut jail(
+            &base,
+            &id,
+            &["--file", kernel],
+            &["boot", "--kernel", kernel],
+        ));
+        stop.store(true, Ordering::SeqCst);
+        (out, planter.join().unwrap())
+    });
+    assert!(
+        names_in(&outside.0).is_empty(),
+        "the jail wrote through the planted symlinks {planted:?}: {:?} (stderr: {})",
+        names_in(&outside.0),
+        text(&out.stderr)
+    );
+    // The jail root belongs to root until the jail is built: nothing could be planted in time
+    // (the planter may get in once the jailed flint has its root, too late to matter).
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("hi from jail"));
+    assert_gone(&base, &id);
+}
+
+#[test]
+fn cleanup_removes_what_the_jailed_flint_left_without_following_its_links() {
+    require_jail();
+    // On a tmpfs: this machine's disk takes about 2 ms per directory made.
+    let base = TempDir(PathBuf::from(format!(
+        "/dev/shm/flint-test-jail-base-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&base.0).unwrap();
+    let guests = TempDir::new("jail-guest");
+    let outside = TempDir::new("jail-outside");
+    let precious = outside.write("precious", b"keep me");
+    std::fs::create_dir(outside.0.join("dir")).unwrap();
+    outside.write("dir/also-precious", b"keep me too");
+    let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
+    let kernel = kernel.to_str().unwrap();
+    let id = unique_id("leftovers");
+    let (child, _stop, reader, _pid) = start_jail(&mut jail(
+        &base,
+        &id,
+        &["--file", kernel],
+        &["boot", "--kernel", kernel],
+    ));
+    // What a compromised jailed flint can leave in its root (it owns it): links to outside
+    // its root (they resolve on the host once it is gone) and a tree deeper than the jail
+    // process has file descriptors (20,000 on the development machine).
+    let root = base.0.join(&id).join("root");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            become_jail_user();
+            let dir = open_dir(&root).unwrap();
+            assert!(symlink_in(&dir, "escape", &outside.0));
+            assert!(symlink_in(&dir, "escape-file", &precious));
+            let mut cur = dir;
+            for _ in 0..25_000 {
+                use std::os::fd::AsRawFd;
+                // SAFETY: mkdirat with a NUL-terminated name in a directory fd we own.
+                let r = unsafe { libc::mkdirat(cur.as_raw_fd(), c"d".as_ptr(), 0o755) };
+                assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+                assert!(symlink_in(&cur, "up", &outside.0.join("dir")));
+                // SAFETY: as above; the new fd is checked and owned below.
+                let fd = unsafe {
+                    libc::openat(
+                        cur.as_raw_fd(),
+                        c"d".as_ptr(),
+                        libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                    )
+                };
+                assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+                // SAFETY: fd is a new descriptor nothing else owns.
+                cur = unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) };
+            }
+        });
+    });
+    let out = stop_jail(child, libc::SIGTERM);
+    drop(reader.join());
+    if base.0.join(&id).exists() {
+        // Left behind: std's remove_dir_all (TempDir's) cannot remove it either.
+        std::mem::forget(base);
+        panic!("the jail directory was left behind: {}", text(&out.stderr));
+    }
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    assert_eq!(
+        std::fs::read(outside.0.join("dir/also-precious")).unwrap(),
+        b"keep me too"
+    );
+    assert_eq!(names_in(&outside.0), ["dir", "precious"]);
+    assert!(
+        !text(&out.stderr).contains("cannot remove"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_gone(&base, &id);
+}
+
+#[test]
+fn jailed_flint_gets_default_limits() {
+    require_jail();
+    let base = TempDir::new("jail-base");
+    let guests = TempDir::new("jail-guest");
+    let kernel = guests.write("vmlinux", &Guest::default().print("ready\n").spin().elf());
+    let kernel = kernel.to_str().unwrap();
+    let id = unique_id("defaults");
+    let (child, _stop, reader, pid) = start_jail(&mut jail(
+        &base,
+        &id,
+        &["--file", kernel],
+        &["boot", "--kernel", kernel],
+    ));
+    let limits = read(format!("/proc/{pid}/limits"));
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        nofile
+            .split_whitespace()
+            .skip(3)
+            .take(2)
+            .collect::<Vec<_>>(),
+        ["8192", "8192"],
+        "{nofile}"
+    );
+    let pids = Path::new(V1).join("pids/flint").join(&id);
+    assert_eq!(read(pids.join("pids.max")).trim(), "512");
+    stop_jail(child, libc::SIGTERM);
+    drop(reader.join());
     assert_gone(&base, &id);
 }

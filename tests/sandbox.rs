@@ -96,6 +96,13 @@ echo "MD5 back $(md5sum <"$WORK/blob.back" | cut -d' ' -f1)"
 # Without --copy-out the agent client may only open host files read-only (seccomp).
 $R --copy-in "$WORK/blob:/data/blob" -- md5sum /data/blob </dev/null >"$WORK/in.out"
 echo "STATUS copyin $?"; echo "MD5 in $(cut -d' ' -f1 <"$WORK/in.out")"
+# The guest cannot hand the host a set-id or writable file, nor more than --copy-out-limit.
+$R --copy-out "/tmp/x:$WORK/mode.back" -- sh -c 'echo hi >/tmp/x; chmod 6777 /tmp/x' </dev/null
+echo "STATUS mode $?"; echo "MODE $(stat -c %a "$WORK/mode.back") $(umask)"
+$R --copy-out-limit 1000 --copy-out "/tmp/big:$WORK/over/big" -- sh -c 'head -c 5000 /dev/zero >/tmp/big' \
+   </dev/null 2>"$WORK/over.err"
+echo "STATUS overlimit $?"; echo "OVER_FILES $(ls -A "$WORK/over" 2>/dev/null | wc -l)"
+echo "OVER_ERR $(cat "$WORK/over.err")"
 $R -- /no/such/command </dev/null 2>"$WORK/nf.err"; echo "STATUS notfound $?"; echo "NFERR $(cat "$WORK/nf.err")"
 t0=$(cut -d. -f1 /proc/uptime)
 $R --timeout 2 -- sleep 60 </dev/null 2>"$WORK/to.err"; echo "STATUS timeout $?"
@@ -241,6 +248,23 @@ fn flint_run_sandboxes() {
         line(out, "MD5 in "),
         line(out, "MD5 blob "),
         "a copy in without a copy out reached the guest"
+    );
+    assert_eq!(status("mode"), "0");
+    let (mode, umask) = line(out, "MODE ").split_once(' ').unwrap();
+    let (mode, umask) = (
+        u32::from_str_radix(mode, 8).unwrap(),
+        u32::from_str_radix(umask, 8).unwrap(),
+    );
+    assert_eq!(
+        mode,
+        0o755 & !umask,
+        "a guest file of mode 6777 is copied out executable, never set-id or writable by others"
+    );
+    assert_eq!(status("overlimit"), "125", "{}", line(out, "OVER_ERR "));
+    assert_eq!(line(out, "OVER_FILES "), "0", "a refused copy left a file");
+    assert!(
+        line(out, "OVER_ERR ").contains("exceeds the copy-out limit of 1000 bytes"),
+        "{out}"
     );
     assert_eq!(status("notfound"), "127");
     assert!(line(out, "NFERR ").contains("/no/such/command"), "{out}");

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::tiny::{flint, text, wait_bounded, Guest, BOOT_TIMER, I8042_COMMAND};
+use support::tiny::{flint, text, wait_bounded, Guest, BOOT_TIMER, COM1, I8042_COMMAND};
 use support::TempDir;
 
 /// Run `flint boot --kernel <guest> ARGS` with `input` on stdin, failing the test if it does not
@@ -99,6 +99,45 @@ fn unknown_port_and_mmio_accesses_are_ignored_and_counted() {
     assert!(
         messages(&out)
             .contains(&"flint: ignored 2 port and 2 MMIO accesses that no device handles".into()),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// Guest memory the string-I/O guests read into: 64 KiB past their code (loaded at 1 MiB).
+const SCRATCH: u32 = 0x11_0000;
+
+#[test]
+fn rep_outsb_prints_the_whole_string() {
+    let mut g = Guest::default();
+    g.rep_outsb(COM1, "one string instruction, every byte of it\n")
+        .print("done\n")
+        .reset();
+    let out = boot(&g, &[], b"");
+    assert_eq!(
+        text(&out.stdout),
+        "one string instruction, every byte of it\ndone\n"
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+}
+
+#[test]
+fn rep_insb_reads_every_item() {
+    let mut g = Guest::default();
+    // The console input arrives in one piece: once the first byte is there, all are.
+    g.wait_for_input()
+        .rep_insb(COM1, SCRATCH, 6)
+        .print_memory(SCRATCH, 6)
+        // Unclaimed ports read all ones, each item counted as an ignored access.
+        .rep_insb(0x5678, SCRATCH, 3)
+        .print_memory(SCRATCH, 3)
+        .reset();
+    let out = boot(&g, &[], b"abcdef");
+    assert_eq!(out.stdout, b"abcdef\xff\xff\xff");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    assert!(
+        messages(&out)
+            .contains(&"flint: ignored 3 port and 0 MMIO accesses that no device handles".into()),
         "{}",
         text(&out.stderr)
     );

@@ -59,6 +59,21 @@ pub enum AgentError {
     HostRandom(#[source] io::Error),
     #[error("the guest agent did not answer the refresh within {} s", .0.as_secs_f64())]
     RefreshTimeout(Duration),
+    /// The guest sent more than what was left of the copy-out byte budget; the host file
+    /// was not written.
+    #[error("copying {} out of the guest exceeds the copy-out limit of {limit} bytes, so {} was not written", guest.display(), host.display())]
+    CopyOutTooLarge {
+        guest: PathBuf,
+        host: PathBuf,
+        limit: u64,
+    },
+    /// The copy-outs did not finish by their deadline; the host file was not written.
+    #[error("copying {} out of the guest did not finish within the copy-out deadline of {} s, so {} was not written", guest.display(), timeout.as_secs(), host.display())]
+    CopyOutTimeout {
+        guest: PathBuf,
+        host: PathBuf,
+        timeout: Duration,
+    },
 }
 
 impl From<FrameError> for AgentError {
@@ -167,6 +182,100 @@ pub const REFRESH_ENTROPY: usize = 64;
 
 /// How long [`AgentClient::refresh`] waits for the agent's answer.
 pub const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The default byte limit of a [`CopyOutBudget`]: 1 GiB.
+pub const COPY_OUT_LIMIT: u64 = 1 << 30;
+
+/// The default deadline of a [`CopyOutBudget`]: 10 minutes from its creation, time enough
+/// for [`COPY_OUT_LIMIT`] at less than 2 MB/s.
+pub const COPY_OUT_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// What copy-outs may still bring to the host: a number of bytes and a deadline, shared by
+/// all the copy-outs given the same budget (those of one sandbox run). A guest is not
+/// trusted to send files of sane sizes, or to send them at all.
+#[derive(Debug, Clone)]
+pub struct CopyOutBudget {
+    limit: u64,
+    bytes_left: u64,
+    timeout: Duration,
+    deadline: Instant,
+}
+
+impl CopyOutBudget {
+    /// At most `limit` bytes in all, all within `timeout` from now.
+    pub fn new(limit: u64, timeout: Duration) -> CopyOutBudget {
+        CopyOutBudget {
+            limit,
+            bytes_left: limit,
+            timeout,
+            deadline: Instant::now() + timeout,
+        }
+    }
+
+    /// How many bytes are left.
+    pub fn bytes_left(&self) -> u64 {
+        self.bytes_left
+    }
+}
+
+impl Default for CopyOutBudget {
+    /// [`COPY_OUT_LIMIT`] bytes within [`COPY_OUT_TIMEOUT`].
+    fn default() -> Self {
+        CopyOutBudget::new(COPY_OUT_LIMIT, COPY_OUT_TIMEOUT)
+    }
+}
+
+/// The permission bits a file copied out of the guest gets on the host: `0o755` when the
+/// guest file is executable by its owner, `0o644` otherwise, less the process's umask. The
+/// guest's own mode is not applied: a guest must not hand the host set-id, sticky, group- or
+/// world-writable files.
+pub fn host_file_mode(guest_mode: u32) -> u32 {
+    let base = if guest_mode & 0o100 != 0 {
+        0o755
+    } else {
+        0o644
+    };
+    base & !process_umask()
+}
+
+/// The process's umask, from `/proc/self/status` (reading it with `umask(2)` would change
+/// it for every thread meanwhile); `0o022` when that cannot be read.
+fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status.lines().find_map(|line| {
+                let value = line.strip_prefix("Umask:")?.trim();
+                u32::from_str_radix(value, 8).ok()
+            })
+        })
+        .map_or(0o022, |mask| mask & 0o777)
+}
+
+/// Whether `c` prints as itself: not a control character, nor one of the invisible
+/// formatting characters that reorder or hide text (bidirectional overrides, zero-width).
+fn shown(c: char) -> bool {
+    !c.is_control()
+        && !matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Most characters of an agent's error message that are shown.
+pub const AGENT_TEXT_MAX: usize = 512;
+
+/// An error message from the guest agent made fit to print: at most [`AGENT_TEXT_MAX`]
+/// characters, control characters (escape sequences, line breaks) replaced by `?`. The agent
+/// is the guest's: it must not rewrite the user's terminal or forge lines of flint's.
+pub fn agent_text(message: &str) -> String {
+    let mut out: String = message
+        .chars()
+        .take(AGENT_TEXT_MAX)
+        .map(|c| if shown(c) { c } else { '?' })
+        .collect();
+    if message.chars().nth(AGENT_TEXT_MAX).is_some() {
+        out.push_str("...");
+    }
+    out
+}
 
 /// How often [`AgentClient::connect`] retries while the guest boots and starts its agent.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(20);
@@ -390,7 +499,7 @@ impl AgentClient {
         self.send(&exec)?;
         match self.recv()? {
             FromAgent::Started { .. } => {}
-            FromAgent::Error(message) => return Err(AgentError::NotStarted(message)),
+            FromAgent::Error(message) => return Err(AgentError::NotStarted(agent_text(&message))),
             other => return Err(unexpected(&other)),
         }
         let generation = {
@@ -421,7 +530,7 @@ impl AgentClient {
                     .map_err(AgentError::Output)?,
                 FromAgent::Exited { code } => break CommandStatus::Exited(code),
                 FromAgent::Killed { signal } => break CommandStatus::Killed(signal),
-                FromAgent::Error(message) => return Err(AgentError::Remote(message)),
+                FromAgent::Error(message) => return Err(AgentError::Remote(agent_text(&message))),
                 other => return Err(unexpected(&other)),
             }
         };
@@ -464,61 +573,132 @@ impl AgentClient {
             c.send(&ToAgent::FileEnd)?;
             match c.recv()? {
                 FromAgent::Ok => Ok(()),
-                FromAgent::Error(message) => Err(AgentError::Remote(message)),
+                FromAgent::Error(message) => Err(AgentError::Remote(agent_text(&message))),
                 other => Err(unexpected(&other)),
             }
         })
     }
 
     /// Copy the guest file `guest_path` (absolute, a regular file) to `host_path` (parent
-    /// directories are created, an existing file is replaced), with the same permission
-    /// bits. The host file appears complete or not at all.
+    /// directories are created, an existing file is replaced) within the default
+    /// [`CopyOutBudget`]; see [`copy_out_within`](Self::copy_out_within).
     pub fn copy_out(&mut self, guest_path: &Path, host_path: &Path) -> Result<(), AgentError> {
+        self.copy_out_within(guest_path, host_path, &mut CopyOutBudget::default())
+    }
+
+    /// Copy the guest file `guest_path` (absolute, a regular file) to `host_path` (parent
+    /// directories are created, an existing file is replaced). The host file appears
+    /// complete or not at all.
+    ///
+    /// The guest is not trusted with the host file: its mode is chosen by
+    /// [`host_file_mode`] (never set-id, sticky, group- or world-writable), and the bytes
+    /// count against `budget`, whose byte limit and deadline are shared by all the
+    /// copy-outs given the same budget. Going over either fails the copy
+    /// ([`AgentError::CopyOutTooLarge`], [`AgentError::CopyOutTimeout`]), removes the partial
+    /// file and closes the connection.
+    pub fn copy_out_within(
+        &mut self,
+        guest_path: &Path,
+        host_path: &Path,
+        budget: &mut CopyOutBudget,
+    ) -> Result<(), AgentError> {
         let request = ToAgent::CopyOut {
             path: utf8(guest_path)?.to_string(),
         };
         request.encode().map_err(AgentError::BadRequest)?;
-        self.guarded(|c| {
-            c.send(&request)?;
-            let mut part: Option<PartFile> = None;
-            let mut failed: Option<io::Error> = None;
-            loop {
-                let msg = c.recv()?;
-                if matches!(msg, FromAgent::FileData(_) | FromAgent::FileEnd { .. })
-                    && part.is_none()
-                    && failed.is_none()
-                {
-                    match PartFile::create(host_path) {
-                        Ok(p) => part = Some(p),
-                        Err(e) => failed = Some(e),
-                    }
+        let result = self.guarded(|c| c.copy_out_inner(&request, guest_path, host_path, budget));
+        let stream = self.reader.get_ref();
+        let _ = stream.set_read_timeout(None);
+        let _ = stream.set_write_timeout(None);
+        result
+    }
+
+    fn copy_out_inner(
+        &mut self,
+        request: &ToAgent,
+        guest_path: &Path,
+        host_path: &Path,
+        budget: &mut CopyOutBudget,
+    ) -> Result<(), AgentError> {
+        let timed_out = || AgentError::CopyOutTimeout {
+            guest: guest_path.to_path_buf(),
+            host: host_path.to_path_buf(),
+            timeout: budget.timeout,
+        };
+        // Every read and write on the connection waits at most until the deadline.
+        let arm = |c: &Self| -> Result<(), AgentError> {
+            let left = budget.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(timed_out());
+            }
+            let stream = c.reader.get_ref();
+            stream
+                .set_read_timeout(Some(left))
+                .and_then(|()| stream.set_write_timeout(Some(left)))
+                .map_err(AgentError::Io)
+        };
+        let is_timeout = |e: &AgentError| {
+            matches!(e, AgentError::Io(e) if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ))
+        };
+        arm(self)?;
+        self.send(request)
+            .map_err(|e| if is_timeout(&e) { timed_out() } else { e })?;
+        let mut part: Option<PartFile> = None;
+        let mut failed: Option<io::Error> = None;
+        loop {
+            arm(self)?;
+            let msg = self
+                .recv()
+                .map_err(|e| if is_timeout(&e) { timed_out() } else { e })?;
+            if let FromAgent::FileData(data) = &msg {
+                let len = data.len() as u64;
+                if len > budget.bytes_left {
+                    // Dropping `part` removes the partial file.
+                    return Err(AgentError::CopyOutTooLarge {
+                        guest: guest_path.to_path_buf(),
+                        host: host_path.to_path_buf(),
+                        limit: budget.limit,
+                    });
                 }
-                match msg {
-                    FromAgent::FileData(data) => {
-                        if let (Some(p), None) = (&mut part, &failed) {
-                            if let Err(e) = p.write_all(&data) {
-                                // Keep reading to the end of the file, so that the
-                                // connection stays usable, then report this.
-                                failed = Some(e);
-                            }
-                        }
-                    }
-                    FromAgent::FileEnd { mode } => {
-                        let result = match (part.take(), failed) {
-                            (Some(p), None) => p.commit(mode),
-                            (_, Some(e)) => Err(e),
-                            (None, None) => unreachable!("the part file is created first"),
-                        };
-                        return result.map_err(|source| AgentError::HostWrite {
-                            path: host_path.to_path_buf(),
-                            source,
-                        });
-                    }
-                    FromAgent::Error(message) => return Err(AgentError::Remote(message)),
-                    other => return Err(unexpected(&other)),
+                budget.bytes_left -= len;
+            }
+            if matches!(msg, FromAgent::FileData(_) | FromAgent::FileEnd { .. })
+                && part.is_none()
+                && failed.is_none()
+            {
+                match PartFile::create(host_path) {
+                    Ok(p) => part = Some(p),
+                    Err(e) => failed = Some(e),
                 }
             }
-        })
+            match msg {
+                FromAgent::FileData(data) => {
+                    if let (Some(p), None) = (&mut part, &failed) {
+                        if let Err(e) = p.write_all(&data) {
+                            // Keep reading to the end of the file, so that the
+                            // connection stays usable, then report this.
+                            failed = Some(e);
+                        }
+                    }
+                }
+                FromAgent::FileEnd { mode } => {
+                    let result = match (part.take(), failed) {
+                        (Some(p), None) => p.commit(host_file_mode(mode)),
+                        (_, Some(e)) => Err(e),
+                        (None, None) => unreachable!("the part file is created first"),
+                    };
+                    return result.map_err(|source| AgentError::HostWrite {
+                        path: host_path.to_path_buf(),
+                        source,
+                    });
+                }
+                FromAgent::Error(message) => return Err(AgentError::Remote(agent_text(&message))),
+                other => return Err(unexpected(&other)),
+            }
+        }
     }
 
     /// Set the guest's wall clock (`CLOCK_REALTIME`) to the host's current time and reseed
@@ -570,7 +750,7 @@ impl AgentClient {
             c.send(&request)?;
             match c.recv()? {
                 FromAgent::Ok => Ok(()),
-                FromAgent::Error(message) => Err(AgentError::Remote(message)),
+                FromAgent::Error(message) => Err(AgentError::Remote(agent_text(&message))),
                 other => Err(unexpected(&other)),
             }
         })
@@ -585,7 +765,7 @@ impl AgentClient {
             match c.recv() {
                 Ok(FromAgent::Ok) | Err(AgentError::Closed) => Ok(()),
                 Err(AgentError::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-                Ok(FromAgent::Error(message)) => Err(AgentError::Remote(message)),
+                Ok(FromAgent::Error(message)) => Err(AgentError::Remote(agent_text(&message))),
                 Ok(other) => Err(unexpected(&other)),
                 Err(e) => Err(e),
             }

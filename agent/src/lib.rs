@@ -20,7 +20,10 @@ pub mod part_file;
 pub mod protocol;
 pub mod vsock;
 
-pub use client::{AgentClient, AgentError, CommandStatus, Signaller, REFRESH_ENTROPY};
+pub use client::{
+    agent_text, host_file_mode, AgentClient, AgentError, CommandStatus, CopyOutBudget, Signaller,
+    COPY_OUT_LIMIT, COPY_OUT_TIMEOUT, REFRESH_ENTROPY,
+};
 pub use protocol::{
     ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, AGENT_PORT, DATA_CHUNK,
     MAX_PAYLOAD,

@@ -3,7 +3,7 @@
 
 use super::*;
 use flint_agent::protocol::{kind, write_message};
-use flint_agent::{AgentClient, AgentError, CommandStatus, REFRESH_ENTROPY};
+use flint_agent::{AgentClient, AgentError, CommandStatus, CopyOutBudget, REFRESH_ENTROPY};
 use std::io::Cursor;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -350,7 +350,7 @@ fn env_and_workdir_apply() {
 }
 
 #[test]
-fn copy_in_and_out_preserve_bytes_and_mode() {
+fn copy_in_preserves_bytes_and_mode_and_copy_out_bytes() {
     let agent = TestAgent::new();
     let mut c = agent.client();
     let dir = temp_dir("copy");
@@ -376,9 +376,12 @@ fn copy_in_and_out_preserve_bytes_and_mode() {
             fs::read(&back).unwrap() == data,
             "{name}: copy-out changed the bytes"
         );
+        // The host chooses the copy's mode: only whether it is executable comes from the
+        // guest.
         assert_eq!(
             fs::metadata(&back).unwrap().permissions().mode() & 0o7777,
-            mode
+            flint_agent::host_file_mode(mode),
+            "{name}"
         );
     }
     // Replacing an existing file.
@@ -938,4 +941,199 @@ fn a_refresh_the_agent_never_answers_times_out() {
     );
     assert!(began.elapsed() < std::time::Duration::from_secs(5));
     drop(guest);
+}
+
+/// A stand-in agent on a socket pair: it reads one request, then `serve` writes whatever it
+/// likes on the stream; it ends when `serve` returns and the host hangs up.
+fn hostile_agent(
+    serve: impl FnOnce(&mut UnixStream) + Send + 'static,
+) -> (AgentClient, std::thread::JoinHandle<()>) {
+    let (host, mut guest) = UnixStream::pair().unwrap();
+    let agent = std::thread::spawn(move || {
+        let _request = read_message::<ToAgent, _>(&mut guest);
+        serve(&mut guest);
+        // Wait for the host to hang up (or give up on its own).
+        let _ = guest.set_read_timeout(Some(Duration::from_secs(30)));
+        let _ = io::copy(&mut guest, &mut io::sink());
+    });
+    (AgentClient::from_stream(host).unwrap(), agent)
+}
+
+fn part_files(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_guest_cannot_choose_the_host_files_mode() {
+    let dir = temp_dir("mode");
+    for (guest_mode, executable) in [
+        (0o7777, true),
+        (0o4755, true),
+        (0o2700, true),
+        (0o1666, false),
+        (0o666, false),
+        (0o000, false),
+        (0o100, true),
+    ] {
+        let (mut c, agent) = hostile_agent(move |g| {
+            write_message(g, &FromAgent::FileData(b"#!/bin/sh\n".to_vec())).unwrap();
+            write_message(g, &FromAgent::FileEnd { mode: guest_mode }).unwrap();
+        });
+        let host = dir.join(format!("f{guest_mode:o}"));
+        c.copy_out(Path::new("/f"), &host).unwrap();
+        let mode = fs::metadata(&host).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode & 0o7022, 0, "guest mode {guest_mode:o} gave {mode:o}");
+        let want = if executable { 0o755 } else { 0o644 };
+        assert_eq!(
+            mode,
+            want & !process_umask(),
+            "guest mode {guest_mode:o} gave {mode:o}"
+        );
+        drop(c);
+        agent.join().unwrap();
+    }
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// The umask, read without changing it.
+fn process_umask() -> u32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+    u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+}
+
+#[test]
+fn an_endless_copy_out_stops_at_the_byte_limit_and_leaves_nothing() {
+    let dir = temp_dir("endless");
+    let (mut c, agent) = hostile_agent(|g| {
+        let chunk = FromAgent::FileData(vec![0xaa; DATA_CHUNK]);
+        // Until the host hangs up.
+        while write_message(g, &chunk).is_ok() {}
+    });
+    let host = dir.join("sub/out");
+    let mut budget = CopyOutBudget::new(1 << 20, Duration::from_secs(60));
+    let e = c
+        .copy_out_within(Path::new("/dev/zero"), &host, &mut budget)
+        .unwrap_err();
+    assert!(matches!(e, AgentError::CopyOutTooLarge { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains("copy-out limit of 1048576 bytes") && !text.contains('\n'),
+        "{text}"
+    );
+    assert!(!host.exists());
+    assert!(
+        part_files(&dir.join("sub")).is_empty(),
+        "{:?}",
+        part_files(&dir.join("sub"))
+    );
+    // The connection is closed: the agent's writes fail and it ends.
+    drop(c);
+    agent.join().unwrap();
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_copy_out_limit_counts_all_copies_of_a_budget() {
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let dir = temp_dir("budget");
+    let src = dir.join("src");
+    fs::write(&src, noise(600, 1)).unwrap();
+    let mut budget = CopyOutBudget::new(1000, Duration::from_secs(60));
+    c.copy_out_within(&src, &dir.join("one"), &mut budget)
+        .unwrap();
+    assert_eq!(budget.bytes_left(), 400);
+    let e = c
+        .copy_out_within(&src, &dir.join("two"), &mut budget)
+        .unwrap_err();
+    assert!(
+        matches!(e, AgentError::CopyOutTooLarge { limit: 1000, .. }),
+        "{e:?}"
+    );
+    assert_eq!(fs::read(dir.join("one")).unwrap(), noise(600, 1));
+    assert!(!dir.join("two").exists());
+    let left: Vec<_> = part_files(&dir)
+        .into_iter()
+        .filter(|n| n.contains("flint-part"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_stalled_copy_out_ends_at_the_deadline() {
+    let dir = temp_dir("stall");
+    let (mut c, agent) = hostile_agent(|g| {
+        write_message(g, &FromAgent::FileData(vec![1; 100])).unwrap();
+        // Then nothing: no more data, no end.
+    });
+    let host = dir.join("out");
+    let mut budget = CopyOutBudget::new(1 << 30, Duration::from_millis(300));
+    let began = Instant::now();
+    let e = c
+        .copy_out_within(Path::new("/f"), &host, &mut budget)
+        .unwrap_err();
+    assert!(matches!(e, AgentError::CopyOutTimeout { .. }), "{e:?}");
+    assert!(
+        began.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        began.elapsed()
+    );
+    assert!(e.to_string().contains("deadline"), "{e}");
+    assert!(!host.exists());
+    assert!(part_files(&dir).is_empty(), "{:?}", part_files(&dir));
+    // A deadline already past fails at once, sending nothing.
+    let e = c
+        .copy_out_within(Path::new("/f"), &host, &mut budget)
+        .unwrap_err();
+    assert!(matches!(e, AgentError::Broken), "{e:?}");
+    drop(c);
+    agent.join().unwrap();
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn the_agents_error_messages_are_bounded_and_printable() {
+    let hostile = format!(
+        "\x1b]0;owned\x07\x1b[2J{}\nflint: error: forged\u{202e}",
+        "x".repeat(100_000)
+    );
+    let message = hostile.clone();
+    let (mut c, agent) = hostile_agent(move |g| {
+        write_message(g, &FromAgent::Error(message)).unwrap();
+    });
+    let e = c
+        .copy_out(Path::new("/f"), Path::new("/nonexistent/never"))
+        .unwrap_err();
+    assert!(matches!(e, AgentError::Remote(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(text.len() < 1000, "{} bytes", text.len());
+    assert!(
+        !text.chars().any(|ch| ch.is_control() || ch == '\u{202e}'),
+        "{text:?}"
+    );
+    assert!(text.starts_with("?]0;owned??[2Jxxx"), "{text:?}");
+    drop(c);
+    agent.join().unwrap();
+
+    // The same for a command that cannot start.
+    let (mut c, agent) = hostile_agent(move |g| {
+        write_message(g, &FromAgent::Error(hostile)).unwrap();
+    });
+    let e = run(&mut c, &ExecSpec::new(["x"]), None).unwrap_err();
+    assert!(matches!(e, AgentError::NotStarted(_)), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.len() < 1000 && !text.chars().any(char::is_control),
+        "{text:?}"
+    );
+    drop(c);
+    agent.join().unwrap();
 }

@@ -12,6 +12,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::virtio::block::{parse_request, Block};
+use devices::virtio::chain::pop_chain;
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::IrqLine;
 use libfuzzer_sys::fuzz_target;
@@ -69,19 +70,31 @@ fuzz_target!(|data: &[u8]| {
     }
 
     let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-    queue.try_set_desc_table_address(GuestAddress(DESC_TABLE)).unwrap();
-    queue.try_set_avail_ring_address(GuestAddress(AVAIL_RING)).unwrap();
-    queue.try_set_used_ring_address(GuestAddress(USED_RING)).unwrap();
+    queue
+        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
+        .unwrap();
+    queue
+        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
+        .unwrap();
+    queue
+        .try_set_used_ring_address(GuestAddress(USED_RING))
+        .unwrap();
     queue.set_event_idx(flags & 1 != 0);
     queue.set_ready(true);
 
     // The pure parser on its own, over every chain the available ring names.
     let mut probe = Queue::new(QUEUE_SIZE).unwrap();
-    probe.try_set_desc_table_address(GuestAddress(DESC_TABLE)).unwrap();
-    probe.try_set_avail_ring_address(GuestAddress(AVAIL_RING)).unwrap();
-    probe.try_set_used_ring_address(GuestAddress(USED_RING)).unwrap();
+    probe
+        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
+        .unwrap();
+    probe
+        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
+        .unwrap();
+    probe
+        .try_set_used_ring_address(GuestAddress(USED_RING))
+        .unwrap();
     probe.set_ready(true);
-    while let Some(chain) = probe.pop_descriptor_chain(&mem) {
+    while let Some(chain) = pop_chain(&mut probe, &mem) {
         let _ = parse_request(&mem, chain);
     }
 

@@ -63,8 +63,11 @@ fn percent_decode(segment: &str) -> Option<String> {
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
+            let hex = bytes.get(i + 1..i + 3)?;
+            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                return None;
+            }
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
             i += 3;
         } else {
             out.push(bytes[i]);
@@ -130,7 +133,9 @@ fn same_id(field: &str, in_path: &str, in_body: &str) -> Result<(), BodyError> {
         Ok(())
     } else {
         Err(BodyError(format!(
-            "{field} '{in_body}' in the body does not match '{in_path}' in the path"
+            "{field} '{}' in the body does not match '{}' in the path",
+            schema::quote_str(in_body),
+            schema::quote_str(in_path)
         )))
     }
 }
@@ -493,6 +498,45 @@ mod tests {
             refused("PATCH", "/drives/a%zz", "{}"),
             (400, "the path /drives/a%zz has a bad percent-escape".into())
         );
+        // Two hex digits exactly: no sign (which u8::from_str_radix would take).
+        assert_eq!(
+            refused("PATCH", "/drives/a%+1", "{}"),
+            (400, "the path /drives/a%+1 has a bad percent-escape".into())
+        );
+    }
+
+    /// Names and ids a client sends are quoted back escaped and shortened: an error message
+    /// stays one line (it is logged) and short.
+    #[test]
+    fn names_quoted_in_errors_stay_one_short_line() {
+        let (status, msg) = refused("PUT", "/entropy", "{\"a\\nb\": 1}");
+        assert_eq!(status, 400);
+        assert!(msg.starts_with("unknown field 'a\\nb' ("), "{msg}");
+        let long = "k".repeat(1000);
+        let (_, msg) = refused("PUT", "/entropy", &format!("{{\"{long}\": 1}}"));
+        assert!(msg.len() < 200, "{msg}");
+        let (_, msg) = refused(
+            "PUT",
+            "/drives/a",
+            r#"{"drive_id": "b\r\nc", "path_on_host": "/r", "is_root_device": true}"#,
+        );
+        assert_eq!(
+            msg,
+            "drive_id 'b\\r\\nc' in the body does not match 'a' in the path"
+        );
+        let (_, msg) = refused(
+            "PUT",
+            "/boot-source",
+            r#"{"kernel_image_path": "/k", "boot_args": "", "x\u0000": 1}"#,
+        );
+        assert!(msg.starts_with("unknown field 'x\\u{0}' ("), "{msg}");
+        let (_, msg) = refused(
+            "PUT",
+            "/drives/d",
+            r#"{"drive_id": "d", "path_on_host": "/r", "is_root_device": false,
+                "rate_limiter": {"ops": {"size": 1, "refill_time": 1, "\n": 0}}}"#,
+        );
+        assert!(!msg.contains('\n'), "{msg}");
     }
 
     #[test]

@@ -42,6 +42,24 @@ fn quote(v: &Value) -> String {
     }
 }
 
+/// A name or id from a request as quoted in an error message: control characters escaped
+/// (so that the message stays one line), shortened if long.
+pub fn quote_str(s: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == MAX_QUOTED {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The fields of one JSON object, checked against the ones a body accepts.
 struct Fields<'a> {
     map: &'a Map<String, Value>,
@@ -85,7 +103,8 @@ impl<'a> Fields<'a> {
                 format!("expected {}", allowed.join(", "))
             };
             return Err(BodyError(format!(
-                "{ctx}unknown field '{key}' ({expected})"
+                "{ctx}unknown field '{}' ({expected})",
+                quote_str(key)
             )));
         }
         Ok(Fields { map, ctx })
@@ -302,7 +321,8 @@ fn nested<'a>(
     };
     if let Some(key) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
         return Err(f.err(format!(
-            "unknown field '{name}.{key}' (expected {})",
+            "unknown field '{name}.{}' (expected {})",
+            quote_str(key),
             allowed.join(", ")
         )));
     }

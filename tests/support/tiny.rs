@@ -47,6 +47,57 @@ impl Guest {
         self
     }
 
+    /// Send `text` to `port` with one string instruction (`rep outsb`): the text sits in
+    /// the code, jumped over.
+    pub fn rep_outsb(&mut self, port: u16, text: &str) -> &mut Self {
+        assert!(text.len() < 128);
+        self.mov_dx(port);
+        // lea rsi, [rip + 2]: the text, just after the 2-byte jmp.
+        self.code
+            .extend_from_slice(&[0x48, 0x8d, 0x35, 0x02, 0x00, 0x00, 0x00]);
+        self.code.extend_from_slice(&[0xeb, text.len() as u8]);
+        self.code.extend_from_slice(text.as_bytes());
+        self.mov_ecx(text.len() as u32);
+        self.code.extend_from_slice(&[0xfc, 0xf3, 0x6e]); // cld; rep outsb
+        self
+    }
+
+    /// Read `count` bytes from `port` into guest memory at `addr` with one string
+    /// instruction (`rep insb`).
+    pub fn rep_insb(&mut self, port: u16, addr: u32, count: u32) -> &mut Self {
+        self.mov_dx(port);
+        self.code.push(0xbf); // mov edi, imm32
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self.mov_ecx(count);
+        self.code.extend_from_slice(&[0xfc, 0xf3, 0x6c]); // cld; rep insb
+        self
+    }
+
+    /// Send `count` bytes of guest memory at `addr` to `port`, one `out` per byte.
+    pub fn print_memory(&mut self, addr: u32, count: u32) -> &mut Self {
+        self.code.push(0xbe); // mov esi, imm32
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self.mov_ecx(count);
+        self.mov_dx(COM1);
+        // again: lodsb; out dx, al; loop again
+        self.code.extend_from_slice(&[0xac, 0xee, 0xe2, 0xfc]);
+        self
+    }
+
+    /// Wait until the serial port has input for the guest.
+    pub fn wait_for_input(&mut self) -> &mut Self {
+        // wait: mov dx, LSR; in al, dx; test al, 1; jz wait
+        self.in8(COM1_LSR);
+        self.code.extend_from_slice(&[0xa8, 0x01, 0x74, 0xf7]);
+        self
+    }
+
+    fn mov_ecx(&mut self, value: u32) -> &mut Self {
+        self.code.push(0xb9);
+        self.code.extend_from_slice(&value.to_le_bytes());
+        self
+    }
+
     /// Ask the keyboard controller to reset the machine (flint exits 0), then spin until
     /// flint stops us.
     pub fn reset(&mut self) -> &mut Self {
@@ -88,9 +139,7 @@ impl Guest {
 
     /// Echo console input back until the guest reads `stop`.
     pub fn echo_until(&mut self, stop: u8) -> &mut Self {
-        // wait: mov dx, LSR; in al, dx; test al, 1; jz wait
-        self.in8(COM1_LSR);
-        self.code.extend_from_slice(&[0xa8, 0x01, 0x74, 0xf7]);
+        self.wait_for_input();
         // mov dx, COM1; in al, dx; cmp al, stop; je done; out dx, al; jmp wait
         self.in8(COM1);
         self.code

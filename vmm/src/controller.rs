@@ -460,16 +460,8 @@ impl Controller {
                 Ok(Response::Done)
             }
             Request::SetMetrics(metrics) => {
-                let file = std::fs::File::options()
-                    .create(true)
-                    .append(true)
-                    .open(&metrics.path)
-                    .map_err(|e| {
-                        refuse(format!(
-                            "metrics_path: cannot open {}: {e}",
-                            metrics.path.display()
-                        ))
-                    })?;
+                let file =
+                    open_output(&metrics.path).map_err(|e| refuse(format!("metrics_path: {e}")))?;
                 self.metrics_file = Some(file);
                 self.config.metrics = Some(metrics);
                 Ok(Response::Done)
@@ -734,6 +726,67 @@ fn check_machine(machine: &MachineConfig) -> Result<(), RequestError> {
     })
 }
 
+/// Why [`open_output`] refused a path.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error("cannot open {}: it is a symbolic link, which flint does not follow", .0.display())]
+    Symlink(PathBuf),
+    #[error("cannot open {}: it is neither a regular file nor a named pipe nor a character device", .0.display())]
+    Kind(PathBuf),
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Open the file a log or metrics lines are appended to (`PUT /logger`, `PUT /metrics`): an
+/// existing file is appended to, a missing one is created with mode 0600 (its directory must
+/// exist). A symbolic link is refused (`O_NOFOLLOW`), and the file is not inherited by child
+/// processes (`O_CLOEXEC`). A named pipe is opened without blocking, whether or not a process
+/// reads it yet (flint then holds a read end itself, so opening never fails for want of a
+/// reader), and stays non-blocking: lines written while the pipe is full are dropped rather
+/// than stalling flint.
+pub fn open_output(path: &std::path::Path) -> Result<std::fs::File, OutputError> {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let flags = libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let open_error = |source: std::io::Error| match source.raw_os_error() {
+        Some(libc::ELOOP) => OutputError::Symlink(path.to_path_buf()),
+        _ => OutputError::Open {
+            path: path.to_path_buf(),
+            source,
+        },
+    };
+    let file = match std::fs::File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(flags)
+        .open(path)
+    {
+        Ok(file) => file,
+        // A named pipe with no reader: open it for reading too, which never blocks.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => std::fs::File::options()
+            .read(true)
+            .append(true)
+            .custom_flags(flags)
+            .open(path)
+            .map_err(open_error)?,
+        Err(e) => return Err(open_error(e)),
+    };
+    let kind = file
+        .metadata()
+        .map_err(|source| OutputError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .file_type();
+    if !(kind.is_file() || kind.is_fifo() || kind.is_char_device()) {
+        return Err(OutputError::Kind(path.to_path_buf()));
+    }
+    Ok(file)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,6 +965,105 @@ mod tests {
             }))
             .unwrap_err();
         assert!(err.0.starts_with("metrics_path: cannot open"), "{err}");
+    }
+
+    fn output_scratch(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("flint-output-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn mkfifo(path: &std::path::Path) {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Run `f` on a thread; fail (rather than hang the test run) if it takes over 10 s.
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(10))
+            .expect("it blocked")
+    }
+
+    #[test]
+    fn metrics_to_a_named_pipe_nobody_reads_never_block() {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = output_scratch("fifo");
+        let fifo = dir.join("metrics.fifo");
+        mkfifo(&fifo);
+        let path = fifo.clone();
+        let mut c = within_10s(move || {
+            let mut c = controller();
+            c.handle(Request::SetMetrics(MetricsConfig { path }))
+                .unwrap();
+            // Far more than a pipe holds: the lines that do not fit are dropped.
+            for _ in 0..2000 {
+                let _ = c.flush_metrics();
+            }
+            c
+        });
+        // A reader that comes later gets whole lines from the start.
+        let mut reader = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = reader.read(&mut buf).unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with("{\"utc_timestamp_ms\""), "{text}");
+        c.handle(Request::Describe).unwrap();
+        drop(c);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_files_refuse_symlinks_and_are_private_and_appended_to() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = output_scratch("symlink");
+        let target = dir.join("target");
+        let link = dir.join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let mut c = controller();
+        let err = c
+            .handle(Request::SetMetrics(MetricsConfig { path: link.clone() }))
+            .unwrap_err();
+        assert!(
+            err.0.starts_with("metrics_path: cannot open") && err.0.contains("symbolic link"),
+            "{err}"
+        );
+        assert!(!target.exists(), "the symlink was followed");
+        std::fs::write(&target, "old\n").unwrap();
+        assert!(c
+            .handle(Request::SetMetrics(MetricsConfig { path: link }))
+            .is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "old\n");
+        // A new file is private; an existing one is appended to.
+        let new = dir.join("new");
+        c.handle(Request::SetMetrics(MetricsConfig { path: new.clone() }))
+            .unwrap();
+        let mode = std::fs::metadata(&new).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        c.handle(Request::SetMetrics(MetricsConfig {
+            path: target.clone(),
+        }))
+        .unwrap();
+        c.handle(Request::FlushMetrics).unwrap();
+        let text = std::fs::read_to_string(&target).unwrap();
+        assert!(text.starts_with("old\n{"), "{text}");
+        // Directories are refused with a reason.
+        let err = c
+            .handle(Request::SetMetrics(MetricsConfig { path: dir.clone() }))
+            .unwrap_err();
+        assert!(err.0.starts_with("metrics_path: cannot open"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -140,6 +140,9 @@ pub fn json_line(
                     ("connect_failures", get(&m.connect_failures)),
                     ("credit_violations", get(&m.credit_violations)),
                     ("host_errors", get(&m.host_errors)),
+                    ("control_dropped", get(&m.control_dropped)),
+                    ("connections_refused", get(&m.connections_refused)),
+                    ("timeouts", get(&m.timeouts)),
                 ]);
                 let _ = write!(line, ",\"vsock\":{obj}");
             }

@@ -85,6 +85,11 @@ impl SnapshotState {
             path: path.to_path_buf(),
             reason,
         };
+        // A restore builds memory, vCPUs and devices from the saved configuration: it must be
+        // one flint would have run.
+        self.config
+            .validate()
+            .map_err(|e| invalid(format!("its configuration is invalid: {e}")))?;
         if self.vcpus.len() != self.config.vcpus as usize {
             return Err(invalid(format!(
                 "it holds {} vCPUs but its configuration has {}",
@@ -158,22 +163,29 @@ pub fn read_state(path: &Path) -> Result<SnapshotState> {
         path: path.to_path_buf(),
         source,
     };
-    let format = |reason: String| Error::SnapshotFormat {
-        path: path.to_path_buf(),
-        reason,
-    };
     let file = File::open(path).map_err(read_err)?;
     let mut bytes = Vec::new();
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
+    parse_state(&bytes, path)
+}
+
+/// Decode and check the contents of a state file (`path` names it in errors). Anything but a
+/// state file this flint wrote is refused with an error.
+#[doc(hidden)]
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState> {
+    let format = |reason: String| Error::SnapshotFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
     if bytes.len() as u64 > MAX_STATE_FILE {
         return Err(format(format!(
             "it is larger than {} MiB",
             MAX_STATE_FILE >> 20
         )));
     }
-    let header: Header = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
+    let header: Header = serde_json::from_slice(bytes).map_err(|e| format(e.to_string()))?;
     if header.magic != MAGIC {
         return Err(format(format!("it starts with {:?}", header.magic)));
     }
@@ -183,7 +195,7 @@ pub fn read_state(path: &Path) -> Result<SnapshotState> {
             version: header.version,
         });
     }
-    let state: SnapshotState = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
+    let state: SnapshotState = serde_json::from_slice(bytes).map_err(|e| format(e.to_string()))?;
     state.check(path)?;
     Ok(state)
 }
@@ -373,6 +385,20 @@ mod tests {
             msg.contains("holds 1 vCPUs but its configuration has 2"),
             "{msg}"
         );
+
+        // The saved configuration must be one flint would run: a restore sizes memory and
+        // builds vCPUs and devices from it.
+        let mut no_vcpus = sample();
+        no_vcpus.config.vcpus = 0;
+        no_vcpus.vcpus.clear();
+        std::fs::write(&path, serde_json::to_vec(&no_vcpus).unwrap()).unwrap();
+        let msg = message(read_state(&path));
+        assert!(msg.contains("its configuration is invalid"), "{msg}");
+        let mut huge = sample();
+        huge.config.mem_mib = 1 << 44;
+        std::fs::write(&path, serde_json::to_vec(&huge).unwrap()).unwrap();
+        let msg = message(read_state(&path));
+        assert!(msg.contains("its configuration is invalid"), "{msg}");
 
         let mut wrong_id = sample();
         wrong_id.vcpus[1].id = 5;

@@ -5,8 +5,8 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use devices::bus::{lock, Bus};
 use kvm_bindings::{
-    kvm_msr_entry, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_msr_entry, kvm_xcrs, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
@@ -176,6 +176,8 @@ pub struct Vcpu {
     fd: VcpuFd,
     /// The CPUID the vCPU was given (a snapshot saves it as it is).
     cpuid: CpuId,
+    /// Bytes of the `kvm_run` area KVM maps for the vCPU (the port I/O data lives in it).
+    run_size: usize,
 }
 
 impl Vcpu {
@@ -236,7 +238,12 @@ impl Vcpu {
         let mut lapic = fd.get_lapic().map_err(setup("read the local APIC"))?;
         arch::regs::set_lint(&mut lapic);
         fd.set_lapic(&lapic).map_err(setup("set the local APIC"))?;
-        Ok(Vcpu { id, fd, cpuid })
+        Ok(Vcpu {
+            id,
+            fd,
+            cpuid,
+            run_size: vm.run_size(),
+        })
     }
 
     /// Create vCPU `state.id` and give it the state a snapshot saved, in the order KVM needs:
@@ -283,7 +290,12 @@ impl Vcpu {
         }
         fd.set_vcpu_events(&state.vcpu_events)
             .map_err(setup("set pending events"))?;
-        Ok(Vcpu { id, fd, cpuid })
+        Ok(Vcpu {
+            id,
+            fd,
+            cpuid,
+            run_size: vm.run_size(),
+        })
     }
 
     /// Everything KVM holds about this vCPU, for a snapshot. First completes a pending I/O
@@ -317,7 +329,12 @@ impl Vcpu {
     fn complete_pending_exit(&mut self, shared: &VcpuShared) -> std::result::Result<(), String> {
         self.fd.set_kvm_immediate_exit(1);
         for _ in 0..MAX_COMPLETION_EXITS {
-            match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+            let result = self.fd.run();
+            if is_port_io(&result) {
+                self.serve_port_io(shared)?;
+                continue;
+            }
+            match result.map(|exit| dispatch_mmio(shared, exit)) {
                 Err(e) if e.errno() == libc::EINTR => return Ok(()),
                 Err(e) => return Err(format!("cannot complete its last exit: {e}")),
                 Ok(None) => continue,
@@ -403,7 +420,14 @@ impl Vcpu {
         let count = |c: &AtomicU64| {
             c.fetch_add(1, Ordering::Relaxed);
         };
-        match self.fd.run().map(|exit| dispatch_io(shared, exit)) {
+        let result = self.fd.run();
+        if is_port_io(&result) {
+            return self
+                .serve_port_io(shared)
+                .err()
+                .map(|reason| Ending::Fault { vcpu, reason });
+        }
+        match result.map(|exit| dispatch_mmio(shared, exit)) {
             Ok(None) => None,
             Ok(Some(VcpuExit::Intr)) => {
                 count(&exits.interrupted);
@@ -455,6 +479,58 @@ impl Vcpu {
         }
     }
 
+    /// Serve the port access of the `KVM_EXIT_IO` that `KVM_RUN` just returned. A string
+    /// instruction (`rep outs`/`rep ins`) arrives as one exit holding `count` items of `size`
+    /// bytes: each item is its own access, in order, as on real hardware. Fails only if KVM
+    /// describes data outside the area it maps.
+    fn serve_port_io(&mut self, shared: &VcpuShared) -> std::result::Result<(), String> {
+        let run_size = self.run_size;
+        let run = self.fd.get_kvm_run();
+        // SAFETY: called only right after KVM_RUN returned KVM_EXIT_IO, so `io` is the member
+        // of the union that KVM filled.
+        let io = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(io.size);
+        let offset = usize::try_from(io.data_offset).unwrap_or(usize::MAX);
+        let len = size.checked_mul(io.count as usize);
+        let within = len
+            .and_then(|len| offset.checked_add(len))
+            .is_some_and(|end| end <= run_size);
+        if !(1..=8).contains(&size) || !within {
+            return Err(format!(
+                "KVM reported port I/O of {} items of {size} bytes at offset {offset:#x}, \
+                 outside its {run_size:#x}-byte shared area",
+                io.count
+            ));
+        }
+        let len = size * io.count as usize;
+        // SAFETY: KVM maps `run_size` bytes for the vCPU starting at `run`, and
+        // `[offset, offset + len)` was checked to lie within them. The slice is derived from
+        // `run`, which is not used again while the slice lives, and the slice is dropped
+        // before the next KVM_RUN (no other thread touches this vCPU's area).
+        let data = unsafe {
+            std::slice::from_raw_parts_mut(std::ptr::from_mut(run).cast::<u8>().add(offset), len)
+        };
+        let port = u64::from(io.port);
+        let exits = &shared.exits;
+        if u32::from(io.direction) == KVM_EXIT_IO_OUT {
+            exits.io_out.fetch_add(1, Ordering::Relaxed);
+            for item in data.chunks_exact(size) {
+                if !shared.pio.write(port, item) {
+                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        } else {
+            exits.io_in.fetch_add(1, Ordering::Relaxed);
+            for item in data.chunks_exact_mut(size) {
+                if !shared.pio.read(port, item) {
+                    item.fill(0xff);
+                    shared.unhandled.pio.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn internal_suberror(&mut self) -> u32 {
         let run = self.fd.get_kvm_run();
         // SAFETY: KVM filled the `internal` member of the union: this is called only right
@@ -463,41 +539,30 @@ impl Vcpu {
     }
 }
 
-/// Hand a device access to its bus (unclaimed reads see all ones); any other exit is given
-/// back.
-fn dispatch_io<'a>(shared: &VcpuShared, exit: VcpuExit<'a>) -> Option<VcpuExit<'a>> {
+/// Whether `KVM_RUN` returned a port access ([`Vcpu::serve_port_io`] serves it).
+fn is_port_io(result: &std::result::Result<VcpuExit, kvm_ioctls::Error>) -> bool {
+    matches!(result, Ok(VcpuExit::IoIn(..) | VcpuExit::IoOut(..)))
+}
+
+/// Hand an MMIO access to its bus (unclaimed reads see all ones); any other exit is given
+/// back. Port accesses are served by [`Vcpu::serve_port_io`].
+fn dispatch_mmio<'a>(shared: &VcpuShared, exit: VcpuExit<'a>) -> Option<VcpuExit<'a>> {
     let exits = &shared.exits;
     let count = |c: &AtomicU64| {
         c.fetch_add(1, Ordering::Relaxed);
     };
-    let unhandled = |c: &AtomicU64| {
-        c.fetch_add(1, Ordering::Relaxed);
-    };
     match exit {
-        VcpuExit::IoOut(port, data) => {
-            count(&exits.io_out);
-            if !shared.pio.write(u64::from(port), data) {
-                unhandled(&shared.unhandled.pio);
-            }
-        }
-        VcpuExit::IoIn(port, data) => {
-            count(&exits.io_in);
-            if !shared.pio.read(u64::from(port), data) {
-                data.fill(0xff);
-                unhandled(&shared.unhandled.pio);
-            }
-        }
         VcpuExit::MmioRead(addr, data) => {
             count(&exits.mmio_read);
             if !shared.mmio.read(addr, data) {
                 data.fill(0xff);
-                unhandled(&shared.unhandled.mmio);
+                count(&shared.unhandled.mmio);
             }
         }
         VcpuExit::MmioWrite(addr, data) => {
             count(&exits.mmio_write);
             if !shared.mmio.write(addr, data) {
-                unhandled(&shared.unhandled.mmio);
+                count(&shared.unhandled.mmio);
             }
         }
         other => return Some(other),
@@ -542,7 +607,12 @@ mod tests {
         let fd = vm.create_vcpu(0).unwrap();
         let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
         fd.set_cpuid2(&cpuid).unwrap();
-        let vcpu = Vcpu { id: 0, fd, cpuid };
+        let vcpu = Vcpu {
+            id: 0,
+            fd,
+            cpuid,
+            run_size: vm.run_size(),
+        };
         // IA32_TSC, two indexes no CPU has, SYSENTER_CS, SYSENTER_ESP; and a list longer
         // than one KVM_GET_MSRS call.
         let mut list = vec![0x10, 0xdead_beef, 0x174, 0x0bad_0000, 0x175];

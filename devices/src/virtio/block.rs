@@ -23,9 +23,10 @@ use vm_memory::{
 };
 use vmm_sys_util::epoll::EventSet;
 
+use super::chain::pop_chain;
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_BLOCK,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    MAX_CHAINS_PER_PASS, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::RateLimiter;
 
@@ -494,6 +495,8 @@ pub struct Block {
     config: [u8; CONFIG_LEN],
     active: Option<Active>,
     limiter: Option<RateLimiter>,
+    /// The last pass stopped at [`MAX_CHAINS_PER_PASS`].
+    unfinished: bool,
 }
 
 /// The event-loop data value of the rate limiter's timer.
@@ -568,6 +571,7 @@ impl Block {
             config,
             active: None,
             limiter: None,
+            unfinished: false,
         })
     }
 
@@ -712,12 +716,17 @@ impl VirtioDevice for Block {
             // The limiter's timer restarts the queue.
             return;
         }
+        let mut budget = MAX_CHAINS_PER_PASS;
         'serve: loop {
             // Only an optimisation (fewer guest exits while we work); failures are harmless.
             let _ = queue.disable_notification(mem);
             let mut popped = false;
-            while let Some(chain) = queue.pop_descriptor_chain(mem) {
+            while budget > 0 {
+                let Some(chain) = pop_chain(queue, mem) else {
+                    break;
+                };
                 popped = true;
+                budget -= 1;
                 let head = chain.head_index();
                 let parsed = parse_request(mem, chain);
                 if let (Ok(req), Some(limiter)) = (&parsed, self.limiter.as_mut()) {
@@ -735,13 +744,18 @@ impl VirtioDevice for Block {
                 }
                 let len = self.disk.complete(mem, parsed);
                 if let Err(e) = queue.add_used(mem, head, len) {
-                    warn!(
+                    crate::guest_warn!(
                         "virtio-blk {}: cannot return a buffer: {e}",
                         self.path.display()
                     );
                     break;
                 }
                 used_any = true;
+            }
+            if budget == 0 {
+                // Notifications stay off: the transport brings us back.
+                self.unfinished = true;
+                break;
             }
             // Re-arm notifications; if the driver added requests meanwhile, go again (unless
             // nothing could be taken, e.g. a bogus available index: wait for the next kick).
@@ -755,6 +769,10 @@ impl VirtioDevice for Block {
         }
     }
 
+    fn take_unfinished(&mut self) -> u64 {
+        u64::from(std::mem::take(&mut self.unfinished))
+    }
+
     fn queue_positions(&self) -> Vec<QueuePosition> {
         self.active
             .iter()
@@ -764,6 +782,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+        self.unfinished = false;
         self.acked_features = 0;
         if let Some(limiter) = self.limiter.as_mut() {
             limiter.unblock();
@@ -797,8 +816,8 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::virtio::test_utils::{
-        guest_memory, interrupt, irq_count, r, w, Desc, TempFile, TestQueue, VIRTQ_DESC_F_NEXT,
-        VIRTQ_DESC_F_WRITE,
+        guest_memory, interrupt, irq_count, r, w, Desc, Recycler, TempFile, TestQueue,
+        VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
     };
     use std::time::Duration;
 
@@ -1288,9 +1307,9 @@ mod tests {
     }
 
     #[test]
-    fn overlong_chains_via_indirect_table() {
+    fn indirect_tables_are_refused() {
         let mut s = setup(600);
-        // An indirect table (not offered, but followed by the queue library) of 300 entries.
+        // An indirect table (not offered) of 300 entries, which is also too long.
         let table = 0x38_0000u64;
         let n = 300u16;
         let put = |i: u16, addr: u64, len: u32, flags: u16| {
@@ -1313,9 +1332,39 @@ mod tests {
         s.header(VIRTIO_BLK_T_IN, 0);
         s.tq.set_desc(0, table, 16 * u32::from(n), 4, 0);
         s.tq.publish(0);
+        // A small, well-formed indirect table after a direct header descriptor.
+        s.tq.set_desc(1, HDR, 16, VIRTQ_DESC_F_NEXT, 2);
+        s.tq.set_desc(2, table + 16 * 3, 16 * 2, 4, 0);
+        put(3, DATA, 512, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE);
+        put(4, STATUS, 1, VIRTQ_DESC_F_WRITE);
+        s.tq.publish(1);
         s.block.process_queue(0);
-        assert_eq!(s.tq.used_elem(0), (0, 1));
-        assert_eq!(s.guest(STATUS, 1), [VIRTIO_BLK_S_IOERR]);
+        // Both are malformed chains: returned unused, the status byte untouched.
+        assert_eq!(s.tq.used_idx(), 2);
+        assert_eq!(s.tq.used_elem(0), (0, 0));
+        assert_eq!(s.tq.used_elem(1), (1, 0));
+        assert_eq!(s.guest(STATUS, 1), [0xff]);
+        assert_eq!(s.metric(|m| &m.invalid_chains), 2);
+        assert_eq!(s.metric(|m| &m.reads), 0);
+    }
+
+    #[test]
+    fn a_driver_that_keeps_adding_requests_cannot_hold_a_pass() {
+        let mut s = setup(128);
+        // Large reads: the driver has time to add more while the device works.
+        let head = s.tq.add_chain(&read_chain(&s.mem, 0, 0x1_0000));
+        let view = s.tq.clone();
+        let driver = Recycler::start(view.clone(), head, Duration::from_secs(3));
+        s.block.process_queue(0);
+        let used = view.used_idx();
+        drop(driver);
+        assert_eq!(usize::from(used), MAX_CHAINS_PER_PASS);
+        assert_eq!(s.metric(|m| &m.reads), MAX_CHAINS_PER_PASS as u64);
+        assert_eq!(
+            s.block.take_unfinished(),
+            1,
+            "the queue is left for another pass"
+        );
     }
 
     #[test]

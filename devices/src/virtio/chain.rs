@@ -1,10 +1,125 @@
-//! Checked views of descriptor chains shared by the devices: the data segments of a chain
-//! that runs in one direction, copying into them, and returning several chains to the guest at
-//! once.
+//! Descriptor chains for all devices: taking them from a queue's available ring and walking
+//! them ([`pop_chain`], [`DescChain`]), checked views of their data segments, copying into them,
+//! and returning several chains to the guest at once.
+//!
+//! Devices take chains through [`pop_chain`] rather than virtio-queue's own iterators: it checks
+//! the driver's available index without the library's unlimited error log, skips heads outside
+//! the descriptor table, and refuses indirect descriptors (no flint device offers
+//! `VIRTIO_F_INDIRECT_DESC`).
+
+use std::sync::atomic::Ordering;
 
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+/// `VIRTQ_DESC_F_INDIRECT`: the descriptor points at a table of descriptors.
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// Bytes per descriptor in the descriptor table.
+const DESC_SIZE: u64 = 16;
+
+/// A descriptor chain the driver made available, walked directly in the descriptor table.
+///
+/// It yields at most one descriptor per table entry (so a loop ends) and stops early, leaving
+/// the last descriptor it yielded with `VIRTQ_DESC_F_NEXT` set (or yielding nothing), when the
+/// chain links outside the table, a descriptor cannot be read, or a descriptor is indirect.
+/// Consumers treat such a chain as broken ([`segments`] returns [`ChainError::BrokenChain`]).
+#[derive(Debug, Clone)]
+pub struct DescChain<'a> {
+    mem: &'a GuestMemoryMmap,
+    table: GuestAddress,
+    size: u16,
+    head: u16,
+    next: u16,
+    /// Descriptors it may still yield; 0 once the chain ended.
+    ttl: u16,
+}
+
+impl<'a> DescChain<'a> {
+    /// The chain starting at descriptor `head` of the `size`-entry table at `table`.
+    pub fn new(mem: &'a GuestMemoryMmap, table: GuestAddress, size: u16, head: u16) -> Self {
+        DescChain {
+            mem,
+            table,
+            size,
+            head,
+            next: head,
+            ttl: size,
+        }
+    }
+
+    /// The index of the chain's first descriptor, which identifies it in the used ring.
+    pub fn head_index(&self) -> u16 {
+        self.head
+    }
+}
+
+impl Iterator for DescChain<'_> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.size {
+            return None;
+        }
+        let addr = self.table.checked_add(u64::from(self.next) * DESC_SIZE)?;
+        let d: Descriptor = self.mem.read_obj(addr).ok()?;
+        if d.flags() & VIRTQ_DESC_F_INDIRECT != 0 {
+            // Not offered, so never followed: the chain is broken here.
+            self.ttl = 0;
+            return None;
+        }
+        if d.has_next() {
+            self.next = d.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(d)
+    }
+}
+
+/// Take the next chain the driver made available in `queue`, if any.
+///
+/// `None` when the ring is empty, and also when the driver's available index is more than the
+/// queue size ahead of the device (a driver bug or a hostile guest; logged with
+/// [`crate::guest_warn!`] and left for the driver to fix, the queue stays where it is). An
+/// available-ring entry naming a descriptor outside the table cannot be returned to the driver:
+/// it is skipped (and logged the same way).
+pub fn pop_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Option<DescChain<'a>> {
+    let size = queue.size();
+    if !queue.ready() || size == 0 {
+        return None;
+    }
+    let avail = queue.avail_idx(mem, Ordering::Acquire).ok()?.0;
+    let mut next = queue.next_avail();
+    let pending = avail.wrapping_sub(next);
+    if pending > size {
+        crate::guest_warn!(
+            "virtio: the driver made {pending} buffers available in a queue of {size}; \
+             ignoring them until it resets the device or fixes its index"
+        );
+        return None;
+    }
+    // Each entry is looked at once, so this ends even if the driver keeps adding entries.
+    for _ in 0..pending {
+        let slot = GuestAddress(queue.avail_ring()).checked_add(4 + 2 * u64::from(next % size))?;
+        let head = u16::from_le(mem.read_obj::<u16>(slot).ok()?);
+        next = next.wrapping_add(1);
+        queue.set_next_avail(next);
+        if head < size {
+            return Some(DescChain::new(
+                mem,
+                GuestAddress(queue.desc_table()),
+                size,
+                head,
+            ));
+        }
+        crate::guest_warn!(
+            "virtio: the driver made descriptor {head} available in a queue of {size}; skipped"
+        );
+    }
+    None
+}
 
 /// A checked guest memory range: inside guest memory and non-empty.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,8 +249,9 @@ pub fn add_used_together(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{guest_memory, r, w, Desc, TestQueue};
-    use virtio_queue::QueueOwnedT;
+    use crate::virtio::test_utils::{
+        guest_memory, r, w, Desc, TestQueue, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+    };
 
     const MEM: usize = 0x10_0000;
 
@@ -144,8 +260,79 @@ mod tests {
         let mut tq = TestQueue::new(mem, 0x8_0000, 16);
         tq.add_chain(descs);
         let mut q = tq.queue();
-        let chain = q.iter(mem).unwrap().next().unwrap();
-        chain.collect()
+        pop_chain(&mut q, mem).unwrap().collect()
+    }
+
+    #[test]
+    fn chains_come_out_in_order_and_then_none() {
+        let mem = guest_memory(MEM);
+        let mut tq = TestQueue::new(&mem, 0x8_0000, 16);
+        let a = tq.add_chain(&[r(0x1000, 8), w(0x2000, 8)]);
+        let b = tq.add_chain(&[w(0x3000, 4)]);
+        let mut q = tq.queue();
+        let first = pop_chain(&mut q, &mem).unwrap();
+        assert_eq!(first.head_index(), a);
+        assert_eq!(first.map(|d| d.len()).collect::<Vec<_>>(), [8, 8]);
+        assert_eq!(pop_chain(&mut q, &mem).unwrap().head_index(), b);
+        assert!(pop_chain(&mut q, &mem).is_none());
+        assert_eq!(q.next_avail(), 2);
+    }
+
+    #[test]
+    fn indirect_descriptors_break_the_chain() {
+        let mem = guest_memory(MEM);
+        // A valid indirect table of one writable descriptor at 0x4000.
+        let table = GuestAddress(0x4000);
+        mem.write_obj(0x1000u64, table).unwrap();
+        mem.write_obj(64u32, table.unchecked_add(8)).unwrap();
+        mem.write_obj(VIRTQ_DESC_F_WRITE, table.unchecked_add(12))
+            .unwrap();
+        let mut tq = TestQueue::new(&mem, 0x8_0000, 16);
+        // The head is indirect.
+        tq.set_desc(0, table.0, 16, VIRTQ_DESC_F_INDIRECT, 0);
+        tq.publish(0);
+        // A direct descriptor followed by an indirect one.
+        tq.set_desc(1, 0x2000, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2);
+        tq.set_desc(2, table.0, 16, VIRTQ_DESC_F_INDIRECT, 0);
+        tq.publish(1);
+        let mut q = tq.queue();
+        for _ in 0..2 {
+            let chain = pop_chain(&mut q, &mem).unwrap();
+            assert_eq!(
+                segments(&mem, chain, Direction::DeviceWrites, 1 << 20),
+                Err(ChainError::BrokenChain)
+            );
+        }
+    }
+
+    #[test]
+    fn a_bogus_available_index_gives_no_chains() {
+        let mem = guest_memory(MEM);
+        let mut tq = TestQueue::new(&mem, 0x8_0000, 16);
+        tq.add_chain(&[w(0x1000, 8)]);
+        let mut q = tq.queue();
+        // The driver claims 17 new buffers in a 16-entry queue.
+        mem.write_obj(17u16, tq.avail.unchecked_add(2)).unwrap();
+        assert!(pop_chain(&mut q, &mem).is_none());
+        assert_eq!(q.next_avail(), 0, "nothing consumed");
+        // Fixed by the driver: served again.
+        mem.write_obj(1u16, tq.avail.unchecked_add(2)).unwrap();
+        assert!(pop_chain(&mut q, &mem).is_some());
+    }
+
+    #[test]
+    fn heads_outside_the_table_are_skipped() {
+        let mem = guest_memory(MEM);
+        let mut tq = TestQueue::new(&mem, 0x8_0000, 16);
+        tq.publish(16);
+        tq.publish(0xffff);
+        let good = tq.add_chain(&[w(0x1000, 8)]);
+        let mut q = tq.queue();
+        assert_eq!(pop_chain(&mut q, &mem).unwrap().head_index(), good);
+        assert_eq!(q.next_avail(), 3);
+        tq.publish(40);
+        assert!(pop_chain(&mut q, &mem).is_none());
+        assert_eq!(q.next_avail(), 4);
     }
 
     #[test]

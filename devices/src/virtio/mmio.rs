@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
@@ -193,7 +193,6 @@ impl MmioTransport {
         &self.queue_evts
     }
 
-    /// The guest notified queue `index`: let the device process it if it is running.
     /// Tell the driver that the device's configuration space changed.
     pub fn notify_config_change(&mut self) {
         self.config_generation = self.config_generation.wrapping_add(1);
@@ -212,11 +211,26 @@ impl MmioTransport {
         ops: &mut event_manager::EventOps,
     ) {
         self.device.process_backend(events, ops);
+        self.resignal_unfinished();
     }
 
+    /// The guest notified queue `index`: let the device process it if it is running.
     pub fn process_queue(&mut self, index: usize) {
         if self.activated && index < self.queues.len() {
             self.device.process_queue(index);
+            self.resignal_unfinished();
+        }
+    }
+
+    /// Make the queues the device left unfinished (it used its per-pass budget) look
+    /// notified again: the event loop comes back to them after the other ready events.
+    fn resignal_unfinished(&mut self) {
+        let unfinished = self.device.take_unfinished();
+        for (index, evt) in self.queue_evts.iter().enumerate().take(64) {
+            if unfinished & (1 << index) != 0 {
+                // A full counter (EAGAIN) means the queue is already signalled.
+                let _ = evt.write(1);
+            }
         }
     }
 
@@ -353,6 +367,7 @@ impl MmioTransport {
             for index in 0..count {
                 self.device.process_queue(index);
             }
+            self.resignal_unfinished();
         }
         if self.interrupt.status() != 0 {
             // The guest had not acknowledged it yet; a spurious interrupt is harmless, a lost
@@ -404,7 +419,7 @@ impl MmioTransport {
     /// Apply `f` to the selected queue while the driver may still change queue registers.
     fn update_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
         if self.status & STATUS_DRIVER_OK != 0 {
-            warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
+            crate::guest_warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
             return;
         }
         if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
@@ -423,7 +438,7 @@ impl MmioTransport {
     fn write_driver_features(&mut self, value: u32) {
         // Features are negotiated between DRIVER and FEATURES_OK only.
         if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
-            warn!("virtio-mmio: driver features written outside negotiation ignored");
+            crate::guest_warn!("virtio-mmio: driver features written outside negotiation ignored");
             return;
         }
         let shift = match self.driver_features_sel {
@@ -460,7 +475,7 @@ impl MmioTransport {
             if self.features_acceptable() {
                 self.status |= STATUS_FEATURES_OK;
             } else {
-                warn!(
+                crate::guest_warn!(
                     "virtio-mmio: refusing features {:#x} (offered {:#x})",
                     self.acked_features,
                     self.device.avail_features()
@@ -487,6 +502,25 @@ impl MmioTransport {
             }
             if let Some(gap) = first_unready {
                 return Err(QueueSetupError::Gap(i, gap));
+            }
+            // Checked here first so that virtio-queue, which logs every refusal, never sees
+            // a bad configuration.
+            if cfg.size == 0 || cfg.size > max || !cfg.size.is_power_of_two() {
+                return Err(QueueSetupError::Size(i, cfg.size, max));
+            }
+            if cfg.desc % 16 != 0 || cfg.driver % 2 != 0 || cfg.device % 4 != 0 {
+                return Err(QueueSetupError::Alignment(i));
+            }
+            let size = u64::from(cfg.size);
+            let rings = [
+                (cfg.desc, 16 * size),
+                (cfg.driver, 6 + 2 * size),
+                (cfg.device, 6 + 8 * size),
+            ];
+            if !rings.iter().all(|&(addr, len)| {
+                GuestMemoryBackend::check_range(&self.mem, GuestAddress(addr), len as usize)
+            }) {
+                return Err(QueueSetupError::Memory(i));
             }
             let mut q = Queue::new(max).map_err(|_| QueueSetupError::Size(i, cfg.size, max))?;
             q.try_set_size(cfg.size)
@@ -529,7 +563,7 @@ impl MmioTransport {
         match self.start_device(&[]) {
             Ok(_) => self.activated = true,
             Err(e) => {
-                warn!(
+                crate::guest_warn!(
                     "virtio-mmio: cannot activate device type {}: {e}",
                     self.device.device_type()
                 );
@@ -1039,6 +1073,11 @@ mod tests {
 
     /// A transport in front of a real entropy device, activated with one queue at 0x1000.
     fn rng_harness(mem: &GuestMemoryMmap) -> (Harness, TestQueue) {
+        rng_harness_sized(mem, 16)
+    }
+
+    /// [`rng_harness`] with a queue of `size` entries.
+    fn rng_harness_sized(mem: &GuestMemoryMmap, size: u16) -> (Harness, TestQueue) {
         let dev = crate::virtio::rng::Rng::new();
         let t = MmioTransport::new(Box::new(dev), mem.clone(), interrupt()).unwrap();
         let mut h = Harness {
@@ -1047,10 +1086,92 @@ mod tests {
             mem: mem.clone(),
         };
         assert!(h.negotiate(VIRTIO_F_VERSION_1));
-        h.setup_queue(0, 16, 0x1000);
+        h.setup_queue(0, size, 0x1000);
         h.driver_ok();
         assert!(h.t.is_activated());
-        (h, TestQueue::new(mem, 0x1000, 16))
+        (h, TestQueue::new(mem, 0x1000, size))
+    }
+
+    #[test]
+    fn a_guest_repeating_bad_accesses_gets_a_bounded_number_of_log_lines() {
+        use crate::guest_log::BURST;
+        use crate::virtio::test_utils::logs;
+        use vm_memory::{Address, Bytes};
+        const N: usize = 100_000;
+        let mark = logs::start();
+        let mem = guest_memory(0x10_0000);
+        let (mut h, tq) = rng_harness(&mem);
+        for _ in 0..N {
+            h.wr(QUEUE_NUM, 8);
+            h.wr(DRIVER_FEATURES, 1);
+        }
+        // An available index far ahead of the device, notified again and again.
+        mem.write_obj(0x8000u16, tq.avail.unchecked_add(2)).unwrap();
+        for _ in 0..N {
+            h.wr(QUEUE_NOTIFY, 0);
+        }
+        // A queue the library would refuse (and log), set up again and again.
+        for _ in 0..N {
+            h.wr(STATUS, 0);
+            assert!(h.negotiate(VIRTIO_F_VERSION_1));
+            h.setup_queue(0, 16, 0x1000);
+            h.wr(QUEUE_NUM, 3);
+            h.driver_ok();
+        }
+        let lines = logs::since(mark);
+        let from = |text: &str| lines.iter().filter(|(_, m)| m.contains(text)).count();
+        for text in [
+            "after DRIVER_OK",
+            "outside negotiation",
+            "buffers available in a queue of 16",
+            "cannot activate",
+        ] {
+            // Each site writes its burst and at most one line per interval after it.
+            let n = from(text);
+            assert!(n >= 1 && n as u64 <= BURST + 2, "{n} lines with {text:?}");
+        }
+        assert!(
+            lines
+                .iter()
+                .all(|(target, _)| !target.starts_with("virtio_queue")),
+            "virtio-queue logged: {:?}",
+            lines.iter().find(|(t, _)| t.starts_with("virtio_queue"))
+        );
+        assert!(
+            lines.len() as u64 <= 4 * (BURST + 2),
+            "{} lines",
+            lines.len()
+        );
+    }
+
+    #[test]
+    fn a_queue_left_at_the_budget_is_signalled_again() {
+        let mem = guest_memory(0x10_0000);
+        let (mut h, mut tq) = rng_harness_sized(&mem, 256);
+        let head = tq.add_chain(&[w(0x8_0000, 16)]);
+        for _ in 1..crate::virtio::MAX_CHAINS_PER_PASS {
+            tq.publish(head);
+        }
+        h.wr(QUEUE_NOTIFY, 0);
+        assert_eq!(
+            usize::from(tq.used_idx()),
+            crate::virtio::MAX_CHAINS_PER_PASS
+        );
+        // The event loop watches this eventfd: it comes back to the queue.
+        assert_eq!(h.t.queue_events()[0].read().unwrap(), 1);
+        // What the driver adds meanwhile is served then, without a new notification.
+        for _ in 0..10 {
+            tq.publish(head);
+        }
+        h.t.process_queue(0);
+        assert_eq!(
+            usize::from(tq.used_idx()),
+            crate::virtio::MAX_CHAINS_PER_PASS + 10
+        );
+        assert!(
+            h.t.queue_events()[0].read().is_err(),
+            "finished: not signalled"
+        );
     }
 
     fn fresh_rng_transport(mem: &GuestMemoryMmap) -> MmioTransport {

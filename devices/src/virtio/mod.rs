@@ -44,6 +44,15 @@ pub const TYPE_VSOCK: u32 = 19;
 /// values below it are queue indexes.
 pub const BACKEND_EVENT_BASE: u32 = 1 << 16;
 
+/// Most descriptor chains a device takes from one queue in one processing pass (and, for
+/// network receive, most frames it moves). A guest that keeps making buffers available while
+/// the device works cannot keep one pass going: the device stops at this budget, reports the
+/// queue through [`VirtioDevice::take_unfinished`], and the transport signals the queue's
+/// notification eventfd again, so the event loop first serves every other ready event and
+/// then continues the queue without the guest notifying. As large as the largest queue, so a
+/// driver that fills a queue once is served in one pass.
+pub const MAX_CHAINS_PER_PASS: usize = 256;
+
 /// Interrupt status bits (the MMIO `InterruptStatus` register).
 pub const INT_USED_RING: u32 = 1;
 pub const INT_CONFIG_CHANGE: u32 = 2;
@@ -162,6 +171,14 @@ pub trait VirtioDevice: Send {
     ) -> Result<(), ActivateError>;
     /// The guest notified queue `index`: process what it made available.
     fn process_queue(&mut self, index: usize);
+    /// Queues on which a processing pass (from [`VirtioDevice::process_queue`] or
+    /// [`VirtioDevice::process_backend`]) stopped at [`MAX_CHAINS_PER_PASS`], so work may be
+    /// left, as a bit mask of queue indexes; the call clears it. The transport makes each of them
+    /// look notified again, and the device continues on the next `process_queue` of that
+    /// queue.
+    fn take_unfinished(&mut self) -> u64 {
+        0
+    }
     /// Return to the state before activation (the driver reset the device). Pending requests
     /// are dropped; backends (files) stay open.
     fn reset(&mut self);

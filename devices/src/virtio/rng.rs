@@ -4,13 +4,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::chain::pop_chain;
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, TYPE_RNG, VIRTIO_F_VERSION_1,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, MAX_CHAINS_PER_PASS, TYPE_RNG,
+    VIRTIO_F_VERSION_1,
 };
 
 /// The size of the device's only queue.
@@ -61,6 +63,8 @@ pub struct Rng {
     active: Option<Active>,
     buf: Vec<u8>,
     metrics: Arc<RngMetrics>,
+    /// The last pass used its budget with chains left.
+    unfinished: bool,
 }
 
 impl Default for Rng {
@@ -76,6 +80,7 @@ impl Rng {
             active: None,
             buf: Vec::new(),
             metrics: Arc::new(RngMetrics::default()),
+            unfinished: false,
         }
     }
 
@@ -113,7 +118,7 @@ fn fill_chain(
     }
     buf.resize(want, 0);
     fill_random(buf)
-        .map_err(|e| warn!("virtio-rng: getrandom failed: {e}"))
+        .map_err(|e| crate::guest_warn!("virtio-rng: getrandom failed: {e}"))
         .ok()?;
     let mut at = 0;
     for (addr, n) in targets {
@@ -169,7 +174,12 @@ impl VirtioDevice for Rng {
         };
         let mem = &active.mem;
         let mut used_any = false;
-        while let Some(chain) = active.queue.pop_descriptor_chain(mem) {
+        let mut budget = MAX_CHAINS_PER_PASS;
+        while budget > 0 {
+            let Some(chain) = pop_chain(&mut active.queue, mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             let len = match fill_chain(mem, chain, &mut self.buf) {
                 Some(len) => {
@@ -186,7 +196,7 @@ impl VirtioDevice for Rng {
                 }
             };
             if let Err(e) = active.queue.add_used(mem, head, len) {
-                warn!("virtio-rng: cannot return a buffer: {e}");
+                crate::guest_warn!("virtio-rng: cannot return a buffer: {e}");
                 break;
             }
             used_any = true;
@@ -194,6 +204,12 @@ impl VirtioDevice for Rng {
         if used_any && active.queue.needs_notification(mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
         }
+        // Possibly nothing is left; the extra pass then finds the ring empty.
+        self.unfinished = budget == 0;
+    }
+
+    fn take_unfinished(&mut self) -> u64 {
+        u64::from(std::mem::take(&mut self.unfinished))
     }
 
     fn queue_positions(&self) -> Vec<QueuePosition> {
@@ -205,13 +221,17 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+        self.unfinished = false;
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::test_utils::{guest_memory, interrupt, irq_count, r, w, TestQueue};
+    use crate::virtio::test_utils::{
+        guest_memory, interrupt, irq_count, r, w, Recycler, TestQueue,
+    };
+    use std::time::Duration;
     use vm_memory::GuestAddress;
 
     const BUF: u64 = 0x10_0000;
@@ -296,6 +316,25 @@ mod tests {
         tq.add_chain(&[w(BUF, 8)]);
         rng.process_queue(0);
         assert_eq!(tq.used_elem(4).1, 8);
+    }
+
+    #[test]
+    fn a_driver_that_keeps_adding_buffers_cannot_hold_a_pass() {
+        let (mut rng, mut tq, _irq) = setup();
+        // Large requests: the driver has time to add more while the device works.
+        let head = tq.add_chain(&[w(BUF, MAX_BYTES_PER_REQUEST as u32)]);
+        let view = tq.clone();
+        let driver = Recycler::start(tq, head, Duration::from_secs(3));
+        rng.process_queue(0);
+        let used = view.used_idx();
+        drop(driver);
+        assert_eq!(usize::from(used), MAX_CHAINS_PER_PASS);
+        assert_eq!(
+            rng.take_unfinished(),
+            1,
+            "the queue is left for another pass"
+        );
+        assert_eq!(rng.take_unfinished(), 0);
     }
 
     #[test]

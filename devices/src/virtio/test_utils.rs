@@ -56,6 +56,7 @@ pub fn w(addr: u64, len: u32) -> Desc {
 }
 
 /// The driver side of a split queue at fixed addresses.
+#[derive(Clone)]
 pub struct TestQueue {
     pub mem: GuestMemoryMmap,
     pub size: u16,
@@ -155,6 +156,57 @@ impl TestQueue {
     }
 }
 
+/// A hostile driver on another thread: it keeps one chain available in every free slot of a
+/// queue's available ring, republishing it as fast as the device uses entries, as a vCPU that
+/// keeps moving `avail.idx` would. Stops when dropped or after `limit`.
+pub struct Recycler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Recycler {
+    /// Fill `tq`'s available ring with `head`, then keep it full on another thread.
+    pub fn start(mut tq: TestQueue, head: u16, limit: std::time::Duration) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let refill = move |tq: &mut TestQueue| {
+            let used = tq.used_idx();
+            while tq.avail_idx.wrapping_sub(used) < tq.size {
+                tq.publish(head);
+            }
+        };
+        refill(&mut tq);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let running = Arc::new(AtomicBool::new(false));
+        let started = running.clone();
+        let end = std::time::Instant::now() + limit;
+        let thread = std::thread::spawn(move || {
+            started.store(true, Ordering::Release);
+            while !stopped.load(Ordering::Relaxed) && std::time::Instant::now() < end {
+                refill(&mut tq);
+                std::hint::spin_loop();
+            }
+        });
+        // The device starts once the driver is busy.
+        while !running.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        Recycler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Recycler {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A file in the temp directory, removed on drop.
 pub struct TempFile(std::path::PathBuf);
 
@@ -239,5 +291,62 @@ impl<D: super::VirtioDevice + 'static> BackendLoop<D> {
     /// The device, locked.
     pub fn dev(&self) -> std::sync::MutexGuard<'_, D> {
         self.device.lock().unwrap()
+    }
+}
+
+/// Warnings and errors logged by each test thread, captured by a process-wide logger.
+pub mod logs {
+    use std::sync::{Mutex, OnceLock};
+
+    /// One captured record: logging thread, target, message.
+    type Line = (Option<String>, String, String);
+
+    struct Capture(Mutex<Vec<Line>>);
+
+    impl log::Log for Capture {
+        fn enabled(&self, metadata: &log::Metadata) -> bool {
+            metadata.level() <= log::Level::Warn
+        }
+
+        fn log(&self, record: &log::Record) {
+            if self.enabled(record.metadata()) {
+                let thread = std::thread::current().name().map(str::to_string);
+                let line = (
+                    thread,
+                    record.target().to_string(),
+                    record.args().to_string(),
+                );
+                self.0.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    fn capture() -> &'static Capture {
+        static CAPTURE: OnceLock<&'static Capture> = OnceLock::new();
+        CAPTURE.get_or_init(|| {
+            let c: &'static Capture = Box::leak(Box::new(Capture(Mutex::new(Vec::new()))));
+            log::set_logger(c).expect("no other logger in the test binary");
+            log::set_max_level(log::LevelFilter::Warn);
+            c
+        })
+    }
+
+    /// Start capturing (if not yet); returns a mark for [`since`].
+    pub fn start() -> usize {
+        capture().0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// `(target, message)` of every warning and error the calling thread logged since `mark`.
+    pub fn since(mark: usize) -> Vec<(String, String)> {
+        let me = std::thread::current().name().map(str::to_string);
+        let lines = capture().0.lock().unwrap_or_else(|e| e.into_inner());
+        lines
+            .iter()
+            .skip(mark)
+            .filter(|(thread, _, _)| *thread == me)
+            .map(|(_, target, msg)| (target.clone(), msg.clone()))
+            .collect()
     }
 }

@@ -28,10 +28,12 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
-use super::chain::{add_used_together, segments, write_segments, ChainError, Direction, Segment};
+use super::chain::{
+    add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
+};
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_NET,
-    VIRTIO_F_VERSION_1,
+    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    MAX_CHAINS_PER_PASS, TYPE_NET, VIRTIO_F_VERSION_1,
 };
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -265,6 +267,9 @@ struct Active {
     /// Used entries added since the last interrupt.
     rx_used: bool,
     tx_used: bool,
+    /// What is left of the current receive pass's budget: each frame and each receive chain
+    /// taken costs one.
+    rx_budget: usize,
 }
 
 impl Active {
@@ -280,7 +285,11 @@ impl Active {
             if have >= want || (!self.mrg_rxbuf && !self.rx_chains.is_empty()) {
                 return have >= want;
             }
-            let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+            if self.rx_budget == 0 {
+                return false;
+            }
+            self.rx_budget -= 1;
+            let Some(chain) = pop_chain(&mut self.rx, &self.mem) else {
                 return false;
             };
             let head = chain.head_index();
@@ -297,7 +306,7 @@ impl Active {
 
     fn add_used_rx(&mut self, head: u16, len: u32) {
         if let Err(e) = self.rx.add_used(&self.mem, head, len) {
-            warn!("virtio-net: cannot return a receive buffer: {e}");
+            crate::guest_warn!("virtio-net: cannot return a receive buffer: {e}");
         }
         self.rx_used = true;
     }
@@ -347,7 +356,7 @@ impl Active {
         // The driver reads `num_buffers` and then expects every buffer of the frame in the used
         // ring at once; publishing them one by one makes it drop the frame as truncated.
         if let Err(e) = add_used_together(&mut self.rx, &self.mem, &used) {
-            warn!("virtio-net: cannot return receive buffers: {e}");
+            crate::guest_warn!("virtio-net: cannot return receive buffers: {e}");
         }
         self.rx_used = true;
         Delivery::Delivered
@@ -389,6 +398,8 @@ pub struct Net {
     tap_readable: bool,
     /// The TAP was full; waiting for it to become writable.
     tx_blocked: bool,
+    /// Queues whose last pass used its budget (bit per queue index).
+    unfinished: u64,
     metrics: Arc<NetMetrics>,
 }
 
@@ -432,6 +443,7 @@ impl Net {
             tx_limiter: None,
             tap_readable: true,
             tx_blocked: false,
+            unfinished: 0,
             metrics: Arc::new(NetMetrics::default()),
         })
     }
@@ -497,7 +509,9 @@ impl Net {
             return;
         };
         let m = &*self.metrics;
-        loop {
+        active.rx_budget = MAX_CHAINS_PER_PASS;
+        while active.rx_budget > 0 {
+            active.rx_budget -= 1;
             let (len, charged) = match self.rx_pending.take() {
                 Some(len) => (len, self.rx_pending_charged),
                 None => {
@@ -560,6 +574,10 @@ impl Net {
                 }
             }
         }
+        if active.rx_budget == 0 {
+            // Frames or buffers may be left: the transport brings us back.
+            self.unfinished |= 1 << RX_QUEUE;
+        }
         active.signal();
     }
 
@@ -578,7 +596,12 @@ impl Net {
             // The limiter's timer restarts transmission.
             return;
         }
-        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+        let mut budget = MAX_CHAINS_PER_PASS;
+        while budget > 0 {
+            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
+                break;
+            };
+            budget -= 1;
             let head = chain.head_index();
             match parse_tx_chain(&mem, chain) {
                 Err(e) => {
@@ -623,13 +646,17 @@ impl Net {
                 },
             }
             if let Err(e) = active.tx.add_used(&mem, head, 0) {
-                warn!(
+                crate::guest_warn!(
                     "virtio-net {}: cannot return a transmit buffer: {e}",
                     self.tap.name()
                 );
                 break;
             }
             active.tx_used = true;
+        }
+        if budget == 0 {
+            // Chains may be left: the transport brings us back.
+            self.unfinished |= 1 << TX_QUEUE;
         }
         active.signal();
     }
@@ -713,6 +740,7 @@ impl VirtioDevice for Net {
             rx_chains: VecDeque::new(),
             rx_used: false,
             tx_used: false,
+            rx_budget: 0,
         });
         self.tx_blocked = false;
         // Frames may have queued up while the device was not running.
@@ -732,6 +760,10 @@ impl VirtioDevice for Net {
         }
     }
 
+    fn take_unfinished(&mut self) -> u64 {
+        std::mem::take(&mut self.unfinished)
+    }
+
     fn queue_positions(&self) -> Vec<QueuePosition> {
         let Some(a) = &self.active else {
             return Vec::new();
@@ -744,6 +776,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.active = None;
+        self.unfinished = 0;
         self.acked_features = 0;
         if self.rx_pending.take().is_some() {
             inc(&self.metrics.rx_dropped, 1);
@@ -758,7 +791,8 @@ impl VirtioDevice for Net {
         self.tx_blocked = false;
         // No offloads for whatever reads the TAP's frames next.
         if let Err(e) = self.tap.set_offload(0) {
-            warn!("virtio-net: {e}");
+            // The driver resets the device as often as it likes.
+            crate::guest_warn!("virtio-net: {e}");
         }
     }
 
@@ -804,6 +838,76 @@ impl VirtioDevice for Net {
                 self.process_tx();
             }
             _ => {}
+        }
+    }
+}
+
+/// The receive side's buffer accounting and frame delivery without a TAP, for the fuzz
+/// targets: the same code the device runs for each frame it reads.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    /// What became of a frame handed to [`Receiver::deliver`].
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Outcome {
+        Delivered,
+        NoBuffers,
+        TooBig,
+    }
+
+    /// An activated device's receive queue.
+    pub struct Receiver {
+        active: Active,
+        metrics: NetMetrics,
+    }
+
+    impl Receiver {
+        /// Receive into `rx` (configured and ready) in `mem`.
+        pub fn new(
+            mem: GuestMemoryMmap,
+            rx: Queue,
+            mrg_rxbuf: bool,
+            interrupt: Arc<VirtioInterrupt>,
+        ) -> Self {
+            let tx = Queue::new(QUEUE_SIZE).expect("a valid queue size");
+            Receiver {
+                active: Active {
+                    mem,
+                    rx,
+                    tx,
+                    interrupt,
+                    mrg_rxbuf,
+                    rx_chains: VecDeque::new(),
+                    rx_used: false,
+                    tx_used: false,
+                    rx_budget: 0,
+                },
+                metrics: NetMetrics::default(),
+            }
+        }
+
+        /// Hand `frame` (virtio-net header first) to the guest as one receive pass does,
+        /// then signal the used ring as the device does at the end of a pass.
+        pub fn deliver(&mut self, frame: &mut [u8]) -> Outcome {
+            self.active.rx_budget = MAX_CHAINS_PER_PASS;
+            let outcome = match self.active.deliver(frame, &self.metrics) {
+                Delivery::Delivered => Outcome::Delivered,
+                Delivery::NoBuffers => Outcome::NoBuffers,
+                Delivery::TooBig => Outcome::TooBig,
+            };
+            self.active.signal();
+            outcome
+        }
+
+        /// Receive chains taken from the ring and not used yet.
+        pub fn stashed(&self) -> usize {
+            self.active.rx_chains.len()
+        }
+
+        /// The receive queue.
+        pub fn queue(&self) -> &Queue {
+            &self.active.rx
         }
     }
 }

@@ -7,7 +7,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::tap::tests::{bring_up, require_tun, unique_name};
 use super::*;
 use crate::virtio::test_utils::{
-    guest_memory, interrupt, irq_count, r, w, BackendLoop, TestQueue, VIRTQ_DESC_F_NEXT,
+    guest_memory, interrupt, irq_count, r, w, BackendLoop, Recycler, TestQueue, VIRTQ_DESC_F_NEXT,
 };
 
 const MAC: [u8; 6] = [0x06, 0, 0, 0, 0, 0x42];
@@ -335,6 +335,41 @@ fn malformed_tx_chains_are_dropped_and_counted() {
 }
 
 #[test]
+fn a_driver_that_keeps_adding_tx_chains_cannot_hold_a_pass() {
+    let mut s = setup(VIRTIO_F_VERSION_1);
+    let f = frame([0xff; 6], 1500, 1);
+    let mut chain = vec![0u8; 12];
+    chain.extend_from_slice(&f);
+    s.txq.mem.write_slice(&chain, GuestAddress(BUF)).unwrap();
+    let head = s.txq.add_chain(&[r(BUF, chain.len() as u32)]);
+    let view = s.txq.clone();
+    let driver = Recycler::start(view.clone(), head, Duration::from_secs(3));
+    s.net.process_queue(TX_QUEUE);
+    let used = view.used_idx();
+    drop(driver);
+    assert_eq!(usize::from(used), MAX_CHAINS_PER_PASS);
+    assert_eq!(s.net.take_unfinished(), 1 << TX_QUEUE);
+    assert_eq!(s.net.take_unfinished(), 0);
+}
+
+#[test]
+fn a_driver_that_keeps_adding_rx_chains_cannot_hold_a_pass() {
+    let mut s = setup(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    // Unusable receive chains (device-readable), returned empty as soon as they are taken.
+    let head = s.rxq.add_chain(&[r(BUF, 64)]);
+    let view = s.rxq.clone();
+    let driver = Recycler::start(view.clone(), head, Duration::from_secs(3));
+    s.net.process_queue(RX_QUEUE);
+    let used = view.used_idx();
+    drop(driver);
+    assert!(
+        usize::from(used) <= MAX_CHAINS_PER_PASS,
+        "{used} chains in one pass"
+    );
+    assert_eq!(s.net.take_unfinished(), 1 << RX_QUEUE);
+}
+
+#[test]
 fn parse_tx_chain_accepts_limits() {
     let mem = guest_memory(0x40_0000);
     let mut tq = TestQueue::new(&mem, 0, 16);
@@ -364,9 +399,12 @@ fn parse_tx_chain_accepts_limits() {
 }
 
 /// Put `frame` (header included) through `Active::deliver` directly.
+/// Deliver `frame` as a fresh receive pass would.
 fn deliver(s: &mut Setup, frame: &mut [u8]) -> Delivery {
     let metrics = s.net.metrics();
-    s.net.active.as_mut().unwrap().deliver(frame, &metrics)
+    let active = s.net.active.as_mut().unwrap();
+    active.rx_budget = MAX_CHAINS_PER_PASS;
+    active.deliver(frame, &metrics)
 }
 
 fn with_hdr(f: &[u8]) -> Vec<u8> {

@@ -5,6 +5,7 @@
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
+use std::time::{Duration, Instant};
 
 use super::packet::{
     Header, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN,
@@ -94,6 +95,10 @@ pub struct Connection<S> {
     guest_send_shut: bool,
     /// The guest will receive no more.
     guest_rcv_shut: bool,
+    /// When the connection was made (for a host program's: when its `CONNECT` was served).
+    opened: Instant,
+    /// Since when neither side sends any more, with the bytes moved by then.
+    closing: Option<(Instant, u32)>,
 }
 
 impl<S: Read + Write> Connection<S> {
@@ -125,6 +130,8 @@ impl<S: Read + Write> Connection<S> {
             shutdown_sent: false,
             guest_send_shut: false,
             guest_rcv_shut: false,
+            opened: Instant::now(),
+            closing: None,
         }
     }
 
@@ -225,6 +232,30 @@ impl<S: Read + Write> Connection<S> {
             && self.guest_rcv_shut
             && self.to_host.is_empty()
             && self.host_prefix.is_empty()
+    }
+
+    /// Whether the connection has waited too long at `now` for the other side: the guest's
+    /// answer to our request for more than `connect`, or, once neither side sends new data,
+    /// the last bytes to move for more than `shutdown` without any progress. (A connection
+    /// shut down in one direction only still carries data the other way, and is left alone.)
+    pub fn expired(&mut self, now: Instant, connect: Duration, shutdown: Duration) -> bool {
+        if self.state == State::Connecting {
+            return now.saturating_duration_since(self.opened) >= connect;
+        }
+        let host_done = self.host_eof || self.host_hup || self.guest_rcv_shut;
+        if !(self.guest_send_shut && host_done) {
+            self.closing = None;
+            return false;
+        }
+        // Bytes moved either way (only equality matters).
+        let moved = self.fwd_cnt.wrapping_add(self.tx_cnt);
+        match self.closing {
+            Some((since, at)) if at == moved => now.saturating_duration_since(since) >= shutdown,
+            _ => {
+                self.closing = Some((now, moved));
+                false
+            }
+        }
     }
 
     /// Bytes waiting for the host socket.

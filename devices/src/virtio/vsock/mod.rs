@@ -14,6 +14,21 @@
 //! host socket. Host sockets are non-blocking and watched edge-triggered on the VMM's event
 //! loop; socket registrations made while serving a queue notification (which has no access
 //! to the event loop) are handed to the loop through an internal eventfd.
+//!
+//! Everything the guest sends is hostile input, and what it can make the host hold or do is
+//! bounded:
+//! - at most [`MAX_CONNECTIONS`] (128) connections, each buffering at most
+//!   [`conn::CONN_BUF_ALLOC`] (256 KiB) towards the host and [`conn::FROM_HOST_MAX`] (64 KiB)
+//!   towards the guest: [`MAX_BUFFERED_BYTES`] (40 MiB) per device;
+//! - at most [`MAX_CONTROL_PACKETS`] (1024) resets waiting for receive buffers (more are
+//!   dropped and counted);
+//! - at most [`MAX_TX_CHAINS_PER_PASS`] / [`MAX_RX_CHAINS_PER_PASS`] (64) chains per pass over
+//!   a queue, one packet (at most 64 KiB of payload) held at a time; a pass that stops with
+//!   work left is continued from the internal eventfd, so the loop serves other devices in
+//!   between and the work is finished without another guest notification;
+//! - [`Timeouts`] (10 s each) for a host connection the guest does not answer, a connection
+//!   whose last bytes do not move once neither side sends, and a host connection held back
+//!   after a restore until the guest handles the transport reset.
 
 pub mod conn;
 pub mod packet;
@@ -21,12 +36,14 @@ pub mod packet;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use crate::guest_warn;
 use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
@@ -34,8 +51,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{segments, write_segments, ChainError, Direction, Segment};
+use super::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
 use super::{
     ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
     VIRTIO_F_VERSION_1,
@@ -57,14 +75,62 @@ pub const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 pub const FIRST_HOST_PORT: u32 = 1024;
 /// Longest `CONNECT <port>\n` line accepted from a host program.
 pub const MAX_CONNECT_LINE: usize = 64;
-/// Most host programs that connected and have not sent their `CONNECT` line yet.
-pub const MAX_PENDING_HOST: usize = 1024;
-/// Most connections at once.
-pub const MAX_CONNECTIONS: usize = 4096;
+/// Most host programs that connected and have not had their connection opened yet (no
+/// `CONNECT` line yet, or held back until the guest handled a transport reset).
+pub const MAX_PENDING_HOST: usize = 256;
+/// Most connections at once, in both directions together. A guest connection beyond it is
+/// reset, a host program beyond it closed.
+pub const MAX_CONNECTIONS: usize = 128;
+/// The most the device ever buffers for its connections: each holds at most
+/// [`conn::CONN_BUF_ALLOC`] bytes on their way to the host (the credit it advertises to the
+/// guest) and [`conn::FROM_HOST_MAX`] bytes on their way to the guest. 40 MiB.
+pub const MAX_BUFFERED_BYTES: usize =
+    MAX_CONNECTIONS * (conn::CONN_BUF_ALLOC as usize + conn::FROM_HOST_MAX);
+/// Most control packets (resets) waiting for a guest receive buffer. Resets beyond it are
+/// dropped and counted (`control_dropped`): a guest that reads nothing cannot make the device
+/// hold more. A dropped reset answered a packet for a connection that does not exist; the
+/// guest's next packet on it is answered again.
+pub const MAX_CONTROL_PACKETS: usize = 1024;
+/// Transmit chains taken per pass. When a pass ends with more waiting, the device carries on
+/// from its own event-loop wakeup (not a guest notification), so other devices get their
+/// turn in between and a vCPU that keeps refilling the queue cannot hold the loop.
+pub const MAX_TX_CHAINS_PER_PASS: u16 = 64;
+/// Receive chains filled per pass (continued the same way).
+pub const MAX_RX_CHAINS_PER_PASS: u16 = 64;
+/// Host programs accepted per listener event (the listener is level-triggered: the rest are
+/// accepted on the next round of the loop).
+const MAX_ACCEPTS_PER_EVENT: usize = 64;
+
+/// How long a connection may sit in a state only the other side can end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// A host program's connection waiting for its `CONNECT` line, or for the guest's answer
+    /// to the request (from the moment the line arrived). Then the host socket is closed (and
+    /// the guest sent a reset).
+    pub connect: Duration,
+    /// A connection neither side sends on any more whose last bytes the host program does not
+    /// read: reset after this long without progress.
+    pub shutdown: Duration,
+    /// A host program's connection held back after a snapshot restore until the guest has
+    /// handled the transport reset: closed if the guest has not done so in this time.
+    pub deferred: Duration,
+}
+
+impl Default for Timeouts {
+    /// 10 s each.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(10),
+            shutdown: Duration::from_secs(10),
+            deferred: Duration::from_secs(10),
+        }
+    }
+}
 
 const LISTENER_EVENT: u32 = BACKEND_EVENT_BASE;
 const WAKE_EVENT: u32 = BACKEND_EVENT_BASE + 1;
-const FIRST_SOCKET_EVENT: u32 = BACKEND_EVENT_BASE + 2;
+const TIMER_EVENT: u32 = BACKEND_EVENT_BASE + 2;
+const FIRST_SOCKET_EVENT: u32 = BACKEND_EVENT_BASE + 3;
 
 /// Why a vsock device cannot be created.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +145,10 @@ pub enum VsockError {
     Bind { path: PathBuf, source: io::Error },
     #[error("cannot create the vsock device's wakeup eventfd: {0}")]
     EventFd(io::Error),
+    #[error("cannot create the vsock device's timer: {0}")]
+    Timer(io::Error),
+    #[error("cannot look at the vsock socket {} after binding it: {source}", path.display())]
+    Stat { path: PathBuf, source: io::Error },
 }
 
 /// Counters, shared with whoever reports metrics.
@@ -110,6 +180,13 @@ pub struct VsockMetrics {
     pub credit_violations: AtomicU64,
     /// Host socket errors that reset a connection.
     pub host_errors: AtomicU64,
+    /// Resets for the guest dropped because [`MAX_CONTROL_PACKETS`] were already waiting.
+    pub control_dropped: AtomicU64,
+    /// Connections refused because [`MAX_CONNECTIONS`] were open (or, for host programs,
+    /// [`MAX_PENDING_HOST`] waited).
+    pub connections_refused: AtomicU64,
+    /// Connections ended by one of the [`Timeouts`].
+    pub timeouts: AtomicU64,
 }
 
 fn inc(counter: &AtomicU64, by: u64) {
@@ -227,6 +304,17 @@ fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
 struct PendingHost {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
+}
+
+/// A host program whose `CONNECT` arrived while the guest may still reset its connections.
+struct Deferred {
+    id: u32,
+    stream: UnixStream,
+    port: u32,
+    /// Bytes after the line.
+    early: Vec<u8>,
+    since: Instant,
 }
 
 struct Active {
@@ -243,6 +331,8 @@ pub struct Vsock {
     guest_cid: u64,
     uds_path: PathBuf,
     listener: UnixListener,
+    /// The socket file's (device, inode) as bound: removed on drop only if still the same.
+    socket_file: (u64, u64),
     config: [u8; 8],
     active: Option<Active>,
     conns: HashMap<Key, (u32, Connection<UnixStream>)>,
@@ -267,9 +357,16 @@ pub struct Vsock {
     reset_unacked: bool,
     /// The event queue's available index when the reset was sent.
     reset_sent_avail: u16,
-    /// Host programs whose `CONNECT` arrived while `reset_unacked`: (event id, stream, guest
-    /// port, bytes after the line).
-    deferred: Vec<(u32, UnixStream, u32, Vec<u8>)>,
+    /// Host programs whose `CONNECT` arrived while `reset_unacked`.
+    deferred: Vec<Deferred>,
+    /// A transmit or receive pass stopped at its budget with work left: carry on from the
+    /// wakeup eventfd.
+    tx_more: bool,
+    rx_more: bool,
+    /// Ticks while anything could time out.
+    timer: TimerFd,
+    timer_armed: bool,
+    timeouts: Timeouts,
     scratch: Vec<u8>,
     metrics: Arc<VsockMetrics>,
 }
@@ -295,12 +392,36 @@ impl Vsock {
             path: uds_path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
-        listener.set_nonblocking(true).map_err(bind_err)?;
         let wake = EventFd::new(EFD_NONBLOCK).map_err(VsockError::EventFd)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
+        // SAFETY: fcntl on a descriptor the timer owns; only its status flags change.
+        let ret = unsafe { libc::fcntl(timer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        if ret < 0 {
+            return Err(VsockError::Timer(io::Error::last_os_error()));
+        }
+        let listener = UnixListener::bind(uds_path).map_err(bind_err)?;
+        let ready = listener
+            .set_nonblocking(true)
+            .map_err(bind_err)
+            .and_then(|()| {
+                std::fs::symlink_metadata(uds_path)
+                    .map(|m| (m.dev(), m.ino()))
+                    .map_err(|source| VsockError::Stat {
+                        path: uds_path.to_path_buf(),
+                        source,
+                    })
+            });
+        let socket_file = match ready {
+            Ok(file) => file,
+            Err(e) => {
+                let _ = std::fs::remove_file(uds_path);
+                return Err(e);
+            }
+        };
         Ok(Vsock {
             guest_cid,
             uds_path: uds_path.to_path_buf(),
+            socket_file,
             listener,
             config: guest_cid.to_le_bytes(),
             active: None,
@@ -314,6 +435,11 @@ impl Vsock {
             reset_unacked: false,
             reset_sent_avail: 0,
             deferred: Vec::new(),
+            tx_more: false,
+            rx_more: false,
+            timer,
+            timer_armed: false,
+            timeouts: Timeouts::default(),
             to_register: Vec::new(),
             to_unregister: Vec::new(),
             wake,
@@ -341,6 +467,18 @@ impl Vsock {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Use `timeouts` instead of [`Timeouts::default`] (for connections made from now on, and
+    /// for the timer's next arming).
+    pub fn set_timeouts(&mut self, timeouts: Timeouts) {
+        self.timeouts = timeouts;
+        // Re-arm with the new tick.
+        if self.timer_armed {
+            self.timer_armed = false;
+            let _ = self.timer.clear();
+        }
+        self.update_timer();
     }
 
     fn alloc_event(&mut self) -> u32 {
@@ -398,11 +536,80 @@ impl Vsock {
         }
     }
 
-    /// Ask the event loop to apply registration changes made outside it.
-    fn wake_loop(&self) {
-        if self.backend_started && !(self.to_register.is_empty() && self.to_unregister.is_empty()) {
+    /// Ask the event loop to apply registration changes made outside it, or to carry on with
+    /// a transmit or receive pass that stopped at its budget. Also (dis)arm the timer.
+    fn wake_loop(&mut self) {
+        let registrations = !(self.to_register.is_empty() && self.to_unregister.is_empty());
+        if self.backend_started && (registrations || self.tx_more || self.rx_more) {
             let _ = self.wake.write(1);
         }
+        self.update_timer();
+    }
+
+    /// The timer ticks while anything could time out, at a quarter of the shortest timeout.
+    fn update_timer(&mut self) {
+        let want = !(self.conns.is_empty() && self.pending.is_empty() && self.deferred.is_empty());
+        if want == self.timer_armed {
+            return;
+        }
+        let result = if want {
+            let t = &self.timeouts;
+            let tick =
+                (t.connect.min(t.shutdown).min(t.deferred) / 4).max(Duration::from_millis(1));
+            self.timer.reset(tick, Some(tick))
+        } else {
+            self.timer.clear()
+        };
+        match result {
+            Ok(()) => self.timer_armed = want,
+            Err(e) => warn!("virtio-vsock: cannot set the connection timer: {e}"),
+        }
+    }
+
+    /// End whatever has waited longer than its timeout at `now`. The timer calls this with the
+    /// current time; tests and fuzzing pass a later one.
+    #[doc(hidden)]
+    pub fn expire_at(&mut self, now: Instant) {
+        let t = self.timeouts;
+        let m = self.metrics.clone();
+        let stale: Vec<u32> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.since) >= t.connect)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stale {
+            if let Some(p) = self.pending.remove(&id) {
+                debug!("virtio-vsock: a host program sent no CONNECT line in time");
+                inc(&m.timeouts, 1);
+                self.unwatch(id, p.stream);
+            }
+        }
+        let (expired, kept): (Vec<Deferred>, Vec<Deferred>) = std::mem::take(&mut self.deferred)
+            .into_iter()
+            .partition(|d| now.saturating_duration_since(d.since) >= t.deferred);
+        self.deferred = kept;
+        for d in expired {
+            guest_warn!(
+                "virtio-vsock: the guest did not handle the transport reset in {:?}; closing a \
+                 host connection to port {}",
+                t.deferred,
+                d.port
+            );
+            inc(&m.timeouts, 1);
+            self.unwatch(d.id, d.stream);
+        }
+        let keys: Vec<Key> = self
+            .conns
+            .iter_mut()
+            .filter_map(|(&k, (_, c))| c.expired(now, t.connect, t.shutdown).then_some(k))
+            .collect();
+        for key in keys {
+            debug!("virtio-vsock: connection {key:?} timed out");
+            inc(&m.timeouts, 1);
+            self.remove_conn(key, true);
+        }
+        self.fill_rx();
     }
 
     /// Forget connection `key`; with `rst`, tell the guest.
@@ -419,20 +626,35 @@ impl Vsock {
     }
 
     fn queue_rst(&mut self, (local, peer): Key) {
-        self.ctrl
-            .push_back(Header::to_guest(self.guest_cid, local, peer, OP_RST));
+        self.push_ctrl(Header::to_guest(self.guest_cid, local, peer, OP_RST));
+    }
+
+    /// Queue a control packet for the guest, unless [`MAX_CONTROL_PACKETS`] already wait.
+    fn push_ctrl(&mut self, hdr: Header) {
+        if self.ctrl.len() >= MAX_CONTROL_PACKETS {
+            inc(&self.metrics.control_dropped, 1);
+            guest_warn!(
+                "virtio-vsock: {MAX_CONTROL_PACKETS} resets wait for guest receive buffers; \
+                 dropping another"
+            );
+            return;
+        }
+        self.ctrl.push_back(hdr);
     }
 
     /// Accept every waiting host program.
     fn accept_all(&mut self) {
-        loop {
+        for _ in 0..MAX_ACCEPTS_PER_EVENT {
             match self.listener.accept() {
                 Ok((stream, _)) => {
                     if self.pending.len() + self.deferred.len() >= MAX_PENDING_HOST
                         || self.conns.len() >= MAX_CONNECTIONS
-                        || stream.set_nonblocking(true).is_err()
                     {
-                        debug!("virtio-vsock: refusing a host connection");
+                        debug!("virtio-vsock: refusing a host connection (too many)");
+                        inc(&self.metrics.connections_refused, 1);
+                        continue;
+                    }
+                    if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let id = self.alloc_event();
@@ -442,6 +664,7 @@ impl Vsock {
                         PendingHost {
                             stream,
                             line: Vec::new(),
+                            since: Instant::now(),
                         },
                     );
                 }
@@ -477,14 +700,24 @@ impl Vsock {
                         let port = parse_connect_line(&p.line[..nl]);
                         match port {
                             Some(port) if self.event_pending || self.reset_unacked => {
-                                let early = p.line[nl + 1..].to_vec();
-                                self.deferred.push((id, p.stream, port, early));
+                                self.deferred.push(Deferred {
+                                    id,
+                                    stream: p.stream,
+                                    port,
+                                    early: p.line[nl + 1..].to_vec(),
+                                    since: Instant::now(),
+                                });
                             }
                             Some(port) if self.conns.len() < MAX_CONNECTIONS => {
                                 let early = p.line[nl + 1..].to_vec();
                                 self.open_host_initiated(id, p.stream, port, &early);
                             }
-                            _ => {
+                            Some(_) => {
+                                debug!("virtio-vsock: refusing a host connection (too many)");
+                                inc(&self.metrics.connections_refused, 1);
+                                self.unwatch(id, p.stream);
+                            }
+                            None => {
                                 inc(&self.metrics.bad_connect_lines, 1);
                                 self.unwatch(id, p.stream);
                             }
@@ -580,7 +813,7 @@ impl Vsock {
                 debug!("virtio-vsock: malformed packet: {e}");
                 inc(&m.malformed, 1);
                 if e.wants_rst(&hdr) {
-                    self.ctrl.push_back(rst_for(&hdr, self.guest_cid));
+                    self.push_ctrl(rst_for(&hdr, self.guest_cid));
                 }
                 return;
             }
@@ -600,7 +833,7 @@ impl Vsock {
             if op != Op::Rst {
                 debug!("virtio-vsock: {op:?} for unknown connection {key:?}");
                 inc(&m.malformed, 1);
-                self.ctrl.push_back(rst_for(&hdr, self.guest_cid));
+                self.push_ctrl(rst_for(&hdr, self.guest_cid));
             }
             return;
         };
@@ -648,11 +881,15 @@ impl Vsock {
         let key = (hdr.dst_port, hdr.src_port);
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let stream = if self.conns.len() >= MAX_CONNECTIONS {
-            Err(io::Error::from_raw_os_error(libc::EMFILE))
-        } else {
-            connect_nonblocking(Path::new(&path))
-        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            guest_warn!(
+                "virtio-vsock: the guest has {MAX_CONNECTIONS} connections; resetting another"
+            );
+            inc(&m.connections_refused, 1);
+            self.queue_rst(key);
+            return;
+        }
+        let stream = connect_nonblocking(Path::new(&path));
         match stream {
             Ok(stream) => {
                 let id = self.alloc_event();
@@ -673,35 +910,47 @@ impl Vsock {
         }
     }
 
-    /// Take the guest's transmit queue.
+    /// Take up to [`MAX_TX_CHAINS_PER_PASS`] packets from the guest's transmit queue, each
+    /// handled as it is taken.
     fn process_tx(&mut self) {
-        let Some(active) = self.active.as_mut() else {
+        self.tx_more = false;
+        let Some(mem) = self.active.as_ref().map(|a| a.mem.clone()) else {
             return;
         };
-        let mem = active.mem.clone();
-        let mut packets = Vec::new();
         let mut used = false;
-        while let Some(chain) = active.tx.pop_descriptor_chain(&mem) {
+        let mut taken = 0;
+        while let Some(active) = self.active.as_mut() {
+            if taken == MAX_TX_CHAINS_PER_PASS {
+                self.tx_more = true;
+                break;
+            }
+            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
+                break;
+            };
+            taken += 1;
             let head = chain.head_index();
-            match parse_tx_chain(&mem, chain) {
-                Ok(p) => packets.push(p),
+            let packet = parse_tx_chain(&mem, chain);
+            let returned = active.tx.add_used(&mem, head, 0);
+            used |= returned.is_ok();
+            match packet {
+                Ok((hdr, payload)) => {
+                    inc(&self.metrics.tx_packets, 1);
+                    self.handle_guest_packet(hdr, &payload);
+                }
                 Err(e) => {
                     debug!("virtio-vsock: malformed transmit chain: {e}");
                     inc(&self.metrics.malformed, 1);
                 }
             }
-            if let Err(e) = active.tx.add_used(&mem, head, 0) {
-                warn!("virtio-vsock: cannot return a transmit buffer: {e}");
+            if let Err(e) = returned {
+                guest_warn!("virtio-vsock: cannot return a transmit buffer: {e}");
                 break;
             }
-            used = true;
         }
-        if used && active.tx.needs_notification(&mem).unwrap_or(true) {
-            active.interrupt.signal_used_queue();
-        }
-        inc(&self.metrics.tx_packets, packets.len() as u64);
-        for (hdr, payload) in packets {
-            self.handle_guest_packet(hdr, &payload);
+        if let Some(active) = self.active.as_mut() {
+            if used && active.tx.needs_notification(&mem).unwrap_or(true) {
+                active.interrupt.signal_used_queue();
+            }
         }
     }
 
@@ -720,8 +969,15 @@ impl Vsock {
             .collect();
         let mut used = false;
         let mut finished = Vec::new();
+        let mut taken = 0;
+        self.rx_more = false;
         while !self.ctrl.is_empty() || !ready.is_empty() {
-            let Some(chain) = active.rx.pop_descriptor_chain(&mem) else {
+            if taken == MAX_RX_CHAINS_PER_PASS {
+                self.rx_more = true;
+                break;
+            }
+            taken += 1;
+            let Some(chain) = pop_chain(&mut active.rx, &mem) else {
                 break;
             };
             let head = chain.head_index();
@@ -730,7 +986,7 @@ impl Vsock {
                 None => {
                     inc(&m.rx_errors, 1);
                     if let Err(e) = active.rx.add_used(&mem, head, 0) {
-                        warn!("virtio-vsock: cannot return a receive buffer: {e}");
+                        guest_warn!("virtio-vsock: cannot return a receive buffer: {e}");
                         break;
                     }
                     used = true;
@@ -783,7 +1039,7 @@ impl Vsock {
             inc(&m.rx_bytes, payload.len() as u64);
             // At most HDR_LEN + MAX_PAYLOAD.
             if let Err(e) = active.rx.add_used(&mem, head, bytes.len() as u32) {
-                warn!("virtio-vsock: cannot return a receive buffer: {e}");
+                guest_warn!("virtio-vsock: cannot return a receive buffer: {e}");
                 break;
             }
             used = true;
@@ -805,7 +1061,7 @@ impl Vsock {
             return;
         };
         let mem = active.mem.clone();
-        let Some(chain) = active.event.pop_descriptor_chain(&mem) else {
+        let Some(chain) = pop_chain(&mut active.event, &mem) else {
             return;
         };
         let head = chain.head_index();
@@ -825,16 +1081,16 @@ impl Vsock {
                 }
             }
             _ => {
-                warn!("virtio-vsock: unusable event buffer");
+                guest_warn!("virtio-vsock: unusable event buffer");
                 0
             }
         };
         if let Err(e) = active.event.add_used(&mem, head, len) {
-            warn!("virtio-vsock: cannot return an event buffer: {e}");
+            guest_warn!("virtio-vsock: cannot return an event buffer: {e}");
         }
         // The driver's next buffer acknowledges the reset: be told when it comes.
         if let Err(e) = active.event.enable_notification(&mem) {
-            warn!("virtio-vsock: cannot ask for event queue notifications: {e}");
+            guest_warn!("virtio-vsock: cannot ask for event queue notifications: {e}");
         }
         if active.event.needs_notification(&mem).unwrap_or(true) {
             active.interrupt.signal_used_queue();
@@ -862,11 +1118,12 @@ impl Vsock {
             return;
         }
         self.reset_unacked = false;
-        for (id, stream, port, early) in std::mem::take(&mut self.deferred) {
+        for d in std::mem::take(&mut self.deferred) {
             if self.conns.len() < MAX_CONNECTIONS {
-                self.open_host_initiated(id, stream, port, &early);
+                self.open_host_initiated(d.id, d.stream, d.port, &d.early);
             } else {
-                self.unwatch(id, stream);
+                inc(&self.metrics.connections_refused, 1);
+                self.unwatch(d.id, d.stream);
             }
         }
         self.service(None);
@@ -878,8 +1135,8 @@ impl Vsock {
         for key in keys {
             self.remove_conn(key, false);
         }
-        for (id, stream, _, _) in std::mem::take(&mut self.deferred) {
-            self.unwatch(id, stream);
+        for d in std::mem::take(&mut self.deferred) {
+            self.unwatch(d.id, d.stream);
         }
         self.reset_unacked = false;
         self.ctrl.clear();
@@ -899,8 +1156,13 @@ fn rx_segments(
 }
 
 impl Drop for Vsock {
+    /// Remove the socket file, unless another program has put its own file there since.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.uds_path);
+        let ours = std::fs::symlink_metadata(&self.uds_path)
+            .is_ok_and(|m| m.file_type().is_socket() && (m.dev(), m.ino()) == self.socket_file);
+        if ours {
+            let _ = std::fs::remove_file(&self.uds_path);
+        }
     }
 }
 
@@ -1001,6 +1263,9 @@ impl VirtioDevice for Vsock {
         if let Err(e) = ops.add(Events::with_data(&self.wake, WAKE_EVENT, EventSet::IN)) {
             warn!("virtio-vsock: cannot watch the wakeup eventfd: {e:?}");
         }
+        if let Err(e) = ops.add(Events::with_data(&self.timer, TIMER_EVENT, EventSet::IN)) {
+            warn!("virtio-vsock: cannot watch the connection timer: {e:?}");
+        }
         self.backend_started = true;
         self.sync_registrations(ops);
     }
@@ -1010,6 +1275,17 @@ impl VirtioDevice for Vsock {
             LISTENER_EVENT => self.accept_all(),
             WAKE_EVENT => {
                 let _ = self.wake.read();
+                // A pass that stopped at its budget carries on here.
+                if self.tx_more {
+                    self.process_tx();
+                    self.fill_rx();
+                } else if self.rx_more {
+                    self.fill_rx();
+                }
+            }
+            TIMER_EVENT => {
+                let _ = self.timer.wait();
+                self.expire_at(Instant::now());
             }
             id => {
                 if self.pending.contains_key(&id) {
@@ -1024,6 +1300,7 @@ impl VirtioDevice for Vsock {
             }
         }
         self.sync_registrations(ops);
+        self.wake_loop();
     }
 }
 

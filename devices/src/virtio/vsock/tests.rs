@@ -672,6 +672,53 @@ fn malformed_packets_are_dropped_or_reset() {
 }
 
 #[test]
+fn transmit_chains_through_indirect_tables_are_refused() {
+    // No flint device offers VIRTIO_F_INDIRECT_DESC: a request the guest hides in an indirect
+    // table is malformed, not served.
+    let mut s = setup();
+    let mm = s.lp.dev().metrics();
+    let listener = UnixListener::bind(s.dir.port_path(9)).unwrap();
+    let mut req = s.g.hdr(OP_REQUEST, 300, 9);
+    req.len = 0;
+    let table = TXBUF + 0x2000;
+    s.g.txq
+        .mem
+        .write_slice(&req.to_bytes(), GuestAddress(TXBUF))
+        .unwrap();
+    // The indirect table: one readable descriptor holding the header.
+    s.g.txq.mem.write_obj(TXBUF, GuestAddress(table)).unwrap();
+    s.g.txq
+        .mem
+        .write_obj(HDR_LEN as u32, GuestAddress(table + 8))
+        .unwrap();
+    s.g.txq
+        .mem
+        .write_obj(0u16, GuestAddress(table + 12))
+        .unwrap();
+    let head = s.g.txq.next_desc();
+    s.g.txq.set_desc(
+        head,
+        table,
+        16,
+        crate::virtio::chain::VIRTQ_DESC_F_INDIRECT,
+        0,
+    );
+    s.g.txq.publish(head);
+    s.lp.dev().process_queue(TX_QUEUE);
+    assert_eq!(m(&mm.malformed), 1);
+    assert_eq!(s.g.txq.used_idx(), 1, "the chain goes back to the guest");
+    for _ in 0..5 {
+        s.lp.run_once(2);
+    }
+    assert_eq!(
+        s.g.recv(),
+        vec![],
+        "no response to a request in an indirect table"
+    );
+    drop(listener);
+}
+
+#[test]
 fn bad_rx_chains_are_returned_empty() {
     let mut s = setup_with_rx(0);
     s.g.rxq.add_chain(&[r(RXBUF, 64)]);
@@ -938,4 +985,273 @@ fn host_connections_wait_until_the_guest_has_handled_the_reset() {
     let (answer, _) = host_read(&mut lp, &mut host, 8);
     assert!(answer.starts_with(b"OK "), "{answer:?}");
     assert_eq!(lp.dev().connection_count(), 1);
+}
+
+/// A guest that never posts receive buffers and sends to ports nobody listens on.
+#[test]
+fn resets_for_a_guest_that_reads_nothing_are_bounded_and_counted() {
+    let mut s = setup_with_rx(0);
+    for i in 0..100_000u32 {
+        let h = s.g.hdr(OP_RW, 10_000 + i % 50_000, 20_000 + i / 50_000);
+        s.g.send(&mut s.lp, h, b"x");
+    }
+    let queued = s.lp.dev().ctrl.len();
+    assert_eq!(queued, MAX_CONTROL_PACKETS, "resets held for the guest");
+    let mm = s.lp.dev().metrics();
+    assert_eq!(m(&mm.control_dropped), 100_000 - MAX_CONTROL_PACKETS as u64);
+    // When the guest reads again, it gets the resets that were kept, and the device works.
+    s.g.give_rx(&mut s.lp, 200);
+    assert_eq!(s.g.wait(&mut s.lp, 200).len(), 200);
+    s.g.give_rx(&mut s.lp, 200);
+    assert_eq!(s.g.wait(&mut s.lp, 200).len(), 200);
+    assert_eq!(m(&mm.resets_sent), 400);
+}
+
+/// The guest puts a whole ring of packets on the transmit queue at once.
+#[test]
+fn a_full_transmit_ring_is_served_in_bounded_passes_without_a_new_kick() {
+    let mut s = setup();
+    let rst = s.g.hdr(OP_RST, 1, 2);
+    s.g.txq
+        .mem
+        .write_slice(&rst.to_bytes(), GuestAddress(TXBUF))
+        .unwrap();
+    for _ in 0..QUEUE_SIZE {
+        s.g.txq.add_chain(&[r(TXBUF, HDR_LEN as u32)]);
+    }
+    s.lp.dev().process_queue(TX_QUEUE);
+    let first_pass = s.g.txq.used_idx();
+    assert!(first_pass > 0 && first_pass < QUEUE_SIZE, "{first_pass}");
+    // No new notification: the device picks the rest up from its event loop.
+    let done = s.lp.run_until(TIMEOUT, |d| m(&d.metrics.tx_packets) == 256);
+    assert!(done, "handled {}", m(&s.lp.dev().metrics.tx_packets));
+    assert_eq!(s.g.txq.used_idx(), QUEUE_SIZE);
+}
+
+/// A vCPU keeps moving `avail.idx` (and notifying) while the device serves the transmit queue.
+#[test]
+fn a_transmit_queue_that_never_empties_is_served_in_bounded_passes() {
+    use std::sync::atomic::AtomicBool;
+    const TOTAL: u64 = 50_000;
+    let mut s = setup();
+    let rst = s.g.hdr(OP_RST, 1, 2);
+    let txq = &s.g.txq;
+    txq.mem
+        .write_slice(&rst.to_bytes(), GuestAddress(TXBUF))
+        .unwrap();
+    txq.set_desc(0, TXBUF, HDR_LEN as u32, 0, 0);
+    let (mem, avail, used) = (txq.mem.clone(), txq.avail, txq.used);
+    let kicked = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (kicked2, stop2) = (kicked.clone(), stop.clone());
+    // The "vCPU": keeps the ring full of the same one-descriptor chain, notifying each time.
+    let vcpu = std::thread::spawn(move || {
+        let mut published: u64 = 0;
+        while !stop2.load(Ordering::Relaxed) && published < TOTAL * 4 {
+            let used_idx: u16 = mem.read_obj(GuestAddress(used.0 + 2)).unwrap();
+            let avail_idx = published as u16;
+            if avail_idx.wrapping_sub(used_idx) < QUEUE_SIZE {
+                let slot = GuestAddress(avail.0 + 4 + 2 * u64::from(avail_idx % QUEUE_SIZE));
+                mem.write_obj(0u16, slot).unwrap();
+                std::sync::atomic::fence(Ordering::Release);
+                mem.write_obj(avail_idx.wrapping_add(1), GuestAddress(avail.0 + 2))
+                    .unwrap();
+                published += 1;
+                kicked2.store(true, Ordering::Release);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    });
+    // Let the vCPU fill most of the ring first.
+    let avail_idx = |s: &Setup| {
+        s.g.txq
+            .mem
+            .read_obj::<u16>(GuestAddress(s.g.txq.avail.0 + 2))
+            .unwrap()
+    };
+    while avail_idx(&s) < 200 {
+        std::hint::spin_loop();
+    }
+    let mut most = 0;
+    // The event loop: every notification is one call, and the device's own wakeups are passes.
+    let done = s.lp.run_until(Duration::from_secs(60), |d| {
+        if kicked.swap(false, Ordering::Acquire) {
+            let before = m(&d.metrics.tx_packets);
+            d.process_queue(TX_QUEUE);
+            most = most.max(m(&d.metrics.tx_packets) - before);
+        }
+        m(&d.metrics.tx_packets) >= TOTAL
+    });
+    stop.store(true, Ordering::Relaxed);
+    vcpu.join().unwrap();
+    assert!(done, "only {} handled", m(&s.lp.dev().metrics.tx_packets));
+    assert!(
+        most <= u64::from(MAX_TX_CHAINS_PER_PASS),
+        "one notification served {most} packets"
+    );
+}
+
+#[test]
+fn drop_leaves_a_file_that_replaced_the_socket_alone() {
+    let dir = TempDir::new();
+    let v = Vsock::new(CID, &dir.sock()).unwrap();
+    // Someone else removed our socket and put their own file there.
+    std::fs::remove_file(dir.sock()).unwrap();
+    std::fs::write(dir.sock(), b"not yours").unwrap();
+    drop(v);
+    assert_eq!(std::fs::read(dir.sock()).unwrap(), b"not yours");
+    std::fs::remove_file(dir.sock()).unwrap();
+
+    // And another program's socket (a second flint, say) likewise.
+    let v = Vsock::new(CID, &dir.sock()).unwrap();
+    std::fs::remove_file(dir.sock()).unwrap();
+    let other = UnixListener::bind(dir.sock()).unwrap();
+    drop(v);
+    assert!(
+        UnixStream::connect(dir.sock()).is_ok(),
+        "the other socket is gone"
+    );
+    drop(other);
+}
+
+/// Short timeouts for the tests that wait for them.
+fn short_timeouts() -> Timeouts {
+    Timeouts {
+        connect: Duration::from_millis(200),
+        shutdown: Duration::from_millis(200),
+        deferred: Duration::from_millis(200),
+    }
+}
+
+#[test]
+fn connections_beyond_the_limit_are_refused() {
+    let mut s = setup();
+    let listener = UnixListener::bind(s.dir.port_path(5000)).unwrap();
+    let mut accepted = Vec::new();
+    for i in 0..MAX_CONNECTIONS as u32 {
+        let req = s.g.hdr(OP_REQUEST, 40000 + i, 5000);
+        s.g.send(&mut s.lp, req, &[]);
+        let pkts = s.g.wait(&mut s.lp, 1);
+        assert_eq!(pkts[0].0.op, OP_RESPONSE, "connection {i}");
+        accepted.push(listener.accept().unwrap().0);
+        s.g.give_rx(&mut s.lp, 1);
+    }
+    assert_eq!(s.lp.dev().connection_count(), MAX_CONNECTIONS);
+    // One more from the guest: reset, and no host connection made.
+    let req = s.g.hdr(OP_REQUEST, 49999, 5000);
+    s.g.send(&mut s.lp, req, &[]);
+    let pkts = s.g.wait(&mut s.lp, 1);
+    assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (OP_RST, 49999));
+    listener.set_nonblocking(true).unwrap();
+    assert!(
+        listener.accept().is_err(),
+        "a host connection beyond the limit"
+    );
+    // One more from a host program: closed.
+    let mut host = UnixStream::connect(s.dir.sock()).unwrap();
+    let _ = host.write_all(b"CONNECT 7\n");
+    wait_eof(&mut s.lp, &mut host);
+    assert_eq!(s.lp.dev().connection_count(), MAX_CONNECTIONS);
+    assert_eq!(m(&s.lp.dev().metrics().connections_refused), 2);
+    // Room again once one closes.
+    let rst = s.g.hdr(OP_RST, 40000, 5000);
+    s.g.send(&mut s.lp, rst, &[]);
+    let req = s.g.hdr(OP_REQUEST, 49999, 5000);
+    s.g.send(&mut s.lp, req, &[]);
+    assert_eq!(s.g.wait(&mut s.lp, 1)[0].0.op, OP_RESPONSE);
+}
+
+#[test]
+fn a_request_the_guest_never_answers_times_out() {
+    let mut s = setup();
+    s.lp.dev().set_timeouts(short_timeouts());
+    let mut host = UnixStream::connect(s.dir.sock()).unwrap();
+    host.write_all(b"CONNECT 5000\n").unwrap();
+    let pkts = s.g.wait(&mut s.lp, 1);
+    let (req, _) = pkts[0];
+    assert_eq!(req.op, OP_REQUEST);
+    // The guest never answers: the host program is let go and the guest told.
+    let started = Instant::now();
+    wait_eof(&mut s.lp, &mut host);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    let pkts = s.g.wait(&mut s.lp, 1);
+    assert_eq!(
+        (pkts[0].0.op, pkts[0].0.src_port, pkts[0].0.dst_port),
+        (OP_RST, req.src_port, 5000)
+    );
+    assert_eq!(s.lp.dev().connection_count(), 0);
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 1);
+
+    // A host program that never sends its line is let go too.
+    let mut silent = UnixStream::connect(s.dir.sock()).unwrap();
+    wait_eof(&mut s.lp, &mut silent);
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 2);
+}
+
+#[test]
+fn idle_and_half_closed_connections_do_not_time_out() {
+    let mut s = setup();
+    s.lp.dev().set_timeouts(short_timeouts());
+    let (mut host, hp) = host_connect(&mut s, 80, true);
+    assert_eq!(host_read(&mut s.lp, &mut host, 8).0, b"OK 1024\n");
+    // Both directions stay open: an idle connection is left alone.
+    let end = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < end {
+        s.lp.run_once(10);
+    }
+    assert_eq!(s.lp.dev().connection_count(), 1);
+    // One direction closed (the guest stops sending): data still flows the other way.
+    let mut sd = s.g.hdr(OP_SHUTDOWN, 80, hp);
+    sd.flags = SHUTDOWN_SEND;
+    s.g.send(&mut s.lp, sd, &[]);
+    wait_eof(&mut s.lp, &mut host);
+    let end = Instant::now() + Duration::from_millis(600);
+    while Instant::now() < end {
+        s.lp.run_once(10);
+    }
+    assert_eq!(s.lp.dev().connection_count(), 1, "a half-closed stream");
+    host.write_all(b"still").unwrap();
+    assert_eq!(s.g.wait(&mut s.lp, 1)[0].1, b"still");
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 0);
+}
+
+#[test]
+fn guest_data_the_host_never_reads_after_a_close_is_dropped_after_its_timeout() {
+    let mut s = setup();
+    s.lp.dev().set_timeouts(short_timeouts());
+    let listener = UnixListener::bind(s.dir.port_path(9)).unwrap();
+    let req = s.g.hdr(OP_REQUEST, 300, 9);
+    s.g.send(&mut s.lp, req, &[]);
+    assert_eq!(s.g.wait(&mut s.lp, 1)[0].0.op, OP_RESPONSE);
+    let (host, _) = listener.accept().unwrap();
+    // More than the host socket buffers, which the host never reads; then the guest closes.
+    let chunk = vec![1u8; 60000];
+    for _ in 0..4 {
+        let rw = s.g.hdr(OP_RW, 300, 9);
+        s.g.send(&mut s.lp, rw, &chunk);
+    }
+    let mut sd = s.g.hdr(OP_SHUTDOWN, 300, 9);
+    sd.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    s.g.send(&mut s.lp, sd, &[]);
+    let done = s.lp.run_until(TIMEOUT, |d| d.connection_count() == 0);
+    assert!(done, "the stuck connection is still there");
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 1);
+    drop(host);
+}
+
+#[test]
+fn host_connections_held_for_a_reset_the_guest_never_handles_time_out() {
+    let dir = TempDir::new();
+    let mem = guest_memory(0x80_0000);
+    let (dev, _evq) = restored_device(&dir, &mem, true);
+    let mut lp = BackendLoop::new(dev);
+    lp.dev().set_timeouts(short_timeouts());
+    let mut host = UnixStream::connect(dir.sock()).unwrap();
+    host.write_all(b"CONNECT 52\n").unwrap();
+    let started = Instant::now();
+    wait_eof(&mut lp, &mut host);
+    assert!(started.elapsed() >= Duration::from_millis(100));
+    assert_eq!(m(&lp.dev().metrics().timeouts), 1);
+    assert!(lp.dev().deferred.is_empty());
 }
