@@ -792,7 +792,7 @@ mod tests {
         let out = dir.clone();
         let client = thread::spawn(move || {
             assert!(seccomp::enabled());
-            seccomp::install(ThreadKind::AgentClient).unwrap();
+            seccomp::install(ThreadKind::AgentClient { copies_out: true }).unwrap();
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
             let mut client = AgentClient::from_stream(host).unwrap();
@@ -812,6 +812,41 @@ mod tests {
         );
         assert_eq!(mode & 0o7022, 0, "{mode:o}");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A run without copy-outs opens host files read-only only: reading a --copy-in file needs
+    /// nothing more (a forbidden call would stop the test process).
+    #[test]
+    fn copy_ins_run_under_the_read_only_agent_client_filter() {
+        use flint_agent::protocol::{read_message, write_message};
+        use flint_agent::{FromAgent, ToAgent};
+        use std::os::unix::net::UnixStream;
+        let dir = scratch("seccomp-copy-in");
+        let file = dir.join("in");
+        std::fs::write(&file, b"hello").unwrap();
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || {
+            let mut data = Vec::new();
+            loop {
+                match read_message::<ToAgent, _>(&mut guest).unwrap() {
+                    Some(ToAgent::FileData(d)) => data.extend(d),
+                    Some(ToAgent::FileEnd) | None => break,
+                    Some(_) => {}
+                }
+            }
+            write_message(&mut guest, &FromAgent::Ok).unwrap();
+            data
+        });
+        let client = thread::spawn(move || {
+            seccomp::install(ThreadKind::AgentClient { copies_out: false }).unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
+            let mut client = AgentClient::from_stream(host).unwrap();
+            client.copy_in(&file, Path::new("/data/in"))
+        });
+        client.join().unwrap().unwrap();
+        assert_eq!(agent.join().unwrap(), b"hello");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
