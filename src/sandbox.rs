@@ -470,11 +470,13 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         copy_out: options.copy_out.clone(),
         copy_out_limit: options.copy_out_limit,
     };
+    // Only a run that copies files out may create files on the host.
+    let copies_out = !copies.copy_out.is_empty();
     let client_uds = uds.clone();
     let client = thread::Builder::new()
         .name("agent-client".into())
         .spawn(move || {
-            let result = match seccomp::install(ThreadKind::AgentClient) {
+            let result = match seccomp::install(ThreadKind::AgentClient { copies_out }) {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
                     match drive_agent(&client_uds, &spec, &copies, &signaller_tx, prepare, start) {
@@ -790,7 +792,7 @@ mod tests {
         let out = dir.clone();
         let client = thread::spawn(move || {
             assert!(seccomp::enabled());
-            seccomp::install(ThreadKind::AgentClient).unwrap();
+            seccomp::install(ThreadKind::AgentClient { copies_out: true }).unwrap();
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
             let mut client = AgentClient::from_stream(host).unwrap();
@@ -810,6 +812,41 @@ mod tests {
         );
         assert_eq!(mode & 0o7022, 0, "{mode:o}");
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A run without copy-outs opens host files read-only only: reading a --copy-in file needs
+    /// nothing more (a forbidden call would stop the test process).
+    #[test]
+    fn copy_ins_run_under_the_read_only_agent_client_filter() {
+        use flint_agent::protocol::{read_message, write_message};
+        use flint_agent::{FromAgent, ToAgent};
+        use std::os::unix::net::UnixStream;
+        let dir = scratch("seccomp-copy-in");
+        let file = dir.join("in");
+        std::fs::write(&file, b"hello").unwrap();
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let agent = thread::spawn(move || {
+            let mut data = Vec::new();
+            loop {
+                match read_message::<ToAgent, _>(&mut guest).unwrap() {
+                    Some(ToAgent::FileData(d)) => data.extend(d),
+                    Some(ToAgent::FileEnd) | None => break,
+                    Some(_) => {}
+                }
+            }
+            write_message(&mut guest, &FromAgent::Ok).unwrap();
+            data
+        });
+        let client = thread::spawn(move || {
+            seccomp::install(ThreadKind::AgentClient { copies_out: false }).unwrap();
+            let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+            assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
+            let mut client = AgentClient::from_stream(host).unwrap();
+            client.copy_in(&file, Path::new("/data/in"))
+        });
+        client.join().unwrap().unwrap();
+        assert_eq!(agent.join().unwrap(), b"hello");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -93,6 +93,9 @@ $R --copy-in "$WORK/blob:/data/blob" --copy-out "/data/blob:$WORK/blob.back" \
    --env GREETING=hello --workdir /data -- sh -c 'echo "$GREETING from $(pwd)"' </dev/null >"$WORK/env.out"
 echo "STATUS copies $?"; echo "ENV $(cat "$WORK/env.out")"
 echo "MD5 back $(md5sum <"$WORK/blob.back" | cut -d' ' -f1)"
+# Without --copy-out the agent client may only open host files read-only (seccomp).
+$R --copy-in "$WORK/blob:/data/blob" -- md5sum /data/blob </dev/null >"$WORK/in.out"
+echo "STATUS copyin $?"; echo "MD5 in $(cut -d' ' -f1 <"$WORK/in.out")"
 # The guest cannot hand the host a set-id or writable file, nor more than --copy-out-limit.
 $R --copy-out "/tmp/x:$WORK/mode.back" -- sh -c 'echo hi >/tmp/x; chmod 6777 /tmp/x' </dev/null
 echo "STATUS mode $?"; echo "MODE $(stat -c %a "$WORK/mode.back") $(umask)"
@@ -239,6 +242,12 @@ fn flint_run_sandboxes() {
         line(out, "MD5 back "),
         line(out, "MD5 blob "),
         "copy in then out kept the bytes"
+    );
+    assert_eq!(status("copyin"), "0");
+    assert_eq!(
+        line(out, "MD5 in "),
+        line(out, "MD5 blob "),
+        "a copy in without a copy out reached the guest"
     );
     assert_eq!(status("mode"), "0");
     let (mode, umask) = line(out, "MODE ").split_once(' ').unwrap();

@@ -514,54 +514,219 @@ fn no_seccomp_leaves_threads_unfiltered() {
     assert!(modes.iter().all(|(_, m)| m == "0"), "{modes:?}");
 }
 
-#[test]
-fn a_forbidden_system_call_stops_flint_and_names_it() {
-    for thread in ["vcpu", "event-loop", "console-in", "vmm"] {
-        let dir = TempDir::new("violation");
-        let child = spinning_flint(&dir, &[], &[("FLINT_SECCOMP_SELF_TEST", thread)]);
-        let out = wait_bounded(child, Duration::from_secs(20));
-        assert_eq!(
-            out.status.code(),
-            Some(128 + libc::SIGSYS),
-            "{thread}: {}",
-            text(&out.stderr)
-        );
-        let expected = format!(
-            "flint: error: seccomp: the {thread} thread made the forbidden system call {}",
-            libc::SYS_getppid
-        );
-        assert!(
-            text(&out.stderr).contains(&expected),
-            "{thread}: {}",
-            text(&out.stderr)
-        );
-    }
-}
-
-#[test]
-fn the_api_thread_is_filtered_too() {
-    let dir = TempDir::new("api-seccomp");
-    let sock = dir.0.join("api.sock");
-    let child = flint()
-        .arg("--api-sock")
-        .arg(&sock)
-        .env("FLINT_SECCOMP_SELF_TEST", "api")
-        .stdin(Stdio::null())
+/// Run `cmd` with `FLINT_SECCOMP_SELF_TEST=THREAD:PROBE`; `Err` unless flint stopped with
+/// status 159 and named the thread and the call (number and name) its filter refused.
+fn probe_refused(
+    mut cmd: Command,
+    thread: &str,
+    probe: &str,
+    call: (i64, &str),
+) -> Result<(), String> {
+    let child = cmd
+        .env("FLINT_SECCOMP_SELF_TEST", format!("{thread}:{probe}"))
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let out = wait_bounded(child, Duration::from_secs(20));
-    assert_eq!(
-        out.status.code(),
-        Some(128 + libc::SIGSYS),
-        "{}",
-        text(&out.stderr)
+    let stderr = text(&out.stderr);
+    let expected = format!(
+        "flint: error: seccomp: the {thread} thread made the forbidden system call {} ({}) \
+         with arguments ",
+        call.0, call.1
     );
+    if out.status.code() == Some(128 + libc::SIGSYS) && stderr.contains(&expected) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{thread}:{probe}: {:?}: {stderr}",
+            out.status.code()
+        ))
+    }
+}
+
+/// Every case of `cases` (each a command, thread, probe and call) is refused.
+fn assert_all_refused(
+    cases: impl IntoIterator<Item = (Command, &'static str, &'static str, (i64, &'static str))>,
+) {
+    let failed: Vec<String> = cases
+        .into_iter()
+        .filter_map(|(cmd, thread, probe, call)| probe_refused(cmd, thread, probe, call).err())
+        .collect();
+    assert!(failed.is_empty(), "not refused:\n{}", failed.join("\n"));
+}
+
+const MMAP: (i64, &str) = (libc::SYS_mmap, "mmap");
+const MPROTECT: (i64, &str) = (libc::SYS_mprotect, "mprotect");
+const FUTEX: (i64, &str) = (libc::SYS_futex, "futex");
+const FCNTL: (i64, &str) = (libc::SYS_fcntl, "fcntl");
+const SOCKET: (i64, &str) = (libc::SYS_socket, "socket");
+const OPENAT: (i64, &str) = (libc::SYS_openat, "openat");
+
+#[test]
+fn a_forbidden_system_call_stops_flint_and_names_it() {
+    let dir = TempDir::new("violation");
+    // `getppid`, which no thread may make.
+    assert_all_refused(["vcpu", "event-loop", "console-in", "vmm"].map(|thread| {
+        let cmd = spinning_flint_command(&dir, "2");
+        (
+            cmd,
+            thread,
+            "forbidden-call",
+            (libc::SYS_getppid, "getppid"),
+        )
+    }));
+}
+
+#[test]
+fn every_thread_refuses_arguments_outside_its_filter() {
+    // Each probe is a call the thread makes in normal operation (every thread maps memory,
+    // takes locks and duplicates descriptors; the event loop connects to Unix stream sockets;
+    // the VMM thread kicks its own vCPU threads with tgkill), with arguments its rules
+    // refuse: executable memory, a priority-inheritance futex, another fcntl command, an
+    // Internet or datagram socket, a signal to another process, another signal's handler.
+    let cases: &[(&'static str, &'static str, (i64, &'static str))] = &[
+        ("vcpu", "mmap-exec", MMAP),
+        ("vcpu", "mprotect-exec", MPROTECT),
+        ("vcpu", "futex-pi", FUTEX),
+        ("vcpu", "fcntl-getown", FCNTL),
+        ("event-loop", "mmap-exec", MMAP),
+        ("event-loop", "mprotect-exec", MPROTECT),
+        ("event-loop", "futex-pi", FUTEX),
+        ("event-loop", "fcntl-getown", FCNTL),
+        ("event-loop", "socket-inet", SOCKET),
+        ("event-loop", "socket-dgram", SOCKET),
+        ("console-in", "mmap-exec", MMAP),
+        ("console-in", "mprotect-exec", MPROTECT),
+        ("console-in", "futex-pi", FUTEX),
+        ("vmm", "mmap-exec", MMAP),
+        ("vmm", "mprotect-exec", MPROTECT),
+        ("vmm", "futex-pi", FUTEX),
+        ("vmm", "fcntl-getown", FCNTL),
+        ("vmm", "socket-inet", SOCKET),
+        ("vmm", "tgkill-other-process", (libc::SYS_tgkill, "tgkill")),
+        (
+            "vmm",
+            "sigaction-sigint",
+            (libc::SYS_rt_sigaction, "rt_sigaction"),
+        ),
+    ];
+    let dir = TempDir::new("arg-violation");
+    assert_all_refused(
+        cases
+            .iter()
+            .map(|&(thread, probe, call)| (spinning_flint_command(&dir, "2"), thread, probe, call)),
+    );
+}
+
+#[test]
+fn the_api_thread_is_filtered_too() {
+    // Its listening socket is bound before it starts: it makes no socket at all.
+    let dir = TempDir::new("api-seccomp");
+    assert_all_refused(
+        [
+            ("forbidden-call", (libc::SYS_getppid, "getppid")),
+            ("mmap-exec", MMAP),
+            ("socket-inet", SOCKET),
+            ("socket-dgram", SOCKET),
+        ]
+        .map(|(probe, call)| {
+            let mut cmd = flint();
+            cmd.arg("--api-sock").arg(dir.0.join("api.sock"));
+            (cmd, "api", probe, call)
+        }),
+    );
+}
+
+#[test]
+fn threads_that_open_no_files_cannot_open_any() {
+    // Their `openat` fails with EACCES rather than stopping flint: glibc's malloc may read
+    // /proc/sys/vm/overcommit_memory on any thread.
+    let dir = TempDir::new("no-opens");
+    for thread in ["vcpu", "event-loop", "console-in", "api"] {
+        let mut cmd = if thread == "api" {
+            let mut cmd = flint();
+            cmd.arg("--api-sock").arg(dir.0.join("api.sock"));
+            cmd
+        } else {
+            spinning_flint_command(&dir, "2")
+        };
+        let child = cmd
+            .env("FLINT_SECCOMP_SELF_TEST", format!("{thread}:openat-read"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_bounded(child, Duration::from_secs(20));
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{thread}: {stderr}");
+        let expected = format!(
+            "seccomp self-test: openat-read on the {thread} thread was not stopped: it returned \
+             -1 (Permission denied (os error {}))",
+            libc::EACCES
+        );
+        assert!(stderr.contains(&expected), "{thread}: {stderr}");
+    }
+}
+
+/// `flint run` on a tiny guest that never answers: only its agent-client thread matters here,
+/// which installs its filter before the VM starts.
+fn tiny_sandbox(dir: &TempDir, extra: &[&str]) -> Command {
+    let kernel = spinning_kernel(dir);
+    let image = dir.write("image", b"not an initramfs");
+    let mut cmd = flint();
+    cmd.env("FLINT_CACHE", dir.0.join("cache"))
+        .args(["run", "--cold", "--timeout", "10", "--kernel"])
+        .arg(kernel)
+        .arg("--image")
+        .arg(image)
+        .args(extra)
+        .args(["--", "true"]);
+    cmd
+}
+
+#[test]
+fn the_agent_client_thread_creates_files_only_for_copy_out() {
+    let dir = TempDir::new("client-seccomp");
+    assert_all_refused(
+        [
+            ("forbidden-call", (libc::SYS_getppid, "getppid")),
+            ("mmap-exec", MMAP),
+            ("futex-pi", FUTEX),
+            ("socket-inet", SOCKET),
+            ("socket-dgram", SOCKET),
+            // It reads --copy-in files; without --copy-out it creates none.
+            ("openat-creat", OPENAT),
+            // It names its stdin forwarder thread, nothing else.
+            ("prctl-dumpable", (libc::SYS_prctl, "prctl")),
+        ]
+        .map(|(probe, call)| (tiny_sandbox(&dir, &[]), "agent-client", probe, call)),
+    );
+    // With --copy-out the same open is allowed (it fails on /proc, creating nothing): the
+    // self-test says so and exits 1.
+    let dir = TempDir::new("client-copy-out");
+    let host = dir.0.join("out");
+    let out = wait_bounded(
+        tiny_sandbox(
+            &dir,
+            &["--copy-out", &format!("/etc/hostname:{}", s(&host))],
+        )
+        .env("FLINT_SECCOMP_SELF_TEST", "agent-client:openat-creat")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap(),
+        Duration::from_secs(20),
+    );
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(
-        text(&out.stderr).contains("seccomp: the api thread made the forbidden system call"),
-        "{}",
-        text(&out.stderr)
+        stderr
+            .contains("seccomp self-test: openat-creat on the agent-client thread was not stopped"),
+        "{stderr}"
     );
 }
 

@@ -1,11 +1,75 @@
-//! seccomp-bpf filters: every flint thread allows only the system calls it needs. A thread that
-//! makes any other call gets SIGSYS; flint logs which call it was and exits with status 159
+//! seccomp-bpf filters: every flint thread allows only the system calls it needs, and for the
+//! calls that multiplex many operations only the arguments it uses. A thread that makes any
+//! other call gets SIGSYS; flint logs which call it was and exits with status 159
 //! (128 + SIGSYS).
 //!
 //! Filters are built with `seccompiler` and installed by each thread on itself, before it does
 //! its work: vCPU threads before their first `KVM_RUN`, so no guest code ever runs unfiltered.
 //! Threads inherit their creator's filter too, so the VMM thread installs its own only after it
 //! has started the others.
+//!
+//! # What every thread may do
+//!
+//! - `read`, `write`, `close`; memory: `munmap`, `mremap`, `madvise`, `brk`, and `mmap` and
+//!   `mprotect` **without `PROT_EXEC`** (heap, thread stacks and guard pages never need it:
+//!   no thread can make new machine code executable);
+//! - `futex` **only for plain waits and wakes** (`FUTEX_WAIT`, `FUTEX_WAKE`,
+//!   `FUTEX_WAIT_BITSET`, `FUTEX_WAKE_BITSET`, private or shared, with either clock): Rust's
+//!   locks and glibc's `pthread_join` use nothing else; the priority-inheritance and requeue
+//!   operations, the kernel's most troubled futex code, are refused;
+//! - `fcntl` **only `F_GETFD`, `F_SETFD`, `F_GETFL`, `F_SETFL` and `F_DUPFD_CLOEXEC`**
+//!   (descriptor flags and `try_clone`; no locks, leases, owners or pipe sizes);
+//! - signals: `rt_sigreturn`, `rt_sigprocmask`, `sigaltstack`; time: `clock_gettime`,
+//!   `clock_nanosleep`, `nanosleep`; `sched_yield`, `sched_getaffinity`, `gettid`, `getpid`,
+//!   `restart_syscall`, `exit`, `exit_group`.
+//!
+//! # Per thread
+//!
+//! - **vcpu**: `ioctl` only `KVM_RUN`, the register, MSR, LAPIC, MP-state, event, debug-register,
+//!   XSAVE and XCR reads (a guest fault's message, a snapshot) and `TUNSETOFFLOAD` (a NIC's
+//!   activation by the guest driver runs on the vCPU thread that wrote `DRIVER_OK`);
+//!   `timerfd_settime`/`timerfd_gettime` (a device reset disarms its rate limiters). No
+//!   sockets; `openat` fails with `EACCES` (see below).
+//! - **event-loop** (virtio queues, disks, TAP, vsock): `epoll_*`, reads and writes at offsets
+//!   and vectored, `lseek`, `fsync`, `fdatasync`, `fstat`/`newfstatat`/`statx` on its open
+//!   disks and TAPs; `socket` **only `AF_UNIX`, `SOCK_STREAM`** (the vsock device connecting to
+//!   a host program's socket), `connect`, `accept4` and the other calls on connected sockets;
+//!   `ioctl` only `TUNSETOFFLOAD` and `FIONBIO`; `eventfd2`, `getrandom`, the timerfd calls.
+//!   `openat` fails with `EACCES`: every disk, TAP and socket it serves was opened before it
+//!   started.
+//! - **api** (the HTTP API server): `accept4` and calls on accepted connections, `epoll_*`,
+//!   `ioctl` only `FIONBIO`, `unlink`/`unlinkat`. **No `socket` or `connect`**: its listening
+//!   socket was bound before it started. `openat` fails with `EACCES`.
+//! - **console-in**: only the common calls (it reads the terminal and feeds the UART);
+//!   `openat` fails with `EACCES`.
+//! - **agent-client** (`flint run`): `socket` **only `AF_UNIX`, `SOCK_STREAM`** and `connect`
+//!   (the vsock device's Unix socket), calls on that connection, `poll`; `ioctl` only
+//!   `FIONBIO` and `TCGETS`; `getrandom` (entropy for a restored guest); thread creation for
+//!   its stdin forwarder (`clone3`, `clone`, `set_robust_list`, `rseq`, and `prctl` **only
+//!   `PR_SET_NAME`**, which names it); file reads
+//!   for `--copy-in`: `openat` **read-only** (no `O_CREAT`, no `O_TRUNC`, access mode
+//!   `O_RDONLY`). Only when the run has `--copy-out` may it create files: `openat` with any
+//!   flags, `mkdir`, `rename`, `unlink`, `fchmod`, `chmod`, `ftruncate`.
+//! - **vmm** (the main thread once the VM runs: waits for the end, API requests, pause,
+//!   snapshots, disk media changes, metrics and log files, removing `flint run`'s temporary
+//!   directory): files including `openat` with any flags (it creates snapshot, metrics and
+//!   log files), `getdents64`, `rmdir`, `unlink`, `rename`, `ftruncate`; `poll`, `epoll_*`;
+//!   `sendto` and `shutdown` (telling a `flint run` agent to kill the command); `getrandom`;
+//!   `tgkill` **only to threads of this process, with the vCPU kick signal or `SIGABRT`**
+//!   (an abort); `rt_sigaction` **only for `SIGABRT`** (glibc's `abort` resets its handler);
+//!   `ioctl` only `TCGETS`/`TCSETS` (the terminal) and the VM-state reads of a snapshot. No
+//!   `socket`, no `connect`.
+//!
+//! The threads that open no files (vcpu, event-loop, api, console-in) have a second filter that
+//! makes `openat` fail with `EACCES` rather than stop flint: glibc's malloc opens
+//! `/proc/sys/vm/overcommit_memory` (read-only, once per process) on whichever thread first
+//! shrinks a secondary arena, and that must not stop flint. They still open nothing.
+//!
+//! `FLINT_SECCOMP_SELF_TEST=<thread>` or `<thread>:<probe>` makes that thread issue a call its
+//! filter refuses right after installing it (see [`PROBES`]); the tests use it to show that
+//! every thread's filter, argument rules included, stops flint. A probe the filter lets
+//! through (or fails with an error, as `openat` on the threads that open no files) ends flint
+//! with status 1 and a line saying what the call returned.
 
 use std::collections::BTreeMap;
 use std::convert::TryInto;
@@ -49,9 +113,9 @@ pub enum ThreadKind {
     Api,
     /// Forwards terminal input to the serial console.
     ConsoleIn,
-    /// `flint run`/`exec`: talks to the guest agent over the vsock Unix socket, copies files
-    /// in and out, and writes the command's output.
-    AgentClient,
+    /// `flint run`: talks to the guest agent over the vsock Unix socket, copies files in and
+    /// out, and writes the command's output. Only with `copies_out` may it create files.
+    AgentClient { copies_out: bool },
 }
 
 impl ThreadKind {
@@ -63,7 +127,7 @@ impl ThreadKind {
             ThreadKind::EventLoop => "event-loop",
             ThreadKind::Api => "api",
             ThreadKind::ConsoleIn => "console-in",
-            ThreadKind::AgentClient => "agent-client",
+            ThreadKind::AgentClient { .. } => "agent-client",
         }
     }
 }
@@ -110,16 +174,14 @@ const FIONBIO: u64 = 0x5421;
 /// Arming and reading the rate limiters' timerfds (never creating them).
 const TIMERS: &[i64] = &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime];
 
-/// What every thread needs: memory, locks, signals, time, leaving.
+/// What every thread needs with any arguments: memory, signals, time, leaving. (`mmap`,
+/// `mprotect`, `futex` and `fcntl`, also needed by all, have argument rules: see [`rules`].)
 const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
     libc::SYS_close,
-    libc::SYS_futex,
-    libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mremap,
-    libc::SYS_mprotect,
     libc::SYS_madvise,
     libc::SYS_brk,
     libc::SYS_rt_sigreturn,
@@ -135,14 +197,12 @@ const COMMON: &[i64] = &[
     libc::SYS_restart_syscall,
     libc::SYS_exit,
     libc::SYS_exit_group,
-    libc::SYS_fcntl,
 ];
 
-/// Sockets, for the event loop (vsock host side) and the API server.
-const SOCKETS: &[i64] = &[
+/// Calls on sockets that are already open (accepted or connected), for the event loop, the
+/// API server and the agent client. Making sockets (`socket`, `connect`) is separate.
+const CONNECTED_SOCKETS: &[i64] = &[
     libc::SYS_accept4,
-    libc::SYS_connect,
-    libc::SYS_socket,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
     libc::SYS_sendmsg,
@@ -159,8 +219,9 @@ const SOCKETS: &[i64] = &[
     libc::SYS_writev,
 ];
 
-/// Files, for the event loop (disks) and the VMM thread (logs, metrics, new disk media).
-const FILES: &[i64] = &[
+/// I/O on files that are already open (disks, snapshot and log files), for the event loop,
+/// the agent client and the VMM thread. Opening files (`openat`) is separate.
+const OPEN_FILES: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,
@@ -170,24 +231,105 @@ const FILES: &[i64] = &[
     libc::SYS_lseek,
     libc::SYS_fsync,
     libc::SYS_fdatasync,
-    libc::SYS_openat,
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
 ];
 
-fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
-    requests
+/// Creating, renaming and removing files (the agent client's `--copy-out`).
+const FILE_CHANGES: &[i64] = &[
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_chmod,
+    libc::SYS_ftruncate,
+];
+
+/// The futex operations Rust's locks, channels and thread parking and glibc's `pthread_join`
+/// and malloc locks use (`FUTEX_PRIVATE_FLAG` and `FUTEX_CLOCK_REALTIME` are masked off, as
+/// the kernel does to find the command).
+const FUTEX_OPS: &[u64] = &[
+    libc::FUTEX_WAIT as u64,
+    libc::FUTEX_WAKE as u64,
+    libc::FUTEX_WAIT_BITSET as u64,
+    libc::FUTEX_WAKE_BITSET as u64,
+];
+const FUTEX_CMD_MASK: u64 = !((libc::FUTEX_PRIVATE_FLAG | libc::FUTEX_CLOCK_REALTIME) as u64);
+
+/// The `fcntl` commands in use: descriptor flags (`FD_CLOEXEC`), status flags
+/// (`O_NONBLOCK`), and duplication by `try_clone`.
+const FCNTL_CMDS: &[u64] = &[
+    libc::F_GETFD as u64,
+    libc::F_SETFD as u64,
+    libc::F_GETFL as u64,
+    libc::F_SETFL as u64,
+    libc::F_DUPFD_CLOEXEC as u64,
+];
+
+/// Linux's `SOCK_TYPE_MASK`: the bits of `socket`'s type that are the type, not flags.
+const SOCK_TYPE_MASK: u64 = 0xf;
+
+fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
+    SeccompRule::new(conditions).map_err(|e| e.to_string())
+}
+
+/// One rule per value: argument `arg` (an `int`), masked with `mask`, is one of `values`.
+fn masked_one_of(arg: u8, mask: u64, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
+    values
         .iter()
-        .map(|&request| {
-            let cond = SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, request)
-                .map_err(|e| e.to_string())?;
-            SeccompRule::new(vec![cond]).map_err(|e| e.to_string())
-        })
+        .map(|&v| rule(vec![condition(arg, SeccompCmpOp::MaskedEq(mask), v)?]))
         .collect()
 }
 
-/// The allowed system calls of `kind`: number → argument rules (empty: any arguments).
+/// One rule per value: argument `arg` (an `int`) is one of `values`.
+fn one_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
+    values
+        .iter()
+        .map(|&v| rule(vec![condition(arg, SeccompCmpOp::Eq, v)?]))
+        .collect()
+}
+
+/// `mmap` or `mprotect` (protection in argument 2) without `PROT_EXEC`.
+fn not_executable() -> Result<Vec<SeccompRule>, String> {
+    masked_one_of(2, libc::PROT_EXEC as u64, &[0])
+}
+
+/// `socket(AF_UNIX, SOCK_STREAM [| SOCK_NONBLOCK | SOCK_CLOEXEC], 0)`.
+fn unix_stream_sockets() -> Result<Vec<SeccompRule>, String> {
+    Ok(vec![rule(vec![
+        condition(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
+        condition(
+            1,
+            SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK),
+            libc::SOCK_STREAM as u64,
+        )?,
+        condition(2, SeccompCmpOp::Eq, 0)?,
+    ])?])
+}
+
+/// `openat` that only reads: access mode `O_RDONLY`, no `O_CREAT`, no `O_TRUNC` (which Linux
+/// honours even on a read-only open), and so no `O_TMPFILE` either (it needs write access).
+fn read_only_opens() -> Result<Vec<SeccompRule>, String> {
+    let mask = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+    masked_one_of(2, mask, &[libc::O_RDONLY as u64])
+}
+
+fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
+    one_of(1, requests)
+}
+
+/// The allowed system calls of `kind`: number → argument rules (empty: any arguments; several:
+/// any one of them).
 fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut allow = |calls: &[i64]| {
@@ -220,37 +362,26 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
         }
         ThreadKind::EventLoop => {
             allow(TIMERS);
-            allow(SOCKETS);
-            allow(FILES);
-            allow(&[libc::SYS_getrandom, libc::SYS_eventfd2]);
+            allow(CONNECTED_SOCKETS);
+            allow(OPEN_FILES);
+            allow(&[libc::SYS_connect, libc::SYS_getrandom, libc::SYS_eventfd2]);
             &[TUNSETOFFLOAD, FIONBIO]
         }
         ThreadKind::Api => {
-            allow(SOCKETS);
+            allow(CONNECTED_SOCKETS);
             allow(&[libc::SYS_unlink, libc::SYS_unlinkat]);
             &[FIONBIO]
         }
         ThreadKind::ConsoleIn => &[],
-        ThreadKind::AgentClient => {
-            allow(SOCKETS);
-            allow(FILES);
+        ThreadKind::AgentClient { copies_out } => {
+            allow(CONNECTED_SOCKETS);
+            allow(OPEN_FILES);
             allow(&[
+                libc::SYS_connect,
                 libc::SYS_clone3,
                 libc::SYS_clone,
                 libc::SYS_set_robust_list,
                 libc::SYS_rseq,
-                libc::SYS_prctl,
-                libc::SYS_mkdir,
-                libc::SYS_mkdirat,
-                libc::SYS_rename,
-                libc::SYS_renameat,
-                libc::SYS_renameat2,
-                libc::SYS_unlink,
-                libc::SYS_unlinkat,
-                libc::SYS_fchmod,
-                libc::SYS_fchmodat,
-                libc::SYS_chmod,
-                libc::SYS_ftruncate,
                 libc::SYS_copy_file_range,
                 libc::SYS_sendfile,
                 libc::SYS_poll,
@@ -258,14 +389,18 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 // Entropy for a restored guest's random number generator.
                 libc::SYS_getrandom,
             ]);
+            if copies_out {
+                allow(FILE_CHANGES);
+                allow(&[libc::SYS_openat]);
+            }
             &[FIONBIO, TCGETS]
         }
         ThreadKind::Vmm => {
-            allow(FILES);
+            allow(OPEN_FILES);
             allow(&[
+                libc::SYS_openat,
                 libc::SYS_poll,
                 libc::SYS_ppoll,
-                libc::SYS_tgkill,
                 libc::SYS_unlink,
                 libc::SYS_unlinkat,
                 libc::SYS_epoll_wait,
@@ -276,7 +411,6 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 // run` (std writes to a Unix stream socket with send).
                 libc::SYS_sendto,
                 libc::SYS_getrandom,
-                libc::SYS_rt_sigaction,
                 // Removing a sandbox's temporary directory at the end.
                 libc::SYS_getdents64,
                 libc::SYS_rmdir,
@@ -293,7 +427,77 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
     if !ioctls.is_empty() {
         map.insert(libc::SYS_ioctl, ioctl_rules(ioctls)?);
     }
+    map.insert(libc::SYS_mmap, not_executable()?);
+    map.insert(libc::SYS_mprotect, not_executable()?);
+    map.insert(
+        libc::SYS_futex,
+        masked_one_of(1, FUTEX_CMD_MASK, FUTEX_OPS)?,
+    );
+    map.insert(libc::SYS_fcntl, one_of(1, FCNTL_CMDS)?);
+    match kind {
+        ThreadKind::EventLoop | ThreadKind::AgentClient { .. } => {
+            map.insert(libc::SYS_socket, unix_stream_sockets()?);
+        }
+        _ => {}
+    }
+    if let ThreadKind::AgentClient { copies_out } = kind {
+        if !copies_out {
+            map.insert(libc::SYS_openat, read_only_opens()?);
+        }
+        // Naming its stdin forwarder thread ("agent-stdin"), which glibc does with prctl.
+        map.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
+    }
+    if opens_no_files(kind) {
+        // Refused with EACCES by the second filter.
+        map.insert(libc::SYS_openat, Vec::new());
+    }
+    if kind == ThreadKind::Vmm {
+        // Kicking vCPU threads out of KVM_RUN (and an abort), only within this process.
+        // SAFETY: getpid has no arguments and cannot fail.
+        let pid = unsafe { libc::getpid() } as u64;
+        let tgkill = [crate::signals::kick_signal(), libc::SIGABRT]
+            .iter()
+            .map(|&sig| {
+                rule(vec![
+                    condition(0, SeccompCmpOp::Eq, pid)?,
+                    condition(2, SeccompCmpOp::Eq, sig as u64)?,
+                ])
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        map.insert(libc::SYS_tgkill, tgkill);
+        map.insert(libc::SYS_rt_sigaction, one_of(0, &[libc::SIGABRT as u64])?);
+    }
     Ok(map)
+}
+
+/// Whether `kind` is a thread that opens no files: its `openat` fails with `EACCES` instead of
+/// stopping flint (see [`no_opens_program`]).
+fn opens_no_files(kind: ThreadKind) -> bool {
+    matches!(
+        kind,
+        ThreadKind::Vcpu | ThreadKind::EventLoop | ThreadKind::Api | ThreadKind::ConsoleIn
+    )
+}
+
+/// The second filter of the threads that open no files: `openat` fails with `EACCES`, all else
+/// is left to the first filter (the kernel applies the stricter answer of the two: `EACCES`
+/// over the first filter's allowing `openat`, a trap over this one's allowing the rest).
+///
+/// Such a thread still calls `openat` once in a while, through glibc: when a malloc arena other
+/// than the main one shrinks, glibc reads `/proc/sys/vm/overcommit_memory` (once per process,
+/// on whichever thread gets there first; seen on the event loop during the vsock stream test).
+/// A failed open is fine for glibc (it then keeps the memory mapped); a trap would stop flint.
+fn no_opens_program() -> Result<BpfProgram, String> {
+    let filter = SeccompFilter::new(
+        BTreeMap::from([(libc::SYS_openat, Vec::new())]),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|e| e.to_string())?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())
 }
 
 /// Build the BPF program of `kind`.
@@ -344,6 +548,22 @@ fn hexadecimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
+/// Names of the calls a violation most likely is (those with argument rules, and the
+/// self-test's `getppid`), for the message.
+const CALL_NAMES: &[(i64, &str)] = &[
+    (libc::SYS_mmap, "mmap"),
+    (libc::SYS_mprotect, "mprotect"),
+    (libc::SYS_futex, "futex"),
+    (libc::SYS_fcntl, "fcntl"),
+    (libc::SYS_socket, "socket"),
+    (libc::SYS_openat, "openat"),
+    (libc::SYS_tgkill, "tgkill"),
+    (libc::SYS_rt_sigaction, "rt_sigaction"),
+    (libc::SYS_ioctl, "ioctl"),
+    (libc::SYS_prctl, "prctl"),
+    (libc::SYS_getppid, "getppid"),
+];
+
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for SIGSYS; for a seccomp trap the syscall
     // number follows si_errno/si_code in the union (arch-specific layout: si_call_addr (ptr),
@@ -355,26 +575,41 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
         syscall.read_unaligned()
     };
     // SAFETY: for a signal installed with SA_SIGINFO the third argument is the interrupted
-    // context; the first argument register of the call (rsi holds the second one, e.g. an
-    // ioctl request) is read from it.
-    let arg1 = unsafe {
-        let uc = context as *const libc::ucontext_t;
-        (*uc).uc_mcontext.gregs[libc::REG_RSI as usize] as u64
+    // context; the call's first three arguments (rdi, rsi, rdx: e.g. an ioctl request, the
+    // protection of an mmap) are read from it.
+    let args = unsafe {
+        let gregs = &(*(context as *const libc::ucontext_t)).uc_mcontext.gregs;
+        [
+            gregs[libc::REG_RDI as usize] as u64,
+            gregs[libc::REG_RSI as usize] as u64,
+            gregs[libc::REG_RDX as usize] as u64,
+        ]
     };
     // A const-initialised thread local without destructor: a plain TLS read.
     let thread = THREAD_KIND.with(|k| k.get());
+    let name = CALL_NAMES
+        .iter()
+        .find(|(n, _)| *n == i64::from(nr))
+        .map_or(&b"?"[..], |(_, name)| name.as_bytes());
     let mut digits = [0u8; 20];
-    let mut hex = [0u8; 20];
-    let mut msg = [0u8; 192];
+    let mut hex = [[0u8; 20]; 3];
+    let [h0, h1, h2] = &mut hex;
+    let mut msg = [0u8; 256];
     let mut len = 0;
     for part in [
         &b"flint: error: seccomp: the "[..],
         thread.as_bytes(),
         &b" thread made the forbidden system call "[..],
         decimal(nr.max(0) as u64, &mut digits),
-        &b" (second argument "[..],
-        hexadecimal(arg1, &mut hex),
-        &b"); stopping\n"[..],
+        &b" ("[..],
+        name,
+        &b") with arguments "[..],
+        hexadecimal(args[0], h0),
+        &b", "[..],
+        hexadecimal(args[1], h1),
+        &b", "[..],
+        hexadecimal(args[2], h2),
+        &b"; stopping\n"[..],
     ] {
         msg[len..len + part.len()].copy_from_slice(part);
         len += part.len();
@@ -402,19 +637,151 @@ pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
     });
     handler_result.map_err(err)?;
     let bpf = program(kind).map_err(err)?;
+    let no_opens = if opens_no_files(kind) {
+        Some(no_opens_program().map_err(err)?)
+    } else {
+        None
+    };
     THREAD_KIND.with(|k| k.set(kind.name()));
+    // First: installing a filter takes prctl and seccomp, which the main filter forbids.
+    if let Some(no_opens) = no_opens {
+        seccompiler::apply_filter(&no_opens).map_err(|e| err(e.to_string()))?;
+    }
     seccompiler::apply_filter(&bpf).map_err(|e| err(e.to_string()))?;
     self_test(kind);
     Ok(())
 }
 
-/// With `FLINT_SECCOMP_SELF_TEST=<thread kind name>`, that thread makes a forbidden call right
-/// after installing its filter, to show that violations stop flint (used by the tests).
+/// The calls `FLINT_SECCOMP_SELF_TEST=<thread>:<probe>` can make. Apart from
+/// `forbidden-call` (`getppid`, which no thread may make), each is a call that some threads
+/// make in normal operation, with arguments their rules refuse; each is harmless if allowed.
+pub const PROBES: &[&str] = &[
+    "forbidden-call",
+    "mmap-exec",
+    "mprotect-exec",
+    "futex-pi",
+    "fcntl-getown",
+    "socket-inet",
+    "socket-dgram",
+    "openat-read",
+    "openat-creat",
+    "tgkill-other-process",
+    "sigaction-sigint",
+    "prctl-dumpable",
+];
+
+/// Make the call `probe` names; `None` for an unknown probe, else what the call returned
+/// (reached only if the filter allowed it).
+fn probe_call(probe: &str) -> Option<i64> {
+    let anonymous = |prot: libc::c_int| {
+        // SAFETY: a fresh anonymous private mapping; it touches no existing memory.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        }
+    };
+    // SAFETY (all calls below): each is made with valid arguments (pointers to live locals or
+    // constant strings, or null where the call takes an optional pointer) and is harmless if
+    // allowed: it queries, fails, or creates an object that dies with the process.
+    let result = match probe {
+        "forbidden-call" => (unsafe { libc::getppid() }) as i64,
+        "mmap-exec" => anonymous(libc::PROT_READ | libc::PROT_EXEC) as i64,
+        "mprotect-exec" => {
+            let page = anonymous(libc::PROT_READ | libc::PROT_WRITE);
+            (unsafe { libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC) }) as i64
+        }
+        "futex-pi" => {
+            let word = std::sync::atomic::AtomicU32::new(0);
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_UNLOCK_PI | libc::FUTEX_PRIVATE_FLAG,
+                    0,
+                    std::ptr::null::<libc::timespec>(),
+                    std::ptr::null::<u32>(),
+                    0,
+                )
+            }
+        }
+        "fcntl-getown" => (unsafe { libc::fcntl(2, libc::F_GETOWN) }) as i64,
+        "socket-inet" => {
+            (unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
+                as i64
+        }
+        "socket-dgram" => {
+            (unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
+                as i64
+        }
+        "openat-read" => {
+            (unsafe { libc::openat(libc::AT_FDCWD, c"/dev/null".as_ptr(), libc::O_RDONLY) }) as i64
+        }
+        // /proc refuses new files: even if allowed, nothing is created.
+        "openat-creat" => {
+            (unsafe {
+                libc::openat(
+                    libc::AT_FDCWD,
+                    c"/proc/flint-seccomp-probe".as_ptr(),
+                    libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC,
+                    0o600,
+                )
+            }) as i64
+        }
+        // Signal 0 only checks that init exists.
+        "tgkill-other-process" => unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) },
+        "sigaction-sigint" => unsafe {
+            let mut old: [u64; 4] = [0; 4];
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                libc::SIGINT,
+                std::ptr::null::<u8>(),
+                old.as_mut_ptr(),
+                8,
+            )
+        },
+        "prctl-dumpable" => (unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }) as i64,
+        _ => return None,
+    };
+    Some(result)
+}
+
+/// With `FLINT_SECCOMP_SELF_TEST=<thread>` or `<thread>:<probe>` (one of [`PROBES`];
+/// `forbidden-call` if none), that thread makes the probe's call right after installing its
+/// filter, to show that violations stop flint (used by the tests). Should the filter allow
+/// it, flint says so and exits with status 1.
 fn self_test(kind: ThreadKind) {
-    if std::env::var("FLINT_SECCOMP_SELF_TEST").as_deref() == Ok(kind.name()) {
-        // SAFETY: getppid has no arguments and no side effects; here it is forbidden.
-        unsafe { libc::getppid() };
+    let Ok(value) = std::env::var("FLINT_SECCOMP_SELF_TEST") else {
+        return;
+    };
+    let (thread, probe) = value.split_once(':').unwrap_or((&value, "forbidden-call"));
+    if thread != kind.name() {
+        return;
     }
+    match probe_call(probe) {
+        Some(result) => {
+            let errno = std::io::Error::last_os_error();
+            let failure = if result == -1 {
+                format!(" ({errno})")
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "flint: error: seccomp self-test: {probe} on the {thread} thread was not \
+                 stopped: it returned {result}{failure}"
+            )
+        }
+        None => eprintln!(
+            "flint: error: seccomp self-test: unknown probe {probe:?} (one of {})",
+            PROBES.join(", ")
+        ),
+    }
+    std::process::exit(1);
 }
 
 #[cfg(test)]
@@ -446,7 +813,8 @@ mod tests {
             ThreadKind::EventLoop,
             ThreadKind::Api,
             ThreadKind::ConsoleIn,
-            ThreadKind::AgentClient,
+            ThreadKind::AgentClient { copies_out: false },
+            ThreadKind::AgentClient { copies_out: true },
         ] {
             let bpf = program(kind).unwrap();
             assert!(bpf.len() > 10, "{kind:?}");
@@ -457,12 +825,12 @@ mod tests {
     fn vcpus_may_only_run_and_write() {
         let rules = rules(ThreadKind::Vcpu).unwrap();
         assert!(rules.contains_key(&libc::SYS_ioctl));
-        assert!(!rules.contains_key(&libc::SYS_openat));
+        assert!(opens_no_files(ThreadKind::Vcpu));
         assert!(!rules.contains_key(&libc::SYS_socket));
         assert!(!rules.contains_key(&libc::SYS_execve));
         let api = rules_keys(ThreadKind::Api);
         assert!(api.contains(&libc::SYS_accept4));
-        assert!(!api.contains(&libc::SYS_openat));
+        assert!(opens_no_files(ThreadKind::Api));
     }
 
     #[test]
@@ -471,6 +839,26 @@ mod tests {
         // command: std writes to the agent's Unix socket with sendto.
         assert!(rules_keys(ThreadKind::Vmm).contains(&libc::SYS_sendto));
         assert!(!rules_keys(ThreadKind::Vmm).contains(&libc::SYS_socket));
+    }
+
+    #[test]
+    fn only_the_threads_that_need_them_make_sockets_or_create_files() {
+        let api = rules_keys(ThreadKind::Api);
+        assert!(!api.contains(&libc::SYS_socket) && !api.contains(&libc::SYS_connect));
+        assert!(opens_no_files(ThreadKind::EventLoop));
+        assert!(no_opens_program().unwrap().len() > 3);
+        assert!(!opens_no_files(ThreadKind::AgentClient {
+            copies_out: false
+        }));
+        assert!(!opens_no_files(ThreadKind::Vmm));
+        let reader = rules_keys(ThreadKind::AgentClient { copies_out: false });
+        let writer = rules_keys(ThreadKind::AgentClient { copies_out: true });
+        for call in FILE_CHANGES {
+            assert!(!reader.contains(call) && writer.contains(call), "{call}");
+        }
+        // Read-only opens for --copy-in: one rule with conditions, not "any arguments".
+        let rules = rules(ThreadKind::AgentClient { copies_out: false }).unwrap();
+        assert_eq!(rules[&libc::SYS_openat].len(), 1);
     }
 
     fn rules_keys(kind: ThreadKind) -> Vec<i64> {
