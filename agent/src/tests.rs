@@ -435,22 +435,29 @@ fn signals_reach_the_process_group() {
         !signaller.signal(libc::SIGTERM).unwrap(),
         "nothing runs yet"
     );
+    let dir = temp_dir("signals");
+    let marker = dir.join("started");
+    let script = format!("touch {}; sleep 30; echo not killed", marker.display());
     let t = std::thread::spawn(move || {
-        let status = run(&mut c, &sh("sleep 30; echo not killed"), None).unwrap();
+        let status = run(&mut c, &sh(&script), None).unwrap();
         (status, c)
     });
     let start = Instant::now();
-    // SIGCONT (harmless) is sent once the command runs; then give sh a moment to start sleep.
-    while !signaller.signal(libc::SIGCONT).unwrap() {
-        assert!(start.elapsed() < Duration::from_secs(10));
+    // The shell has started (with its own signal dispositions) once the marker exists; on a
+    // loaded machine that can take far longer than any fixed pause.
+    while !marker.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the command never started"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(200));
     assert!(signaller.signal(libc::SIGINT).unwrap());
     let ((status, out, _), _c) = t.join().unwrap();
     assert_eq!(status, CommandStatus::Killed(libc::SIGINT));
     assert!(out.is_empty());
     assert!(start.elapsed() < Duration::from_secs(10));
+    fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
