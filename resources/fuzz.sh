@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Run flint's cargo-fuzz targets (fuzz/) and print one table of what each did.
 #
-#   resources/fuzz.sh [--seconds N | --runs N] [--jobs J] [TARGET...]
+#   resources/fuzz.sh [--seconds N | --runs N [--max-seconds S]] [--jobs J] [TARGET...]
 #
 # --seconds N  run each target for N seconds (default 25: what CI runs)
 # --runs N     run each target for N executions instead (the long run: --runs 10000000)
+# --max-seconds S  with --runs: stop a target after S seconds even if it has not made N runs
 # --jobs J     run J targets at a time (default 1)
 # TARGET...    the targets to run (default: every target `cargo fuzz list` knows)
 #
@@ -21,14 +22,16 @@ repo=$(cd "$here/.." && pwd)
 
 seconds=25
 runs=
+max_seconds=
 jobs=1
 targets=()
 while (($#)); do
     case $1 in
     --seconds) seconds=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
+    --max-seconds) max_seconds=$2; shift 2 ;;
     --jobs) jobs=$2; shift 2 ;;
-    -h | --help) sed -n '2,15p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,16p' "$0"; exit 0 ;;
     -*) die "unknown option $1 (see --help)" ;;
     *) targets+=("$1"); shift ;;
     esac
@@ -56,7 +59,9 @@ trap 'rm -rf "$out_dir"' EXIT
 # run_target NAME: one libFuzzer run; its log goes to $out_dir/NAME.log, its status to NAME.rc.
 run_target() {
     local name=$1 limit
-    if [ -n "$runs" ]; then limit=(-runs="$runs"); else limit=(-max_total_time="$seconds"); fi
+    limit=(-max_total_time="$seconds")
+    if [ -n "$runs" ]; then limit=(-runs="$runs"); fi
+    if [ -n "$runs" ] && [ -n "$max_seconds" ]; then limit+=(-max_total_time="$max_seconds"); fi
     mkdir -p "corpus/$name"
     local seeds=()
     [ -d "seeds/$name" ] && seeds=("seeds/$name")
@@ -82,7 +87,7 @@ wait || true
 
 stat() { sed -n "s/^stat::$2: *//p" "$out_dir/$1.log" | tail -n1; }
 failed=0
-if [ -n "$runs" ]; then budget="$runs runs each"; else budget="$seconds s each"; fi
+if [ -n "$runs" ]; then budget="$runs runs each${max_seconds:+, at most $max_seconds s}"; else budget="$seconds s each"; fi
 printf '\nfuzz targets (%s, %s at a time, %s, %d cores)\n' "$budget" "$jobs" "$(date -u +%F)" "$(nproc)"
 printf '%-18s %12s %10s %12s %8s  %s\n' target executions exec/s corpus-new rss-MB result
 for name in "${targets[@]}"; do
