@@ -13,7 +13,11 @@
 //! at its default address serving GSIs 0-23, identity-mapped ISA interrupts (no overrides),
 //! LINT1 of every local APIC as NMI, and dual 8259 PICs present.
 //!
-//! The DSDT holds two devices under `\_SB`:
+//! The DSDT holds these devices under `\_SB`:
+//! - `V000`, `V001`, ...: the virtio-mmio devices (`LNRO0005`), in slot order, each with its
+//!   4 KiB register window and its edge-triggered interrupt. With ACPI, this is how the guest
+//!   finds them: Linux connects an interrupt line of the I/O APIC above 15 only for a device
+//!   that ACPI describes, so `virtio_mmio.device=` parameters would not work for them.
 //! - `VGEN`, a "VM_GEN_COUNTER": its `ADDR` is the guest-physical address of the 16-byte
 //!   generation ID at [`VMGENID_START`].
 //! - `GED_`, a Generic Event Device (`ACPI0013`) with one edge-triggered, active-high
@@ -49,6 +53,20 @@ const IO_APIC_PINS: u32 = 24;
 /// ACPI notification value for a VM generation ID change.
 const VMGENID_NOTIFY: u8 = 0x80;
 
+/// The virtio-mmio register window size of each device.
+pub const VIRTIO_MMIO_SIZE: u32 = 0x1000;
+/// Most virtio-mmio devices the DSDT names (`V000` to `VFFF`).
+const MAX_VIRTIO_DEVICES: usize = 0x1000;
+
+/// One virtio-mmio device, as the DSDT describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Guest-physical address of its register window (below 4 GiB).
+    pub base: u32,
+    /// Its interrupt: an I/O APIC pin.
+    pub gsi: u32,
+}
+
 /// Where each table went, for tests and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiTables {
@@ -65,8 +83,40 @@ fn aml_bytes(item: &dyn Aml) -> Vec<u8> {
     bytes
 }
 
-/// The DSDT: the VM generation ID device and the Generic Event Device on `ged_gsi`.
-fn dsdt(ged_gsi: u32) -> Vec<u8> {
+/// The DSDT device for virtio-mmio device number `n`.
+fn virtio_device(n: usize, device: &VirtioMmioDevice) -> Vec<u8> {
+    let name = format!("V{n:03X}");
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid_value = n as u32;
+    let uid = aml::Name::new("_UID".into(), &uid_value);
+    let window = aml::Memory32Fixed::new(true, device.base, VIRTIO_MMIO_SIZE);
+    // Consumer, edge-triggered (KVM's irqfd), active high, exclusive.
+    let irq = aml::Interrupt::new(true, true, false, false, device.gsi);
+    let resources = aml::ResourceTemplate::new(vec![&window, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    aml_bytes(&aml::Device::new(
+        name.as_str().into(),
+        vec![&hid, &uid, &crs],
+    ))
+}
+
+/// Already-encoded AML, to put among other objects.
+struct Encoded(Vec<u8>);
+
+impl Aml for Encoded {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+/// The DSDT: the virtio devices, the VM generation ID device and the Generic Event Device on
+/// `ged_gsi`.
+fn dsdt(virtio: &[VirtioMmioDevice], ged_gsi: u32) -> Vec<u8> {
+    let virtio: Vec<Encoded> = virtio
+        .iter()
+        .enumerate()
+        .map(|(n, d)| Encoded(virtio_device(n, d)))
+        .collect();
     // Below 4 GiB by construction: the high half of ADDR is 0.
     let addr_low = VMGENID_START as u32;
     let addr_high = 0u32;
@@ -92,7 +142,10 @@ fn dsdt(ged_gsi: u32) -> Vec<u8> {
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
     let ged = aml::Device::new("GED_".into(), vec![&hid_ged, &uid_ged, &crs_ged, &evt]);
 
-    let sb = aml::Scope::new("\\_SB_".into(), vec![&vgen, &ged]);
+    let mut devices: Vec<&dyn Aml> = virtio.iter().map(|d| d as &dyn Aml).collect();
+    devices.push(&vgen);
+    devices.push(&ged);
+    let sb = aml::Scope::new("\\_SB_".into(), devices);
     // Revision 2 and above: integers are 64 bits.
     let mut table = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     table.append_slice(&aml_bytes(&sb));
@@ -135,14 +188,27 @@ fn align16(addr: u64) -> u64 {
     (addr + 15) & !15
 }
 
-/// Write the ACPI tables for `num_cpus` vCPUs, with the Generic Event Device on `ged_gsi`,
-/// into `mem` at `ACPI_START`.
-pub fn setup_acpi(mem: &GuestMemoryMmap, num_cpus: u8, ged_gsi: u32) -> crate::Result<AcpiTables> {
+/// Write the ACPI tables for `num_cpus` vCPUs and the `virtio` devices, with the Generic
+/// Event Device on `ged_gsi`, into `mem` at `ACPI_START`.
+pub fn setup_acpi(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    virtio: &[VirtioMmioDevice],
+    ged_gsi: u32,
+) -> crate::Result<AcpiTables> {
     if num_cpus == 0 || num_cpus > MAX_CPUS {
         return Err(Error::TooManyCpus(num_cpus));
     }
-    if ged_gsi >= IO_APIC_PINS {
-        return Err(Error::AcpiGsi(ged_gsi));
+    if virtio.len() > MAX_VIRTIO_DEVICES {
+        return Err(Error::AcpiDevices(virtio.len()));
+    }
+    if let Some(gsi) = virtio
+        .iter()
+        .map(|d| d.gsi)
+        .chain([ged_gsi])
+        .find(|&gsi| gsi >= IO_APIC_PINS)
+    {
+        return Err(Error::AcpiGsi(gsi));
     }
     let mut next = align16(ACPI_START + Rsdp::len() as u64);
     let mut place = |what: &'static str, bytes: &[u8]| -> crate::Result<u64> {
@@ -156,7 +222,7 @@ pub fn setup_acpi(mem: &GuestMemoryMmap, num_cpus: u8, ged_gsi: u32) -> crate::R
         next = align16(end);
         Ok(addr)
     };
-    let dsdt = place("ACPI DSDT", &dsdt(ged_gsi))?;
+    let dsdt = place("ACPI DSDT", &dsdt(virtio, ged_gsi))?;
     let fadt = place("ACPI FADT", &fadt(dsdt))?;
     let madt = place("ACPI MADT", &madt(num_cpus))?;
     let mut xsdt_table = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -242,7 +308,7 @@ mod tests {
     fn tables_are_found_from_the_rsdp_and_checksummed() {
         for cpus in [1, 2, 4, 254] {
             let mem = guest_mem();
-            let placed = setup_acpi(&mem, cpus, 23).unwrap();
+            let placed = setup_acpi(&mem, cpus, &[], 23).unwrap();
             assert_eq!(placed.rsdp, ACPI_START);
             walk(&mem);
         }
@@ -255,7 +321,7 @@ mod tests {
         assert!(ACPI_END <= VMGENID_START);
         assert!(VMGENID_START + 16 <= HIMEM_START);
         let mem = guest_mem();
-        let placed = setup_acpi(&mem, 254, 23).unwrap();
+        let placed = setup_acpi(&mem, 254, &[], 23).unwrap();
         for addr in [placed.xsdt, placed.fadt, placed.madt, placed.dsdt] {
             assert!(addr > ACPI_START && addr < ACPI_END && addr % 16 == 0);
         }
@@ -264,7 +330,7 @@ mod tests {
     #[test]
     fn fadt_is_hardware_reduced_with_an_8042() {
         let mem = guest_mem();
-        setup_acpi(&mem, 1, 23).unwrap();
+        setup_acpi(&mem, 1, &[], 23).unwrap();
         let (fadt, _, _) = walk(&mem);
         assert_eq!(fadt.len(), 276);
         let flags = u32_at(&fadt, 112);
@@ -281,7 +347,7 @@ mod tests {
     fn madt_matches_the_mp_table() {
         for cpus in [1u8, 2, 4, 254] {
             let mem = guest_mem();
-            setup_acpi(&mem, cpus, 23).unwrap();
+            setup_acpi(&mem, cpus, &[], 23).unwrap();
             let (_, madt, _) = walk(&mem);
             assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
             assert_eq!(u32_at(&madt, 40), 1, "PCAT_COMPAT");
@@ -326,7 +392,7 @@ mod tests {
     #[test]
     fn dsdt_describes_the_generation_id_and_its_event_device() {
         let mem = guest_mem();
-        setup_acpi(&mem, 2, 23).unwrap();
+        setup_acpi(&mem, 2, &[], 23).unwrap();
         let (_, _, dsdt) = walk(&mem);
         assert!(dsdt[8] >= 2, "64-bit integers");
         let aml = &dsdt[36..];
@@ -361,22 +427,78 @@ mod tests {
         assert_eq!(&aml[notify + 11..notify + 13], &[0x0a, 0x80]);
     }
 
+    /// Slots as flint uses them: 4 KiB apart from 0xc000_0000, GSIs 5 up.
+    fn slots(n: usize) -> Vec<VirtioMmioDevice> {
+        (0..n)
+            .map(|i| VirtioMmioDevice {
+                base: 0xc000_0000 + 0x1000 * i as u32,
+                gsi: 5 + i as u32,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dsdt_describes_every_virtio_device_in_slot_order() {
+        let mem = guest_mem();
+        // The most of everything: it still fits.
+        setup_acpi(&mem, 254, &slots(19), 3).unwrap();
+        let (_, _, dsdt) = walk(&mem);
+        let aml = &dsdt[36..];
+        let mut last = 0;
+        for (n, slot) in slots(19).iter().enumerate() {
+            let name = format!("V{n:03X}");
+            let at = find(aml, name.as_bytes()).unwrap_or_else(|| panic!("{name} missing"));
+            assert!(at > last, "{name} out of order");
+            last = at;
+            let device = &aml[at..];
+            let hid = find(device, b"LNRO0005\0").unwrap();
+            // Memory32Fixed, read-write: base and a 4 KiB window.
+            let mut window = vec![0x86, 9, 0, 1];
+            window.extend_from_slice(&slot.base.to_le_bytes());
+            window.extend_from_slice(&0x1000u32.to_le_bytes());
+            let win = find(device, &window).unwrap_or_else(|| panic!("{name} window"));
+            // Then its interrupt: consumer, edge, active high, exclusive.
+            let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+            irq.extend_from_slice(&slot.gsi.to_le_bytes());
+            let int = find(device, &irq).unwrap_or_else(|| panic!("{name} interrupt"));
+            assert!(hid < win && win < int);
+            // Before the next device.
+            if let Some(next) = find(&device[hid + 1..], b"LNRO0005\0") {
+                assert!(int < hid + 1 + next);
+            }
+        }
+        assert!(find(aml, b"V013").is_none());
+        // The event device's own interrupt.
+        let mut ged_irq = vec![0x89, 6, 0, 0b0011, 1];
+        ged_irq.extend_from_slice(&3u32.to_le_bytes());
+        assert!(find(aml, &ged_irq).unwrap() > last);
+    }
+
     #[test]
     fn bad_inputs_are_refused() {
         let mem = guest_mem();
         assert!(matches!(
-            setup_acpi(&mem, 0, 23),
+            setup_acpi(&mem, 0, &[], 23),
             Err(Error::TooManyCpus(0))
         ));
         assert!(matches!(
-            setup_acpi(&mem, 255, 23),
+            setup_acpi(&mem, 255, &[], 23),
             Err(Error::TooManyCpus(255))
         ));
-        assert!(matches!(setup_acpi(&mem, 1, 24), Err(Error::AcpiGsi(24))));
+        assert!(matches!(
+            setup_acpi(&mem, 1, &[], 24),
+            Err(Error::AcpiGsi(24))
+        ));
+        let mut bad = slots(2);
+        bad[1].gsi = 99;
+        assert!(matches!(
+            setup_acpi(&mem, 1, &bad, 3),
+            Err(Error::AcpiGsi(99))
+        ));
         // Memory that ends before the ACPI area.
         let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8_0000)]).unwrap();
         assert!(matches!(
-            setup_acpi(&small, 1, 23),
+            setup_acpi(&small, 1, &[], 23),
             Err(Error::GuestWrite { .. })
         ));
     }

@@ -31,6 +31,9 @@ pub enum Error {
     /// The interrupt asked for an ACPI device is not an I/O APIC pin.
     #[error("GSI {0} is not an I/O APIC pin (0-23)")]
     AcpiGsi(u32),
+    /// More devices than the DSDT can name.
+    #[error("{0} virtio devices are more than the ACPI tables can describe")]
+    AcpiDevices(usize),
     /// The boot parameters could not be configured.
     #[error("cannot configure the boot parameters: {0}")]
     BootConfigure(String),
