@@ -15,7 +15,7 @@
 //!
 //! The DSDT holds these devices under `\_SB`:
 //! - `V000`, `V001`, ...: the virtio-mmio devices (`LNRO0005`), in slot order, each with its
-//!   4 KiB register window and its edge-triggered interrupt. With ACPI, this is how the guest
+//!   register window and its edge-triggered interrupt. With ACPI, this is how the guest
 //!   finds them: Linux connects an interrupt line of the I/O APIC above 15 only for a device
 //!   that ACPI describes, so `virtio_mmio.device=` parameters would not work for them.
 //! - `VGEN`, a "VM_GEN_COUNTER": its `ADDR` is the guest-physical address of the 16-byte
@@ -53,8 +53,6 @@ const IO_APIC_PINS: u32 = 24;
 /// ACPI notification value for a VM generation ID change.
 const VMGENID_NOTIFY: u8 = 0x80;
 
-/// The virtio-mmio register window size of each device.
-pub const VIRTIO_MMIO_SIZE: u32 = 0x1000;
 /// Most virtio-mmio devices the DSDT names (`V000` to `VFFF`).
 const MAX_VIRTIO_DEVICES: usize = 0x1000;
 
@@ -63,6 +61,8 @@ const MAX_VIRTIO_DEVICES: usize = 0x1000;
 pub struct VirtioMmioDevice {
     /// Guest-physical address of its register window (below 4 GiB).
     pub base: u32,
+    /// Size of the register window.
+    pub size: u32,
     /// Its interrupt: an I/O APIC pin.
     pub gsi: u32,
 }
@@ -89,7 +89,7 @@ fn virtio_device(n: usize, device: &VirtioMmioDevice) -> Vec<u8> {
     let hid = aml::Name::new("_HID".into(), &"LNRO0005");
     let uid_value = n as u32;
     let uid = aml::Name::new("_UID".into(), &uid_value);
-    let window = aml::Memory32Fixed::new(true, device.base, VIRTIO_MMIO_SIZE);
+    let window = aml::Memory32Fixed::new(true, device.base, device.size);
     // Consumer, edge-triggered (KVM's irqfd), active high, exclusive.
     let irq = aml::Interrupt::new(true, true, false, false, device.gsi);
     let resources = aml::ResourceTemplate::new(vec![&window, &irq]);
@@ -432,6 +432,7 @@ mod tests {
         (0..n)
             .map(|i| VirtioMmioDevice {
                 base: 0xc000_0000 + 0x1000 * i as u32,
+                size: 0x1000,
                 gsi: 5 + i as u32,
             })
             .collect()

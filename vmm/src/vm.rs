@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
+use devices::vmgenid::VmGenId;
 use devices::IrqLine;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -33,6 +34,9 @@ const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const I8042_IRQ: u32 = 1;
 const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// The ACPI Generic Event Device's interrupt, which announces a new VM generation ID: COM2's
+/// ISA line. flint has no second serial port and virtio devices take 5-23.
+const GED_GSI: u32 = 3;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_API_VERSION: i32 = 12;
 
@@ -113,6 +117,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
     virtio: device_manager::VirtioDevices,
+    /// The VM generation ID, when the guest has ACPI.
+    vmgenid: Option<VmGenId>,
     endings: Arc<Endings>,
     config: VmConfig,
     mem: GuestMemoryMmap,
@@ -250,7 +256,26 @@ impl Vm {
         let base = create_base(config, || memory::create(mem_size), None)?;
         let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
         let entry = loader::load(config, &cmdline, &base.mem)?;
+        // Both: the MP table serves a guest booted with acpi=off.
         arch::mptable::setup_mptable(&base.mem, config.vcpus as u8)?;
+        let vmgenid = if config.acpi() {
+            arch::acpi::setup_acpi(
+                &base.mem,
+                config.vcpus as u8,
+                &base.virtio.acpi_devices(),
+                GED_GSI,
+            )?;
+            let vmgenid = VmGenId::new(
+                GuestAddress(arch::layout::VMGENID_START),
+                irq_line(&base.vm, GED_GSI)?,
+            );
+            vmgenid
+                .write_new(&base.mem)
+                .map_err(|e| Error::Device(e.to_string()))?;
+            Some(vmgenid)
+        } else {
+            None
+        };
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
@@ -269,6 +294,7 @@ impl Vm {
             base,
             vcpus,
             serial,
+            vmgenid,
             None,
             console.input.map(|i| (i, console.escape)),
             start,
@@ -324,6 +350,24 @@ impl Vm {
                 .restore(saved)
                 .map_err(|e| invalid(e.to_string()))?;
         }
+        // This guest may be one of many clones of the snapshot: a new generation ID, and the
+        // interrupt that has its kernel reseed its random number generator as it resumes.
+        let vmgenid = match &state.vmgenid {
+            Some(saved) => {
+                let vmgenid = VmGenId::new(GuestAddress(saved.addr), irq_line(&base.vm, GED_GSI)?);
+                vmgenid
+                    .renew(&base.mem)
+                    .map_err(|e| Error::Device(e.to_string()))?;
+                Some(vmgenid)
+            }
+            None => {
+                log::warn!(
+                    "the snapshot's guest has no VM generation ID (it was booted with acpi=off): \
+                     restored copies share its random number generator state until it reseeds"
+                );
+                None
+            }
+        };
         let serial = SerialConsole::from_state(
             &state.serial,
             irq_line(&base.vm, SERIAL_IRQ)?,
@@ -335,6 +379,7 @@ impl Vm {
             base,
             vcpus,
             serial,
+            vmgenid,
             Some(&state.i8042),
             console.input.map(|i| (i, console.escape)),
             start,
@@ -348,6 +393,7 @@ impl Vm {
         base: Base,
         vcpus: Vec<Vcpu>,
         serial: SerialConsole,
+        vmgenid: Option<VmGenId>,
         i8042_state: Option<&devices::legacy::I8042State>,
         console_input: Option<(Box<dyn Read + Send>, bool)>,
         start: Instant,
@@ -411,6 +457,7 @@ impl Vm {
             serial,
             i8042,
             virtio,
+            vmgenid,
             endings,
             config: config.clone(),
             mem,
@@ -455,6 +502,10 @@ impl Vm {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
             virtio,
+            vmgenid: self
+                .vmgenid
+                .as_ref()
+                .map(|v| crate::snapshot::VmGenIdState { addr: v.addr().0 }),
         };
         memory::save(&self.mem, mem_path)?;
         drop(transports);
