@@ -42,3 +42,11 @@ pub const MMIO_GAP_SIZE: u64 = MMIO_GAP_END - MMIO_GAP_START;
 /// Smallest and largest guest memory sizes flint accepts.
 pub const MIN_MEM_SIZE: u64 = 64 << 20;
 pub const MAX_MEM_SIZE: u64 = 1 << 40;
+
+// The ACPI tables and the generation ID are outside guest RAM, in the area below 1 MiB that
+// the memory map leaves out.
+const _: () = assert!(
+    EBDA_START <= ACPI_START
+        && ACPI_END <= VMGENID_START
+        && VMGENID_START + VMGENID_SIZE as u64 <= HIMEM_START
+);

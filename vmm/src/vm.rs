@@ -132,6 +132,8 @@ struct Base {
     vm: VmFd,
     mem: GuestMemoryMmap,
     virtio: device_manager::VirtioDevices,
+    /// Set by `build` and `restore` once guest memory holds the ID.
+    vmgenid: Option<VmGenId>,
     mmio: Bus,
     endings: Arc<Endings>,
 }
@@ -180,6 +182,7 @@ fn create_base(
         vm,
         mem,
         virtio,
+        vmgenid: None,
         mmio,
         endings,
     })
@@ -253,12 +256,12 @@ impl Vm {
     /// Create the VM, load the kernel and configure every vCPU, without running anything.
     pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
         let mem_size = config.mem_bytes();
-        let base = create_base(config, || memory::create(mem_size), None)?;
+        let mut base = create_base(config, || memory::create(mem_size), None)?;
         let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
         let entry = loader::load(config, &cmdline, &base.mem)?;
         // Both: the MP table serves a guest booted with acpi=off.
         arch::mptable::setup_mptable(&base.mem, config.vcpus as u8)?;
-        let vmgenid = if config.acpi() {
+        base.vmgenid = if config.acpi() {
             arch::acpi::setup_acpi(
                 &base.mem,
                 config.vcpus as u8,
@@ -294,7 +297,6 @@ impl Vm {
             base,
             vcpus,
             serial,
-            vmgenid,
             None,
             console.input.map(|i| (i, console.escape)),
             start,
@@ -326,7 +328,7 @@ impl Vm {
             ));
         }
         let mem_size = config.mem_bytes();
-        let base = create_base(
+        let mut base = create_base(
             &config,
             || memory::restore(mem_path, mem_size),
             Some(&state.vm),
@@ -352,7 +354,7 @@ impl Vm {
         }
         // This guest may be one of many clones of the snapshot: a new generation ID, and the
         // interrupt that has its kernel reseed its random number generator as it resumes.
-        let vmgenid = match &state.vmgenid {
+        base.vmgenid = match &state.vmgenid {
             Some(saved) => {
                 let vmgenid = VmGenId::new(GuestAddress(saved.addr), irq_line(&base.vm, GED_GSI)?);
                 vmgenid
@@ -379,7 +381,6 @@ impl Vm {
             base,
             vcpus,
             serial,
-            vmgenid,
             Some(&state.i8042),
             console.input.map(|i| (i, console.escape)),
             start,
@@ -393,7 +394,6 @@ impl Vm {
         base: Base,
         vcpus: Vec<Vcpu>,
         serial: SerialConsole,
-        vmgenid: Option<VmGenId>,
         i8042_state: Option<&devices::legacy::I8042State>,
         console_input: Option<(Box<dyn Read + Send>, bool)>,
         start: Instant,
@@ -403,6 +403,7 @@ impl Vm {
             vm,
             mem,
             virtio,
+            vmgenid,
             mmio,
             endings,
         } = base;
