@@ -14,6 +14,9 @@
 //! LINT1 of every local APIC as NMI, and dual 8259 PICs present.
 //!
 //! The DSDT holds these devices under `\_SB`:
+//! - `COM1` (`PNP0501`) and `PS2K` (`PNP0303`): the serial port at 0x3f8 on IRQ 4 and the
+//!   i8042 at 0x60/0x64 on IRQ 1. A hardware-reduced platform has no legacy PIC, so Linux
+//!   connects no ISA interrupt by default: only those of devices ACPI describes.
 //! - `V000`, `V001`, ...: the virtio-mmio devices (`LNRO0005`), in slot order, each with its
 //!   register window and its edge-triggered interrupt. With ACPI, this is how the guest
 //!   finds them: Linux connects an interrupt line of the I/O APIC above 15 only for a device
@@ -100,6 +103,30 @@ fn virtio_device(n: usize, device: &VirtioMmioDevice) -> Vec<u8> {
     ))
 }
 
+/// The legacy devices flint emulates on port I/O (see `vmm::vm`): the serial console and the
+/// i8042 keyboard controller, each with its interrupt (ISA-style: edge, active high).
+fn legacy_devices() -> Vec<u8> {
+    let com1_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
+    let com1_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let com1_io = aml::IO::new(0x3f8, 0x3f8, 1, 8);
+    let com1_irq = aml::Interrupt::new(true, true, false, false, 4);
+    let com1_res = aml::ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_crs = aml::Name::new("_CRS".into(), &com1_res);
+    let com1 = aml::Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+
+    let kbd_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
+    let kbd_data = aml::IO::new(0x60, 0x60, 1, 1);
+    let kbd_cmd = aml::IO::new(0x64, 0x64, 1, 1);
+    let kbd_irq = aml::Interrupt::new(true, true, false, false, 1);
+    let kbd_res = aml::ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_crs = aml::Name::new("_CRS".into(), &kbd_res);
+    let kbd = aml::Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs]);
+
+    let mut bytes = aml_bytes(&com1);
+    bytes.extend(aml_bytes(&kbd));
+    bytes
+}
+
 /// Already-encoded AML, to put among other objects.
 struct Encoded(Vec<u8>);
 
@@ -142,7 +169,9 @@ fn dsdt(virtio: &[VirtioMmioDevice], ged_gsi: u32) -> Vec<u8> {
     let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
     let ged = aml::Device::new("GED_".into(), vec![&hid_ged, &uid_ged, &crs_ged, &evt]);
 
-    let mut devices: Vec<&dyn Aml> = virtio.iter().map(|d| d as &dyn Aml).collect();
+    let legacy = Encoded(legacy_devices());
+    let mut devices: Vec<&dyn Aml> = vec![&legacy];
+    devices.extend(virtio.iter().map(|d| d as &dyn Aml));
     devices.push(&vgen);
     devices.push(&ged);
     let sb = aml::Scope::new("\\_SB_".into(), devices);
@@ -416,8 +445,9 @@ mod tests {
         assert_eq!(u32_at(aml, addr + 4), VMGENID_START as u32);
         // The GED's interrupt: an extended interrupt descriptor, consumer, edge, active high,
         // exclusive, one GSI: 23.
-        let irq = find(aml, &[0x89, 6, 0, 0b0011, 1]).expect("extended IRQ descriptor");
-        assert_eq!(u32_at(aml, irq + 5), 23);
+        let ged = find(aml, b"GED_").unwrap();
+        let irq = find(&aml[ged..], &[0x89, 6, 0, 0b0011, 1]).expect("extended IRQ descriptor");
+        assert_eq!(u32_at(aml, ged + irq + 5), 23);
         // _EVT notifies \_SB_.VGEN with 0x80: NotifyOp, the path, BytePrefix 0x80.
         let notify = find(aml, &[0x86, b'\\', 0x2e]).expect("Notify(\\_SB_.VGEN, ...)");
         assert_eq!(&aml[notify + 3..notify + 11], b"_SB_VGEN");
@@ -470,6 +500,27 @@ mod tests {
         let mut ged_irq = vec![0x89, 6, 0, 0b0011, 1];
         ged_irq.extend_from_slice(&3u32.to_le_bytes());
         assert!(find(aml, &ged_irq).unwrap() > last);
+    }
+
+    #[test]
+    fn dsdt_connects_the_legacy_devices_interrupts() {
+        let mem = guest_mem();
+        setup_acpi(&mem, 1, &[], 3).unwrap();
+        let (_, _, dsdt) = walk(&mem);
+        let aml = &dsdt[36..];
+        // COM1: PNP0501 (EISA id 0x0105d041), I/O 0x3f8-0x3ff, interrupt 4.
+        let com1 = find(aml, b"COM1").unwrap();
+        let com1_aml = &aml[com1..];
+        assert!(find(com1_aml, &[0x0c, 0x41, 0xd0, 0x05, 0x01]).is_some());
+        assert!(find(com1_aml, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]).is_some());
+        assert!(find(com1_aml, &[0x89, 6, 0, 0b0011, 1, 4, 0, 0, 0]).is_some());
+        // The keyboard controller: PNP0303, ports 0x60 and 0x64, interrupt 1.
+        let kbd = find(aml, b"PS2K").unwrap();
+        let kbd_aml = &aml[kbd..];
+        assert!(find(kbd_aml, &[0x0c, 0x41, 0xd0, 0x03, 0x03]).is_some());
+        assert!(find(kbd_aml, &[0x47, 1, 0x60, 0, 0x60, 0, 1, 1]).is_some());
+        assert!(find(kbd_aml, &[0x47, 1, 0x64, 0, 0x64, 0, 1, 1]).is_some());
+        assert!(find(kbd_aml, &[0x89, 6, 0, 0b0011, 1, 1, 0, 0, 0]).is_some());
     }
 
     #[test]
