@@ -144,7 +144,9 @@ for n in a b d; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- 
 /// One booted guest snapshotted, then restored twice (B and C, two clones of one snapshot).
 /// The guest has one vCPU, no entropy device and no agent: nothing but its own kernel,
 /// acting on the new VM generation ID flint gives each restored copy, can make the clones'
-/// random number generators differ. Each clone reads /dev/urandom as its first command.
+/// random number generators differ. Its generator is initialised before the snapshot (a
+/// first read of /dev/urandom makes it gather entropy at once), so that the clones start
+/// from one and the same state. Each clone reads /dev/urandom as its first command.
 const GENERATION_ID_SCENARIO: &str = r#"
 CURL=$FILES/curl
 start_flint a
@@ -152,8 +154,9 @@ call a_boot_source PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"ini
 call a_machine PUT /machine-config '{"vcpu_count": 1, "mem_size_mib": 256}'
 call a_start PUT /actions '{"action_type": "InstanceStart"}'
 check_for a_prompt "$WORK/a.console" '/ #' 180
-echo 'echo "VMGENID-BOUND $(ls /sys/bus/acpi/drivers/vmgenid | grep -c FLNT0001)"' >"$WORK/a.in"
+echo 'head -c 16 /dev/urandom >/dev/null; echo "VMGENID-BOUND $(ls /sys/bus/acpi/drivers/vmgenid | grep -c FLNT0001)"' >"$WORK/a.in"
 check_for a_bound "$WORK/a.console" 'VMGENID-BOUND [0-9]' 60
+check_for a_crng "$WORK/a.console" 'crng init done' 60
 echo "VALUE a_bound $(grep -o 'VMGENID-BOUND [0-9]*' "$WORK/a.console" | tail -n 1 | cut -d' ' -f2)"
 call a_pause PATCH /vm '{"state": "Paused"}'
 call a_snapshot PUT /snapshot/create "{\"snapshot_path\": \"$WORK/s\", \"mem_file_path\": \"$WORK/m\"}"
@@ -168,7 +171,7 @@ for n in b c; do
     stop_flint $n
 done
 echo "CHECK a_reseeded $(grep -q 'virtual machine fork' "$WORK/a.console" && echo yes || echo no)"
-for n in a b c; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; done
+for n in a b c; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; echo; done
 "#;
 
 fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
@@ -375,6 +378,11 @@ fn restored_clones_reseed_their_random_number_generators() {
         value(out, "VALUE", "a_bound"),
         "1",
         "the guest's vmgenid driver did not find the device in the ACPI tables"
+    );
+    assert_eq!(
+        check("a_crng"),
+        "yes",
+        "the guest's generator was not ready"
     );
     assert_eq!(check("a_reseeded"), "no", "a booted guest is not a clone");
     let mut randoms = Vec::new();
