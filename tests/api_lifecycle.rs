@@ -142,11 +142,14 @@ for n in a b d; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- 
 "#;
 
 /// One booted guest snapshotted, then restored twice (B and C, two clones of one snapshot).
-/// The guest has one vCPU, no entropy device and no agent: nothing but its own kernel,
-/// acting on the new VM generation ID flint gives each restored copy, can make the clones'
-/// random number generators differ. Its generator is initialised before the snapshot (a
-/// first read of /dev/urandom makes it gather entropy at once), so that the clones start
-/// from one and the same state. Each clone reads /dev/urandom as its first command.
+/// The guest has one vCPU, no entropy device and no agent (whose Refresh also reseeds): the
+/// reseed the test looks for is the kernel's own, on the new VM generation ID flint gives
+/// each restored copy. Its generator is initialised before the snapshot (a first read of
+/// /dev/urandom makes it gather entropy at once): a kernel reseeds on a new ID only then.
+/// Each clone reads /dev/urandom as its first command. (That the two reads differ is
+/// asserted too, but on its own it would not prove much: a kernel this young, a few seconds
+/// of uptime, also reseeds every uptime/2 seconds from interrupt timings, which differ
+/// between clones. The reseed line is what fails without the generation ID.)
 const GENERATION_ID_SCENARIO: &str = r#"
 CURL=$FILES/curl
 start_flint a
