@@ -32,7 +32,9 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The guest's vsock context id inside a `flint run` sandbox.
 const SANDBOX_CID: u64 = 3;
 /// Kernel command line of sandboxes: a silent console (it is not shown) and quick reboots.
-const SANDBOX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet \
+/// ACPI stays on: with it, a sandbox restored from the template gets a new VM generation ID
+/// and its kernel reseeds its random number generator by itself.
+const SANDBOX_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off quiet \
                                i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 
 /// What the command runs with, common to `run` and `exec`.

@@ -28,6 +28,19 @@ call() { # name method path [body]
 check_for() { # name file text seconds
     if wait_for "$2" "$3" "$4"; then echo "CHECK $1 yes"; else echo "CHECK $1 no"; fi
 }
+start_flint() { # name: a flint with an API socket and console files named after it
+    mkfifo "$WORK/$1.in"
+    sleep 900 >"$WORK/$1.in" &
+    eval "keep_$1=\$!"
+    SOCK=$WORK/$1.sock
+    "$FLINT" --api-sock "$SOCK" --id "snap-$1" <"$WORK/$1.in" >"$WORK/$1.console" 2>"$WORK/$1.stderr" &
+    pid=$!
+    i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+}
+stop_flint() { # name
+    kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
+    eval "kill \$keep_$1" 2>/dev/null
+}
 "#;
 
 /// Steps print `STEP <name> <http status>` or `CHECK <name> <yes|no>` lines; the Rust side
@@ -79,20 +92,6 @@ echo "--- guest console (tail)"; tail -n 30 "$WORK/console"
 /// keeps a variable set before the first snapshot, and its uptime keeps counting.
 const SNAPSHOT_SCENARIO: &str = r#"
 CURL=$FILES/curl
-start_flint() { # name
-    mkfifo "$WORK/$1.in"
-    sleep 900 >"$WORK/$1.in" &
-    eval "keep_$1=\$!"
-    SOCK=$WORK/$1.sock
-    "$FLINT" --api-sock "$SOCK" --id "snap-$1" <"$WORK/$1.in" >"$WORK/$1.console" 2>"$WORK/$1.stderr" &
-    pid=$!
-    i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-}
-stop_flint() { # name
-    kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
-    eval "kill \$keep_$1" 2>/dev/null
-}
-
 start_flint a
 call a_boot_source PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"initrd_path\": \"$INITRAMFS\", \"boot_args\": \"$GUEST_CMDLINE\"}"
 call a_machine PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
@@ -140,6 +139,42 @@ if kill -0 $pid 2>/dev/null; then echo "CHECK d_exited no"; else echo "CHECK d_e
 wait $pid; echo "CHECK d_status $?"
 stop_flint d
 for n in a b d; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; done
+"#;
+
+/// One booted guest snapshotted, then restored twice (B and C, two clones of one snapshot).
+/// The guest has one vCPU, no entropy device and no agent (whose Refresh also reseeds): the
+/// reseed the test looks for is the kernel's own, on the new VM generation ID flint gives
+/// each restored copy. Its generator is initialised before the snapshot (a first read of
+/// /dev/urandom makes it gather entropy at once): a kernel reseeds on a new ID only then.
+/// Each clone reads /dev/urandom as its first command. (That the two reads differ is
+/// asserted too, but on its own it would not prove much: a kernel this young, a few seconds
+/// of uptime, also reseeds every uptime/2 seconds from interrupt timings, which differ
+/// between clones. The reseed line is what fails without the generation ID.)
+const GENERATION_ID_SCENARIO: &str = r#"
+CURL=$FILES/curl
+start_flint a
+call a_boot_source PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"initrd_path\": \"$INITRAMFS\", \"boot_args\": \"$GUEST_CMDLINE\"}"
+call a_machine PUT /machine-config '{"vcpu_count": 1, "mem_size_mib": 256}'
+call a_start PUT /actions '{"action_type": "InstanceStart"}'
+check_for a_prompt "$WORK/a.console" '/ #' 180
+echo 'head -c 16 /dev/urandom >/dev/null; echo "VMGENID-BOUND $(ls /sys/bus/acpi/drivers/vmgenid | grep -c FLNT0001)"' >"$WORK/a.in"
+check_for a_bound "$WORK/a.console" 'VMGENID-BOUND [0-9]' 60
+check_for a_crng "$WORK/a.console" 'crng init done' 60
+echo "VALUE a_bound $(grep -o 'VMGENID-BOUND [0-9]*' "$WORK/a.console" | tail -n 1 | cut -d' ' -f2)"
+call a_pause PATCH /vm '{"state": "Paused"}'
+call a_snapshot PUT /snapshot/create "{\"snapshot_path\": \"$WORK/s\", \"mem_file_path\": \"$WORK/m\"}"
+stop_flint a
+for n in b c; do
+    start_flint $n
+    call ${n}_load PUT /snapshot/load "{\"snapshot_path\": \"$WORK/s\", \"mem_file_path\": \"$WORK/m\", \"resume_vm\": true}"
+    printf '%s\n' 'echo "RANDOM-'$n' $(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")"' >"$WORK/$n.in"
+    check_for ${n}_random "$WORK/$n.console" "RANDOM-$n [0-9a-f]" 60
+    echo "VALUE ${n}_random $(grep -o "RANDOM-$n [0-9a-f]*" "$WORK/$n.console" | tail -n 1 | cut -d' ' -f2)"
+    check_for ${n}_reseeded "$WORK/$n.console" 'crng reseeded due to virtual machine fork' 30
+    stop_flint $n
+done
+echo "CHECK a_reseeded $(grep -q 'virtual machine fork' "$WORK/a.console" && echo yes || echo no)"
+for n in a b c; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; echo; done
 "#;
 
 fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
@@ -322,4 +357,61 @@ fn snapshot_create_and_load() {
     assert_eq!(step("d_ctrl_alt_del"), "204");
     assert_eq!(check("d_exited"), "yes", "Ctrl-Alt-Del did not end the VM");
     assert_eq!(check("d_status"), "0");
+}
+
+#[test]
+fn restored_clones_reseed_their_random_number_generators() {
+    let output = run_api_scenario(GENERATION_ID_SCENARIO);
+    let out = &output;
+    let step = |name: &str| value(out, "STEP", name);
+    let body = |name: &str| value(out, "BODY", name);
+    let check = |name: &str| value(out, "CHECK", name);
+
+    for name in [
+        "a_boot_source",
+        "a_machine",
+        "a_start",
+        "a_pause",
+        "a_snapshot",
+    ] {
+        assert_eq!(step(name), "204", "{name}: {}", body(name));
+    }
+    assert_eq!(check("a_prompt"), "yes", "the guest did not boot");
+    assert_eq!(
+        value(out, "VALUE", "a_bound"),
+        "1",
+        "the guest's vmgenid driver did not find the device in the ACPI tables"
+    );
+    assert_eq!(
+        check("a_crng"),
+        "yes",
+        "the guest's generator was not ready"
+    );
+    assert_eq!(check("a_reseeded"), "no", "a booted guest is not a clone");
+    let mut randoms = Vec::new();
+    for n in ["b", "c"] {
+        assert_eq!(
+            step(&format!("{n}_load")),
+            "204",
+            "{}",
+            body(&format!("{n}_load"))
+        );
+        assert_eq!(
+            check(&format!("{n}_random")),
+            "yes",
+            "clone {n} did not run"
+        );
+        assert_eq!(
+            check(&format!("{n}_reseeded")),
+            "yes",
+            "clone {n}'s kernel did not reseed on its new generation ID"
+        );
+        let random = value(out, "VALUE", &format!("{n}_random")).to_string();
+        assert_eq!(random.len(), 32, "clone {n}: {random:?}");
+        randoms.push(random);
+    }
+    assert_ne!(
+        randoms[0], randoms[1],
+        "two clones of one snapshot read the same bytes from /dev/urandom"
+    );
 }

@@ -105,14 +105,32 @@ fn assert_probe_boot(case: &Case, vcpus: u32, mem_mib: u64) {
     );
 }
 
+/// Lists what the guest found of the 19 virtio devices flint can give it (18 disks and the
+/// entropy device): with ACPI it finds them in the DSDT, and those on interrupt lines above
+/// 15 only there.
+const GUEST_DEVICES: &str =
+    "for d in /sys/block/vd*; do echo \"DISK $(basename $d) $(cat $d/serial)\"; done
+echo VIRTIO=$(ls /sys/bus/virtio/devices | wc -l)
+exit 7
+";
+
 #[test]
 fn boots_linux_guests() {
     let cmdline = sh_quote(&exec_cmdline(GUEST_PROBE));
+    let devices = sh_quote(&exec_cmdline(GUEST_DEVICES));
     let script = format!(
         r#"
 # A boot takes about 5 s in the nested host; a hung one must not eat the whole budget.
 CASE_TIMEOUT=60
 G={cmdline}
+DISKS=
+i=0
+while [ $i -lt 18 ]; do
+    head -c 4096 /dev/zero >"$WORK/d$i.img"
+    DISKS="$DISKS --disk $WORK/d$i.img,ro,id=d$i"
+    i=$((i + 1))
+done
+flint_case elf_19_devices "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --cmdline {devices} $DISKS
 flint_case elf_1cpu_128m "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 1 --memory 128
 flint_case bzimage_1cpu_128m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 1 --memory 128
 flint_case elf_4cpu_2048m "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 4 --memory 2048
@@ -142,6 +160,20 @@ flint_case bzimage_2cpu_512m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRA
     assert_probe_boot(&bz, 1, 128);
     assert_probe_boot(&run.case("elf_4cpu_2048m"), 4, 2048);
     assert_probe_boot(&run.case("bzimage_2cpu_512m"), 2, 512);
+
+    let many = run.case("elf_19_devices");
+    assert_clean_boot(&many);
+    assert_eq!(many.value_of("VIRTIO"), "19", "{}", many.show());
+    // In order: vda is the first disk given, ..., vdr the 18th.
+    let disks: Vec<&str> = many
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("DISK "))
+        .collect();
+    let expected: Vec<String> = (0..18)
+        .map(|i| format!("vd{} d{i}", (b'a' + i as u8) as char))
+        .collect();
+    assert_eq!(disks, expected, "{}", many.show());
 
     let demo = run.case("demo_shell");
     assert_clean_boot(&demo);

@@ -1,9 +1,10 @@
 //! x86_64 boot state for flint guests, as plain data and pure functions.
 //!
 //! Everything here either computes a KVM structure (registers, CPUID, MSRs) or writes a boot
-//! structure (GDT, page tables, boot parameters, PVH start info, MP table) into guest memory.
+//! structure (GDT, page tables, boot parameters, PVH start info, MP table, ACPI tables) into guest memory.
 //! Nothing here talks to KVM: the `vmm` crate applies the results to vCPU file descriptors.
 
+pub mod acpi;
 pub mod boot;
 pub mod cpuid;
 pub mod gdt;
@@ -27,6 +28,12 @@ pub enum Error {
     /// Too many vCPUs for the MP table.
     #[error("{0} vCPUs is more than the MP table can describe")]
     TooManyCpus(u8),
+    /// The interrupt asked for an ACPI device is not an I/O APIC pin.
+    #[error("GSI {0} is not an I/O APIC pin (0-23)")]
+    AcpiGsi(u32),
+    /// More devices than the DSDT can name.
+    #[error("{0} virtio devices are more than the ACPI tables can describe")]
+    AcpiDevices(usize),
     /// The boot parameters could not be configured.
     #[error("cannot configure the boot parameters: {0}")]
     BootConfigure(String),

@@ -9,6 +9,7 @@ pub mod guest_log;
 pub mod legacy;
 pub mod rate_limiter;
 pub mod virtio;
+pub mod vmgenid;
 
 use vmm_sys_util::eventfd::EventFd;
 

@@ -54,7 +54,7 @@ pub mod elf;
 pub mod tiny;
 
 /// The command line flint uses when `--cmdline` is not given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off acpi=off";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off";
 
 /// x86 `COMMAND_LINE_SIZE` of the guest kernel, including the terminating NUL.
 pub const GUEST_CMDLINE_MAX: usize = 2048;

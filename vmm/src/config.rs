@@ -7,9 +7,10 @@ pub use devices::rate_limiter::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL
 
 /// Kernel command line used when the user gives none: serial console, reboot through the
 /// keyboard controller (which ends the VM), no PCI probing, and an i8042 driver that skips
-/// probing a mouse port and multiplexer the VM does not have.
+/// probing a mouse port and multiplexer the VM does not have. ACPI stays on: the guest finds
+/// its devices and the VM generation ID through it (see [`VmConfig::acpi`]).
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=1 pci=off acpi=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+    "console=ttyS0 reboot=k panic=1 pci=off i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
 /// Default number of vCPUs.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Default guest memory in MiB.
@@ -129,6 +130,17 @@ impl VmConfig {
             nets: Vec::new(),
             vsock: None,
         }
+    }
+
+    /// Whether the guest reads ACPI tables: unless its command line says `acpi=off`. With
+    /// ACPI, the guest finds the virtio devices and the VM generation ID (which makes a
+    /// restored guest reseed its random number generator) in the tables; without, it finds
+    /// the devices on its command line, its CPUs in the MP table, and has no generation ID.
+    pub fn acpi(&self) -> bool {
+        !self
+            .cmdline
+            .split_ascii_whitespace()
+            .any(|p| p == "acpi=off")
     }
 
     /// Check what can be checked without touching the host.
@@ -311,11 +323,16 @@ mod tests {
 
     #[test]
     fn defaults_are_valid() {
-        let c = VmConfig::new("/vmlinux");
+        let mut c = VmConfig::new("/vmlinux");
         assert_eq!(c.validate(), Ok(()));
         assert_eq!((c.vcpus, c.mem_mib), (1, 128));
         assert!(c.cmdline.contains("console=ttyS0"));
         assert!(c.cmdline.contains("reboot=k"));
+        assert!(c.acpi(), "the default command line keeps ACPI on");
+        c.cmdline = "console=ttyS0 acpi=off quiet".into();
+        assert!(!c.acpi());
+        c.cmdline = "console=ttyS0 xacpi=off acpi=offx".into();
+        assert!(c.acpi());
     }
 
     #[test]

@@ -45,7 +45,8 @@ impl MmioSlot {
         })
     }
 
-    /// How the guest kernel learns about this device (`VIRTIO_MMIO_CMDLINE_DEVICES`).
+    /// How the guest kernel learns about this device without ACPI
+    /// (`VIRTIO_MMIO_CMDLINE_DEVICES`).
     pub fn cmdline_param(&self) -> String {
         format!(
             "virtio_mmio.device={}K@{:#x}:{}",
@@ -62,8 +63,24 @@ pub struct VirtioDevices {
     pub slots: Vec<MmioSlot>,
     /// Each device's counters.
     pub metrics: Vec<DeviceMetrics>,
-    /// Kernel command line additions: the devices, and the root disk when there is one.
+    /// Kernel command line additions: the devices (when the guest has no ACPI), and the root
+    /// disk when there is one.
     pub cmdline: String,
+}
+
+impl VirtioDevices {
+    /// The devices as the ACPI tables describe them.
+    pub fn acpi_devices(&self) -> Vec<arch::acpi::VirtioMmioDevice> {
+        self.slots
+            .iter()
+            .map(|slot| arch::acpi::VirtioMmioDevice {
+                // Slots are in the MMIO hole below 4 GiB.
+                base: slot.base as u32,
+                size: MMIO_REGION_SIZE as u32,
+                gsi: slot.irq,
+            })
+            .collect()
+    }
 }
 
 /// A rate limiter (and its timerfd, created here on the VMM thread) for `config`, if any.
@@ -190,15 +207,20 @@ pub fn attach(
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), slot.base, MMIO_REGION_SIZE)
             .map_err(|e| Error::Device(e.to_string()))?;
-        if !out.cmdline.is_empty() {
-            out.cmdline.push(' ');
+        // With ACPI the guest finds the device in the DSDT instead (`arch::acpi`).
+        if !config.acpi() {
+            if !out.cmdline.is_empty() {
+                out.cmdline.push(' ');
+            }
+            out.cmdline.push_str(&slot.cmdline_param());
         }
-        out.cmdline.push_str(&slot.cmdline_param());
         out.transports.push(transport);
         out.slots.push(slot);
     }
     if let Some(root) = root_cmdline(config) {
-        out.cmdline.push(' ');
+        if !out.cmdline.is_empty() {
+            out.cmdline.push(' ');
+        }
         out.cmdline.push_str(&root);
     }
     Ok(out)

@@ -23,8 +23,9 @@ use crate::error::{Error, Result};
 
 /// What the state file starts with.
 pub const MAGIC: &str = "flint-snapshot";
-/// The state file format this flint writes and reads.
-pub const VERSION: u32 = 1;
+/// The state file format this flint writes and reads. Version 2: guests have ACPI tables and
+/// a VM generation ID (`vmgenid`); a version 1 guest has neither and cannot get a new one.
+pub const VERSION: u32 = 2;
 /// A state file is a few hundred KiB at most; anything far larger is not one.
 const MAX_STATE_FILE: u64 = 64 << 20;
 
@@ -56,6 +57,13 @@ pub struct VmState {
     pub clock: kvm_clock_data,
 }
 
+/// The VM generation ID device: where the guest reads the ID. A restore writes a new one
+/// there and raises the device's interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmGenIdState {
+    pub addr: u64,
+}
+
 /// Everything in a state file.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SnapshotState {
@@ -69,6 +77,8 @@ pub struct SnapshotState {
     pub i8042: I8042State,
     /// The virtio-mmio transports, in slot order.
     pub virtio: Vec<MmioTransportState>,
+    /// The VM generation ID, when the guest has ACPI (not booted with `acpi=off`).
+    pub vmgenid: Option<VmGenIdState>,
 }
 
 /// Just the header, read first so that another version gets a clear message.
@@ -104,6 +114,16 @@ impl SnapshotState {
             .find(|(i, v)| v.id as usize != *i)
         {
             return Err(invalid(format!("vCPU {i} has id {}", v.id)));
+        }
+        // A restore writes there: only where flint puts the ID, never into guest RAM.
+        if let Some(genid) = &self.vmgenid {
+            if genid.addr != arch::layout::VMGENID_START {
+                return Err(invalid(format!(
+                    "its VM generation ID is at {:#x}, not at {:#x}",
+                    genid.addr,
+                    arch::layout::VMGENID_START
+                )));
+            }
         }
         Ok(())
     }
@@ -300,6 +320,9 @@ mod tests {
                 awaiting_data_for: None,
             },
             virtio: vec![MmioTransportState::default()],
+            vmgenid: Some(VmGenIdState {
+                addr: arch::layout::VMGENID_START,
+            }),
         }
     }
 
@@ -373,7 +396,7 @@ mod tests {
         std::fs::write(&path, serde_json::to_vec(&other).unwrap()).unwrap();
         let msg = message(read_state(&path));
         assert!(
-            msg.ends_with("is a version 7 flint snapshot; this flint reads only version 1"),
+            msg.ends_with("is a version 7 flint snapshot; this flint reads only version 2"),
             "{msg}"
         );
 
@@ -404,6 +427,16 @@ mod tests {
         wrong_id.vcpus[1].id = 5;
         std::fs::write(&path, serde_json::to_vec(&wrong_id).unwrap()).unwrap();
         assert!(message(read_state(&path)).contains("vCPU 1 has id 5"));
+
+        // A generation ID anywhere but its own page would have a restore write into the guest.
+        let mut wrong_genid = sample();
+        wrong_genid.vmgenid = Some(VmGenIdState { addr: 0x10_0000 });
+        std::fs::write(&path, serde_json::to_vec(&wrong_genid).unwrap()).unwrap();
+        let msg = message(read_state(&path));
+        assert!(
+            msg.contains("its VM generation ID is at 0x100000, not at 0xf0000"),
+            "{msg}"
+        );
 
         // Random bytes never panic.
         let mut seed = 0x1234_5678u64;

@@ -10,13 +10,14 @@ use std::time::{Duration, Instant};
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
+use devices::vmgenid::VmGenId;
 use devices::IrqLine;
 use kvm_bindings::{
     kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
     KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -33,6 +34,9 @@ const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const I8042_IRQ: u32 = 1;
 const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// The ACPI Generic Event Device's interrupt, which announces a new VM generation ID: COM2's
+/// ISA line. flint has no second serial port and virtio devices take 5-23.
+const GED_GSI: u32 = 3;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_API_VERSION: i32 = 12;
 
@@ -113,6 +117,8 @@ pub struct Vm {
     serial: Arc<Mutex<SerialConsole>>,
     i8042: Arc<Mutex<I8042>>,
     virtio: device_manager::VirtioDevices,
+    /// The VM generation ID, when the guest has ACPI.
+    vmgenid: Option<VmGenId>,
     endings: Arc<Endings>,
     config: VmConfig,
     mem: GuestMemoryMmap,
@@ -126,6 +132,8 @@ struct Base {
     vm: VmFd,
     mem: GuestMemoryMmap,
     virtio: device_manager::VirtioDevices,
+    /// Set by `build` and `restore` once guest memory holds the ID.
+    vmgenid: Option<VmGenId>,
     mmio: Bus,
     endings: Arc<Endings>,
 }
@@ -174,6 +182,7 @@ fn create_base(
         vm,
         mem,
         virtio,
+        vmgenid: None,
         mmio,
         endings,
     })
@@ -247,10 +256,29 @@ impl Vm {
     /// Create the VM, load the kernel and configure every vCPU, without running anything.
     pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
         let mem_size = config.mem_bytes();
-        let base = create_base(config, || memory::create(mem_size), None)?;
+        let mut base = create_base(config, || memory::create(mem_size), None)?;
         let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
         let entry = loader::load(config, &cmdline, &base.mem)?;
+        // Both: the MP table serves a guest booted with acpi=off.
         arch::mptable::setup_mptable(&base.mem, config.vcpus as u8)?;
+        base.vmgenid = if config.acpi() {
+            arch::acpi::setup_acpi(
+                &base.mem,
+                config.vcpus as u8,
+                &base.virtio.acpi_devices(),
+                GED_GSI,
+            )?;
+            let vmgenid = VmGenId::new(
+                GuestAddress(arch::layout::VMGENID_START),
+                irq_line(&base.vm, GED_GSI)?,
+            );
+            vmgenid
+                .write_new(&base.mem)
+                .map_err(|e| Error::Device(e.to_string()))?;
+            Some(vmgenid)
+        } else {
+            None
+        };
 
         let mut vcpus = Vec::with_capacity(config.vcpus as usize);
         for id in 0..config.vcpus {
@@ -300,7 +328,7 @@ impl Vm {
             ));
         }
         let mem_size = config.mem_bytes();
-        let base = create_base(
+        let mut base = create_base(
             &config,
             || memory::restore(mem_path, mem_size),
             Some(&state.vm),
@@ -324,6 +352,24 @@ impl Vm {
                 .restore(saved)
                 .map_err(|e| invalid(e.to_string()))?;
         }
+        // This guest may be one of many clones of the snapshot: a new generation ID, and the
+        // interrupt that has its kernel reseed its random number generator as it resumes.
+        base.vmgenid = match &state.vmgenid {
+            Some(saved) => {
+                let vmgenid = VmGenId::new(GuestAddress(saved.addr), irq_line(&base.vm, GED_GSI)?);
+                vmgenid
+                    .renew(&base.mem)
+                    .map_err(|e| Error::Device(e.to_string()))?;
+                Some(vmgenid)
+            }
+            None => {
+                log::warn!(
+                    "the snapshot's guest has no VM generation ID (it was booted with acpi=off): \
+                     restored copies share its random number generator state until it reseeds"
+                );
+                None
+            }
+        };
         let serial = SerialConsole::from_state(
             &state.serial,
             irq_line(&base.vm, SERIAL_IRQ)?,
@@ -357,6 +403,7 @@ impl Vm {
             vm,
             mem,
             virtio,
+            vmgenid,
             mmio,
             endings,
         } = base;
@@ -411,6 +458,7 @@ impl Vm {
             serial,
             i8042,
             virtio,
+            vmgenid,
             endings,
             config: config.clone(),
             mem,
@@ -455,6 +503,10 @@ impl Vm {
             serial: lock(&self.serial).state(),
             i8042: lock(&self.i8042).state(),
             virtio,
+            vmgenid: self
+                .vmgenid
+                .as_ref()
+                .map(|v| crate::snapshot::VmGenIdState { addr: v.addr().0 }),
         };
         memory::save(&self.mem, mem_path)?;
         drop(transports);

@@ -161,6 +161,49 @@ const RNG_DRIVER: &[u8] = &[
     0xfe, 0xe6, 0x64, 0xeb, 0xfe,
 ];
 
+/// A guest that prints the 16-byte VM generation ID at 0xf0000 (`VMGENID_START`) as 32 hex
+/// digits in memory order, one line after another, forever:
+///
+/// ```text
+///     mov edi, 0xf0000
+/// next:
+///     xor esi, esi
+/// half:                        ; two 8-byte halves
+///     mov r8, [rdi+rsi*8]
+///     bswap r8
+///     mov ecx, 16
+///     mov dx, 0x3f8
+/// digit:
+///     rol r8, 4
+///     mov al, r8b
+///     and al, 0xf
+///     cmp al, 10
+///     jb decimal
+///     add al, 39
+/// decimal:
+///     add al, 48
+///     out dx, al
+///     dec ecx
+///     jnz digit
+///     inc esi
+///     cmp esi, 2
+///     jne half
+///     mov al, 10
+///     out dx, al
+///     mov ecx, 0x1000
+/// delay:
+///     dec ecx
+///     jnz delay
+///     jmp next
+/// ```
+const GENERATION_ID: &[u8] = &[
+    0xbf, 0x00, 0x00, 0x0f, 0x00, 0x31, 0xf6, 0x4c, 0x8b, 0x04, 0xf7, 0x49, 0x0f, 0xc8, 0xb9, 0x10,
+    0x00, 0x00, 0x00, 0x66, 0xba, 0xf8, 0x03, 0x49, 0xc1, 0xc0, 0x04, 0x44, 0x88, 0xc0, 0x24, 0x0f,
+    0x3c, 0x0a, 0x72, 0x02, 0x04, 0x27, 0x04, 0x30, 0xee, 0xff, 0xc9, 0x75, 0xea, 0xff, 0xc6, 0x83,
+    0xfe, 0x02, 0x75, 0xd3, 0xb0, 0x0a, 0xee, 0xb9, 0x00, 0x10, 0x00, 0x00, 0xff, 0xc9, 0x75, 0xfc,
+    0xeb, 0xc3,
+];
+
 struct TempDir(PathBuf);
 
 impl TempDir {
@@ -499,4 +542,72 @@ fn restored_virtio_device_continues_its_queue() {
         })
     };
     assert_counts_from(&format!("{first}{second}"), 1);
+}
+
+/// The last complete line of `text`.
+fn last_line(text: &str) -> &str {
+    let complete = &text[..text.rfind('\n').expect("no complete line")];
+    complete.rsplit('\n').next().unwrap()
+}
+
+/// Boot the [`GENERATION_ID`] guest with `cmdline`, snapshot it, restore it twice (as two
+/// clones of one snapshot are) and return the generation ID each of the three saw last.
+fn generation_ids(dir: &TempDir, cmdline: &str) -> [String; 3] {
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(GENERATION_ID)).unwrap();
+    let (state, mem) = (dir.path("s"), dir.path("m"));
+    let mut config = VmConfig::new(&kernel);
+    config.cmdline = cmdline.into();
+    config.mem_mib = 128;
+    let booted = {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            run_and_snapshot(vm, &out, 3, (&state, &mem))
+        })
+    };
+    let restore = || {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let (mut vm, _) =
+                Vm::restore(&state, &mem, &mut |_| {}, out.console(), Instant::now()).unwrap();
+            vm.start().unwrap();
+            // The first line may have begun before the snapshot.
+            out.wait_lines(3);
+            vm.pause().unwrap();
+            out.text()
+        })
+    };
+    let (first, second) = (restore(), restore());
+    [booted, first, second].map(|text| last_line(&text).to_string())
+}
+
+#[test]
+fn each_restored_guest_sees_a_new_generation_id() {
+    let dir = TempDir::new("genid");
+    let [booted, first, second] = generation_ids(&dir, vmm::config::DEFAULT_CMDLINE);
+    for id in [&booted, &first, &second] {
+        assert_eq!(id.len(), 32, "{id:?}");
+        assert_ne!(id, &"0".repeat(32), "no generation ID");
+    }
+    assert_ne!(booted, first, "the restored guest kept the snapshot's ID");
+    assert_ne!(first, second, "two restored guests got the same ID");
+    assert_ne!(booted, second);
+    let saved = vmm::snapshot::read_state(&dir.path("s")).unwrap();
+    assert_eq!(
+        saved.vmgenid,
+        Some(vmm::snapshot::VmGenIdState {
+            addr: arch::layout::VMGENID_START
+        })
+    );
+
+    // A guest booted with acpi=off has no ACPI tables, so no generation ID to read: flint
+    // writes none (nothing the guest does not know about), and none on restore.
+    let dir = TempDir::new("genid-off");
+    let ids = generation_ids(&dir, "console=ttyS0 acpi=off");
+    assert_eq!(ids, ["0".repeat(32), "0".repeat(32), "0".repeat(32)]);
+    let saved = vmm::snapshot::read_state(&dir.path("s")).unwrap();
+    assert_eq!(saved.vmgenid, None);
 }

@@ -33,7 +33,7 @@ pub struct RngMetrics {
 }
 
 /// Fill `buf` from the kernel's CSPRNG.
-fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+pub(crate) fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
     let mut done = 0;
     while done < buf.len() {
         let rest = &mut buf[done..];
