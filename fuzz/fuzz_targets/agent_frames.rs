@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use flint_agent::protocol::decode_frame;
 use flint_agent::{AgentClient, AgentError, CopyOutBudget, ExecSpec, FromAgent};
+use flint_fuzz::scratch_dir;
 use libfuzzer_sys::fuzz_target;
 
 /// The copy-out byte budget of one input.
@@ -31,13 +32,8 @@ const MAX_STREAM: usize = 128 * 1024;
 fn scratch() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let base = if Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
         // Created and removed by each input, so that nothing stays behind after a run.
-        base.join(format!("flint-fuzz-agent-{}", std::process::id()))
+        scratch_dir().join(format!("flint-fuzz-agent-{}", std::process::id()))
     })
 }
 
@@ -66,7 +62,12 @@ fn copy_out(client: &mut AgentClient) {
 
 fn run(client: &mut AgentClient) {
     let spec = ExecSpec::new(["sh", "-c", "true"]);
-    match client.run(&spec, None::<std::io::Empty>, std::io::sink(), std::io::sink()) {
+    match client.run(
+        &spec,
+        None::<std::io::Empty>,
+        std::io::sink(),
+        std::io::sink(),
+    ) {
         Ok(status) => assert!((0..=255).contains(&status.code())),
         Err(e) => one_line(&e),
     }

@@ -14,17 +14,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 use devices::virtio::block::{parse_request, Block};
 use devices::virtio::chain::pop_chain;
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
-use devices::IrqLine;
+use flint_fuzz::{image_queue, interrupt, queue_image, scratch_dir};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use virtio_queue::QueueT;
 
-const MEM_SIZE: usize = 0x10000;
-const QUEUE_SIZE: u16 = 16;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x100;
-const USED_RING: u64 = 0x200;
 const DISK_SECTORS: u64 = 64;
 
 struct Fixture {
@@ -35,20 +28,15 @@ struct Fixture {
 fn fixture() -> &'static Mutex<Fixture> {
     static FIXTURE: OnceLock<Mutex<Fixture>> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            std::path::PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let path = dir.join(format!("flint-fuzz-disk-{}", std::process::id()));
+        let path = scratch_dir().join(format!("flint-fuzz-disk-{}", std::process::id()));
         std::fs::write(&path, vec![0u8; (DISK_SECTORS * 512) as usize]).unwrap();
         let block = Block::new(&path, false, "fuzz").unwrap();
         // The open file keeps the disk alive; the name is not needed any more.
         let _ = std::fs::remove_file(&path);
-        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )));
-        Mutex::new(Fixture { block, interrupt })
+        Mutex::new(Fixture {
+            block,
+            interrupt: interrupt(),
+        })
     })
 }
 
@@ -56,44 +44,12 @@ fuzz_target!(|data: &[u8]| {
     let Some((&flags, image)) = data.split_first() else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
-    if flags & 2 != 0 {
-        // Fold descriptor addresses into guest memory so that more chains get past the
-        // address checks and reach the disk.
-        for i in 0..u64::from(QUEUE_SIZE) {
-            let at = GuestAddress(DESC_TABLE + 16 * i);
-            let addr: u64 = mem.read_obj(at).unwrap();
-            mem.write_obj(addr % MEM_SIZE as u64, at).unwrap();
-        }
-    }
-
-    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-    queue
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
+    // Folded descriptor addresses get more chains past the address checks and to the disk.
+    let (mem, mut queue) = queue_image(image, flags & 2 != 0);
     queue.set_event_idx(flags & 1 != 0);
-    queue.set_ready(true);
 
     // The pure parser on its own, over every chain the available ring names.
-    let mut probe = Queue::new(QUEUE_SIZE).unwrap();
-    probe
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    probe
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    probe
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
-    probe.set_ready(true);
+    let mut probe = image_queue();
     while let Some(chain) = pop_chain(&mut probe, &mem) {
         let _ = parse_request(&mem, chain);
     }

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::legacy::{I8042State, I8042};
 use devices::IrqLine;
+use flint_fuzz::{port_read, PortOps};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,37 +38,28 @@ fuzz_target!(|data: &[u8]| {
     let mut bus = Bus::new();
     bus.insert(i8042.clone(), BASE, 5).unwrap();
 
-    let mut rest = data;
-    while let Some((&op, tail)) = rest.split_first() {
-        rest = tail;
-        let port = BASE + u64::from(op & 0x0f);
-        let size = 1usize << ((op >> 4) & 3);
+    let mut ops = PortOps(data);
+    while let Some(op) = ops.next_op() {
+        let port = BASE + u64::from(op.offset);
         let before = resets.load(Ordering::Relaxed);
         let mut wrote = false;
-        match op >> 6 {
-            0 => {
-                let mut buf = [0xa5u8; 8];
-                bus.read(port, &mut buf[..size]);
-            }
+        match op.kind {
+            0 => port_read(&bus, port, op.size),
             1 => {
-                let n = size.min(rest.len());
-                let (value, tail) = rest.split_at(n);
-                rest = tail;
+                let value = ops.take(op.size);
                 wrote = bus.write(port, value) && !value.is_empty();
             }
             2 => i8042.lock().unwrap().press_ctrl_alt_del(),
             _ => {
-                let [ctr, flags, pending, len, tail @ ..] = rest else {
+                let [ctr, flags, pending, len] = *ops.take(4) else {
                     break;
                 };
-                let n = usize::from(*len).min(tail.len());
                 let state = I8042State {
-                    ctr: *ctr,
+                    ctr,
                     status_cmd: flags & 1 != 0,
-                    out: tail[..n].to_vec(),
-                    awaiting_data_for: (flags & 2 != 0).then_some(*pending),
+                    out: ops.take(usize::from(len)).to_vec(),
+                    awaiting_data_for: (flags & 2 != 0).then_some(pending),
                 };
-                rest = &tail[n..];
                 i8042.lock().unwrap().restore_state(&state);
             }
         }

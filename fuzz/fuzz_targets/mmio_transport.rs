@@ -10,26 +10,18 @@
 
 #![no_main]
 
-use std::sync::Arc;
-
 use devices::bus::BusDevice;
 use devices::virtio::mmio::{MmioTransport, STATUS_DRIVER_OK};
 use devices::virtio::rng::Rng;
-use devices::virtio::VirtioInterrupt;
-use devices::IrqLine;
+use flint_fuzz::{guest_memory, interrupt, MEM_SIZE};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vm_memory::GuestMemoryMmap;
 
-const MEM_SIZE: usize = 0x10000;
 /// Most operations run per input.
 const MAX_OPS: usize = 4096;
 
 fn transport(mem: &GuestMemoryMmap) -> MmioTransport {
-    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    )));
-    MmioTransport::new(Box::new(Rng::new()), mem.clone(), interrupt).unwrap()
+    MmioTransport::new(Box::new(Rng::new()), mem.clone(), interrupt()).unwrap()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -40,8 +32,8 @@ fuzz_target!(|data: &[u8]| {
     let rest = &data[2..];
     let image_len = image_len.min(rest.len());
     let (image, ops) = rest.split_at(image_len);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    mem.write_slice(image, GuestAddress(0)).unwrap();
+    // At most 0xffff bytes: the image always fits.
+    let mem = guest_memory(image, MEM_SIZE);
     let mut t = transport(&mem);
     for op in ops.chunks_exact(8).take(MAX_OPS) {
         let offset = u64::from(u16::from_le_bytes([op[1], op[2]]));

@@ -11,23 +11,13 @@
 
 #![no_main]
 
-use std::sync::Arc;
-
 use devices::virtio::net::fuzzing::{Outcome, Receiver};
 use devices::virtio::net::tap::VNET_HDR_LEN;
 use devices::virtio::net::MAX_FRAME_LEN;
-use devices::virtio::VirtioInterrupt;
-use devices::IrqLine;
+use flint_fuzz::{interrupt, queue_image, QUEUE_SIZE, USED_RING};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-const MEM_SIZE: usize = 0x10000;
-const QUEUE_SIZE: u16 = 16;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x100;
-const USED_RING: u64 = 0x200;
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress};
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 17 {
@@ -39,32 +29,9 @@ fuzz_target!(|data: &[u8]| {
         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize % (MAX_FRAME_LEN + 1))
         .collect();
     let image = &data[17..];
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
-    if flags & 2 != 0 {
-        for i in 0..u64::from(QUEUE_SIZE) {
-            let at = GuestAddress(DESC_TABLE + 16 * i);
-            let addr: u64 = mem.read_obj(at).unwrap();
-            mem.write_obj(addr % MEM_SIZE as u64, at).unwrap();
-        }
-    }
-    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-    queue
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
-    queue.set_ready(true);
+    let (mem, queue) = queue_image(image, flags & 2 != 0);
 
-    let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
-        EventFd::new(EFD_NONBLOCK).unwrap(),
-    )));
-    let mut rx = Receiver::new(mem.clone(), queue, flags & 1 != 0, interrupt);
+    let mut rx = Receiver::new(mem.clone(), queue, flags & 1 != 0, interrupt());
     for len in lens {
         let mut frame = vec![0xa5u8; VNET_HDR_LEN + len];
         let before = rx.queue().next_used();

@@ -9,50 +9,21 @@
 
 #![no_main]
 
-use devices::virtio::chain::pop_chain;
 use devices::virtio::net::tap::VNET_HDR_LEN;
 use devices::virtio::net::{parse_tx_chain, MAX_FRAME_LEN, MIN_FRAME_LEN};
 use devices::virtio::MAX_CHAINS_PER_PASS;
+use flint_fuzz::{queue_image, take_chains};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-
-const MEM_SIZE: usize = 0x10000;
-const QUEUE_SIZE: u16 = 16;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x100;
-const USED_RING: u64 = 0x200;
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryBackend;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&flags, image)) = data.split_first() else {
         return;
     };
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
-    if flags & 2 != 0 {
-        for i in 0..u64::from(QUEUE_SIZE) {
-            let at = GuestAddress(DESC_TABLE + 16 * i);
-            let addr: u64 = mem.read_obj(at).unwrap();
-            mem.write_obj(addr % MEM_SIZE as u64, at).unwrap();
-        }
-    }
-    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-    queue
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
-    queue.set_ready(true);
+    let (mem, mut queue) = queue_image(image, flags & 2 != 0);
 
-    for _ in 0..MAX_CHAINS_PER_PASS {
-        let Some(chain) = pop_chain(&mut queue, &mem) else {
-            break;
-        };
+    take_chains(&mut queue, &mem, MAX_CHAINS_PER_PASS, |queue, chain| {
         let head = chain.head_index();
         if let Ok(segs) = parse_tx_chain(&mem, chain) {
             let total: u64 = segs.iter().map(|s| u64::from(s.len)).sum();
@@ -64,5 +35,5 @@ fuzz_target!(|data: &[u8]| {
         }
         // The device returns every transmit chain with length 0.
         queue.add_used(&mem, head, 0).unwrap();
-    }
+    });
 });

@@ -19,6 +19,7 @@ use std::time::Instant;
 use devices::bus::Bus;
 use devices::legacy::{BootTimer, SerialConsole};
 use devices::IrqLine;
+use flint_fuzz::{port_read, PortOps};
 use libfuzzer_sys::fuzz_target;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -64,31 +65,22 @@ fuzz_target!(|data: &[u8]| {
 
     // Bytes the guest wrote to the data port: an upper bound for console output.
     let mut data_writes = 0usize;
-    let mut rest = data;
-    while let Some((&op, tail)) = rest.split_first() {
-        rest = tail;
-        let port = u64::from(BASE + u16::from(op & 0x0f));
-        let size = 1usize << ((op >> 4) & 3);
-        match op >> 6 {
-            0 => {
-                let mut buf = [0xa5u8; 8];
-                bus.read(port, &mut buf[..size]);
-            }
+    let mut ops = PortOps(data);
+    while let Some(op) = ops.next_op() {
+        let port = u64::from(BASE + u16::from(op.offset));
+        match op.kind {
+            0 => port_read(&bus, port, op.size),
             1 => {
-                let n = size.min(rest.len());
-                let (value, tail) = rest.split_at(n);
-                rest = tail;
+                let value = ops.take(op.size);
                 if bus.write(port, value) && port == SERIAL_PORT && !value.is_empty() {
                     data_writes += 1;
                 }
             }
             2 => {
-                let Some((&len, tail)) = rest.split_first() else {
+                let [len] = *ops.take(1) else {
                     break;
                 };
-                let n = usize::from(len).min(tail.len());
-                let (input, tail) = tail.split_at(n);
-                rest = tail;
+                let input = ops.take(usize::from(len));
                 let taken = serial.lock().unwrap().enqueue_input(input);
                 assert!(taken <= input.len());
             }

@@ -11,17 +11,16 @@
 #![no_main]
 
 use devices::virtio::chain::{
-    add_used_together, pop_chain, segments, write_segments, Direction, VIRTQ_DESC_F_INDIRECT,
+    add_used_together, segments, write_segments, Direction, VIRTQ_DESC_F_INDIRECT,
 };
 use devices::virtio::MAX_CHAINS_PER_PASS;
+use flint_fuzz::{
+    fold_descriptor_addresses, guest_memory, image_queue, take_chains, MEM_SIZE, USED_RING,
+};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-const MEM_SIZE: usize = 0x10000;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x100;
-const USED_RING: u64 = 0x200;
 const LIMIT: u64 = 0x4000;
 
 fuzz_target!(|data: &[u8]| {
@@ -29,28 +28,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let size = 1u16 << (flags & 7).min(4);
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
+    let mem = guest_memory(image, MEM_SIZE);
     if flags & 8 != 0 {
-        for i in 0..u64::from(size) {
-            let at = GuestAddress(DESC_TABLE + 16 * i);
-            let addr: u64 = mem.read_obj(at).unwrap();
-            mem.write_obj(addr % MEM_SIZE as u64, at).unwrap();
-        }
+        fold_descriptor_addresses(&mem, size);
     }
-    let mut queue = Queue::new(16).unwrap();
+    // A queue of at most 16 entries, set to `size`.
+    let mut queue = image_queue();
     queue.set_size(size);
-    queue
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
-    queue.set_ready(true);
     let start: u16 = mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
     queue.set_next_avail(start);
     queue.set_next_used(start);
@@ -58,10 +42,7 @@ fuzz_target!(|data: &[u8]| {
     let payload: Vec<u8> = image.iter().rev().take(256).copied().collect();
     let mut used = Vec::new();
     // The writes below may move the available index: a device's budget ends the pass.
-    for _ in 0..MAX_CHAINS_PER_PASS {
-        let Some(chain) = pop_chain(&mut queue, &mem) else {
-            break;
-        };
+    take_chains(&mut queue, &mem, MAX_CHAINS_PER_PASS, |_, chain| {
         let head = chain.head_index();
         assert!(head < size);
         let mut count = 0;
@@ -87,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         used.push((head, count as u32));
-    }
+    });
     // Returned in groups smaller than the queue, as receive does with mergeable buffers.
     for group in used.chunks(usize::from(size).max(2) - 1) {
         let before = queue.next_used();

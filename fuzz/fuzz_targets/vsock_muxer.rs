@@ -20,12 +20,11 @@ use devices::virtio::vsock::{
     Vsock, EVENT_QUEUE, FIRST_HOST_PORT, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE,
 };
 use devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
-use devices::IrqLine;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use flint_fuzz::{interrupt, scratch_dir, split_queue};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MAX_OPS: usize = 128;
 const GUEST_CID: u64 = 3;
@@ -72,15 +71,7 @@ impl Ring {
     }
 
     fn queue(&self) -> Queue {
-        let mut q = Queue::new(QSIZE).unwrap();
-        q.try_set_desc_table_address(GuestAddress(self.base))
-            .unwrap();
-        q.try_set_avail_ring_address(GuestAddress(self.avail()))
-            .unwrap();
-        q.try_set_used_ring_address(GuestAddress(self.used()))
-            .unwrap();
-        q.set_ready(true);
-        q
+        split_queue(QSIZE, self.base, self.avail(), self.used())
     }
 
     /// Lay out a chain of (address, length, device-writable) and make it available; returns
@@ -131,12 +122,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
-        let dir = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let uds = dir.join(format!("flint-fuzz-vsock-{}", std::process::id()));
+        let uds = scratch_dir().join(format!("flint-fuzz-vsock-{}", std::process::id()));
         let listeners = LISTENED
             .iter()
             .map(|port| {
@@ -147,13 +133,10 @@ fn fixture() -> &'static Fixture {
                 l
             })
             .collect();
-        let interrupt = Arc::new(VirtioInterrupt::new(IrqLine::new(
-            EventFd::new(EFD_NONBLOCK).unwrap(),
-        )));
         Fixture {
             uds,
             listeners,
-            interrupt,
+            interrupt: interrupt(),
         }
     })
 }

@@ -13,15 +13,12 @@ use devices::virtio::vsock::packet::{
     check_guest_header, parse_connect_line, rst_for, Header, HDR_LEN, MAX_PAYLOAD, OP_RST,
 };
 use devices::virtio::vsock::parse_tx_chain;
+use flint_fuzz::{fold_descriptor_addresses, guest_memory, image_queue, QUEUE_SIZE};
 use libfuzzer_sys::fuzz_target;
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use virtio_queue::QueueT;
 
+/// Guest memory: smaller than the other queue images', so that packets land in it more often.
 const MEM_SIZE: usize = 0x4000;
-const QUEUE_SIZE: u16 = 16;
-const DESC_TABLE: u64 = 0;
-const AVAIL_RING: u64 = 0x100;
-const USED_RING: u64 = 0x200;
 const GUEST_CID: u64 = 3;
 
 fuzz_target!(|data: &[u8]| {
@@ -32,27 +29,11 @@ fuzz_target!(|data: &[u8]| {
     let line = image.split(|&b| b == b'\n').next().unwrap_or(&[]);
     let _ = parse_connect_line(&line[..line.len().min(80)]);
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
-    let n = image.len().min(MEM_SIZE);
-    mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
+    let mem = guest_memory(image, MEM_SIZE);
     if flags & 1 != 0 {
-        for i in 0..u64::from(QUEUE_SIZE) {
-            let at = GuestAddress(DESC_TABLE + 16 * i);
-            let addr: u64 = mem.read_obj(at).unwrap();
-            mem.write_obj(addr % MEM_SIZE as u64, at).unwrap();
-        }
+        fold_descriptor_addresses(&mem, QUEUE_SIZE);
     }
-    let mut queue = Queue::new(QUEUE_SIZE).unwrap();
-    queue
-        .try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .unwrap();
-    queue
-        .try_set_avail_ring_address(GuestAddress(AVAIL_RING))
-        .unwrap();
-    queue
-        .try_set_used_ring_address(GuestAddress(USED_RING))
-        .unwrap();
-    queue.set_ready(true);
+    let mut queue = image_queue();
 
     // At most one ring's worth: the available index may claim anything.
     for _ in 0..QUEUE_SIZE {
