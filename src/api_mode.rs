@@ -40,8 +40,8 @@ fn wait_readable(fds: &[i32], timeout: Duration) {
             revents: 0,
         })
         .collect();
-    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
     let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
     unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
 }
 

@@ -892,9 +892,9 @@ fn spawn_and_wait(o: &JailOptions, jail: &Jail, root: &Path) -> Result<u8> {
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC),
         || "create a pipe".into(),
     )?;
-    // SAFETY: without CLONE_FILES, unshare cannot make a descriptor another thread uses
-    // invalid; CLONE_NEWPID only affects this process's future children.
     ctx(
+        // SAFETY: without CLONE_FILES, unshare cannot make a descriptor another thread uses
+        // invalid; CLONE_NEWPID only affects this process's future children.
         unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::NEWPID) },
         || "create a PID namespace for the jail".into(),
     )?;

@@ -686,18 +686,21 @@ fn probe_call(probe: &str) -> Option<i64> {
             )
         }
     };
-    // SAFETY (all calls below): each is made with valid arguments (pointers to live locals or
-    // constant strings, or null where the call takes an optional pointer) and is harmless if
-    // allowed: it queries, fails, or creates an object that dies with the process.
+    // Each call below is made with valid arguments (pointers to live locals or constant
+    // strings, or null where the call takes an optional pointer) and is harmless if allowed:
+    // it queries, fails, or creates an object that dies with the process.
     let result = match probe {
+        // SAFETY: getppid(2) takes no arguments and only queries.
         "forbidden-call" => (unsafe { libc::getppid() }) as i64,
         "mmap-exec" => anonymous(libc::PROT_READ | libc::PROT_EXEC) as i64,
         "mprotect-exec" => {
             let page = anonymous(libc::PROT_READ | libc::PROT_WRITE);
+            // SAFETY: `page` is this probe's own fresh mapping (or MAP_FAILED: the call fails).
             (unsafe { libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_EXEC) }) as i64
         }
         "futex-pi" => {
             let word = std::sync::atomic::AtomicU32::new(0);
+            // SAFETY: `word` is a live local; unlocking a futex this thread does not own fails.
             unsafe {
                 libc::syscall(
                     libc::SYS_futex,
@@ -710,20 +713,25 @@ fn probe_call(probe: &str) -> Option<i64> {
                 )
             }
         }
+        // SAFETY: F_GETOWN only queries; an invalid descriptor makes it fail.
         "fcntl-getown" => (unsafe { libc::fcntl(2, libc::F_GETOWN) }) as i64,
         "socket-inet" => {
+            // SAFETY: no pointers; the socket, if made, dies with the process.
             (unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })
                 as i64
         }
         "socket-dgram" => {
+            // SAFETY: no pointers; the socket, if made, dies with the process.
             (unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })
                 as i64
         }
         "openat-read" => {
+            // SAFETY: the path is a NUL-terminated constant.
             (unsafe { libc::openat(libc::AT_FDCWD, c"/dev/null".as_ptr(), libc::O_RDONLY) }) as i64
         }
         // /proc refuses new files: even if allowed, nothing is created.
         "openat-creat" => {
+            // SAFETY: the path is a NUL-terminated constant.
             (unsafe {
                 libc::openat(
                     libc::AT_FDCWD,
@@ -733,8 +741,10 @@ fn probe_call(probe: &str) -> Option<i64> {
                 )
             }) as i64
         }
-        // Signal 0 only checks that init exists.
+        // SAFETY: signal 0 only checks that init exists.
         "tgkill-other-process" => unsafe { libc::syscall(libc::SYS_tgkill, 1, 1, 0) },
+        // SAFETY: no new action (null); the old one is written to a live local of the
+        // kernel's sigaction size.
         "sigaction-sigint" => unsafe {
             let mut old: [u64; 4] = [0; 4];
             libc::syscall(
@@ -745,6 +755,7 @@ fn probe_call(probe: &str) -> Option<i64> {
                 8,
             )
         },
+        // SAFETY: PR_GET_DUMPABLE only queries.
         "prctl-dumpable" => (unsafe { libc::prctl(libc::PR_GET_DUMPABLE) }) as i64,
         _ => return None,
     };
