@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::block::{Block, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
-use devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use devices::virtio::{feature, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use devices::IrqLine;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -237,7 +237,7 @@ fn run(image: &Image, disk_bytes: u64, len: u32, requests: u64, batch: u16) -> (
     block
         .activate(
             mem.clone(),
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![driver.queue()],
             interrupt,
         )

@@ -11,7 +11,7 @@
 #![no_main]
 
 use devices::bus::BusDevice;
-use devices::virtio::mmio::{MmioTransport, STATUS_DRIVER_OK};
+use devices::virtio::{mmio::MmioTransport, VIRTIO_CONFIG_S_DRIVER_OK};
 use devices::virtio::rng::Rng;
 use flint_fuzz::{guest_memory, interrupt, MEM_SIZE};
 use libfuzzer_sys::fuzz_target;
@@ -64,7 +64,7 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         if t.is_activated() {
-            assert_ne!(t.status() & STATUS_DRIVER_OK, 0);
+            assert_ne!(t.status() & VIRTIO_CONFIG_S_DRIVER_OK, 0);
         }
     }
 });

@@ -9,7 +9,7 @@
 #![no_main]
 
 use devices::virtio::rng::{Rng, MAX_BYTES_PER_REQUEST};
-use devices::virtio::{VirtioDevice, VIRTIO_F_VERSION_1};
+use devices::virtio::{feature, VirtioDevice, VIRTIO_F_VERSION_1};
 use flint_fuzz::{interrupt, queue_image};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::QueueT;
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     queue.set_event_idx(flags & 1 != 0);
 
     let mut rng = Rng::new();
-    rng.activate(mem.clone(), VIRTIO_F_VERSION_1, vec![queue], interrupt())
+    rng.activate(mem.clone(), feature(VIRTIO_F_VERSION_1), vec![queue], interrupt())
         .unwrap();
     let metrics = rng.metrics();
     // A first pass, then as many more as the device asks for (each bounded), and one more

@@ -19,7 +19,7 @@ use devices::virtio::vsock::packet::{Header, HOST_CID, TYPE_STREAM};
 use devices::virtio::vsock::{
     Vsock, EVENT_QUEUE, FIRST_HOST_PORT, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE,
 };
-use devices::virtio::{VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
+use devices::virtio::{feature, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use flint_fuzz::{interrupt, scratch_dir, split_queue};
 use libfuzzer_sys::fuzz_target;
@@ -174,7 +174,7 @@ impl World {
         let queues = self.rings.iter().map(Ring::queue).collect();
         let interrupt = fixture().interrupt.clone();
         let mut dev = self.dev.lock().unwrap();
-        dev.activate(self.mem.clone(), VIRTIO_F_VERSION_1, queues, interrupt)
+        dev.activate(self.mem.clone(), feature(VIRTIO_F_VERSION_1), queues, interrupt)
             .unwrap();
     }
 

@@ -25,8 +25,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::pop_chain;
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
-    MAX_CHAINS_PER_PASS, TYPE_BLOCK, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::RateLimiter;
 
@@ -43,26 +43,19 @@ pub const MAX_DATA_LEN: u32 = 128 << 20;
 /// Length of the device ID string returned by `GET_ID`.
 pub const ID_BYTES: usize = 20;
 
-/// `VIRTIO_BLK_F_SEG_MAX`: `seg_max` in the configuration space is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
-/// `VIRTIO_BLK_F_RO`: the disk is read-only.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
-/// `VIRTIO_BLK_F_FLUSH`: the device handles flush requests.
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 
-/// Request types.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-
-/// Request status values.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// Request status values, as the one byte the device writes (virtio-bindings has them as u32).
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Size of the request header: type, reserved, sector.
-const HEADER_LEN: u32 = 16;
+const HEADER_LEN: u32 =
+    std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_outhdr>() as u32;
 /// Size of the configuration space we expose: capacity, size_max, seg_max.
 const CONFIG_LEN: usize = 16;
 
@@ -545,12 +538,12 @@ impl Block {
         let n = id.len().min(ID_BYTES);
         id_bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
 
-        let mut avail_features = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_FLUSH
-            | VIRTIO_BLK_F_SEG_MAX;
+        let mut avail_features = feature(VIRTIO_F_VERSION_1)
+            | feature(VIRTIO_RING_F_EVENT_IDX)
+            | feature(VIRTIO_BLK_F_FLUSH)
+            | feature(VIRTIO_BLK_F_SEG_MAX);
         if read_only {
-            avail_features |= VIRTIO_BLK_F_RO;
+            avail_features |= feature(VIRTIO_BLK_F_RO);
         }
 
         let mut config = [0u8; CONFIG_LEN];
@@ -653,7 +646,7 @@ impl Block {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u32 {
-        TYPE_BLOCK
+        VIRTIO_ID_BLOCK
     }
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
@@ -850,7 +843,7 @@ mod tests {
             & !(if event_idx {
                 0
             } else {
-                VIRTIO_RING_F_EVENT_IDX
+                feature(VIRTIO_RING_F_EVENT_IDX)
             });
         block
             .activate(mem.clone(), features, vec![q], irq.clone())
@@ -884,7 +877,7 @@ mod tests {
             .with_rate_limiter(limiter);
         let mem = guest_memory(MEM_SIZE);
         let tq = TestQueue::new(&mem, 0, QUEUE_SIZE);
-        let features = block.avail_features() & !VIRTIO_RING_F_EVENT_IDX;
+        let features = block.avail_features() & !feature(VIRTIO_RING_F_EVENT_IDX);
         block
             .activate(mem.clone(), features, vec![tq.queue()], interrupt())
             .unwrap();
@@ -1050,10 +1043,10 @@ mod tests {
     fn features_and_config() {
         let s = setup(8);
         let f = s.block.avail_features();
-        assert_ne!(f & VIRTIO_F_VERSION_1, 0);
-        assert_ne!(f & VIRTIO_BLK_F_FLUSH, 0);
-        assert_ne!(f & VIRTIO_BLK_F_SEG_MAX, 0);
-        assert_eq!(f & VIRTIO_BLK_F_RO, 0);
+        assert_ne!(f & feature(VIRTIO_F_VERSION_1), 0);
+        assert_ne!(f & feature(VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(f & feature(VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_eq!(f & feature(VIRTIO_BLK_F_RO), 0);
         let mut cap = [0u8; 8];
         s.block.read_config(0, &mut cap);
         assert_eq!(u64::from_le_bytes(cap), 8);
@@ -1066,7 +1059,7 @@ mod tests {
         let mut past = [0xffu8; 4];
         s.block.read_config(u64::MAX, &mut past);
         assert_eq!(past, [0; 4]);
-        assert_eq!(s.block.device_type(), TYPE_BLOCK);
+        assert_eq!(s.block.device_type(), VIRTIO_ID_BLOCK);
         assert_eq!(s.block.queue_max_sizes(), &[256]);
     }
 
@@ -1079,7 +1072,7 @@ mod tests {
         assert_eq!(s.metric(|m| &m.reads), 1);
         assert_eq!(s.metric(|m| &m.bytes_read), 1024);
         assert_eq!(irq_count(&s.irq), 1);
-        assert_ne!(s.irq.status() & crate::virtio::INT_USED_RING, 0);
+        assert_ne!(s.irq.status() & crate::virtio::VIRTIO_MMIO_INT_VRING, 0);
     }
 
     #[test]
@@ -1181,7 +1174,7 @@ mod tests {
     #[test]
     fn read_only_disk() {
         let mut s = setup_with(4, true, "", false);
-        assert_ne!(s.block.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert_ne!(s.block.avail_features() & feature(VIRTIO_BLK_F_RO), 0);
         assert!(s.block.read_only());
         s.mem.write_slice(&[1; 512], GuestAddress(DATA)).unwrap();
         assert_eq!(
@@ -1509,7 +1502,7 @@ mod tests {
     #[test]
     fn end_to_end_through_the_mmio_transport() {
         use crate::bus::BusDevice;
-        use crate::virtio::mmio::{MmioTransport, STATUS_DRIVER_OK};
+        use crate::virtio::{mmio::MmioTransport, VIRTIO_CONFIG_S_DRIVER_OK};
 
         let contents = pattern(0, 8 * 512);
         let file = TempFile::with_contents(&contents);
@@ -1525,7 +1518,7 @@ mod tests {
         };
         let wr = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
 
-        assert_eq!(rd(&mut t, 0x8), TYPE_BLOCK);
+        assert_eq!(rd(&mut t, 0x8), VIRTIO_ID_BLOCK);
         wr(&mut t, 0x70, 0);
         wr(&mut t, 0x70, 1);
         wr(&mut t, 0x70, 3);
@@ -1554,7 +1547,7 @@ mod tests {
         wr(&mut t, 0x90, tq.avail.0 as u32);
         wr(&mut t, 0xa0, tq.used.0 as u32);
         wr(&mut t, 0x44, 1);
-        wr(&mut t, 0x70, 0xb | STATUS_DRIVER_OK);
+        wr(&mut t, 0x70, 0xb | VIRTIO_CONFIG_S_DRIVER_OK);
         assert!(t.is_activated());
 
         mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(HDR)).unwrap();

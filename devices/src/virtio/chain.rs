@@ -13,8 +13,9 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
-/// `VIRTQ_DESC_F_INDIRECT`: the descriptor points at a table of descriptors.
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// `VRING_DESC_F_INDIRECT` in the u16 a descriptor carries: the descriptor points at a table
+/// of descriptors.
+pub const VIRTQ_DESC_F_INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 /// Bytes per descriptor in the descriptor table.
 const DESC_SIZE: u64 = 16;
 

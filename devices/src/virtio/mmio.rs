@@ -14,7 +14,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{
-    VirtioDevice, VirtioInterrupt, INT_CONFIG_CHANGE, INT_USED_RING, VIRTIO_F_VERSION_1,
+    feature, VirtioDevice, VirtioInterrupt, VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER,
+    VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK,
+    VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_VERSION_1, VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING,
     VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::bus::BusDevice;
@@ -32,14 +34,6 @@ pub const MMIO_MAGIC_VALUE: u32 = 0x7472_6976;
 pub const MMIO_VERSION: u32 = 2;
 /// The vendor ID flint devices report: "FLNT" as a big-endian ASCII word.
 pub const VENDOR_ID: u32 = 0x464c_4e54;
-
-/// Device status bits (virtio 1.2 section 2.1).
-pub const STATUS_ACKNOWLEDGE: u32 = 1;
-pub const STATUS_DRIVER: u32 = 2;
-pub const STATUS_DRIVER_OK: u32 = 4;
-pub const STATUS_FEATURES_OK: u32 = 8;
-pub const STATUS_DEVICE_NEEDS_RESET: u32 = 0x40;
-pub const STATUS_FAILED: u32 = 0x80;
 
 // Register offsets (virtio 1.2 section 4.2.2).
 const MAGIC_VALUE: u64 = 0x000;
@@ -330,7 +324,7 @@ impl MmioTransport {
                 acked: state.acked_features,
             });
         }
-        if state.activated && state.status & STATUS_DRIVER_OK == 0 {
+        if state.activated && state.status & VIRTIO_CONFIG_S_DRIVER_OK == 0 {
             return Err(TransportRestoreError::Status(device_type));
         }
         self.queues = state
@@ -351,7 +345,7 @@ impl MmioTransport {
         self.acked_features = state.acked_features;
         self.config_generation = state.config_generation;
         self.interrupt
-            .set_status(state.interrupt_status & (INT_USED_RING | INT_CONFIG_CHANGE));
+            .set_status(state.interrupt_status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG));
         self.activated = false;
         if state.activated {
             let count = self.start_device(&state.queues).map_err(|reason| {
@@ -401,7 +395,8 @@ impl MmioTransport {
         self.driver_features_sel = 0;
         self.acked_features = 0;
         self.status = 0;
-        self.interrupt.ack(INT_USED_RING | INT_CONFIG_CHANGE);
+        self.interrupt
+            .ack(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
     }
 
     fn selected_queue(&self) -> Option<&QueueConfig> {
@@ -418,7 +413,7 @@ impl MmioTransport {
 
     /// Apply `f` to the selected queue while the driver may still change queue registers.
     fn update_queue(&mut self, f: impl FnOnce(&mut QueueConfig)) {
-        if self.status & STATUS_DRIVER_OK != 0 {
+        if self.status & VIRTIO_CONFIG_S_DRIVER_OK != 0 {
             crate::guest_warn!("virtio-mmio: queue register write after DRIVER_OK ignored");
             return;
         }
@@ -437,7 +432,9 @@ impl MmioTransport {
 
     fn write_driver_features(&mut self, value: u32) {
         // Features are negotiated between DRIVER and FEATURES_OK only.
-        if self.status & (STATUS_DRIVER | STATUS_FEATURES_OK) != STATUS_DRIVER {
+        if self.status & (VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK)
+            != VIRTIO_CONFIG_S_DRIVER
+        {
             crate::guest_warn!("virtio-mmio: driver features written outside negotiation ignored");
             return;
         }
@@ -452,7 +449,8 @@ impl MmioTransport {
 
     fn features_acceptable(&self) -> bool {
         let offered = self.device.avail_features();
-        self.acked_features & VIRTIO_F_VERSION_1 != 0 && self.acked_features & !offered == 0
+        self.acked_features & feature(VIRTIO_F_VERSION_1) != 0
+            && self.acked_features & !offered == 0
     }
 
     fn write_status(&mut self, value: u32) {
@@ -462,18 +460,18 @@ impl MmioTransport {
         }
         // The driver only ever adds bits (other than by resetting); record FAILED as it comes.
         let new = value & !self.status;
-        if new & STATUS_FAILED != 0 {
-            self.status |= STATUS_FAILED;
+        if new & VIRTIO_CONFIG_S_FAILED != 0 {
+            self.status |= VIRTIO_CONFIG_S_FAILED;
         }
-        if new & STATUS_ACKNOWLEDGE != 0 {
-            self.status |= STATUS_ACKNOWLEDGE;
+        if new & VIRTIO_CONFIG_S_ACKNOWLEDGE != 0 {
+            self.status |= VIRTIO_CONFIG_S_ACKNOWLEDGE;
         }
-        if new & STATUS_DRIVER != 0 && self.status & STATUS_ACKNOWLEDGE != 0 {
-            self.status |= STATUS_DRIVER;
+        if new & VIRTIO_CONFIG_S_DRIVER != 0 && self.status & VIRTIO_CONFIG_S_ACKNOWLEDGE != 0 {
+            self.status |= VIRTIO_CONFIG_S_DRIVER;
         }
-        if new & STATUS_FEATURES_OK != 0 && self.status & STATUS_DRIVER != 0 {
+        if new & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.status & VIRTIO_CONFIG_S_DRIVER != 0 {
             if self.features_acceptable() {
-                self.status |= STATUS_FEATURES_OK;
+                self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
             } else {
                 crate::guest_warn!(
                     "virtio-mmio: refusing features {:#x} (offered {:#x})",
@@ -482,8 +480,8 @@ impl MmioTransport {
                 );
             }
         }
-        if new & STATUS_DRIVER_OK != 0 && self.status & STATUS_FEATURES_OK != 0 {
-            self.status |= STATUS_DRIVER_OK;
+        if new & VIRTIO_CONFIG_S_DRIVER_OK != 0 && self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 {
+            self.status |= VIRTIO_CONFIG_S_DRIVER_OK;
             self.activate();
         }
     }
@@ -491,7 +489,7 @@ impl MmioTransport {
     /// Build the queues the driver configured, in index order: the ready ones, which must come
     /// first.
     fn build_queues(&self) -> Result<Vec<Queue>, QueueSetupError> {
-        let event_idx = self.acked_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let event_idx = self.acked_features & feature(VIRTIO_RING_F_EVENT_IDX) != 0;
         let max_sizes = self.device.queue_max_sizes();
         let mut queues = Vec::new();
         let mut first_unready = None;
@@ -567,7 +565,7 @@ impl MmioTransport {
                     "virtio-mmio: cannot activate device type {}: {e}",
                     self.device.device_type()
                 );
-                self.status |= STATUS_DEVICE_NEEDS_RESET;
+                self.status |= VIRTIO_CONFIG_S_NEEDS_RESET;
                 self.interrupt.signal_config_change();
             }
         }
@@ -746,7 +744,7 @@ mod tests {
         }
     }
 
-    const FEATURES: u64 = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | 1;
+    const FEATURES: u64 = feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX) | 1;
 
     struct Harness {
         t: MmioTransport,
@@ -777,17 +775,17 @@ mod tests {
             self.t.write(offset, &v.to_le_bytes());
         }
         fn negotiate(&mut self, features: u64) -> bool {
-            self.wr(STATUS, STATUS_ACKNOWLEDGE);
-            self.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER);
+            self.wr(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+            self.wr(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
             self.wr(DRIVER_FEATURES_SEL, 0);
             self.wr(DRIVER_FEATURES, features as u32);
             self.wr(DRIVER_FEATURES_SEL, 1);
             self.wr(DRIVER_FEATURES, (features >> 32) as u32);
             self.wr(
                 STATUS,
-                STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK,
+                VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
             );
-            self.rd(STATUS) & STATUS_FEATURES_OK != 0
+            self.rd(STATUS) & VIRTIO_CONFIG_S_FEATURES_OK != 0
         }
         fn setup_queue(&mut self, index: u32, size: u16, base: u64) {
             let tq = TestQueue::new(&self.mem, base, size);
@@ -803,7 +801,7 @@ mod tests {
         }
         fn driver_ok(&mut self) {
             let s = self.rd(STATUS);
-            self.wr(STATUS, s | STATUS_DRIVER_OK);
+            self.wr(STATUS, s | VIRTIO_CONFIG_S_DRIVER_OK);
         }
     }
 
@@ -841,7 +839,10 @@ mod tests {
         assert!(h.t.is_activated());
         assert_eq!(
             h.rd(STATUS),
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK
         );
         let log = h.log.lock().unwrap();
         assert_eq!(log.activations.len(), 1);
@@ -862,28 +863,40 @@ mod tests {
         assert!(!h.negotiate(1));
         h.driver_ok();
         assert!(!h.t.is_activated());
-        assert_eq!(h.rd(STATUS) & (STATUS_FEATURES_OK | STATUS_DRIVER_OK), 0);
+        assert_eq!(
+            h.rd(STATUS) & (VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK),
+            0
+        );
 
         h.wr(STATUS, 0);
-        assert!(!h.negotiate(VIRTIO_F_VERSION_1 | 1 << 5), "not offered");
+        assert!(
+            !h.negotiate(feature(VIRTIO_F_VERSION_1) | 1 << 5),
+            "not offered"
+        );
         h.wr(STATUS, 0);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
-        assert_eq!(h.t.acked_features(), VIRTIO_F_VERSION_1);
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
+        assert_eq!(h.t.acked_features(), feature(VIRTIO_F_VERSION_1));
     }
 
     #[test]
     fn status_bits_need_their_predecessors() {
         let mut h = harness(&[16], false);
-        h.wr(STATUS, STATUS_DRIVER);
+        h.wr(STATUS, VIRTIO_CONFIG_S_DRIVER);
         assert_eq!(h.rd(STATUS), 0);
-        h.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER_OK);
-        assert_eq!(h.rd(STATUS), STATUS_ACKNOWLEDGE);
+        h.wr(
+            STATUS,
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER_OK,
+        );
+        assert_eq!(h.rd(STATUS), VIRTIO_CONFIG_S_ACKNOWLEDGE);
         // Features written before DRIVER are ignored.
         h.wr(DRIVER_FEATURES_SEL, 1);
         h.wr(DRIVER_FEATURES, 1);
         assert_eq!(h.t.acked_features(), 0);
-        h.wr(STATUS, STATUS_ACKNOWLEDGE | STATUS_FAILED);
-        assert_eq!(h.rd(STATUS), STATUS_ACKNOWLEDGE | STATUS_FAILED);
+        h.wr(STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FAILED);
+        assert_eq!(
+            h.rd(STATUS),
+            VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FAILED
+        );
     }
 
     #[test]
@@ -905,21 +918,21 @@ mod tests {
         h.wr(QUEUE_NOTIFY, 0);
         assert!(h.log.lock().unwrap().processed.is_empty());
 
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x4000);
         h.driver_ok();
         assert!(h.t.is_activated());
         let log = h.log.lock().unwrap();
         assert_eq!(log.activations.len(), 2);
-        assert_eq!(log.activations[1].0, VIRTIO_F_VERSION_1);
+        assert_eq!(log.activations[1].0, feature(VIRTIO_F_VERSION_1));
         assert_eq!(log.activations[1].1[0].0, 16);
         assert!(!log.activations[1].1[0].4, "no event idx this time");
     }
 
     fn assert_needs_reset(h: &mut Harness) {
         assert!(!h.t.is_activated());
-        assert_ne!(h.rd(STATUS) & STATUS_DEVICE_NEEDS_RESET, 0);
-        assert_ne!(h.rd(INTERRUPT_STATUS) & INT_CONFIG_CHANGE, 0);
+        assert_ne!(h.rd(STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
+        assert_ne!(h.rd(INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
         assert!(irq_count(h.t.interrupt()) > 0);
         assert!(h.log.lock().unwrap().activations.is_empty());
     }
@@ -928,7 +941,7 @@ mod tests {
     fn bad_queue_sizes_are_refused() {
         for size in [0u32, 3, 48, 512, 0x1_0000 + 16] {
             let mut h = harness(&[256], false);
-            assert!(h.negotiate(VIRTIO_F_VERSION_1));
+            assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
             h.setup_queue(0, 16, 0x1000);
             h.wr(QUEUE_NUM, size);
             h.driver_ok();
@@ -939,14 +952,14 @@ mod tests {
     #[test]
     fn queues_outside_memory_or_misaligned_are_refused() {
         let mut h = harness(&[256], false);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.wr(QUEUE_DEVICE_HIGH, 1);
         h.driver_ok();
         assert_needs_reset(&mut h);
 
         let mut h = harness(&[256], false);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.wr(QUEUE_DESC_LOW, 0x1008);
         h.driver_ok();
@@ -956,13 +969,13 @@ mod tests {
     #[test]
     fn missing_queue_and_gaps_are_refused() {
         let mut h = harness(&[16, 16], false);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(1, 16, 0x1000);
         h.driver_ok();
         assert_needs_reset(&mut h);
 
         let mut h = harness(&[16, 16], false);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.driver_ok();
         assert_needs_reset(&mut h);
@@ -971,7 +984,7 @@ mod tests {
     #[test]
     fn activation_failure_sets_needs_reset() {
         let mut h = harness(&[16], true);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.driver_ok();
         assert_needs_reset(&mut h);
@@ -982,7 +995,7 @@ mod tests {
     #[test]
     fn queue_registers_are_frozen_after_driver_ok() {
         let mut h = harness(&[256], false);
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.driver_ok();
         h.wr(QUEUE_READY, 0);
@@ -992,7 +1005,7 @@ mod tests {
         // Features too.
         h.wr(DRIVER_FEATURES_SEL, 0);
         h.wr(DRIVER_FEATURES, 0xffff_ffff);
-        assert_eq!(h.t.acked_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(h.t.acked_features(), feature(VIRTIO_F_VERSION_1));
     }
 
     #[test]
@@ -1044,11 +1057,14 @@ mod tests {
         let mut h = harness(&[256], false);
         h.t.interrupt().signal_used_queue();
         h.t.interrupt().signal_config_change();
-        assert_eq!(h.rd(INTERRUPT_STATUS), INT_USED_RING | INT_CONFIG_CHANGE);
+        assert_eq!(
+            h.rd(INTERRUPT_STATUS),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
         assert_eq!(irq_count(h.t.interrupt()), 2);
-        h.wr(INTERRUPT_ACK, INT_USED_RING);
-        assert_eq!(h.rd(INTERRUPT_STATUS), INT_CONFIG_CHANGE);
-        h.wr(INTERRUPT_ACK, INT_CONFIG_CHANGE);
+        h.wr(INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        assert_eq!(h.rd(INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        h.wr(INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(h.rd(INTERRUPT_STATUS), 0);
     }
 
@@ -1058,7 +1074,7 @@ mod tests {
         h.wr(QUEUE_NOTIFY, 0);
         h.t.process_queue(0);
         assert!(h.log.lock().unwrap().processed.is_empty());
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, 16, 0x1000);
         h.setup_queue(1, 16, 0x4000);
         h.driver_ok();
@@ -1085,7 +1101,7 @@ mod tests {
             log: Arc::default(),
             mem: mem.clone(),
         };
-        assert!(h.negotiate(VIRTIO_F_VERSION_1));
+        assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
         h.setup_queue(0, size, 0x1000);
         h.driver_ok();
         assert!(h.t.is_activated());
@@ -1113,7 +1129,7 @@ mod tests {
         // A queue the library would refuse (and log), set up again and again.
         for _ in 0..N {
             h.wr(STATUS, 0);
-            assert!(h.negotiate(VIRTIO_F_VERSION_1));
+            assert!(h.negotiate(feature(VIRTIO_F_VERSION_1)));
             h.setup_queue(0, 16, 0x1000);
             h.wr(QUEUE_NUM, 3);
             h.driver_ok();
@@ -1203,13 +1219,16 @@ mod tests {
         assert!(t.is_activated());
         assert_eq!(t.state(), state);
         assert_eq!(
-            t.interrupt().status() & INT_CONFIG_CHANGE,
-            INT_CONFIG_CHANGE
+            t.interrupt().status() & VIRTIO_MMIO_INT_CONFIG,
+            VIRTIO_MMIO_INT_CONFIG
         );
         let mut h = Harness { t, ..h };
         assert_eq!(
             h.rd(STATUS),
-            STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK
+            VIRTIO_CONFIG_S_ACKNOWLEDGE
+                | VIRTIO_CONFIG_S_DRIVER
+                | VIRTIO_CONFIG_S_FEATURES_OK
+                | VIRTIO_CONFIG_S_DRIVER_OK
         );
         assert_eq!(h.rd(QUEUE_READY), 1);
         // The driver goes on where it was: two more buffers, used after the first three.

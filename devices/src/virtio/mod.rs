@@ -27,18 +27,26 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::IrqLine;
 
-/// `VIRTIO_F_VERSION_1`: every flint device offers it and requires the driver to accept it.
-pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+// The virtio constants flint uses, from the kernel's headers (virtio-bindings); feature
+// constants there are bit numbers, turned into masks with [`feature`].
+pub use virtio_bindings::virtio_config::{
+    VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+    VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_VERSION_1,
+};
+pub use virtio_bindings::virtio_ids::{
+    VIRTIO_ID_BLOCK, VIRTIO_ID_NET, VIRTIO_ID_RNG, VIRTIO_ID_VSOCK,
+};
+pub use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+pub use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 
-/// `VIRTIO_RING_F_EVENT_IDX`: used/available event suppression. The transport enables it on
-/// every queue it hands to a device when the driver accepted it.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
-
-/// Device type IDs (virtio spec 5).
-pub const TYPE_NET: u32 = 1;
-pub const TYPE_BLOCK: u32 = 2;
-pub const TYPE_RNG: u32 = 4;
-pub const TYPE_VSOCK: u32 = 19;
+/// The mask of feature bit `bit` in a 64-bit feature set. Every flint device offers
+/// `feature(VIRTIO_F_VERSION_1)` and requires the driver to accept it; the transport enables
+/// `feature(VIRTIO_RING_F_EVENT_IDX)` (used/available event suppression) on every queue it
+/// hands to a device when the driver accepted it.
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
 
 /// Event-loop data values at or above this belong to a device's backend (TAP, sockets);
 /// values below it are queue indexes.
@@ -52,10 +60,6 @@ pub const BACKEND_EVENT_BASE: u32 = 1 << 16;
 /// then continues the queue without the guest notifying. As large as the largest queue, so a
 /// driver that fills a queue once is served in one pass.
 pub const MAX_CHAINS_PER_PASS: usize = 256;
-
-/// Interrupt status bits (the MMIO `InterruptStatus` register).
-pub const INT_USED_RING: u32 = 1;
-pub const INT_CONFIG_CHANGE: u32 = 2;
 
 /// A virtio device's interrupt: the status the guest reads and acknowledges, plus the irqfd.
 #[derive(Debug)]
@@ -75,12 +79,12 @@ impl VirtioInterrupt {
 
     /// The device put buffers in a used ring.
     pub fn signal_used_queue(&self) {
-        self.signal(INT_USED_RING);
+        self.signal(VIRTIO_MMIO_INT_VRING);
     }
 
     /// The device's configuration space changed.
     pub fn signal_config_change(&self) {
-        self.signal(INT_CONFIG_CHANGE);
+        self.signal(VIRTIO_MMIO_INT_CONFIG);
     }
 
     fn signal(&self, bits: u32) {

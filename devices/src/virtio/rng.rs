@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::chain::pop_chain;
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, MAX_CHAINS_PER_PASS, TYPE_RNG,
-    VIRTIO_F_VERSION_1,
+    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, MAX_CHAINS_PER_PASS,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
 };
 
 /// The size of the device's only queue.
@@ -131,7 +131,7 @@ fn fill_chain(
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u32 {
-        TYPE_RNG
+        VIRTIO_ID_RNG
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -139,7 +139,7 @@ impl VirtioDevice for Rng {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        feature(VIRTIO_F_VERSION_1)
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
@@ -241,8 +241,13 @@ mod tests {
         let tq = TestQueue::new(&mem, 0, QUEUE_SIZE);
         let irq = interrupt();
         let mut rng = Rng::new();
-        rng.activate(mem, VIRTIO_F_VERSION_1, vec![tq.queue()], irq.clone())
-            .unwrap();
+        rng.activate(
+            mem,
+            feature(VIRTIO_F_VERSION_1),
+            vec![tq.queue()],
+            irq.clone(),
+        )
+        .unwrap();
         (rng, tq, irq)
     }
 
@@ -255,9 +260,9 @@ mod tests {
     #[test]
     fn device_basics() {
         let rng = Rng::default();
-        assert_eq!(rng.device_type(), TYPE_RNG);
+        assert_eq!(rng.device_type(), VIRTIO_ID_RNG);
         assert_eq!(rng.queue_max_sizes(), &[256]);
-        assert_eq!(rng.avail_features(), VIRTIO_F_VERSION_1);
+        assert_eq!(rng.avail_features(), feature(VIRTIO_F_VERSION_1));
         let mut d = [0xffu8; 4];
         rng.read_config(0, &mut d);
         assert_eq!(d, [0; 4]);

@@ -9,8 +9,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::VirtioInterrupt;
 use crate::IrqLine;
 
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// Descriptor flags, in the u16 a descriptor carries.
+pub const VIRTQ_DESC_F_NEXT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_NEXT as u16;
+pub const VIRTQ_DESC_F_WRITE: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
 /// Guest memory of `size` bytes at address 0.
 pub fn guest_memory(size: usize) -> GuestMemoryMmap {

@@ -32,8 +32,8 @@ use super::chain::{
     add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
 };
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
-    MAX_CHAINS_PER_PASS, TYPE_NET, VIRTIO_F_VERSION_1,
+    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
 };
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -50,19 +50,14 @@ pub const MAX_FRAME_LEN: usize = 65536 + 18;
 /// Shortest frame the device transmits: an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
 
-/// Feature bits (virtio 1.2 section 5.1.3).
-pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
-pub const VIRTIO_NET_F_GUEST_CSUM: u64 = 1 << 1;
-pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
-pub const VIRTIO_NET_F_GUEST_TSO4: u64 = 1 << 7;
-pub const VIRTIO_NET_F_GUEST_TSO6: u64 = 1 << 8;
-pub const VIRTIO_NET_F_HOST_TSO4: u64 = 1 << 11;
-pub const VIRTIO_NET_F_HOST_TSO6: u64 = 1 << 12;
-pub const VIRTIO_NET_F_MRG_RXBUF: u64 = 1 << 15;
-pub const VIRTIO_NET_F_STATUS: u64 = 1 << 16;
+pub use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_STATUS,
+};
 
-/// `status` in the configuration space: the link is up.
-pub const VIRTIO_NET_S_LINK_UP: u16 = 1;
+/// `status` in the configuration space (le16): the link is up.
+pub const VIRTIO_NET_S_LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 
 /// Configuration space: mac[6], status (le16).
 const CONFIG_LEN: usize = 8;
@@ -423,16 +418,16 @@ impl Net {
         Ok(Net {
             tap,
             mac,
-            avail_features: VIRTIO_F_VERSION_1
-                | VIRTIO_NET_F_MAC
-                | VIRTIO_NET_F_STATUS
-                | VIRTIO_NET_F_CSUM
-                | VIRTIO_NET_F_GUEST_CSUM
-                | VIRTIO_NET_F_GUEST_TSO4
-                | VIRTIO_NET_F_GUEST_TSO6
-                | VIRTIO_NET_F_HOST_TSO4
-                | VIRTIO_NET_F_HOST_TSO6
-                | VIRTIO_NET_F_MRG_RXBUF,
+            avail_features: feature(VIRTIO_F_VERSION_1)
+                | feature(VIRTIO_NET_F_MAC)
+                | feature(VIRTIO_NET_F_STATUS)
+                | feature(VIRTIO_NET_F_CSUM)
+                | feature(VIRTIO_NET_F_GUEST_CSUM)
+                | feature(VIRTIO_NET_F_GUEST_TSO4)
+                | feature(VIRTIO_NET_F_GUEST_TSO6)
+                | feature(VIRTIO_NET_F_HOST_TSO4)
+                | feature(VIRTIO_NET_F_HOST_TSO6)
+                | feature(VIRTIO_NET_F_MRG_RXBUF),
             acked_features: 0,
             config,
             active: None,
@@ -685,7 +680,7 @@ fn write_frame(tap: &Tap, mem: &GuestMemoryMmap, segs: &[Segment]) -> io::Result
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u32 {
-        TYPE_NET
+        VIRTIO_ID_NET
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -718,12 +713,12 @@ impl VirtioDevice for Net {
             return Err(ActivateError::QueueCount { want: 2, got });
         };
         let mut offload = 0;
-        if acked_features & VIRTIO_NET_F_GUEST_CSUM != 0 {
+        if acked_features & feature(VIRTIO_NET_F_GUEST_CSUM) != 0 {
             offload |= TUN_F_CSUM;
-            if acked_features & VIRTIO_NET_F_GUEST_TSO4 != 0 {
+            if acked_features & feature(VIRTIO_NET_F_GUEST_TSO4) != 0 {
                 offload |= TUN_F_TSO4;
             }
-            if acked_features & VIRTIO_NET_F_GUEST_TSO6 != 0 {
+            if acked_features & feature(VIRTIO_NET_F_GUEST_TSO6) != 0 {
                 offload |= TUN_F_TSO6;
             }
         }
@@ -736,7 +731,7 @@ impl VirtioDevice for Net {
             rx,
             tx,
             interrupt,
-            mrg_rxbuf: acked_features & VIRTIO_NET_F_MRG_RXBUF != 0,
+            mrg_rxbuf: acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
             rx_chains: VecDeque::new(),
             rx_used: false,
             tx_used: false,

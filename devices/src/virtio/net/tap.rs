@@ -14,7 +14,8 @@ use vmm_sys_util::{ioctl_ior_nr, ioctl_iow_nr};
 /// Longest interface name including the terminating NUL (`IFNAMSIZ`).
 pub const IFNAMSIZ: usize = 16;
 /// The virtio-net header length the TAP is set up for: `virtio_net_hdr_v1` with `num_buffers`.
-pub const VNET_HDR_LEN: usize = 12;
+pub const VNET_HDR_LEN: usize =
+    std::mem::size_of::<virtio_bindings::virtio_net::virtio_net_hdr_v1>();
 
 /// `TUNSETOFFLOAD` flags: what the kernel may hand us (and so the guest) un-checksummed or
 /// un-segmented.

@@ -188,20 +188,20 @@ fn mac_parsing_and_default() {
 #[test]
 fn device_basics_and_config() {
     let net = net_on_new_tap(false);
-    assert_eq!(net.device_type(), TYPE_NET);
+    assert_eq!(net.device_type(), VIRTIO_ID_NET);
     assert_eq!(net.queue_max_sizes(), &[256, 256]);
     let f = net.avail_features();
     for bit in [
-        VIRTIO_F_VERSION_1,
-        VIRTIO_NET_F_MAC,
-        VIRTIO_NET_F_STATUS,
-        VIRTIO_NET_F_CSUM,
-        VIRTIO_NET_F_GUEST_CSUM,
-        VIRTIO_NET_F_GUEST_TSO4,
-        VIRTIO_NET_F_GUEST_TSO6,
-        VIRTIO_NET_F_HOST_TSO4,
-        VIRTIO_NET_F_HOST_TSO6,
-        VIRTIO_NET_F_MRG_RXBUF,
+        feature(VIRTIO_F_VERSION_1),
+        feature(VIRTIO_NET_F_MAC),
+        feature(VIRTIO_NET_F_STATUS),
+        feature(VIRTIO_NET_F_CSUM),
+        feature(VIRTIO_NET_F_GUEST_CSUM),
+        feature(VIRTIO_NET_F_GUEST_TSO4),
+        feature(VIRTIO_NET_F_GUEST_TSO6),
+        feature(VIRTIO_NET_F_HOST_TSO4),
+        feature(VIRTIO_NET_F_HOST_TSO6),
+        feature(VIRTIO_NET_F_MRG_RXBUF),
     ] {
         assert_ne!(f & bit, 0, "{bit:#x}");
     }
@@ -239,7 +239,7 @@ fn activate_needs_both_queues_and_sets_offloads() {
     assert_eq!(
         net.activate(
             mem.clone(),
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![rxq.queue()],
             interrupt()
         ),
@@ -256,7 +256,7 @@ fn activate_needs_both_queues_and_sets_offloads() {
 
 #[test]
 fn tx_frame_reaches_the_tap_interface() {
-    let mut s = setup(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF));
     let sock = PacketSocket::bind(s.net.tap().name());
     let f = frame([0xff; 6], 300, 7);
     // Header in its own descriptor, the frame split over two more.
@@ -293,7 +293,7 @@ fn tx_frame_reaches_the_tap_interface() {
 
 #[test]
 fn malformed_tx_chains_are_dropped_and_counted() {
-    let mut s = setup(VIRTIO_F_VERSION_1);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1));
     let sock = PacketSocket::bind(s.net.tap().name());
     // Too short: header only, and less than a header.
     s.txq.add_chain(&[r(BUF, 12)]);
@@ -336,7 +336,7 @@ fn malformed_tx_chains_are_dropped_and_counted() {
 
 #[test]
 fn a_driver_that_keeps_adding_tx_chains_cannot_hold_a_pass() {
-    let mut s = setup(VIRTIO_F_VERSION_1);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1));
     let f = frame([0xff; 6], 1500, 1);
     let mut chain = vec![0u8; 12];
     chain.extend_from_slice(&f);
@@ -354,7 +354,7 @@ fn a_driver_that_keeps_adding_tx_chains_cannot_hold_a_pass() {
 
 #[test]
 fn a_driver_that_keeps_adding_rx_chains_cannot_hold_a_pass() {
-    let mut s = setup(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF));
     // Unusable receive chains (device-readable), returned empty as soon as they are taken.
     let head = s.rxq.add_chain(&[r(BUF, 64)]);
     let view = s.rxq.clone();
@@ -417,7 +417,7 @@ fn with_hdr(f: &[u8]) -> Vec<u8> {
 
 #[test]
 fn mergeable_rx_spans_chains_and_sets_num_buffers() {
-    let mut s = setup(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF));
     // No buffers: the frame waits.
     let f = frame(MAC, 2986, 3);
     let mut buf = with_hdr(&f);
@@ -451,7 +451,7 @@ fn mergeable_rx_spans_chains_and_sets_num_buffers() {
 
 #[test]
 fn rx_without_mergeable_buffers_uses_one_chain_or_drops() {
-    let mut s = setup(VIRTIO_F_VERSION_1);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1));
     s.rxq.add_chain(&[w(BUF, 12), w(BUF + 0x1000, 1000)]);
     let mut big = with_hdr(&frame(MAC, 1500, 0));
     assert_eq!(deliver(&mut s, &mut big), Delivery::TooBig);
@@ -467,7 +467,7 @@ fn rx_without_mergeable_buffers_uses_one_chain_or_drops() {
 
 #[test]
 fn bad_rx_chains_are_returned_empty() {
-    let mut s = setup(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let mut s = setup(feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF));
     s.rxq.add_chain(&[r(BUF, 2048)]); // wrong direction
     s.rxq.add_chain(&[w(0x40_0000 - 16, 2048)]); // outside memory
     s.rxq.add_chain(&[w(BUF, 8)]); // no room for a header
@@ -493,7 +493,7 @@ fn rx_never_fitting_the_whole_ring_is_dropped() {
     let txq = TestQueue::new(&mem, TXQ_BASE, 4);
     net.activate(
         mem,
-        VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF,
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF),
         vec![rxq.queue(), txq.queue()],
         interrupt(),
     )
@@ -520,7 +520,10 @@ fn rx_from_the_wire_waits_for_buffers_then_arrives() {
     let net = net_on_new_tap(true);
     let name = net.tap().name().to_string();
     let sock = PacketSocket::bind(&name);
-    let s = activate(net, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let s = activate(
+        net,
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF),
+    );
     let Setup {
         net,
         mut rxq,
@@ -584,7 +587,7 @@ fn inactive_or_reset_device_leaves_the_tap_alone() {
     lp.dev()
         .activate(
             mem,
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![rxq.queue(), txq.queue()],
             interrupt(),
         )
@@ -612,7 +615,7 @@ fn ops_limiter(per_refill: u64, refill_time_ms: u64) -> RateLimiter {
 #[test]
 fn tx_rate_limiter_holds_frames_in_the_queue_until_the_timer() {
     let net = net_on_new_tap(true).with_rate_limiters(None, Some(ops_limiter(1, 100)));
-    let s = activate(net, VIRTIO_F_VERSION_1);
+    let s = activate(net, feature(VIRTIO_F_VERSION_1));
     let Setup {
         net,
         rxq: _rxq,
@@ -653,7 +656,10 @@ fn rx_rate_limiter_holds_frames_until_the_timer() {
     let net = net_on_new_tap(true).with_rate_limiters(Some(ops_limiter(1, 100)), None);
     let name = net.tap().name().to_string();
     let sock = PacketSocket::bind(&name);
-    let s = activate(net, VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
+    let s = activate(
+        net,
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF),
+    );
     let Setup {
         net,
         mut rxq,

@@ -55,8 +55,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
 use super::{
-    ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE, TYPE_VSOCK,
-    VIRTIO_F_VERSION_1,
+    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
 };
 use conn::{ConnError, Connection, State};
 use packet::{
@@ -1168,7 +1168,7 @@ impl Drop for Vsock {
 
 impl VirtioDevice for Vsock {
     fn device_type(&self) -> u32 {
-        TYPE_VSOCK
+        VIRTIO_ID_VSOCK
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
@@ -1176,7 +1176,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1
+        feature(VIRTIO_F_VERSION_1)
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {

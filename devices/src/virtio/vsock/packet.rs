@@ -1,5 +1,8 @@
 //! The virtio-vsock packet header (virtio 1.2 section 5.10.6) and the checks every packet from
 //! the guest goes through. Pure functions: no queues, no sockets.
+//!
+//! virtio-bindings has no `virtio_vsock` header, so the wire constants are spelled out here
+//! from the specification.
 
 /// Length of `struct virtio_vsock_hdr`.
 pub const HDR_LEN: usize = 44;

@@ -150,7 +150,7 @@ fn setup_with_rx(rx_buffers: usize) -> Setup {
     lp.dev()
         .activate(
             mem,
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![rxq.queue(), txq.queue(), evq.queue()],
             interrupt(),
         )
@@ -252,9 +252,9 @@ fn new_checks_cid_and_socket_path() {
 fn device_basics() {
     let dir = TempDir::new();
     let mut v = Vsock::new(0x1_0000_0003 & 0xffff_ffff, &dir.sock()).unwrap();
-    assert_eq!(v.device_type(), TYPE_VSOCK);
+    assert_eq!(v.device_type(), VIRTIO_ID_VSOCK);
     assert_eq!(v.queue_max_sizes(), &[256, 256, 256]);
-    assert_eq!(v.avail_features(), VIRTIO_F_VERSION_1);
+    assert_eq!(v.avail_features(), feature(VIRTIO_F_VERSION_1));
     let mut cfg = [0xffu8; 12];
     v.read_config(0, &mut cfg);
     assert_eq!(cfg, [3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -266,7 +266,7 @@ fn device_basics() {
     assert_eq!(
         v.activate(
             mem,
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![q.queue(), q.queue()],
             interrupt()
         ),
@@ -756,7 +756,7 @@ fn no_rx_buffers_holds_packets_until_refill() {
     lp.dev()
         .activate(
             mem,
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![rxq.queue(), txq.queue(), evq.queue()],
             interrupt(),
         )
@@ -874,7 +874,7 @@ fn restored_device(
     let mut dev = Vsock::new(CID, &dir.sock()).unwrap();
     dev.activate(
         mem.clone(),
-        VIRTIO_F_VERSION_1,
+        feature(VIRTIO_F_VERSION_1),
         vec![rxq.queue(), txq.queue(), evq.queue()],
         interrupt(),
     )
@@ -941,7 +941,7 @@ fn host_connections_wait_until_the_guest_has_handled_the_reset() {
     lp.dev()
         .activate(
             mem.clone(),
-            VIRTIO_F_VERSION_1,
+            feature(VIRTIO_F_VERSION_1),
             vec![rxq.queue(), txq.queue(), evq.queue()],
             interrupt(),
         )
