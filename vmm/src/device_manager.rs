@@ -89,8 +89,9 @@ fn limiter(config: &Option<RateLimiterConfig>, device: &str) -> Result<Option<Ra
         .as_ref()
         .filter(|c| !c.is_unlimited())
         .map(|c| {
-            RateLimiter::new(c).map_err(|e| {
-                Error::Device(format!("{device}: cannot create a rate limiter timer: {e}"))
+            RateLimiter::new(c).map_err(|source| Error::RateLimiterTimer {
+                device: device.to_string(),
+                source,
             })
         })
         .transpose()
@@ -102,8 +103,7 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     let mut devices: Vec<(Box<dyn VirtioDevice>, DeviceMetrics)> = Vec::new();
     for (n, drive) in config.drives_in_guest_order().into_iter().enumerate() {
         let id = drive.id.as_deref().unwrap_or("");
-        let mut block = Block::new(&drive.path, drive.read_only, id)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let mut block = Block::new(&drive.path, drive.read_only, id)?;
         if let Some(limiter) = limiter(&drive.rate_limiter, &drive.path.display().to_string())? {
             block = block.with_rate_limiter(limiter);
         }
@@ -119,12 +119,10 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     }
     for (n, net) in config.nets.iter().enumerate() {
         let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
-        let dev = Net::new(&net.tap, mac)
-            .map_err(|e| Error::Device(e.to_string()))?
-            .with_rate_limiters(
-                limiter(&net.rx_rate_limiter, &net.tap)?,
-                limiter(&net.tx_rate_limiter, &net.tap)?,
-            );
+        let dev = Net::new(&net.tap, mac)?.with_rate_limiters(
+            limiter(&net.rx_rate_limiter, &net.tap)?,
+            limiter(&net.tx_rate_limiter, &net.tap)?,
+        );
         let metrics = DeviceMetrics::Net {
             name: format!("eth{n}"),
             metrics: dev.metrics(),
@@ -132,8 +130,7 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         devices.push((Box::new(dev), metrics));
     }
     if let Some(vsock) = &config.vsock {
-        let dev = Vsock::new(vsock.guest_cid, &vsock.uds_path)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        let dev = Vsock::new(vsock.guest_cid, &vsock.uds_path)?;
         let metrics = DeviceMetrics::Vsock(dev.metrics());
         devices.push((Box::new(dev), metrics));
     }
@@ -187,12 +184,7 @@ pub fn attach(
     };
     for (n, (device, metrics)) in devices.into_iter().enumerate() {
         out.metrics.push(metrics);
-        let slot = MmioSlot::nth(n).ok_or_else(|| {
-            Error::Device(format!(
-                "no interrupt line left for virtio device {}",
-                n + 1
-            ))
-        })?;
+        let slot = MmioSlot::nth(n).ok_or(Error::NoInterruptLine(n + 1))?;
         let irq_evt = EventFd::new(EFD_NONBLOCK).map_err(host("create an eventfd"))?;
         vm.register_irqfd(&irq_evt, slot.irq)
             .map_err(kvm("connect a virtio interrupt"))?;
@@ -206,7 +198,10 @@ pub fn attach(
         }
         let transport = Arc::new(Mutex::new(transport));
         mmio.insert(transport.clone(), slot.base, MMIO_REGION_SIZE)
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .map_err(|source| Error::MmioBus {
+                number: n + 1,
+                source,
+            })?;
         // With ACPI the guest finds the device in the DSDT instead (`arch::acpi`).
         if !config.acpi() {
             if !out.cmdline.is_empty() {

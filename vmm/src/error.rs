@@ -45,8 +45,34 @@ pub enum Error {
     InitrdTooLarge { path: PathBuf, size: u64, mib: u64 },
     #[error("cannot write the kernel command line into guest memory: {0}")]
     Cmdline(String),
-    #[error("{0}")]
-    Device(String),
+    #[error(transparent)]
+    Block(#[from] devices::virtio::block::BlockError),
+    #[error(transparent)]
+    Net(#[from] devices::virtio::net::NetError),
+    #[error(transparent)]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
+    #[error(transparent)]
+    VmGenId(#[from] devices::vmgenid::VmGenIdError),
+    #[error("{device}: cannot create a rate limiter timer: {}", io_reason(.source))]
+    RateLimiterTimer {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no interrupt line left for virtio device {0}")]
+    NoInterruptLine(usize),
+    #[error("cannot place virtio device {number} on the MMIO bus: {source}")]
+    MmioBus {
+        number: usize,
+        #[source]
+        source: devices::bus::BusError,
+    },
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
+    #[error("there is no drive with drive_id {0:?}")]
+    NoSuchDrive(String),
+    #[error("device {0} is not a disk")]
+    NotADisk(String),
     #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]
     CmdlineWithDevicesTooLong { len: usize, max: usize },
     #[error("cannot set up the boot state: {0}")]
@@ -145,5 +171,24 @@ mod tests {
             "/tmp/x is neither an ELF vmlinux nor a bzImage kernel"
         );
         assert!(!e.to_string().contains('\n'));
+    }
+
+    #[test]
+    fn device_errors_keep_their_sentence_and_source() {
+        use std::error::Error as _;
+        let e = Error::from(devices::virtio::vsock::VsockError::InvalidCid(2));
+        assert_eq!(
+            e.to_string(),
+            "the guest CID 2 is reserved; use a CID from 3 to 4294967294"
+        );
+        let e = Error::RateLimiterTimer {
+            device: "tap0".into(),
+            source: io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert_eq!(
+            e.to_string(),
+            "tap0: cannot create a rate limiter timer: Too many open files"
+        );
+        assert!(e.source().is_some());
     }
 }

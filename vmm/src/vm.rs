@@ -272,9 +272,7 @@ impl Vm {
                 GuestAddress(arch::layout::VMGENID_START),
                 irq_line(&base.vm, GED_GSI)?,
             );
-            vmgenid
-                .write_new(&base.mem)
-                .map_err(|e| Error::Device(e.to_string()))?;
+            vmgenid.write_new(&base.mem)?;
             Some(vmgenid)
         } else {
             None
@@ -357,9 +355,7 @@ impl Vm {
         base.vmgenid = match &state.vmgenid {
             Some(saved) => {
                 let vmgenid = VmGenId::new(GuestAddress(saved.addr), irq_line(&base.vm, GED_GSI)?);
-                vmgenid
-                    .renew(&base.mem)
-                    .map_err(|e| Error::Device(e.to_string()))?;
+                vmgenid.renew(&base.mem)?;
                 Some(vmgenid)
             }
             None => {
@@ -538,8 +534,7 @@ impl Vm {
             spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
         }
         // Last: threads started from here on would inherit this filter too.
-        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)
-            .map_err(|e| Error::Device(e.to_string()))?;
+        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
         Ok(())
     }
 
@@ -623,16 +618,14 @@ impl Vm {
             .metrics
             .iter()
             .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
-            .ok_or_else(|| Error::Device(format!("there is no drive with drive_id {id:?}")))?;
+            .ok_or_else(|| Error::NoSuchDrive(id.to_string()))?;
         let mut transport = lock(&self.virtio.transports[index]);
         let block = transport
             .device_mut()
             .as_any_mut()
             .and_then(|any| any.downcast_mut::<Block>())
-            .ok_or_else(|| Error::Device(format!("device {id} is not a disk")))?;
-        let size = block
-            .replace_disk(path)
-            .map_err(|e| Error::Device(e.to_string()))?;
+            .ok_or_else(|| Error::NotADisk(id.to_string()))?;
+        let size = block.replace_disk(path)?;
         transport.notify_config_change();
         Ok(size)
     }
