@@ -25,8 +25,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::chain::pop_chain;
 use super::{
-    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
-    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK, VIRTIO_RING_F_EVENT_IDX,
+    feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
+    BACKEND_EVENT_BASE, MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_BLOCK,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::rate_limiter::RateLimiter;
 
@@ -661,30 +662,18 @@ impl VirtioDevice for Block {
         self.avail_features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                want: 1,
-                got: queues.len(),
-            });
-        }
-        let queue = queues.remove(0);
+        let [queue] = take_queues(queues)?;
         self.acked_features = acked_features;
         self.active = Some(Active {
             mem,

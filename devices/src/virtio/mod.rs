@@ -147,21 +147,46 @@ impl QueuePosition {
     }
 }
 
+/// Copy `data.len()` bytes of the configuration space `config` from `offset`; bytes past its
+/// end (including offsets that overflow) read as zero.
+pub fn read_config(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = offset
+            .checked_add(i as u64)
+            .and_then(|o| usize::try_from(o).ok())
+            .and_then(|o| config.get(o).copied())
+            .unwrap_or(0);
+    }
+}
+
+/// The `N` queues of a device that has `N`, in index order, or why activation fails.
+pub fn take_queues<const N: usize>(queues: Vec<Queue>) -> Result<[Queue; N], ActivateError> {
+    let got = queues.len();
+    <[Queue; N]>::try_from(queues).map_err(|_| ActivateError::QueueCount { want: N, got })
+}
+
 /// A virtio device model behind a transport.
 ///
 /// Everything the guest controls (descriptor addresses, lengths, chain shapes, config offsets)
 /// is untrusted: a malformed request gets an error status or is dropped and counted, and never
 /// panics or blocks the VMM.
 pub trait VirtioDevice: Send {
-    /// The virtio device type (`TYPE_*`).
+    /// The virtio device type (`VIRTIO_ID_*`).
     fn device_type(&self) -> u32;
     /// Maximum size of each of the device's queues; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
     /// Feature bits the device offers, including [`VIRTIO_F_VERSION_1`].
     fn avail_features(&self) -> u64;
+    /// The device-specific configuration space as the driver reads it (empty if the device
+    /// has none).
+    fn config_space(&self) -> &[u8] {
+        &[]
+    }
     /// Read `data.len()` bytes of the device-specific configuration space at `offset`; bytes
     /// past its end read as zero.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config(self.config_space(), offset, data);
+    }
     /// The driver writes the configuration space; most devices ignore it.
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     /// Start serving `queues` (as the driver configured them, in index order) over `mem`,

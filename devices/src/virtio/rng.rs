@@ -11,8 +11,8 @@ use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::chain::pop_chain;
 use super::{
-    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, MAX_CHAINS_PER_PASS,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
+    feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
+    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
 };
 
 /// The size of the device's only queue.
@@ -142,27 +142,17 @@ impl VirtioDevice for Rng {
         feature(VIRTIO_F_VERSION_1)
     }
 
-    fn read_config(&self, _offset: u64, data: &mut [u8]) {
-        // No configuration space.
-        data.fill(0);
-    }
-
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
         _acked_features: u64,
-        mut queues: Vec<Queue>,
+        queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        if queues.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                want: 1,
-                got: queues.len(),
-            });
-        }
+        let [queue] = take_queues(queues)?;
         self.active = Some(Active {
             mem,
-            queue: queues.remove(0),
+            queue,
             interrupt,
         });
         Ok(())

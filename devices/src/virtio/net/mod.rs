@@ -32,8 +32,8 @@ use super::chain::{
     add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
 };
 use super::{
-    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
-    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
+    feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
+    BACKEND_EVENT_BASE, MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
 };
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
@@ -691,14 +691,8 @@ impl VirtioDevice for Net {
         self.avail_features
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(
@@ -708,10 +702,7 @@ impl VirtioDevice for Net {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([rx, tx]) = <[Queue; 2]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { want: 2, got });
-        };
+        let [rx, tx] = take_queues(queues)?;
         let mut offload = 0;
         if acked_features & feature(VIRTIO_NET_F_GUEST_CSUM) != 0 {
             offload |= TUN_F_CSUM;

@@ -55,8 +55,8 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
 use super::{
-    feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
+    feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
+    BACKEND_EVENT_BASE, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
 };
 use conn::{ConnError, Connection, State};
 use packet::{
@@ -1179,14 +1179,8 @@ impl VirtioDevice for Vsock {
         feature(VIRTIO_F_VERSION_1)
     }
 
-    fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = offset
-                .checked_add(i as u64)
-                .and_then(|o| usize::try_from(o).ok())
-                .and_then(|o| self.config.get(o).copied())
-                .unwrap_or(0);
-        }
+    fn config_space(&self) -> &[u8] {
+        &self.config
     }
 
     fn activate(
@@ -1196,10 +1190,7 @@ impl VirtioDevice for Vsock {
         queues: Vec<Queue>,
         interrupt: Arc<VirtioInterrupt>,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([rx, tx, event]) = <[Queue; 3]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { want: 3, got });
-        };
+        let [rx, tx, event] = take_queues(queues)?;
         self.active = Some(Active {
             mem,
             rx,
