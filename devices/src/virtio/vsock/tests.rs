@@ -2,11 +2,21 @@ use std::io::{Read, Write};
 use std::sync::atomic::AtomicU32;
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
 use super::packet::*;
 use super::*;
 use crate::virtio::test_utils::{
     guest_memory, interrupt, r, w, BackendLoop, TestQueue, VIRTQ_DESC_F_NEXT,
 };
+use crate::virtio::{feature, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK};
 
 const CID: u64 = 3;
 const RXBUF: u64 = 0x10_0000;
@@ -428,7 +438,15 @@ fn guest_data_beyond_our_credit_resets() {
     // advertised credit.
     {
         let dev = s.lp.dev();
-        let fd = dev.conns.values().next().unwrap().1.stream.as_raw_fd();
+        let fd = dev
+            .muxer
+            .conns
+            .values()
+            .next()
+            .unwrap()
+            .1
+            .stream
+            .as_raw_fd();
         let size: libc::c_int = 4096;
         // SAFETY: `size` is a valid int for the length passed; `fd` is an open socket.
         let ret = unsafe {
@@ -995,7 +1013,7 @@ fn resets_for_a_guest_that_reads_nothing_are_bounded_and_counted() {
         let h = s.g.hdr(OP_RW, 10_000 + i % 50_000, 20_000 + i / 50_000);
         s.g.send(&mut s.lp, h, b"x");
     }
-    let queued = s.lp.dev().ctrl.len();
+    let queued = s.lp.dev().muxer.ctrl.len();
     assert_eq!(queued, MAX_CONTROL_PACKETS, "resets held for the guest");
     let mm = s.lp.dev().metrics();
     assert_eq!(m(&mm.control_dropped), 100_000 - MAX_CONTROL_PACKETS as u64);
@@ -1253,5 +1271,5 @@ fn host_connections_held_for_a_reset_the_guest_never_handles_time_out() {
     wait_eof(&mut lp, &mut host);
     assert!(started.elapsed() >= Duration::from_millis(100));
     assert_eq!(m(&lp.dev().metrics().timeouts), 1);
-    assert!(lp.dev().deferred.is_empty());
+    assert!(lp.dev().muxer.deferred.is_empty());
 }
