@@ -1,9 +1,9 @@
 //! Warnings a guest can trigger at will, written without letting the guest flood the host's log.
 //!
 //! A malformed descriptor chain or a register write in the wrong state is the guest's doing, and a
-//! hostile guest can repeat it millions of times a second. Each call site of [`guest_warn!`]
-//! therefore logs its first [`BURST`] messages, then at most one per [`INTERVAL_MS`] (saying how
-//! many it held back since its last line). Every message, written or not, is counted in
+//! hostile guest can repeat it millions of times a second. Each call site of
+//! [`guest_warn!`](crate::guest_warn!) therefore logs its first [`BURST`] messages, then at most
+//! one per [`INTERVAL_MS`] (saying how many it held back since its last line). Every message, written or not, is counted in
 //! [`counts`], which the VMM's metrics report.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +32,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// The state of one call site (a `static` made by [`guest_warn!`]).
+/// The state of one call site (a `static` made by [`guest_warn!`](crate::guest_warn!)).
 #[derive(Debug)]
 pub struct Limiter {
     /// Messages seen at this site.
