@@ -334,6 +334,9 @@ struct Disk {
     /// Size in bytes, a multiple of [`SECTOR_SIZE`].
     size: u64,
     read_only: bool,
+    /// Whether a flush syncs the image (otherwise it is acknowledged as done: the
+    /// `Unsafe` cache type, where the disk does not offer flushing in the first place).
+    sync_on_flush: bool,
     id: [u8; ID_BYTES],
     metrics: Arc<BlockMetrics>,
 }
@@ -429,8 +432,9 @@ impl Disk {
                 inc(&m.writes, 1);
                 inc(&m.bytes_written, u64::from(req.data_len));
             }),
-            // Nothing can be pending on a read-only disk.
-            RequestType::Flush if self.read_only => Ok(()),
+            // Nothing can be pending on a read-only disk, and a disk that does not offer
+            // flushing has nothing to say to one.
+            RequestType::Flush if self.read_only || !self.sync_on_flush => Ok(()),
             RequestType::Flush => self
                 .file
                 .sync_data()
@@ -562,6 +566,7 @@ impl Block {
                 file,
                 size,
                 read_only,
+                sync_on_flush: true,
                 id: id_bytes,
                 metrics: Arc::new(BlockMetrics::default()),
             },
@@ -580,6 +585,15 @@ impl Block {
     /// get-id requests take no bandwidth). Malformed chains are not limited.
     pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Do not offer the flush command (`VIRTIO_BLK_F_FLUSH`): the guest then treats the disk
+    /// as write-through and its writes reach the host's page cache only. A flush request
+    /// sent anyway is acknowledged without syncing.
+    pub fn without_flush(mut self) -> Self {
+        self.avail_features &= !VIRTIO_BLK_F_FLUSH;
+        self.disk.sync_on_flush = false;
         self
     }
 
@@ -1140,6 +1154,20 @@ mod tests {
         let mut s = setup(4);
         assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
         assert_eq!(s.metric(|m| &m.flushes), 1);
+    }
+
+    #[test]
+    fn a_disk_without_flush_does_not_offer_it_and_never_syncs() {
+        let file = TempFile::with_contents(&[0u8; 512]);
+        let block = Block::new(file.path(), false, "").unwrap();
+        assert_ne!(block.avail_features() & VIRTIO_BLK_F_FLUSH, 0);
+        let block = block.without_flush();
+        assert_eq!(block.avail_features() & VIRTIO_BLK_F_FLUSH, 0);
+        // A driver that flushes anyway is told it worked; nothing was synced.
+        let mut s = setup(4);
+        s.block.disk.sync_on_flush = false;
+        assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+        assert_eq!(s.metric(|m| &m.flushes), 0);
     }
 
     #[test]
