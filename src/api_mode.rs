@@ -159,6 +159,10 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
             break Some(Ending::Signal(sig));
         }
     };
+    // A last metrics line, with the VM's final counts.
+    if let Err(e) = frontend.controller.flush_metrics() {
+        log::warn!("{e}");
+    }
     let outcome = match (ending, frontend.controller.take_vm()) {
         (Some(ending), Some(vm)) => Some(vm.shutdown(ending)),
         _ => None,
