@@ -60,7 +60,12 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         input: Some(Box::new(std::io::stdin())),
         escape: raw_terminal.is_some(),
     };
-    let mut controller = Controller::new(options.id.clone(), console, start);
+    let mut controller = Controller::new(
+        options.id.clone(),
+        console,
+        start,
+        crate::seccomp::vmm_thread(),
+    );
 
     if let Some(path) = &options.config_file {
         let requests = match config_file::load(path) {

@@ -9,6 +9,9 @@ mod api;
 #[allow(dead_code)]
 #[path = "../src/config_file.rs"]
 mod config_file;
+#[allow(dead_code)]
+#[path = "../src/seccomp.rs"]
+mod seccomp;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
