@@ -67,22 +67,9 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         crate::seccomp::vmm_thread(),
     );
 
-    if let Some(path) = &options.config_file {
-        let requests = match config_file::load(path) {
-            Ok(r) => r,
-            Err(e) => {
-                drop(raw_terminal);
-                return fail(&e);
-            }
-        };
-        for request in requests.into_iter().chain([Request::Start]) {
-            if let Err(e) = controller.handle(request) {
-                drop(raw_terminal);
-                return fail(&format!("{}: {e}", path.display()));
-            }
-        }
-    }
-
+    // The API server first: its thread must start, and its socket be bound, before a VM from
+    // the config file starts and this thread restricts itself (its filter allows neither, and
+    // threads inherit it).
     let (tx, rx) = mpsc::channel::<(Request, Reply)>();
     let server = match &options.api_sock {
         Some(path) => match wake
@@ -98,6 +85,22 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         },
         None => None,
     };
+
+    if let Some(path) = &options.config_file {
+        let requests = match config_file::load(path) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(raw_terminal);
+                return fail(&e);
+            }
+        };
+        for request in requests.into_iter().chain([Request::Start]) {
+            if let Err(e) = controller.handle(request) {
+                drop(raw_terminal);
+                return fail(&format!("{}: {e}", path.display()));
+            }
+        }
+    }
 
     let mut next_metrics = Instant::now() + METRICS_PERIOD;
     let ending = loop {
