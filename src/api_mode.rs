@@ -91,8 +91,32 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         escape: raw_terminal.is_some(),
     };
     let mut frontend = Frontend {
-        controller: Controller::new(options.id.clone(), console, start),
+        controller: Controller::new(
+            options.id.clone(),
+            console,
+            start,
+            crate::seccomp::vmm_thread(),
+        ),
         logger: None,
+    };
+
+    // The API server first: its thread must start, and its socket be bound, before a VM from
+    // the config file starts and this thread restricts itself (its filter allows neither, and
+    // threads inherit it).
+    let (tx, rx) = mpsc::channel::<(ApiRequest, mpsc::Sender<Reply>)>();
+    let server = match &options.api_sock {
+        Some(path) => match wake
+            .try_clone()
+            .map_err(|e| e.to_string())
+            .and_then(|w| ApiServer::start(path, tx, w).map_err(|e: ApiError| e.to_string()))
+        {
+            Ok(server) => Some(server),
+            Err(e) => {
+                drop(raw_terminal);
+                return fail(&e);
+            }
+        },
+        None => None,
     };
 
     if let Some(path) = &options.config_file {
@@ -114,22 +138,6 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
             }
         }
     }
-
-    let (tx, rx) = mpsc::channel::<(ApiRequest, mpsc::Sender<Reply>)>();
-    let server = match &options.api_sock {
-        Some(path) => match wake
-            .try_clone()
-            .map_err(|e| e.to_string())
-            .and_then(|w| ApiServer::start(path, tx, w).map_err(|e: ApiError| e.to_string()))
-        {
-            Ok(server) => Some(server),
-            Err(e) => {
-                drop(raw_terminal);
-                return fail(&e);
-            }
-        },
-        None => None,
-    };
 
     let mut next_metrics = Instant::now() + METRICS_PERIOD;
     let ending = loop {

@@ -12,6 +12,9 @@ mod config_file;
 #[allow(dead_code)]
 #[path = "../src/logger.rs"]
 mod logger;
+#[allow(dead_code)]
+#[path = "../src/seccomp.rs"]
+mod seccomp;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};

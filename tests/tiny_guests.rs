@@ -671,6 +671,58 @@ fn threads_that_open_no_files_cannot_open_any() {
     }
 }
 
+#[test]
+fn a_config_file_vm_serves_the_api_too() {
+    // The VM starts from the file before the API is served: the VMM thread's filter, installed
+    // at that start, must not keep the API server from binding its socket and starting.
+    let dir = TempDir::new("config-file-api");
+    let kernel = spinning_kernel(&dir);
+    let config = dir.write(
+        "vm.json",
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#,
+            s(&kernel)
+        )
+        .as_bytes(),
+    );
+    let sock = dir.0.join("api.sock");
+    let mut child = flint()
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_spinning(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&sock) {
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "the API socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_bounded(child, Duration::from_secs(20));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""state":"Running""#), "{answer}");
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// `flint run` on a tiny guest that never answers: only its agent-client thread matters here,
 /// which installs its filter before the VM starts.
 fn tiny_sandbox(dir: &TempDir, extra: &[&str]) -> Command {

@@ -149,7 +149,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Api) {
+                if let Err(e) = crate::seccomp::api().install() {
                     log::error!("{e}; the API is not served");
                     return;
                 }

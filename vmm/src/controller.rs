@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::config::{ConfigError, DriveConfig, Field, NetConfig, VmConfig, VsockConfig};
+use crate::seccomp::Filter;
 use crate::vm::{ConsoleIo, Vm};
 
 /// The kernel to boot.
@@ -203,6 +204,8 @@ pub struct Controller {
     paused: bool,
     console: Option<ConsoleIo>,
     start: Instant,
+    /// The filter `InstanceStart` and `LoadSnapshot` install on the VMM thread.
+    vmm_thread: Filter,
 }
 
 /// The configuration of a controller nothing has been asked of: no devices, not even the
@@ -216,8 +219,14 @@ fn unconfigured() -> VmConfig {
 
 impl Controller {
     /// A controller for a VM not yet configured. `console` is what the guest's serial console
-    /// will be connected to; `start` is when the VMM process started.
-    pub fn new(id: impl Into<String>, console: ConsoleIo, start: Instant) -> Controller {
+    /// will be connected to; `start` is when the VMM process started; `vmm_thread` is the
+    /// filter starting the VM installs on the calling (VMM) thread (see [`Vm::start`]).
+    pub fn new(
+        id: impl Into<String>,
+        console: ConsoleIo,
+        start: Instant,
+        vmm_thread: Filter,
+    ) -> Controller {
         Controller {
             id: id.into(),
             metrics_file: None,
@@ -231,6 +240,7 @@ impl Controller {
             paused: false,
             console: Some(console),
             start,
+            vmm_thread,
         }
     }
 
@@ -393,7 +403,7 @@ impl Controller {
                     Ok(vm) => vm,
                     Err(e) => return Err(refuse(format!("cannot start the VM: {e}"))),
                 };
-                vm.start()
+                vm.start(&self.vmm_thread)
                     .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
                 self.vm = Some(vm);
                 Ok(Response::Done)
@@ -502,9 +512,9 @@ impl Controller {
         )
         .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
         let started = if resume {
-            vm.start()
+            vm.start(&self.vmm_thread)
         } else {
-            vm.start_paused()
+            vm.start_paused(&self.vmm_thread)
         };
         started.map_err(|e| refuse(format!("cannot start the VM from the snapshot: {e}")))?;
         self.paused = !resume;
@@ -603,7 +613,7 @@ mod tests {
             input: None,
             escape: false,
         };
-        Controller::new("test-vm", console, Instant::now())
+        Controller::new("test-vm", console, Instant::now(), Filter::vmm_thread())
     }
 
     fn drive(id: &str, root: bool) -> DriveConfig {

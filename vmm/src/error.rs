@@ -47,6 +47,8 @@ pub enum Error {
     Cmdline(String),
     #[error("{0}")]
     Device(String),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
     #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]
     CmdlineWithDevicesTooLong { len: usize, max: usize },
     #[error("cannot set up the boot state: {0}")]
