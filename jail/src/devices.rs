@@ -101,7 +101,7 @@ pub(crate) fn make_nodes(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tree::tests::{message, with_umask, Scratch};
+    use crate::tree::tests::{message, require_root, with_umask, Scratch};
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
     #[test]
@@ -132,6 +132,7 @@ mod tests {
 
     #[test]
     fn nodes_get_their_mode_and_the_jail_user() {
+        require_root();
         let dev = Scratch::new("dev");
         let fd = dev.open();
         let made = with_umask(0o077, || {

@@ -124,7 +124,7 @@ fn prepare(o: &JailOptions, jail: &mut Jail) -> Result<PathBuf> {
 mod tests {
     use super::*;
     use crate::options::tests::options;
-    use crate::tree::tests::{message, Scratch};
+    use crate::tree::tests::{message, require_root, Scratch};
 
     #[test]
     fn a_failed_jail_leaves_nothing_behind() {
@@ -163,6 +163,7 @@ mod tests {
 
     #[test]
     fn cleanup_removes_what_was_recorded() {
+        require_root();
         let base = Scratch::new("lib-cleanup");
         let cg = Scratch::new("lib-cleanup-cg");
         let mut o = options("clean");

@@ -258,6 +258,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// Fail, never skip, where the test needs root (to chown, to make device nodes), as the
+    /// jail does.
+    pub(crate) fn require_root() {
+        assert!(
+            rustix::process::geteuid().is_root(),
+            "this test needs root, as the jail does"
+        );
+    }
+
     /// Run `f` with the umask `bits`: one test at a time, since the umask is the process's.
     pub(crate) fn with_umask<T>(bits: u32, f: impl FnOnce() -> T) -> T {
         static UMASK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -349,6 +358,7 @@ pub(crate) mod tests {
 
     #[test]
     fn copy_into_never_follows_what_is_in_its_way() {
+        require_root();
         let host = Scratch::new("copy-host");
         let jail = Scratch::new("copy-jail");
         let outside = Scratch::new("copy-outside");
@@ -399,6 +409,7 @@ pub(crate) mod tests {
 
     #[test]
     fn copies_go_to_their_owner_and_only_regular_files_are_copied() {
+        require_root();
         let host = Scratch::new("owner-host");
         let jail = Scratch::new("owner-jail");
         let root = jail.open();
@@ -454,6 +465,7 @@ pub(crate) mod tests {
 
     #[test]
     fn the_jail_root_holds_flint_its_libraries_the_files_and_mount_points() {
+        require_root();
         let base = Scratch::new("fill");
         let host = Scratch::new("fill-host");
         let kernel = host.0.join("vmlinux");
