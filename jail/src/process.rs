@@ -97,7 +97,8 @@ impl ChildPlan {
         rlimit::apply(&self.rlimits)?;
         close_other_fds();
         drop_privileges(self.uid, self.gid)?;
-        // The environment is inherited; the signal mask and dispositions start afresh.
+        // The environment is inherited; std gives the new program an empty signal mask and
+        // the default SIGPIPE disposition (flint sets its own again).
         let e = Command::new(FLINT).args(&self.args).exec();
         Err(e).cannot(|| format!("run {FLINT} in the jail"))
     }
