@@ -17,6 +17,9 @@ mod config_file;
 #[allow(dead_code)]
 #[path = "../../src/logger.rs"]
 mod logger;
+#[allow(dead_code)]
+#[path = "../../src/seccomp.rs"]
+mod seccomp;
 
 use api::routes::{self, Routed};
 use api::{schema, ApiRequest};

@@ -19,6 +19,9 @@ mod config_file;
 #[allow(dead_code)]
 #[path = "../../src/logger.rs"]
 mod logger;
+#[allow(dead_code)]
+#[path = "../../src/seccomp.rs"]
+mod seccomp;
 
 use api::http::{self, Framing, MAX_BODY, MAX_HEAD};
 use api::routes::{self, Reply, Routed};
