@@ -12,7 +12,9 @@ use vmm::controller::{Controller, Request, RequestError, Response};
 use vmm::{ConsoleIo, Ending};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::api::{ApiError, ApiServer};
+use crate::api::routes::{self, Reply};
+use crate::api::{schema, ApiError, ApiRequest, ApiServer};
+use crate::logger::LoggerConfig;
 use crate::{config_file, fail, report_outcome, terminal};
 
 /// How the process was asked to run.
@@ -23,8 +25,36 @@ pub struct ApiOptions {
     pub id: String,
 }
 
-/// A reply channel for one request.
-pub type Reply = mpsc::Sender<Result<Response, RequestError>>;
+/// The VMM thread's side of the API and the config file: the controller that owns the VM,
+/// and the front end's own settings (where flint logs), so that a config file and the API
+/// are carried out the same way.
+struct Frontend {
+    controller: Controller,
+    logger: Option<LoggerConfig>,
+}
+
+impl Frontend {
+    fn handle(&mut self, request: &ApiRequest) -> Result<Response, RequestError> {
+        match request {
+            ApiRequest::Vmm(request) => self.controller.handle(request.clone()),
+            ApiRequest::SetLogger(logger) => {
+                self.controller.count_request("put_logger");
+                crate::logger::redirect(logger).map_err(|message| RequestError {
+                    field: None,
+                    message,
+                })?;
+                self.logger = Some(logger.clone());
+                Ok(Response::Done)
+            }
+        }
+    }
+
+    /// Carry out an API request and answer in HTTP terms.
+    fn reply(&mut self, request: ApiRequest) -> Reply {
+        let result = self.handle(&request);
+        routes::reply_for(&request, result, self.logger.as_ref())
+    }
+}
 
 /// How often metrics are written when a metrics file is configured.
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
@@ -60,25 +90,20 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         input: Some(Box::new(std::io::stdin())),
         escape: raw_terminal.is_some(),
     };
-    let mut controller = Controller::new(options.id.clone(), console, start);
+    let mut frontend = Frontend {
+        controller: Controller::new(
+            options.id.clone(),
+            console,
+            start,
+            crate::seccomp::vmm_thread(),
+        ),
+        logger: None,
+    };
 
-    if let Some(path) = &options.config_file {
-        let requests = match config_file::load(path) {
-            Ok(r) => r,
-            Err(e) => {
-                drop(raw_terminal);
-                return fail(&e);
-            }
-        };
-        for request in requests.into_iter().chain([Request::Start]) {
-            if let Err(e) = controller.handle(request) {
-                drop(raw_terminal);
-                return fail(&format!("{}: {e}", path.display()));
-            }
-        }
-    }
-
-    let (tx, rx) = mpsc::channel::<(Request, Reply)>();
+    // The API server first: its thread must start, and its socket be bound, before a VM from
+    // the config file starts and this thread restricts itself (its filter allows neither, and
+    // threads inherit it).
+    let (tx, rx) = mpsc::channel::<(ApiRequest, mpsc::Sender<Reply>)>();
     let server = match &options.api_sock {
         Some(path) => match wake
             .try_clone()
@@ -94,8 +119,29 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         None => None,
     };
 
+    if let Some(path) = &options.config_file {
+        let requests = match config_file::load(path) {
+            Ok(r) => r,
+            Err(e) => {
+                drop(raw_terminal);
+                return fail(&e);
+            }
+        };
+        for request in requests.into_iter().chain([Request::Start.into()]) {
+            if let Err(e) = frontend.handle(&request) {
+                drop(raw_terminal);
+                return fail(&format!(
+                    "{}: {}",
+                    path.display(),
+                    schema::request_error_message(&e)
+                ));
+            }
+        }
+    }
+
     let mut next_metrics = Instant::now() + METRICS_PERIOD;
     let ending = loop {
+        let controller = &mut frontend.controller;
         let mut fds = vec![wake.as_raw_fd()];
         if let Some(vm) = controller.vm() {
             fds.push(vm.ending_event().as_raw_fd());
@@ -109,15 +155,10 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         }
         let _ = wake.read();
         while let Ok((request, reply)) = rx.try_recv() {
-            if let Request::SetLogger(logger) = &request {
-                if let Err(e) = crate::logger::redirect(logger) {
-                    let _ = reply.send(Err(RequestError(e)));
-                    continue;
-                }
-            }
             // The client may have gone away; nothing to do then.
-            let _ = reply.send(controller.handle(request));
+            let _ = reply.send(frontend.reply(request));
         }
+        let controller = &mut frontend.controller;
         if let Some(vm) = controller.vm() {
             if let Some(ending) = vm.ending() {
                 break Some(ending);
@@ -126,7 +167,11 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
             break Some(Ending::Signal(sig));
         }
     };
-    let outcome = match (ending, controller.take_vm()) {
+    // A last metrics line, with the VM's final counts.
+    if let Err(e) = frontend.controller.flush_metrics() {
+        log::warn!("{e}");
+    }
+    let outcome = match (ending, frontend.controller.take_vm()) {
         (Some(ending), Some(vm)) => Some(vm.shutdown(ending)),
         _ => None,
     };

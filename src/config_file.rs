@@ -1,14 +1,17 @@
 //! The configuration file: one JSON document with the API's bodies under Firecracker's keys
-//! (`boot-source`, `machine-config`, `drives`, ...), turned into the [`Request`]s that
-//! configure the VM; and the same schema written back for `GET /vm/config`.
+//! (`boot-source`, `machine-config`, `drives`, ...), turned into the same requests the API
+//! makes ([`ApiRequest`]), carried out the same way; and the same schema written back for
+//! `GET /vm/config`.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde_json::{Map, Value};
-use vmm::controller::{FullConfig, Request};
+use vmm::controller::{ConfigView, Request};
 
 use crate::api::schema::{self, BodyError};
+use crate::api::ApiRequest;
+use crate::logger::LoggerConfig;
 
 /// The keys of a config file, in the order their requests are made.
 pub const KEYS: &[&str] = &[
@@ -37,7 +40,7 @@ pub enum ConfigFileError {
 }
 
 /// Read the config file at `path` into the requests that configure the VM (not `Start`).
-pub fn load(path: &Path) -> Result<Vec<Request>, ConfigFileError> {
+pub fn load(path: &Path) -> Result<Vec<ApiRequest>, ConfigFileError> {
     let text = std::fs::read(path).map_err(|source| ConfigFileError::Read {
         path: path.into(),
         source,
@@ -82,7 +85,7 @@ fn unique(seen: &mut HashSet<String>, ctx: &str, field: &str, id: &str) -> Resul
 }
 
 /// The requests that a config document makes, in the order of [`KEYS`].
-pub fn from_json(v: &Value) -> Result<Vec<Request>, BodyError> {
+pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
     let Value::Object(doc) = v else {
         return Err(BodyError(
             "the document must be a JSON object with keys such as \"boot-source\"".into(),
@@ -96,21 +99,19 @@ pub fn from_json(v: &Value) -> Result<Vec<Request>, BodyError> {
         )));
     }
     let section = |key: &str| doc.get(key).filter(|v| !v.is_null());
-    let mut requests = Vec::new();
+    let mut requests: Vec<ApiRequest> = Vec::new();
     if let Some(v) = section("logger") {
-        requests.push(Request::SetLogger(schema::logger(v, "logger")?));
+        requests.push(ApiRequest::SetLogger(schema::logger(v, "logger")?));
     }
+    let mut requests_to_vmm = Vec::new();
     if let Some(v) = section("metrics") {
-        requests.push(Request::SetMetrics(schema::metrics(v, "metrics")?));
+        requests_to_vmm.push(Request::SetMetrics(schema::metrics(v, "metrics")?));
     }
     if let Some(v) = section("machine-config") {
-        requests.push(Request::SetMachineConfig(schema::machine_config(
-            v,
-            "machine-config",
-        )?));
+        requests_to_vmm.push(schema::machine_config(v, "machine-config")?);
     }
     if let Some(v) = section("boot-source") {
-        requests.push(Request::SetBootSource(schema::boot_source(
+        requests_to_vmm.push(Request::SetBootSource(schema::boot_source(
             v,
             "boot-source",
         )?));
@@ -119,43 +120,61 @@ pub fn from_json(v: &Value) -> Result<Vec<Request>, BodyError> {
     for (i, v) in list(doc, "drives")?.iter().enumerate() {
         let ctx = format!("drives[{i}]");
         let drive = schema::drive(v, &ctx)?;
-        unique(&mut ids, &ctx, "drive_id", &drive.id)?;
-        requests.push(Request::SetDrive(drive));
+        unique(
+            &mut ids,
+            &ctx,
+            "drive_id",
+            drive.id.as_deref().unwrap_or_default(),
+        )?;
+        requests_to_vmm.push(Request::SetDrive(drive));
     }
     let mut ids = HashSet::new();
     for (i, v) in list(doc, "network-interfaces")?.iter().enumerate() {
         let ctx = format!("network-interfaces[{i}]");
         let iface = schema::network_interface(v, &ctx)?;
-        unique(&mut ids, &ctx, "iface_id", &iface.id)?;
-        requests.push(Request::SetNetworkInterface(iface));
+        unique(
+            &mut ids,
+            &ctx,
+            "iface_id",
+            iface.id.as_deref().unwrap_or_default(),
+        )?;
+        requests_to_vmm.push(Request::SetNetworkInterface(iface));
     }
     if let Some(v) = section("vsock") {
-        requests.push(Request::SetVsock(schema::vsock(v, "vsock")?));
+        requests_to_vmm.push(Request::SetVsock(schema::vsock(v, "vsock")?));
     }
     if let Some(v) = section("entropy") {
         schema::entropy(v, "entropy")?;
-        requests.push(Request::SetEntropy);
+        requests_to_vmm.push(Request::SetEntropy);
     }
+    requests.extend(requests_to_vmm.into_iter().map(ApiRequest::Vmm));
     Ok(requests)
 }
 
 /// The whole configuration in the config file's schema (`GET /vm/config`). Sections not
 /// configured are null, as in Firecracker.
-pub fn to_json(config: &FullConfig) -> Value {
+pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
     let or_null = |v: Option<Value>| v.unwrap_or(Value::Null);
+    let vm = &config.vm;
     serde_json::json!({
         "boot-source": or_null(config.boot_source.as_ref().map(schema::boot_source_json)),
-        "machine-config": schema::machine_config_json(&config.machine),
-        "drives": config.drives.iter().map(schema::drive_json).collect::<Vec<_>>(),
-        "network-interfaces": config
-            .network_interfaces
+        "machine-config": schema::machine_config_json(vm),
+        "drives": vm
+            .drives
             .iter()
-            .map(schema::network_interface_json)
+            .enumerate()
+            .map(|(n, d)| schema::drive_json(n, d))
             .collect::<Vec<_>>(),
-        "vsock": or_null(config.vsock.as_ref().map(schema::vsock_json)),
-        "entropy": if config.entropy { serde_json::json!({}) } else { Value::Null },
-        "logger": or_null(config.logger.as_ref().map(schema::logger_json)),
-        "metrics": or_null(config.metrics.as_ref().map(schema::metrics_json)),
+        "network-interfaces": vm
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(n, net)| schema::network_interface_json(n, net))
+            .collect::<Vec<_>>(),
+        "vsock": or_null(vm.vsock.as_ref().map(schema::vsock_json)),
+        "entropy": if vm.entropy { serde_json::json!({}) } else { Value::Null },
+        "logger": or_null(logger.map(schema::logger_json)),
+        "metrics": or_null(config.metrics_path.as_deref().map(schema::metrics_json)),
     })
 }
 
@@ -163,62 +182,56 @@ pub fn to_json(config: &FullConfig) -> Value {
 mod tests {
     use super::*;
     use serde_json::json;
-    use vmm::controller::{
-        ApiDrive, BootSource, CacheType, LoggerConfig, MachineConfig, MetricsConfig,
-        NetworkInterface, Vsock,
-    };
+    use vmm::controller::BootSource;
+    use vmm::{CacheType, DriveConfig, NetConfig, VmConfig, VsockConfig};
 
-    fn full() -> FullConfig {
-        FullConfig {
+    fn logger() -> LoggerConfig {
+        LoggerConfig {
+            path: "/l".into(),
+            level: Some("Info".into()),
+            show_level: true,
+            show_log_origin: false,
+        }
+    }
+
+    fn full() -> ConfigView {
+        ConfigView {
             boot_source: Some(BootSource {
                 kernel: "/k".into(),
                 initrd: Some("/i".into()),
                 cmdline: Some("console=ttyS0".into()),
             }),
-            machine: MachineConfig {
+            vm: VmConfig {
                 vcpus: 2,
                 mem_mib: 256,
-                ..Default::default()
+                drives: vec![
+                    DriveConfig {
+                        id: Some("rootfs".into()),
+                        root: true,
+                        partuuid: Some("4cbb6a2a-01".into()),
+                        cache: CacheType::Unsafe,
+                        ..DriveConfig::new("/r")
+                    },
+                    DriveConfig {
+                        id: Some("data".into()),
+                        read_only: true,
+                        cache: CacheType::Writeback,
+                        ..DriveConfig::new("/d")
+                    },
+                ],
+                nets: vec![NetConfig {
+                    id: Some("eth0".into()),
+                    mac: Some([6, 0, 0xac, 0x10, 0, 2]),
+                    ..NetConfig::new("tap0")
+                }],
+                vsock: Some(VsockConfig {
+                    guest_cid: 3,
+                    uds_path: "/v.sock".into(),
+                }),
+                entropy: true,
+                ..VmConfig::new("")
             },
-            drives: vec![
-                ApiDrive {
-                    id: "rootfs".into(),
-                    path: "/r".into(),
-                    root: true,
-                    read_only: false,
-                    partuuid: None,
-                    cache_type: CacheType::Unsafe,
-                    rate_limiter: None,
-                },
-                ApiDrive {
-                    id: "data".into(),
-                    path: "/d".into(),
-                    root: false,
-                    read_only: true,
-                    partuuid: None,
-                    cache_type: CacheType::Writeback,
-                    rate_limiter: None,
-                },
-            ],
-            network_interfaces: vec![NetworkInterface {
-                id: "eth0".into(),
-                tap: "tap0".into(),
-                mac: Some([6, 0, 0xac, 0x10, 0, 2]),
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
-            }],
-            vsock: Some(Vsock {
-                guest_cid: 3,
-                uds_path: "/v.sock".into(),
-            }),
-            entropy: true,
-            logger: Some(LoggerConfig {
-                path: "/l".into(),
-                level: Some("Info".into()),
-                show_level: true,
-                show_log_origin: false,
-            }),
-            metrics: Some(MetricsConfig { path: "/m".into() }),
+            metrics_path: Some("/m".into()),
         }
     }
 
@@ -236,42 +249,49 @@ mod tests {
     #[test]
     fn a_full_document_makes_every_request_in_order() {
         let c = full();
-        let requests = from_json(&to_json(&c)).unwrap();
+        let requests = from_json(&to_json(&c, Some(&logger()))).unwrap();
+        let vmm = |r: Request| ApiRequest::Vmm(r);
+        // Every field survives the round trip (partuuid and cache_type included).
         assert_eq!(
             requests,
             vec![
-                Request::SetLogger(c.logger.clone().unwrap()),
-                Request::SetMetrics(c.metrics.clone().unwrap()),
-                Request::SetMachineConfig(c.machine),
-                Request::SetBootSource(c.boot_source.clone().unwrap()),
-                Request::SetDrive(c.drives[0].clone()),
-                Request::SetDrive(c.drives[1].clone()),
-                Request::SetNetworkInterface(c.network_interfaces[0].clone()),
-                Request::SetVsock(c.vsock.clone().unwrap()),
-                Request::SetEntropy,
+                ApiRequest::SetLogger(logger()),
+                vmm(Request::SetMetrics("/m".into())),
+                vmm(Request::SetMachineConfig {
+                    vcpus: 2,
+                    mem_mib: 256
+                }),
+                vmm(Request::SetBootSource(c.boot_source.clone().unwrap())),
+                vmm(Request::SetDrive(c.vm.drives[0].clone())),
+                vmm(Request::SetDrive(c.vm.drives[1].clone())),
+                vmm(Request::SetNetworkInterface(c.vm.nets[0].clone())),
+                vmm(Request::SetVsock(c.vm.vsock.clone().unwrap())),
+                vmm(Request::SetEntropy),
             ]
         );
     }
 
     #[test]
     fn an_empty_configuration_is_written_with_nulls_and_reads_back() {
-        let c = FullConfig {
+        let c = ConfigView {
             boot_source: None,
-            machine: MachineConfig::default(),
-            drives: vec![],
-            network_interfaces: vec![],
-            vsock: None,
-            entropy: false,
-            logger: None,
-            metrics: None,
+            vm: VmConfig {
+                entropy: false,
+                ..VmConfig::new("")
+            },
+            metrics_path: None,
         };
-        let v = to_json(&c);
+        let v = to_json(&c, None);
         assert_eq!(v["boot-source"], Value::Null);
         assert_eq!(v["entropy"], Value::Null);
+        assert_eq!(v["logger"], Value::Null);
         assert_eq!(v["drives"], json!([]));
         assert_eq!(
             from_json(&v).unwrap(),
-            vec![Request::SetMachineConfig(MachineConfig::default())]
+            vec![ApiRequest::Vmm(Request::SetMachineConfig {
+                vcpus: 1,
+                mem_mib: 128
+            })]
         );
         assert_eq!(from_json(&json!({})).unwrap(), vec![]);
     }
@@ -361,7 +381,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flint-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.json");
-        std::fs::write(&good, to_json(&full()).to_string()).unwrap();
+        std::fs::write(&good, to_json(&full(), Some(&logger())).to_string()).unwrap();
         assert_eq!(load(&good).unwrap().len(), 9);
 
         let bad = dir.join("bad.json");

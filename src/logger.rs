@@ -7,7 +7,17 @@ use std::sync::Mutex;
 
 use devices::guest_log::Limiter;
 use log::{Level, LevelFilter, Log, Metadata, Record};
-use vmm::controller::LoggerConfig;
+
+/// Where flint logs (`PUT /logger`, a config file's `logger`): the front end's own setting,
+/// which the VMM never sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggerConfig {
+    pub path: std::path::PathBuf,
+    /// "Error", "Warning", "Info", "Debug" (or "Trace", "Off").
+    pub level: Option<String>,
+    pub show_level: bool,
+    pub show_log_origin: bool,
+}
 
 struct Target {
     file: Option<File>,

@@ -7,6 +7,7 @@ mod config_file;
 mod jail;
 mod logger;
 mod sandbox;
+mod seccomp;
 mod template;
 mod terminal;
 
@@ -65,7 +66,7 @@ fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
         input: Some(Box::new(std::io::stdin())),
         escape: raw_terminal.is_some(),
     };
-    let result = vmm::run(config, console, start);
+    let result = vmm::run(config, console, start, &seccomp::vmm_thread());
     // Restore the terminal before printing anything of our own.
     drop(raw_terminal);
     match result {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use log::debug;
 
 use flint_agent::{AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, AGENT_PORT};
-use vmm::seccomp::{self, ThreadKind};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
 
 use crate::template::{Staging, Template};
@@ -478,7 +477,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     let client = thread::Builder::new()
         .name("agent-client".into())
         .spawn(move || {
-            let result = match seccomp::install(ThreadKind::AgentClient { copies_out }) {
+            let result = match crate::seccomp::agent_client(copies_out).install() {
                 Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
                 Ok(()) => {
                     match drive_agent(&client_uds, &spec, &copies, &signaller_tx, prepare, start) {
@@ -493,7 +492,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     if let Err(e) = client {
         return sandbox_failed(&format!("cannot start the agent client: {e}"));
     }
-    if let Err(e) = vm.start() {
+    if let Err(e) = vm.start(&crate::seccomp::vmm_thread()) {
         return sandbox_failed(&e);
     }
 
@@ -793,8 +792,8 @@ mod tests {
         });
         let out = dir.clone();
         let client = thread::spawn(move || {
-            assert!(seccomp::enabled());
-            seccomp::install(ThreadKind::AgentClient { copies_out: true }).unwrap();
+            assert!(vmm::seccomp::enabled());
+            crate::seccomp::agent_client(true).install().unwrap();
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
             let mut client = AgentClient::from_stream(host).unwrap();
@@ -841,7 +840,7 @@ mod tests {
             data
         });
         let client = thread::spawn(move || {
-            seccomp::install(ThreadKind::AgentClient { copies_out: false }).unwrap();
+            crate::seccomp::agent_client(false).install().unwrap();
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
             let mut client = AgentClient::from_stream(host).unwrap();

@@ -9,6 +9,12 @@ mod api;
 #[allow(dead_code)]
 #[path = "../src/config_file.rs"]
 mod config_file;
+#[allow(dead_code)]
+#[path = "../src/logger.rs"]
+mod logger;
+#[allow(dead_code)]
+#[path = "../src/seccomp.rs"]
+mod seccomp;
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,13 +25,13 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::server::VmmResult;
-use api::{ApiError, ApiServer};
+use api::routes::Reply;
+use api::{ApiError, ApiRequest, ApiServer};
 use serde_json::{json, Value};
 use vmm::controller::{
-    ApiDrive, BootSource, CacheType, FullConfig, InstanceInfo, MachineConfig, MachineConfigUpdate,
-    NetworkInterface, Request, RequestError, Response, VmState, Vsock,
+    BootSource, ConfigView, InstanceInfo, MachineUpdate, Request, RequestError, Response, VmState,
 };
+use vmm::{CacheType, DriveConfig, NetConfig, VmConfig, VsockConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// How long a client waits for an answer before the test fails.
@@ -51,59 +57,58 @@ fn temp_dir() -> PathBuf {
     dir
 }
 
-fn full_config() -> FullConfig {
-    FullConfig {
+fn full_config() -> ConfigView {
+    ConfigView {
         boot_source: Some(BootSource {
             kernel: "/k".into(),
             initrd: None,
             cmdline: None,
         }),
-        machine: MachineConfig::default(),
-        drives: vec![ApiDrive {
-            id: "rootfs".into(),
-            path: "/r".into(),
-            root: true,
-            read_only: false,
-            partuuid: None,
-            cache_type: CacheType::Unsafe,
-            rate_limiter: None,
-        }],
-        network_interfaces: vec![],
-        vsock: None,
-        entropy: true,
-        logger: None,
-        metrics: None,
+        vm: VmConfig {
+            drives: vec![DriveConfig {
+                id: Some("rootfs".into()),
+                root: true,
+                cache: CacheType::Unsafe,
+                ..DriveConfig::new("/r")
+            }],
+            ..VmConfig::new("/k")
+        },
+        metrics_path: None,
     }
 }
 
 /// What the fake VMM answers.
-fn canned(request: &Request) -> VmmResult {
+fn canned(request: &ApiRequest) -> Result<Response, RequestError> {
+    let ApiRequest::Vmm(request) = request else {
+        return Ok(Response::Done);
+    };
     match request {
         Request::Describe => Ok(Response::Info(InstanceInfo {
             id: "test-vm".into(),
             state: VmState::NotStarted,
             vmm_version: "0.1.0".into(),
-            app_name: "flint".into(),
         })),
-        Request::GetMachineConfig => Ok(Response::MachineConfig(MachineConfig::default())),
-        Request::GetFullConfig => Ok(Response::FullConfig(full_config())),
-        Request::SetDrive(d) if d.id == "refused" => {
-            Err(RequestError("the drive refused cannot be opened".into()))
+        Request::GetMachineConfig | Request::GetFullConfig => {
+            Ok(Response::Config(Box::new(full_config())))
         }
+        Request::SetDrive(d) if d.id.as_deref() == Some("refused") => Err(RequestError {
+            field: None,
+            message: "the drive refused cannot be opened".into(),
+        }),
         _ => Ok(Response::Done),
     }
 }
 
-type Queue = Receiver<(Request, Sender<VmmResult>)>;
+type Queue = Receiver<(ApiRequest, Sender<Reply>)>;
 
 /// A fake VMM thread: records requests (when `record`) and answers with [`canned`]. It ends
 /// when the server drops its sender.
-fn fake_vmm(rx: Queue, record: bool) -> (Arc<Mutex<Vec<Request>>>, JoinHandle<()>) {
+fn fake_vmm(rx: Queue, record: bool) -> (Arc<Mutex<Vec<ApiRequest>>>, JoinHandle<()>) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let log2 = log.clone();
     let thread = std::thread::spawn(move || {
         for (request, reply) in rx {
-            let answer = canned(&request);
+            let answer = api::routes::reply_for(&request, canned(&request), None);
             if record {
                 log2.lock().unwrap().push(request);
             }
@@ -117,7 +122,7 @@ struct Fixture {
     server: Option<ApiServer>,
     socket: PathBuf,
     dir: PathBuf,
-    log: Arc<Mutex<Vec<Request>>>,
+    log: Arc<Mutex<Vec<ApiRequest>>>,
     vmm: Option<JoinHandle<()>>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -148,7 +153,7 @@ impl Fixture {
         Client::connect(&self.socket)
     }
 
-    fn requests(&self) -> Vec<Request> {
+    fn requests(&self) -> Vec<ApiRequest> {
         std::mem::take(&mut *self.log.lock().unwrap())
     }
 
@@ -326,7 +331,7 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
 
     let a = c.call("GET", "/vm/config", None);
     assert_eq!(a.status, 200);
-    assert_eq!(a.json(), config_file::to_json(&full_config()));
+    assert_eq!(a.json(), config_file::to_json(&full_config(), None));
     assert_eq!(a.json()["drives"][0]["drive_id"], "rootfs");
 
     let puts: &[(&str, &str, &str)] = &[
@@ -382,38 +387,47 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
     }
 
     let got = f.requests();
+    let mut loggers = 0;
     // GET /version is answered without the VMM.
     assert_eq!(got.len(), 3 + puts.len());
+    let got: Vec<Request> = got
+        .into_iter()
+        .filter_map(|r| match r {
+            ApiRequest::Vmm(r) => Some(r),
+            ApiRequest::SetLogger(_) => {
+                loggers += 1;
+                None
+            }
+        })
+        .collect();
+    assert_eq!(loggers, 1);
     assert_eq!(got[0], Request::Describe);
     assert_eq!(got[1], Request::GetMachineConfig);
     assert_eq!(got[2], Request::GetFullConfig);
-    assert!(matches!(got[3], Request::SetLogger(_)));
     assert_eq!(
-        got[7],
-        Request::UpdateMachineConfig(MachineConfigUpdate {
+        got[6],
+        Request::UpdateMachineConfig(MachineUpdate {
             mem_mib: Some(512),
             ..Default::default()
         })
     );
     assert_eq!(
-        got[9],
-        Request::SetNetworkInterface(NetworkInterface {
-            id: "eth0".into(),
-            tap: "tap0".into(),
+        got[8],
+        Request::SetNetworkInterface(NetConfig {
+            id: Some("eth0".into()),
             mac: Some([6, 0, 0xac, 0x10, 0, 2]),
-            rx_rate_limiter: None,
-            tx_rate_limiter: None,
+            ..NetConfig::new("tap0")
         })
     );
     assert_eq!(
-        got[10],
-        Request::SetVsock(Vsock {
+        got[9],
+        Request::SetVsock(VsockConfig {
             guest_cid: 3,
             uds_path: "/tmp/v.sock".into()
         })
     );
     assert_eq!(
-        &got[11..],
+        &got[10..],
         &[
             Request::SetEntropy,
             Request::Start,
@@ -719,7 +733,7 @@ fn a_vmm_that_is_gone_gets_an_error_answer_not_a_hang() {
     server.stop();
 
     // The VMM thread takes the request and goes away without answering.
-    let (tx, rx) = mpsc::channel::<(Request, Sender<VmmResult>)>();
+    let (tx, rx) = mpsc::channel::<(ApiRequest, Sender<Reply>)>();
     let vmm = std::thread::spawn(move || {
         let (_request, reply) = rx.recv().unwrap();
         drop(reply);
@@ -745,7 +759,7 @@ fn stopping_while_a_request_waits_for_the_vmm_does_not_deadlock() {
     let dir = temp_dir();
     let socket = dir.join("api.sock");
     // A VMM thread that takes requests and never answers while the server stops.
-    let (tx, rx) = mpsc::channel::<(Request, Sender<VmmResult>)>();
+    let (tx, rx) = mpsc::channel::<(ApiRequest, Sender<Reply>)>();
     let server = ApiServer::start(&socket, tx, EventFd::new(EFD_NONBLOCK).unwrap()).unwrap();
     let mut c = Client::connect(&socket);
     c.send(

@@ -671,6 +671,58 @@ fn threads_that_open_no_files_cannot_open_any() {
     }
 }
 
+#[test]
+fn a_config_file_vm_serves_the_api_too() {
+    // The VM starts from the file before the API is served: the VMM thread's filter, installed
+    // at that start, must not keep the API server from binding its socket and starting.
+    let dir = TempDir::new("config-file-api");
+    let kernel = spinning_kernel(&dir);
+    let config = dir.write(
+        "vm.json",
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}}}"#,
+            s(&kernel)
+        )
+        .as_bytes(),
+    );
+    let sock = dir.0.join("api.sock");
+    let mut child = flint()
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_spinning(&mut child);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        if let Ok(mut stream) = std::os::unix::net::UnixStream::connect(&sock) {
+            stream
+                .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let mut answer = String::new();
+            stream.read_to_string(&mut answer).unwrap();
+            break answer;
+        }
+        assert!(Instant::now() < deadline, "the API socket never came up");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_bounded(child, Duration::from_secs(20));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""state":"Running""#), "{answer}");
+    assert_eq!(
+        out.status.code(),
+        Some(128 + libc::SIGTERM),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
 /// `flint run` on a tiny guest that never answers: only its agent-client thread matters here,
 /// which installs its filter before the VM starts.
 fn tiny_sandbox(dir: &TempDir, extra: &[&str]) -> Command {
@@ -739,5 +791,76 @@ fn a_reset_wins_over_what_the_guest_does_next() {
         g.print("resetting\n").out8(I8042_COMMAND, 0xfe).ud2();
         let out = boot(&g, &[], b"");
         assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    }
+}
+
+// ---- config file: the same requests as the API, logger included ----
+
+#[test]
+fn a_config_file_boots_the_guest_and_applies_its_logger_and_metrics() {
+    let dir = TempDir::new("config-file");
+    let kernel = hello_kernel(&dir);
+    let log = dir.0.join("flint.log");
+    let metrics = dir.0.join("metrics.json");
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": s(&kernel)},
+        "machine-config": {"vcpu_count": 1, "mem_size_mib": 64},
+        "logger": {"log_path": s(&log), "level": "Debug", "show_level": true},
+        "metrics": {"metrics_path": s(&metrics)},
+    });
+    let file = dir.write("vm.json", config.to_string().as_bytes());
+    let child = flint()
+        .arg("--config-file")
+        .arg(&file)
+        .arg("--no-api")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = wait_bounded(child, Duration::from_secs(60));
+    assert_eq!(text(&out.stdout), "hi\n");
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+    // flint's own lines went to the log file the config file named, at its level.
+    let logged = std::fs::read_to_string(&log).expect("the logger section was not applied");
+    assert!(
+        logged.lines().any(|l| l.starts_with("flint: debug: ")),
+        "{logged}"
+    );
+    assert!(messages(&out).is_empty(), "{:?}", messages(&out));
+    // Metrics are written when the VM ends.
+    let lines = std::fs::read_to_string(&metrics).unwrap();
+    assert!(lines.contains("\"put_logger\":1"), "{lines}");
+}
+
+#[test]
+fn a_bad_config_file_value_is_named_in_the_files_terms() {
+    let dir = TempDir::new("config-file-bad");
+    let kernel = hello_kernel(&dir);
+    let cases = [
+        (
+            serde_json::json!({"machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}),
+            "vcpu_count: a VM needs at least 1 vCPU",
+        ),
+        (
+            serde_json::json!({"network-interfaces": [
+                {"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "01:00:00:00:00:01"}]}),
+            "guest_mac: MAC address 01:00:00:00:00:01 is a multicast address",
+        ),
+        (
+            serde_json::json!({"drives": [{"drive_id": "root", "path_on_host": "/r",
+                "is_root_device": true, "partuuid": "1 init=/bin/sh"}]}),
+            "partuuid: partition UUID \"1 init=/bin/sh\" must be",
+        ),
+        (
+            serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64,
+                "track_dirty_pages": true}}),
+            "track_dirty_pages: flint writes full snapshots only",
+        ),
+    ];
+    for (i, (mut config, expected)) in cases.into_iter().enumerate() {
+        config["boot-source"] = serde_json::json!({"kernel_image_path": s(&kernel)});
+        let file = dir.write(&format!("vm{i}.json"), config.to_string().as_bytes());
+        assert_one_error(&["--config-file", s(&file), "--no-api"], expected);
     }
 }

@@ -14,9 +14,15 @@ mod api;
 #[allow(dead_code)]
 #[path = "../../src/config_file.rs"]
 mod config_file;
+#[allow(dead_code)]
+#[path = "../../src/logger.rs"]
+mod logger;
+#[allow(dead_code)]
+#[path = "../../src/seccomp.rs"]
+mod seccomp;
 
 use api::routes::{self, Routed};
-use api::schema;
+use api::{schema, ApiRequest};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vmm::controller::Request;
@@ -42,31 +48,40 @@ const PREFIXES: &[&str] = &[
 ];
 
 /// A request the schema accepted, written back as JSON and read again, is the same request.
-fn round_trip(request: &Request) {
+fn round_trip(request: &ApiRequest) {
+    let request = match request {
+        ApiRequest::SetLogger(l) => {
+            let v = schema::logger_json(l);
+            assert_eq!(&schema::logger(&v, "").unwrap(), l, "{v}");
+            return;
+        }
+        ApiRequest::Vmm(request) => request,
+    };
     match request {
         Request::SetBootSource(b) => {
             let v = schema::boot_source_json(b);
             assert_eq!(&schema::boot_source(&v, "").unwrap(), b, "{v}");
         }
-        Request::SetMachineConfig(m) => {
-            let v = schema::machine_config_json(m);
-            assert_eq!(&schema::machine_config(&v, "").unwrap(), m, "{v}");
+        Request::SetMachineConfig { vcpus, mem_mib } => {
+            let vm = vmm::VmConfig {
+                vcpus: *vcpus,
+                mem_mib: *mem_mib,
+                ..vmm::VmConfig::new("")
+            };
+            let v = schema::machine_config_json(&vm);
+            assert_eq!(&schema::machine_config(&v, "").unwrap(), request, "{v}");
         }
         Request::SetDrive(d) => {
-            let v = schema::drive_json(d);
+            let v = schema::drive_json(0, d);
             assert_eq!(&schema::drive(&v, "").unwrap(), d, "{v}");
         }
         Request::SetNetworkInterface(n) => {
-            let v = schema::network_interface_json(n);
+            let v = schema::network_interface_json(0, n);
             assert_eq!(&schema::network_interface(&v, "").unwrap(), n, "{v}");
         }
         Request::SetVsock(s) => {
             let v = schema::vsock_json(s);
             assert_eq!(&schema::vsock(&v, "").unwrap(), s, "{v}");
-        }
-        Request::SetLogger(l) => {
-            let v = schema::logger_json(l);
-            assert_eq!(&schema::logger(&v, "").unwrap(), l, "{v}");
         }
         Request::SetMetrics(m) => {
             let v = schema::metrics_json(m);

@@ -16,6 +16,12 @@ mod api;
 #[allow(dead_code)]
 #[path = "../../src/config_file.rs"]
 mod config_file;
+#[allow(dead_code)]
+#[path = "../../src/logger.rs"]
+mod logger;
+#[allow(dead_code)]
+#[path = "../../src/seccomp.rs"]
+mod seccomp;
 
 use api::http::{self, Framing, MAX_BODY, MAX_HEAD};
 use api::routes::{self, Reply, Routed};
@@ -76,8 +82,12 @@ fuzz_target!(|data: &[u8]| {
                     Routed::Reply(reply) => reply,
                     Routed::Forward(request) => {
                         // The VMM's answers: done, or refused with its message.
-                        check_encoded(&routes::reply_for(Ok(Response::Done)), false);
-                        routes::reply_for(Err(RequestError(format!("{request:?}"))))
+                        check_encoded(&routes::reply_for(&request, Ok(Response::Done), None), false);
+                        let refused = RequestError {
+                            field: Some(vmm::Field::DriveId),
+                            message: format!("{request:?}"),
+                        };
+                        routes::reply_for(&request, Err(refused), None)
                     }
                 };
                 check_encoded(&reply, !p.keep_alive);

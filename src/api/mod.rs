@@ -13,3 +13,19 @@ pub mod schema;
 pub mod server;
 
 pub use server::{ApiError, ApiServer};
+
+use crate::logger::LoggerConfig;
+
+/// What the API and a config file ask of the VMM thread: the VMM's own requests, and the
+/// front end's (where flint logs), which the VMM thread carries out beside the controller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApiRequest {
+    Vmm(vmm::controller::Request),
+    SetLogger(LoggerConfig),
+}
+
+impl From<vmm::controller::Request> for ApiRequest {
+    fn from(r: vmm::controller::Request) -> ApiRequest {
+        ApiRequest::Vmm(r)
+    }
+}

@@ -5,6 +5,8 @@ use serde_json::Value;
 use vmm::controller::{Request, RequestError, Response};
 
 use super::schema::{self, BodyError};
+use super::ApiRequest;
+use crate::logger::LoggerConfig;
 
 /// An answer to send: status, optional JSON body, and for 405 the allowed methods.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +47,7 @@ impl Reply {
 #[derive(Debug, PartialEq)]
 pub enum Routed {
     /// Ask the VMM thread.
-    Forward(Request),
+    Forward(ApiRequest),
     /// Answer directly (bad request, unknown path, `GET /version`).
     Reply(Reply),
 }
@@ -155,10 +157,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
         });
     }
     match (method, pattern) {
-        ("GET", "/") => return Routed::Forward(Request::Describe),
+        ("GET", "/") => return Routed::Forward(Request::Describe.into()),
         ("GET", "/version") => return Routed::Reply(Reply::ok(schema::version_json())),
-        ("GET", "/machine-config") => return Routed::Forward(Request::GetMachineConfig),
-        ("GET", "/vm/config") => return Routed::Forward(Request::GetFullConfig),
+        ("GET", "/machine-config") => return Routed::Forward(Request::GetMachineConfig.into()),
+        ("GET", "/vm/config") => return Routed::Forward(Request::GetFullConfig.into()),
         _ => {}
     }
     let v = match json_body(body) {
@@ -172,17 +174,16 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
 }
 
 /// Requests that carry a JSON body.
-fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<Request, BodyError> {
-    Ok(match (method, pattern) {
+fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequest, BodyError> {
+    let request = match (method, pattern) {
+        ("PUT", "/logger") => return Ok(ApiRequest::SetLogger(schema::logger(v, "")?)),
         ("PUT", "/actions") => schema::action(v, "")?,
         ("PUT", "/boot-source") => Request::SetBootSource(schema::boot_source(v, "")?),
-        ("PUT", "/machine-config") => Request::SetMachineConfig(schema::machine_config(v, "")?),
-        ("PATCH", "/machine-config") => {
-            Request::UpdateMachineConfig(schema::machine_config_update(v, "")?)
-        }
+        ("PUT", "/machine-config") => schema::machine_config(v, "")?,
+        ("PATCH", "/machine-config") => schema::machine_config_update(v, "")?,
         ("PUT", "/drives/{}") => {
             let drive = schema::drive(v, "")?;
-            same_id("drive_id", id, &drive.id)?;
+            same_id("drive_id", id, drive.id.as_deref().unwrap_or_default())?;
             Request::SetDrive(drive)
         }
         ("PATCH", "/drives/{}") => {
@@ -192,7 +193,7 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<Request
         }
         ("PUT", "/network-interfaces/{}") => {
             let iface = schema::network_interface(v, "")?;
-            same_id("iface_id", id, &iface.id)?;
+            same_id("iface_id", id, iface.id.as_deref().unwrap_or_default())?;
             Request::SetNetworkInterface(iface)
         }
         ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
@@ -201,37 +202,45 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<Request
             Request::SetEntropy
         }
         ("PATCH", "/vm") => schema::vm_state(v, "")?,
-        ("PUT", "/logger") => Request::SetLogger(schema::logger(v, "")?),
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
         ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
         ("PUT", "/snapshot/load") => schema::snapshot_load(v, "")?,
         // Every (method, pattern) pair of ROUTES is handled above or in `route`.
         _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),
-    })
+    };
+    Ok(ApiRequest::Vmm(request))
 }
 
-/// The HTTP answer for the VMM thread's answer.
-pub fn reply_for(result: Result<Response, RequestError>) -> Reply {
+/// The HTTP answer for the VMM thread's answer to `request` (`logger`: where flint logs, for
+/// `GET /vm/config`).
+pub fn reply_for(
+    request: &ApiRequest,
+    result: Result<Response, RequestError>,
+    logger: Option<&LoggerConfig>,
+) -> Reply {
     match result {
         Ok(Response::Done) => Reply::no_content(),
         Ok(Response::Info(info)) => Reply::ok(schema::instance_info_json(&info)),
-        Ok(Response::MachineConfig(m)) => Reply::ok(schema::machine_config_json(&m)),
-        Ok(Response::FullConfig(c)) => Reply::ok(crate::config_file::to_json(&c)),
-        Err(RequestError(message)) => Reply::fault(400, message),
+        Ok(Response::Config(view)) => match request {
+            ApiRequest::Vmm(Request::GetMachineConfig) => {
+                Reply::ok(schema::machine_config_json(&view.vm))
+            }
+            _ => Reply::ok(crate::config_file::to_json(&view, logger)),
+        },
+        Err(e) => Reply::fault(400, schema::request_error_message(&e)),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vmm::controller::{
-        ApiDrive, BootSource, CacheType, FullConfig, InstanceInfo, LoggerConfig, MachineConfig,
-        MachineConfigUpdate, MetricsConfig, NetworkInterface, VmState, Vsock,
-    };
+    use vmm::controller::{BootSource, ConfigView, InstanceInfo, MachineUpdate, VmState};
+    use vmm::{CacheType, DriveConfig, Field, NetConfig, VmConfig, VsockConfig};
 
     fn fwd(method: &str, path: &str, body: &str) -> Request {
         match route(method, path, body.as_bytes()) {
-            Routed::Forward(r) => r,
+            Routed::Forward(ApiRequest::Vmm(r)) => r,
+            Routed::Forward(other) => panic!("{method} {path}: {other:?}"),
             Routed::Reply(r) => panic!("{method} {path}: {r:?}"),
         }
     }
@@ -274,15 +283,14 @@ mod tests {
                 "/machine-config",
                 r#"{"vcpu_count": 2, "mem_size_mib": 256}"#
             ),
-            Request::SetMachineConfig(MachineConfig {
+            Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
-                ..Default::default()
-            })
+            }
         );
         assert_eq!(
             fwd("PATCH", "/machine-config", r#"{"vcpu_count": 4}"#),
-            Request::UpdateMachineConfig(MachineConfigUpdate {
+            Request::UpdateMachineConfig(MachineUpdate {
                 vcpus: Some(4),
                 ..Default::default()
             })
@@ -293,14 +301,11 @@ mod tests {
                 "/drives/rootfs",
                 r#"{"drive_id": "rootfs", "path_on_host": "/r", "is_root_device": true}"#
             ),
-            Request::SetDrive(ApiDrive {
-                id: "rootfs".into(),
-                path: "/r".into(),
+            Request::SetDrive(DriveConfig {
+                id: Some("rootfs".into()),
                 root: true,
-                read_only: false,
-                partuuid: None,
-                cache_type: CacheType::Unsafe,
-                rate_limiter: None,
+                cache: CacheType::Unsafe,
+                ..DriveConfig::new("/r")
             })
         );
         assert_eq!(
@@ -320,17 +325,14 @@ mod tests {
                 "/network-interfaces/eth0",
                 r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#
             ),
-            Request::SetNetworkInterface(NetworkInterface {
-                id: "eth0".into(),
-                tap: "tap0".into(),
-                mac: None,
-                rx_rate_limiter: None,
-                tx_rate_limiter: None,
+            Request::SetNetworkInterface(NetConfig {
+                id: Some("eth0".into()),
+                ..NetConfig::new("tap0")
             })
         );
         assert_eq!(
             fwd("PUT", "/vsock", r#"{"guest_cid": 3, "uds_path": "/v"}"#),
-            Request::SetVsock(Vsock {
+            Request::SetVsock(VsockConfig {
                 guest_cid: 3,
                 uds_path: "/v".into()
             })
@@ -345,17 +347,17 @@ mod tests {
             Request::Pause
         );
         assert_eq!(
-            fwd("PUT", "/logger", r#"{"log_path": "/l", "level": "Debug"}"#),
-            Request::SetLogger(LoggerConfig {
+            route("PUT", "/logger", br#"{"log_path": "/l", "level": "Debug"}"#),
+            Routed::Forward(ApiRequest::SetLogger(LoggerConfig {
                 path: "/l".into(),
                 level: Some("Debug".into()),
                 show_level: false,
                 show_log_origin: false
-            })
+            }))
         );
         assert_eq!(
             fwd("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
-            Request::SetMetrics(MetricsConfig { path: "/m".into() })
+            Request::SetMetrics("/m".into())
         );
     }
 
@@ -609,37 +611,62 @@ mod tests {
 
     #[test]
     fn vmm_answers_become_http_answers() {
-        assert_eq!(reply_for(Ok(Response::Done)), Reply::no_content());
-        let r = reply_for(Err(RequestError("the VM is already running".into())));
+        let describe = ApiRequest::Vmm(Request::Describe);
+        let reply_for = |r, result| reply_for(r, result, None);
+        assert_eq!(
+            reply_for(&describe, Ok(Response::Done)),
+            Reply::no_content()
+        );
+        let r = reply_for(
+            &describe,
+            Err(RequestError {
+                field: None,
+                message: "the VM is already running".into(),
+            }),
+        );
         assert_eq!(r.status, 400);
         assert_eq!(
             r.body.unwrap()["fault_message"],
             "the VM is already running"
         );
-        let r = reply_for(Ok(Response::Info(InstanceInfo {
-            id: "vm1".into(),
-            state: VmState::NotStarted,
-            vmm_version: "0.1.0".into(),
-            app_name: "flint".into(),
-        })));
+        // The VMM's field is named in the API's terms.
+        let r = reply_for(
+            &describe,
+            Err(RequestError {
+                field: Some(Field::Vcpus),
+                message: "a VM needs at least 1 vCPU".into(),
+            }),
+        );
+        assert_eq!(
+            r.body.unwrap()["fault_message"],
+            "vcpu_count: a VM needs at least 1 vCPU"
+        );
+        let r = reply_for(
+            &describe,
+            Ok(Response::Info(InstanceInfo {
+                id: "vm1".into(),
+                state: VmState::NotStarted,
+                vmm_version: "0.1.0".into(),
+            })),
+        );
         assert_eq!(r.status, 200);
         assert_eq!(
             r.body.unwrap(),
             serde_json::json!({"id": "vm1", "state": "Not started", "vmm_version": "0.1.0",
                                "app_name": "flint"})
         );
-        let r = reply_for(Ok(Response::MachineConfig(MachineConfig::default())));
-        assert_eq!(r.body.unwrap()["huge_pages"], "None");
-        let r = reply_for(Ok(Response::FullConfig(FullConfig {
-            boot_source: None,
-            machine: MachineConfig::default(),
-            drives: vec![],
-            network_interfaces: vec![],
-            vsock: None,
-            entropy: true,
-            logger: None,
-            metrics: None,
-        })));
+        let view = || {
+            Ok(Response::Config(Box::new(ConfigView {
+                boot_source: None,
+                vm: VmConfig::new(""),
+                metrics_path: None,
+            })))
+        };
+        let r = reply_for(&ApiRequest::Vmm(Request::GetMachineConfig), view());
+        let body = r.body.unwrap();
+        assert_eq!(body["huge_pages"], "None");
+        assert_eq!(body["vcpu_count"], 1);
+        let r = reply_for(&ApiRequest::Vmm(Request::GetFullConfig), view());
         assert_eq!(r.body.unwrap()["entropy"], serde_json::json!({}));
     }
 }

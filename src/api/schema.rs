@@ -1,6 +1,9 @@
 //! The JSON bodies of the API and the config file, shared by both: each body is read from a
-//! `serde_json::Value` into the controller's types, with one-sentence errors that name the
-//! field, and each controller type is written back in the same schema.
+//! `serde_json::Value` into the VM's own configuration types (`vmm::VmConfig`'s parts) and
+//! the controller's requests, with one-sentence errors that name the field, and each is
+//! written back in the same schema. Fields Firecracker has and flint cannot honour are
+//! refused here, with the reason; values are validated by the VMM (`VmConfig::validate`),
+//! whose errors [`field_name`] names in this schema's terms.
 //!
 //! Bodies are read by hand rather than with `#[derive(Deserialize)]` so that every error
 //! names its field and says what was expected in plain words.
@@ -9,11 +12,42 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use vmm::controller::{
-    ApiDrive, BootSource, CacheType, InstanceInfo, LoggerConfig, MachineConfig,
-    MachineConfigUpdate, MetricsConfig, NetworkInterface, Request, Vsock,
+use vmm::controller::{BootSource, InstanceInfo, MachineUpdate, Request, RequestError};
+use vmm::{
+    CacheType, DriveConfig, Field, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig,
+    VsockConfig, MAX_REFILL_TIME_MS,
 };
-use vmm::{RateLimiterConfig, TokenBucketConfig, MAX_REFILL_TIME_MS};
+
+use crate::logger::LoggerConfig;
+
+/// The name of the field `field` in this schema, if it has one.
+pub fn field_name(field: Field) -> Option<&'static str> {
+    Some(match field {
+        Field::Vcpus => "vcpu_count",
+        Field::Memory => "mem_size_mib",
+        Field::Cmdline => "boot_args",
+        Field::DriveRoot => "is_root_device",
+        Field::DriveId => "drive_id",
+        Field::DrivePartuuid => "partuuid",
+        Field::DrivePath => "path_on_host",
+        Field::NetTap => "host_dev_name",
+        Field::NetId => "iface_id",
+        Field::NetMac => "guest_mac",
+        Field::VsockCid => "guest_cid",
+        Field::MetricsPath => "metrics_path",
+        // The sentence names the device and the limiter's field itself.
+        Field::RateLimiter => return None,
+        Field::Devices => return None,
+    })
+}
+
+/// A refused request as one sentence, prefixed with the field it is about.
+pub fn request_error_message(e: &RequestError) -> String {
+    match e.field.and_then(field_name) {
+        Some(name) => format!("{name}: {}", e.message),
+        None => e.message.clone(),
+    }
+}
 
 /// A body that cannot be accepted: one sentence naming the field and the problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,50 +268,60 @@ const MACHINE_FIELDS: &[&str] = &[
     "huge_pages",
     "cpu_template",
 ];
+/// Huge pages: only "None" is accepted ("2M" is refused with the reason).
 const HUGE_PAGES: &[&str] = &["None", "2M"];
 /// CPU templates: Firecracker's are refused by the choice list, only "None" is accepted.
 const CPU_TEMPLATES: &[&str] = &["None"];
 
-fn huge_pages(f: &Fields) -> Result<Option<bool>, BodyError> {
-    f.opt_choice("huge_pages", HUGE_PAGES)
-        .map(|c| c.map(|c| c == "2M"))
+/// The machine fields flint accepts only with the value that means "off", with the reason.
+fn refuse_unsupported_machine_fields(f: &Fields) -> Result<(), BodyError> {
+    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
+    if f.opt_bool("smt")? == Some(true) {
+        return Err(f.err(
+            "smt: flint presents one thread per core; simultaneous multithreading cannot be \
+             enabled"
+                .into(),
+        ));
+    }
+    if f.opt_bool("track_dirty_pages")? == Some(true) {
+        return Err(f.err(
+            "track_dirty_pages: flint writes full snapshots only and does not track dirty pages"
+                .into(),
+        ));
+    }
+    if f.opt_choice("huge_pages", HUGE_PAGES)? == Some("2M") {
+        return Err(f.err("huge_pages: huge pages are not supported yet by flint".into()));
+    }
+    Ok(())
 }
 
-/// `PUT /machine-config`, config file `machine-config`: optional fields not given take their
-/// defaults, as in Firecracker.
-pub fn machine_config(v: &Value, ctx: &str) -> Result<MachineConfig, BodyError> {
+/// `PUT /machine-config`, config file `machine-config`: vCPUs and memory (the other fields
+/// only in their "off" setting).
+pub fn machine_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(v, ctx, MACHINE_FIELDS, &[])?;
-    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
-    let defaults = MachineConfig::default();
-    Ok(MachineConfig {
+    refuse_unsupported_machine_fields(&f)?;
+    Ok(Request::SetMachineConfig {
         vcpus: f.req_uint("vcpu_count", u32::MAX.into())? as u32,
         mem_mib: f.req_uint("mem_size_mib", u64::MAX)?,
-        smt: f.opt_bool("smt")?.unwrap_or(defaults.smt),
-        track_dirty_pages: f
-            .opt_bool("track_dirty_pages")?
-            .unwrap_or(defaults.track_dirty_pages),
-        huge_pages: huge_pages(&f)?.unwrap_or(defaults.huge_pages),
     })
 }
 
 /// `PATCH /machine-config`: every field optional.
-pub fn machine_config_update(v: &Value, ctx: &str) -> Result<MachineConfigUpdate, BodyError> {
+pub fn machine_config_update(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(v, ctx, MACHINE_FIELDS, &[])?;
-    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
-    Ok(MachineConfigUpdate {
+    refuse_unsupported_machine_fields(&f)?;
+    Ok(Request::UpdateMachineConfig(MachineUpdate {
         vcpus: f.opt_uint("vcpu_count", u32::MAX.into())?.map(|n| n as u32),
         mem_mib: f.opt_uint("mem_size_mib", u64::MAX)?,
-        smt: f.opt_bool("smt")?,
-        track_dirty_pages: f.opt_bool("track_dirty_pages")?,
-        huge_pages: huge_pages(&f)?,
-    })
+    }))
 }
 
 const CACHE_TYPES: &[&str] = &["Unsafe", "Writeback"];
 const IO_ENGINES: &[&str] = &["Sync"];
 
-/// `PUT /drives/{drive_id}`, config file `drives[]`.
-pub fn drive(v: &Value, ctx: &str) -> Result<ApiDrive, BodyError> {
+/// `PUT /drives/{drive_id}`, config file `drives[]`. `cache_type` defaults to "Unsafe", as
+/// in Firecracker.
+pub fn drive(v: &Value, ctx: &str) -> Result<DriveConfig, BodyError> {
     let f = Fields::new(
         v,
         ctx,
@@ -293,18 +337,18 @@ pub fn drive(v: &Value, ctx: &str) -> Result<ApiDrive, BodyError> {
         ],
         &[("socket", "is not supported: flint has no vhost-user drives")],
     )?;
-    let cache_type = match f.opt_choice("cache_type", CACHE_TYPES)? {
+    let cache = match f.opt_choice("cache_type", CACHE_TYPES)? {
         Some("Writeback") => CacheType::Writeback,
         _ => CacheType::Unsafe,
     };
     f.opt_choice("io_engine", IO_ENGINES)?;
-    Ok(ApiDrive {
-        id: f.req_str("drive_id")?,
+    Ok(DriveConfig {
+        id: Some(f.req_str("drive_id")?),
         path: f.req_str("path_on_host")?.into(),
         root: f.req_bool("is_root_device")?,
         read_only: f.opt_bool("is_read_only")?.unwrap_or(false),
         partuuid: f.opt_str("partuuid")?,
-        cache_type,
+        cache,
         rate_limiter: rate_limiter(&f, "rate_limiter")?,
     })
 }
@@ -435,14 +479,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// Format a MAC address as `aa:bb:cc:dd:ee:ff`.
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
-    parts.join(":")
-}
+pub use vmm::config::format_mac;
 
 /// `PUT /network-interfaces/{iface_id}`, config file `network-interfaces[]`.
-pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyError> {
+pub fn network_interface(v: &Value, ctx: &str) -> Result<NetConfig, BodyError> {
     let f = Fields::new(
         v,
         ctx,
@@ -463,8 +503,8 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyE
             ))
         })?),
     };
-    Ok(NetworkInterface {
-        id: f.req_str("iface_id")?,
+    Ok(NetConfig {
+        id: Some(f.req_str("iface_id")?),
         tap: f.req_str("host_dev_name")?,
         mac,
         rx_rate_limiter: rate_limiter(&f, "rx_rate_limiter")?,
@@ -474,10 +514,10 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetworkInterface, BodyE
 
 /// `PUT /vsock`, config file `vsock`. `vsock_id` (deprecated in Firecracker) is accepted and
 /// ignored.
-pub fn vsock(v: &Value, ctx: &str) -> Result<Vsock, BodyError> {
+pub fn vsock(v: &Value, ctx: &str) -> Result<VsockConfig, BodyError> {
     let f = Fields::new(v, ctx, &["guest_cid", "uds_path", "vsock_id"], &[])?;
     f.opt_str("vsock_id")?;
-    Ok(Vsock {
+    Ok(VsockConfig {
         guest_cid: f.req_uint("guest_cid", u32::MAX.into())?,
         uds_path: f.req_str("uds_path")?.into(),
     })
@@ -624,11 +664,9 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
 }
 
 /// `PUT /metrics`, config file `metrics`.
-pub fn metrics(v: &Value, ctx: &str) -> Result<MetricsConfig, BodyError> {
+pub fn metrics(v: &Value, ctx: &str) -> Result<PathBuf, BodyError> {
     let f = Fields::new(v, ctx, &["metrics_path"], &[])?;
-    Ok(MetricsConfig {
-        path: f.req_str("metrics_path")?.into(),
-    })
+    Ok(f.req_str("metrics_path")?.into())
 }
 
 // ---- Answers and GET /vm/config, in the same schema. ----
@@ -651,7 +689,7 @@ pub fn instance_info_json(i: &InstanceInfo) -> Value {
         id: &i.id,
         state: i.state.as_str(),
         vmm_version: &i.vmm_version,
-        app_name: &i.app_name,
+        app_name: "flint",
     })
 }
 
@@ -671,13 +709,13 @@ struct MachineConfigOut {
 }
 
 /// `GET /machine-config` answer.
-pub fn machine_config_json(m: &MachineConfig) -> Value {
+pub fn machine_config_json(vm: &VmConfig) -> Value {
     to_value(MachineConfigOut {
-        vcpu_count: m.vcpus,
-        mem_size_mib: m.mem_mib,
-        smt: m.smt,
-        track_dirty_pages: m.track_dirty_pages,
-        huge_pages: if m.huge_pages { "2M" } else { "None" },
+        vcpu_count: vm.vcpus,
+        mem_size_mib: vm.mem_mib,
+        smt: false,
+        track_dirty_pages: false,
+        huge_pages: "None",
     })
 }
 
@@ -709,14 +747,17 @@ struct DriveOut<'a> {
     rate_limiter: Option<RateLimiterOut>,
 }
 
-pub fn drive_json(d: &ApiDrive) -> Value {
+/// One drive; `n` is its place, which names a drive without an id (one from a snapshot of
+/// a VM the CLI started).
+pub fn drive_json(n: usize, d: &DriveConfig) -> Value {
+    let fallback = format!("drive{n}");
     to_value(DriveOut {
-        drive_id: &d.id,
+        drive_id: d.id.as_deref().unwrap_or(&fallback),
         path_on_host: path_string(&d.path),
         is_root_device: d.root,
         is_read_only: d.read_only,
         partuuid: d.partuuid.as_deref(),
-        cache_type: match d.cache_type {
+        cache_type: match d.cache {
             CacheType::Unsafe => "Unsafe",
             CacheType::Writeback => "Writeback",
         },
@@ -736,9 +777,11 @@ struct NetworkInterfaceOut<'a> {
     tx_rate_limiter: Option<RateLimiterOut>,
 }
 
-pub fn network_interface_json(n: &NetworkInterface) -> Value {
+/// One interface; `index` names one without an id (`eth<index>`).
+pub fn network_interface_json(index: usize, n: &NetConfig) -> Value {
+    let fallback = format!("eth{index}");
     to_value(NetworkInterfaceOut {
-        iface_id: &n.id,
+        iface_id: n.id.as_deref().unwrap_or(&fallback),
         host_dev_name: &n.tap,
         guest_mac: n.mac.as_ref().map(format_mac),
         rx_rate_limiter: rate_limiter_out(&n.rx_rate_limiter),
@@ -752,7 +795,7 @@ struct VsockOut {
     uds_path: String,
 }
 
-pub fn vsock_json(v: &Vsock) -> Value {
+pub fn vsock_json(v: &VsockConfig) -> Value {
     to_value(VsockOut {
         guest_cid: v.guest_cid,
         uds_path: path_string(&v.uds_path),
@@ -776,8 +819,8 @@ pub fn logger_json(l: &LoggerConfig) -> Value {
     })
 }
 
-pub fn metrics_json(m: &MetricsConfig) -> Value {
-    serde_json::json!({ "metrics_path": path_string(&m.path) })
+pub fn metrics_json(path: &Path) -> Value {
+    serde_json::json!({ "metrics_path": path_string(path) })
 }
 
 fn to_value(v: impl Serialize) -> Value {
@@ -844,25 +887,56 @@ mod tests {
         let m = machine_config(&json!({"vcpu_count": 2, "mem_size_mib": 256}), "").unwrap();
         assert_eq!(
             m,
-            MachineConfig {
+            Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
-                ..MachineConfig::default()
             }
         );
+        // The fields flint cannot honour are accepted only in their "off" setting.
         let m = machine_config(
-            &json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": true, "track_dirty_pages": true,
-                    "huge_pages": "2M", "cpu_template": "None"}),
+            &json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false,
+                    "huge_pages": "None", "cpu_template": "None"}),
             "",
         )
         .unwrap();
-        assert!(m.smt && m.track_dirty_pages && m.huge_pages);
+        assert_eq!(
+            m,
+            Request::SetMachineConfig {
+                vcpus: 1,
+                mem_mib: 128
+            }
+        );
+        for (field, value, why) in [
+            (
+                "smt",
+                json!(true),
+                "smt: flint presents one thread per core",
+            ),
+            (
+                "track_dirty_pages",
+                json!(true),
+                "track_dirty_pages: flint writes full snapshots only",
+            ),
+            (
+                "huge_pages",
+                json!("2M"),
+                "huge_pages: huge pages are not supported",
+            ),
+        ] {
+            let mut body = json!({"vcpu_count": 1, "mem_size_mib": 128});
+            body[field] = value.clone();
+            let msg = err(machine_config(&body, ""));
+            assert!(msg.starts_with(why), "{body}: {msg}");
+            let msg = err(machine_config_update(&json!({ field: value }), ""));
+            assert!(msg.starts_with(why), "PATCH {field}: {msg}");
+        }
         // 0 vCPUs is for the VMM to refuse; the API passes it on.
         assert_eq!(
-            machine_config(&json!({"vcpu_count": 0, "mem_size_mib": 128}), "")
-                .unwrap()
-                .vcpus,
-            0
+            machine_config(&json!({"vcpu_count": 0, "mem_size_mib": 128}), "").unwrap(),
+            Request::SetMachineConfig {
+                vcpus: 0,
+                mem_mib: 128
+            }
         );
         for (body, want) in [
             (
@@ -914,17 +988,16 @@ mod tests {
     fn machine_config_updates() {
         assert_eq!(
             machine_config_update(&json!({}), "").unwrap(),
-            MachineConfigUpdate::default()
+            Request::UpdateMachineConfig(MachineUpdate::default())
         );
         let u =
             machine_config_update(&json!({"mem_size_mib": 512, "huge_pages": "None"}), "").unwrap();
         assert_eq!(
             u,
-            MachineConfigUpdate {
+            Request::UpdateMachineConfig(MachineUpdate {
                 mem_mib: Some(512),
-                huge_pages: Some(false),
-                ..Default::default()
-            }
+                vcpus: None,
+            })
         );
         assert_eq!(
             err(machine_config_update(&json!({"vcpus": 2}), "")),
@@ -944,19 +1017,19 @@ mod tests {
         .unwrap();
         assert_eq!(
             d,
-            ApiDrive {
-                id: "rootfs".into(),
+            DriveConfig {
+                id: Some("rootfs".into()),
                 path: "/r.ext4".into(),
                 root: true,
                 read_only: true,
                 partuuid: Some("1234-01".into()),
-                cache_type: CacheType::Writeback,
+                cache: CacheType::Writeback,
                 rate_limiter: None,
             }
         );
         let base = json!({"drive_id": "d", "path_on_host": "/d", "is_root_device": false});
         let d = drive(&base, "").unwrap();
-        assert!(!d.read_only && d.cache_type == CacheType::Unsafe && d.partuuid.is_none());
+        assert!(!d.read_only && d.cache == CacheType::Unsafe && d.partuuid.is_none());
         let with = |k: &str, v: Value| {
             let mut b = base.clone();
             b[k] = v;
@@ -1024,7 +1097,7 @@ mod tests {
             Some(RateLimiterConfig::default())
         );
         // Round trip through the answer.
-        assert_eq!(drive(&drive_json(&d), "").unwrap(), d);
+        assert_eq!(drive(&drive_json(0, &d), "").unwrap(), d);
         let cases = [
             (json!(5), "rate_limiter must be a JSON object, not 5"),
             (
@@ -1114,8 +1187,8 @@ mod tests {
         .unwrap();
         assert_eq!(
             n,
-            NetworkInterface {
-                id: "eth0".into(),
+            NetConfig {
+                id: Some("eth0".into()),
                 tap: "tap0".into(),
                 mac: Some([6, 0, 0xac, 0x10, 0, 2]),
                 rx_rate_limiter: None,
@@ -1166,7 +1239,7 @@ mod tests {
                 ""
             )
             .unwrap(),
-            Vsock {
+            VsockConfig {
                 guest_cid: 3,
                 uds_path: "/v.sock".into()
             }
@@ -1211,7 +1284,7 @@ mod tests {
         );
         assert_eq!(
             metrics(&json!({"metrics_path": "/m"}), "").unwrap(),
-            MetricsConfig { path: "/m".into() }
+            PathBuf::from("/m")
         );
     }
 
@@ -1254,18 +1327,18 @@ mod tests {
 
     #[test]
     fn answers_round_trip() {
-        let d = ApiDrive {
-            id: "d".into(),
-            path: "/d".into(),
-            root: false,
+        let d = DriveConfig {
+            id: Some("d".into()),
             read_only: true,
-            partuuid: None,
-            cache_type: CacheType::Writeback,
-            rate_limiter: None,
+            cache: CacheType::Writeback,
+            ..DriveConfig::new("/d")
         };
-        assert_eq!(drive(&drive_json(&d), "").unwrap(), d);
-        let n = NetworkInterface {
-            id: "eth0".into(),
+        assert_eq!(drive(&drive_json(0, &d), "").unwrap(), d);
+        // A drive without an id (from a snapshot of a CLI-started VM) is named by its place.
+        let anonymous = DriveConfig { id: None, ..d };
+        assert_eq!(drive_json(2, &anonymous)["drive_id"], "drive2");
+        let n = NetConfig {
+            id: Some("eth0".into()),
             tap: "tap0".into(),
             mac: Some([1, 2, 3, 4, 5, 6]),
             rx_rate_limiter: Some(RateLimiterConfig {
@@ -1275,17 +1348,21 @@ mod tests {
             tx_rate_limiter: None,
         };
         assert_eq!(
-            network_interface(&network_interface_json(&n), "").unwrap(),
+            network_interface(&network_interface_json(0, &n), "").unwrap(),
             n
         );
-        let m = MachineConfig {
+        let m = VmConfig {
             vcpus: 4,
             mem_mib: 1024,
-            smt: false,
-            track_dirty_pages: true,
-            huge_pages: true,
+            ..VmConfig::new("/k")
         };
-        assert_eq!(machine_config(&machine_config_json(&m), "").unwrap(), m);
+        assert_eq!(
+            machine_config(&machine_config_json(&m), "").unwrap(),
+            Request::SetMachineConfig {
+                vcpus: 4,
+                mem_mib: 1024
+            }
+        );
         let b = BootSource {
             kernel: "/k".into(),
             initrd: None,
@@ -1299,7 +1376,7 @@ mod tests {
             show_log_origin: true,
         };
         assert_eq!(logger(&logger_json(&l), "").unwrap(), l);
-        let v = Vsock {
+        let v = VsockConfig {
             guest_cid: 7,
             uds_path: "/v".into(),
         };

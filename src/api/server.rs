@@ -15,17 +15,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vmm::controller::{Request, RequestError, Response};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::http::{self, Framing, MAX_BODY, MAX_HEAD};
-use super::routes::{self, Reply, Routed};
+use super::routes::{Reply, Routed};
+use super::{routes, ApiRequest};
 
-/// The VMM thread's answer to one request.
-pub type VmmResult = Result<Response, RequestError>;
-/// Where the API sends requests, each with the channel for its answer.
-pub type VmmSender = Sender<(Request, Sender<VmmResult>)>;
+/// Where the API sends requests, each with the channel for the VMM thread's answer (already
+/// in HTTP terms, see [`routes::reply_for`]).
+pub type VmmSender = Sender<(ApiRequest, Sender<Reply>)>;
 
 /// Most connections served at once; more are answered 503 and closed.
 const MAX_CONNECTIONS: usize = 64;
@@ -150,7 +149,7 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                if let Err(e) = vmm::seccomp::install(vmm::seccomp::ThreadKind::Api) {
+                if let Err(e) = crate::seccomp::api().install() {
                     log::error!("{e}; the API is not served");
                     return;
                 }
@@ -198,7 +197,7 @@ struct Vmm {
 impl Vmm {
     /// Send `request` and wait for the answer; never hangs when the VMM thread is gone or the
     /// server is stopping.
-    fn ask(&self, request: Request) -> Reply {
+    fn ask(&self, request: ApiRequest) -> Reply {
         let (tx, rx) = mpsc::channel();
         if self.requests.send((request, tx)).is_err() {
             return Reply::fault(503, "the VMM is not running");
@@ -208,7 +207,7 @@ impl Vmm {
         }
         loop {
             match rx.recv_timeout(STOP_POLL) {
-                Ok(result) => return routes::reply_for(result),
+                Ok(reply) => return reply,
                 Err(RecvTimeoutError::Disconnected) => {
                     return Reply::fault(503, "the VMM stopped before answering")
                 }

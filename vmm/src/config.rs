@@ -29,6 +29,21 @@ pub const MAX_DRIVE_ID_LEN: usize = 20;
 /// Most virtio devices a VM can have: one interrupt line each, on IOAPIC pins 5-23.
 pub const MAX_VIRTIO_DEVICES: usize = 19;
 
+/// Longest root partition UUID accepted, in bytes.
+pub const MAX_PARTUUID_LEN: usize = 36;
+
+/// What a guest's flush request does to a disk (Firecracker's `cache_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum CacheType {
+    /// The disk offers no flush command: the guest treats it as write-through and writes
+    /// reach the host's page cache only (fast; lost if the host crashes).
+    Unsafe,
+    /// The disk offers a flush command, and a guest flush reaches stable storage
+    /// (`fdatasync` of the image).
+    #[default]
+    Writeback,
+}
+
 /// One virtio-blk disk backed by a raw image file.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DriveConfig {
@@ -43,6 +58,13 @@ pub struct DriveConfig {
     pub id: Option<String>,
     /// Limits the disk's bandwidth (bytes) and operations (requests); unlimited when `None`.
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// For the root disk: the guest mounts `root=PARTUUID=<this>` (a partition of the disk)
+    /// instead of the whole disk, `/dev/vda`.
+    #[serde(default)]
+    pub partuuid: Option<String>,
+    /// What guest flushes do.
+    #[serde(default)]
+    pub cache: CacheType,
 }
 
 impl DriveConfig {
@@ -54,6 +76,8 @@ impl DriveConfig {
             root: false,
             id: None,
             rate_limiter: None,
+            partuuid: None,
+            cache: CacheType::default(),
         }
     }
 }
@@ -61,6 +85,9 @@ impl DriveConfig {
 /// One virtio-net interface backed by a host TAP device.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
+    /// How the front end names the interface (the API's `iface_id`); `None` for the CLI.
+    #[serde(default)]
+    pub id: Option<String>,
     /// The TAP interface: opened if it exists, otherwise created (and gone when flint exits).
     pub tap: String,
     /// The guest's MAC address; a stable default per interface when `None`.
@@ -75,6 +102,7 @@ impl NetConfig {
     /// An interface on the TAP `tap` with the default MAC address and no rate limits.
     pub fn new(tap: impl Into<String>) -> Self {
         NetConfig {
+            id: None,
             tap: tap.into(),
             mac: None,
             rx_rate_limiter: None,
@@ -191,9 +219,30 @@ impl VmConfig {
                 }
             }
         }
+        for drive in &self.drives {
+            if let Some(uuid) = &drive.partuuid {
+                let well_formed = uuid.chars().all(|c| c.is_ascii_hexdigit() || c == '-');
+                if uuid.is_empty() || uuid.len() > MAX_PARTUUID_LEN || !well_formed {
+                    return Err(ConfigError::Partuuid(uuid.clone()));
+                }
+                if !drive.root {
+                    return Err(ConfigError::PartuuidNotRoot(uuid.clone()));
+                }
+            }
+        }
         for (i, net) in self.nets.iter().enumerate() {
             if self.nets[..i].iter().any(|n| n.tap == net.tap) {
                 return Err(ConfigError::DuplicateTap(net.tap.clone()));
+            }
+            if let Some(id) = &net.id {
+                if self.nets[..i].iter().any(|n| n.id.as_ref() == Some(id)) {
+                    return Err(ConfigError::DuplicateNetId(id.clone()));
+                }
+            }
+            if let Some(mac) = net.mac {
+                if mac[0] & 1 != 0 {
+                    return Err(ConfigError::MulticastMac(format_mac(&mac)));
+                }
             }
         }
         let limiters = self
@@ -242,6 +291,65 @@ impl VmConfig {
     }
 }
 
+/// A MAC address as `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// The part of a [`VmConfig`] a [`ConfigError`] is about, so that each front end can name it
+/// in its own terms (a command-line flag, an API field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Vcpus,
+    Memory,
+    Cmdline,
+    /// A disk's root flag.
+    DriveRoot,
+    /// A disk's id.
+    DriveId,
+    /// A disk's root partition UUID.
+    DrivePartuuid,
+    /// The devices as a whole (their number).
+    Devices,
+    /// An interface's TAP device.
+    NetTap,
+    /// An interface's id.
+    NetId,
+    /// An interface's MAC address.
+    NetMac,
+    /// A rate limiter (the error names the device and the limiter's field itself).
+    RateLimiter,
+    /// The vsock device's guest CID.
+    VsockCid,
+    /// A disk's backing file (when it is replaced on a running VM).
+    DrivePath,
+    /// The file metrics are written to.
+    MetricsPath,
+}
+
+impl ConfigError {
+    /// Which part of the configuration is wrong.
+    pub fn field(&self) -> Field {
+        match self {
+            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } => Field::Vcpus,
+            ConfigError::MemoryTooSmall(_) | ConfigError::MemoryTooLarge(_) => Field::Memory,
+            ConfigError::CmdlineTooLong(_) | ConfigError::CmdlineCharacter(_) => Field::Cmdline,
+            ConfigError::SeveralRootDisks => Field::DriveRoot,
+            ConfigError::TooManyDevices(_) => Field::Devices,
+            ConfigError::DriveId(_) | ConfigError::DuplicateDriveId(_) => Field::DriveId,
+            ConfigError::Partuuid(_) | ConfigError::PartuuidNotRoot(_) => Field::DrivePartuuid,
+            ConfigError::DuplicateTap(_) => Field::NetTap,
+            ConfigError::DuplicateNetId(_) => Field::NetId,
+            ConfigError::MulticastMac(_) => Field::NetMac,
+            ConfigError::VsockCid(_) => Field::VsockCid,
+            ConfigError::RateLimiter { .. } => Field::RateLimiter,
+        }
+    }
+}
+
 /// A configuration that cannot describe a VM.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -269,6 +377,14 @@ pub enum ConfigError {
     DuplicateDriveId(String),
     #[error("TAP device {0} is given to more than one network interface")]
     DuplicateTap(String),
+    #[error("interface id {0:?} is used by more than one network interface")]
+    DuplicateNetId(String),
+    #[error("MAC address {0} is a multicast address; a network interface needs a unicast one")]
+    MulticastMac(String),
+    #[error("partition UUID {0:?} must be 1 to {MAX_PARTUUID_LEN} hexadecimal digits and dashes")]
+    Partuuid(String),
+    #[error("partition UUID {0:?} is given for a disk that is not the root disk")]
+    PartuuidNotRoot(String),
     #[error("vsock guest CID {0} is invalid: it must be from 3 to 4294967294")]
     VsockCid(u64),
     #[error("{device}: {field}.{problem}")]
@@ -426,6 +542,52 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::TooManyDevices(20)));
         c.entropy = false;
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn partuuid_mac_and_interface_ids_are_checked() {
+        let mut c = VmConfig::new("/vmlinux");
+        c.drives.push(DriveConfig {
+            root: true,
+            partuuid: Some("4cbb6a2a-01".into()),
+            ..DriveConfig::new("/r.img")
+        });
+        assert_eq!(c.validate(), Ok(()));
+        // Whatever reaches the kernel command line must not add parameters to it.
+        for bad in ["", "abc def", "x", "1 init=/bin/sh", &"a".repeat(37)] {
+            c.drives[0].partuuid = Some(bad.into());
+            let err = c.validate().unwrap_err();
+            assert_eq!(err, ConfigError::Partuuid(bad.into()));
+            assert_eq!(err.field(), Field::DrivePartuuid);
+        }
+        c.drives[0].partuuid = Some("0a1b".into());
+        c.drives[0].root = false;
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::PartuuidNotRoot("0a1b".into()))
+        );
+        c.drives.clear();
+
+        let net = |id: &str, tap: &str, mac: Option<[u8; 6]>| NetConfig {
+            id: Some(id.into()),
+            mac,
+            ..NetConfig::new(tap)
+        };
+        c.nets = vec![
+            net("eth0", "tap0", Some([0x02, 0, 0, 0, 0, 1])),
+            net("eth1", "tap1", None),
+        ];
+        assert_eq!(c.validate(), Ok(()));
+        c.nets[1].id = Some("eth0".into());
+        assert_eq!(
+            c.validate(),
+            Err(ConfigError::DuplicateNetId("eth0".into()))
+        );
+        c.nets[1].id = Some("eth1".into());
+        c.nets[1].mac = Some([0x03, 0, 0, 0, 0, 2]);
+        let err = c.validate().unwrap_err();
+        assert_eq!(err, ConfigError::MulticastMac("03:00:00:00:00:02".into()));
+        assert_eq!(err.field(), Field::NetMac);
     }
 
     #[test]

@@ -1,14 +1,17 @@
-//! The VMM thread's side of an API: typed requests that configure, start and drive one VM,
-//! and their typed answers. Front ends (the HTTP API, a config file) turn user input into
-//! [`Request`]s; the VMM thread executes them in order with [`Controller::handle`] and owns all
-//! VM state. Nothing here knows about HTTP or JSON.
+//! The VMM thread's side of a control interface: typed requests that configure, start and
+//! drive one VM, and their typed answers. Front ends (the HTTP API, a config file) turn user
+//! input into [`Request`]s carrying the VM's own configuration types ([`VmConfig`]'s parts);
+//! the VMM thread executes them in order with [`Controller::handle`] and owns all VM state.
+//! Every change is checked by validating the whole configuration it would give
+//! ([`VmConfig::validate`], the one place flint validates a VM), and refused errors say which
+//! [`Field`] is wrong so that each front end names it in its own terms. Nothing here knows
+//! about HTTP, JSON or how a front end spells its fields.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::config::{
-    ConfigError, DriveConfig, NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
-};
+use crate::config::{ConfigError, DriveConfig, Field, NetConfig, VmConfig, VsockConfig};
+use crate::seccomp::Filter;
 use crate::vm::{ConsoleIo, Vm};
 
 /// The kernel to boot.
@@ -20,89 +23,14 @@ pub struct BootSource {
     pub cmdline: Option<String>,
 }
 
-/// vCPUs and memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MachineConfig {
-    pub vcpus: u32,
-    pub mem_mib: u64,
-    /// Simultaneous multithreading: accepted for compatibility; flint presents one thread per
-    /// core, so `true` is refused.
-    pub smt: bool,
-    /// Dirty-page tracking (for snapshots): accepted and reported; not used yet.
-    pub track_dirty_pages: bool,
-    /// Back guest memory with 2 MiB huge pages.
-    pub huge_pages: bool,
-}
-
-/// A partial update of [`MachineConfig`] (`PATCH /machine-config`).
+/// A partial update of the vCPUs and memory; what is `None` stays as it is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MachineConfigUpdate {
+pub struct MachineUpdate {
     pub vcpus: Option<u32>,
     pub mem_mib: Option<u64>,
-    pub smt: Option<bool>,
-    pub track_dirty_pages: Option<bool>,
-    pub huge_pages: Option<bool>,
 }
 
-/// How a drive caches writes (Firecracker's `cache_type`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CacheType {
-    /// Guest flushes are acknowledged without reaching stable storage.
-    #[default]
-    Unsafe,
-    /// Guest flushes reach stable storage (`fdatasync`).
-    Writeback,
-}
-
-/// One drive as the API describes it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiDrive {
-    /// `drive_id`: how the API names the drive; also the serial the guest reads.
-    pub id: String,
-    pub path: PathBuf,
-    pub root: bool,
-    pub read_only: bool,
-    /// Root partition UUID: with it the guest mounts `root=PARTUUID=...` instead of
-    /// `/dev/vda`.
-    pub partuuid: Option<String>,
-    pub cache_type: CacheType,
-    pub rate_limiter: Option<RateLimiterConfig>,
-}
-
-/// A network interface backed by a host TAP device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetworkInterface {
-    pub id: String,
-    pub tap: String,
-    pub mac: Option<[u8; 6]>,
-    pub rx_rate_limiter: Option<RateLimiterConfig>,
-    pub tx_rate_limiter: Option<RateLimiterConfig>,
-}
-
-/// The vsock device.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Vsock {
-    pub guest_cid: u64,
-    pub uds_path: PathBuf,
-}
-
-/// Where flint logs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoggerConfig {
-    pub path: PathBuf,
-    /// "Error", "Warning", "Info", "Debug" (or "Trace", "Off").
-    pub level: Option<String>,
-    pub show_level: bool,
-    pub show_log_origin: bool,
-}
-
-/// Where flint writes metrics (JSON lines).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MetricsConfig {
-    pub path: PathBuf,
-}
-
-/// Lifecycle state as the API reports it.
+/// Lifecycle state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VmState {
     NotStarted,
@@ -121,75 +49,74 @@ impl VmState {
     }
 }
 
-/// `GET /`.
+/// Who this VMM is and what state its VM is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstanceInfo {
     pub id: String,
     pub state: VmState,
     pub vmm_version: String,
-    pub app_name: String,
 }
 
-/// Everything configured, as `GET /vm/config` and a config file describe it.
+/// Everything configured so far.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FullConfig {
+pub struct ConfigView {
+    /// The kernel, once set (the kernel, initrd and command line in `vm` are placeholders
+    /// until then).
     pub boot_source: Option<BootSource>,
-    pub machine: MachineConfig,
-    pub drives: Vec<ApiDrive>,
-    pub network_interfaces: Vec<NetworkInterface>,
-    pub vsock: Option<Vsock>,
-    pub entropy: bool,
-    pub logger: Option<LoggerConfig>,
-    pub metrics: Option<MetricsConfig>,
+    /// vCPUs, memory and devices. Interfaces and drives carry the ids the front end gave.
+    pub vm: VmConfig,
+    /// Where metrics lines go, if anywhere.
+    pub metrics_path: Option<PathBuf>,
 }
 
 /// A request to the VMM thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// `GET /`
+    /// Who and in what state (`GET /`).
     Describe,
-    /// `GET /machine-config`
+    /// vCPUs and memory (`GET /machine-config`).
     GetMachineConfig,
-    /// `GET /vm/config`
+    /// Everything configured (`GET /vm/config`).
     GetFullConfig,
-    /// `PUT /boot-source` (before start)
+    /// Before start.
     SetBootSource(BootSource),
-    /// `PUT /machine-config` (before start)
-    SetMachineConfig(MachineConfig),
-    /// `PATCH /machine-config` (before start)
-    UpdateMachineConfig(MachineConfigUpdate),
-    /// `PUT /drives/{id}` (before start; replaces a drive with the same id)
-    SetDrive(ApiDrive),
-    /// `PATCH /drives/{id}` with a new `path_on_host` (after start: the guest sees the new
-    /// medium and size)
-    UpdateDrivePath { id: String, path: PathBuf },
-    /// `PUT /network-interfaces/{id}` (before start)
-    SetNetworkInterface(NetworkInterface),
-    /// `PUT /vsock` (before start)
-    SetVsock(Vsock),
-    /// `PUT /entropy` (before start)
+    /// Before start: both values.
+    SetMachineConfig {
+        vcpus: u32,
+        mem_mib: u64,
+    },
+    /// Before start: some values.
+    UpdateMachineConfig(MachineUpdate),
+    /// Before start; the drive must have an id, and replaces the drive with the same id.
+    SetDrive(DriveConfig),
+    /// A new backing file for a drive: before start simply what the VM will use; after start
+    /// the guest sees the new medium and size.
+    UpdateDrivePath {
+        id: String,
+        path: PathBuf,
+    },
+    /// Before start; the interface must have an id, and replaces the one with the same id.
+    SetNetworkInterface(NetConfig),
+    /// Before start.
+    SetVsock(VsockConfig),
+    /// Before start: give the guest an entropy device.
     SetEntropy,
-    /// `PUT /logger`
-    SetLogger(LoggerConfig),
-    /// `PUT /metrics`
-    SetMetrics(MetricsConfig),
-    /// `PUT /actions` `InstanceStart`
+    /// Append metrics lines to this file (see [`open_output`]).
+    SetMetrics(PathBuf),
+    /// Build and boot the VM.
     Start,
-    /// `PUT /actions` `SendCtrlAltDel`
     SendCtrlAltDel,
-    /// `PUT /actions` `FlushMetrics`
+    /// Write a metrics line now.
     FlushMetrics,
-    /// `PATCH /vm` `{"state": "Paused"}`
     Pause,
-    /// `PATCH /vm` `{"state": "Resumed"}`
     Resume,
-    /// `PUT /snapshot/create` (paused VM): the VM's state and its memory, in two files.
+    /// Paused VM only: the VM's state and its memory, in two files.
     CreateSnapshot {
         snapshot_path: PathBuf,
         mem_file_path: PathBuf,
     },
-    /// `PUT /snapshot/load` (instead of configuring and starting): the VM continues from a
-    /// snapshot, paused unless `resume`.
+    /// Instead of configuring and starting: the VM continues from a snapshot, paused unless
+    /// `resume`.
     LoadSnapshot {
         snapshot_path: PathBuf,
         mem_file_path: PathBuf,
@@ -205,14 +132,13 @@ impl Request {
             Request::GetMachineConfig => "get_machine_config",
             Request::GetFullConfig => "get_vm_config",
             Request::SetBootSource(_) => "put_boot_source",
-            Request::SetMachineConfig(_) => "put_machine_config",
+            Request::SetMachineConfig { .. } => "put_machine_config",
             Request::UpdateMachineConfig(_) => "patch_machine_config",
             Request::SetDrive(_) => "put_drive",
             Request::UpdateDrivePath { .. } => "patch_drive",
             Request::SetNetworkInterface(_) => "put_network_interface",
             Request::SetVsock(_) => "put_vsock",
             Request::SetEntropy => "put_entropy",
-            Request::SetLogger(_) => "put_logger",
             Request::SetMetrics(_) => "put_metrics",
             Request::Start => "instance_start",
             Request::SendCtrlAltDel => "send_ctrl_alt_del",
@@ -228,84 +154,93 @@ impl Request {
 /// A successful answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    /// 204: done, nothing to say.
+    /// Done, nothing to say.
     Done,
     Info(InstanceInfo),
-    MachineConfig(MachineConfig),
-    FullConfig(FullConfig),
+    Config(Box<ConfigView>),
 }
 
-/// A request that cannot be carried out: the API answers 400 with this sentence as
-/// `fault_message`.
+/// A request that cannot be carried out: one sentence, and the field it is about (which a
+/// front end names in its own terms before the sentence).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct RequestError(pub String);
+#[error("{message}")]
+pub struct RequestError {
+    pub field: Option<Field>,
+    pub message: String,
+}
 
-impl Default for MachineConfig {
-    fn default() -> Self {
-        MachineConfig {
-            vcpus: crate::config::DEFAULT_VCPUS,
-            mem_mib: crate::config::DEFAULT_MEM_MIB,
-            smt: false,
-            track_dirty_pages: false,
-            huge_pages: false,
+impl From<ConfigError> for RequestError {
+    fn from(e: ConfigError) -> RequestError {
+        RequestError {
+            field: Some(e.field()),
+            message: e.to_string(),
         }
     }
 }
 
-/// Conversion of an API drive to the VM's drive configuration.
-impl From<&ApiDrive> for DriveConfig {
-    fn from(d: &ApiDrive) -> DriveConfig {
-        DriveConfig {
-            path: d.path.clone(),
-            read_only: d.read_only,
-            root: d.root,
-            id: Some(d.id.clone()),
-            rate_limiter: d.rate_limiter,
-        }
+fn refuse(message: impl Into<String>) -> RequestError {
+    RequestError {
+        field: None,
+        message: message.into(),
     }
 }
 
-/// Executes [`Request`]s on the VMM thread: holds the configuration until `InstanceStart`,
-/// then the running [`Vm`].
+fn refuse_field(field: Field, message: impl Into<String>) -> RequestError {
+    RequestError {
+        field: Some(field),
+        message: message.into(),
+    }
+}
+
+/// Executes [`Request`]s on the VMM thread: holds the configuration until start, then the
+/// running [`Vm`].
 pub struct Controller {
     id: String,
     metrics_file: Option<std::fs::File>,
     /// Requests handled, by kind, for the metrics.
     requests: std::collections::BTreeMap<&'static str, u64>,
-    config: FullConfig,
+    config: ConfigView,
     vm: Option<Vm>,
     paused: bool,
     console: Option<ConsoleIo>,
     start: Instant,
+    /// The filter `InstanceStart` and `LoadSnapshot` install on the VMM thread.
+    vmm_thread: Filter,
 }
 
-fn refuse(message: impl Into<String>) -> RequestError {
-    RequestError(message.into())
+/// The configuration of a controller nothing has been asked of: no devices, not even the
+/// entropy device (unlike [`VmConfig::new`]), as in Firecracker.
+fn unconfigured() -> VmConfig {
+    VmConfig {
+        entropy: false,
+        ..VmConfig::new("")
+    }
 }
 
 impl Controller {
     /// A controller for a VM not yet configured. `console` is what the guest's serial console
-    /// will be connected to; `start` is when the VMM process started.
-    pub fn new(id: impl Into<String>, console: ConsoleIo, start: Instant) -> Controller {
+    /// will be connected to; `start` is when the VMM process started; `vmm_thread` is the
+    /// filter starting the VM installs on the calling (VMM) thread (see [`Vm::start`]).
+    pub fn new(
+        id: impl Into<String>,
+        console: ConsoleIo,
+        start: Instant,
+        vmm_thread: Filter,
+    ) -> Controller {
         Controller {
             id: id.into(),
             metrics_file: None,
             requests: Default::default(),
-            config: FullConfig {
+            config: ConfigView {
                 boot_source: None,
-                machine: MachineConfig::default(),
-                drives: Vec::new(),
-                network_interfaces: Vec::new(),
-                vsock: None,
-                entropy: false,
-                logger: None,
-                metrics: None,
+                vm: unconfigured(),
+                metrics_path: None,
             },
             vm: None,
             paused: false,
             console: Some(console),
             start,
+            vmm_thread,
         }
     }
 
@@ -328,11 +263,16 @@ impl Controller {
         }
     }
 
+    /// Count a request the front end handled itself (its logger, say) in the metrics.
+    pub fn count_request(&mut self, kind: &'static str) {
+        *self.requests.entry(kind).or_default() += 1;
+    }
+
     fn before_start(&self, what: &str) -> Result<(), RequestError> {
         match self.vm {
             None => Ok(()),
             Some(_) => Err(refuse(format!(
-                "{what} can only be changed before the VM starts (InstanceStart)"
+                "{what} can only be changed before the VM starts"
             ))),
         }
     }
@@ -343,133 +283,110 @@ impl Controller {
             .ok_or_else(|| refuse(format!("cannot {what}: the VM has not been started")))
     }
 
+    /// Keep `change` applied to the configuration if the result is valid.
+    fn change(&mut self, change: impl FnOnce(&mut VmConfig)) -> Result<Response, RequestError> {
+        let mut candidate = self.config.vm.clone();
+        change(&mut candidate);
+        candidate.validate()?;
+        self.config.vm = candidate;
+        Ok(Response::Done)
+    }
+
     /// Carry out one request.
     pub fn handle(&mut self, request: Request) -> Result<Response, RequestError> {
-        *self.requests.entry(request.kind()).or_default() += 1;
+        self.count_request(request.kind());
         match request {
             Request::Describe => Ok(Response::Info(InstanceInfo {
                 id: self.id.clone(),
                 state: self.state(),
                 vmm_version: env!("CARGO_PKG_VERSION").to_string(),
-                app_name: "flint".to_string(),
             })),
-            Request::GetMachineConfig => Ok(Response::MachineConfig(self.config.machine)),
-            Request::GetFullConfig => Ok(Response::FullConfig(self.config.clone())),
+            Request::GetMachineConfig | Request::GetFullConfig => {
+                Ok(Response::Config(Box::new(self.config.clone())))
+            }
             Request::SetBootSource(boot) => {
                 self.before_start("the boot source")?;
+                let cmdline = boot
+                    .cmdline
+                    .clone()
+                    .unwrap_or_else(|| crate::config::DEFAULT_CMDLINE.to_string());
+                self.change(|c| c.cmdline = cmdline)?;
                 self.config.boot_source = Some(boot);
                 Ok(Response::Done)
             }
-            Request::SetMachineConfig(machine) => {
+            Request::SetMachineConfig { vcpus, mem_mib } => {
                 self.before_start("the machine configuration")?;
-                check_machine(&machine)?;
-                self.config.machine = machine;
-                Ok(Response::Done)
+                self.change(|c| {
+                    c.vcpus = vcpus;
+                    c.mem_mib = mem_mib;
+                })
             }
             Request::UpdateMachineConfig(update) => {
                 self.before_start("the machine configuration")?;
-                let mut machine = self.config.machine;
-                machine.vcpus = update.vcpus.unwrap_or(machine.vcpus);
-                machine.mem_mib = update.mem_mib.unwrap_or(machine.mem_mib);
-                machine.smt = update.smt.unwrap_or(machine.smt);
-                machine.track_dirty_pages = update
-                    .track_dirty_pages
-                    .unwrap_or(machine.track_dirty_pages);
-                machine.huge_pages = update.huge_pages.unwrap_or(machine.huge_pages);
-                check_machine(&machine)?;
-                self.config.machine = machine;
-                Ok(Response::Done)
+                self.change(|c| {
+                    c.vcpus = update.vcpus.unwrap_or(c.vcpus);
+                    c.mem_mib = update.mem_mib.unwrap_or(c.mem_mib);
+                })
             }
             Request::SetDrive(drive) => {
                 self.before_start("drives")?;
-                if drive.root
-                    && self
-                        .config
-                        .drives
-                        .iter()
-                        .any(|d| d.root && d.id != drive.id)
-                {
-                    return Err(refuse(format!(
-                        "drive {:?} cannot be the root device: another drive already is",
-                        drive.id
-                    )));
+                if drive.id.is_none() {
+                    return Err(refuse_field(Field::DriveId, "a drive needs an id"));
                 }
-                match self.config.drives.iter_mut().find(|d| d.id == drive.id) {
+                self.change(|c| match c.drives.iter_mut().find(|d| d.id == drive.id) {
                     Some(existing) => *existing = drive,
-                    None => self.config.drives.push(drive),
-                }
-                Ok(Response::Done)
+                    None => c.drives.push(drive),
+                })
             }
             Request::UpdateDrivePath { id, path } => {
-                let Some(drive) = self.config.drives.iter_mut().find(|d| d.id == id) else {
-                    return Err(refuse(format!("there is no drive with drive_id {id:?}")));
+                let known = self
+                    .config
+                    .vm
+                    .drives
+                    .iter()
+                    .position(|d| d.id.as_ref() == Some(&id));
+                let Some(index) = known else {
+                    return Err(refuse_field(
+                        Field::DriveId,
+                        format!("there is no drive with the id {id:?}"),
+                    ));
                 };
-                match &self.vm {
-                    // Before start the new path is simply what the VM will use.
-                    None => drive.path = path,
-                    Some(vm) => {
-                        vm.replace_disk(&id, &path)
-                            .map_err(|e| refuse(format!("path_on_host: {e}")))?;
-                        drive.path = path;
-                    }
+                if let Some(vm) = &self.vm {
+                    vm.replace_disk(&id, &path)
+                        .map_err(|e| refuse_field(Field::DrivePath, e.to_string()))?;
                 }
+                self.config.vm.drives[index].path = path;
                 Ok(Response::Done)
             }
             Request::SetNetworkInterface(iface) => {
                 self.before_start("network interfaces")?;
-                if let Some(other) = self
-                    .config
-                    .network_interfaces
-                    .iter()
-                    .find(|n| n.tap == iface.tap && n.id != iface.id)
-                {
-                    return Err(refuse(format!(
-                        "host_dev_name: {} is already used by interface {}",
-                        iface.tap, other.id
-                    )));
+                if iface.id.is_none() {
+                    return Err(refuse_field(Field::NetId, "an interface needs an id"));
                 }
-                match self
-                    .config
-                    .network_interfaces
-                    .iter_mut()
-                    .find(|n| n.id == iface.id)
-                {
+                self.change(|c| match c.nets.iter_mut().find(|n| n.id == iface.id) {
                     Some(existing) => *existing = iface,
-                    None => self.config.network_interfaces.push(iface),
-                }
-                Ok(Response::Done)
+                    None => c.nets.push(iface),
+                })
             }
             Request::SetVsock(vsock) => {
                 self.before_start("the vsock device")?;
-                if vsock.guest_cid < 3 || vsock.guest_cid > u64::from(u32::MAX - 1) {
-                    return Err(refuse(format!(
-                        "guest_cid: {} is invalid: it must be from 3 to 4294967294",
-                        vsock.guest_cid
-                    )));
-                }
-                self.config.vsock = Some(vsock);
-                Ok(Response::Done)
+                self.change(|c| c.vsock = Some(vsock))
             }
             Request::SetEntropy => {
                 self.before_start("the entropy device")?;
-                self.config.entropy = true;
-                Ok(Response::Done)
+                self.change(|c| c.entropy = true)
             }
-            Request::SetLogger(logger) => {
-                self.config.logger = Some(logger);
-                Ok(Response::Done)
-            }
-            Request::SetMetrics(metrics) => {
-                let file =
-                    open_output(&metrics.path).map_err(|e| refuse(format!("metrics_path: {e}")))?;
+            Request::SetMetrics(path) => {
+                let file = open_output(&path)
+                    .map_err(|e| refuse_field(Field::MetricsPath, e.to_string()))?;
                 self.metrics_file = Some(file);
-                self.config.metrics = Some(metrics);
+                self.config.metrics_path = Some(path);
                 Ok(Response::Done)
             }
             Request::FlushMetrics => {
                 if self.metrics_file.is_none() {
                     return Err(refuse(
-                        "cannot flush metrics: no metrics file (PUT /metrics first)",
+                        "cannot flush metrics: no metrics file is configured",
                     ));
                 }
                 self.flush_metrics()?;
@@ -486,7 +403,7 @@ impl Controller {
                     Ok(vm) => vm,
                     Err(e) => return Err(refuse(format!("cannot start the VM: {e}"))),
                 };
-                vm.start()
+                vm.start(&self.vmm_thread)
                     .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
                 self.vm = Some(vm);
                 Ok(Response::Done)
@@ -512,8 +429,7 @@ impl Controller {
                 let vm = self.running("create a snapshot")?;
                 if !self.paused {
                     return Err(refuse(
-                        "cannot create a snapshot: the VM is running; pause it first \
-                         (PATCH /vm with {\"state\": \"Paused\"})",
+                        "cannot create a snapshot: the VM is running; pause it first",
                     ));
                 }
                 vm.snapshot(&snapshot_path, &mem_file_path)
@@ -569,14 +485,7 @@ impl Controller {
                 "a snapshot can only be loaded before the VM starts; start a new flint",
             ));
         }
-        let c = &self.config;
-        if c.boot_source.is_some()
-            || c.machine != MachineConfig::default()
-            || !c.drives.is_empty()
-            || !c.network_interfaces.is_empty()
-            || c.vsock.is_some()
-            || c.entropy
-        {
+        if self.config.boot_source.is_some() || self.config.vm != unconfigured() {
             return Err(refuse(
                 "a snapshot can only be loaded into a flint with no VM resources configured: \
                  the snapshot brings its own configuration",
@@ -603,127 +512,34 @@ impl Controller {
         )
         .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
         let started = if resume {
-            vm.start()
+            vm.start(&self.vmm_thread)
         } else {
-            vm.start_paused()
+            vm.start_paused(&self.vmm_thread)
         };
         started.map_err(|e| refuse(format!("cannot start the VM from the snapshot: {e}")))?;
         self.paused = !resume;
-        self.config = FullConfig {
-            logger: self.config.logger.take(),
-            metrics: self.config.metrics.take(),
-            ..full_config(&config)
-        };
+        self.config.boot_source = Some(BootSource {
+            kernel: config.kernel.clone(),
+            initrd: config.initrd.clone(),
+            cmdline: Some(config.cmdline.clone()),
+        });
+        self.config.vm = config;
         self.vm = Some(vm);
         Ok(Response::Done)
     }
 
-    /// The VM configuration the API has built so far.
+    /// The VM configuration built so far, with its kernel.
     fn vm_config(&self) -> Result<VmConfig, RequestError> {
-        let boot = self.config.boot_source.as_ref().ok_or_else(|| {
-            refuse("cannot start the VM: no boot source (PUT /boot-source first)")
-        })?;
-        let mut config = VmConfig::new(&boot.kernel);
+        let boot =
+            self.config.boot_source.as_ref().ok_or_else(|| {
+                refuse("cannot start the VM: no boot source (kernel) is configured")
+            })?;
+        let mut config = self.config.vm.clone();
+        config.kernel = boot.kernel.clone();
         config.initrd = boot.initrd.clone();
-        if let Some(cmdline) = &boot.cmdline {
-            config.cmdline = cmdline.clone();
-        }
-        config.vcpus = self.config.machine.vcpus;
-        config.mem_mib = self.config.machine.mem_mib;
-        config.drives = self.config.drives.iter().map(DriveConfig::from).collect();
-        config.entropy = self.config.entropy;
-        config.nets = self
-            .config
-            .network_interfaces
-            .iter()
-            .map(|n| NetConfig {
-                tap: n.tap.clone(),
-                mac: n.mac,
-                rx_rate_limiter: n.rx_rate_limiter,
-                tx_rate_limiter: n.tx_rate_limiter,
-            })
-            .collect();
-        config.vsock = self.config.vsock.as_ref().map(|v| VsockConfig {
-            guest_cid: v.guest_cid,
-            uds_path: v.uds_path.clone(),
-        });
-        config
-            .validate()
-            .map_err(|e| refuse(format!("cannot start the VM: {e}")))?;
+        config.validate()?;
         Ok(config)
     }
-}
-
-/// How the API describes a VM built from `config` (a loaded snapshot's).
-fn full_config(config: &VmConfig) -> FullConfig {
-    FullConfig {
-        boot_source: Some(BootSource {
-            kernel: config.kernel.clone(),
-            initrd: config.initrd.clone(),
-            cmdline: Some(config.cmdline.clone()),
-        }),
-        machine: MachineConfig {
-            vcpus: config.vcpus,
-            mem_mib: config.mem_mib,
-            ..MachineConfig::default()
-        },
-        drives: config
-            .drives
-            .iter()
-            .enumerate()
-            .map(|(n, d)| ApiDrive {
-                id: d.id.clone().unwrap_or_else(|| format!("drive{n}")),
-                path: d.path.clone(),
-                root: d.root,
-                read_only: d.read_only,
-                partuuid: None,
-                cache_type: CacheType::Unsafe,
-                rate_limiter: d.rate_limiter,
-            })
-            .collect(),
-        network_interfaces: config
-            .nets
-            .iter()
-            .enumerate()
-            .map(|(n, net)| NetworkInterface {
-                id: format!("eth{n}"),
-                tap: net.tap.clone(),
-                mac: net.mac,
-                rx_rate_limiter: net.rx_rate_limiter,
-                tx_rate_limiter: net.tx_rate_limiter,
-            })
-            .collect(),
-        vsock: config.vsock.as_ref().map(|v| Vsock {
-            guest_cid: v.guest_cid,
-            uds_path: v.uds_path.clone(),
-        }),
-        entropy: config.entropy,
-        logger: None,
-        metrics: None,
-    }
-}
-
-fn check_machine(machine: &MachineConfig) -> Result<(), RequestError> {
-    if machine.smt {
-        return Err(refuse(
-            "smt: flint presents one thread per core; simultaneous multithreading cannot be enabled",
-        ));
-    }
-    if machine.huge_pages {
-        return Err(refuse(
-            "huge_pages: huge pages are not supported yet by flint",
-        ));
-    }
-    let mut probe = VmConfig::new("/");
-    probe.vcpus = machine.vcpus;
-    probe.mem_mib = machine.mem_mib;
-    probe.validate().map_err(|e| {
-        let field = match e {
-            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } => "vcpu_count",
-            _ => "mem_size_mib",
-        };
-        refuse(format!("{field}: {e}"))
-    })
 }
 
 /// Why [`open_output`] refused a path.
@@ -797,18 +613,21 @@ mod tests {
             input: None,
             escape: false,
         };
-        Controller::new("test-vm", console, Instant::now())
+        Controller::new("test-vm", console, Instant::now(), Filter::vmm_thread())
     }
 
-    fn drive(id: &str, root: bool) -> ApiDrive {
-        ApiDrive {
-            id: id.into(),
-            path: PathBuf::from(format!("/{id}.img")),
+    fn drive(id: &str, root: bool) -> DriveConfig {
+        DriveConfig {
+            id: Some(id.into()),
             root,
-            read_only: false,
-            partuuid: None,
-            cache_type: CacheType::Unsafe,
-            rate_limiter: None,
+            ..DriveConfig::new(format!("/{id}.img"))
+        }
+    }
+
+    fn view(c: &mut Controller) -> ConfigView {
+        match c.handle(Request::GetFullConfig).unwrap() {
+            Response::Config(view) => *view,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -819,7 +638,6 @@ mod tests {
             Response::Info(info) => {
                 assert_eq!(info.id, "test-vm");
                 assert_eq!(info.state.as_str(), "Not started");
-                assert_eq!(info.app_name, "flint");
             }
             other => panic!("{other:?}"),
         }
@@ -828,26 +646,15 @@ mod tests {
     #[test]
     fn machine_config_is_validated_with_the_field_named() {
         let mut c = controller();
-        let m = |vcpus, mem_mib| MachineConfig {
-            vcpus,
-            mem_mib,
-            ..MachineConfig::default()
-        };
-        assert_eq!(
-            c.handle(Request::SetMachineConfig(m(2, 256))),
-            Ok(Response::Done)
-        );
-        assert_eq!(
-            c.handle(Request::GetMachineConfig),
-            Ok(Response::MachineConfig(m(2, 256)))
-        );
-        let err = c.handle(Request::SetMachineConfig(m(0, 256))).unwrap_err();
-        assert!(err.0.starts_with("vcpu_count:"), "{err}");
-        let err = c
-            .handle(Request::SetMachineConfig(m(1, 1 << 30)))
-            .unwrap_err();
-        assert!(err.0.starts_with("mem_size_mib:"), "{err}");
-        let update = MachineConfigUpdate {
+        let m = |vcpus, mem_mib| Request::SetMachineConfig { vcpus, mem_mib };
+        assert_eq!(c.handle(m(2, 256)), Ok(Response::Done));
+        let v = view(&mut c);
+        assert_eq!((v.vm.vcpus, v.vm.mem_mib), (2, 256));
+        let err = c.handle(m(0, 256)).unwrap_err();
+        assert_eq!(err.field, Some(Field::Vcpus), "{err}");
+        let err = c.handle(m(1, 1 << 30)).unwrap_err();
+        assert_eq!(err.field, Some(Field::Memory), "{err}");
+        let update = MachineUpdate {
             mem_mib: Some(512),
             ..Default::default()
         };
@@ -855,15 +662,66 @@ mod tests {
             c.handle(Request::UpdateMachineConfig(update)),
             Ok(Response::Done)
         );
-        assert_eq!(
-            c.handle(Request::GetMachineConfig),
-            Ok(Response::MachineConfig(m(2, 512)))
-        );
-        let smt = MachineConfigUpdate {
-            smt: Some(true),
-            ..Default::default()
+        let v = view(&mut c);
+        assert_eq!((v.vm.vcpus, v.vm.mem_mib), (2, 512));
+        // A refused change leaves the configuration as it was.
+        let update = MachineUpdate {
+            vcpus: Some(0),
+            mem_mib: Some(1024),
         };
-        assert!(c.handle(Request::UpdateMachineConfig(smt)).is_err());
+        assert!(c.handle(Request::UpdateMachineConfig(update)).is_err());
+        let v = view(&mut c);
+        assert_eq!((v.vm.vcpus, v.vm.mem_mib), (2, 512));
+    }
+
+    #[test]
+    fn every_change_is_validated_in_the_vm_configuration_with_its_field() {
+        let mut c = controller();
+        let boot = |cmdline: &str| {
+            Request::SetBootSource(BootSource {
+                kernel: "/k".into(),
+                initrd: None,
+                cmdline: Some(cmdline.into()),
+            })
+        };
+        let err = c.handle(boot("console=ttyS0\ninit=/bin/sh")).unwrap_err();
+        assert_eq!(err.field, Some(Field::Cmdline), "{err}");
+        assert_eq!(view(&mut c).boot_source, None);
+        c.handle(boot("console=ttyS0")).unwrap();
+        let err = c
+            .handle(Request::SetVsock(VsockConfig {
+                guest_cid: 2,
+                uds_path: "/v.sock".into(),
+            }))
+            .unwrap_err();
+        assert_eq!(err.field, Some(Field::VsockCid), "{err}");
+        let net = |id: &str, tap: &str, mac: Option<[u8; 6]>| {
+            Request::SetNetworkInterface(NetConfig {
+                id: Some(id.into()),
+                mac,
+                ..NetConfig::new(tap)
+            })
+        };
+        c.handle(net("eth0", "tap0", None)).unwrap();
+        let err = c.handle(net("eth1", "tap0", None)).unwrap_err();
+        assert_eq!(err.field, Some(Field::NetTap), "{err}");
+        let err = c
+            .handle(net("eth1", "tap1", Some([1, 0, 0, 0, 0, 1])))
+            .unwrap_err();
+        assert_eq!(err.field, Some(Field::NetMac), "{err}");
+        // The same id replaces the interface, even with the same TAP.
+        c.handle(net("eth0", "tap0", Some([2, 0, 0, 0, 0, 1])))
+            .unwrap();
+        assert_eq!(view(&mut c).vm.nets.len(), 1);
+        let mut d = drive("data", false);
+        d.partuuid = Some("0a-01".into());
+        let err = c.handle(Request::SetDrive(d)).unwrap_err();
+        assert_eq!(err.field, Some(Field::DrivePartuuid), "{err}");
+        let mut anonymous = drive("x", false);
+        anonymous.id = None;
+        let err = c.handle(Request::SetDrive(anonymous)).unwrap_err();
+        assert_eq!(err.field, Some(Field::DriveId), "{err}");
+        assert!(view(&mut c).vm.drives.is_empty());
     }
 
     #[test]
@@ -877,13 +735,8 @@ mod tests {
         let err = c
             .handle(Request::SetDrive(drive("other", true)))
             .unwrap_err();
-        assert!(err.0.contains("another drive already is"), "{err}");
-        match c.handle(Request::GetFullConfig).unwrap() {
-            Response::FullConfig(full) => {
-                assert_eq!(full.drives, vec![drive("rootfs", true), changed]);
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(err.field, Some(Field::DriveRoot), "{err}");
+        assert_eq!(view(&mut c).vm.drives, vec![drive("rootfs", true), changed]);
     }
 
     #[test]
@@ -895,8 +748,11 @@ mod tests {
                 path: "/n".into(),
             })
             .unwrap_err();
-        assert!(!err.0.contains('\n'), "{err}");
-        assert!(err.0.contains(r#""x\nflint: error: forged""#), "{err}");
+        assert!(!err.message.contains('\n'), "{err}");
+        assert!(
+            err.message.contains(r#""x\nflint: error: forged""#),
+            "{err}"
+        );
     }
 
     #[test]
@@ -904,10 +760,10 @@ mod tests {
         let mut c = controller();
         for req in [Request::Pause, Request::Resume, Request::SendCtrlAltDel] {
             let err = c.handle(req).unwrap_err();
-            assert!(err.0.contains("has not been started"), "{err}");
+            assert!(err.message.contains("has not been started"), "{err}");
         }
         let err = c.handle(Request::Start).unwrap_err();
-        assert!(err.0.contains("no boot source"), "{err}");
+        assert!(err.message.contains("no boot source"), "{err}");
     }
 
     #[test]
@@ -918,7 +774,7 @@ mod tests {
             mem_file_path: "/m".into(),
         };
         let err = c.handle(create).unwrap_err();
-        assert!(err.0.contains("has not been started"), "{err}");
+        assert!(err.message.contains("has not been started"), "{err}");
         c.handle(Request::SetEntropy).unwrap();
         let load = Request::LoadSnapshot {
             snapshot_path: "/nonexistent/s".into(),
@@ -926,19 +782,22 @@ mod tests {
             resume: true,
         };
         let err = c.handle(load.clone()).unwrap_err();
-        assert!(err.0.contains("no VM resources configured"), "{err}");
+        assert!(err.message.contains("no VM resources configured"), "{err}");
         let mut c = controller();
         let err = c.handle(load).unwrap_err();
-        assert!(err.0.starts_with("cannot load the snapshot:"), "{err}");
-        assert!(err.0.contains("/nonexistent/s"), "{err}");
+        assert!(
+            err.message.starts_with("cannot load the snapshot:"),
+            "{err}"
+        );
+        assert!(err.message.contains("/nonexistent/s"), "{err}");
         assert_eq!(c.state(), VmState::NotStarted);
         // The console is still there: the VM can be started after a mistyped path.
         assert!(c.console.is_some());
         let mut c = controller();
-        c.handle(Request::SetMachineConfig(MachineConfig {
+        c.handle(Request::SetMachineConfig {
             vcpus: 2,
-            ..MachineConfig::default()
-        }))
+            mem_mib: 128,
+        })
         .unwrap();
         let err = c
             .handle(Request::LoadSnapshot {
@@ -947,19 +806,18 @@ mod tests {
                 resume: false,
             })
             .unwrap_err();
-        assert!(err.0.contains("no VM resources configured"), "{err}");
+        assert!(err.message.contains("no VM resources configured"), "{err}");
     }
 
     #[test]
     fn metrics_lines_count_requests() {
         let mut c = controller();
         let err = c.handle(Request::FlushMetrics).unwrap_err();
-        assert!(err.0.contains("PUT /metrics first"), "{err}");
+        assert!(err.message.contains("no metrics file"), "{err}");
         let dir = std::env::temp_dir().join(format!("flint-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("metrics.json");
-        c.handle(Request::SetMetrics(MetricsConfig { path: path.clone() }))
-            .unwrap();
+        c.handle(Request::SetMetrics(path.clone())).unwrap();
         c.handle(Request::Describe).unwrap();
         c.handle(Request::FlushMetrics).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
@@ -973,11 +831,12 @@ mod tests {
             lines[0]
         );
         let err = c
-            .handle(Request::SetMetrics(MetricsConfig {
-                path: PathBuf::from("/nonexistent/dir/m.json"),
-            }))
+            .handle(Request::SetMetrics(PathBuf::from(
+                "/nonexistent/dir/m.json",
+            )))
             .unwrap_err();
-        assert!(err.0.starts_with("metrics_path: cannot open"), "{err}");
+        assert_eq!(err.field, Some(Field::MetricsPath));
+        assert!(err.message.starts_with("cannot open"), "{err}");
     }
 
     fn output_scratch(tag: &str) -> PathBuf {
@@ -1014,8 +873,7 @@ mod tests {
         let path = fifo.clone();
         let mut c = within_10s(move || {
             let mut c = controller();
-            c.handle(Request::SetMetrics(MetricsConfig { path }))
-                .unwrap();
+            c.handle(Request::SetMetrics(path)).unwrap();
             // Far more than a pipe holds: the lines that do not fit are dropped.
             for _ in 0..2000 {
                 let _ = c.flush_metrics();
@@ -1045,37 +903,27 @@ mod tests {
         let link = dir.join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let mut c = controller();
-        let err = c
-            .handle(Request::SetMetrics(MetricsConfig { path: link.clone() }))
-            .unwrap_err();
+        let err = c.handle(Request::SetMetrics(link.clone())).unwrap_err();
         assert!(
-            err.0.starts_with("metrics_path: cannot open") && err.0.contains("symbolic link"),
+            err.message.starts_with("cannot open") && err.message.contains("symbolic link"),
             "{err}"
         );
         assert!(!target.exists(), "the symlink was followed");
         std::fs::write(&target, "old\n").unwrap();
-        assert!(c
-            .handle(Request::SetMetrics(MetricsConfig { path: link }))
-            .is_err());
+        assert!(c.handle(Request::SetMetrics(link)).is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "old\n");
         // A new file is private; an existing one is appended to.
         let new = dir.join("new");
-        c.handle(Request::SetMetrics(MetricsConfig { path: new.clone() }))
-            .unwrap();
+        c.handle(Request::SetMetrics(new.clone())).unwrap();
         let mode = std::fs::metadata(&new).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        c.handle(Request::SetMetrics(MetricsConfig {
-            path: target.clone(),
-        }))
-        .unwrap();
+        c.handle(Request::SetMetrics(target.clone())).unwrap();
         c.handle(Request::FlushMetrics).unwrap();
         let text = std::fs::read_to_string(&target).unwrap();
         assert!(text.starts_with("old\n{"), "{text}");
         // Directories are refused with a reason.
-        let err = c
-            .handle(Request::SetMetrics(MetricsConfig { path: dir.clone() }))
-            .unwrap_err();
-        assert!(err.0.starts_with("metrics_path: cannot open"), "{err}");
+        let err = c.handle(Request::SetMetrics(dir.clone())).unwrap_err();
+        assert!(err.message.starts_with("cannot open"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -1089,7 +937,7 @@ mod tests {
         }))
         .unwrap();
         let err = c.handle(Request::Start).unwrap_err();
-        assert!(err.0.starts_with("cannot start the VM:"), "{err}");
+        assert!(err.message.starts_with("cannot start the VM:"), "{err}");
         assert_eq!(c.state(), VmState::NotStarted);
     }
 }

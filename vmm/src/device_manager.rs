@@ -17,7 +17,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::{RateLimiterConfig, VmConfig};
+use crate::config::{CacheType, RateLimiterConfig, VmConfig};
 use crate::error::{Error, Result};
 use crate::metrics::DeviceMetrics;
 
@@ -107,6 +107,9 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         if let Some(limiter) = limiter(&drive.rate_limiter, &drive.path.display().to_string())? {
             block = block.with_rate_limiter(limiter);
         }
+        if drive.cache == CacheType::Unsafe {
+            block = block.without_flush();
+        }
         let name = drive
             .id
             .clone()
@@ -160,8 +163,12 @@ fn disk_letter(n: usize) -> String {
 /// Root-disk parameters for the kernel command line.
 fn root_cmdline(config: &VmConfig) -> Option<String> {
     let root = config.drives.iter().find(|d| d.root)?;
+    let device = match &root.partuuid {
+        Some(uuid) => format!("PARTUUID={uuid}"),
+        None => "/dev/vda".to_string(),
+    };
     Some(format!(
-        "root=/dev/vda {}",
+        "root={device} {}",
         if root.read_only { "ro" } else { "rw" }
     ))
 }
@@ -269,6 +276,11 @@ mod tests {
         assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda rw"));
         c.drives[0].read_only = true;
         assert_eq!(root_cmdline(&c).as_deref(), Some("root=/dev/vda ro"));
+        c.drives[0].partuuid = Some("4cbb6a2a-01".into());
+        assert_eq!(
+            root_cmdline(&c).as_deref(),
+            Some("root=PARTUUID=4cbb6a2a-01 ro")
+        );
     }
 
     #[test]

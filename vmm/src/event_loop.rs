@@ -98,7 +98,7 @@ impl EventLoop {
         let thread = thread::Builder::new()
             .name("event-loop".into())
             .spawn(move || {
-                let installed = crate::seccomp::install(crate::seccomp::ThreadKind::EventLoop);
+                let installed = crate::seccomp::Filter::event_loop().install();
                 let ok = installed.is_ok();
                 let _ = ready_tx.send(installed.map_err(|e| e.to_string()));
                 if !ok {

@@ -1,14 +1,23 @@
-//! seccomp-bpf filters: every flint thread allows only the system calls it needs, and for the
-//! calls that multiplex many operations only the arguments it uses. A thread that makes any
-//! other call gets SIGSYS; flint logs which call it was and exits with status 159
+//! seccomp-bpf filters: every thread allows only the system calls it needs, and for the calls
+//! that multiplex many operations only the arguments it uses. A thread that makes any other
+//! call gets SIGSYS; the process logs which call it was and exits with status 159
 //! (128 + SIGSYS).
 //!
-//! Filters are built with `seccompiler` and installed by each thread on itself, before it does
-//! its work: vCPU threads before their first `KVM_RUN`, so no guest code ever runs unfiltered.
-//! Threads inherit their creator's filter too, so the VMM thread installs its own only after it
-//! has started the others.
+//! A [`Filter`] is a thread's allowlist. This crate has the filters of the threads it starts
+//! ([`Filter::vcpu`], [`Filter::event_loop`], [`Filter::console_input`]) and what a started
+//! [`Vm`](crate::Vm) needs on the thread that owns it ([`Filter::vmm_thread`]); a front end
+//! composes its own threads' filters from [`Filter::new`], the call groups of this module
+//! ([`CONNECTED_SOCKETS`], [`OPEN_FILES`], [`FILE_CHANGES`], [`THREAD_CREATION`]) and the
+//! argument rules of [`Filter`]'s methods, adds what it does itself on the VM's thread to
+//! [`Filter::vmm_thread`], and hands that to [`Vm::start`](crate::Vm::start).
 //!
-//! # What every thread may do
+//! Filters are built with `seccompiler` and installed by each thread on itself
+//! ([`Filter::install`]), before it does its work: vCPU threads before their first `KVM_RUN`,
+//! so no guest code ever runs unfiltered. Threads inherit their creator's filter too, so
+//! [`Vm::start`](crate::Vm::start) installs the filter of the thread that owns the VM only
+//! after it has started the others.
+//!
+//! # What every thread may do ([`Filter::new`])
 //!
 //! - `read`, `write`, `close`; memory: `munmap`, `mremap`, `madvise`, `brk`, and `mmap` and
 //!   `mprotect` **without `PROT_EXEC`** (heap, thread stacks and guard pages never need it:
@@ -23,7 +32,7 @@
 //!   `clock_nanosleep`, `nanosleep`; `sched_yield`, `sched_getaffinity`, `gettid`, `getpid`,
 //!   `restart_syscall`, `exit`, `exit_group`.
 //!
-//! # Per thread
+//! # This crate's threads
 //!
 //! - **vcpu**: `ioctl` only `KVM_RUN`, the register, MSR, LAPIC, MP-state, event, debug-register,
 //!   XSAVE and XCR reads (a guest fault's message, a snapshot) and `TUNSETOFFLOAD` (a NIC's
@@ -37,47 +46,37 @@
 //!   `ioctl` only `TUNSETOFFLOAD` and `FIONBIO`; `eventfd2`, `getrandom`, the timerfd calls.
 //!   `openat` fails with `EACCES`: every disk, TAP and socket it serves was opened before it
 //!   started.
-//! - **api** (the HTTP API server): `accept4` and calls on accepted connections, `epoll_*`,
-//!   `ioctl` only `FIONBIO`, `unlink`/`unlinkat`. **No `socket` or `connect`**: its listening
-//!   socket was bound before it started. `openat` fails with `EACCES`.
 //! - **console-in**: only the common calls (it reads the terminal and feeds the UART);
 //!   `openat` fails with `EACCES`.
-//! - **agent-client** (`flint run`): `socket` **only `AF_UNIX`, `SOCK_STREAM`** and `connect`
-//!   (the vsock device's Unix socket), calls on that connection, `poll`; `ioctl` only
-//!   `FIONBIO` and `TCGETS`; `getrandom` (entropy for a restored guest); thread creation for
-//!   its stdin forwarder (`clone3`, `clone`, `set_robust_list`, `rseq`, and `prctl` **only
-//!   `PR_SET_NAME`**, which names it); file reads
-//!   for `--copy-in`: `openat` **read-only** (no `O_CREAT`, no `O_TRUNC`, access mode
-//!   `O_RDONLY`). Only when the run has `--copy-out` may it create files: `openat` with any
-//!   flags, `mkdir`, `rename`, `unlink`, `fchmod`, `chmod`, `ftruncate`.
-//! - **vmm** (the main thread once the VM runs: waits for the end, API requests, pause,
-//!   snapshots, disk media changes, metrics and log files, removing `flint run`'s temporary
-//!   directory): files including `openat` with any flags (it creates snapshot, metrics and
-//!   log files), `getdents64`, `rmdir`, `unlink`, `rename`, `ftruncate`; `poll`, `epoll_*`;
-//!   `sendto` and `shutdown` (telling a `flint run` agent to kill the command); `getrandom`;
-//!   `tgkill` **only to threads of this process, with the vCPU kick signal or `SIGABRT`**
-//!   (an abort); `rt_sigaction` **only for `SIGABRT`** (glibc's `abort` resets its handler);
-//!   `ioctl` only `TCGETS`/`TCSETS` (the terminal) and the VM-state reads of a snapshot. No
-//!   `socket`, no `connect`.
+//! - **vmm** (the thread that owns a started VM: waits for its end, pauses it, snapshots it,
+//!   executes the [`controller`](crate::controller)'s requests: disk media changes, metrics
+//!   files): files including `openat` with any flags (snapshot and metrics files), `unlink`,
+//!   `rename` and `ftruncate` (a snapshot's files are written whole, then renamed into place);
+//!   `getrandom`; `tgkill` **only to threads of this process, with the vCPU kick signal or
+//!   `SIGABRT`** (an abort); `rt_sigaction` **only for `SIGABRT`** (glibc's `abort` resets its
+//!   handler); `ioctl` only the VM-state reads of a snapshot. No `socket`, no `connect`. A
+//!   front end adds what it does itself on that thread.
 //!
-//! The threads that open no files (vcpu, event-loop, api, console-in) have a second filter that
-//! makes `openat` fail with `EACCES` rather than stop flint: glibc's malloc opens
+//! The threads that open no files ([`Filter::refuse_opens`]) have a second filter that makes
+//! `openat` fail with `EACCES` rather than stop the process: glibc's malloc opens
 //! `/proc/sys/vm/overcommit_memory` (read-only, once per process) on whichever thread first
-//! shrinks a secondary arena, and that must not stop flint. They still open nothing.
+//! shrinks a secondary arena, and that must not stop it. They still open nothing.
 //!
-//! `FLINT_SECCOMP_SELF_TEST=<thread>` or `<thread>:<probe>` makes that thread issue a call its
-//! filter refuses right after installing it (see [`PROBES`]); the tests use it to show that
-//! every thread's filter, argument rules included, stops flint. A probe the filter lets
-//! through (or fails with an error, as `openat` on the threads that open no files) ends flint
-//! with status 1 and a line saying what the call returned.
+//! `FLINT_SECCOMP_SELF_TEST=<thread>` or `<thread>:<probe>` makes the thread whose filter has
+//! that name issue a call its filter refuses right after installing it (see [`PROBES`]); the
+//! tests use it to show that every thread's filter, argument rules included, stops the
+//! process. A probe the filter lets through (or fails with an error, as `openat` on the
+//! threads that open no files) ends the process with status 1 and a line saying what the call
+//! returned.
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::convert::TryInto;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// The exit status after a forbidden system call.
@@ -86,11 +85,12 @@ pub const STATUS_SECCOMP_VIOLATION: i32 = 128 + libc::SIGSYS;
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 thread_local! {
-    /// The filter this thread installed, for the violation message.
-    static THREAD_KIND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("main") };
+    /// The name of the filter this thread installed, for the violation message.
+    static THREAD_NAME: std::cell::Cell<&'static str> = const { std::cell::Cell::new("main") };
 }
 
-/// Turn filtering off (`--no-seccomp`, for debugging only).
+/// Turn filtering off (`--no-seccomp`, for debugging only): [`Filter::install`] then installs
+/// nothing.
 pub fn disable() {
     ENABLED.store(false, Ordering::Relaxed);
 }
@@ -100,47 +100,26 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// The kinds of flint thread, each with its own filter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ThreadKind {
-    /// The VMM thread once the VM runs: waits for endings and API requests, pauses vCPUs.
-    Vmm,
-    /// A vCPU thread: `KVM_RUN` and device register accesses.
-    Vcpu,
-    /// The device event loop: virtio queues, disk files, TAP, sockets.
-    EventLoop,
-    /// The HTTP API server.
-    Api,
-    /// Forwards terminal input to the serial console.
-    ConsoleIn,
-    /// `flint run`: talks to the guest agent over the vsock Unix socket, copies files in and
-    /// out, and writes the command's output. Only with `copies_out` may it create files.
-    AgentClient { copies_out: bool },
-}
-
-impl ThreadKind {
-    /// The name used in messages and by `FLINT_SECCOMP_SELF_TEST`.
-    pub fn name(&self) -> &'static str {
-        match self {
-            ThreadKind::Vmm => "vmm",
-            ThreadKind::Vcpu => "vcpu",
-            ThreadKind::EventLoop => "event-loop",
-            ThreadKind::Api => "api",
-            ThreadKind::ConsoleIn => "console-in",
-            ThreadKind::AgentClient { .. } => "agent-client",
-        }
-    }
-}
-
-/// Why a filter could not be installed.
+/// Why a filter could not be built or installed.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot install the seccomp filter of the {thread} thread: {reason}")]
-pub struct SeccompError {
-    thread: &'static str,
-    reason: String,
+pub enum SeccompError {
+    #[error("cannot build the seccomp filter of the {thread} thread: {source}")]
+    Build {
+        thread: &'static str,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot install the seccomp filter of the {thread} thread: {source}")]
+    Install {
+        thread: &'static str,
+        #[source]
+        source: seccompiler::Error,
+    },
+    #[error("cannot install the handler that reports forbidden system calls: {0}")]
+    Handler(#[source] vmm_sys_util::errno::Error),
 }
 
-// ioctl requests some threads may make.
+// ioctl requests this crate's threads may make.
 const KVM_RUN: u64 = 0xae80;
 /// `_IOR(KVMIO, nr, T)` for a `T` of `size` bytes.
 const fn kvm_ior(nr: u64, size: usize) -> u64 {
@@ -167,15 +146,14 @@ const KVM_GET_IRQCHIP: u64 = kvm_iowr(0x62, std::mem::size_of::<kvm_bindings::kv
 const KVM_GET_CLOCK: u64 = kvm_ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
 const KVM_GET_PIT2: u64 = kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>());
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
-const TCGETS: u64 = 0x5401;
-const TCSETS: u64 = 0x5402;
 const FIONBIO: u64 = 0x5421;
 
 /// Arming and reading the rate limiters' timerfds (never creating them).
 const TIMERS: &[i64] = &[libc::SYS_timerfd_settime, libc::SYS_timerfd_gettime];
 
 /// What every thread needs with any arguments: memory, signals, time, leaving. (`mmap`,
-/// `mprotect`, `futex` and `fcntl`, also needed by all, have argument rules: see [`rules`].)
+/// `mprotect`, `futex` and `fcntl`, also needed by all, have argument rules: see
+/// [`Filter::new`].)
 const COMMON: &[i64] = &[
     libc::SYS_read,
     libc::SYS_write,
@@ -199,9 +177,9 @@ const COMMON: &[i64] = &[
     libc::SYS_exit_group,
 ];
 
-/// Calls on sockets that are already open (accepted or connected), for the event loop, the
-/// API server and the agent client. Making sockets (`socket`, `connect`) is separate.
-const CONNECTED_SOCKETS: &[i64] = &[
+/// Calls on sockets that are already open (accepted or connected), and waiting for them with
+/// epoll. Making sockets (`socket`, `connect`) is separate.
+pub const CONNECTED_SOCKETS: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_sendto,
     libc::SYS_recvfrom,
@@ -219,9 +197,9 @@ const CONNECTED_SOCKETS: &[i64] = &[
     libc::SYS_writev,
 ];
 
-/// I/O on files that are already open (disks, snapshot and log files), for the event loop,
-/// the agent client and the VMM thread. Opening files (`openat`) is separate.
-const OPEN_FILES: &[i64] = &[
+/// I/O on files that are already open (disks, snapshot and log files). Opening files
+/// (`openat`) is separate.
+pub const OPEN_FILES: &[i64] = &[
     libc::SYS_pread64,
     libc::SYS_pwrite64,
     libc::SYS_preadv,
@@ -236,8 +214,8 @@ const OPEN_FILES: &[i64] = &[
     libc::SYS_statx,
 ];
 
-/// Creating, renaming and removing files (the agent client's `--copy-out`).
-const FILE_CHANGES: &[i64] = &[
+/// Creating, renaming and removing files and directories, and changing their modes and sizes.
+pub const FILE_CHANGES: &[i64] = &[
     libc::SYS_mkdir,
     libc::SYS_mkdirat,
     libc::SYS_rename,
@@ -249,6 +227,15 @@ const FILE_CHANGES: &[i64] = &[
     libc::SYS_fchmodat,
     libc::SYS_chmod,
     libc::SYS_ftruncate,
+];
+
+/// Starting threads (`std::thread::spawn`). Naming them takes `prctl(PR_SET_NAME)`, allowed
+/// separately with [`Filter::allow_when`].
+pub const THREAD_CREATION: &[i64] = &[
+    libc::SYS_clone3,
+    libc::SYS_clone,
+    libc::SYS_set_robust_list,
+    libc::SYS_rseq,
 ];
 
 /// The futex operations Rust's locks, channels and thread parking and glibc's `pthread_join`
@@ -275,78 +262,84 @@ const FCNTL_CMDS: &[u64] = &[
 /// Linux's `SOCK_TYPE_MASK`: the bits of `socket`'s type that are the type, not flags.
 const SOCK_TYPE_MASK: u64 = 0xf;
 
-fn condition(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, String> {
-    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value).map_err(|e| e.to_string())
+/// How an argument is compared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compare {
+    /// `arg == value`.
+    Eq,
+    /// `arg & mask == value`.
+    MaskedEq(u64),
 }
 
-fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
-    SeccompRule::new(conditions).map_err(|e| e.to_string())
+/// A test of one argument, an `int` (its low 32 bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Condition {
+    arg: u8,
+    compare: Compare,
+    value: u64,
 }
 
-/// One rule per value: argument `arg` (an `int`), masked with `mask`, is one of `values`.
-fn masked_one_of(arg: u8, mask: u64, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
-    values
-        .iter()
-        .map(|&v| rule(vec![condition(arg, SeccompCmpOp::MaskedEq(mask), v)?]))
-        .collect()
+/// Conditions that must all hold.
+type Rule = Vec<Condition>;
+
+fn eq(arg: u8, value: u64) -> Condition {
+    Condition {
+        arg,
+        compare: Compare::Eq,
+        value,
+    }
 }
 
-/// One rule per value: argument `arg` (an `int`) is one of `values`.
-fn one_of(arg: u8, values: &[u64]) -> Result<Vec<SeccompRule>, String> {
-    values
-        .iter()
-        .map(|&v| rule(vec![condition(arg, SeccompCmpOp::Eq, v)?]))
-        .collect()
+fn masked_eq(arg: u8, mask: u64, value: u64) -> Condition {
+    Condition {
+        arg,
+        compare: Compare::MaskedEq(mask),
+        value,
+    }
 }
 
-/// `mmap` or `mprotect` (protection in argument 2) without `PROT_EXEC`.
-fn not_executable() -> Result<Vec<SeccompRule>, String> {
-    masked_one_of(2, libc::PROT_EXEC as u64, &[0])
+/// The allowlist of one kind of thread, named for messages and `FLINT_SECCOMP_SELF_TEST`.
+/// Calls are added with the `allow` methods; any other call stops the process.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    thread: &'static str,
+    /// Allowed calls: number → rules, any one of which admits the call (none: any arguments).
+    calls: BTreeMap<i64, Vec<Rule>>,
+    refuses_opens: bool,
 }
 
-/// `socket(AF_UNIX, SOCK_STREAM [| SOCK_NONBLOCK | SOCK_CLOEXEC], 0)`.
-fn unix_stream_sockets() -> Result<Vec<SeccompRule>, String> {
-    Ok(vec![rule(vec![
-        condition(0, SeccompCmpOp::Eq, libc::AF_UNIX as u64)?,
-        condition(
-            1,
-            SeccompCmpOp::MaskedEq(SOCK_TYPE_MASK),
-            libc::SOCK_STREAM as u64,
-        )?,
-        condition(2, SeccompCmpOp::Eq, 0)?,
-    ])?])
-}
-
-/// `openat` that only reads: access mode `O_RDONLY`, no `O_CREAT`, no `O_TRUNC` (which Linux
-/// honours even on a read-only open), and so no `O_TMPFILE` either (it needs write access).
-fn read_only_opens() -> Result<Vec<SeccompRule>, String> {
-    let mask = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
-    masked_one_of(2, mask, &[libc::O_RDONLY as u64])
-}
-
-fn ioctl_rules(requests: &[u64]) -> Result<Vec<SeccompRule>, String> {
-    one_of(1, requests)
-}
-
-/// The allowed system calls of `kind`: number → argument rules (empty: any arguments; several:
-/// any one of them).
-fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
-    let mut map: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    let mut allow = |calls: &[i64]| {
-        for &c in calls {
-            map.insert(c, Vec::new());
+impl Filter {
+    /// The calls every thread needs (see the module documentation), for the thread named
+    /// `thread`.
+    pub fn new(thread: &'static str) -> Filter {
+        let not_executable = [masked_eq(2, libc::PROT_EXEC as u64, 0)];
+        Filter {
+            thread,
+            calls: BTreeMap::new(),
+            refuses_opens: false,
         }
-    };
-    allow(COMMON);
-    let ioctls: &[u64] = match kind {
+        .allow(COMMON)
+        .allow_rules(libc::SYS_mmap, [not_executable.to_vec()])
+        .allow_rules(libc::SYS_mprotect, [not_executable.to_vec()])
+        .allow_rules(
+            libc::SYS_futex,
+            FUTEX_OPS
+                .iter()
+                .map(|&op| vec![masked_eq(1, FUTEX_CMD_MASK, op)]),
+        )
+        .allow_when(libc::SYS_fcntl, 1, FCNTL_CMDS)
+    }
+
+    /// A vCPU thread: `KVM_RUN`, its vCPU's state reads and device register accesses.
+    pub fn vcpu() -> Filter {
         // Device register writes run on vCPU threads, and a virtio driver's DRIVER_OK
         // activates the device there: a NIC then sets its TAP's offloads.
         // A device reset disarms its rate limiters' timers (created at device construction).
         // A fatal guest fault reads the registers for its message.
         // A snapshot has each paused vCPU thread read its vCPU's state.
-        ThreadKind::Vcpu => {
-            allow(TIMERS);
-            &[
+        Filter::new("vcpu")
+            .allow(TIMERS)
+            .allow_ioctls(&[
                 KVM_RUN,
                 KVM_GET_REGS,
                 KVM_GET_SREGS,
@@ -358,125 +351,228 @@ fn rules(kind: ThreadKind) -> Result<BTreeMap<i64, Vec<SeccompRule>>, String> {
                 KVM_GET_DEBUGREGS,
                 KVM_GET_XSAVE,
                 KVM_GET_XCRS,
-            ]
-        }
-        ThreadKind::EventLoop => {
-            allow(TIMERS);
-            allow(CONNECTED_SOCKETS);
-            allow(OPEN_FILES);
-            allow(&[libc::SYS_connect, libc::SYS_getrandom, libc::SYS_eventfd2]);
-            &[TUNSETOFFLOAD, FIONBIO]
-        }
-        ThreadKind::Api => {
-            allow(CONNECTED_SOCKETS);
-            allow(&[libc::SYS_unlink, libc::SYS_unlinkat]);
-            &[FIONBIO]
-        }
-        ThreadKind::ConsoleIn => &[],
-        ThreadKind::AgentClient { copies_out } => {
-            allow(CONNECTED_SOCKETS);
-            allow(OPEN_FILES);
-            allow(&[
-                libc::SYS_connect,
-                libc::SYS_clone3,
-                libc::SYS_clone,
-                libc::SYS_set_robust_list,
-                libc::SYS_rseq,
-                libc::SYS_copy_file_range,
-                libc::SYS_sendfile,
-                libc::SYS_poll,
-                libc::SYS_ppoll,
-                // Entropy for a restored guest's random number generator.
-                libc::SYS_getrandom,
-            ]);
-            if copies_out {
-                allow(FILE_CHANGES);
-                allow(&[libc::SYS_openat]);
-            }
-            &[FIONBIO, TCGETS]
-        }
-        ThreadKind::Vmm => {
-            allow(OPEN_FILES);
-            allow(&[
+            ])
+            .refuse_opens()
+    }
+
+    /// The device event loop: virtio queues, disk files, TAP, vsock sockets.
+    pub fn event_loop() -> Filter {
+        Filter::new("event-loop")
+            .allow(TIMERS)
+            .allow(CONNECTED_SOCKETS)
+            .allow(OPEN_FILES)
+            .allow(&[libc::SYS_connect, libc::SYS_getrandom, libc::SYS_eventfd2])
+            .allow_unix_stream_sockets()
+            .allow_ioctls(&[TUNSETOFFLOAD, FIONBIO])
+            .refuse_opens()
+    }
+
+    /// The thread that forwards input to the serial console.
+    pub fn console_input() -> Filter {
+        Filter::new("console-in").refuse_opens()
+    }
+
+    /// What a started VM needs on the thread that owns it: waiting for its end, pausing and
+    /// resuming it, snapshots, the [`controller`](crate::controller)'s requests. A front end
+    /// adds what it does on that thread itself and passes the result to
+    /// [`Vm::start`](crate::Vm::start).
+    pub fn vmm_thread() -> Filter {
+        // SAFETY: getpid has no arguments and cannot fail.
+        let pid = unsafe { libc::getpid() } as u64;
+        Filter::new("vmm")
+            .allow(OPEN_FILES)
+            .allow(&[
+                // Snapshot, memory and metrics files; a disk's new medium.
                 libc::SYS_openat,
-                libc::SYS_poll,
-                libc::SYS_ppoll,
-                libc::SYS_unlink,
-                libc::SYS_unlinkat,
-                libc::SYS_epoll_wait,
-                libc::SYS_epoll_pwait,
-                libc::SYS_epoll_ctl,
-                libc::SYS_shutdown,
-                // Telling the guest agent to kill the command when a signal stops `flint
-                // run` (std writes to a Unix stream socket with send).
-                libc::SYS_sendto,
-                libc::SYS_getrandom,
-                // Removing a sandbox's temporary directory at the end.
-                libc::SYS_getdents64,
-                libc::SYS_rmdir,
-                // A snapshot's files: written whole, then renamed into place; and publishing a
-                // finished snapshot of a booted sandbox (`flint run`).
+                // A snapshot's files: written whole, then renamed into place (a partial one
+                // removed).
                 libc::SYS_ftruncate,
                 libc::SYS_rename,
                 libc::SYS_renameat,
                 libc::SYS_renameat2,
-            ]);
-            &[TCGETS, TCSETS, KVM_GET_IRQCHIP, KVM_GET_CLOCK, KVM_GET_PIT2]
-        }
-    };
-    if !ioctls.is_empty() {
-        map.insert(libc::SYS_ioctl, ioctl_rules(ioctls)?);
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                // Seeding std's hash maps.
+                libc::SYS_getrandom,
+            ])
+            .allow_ioctls(&[KVM_GET_IRQCHIP, KVM_GET_CLOCK, KVM_GET_PIT2])
+            // Kicking vCPU threads out of KVM_RUN (and an abort), only within this process.
+            .allow_rules(
+                libc::SYS_tgkill,
+                [crate::signals::kick_signal(), libc::SIGABRT]
+                    .map(|sig| vec![eq(0, pid), eq(2, sig as u64)]),
+            )
+            .allow_when(libc::SYS_rt_sigaction, 0, &[libc::SIGABRT as u64])
     }
-    map.insert(libc::SYS_mmap, not_executable()?);
-    map.insert(libc::SYS_mprotect, not_executable()?);
-    map.insert(
-        libc::SYS_futex,
-        masked_one_of(1, FUTEX_CMD_MASK, FUTEX_OPS)?,
-    );
-    map.insert(libc::SYS_fcntl, one_of(1, FCNTL_CMDS)?);
-    match kind {
-        ThreadKind::EventLoop | ThreadKind::AgentClient { .. } => {
-            map.insert(libc::SYS_socket, unix_stream_sockets()?);
-        }
-        _ => {}
-    }
-    if let ThreadKind::AgentClient { copies_out } = kind {
-        if !copies_out {
-            map.insert(libc::SYS_openat, read_only_opens()?);
-        }
-        // Naming its stdin forwarder thread ("agent-stdin"), which glibc does with prctl.
-        map.insert(libc::SYS_prctl, one_of(0, &[libc::PR_SET_NAME as u64])?);
-    }
-    if opens_no_files(kind) {
-        // Refused with EACCES by the second filter.
-        map.insert(libc::SYS_openat, Vec::new());
-    }
-    if kind == ThreadKind::Vmm {
-        // Kicking vCPU threads out of KVM_RUN (and an abort), only within this process.
-        // SAFETY: getpid has no arguments and cannot fail.
-        let pid = unsafe { libc::getpid() } as u64;
-        let tgkill = [crate::signals::kick_signal(), libc::SIGABRT]
-            .iter()
-            .map(|&sig| {
-                rule(vec![
-                    condition(0, SeccompCmpOp::Eq, pid)?,
-                    condition(2, SeccompCmpOp::Eq, sig as u64)?,
-                ])
-            })
-            .collect::<Result<Vec<_>, String>>()?;
-        map.insert(libc::SYS_tgkill, tgkill);
-        map.insert(libc::SYS_rt_sigaction, one_of(0, &[libc::SIGABRT as u64])?);
-    }
-    Ok(map)
-}
 
-/// Whether `kind` is a thread that opens no files: its `openat` fails with `EACCES` instead of
-/// stopping flint (see [`no_opens_program`]).
-fn opens_no_files(kind: ThreadKind) -> bool {
-    matches!(
-        kind,
-        ThreadKind::Vcpu | ThreadKind::EventLoop | ThreadKind::Api | ThreadKind::ConsoleIn
-    )
+    /// The name of the thread this filter is for.
+    pub fn thread(&self) -> &'static str {
+        self.thread
+    }
+
+    /// Allow `calls` with any arguments.
+    pub fn allow(mut self, calls: &[i64]) -> Filter {
+        for &call in calls {
+            self.calls.insert(call, Vec::new());
+        }
+        self
+    }
+
+    /// Allow `call` only when its argument number `arg` (an `int`) is one of `values` (as well
+    /// as with whatever arguments it was allowed before).
+    pub fn allow_when(self, call: i64, arg: u8, values: &[u64]) -> Filter {
+        self.allow_rules(call, values.iter().map(|&v| vec![eq(arg, v)]))
+    }
+
+    /// Allow `ioctl` with the requests `requests`.
+    pub fn allow_ioctls(self, requests: &[u64]) -> Filter {
+        self.allow_when(libc::SYS_ioctl, 1, requests)
+    }
+
+    /// Allow `socket(AF_UNIX, SOCK_STREAM [| SOCK_NONBLOCK | SOCK_CLOEXEC], 0)`, no other
+    /// family or type.
+    pub fn allow_unix_stream_sockets(self) -> Filter {
+        self.allow_rules(
+            libc::SYS_socket,
+            [vec![
+                eq(0, libc::AF_UNIX as u64),
+                masked_eq(1, SOCK_TYPE_MASK, libc::SOCK_STREAM as u64),
+                eq(2, 0),
+            ]],
+        )
+    }
+
+    /// Allow `openat` that only reads: access mode `O_RDONLY`, no `O_CREAT`, no `O_TRUNC`
+    /// (which Linux honours even on a read-only open), and so no `O_TMPFILE` either (it needs
+    /// write access).
+    pub fn allow_read_only_opens(self) -> Filter {
+        let mask = (libc::O_ACCMODE | libc::O_CREAT | libc::O_TRUNC) as u64;
+        self.allow_rules(
+            libc::SYS_openat,
+            [vec![masked_eq(2, mask, libc::O_RDONLY as u64)]],
+        )
+    }
+
+    /// Make `openat` fail with `EACCES` instead of stopping the process, whatever else allows
+    /// it: for threads that open no files (see the module documentation).
+    pub fn refuse_opens(mut self) -> Filter {
+        self.refuses_opens = true;
+        self
+    }
+
+    /// Allow `call` when any one of `rules` holds (an empty `rules` adds nothing). A call
+    /// already allowed with any arguments stays so.
+    fn allow_rules(mut self, call: i64, rules: impl IntoIterator<Item = Rule>) -> Filter {
+        let mut rules = rules.into_iter().peekable();
+        if rules.peek().is_none() {
+            return self;
+        }
+        match self.calls.entry(call) {
+            Entry::Vacant(entry) => {
+                entry.insert(rules.collect());
+            }
+            Entry::Occupied(entry) => {
+                let existing = entry.into_mut();
+                if !existing.is_empty() {
+                    for rule in rules {
+                        if !existing.contains(&rule) {
+                            existing.push(rule);
+                        }
+                    }
+                }
+            }
+        }
+        self
+    }
+
+    /// Whether `call` is allowed, with any arguments or some.
+    pub fn allows(&self, call: i64) -> bool {
+        self.calls.contains_key(&call)
+    }
+
+    /// Whether `call` is allowed with any arguments.
+    pub fn allows_any_arguments(&self, call: i64) -> bool {
+        self.calls.get(&call).is_some_and(Vec::is_empty)
+    }
+
+    /// Whether this thread's `openat` fails with `EACCES` ([`Filter::refuse_opens`]).
+    pub fn refuses_opens(&self) -> bool {
+        self.refuses_opens
+    }
+
+    /// The allowed calls in `seccompiler`'s terms.
+    fn rules(&self) -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
+        let condition = |c: &Condition| {
+            let op = match c.compare {
+                Compare::Eq => SeccompCmpOp::Eq,
+                Compare::MaskedEq(mask) => SeccompCmpOp::MaskedEq(mask),
+            };
+            SeccompCondition::new(c.arg, SeccompCmpArgLen::Dword, op, c.value)
+        };
+        let mut map = BTreeMap::new();
+        for (&call, rules) in &self.calls {
+            let rules = rules
+                .iter()
+                .map(|rule| SeccompRule::new(rule.iter().map(condition).collect::<Result<_, _>>()?))
+                .collect::<Result<_, _>>()?;
+            map.insert(call, rules);
+        }
+        if self.refuses_opens {
+            // Refused with EACCES by the second filter.
+            map.insert(libc::SYS_openat, Vec::new());
+        }
+        Ok(map)
+    }
+
+    /// The BPF program: the allowed calls, a trap for any other.
+    pub fn program(&self) -> Result<BpfProgram, SeccompError> {
+        let err = |source| SeccompError::Build {
+            thread: self.thread,
+            source,
+        };
+        let filter = SeccompFilter::new(
+            self.rules().map_err(err)?,
+            SeccompAction::Trap,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .map_err(err)?;
+        filter.try_into().map_err(err)
+    }
+
+    /// Install this filter on the calling thread (nothing when filtering is disabled), then
+    /// run the self-test if `FLINT_SECCOMP_SELF_TEST` names this thread.
+    pub fn install(&self) -> Result<(), SeccompError> {
+        if !enabled() {
+            return Ok(());
+        }
+        let mut handler_result = Ok(());
+        SIGSYS_HANDLER.call_once(|| {
+            handler_result = vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys);
+        });
+        handler_result.map_err(SeccompError::Handler)?;
+        let bpf = self.program()?;
+        let no_opens = if self.refuses_opens {
+            Some(no_opens_program().map_err(|source| SeccompError::Build {
+                thread: self.thread,
+                source,
+            })?)
+        } else {
+            None
+        };
+        let err = |source| SeccompError::Install {
+            thread: self.thread,
+            source,
+        };
+        THREAD_NAME.with(|k| k.set(self.thread));
+        // First: installing a filter takes prctl and seccomp, which the main filter forbids.
+        if let Some(no_opens) = no_opens {
+            seccompiler::apply_filter(&no_opens).map_err(err)?;
+        }
+        seccompiler::apply_filter(&bpf).map_err(err)?;
+        self_test(self.thread);
+        Ok(())
+    }
 }
 
 /// The second filter of the threads that open no files: `openat` fails with `EACCES`, all else
@@ -486,32 +582,16 @@ fn opens_no_files(kind: ThreadKind) -> bool {
 /// Such a thread still calls `openat` once in a while, through glibc: when a malloc arena other
 /// than the main one shrinks, glibc reads `/proc/sys/vm/overcommit_memory` (once per process,
 /// on whichever thread gets there first; seen on the event loop during the vsock stream test).
-/// A failed open is fine for glibc (it then keeps the memory mapped); a trap would stop flint.
-fn no_opens_program() -> Result<BpfProgram, String> {
-    let filter = SeccompFilter::new(
+/// A failed open is fine for glibc (it then keeps the memory mapped); a trap would stop the
+/// process.
+fn no_opens_program() -> Result<BpfProgram, BackendError> {
+    SeccompFilter::new(
         BTreeMap::from([(libc::SYS_openat, Vec::new())]),
         SeccompAction::Allow,
         SeccompAction::Errno(libc::EACCES as u32),
         TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
-}
-
-/// Build the BPF program of `kind`.
-pub fn program(kind: ThreadKind) -> Result<BpfProgram, String> {
-    let filter = SeccompFilter::new(
-        rules(kind)?,
-        SeccompAction::Trap,
-        SeccompAction::Allow,
-        TargetArch::x86_64,
-    )
-    .map_err(|e| e.to_string())?;
-    filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| e.to_string())
+    )?
+    .try_into()
 }
 
 static SIGSYS_HANDLER: std::sync::Once = std::sync::Once::new();
@@ -586,7 +666,7 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
         ]
     };
     // A const-initialised thread local without destructor: a plain TLS read.
-    let thread = THREAD_KIND.with(|k| k.get());
+    let thread = THREAD_NAME.with(|k| k.get());
     let name = CALL_NAMES
         .iter()
         .find(|(n, _)| *n == i64::from(nr))
@@ -619,37 +699,6 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
         libc::write(2, msg.as_ptr().cast(), len);
         libc::_exit(STATUS_SECCOMP_VIOLATION);
     }
-}
-
-/// Install the calling thread's filter (no-op when filtering is disabled).
-pub fn install(kind: ThreadKind) -> Result<(), SeccompError> {
-    if !enabled() {
-        return Ok(());
-    }
-    let err = |reason: String| SeccompError {
-        thread: kind.name(),
-        reason,
-    };
-    let mut handler_result = Ok(());
-    SIGSYS_HANDLER.call_once(|| {
-        handler_result = vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys)
-            .map_err(|e| e.to_string());
-    });
-    handler_result.map_err(err)?;
-    let bpf = program(kind).map_err(err)?;
-    let no_opens = if opens_no_files(kind) {
-        Some(no_opens_program().map_err(err)?)
-    } else {
-        None
-    };
-    THREAD_KIND.with(|k| k.set(kind.name()));
-    // First: installing a filter takes prctl and seccomp, which the main filter forbids.
-    if let Some(no_opens) = no_opens {
-        seccompiler::apply_filter(&no_opens).map_err(|e| err(e.to_string()))?;
-    }
-    seccompiler::apply_filter(&bpf).map_err(|e| err(e.to_string()))?;
-    self_test(kind);
-    Ok(())
 }
 
 /// The calls `FLINT_SECCOMP_SELF_TEST=<thread>:<probe>` can make. Apart from
@@ -766,12 +815,12 @@ fn probe_call(probe: &str) -> Option<i64> {
 /// `forbidden-call` if none), that thread makes the probe's call right after installing its
 /// filter, to show that violations stop flint (used by the tests). Should the filter allow
 /// it, flint says so and exits with status 1.
-fn self_test(kind: ThreadKind) {
+fn self_test(name: &str) {
     let Ok(value) = std::env::var("FLINT_SECCOMP_SELF_TEST") else {
         return;
     };
     let (thread, probe) = value.split_once(':').unwrap_or((&value, "forbidden-call"));
-    if thread != kind.name() {
+    if thread != name {
         return;
     }
     match probe_call(probe) {
@@ -814,66 +863,71 @@ mod tests {
         assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
         assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
         assert_eq!(KVM_GET_PIT2, 0x8070_ae9f);
+        assert_eq!(FIONBIO, libc::FIONBIO);
     }
 
     #[test]
     fn every_filter_compiles() {
-        for kind in [
-            ThreadKind::Vmm,
-            ThreadKind::Vcpu,
-            ThreadKind::EventLoop,
-            ThreadKind::Api,
-            ThreadKind::ConsoleIn,
-            ThreadKind::AgentClient { copies_out: false },
-            ThreadKind::AgentClient { copies_out: true },
+        for filter in [
+            Filter::vmm_thread(),
+            Filter::vcpu(),
+            Filter::event_loop(),
+            Filter::console_input(),
         ] {
-            let bpf = program(kind).unwrap();
-            assert!(bpf.len() > 10, "{kind:?}");
+            let bpf = filter.program().unwrap();
+            assert!(bpf.len() > 10, "{}", filter.thread());
         }
+        assert!(no_opens_program().unwrap().len() > 3);
     }
 
     #[test]
     fn vcpus_may_only_run_and_write() {
-        let rules = rules(ThreadKind::Vcpu).unwrap();
-        assert!(rules.contains_key(&libc::SYS_ioctl));
-        assert!(opens_no_files(ThreadKind::Vcpu));
-        assert!(!rules.contains_key(&libc::SYS_socket));
-        assert!(!rules.contains_key(&libc::SYS_execve));
-        let api = rules_keys(ThreadKind::Api);
-        assert!(api.contains(&libc::SYS_accept4));
-        assert!(opens_no_files(ThreadKind::Api));
+        let vcpu = Filter::vcpu();
+        assert!(vcpu.allows(libc::SYS_ioctl) && !vcpu.allows_any_arguments(libc::SYS_ioctl));
+        assert!(vcpu.refuses_opens());
+        assert!(!vcpu.allows(libc::SYS_socket));
+        assert!(!vcpu.allows(libc::SYS_execve));
     }
 
     #[test]
-    fn the_vmm_thread_may_signal_the_guest_agent() {
-        // A signal that stops `flint run` makes the VMM thread tell the agent to kill the
-        // command: std writes to the agent's Unix socket with sendto.
-        assert!(rules_keys(ThreadKind::Vmm).contains(&libc::SYS_sendto));
-        assert!(!rules_keys(ThreadKind::Vmm).contains(&libc::SYS_socket));
+    fn only_the_event_loop_makes_sockets_and_no_thread_here_creates_files_but_the_vmm() {
+        let event_loop = Filter::event_loop();
+        assert!(event_loop.allows(libc::SYS_socket));
+        assert!(!event_loop.allows_any_arguments(libc::SYS_socket));
+        assert!(event_loop.refuses_opens());
+        assert!(Filter::console_input().refuses_opens());
+        let vmm = Filter::vmm_thread();
+        assert!(!vmm.refuses_opens() && vmm.allows_any_arguments(libc::SYS_openat));
+        assert!(!vmm.allows(libc::SYS_socket) && !vmm.allows(libc::SYS_connect));
+        // Signals only within this process, the abort's handler only.
+        assert!(!vmm.allows_any_arguments(libc::SYS_tgkill));
+        assert!(!vmm.allows_any_arguments(libc::SYS_rt_sigaction));
     }
 
     #[test]
-    fn only_the_threads_that_need_them_make_sockets_or_create_files() {
-        let api = rules_keys(ThreadKind::Api);
-        assert!(!api.contains(&libc::SYS_socket) && !api.contains(&libc::SYS_connect));
-        assert!(opens_no_files(ThreadKind::EventLoop));
-        assert!(no_opens_program().unwrap().len() > 3);
-        assert!(!opens_no_files(ThreadKind::AgentClient {
-            copies_out: false
-        }));
-        assert!(!opens_no_files(ThreadKind::Vmm));
-        let reader = rules_keys(ThreadKind::AgentClient { copies_out: false });
-        let writer = rules_keys(ThreadKind::AgentClient { copies_out: true });
-        for call in FILE_CHANGES {
-            assert!(!reader.contains(call) && writer.contains(call), "{call}");
+    fn composing_keeps_argument_rules_unless_a_call_is_allowed_outright() {
+        let filter = Filter::new("test")
+            .allow_ioctls(&[1, 2])
+            .allow_ioctls(&[2, 3])
+            .allow_read_only_opens();
+        assert_eq!(filter.calls[&libc::SYS_ioctl].len(), 3);
+        assert_eq!(filter.calls[&libc::SYS_openat].len(), 1);
+        // Any arguments win over rules, before or after them.
+        let filter = filter.allow(&[libc::SYS_openat]).allow_read_only_opens();
+        assert!(filter.allows_any_arguments(libc::SYS_openat));
+        // No values: nothing allowed.
+        assert!(!Filter::new("test")
+            .allow_ioctls(&[])
+            .allows(libc::SYS_ioctl));
+        // Every thread: executable memory never, futex and fcntl only some commands.
+        for call in [
+            libc::SYS_mmap,
+            libc::SYS_mprotect,
+            libc::SYS_futex,
+            libc::SYS_fcntl,
+        ] {
+            assert!(filter.allows(call) && !filter.allows_any_arguments(call));
         }
-        // Read-only opens for --copy-in: one rule with conditions, not "any arguments".
-        let rules = rules(ThreadKind::AgentClient { copies_out: false }).unwrap();
-        assert_eq!(rules[&libc::SYS_openat].len(), 1);
-    }
-
-    fn rules_keys(kind: ThreadKind) -> Vec<i64> {
-        rules(kind).unwrap().into_keys().collect()
     }
 
     #[test]

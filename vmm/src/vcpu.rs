@@ -388,7 +388,7 @@ impl Vcpu {
 
     /// Run the guest until the VM stops or this vCPU ends it.
     pub fn run(mut self, shared: &VcpuShared) {
-        if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::Vcpu) {
+        if let Err(e) = crate::seccomp::Filter::vcpu().install() {
             shared.endings.report(Ending::Fault {
                 vcpu: self.id,
                 reason: e.to_string(),

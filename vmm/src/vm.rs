@@ -26,6 +26,7 @@ use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
 use crate::metrics::DeviceMetrics;
+use crate::seccomp::Filter;
 use crate::vcpu::{PauseGate, UnhandledAccesses, Vcpu, VcpuShared};
 use crate::{device_manager, loader, memory, signals};
 
@@ -93,11 +94,17 @@ fn host_err(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |source| Error::Host { what, source }
 }
 
-/// Boot the VM `config` describes and run it until it ends. `start` is when the VMM process
-/// started: the boot-timer device measures from it.
-pub fn run(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Outcome> {
+/// Boot the VM `config` describes and run it until it ends, on the calling thread restricted
+/// to `vmm_thread` (see [`Vm::start`]). `start` is when the VMM process started: the
+/// boot-timer device measures from it.
+pub fn run(
+    config: &VmConfig,
+    console: ConsoleIo,
+    start: Instant,
+    vmm_thread: &Filter,
+) -> Result<Outcome> {
     let mut vm = Vm::build(config, console, start)?;
-    vm.start()?;
+    vm.start(vmm_thread)?;
     let ending = vm.wait_for_ending();
     Ok(vm.shutdown(ending))
 }
@@ -469,9 +476,9 @@ impl Vm {
     }
 
     /// Like [`Vm::start`], but the vCPUs wait at the pause gate until [`Vm::resume`].
-    pub fn start_paused(&mut self) -> Result<()> {
+    pub fn start_paused(&mut self, vmm_thread: &Filter) -> Result<()> {
         self.shared.pause.close();
-        self.start()
+        self.start(vmm_thread)
     }
 
     /// Write the paused VM's complete state to `state_path` and its guest memory to
@@ -509,12 +516,14 @@ impl Vm {
         crate::snapshot::write_state(state_path, &state)
     }
 
-    /// Start the device event loop, the vCPU threads and console input.
-    pub fn start(&mut self) -> Result<()> {
+    /// Start the device event loop, the vCPU threads and console input, then restrict the
+    /// calling thread, which owns the VM from now on, to `vmm_thread`: at least
+    /// [`Filter::vmm_thread`], plus what the caller does on this thread itself.
+    pub fn start(&mut self, vmm_thread: &Filter) -> Result<()> {
         if crate::host_kvm_is_pvm() {
             log::warn!(
-                "/dev/kvm on this host is PVM (kvm_pvm), which cannot boot a normal Linux guest; \
-                 only tiny test guests run here (resources/demo.sh runs flint in a nested KVM host)"
+                "/dev/kvm on this host is PVM (kvm_pvm), whose instruction emulator cannot boot \
+                 a normal Linux guest kernel"
             );
         }
         signals::install(self.endings.eventfd()).map_err(host_err("install signal handlers"))?;
@@ -534,7 +543,7 @@ impl Vm {
             spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
         }
         // Last: threads started from here on would inherit this filter too.
-        crate::seccomp::install(crate::seccomp::ThreadKind::Vmm)?;
+        vmm_thread.install()?;
         Ok(())
     }
 
@@ -754,7 +763,7 @@ fn spawn_console_input(
     let _ = thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
-            if let Err(e) = crate::seccomp::install(crate::seccomp::ThreadKind::ConsoleIn) {
+            if let Err(e) = crate::seccomp::Filter::console_input().install() {
                 log::error!("{e}; console input is not forwarded");
                 return;
             }

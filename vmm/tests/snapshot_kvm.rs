@@ -286,7 +286,7 @@ impl Output {
 /// Run `vm` until it printed `lines` lines, pause it, snapshot it to `files` and check that it
 /// prints nothing while paused. Returns everything it printed.
 fn run_and_snapshot(mut vm: Vm, out: &Output, lines: usize, files: (&Path, &Path)) -> String {
-    vm.start().unwrap();
+    vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
     let err = vm.snapshot(files.0, files.1).unwrap_err().to_string();
     assert_eq!(err, "cannot snapshot the VM: it is not paused");
     out.wait_lines(lines);
@@ -431,7 +431,8 @@ fn restored_guest_continues_counting() {
         let out = Output::default();
         let (mut vm, _) =
             Vm::restore(&state2, &mem2, &mut |_| {}, out.console(), Instant::now()).unwrap();
-        vm.start_paused().unwrap();
+        vm.start_paused(&vmm::seccomp::Filter::vmm_thread())
+            .unwrap();
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(out.text(), "", "a VM started paused ran");
         vm.resume();
@@ -573,7 +574,7 @@ fn generation_ids(dir: &TempDir, cmdline: &str) -> [String; 3] {
             let out = Output::default();
             let (mut vm, _) =
                 Vm::restore(&state, &mem, &mut |_| {}, out.console(), Instant::now()).unwrap();
-            vm.start().unwrap();
+            vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
             // The first line may have begun before the snapshot.
             out.wait_lines(3);
             vm.pause().unwrap();

@@ -20,6 +20,9 @@ pub(super) struct Disk {
     /// Size in bytes, a multiple of [`SECTOR_SIZE`].
     pub(super) size: u64,
     pub(super) read_only: bool,
+    /// Whether a flush syncs the image (otherwise it is acknowledged as done: the
+    /// `Unsafe` cache type, where the disk does not offer flushing in the first place).
+    pub(super) sync_on_flush: bool,
     pub(super) id: [u8; ID_BYTES],
     pub(super) metrics: Arc<BlockMetrics>,
 }
@@ -115,8 +118,9 @@ impl Disk {
                 inc(&m.writes, 1);
                 inc(&m.bytes_written, u64::from(req.data_len));
             }),
-            // Nothing can be pending on a read-only disk.
-            RequestType::Flush if self.read_only => Ok(()),
+            // Nothing can be pending on a read-only disk, and a disk that does not offer
+            // flushing has nothing to say to one.
+            RequestType::Flush if self.read_only || !self.sync_on_flush => Ok(()),
             RequestType::Flush => self
                 .file
                 .sync_data()

@@ -197,6 +197,7 @@ impl Block {
                 file,
                 size,
                 read_only,
+                sync_on_flush: true,
                 id: id_bytes,
                 metrics: Arc::new(BlockMetrics::default()),
             },
@@ -215,6 +216,15 @@ impl Block {
     /// get-id requests take no bandwidth). Malformed chains are not limited.
     pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
         self.limiter = Some(limiter);
+        self
+    }
+
+    /// Do not offer the flush command (`VIRTIO_BLK_F_FLUSH`): the guest then treats the disk
+    /// as write-through and its writes reach the host's page cache only. A flush request
+    /// sent anyway is acknowledged without syncing.
+    pub fn without_flush(mut self) -> Self {
+        self.avail_features &= !feature(VIRTIO_BLK_F_FLUSH);
+        self.disk.sync_on_flush = false;
         self
     }
 

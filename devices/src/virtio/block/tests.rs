@@ -330,6 +330,20 @@ fn flush_syncs_the_file() {
 }
 
 #[test]
+fn a_disk_without_flush_does_not_offer_it_and_never_syncs() {
+    let file = TempFile::with_contents(&[0u8; 512]);
+    let block = Block::new(file.path(), false, "").unwrap();
+    assert_ne!(block.avail_features() & feature(VIRTIO_BLK_F_FLUSH), 0);
+    let block = block.without_flush();
+    assert_eq!(block.avail_features() & feature(VIRTIO_BLK_F_FLUSH), 0);
+    // A driver that flushes anyway is told it worked; nothing was synced.
+    let mut s = setup(4);
+    s.block.disk.sync_on_flush = false;
+    assert_eq!(s.request(VIRTIO_BLK_T_FLUSH, 0, &[]), (VIRTIO_BLK_S_OK, 1));
+    assert_eq!(s.metric(|m| &m.flushes), 0);
+}
+
+#[test]
 fn get_id_default_and_explicit() {
     let mut s = setup_with(4, false, "my-disk", false);
     assert_eq!(s.request(VIRTIO_BLK_T_GET_ID, 0, &[w(DATA, 20)]), (0, 21));
