@@ -1,15 +1,6 @@
 //! The API server end to end over a real Unix socket, with a fake VMM thread that records the
 //! requests it gets and answers them with canned responses. No VM, no KVM.
 
-// The API modules are part of the `flint` binary; compile them into this test as well (their
-// unit tests run here too).
-#[allow(dead_code)]
-#[path = "../src/api/mod.rs"]
-mod api;
-#[allow(dead_code)]
-#[path = "../src/config_file.rs"]
-mod config_file;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -19,8 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::server::VmmResult;
-use api::{ApiError, ApiServer};
+use flint::api::server::VmmResult;
+use flint::api::{ApiError, ApiServer};
+use flint::config_file;
 use serde_json::{json, Value};
 use vmm::controller::{
     ApiDrive, BootSource, CacheType, FullConfig, InstanceInfo, MachineConfig, MachineConfigUpdate,
