@@ -4,6 +4,7 @@
 pub mod api;
 mod api_mode;
 mod cli;
+mod commands;
 pub mod config_file;
 mod jail;
 mod logger;
@@ -47,7 +48,29 @@ pub fn main_entry() -> ExitCode {
         }
         Ok(Command::Exec(options)) => sandbox::exec(&options),
         Ok(Command::Jail(options)) => jail::run(&options),
+        Ok(Command::Completions(shell)) => {
+            let mut script = Vec::new();
+            commands::write_completions(shell, &mut script);
+            print_all(&script)
+        }
+        Ok(Command::Man(command)) => {
+            let mut page = Vec::new();
+            match commands::write_man_page(command.as_deref(), &mut page) {
+                Ok(()) => print_all(&page),
+                Err(e) => fail(&e),
+            }
+        }
         Err(e) => fail(&e),
+    }
+}
+
+/// Write `bytes` to stdout; a closed pipe is flint's error like any other.
+fn print_all(bytes: &[u8]) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("cannot write to stdout: {e}")),
     }
 }
 
