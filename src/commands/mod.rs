@@ -176,6 +176,8 @@ pub(crate) fn write_man_page(
 ) -> Result<(), CliError> {
     let page = man_page(command)?;
     clap_mangen::Man::new(page)
+        .source(format!("flint {}", env!("CARGO_PKG_VERSION")))
+        .manual("flint manual")
         .render(out)
         .map_err(|e| CliError::Usage(format!("cannot write the man page: {e}")))
 }
