@@ -954,4 +954,16 @@ mod tests {
             .to_string();
         assert!(e.contains("bash") && !e.contains('\n'), "{e}");
     }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        let definition = commands::definition();
+        definition.clone().debug_assert();
+        let names: Vec<&str> = definition
+            .get_subcommands()
+            .map(|s| s.get_name())
+            .filter(|n| *n != "help")
+            .collect();
+        assert_eq!(names, SUBCOMMANDS);
+    }
 }
