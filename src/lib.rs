@@ -83,7 +83,7 @@ pub(crate) fn fail(message: &dyn std::fmt::Display) -> ExitCode {
 fn boot(config: &vmm::VmConfig, start: Instant) -> ExitCode {
     // Validate before touching the terminal so that bad input leaves it as it was.
     if let Err(e) = config.validate() {
-        return fail(&e);
+        return fail(&commands::config_error(&e));
     }
     let raw_terminal = terminal::RawMode::enable_on_stdin();
     let console = ConsoleIo {

@@ -181,3 +181,46 @@ pub(crate) fn write_man_page(
         .render(out)
         .map_err(|e| CliError::Usage(format!("cannot write the man page: {e}")))
 }
+
+/// The command-line option a configuration error is about, if one is.
+fn option_for(field: vmm::Field) -> Option<&'static str> {
+    use vmm::Field;
+    Some(match field {
+        Field::Vcpus => "--vcpus",
+        Field::Memory => "--memory",
+        Field::Cmdline => "--cmdline",
+        Field::DriveRoot | Field::DriveId | Field::DrivePartuuid | Field::DrivePath => "--disk",
+        Field::NetTap | Field::NetId | Field::NetMac => "--net",
+        Field::VsockCid => "--vsock",
+        // The sentence names the device and the limiter itself; the device count has no
+        // single option.
+        Field::RateLimiter | Field::Devices | Field::MetricsPath => return None,
+    })
+}
+
+/// A VM configuration the command line described that cannot be used, as one sentence that
+/// names the option (the VMM's validation is the same for every front end).
+pub(crate) fn config_error(e: &vmm::ConfigError) -> String {
+    match option_for(e.field()) {
+        Some(option) => format!("{option}: {e}"),
+        None => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod config_error_tests {
+    #[test]
+    fn configuration_errors_name_the_option() {
+        let mut c = vmm::VmConfig::new("/k");
+        c.vcpus = 0;
+        let e = c.validate().unwrap_err();
+        assert_eq!(
+            super::config_error(&e),
+            "--vcpus: a VM needs at least 1 vCPU"
+        );
+        c.vcpus = 1;
+        c.nets = vec![vmm::NetConfig::new("tap0"), vmm::NetConfig::new("tap0")];
+        let e = c.validate().unwrap_err();
+        assert!(super::config_error(&e).starts_with("--net: TAP device tap0"));
+    }
+}
