@@ -5,7 +5,9 @@
 #   $FLINT_CACHE/sandbox/flint-agent        the static agent on its own (for other images)
 #   $FLINT_CACHE/sandbox/agent-client       a static host-side client (tests, by hand)
 # Cached: rebuilt only when the agent's sources, this script, busybox or rustc change.
-# Cargo builds in $FLINT_CACHE/sandbox/target, so a rebuild is incremental.
+# Cargo builds in $FLINT_CACHE/sandbox/target, so a rebuild is incremental. Installed without
+# the sources (the .deb puts this script in /usr/lib/flint), it packs the static flint-agent
+# and agent-client that were installed beside it instead of building them.
 #
 # The guest's root file system is the initramfs itself (a tmpfs), so nothing the sandboxed
 # commands do reaches any file on the host. /init mounts proc, sys, devtmpfs, devpts and
@@ -28,25 +30,38 @@ triple=x86_64-unknown-linux-gnu
 mkdir -p "$out"
 
 [ "$(uname -m)" = x86_64 ] || die "only x86_64 hosts are supported"
-ensure_packages busybox-static cpio gzip libc6-dev
-command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
-
-mapfile -t sources < <(find "$repo/agent" -type f \( -name '*.rs' -o -name Cargo.toml \) | LC_ALL=C sort)
-stamp=$(stamp_of "${BASH_SOURCE[0]}" "$here/lib.sh" "$repo/Cargo.toml" "$repo/Cargo.lock" \
-    "${sources[@]}" "busybox-static=$(pkg_version busybox-static)" "$(rustc -vV)")
+if [ -f "$repo/agent/Cargo.toml" ]; then
+    # A source checkout: build the agent.
+    ensure_packages busybox-static cpio gzip libc6-dev
+    command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
+    mapfile -t sources < <(find "$repo/agent" -type f \( -name '*.rs' -o -name Cargo.toml \) | LC_ALL=C sort)
+    stamp=$(stamp_of "${BASH_SOURCE[0]}" "$here/lib.sh" "$repo/Cargo.toml" "$repo/Cargo.lock" \
+        "${sources[@]}" "busybox-static=$(pkg_version busybox-static)" "$(rustc -vV)")
+    built=$out/target/$triple/release
+else
+    # Installed: the static agent and client ship beside this script.
+    ensure_packages busybox-static cpio gzip
+    for bin in flint-agent agent-client; do
+        [ -x "$here/$bin" ] || die "$here/$bin is missing (no agent sources in $repo either)"
+    done
+    stamp=$(stamp_of "${BASH_SOURCE[0]}" "$here/lib.sh" "$here/flint-agent" "$here/agent-client" \
+        "busybox-static=$(pkg_version busybox-static)")
+    built=$here
+fi
 if [ -f "$stampfile" ] && [ "$(cat "$stampfile")" = "$stamp" ] && [ -f "$target" ] &&
     [ -x "$out/flint-agent" ] && [ -x "$out/agent-client" ]; then
     log "sandbox image is up to date ($target)"
     exit 0
 fi
 
-# Static (glibc's libc.a): the image has no shared libraries. Unwinding panics so that a
-# bug hit by one connection ends that connection's thread, not the agent.
-log "building flint-agent (static)"
-RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_PANIC=unwind \
-    cargo build --release --quiet --manifest-path "$repo/Cargo.toml" -p flint-agent --bins \
-    --target "$triple" --target-dir "$out/target"
-built=$out/target/$triple/release
+if [ "$built" != "$here" ]; then
+    # Static (glibc's libc.a): the image has no shared libraries. Unwinding panics so that a
+    # bug hit by one connection ends that connection's thread, not the agent.
+    log "building flint-agent (static)"
+    RUSTFLAGS="-C target-feature=+crt-static" CARGO_PROFILE_RELEASE_PANIC=unwind \
+        cargo build --release --quiet --manifest-path "$repo/Cargo.toml" -p flint-agent --bins \
+        --target "$triple" --target-dir "$out/target"
+fi
 for bin in flint-agent agent-client; do
     if ldd "$built/$bin" >/dev/null 2>&1 && ! ldd "$built/$bin" 2>&1 | grep -q 'statically linked'; then
         die "$built/$bin is dynamically linked: $(ldd "$built/$bin" 2>&1 | tr '\n' ' ')"

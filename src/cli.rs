@@ -1,13 +1,14 @@
-//! Command-line parsing: turns arguments into a [`Command`], with one-sentence errors.
+//! Command-line parsing: turns arguments into a [`Command`], with one-sentence errors. The
+//! command line itself is defined with clap in [`crate::commands`]; this module runs it and
+//! turns clap's errors into flint's sentences.
 
-use std::path::PathBuf;
-
-use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::{DriveConfig, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use vmm::VmConfig;
 
 use crate::api_mode::ApiOptions;
-use crate::jail::{CgroupVersion, JailOptions, Rlimit, DEFAULT_CHROOT_BASE};
-use crate::sandbox::{CommandOptions, ExecOptions, RunOptions};
+use crate::commands;
+use crate::jail::JailOptions;
+use crate::sandbox::{ExecOptions, RunOptions};
 
 /// What the user asked for.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,13 +25,17 @@ pub enum Command {
     Exec(ExecOptions),
     /// Run flint in a jail.
     Jail(JailOptions),
+    /// Print a shell completion script.
+    Completions(clap_complete::Shell),
+    /// Print a man page: flint's own, or a subcommand's.
+    Man(Option<String>),
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
 pub const DEFAULT_API_SOCK: &str = "/run/flint.socket";
 
 /// A command line that cannot be understood.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum CliError {
     #[error("no command given (see 'flint --help')")]
     NoCommand,
@@ -42,11 +47,11 @@ pub enum CliError {
         option: String,
     },
     #[error("{0} needs a value")]
-    MissingValue(&'static str),
+    MissingValue(String),
     #[error("{option} takes a whole number, not '{value}'")]
     NotANumber { option: &'static str, value: String },
     #[error("{0} was given more than once")]
-    Repeated(&'static str),
+    Repeated(String),
     #[error(
         "--no-api needs --config-file: without the API, the VM can only be configured from a file"
     )]
@@ -110,826 +115,125 @@ pub enum CliError {
     RlimitSpec(String),
     #[error("--file {0} must be an absolute path without '.' or '..'")]
     JailFile(String),
+    #[error("{what} takes one of {valid}, not '{value}'")]
+    NotOneOf {
+        what: String,
+        value: String,
+        valid: String,
+    },
+    #[error("'flint {command}' needs {argument}")]
+    MissingArgument { command: String, argument: String },
+    /// Any other command line clap refuses, in clap's words.
+    #[error("{0}")]
+    Usage(String),
     #[error("{option} takes a size in bytes with an optional K, M or G suffix (powers of 1024), as in 512M, not '{value}'")]
     Size { option: &'static str, value: String },
 }
 
-/// A size in bytes: digits, optionally followed by `K`, `M` or `G` (KiB, MiB, GiB).
-fn parse_size(option: &'static str, value: &str) -> Result<u64, CliError> {
-    let bad = || CliError::Size {
-        option,
-        value: value.to_string(),
-    };
-    let (digits, unit) = match value.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
-        Some((i, _)) => value.split_at(i),
-        None => (value, ""),
-    };
-    let shift = match unit.to_ascii_uppercase().as_str() {
-        "" => 0,
-        "K" => 10,
-        "M" => 20,
-        "G" => 30,
-        _ => return Err(bad()),
-    };
-    let n: u64 = digits.parse().map_err(|_| bad())?;
-    n.checked_mul(1 << shift).ok_or_else(bad)
-}
-
-/// A per-second rate given as `key=N` to `option`: a bucket of N tokens refilled in 1 s.
-fn parse_rate(
-    option: &'static str,
-    key: &'static str,
-    value: &str,
-) -> Result<TokenBucketConfig, CliError> {
-    // Anything above this is no limit worth asking for; it also keeps the arithmetic small.
-    const MAX: u64 = 1 << 50;
-    match value.parse::<u64>() {
-        Ok(n) if (1..=MAX).contains(&n) && !value.starts_with('+') => {
-            Ok(TokenBucketConfig::per_second(n))
-        }
-        _ => Err(CliError::Rate {
-            option,
-            key,
-            value: value.to_string(),
-            max: MAX,
-        }),
-    }
-}
-
-/// Parse `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]`. `bw` limits each direction
-/// (receive and transmit) to that many frame bytes a second.
-fn parse_net(spec: &str) -> Result<NetConfig, CliError> {
-    let mut tap = None;
-    let mut mac = None;
-    let mut bw = None;
-    for part in spec.split(',') {
-        match part.split_once('=') {
-            Some(("tap", name)) if !name.is_empty() && tap.is_none() => tap = Some(name),
-            Some(("mac", m)) if mac.is_none() => {
-                let parsed = vmm::parse_mac(m).map_err(CliError::NetMac)?;
-                mac = Some(parsed);
-            }
-            Some(("bw", n)) if bw.is_none() => bw = Some(parse_rate("--net", "bw", n)?),
-            _ => return Err(CliError::NetSpec(spec.to_string())),
-        }
-    }
-    let tap = tap.ok_or_else(|| CliError::NetSpec(spec.to_string()))?;
-    let limiter = bw.map(|b| RateLimiterConfig {
-        bandwidth: Some(b),
-        ops: None,
-    });
-    Ok(NetConfig {
-        mac,
-        rx_rate_limiter: limiter,
-        tx_rate_limiter: limiter,
-        ..NetConfig::new(tap)
-    })
-}
-
-/// Parse `cid=N,uds=PATH`.
-fn parse_vsock(spec: &str) -> Result<VsockConfig, CliError> {
-    let bad = || CliError::VsockSpec(spec.to_string());
-    let mut cid = None;
-    let mut uds = None;
-    for part in spec.split(',') {
-        match part.split_once('=') {
-            Some(("cid", n)) if cid.is_none() => cid = Some(n.parse().map_err(|_| bad())?),
-            Some(("uds", p)) if uds.is_none() && !p.is_empty() => uds = Some(PathBuf::from(p)),
-            _ => return Err(bad()),
-        }
-    }
-    Ok(VsockConfig {
-        guest_cid: cid.ok_or_else(bad)?,
-        uds_path: uds.ok_or_else(bad)?,
-    })
-}
-
-/// Parse `PATH[,ro][,root][,id=NAME][,bw=BYTES_PER_SEC][,iops=N]`.
-fn parse_disk(spec: &str) -> Result<DriveConfig, CliError> {
-    let mut parts = spec.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or(CliError::DiskPath)?;
-    let mut drive = DriveConfig::new(path);
-    let mut limiter = RateLimiterConfig::default();
-    for opt in parts {
-        if parse_limit("--disk", opt, &mut limiter)? {
-            continue;
-        }
-        match (opt, opt.split_once('=')) {
-            ("ro", _) => drive.read_only = true,
-            ("root", _) => drive.root = true,
-            (_, Some(("id", id))) => drive.id = Some(id.to_string()),
-            _ => return Err(CliError::DiskOption(opt.to_string())),
-        }
-    }
-    drive.rate_limiter = (!limiter.is_unlimited()).then_some(limiter);
-    Ok(drive)
-}
-
-/// Parse `flint run --rootfs IMAGE[,bw=BYTES_PER_SEC][,iops=N]`: the image and its limits.
-fn parse_rootfs(spec: &str) -> Result<(PathBuf, Option<RateLimiterConfig>), CliError> {
-    let mut parts = spec.split(',');
-    let path = parts
-        .next()
-        .filter(|p| !p.is_empty())
-        .ok_or(CliError::RootfsPath)?;
-    let mut limiter = RateLimiterConfig::default();
-    for opt in parts {
-        if !parse_limit("--rootfs", opt, &mut limiter)? {
-            return Err(CliError::RootfsOption(opt.to_string()));
-        }
-    }
-    Ok((path.into(), (!limiter.is_unlimited()).then_some(limiter)))
-}
-
-/// Apply a block device's `bw=BYTES_PER_SEC` or `iops=N` option of `option` to `limiter`;
-/// false when `opt` is neither.
-fn parse_limit(
-    option: &'static str,
-    opt: &str,
-    limiter: &mut RateLimiterConfig,
-) -> Result<bool, CliError> {
-    match opt.split_once('=') {
-        Some(("bw", n)) => limiter.bandwidth = Some(parse_rate(option, "bw", n)?),
-        Some(("iops", n)) => limiter.ops = Some(parse_rate(option, "iops", n)?),
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-fn main_help() -> String {
-    format!(
-        "flint {version}: a KVM-based microVM monitor
-
-Usage:
-  flint boot --kernel PATH [OPTIONS]   boot a guest kernel on the serial console
-  flint run [OPTIONS] -- COMMAND [ARG]...
-                                       run a command in a throwaway microVM and exit with
-                                       its status ('flint run --help')
-  flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...
-                                       run a command in a running microVM
-  flint --api-sock PATH [--config-file FILE] [--id ID]
-                                       serve the REST API (Firecracker-compatible) on a
-                                       Unix socket; configure and start the VM through it
-  flint --config-file FILE [--no-api | --api-sock PATH] [--id ID]
-                                       boot the VM a JSON config file describes (same schema
-                                       as the API bodies); the API is served on PATH (default
-                                       {DEFAULT_API_SOCK}) unless --no-api
-  flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
-                                       run flint in a chroot with its own namespaces and
-                                       cgroup as an unprivileged user ('flint jail --help')
-  flint --help | --version
-
-Run 'flint boot --help' for the boot options.
-",
-        version = env!("CARGO_PKG_VERSION")
-    )
-}
-
-fn boot_help() -> String {
-    format!(
-        "Usage: flint boot --kernel PATH [OPTIONS]
-
-Boot a Linux guest and connect its serial console to this terminal. Input is forwarded; a
-terminal is put in raw mode until flint exits, so Ctrl-C goes to the guest: type Ctrl-A x
-to stop the VM from the console (Ctrl-A Ctrl-A sends one Ctrl-A).
-
-Options:
-  --kernel PATH     guest kernel: uncompressed ELF vmlinux (PVH entry used when present)
-                    or bzImage
-  --initrd PATH     initial RAM disk
-  --cmdline STRING  kernel command line (default: \"{DEFAULT_CMDLINE}\")
-  --vcpus N         number of vCPUs, 1-254 and at most what the host's KVM allows
-                    (default: {DEFAULT_VCPUS})
-  --memory MIB      guest memory in MiB, at least 64 (default: {DEFAULT_MEM_MIB})
-  --disk PATH[,ro][,root][,id=NAME][,bw=BYTES_PER_SEC][,iops=N]
-                    a virtio-blk disk on a raw image file (size a multiple of 512); ro:
-                    read-only; root: the guest mounts it as / (root=/dev/vda); id: the
-                    serial the guest reads (at most 20 characters); bw, iops: rate limits
-                    in data bytes and requests per second (token buckets refilled over
-                    1 s). Repeatable; the guest sees the root disk first, then the others
-                    in order (vda, vdb, ...)
-  --rootfs PATH     shorthand for --disk PATH,root
-  --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]
-                    a virtio-net NIC on the host TAP device NAME (opened if it exists,
-                    else created and removed at exit; needs CAP_NET_ADMIN); bw: limit
-                    each direction (receive, transmit) to that many frame bytes per second
-                    (token buckets refilled over 1 s). Repeatable; the default MAC is
-                    06:46:4c followed by three bytes of a hash of NAME
-  --vsock cid=N,uds=PATH
-                    a virtio-vsock device with guest CID N (>= 3); host programs connect
-                    to the Unix socket PATH and send \"CONNECT <port>\\n\" to reach a guest
-                    port; guest connections to host port P go to PATH_P
-  The guest always gets a virtio-rng entropy device (/dev/hwrng).
-  --no-seccomp      do not install seccomp filters (debugging only: every flint thread
-                    normally allows only the system calls it needs; a forbidden call stops
-                    flint with status 159 and a line naming the call)
-  -h, --help        print this help
-
-Exit status: 0 when the guest reboots or powers off; 1 when flint cannot start the VM or a
-vCPU fails (one line on stderr says why); 128+N when stopped by signal N (SIGINT, SIGTERM,
-SIGHUP); 130 after Ctrl-A x. After the guest writes 123 to port 0x3f0, flint logs the time from its start.
-Set FLINT_LOG=debug|info|warn|error|off to change how much flint logs (default: info).
-"
-    )
-}
+/// The subcommands, by name, as `CliError::UnknownOption` names them.
+const SUBCOMMANDS: [&str; 6] = ["boot", "run", "exec", "jail", "completions", "man"];
 
 /// Parse the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, CliError> {
-    let Some(first) = args.first() else {
+    if args.is_empty() {
         return Err(CliError::NoCommand);
+    }
+    let argv = std::iter::once("flint").chain(args.iter().map(String::as_str));
+    match commands::definition().try_get_matches_from(argv) {
+        Ok(matches) => commands::command_from(&matches),
+        Err(e) => from_clap(&e, args),
+    }
+}
+
+/// One string of a clap error's context.
+fn context(e: &clap::Error, kind: ContextKind) -> Option<String> {
+    match e.get(kind)? {
+        ContextValue::String(s) => Some(s.clone()),
+        ContextValue::Strings(v) => v.first().cloned(),
+        _ => None,
+    }
+}
+
+/// The option's name in clap's `--name <VALUE>`.
+fn option_name(arg: &str) -> String {
+    arg.split([' ', '=']).next().unwrap_or(arg).to_string()
+}
+
+/// What a command line clap refused means: help, the version, or flint's one-sentence error.
+fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
+    let sub = SUBCOMMANDS.iter().copied().find(|s| args[0] == *s);
+    let arg = context(e, ContextKind::InvalidArg)
+        .or_else(|| context(e, ContextKind::InvalidSubcommand))
+        .unwrap_or_default();
+    let error = match e.kind() {
+        ErrorKind::DisplayHelp => return Ok(Command::Help(e.to_string())),
+        ErrorKind::DisplayVersion => return Ok(Command::Version),
+        ErrorKind::ValueValidation => {
+            match std::error::Error::source(e).and_then(|s| s.downcast_ref::<CliError>()) {
+                Some(mine) => mine.clone(),
+                None => usage(e),
+            }
+        }
+        ErrorKind::UnknownArgument | ErrorKind::InvalidSubcommand => match sub {
+            None => CliError::UnknownCommand(arg),
+            // A word where options go: the command that should follow `--`.
+            Some(command @ ("run" | "exec")) if !arg.starts_with('-') && !dashes(args) => {
+                CliError::NoCommandToRun(command)
+            }
+            Some("jail") if !arg.starts_with('-') && !dashes(args) => {
+                CliError::JailNeeds(commands::jail::NEEDS_FLINT_ARGS)
+            }
+            Some(command) => CliError::UnknownOption {
+                command,
+                option: arg,
+            },
+        },
+        ErrorKind::ArgumentConflict
+            if context(e, ContextKind::PriorArg).as_deref() == Some(arg.as_str()) =>
+        {
+            CliError::Repeated(option_name(&arg))
+        }
+        ErrorKind::InvalidValue if context(e, ContextKind::InvalidValue).as_deref() == Some("") => {
+            CliError::MissingValue(option_name(&arg))
+        }
+        ErrorKind::InvalidValue => match e.get(ContextKind::ValidValue) {
+            Some(ContextValue::Strings(valid)) => CliError::NotOneOf {
+                what: arg,
+                value: context(e, ContextKind::InvalidValue).unwrap_or_default(),
+                valid: valid.join(", "),
+            },
+            _ => usage(e),
+        },
+        ErrorKind::MissingRequiredArgument => CliError::MissingArgument {
+            command: sub.unwrap_or("").to_string(),
+            argument: arg,
+        },
+        _ => usage(e),
     };
-    match first.as_str() {
-        "-h" | "--help" | "help" => Ok(Command::Help(main_help())),
-        "-V" | "--version" => Ok(Command::Version),
-        "boot" => parse_boot(&args[1..]),
-        "run" => parse_run(&args[1..]),
-        "exec" => parse_exec(&args[1..]),
-        "jail" => parse_jail(&args[1..]),
-        a if a.starts_with("--") => parse_api(args),
-        other => Err(CliError::UnknownCommand(other.to_string())),
-    }
+    Err(error)
 }
 
-/// Split `--name=value` or take the value from the next argument.
-fn option_value<'a>(
-    name: &'static str,
-    inline: Option<&'a str>,
-    rest: &mut impl Iterator<Item = &'a String>,
-) -> Result<&'a str, CliError> {
-    match inline {
-        Some(v) => Ok(v),
-        None => rest
-            .next()
-            .map(String::as_str)
-            .ok_or(CliError::MissingValue(name)),
-    }
+/// Whether the arguments have a `--`.
+fn dashes(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--")
 }
 
-fn set_once<T>(slot: &mut Option<T>, name: &'static str, value: T) -> Result<(), CliError> {
-    if slot.is_some() {
-        return Err(CliError::Repeated(name));
-    }
-    *slot = Some(value);
-    Ok(())
-}
-
-fn number<T: std::str::FromStr>(option: &'static str, value: &str) -> Result<T, CliError> {
-    value.parse().map_err(|_| CliError::NotANumber {
-        option,
-        value: value.to_string(),
-    })
-}
-
-fn run_help() -> String {
-    format!(
-        "Usage: flint run [OPTIONS] -- COMMAND [ARG]...
-
-Start a throwaway microVM, run COMMAND in it through the guest agent, stream its stdout and
-stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing
-is left behind: the VM, its sockets and temporary files are gone when flint exits.
-
-With the default image and no network, the microVM is restored from a snapshot of a booted
-sandbox (in $FLINT_CACHE/sandbox/snapshots, made by the first such run, remade whenever the
-kernel, the image, flint, --vcpus or --memory change) instead of booting Linux: each
-sandbox's memory is a private copy-on-write mapping of it, and its agent sets the guest's
-clock and reseeds the guest's random number generator from the host before COMMAND runs.
-
-Options:
-  --kernel PATH        guest kernel (default: $FLINT_CACHE/guest/vmlinux, built by
-                       resources/build-guest-kernel.sh; FLINT_CACHE defaults to ~/.cache/flint)
-  --image PATH         sandbox initramfs with busybox and the agent (default:
-                       $FLINT_CACHE/sandbox/initramfs.cpio.gz, resources/build-sandbox-image.sh);
-                       the guest's root is a RAM file system, so the image is never modified
-  --rootfs IMAGE[,bw=BYTES_PER_SEC][,iops=N]
-                       boot from this ext4 image instead (its init must start flint-agent);
-                       the guest writes to a private copy, never to IMAGE; bw, iops: limits
-                       on the guest's disk
-  --vcpus N            vCPUs (default: {DEFAULT_VCPUS})
-  --memory MIB         guest memory in MiB (default: {DEFAULT_MEM_MIB})
-  --timeout SECONDS    stop the VM and exit with 124 if COMMAND has not finished by then
-  --net none|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]
-                       no network (default), or a NIC on the host TAP device NAME (bw limits
-                       each direction)
-  --env KEY=VALUE      set an environment variable for COMMAND (repeatable)
-  --workdir DIR        COMMAND's working directory in the guest (default: /)
-  --copy-in HOST:GUEST copy a host file into the guest before COMMAND runs (repeatable)
-  --copy-out GUEST:HOST
-                       copy a guest file out after COMMAND ends (repeatable); the host file
-                       gets mode 0755 if the guest's is executable by its owner, else 0644,
-                       less the umask; all copy-outs together must finish within {copy_out_s} s
-  --copy-out-limit SIZE
-                       the most bytes all copy-outs together may bring to the host, with an
-                       optional K, M or G suffix (default: 1G); a copy that would go over
-                       fails (status 125) and leaves no file behind
-  --cold               boot the guest instead of restoring the snapshot (and make none)
-  --no-seccomp         do not install seccomp filters (debugging only)
-
-Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeout expired;
-125 when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not
-be started (not found, not executable); 128+N when flint was stopped by signal N (Ctrl-C
-kills COMMAND, then the VM).
-",
-        copy_out_s = flint_agent::COPY_OUT_TIMEOUT.as_secs()
-    )
-}
-
-fn exec_help() -> String {
-    "Usage: flint exec --api-sock PATH [--env KEY=VALUE]... [--workdir DIR] -- COMMAND [ARG]...
-
-Run COMMAND in the running microVM whose API socket is PATH (its guest must run flint-agent
-and the VM must have a vsock device), like 'flint run' but without a new VM; any number of
-times. First the agent sets the guest's clock from the host's and reseeds the guest's random
-number generator (the VM may have been loaded from a snapshot). Exit status: COMMAND's, or 125
-when flint cannot reach the agent.
-"
-    .to_string()
-}
-
-/// Split the arguments at `--`: options before, the command after.
-fn split_command<'a>(
-    args: &'a [String],
-    command: &'static str,
-) -> Result<(&'a [String], Vec<String>), CliError> {
-    let dash = args
-        .iter()
-        .position(|a| a == "--")
-        .ok_or(CliError::NoCommandToRun(command))?;
-    let argv = args[dash + 1..].to_vec();
-    if argv.is_empty() {
-        return Err(CliError::NoCommandToRun(command));
-    }
-    Ok((&args[..dash], argv))
-}
-
-fn parse_env(value: &str) -> Result<(String, String), CliError> {
-    match value.split_once('=') {
-        Some((k, v)) if !k.is_empty() && !k.contains('\0') => Ok((k.to_string(), v.to_string())),
-        _ => Err(CliError::EnvSpec {
-            option: "--env",
-            value: value.to_string(),
-        }),
-    }
-}
-
-fn guest_path(path: &str) -> Result<String, CliError> {
-    if path.starts_with('/') {
-        Ok(path.to_string())
-    } else {
-        Err(CliError::GuestPath(path.to_string()))
-    }
-}
-
-/// Options shared by `run` and `exec`; `Ok(true)` when `name` was one of them.
-fn command_option<'a>(
-    name: &str,
-    inline: Option<&'a str>,
-    rest: &mut impl Iterator<Item = &'a String>,
-    command: &mut CommandOptions,
-) -> Result<bool, CliError> {
-    match name {
-        "--env" => {
-            let v = option_value("--env", inline, rest)?;
-            command.env.push(parse_env(v)?);
-        }
-        "--workdir" => {
-            let v = option_value("--workdir", inline, rest)?;
-            command.workdir = Some(guest_path(v)?);
-        }
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-fn parse_run(args: &[String]) -> Result<Command, CliError> {
-    if args
-        .iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-h" || a == "--help")
-    {
-        return Ok(Command::Help(run_help()));
-    }
-    let (opts, argv) = split_command(args, "run")?;
-    let mut o = RunOptions {
-        vcpus: DEFAULT_VCPUS,
-        mem_mib: DEFAULT_MEM_MIB,
-        copy_out_limit: flint_agent::COPY_OUT_LIMIT,
-        ..RunOptions::default()
-    };
-    let mut rest = opts.iter();
-    while let Some(arg) = rest.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (arg.as_str(), None),
-        };
-        if command_option(name, inline, &mut rest, &mut o.command)? {
-            continue;
-        }
-        match name {
-            "--kernel" => o.kernel = Some(option_value("--kernel", inline, &mut rest)?.into()),
-            "--image" => o.image = Some(option_value("--image", inline, &mut rest)?.into()),
-            "--rootfs" => {
-                let (path, limiter) = parse_rootfs(option_value("--rootfs", inline, &mut rest)?)?;
-                o.rootfs = Some(path);
-                o.rootfs_rate_limiter = limiter;
-            }
-            "--vcpus" => o.vcpus = number("--vcpus", option_value("--vcpus", inline, &mut rest)?)?,
-            "--memory" => {
-                o.mem_mib = number("--memory", option_value("--memory", inline, &mut rest)?)?
-            }
-            "--timeout" => {
-                let secs: u64 = number("--timeout", option_value("--timeout", inline, &mut rest)?)?;
-                o.timeout = Some(std::time::Duration::from_secs(secs));
-            }
-            "--net" => {
-                let v = option_value("--net", inline, &mut rest)?;
-                o.net = match v {
-                    "none" => None,
-                    _ => Some(parse_net(v)?),
-                };
-            }
-            "--copy-in" => {
-                let v = option_value("--copy-in", inline, &mut rest)?;
-                let bad = || CliError::CopySpec {
-                    option: "--copy-in",
-                    form: "HOST:GUEST",
-                    value: v.to_string(),
-                };
-                let (host, guest) = v.split_once(':').ok_or_else(bad)?;
-                if host.is_empty() {
-                    return Err(bad());
-                }
-                o.copy_in.push((host.into(), guest_path(guest)?));
-            }
-            "--copy-out" => {
-                let v = option_value("--copy-out", inline, &mut rest)?;
-                let bad = || CliError::CopySpec {
-                    option: "--copy-out",
-                    form: "GUEST:HOST",
-                    value: v.to_string(),
-                };
-                let (guest, host) = v.split_once(':').ok_or_else(bad)?;
-                if host.is_empty() {
-                    return Err(bad());
-                }
-                o.copy_out.push((guest_path(guest)?, host.into()));
-            }
-            "--copy-out-limit" => {
-                let v = option_value("--copy-out-limit", inline, &mut rest)?;
-                o.copy_out_limit = parse_size("--copy-out-limit", v)?;
-            }
-            "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
-            "--cold" if inline.is_none() => o.cold = true,
-            _ => {
-                return Err(CliError::UnknownOption {
-                    command: "run",
-                    option: arg.clone(),
-                })
-            }
-        }
-    }
-    o.command.argv = argv;
-    Ok(Command::Run(Box::new(o)))
-}
-
-fn parse_exec(args: &[String]) -> Result<Command, CliError> {
-    if args
-        .iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-h" || a == "--help")
-    {
-        return Ok(Command::Help(exec_help()));
-    }
-    let (opts, argv) = split_command(args, "exec")?;
-    let mut command = CommandOptions::default();
-    let mut api_sock = None;
-    let mut rest = opts.iter();
-    while let Some(arg) = rest.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (arg.as_str(), None),
-        };
-        if command_option(name, inline, &mut rest, &mut command)? {
-            continue;
-        }
-        match name {
-            "--api-sock" => {
-                let v = option_value("--api-sock", inline, &mut rest)?;
-                set_once(&mut api_sock, "--api-sock", PathBuf::from(v))?;
-            }
-            _ => {
-                return Err(CliError::UnknownOption {
-                    command: "exec",
-                    option: arg.clone(),
-                })
-            }
-        }
-    }
-    command.argv = argv;
-    Ok(Command::Exec(ExecOptions {
-        api_sock: api_sock.ok_or(CliError::NoApiSock)?,
-        command,
-    }))
-}
-
-fn jail_help() -> String {
-    format!(
-        "Usage: flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
-
-Run 'flint FLINT_ARGS...' in a jail (needs root): a copy of flint in CHROOT_BASE/ID/root with
-its own /dev (/dev/kvm, /dev/net/tun and /dev/urandom), its own mount, IPC, UTS, network and
-PID namespaces, the cgroup flint/ID, rlimits, and the user UID:GID (who gets the jail root)
-with no supplementary groups and no way to gain privileges. When it ends, the cgroup and
-CHROOT_BASE/ID are removed and 'flint jail' exits with its status. SIGINT, SIGTERM and SIGHUP
-are forwarded to it.
-
-Options:
-  --id ID                 the jail's name: 1 to 64 letters, digits and dashes; also the
-                          hostname in the jail
-  --uid UID, --gid GID    the user and group the jailed flint runs as (UID not 0)
-  --chroot-base DIR       where jails go (default: {DEFAULT_CHROOT_BASE})
-  --netns PATH            join this network namespace (e.g. /var/run/netns/NAME) instead
-                          of a new, empty one
-  --cgroup-version 1|2    the cgroup interface (default: 2 when /sys/fs/cgroup is cgroup2)
-  --cgroup FILE=VALUE     write VALUE to FILE in the jail's cgroup, e.g. memory.max=268435456
-                          or pids.max=64 (v1: memory.limit_in_bytes, cpu.cfs_quota_us);
-                          repeatable (default: pids.max={pids_max} where the pids controller is)
-  --rlimit RESOURCE=N[,RESOURCE=N]...
-                          set limits (soft and hard) on nofile, fsize, nproc, core, as,
-                          memlock; repeatable (default: nofile={nofile})
-  --file HOST_PATH        copy this host file (e.g. the kernel) into the jail at the same
-                          absolute path (not under /dev or /proc); repeatable
-
-Exit status: the jailed flint's (128+N when signal N killed it); 1 when the jail cannot be
-set up (one line on stderr says why).
-",
-        pids_max = crate::jail::DEFAULT_CGROUP_SETTINGS[0].1,
-        nofile = crate::jail::DEFAULT_RLIMITS[0].1,
-    )
-}
-
-fn parse_jail(args: &[String]) -> Result<Command, CliError> {
-    if args
-        .iter()
-        .take_while(|a| *a != "--")
-        .any(|a| a == "-h" || a == "--help")
-    {
-        return Ok(Command::Help(jail_help()));
-    }
-    let Some(dash) = args.iter().position(|a| a == "--") else {
-        return Err(CliError::JailNeeds(
-            "flint's arguments after --, as in 'flint jail --id ID --uid UID --gid GID -- boot --kernel PATH'",
-        ));
-    };
-    let flint_args = args[dash + 1..].to_vec();
-    if flint_args.is_empty() {
-        return Err(CliError::JailNeeds(
-            "flint's arguments after --, as in 'flint jail --id ID --uid UID --gid GID -- boot --kernel PATH'",
-        ));
-    }
-    let mut id = None;
-    let mut uid = None;
-    let mut gid = None;
-    let mut chroot_base = None;
-    let mut netns = None;
-    let mut cgroup_version = None;
-    let mut cgroups = Vec::new();
-    let mut rlimits = Vec::new();
-    let mut files = Vec::new();
-    let mut rest = args[..dash].iter();
-    while let Some(arg) = rest.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (arg.as_str(), None),
-        };
-        match name {
-            "--id" => {
-                let v = option_value("--id", inline, &mut rest)?;
-                if !crate::jail::valid_id(v) {
-                    return Err(CliError::JailId(v.to_string()));
-                }
-                set_once(&mut id, "--id", v.to_string())?;
-            }
-            "--uid" => {
-                let v = option_value("--uid", inline, &mut rest)?;
-                set_once(&mut uid, "--uid", number::<u32>("--uid", v)?)?;
-            }
-            "--gid" => {
-                let v = option_value("--gid", inline, &mut rest)?;
-                set_once(&mut gid, "--gid", number::<u32>("--gid", v)?)?;
-            }
-            "--chroot-base" => {
-                let v = option_value("--chroot-base", inline, &mut rest)?;
-                set_once(&mut chroot_base, "--chroot-base", PathBuf::from(v))?;
-            }
-            "--netns" => {
-                let v = option_value("--netns", inline, &mut rest)?;
-                set_once(&mut netns, "--netns", PathBuf::from(v))?;
-            }
-            "--cgroup-version" => {
-                let v = option_value("--cgroup-version", inline, &mut rest)?;
-                let version = match v {
-                    "1" => CgroupVersion::V1,
-                    "2" => CgroupVersion::V2,
-                    _ => return Err(CliError::CgroupVersion(v.to_string())),
-                };
-                set_once(&mut cgroup_version, "--cgroup-version", version)?;
-            }
-            "--cgroup" => {
-                let v = option_value("--cgroup", inline, &mut rest)?;
-                match v.split_once('=') {
-                    Some((file, value))
-                        if file.contains('.')
-                            && !file.starts_with('.')
-                            && !file.contains('/')
-                            && !value.is_empty() =>
-                    {
-                        cgroups.push((file.to_string(), value.to_string()))
-                    }
-                    _ => return Err(CliError::CgroupSpec(v.to_string())),
-                }
-            }
-            "--rlimit" => {
-                let v = option_value("--rlimit", inline, &mut rest)?;
-                for part in v.split(',') {
-                    let limit = part
-                        .split_once('=')
-                        .and_then(|(r, n)| Some((Rlimit::from_name(r)?, n.parse::<u64>().ok()?)));
-                    rlimits.push(limit.ok_or_else(|| CliError::RlimitSpec(v.to_string()))?);
-                }
-            }
-            "--file" => {
-                let v = option_value("--file", inline, &mut rest)?;
-                let path = PathBuf::from(v);
-                if !path.is_absolute()
-                    || path.components().any(|c| {
-                        matches!(
-                            c,
-                            std::path::Component::CurDir | std::path::Component::ParentDir
-                        )
-                    })
-                {
-                    return Err(CliError::JailFile(v.to_string()));
-                }
-                files.push(path);
-            }
-            _ => {
-                return Err(CliError::UnknownOption {
-                    command: "jail",
-                    option: arg.clone(),
-                })
-            }
-        }
-    }
-    let uid = uid.ok_or(CliError::JailNeeds("--uid UID"))?;
-    if uid == 0 {
-        return Err(CliError::JailRootUid);
-    }
-    Ok(Command::Jail(JailOptions {
-        id: id.ok_or(CliError::JailNeeds("--id ID"))?,
-        uid,
-        gid: gid.ok_or(CliError::JailNeeds("--gid GID"))?,
-        chroot_base: chroot_base.unwrap_or_else(|| PathBuf::from(DEFAULT_CHROOT_BASE)),
-        netns,
-        cgroup_version,
-        cgroups,
-        rlimits,
-        files,
-        flint_args,
-    }))
-}
-
-fn parse_api(args: &[String]) -> Result<Command, CliError> {
-    let mut api_sock = None;
-    let mut config_file = None;
-    let mut id = None;
-    let mut no_api = false;
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (arg.as_str(), None),
-        };
-        match name {
-            "--api-sock" => {
-                let v = option_value("--api-sock", inline, &mut rest)?;
-                set_once(&mut api_sock, "--api-sock", PathBuf::from(v))?;
-            }
-            "--config-file" => {
-                let v = option_value("--config-file", inline, &mut rest)?;
-                set_once(&mut config_file, "--config-file", PathBuf::from(v))?;
-            }
-            "--id" => {
-                let v = option_value("--id", inline, &mut rest)?;
-                set_once(&mut id, "--id", v.to_string())?;
-            }
-            "--no-api" if inline.is_none() => no_api = true,
-            "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
-            _ => return Err(CliError::UnknownCommand(arg.clone())),
-        }
-    }
-    if no_api && api_sock.is_some() {
-        return Err(CliError::NoApiWithSocket);
-    }
-    if no_api && config_file.is_none() {
-        return Err(CliError::NoApiWithoutConfig);
-    }
-    if !no_api && api_sock.is_none() {
-        api_sock = Some(PathBuf::from(DEFAULT_API_SOCK));
-    }
-    Ok(Command::Api(ApiOptions {
-        api_sock,
-        config_file,
-        id: id.unwrap_or_else(|| "anonymous-instance".to_string()),
-    }))
-}
-
-fn parse_boot(args: &[String]) -> Result<Command, CliError> {
-    let mut kernel = None;
-    let mut initrd = None;
-    let mut cmdline = None;
-    let mut vcpus = None;
-    let mut memory = None;
-    let mut drives = Vec::new();
-    let mut nets = Vec::new();
-    let mut vsock = None;
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        let (name, inline) = match arg.split_once('=') {
-            Some((n, v)) if n.starts_with("--") => (n, Some(v)),
-            _ => (arg.as_str(), None),
-        };
-        match name {
-            "-h" | "--help" => return Ok(Command::Help(boot_help())),
-            "--no-seccomp" if inline.is_none() => vmm::seccomp::disable(),
-            "--kernel" => {
-                let v = option_value("--kernel", inline, &mut rest)?;
-                set_once(&mut kernel, "--kernel", PathBuf::from(v))?;
-            }
-            "--initrd" => {
-                let v = option_value("--initrd", inline, &mut rest)?;
-                set_once(&mut initrd, "--initrd", PathBuf::from(v))?;
-            }
-            "--cmdline" => {
-                let v = option_value("--cmdline", inline, &mut rest)?;
-                set_once(&mut cmdline, "--cmdline", v.to_string())?;
-            }
-            "--vcpus" => {
-                let v = option_value("--vcpus", inline, &mut rest)?;
-                set_once(&mut vcpus, "--vcpus", number("--vcpus", v)?)?;
-            }
-            "--memory" => {
-                let v = option_value("--memory", inline, &mut rest)?;
-                set_once(&mut memory, "--memory", number("--memory", v)?)?;
-            }
-            "--disk" => {
-                let v = option_value("--disk", inline, &mut rest)?;
-                drives.push(parse_disk(v)?);
-            }
-            "--net" => {
-                let v = option_value("--net", inline, &mut rest)?;
-                nets.push(parse_net(v)?);
-            }
-            "--vsock" => {
-                let v = option_value("--vsock", inline, &mut rest)?;
-                set_once(&mut vsock, "--vsock", parse_vsock(v)?)?;
-            }
-            "--rootfs" => {
-                let v = option_value("--rootfs", inline, &mut rest)?;
-                let mut drive = DriveConfig::new(v);
-                drive.root = true;
-                drives.push(drive);
-            }
-            _ => {
-                return Err(CliError::UnknownOption {
-                    command: "boot",
-                    option: arg.clone(),
-                })
-            }
-        }
-    }
-    let mut config = VmConfig::new(kernel.ok_or(CliError::NoKernel)?);
-    config.initrd = initrd;
-    if let Some(c) = cmdline {
-        config.cmdline = c;
-    }
-    if let Some(v) = vcpus {
-        config.vcpus = v;
-    }
-    if let Some(m) = memory {
-        config.mem_mib = m;
-    }
-    config.drives = drives;
-    config.nets = nets;
-    config.vsock = vsock;
-    Ok(Command::Boot(config))
+/// clap's own sentence for a refused command line: the first line of its message.
+fn usage(e: &clap::Error) -> CliError {
+    let text = e.to_string();
+    let first = text.lines().next().unwrap_or_default();
+    let sentence = first.strip_prefix("error: ").unwrap_or(first);
+    CliError::Usage(format!("{sentence} (see 'flint --help')"))
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
+    use vmm::{DriveConfig, NetConfig, RateLimiterConfig, TokenBucketConfig, VsockConfig};
+
     use super::*;
+    use crate::jail::{CgroupVersion, Rlimit};
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
@@ -983,7 +287,10 @@ mod tests {
             (&[], CliError::NoCommand),
             (&["frob"], CliError::UnknownCommand("frob".into())),
             (&["boot"], CliError::NoKernel),
-            (&["boot", "--kernel"], CliError::MissingValue("--kernel")),
+            (
+                &["boot", "--kernel"],
+                CliError::MissingValue("--kernel".into()),
+            ),
             (
                 &["boot", "--kernel", "/k", "--vcpus", "two"],
                 CliError::NotANumber {
@@ -1000,7 +307,7 @@ mod tests {
             ),
             (
                 &["boot", "--kernel", "/k", "--kernel", "/j"],
-                CliError::Repeated("--kernel"),
+                CliError::Repeated("--kernel".into()),
             ),
             (
                 &["boot", "--kernel", "/k", "--frobnicate", "x"],
@@ -1583,8 +890,80 @@ mod tests {
             matches!(parse(&args(&["--help"])), Ok(Command::Help(t)) if t.contains("flint boot"))
         );
         assert!(
-            matches!(parse(&args(&["boot", "--kernel", "/k", "--help"])), Ok(Command::Help(t)) if t.contains("--memory MIB"))
+            matches!(parse(&args(&["boot", "--kernel", "/k", "--help"])), Ok(Command::Help(t)) if t.contains("--memory <MIB>"))
         );
         assert_eq!(parse(&args(&["--version"])), Ok(Command::Version));
+    }
+
+    #[test]
+    fn disks_and_root_disks_keep_the_order_given() {
+        let c = boot(&[
+            "--kernel",
+            "/k",
+            "--rootfs",
+            "/r",
+            "--disk",
+            "/a",
+            "--rootfs=/s",
+        ])
+        .unwrap();
+        let paths: Vec<_> = c.drives.iter().map(|d| (d.path.clone(), d.root)).collect();
+        assert_eq!(
+            paths,
+            [
+                (PathBuf::from("/r"), true),
+                (PathBuf::from("/a"), false),
+                (PathBuf::from("/s"), true)
+            ]
+        );
+    }
+
+    #[test]
+    fn everything_after_the_first_double_dash_is_the_command() {
+        let o = jail(&[
+            "--id", "a", "--uid", "1", "--gid", "1", "--", "run", "--", "sh", "--help",
+        ])
+        .unwrap();
+        assert_eq!(o.flint_args, args(&["run", "--", "sh", "--help"]));
+        match parse(&args(&["run", "--", "--env", "--", "-h"])).unwrap() {
+            Command::Run(o) => assert_eq!(o.command.argv, ["--env", "--", "-h"]),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn completions_man_pages_and_the_help_subcommand() {
+        assert_eq!(
+            parse(&args(&["completions", "zsh"])),
+            Ok(Command::Completions(clap_complete::Shell::Zsh))
+        );
+        assert_eq!(parse(&args(&["man"])), Ok(Command::Man(None)));
+        assert_eq!(
+            parse(&args(&["man", "run"])),
+            Ok(Command::Man(Some("run".into())))
+        );
+        assert_eq!(
+            parse(&args(&["man", "nope"])),
+            Err(CliError::UnknownCommand("nope".into()))
+        );
+        assert!(
+            matches!(parse(&args(&["help", "jail"])), Ok(Command::Help(t)) if t.contains("--chroot-base"))
+        );
+        let e = parse(&args(&["completions", "tcsh"]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bash") && !e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        let definition = commands::definition();
+        definition.clone().debug_assert();
+        let names: Vec<&str> = definition
+            .get_subcommands()
+            .map(|s| s.get_name())
+            .filter(|n| *n != "help")
+            .collect();
+        assert_eq!(names, SUBCOMMANDS);
     }
 }

@@ -387,7 +387,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
         None => config.initrd = Some(image),
     }
     if let Err(e) = config.validate() {
-        return sandbox_failed(&e);
+        return sandbox_failed(&crate::commands::config_error(&e));
     }
 
     // The guest's console is not shown: the command's output is. Keep it for diagnostics.

@@ -1,21 +1,6 @@
 //! The API server end to end over a real Unix socket, with a fake VMM thread that records the
 //! requests it gets and answers them with canned responses. No VM, no KVM.
 
-// The API modules are part of the `flint` binary; compile them into this test as well (their
-// unit tests run here too).
-#[allow(dead_code)]
-#[path = "../src/api/mod.rs"]
-mod api;
-#[allow(dead_code)]
-#[path = "../src/config_file.rs"]
-mod config_file;
-#[allow(dead_code)]
-#[path = "../src/logger.rs"]
-mod logger;
-#[allow(dead_code)]
-#[path = "../src/seccomp.rs"]
-mod seccomp;
-
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -25,8 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use api::routes::Reply;
-use api::{ApiError, ApiRequest, ApiServer};
+use flint::api::routes::Reply;
+use flint::api::{ApiError, ApiRequest, ApiServer};
+use flint::config_file;
 use serde_json::{json, Value};
 use vmm::controller::{
     BootSource, ConfigView, InstanceInfo, MachineUpdate, Request, RequestError, Response, VmState,
@@ -108,7 +94,7 @@ fn fake_vmm(rx: Queue, record: bool) -> (Arc<Mutex<Vec<ApiRequest>>>, JoinHandle
     let log2 = log.clone();
     let thread = std::thread::spawn(move || {
         for (request, reply) in rx {
-            let answer = api::routes::reply_for(&request, canned(&request), None);
+            let answer = flint::api::routes::reply_for(&request, canned(&request), None);
             if record {
                 log2.lock().unwrap().push(request);
             }

@@ -8,21 +8,8 @@
 
 #![no_main]
 
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/api/mod.rs"]
-mod api;
-#[allow(dead_code)]
-#[path = "../../src/config_file.rs"]
-mod config_file;
-#[allow(dead_code)]
-#[path = "../../src/logger.rs"]
-mod logger;
-#[allow(dead_code)]
-#[path = "../../src/seccomp.rs"]
-mod seccomp;
-
-use api::routes::{self, Routed};
-use api::{schema, ApiRequest};
+use flint::api::routes::{self, Routed};
+use flint::api::{schema, ApiRequest};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
 use vmm::controller::Request;
@@ -117,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
-        if let Ok(requests) = config_file::from_json(&v) {
+        if let Ok(requests) = flint::config_file::from_json(&v) {
             requests.iter().for_each(round_trip);
         }
     }

@@ -8,23 +8,8 @@
 
 #![no_main]
 
-// The API is part of the `flint` binary (no library target): compile its modules into this
-// target, as tests/api.rs does.
-#[allow(dead_code, unused_imports)]
-#[path = "../../src/api/mod.rs"]
-mod api;
-#[allow(dead_code)]
-#[path = "../../src/config_file.rs"]
-mod config_file;
-#[allow(dead_code)]
-#[path = "../../src/logger.rs"]
-mod logger;
-#[allow(dead_code)]
-#[path = "../../src/seccomp.rs"]
-mod seccomp;
-
-use api::http::{self, Framing, MAX_BODY, MAX_HEAD};
-use api::routes::{self, Reply, Routed};
+use flint::api::http::{self, Framing, MAX_BODY, MAX_HEAD};
+use flint::api::routes::{self, Reply, Routed};
 use libfuzzer_sys::fuzz_target;
 use vmm::controller::{RequestError, Response};
 
@@ -82,7 +67,10 @@ fuzz_target!(|data: &[u8]| {
                     Routed::Reply(reply) => reply,
                     Routed::Forward(request) => {
                         // The VMM's answers: done, or refused with its message.
-                        check_encoded(&routes::reply_for(&request, Ok(Response::Done), None), false);
+                        check_encoded(
+                            &routes::reply_for(&request, Ok(Response::Done), None),
+                            false,
+                        );
                         let refused = RequestError {
                             field: Some(vmm::Field::DriveId),
                             message: format!("{request:?}"),

@@ -7,8 +7,8 @@
 //! - `schema`: the JSON bodies, shared with the config file,
 //! - `server`: the socket, the server thread and its connections.
 
-pub(crate) mod http;
-pub(crate) mod routes;
+pub mod http;
+pub mod routes;
 pub mod schema;
 pub mod server;
 

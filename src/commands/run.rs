@@ -1,0 +1,178 @@
+//! `flint run`: run a command in a throwaway microVM.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use vmm::config::{DEFAULT_MEM_MIB, DEFAULT_VCPUS};
+use vmm::NetConfig;
+
+use super::values::{self, RootImage};
+use super::CommandArgs;
+use crate::cli::{CliError, Command};
+use crate::sandbox::RunOptions;
+
+pub(crate) const ABOUT: &str = "Run a command in a throwaway microVM and exit with its status";
+
+pub(crate) fn after_help() -> String {
+    format!(
+        "\
+Start a throwaway microVM, run COMMAND in it through the guest agent, stream its stdout and
+stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing is
+left behind: the VM, its sockets and temporary files are gone when flint exits.
+
+With the default image and no network, the microVM is restored from a snapshot of a booted
+sandbox (in $FLINT_CACHE/sandbox/snapshots, made by the first such run, remade whenever the
+kernel, the image, flint, --vcpus or --memory change) instead of booting Linux: each sandbox's
+memory is a private copy-on-write mapping of it, and its agent sets the guest's clock and
+reseeds the guest's random number generator from the host before COMMAND runs.
+
+Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
+owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
+
+Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeout expired; 125
+when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not be
+started (not found, not executable); 128+N when flint was stopped by signal N (Ctrl-C kills
+COMMAND, then the VM).",
+        copy_out_s = flint_agent::COPY_OUT_TIMEOUT.as_secs()
+    )
+}
+
+/// `--net none` or a NIC.
+#[derive(Debug, Clone)]
+pub(crate) struct NetOrNone(Option<NetConfig>);
+
+fn net_or_none(spec: &str) -> Result<NetOrNone, CliError> {
+    match spec {
+        "none" => Ok(NetOrNone(None)),
+        _ => values::net(spec).map(|n| NetOrNone(Some(n))),
+    }
+}
+
+/// A `--copy-in HOST:GUEST` pair.
+fn copy_in(value: &str) -> Result<(PathBuf, String), CliError> {
+    let bad = || CliError::CopySpec {
+        option: "--copy-in",
+        form: "HOST:GUEST",
+        value: value.to_string(),
+    };
+    let (host, guest) = value.split_once(':').ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.into(), values::guest_path(guest)?))
+}
+
+/// A `--copy-out GUEST:HOST` pair.
+fn copy_out(value: &str) -> Result<(String, PathBuf), CliError> {
+    let bad = || CliError::CopySpec {
+        option: "--copy-out",
+        form: "GUEST:HOST",
+        value: value.to_string(),
+    };
+    let (guest, host) = value.split_once(':').ok_or_else(bad)?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((values::guest_path(guest)?, host.into()))
+}
+
+// Every option may be given again; the last one counts (repeatable ones add up).
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Guest kernel (default: $FLINT_CACHE/guest/vmlinux, built by build-guest-kernel.sh;
+    /// FLINT_CACHE defaults to ~/.cache/flint)
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
+    kernel: Option<PathBuf>,
+
+    /// Sandbox initramfs with busybox and the agent (default:
+    /// $FLINT_CACHE/sandbox/initramfs.cpio.gz, built by build-sandbox-image.sh); the guest's
+    /// root is a RAM file system, so the image is never modified
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
+    image: Option<PathBuf>,
+
+    /// Boot from this ext4 image instead (its init must start flint-agent); the guest writes to
+    /// a private copy, never to IMAGE; bw, iops: limits on the guest's disk
+    #[arg(long, value_name = "IMAGE[,bw=BYTES_PER_SEC][,iops=N]", allow_hyphen_values = true,
+          value_parser = values::root_image)]
+    rootfs: Option<RootImage>,
+
+    /// vCPUs
+    #[arg(long, value_name = "N", allow_hyphen_values = true, default_value_t = DEFAULT_VCPUS,
+          value_parser = |s: &str| values::number::<u32>("--vcpus", s))]
+    vcpus: u32,
+
+    /// Guest memory in MiB
+    #[arg(long, value_name = "MIB", allow_hyphen_values = true, default_value_t = DEFAULT_MEM_MIB,
+          value_parser = |s: &str| values::number::<u64>("--memory", s))]
+    memory: u64,
+
+    /// Stop the VM and exit with 124 if COMMAND has not finished by then
+    #[arg(long, value_name = "SECONDS", allow_hyphen_values = true,
+          value_parser = |s: &str| values::number::<u64>("--timeout", s))]
+    timeout: Option<u64>,
+
+    /// No network (default), or a NIC on the host TAP device NAME (bw limits each direction)
+    #[arg(long, value_name = "none|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]",
+          allow_hyphen_values = true, value_parser = net_or_none)]
+    net: Option<NetOrNone>,
+
+    #[command(flatten)]
+    command: CommandArgs,
+
+    /// Copy a host file into the guest before COMMAND runs (repeatable)
+    #[arg(long = "copy-in", value_name = "HOST:GUEST", allow_hyphen_values = true,
+          value_parser = copy_in)]
+    copy_in: Vec<(PathBuf, String)>,
+
+    /// Copy a guest file out after COMMAND ends (repeatable)
+    #[arg(long = "copy-out", value_name = "GUEST:HOST", allow_hyphen_values = true,
+          value_parser = copy_out)]
+    copy_out: Vec<(String, PathBuf)>,
+
+    /// The most bytes all copy-outs together may bring to the host, with an optional K, M or G
+    /// suffix (default: 1G); a copy that would go over fails (status 125) and leaves no file
+    /// behind
+    #[arg(long = "copy-out-limit", value_name = "SIZE", allow_hyphen_values = true,
+          value_parser = |s: &str| values::size("--copy-out-limit", s))]
+    copy_out_limit: Option<u64>,
+
+    /// Boot the guest instead of restoring the snapshot (and make none)
+    #[arg(long)]
+    cold: bool,
+
+    /// Do not install seccomp filters (debugging only)
+    #[arg(long)]
+    no_seccomp: bool,
+
+    /// The command to run in the guest and its arguments
+    #[arg(last = true, value_name = "COMMAND")]
+    argv: Vec<String>,
+}
+
+impl RunArgs {
+    pub(crate) fn into_command(self) -> Result<Command, CliError> {
+        super::no_seccomp(self.no_seccomp);
+        if self.argv.is_empty() {
+            return Err(CliError::NoCommandToRun("run"));
+        }
+        let (rootfs, rootfs_rate_limiter) = match self.rootfs {
+            Some(RootImage { path, limiter }) => (Some(path), limiter),
+            None => (None, None),
+        };
+        Ok(Command::Run(Box::new(RunOptions {
+            kernel: self.kernel,
+            image: self.image,
+            rootfs,
+            rootfs_rate_limiter,
+            vcpus: self.vcpus,
+            mem_mib: self.memory,
+            timeout: self.timeout.map(std::time::Duration::from_secs),
+            net: self.net.and_then(|n| n.0),
+            copy_in: self.copy_in,
+            copy_out: self.copy_out,
+            copy_out_limit: self.copy_out_limit.unwrap_or(flint_agent::COPY_OUT_LIMIT),
+            command: self.command.into_options(self.argv),
+            cold: self.cold,
+        })))
+    }
+}
