@@ -108,7 +108,7 @@ pub fn flint_bin() -> PathBuf {
 /// Whether this machine's own `/dev/kvm` can boot a Linux guest: not when it is missing, nor
 /// when it is PVM (`kvm_pvm`), whose instruction emulator cannot run a stock kernel.
 pub fn local_kvm_boots_linux() -> bool {
-    Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists()
+    Path::new("/dev/kvm").exists() && !vmm::host_kvm_is_pvm()
 }
 
 /// Result of [`run_scenario`].
