@@ -2,7 +2,6 @@
 //! through the guest agent, stream its output, and exit with its status.
 
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use log::debug;
 
+use flint_agent::poll::wait_readable;
 use flint_agent::{AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, AGENT_PORT};
 use vmm::{ConsoleIo, DriveConfig, Ending, NetConfig, Vm, VmConfig, VsockConfig};
 
@@ -501,7 +501,7 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     let mut client_error = None;
     let ending = loop {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait_readable(&[vm.ending_event().as_raw_fd(), done.as_raw_fd()], timeout);
+        wait_readable(&[vm.ending_event(), &done], timeout);
         // Drain the counter: the client may report more than once.
         let _ = done.read();
         let mut result = result_rx.try_recv().ok();
@@ -680,20 +680,6 @@ fn console_tail(path: &Path) -> Vec<String> {
                 .collect()
         })
         .collect()
-}
-
-fn wait_readable(fds: &[i32], timeout: Option<Duration>) {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let timeout_ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
-    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
-    unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
 }
 
 /// Ask a running flint's API for its vsock socket.
