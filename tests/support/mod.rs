@@ -64,7 +64,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `$FLINT_CACHE`, default `$HOME/.cache/flint`: where the resources/ scripts put images.
+/// `$FLINT_CACHE`, default (unset or empty) `$HOME/.cache/flint`: where the resources/ scripts
+/// put images. The same rule as resources/lib.sh and the `flint` binary's `sandbox::cache_dir`,
+/// which these tests cannot call until flint has a library crate.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLINT_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
