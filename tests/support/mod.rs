@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-pub mod elf;
+pub use guest_tools::elf;
 pub mod tiny;
 
 /// The command line flint uses when `--cmdline` is not given.
