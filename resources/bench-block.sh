@@ -169,7 +169,7 @@ sh \$TMPD/tools/io-bench.sh "\$img" host
 rm -f "\$img"
 SCENARIO
 
-if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running inside the nested KVM host"
     {
         echo 'BIN=/bench; TMPD=/tmp'

@@ -59,7 +59,7 @@ while [ \$i -lt $runs ]; do
 done
 SCENARIO
 
-if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running $runs boots inside the nested KVM host"
     {
         echo 'BIN=/bench; TMPD=/tmp'

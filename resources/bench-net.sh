@@ -192,7 +192,7 @@ SCENARIO
 files=("$flint:flint" "$guest/bzImage:bzImage" "$work/initramfs-bench.cpio:initramfs-bench.cpio"
     "$tool:vsock-io" "$ip:ip")
 budget=$((600 + runs * (2 * tcp_mib + vsock_mib) * 2))
-if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running the benchmark inside the nested KVM host"
     {
         echo "BIN=/bench; W=/tmp; QEMU=$qemu"

@@ -114,7 +114,7 @@ SCENARIO
 files=("$flint:flint" "$FLINT_CACHE/guest/vmlinux:vmlinux"
     "$FLINT_CACHE/sandbox/initramfs.cpio.gz:sandbox.cpio.gz" "$client:agent-client")
 budget=$((600 + 3 * (20 * runs + 60 * rounds)))
-if [ -e /sys/module/kvm_pvm ] || [ ! -e /dev/kvm ]; then
+if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running inside the nested KVM host"
     { echo "BIN=/bench; W=/tmp; QEMU=$qemu"; cat "$work/scenario.sh"; } >"$work/nested.sh"
     adds=(--add "$qemu:$qemu" --add /usr/share/qemu:/usr/share/qemu)

@@ -25,7 +25,7 @@ log "building flint (release)"
 flint=$here/../target/release/flint
 guest=$FLINT_CACHE/guest
 
-if [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; then
+if host_kvm_boots_linux; then
     exec "$flint" boot --kernel "$guest/vmlinux" --initrd "$guest/initramfs.cpio.gz" "$@"
 fi
 

@@ -6,6 +6,12 @@
 FLINT_CACHE=${FLINT_CACHE:-$HOME/.cache/flint}
 export FLINT_CACHE
 
+# host_kvm_boots_linux: whether this machine's own /dev/kvm can boot a Linux
+# guest: not when it is missing, nor when it is PVM (module kvm_pvm), whose
+# instruction emulator cannot run a stock kernel. The scripts that need Linux
+# guests run them inside the nested KVM host (nested-host/run.sh) otherwise.
+host_kvm_boots_linux() { [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; }
+
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use flint_agent::poll::wait_readable;
 use vmm::controller::{Controller, Request, RequestError, Response};
 use vmm::{ConsoleIo, Ending};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -58,22 +59,6 @@ impl Frontend {
 
 /// How often metrics are written when a metrics file is configured.
 const METRICS_PERIOD: Duration = Duration::from_secs(60);
-
-/// Wait until `fds` has a readable descriptor, a signal interrupts the wait, or `timeout`
-/// passes.
-fn wait_readable(fds: &[i32], timeout: Duration) {
-    let mut polls: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs for the whole call.
-    unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
-}
 
 /// Run the VMM thread: configure from the file, serve the API, and exit when the VM ends.
 pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
@@ -142,11 +127,14 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
     let mut next_metrics = Instant::now() + METRICS_PERIOD;
     let ending = loop {
         let controller = &mut frontend.controller;
-        let mut fds = vec![wake.as_raw_fd()];
+        let mut fds: Vec<&dyn AsRawFd> = vec![&wake];
         if let Some(vm) = controller.vm() {
-            fds.push(vm.ending_event().as_raw_fd());
+            fds.push(vm.ending_event());
         }
-        wait_readable(&fds, next_metrics.saturating_duration_since(Instant::now()));
+        wait_readable(
+            &fds,
+            Some(next_metrics.saturating_duration_since(Instant::now())),
+        );
         if Instant::now() >= next_metrics {
             if let Err(e) = controller.flush_metrics() {
                 log::warn!("{e}");

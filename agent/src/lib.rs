@@ -17,6 +17,7 @@
 
 pub mod client;
 pub mod part_file;
+pub mod poll;
 pub mod protocol;
 pub mod vsock;
 

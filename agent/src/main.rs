@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use flint_agent::part_file::PartFile;
+use flint_agent::poll::wait_readable;
 use flint_agent::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
     SHUTDOWN_GRACE,
@@ -439,7 +440,7 @@ impl Conn {
                 ToAgent::Shutdown => {
                     let _ = self.reply(&FromAgent::Ok);
                     // Give the host the chance to read the answer and hang up.
-                    wait_readable(self.reader.get_ref().as_raw_fd(), SHUTDOWN_GRACE);
+                    wait_readable(&[self.reader.get_ref()], Some(SHUTDOWN_GRACE));
                     (agent.on_shutdown)();
                     return Ok(());
                 }
@@ -534,16 +535,6 @@ fn describe(e: &io::Error) -> String {
         Some(i) => s[..i].to_string(),
         None => s,
     }
-}
-
-/// Wait until `fd` is readable (data, EOF or error) or `timeout` passes.
-fn wait_readable(fd: RawFd, timeout: Duration) {
-    let mut fds = [libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    let _ = poll(&mut fds, timeout.as_millis().min(i32::MAX as u128) as i32);
 }
 
 fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {

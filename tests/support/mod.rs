@@ -50,7 +50,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
-pub mod elf;
+pub use guest_tools::elf;
 pub mod tiny;
 
 /// The command line flint uses when `--cmdline` is not given.
@@ -64,7 +64,9 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `$FLINT_CACHE`, default `$HOME/.cache/flint`: where the resources/ scripts put images.
+/// `$FLINT_CACHE`, default (unset or empty) `$HOME/.cache/flint`: where the resources/ scripts
+/// put images. The same rule as resources/lib.sh and the `flint` binary's `sandbox::cache_dir`,
+/// which these tests cannot call until flint has a library crate.
 pub fn cache_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("FLINT_CACHE").filter(|d| !d.is_empty()) {
         return PathBuf::from(dir);
@@ -108,7 +110,7 @@ pub fn flint_bin() -> PathBuf {
 /// Whether this machine's own `/dev/kvm` can boot a Linux guest: not when it is missing, nor
 /// when it is PVM (`kvm_pvm`), whose instruction emulator cannot run a stock kernel.
 pub fn local_kvm_boots_linux() -> bool {
-    Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists()
+    Path::new("/dev/kvm").exists() && !vmm::host_kvm_is_pvm()
 }
 
 /// Result of [`run_scenario`].
@@ -772,22 +774,12 @@ pub struct GuestFile {
 /// entries for their parent directories (mode 0755).
 pub fn newc_archive(files: &[GuestFile]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
-        let namesize = name.len() + 1;
-        // magic, ino, mode, uid, gid, nlink, mtime, filesize, devmajor, devminor,
-        // rdevmajor, rdevminor, namesize, check
+        use std::io::Write as _;
         let size = u32::try_from(data.len()).expect("a cpio newc file is below 4 GiB");
-        let namesize = u32::try_from(namesize).expect("file name too long");
-        let fields = [0, mode, 0, 0, 1, 0, size, 0, 0, 0, 0, namesize, 0];
-        out.extend_from_slice(b"070701");
-        for f in fields {
-            out.extend_from_slice(format!("{f:08X}").as_bytes());
-        }
-        out.extend_from_slice(name.as_bytes());
-        out.push(0);
-        // header + name, then the data, each padded to a multiple of 4
-        out.resize(out.len().next_multiple_of(4), 0);
-        out.extend_from_slice(data);
-        out.resize(out.len().next_multiple_of(4), 0);
+        // Owned by root (uid and gid 0), one link, inode and times 0.
+        let mut writer = cpio::newc::Builder::new(name).mode(mode).write(out, size);
+        writer.write_all(data).expect("writing to memory");
+        writer.finish().expect("writing to memory");
     }
     let mut out = Vec::new();
     let mut dirs: Vec<&str> = Vec::new();
@@ -808,7 +800,7 @@ pub fn newc_archive(files: &[GuestFile]) -> Vec<u8> {
         }
         entry(&mut out, path, 0o100_000 | (f.mode & 0o7777), &f.data);
     }
-    entry(&mut out, "TRAILER!!!", 0, &[]);
+    cpio::newc::trailer(&mut out).expect("writing to memory");
     out
 }
 
@@ -927,9 +919,9 @@ mod tests {
         // directory t, file t/x, trailer
         let text = String::from_utf8_lossy(&a);
         assert_eq!(text.matches("070701").count(), 3);
-        assert!(a.starts_with(b"07070100000000000041ED"));
+        assert!(a.starts_with(b"07070100000000000041ed"));
         let file = text.find("t/x\0").unwrap();
-        assert_eq!(&text[file - 110 + 14..file - 110 + 22], "000081ED");
+        assert_eq!(&text[file - 110 + 14..file - 110 + 22], "000081ed");
         assert_eq!(&text[file - 110 + 54..file - 110 + 62], "00000005");
         let data = (file + 4).next_multiple_of(4);
         assert_eq!(&a[data..data + 5], b"hello");

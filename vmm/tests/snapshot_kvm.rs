@@ -11,13 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use guest_tools::elf::elf;
 use vmm::{ConsoleIo, Vm, VmConfig, VsockConfig};
-
-/// Where the guest code is loaded and entered (64-bit boot protocol, paging on).
-// The tiny-guest ELF wrapper of the top-level tests.
-#[path = "../../tests/support/elf.rs"]
-mod elf;
-use elf::elf;
 
 /// The guest (see the module doc), assembled from:
 ///

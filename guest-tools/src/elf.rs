@@ -1,6 +1,5 @@
 //! A minimal ELF64 `vmlinux` around a few bytes of 64-bit code, for tiny test guests. It has no
-//! PVH note, so flint enters it through the 64-bit boot protocol with paging on. Standalone
-//! (no other support module): `vmm/tests` includes it by path too.
+//! PVH note, so flint enters it through the 64-bit boot protocol with paging on.
 
 /// Where [`elf`] loads the code and enters it: 1 MiB.
 pub const LOAD_ADDR: u64 = 0x10_0000;

@@ -1,0 +1,221 @@
+//! The host side of the guest agent: the client that copies files in, runs the command and
+//! copies files out, and (for `flint run`) the thread it runs on.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use flint_agent::{
+    AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, Signaller, AGENT_PORT,
+};
+use log::debug;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{CommandOptions, RunOptions, SetupError};
+
+/// How long the guest gets to boot and start its agent.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+
+pub(super) fn exec_spec(command: &CommandOptions) -> ExecSpec {
+    let mut spec = ExecSpec::new(command.argv.iter().cloned());
+    spec.env = command.env.clone();
+    spec.workdir = command.workdir.clone();
+    spec
+}
+
+/// What the agent-client thread reports.
+pub(super) enum ClientResult {
+    Finished(CommandStatus),
+    Failed(AgentError),
+    /// The agent answered and the connection is closed again: the booted guest can be
+    /// snapshotted now, if its agent accepted a refresh (the value). The client waits for
+    /// the snapshot before it connects again.
+    ReadyForSnapshot(bool),
+}
+
+/// What the agent client does between connecting and running the command.
+pub(super) enum Prepare {
+    /// Nothing: the guest booted just now.
+    Nothing,
+    /// The guest was restored from a snapshot: set its clock and reseed its random number
+    /// generator from the host first. If that fails, `failed` is set: the snapshot is then
+    /// discarded, so that the next run boots and makes a new one.
+    Refresh { failed: Arc<AtomicBool> },
+    /// `flint exec`: refresh if the agent can; an agent from before the Refresh request gets
+    /// a warning and the command runs anyway.
+    RefreshIfSupported,
+    /// The guest booted and a template is to be made of it: check that its agent accepts a
+    /// refresh (restored sandboxes need one), call `ready` with the answer and no connection
+    /// open, wait for `done`, then connect again.
+    Template {
+        ready: Box<dyn FnOnce(bool) + Send>,
+        done: mpsc::Receiver<()>,
+    },
+}
+
+/// The files copied around the command.
+#[derive(Default)]
+pub(super) struct Copies {
+    /// Host file, guest path: before the command.
+    copy_in: Vec<(PathBuf, String)>,
+    /// Guest path, host file: after the command.
+    copy_out: Vec<(String, PathBuf)>,
+    /// The most bytes all copy-outs together may bring.
+    copy_out_limit: u64,
+}
+
+/// Run one command through the agent: copies in, the command, copies out.
+pub(super) fn drive_agent(
+    uds: &Path,
+    spec: &ExecSpec,
+    copies: &Copies,
+    signaller: &mpsc::Sender<Signaller>,
+    prepare: Prepare,
+    start: Instant,
+) -> Result<CommandStatus, AgentError> {
+    let mut client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+    debug!(
+        "sandbox: agent connected at {} ms",
+        start.elapsed().as_millis()
+    );
+    match prepare {
+        Prepare::Nothing => {}
+        Prepare::Refresh { failed } => {
+            if let Err(e) = client.refresh() {
+                failed.store(true, Ordering::Release);
+                return Err(e);
+            }
+            debug!(
+                "sandbox: guest clock and RNG refreshed at {} ms",
+                start.elapsed().as_millis()
+            );
+        }
+        Prepare::RefreshIfSupported => {
+            if let Err(e) = client.refresh() {
+                log::warn!(
+                    "the guest agent did not refresh the guest's clock and random number \
+                     generator ({e}); an agent from before flint's snapshots cannot"
+                );
+                // A refused request may have closed the connection.
+                client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+            }
+        }
+        Prepare::Template { ready, done } => {
+            let refreshable = client.refresh().is_ok();
+            drop(client);
+            ready(refreshable);
+            // Whether or not the snapshot was made, the guest runs on.
+            let _ = done.recv();
+            client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
+        }
+    }
+    let _ = signaller.send(client.signaller());
+    for (host, guest) in &copies.copy_in {
+        client.copy_in(host, Path::new(guest))?;
+    }
+    let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
+    let status = client.run(spec, stdin, std::io::stdout(), std::io::stderr())?;
+    debug!(
+        "sandbox: command ended at {} ms",
+        start.elapsed().as_millis()
+    );
+    // The guest decides how much it sends and how fast: bound both, even without --timeout.
+    let mut budget = CopyOutBudget::new(copies.copy_out_limit, flint_agent::COPY_OUT_TIMEOUT);
+    for (guest, host) in &copies.copy_out {
+        client.copy_out_within(Path::new(guest), host, &mut budget)?;
+    }
+    Ok(status)
+}
+
+/// What the agent-client thread of `flint run` does before the command.
+pub(super) enum FirstStep {
+    /// Nothing: the guest booted just now.
+    Nothing,
+    /// Refresh the restored guest; on failure, set the flag.
+    Refresh(Arc<AtomicBool>),
+    /// Let the booted guest be snapshotted ([`ClientResult::ReadyForSnapshot`]), then go on
+    /// once [`AgentThread::snapshot_done`] says so.
+    Template,
+}
+
+/// The agent-client thread of `flint run`, as the supervising thread sees it.
+pub(super) struct AgentThread {
+    /// Readable whenever the thread has sent something on `results`.
+    pub done: EventFd,
+    pub results: mpsc::Receiver<ClientResult>,
+    /// The command's signaller, once it runs.
+    pub signaller: mpsc::Receiver<Signaller>,
+    /// Tells the thread, after [`ClientResult::ReadyForSnapshot`], that the guest may go on.
+    pub snapshot_done: mpsc::Sender<()>,
+}
+
+impl AgentThread {
+    /// Start the thread that runs `options`' command through the agent at `uds`. It is started
+    /// before the VMM thread restricts itself (threads inherit filters), with its own filter.
+    pub(super) fn spawn(
+        uds: &Path,
+        options: &RunOptions,
+        first: FirstStep,
+        start: Instant,
+    ) -> Result<AgentThread, SetupError> {
+        let done = EventFd::new(EFD_NONBLOCK).map_err(SetupError::EventFd)?;
+        let done_writer = done.try_clone().map_err(SetupError::EventFd)?;
+        let (result_tx, result_rx) = mpsc::channel();
+        let (signaller_tx, signaller_rx) = mpsc::channel();
+        let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel();
+        let prepare = match first {
+            FirstStep::Nothing => Prepare::Nothing,
+            FirstStep::Refresh(failed) => Prepare::Refresh { failed },
+            FirstStep::Template => {
+                let ready_tx = result_tx.clone();
+                let ready_writer = done_writer.try_clone().map_err(SetupError::EventFd)?;
+                Prepare::Template {
+                    ready: Box::new(move |refreshable| {
+                        let _ = ready_tx.send(ClientResult::ReadyForSnapshot(refreshable));
+                        let _ = ready_writer.write(1);
+                    }),
+                    done: snapshot_done_rx,
+                }
+            }
+        };
+        let spec = exec_spec(&options.command);
+        let copies = Copies {
+            copy_in: options.copy_in.clone(),
+            copy_out: options.copy_out.clone(),
+            copy_out_limit: options.copy_out_limit,
+        };
+        // Only a run that copies files out may create files on the host.
+        let copies_out = !copies.copy_out.is_empty();
+        let client_uds = uds.to_path_buf();
+        thread::Builder::new()
+            .name("agent-client".into())
+            .spawn(move || {
+                let result = match crate::seccomp::agent_client(copies_out).install() {
+                    Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
+                    Ok(()) => match drive_agent(
+                        &client_uds,
+                        &spec,
+                        &copies,
+                        &signaller_tx,
+                        prepare,
+                        start,
+                    ) {
+                        Ok(status) => ClientResult::Finished(status),
+                        Err(e) => ClientResult::Failed(e),
+                    },
+                };
+                let _ = result_tx.send(result);
+                let _ = done_writer.write(1);
+            })
+            .map_err(SetupError::ClientThread)?;
+        Ok(AgentThread {
+            done,
+            results: result_rx,
+            signaller: signaller_rx,
+            snapshot_done: snapshot_done_tx,
+        })
+    }
+}
