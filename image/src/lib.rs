@@ -22,6 +22,9 @@ pub mod source;
 pub mod store;
 pub mod unpack;
 
+#[cfg(test)]
+mod testutil;
+
 pub use config::{run_spec, RunOverrides, RunSpec};
 pub use digest::Digest;
 pub use reference::{ImageRef, Reference};

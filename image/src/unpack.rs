@@ -805,3 +805,7 @@ pub(crate) fn read_file_beneath(
     fs::File::from(fd).take(max).read_to_end(&mut data)?;
     Ok(Some(data))
 }
+
+#[cfg(test)]
+#[path = "unpack_tests.rs"]
+mod tests;
