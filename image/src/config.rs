@@ -258,3 +258,295 @@ fn resolve_user(spec: &str, rootfs: &Path) -> Result<User, ConfigError> {
         home: entry.map(|e| e.home),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn image(config: serde_json::Value) -> ImageConfiguration {
+        serde_json::from_value(json!({
+            "architecture": "amd64", "os": "linux", "config": config,
+            "rootfs": {"type": "layers", "diff_ids": []},
+        }))
+        .unwrap()
+    }
+
+    fn rootfs() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("etc")).unwrap();
+        fs::write(
+            dir.path().join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:App:/home/app:/bin/sh\nbroken line\nweb:x:33:33::/var/www:/usr/sbin/nologin\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("etc/group"),
+            "root:x:0:\napp:x:1000:\nstaff:x:50:app,web\naudio:x:29:app\nweb:x:33:\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    fn spec(config: serde_json::Value, o: RunOverrides) -> Result<RunSpec, ConfigError> {
+        let r = rootfs();
+        run_spec(&image(config), r.path(), &o)
+    }
+
+    #[test]
+    fn entrypoint_and_cmd_combine_as_docker_run_does() {
+        let cfg = json!({"Entrypoint": ["/bin/tini", "--"], "Cmd": ["python3"]});
+        assert_eq!(
+            spec(cfg.clone(), RunOverrides::default()).unwrap().argv,
+            ["/bin/tini", "--", "python3"]
+        );
+        let o = RunOverrides {
+            command: Some(vec!["pytest".into(), "-q".into()]),
+            ..Default::default()
+        };
+        assert_eq!(
+            spec(cfg.clone(), o).unwrap().argv,
+            ["/bin/tini", "--", "pytest", "-q"]
+        );
+        let o = RunOverrides {
+            entrypoint: Some(vec!["/bin/sh".into()]),
+            ..Default::default()
+        };
+        assert_eq!(spec(cfg, o).unwrap().argv, ["/bin/sh"]);
+        assert_eq!(
+            spec(json!({"Cmd": ["sh", "-c", "x"]}), RunOverrides::default())
+                .unwrap()
+                .argv,
+            ["sh", "-c", "x"]
+        );
+        let err = spec(json!({}), RunOverrides::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the image names no command (no Entrypoint or Cmd), so one must be given"
+        );
+        let o = RunOverrides {
+            command: Some(vec!["true".into()]),
+            ..Default::default()
+        };
+        assert_eq!(spec(json!(null), o).unwrap().argv, ["true"]);
+    }
+
+    #[test]
+    fn env_merges_with_defaults_and_user_entries() {
+        let cfg = json!({"Cmd": ["x"], "Env": ["LANG=C.UTF-8", "A=image"]});
+        let o = RunOverrides {
+            env: vec!["A=user".into(), "B=b=c".into()],
+            ..Default::default()
+        };
+        let s = spec(cfg, o).unwrap();
+        assert_eq!(
+            s.env,
+            [
+                &format!("PATH={DEFAULT_PATH}"),
+                "LANG=C.UTF-8",
+                "A=user",
+                "B=b=c",
+                "HOME=/root"
+            ]
+        );
+        let s = spec(
+            json!({"Cmd": ["x"], "Env": ["PATH=/opt/bin", "HOME=/srv"]}),
+            RunOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!(s.env, ["PATH=/opt/bin", "HOME=/srv"]);
+        let o = RunOverrides {
+            env: vec!["NOVALUE".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            spec(json!({"Cmd": ["x"]}), o).unwrap_err().to_string(),
+            "environment entry \"NOVALUE\" is not NAME=VALUE"
+        );
+    }
+
+    #[test]
+    fn workdir_defaults_to_root_and_can_be_overridden() {
+        assert_eq!(
+            spec(json!({"Cmd": ["x"]}), RunOverrides::default())
+                .unwrap()
+                .workdir,
+            "/"
+        );
+        assert_eq!(
+            spec(
+                json!({"Cmd": ["x"], "WorkingDir": "/app"}),
+                RunOverrides::default()
+            )
+            .unwrap()
+            .workdir,
+            "/app"
+        );
+        assert_eq!(
+            spec(
+                json!({"Cmd": ["x"], "WorkingDir": "app"}),
+                RunOverrides::default()
+            )
+            .unwrap()
+            .workdir,
+            "/app"
+        );
+        let o = RunOverrides {
+            workdir: Some("/tmp".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            spec(json!({"Cmd": ["x"], "WorkingDir": "/app"}), o)
+                .unwrap()
+                .workdir,
+            "/tmp"
+        );
+    }
+
+    #[test]
+    fn users_and_groups_resolve_against_the_image() {
+        let ids = |user: &str| {
+            let s = spec(json!({"Cmd": ["x"], "User": user}), RunOverrides::default())?;
+            Ok::<_, ConfigError>((s.uid, s.gid, s.groups, s.env.last().cloned().unwrap()))
+        };
+        assert_eq!(ids("").unwrap(), (0, 0, vec![], "HOME=/root".into()));
+        assert_eq!(
+            ids("app").unwrap(),
+            (1000, 1000, vec![29, 50], "HOME=/home/app".into())
+        );
+        assert_eq!(
+            ids("1000").unwrap(),
+            (1000, 1000, vec![29, 50], "HOME=/home/app".into())
+        );
+        assert_eq!(
+            ids("app:staff").unwrap(),
+            (1000, 50, vec![29, 50], "HOME=/home/app".into())
+        );
+        assert_eq!(
+            ids("web:7").unwrap(),
+            (33, 7, vec![50], "HOME=/var/www".into())
+        );
+        assert_eq!(
+            ids("4242").unwrap(),
+            (4242, 0, vec![], "HOME=/".into()),
+            "a numeric user the image does not list"
+        );
+        assert_eq!(
+            ids("4242:4243").unwrap(),
+            (4242, 4243, vec![], "HOME=/".into())
+        );
+        assert_eq!(
+            ids("nobody").unwrap_err().to_string(),
+            "user \"nobody\" is not in the image's /etc/passwd"
+        );
+        assert_eq!(
+            ids("app:wheel").unwrap_err().to_string(),
+            "group \"wheel\" is not in the image's /etc/group"
+        );
+        assert!(matches!(ids("app:"), Err(ConfigError::BadUser(_))));
+        // The user's override wins over the image's.
+        let o = RunOverrides {
+            user: Some("web".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            spec(json!({"Cmd": ["x"], "User": "app"}), o).unwrap().uid,
+            33
+        );
+    }
+
+    #[test]
+    fn account_files_linked_out_of_the_image_are_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::write(dir.path().join("passwd"), "hostuser:x:7:7::/:/bin/sh\n").unwrap();
+        std::os::unix::fs::symlink("/../passwd", root.join("etc/passwd")).unwrap();
+        let err = run_spec(
+            &image(json!({"Cmd": ["x"], "User": "hostuser"})),
+            &root,
+            &RunOverrides::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownUser(_)), "{err}");
+        // Without account files, numeric users still work.
+        let s = run_spec(
+            &image(json!({"Cmd": ["x"], "User": "5:6"})),
+            &root,
+            &RunOverrides::default(),
+        )
+        .unwrap();
+        assert_eq!((s.uid, s.gid), (5, 6));
+    }
+
+    #[test]
+    fn a_docker_save_tarball_becomes_a_tree_and_a_run_spec() {
+        use crate::testutil::{config_json, Tar};
+        use crate::{unpack, Digest, ImageSource, Limits, Store};
+        let dir = tempfile::tempdir().unwrap();
+        let base = Tar::new()
+            .dir("etc", 0o755)
+            .file(
+                "etc/passwd",
+                0o644,
+                b"root:x:0:0:root:/root:/bin/sh\nsvc:x:900:901::/srv:/bin/false\n",
+            )
+            .file("etc/group", 0o644, b"root:x:0:\nsvc:x:901:\n")
+            .file("bin/app", 0o755, b"app v1")
+            .bytes();
+        let upper = Tar::new()
+            .file("bin/app", 0o755, b"app v2")
+            .file("bin/.wh.old", 0o644, b"")
+            .bytes();
+        let cfg = config_json(
+            "amd64",
+            &[Digest::of(&base), Digest::of(&upper)],
+            json!({"Entrypoint": ["/bin/app"], "Cmd": ["--serve"], "User": "svc", "WorkingDir": "/srv", "Env": ["MODE=prod"]}),
+        );
+        let cfg_name = format!("{}.json", Digest::of(&cfg).hex());
+        let tarball = Tar::new()
+            .file("l1/layer.tar", 0o644, &base)
+            .file("l2/layer.tar", 0o644, &upper)
+            .file(&cfg_name, 0o644, &cfg)
+            .file(
+                "manifest.json",
+                0o644,
+                &serde_json::to_vec(&json!([{"Config": cfg_name, "RepoTags": ["svc:1"], "Layers": ["l1/layer.tar", "l2/layer.tar"]}]))
+                    .unwrap(),
+            )
+            .bytes();
+        let path = dir.path().join("svc.tar");
+        fs::write(&path, tarball).unwrap();
+
+        let src = ImageSource::open_archive(&path).unwrap();
+        let store = Store::open(&dir.path().join("cache")).unwrap();
+        let img = store.import(&src, &["svc:1".into()]).unwrap();
+        let root = dir.path().join("rootfs");
+        unpack(store.layer_inputs(&img).unwrap(), &root, &Limits::default()).unwrap();
+        assert_eq!(fs::read(root.join("bin/app")).unwrap(), b"app v2");
+        let o = RunOverrides {
+            command: Some(vec!["--check".into()]),
+            env: vec!["MODE=test".into()],
+            ..Default::default()
+        };
+        let s = run_spec(&img.config, &root, &o).unwrap();
+        assert_eq!(
+            s,
+            RunSpec {
+                argv: vec!["/bin/app".into(), "--check".into()],
+                env: vec![
+                    format!("PATH={DEFAULT_PATH}"),
+                    "MODE=test".into(),
+                    "HOME=/srv".into()
+                ],
+                workdir: "/srv".into(),
+                uid: 900,
+                gid: 901,
+                groups: vec![],
+            }
+        );
+    }
+}

@@ -683,3 +683,7 @@ impl Read for PosReader<'_> {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+#[path = "source_tests.rs"]
+mod tests;

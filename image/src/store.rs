@@ -384,3 +384,181 @@ impl Store {
         Ok(f)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::testutil::*;
+    use crate::unpack::{unpack, Limits};
+
+    fn tmp_is_empty(s: &Store) -> bool {
+        fs::read_dir(s.root.join("tmp")).unwrap().count() == 0
+    }
+
+    #[test]
+    fn a_verified_blob_is_cached_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let d = Digest::of(b"hello");
+        let p = s.put_blob(&d, Some(5), &b"hello"[..]).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert!(s.has_blob(&d));
+        // Already cached: not read again.
+        s.put_blob(&d, Some(5), &b"junk"[..]).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"hello");
+        assert!(tmp_is_empty(&s));
+    }
+
+    #[test]
+    fn mismatching_truncated_long_or_interrupted_blobs_leave_no_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let data = vec![9u8; 100_000];
+        let d = Digest::of(&data);
+
+        let err = s
+            .put_blob(&d, Some(100_000), &vec![8u8; 100_000][..])
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("blob {d} does not match its digest (its content hashes to {}), so it was not cached", Digest::of(&[8u8; 100_000]))
+        );
+        let err = s.put_blob(&d, Some(100_000), &data[..50_000]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("blob {d} is truncated (50000 of 100000 bytes), so it was not cached")
+        );
+        let err = s.put_blob(&d, Some(99_999), &data[..]).unwrap_err();
+        assert!(matches!(err, StoreError::TooLong { .. }), "{err}");
+        // Without a size, a truncated blob is a digest mismatch.
+        let err = s.put_blob(&d, None, &data[..50_000]).unwrap_err();
+        assert!(matches!(err, StoreError::DigestMismatch { .. }), "{err}");
+
+        struct Interrupted(usize);
+        impl Read for Interrupted {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "connection reset",
+                    ));
+                }
+                let n = buf.len().min(self.0);
+                buf[..n].fill(9);
+                self.0 -= n;
+                Ok(n)
+            }
+        }
+        let err = s
+            .put_blob(&d, Some(100_000), Interrupted(70_000))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("cannot read blob {d} (connection reset), so it was not cached")
+        );
+
+        assert!(!s.has_blob(&d));
+        assert_eq!(
+            fs::read_dir(dir.path().join("blobs/sha256"))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(tmp_is_empty(&s));
+        // A later complete download succeeds.
+        s.put_blob(&d, Some(100_000), &data[..]).unwrap();
+        assert!(s.has_blob(&d));
+    }
+
+    #[test]
+    fn a_layer_that_does_not_match_its_descriptor_is_not_imported() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = dir.path().join("layout");
+        let m = write_image(
+            &layout,
+            "amd64",
+            &[Tar::new().file("a", 0o644, b"a").bytes()],
+            json!({}),
+        );
+        write_index(&layout, vec![manifest_desc(&m, None)]);
+        let src = ImageSource::open_layout(&layout).unwrap();
+        let l = src.image().layers[0].digest.clone();
+        // Corrupt the layer blob after the source was read.
+        let p = layout.join("blobs/sha256").join(l.hex());
+        let mut bytes = fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&p, &bytes).unwrap();
+        let s = Store::open(&dir.path().join("cache")).unwrap();
+        let err = s.import(&src, &[]).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::DigestMismatch { digest, .. } if *digest == l),
+            "{err}"
+        );
+        assert!(!s.has_blob(&l));
+        assert!(s.images().unwrap().is_empty());
+        assert!(tmp_is_empty(&s));
+    }
+
+    #[test]
+    fn images_share_blobs_and_prune_removes_only_unused_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Tar::new().file("shared", 0o644, b"common base").bytes();
+        let make = |name: &str, own: &[u8]| {
+            let layout = dir.path().join(name);
+            let m = write_image(
+                &layout,
+                "amd64",
+                &[shared.clone(), Tar::new().file(name, 0o644, own).bytes()],
+                json!({}),
+            );
+            write_index(&layout, vec![manifest_desc(&m, None)]);
+            ImageSource::open_layout(&layout).unwrap()
+        };
+        let (a, b) = (make("a", b"aa"), make("b", b"bb"));
+        let s = Store::open(&dir.path().join("cache")).unwrap();
+        let ia = s.import(&a, &["a:latest".into()]).unwrap();
+        let ib = s.import(&b, &["b:latest".into()]).unwrap();
+        assert_eq!(
+            ia.layers[0].digest, ib.layers[0].digest,
+            "the base layer is one blob"
+        );
+        let blobs = || {
+            fs::read_dir(dir.path().join("cache/blobs/sha256"))
+                .unwrap()
+                .count()
+        };
+        assert_eq!(blobs(), 7, "2 manifests, 2 configs, 3 layers");
+        let recs = s.images().unwrap();
+        assert_eq!(recs.len(), 2);
+        assert!(recs
+            .iter()
+            .any(|r| r.manifest == ia.manifest_digest && r.names == ["a:latest"]));
+
+        // A cached image reads back and unpacks from the cache alone.
+        let back = s.image(&ia.manifest_digest).unwrap();
+        assert_eq!(back.layers, ia.layers);
+        let root = dir.path().join("rootfs");
+        unpack(s.layer_inputs(&back).unwrap(), &root, &Limits::default()).unwrap();
+        assert_eq!(fs::read(root.join("shared")).unwrap(), b"common base");
+        assert_eq!(fs::read(root.join("a")).unwrap(), b"aa");
+
+        assert_eq!(s.prune().unwrap(), PruneStats::default());
+        s.remove_image(&ia.manifest_digest).unwrap();
+        let pruned = s.prune().unwrap();
+        assert_eq!(pruned.blobs, 3, "a's manifest, config and own layer");
+        assert!(s.has_blob(&ib.layers[0].digest) && s.has_blob(&ib.layers[1].digest));
+        assert!(s.image(&ib.manifest_digest).is_ok());
+        assert!(matches!(
+            s.remove_image(&ia.manifest_digest),
+            Err(StoreError::UnknownImage(_))
+        ));
+        s.remove_image(&ib.manifest_digest).unwrap();
+        assert_eq!(s.prune().unwrap().blobs, 4);
+        assert_eq!(blobs(), 0);
+    }
+}

@@ -115,3 +115,95 @@ pub(crate) fn zstd(data: &[u8]) -> Vec<u8> {
 pub(crate) const CAP_NET_RAW: [u8; 20] = [
     1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 ];
+
+use std::path::Path;
+
+use serde_json::json;
+
+use crate::digest::Digest;
+
+/// An image configuration document.
+pub(crate) fn config_json(arch: &str, diff_ids: &[Digest], config: serde_json::Value) -> Vec<u8> {
+    let ids: Vec<String> = diff_ids.iter().map(|d| d.to_string()).collect();
+    serde_json::to_vec(&json!({
+        "architecture": arch,
+        "os": "linux",
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": ids},
+    }))
+    .unwrap()
+}
+
+/// An image manifest document; `layers` are (digest, size, media type).
+pub(crate) fn manifest_json(config: &[u8], layers: &[(Digest, usize, &str)]) -> Vec<u8> {
+    let ls: Vec<_> = layers
+        .iter()
+        .map(|(d, s, mt)| json!({"mediaType": mt, "digest": d.to_string(), "size": s}))
+        .collect();
+    serde_json::to_vec(&json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of(config).to_string(), "size": config.len()},
+        "layers": ls,
+    }))
+    .unwrap()
+}
+
+/// Writes a blob into an OCI layout directory.
+pub(crate) fn put(dir: &Path, data: &[u8]) -> Digest {
+    let d = Digest::of(data);
+    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    std::fs::write(dir.join("blobs/sha256").join(d.hex()), data).unwrap();
+    d
+}
+
+/// Writes the blobs of a single-platform image (layers given uncompressed, stored gzip-compressed)
+/// and returns its manifest.
+pub(crate) fn write_image(
+    dir: &Path,
+    arch: &str,
+    layers: &[Vec<u8>],
+    config: serde_json::Value,
+) -> Vec<u8> {
+    let diff_ids: Vec<Digest> = layers.iter().map(|l| Digest::of(l)).collect();
+    let mut descs = Vec::new();
+    for l in layers {
+        let gz = gzip(l);
+        descs.push((
+            put(dir, &gz),
+            gz.len(),
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+        ));
+    }
+    let cfg = config_json(arch, &diff_ids, config);
+    put(dir, &cfg);
+    let m = manifest_json(&cfg, &descs);
+    put(dir, &m);
+    m
+}
+
+/// Writes `oci-layout` and an `index.json` listing `manifests` (JSON descriptors).
+pub(crate) fn write_index(dir: &Path, manifests: Vec<serde_json::Value>) {
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+pub(crate) fn manifest_desc(manifest: &[u8], platform: Option<(&str, &str)>) -> serde_json::Value {
+    let mut d = json!({
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": Digest::of(manifest).to_string(),
+        "size": manifest.len(),
+    });
+    if let Some((os, arch)) = platform {
+        d["platform"] = json!({"os": os, "architecture": arch});
+    }
+    d
+}
+
+/// Tars up a directory (as an OCI archive is made from a layout).
+pub(crate) fn tar_dir(dir: &Path, out: &Path) {
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    b.append_dir_all(".", dir).unwrap();
+    b.finish().unwrap();
+}

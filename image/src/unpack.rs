@@ -282,10 +282,10 @@ impl State<'_> {
             window_end: window_end.clone(),
         };
         let mut archive = tar::Archive::new(metered);
-        let mut entries = archive.entries().map_err(read_err)?;
         // Paths this layer made: whiteouts and opaque markers only hide what lower layers made.
         let mut made: HashSet<Vec<OsString>> = HashSet::new();
         let mut dirs: Vec<DirMeta> = Vec::new();
+        let mut entries = archive.entries().map_err(read_err)?;
         let mut last_entry = String::from("(start of layer)");
         loop {
             window_end.set(consumed.get() + self.limits.max_entry_metadata);
@@ -321,11 +321,23 @@ impl State<'_> {
                     }
                     r => refuse(r),
                 })?;
+            // Data that an entry of another type carries is skipped here, inside its window.
+            io::copy(&mut entry, &mut io::sink()).map_err(read_err)?;
         }
-        // The tar reader is done with the stream; `entries` and `archive` are not used again.
-        // Whatever follows the end-of-archive blocks still belongs to the blob and to its diff ID.
-        window_end.set(u64::MAX);
-        io::copy(&mut hashing, &mut io::sink()).map_err(read_err)?;
+        // What follows the end-of-archive blocks (padding to the tar record size) still belongs
+        // to the blob and its diff ID; more than the metadata limit of it is refused.
+        let mut metered = archive.into_inner();
+        window_end.set(consumed.get() + self.limits.max_entry_metadata);
+        io::copy(&mut metered, &mut io::sink()).map_err(|e| {
+            if e.to_string().contains(METADATA_OVERRUN) {
+                read_err(io::Error::other(format!(
+                    "more than {} bytes follow the end of the archive",
+                    self.limits.max_entry_metadata
+                )))
+            } else {
+                read_err(e)
+            }
+        })?;
         for d in dirs.iter().rev() {
             self.set_dir_meta(d).map_err(|reason| UnpackError::Entry {
                 layer: layer.to_string(),
@@ -431,8 +443,33 @@ impl State<'_> {
 
         // Whiteouts.
         if let Some(hidden) = last.as_bytes().strip_prefix(b".wh.") {
-            let parent = self.open_parent(&parts)?;
-            if hidden == b".wh..opq" {
+            let opaque = hidden == b".wh..opq";
+            if !opaque
+                && (hidden.is_empty()
+                    || hidden == b"."
+                    || hidden == b".."
+                    || hidden.starts_with(b".wh."))
+            {
+                return Err(Refusal::BadWhiteout);
+            }
+            // A whiteout in a directory that does not exist hides nothing.
+            let parent = match fsutil::walk_dirs(
+                &self.root,
+                parts[..parts.len() - 1].iter().map(|p| p.as_os_str()),
+                false,
+                &mut 0,
+            ) {
+                Ok(p) => p,
+                Err(WalkError::Missing(_)) => return Ok(()),
+                Err(WalkError::NotDirectory(n)) => return Err(Refusal::ThroughLink(n)),
+                Err(WalkError::Io(source)) => {
+                    return Err(Refusal::Io {
+                        op: "opening the parent directory",
+                        source,
+                    })
+                }
+            };
+            if opaque {
                 let dir_path = parts[..parts.len() - 1].to_vec();
                 let keep = |n: &OsStr| {
                     let mut p = dir_path.clone();
@@ -451,10 +488,6 @@ impl State<'_> {
                     source,
                 })?;
                 return Ok(());
-            }
-            if hidden.is_empty() || hidden == b"." || hidden == b".." || hidden.starts_with(b".wh.")
-            {
-                return Err(Refusal::BadWhiteout);
             }
             let mut target = parts.clone();
             *target.last_mut().expect("non-empty") = OsStr::from_bytes(hidden).to_os_string();

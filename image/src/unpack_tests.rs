@@ -513,3 +513,38 @@ fn account_files_are_read_without_following_links() {
         Some(b"g".to_vec())
     );
 }
+
+#[test]
+fn whiteouts_in_missing_directories_hide_nothing_and_make_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    let layer = Tar::new()
+        .file("gone/.wh.x", 0o644, b"")
+        .file("gone/deeper/.wh..wh..opq", 0o644, b"")
+        .bytes();
+    unpack([plain("l", layer)], &root, &Limits::default()).unwrap();
+    assert_eq!(fs::read_dir(&root).unwrap().count(), 0);
+}
+
+#[test]
+fn data_after_the_end_of_the_archive_is_bounded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut layer = Tar::new().file("f", 0o644, b"x").bytes();
+    // Padding to a tar record size, as tar writes it, is fine and part of the diff ID.
+    layer.resize(layer.len() + 8192, 0);
+    let mut l = plain("padded", layer.clone());
+    l.diff_id = Some(Digest::of(&layer));
+    unpack([l], &tmp.path().join("ok"), &Limits::default()).unwrap();
+    layer.resize(layer.len() + (2 << 20), 0);
+    let err = unpack(
+        [plain("trailer", layer)],
+        &tmp.path().join("bad"),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "layer 1 (trailer) is not a readable tar stream: more than 1048576 bytes follow the end of the archive"
+    );
+    assert!(!tmp.path().join("bad").exists());
+}
