@@ -5,6 +5,8 @@
 //!   `openat(O_PATH | O_DIRECTORY | O_NOFOLLOW)`, so a path through a symbolic link (or through a
 //!   file) is refused instead of followed; well-formed layers never hold one, because the tools
 //!   that make layers record the resolved path of every file;
+//!   (this needs no `openat2(RESOLVE_BENEATH)`, which would resolve links below the target
+//!   rather than refuse them, and works on every kernel);
 //! - paths with a `..` component and absolute paths are refused;
 //! - symbolic links are stored as they are and never followed; hard links are made with `linkat`
 //!   from a source reached the same way, so they can only name an entry already in the tree;
@@ -338,7 +340,9 @@ impl State<'_> {
                 read_err(e)
             }
         })?;
-        for d in dirs.iter().rev() {
+        // In the layer's order, so that a directory listed twice gets its last entry's metadata
+        // (setting a directory's metadata leaves its parent's modification time alone).
+        for d in &dirs {
             self.set_dir_meta(d).map_err(|reason| UnpackError::Entry {
                 layer: layer.to_string(),
                 entry: display_path(&d.path),
@@ -679,19 +683,23 @@ impl State<'_> {
     }
 
     fn set_dir_meta(&self, d: &DirMeta) -> Result<(), Refusal> {
-        let dir = fsutil::walk_dirs(
+        let walk = fsutil::walk_dirs(
             &self.root,
             d.path.iter().map(|p| p.as_os_str()),
             false,
             &mut 0,
-        )
-        .map_err(|e| match e {
-            WalkError::NotDirectory(n) | WalkError::Missing(n) => Refusal::ThroughLink(n),
-            WalkError::Io(source) => Refusal::Io {
-                op: "opening the directory",
-                source,
-            },
-        })?;
+        );
+        let dir = match walk {
+            Ok(dir) => dir,
+            // A later entry of the layer replaced or removed the directory: nothing to set.
+            Err(WalkError::NotDirectory(_) | WalkError::Missing(_)) => return Ok(()),
+            Err(WalkError::Io(source)) => {
+                return Err(Refusal::Io {
+                    op: "opening the directory",
+                    source,
+                })
+            }
+        };
         // walk_dirs gives an O_PATH descriptor; metadata calls need a real one.
         let fd = rfs::openat(
             &dir,

@@ -548,3 +548,62 @@ fn data_after_the_end_of_the_archive_is_bounded() {
     );
     assert!(!tmp.path().join("bad").exists());
 }
+
+#[test]
+fn a_directory_replaced_later_in_its_layer_is_no_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("rootfs");
+    let layer = Tar::new()
+        .dir("d", 0o755)
+        .file("d", 0o600, b"file now")
+        .dir("e", 0o700)
+        .dir("e", 0o751)
+        .bytes();
+    unpack([plain("l", layer)], &root, &Limits::default()).unwrap();
+    assert_eq!(fs::read(root.join("d")).unwrap(), b"file now");
+    assert_eq!(
+        fs::symlink_metadata(root.join("e")).unwrap().mode() & 0o7777,
+        0o751,
+        "the last entry wins"
+    );
+}
+
+#[test]
+fn sparse_files_count_with_their_full_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let holey = tmp.path().join("holey");
+    let f = fs::File::create(&holey).unwrap();
+    f.set_len(8 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"end", (8 << 20) - 3).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    b.sparse(true);
+    b.append_path_with_name(&holey, "holey").unwrap();
+    let layer = b.into_inner().unwrap();
+    assert!(layer.len() < 1 << 20, "the layer stores the file sparsely");
+    let err = unpack(
+        [plain("sparse", layer.clone())],
+        &tmp.path().join("small"),
+        &Limits {
+            max_bytes: 4 << 20,
+            ..Limits::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            UnpackError::Entry {
+                reason: Refusal::Bytes(_),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!tmp.path().join("small").exists());
+    let root = tmp.path().join("big");
+    let stats = unpack([plain("sparse", layer)], &root, &Limits::default()).unwrap();
+    assert_eq!(stats.bytes, 8 << 20);
+    let data = fs::read(root.join("holey")).unwrap();
+    assert_eq!(data.len(), 8 << 20);
+    assert_eq!(&data[data.len() - 3..], b"end");
+}
