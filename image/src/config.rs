@@ -276,7 +276,7 @@ mod tests {
     }
 
     fn rootfs() -> tempfile::TempDir {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         fs::create_dir(dir.path().join("etc")).unwrap();
         fs::write(
             dir.path().join("etc/passwd"),
@@ -460,7 +460,7 @@ mod tests {
 
     #[test]
     fn account_files_linked_out_of_the_image_are_not_read() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let root = dir.path().join("root");
         fs::create_dir_all(root.join("etc")).unwrap();
         fs::write(dir.path().join("passwd"), "hostuser:x:7:7::/:/bin/sh\n").unwrap();
@@ -486,7 +486,7 @@ mod tests {
     fn a_docker_save_tarball_becomes_a_tree_and_a_run_spec() {
         use crate::testutil::{config_json, Tar};
         use crate::{unpack, Digest, ImageSource, Limits, Store};
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let base = Tar::new()
             .dir("etc", 0o755)
             .file(

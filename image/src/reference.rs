@@ -304,7 +304,7 @@ mod tests {
 
     #[test]
     fn paths_are_told_from_references() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let file = dir.path().join("img.tar");
         std::fs::write(&file, b"").unwrap();
         assert_eq!(

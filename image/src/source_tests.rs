@@ -11,7 +11,7 @@ fn layer(name: &str, data: &[u8]) -> Vec<u8> {
 
 #[test]
 fn an_oci_layout_yields_manifest_config_and_ordered_layers() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let layers = [layer("a", b"1"), layer("b", b"2")];
     let m = write_image(dir.path(), "amd64", &layers, json!({"Cmd": ["sh"]}));
     write_index(dir.path(), vec![manifest_desc(&m, None)]);
@@ -36,7 +36,7 @@ fn an_oci_layout_yields_manifest_config_and_ordered_layers() {
 
 #[test]
 fn a_multi_platform_index_resolves_to_linux_amd64() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let arm = write_image(dir.path(), "arm64", &[layer("arm", b"")], json!({}));
     let amd = write_image(dir.path(), "amd64", &[layer("amd", b"")], json!({}));
     let s390 = write_image(dir.path(), "s390x", &[layer("s390", b"")], json!({}));
@@ -63,7 +63,7 @@ fn a_multi_platform_index_resolves_to_linux_amd64() {
     assert_eq!(*src.image().config.architecture(), Arch::Amd64);
 
     // Without an amd64 image, the index is refused in one sentence.
-    let only_arm = tempfile::tempdir().unwrap();
+    let only_arm = crate::testutil::tempdir();
     let arm = write_image(only_arm.path(), "arm64", &[layer("arm", b"")], json!({}));
     write_index(
         only_arm.path(),
@@ -78,7 +78,7 @@ fn a_multi_platform_index_resolves_to_linux_amd64() {
 
 #[test]
 fn a_tampered_manifest_or_config_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let m = write_image(dir.path(), "amd64", &[layer("a", b"")], json!({}));
     write_index(dir.path(), vec![manifest_desc(&m, None)]);
     let md = Digest::of(&m);
@@ -95,7 +95,7 @@ fn a_tampered_manifest_or_config_is_refused() {
 
 #[test]
 fn several_images_without_platforms_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let a = write_image(dir.path(), "amd64", &[layer("a", b"")], json!({}));
     let b = write_image(dir.path(), "amd64", &[layer("b", b"")], json!({}));
     write_index(
@@ -111,7 +111,7 @@ fn several_images_without_platforms_are_refused() {
 
 #[test]
 fn an_oci_archive_reads_like_its_layout_even_gzipped() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let layout = dir.path().join("layout");
     fs::create_dir(&layout).unwrap();
     let m = write_image(
@@ -175,7 +175,7 @@ fn docker_save(out: &Path, layers: &[Vec<u8>], legacy_links: bool) -> Vec<u8> {
 
 #[test]
 fn a_docker_save_tarball_yields_its_image() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     for links in [false, true] {
         let path = dir.path().join(format!("save-{links}.tar"));
         let layers = [layer("a", b"1"), layer("b", b"22")];
@@ -202,7 +202,7 @@ fn a_docker_save_tarball_yields_its_image() {
 
 #[test]
 fn non_images_are_refused_in_one_sentence() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = crate::testutil::tempdir();
     let err = ImageSource::open_layout(dir.path()).err().unwrap();
     assert_eq!(
         err.to_string(),

@@ -12,6 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -78,15 +79,21 @@ impl Store {
         let s = Store {
             root: root.to_path_buf(),
         };
+        // Only its owner may enter the cache: images unpacked next to it hold setuid programs.
         for d in [
+            s.root.clone(),
             s.root.join("blobs/sha256"),
             s.root.join("images"),
             s.root.join("tmp"),
         ] {
-            fs::create_dir_all(&d).map_err(|source| StoreError::Io {
-                path: d.clone(),
-                source,
-            })?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .map_err(|source| StoreError::Io {
+                    path: d.clone(),
+                    source,
+                })?;
         }
         Ok(s)
     }
@@ -401,7 +408,7 @@ mod tests {
 
     #[test]
     fn a_verified_blob_is_cached_once() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let s = Store::open(dir.path()).unwrap();
         let d = Digest::of(b"hello");
         let p = s.put_blob(&d, Some(5), &b"hello"[..]).unwrap();
@@ -415,7 +422,7 @@ mod tests {
 
     #[test]
     fn mismatching_truncated_long_or_interrupted_blobs_leave_no_entry() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let s = Store::open(dir.path()).unwrap();
         let data = vec![9u8; 100_000];
         let d = Digest::of(&data);
@@ -476,7 +483,7 @@ mod tests {
 
     #[test]
     fn a_layer_that_does_not_match_its_descriptor_is_not_imported() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let layout = dir.path().join("layout");
         let m = write_image(
             &layout,
@@ -506,7 +513,7 @@ mod tests {
 
     #[test]
     fn images_share_blobs_and_prune_removes_only_unused_ones() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = crate::testutil::tempdir();
         let shared = Tar::new().file("shared", 0o644, b"common base").bytes();
         let make = |name: &str, own: &[u8]| {
             let layout = dir.path().join(name);

@@ -207,3 +207,11 @@ pub(crate) fn tar_dir(dir: &Path, out: &Path) {
     b.append_dir_all(".", dir).unwrap();
     b.finish().unwrap();
 }
+
+/// A temporary directory only its owner can enter, as unpacking requires of a target's parent.
+pub(crate) fn tempdir() -> tempfile::TempDir {
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    d
+}

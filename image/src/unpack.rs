@@ -23,6 +23,9 @@
 //! `user.*` namespace are applied; others (`trusted.*`, `security.selinux`, ...) are skipped
 //! because they would speak for the host's or the guest's security policy, not the image's.
 //!
+//! The target's parent directory must be accessible only to its owner: an image may hold setuid
+//! programs and device nodes, which other users of the host must not reach.
+//!
 //! [`Limits`] bound the bytes written, the number of entries, the length and depth of paths, and
 //! the tar metadata (PAX headers, long names) of each entry. Sparse files are written out in full
 //! and so count with their full size. A violation, or any other failure, is one sentence naming
@@ -35,6 +38,7 @@ use std::fs;
 use std::io::{self, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -99,6 +103,8 @@ pub struct UnpackStats {
 pub enum UnpackError {
     #[error("cannot unpack the image into {path}: it already exists")]
     TargetExists { path: PathBuf },
+    #[error("cannot unpack the image into {path}: its parent directory must be accessible only to its owner (mode 0700), since an image may hold setuid programs and device nodes")]
+    ParentNotPrivate { path: PathBuf },
     #[error("cannot unpack the image into {path}: {source}")]
     Target { path: PathBuf, source: io::Error },
     #[error("layer {layer} is not a readable tar stream: {source}")]
@@ -164,6 +170,21 @@ pub fn unpack<'a>(
     target: &Path,
     limits: &Limits,
 ) -> Result<UnpackStats, UnpackError> {
+    // A setuid-root shell or a device node of the host's disk from the image must not be
+    // reachable by other users of the host.
+    let parent = match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let md = fs::metadata(parent).map_err(|source| UnpackError::Target {
+        path: target.to_path_buf(),
+        source,
+    })?;
+    if md.permissions().mode() & 0o077 != 0 {
+        return Err(UnpackError::ParentNotPrivate {
+            path: target.to_path_buf(),
+        });
+    }
     match fs::create_dir(target) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {

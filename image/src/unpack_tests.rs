@@ -1,7 +1,7 @@
 //! Unpacking tests: they make device nodes and set ownership, so they run as root.
 
 use std::fs;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use tar::EntryType;
@@ -78,7 +78,7 @@ fn upper_layer() -> Vec<u8> {
 
 #[test]
 fn layers_apply_in_order_with_whiteouts_links_nodes_modes_owners_and_capabilities() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let stats = unpack(
         [
@@ -168,12 +168,13 @@ fn layers_apply_in_order_with_whiteouts_links_nodes_modes_owners_and_capabilitie
 /// Unpacks `layers` next to a sentinel directory and checks that it is refused with `expect`,
 /// that the target is gone and that nothing appeared outside it.
 fn refused(layers: Vec<Vec<u8>>, limits: Limits, expect: fn(&Refusal) -> bool) -> String {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let outside = tmp.path().join("outside");
     fs::create_dir(&outside).unwrap();
     fs::write(outside.join("secret"), b"host secret").unwrap();
     let root = tmp.path().join("a/b/rootfs");
     fs::create_dir_all(root.parent().unwrap()).unwrap();
+    fs::set_permissions(root.parent().unwrap(), fs::Permissions::from_mode(0o700)).unwrap();
     let inputs = layers
         .into_iter()
         .enumerate()
@@ -307,7 +308,7 @@ fn hard_links_out_of_the_tree_are_refused() {
 
 #[test]
 fn a_symlink_over_an_existing_file_replaces_it_without_following() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     fs::write(tmp.path().join("host"), b"host").unwrap();
     unpack(
@@ -336,7 +337,7 @@ fn byte_bombs_are_refused_at_the_limit() {
         .file("small", 0o644, &[1; 1000])
         .file("big", 0o644, &big)
         .bytes();
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let err = unpack(
         [input("bomb", gzip(&layer), Compression::Gzip)],
@@ -449,7 +450,7 @@ fn bad_whiteouts_and_unknown_types_are_refused() {
 
 #[test]
 fn a_diff_id_mismatch_is_refused_and_leaves_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let layer = Tar::new().file("f", 0o644, b"x").bytes();
     let good = Digest::of(&layer);
@@ -469,21 +470,23 @@ fn a_diff_id_mismatch_is_refused_and_leaves_nothing() {
 
 #[test]
 fn an_existing_target_is_refused_and_kept() {
-    let tmp = tempfile::tempdir().unwrap();
-    fs::write(tmp.path().join("mine"), b"keep").unwrap();
+    let tmp = crate::testutil::tempdir();
+    let target = tmp.path().join("existing");
+    fs::create_dir(&target).unwrap();
+    fs::write(target.join("mine"), b"keep").unwrap();
     let err = unpack(
         [plain("l", Tar::new().file("f", 0o644, b"").bytes())],
-        tmp.path(),
+        &target,
         &Limits::default(),
     )
     .unwrap_err();
-    assert!(matches!(err, UnpackError::TargetExists { .. }));
-    assert_eq!(fs::read(tmp.path().join("mine")).unwrap(), b"keep");
+    assert!(matches!(err, UnpackError::TargetExists { .. }), "{err}");
+    assert_eq!(fs::read(target.join("mine")).unwrap(), b"keep");
 }
 
 #[test]
 fn corrupt_streams_are_refused_and_leave_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let mut gz = gzip(&Tar::new().file("f", 0o644, &[5; 10000]).bytes());
     gz.truncate(gz.len() / 2);
@@ -499,7 +502,7 @@ fn corrupt_streams_are_refused_and_leave_nothing() {
 
 #[test]
 fn account_files_are_read_without_following_links() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     fs::create_dir_all(tmp.path().join("root/etc")).unwrap();
     fs::write(tmp.path().join("host-passwd"), b"host").unwrap();
     std::os::unix::fs::symlink("../../host-passwd", tmp.path().join("root/etc/passwd")).unwrap();
@@ -516,7 +519,7 @@ fn account_files_are_read_without_following_links() {
 
 #[test]
 fn whiteouts_in_missing_directories_hide_nothing_and_make_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let layer = Tar::new()
         .file("gone/.wh.x", 0o644, b"")
@@ -528,7 +531,7 @@ fn whiteouts_in_missing_directories_hide_nothing_and_make_nothing() {
 
 #[test]
 fn data_after_the_end_of_the_archive_is_bounded() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let mut layer = Tar::new().file("f", 0o644, b"x").bytes();
     // Padding to a tar record size, as tar writes it, is fine and part of the diff ID.
     layer.resize(layer.len() + 8192, 0);
@@ -551,7 +554,7 @@ fn data_after_the_end_of_the_archive_is_bounded() {
 
 #[test]
 fn a_directory_replaced_later_in_its_layer_is_no_error() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let root = tmp.path().join("rootfs");
     let layer = Tar::new()
         .dir("d", 0o755)
@@ -570,7 +573,7 @@ fn a_directory_replaced_later_in_its_layer_is_no_error() {
 
 #[test]
 fn sparse_files_count_with_their_full_size() {
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = crate::testutil::tempdir();
     let holey = tmp.path().join("holey");
     let f = fs::File::create(&holey).unwrap();
     f.set_len(8 << 20).unwrap();
@@ -606,4 +609,21 @@ fn sparse_files_count_with_their_full_size() {
     let data = fs::read(root.join("holey")).unwrap();
     assert_eq!(data.len(), 8 << 20);
     assert_eq!(&data[data.len() - 3..], b"end");
+}
+
+#[test]
+fn a_target_other_users_could_reach_is_refused() {
+    let tmp = crate::testutil::tempdir();
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+    let layer = Tar::new().file("bin/su", 0o4755, b"su").bytes();
+    let err = unpack(
+        [plain("l", layer)],
+        &shared.join("rootfs"),
+        &Limits::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, UnpackError::ParentNotPrivate { .. }), "{err}");
+    assert!(!shared.join("rootfs").exists());
 }
