@@ -2,7 +2,10 @@
 //! file paths to images.
 //!
 //! A REF that starts with `/` or `.` is a path (no reference can start with either); so is one
-//! that is not a valid reference but names an existing file or directory. A path to a directory is
+//! that names an existing directory holding an `oci-layout` file or an existing file ending in
+//! `.tar`, `.tar.gz` or `.tgz` (names a registry reference could also have, but hardly ever
+//! means), and one that is not a valid reference but names an existing file or directory.
+//! Anything else is a registry reference. A path to a directory is
 //! an OCI image layout; a path to a file is an archive (an OCI archive or a `docker save` tarball,
 //! told apart by their contents in [`crate::source`]).
 
@@ -198,13 +201,18 @@ pub enum ImageRef {
 impl ImageRef {
     /// Tells a path from a reference (see the module documentation) and parses it.
     pub fn parse(s: &str) -> Result<ImageRef, ReferenceError> {
-        if s.starts_with('/') || s.starts_with('.') {
-            return Ok(Self::path(Path::new(s)));
+        let p = Path::new(s);
+        let looks_like_image_file = (p.is_dir() && p.join("oci-layout").is_file())
+            || (p.is_file()
+                && [".tar", ".tar.gz", ".tgz"]
+                    .iter()
+                    .any(|ext| s.ends_with(ext)));
+        if s.starts_with('/') || s.starts_with('.') || looks_like_image_file {
+            return Ok(Self::path(p));
         }
         match Reference::parse(s) {
             Ok(r) => Ok(ImageRef::Registry(r)),
             Err(e) => {
-                let p = Path::new(s);
                 if p.symlink_metadata().is_ok() {
                     Ok(Self::path(p))
                 } else {
@@ -324,5 +332,37 @@ mod tests {
             ImageRef::Registry(_)
         ));
         assert!(ImageRef::parse("No_Such_Image").is_err());
+        // Relative paths without ./ are paths when they name an image file or layout.
+        let cwd = std::env::current_dir().unwrap();
+        let rel = |p: &Path| p.strip_prefix(&cwd).map(Path::to_path_buf).ok();
+        let here = tempfile::Builder::new()
+            .prefix(&format!("flint-image-refs-{}", std::process::id()))
+            .rand_bytes(0)
+            .tempdir_in(&cwd)
+            .unwrap();
+        let tar = here.path().join("app.tar");
+        std::fs::write(&tar, b"").unwrap();
+        let layout = here.path().join("layout");
+        std::fs::create_dir(&layout).unwrap();
+        std::fs::write(layout.join("oci-layout"), b"{}").unwrap();
+        let plain_dir = here.path().join("notimage");
+        std::fs::create_dir(&plain_dir).unwrap();
+        let (tar, layout, plain_dir) = (
+            rel(&tar).unwrap(),
+            rel(&layout).unwrap(),
+            rel(&plain_dir).unwrap(),
+        );
+        assert_eq!(
+            ImageRef::parse(tar.to_str().unwrap()).unwrap(),
+            ImageRef::Archive(tar.clone())
+        );
+        assert_eq!(
+            ImageRef::parse(layout.to_str().unwrap()).unwrap(),
+            ImageRef::Layout(layout.clone())
+        );
+        assert!(matches!(
+            ImageRef::parse(plain_dir.to_str().unwrap()).unwrap(),
+            ImageRef::Registry(_)
+        ));
     }
 }
