@@ -16,6 +16,18 @@
 # it ever exit (the VM stays up for `flint exec`). The host powers the guest off through the
 # agent: a `Shutdown` request makes it `sync` and `reboot(2)`; with flint's `reboot=k` the
 # VM resets and flint exits 0.
+#
+# A container image (`flint run --image`): with `flint.image=/dev/vdX` on the kernel command
+# line (flint_agent::IMAGE_PARAM), /init mounts that disk (the image's files, ext4) read-only
+# and a writable overlay over it at /run/flint/root (flint_agent::IMAGE_ROOT), the overlay's
+# writes in guest memory, or on the ext4 disk named by `flint.scratch=/dev/vdY`
+# (flint_agent::SCRATCH_PARAM; the host formats it). Inside go proc, sysfs, devtmpfs (with
+# the /dev/fd, /dev/std* links), devpts, a tmpfs on /dev/shm, and bind mounts of this
+# initramfs's /etc/hosts, /etc/hostname and /etc/resolv.conf over the image's (as Docker
+# does; the image itself is never written). The agent keeps running from the initramfs and
+# the host runs the image's commands with that directory as their root. The root appears
+# only once all of it is mounted: if anything fails (logged to the kernel log), it is
+# missing and the agent says so to the host.
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -80,6 +92,9 @@ printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:
 printf 'root:x:0:\ntty:x:5:\nnogroup:x:65534:\n' >"$root/etc/group"
 printf '127.0.0.1 localhost sandbox\n::1 localhost\n' >"$root/etc/hosts"
 echo sandbox >"$root/etc/hostname"
+# Empty until the host configures name resolution (it is bind-mounted into an image's root:
+# write it in place, not by renaming another file over it).
+: >"$root/etc/resolv.conf"
 
 # PID 1. Kept small. As the parent of the agent it also reaps every orphaned process
 # (busybox sh collects any child while it waits for the foreground one).
@@ -96,6 +111,87 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mount -t tmpfs -o mode=755 tmpfs /run
 ip link set lo up
 hostname sandbox
+
+log_error() {
+    echo "<3>flint-sandbox: $*" >/dev/kmsg
+}
+
+# Make $1 (a path inside the image's overlay) a directory, or a regular file with "file", to
+# mount on, replacing whatever else is there (in the overlay: the image itself is never
+# written). A symbolic link is never kept: mount would follow it out of the image's root.
+mount_point() {
+    if [ "$2" = file ]; then
+        [ -f "$1" ] && [ ! -L "$1" ] && return 0
+        rm -rf "$1" && : >"$1"
+    else
+        [ -d "$1" ] && [ ! -L "$1" ] && return 0
+        rm -rf "$1" && mkdir -p "$1"
+    fi
+}
+
+# The container image on disk $1 (read-only ext4) under an overlay whose writes go to guest
+# memory, or to the ext4 disk $2; assembled at $3 (then moved to its final place).
+mount_image() {
+    r=$3
+    mkdir -p /run/flint/image /run/flint/rw "$r" || return 1
+    mount -t ext4 -o ro,noload "$1" /run/flint/image || return 1
+    if [ -n "$2" ]; then
+        mount -t ext4 -o noatime "$2" /run/flint/rw || return 1
+    else
+        mount -t tmpfs -o mode=755 tmpfs /run/flint/rw || return 1
+    fi
+    mkdir -p /run/flint/rw/upper /run/flint/rw/work || return 1
+    mount -t overlay -o lowerdir=/run/flint/image,upperdir=/run/flint/rw/upper,workdir=/run/flint/rw/work \
+        overlay "$r" || return 1
+    for d in proc sys dev; do
+        mount_point "$r/$d" || return 1
+    done
+    if [ ! -e "$r/tmp" ] && [ ! -L "$r/tmp" ]; then
+        mkdir -m 1777 "$r/tmp" || return 1
+    fi
+    mount -t proc proc "$r/proc" &&
+        mount -t sysfs sysfs "$r/sys" &&
+        mount -t devtmpfs devtmpfs "$r/dev" &&
+        mkdir -p "$r/dev/pts" "$r/dev/shm" &&
+        mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts "$r/dev/pts" &&
+        mount -t tmpfs -o mode=1777 tmpfs "$r/dev/shm" || return 1
+    # The devtmpfs is the guest's own /dev: the links are then there too.
+    ln -sfn /proc/self/fd "$r/dev/fd" &&
+        ln -sfn /proc/self/fd/0 "$r/dev/stdin" &&
+        ln -sfn /proc/self/fd/1 "$r/dev/stdout" &&
+        ln -sfn /proc/self/fd/2 "$r/dev/stderr" || return 1
+    # Name resolution as in the rest of the sandbox. An image whose /etc is a link (to be
+    # followed inside its root, which mount cannot do) keeps its own files.
+    if [ ! -e "$r/etc" ] && [ ! -L "$r/etc" ]; then
+        mkdir -m 755 "$r/etc" || return 1
+    fi
+    if [ -d "$r/etc" ] && [ ! -L "$r/etc" ]; then
+        for f in hosts hostname resolv.conf; do
+            mount_point "$r/etc/$f" file && mount --bind "/etc/$f" "$r/etc/$f" || return 1
+        done
+    else
+        log_error "the image's /etc is not a directory: its hosts, hostname and resolv.conf stay"
+    fi
+}
+
+image=
+scratch=
+set -f # the words of the command line are not patterns
+for arg in $(cat /proc/cmdline); do
+    case $arg in
+    flint.image=*) image=${arg#flint.image=} ;;
+    flint.scratch=*) scratch=${arg#flint.scratch=} ;;
+    esac
+done
+set +f
+if [ -n "$image" ]; then
+    if mount_image "$image" "$scratch" /run/flint/staging; then
+        mkdir -p /run/flint/root && mount --move /run/flint/staging /run/flint/root ||
+            log_error "cannot move the image's root to /run/flint/root"
+    else
+        log_error "cannot mount the container image on $image${scratch:+ (scratch disk $scratch)}; see the messages above"
+    fi
+fi
 
 # Boot timer: byte 123 to I/O port 0x3f0 (offset 1008 of /dev/port).
 printf '\173' | dd of=/dev/port bs=1 seek=1008 count=1 conv=notrunc 2>/dev/null

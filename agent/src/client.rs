@@ -175,6 +175,8 @@ pub struct AgentClient {
     reader: BufReader<UnixStream>,
     shared: Shared,
     broken: bool,
+    /// The guest directory the paths of copy-ins and copy-outs are inside of.
+    root: Option<String>,
 }
 
 /// How many bytes of the host's entropy [`AgentClient::refresh`] sends.
@@ -411,7 +413,17 @@ impl AgentClient {
                 generation: 0,
             })),
             broken: false,
+            root: None,
         })
+    }
+
+    /// Make the guest paths of later [`copy_in`](Self::copy_in) and
+    /// [`copy_out`](Self::copy_out) calls paths inside the guest directory `root` (absolute,
+    /// without `..`), resolved as a command run with [`ExecSpec::root`] sees them; `None`
+    /// (the default) for the guest's own root. For a container image's sandbox the root is
+    /// [`crate::protocol::IMAGE_ROOT`].
+    pub fn set_root(&mut self, root: Option<&str>) {
+        self.root = root.map(str::to_string);
     }
 
     /// A handle that sends signals to the command [`run`](Self::run) is running.
@@ -554,6 +566,7 @@ impl AgentClient {
         let header = ToAgent::CopyIn {
             path: guest.to_string(),
             mode: meta.permissions().mode() & 0o7777,
+            root: self.root.clone(),
         };
         header.encode().map_err(AgentError::BadRequest)?;
         self.guarded(|c| {
@@ -604,6 +617,7 @@ impl AgentClient {
     ) -> Result<(), AgentError> {
         let request = ToAgent::CopyOut {
             path: utf8(guest_path)?.to_string(),
+            root: self.root.clone(),
         };
         request.encode().map_err(AgentError::BadRequest)?;
         let result = self.guarded(|c| c.copy_out_inner(&request, guest_path, host_path, budget));

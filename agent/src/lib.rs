@@ -26,9 +26,21 @@ pub use client::{
     COPY_OUT_LIMIT, COPY_OUT_TIMEOUT, REFRESH_ENTROPY,
 };
 pub use protocol::{
-    ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, AGENT_PORT, DATA_CHUNK,
-    MAX_PAYLOAD,
+    ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, UserSpec, AGENT_PORT,
+    DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD,
 };
+
+/// The kernel command-line parameter that makes the sandbox's `/init` use a container image:
+/// `flint.image=/dev/vdX` names the read-only ext4 disk holding the image's files. `/init`
+/// mounts it read-only under a writable overlay at [`IMAGE_ROOT`], with `/proc`, `/sys`,
+/// `/dev` (devtmpfs), `/dev/pts`, `/dev/shm` inside and the sandbox's own `/etc/hosts`,
+/// `/etc/hostname` and `/etc/resolv.conf` bind-mounted over the image's; the agent keeps
+/// running from the initramfs and the host runs commands with `root` set to [`IMAGE_ROOT`].
+/// The image is never written.
+pub const IMAGE_PARAM: &str = "flint.image";
+/// With [`IMAGE_PARAM`]: `flint.scratch=/dev/vdY` names an ext4 disk (formatted by the host)
+/// that holds the overlay's writes instead of guest memory.
+pub const SCRATCH_PARAM: &str = "flint.scratch";
 
 /// The environment every command starts from (the `Exec` request's variables are added).
 pub const DEFAULT_ENV: [(&str, &str); 2] = [

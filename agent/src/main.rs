@@ -7,6 +7,11 @@
 //! process group) if the host connection drops while they run. Diagnostics go to the kernel
 //! log (`/dev/kmsg`), or to stderr when that cannot be opened.
 //!
+//! A command, copy-in or copy-out may name another root directory (a container image's,
+//! mounted by `/init`): the command runs with its root directory changed to it, and the
+//! copies resolve their paths inside it without leaving it (see [`in_root`]). A command may
+//! also name its numeric user, group and supplementary groups.
+//!
 //! A `Refresh` request sets the guest's wall clock and reseeds the kernel's random number
 //! generator with entropy from the host (for guests restored from a snapshot).
 //!
@@ -19,6 +24,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
+
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, SyncSender};
@@ -33,6 +39,9 @@ use flint_agent::protocol::{
     SHUTDOWN_GRACE,
 };
 use flint_agent::{AGENT_PORT, DEFAULT_ENV};
+use in_root::Root;
+
+mod in_root;
 
 /// After the command exits, how long its output pipes may stay idle (held open by processes
 /// it left behind) before the exit is reported anyway.
@@ -429,8 +438,10 @@ impl Conn {
                         s.signal(signal);
                     }
                 }
-                ToAgent::CopyIn { path, mode } => self.copy_in(&path, mode)?,
-                ToAgent::CopyOut { path } => self.copy_out(&path)?,
+                ToAgent::CopyIn { path, mode, root } => {
+                    self.copy_in(&path, mode, root.as_deref())?
+                }
+                ToAgent::CopyOut { path, root } => self.copy_out(&path, root.as_deref())?,
                 ToAgent::FileData(_) | ToAgent::FileEnd => {
                     let _ = self
                         .out
@@ -458,8 +469,8 @@ impl Conn {
         }
     }
 
-    fn copy_in(&mut self, path: &str, mode: u32) -> Result<(), Hangup> {
-        let mut part = PartFile::create(Path::new(path))
+    fn copy_in(&mut self, path: &str, mode: u32, root: Option<&str>) -> Result<(), Hangup> {
+        let mut part = create_part_file(path, root)
             .map_err(|e| format!("cannot create {path}: {}", describe(&e)));
         loop {
             match self.recv()? {
@@ -489,8 +500,8 @@ impl Conn {
         }
     }
 
-    fn copy_out(&mut self, path: &str) -> Result<(), Hangup> {
-        let opened = File::open(path).and_then(|f| {
+    fn copy_out(&mut self, path: &str, root: Option<&str>) -> Result<(), Hangup> {
+        let opened = open_for_copy_out(path, root).and_then(|f| {
             let meta = f.metadata()?;
             if meta.is_file() {
                 Ok((f, meta.permissions().mode() & 0o7777))
@@ -526,6 +537,32 @@ impl Conn {
         }
         self.reply(&FromAgent::FileEnd { mode })
     }
+}
+
+/// The hidden file a copy-in writes, for `path` inside `root` or the guest's own root.
+fn create_part_file(path: &str, root: Option<&str>) -> io::Result<PartFile> {
+    let Some(root) = root else {
+        return PartFile::create(Path::new(path));
+    };
+    let path = Path::new(path);
+    let no_file = || io::Error::new(io::ErrorKind::InvalidInput, "the path names no file");
+    let name = path.file_name().ok_or_else(no_file)?;
+    let parent = path.parent().ok_or_else(no_file)?;
+    let dir = Root::open(root)?.create_dir_all(parent)?;
+    PartFile::create_in(dir, name)
+}
+
+/// Open the file a copy-out sends, `path` inside `root` or the guest's own root.
+fn open_for_copy_out(path: &str, root: Option<&str>) -> io::Result<File> {
+    let Some(root) = root else {
+        return File::open(path);
+    };
+    // Not blocking: a FIFO planted in the root must not hold up the connection (it is then
+    // refused as not a regular file).
+    let flags = libc::O_RDONLY | libc::O_NOCTTY | libc::O_NONBLOCK;
+    Ok(File::from(
+        Root::open(root)?.open_at(Path::new(path), flags)?,
+    ))
 }
 
 /// An io::Error as a phrase, without std's "(os error N)" suffix.
@@ -570,33 +607,67 @@ impl Session {
     fn start(spec: &ExecSpec, out: &Out) -> Result<Session, String> {
         let argv0 = &spec.argv[0];
         let workdir = spec.workdir.as_deref().unwrap_or("/");
-        match fs::metadata(workdir) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(format!(
-                    "cannot use {workdir} as the working directory: not a directory"
-                ))
+        let bad_workdir = |e: &io::Error| {
+            format!(
+                "cannot use {workdir} as the working directory: {}",
+                describe(e)
+            )
+        };
+        // With another root: that root and the working directory inside it (created when
+        // missing, as `docker run -w` does), open for the child to change into.
+        let root_dirs = match spec.root.as_deref() {
+            None => {
+                match fs::metadata(workdir) {
+                    Ok(m) if m.is_dir() => {}
+                    Ok(_) => {
+                        return Err(format!(
+                            "cannot use {workdir} as the working directory: not a directory"
+                        ))
+                    }
+                    Err(e) => return Err(bad_workdir(&e)),
+                }
+                None
             }
-            Err(e) => {
-                return Err(format!(
-                    "cannot use {workdir} as the working directory: {}",
-                    describe(&e)
-                ))
+            Some(root_path) => {
+                let root = Root::open(root_path).map_err(|e| {
+                    format!(
+                        "cannot use {root_path} as the root directory: {}",
+                        describe(&e)
+                    )
+                })?;
+                let cwd = root
+                    .create_dir_all(Path::new(workdir))
+                    .map_err(|e| bad_workdir(&e))?;
+                Some((root, cwd))
             }
-        }
+        };
         let mut cmd = Command::new(argv0);
         cmd.args(&spec.argv[1..])
             .env_clear()
             .envs(DEFAULT_ENV)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(workdir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot run `{argv0}`: {}", describe(&e)))?;
+        if root_dirs.is_none() {
+            cmd.current_dir(workdir);
+        }
+        if root_dirs.is_some() || spec.user.is_some() {
+            let fds = root_dirs
+                .as_ref()
+                .map(|(root, cwd)| (root.raw_fd(), cwd.as_raw_fd()));
+            let user = spec.user.clone();
+            // SAFETY: the closure runs in the child between fork and exec and only makes
+            // system calls on data prepared before the fork (see `in_root::enter`). The
+            // descriptors stay open in the parent (`root_dirs`) until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || in_root::enter(fds, user.as_ref()));
+            }
+        }
+        let spawned = cmd.spawn();
+        drop(root_dirs);
+        let mut child = spawned.map_err(|e| format!("cannot run `{argv0}`: {}", describe(&e)))?;
         let pid = child.id();
         let pidfd = match pidfd_open(pid) {
             Ok(fd) => fd,

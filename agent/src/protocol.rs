@@ -24,8 +24,8 @@
 //!   `Exited` or `Killed`, after every byte of output. `Stdin`/`StdinEof`/`Signal` sent when no
 //!   command runs are ignored. If the connection drops while a command runs, the agent kills
 //!   the command's process group.
-//! - **copy-in**: `CopyIn { path, mode }`, `FileData`..., `FileEnd` → `Ok` or `Error`.
-//! - **copy-out**: `CopyOut { path }` → `FileData`..., `FileEnd { mode }`, or `Error`.
+//! - **copy-in**: `CopyIn { path, mode, root }`, `FileData`..., `FileEnd` → `Ok` or `Error`.
+//! - **copy-out**: `CopyOut { path, root }` → `FileData`..., `FileEnd { mode }`, or `Error`.
 //! - **shutdown**: `Shutdown` → `Ok`; the agent then waits (at most
 //!   [`SHUTDOWN_GRACE`]) for the host to close the connection, syncs and reboots the guest,
 //!   which ends flint (with `reboot=k`) with status 0.
@@ -40,6 +40,28 @@
 //!   which step failed; the agent attempts the reseed even when setting the clock failed.
 //!
 //! A malformed frame from the host gets an `Error` reply and the connection is closed.
+//!
+//! # Payloads of the requests
+//!
+//! ```text
+//! Exec     [argv: list of string][env: list of (string, string)][workdir: option of string]
+//!          [root: option of string][user: option of (uid: u32, gid: u32, groups: list of u32)]
+//! CopyIn   [mode: u32][path: string][root: option of string]
+//! CopyOut  [path: string][root: option of string]
+//! ```
+//!
+//! where an option is a flag byte, 0 (absent) or 1 (present, the value follows).
+//!
+//! # Commands and files in another root
+//!
+//! `root` (absolute, without `..`) names a guest directory that becomes the command's root
+//! directory (the sandbox of a container image mounts the image there: [`IMAGE_ROOT`]); the
+//! working directory is then a path inside it, created when missing (as `docker run -w`
+//! does). The paths of a copy-in or copy-out with a `root` are inside that root too and are
+//! resolved as the command would see them (`..` and absolute symbolic links stay inside it),
+//! so a symbolic link planted by a command cannot make the agent read or write a file
+//! outside the root. `user` gives the command's numeric user, group and supplementary groups
+//! (at most [`MAX_GROUPS`]; none of them `u32::MAX`); without it the command runs as root.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -59,6 +81,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 pub const REFRESH_ENTROPY_MIN: usize = 32;
 /// Most bytes of entropy a `Refresh` request carries.
 pub const REFRESH_ENTROPY_MAX: usize = 512;
+/// Where the sandbox of a container image mounts the image (read-only, under a writable
+/// overlay, with `/proc`, `/sys`, `/dev`, `/dev/pts` and `/dev/shm` inside); the host runs
+/// the image's commands and copies its files with this as their `root`. The sandbox's
+/// `/init` sets it up when the kernel command line names the image's disk
+/// ([`crate::IMAGE_PARAM`]).
+pub const IMAGE_ROOT: &str = "/run/flint/root";
+/// Most supplementary groups a command's [`UserSpec`] may carry.
+pub const MAX_GROUPS: usize = 1024;
 /// The earliest wall-clock time a `Refresh` request may set, 2000-01-01T00:00:00Z, in
 /// nanoseconds since the Unix epoch: anything earlier is a broken host clock, not a time.
 pub const REFRESH_MIN_TIME_NS: u64 = 946_684_800 * 1_000_000_000;
@@ -121,8 +151,37 @@ pub struct ExecSpec {
     /// Variables added to (or replacing those of) the default environment:
     /// `PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin`, `HOME=/root`.
     pub env: Vec<(String, String)>,
-    /// Working directory (absolute); `/` when `None`.
+    /// Working directory (absolute); `/` when `None`. Inside `root` when that is set.
     pub workdir: Option<String>,
+    /// The guest directory that becomes the command's root directory (absolute, no `..`);
+    /// the guest's own root when `None`.
+    pub root: Option<String>,
+    /// The command's credentials; root (uid 0, gid 0) when `None`.
+    pub user: Option<UserSpec>,
+}
+
+/// Numeric credentials of a command (names are resolved by the host).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserSpec {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups (at most [`MAX_GROUPS`]); an empty list clears them.
+    pub groups: Vec<u32>,
+}
+
+impl UserSpec {
+    fn validate(&self) -> Result<(), ProtocolError> {
+        // -1 means "unchanged" to the set*id system calls: never a real id.
+        if self.uid == u32::MAX || self.gid == u32::MAX || self.groups.contains(&u32::MAX) {
+            return Err(ProtocolError::Invalid("a user or group id is 4294967295"));
+        }
+        if self.groups.len() > MAX_GROUPS {
+            return Err(ProtocolError::Invalid(
+                "a command has more than 1024 supplementary groups",
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl ExecSpec {
@@ -143,6 +202,22 @@ impl ExecSpec {
     /// Set the working directory.
     pub fn workdir(mut self, dir: impl Into<String>) -> ExecSpec {
         self.workdir = Some(dir.into());
+        self
+    }
+
+    /// Run the command with its root directory changed to the guest directory `dir`.
+    pub fn root(mut self, dir: impl Into<String>) -> ExecSpec {
+        self.root = Some(dir.into());
+        self
+    }
+
+    /// Run the command as user `uid`, group `gid` with these supplementary groups.
+    pub fn user(mut self, uid: u32, gid: u32, groups: impl Into<Vec<u32>>) -> ExecSpec {
+        self.user = Some(UserSpec {
+            uid,
+            gid,
+            groups: groups.into(),
+        });
         self
     }
 
@@ -167,8 +242,24 @@ impl ExecSpec {
         if let Some(dir) = &self.workdir {
             check_path(dir)?;
         }
+        check_root(self.root.as_deref())?;
+        if let Some(user) = &self.user {
+            user.validate()?;
+        }
         Ok(())
     }
+}
+
+const ROOT_FLAG: &str = "the root-directory flag is not 0 or 1";
+
+/// A root directory is an absolute guest path without `..` components.
+fn check_root(root: Option<&str>) -> Result<(), ProtocolError> {
+    let Some(root) = root else { return Ok(()) };
+    check_path(root)?;
+    if root.split('/').any(|c| c == "..") {
+        return Err(ProtocolError::Invalid("a root directory contains `..`"));
+    }
+    Ok(())
 }
 
 /// The guest paths of copy-in, copy-out and the working directory must be absolute.
@@ -225,13 +316,19 @@ pub enum ToAgent {
     Signal(i32),
     /// Start writing the guest file `path` (absolute; parent directories are created) with
     /// permission bits `mode`; its contents follow as `FileData` frames and a `FileEnd`.
-    CopyIn { path: String, mode: u32 },
+    /// With a `root`, `path` is inside that guest directory (see the module docs).
+    CopyIn {
+        path: String,
+        mode: u32,
+        root: Option<String>,
+    },
     /// A chunk of the file being copied in.
     FileData(Vec<u8>),
     /// The end of the file being copied in.
     FileEnd,
-    /// Send the guest file `path` (absolute, a regular file).
-    CopyOut { path: String },
+    /// Send the guest file `path` (absolute, a regular file); with a `root`, `path` is
+    /// inside that guest directory (see the module docs).
+    CopyOut { path: String, root: Option<String> },
     /// Sync and reboot the guest (ends the VM).
     Shutdown,
     /// Set the guest's wall clock to `unix_time_ns` (nanoseconds since the Unix epoch, at
@@ -316,11 +413,18 @@ impl Message for ToAgent {
                     put_str(out, k)?;
                     put_str(out, v)?;
                 }
-                match &spec.workdir {
+                put_opt_str(out, spec.workdir.as_deref())?;
+                put_opt_str(out, spec.root.as_deref())?;
+                match &spec.user {
                     None => out.push(0),
-                    Some(dir) => {
+                    Some(user) => {
                         out.push(1);
-                        put_str(out, dir)?;
+                        out.extend_from_slice(&user.uid.to_le_bytes());
+                        out.extend_from_slice(&user.gid.to_le_bytes());
+                        put_u32(out, user.groups.len())?;
+                        for g in &user.groups {
+                            out.extend_from_slice(&g.to_le_bytes());
+                        }
                     }
                 }
             }
@@ -330,15 +434,19 @@ impl Message for ToAgent {
                 check_signal(*signal)?;
                 out.extend_from_slice(&signal.to_le_bytes());
             }
-            ToAgent::CopyIn { path, mode } => {
+            ToAgent::CopyIn { path, mode, root } => {
                 check_mode(*mode)?;
                 check_path(path)?;
+                check_root(root.as_deref())?;
                 out.extend_from_slice(&mode.to_le_bytes());
                 put_str(out, path)?;
+                put_opt_str(out, root.as_deref())?;
             }
-            ToAgent::CopyOut { path } => {
+            ToAgent::CopyOut { path, root } => {
                 check_path(path)?;
+                check_root(root.as_deref())?;
                 put_str(out, path)?;
+                put_opt_str(out, root.as_deref())?;
             }
             ToAgent::Refresh {
                 unix_time_ns,
@@ -367,13 +475,24 @@ impl Message for ToAgent {
                     let v = d.string("environment value")?;
                     spec.env.push((k, v));
                 }
-                spec.workdir = match d.u8()? {
-                    0 => None,
-                    1 => Some(d.string("working directory")?),
-                    _ => {
-                        return Err(ProtocolError::Invalid(
-                            "the working-directory flag is not 0 or 1",
-                        ))
+                spec.workdir = d.opt_string(
+                    "working directory",
+                    "the working-directory flag is not 0 or 1",
+                )?;
+                spec.root = d.opt_string("root directory", ROOT_FLAG)?;
+                spec.user = match d.flag("the user flag is not 0 or 1")? {
+                    false => None,
+                    true => {
+                        let uid = d.u32()?;
+                        let gid = d.u32()?;
+                        let count = d.u32()? as usize;
+                        if count > MAX_GROUPS {
+                            return Err(ProtocolError::Invalid(
+                                "a command has more than 1024 supplementary groups",
+                            ));
+                        }
+                        let groups = (0..count).map(|_| d.u32()).collect::<Result<_, _>>()?;
+                        Some(UserSpec { uid, gid, groups })
                     }
                 };
                 spec.validate()?;
@@ -391,14 +510,18 @@ impl Message for ToAgent {
                 check_mode(mode)?;
                 let path = d.string("path")?;
                 check_path(&path)?;
-                ToAgent::CopyIn { path, mode }
+                let root = d.opt_string("root directory", ROOT_FLAG)?;
+                check_root(root.as_deref())?;
+                ToAgent::CopyIn { path, mode, root }
             }
             kind::FILE_DATA_IN => ToAgent::FileData(d.rest()),
             kind::FILE_END_IN => ToAgent::FileEnd,
             kind::COPY_OUT => {
                 let path = d.string("path")?;
                 check_path(&path)?;
-                ToAgent::CopyOut { path }
+                let root = d.opt_string("root directory", ROOT_FLAG)?;
+                check_root(root.as_deref())?;
+                ToAgent::CopyOut { path, root }
             }
             kind::SHUTDOWN => ToAgent::Shutdown,
             kind::REFRESH => {
@@ -500,6 +623,18 @@ fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), ProtocolError> {
     put_data(out, s.as_bytes())
 }
 
+/// An option: a flag byte, then the string when present.
+fn put_opt_str(out: &mut Vec<u8>, s: Option<&str>) -> Result<(), ProtocolError> {
+    match s {
+        None => out.push(0),
+        Some(s) => {
+            out.push(1);
+            put_str(out, s)?;
+        }
+    }
+    Ok(())
+}
+
 fn put_data(out: &mut Vec<u8>, data: &[u8]) -> Result<(), ProtocolError> {
     // Checked before copying so that a huge buffer is refused, not duplicated.
     let len = out.len() - HEADER_LEN + data.len();
@@ -556,6 +691,27 @@ impl<'a> Decoder<'a> {
         let len = self.u32()? as usize;
         let bytes = self.take(len)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| ProtocolError::BadUtf8(field))
+    }
+
+    /// The flag byte of an option: 0 or 1; anything else is `Invalid(bad)`.
+    fn flag(&mut self, bad: &'static str) -> Result<bool, ProtocolError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(ProtocolError::Invalid(bad)),
+        }
+    }
+
+    /// An optional string: its flag (see [`flag`](Self::flag)), then the string.
+    fn opt_string(
+        &mut self,
+        field: &'static str,
+        bad: &'static str,
+    ) -> Result<Option<String>, ProtocolError> {
+        match self.flag(bad)? {
+            false => Ok(None),
+            true => self.string(field).map(Some),
+        }
     }
 
     fn rest(&mut self) -> Vec<u8> {
@@ -648,14 +804,38 @@ mod tests {
             ToAgent::StdinEof,
             ToAgent::Signal(2),
             ToAgent::Signal(64),
+            ToAgent::Exec(
+                ExecSpec::new(["python3"])
+                    .root(IMAGE_ROOT)
+                    .workdir("/app")
+                    .user(1000, 100, [27, 100, 0]),
+            ),
+            ToAgent::Exec(ExecSpec::new(["id"]).user(0, 0, [])),
+            ToAgent::Exec(ExecSpec::new(["id"]).user(
+                u32::MAX - 1,
+                u32::MAX - 1,
+                (0..MAX_GROUPS as u32).collect::<Vec<_>>(),
+            )),
+            ToAgent::Exec(ExecSpec::new(["ls"]).root("/")),
             ToAgent::CopyIn {
                 path: "/a/b".into(),
                 mode: 0o4755,
+                root: None,
+            },
+            ToAgent::CopyIn {
+                path: "/a/../b".into(),
+                mode: 0o600,
+                root: Some(IMAGE_ROOT.into()),
             },
             ToAgent::FileData(vec![7; DATA_CHUNK]),
             ToAgent::FileEnd,
             ToAgent::CopyOut {
                 path: "/etc/passwd".into(),
+                root: None,
+            },
+            ToAgent::CopyOut {
+                path: "/etc/passwd".into(),
+                root: Some("/run/x y/é".into()),
             },
             ToAgent::Shutdown,
             ToAgent::Refresh {
@@ -988,7 +1168,10 @@ mod tests {
         };
         invalid(ToAgent::decode(kind::SIGNAL, &0i32.to_le_bytes()));
         invalid(ToAgent::decode(kind::SIGNAL, &65i32.to_le_bytes()));
-        invalid(ToAgent::decode(kind::EXEC, &[0, 0, 0, 0, 0, 0, 0, 0, 0])); // no argv
+        invalid(ToAgent::decode(
+            kind::EXEC,
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        )); // no argv
         invalid(ToAgent::decode(
             kind::EXEC,
             &[1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 2], // workdir flag 2
@@ -996,7 +1179,7 @@ mod tests {
         invalid(ToAgent::decode(
             kind::EXEC,
             &[
-                1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1, 1, 0, 0, 0, b'r',
+                1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1, 1, 0, 0, 0, b'r', 0, 0,
             ], // relative
         ));
         invalid(ToAgent::decode(
@@ -1026,13 +1209,172 @@ mod tests {
             ToAgent::CopyIn {
                 path: "/x".into(),
                 mode: 0o10000,
+                root: None,
             },
-            ToAgent::CopyOut { path: "x".into() },
+            ToAgent::CopyOut {
+                path: "x".into(),
+                root: None,
+            },
         ] {
             assert!(
                 matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
                 "{bad:?}"
             );
+        }
+    }
+
+    /// The payload of `Exec(["x"])` up to the workdir flag, then `rest`.
+    fn exec_payload(rest: &[u8]) -> Vec<u8> {
+        let mut p = vec![1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 0];
+        p.extend_from_slice(rest);
+        p
+    }
+
+    #[test]
+    fn exec_root_and_user_layout() {
+        let spec = ExecSpec::new(["x"]).root("/r").user(7, 8, [9, 10]);
+        let bytes = ToAgent::Exec(spec.clone()).encode().unwrap();
+        let mut want = exec_payload(&[1, 2, 0, 0, 0, b'/', b'r', 1]);
+        for n in [7u32, 8, 2, 9, 10] {
+            want.extend_from_slice(&n.to_le_bytes());
+        }
+        assert_eq!(bytes, frame(kind::EXEC, &want));
+        assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
+        // Without them: two zero flags.
+        let bytes = ToAgent::Exec(ExecSpec::new(["x"])).encode().unwrap();
+        assert_eq!(bytes, frame(kind::EXEC, &exec_payload(&[0, 0])));
+        // Copies: the root after the path.
+        let copy_out = ToAgent::CopyOut {
+            path: "/f".into(),
+            root: Some("/r".into()),
+        };
+        assert_eq!(
+            copy_out.encode().unwrap(),
+            frame(
+                kind::COPY_OUT,
+                &[2, 0, 0, 0, b'/', b'f', 1, 2, 0, 0, 0, b'/', b'r']
+            )
+        );
+        let copy_in = ToAgent::CopyIn {
+            path: "/f".into(),
+            mode: 0o644,
+            root: None,
+        };
+        assert_eq!(
+            copy_in.encode().unwrap(),
+            frame(kind::COPY_IN, &[0xa4, 1, 0, 0, 2, 0, 0, 0, b'/', b'f', 0])
+        );
+        assert_eq!(IMAGE_ROOT, "/run/flint/root");
+    }
+
+    #[test]
+    fn exec_root_and_user_are_checked_both_ways() {
+        let user = |uid: u32, gid: u32, groups: &[u32]| {
+            let mut p = vec![1];
+            p.extend_from_slice(&uid.to_le_bytes());
+            p.extend_from_slice(&gid.to_le_bytes());
+            p.extend_from_slice(&(groups.len() as u32).to_le_bytes());
+            for g in groups {
+                p.extend_from_slice(&g.to_le_bytes());
+            }
+            p
+        };
+        let with_user = |u: Vec<u8>| {
+            let mut rest = vec![0];
+            rest.extend(u);
+            exec_payload(&rest)
+        };
+        let invalid = |payload: &[u8], what: &str| {
+            let r = ToAgent::decode(kind::EXEC, payload);
+            assert!(matches!(r, Err(ProtocolError::Invalid(_))), "{what}: {r:?}");
+        };
+        invalid(&exec_payload(&[2, 0]), "root flag 2");
+        invalid(&exec_payload(&[0, 2]), "user flag 2");
+        invalid(&exec_payload(&[1, 1, 0, 0, 0, b'r', 0]), "relative root");
+        invalid(
+            &exec_payload(&[1, 6, 0, 0, 0, b'/', b'a', b'/', b'.', b'.', b'/', 0]),
+            "root with ..",
+        );
+        invalid(&with_user(user(u32::MAX, 0, &[])), "uid -1");
+        invalid(&with_user(user(0, u32::MAX, &[])), "gid -1");
+        invalid(&with_user(user(0, 0, &[5, u32::MAX])), "group -1");
+        let too_many: Vec<u32> = (0..=MAX_GROUPS as u32).collect();
+        invalid(&with_user(user(1, 1, &too_many)), "too many groups");
+        // A group count that claims far more than the payload holds is refused before
+        // anything is read or allocated for it.
+        let mut huge = with_user(user(1, 1, &[]));
+        let at = huge.len() - 4;
+        huge[at..].copy_from_slice(&u32::MAX.to_le_bytes());
+        invalid(&huge, "4 billion groups");
+        // Short user fields are truncation.
+        for cut in 1..user(1, 2, &[3]).len() {
+            let p = with_user(user(1, 2, &[3])[..cut].to_vec());
+            assert_eq!(
+                ToAgent::decode(kind::EXEC, &p),
+                Err(ProtocolError::Truncated),
+                "cut {cut}"
+            );
+        }
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &exec_payload(&[0])),
+            Err(ProtocolError::Truncated)
+        );
+        let mut extra = with_user(user(1, 2, &[3]));
+        extra.push(0);
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &extra),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        // Bad UTF-8 in the root is named.
+        assert_eq!(
+            ToAgent::decode(kind::EXEC, &exec_payload(&[1, 2, 0, 0, 0, 0xc3, 0x28, 0])),
+            Err(ProtocolError::BadUtf8("root directory"))
+        );
+        // Copies refuse the same roots and flags.
+        for payload in [
+            &[2, 0, 0, 0, b'/', b'f', 2][..],
+            &[2, 0, 0, 0, b'/', b'f', 1, 1, 0, 0, 0, b'r'],
+            &[2, 0, 0, 0, b'/', b'f', 1, 3, 0, 0, 0, b'/', b'.', b'.'],
+        ] {
+            let r = ToAgent::decode(kind::COPY_OUT, payload);
+            assert!(matches!(r, Err(ProtocolError::Invalid(_))), "{r:?}");
+            let mut copy_in = vec![0xa4, 1, 0, 0];
+            copy_in.extend_from_slice(payload);
+            let r = ToAgent::decode(kind::COPY_IN, &copy_in);
+            assert!(matches!(r, Err(ProtocolError::Invalid(_))), "{r:?}");
+        }
+        assert_eq!(
+            ToAgent::decode(kind::COPY_OUT, &[2, 0, 0, 0, b'/', b'f']),
+            Err(ProtocolError::Truncated)
+        );
+        // The encoder refuses what the decoder refuses.
+        for bad in [
+            ToAgent::Exec(ExecSpec::new(["x"]).root("r")),
+            ToAgent::Exec(ExecSpec::new(["x"]).root("/a/..")),
+            ToAgent::Exec(ExecSpec::new(["x"]).root("/a\0b")),
+            ToAgent::Exec(ExecSpec::new(["x"]).user(u32::MAX, 0, [])),
+            ToAgent::Exec(ExecSpec::new(["x"]).user(0, 0, too_many.clone())),
+            ToAgent::CopyIn {
+                path: "/x".into(),
+                mode: 0o644,
+                root: Some("/../etc".into()),
+            },
+            ToAgent::CopyOut {
+                path: "/x".into(),
+                root: Some("".into()),
+            },
+        ] {
+            assert!(
+                matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+        for e in [
+            ToAgent::decode(kind::EXEC, &with_user(user(0, 0, &too_many))).unwrap_err(),
+            ToAgent::decode(kind::EXEC, &exec_payload(&[1, 1, 0, 0, 0, b'r', 0])).unwrap_err(),
+        ] {
+            let s = e.to_string();
+            assert!(!s.contains('\n'), "{s}");
         }
     }
 

@@ -616,6 +616,7 @@ fn malformed_frames_get_an_error_and_a_hangup() {
     let mut bytes = ToAgent::CopyIn {
         path: target.to_str().unwrap().into(),
         mode: 0o644,
+        root: None,
     }
     .encode()
     .unwrap();
@@ -1143,4 +1144,283 @@ fn the_agents_error_messages_are_bounded_and_printable() {
     );
     drop(c);
     agent.join().unwrap();
+}
+
+// --- Commands and copies in another root (a container image's) -----------------------------
+
+/// A root directory with a static busybox (`sh`, `id`, `cat`, ...) in `/bin` and
+/// `/etc/marker`, and an "outside" directory next to it (a directory of the test machine
+/// that commands and copies in the root must never reach).
+struct ImageRoot {
+    dir: PathBuf,
+    root: PathBuf,
+    outside: PathBuf,
+}
+
+impl ImageRoot {
+    fn new(tag: &str) -> ImageRoot {
+        // SAFETY: geteuid takes no arguments and cannot fail.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "changing the root directory and the credentials needs root"
+        );
+        let busybox = ["/usr/bin/busybox", "/bin/busybox"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .expect("these tests need a static busybox (Debian's busybox-static)");
+        let dir = temp_dir(tag);
+        let root = dir.join("root");
+        let outside = dir.join("outside");
+        fs::create_dir_all(root.join("bin")).unwrap();
+        fs::create_dir_all(root.join("etc")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::copy(busybox, root.join("bin/busybox")).unwrap();
+        for applet in ["sh", "id", "cat", "pwd", "ls", "echo", "ln", "mkfifo"] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+        fs::write(root.join("etc/marker"), b"inside\n").unwrap();
+        fs::write(outside.join("secret"), b"secret\n").unwrap();
+        ImageRoot { dir, root, outside }
+    }
+
+    fn root(&self) -> &str {
+        self.root.to_str().unwrap()
+    }
+
+    fn sh(&self, script: &str) -> ExecSpec {
+        sh(script).root(self.root())
+    }
+}
+
+impl Drop for ImageRoot {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap()
+}
+
+#[test]
+fn a_command_in_another_root_sees_that_root() {
+    let image = ImageRoot::new("root-files");
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let spec = image
+        .sh("cat /etc/marker; pwd; ls /; echo \"$HOME|$PATH|$FOO\"")
+        .env("FOO", "bar")
+        .workdir("/work/here");
+    let (status, out, err) = run(&mut c, &spec, None).unwrap();
+    assert!(status.success(), "{}", text(err));
+    assert_eq!(
+        text(out),
+        format!(
+            "inside\n/work/here\nbin\netc\nwork\n/root|{}|bar\n",
+            DEFAULT_ENV[0].1
+        )
+    );
+    // The missing working directory was created inside the root.
+    assert!(image.root.join("work/here").is_dir());
+    // The default working directory is the root's `/`.
+    let (_, out, _) = run(&mut c, &image.sh("pwd; ls"), None).unwrap();
+    assert_eq!(text(out), "/\nbin\netc\nwork\n");
+    // The program is looked up inside the root: the test machine's programs are not there.
+    let e = run(&mut c, &ExecSpec::new(["env"]).root(image.root()), None).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotStarted(m) if m.contains("cannot run `env`")),
+        "{e:?}"
+    );
+    let e = run(&mut c, &sh("true").root("/no/such/root"), None).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotStarted(m)
+            if m.contains("cannot use /no/such/root as the root directory")),
+        "{e:?}"
+    );
+    let e = run(&mut c, &image.sh("true").workdir("/etc/marker"), None).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotStarted(m)
+            if m.contains("cannot use /etc/marker as the working directory")),
+        "{e:?}"
+    );
+    // The connection is still good, and commands without a root still use the guest's.
+    let (status, out, _) = run(&mut c, &sh("pwd"), None).unwrap();
+    assert!(status.success());
+    assert_eq!(out, b"/\n");
+}
+
+#[test]
+fn credentials_apply_inside_and_outside_a_root() {
+    let image = ImageRoot::new("root-user");
+    fs::write(image.root.join("etc/shadow"), b"root only\n").unwrap();
+    fs::set_permissions(
+        image.root.join("etc/shadow"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let script = "id -u; id -g; id -G; cat /etc/shadow || echo refused";
+    let spec = image.sh(script).user(1234, 2345, [3456, 4567]);
+    let (status, out, _) = run(&mut c, &spec, None).unwrap();
+    assert!(status.success());
+    assert_eq!(text(out), "1234\n2345\n2345 3456 4567\nrefused\n");
+    // No supplementary groups at all.
+    let spec = image.sh("id -G").user(1234, 2345, []);
+    let (_, out, _) = run(&mut c, &spec, None).unwrap();
+    assert_eq!(text(out), "2345\n");
+    // Root, by default, reads it.
+    let (_, out, _) = run(&mut c, &image.sh(script), None).unwrap();
+    assert_eq!(text(out), "0\n0\n0\nroot only\n");
+    // Without a root: the guest's own file system, as that user, in the working directory.
+    let dir = temp_dir("user-no-root");
+    let spec = sh("id -u; id -g; pwd")
+        .user(65534, 65533, [65532])
+        .workdir(dir.to_str().unwrap());
+    let (status, out, _) = run(&mut c, &spec, None).unwrap();
+    assert!(status.success());
+    assert_eq!(
+        text(out),
+        format!("65534\n65533\n{}\n", dir.to_str().unwrap())
+    );
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_working_directory_behind_a_symlink_stays_inside_the_root() {
+    let image = ImageRoot::new("root-workdir");
+    // Absolute and relative links that would lead to the outside directory on the test
+    // machine.
+    std::os::unix::fs::symlink(&image.outside, image.root.join("abs")).unwrap();
+    std::os::unix::fs::symlink("../../../../../../../..", image.root.join("up")).unwrap();
+    let inside = image.root.join(image.outside.strip_prefix("/").unwrap());
+    // While the links dangle inside the root, there is nothing to work in (as `mkdir -p`
+    // does not create a link's target).
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let e = run(&mut c, &image.sh("pwd").workdir("/abs/new"), None).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::NotStarted(m) if m.contains("working directory")),
+        "{e:?}"
+    );
+    assert!(!image.outside.join("new").exists(), "escaped the root");
+    fs::create_dir_all(&inside).unwrap();
+    for (workdir, want) in [
+        ("/abs/new", image.outside.join("new")),
+        (
+            &*format!("/up{}/new2", image.outside.to_str().unwrap()),
+            image.outside.join("new2"),
+        ),
+    ] {
+        let agent = TestAgent::new();
+        let mut c = agent.client();
+        let (status, out, err) = run(&mut c, &image.sh("pwd").workdir(workdir), None).unwrap();
+        assert!(status.success(), "{}", text(err));
+        // The command runs in the root's copy of that path, created there...
+        assert_eq!(text(out).trim_end(), want.to_str().unwrap(), "{workdir}");
+        assert!(inside.join(want.file_name().unwrap()).is_dir(), "{workdir}");
+        // ...never in the test machine's.
+        assert!(!want.exists(), "{workdir} escaped the root");
+    }
+}
+
+#[test]
+fn copies_inside_a_root() {
+    let image = ImageRoot::new("root-copy");
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    c.set_root(Some(image.root()));
+    let data = noise(200_000, 7);
+    let src = image.dir.join("src");
+    fs::write(&src, &data).unwrap();
+    fs::set_permissions(&src, fs::Permissions::from_mode(0o640)).unwrap();
+    c.copy_in(&src, Path::new("/data/x/in.bin")).unwrap();
+    let landed = image.root.join("data/x/in.bin");
+    assert!(fs::read(&landed).unwrap() == data);
+    assert_eq!(
+        fs::metadata(&landed).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+    // `..` at the top stays at the top.
+    c.copy_in(&src, Path::new("/../../../top.bin")).unwrap();
+    assert!(image.root.join("top.bin").is_file());
+    // A command in the root sees the file and writes one that is copied out.
+    let (status, out, _) = run(
+        &mut c,
+        &image.sh("cat /data/x/in.bin; echo made >/data/made"),
+        None,
+    )
+    .unwrap();
+    assert!(status.success());
+    assert!(out == data);
+    let back = image.dir.join("back");
+    c.copy_out(Path::new("/data/made"), &back).unwrap();
+    assert_eq!(fs::read(&back).unwrap(), b"made\n");
+    c.copy_out(Path::new("/data/x/in.bin"), &back).unwrap();
+    assert!(fs::read(&back).unwrap() == data);
+    // Paths of the test machine mean nothing inside the root.
+    let e = c
+        .copy_out(&image.outside.join("secret"), &back)
+        .unwrap_err();
+    assert!(matches!(e, AgentError::Remote(_)), "{e:?}");
+    // Back to the guest's own root.
+    c.set_root(None);
+    c.copy_out(&image.outside.join("secret"), &back).unwrap();
+    assert_eq!(fs::read(&back).unwrap(), b"secret\n");
+    // No hidden part files left anywhere.
+    for dir in [image.root.join("data/x"), image.root.clone()] {
+        let names = part_files(&dir);
+        assert!(!names.iter().any(|n| n.contains("flint-part")), "{names:?}");
+    }
+}
+
+#[test]
+fn symlinks_planted_in_a_root_do_not_lead_the_copies_out_of_it() {
+    let image = ImageRoot::new("root-planted");
+    let agent = TestAgent::new();
+    let mut c = agent.client();
+    let outside = image.outside.to_str().unwrap();
+    // What a hostile command leaves behind before the copy-out.
+    let plant = format!(
+        "ln -s {outside}/secret /abs && ln -s ../../../../../../../..{outside}/secret /rel \
+         && ln -s {outside} /dirlink && ln -s /proc/self/root /magic && mkfifo /fifo"
+    );
+    let (status, _, err) = run(&mut c, &image.sh(&plant), None).unwrap();
+    assert!(status.success(), "{}", text(err));
+    c.set_root(Some(image.root()));
+    let back = image.dir.join("back");
+    for path in ["/abs", "/rel", "/dirlink/secret", "/magic/etc/marker"] {
+        let e = c.copy_out(Path::new(path), &back).unwrap_err();
+        assert!(matches!(e, AgentError::Remote(_)), "{path}: {e:?}");
+        assert!(!back.exists(), "{path}: a file was copied out");
+    }
+    // A FIFO is refused at once, not waited on.
+    let started = Instant::now();
+    let e = c.copy_out(Path::new("/fifo"), &back).unwrap_err();
+    assert!(
+        matches!(&e, AgentError::Remote(m) if m.contains("not a regular file")),
+        "{e:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Copy-ins through the planted links never land outside: while the link dangles inside
+    // the root (as it does there) the copy fails, once its target exists there it lands in
+    // it...
+    let src = image.dir.join("src");
+    fs::write(&src, b"planted\n").unwrap();
+    let e = c.copy_in(&src, Path::new("/dirlink/planted")).unwrap_err();
+    assert!(matches!(e, AgentError::Remote(_)), "{e:?}");
+    assert!(!image.outside.join("planted").exists(), "escaped the root");
+    let inside = image.root.join(image.outside.strip_prefix("/").unwrap());
+    fs::create_dir_all(&inside).unwrap();
+    c.copy_in(&src, Path::new("/dirlink/planted")).unwrap();
+    assert!(!image.outside.join("planted").exists(), "escaped the root");
+    assert_eq!(fs::read(inside.join("planted")).unwrap(), b"planted\n");
+    // ...and one onto a link replaces the link, not what it points to.
+    c.copy_in(&src, Path::new("/abs")).unwrap();
+    assert_eq!(fs::read(image.outside.join("secret")).unwrap(), b"secret\n");
+    let meta = fs::symlink_metadata(image.root.join("abs")).unwrap();
+    assert!(meta.is_file());
+    assert_eq!(fs::read(image.root.join("abs")).unwrap(), b"planted\n");
 }

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--refresh] [--env K=V]...
-//!              [--workdir DIR] [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]...
+//!              [--workdir DIR] [--root DIR] [--user UID:GID[:GROUP,...]]
+//!              [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]...
 //!              [--shutdown] [-- COMMAND [ARG]...]
 //! ```
 //!
@@ -10,7 +11,8 @@
 //! to guest CID over AF_VSOCK (a VMM with vhost-vsock, such as QEMU), retrying for `--timeout`
 //! seconds (default 60); with `--refresh` sets the guest's clock to the host's and reseeds
 //! its kernel's random number generator from the host's (for a guest restored from a
-//! snapshot); copies files in, runs COMMAND (its stdout and stderr go to ours, our
+//! snapshot); copies files in, runs COMMAND (with `--root`, chrooted into that guest
+//! directory, where the copies' guest paths are too; with `--user`, as those numeric ids) (its stdout and stderr go to ours, our
 //! stdin goes to it; SIGINT, SIGTERM and SIGHUP are forwarded to it), copies files out, then
 //! with `--shutdown` powers the guest off. Exit status: the command's (128 + N when signal N
 //! killed it), 127 when it could not be started, 125 for any other failure.
@@ -19,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use flint_agent::{AgentClient, AgentError, ExecSpec, Signaller, AGENT_PORT};
+use flint_agent::{AgentClient, AgentError, ExecSpec, Signaller, UserSpec, AGENT_PORT};
 
 /// Where the agent is.
 enum Target {
@@ -72,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
                 spec.env.push((k.into(), v.into()));
             }
             "--workdir" => spec.workdir = Some(value("--workdir")?),
+            "--root" => spec.root = Some(value("--root")?),
+            "--user" => spec.user = Some(parse_user(&value("--user")?)?),
             "--copy-in" => copy_in.push(pair(value("--copy-in")?, "--copy-in")?),
             "--copy-out" => copy_out.push(pair(value("--copy-out")?, "--copy-out")?),
             "--refresh" => refresh = true,
@@ -102,6 +106,23 @@ fn parse_args() -> Result<Args, String> {
         refresh,
         shutdown,
     })
+}
+
+/// `UID:GID[:GROUP,...]`, all numeric.
+fn parse_user(s: &str) -> Result<UserSpec, String> {
+    let bad = || format!("--user wants UID:GID[:GROUP,...] (numbers), got {s:?}");
+    let mut parts = s.splitn(3, ':');
+    let id = |part: Option<&str>| part.and_then(|p| p.parse::<u32>().ok()).ok_or_else(bad);
+    let uid = id(parts.next())?;
+    let gid = id(parts.next())?;
+    let groups = match parts.next() {
+        None | Some("") => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(|g| id(Some(g)))
+            .collect::<Result<_, _>>()?,
+    };
+    Ok(UserSpec { uid, gid, groups })
 }
 
 /// Block the forwarded signals in this thread (and the threads it starts later) and forward
@@ -142,6 +163,7 @@ fn run(args: &Args) -> Result<i32, AgentError> {
         Target::Cid(cid) => flint_agent::vsock::connect_agent(*cid, args.port, args.timeout)?,
     };
     forward_signals(client.signaller());
+    client.set_root(args.spec.root.as_deref());
     if args.refresh {
         client.refresh()?;
     }
@@ -174,7 +196,7 @@ fn main() -> ExitCode {
             eprintln!("agent-client: error: {e}");
             eprintln!(
                 "usage: agent-client UDS|vsock:CID [--port N] [--timeout SECS] [--refresh] [--env K=V]... [--workdir DIR] \
-                 [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown] [-- COMMAND [ARG]...]"
+                 [--root DIR] [--user UID:GID[:GROUP,...]] [--copy-in HOST:GUEST]... [--copy-out GUEST:HOST]... [--shutdown] [-- COMMAND [ARG]...]"
             );
             return ExitCode::from(125);
         }
