@@ -36,9 +36,8 @@ impl Root {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: open returned a fresh descriptor that nothing else owns.
-        Ok(Root {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Root { fd })
     }
 
     /// The root directory's descriptor.

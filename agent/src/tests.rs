@@ -1160,9 +1160,9 @@ struct ImageRoot {
 impl ImageRoot {
     fn new(tag: &str) -> ImageRoot {
         // SAFETY: geteuid takes no arguments and cannot fail.
+        let euid = unsafe { libc::geteuid() };
         assert_eq!(
-            unsafe { libc::geteuid() },
-            0,
+            euid, 0,
             "changing the root directory and the credentials needs root"
         );
         let busybox = ["/usr/bin/busybox", "/bin/busybox"]
