@@ -75,6 +75,19 @@ fn print_all(bytes: &[u8]) -> ExitCode {
     }
 }
 
+/// `$FLINT_CACHE`, where the resources/ scripts put the guest kernel and the sandbox image
+/// and flint keeps sandbox snapshots: `$HOME/.cache/flint` when it is unset or empty, as in
+/// resources/lib.sh (the scripts' one definition) and for the tests.
+pub fn cache_dir() -> std::path::PathBuf {
+    match std::env::var_os("FLINT_CACHE").filter(|dir| !dir.is_empty()) {
+        Some(dir) => dir.into(),
+        None => {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/flint")
+        }
+    }
+}
+
 pub(crate) fn fail(message: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("flint: error: {message}");
     ExitCode::from(STATUS_ERROR)

@@ -104,15 +104,9 @@ fn sandbox_failed(message: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(STATUS_SANDBOX_FAILED)
 }
 
-/// `$FLINT_CACHE`, where the resources/ scripts put the guest kernel and the sandbox image
-/// and flint keeps sandbox snapshots; `$HOME/.cache/flint` when it is unset or empty, as in
-/// resources/lib.sh.
+/// `$FLINT_CACHE` (see [`crate::cache_dir`]).
 fn cache_dir() -> PathBuf {
-    match std::env::var_os("FLINT_CACHE").filter(|dir| !dir.is_empty()) {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-            .join(".cache/flint"),
-    }
+    crate::cache_dir()
 }
 
 /// A private directory for the sandbox's sockets and disk copies, removed on drop.

@@ -65,14 +65,9 @@ pub fn repo_root() -> PathBuf {
 }
 
 /// `$FLINT_CACHE`, default (unset or empty) `$HOME/.cache/flint`: where the resources/ scripts
-/// put images. The same rule as resources/lib.sh and the `flint` binary's `sandbox::cache_dir`,
-/// which these tests cannot call until flint has a library crate.
+/// put images ([`flint::cache_dir`]).
 pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FLINT_CACHE").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
-    }
-    let home = std::env::var_os("HOME").expect("neither FLINT_CACHE nor HOME is set");
-    PathBuf::from(home).join(".cache").join("flint")
+    flint::cache_dir()
 }
 
 /// The guest kernel (both formats) and initramfs built by the resources/ scripts.
