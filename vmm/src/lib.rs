@@ -1,5 +1,14 @@
 //! One flint microVM: the KVM VM, guest memory, vCPU threads, devices on their buses, kernel
-//! loading and the VM's lifecycle. Front ends build a [`VmConfig`] and call [`run`].
+//! loading and the VM's lifecycle.
+//!
+//! Every front end describes the VM with one type, [`VmConfig`] (and its parts: [`DriveConfig`],
+//! [`NetConfig`], [`VsockConfig`]), checked in one place, [`VmConfig::validate`], whose errors
+//! say which [`Field`] is wrong so that each front end names it in its own terms. The command
+//! line builds a `VmConfig` and calls [`run`]; the API and config files send
+//! [`controller::Request`]s carrying the same types to a [`controller::Controller`] on the VMM
+//! thread. vmm installs the seccomp filters of the threads it starts (vCPUs, event loop,
+//! console input) and exports the building blocks ([`seccomp::Filter`]) with which a front
+//! end composes the filter of the VMM thread and of its own threads.
 
 pub mod config;
 pub mod controller;
