@@ -582,14 +582,7 @@ impl State<'_> {
                 remove(&parent, &last)?;
                 rfs::symlinkat(OsStr::from_bytes(&link), &parent, &last)
                     .map_err(io_refusal("symlink"))?;
-                rfs::chownat(
-                    &parent,
-                    &last,
-                    Some(uid(meta.uid)),
-                    Some(gid(meta.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(io_refusal("chown"))?;
+                chown_nofollow(&parent, &last, &meta)?;
                 rfs::utimensat(
                     &parent,
                     &last,
@@ -645,14 +638,7 @@ impl State<'_> {
                 rfs::mknodat(&parent, &last, ft, Mode::from_raw_mode(0o600), dev)
                     .map_err(io_refusal("mknod"))?;
                 // The node was just made under this name, so the name is no link to follow.
-                rfs::chownat(
-                    &parent,
-                    &last,
-                    Some(uid(meta.uid)),
-                    Some(gid(meta.gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(io_refusal("chown"))?;
+                chown_nofollow(&parent, &last, &meta)?;
                 rfs::chmodat(
                     &parent,
                     &last,
@@ -795,6 +781,19 @@ fn device<R: Read>(entry: &tar::Entry<'_, R>) -> Result<rfs::Dev, Refusal> {
     let major = h.device_major().ok().flatten().unwrap_or(0);
     let minor = h.device_minor().ok().flatten().unwrap_or(0);
     Ok(rfs::makedev(major, minor))
+}
+
+/// Give the entry `last` in `parent` the owner `meta` names, without following it if it is a
+/// link.
+fn chown_nofollow(parent: &impl AsFd, last: &OsStr, meta: &Meta) -> Result<(), Refusal> {
+    rfs::chownat(
+        parent,
+        last,
+        Some(uid(meta.uid)),
+        Some(gid(meta.gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(io_refusal("chown"))
 }
 
 fn uid(n: u32) -> rfs::Uid {
