@@ -137,6 +137,32 @@ pub struct Block {
 /// The event-loop data value of the rate limiter's timer.
 const RATE_LIMITER_EVENT: u32 = BACKEND_EVENT_BASE;
 
+/// Open the disk image at `path` (read-write unless `read_only`) and find its size, which
+/// must be a whole number of sectors.
+fn open_image(path: &Path, read_only: bool) -> Result<(std::fs::File, u64), BlockError> {
+    let open_err = |source| BlockError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(open_err)?;
+    if file.metadata().map_err(open_err)?.is_dir() {
+        return Err(open_err(std::io::Error::other("it is a directory")));
+    }
+    // Seeking to the end also works for block devices, whose metadata length is 0.
+    let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
+    if size % SECTOR_SIZE != 0 {
+        return Err(BlockError::Size {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok((file, size))
+}
+
 impl Block {
     /// A block device on the image at `path`, opened read-write unless `read_only`. `id` is
     /// what `GET_ID` returns (at most 20 bytes); an empty `id` picks one from the file's device
@@ -153,23 +179,8 @@ impl Block {
                 len: id.len(),
             });
         }
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(open_err)?;
+        let (file, size) = open_image(path, read_only)?;
         let meta = file.metadata().map_err(open_err)?;
-        if meta.is_dir() {
-            return Err(open_err(std::io::Error::other("it is a directory")));
-        }
-        // Seeking to the end also works for block devices, whose metadata length is 0.
-        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
 
         let mut id_bytes = [0u8; ID_BYTES];
         let id = if id.is_empty() {
@@ -269,25 +280,7 @@ impl Block {
     /// read-only setting; returns the new size in bytes. The caller tells the driver that the
     /// configuration changed so that it re-reads the capacity.
     pub fn replace_disk(&mut self, path: &Path) -> Result<u64, BlockError> {
-        let open_err = |source| BlockError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!self.disk.read_only)
-            .open(path)
-            .map_err(open_err)?;
-        if file.metadata().map_err(open_err)?.is_dir() {
-            return Err(open_err(std::io::Error::other("it is a directory")));
-        }
-        let size = file.seek(SeekFrom::End(0)).map_err(open_err)?;
-        if size % SECTOR_SIZE != 0 {
-            return Err(BlockError::Size {
-                path: path.to_path_buf(),
-                size,
-            });
-        }
+        let (file, size) = open_image(path, self.disk.read_only)?;
         self.disk.file = file;
         self.disk.size = size;
         self.path = path.to_path_buf();
