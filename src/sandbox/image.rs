@@ -211,11 +211,13 @@ fn unpack_and_make_disk(
 ) -> Result<(), ImageError> {
     let tmp = root.join("tmp");
     private_dir(&tmp)?;
-    // Private (0700), removed when dropped, whatever happens.
+    // Removed when dropped, whatever happens; private (0700) before anything goes in.
     let work = tempfile::Builder::new()
         .prefix("unpack-")
         .tempdir_in(&tmp)
         .map_err(io_at(&tmp))?;
+    fs::set_permissions(work.path(), fs::Permissions::from_mode(0o700))
+        .map_err(io_at(work.path()))?;
     let tree = work.path().join("rootfs");
     progress(&format!(
         "unpacking {} layer{}",
