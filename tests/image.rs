@@ -422,6 +422,11 @@ fn the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing() {
         names.sort();
         names
     };
+    assert_eq!(
+        names("/"),
+        ["app", "bin", "data", "etc", "home", "root", "tmp", "usr"],
+        "the image's files, and no lost+found"
+    );
     assert_eq!(names("/data"), ["old"], "the whiteout");
     assert_eq!(names("/data/old"), ["y"], "the opaque directory");
     assert_eq!(names("/app"), ["file", "hardlink", "link", "null", "owned"]);

@@ -247,6 +247,9 @@ fn unpack_and_make_disk(
     progress(&format!("building the image's disk ({} MiB)", bytes >> 20));
     let disk_tmp = work.path().join("disk.ext4");
     make_ext4(&disk_tmp, bytes, Some(&tree), Some(inodes))?;
+    if fs::symlink_metadata(tree.join("lost+found")).is_err() {
+        remove_lost_found(&disk_tmp);
+    }
     // The unpacked tree can go before the disk is moved into place.
     fs::remove_dir_all(&tree).map_err(io_at(&tree))?;
     fs::set_permissions(&disk_tmp, fs::Permissions::from_mode(0o400)).map_err(io_at(&disk_tmp))?;
@@ -399,6 +402,26 @@ fn make_ext4(
         .and_then(|f| f.sync_all())
         .map_err(io_at(path))?;
     Ok(())
+}
+
+/// Remove the `/lost+found` that `mkfs.ext4` makes (the image has none; its disk is never
+/// checked or repaired) with `debugfs` (e2fsprogs too). Cosmetic: a failure is only logged.
+fn remove_lost_found(disk: &Path) {
+    let out = Command::new("debugfs")
+        .args(["-w", "-R", "rmdir /lost+found"])
+        .arg(disk)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => log::debug!(
+            "image: debugfs could not remove /lost+found: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ),
+        Err(e) => log::debug!("image: cannot run debugfs to remove /lost+found: {e}"),
+    }
 }
 
 /// A throwaway ext4 disk of `bytes` for the overlay's writes, `scratch.ext4` in `work` (the
