@@ -441,6 +441,14 @@ fn the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((before.ino(), before.mtime()), (after.ino(), after.mtime()));
 
+    // The same image as an OCI archive is the same image: the same disk.
+    let archive = tmp.0.join("image.tar");
+    oci_archive(&image, &archive);
+    assert_eq!(run(&archive).status.code(), Some(125));
+    let again = std::fs::metadata(&disk).unwrap();
+    assert_eq!((before.ino(), before.mtime()), (again.ino(), again.mtime()));
+    assert_eq!(files_in(&disks).len(), 3);
+
     // A hostile image: one sentence, and nothing of it stays in the cache.
     let store_before = files_in(&cache.join("images/store/blobs/sha256"));
     let out = run(&hostile);
@@ -524,7 +532,7 @@ echo "RESTORED details $(grep -c 'sandbox: restored at' "$WORK/details.err")"
 # Writes everywhere (as root), then another sandbox looks: nothing of the first is there.
 $R --image "$FILES/image" --user root -- '
 for d in / /bin /etc /data /data/old /app /usr/bin /root /tmp; do echo x >"$d/written-here" || exit 1; done
-rm -f /bin/busybox /app/file /etc/passwd && echo y >/usr/bin/busybox-caps && chmod 777 /data && echo wrote-everywhere
+chmod 777 /data && echo y >/usr/bin/busybox-caps && rm -f /app/file /etc/passwd /bin/busybox && echo wrote-everywhere
 ' >"$WORK/writes.out" 2>&1
 rc=$?; echo "STATUS writes $rc"; rig_fault $rc "$WORK/writes.out" || true
 echo "WRITES $(cat "$WORK/writes.out")"
