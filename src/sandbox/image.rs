@@ -130,7 +130,13 @@ pub(super) fn prepare(
         let _lock = lock(&paths.lock)?;
         // Another run may have built it while this one waited.
         if !paths.ready() {
-            build(&source, &root, &paths, &reference_name(reference))?;
+            let built = build(&source, &root, &paths, &reference_name(reference));
+            if built.is_err() {
+                // Nothing of a refused image stays, its lock included (a run waiting on it
+                // builds under the unlinked file: temporary names and renames keep that safe).
+                let _ = fs::remove_file(&paths.lock);
+            }
+            built?;
         }
     }
     let spec = run_spec(&image.config, &paths.etc, overrides)?;
