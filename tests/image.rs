@@ -6,7 +6,8 @@
 //!
 //! - `the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing` runs on this host
 //!   without a guest: flint builds the image's disk before it boots anything, so a kernel
-//!   that cannot boot still leaves the cached disk, which `debugfs` (e2fsprogs) inspects.
+//!   that cannot boot still leaves the cached disk, which `debugfs` (e2fsprogs) inspects; the
+//!   progress lines on a terminal (`script`, util-linux) and the hostile image's refusal.
 //! - `images_run_in_sandboxes` (tier 3) runs sandboxes of the image in the nested KVM host (or
 //!   directly on a host whose KVM boots Linux): default command, configuration, user, file
 //!   properties as seen in the guest, private writes, an unchanged cached disk, the snapshot
@@ -448,6 +449,38 @@ fn the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing() {
     let again = std::fs::metadata(&disk).unwrap();
     assert_eq!((before.ino(), before.mtime()), (again.ino(), again.mtime()));
     assert_eq!(files_in(&disks).len(), 3);
+
+    // On a terminal, each phase says so in one line (a new cache: the image is new there).
+    let terminal_cache = tmp.0.join("terminal-cache");
+    let command = format!(
+        "FLINT_CACHE={} PATH={} {} run --cold --kernel {} --initramfs {} --image {} -- true",
+        terminal_cache.display(),
+        path,
+        flint_bin().display(),
+        kernel.display(),
+        initramfs.display(),
+        image.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let phases: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.starts_with("flint: ") && !l.starts_with("flint: error"))
+        .collect();
+    assert_eq!(phases.len(), 3, "{shown}");
+    assert!(
+        phases[0].starts_with("flint: importing the image /"),
+        "{shown}"
+    );
+    assert_eq!(phases[1], "flint: unpacking 3 layers", "{shown}");
+    assert!(
+        phases[2].starts_with("flint: building the image's disk ("),
+        "{shown}"
+    );
 
     // A hostile image: one sentence, and nothing of it stays in the cache.
     let store_before = files_in(&cache.join("images/store/blobs/sha256"));
