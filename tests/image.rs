@@ -562,6 +562,10 @@ echo "PLAIN=$(grep CapEff /proc/self/status | tr -d "\t" | cut -d: -f2)"
 rc=$?; echo "STATUS details $rc"; rig_fault $rc "$WORK/details.err" || true
 cat "$WORK/details.out"
 echo "RESTORED details $(grep -c 'sandbox: restored at' "$WORK/details.err")"
+# For the record (not checked): the conversion's phases and the runs' milestones.
+grep -h -e 'image:' -e 'agent connected at' -e 'command ended at' -e 'restored at' \
+    "$WORK/first.err" "$WORK/details.err" | sed 's/^/TIMING /'
+
 # Writes everywhere (as root), then another sandbox looks: nothing of the first is there.
 $R --image "$FILES/image" --user root -- '
 for d in / /bin /etc /data /data/old /app /usr/bin /root /tmp; do echo x >"$d/written-here" || exit 1; done
@@ -732,5 +736,67 @@ fn images_run_in_sandboxes() {
     assert_eq!(
         line(out, "NOUSER "),
         "flint: error: the image cannot run: user \"nobody\" is not in the image's /etc/passwd"
+    );
+}
+
+#[test]
+fn concurrent_first_runs_of_an_image_build_its_disk_once() {
+    let tmp = TempDir::new("image-concurrent");
+    let image = tmp.0.join("image");
+    let manifest = busybox_image(&image);
+    let cache = tmp.0.join("cache");
+    let kernel = tmp.write("vmlinux", b"not a kernel");
+    let initramfs = tmp.write("initramfs", b"not an initramfs");
+    let mkfs = program("mkfs.ext4");
+    let path = format!(
+        "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+        mkfs.parent().unwrap().display()
+    );
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(flint_bin())
+                .env("FLINT_CACHE", &cache)
+                .env("PATH", &path)
+                .env("FLINT_LOG", "debug")
+                .args(["run", "--cold", "--kernel"])
+                .arg(&kernel)
+                .arg("--initramfs")
+                .arg(&initramfs)
+                .arg("--image")
+                .arg(&image)
+                .args(["--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut built = 0;
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Each got as far as the kernel, with the disk ready.
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert!(stderr.contains("neither an ELF vmlinux"), "{stderr}");
+        built += stderr.matches("disk with").count();
+    }
+    assert_eq!(
+        built, 1,
+        "one run builds the disk, the others wait and use it"
+    );
+    let disks = cache.join("images/disks");
+    assert_eq!(
+        files_in(&disks),
+        [
+            format!("{manifest}.etc"),
+            format!("{manifest}.ext4"),
+            format!("{manifest}.lock")
+        ]
+    );
+    assert!(files_in(&cache.join("images/tmp")).is_empty());
+    assert_eq!(
+        files_in(&cache.join("images/store/images")),
+        [format!("{manifest}.json")]
     );
 }

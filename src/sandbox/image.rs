@@ -197,8 +197,10 @@ fn build(
     name: &str,
 ) -> Result<(), ImageError> {
     progress(&format!("importing the image {name}"));
+    let began = std::time::Instant::now();
     let store = Store::open(&root.join("store"))?;
     let image = store.import(source, &[name.to_string()])?;
+    log::debug!("image: imported in {} ms", began.elapsed().as_millis());
     let built = unpack_and_make_disk(&store, &image, root, paths);
     if built.is_err() {
         // A refused (hostile or damaged) image keeps nothing; blobs shared with other cached
@@ -230,7 +232,15 @@ fn unpack_and_make_disk(
         image.layers.len(),
         if image.layers.len() == 1 { "" } else { "s" }
     ));
-    flint_image::unpack(store.layer_inputs(image)?, &tree, &Limits::default())?;
+    let began = std::time::Instant::now();
+    let stats = flint_image::unpack(store.layer_inputs(image)?, &tree, &Limits::default())?;
+    log::debug!(
+        "image: {} layers unpacked ({} entries, {} bytes) in {} ms",
+        stats.layers,
+        stats.entries,
+        stats.bytes,
+        began.elapsed().as_millis()
+    );
 
     // The account files first, then the disk: a disk that exists has its account files.
     let etc_tmp = work.path().join("accounts");
@@ -252,7 +262,13 @@ fn unpack_and_make_disk(
     let (bytes, inodes) = disk_geometry(&size);
     progress(&format!("building the image's disk ({} MiB)", bytes >> 20));
     let disk_tmp = work.path().join("disk.ext4");
+    let began = std::time::Instant::now();
     make_ext4(&disk_tmp, bytes, Some(&tree), Some(inodes))?;
+    log::debug!(
+        "image: {} MiB disk with {inodes} inodes built in {} ms",
+        bytes >> 20,
+        began.elapsed().as_millis()
+    );
     if fs::symlink_metadata(tree.join("lost+found")).is_err() {
         remove_lost_found(&disk_tmp);
     }
