@@ -59,10 +59,10 @@ export FLINT_CACHE=$W/flint-cache
 # once_flint N / once_cold N / once_qemu N: one sandbox running `true`; N tells parallel runs
 # apart.
 once_flint() {
-    "$BIN/flint" run --kernel "$BIN/vmlinux" --image "$BIN/sandbox.cpio.gz" -- true </dev/null
+    "$BIN/flint" run --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null
 }
 once_cold() {
-    "$BIN/flint" run --cold --kernel "$BIN/vmlinux" --image "$BIN/sandbox.cpio.gz" -- true </dev/null
+    "$BIN/flint" run --cold --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null
 }
 once_qemu() {
     cid=$((3 + $1))

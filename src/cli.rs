@@ -128,6 +128,14 @@ pub enum CliError {
     Usage(String),
     #[error("{option} takes a size in bytes with an optional K, M or G suffix (powers of 1024), as in 512M, not '{value}'")]
     Size { option: &'static str, value: String },
+    #[error("pulling from a registry is not supported yet: give an OCI layout, an OCI archive or a docker save tarball (e.g. from `skopeo copy` or `docker save`)")]
+    RegistryImage,
+    #[error("--image {0}: no such OCI layout directory, OCI archive or docker save tarball")]
+    ImageMissing(String),
+    #[error("--image {value}: {reason}")]
+    ImageRef { value: String, reason: String },
+    #[error("--scratch takes a size from 8 MiB to 1 TiB (MiB without a suffix, as in 512 or 2G), not '{0}'")]
+    ScratchSize(String),
 }
 
 /// The subcommands, by name, as `CliError::UnknownOption` names them.
@@ -495,6 +503,84 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn run_image_options() {
+        let run = |argv: &[&str]| match parse(&args(argv)) {
+            Ok(Command::Run(o)) => Ok(o),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let dir = std::env::temp_dir().join(format!("flint-cli-image-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("oci-layout"), b"{}").unwrap();
+        std::fs::write(dir.join("index.json"), b"{}").unwrap();
+        let layout = dir.display().to_string();
+        let archive = dir.join("image.tar");
+        std::fs::write(&archive, b"").unwrap();
+        // The image's own command runs without COMMAND.
+        let o = run(&["run", "--image", &layout]).unwrap();
+        assert_eq!(o.image, Some(flint_image::ImageRef::Layout(dir.clone())));
+        assert!(o.command.argv.is_empty());
+        assert_eq!(
+            (o.user.clone(), o.entrypoint.clone(), o.scratch),
+            (None, None, None)
+        );
+        let o = run(&[
+            "run",
+            "--initramfs",
+            "/s/initramfs.cpio.gz",
+            "--image",
+            &archive.display().to_string(),
+            "--user",
+            "app:staff",
+            "--entrypoint",
+            "",
+            "--scratch",
+            "64",
+            "--",
+            "ls",
+        ])
+        .unwrap();
+        assert_eq!(o.initramfs, Some(PathBuf::from("/s/initramfs.cpio.gz")));
+        assert_eq!(
+            o.image,
+            Some(flint_image::ImageRef::Archive(archive.clone()))
+        );
+        assert_eq!(o.user.as_deref(), Some("app:staff"));
+        assert_eq!(o.entrypoint.as_deref(), Some(""));
+        assert_eq!(o.scratch, Some(64 << 20));
+        assert_eq!(o.command.argv, ["ls"]);
+        for (value, bytes) in [("8", 8u64 << 20), ("2G", 2 << 30), ("100M", 100 << 20)] {
+            let o = run(&["run", "--image", &layout, "--scratch", value]).unwrap();
+            assert_eq!(o.scratch, Some(bytes), "{value}");
+        }
+        for bad in ["7", "1k", "2T", "x", "", "99999999999999"] {
+            let e = run(&["run", "--image", &layout, &format!("--scratch={bad}")]).unwrap_err();
+            assert!(
+                matches!(e, CliError::ScratchSize(_) | CliError::Size { .. }),
+                "{bad}: {e:?}"
+            );
+        }
+        // Registries are not supported yet: one sentence says what is.
+        let e = run(&["run", "--image", "python:3.12-slim", "--", "true"]).unwrap_err();
+        assert_eq!(e, CliError::RegistryImage);
+        assert!(e.to_string().contains("docker save"), "{e}");
+        let e = run(&["run", "--image", "/no/such/image", "--", "true"]).unwrap_err();
+        assert_eq!(e, CliError::ImageMissing("/no/such/image".into()));
+        let e = run(&["run", "--image", "missing.tar", "--", "true"]).unwrap_err();
+        assert_eq!(e, CliError::ImageMissing("missing.tar".into()));
+        // --image and --rootfs are two different roots; the image options need an image.
+        assert!(matches!(
+            run(&["run", "--image", &layout, "--rootfs", "/r.img"]),
+            Err(CliError::Usage(_))
+        ));
+        for option in ["--user", "--entrypoint", "--scratch"] {
+            let e = run(&["run", option, "64", "--", "true"]).unwrap_err();
+            assert!(e.to_string().contains("--image"), "{option}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

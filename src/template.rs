@@ -3,8 +3,8 @@
 //!
 //! A template is a directory `$FLINT_CACHE/sandbox/snapshots/<key>` holding `state.json` and
 //! `memory` (written by [`vmm::Vm::snapshot`]). The key covers everything the snapshot
-//! depends on: the flint binary (its state format), the kernel and the image (path, size,
-//! modification time and inode), vCPUs, memory and the entropy device. A template is made by
+//! depends on: the flint binary (its state format), the kernel, the initramfs and a container
+//! image's disk (path, size, modification time and inode), vCPUs, memory and the entropy device. A template is made by
 //! writing into a private temporary directory ([`Staging`]) and renaming it into place, so
 //! concurrent runs never see half a template; when two make one at once, the first rename
 //! wins.
@@ -69,6 +69,12 @@ impl Template {
         hash_file(&mut h, &config.kernel)?;
         if let Some(initrd) = &config.initrd {
             hash_file(&mut h, initrd)?;
+        }
+        // A container image's disk (its path names the image's digest); a sandbox has no
+        // other disk that a template may hold.
+        for drive in &config.drives {
+            hash_file(&mut h, &drive.path)?;
+            h.write_u8(u8::from(drive.read_only));
         }
         h.write(config.cmdline.as_bytes());
         h.write_u32(config.vcpus);
@@ -291,6 +297,20 @@ mod tests {
         two_cpus.vcpus = 2;
         assert_ne!(key(&more_memory), first);
         assert_ne!(key(&two_cpus), first);
+        // A container image's disk is part of the key: another image, another template.
+        std::fs::write(dir.join("a.ext4"), b"disk a").unwrap();
+        std::fs::write(dir.join("b.ext4"), b"disk b").unwrap();
+        let with_disk = |name: &str| {
+            let mut c = config.clone();
+            let mut drive = vmm::DriveConfig::new(dir.join(name));
+            drive.read_only = true;
+            c.drives.push(drive);
+            c
+        };
+        let disk_a = key(&with_disk("a.ext4"));
+        assert_ne!(disk_a, first);
+        assert_eq!(key(&with_disk("a.ext4")), disk_a);
+        assert_ne!(key(&with_disk("b.ext4")), disk_a);
         std::fs::write(dir.join("image"), b"a different image").unwrap();
         assert_ne!(key(&config), first, "a rebuilt image makes a new template");
         std::fs::remove_file(dir.join("image")).unwrap();

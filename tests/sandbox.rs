@@ -29,7 +29,7 @@ rig_fault() {
         return 1
     fi
 }
-R="$FLINT run --kernel $VMLINUX --image $FILES/sandbox.cpio.gz"
+R="$FLINT run --kernel $VMLINUX --initramfs $FILES/sandbox.cpio.gz"
 # The snapshot of a booted sandbox that flint run restores: made by the scenario's first run.
 export FLINT_CACHE=$WORK/flint-cache
 snapshots=$FLINT_CACHE/sandbox/snapshots

@@ -727,13 +727,13 @@ fn a_config_file_vm_serves_the_api_too() {
 /// which installs its filter before the VM starts.
 fn tiny_sandbox(dir: &TempDir, extra: &[&str]) -> Command {
     let kernel = spinning_kernel(dir);
-    let image = dir.write("image", b"not an initramfs");
+    let initramfs = dir.write("initramfs", b"not an initramfs");
     let mut cmd = flint();
     cmd.env("FLINT_CACHE", dir.0.join("cache"))
         .args(["run", "--cold", "--timeout", "10", "--kernel"])
         .arg(kernel)
-        .arg("--image")
-        .arg(image)
+        .arg("--initramfs")
+        .arg(initramfs)
         .args(extra)
         .args(["--", "true"]);
     cmd

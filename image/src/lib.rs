@@ -30,4 +30,4 @@ pub use digest::Digest;
 pub use reference::{ImageRef, Reference};
 pub use source::{Compression, Image, ImageSource, Layer};
 pub use store::Store;
-pub use unpack::{unpack, LayerInput, Limits};
+pub use unpack::{read_file_beneath, unpack, LayerInput, Limits};

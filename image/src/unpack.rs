@@ -830,11 +830,7 @@ fn set_meta_fd(fd: &impl AsFd, meta: &Meta) -> Result<(), Refusal> {
 
 /// Reads up to `max` bytes of the regular file at `path` (relative to `root`) without following
 /// a symbolic link anywhere on the way; `None` if it is missing, a link, or not a regular file.
-pub(crate) fn read_file_beneath(
-    root: &Path,
-    path: &[&str],
-    max: u64,
-) -> io::Result<Option<Vec<u8>>> {
+pub fn read_file_beneath(root: &Path, path: &[&str], max: u64) -> io::Result<Option<Vec<u8>>> {
     let root = rfs::open(
         root,
         OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,

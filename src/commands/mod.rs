@@ -22,7 +22,9 @@ Usage forms:
   flint boot --kernel PATH [OPTIONS]
         boot a guest kernel on the serial console ('flint boot --help')
   flint run [OPTIONS] -- COMMAND [ARG]...
-        run a command in a throwaway microVM and exit with its status
+  flint run --image REF [OPTIONS] [-- COMMAND [ARG]...]
+        run a command in a throwaway microVM (in a container image's files with --image)
+        and exit with its status
   flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...
         run a command in a running microVM
   flint --api-sock PATH [--config-file FILE] [--id ID]
@@ -65,7 +67,7 @@ enum Sub {
               override_usage = "flint boot --kernel PATH [OPTIONS]")]
     Boot(boot::BootArgs),
     #[command(about = run::ABOUT, after_help = run::after_help(), args_override_self = true,
-              override_usage = "flint run [OPTIONS] -- COMMAND [ARG]...")]
+              override_usage = "flint run [OPTIONS] -- COMMAND [ARG]...\n       flint run --image REF [OPTIONS] [-- COMMAND [ARG]...]")]
     Run(Box<run::RunArgs>),
     #[command(about = exec::ABOUT, after_help = exec::AFTER_HELP,
               override_usage = "flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...")]

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use flint_image::ImageRef;
 use vmm::config::{DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use vmm::NetConfig;
 
@@ -20,11 +21,20 @@ Start a throwaway microVM, run COMMAND in it through the guest agent, stream its
 stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing is
 left behind: the VM, its sockets and temporary files are gone when flint exits.
 
-With the default image and no network, the microVM is restored from a snapshot of a booted
+Without --rootfs, --net or --scratch, the microVM is restored from a snapshot of a booted
 sandbox (in $FLINT_CACHE/sandbox/snapshots, made by the first such run, remade whenever the
-kernel, the image, flint, --vcpus or --memory change) instead of booting Linux: each sandbox's
-memory is a private copy-on-write mapping of it, and its agent sets the guest's clock and
-reseeds the guest's random number generator from the host before COMMAND runs.
+kernel, the initramfs, the --image, flint, --vcpus or --memory change) instead of booting
+Linux: each sandbox's memory is a private copy-on-write mapping of it, and its agent sets the
+guest's clock and reseeds the guest's random number generator from the host before COMMAND
+runs.
+
+With --image, COMMAND runs in the container image's files, as `docker run` runs it: the
+image's Entrypoint, then COMMAND (or the image's Cmd without one), its Env (--env adds or
+replaces), WorkingDir (--workdir), and User (--user). The first run of an image imports it into
+$FLINT_CACHE/images/store and builds a read-only ext4 disk of its files
+($FLINT_CACHE/images/disks, needs mkfs.ext4 from e2fsprogs); later runs use that disk. Each
+sandbox writes to its own overlay, so the disk never changes. --copy-in and --copy-out paths
+are in the image's file system.
 
 Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
 owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
@@ -45,6 +55,53 @@ fn net_or_none(spec: &str) -> Result<NetOrNone, CliError> {
     match spec {
         "none" => Ok(NetOrNone(None)),
         _ => values::net(spec).map(|n| NetOrNone(Some(n))),
+    }
+}
+
+/// The most a `--scratch` disk may have (1 TiB): the file is sparse, but a mistyped size
+/// should not promise the guest a disk the host cannot hold.
+const SCRATCH_MAX: u64 = 1 << 40;
+/// The least a `--scratch` disk may have: room for ext4's own metadata and some writes.
+const SCRATCH_MIN: u64 = 8 << 20;
+
+/// `--scratch SIZE`: MiB without a suffix; in bytes.
+fn scratch_size(value: &str) -> Result<u64, CliError> {
+    let bytes = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        value
+            .parse::<u64>()
+            .ok()
+            .and_then(|mib| mib.checked_mul(1 << 20))
+            .ok_or_else(|| CliError::Size {
+                option: "--scratch",
+                value: value.to_string(),
+            })?
+    } else {
+        values::size("--scratch", value)?
+    };
+    if !(SCRATCH_MIN..=SCRATCH_MAX).contains(&bytes) {
+        return Err(CliError::ScratchSize(value.to_string()));
+    }
+    Ok(bytes)
+}
+
+/// `--image REF`: an image in a file; registry references are refused for now.
+fn image_ref(value: &str) -> Result<ImageRef, CliError> {
+    let looks_like_file = [".tar", ".tar.gz", ".tgz"]
+        .iter()
+        .any(|ext| value.ends_with(ext));
+    match ImageRef::parse(value) {
+        Ok(ImageRef::Registry(_)) if looks_like_file => {
+            Err(CliError::ImageMissing(value.to_string()))
+        }
+        Ok(ImageRef::Registry(_)) => Err(CliError::RegistryImage),
+        Ok(ImageRef::Layout(path) | ImageRef::Archive(path)) if !path.exists() => {
+            Err(CliError::ImageMissing(value.to_string()))
+        }
+        Ok(image) => Ok(image),
+        Err(e) => Err(CliError::ImageRef {
+            value: value.to_string(),
+            reason: e.to_string(),
+        }),
     }
 }
 
@@ -86,9 +143,43 @@ pub(crate) struct RunArgs {
 
     /// Sandbox initramfs with busybox and the agent (default:
     /// $FLINT_CACHE/sandbox/initramfs.cpio.gz, built by build-sandbox-image.sh); the guest's
-    /// root is a RAM file system, so the image is never modified
+    /// root is a RAM file system, so the initramfs is never modified
     #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
-    image: Option<PathBuf>,
+    initramfs: Option<PathBuf>,
+
+    /// Run COMMAND in this container image: an OCI image layout directory, an OCI archive or
+    /// a `docker save` tarball; without COMMAND, the image's own (Entrypoint and Cmd) runs.
+    /// The image becomes a read-only disk (cached in $FLINT_CACHE/images); writes go to an
+    /// overlay in guest memory, or on a throwaway disk with --scratch
+    #[arg(long, value_name = "REF", allow_hyphen_values = true, value_parser = image_ref,
+          conflicts_with = "rootfs")]
+    image: Option<ImageRef>,
+
+    /// Run COMMAND as USER (and GROUP), each a name from the image's /etc/passwd and
+    /// /etc/group or a number (default: the image's User, else root); needs --image
+    #[arg(
+        long,
+        value_name = "USER[:GROUP]",
+        allow_hyphen_values = true,
+        requires = "image"
+    )]
+    user: Option<String>,
+
+    /// Replace the image's Entrypoint with PROGRAM (and drop its Cmd), as `docker run
+    /// --entrypoint` does; an empty PROGRAM clears it; needs --image
+    #[arg(
+        long,
+        value_name = "PROGRAM",
+        allow_hyphen_values = true,
+        requires = "image"
+    )]
+    entrypoint: Option<String>,
+
+    /// Keep the image's writes on a throwaway ext4 disk of SIZE (MiB, or with a K, M or G
+    /// suffix) instead of guest memory; made for this run and removed after it; needs --image
+    #[arg(long, value_name = "SIZE", allow_hyphen_values = true, requires = "image",
+          value_parser = scratch_size)]
+    scratch: Option<u64>,
 
     /// Boot from this ext4 image instead (its init must start flint-agent); the guest writes to
     /// a private copy, never to IMAGE; bw, iops: limits on the guest's disk
@@ -152,7 +243,8 @@ pub(crate) struct RunArgs {
 impl RunArgs {
     pub(crate) fn into_command(self) -> Result<Command, CliError> {
         super::no_seccomp(self.no_seccomp);
-        if self.argv.is_empty() {
+        // An image has a command of its own.
+        if self.argv.is_empty() && self.image.is_none() {
             return Err(CliError::NoCommandToRun("run"));
         }
         let (rootfs, rootfs_rate_limiter) = match self.rootfs {
@@ -161,7 +253,11 @@ impl RunArgs {
         };
         Ok(Command::Run(Box::new(RunOptions {
             kernel: self.kernel,
+            initramfs: self.initramfs,
             image: self.image,
+            user: self.user,
+            entrypoint: self.entrypoint,
+            scratch: self.scratch,
             rootfs,
             rootfs_rate_limiter,
             vcpus: self.vcpus,

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use flint_agent::{
     AgentClient, AgentError, CommandStatus, CopyOutBudget, ExecSpec, Signaller, AGENT_PORT,
+    IMAGE_ROOT,
 };
+use flint_image::RunSpec;
 use log::debug;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -23,6 +25,24 @@ pub(super) fn exec_spec(command: &CommandOptions) -> ExecSpec {
     let mut spec = ExecSpec::new(command.argv.iter().cloned());
     spec.env = command.env.clone();
     spec.workdir = command.workdir.clone();
+    spec
+}
+
+/// The command of a container image (its configuration with the user's overrides), run in the
+/// image's root ([`IMAGE_ROOT`]) with its credentials.
+pub(super) fn image_exec_spec(run: &RunSpec) -> ExecSpec {
+    let mut spec = ExecSpec::new(run.argv.iter().cloned())
+        .root(IMAGE_ROOT)
+        .user(run.uid, run.gid, run.groups.clone());
+    spec.env = run
+        .env
+        .iter()
+        .map(|e| match e.split_once('=') {
+            Some((name, value)) => (name.to_string(), value.to_string()),
+            None => (e.clone(), String::new()),
+        })
+        .collect();
+    spec.workdir = Some(run.workdir.clone());
     spec
 }
 
@@ -112,6 +132,8 @@ pub(super) fn drive_agent(
             client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
         }
     }
+    // Copies go to and from the command's root, as the command sees its files.
+    client.set_root(spec.root.as_deref());
     let _ = signaller.send(client.signaller());
     for (host, guest) in &copies.copy_in {
         client.copy_in(host, Path::new(guest))?;
@@ -158,6 +180,7 @@ impl AgentThread {
     pub(super) fn spawn(
         uds: &Path,
         options: &RunOptions,
+        spec: ExecSpec,
         first: FirstStep,
         start: Instant,
     ) -> Result<AgentThread, SetupError> {
@@ -181,7 +204,6 @@ impl AgentThread {
                 }
             }
         };
-        let spec = exec_spec(&options.command);
         let copies = Copies {
             copy_in: options.copy_in.clone(),
             copy_out: options.copy_out.clone(),

@@ -30,7 +30,7 @@ pub(super) fn images(options: &RunOptions, cache: &Path) -> Result<(PathBuf, Pat
         .clone()
         .unwrap_or_else(|| cache.join("guest/vmlinux"));
     let image = options
-        .image
+        .initramfs
         .clone()
         .unwrap_or_else(|| cache.join("sandbox/initramfs.cpio.gz"));
     for (what, path, hint) in [
@@ -49,15 +49,38 @@ pub(super) fn images(options: &RunOptions, cache: &Path) -> Result<(PathBuf, Pat
     Ok((kernel, image))
 }
 
+/// The disks of a sandbox that runs a container image (`--image`, `--scratch`).
+#[derive(Debug, Default)]
+pub(super) struct ImageDisks<'a> {
+    /// The image's files (ext4), attached read-only.
+    pub image: Option<&'a Path>,
+    /// The overlay's writes (ext4), attached read-write.
+    pub scratch: Option<&'a Path>,
+}
+
+/// The kernel command line of a sandbox: with a container image, its disk and the scratch
+/// disk, named as the guest sees them (`/dev/vda`, `/dev/vdb`: in the order attached).
+pub(super) fn sandbox_cmdline(disks: &ImageDisks) -> String {
+    let mut cmdline = SANDBOX_CMDLINE.to_string();
+    if disks.image.is_some() {
+        cmdline.push_str(&format!(" {}=/dev/vda", flint_agent::IMAGE_PARAM));
+        if disks.scratch.is_some() {
+            cmdline.push_str(&format!(" {}=/dev/vdb", flint_agent::SCRATCH_PARAM));
+        }
+    }
+    cmdline
+}
+
 /// The sandbox's VM configuration, its sockets and disk copies in `work`.
 pub(super) fn vm_config(
     options: &RunOptions,
     kernel: &Path,
     image: PathBuf,
+    disks: &ImageDisks,
     work: &Path,
 ) -> Result<VmConfig, SetupError> {
     let mut config = VmConfig::new(kernel);
-    config.cmdline = SANDBOX_CMDLINE.to_string();
+    config.cmdline = sandbox_cmdline(disks);
     config.vcpus = options.vcpus;
     config.mem_mib = options.mem_mib;
     config.vsock = Some(VsockConfig {
@@ -83,6 +106,14 @@ pub(super) fn vm_config(
             config.drives.push(drive);
         }
         None => config.initrd = Some(image),
+    }
+    if let Some(disk) = disks.image {
+        let mut drive = DriveConfig::new(disk);
+        drive.read_only = true;
+        config.drives.push(drive);
+        if let Some(scratch) = disks.scratch {
+            config.drives.push(DriveConfig::new(scratch));
+        }
     }
     config.validate()?;
     Ok(config)
@@ -133,14 +164,19 @@ pub(super) fn obtain(
     console_log: &Path,
     start: Instant,
 ) -> Result<SandboxVm, SetupError> {
-    // With the default image and no network, restore a snapshot of a booted sandbox (made by
-    // the first such run) instead of booting.
-    let template = (!options.cold && options.rootfs.is_none() && options.net.is_none())
-        .then(|| Template::for_config(cache, config))
-        .and_then(|t| {
-            t.map_err(|e| log::warn!("sandbox: no snapshot cache: {e}"))
-                .ok()
-        });
+    // Without a root disk, a network or a scratch disk (whose backends a restored guest would
+    // find changed), restore a snapshot of a booted sandbox (made by the first such run)
+    // instead of booting. A container image's disk never changes: its path names its digest
+    // and the template's key covers the file.
+    let template = (!options.cold
+        && options.rootfs.is_none()
+        && options.net.is_none()
+        && options.scratch.is_none())
+    .then(|| Template::for_config(cache, config))
+    .and_then(|t| {
+        t.map_err(|e| log::warn!("sandbox: no snapshot cache: {e}"))
+            .ok()
+    });
     if let Some(template) = &template {
         if let Some(vm) = restore(template, config, console_log, start) {
             debug!("sandbox: restored at {} ms", start.elapsed().as_millis());
@@ -170,16 +206,22 @@ pub(super) fn obtain(
 }
 
 /// Whether a VM restored with `restored` is the sandbox `want` describes: the same kernel,
-/// image, command line and machine, a vsock device, and no disk or NIC (whose backends a
-/// snapshot would open).
+/// initramfs, command line and machine, a vsock device, no NIC, and no disk but a container
+/// image's, the same file read-only.
 fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
+    let same_disks = restored.drives.len() == want.drives.len()
+        && restored
+            .drives
+            .iter()
+            .zip(&want.drives)
+            .all(|(r, w)| r.path == w.path && r.read_only && w.read_only && !r.root && !w.root);
     restored.kernel == want.kernel
         && restored.initrd == want.initrd
         && restored.cmdline == want.cmdline
         && restored.vcpus == want.vcpus
         && restored.mem_mib == want.mem_mib
         && restored.entropy == want.entropy
-        && restored.drives.is_empty()
+        && same_disks
         && restored.nets.is_empty()
         && restored.vsock.as_ref().map(|v| v.guest_cid) == Some(SANDBOX_CID)
 }
@@ -227,5 +269,82 @@ pub(super) fn make_template(vm: &Vm, staging: Staging, start: Instant) {
             start.elapsed().as_millis()
         ),
         Err(e) => log::warn!("sandbox: cannot snapshot the booted sandbox for later runs: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_image_and_scratch_disks_are_named_on_the_command_line() {
+        let none = sandbox_cmdline(&ImageDisks::default());
+        assert_eq!(none, SANDBOX_CMDLINE);
+        let image = Path::new("/c/images/disks/ab.ext4");
+        let with_image = sandbox_cmdline(&ImageDisks {
+            image: Some(image),
+            scratch: None,
+        });
+        assert_eq!(
+            with_image,
+            format!("{SANDBOX_CMDLINE} flint.image=/dev/vda")
+        );
+        let with_scratch = sandbox_cmdline(&ImageDisks {
+            image: Some(image),
+            scratch: Some(Path::new("/w/scratch.ext4")),
+        });
+        assert_eq!(
+            with_scratch,
+            format!("{SANDBOX_CMDLINE} flint.image=/dev/vda flint.scratch=/dev/vdb")
+        );
+    }
+
+    #[test]
+    fn the_image_disk_is_attached_read_only_before_the_scratch_disk() {
+        let dir = std::env::temp_dir().join(format!("flint-machine-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let options = RunOptions {
+            vcpus: 1,
+            mem_mib: 256,
+            ..Default::default()
+        };
+        let disks = ImageDisks {
+            image: Some(Path::new("/c/ab.ext4")),
+            scratch: Some(Path::new("/w/scratch.ext4")),
+        };
+        let config = vm_config(
+            &options,
+            Path::new("/k/vmlinux"),
+            PathBuf::from("/s/initramfs"),
+            &disks,
+            &dir,
+        )
+        .unwrap();
+        assert_eq!(config.initrd, Some(PathBuf::from("/s/initramfs")));
+        let drives: Vec<_> = config
+            .drives_in_guest_order()
+            .iter()
+            .map(|d| (d.path.clone(), d.read_only, d.root))
+            .collect();
+        assert_eq!(
+            drives,
+            vec![
+                (PathBuf::from("/c/ab.ext4"), true, false),
+                (PathBuf::from("/w/scratch.ext4"), false, false),
+            ]
+        );
+        // A restored template is this sandbox only with the same image disk, read-only (and
+        // no scratch disk: runs with one boot).
+        assert!(!same_sandbox(&config, &config));
+        let mut config = config;
+        config.drives.truncate(1);
+        assert!(same_sandbox(&config, &config));
+        let mut other = config.clone();
+        other.drives[0].path = PathBuf::from("/c/cd.ext4");
+        assert!(!same_sandbox(&other, &config));
+        let mut writable = config.clone();
+        writable.drives[0].read_only = false;
+        assert!(!same_sandbox(&writable, &config));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -6,10 +6,12 @@
 //! template of a booted sandbox or booted; [`agent`] runs the command through the guest agent
 //! on a thread of its own; [`supervise`] waits for the command, the VM's end or the timeout
 //! and turns what happened into flint's exit status; [`console`] keeps the guest's console in
-//! a capped log whose last lines a failure shows.
+//! a capped log whose last lines a failure shows. With `--image`, [`image`] first makes the
+//! container image into the read-only disk the sandbox mounts, and the command that runs in it.
 
 mod agent;
 mod console;
+mod image;
 mod machine;
 mod supervise;
 
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 use flint_agent::AgentError;
 use vmm::NetConfig;
 
-use agent::{drive_agent, exec_spec, AgentThread, Copies, FirstStep, Prepare};
+use agent::{drive_agent, exec_spec, image_exec_spec, AgentThread, Copies, FirstStep, Prepare};
 
 /// Exit status when the command timed out (the VM is killed first), as `timeout(1)` does.
 pub const STATUS_TIMEOUT: u8 = 124;
@@ -45,7 +47,16 @@ pub struct CommandOptions {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RunOptions {
     pub kernel: Option<PathBuf>,
-    pub image: Option<PathBuf>,
+    /// The sandbox initramfs (busybox and the agent).
+    pub initramfs: Option<PathBuf>,
+    /// A container image whose files the command runs in.
+    pub image: Option<flint_image::ImageRef>,
+    /// With `image`: `USER[:GROUP]` to run as.
+    pub user: Option<String>,
+    /// With `image`: a replacement for its Entrypoint (empty: none).
+    pub entrypoint: Option<String>,
+    /// With `image`: the size in bytes of a throwaway disk for the overlay's writes.
+    pub scratch: Option<u64>,
     pub rootfs: Option<PathBuf>,
     /// Limits on the root disk (`--rootfs IMAGE,bw=N,iops=N`).
     pub rootfs_rate_limiter: Option<vmm::RateLimiterConfig>,
@@ -97,6 +108,8 @@ enum SetupError {
     EventFd(std::io::Error),
     #[error("cannot start the agent client: {0}")]
     ClientThread(std::io::Error),
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
 }
 
 fn sandbox_failed(message: &dyn std::fmt::Display) -> ExitCode {
@@ -149,9 +162,29 @@ pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
 /// fail, what happens after is an exit status.
 fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupError> {
     let cache = cache_dir();
-    let (kernel, image) = machine::images(options, &cache)?;
+    let (kernel, initramfs) = machine::images(options, &cache)?;
+    let prepared = match &options.image {
+        Some(reference) => Some(image::prepare(
+            reference,
+            &cache,
+            &image::overrides(options),
+        )?),
+        None => None,
+    };
     let work = WorkDir::create().map_err(SetupError::WorkDir)?;
-    let config = machine::vm_config(options, &kernel, image, &work.0)?;
+    let scratch = match options.scratch {
+        Some(bytes) => Some(image::make_scratch(&work.0, bytes)?),
+        None => None,
+    };
+    let disks = machine::ImageDisks {
+        image: prepared.as_ref().map(|p| p.disk.as_path()),
+        scratch: scratch.as_deref(),
+    };
+    let config = machine::vm_config(options, &kernel, initramfs, &disks, &work.0)?;
+    let spec = match &prepared {
+        Some(prepared) => image_exec_spec(&prepared.spec),
+        None => exec_spec(&options.command),
+    };
     // The guest's console is not shown: the command's output is. Keep it for diagnostics.
     let console_log = work.0.join("console.log");
     let machine::SandboxVm {
@@ -164,7 +197,7 @@ fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupEr
         (None, Some(_)) => FirstStep::Template,
         (None, None) => FirstStep::Nothing,
     };
-    let client = AgentThread::spawn(machine::agent_socket(&config), options, first, start)?;
+    let client = AgentThread::spawn(machine::agent_socket(&config), options, spec, first, start)?;
     vm.start(&crate::seccomp::vmm_thread())?;
     let outcome = supervise::supervise(&vm, &client, staging, options.timeout, start);
     Ok(supervise::conclude(

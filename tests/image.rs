@@ -1,0 +1,802 @@
+//! `flint run --image`: container images from local files (no network), made by the test
+//! itself as OCI image layouts: a busybox image in three layers with whiteouts, an opaque
+//! directory, a hard link, symbolic links, a device node, owners, a setuid file, a file
+//! capability, Env, WorkingDir, User and Entrypoint/Cmd; and a hostile image whose layer
+//! writes `../escape`.
+//!
+//! - `the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing` runs on this host
+//!   without a guest: flint builds the image's disk before it boots anything, so a kernel
+//!   that cannot boot still leaves the cached disk, which `debugfs` (e2fsprogs) inspects; the
+//!   progress lines on a terminal (`script`, util-linux) and the hostile image's refusal.
+//! - `images_run_in_sandboxes` (tier 3) runs sandboxes of the image in the nested KVM host (or
+//!   directly on a host whose KVM boots Linux): default command, configuration, user, file
+//!   properties as seen in the guest, private writes, an unchanged cached disk, the snapshot
+//!   fast path, --scratch, an OCI archive of the same image, exit statuses.
+
+mod support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest as _, Sha256};
+use support::{cache_dir, flint_bin, run_scenario_with, ScenarioOptions, TempDir};
+use tar::{EntryType, Header};
+
+/// A `security.capability` value (revision 2) granting CAP_NET_RAW, permitted and effective.
+const CAP_NET_RAW: [u8; 20] = [
+    1, 0, 0, 2, 0, 0x20, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+];
+
+/// A layer tar built in memory, with raw paths so that hostile entries can be made.
+struct Layer(tar::Builder<Vec<u8>>);
+
+impl Layer {
+    fn new() -> Layer {
+        Layer(tar::Builder::new(Vec::new()))
+    }
+
+    fn header(kind: EntryType, path: &str, mode: u32, size: u64) -> Header {
+        let mut h = Header::new_gnu();
+        h.set_entry_type(kind);
+        let name = &mut h.as_old_mut().name;
+        assert!(path.len() < name.len(), "test paths fit the header");
+        name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(size);
+        h
+    }
+
+    fn push(&mut self, mut h: Header, data: &[u8]) -> &mut Self {
+        h.set_cksum();
+        self.0.append(&h, data).unwrap();
+        self
+    }
+
+    fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
+        self.push(Self::header(EntryType::Directory, path, mode, 0), b"")
+    }
+
+    fn dir_as(&mut self, path: &str, mode: u32, uid: u64, gid: u64) -> &mut Self {
+        let mut h = Self::header(EntryType::Directory, path, mode, 0);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.push(h, b"")
+    }
+
+    fn file(&mut self, path: &str, mode: u32, data: &[u8]) -> &mut Self {
+        self.file_as(path, mode, 0, 0, data)
+    }
+
+    fn file_as(&mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> &mut Self {
+        let mut h = Self::header(EntryType::Regular, path, mode, data.len() as u64);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        self.push(h, data)
+    }
+
+    fn link(&mut self, kind: EntryType, path: &str, target: &str) -> &mut Self {
+        let mut h = Self::header(kind, path, 0o777, 0);
+        let l = &mut h.as_old_mut().linkname;
+        l[..target.len()].copy_from_slice(target.as_bytes());
+        self.push(h, b"")
+    }
+
+    fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
+        self.link(EntryType::Symlink, path, target)
+    }
+
+    fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
+        self.link(EntryType::Link, path, target)
+    }
+
+    fn char_device(&mut self, path: &str, mode: u32, major: u32, minor: u32) -> &mut Self {
+        let mut h = Self::header(EntryType::Char, path, mode, 0);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.push(h, b"")
+    }
+
+    /// PAX records for the next entry.
+    fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
+        self.0
+            .append_pax_extensions(records.iter().map(|(k, v)| (*k, *v)))
+            .unwrap();
+        self
+    }
+
+    fn bytes(&mut self) -> Vec<u8> {
+        let mut b = std::mem::replace(&mut self.0, tar::Builder::new(Vec::new()));
+        b.finish().unwrap();
+        b.into_inner().unwrap()
+    }
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Write an OCI image layout at `dir` with uncompressed `layers` and the configuration
+/// `config` (its `rootfs` is filled in); returns the manifest's digest (hex).
+fn oci_layout(dir: &Path, layers: &[Vec<u8>], mut config: serde_json::Value) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let hex = sha256_hex(data);
+        std::fs::write(blobs.join(&hex), data).unwrap();
+        (format!("sha256:{hex}"), data.len())
+    };
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for layer in layers {
+        let (digest, size) = put(layer);
+        diff_ids.push(serde_json::Value::from(digest.clone()));
+        layer_descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest,
+            "size": size,
+        }));
+    }
+    config["architecture"] = "amd64".into();
+    config["os"] = "linux".into();
+    config["rootfs"] = serde_json::json!({ "type": "layers", "diff_ids": diff_ids });
+    let (config_digest, config_size) = put(&serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_size,
+        },
+        "layers": layer_descs,
+    });
+    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest,
+            "size": manifest_size,
+        }],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    manifest_digest.strip_prefix("sha256:").unwrap().to_string()
+}
+
+/// The busybox applets the scenarios call, as links in /bin.
+const APPLETS: &[&str] = &[
+    "sh",
+    "echo",
+    "cat",
+    "ls",
+    "id",
+    "stat",
+    "readlink",
+    "pwd",
+    "touch",
+    "rm",
+    "mkdir",
+    "grep",
+    "head",
+    "tr",
+    "wc",
+    "md5sum",
+    "sha256sum",
+    "env",
+    "test",
+    "[",
+    "sleep",
+    "true",
+    "dd",
+    "df",
+    "cut",
+    "cp",
+    "chmod",
+];
+
+/// The test image (see the module documentation); returns its manifest digest (hex).
+fn busybox_image(dir: &Path) -> String {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("the test image needs a static busybox at /bin/busybox (busybox-static)");
+    let mut base = Layer::new();
+    base.dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("usr", 0o755)
+        .dir("usr/bin", 0o755)
+        .dir("home", 0o755)
+        .dir_as("home/app", 0o755, 1000, 1000)
+        .dir("root", 0o700)
+        .dir("tmp", 0o1777)
+        .dir("data", 0o755)
+        .dir("data/old", 0o755)
+        .dir("app", 0o755)
+        .file("bin/busybox", 0o755, &busybox);
+    for applet in APPLETS {
+        base.symlink(&format!("bin/{applet}"), "busybox");
+    }
+    base.file(
+        "etc/passwd",
+        0o644,
+        b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n",
+    )
+    .file(
+        "etc/group",
+        0o644,
+        b"root:x:0:\napp:x:1000:\nstaff:x:50:app\n",
+    )
+    .file("data/gone", 0o644, b"whited out by the second layer\n")
+    .file("data/old/x", 0o644, b"hidden by the opaque directory\n")
+    .file("usr/bin/suidbox", 0o4755, b"#!/bin/sh\necho setuid\n")
+    .pax(&[("SCHILY.xattr.security.capability", &CAP_NET_RAW)])
+    .file("usr/bin/busybox-caps", 0o755, &busybox);
+    let mut second = Layer::new();
+    second
+        .file("data/.wh.gone", 0o644, b"")
+        .dir("data/old", 0o755)
+        .file("data/old/.wh..wh..opq", 0o644, b"")
+        .file("data/old/y", 0o644, b"kept\n")
+        .file("app/file", 0o644, b"hello from the image\n")
+        .hardlink("app/hardlink", "app/file")
+        .symlink("app/link", "file")
+        .char_device("app/null", 0o666, 1, 3);
+    let mut third = Layer::new();
+    third.file_as("app/owned", 0o640, 1000, 50, b"app's\n");
+    let config = serde_json::json!({
+        "config": {
+            "Env": ["PATH=/usr/bin:/bin", "GREETING=hello"],
+            "WorkingDir": "/app",
+            "User": "app",
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo \"default: $GREETING from $(pwd) as $(id -u):$(id -g)\""],
+        }
+    });
+    oci_layout(dir, &[base.bytes(), second.bytes(), third.bytes()], config)
+}
+
+/// An image whose one layer writes `../escape`.
+fn hostile_image(dir: &Path) -> String {
+    let mut layer = Layer::new();
+    layer
+        .dir("bin", 0o755)
+        .file("bin/ok", 0o755, b"fine\n")
+        .file("../escape", 0o644, b"out of the tree\n");
+    let config = serde_json::json!({ "config": { "Cmd": ["/bin/ok"] } });
+    oci_layout(dir, &[layer.bytes()], config)
+}
+
+/// An OCI archive (a tar of the layout) of the layout at `dir`.
+fn oci_archive(dir: &Path, out: &Path) {
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    b.append_dir_all(".", dir).unwrap();
+    b.into_inner().unwrap().flush().unwrap();
+}
+
+/// A program's full path, from the usual directories (tests may run with a short PATH).
+fn program(name: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is missing: install e2fsprogs");
+}
+
+/// `debugfs -R REQUEST DISK`'s output.
+fn debugfs(disk: &Path, request: &str) -> String {
+    let out = Command::new(program("debugfs"))
+        .args(["-R", request])
+        .arg(disk)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run debugfs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The value after `key` on the line that has it.
+fn field<'a>(text: &'a str, key: &str) -> &'a str {
+    text.lines()
+        .find_map(|l| l.split_once(key).map(|(_, rest)| rest.trim()))
+        .unwrap_or_else(|| panic!("no {key:?} in\n{text}"))
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing() {
+    let tmp = TempDir::new("image-disk");
+    let image = tmp.0.join("image");
+    let manifest = busybox_image(&image);
+    let hostile = tmp.0.join("hostile");
+    hostile_image(&hostile);
+    let cache = tmp.0.join("cache");
+    // Not a kernel: flint gets as far as booting it, with the image's disk made by then.
+    let kernel = tmp.write("vmlinux", b"not a kernel");
+    let initramfs = tmp.write("initramfs", b"not an initramfs");
+    let mkfs_dir = program("mkfs.ext4");
+    let path = format!(
+        "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+        mkfs_dir.parent().unwrap().display()
+    );
+    let run = |image: &Path| {
+        Command::new(flint_bin())
+            .env("FLINT_CACHE", &cache)
+            .env("PATH", &path)
+            .args(["run", "--cold", "--kernel"])
+            .arg(&kernel)
+            .arg("--initramfs")
+            .arg(&initramfs)
+            .arg("--image")
+            .arg(image)
+            .args(["--", "true"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&image);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The kernel is refused, after the image was prepared; nothing else is said (stderr is
+    // not a terminal: no progress lines).
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("neither an ELF vmlinux"), "{stderr}");
+    let disks = cache.join("images/disks");
+    let disk = disks.join(format!("{manifest}.ext4"));
+    assert!(disk.is_file(), "no disk in {:?}", files_in(&disks));
+    assert_eq!(
+        files_in(&disks),
+        [
+            format!("{manifest}.etc"),
+            format!("{manifest}.ext4"),
+            format!("{manifest}.lock")
+        ]
+    );
+    assert_eq!(
+        std::fs::read_to_string(disks.join(format!("{manifest}.etc/etc/passwd"))).unwrap(),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n"
+    );
+    // The unpacked tree is gone; the cache is private.
+    assert!(files_in(&cache.join("images/tmp")).is_empty());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(cache.join("images"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+
+    // What the disk holds, as ext4 sees it.
+    let stat = |p: &str| debugfs(&disk, &format!("stat {p}"));
+    let file = stat("/app/file");
+    let hardlink = stat("/app/hardlink");
+    assert_eq!(
+        field(&file, "Inode:").split_whitespace().next(),
+        field(&hardlink, "Inode:").split_whitespace().next()
+    );
+    assert!(field(&file, "Links:").starts_with('2'), "{file}");
+    assert!(
+        stat("/app/link").contains("Fast link dest: \"file\""),
+        "{}",
+        stat("/app/link")
+    );
+    assert!(
+        stat("/usr/bin/suidbox").contains("Mode:  04755"),
+        "{}",
+        stat("/usr/bin/suidbox")
+    );
+    let owned = stat("/app/owned");
+    assert!(owned.contains("User:  1000   Group:    50"), "{owned}");
+    assert!(owned.contains("Mode:  0640"), "{owned}");
+    let node = stat("/app/null");
+    assert!(node.contains("Type: character special"), "{node}");
+    assert!(node.contains("Device major/minor number: 01:03"), "{node}");
+    assert!(stat("/tmp").contains("Mode:  01777"), "{}", stat("/tmp"));
+    let caps = debugfs(&disk, "ea_list /usr/bin/busybox-caps");
+    assert!(
+        caps.contains("security.capability (20) = 01 00 00 02 00 20 00 00"),
+        "{caps}"
+    );
+    // `ls -p`: one `/inode/mode/uid/gid/name/size/` line per entry.
+    let names = |p: &str| -> Vec<String> {
+        let mut names: Vec<String> = debugfs(&disk, &format!("ls -p {p}"))
+            .lines()
+            .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+            .filter(|n| !n.is_empty() && n != "." && n != "..")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names("/"),
+        ["app", "bin", "data", "etc", "home", "root", "tmp", "usr"],
+        "the image's files, and no lost+found"
+    );
+    assert_eq!(names("/data"), ["old"], "the whiteout");
+    assert_eq!(names("/data/old"), ["y"], "the opaque directory");
+    assert_eq!(names("/app"), ["file", "hardlink", "link", "null", "owned"]);
+    let root = stat("/");
+    assert!(root.contains("User:     0   Group:     0"), "{root}");
+
+    // A second run uses the disk as it is.
+    let before = std::fs::metadata(&disk).unwrap();
+    let out = run(&image);
+    assert_eq!(out.status.code(), Some(125));
+    let after = std::fs::metadata(&disk).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((before.ino(), before.mtime()), (after.ino(), after.mtime()));
+
+    // The same image as an OCI archive is the same image: the same disk.
+    let archive = tmp.0.join("image.tar");
+    oci_archive(&image, &archive);
+    assert_eq!(run(&archive).status.code(), Some(125));
+    let again = std::fs::metadata(&disk).unwrap();
+    assert_eq!((before.ino(), before.mtime()), (again.ino(), again.mtime()));
+    assert_eq!(files_in(&disks).len(), 3);
+
+    // On a terminal, each phase says so in one line (a new cache: the image is new there).
+    let terminal_cache = tmp.0.join("terminal-cache");
+    let command = format!(
+        "FLINT_CACHE={} PATH={} {} run --cold --kernel {} --initramfs {} --image {} -- true",
+        terminal_cache.display(),
+        path,
+        flint_bin().display(),
+        kernel.display(),
+        initramfs.display(),
+        image.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+    let phases: Vec<&str> = shown
+        .lines()
+        .filter(|l| l.starts_with("flint: ") && !l.starts_with("flint: error"))
+        .collect();
+    assert_eq!(phases.len(), 3, "{shown}");
+    assert!(
+        phases[0].starts_with("flint: importing the image /"),
+        "{shown}"
+    );
+    assert_eq!(phases[1], "flint: unpacking 3 layers", "{shown}");
+    assert!(
+        phases[2].starts_with("flint: building the image's disk ("),
+        "{shown}"
+    );
+
+    // A hostile image: one sentence, and nothing of it stays in the cache.
+    let store_before = files_in(&cache.join("images/store/blobs/sha256"));
+    let out = run(&hostile);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("flint: error: "), "{stderr}");
+    assert!(
+        stderr.contains("../escape") && stderr.contains(".."),
+        "{stderr}"
+    );
+    assert!(!tmp.0.join("escape").exists() && !cache.join("images/escape").exists());
+    assert_eq!(
+        files_in(&disks),
+        [
+            format!("{manifest}.etc"),
+            format!("{manifest}.ext4"),
+            format!("{manifest}.lock")
+        ]
+    );
+    assert_eq!(
+        files_in(&cache.join("images/store/blobs/sha256")),
+        store_before
+    );
+    assert_eq!(
+        files_in(&cache.join("images/store/images")),
+        [format!("{manifest}.json")]
+    );
+    assert!(files_in(&cache.join("images/tmp")).is_empty());
+    assert!(files_in(&cache.join("images/store/tmp")).is_empty());
+}
+
+/// Shell prelude of the scenario: `$R` runs a sandbox, `rig_fault` as in tests/sandbox.rs.
+const PRELUDE: &str = r#"
+rig_fault() {
+    if [ "$1" = 125 ] && grep -q -e "triple-faulted (shutdown exit; KVM reset" \
+        -e "the guest agent did not answer" "$2"; then
+        echo "RIG-CASE-TIMEOUT sandbox: $(grep -e triple-faulted -e 'did not answer' "$2")"
+    elif [ "$1" = 143 ]; then
+        echo "RIG-CASE-TIMEOUT sandbox: stopped by timeout"
+    else
+        return 1
+    fi
+}
+# flint finds mkfs.ext4 on PATH.
+export PATH="$FILES:$PATH"
+export FLINT_CACHE=$WORK/flint-cache
+R="$FLINT run --kernel $VMLINUX --initramfs $FILES/sandbox.cpio.gz"
+disks=$FLINT_CACHE/images/disks
+"#;
+
+const SCENARIO: &str = r#"
+# The first run converts the image, boots and snapshots the booted sandbox.
+FLINT_LOG=debug $R --image "$FILES/image" >"$WORK/first.out" 2>"$WORK/first.err"
+rc=$?; echo "STATUS first $rc"; rig_fault $rc "$WORK/first.err" || true
+[ $rc = 0 ] || tail -n 20 "$WORK/first.err"
+echo "FIRST $(cat "$WORK/first.out")"
+echo "MADE $(grep -c 'snapshot of the booted guest made' "$WORK/first.err")"
+disk=$(ls "$disks"/*.ext4)
+echo "DISKS $(ls "$disks" | grep -c '\.ext4$')"
+echo "DISK_SHA before $(sha256sum "$disk" | cut -d' ' -f1)"
+echo "CAPS $("$FILES/debugfs" -R 'ea_list /usr/bin/busybox-caps' "$disk" 2>/dev/null | tr '\n' ' ')"
+# The image's configuration and files, as its user sees them (restored from the snapshot).
+FLINT_LOG=debug $R --image "$FILES/image" -- '
+echo "GREETING=$GREETING"; echo "PWD=$(pwd)"; echo "HOME=$HOME"
+echo "IDS=$(id -u):$(id -g)"; echo "GROUPS=$(id -G)"
+[ -e /data/gone ] && echo "WHITEOUT=kept" || echo "WHITEOUT=gone"
+echo "OPAQUE=$(ls -A /data/old | tr "\n" " ")"
+echo "INODES=$(stat -c %i /app/file) $(stat -c %i /app/hardlink)"
+echo "LINK=$(readlink /app/link) $(cat /app/link)"
+echo "SUID=$(stat -c %a /usr/bin/suidbox)"
+echo "OWNED=$(stat -c "%u:%g %a" /app/owned)"
+echo "NODE=$(stat -c "%F %t:%T" /app/null)"
+echo "TMP=$(stat -c %a /tmp)"
+echo "CAPEFF=$(/usr/bin/busybox-caps grep CapEff /proc/self/status | tr -d "\t" | cut -d: -f2)"
+echo "PLAIN=$(grep CapEff /proc/self/status | tr -d "\t" | cut -d: -f2)"
+' >"$WORK/details.out" 2>"$WORK/details.err"
+rc=$?; echo "STATUS details $rc"; rig_fault $rc "$WORK/details.err" || true
+cat "$WORK/details.out"
+echo "RESTORED details $(grep -c 'sandbox: restored at' "$WORK/details.err")"
+# For the record (not checked): the conversion's phases and the runs' milestones.
+grep -h -e 'image:' -e 'agent connected at' -e 'command ended at' -e 'restored at' \
+    "$WORK/first.err" "$WORK/details.err" | sed 's/^/TIMING /'
+
+# Writes everywhere (as root), then another sandbox looks: nothing of the first is there.
+$R --image "$FILES/image" --user root -- '
+for d in / /bin /etc /data /data/old /app /usr/bin /root /tmp; do echo x >"$d/written-here" || exit 1; done
+chmod 777 /data && echo y >/usr/bin/busybox-caps && rm -f /app/file /etc/passwd /bin/busybox && echo wrote-everywhere
+' >"$WORK/writes.out" 2>&1
+rc=$?; echo "STATUS writes $rc"; rig_fault $rc "$WORK/writes.out" || true
+echo "WRITES $(cat "$WORK/writes.out")"
+$R --image "$FILES/image" --user 0:0 -- '
+echo "SEEN=$(ls / /bin /etc /data /app /usr/bin /root /tmp | grep -c written-here)"
+echo "STILL=$(cat /app/file) $(stat -c %a /data) $(head -c 4 /usr/bin/busybox-caps | tr -dc A-Z)"
+echo "UID=$(id -u)"
+' >"$WORK/second.out" 2>&1
+rc=$?; echo "STATUS second $rc"; rig_fault $rc "$WORK/second.out" || true
+cat "$WORK/second.out"
+echo "DISK_SHA after $(sha256sum "$disk" | cut -d' ' -f1)"
+# Exit statuses, --entrypoint, copies in and out (relative to the image's root).
+for code in 0 3 42; do
+    $R --image "$FILES/image" -- "exit $code" </dev/null >/dev/null 2>"$WORK/exit.err"
+    rc=$?; echo "STATUS exit$code $rc"; rig_fault $rc "$WORK/exit.err" || true
+done
+$R --image "$FILES/image" --entrypoint /bin/echo -- from the entrypoint >"$WORK/ep.out" 2>&1
+rc=$?; echo "STATUS entrypoint $rc"; rig_fault $rc "$WORK/ep.out" || true
+echo "ENTRYPOINT $(cat "$WORK/ep.out")"
+$R --image "$FILES/image" --env GREETING=hi --workdir /tmp -- 'echo "$GREETING in $(pwd)"' >"$WORK/env.out" 2>&1
+rc=$?; echo "STATUS env $rc"; rig_fault $rc "$WORK/env.out" || true
+echo "OVERRIDES $(cat "$WORK/env.out")"
+head -c 100000 /dev/urandom >"$WORK/blob"
+echo "MD5 blob $(md5sum <"$WORK/blob" | cut -d' ' -f1)"
+$R --image "$FILES/image" --copy-in "$WORK/blob:/home/app/in" --copy-out "/home/app/out:$WORK/blob.back" \
+    -- 'cp ~/in ~/out && md5sum ~/in | cut -d" " -f1' >"$WORK/copy.out" 2>&1
+rc=$?; echo "STATUS copies $rc"; rig_fault $rc "$WORK/copy.out" || true
+echo "MD5 inside $(cat "$WORK/copy.out")"
+echo "MD5 back $(md5sum <"$WORK/blob.back" | cut -d' ' -f1)"
+# --scratch: the writes go to a 16 MiB disk (boots cold): 30 MB do not fit there, while
+# the default overlay in guest memory takes them.
+FLINT_LOG=debug $R --image "$FILES/image" --user 0 --scratch 16 -- \
+    'dd if=/dev/zero of=/big bs=1M count=30 2>/dev/null && echo fits || echo full' >"$WORK/scratch.out" 2>"$WORK/scratch.err"
+rc=$?; echo "STATUS scratch $rc"; rig_fault $rc "$WORK/scratch.err" || true
+echo "SCRATCH $(cat "$WORK/scratch.out") restored=$(grep -c 'sandbox: restored at' "$WORK/scratch.err")"
+$R --image "$FILES/image" --user 0 -- \
+    'dd if=/dev/zero of=/big bs=1M count=30 2>/dev/null && echo fits || echo full' >"$WORK/ram.out" 2>&1
+rc=$?; echo "STATUS ram $rc"; rig_fault $rc "$WORK/ram.out" || true
+echo "RAM $(cat "$WORK/ram.out")"
+echo "WORKDIRS $(ls -d /tmp/flint-run-* 2>/dev/null | wc -l)"
+# The same image as an OCI archive: the same disk, no second one.
+$R --image "$FILES/image.tar" >"$WORK/archive.out" 2>&1
+rc=$?; echo "STATUS archive $rc"; rig_fault $rc "$WORK/archive.out" || true
+echo "ARCHIVE $(cat "$WORK/archive.out")"
+echo "DISKS_AFTER $(ls "$disks" | grep -c '\.ext4$')"
+# A user the image does not have.
+$R --image "$FILES/image" --user nobody -- true >"$WORK/nouser.out" 2>&1
+echo "STATUS nouser $?"; echo "NOUSER $(cat "$WORK/nouser.out")"
+"#;
+
+fn line<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix(key))
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no {key:?} line in the scenario output (above)"))
+}
+
+#[test]
+fn images_run_in_sandboxes() {
+    let tmp = TempDir::new("image-run");
+    let image = tmp.0.join("image");
+    busybox_image(&image);
+    let archive = tmp.0.join("image.tar");
+    oci_archive(&image, &archive);
+    let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
+    assert!(
+        sandbox.is_file(),
+        "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
+    );
+    let files = [
+        (sandbox, "sandbox.cpio.gz"),
+        (image, "image"),
+        (archive, "image.tar"),
+        (program("mkfs.ext4"), "mkfs.ext4"),
+        (program("debugfs"), "debugfs"),
+    ];
+    let run = run_scenario_with(
+        &format!("{PRELUDE}{SCENARIO}"),
+        &files,
+        &ScenarioOptions {
+            timeout_secs: 900,
+            ..ScenarioOptions::default()
+        },
+    );
+    run.assert_ok();
+    let out = &run.output;
+    let status = |name: &str| line(out, &format!("STATUS {name} "));
+    for name in [
+        "first",
+        "details",
+        "writes",
+        "second",
+        "exit0",
+        "entrypoint",
+        "env",
+        "copies",
+        "scratch",
+        "ram",
+        "archive",
+    ] {
+        assert_eq!(status(name), "0", "{name}");
+    }
+    // The image's default command, as its user, in its working directory.
+    assert_eq!(line(out, "FIRST "), "default: hello from /app as 1000:1000");
+    assert_eq!(
+        line(out, "MADE "),
+        "1",
+        "the first run snapshots the booted sandbox"
+    );
+    assert_eq!(line(out, "DISKS "), "1");
+    assert!(
+        line(out, "CAPS ").contains("security.capability (20) = 01 00 00 02 00 20 00 00"),
+        "{}",
+        line(out, "CAPS ")
+    );
+    // Later runs restore that snapshot, with the image mounted.
+    assert_eq!(line(out, "RESTORED details "), "1");
+    assert_eq!(line(out, "GREETING="), "hello");
+    assert_eq!(line(out, "PWD="), "/app");
+    assert_eq!(line(out, "HOME="), "/home/app");
+    assert_eq!(line(out, "IDS="), "1000:1000");
+    let groups: Vec<&str> = line(out, "GROUPS=").split_whitespace().collect();
+    assert!(
+        groups.contains(&"1000") && groups.contains(&"50"),
+        "{groups:?}"
+    );
+    assert_eq!(line(out, "WHITEOUT="), "gone");
+    assert_eq!(line(out, "OPAQUE="), "y");
+    let inodes: Vec<&str> = line(out, "INODES=").split_whitespace().collect();
+    assert_eq!(inodes.len(), 2);
+    assert_eq!(inodes[0], inodes[1], "the hard link is the same file");
+    assert_eq!(line(out, "LINK="), "file hello from the image");
+    assert_eq!(line(out, "SUID="), "4755");
+    assert_eq!(line(out, "OWNED="), "1000:50 640");
+    assert_eq!(line(out, "NODE="), "character special file 1:3");
+    assert_eq!(line(out, "TMP="), "1777");
+    // The file capability works: CAP_NET_RAW (bit 13) for user 1000, who has none otherwise.
+    assert_eq!(line(out, "CAPEFF="), "0000000000002000");
+    assert_eq!(line(out, "PLAIN="), "0000000000000000");
+    // Writes stay in their sandbox; the cached disk never changes.
+    assert_eq!(line(out, "WRITES "), "wrote-everywhere");
+    assert_eq!(line(out, "SEEN="), "0");
+    assert_eq!(line(out, "STILL="), "hello from the image 755 ELF");
+    assert_eq!(line(out, "UID="), "0");
+    assert_eq!(line(out, "DISK_SHA before "), line(out, "DISK_SHA after "));
+    assert_eq!(status("exit3"), "3");
+    assert_eq!(status("exit42"), "42");
+    assert_eq!(line(out, "ENTRYPOINT "), "from the entrypoint");
+    assert_eq!(line(out, "OVERRIDES "), "hi in /tmp");
+    let blob = line(out, "MD5 blob ");
+    assert_eq!(line(out, "MD5 inside "), blob);
+    assert_eq!(line(out, "MD5 back "), blob);
+    // The scratch disk takes the writes (and is gone with the run's directory).
+    assert_eq!(line(out, "SCRATCH "), "full restored=0");
+    assert_eq!(line(out, "RAM "), "fits");
+    assert_eq!(line(out, "WORKDIRS "), "0");
+    assert_eq!(
+        line(out, "ARCHIVE "),
+        "default: hello from /app as 1000:1000"
+    );
+    assert_eq!(line(out, "DISKS_AFTER "), "1");
+    assert_eq!(status("nouser"), "125");
+    assert_eq!(
+        line(out, "NOUSER "),
+        "flint: error: the image cannot run: user \"nobody\" is not in the image's /etc/passwd"
+    );
+}
+
+#[test]
+fn concurrent_first_runs_of_an_image_build_its_disk_once() {
+    let tmp = TempDir::new("image-concurrent");
+    let image = tmp.0.join("image");
+    let manifest = busybox_image(&image);
+    let cache = tmp.0.join("cache");
+    let kernel = tmp.write("vmlinux", b"not a kernel");
+    let initramfs = tmp.write("initramfs", b"not an initramfs");
+    let mkfs = program("mkfs.ext4");
+    let path = format!(
+        "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+        mkfs.parent().unwrap().display()
+    );
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(flint_bin())
+                .env("FLINT_CACHE", &cache)
+                .env("PATH", &path)
+                .env("FLINT_LOG", "debug")
+                .args(["run", "--cold", "--kernel"])
+                .arg(&kernel)
+                .arg("--initramfs")
+                .arg(&initramfs)
+                .arg("--image")
+                .arg(&image)
+                .args(["--", "true"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut built = 0;
+    for run in runs {
+        let out = run.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        // Each got as far as the kernel, with the disk ready.
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert!(stderr.contains("neither an ELF vmlinux"), "{stderr}");
+        built += stderr.matches("disk with").count();
+    }
+    assert_eq!(
+        built, 1,
+        "one run builds the disk, the others wait and use it"
+    );
+    let disks = cache.join("images/disks");
+    assert_eq!(
+        files_in(&disks),
+        [
+            format!("{manifest}.etc"),
+            format!("{manifest}.ext4"),
+            format!("{manifest}.lock")
+        ]
+    );
+    assert!(files_in(&cache.join("images/tmp")).is_empty());
+    assert_eq!(
+        files_in(&cache.join("images/store/images")),
+        [format!("{manifest}.json")]
+    );
+}
