@@ -8,6 +8,7 @@ use vmm::VmConfig;
 use crate::api_mode::ApiOptions;
 use crate::commands;
 use crate::jail::JailOptions;
+use crate::sandbox::image_cache::ImageCommand;
 use crate::sandbox::{ExecOptions, RunOptions};
 
 /// What the user asked for.
@@ -23,6 +24,8 @@ pub enum Command {
     Run(Box<RunOptions>),
     /// Run a command in a running microVM.
     Exec(ExecOptions),
+    /// Manage the image cache.
+    Image(ImageCommand),
     /// Run flint in a jail.
     Jail(JailOptions),
     /// Print a shell completion script.
@@ -134,12 +137,18 @@ pub enum CliError {
     ImageMissing(String),
     #[error("--image {value}: {reason}")]
     ImageRef { value: String, reason: String },
+    #[error("{0}: no such OCI layout directory, OCI archive or docker save tarball")]
+    PullMissing(String),
+    #[error("{value}: {reason}")]
+    PullRef { value: String, reason: String },
+    #[error("'flint image' needs a command: pull, ls, rm or prune (see 'flint image --help')")]
+    NoImageCommand,
     #[error("--scratch takes a size from 8 MiB to 1 TiB (MiB without a suffix, as in 512 or 2G), not '{0}'")]
     ScratchSize(String),
 }
 
 /// The subcommands, by name, as `CliError::UnknownOption` names them.
-const SUBCOMMANDS: [&str; 6] = ["boot", "run", "exec", "jail", "completions", "man"];
+const SUBCOMMANDS: [&str; 7] = ["boot", "run", "exec", "image", "jail", "completions", "man"];
 
 /// Parse the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, CliError> {
@@ -182,6 +191,14 @@ fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
                 None => usage(e),
             }
         }
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            if sub == Some("image") =>
+        {
+            CliError::NoImageCommand
+        }
+        ErrorKind::InvalidSubcommand if sub == Some("image") => {
+            CliError::UnknownCommand(format!("image {arg}"))
+        }
         ErrorKind::UnknownArgument | ErrorKind::InvalidSubcommand => match sub {
             None => CliError::UnknownCommand(arg),
             // A word where options go: the command that should follow `--`.
@@ -213,7 +230,11 @@ fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
             _ => usage(e),
         },
         ErrorKind::MissingRequiredArgument => CliError::MissingArgument {
-            command: sub.unwrap_or("").to_string(),
+            command: match (sub, args.get(1)) {
+                // `flint image rm`: the image command's own name too.
+                (Some("image"), Some(command)) => format!("image {command}"),
+                _ => sub.unwrap_or("").to_string(),
+            },
             argument: arg,
         },
         _ => usage(e),

@@ -48,6 +48,7 @@ pub fn main_entry() -> ExitCode {
             code
         }
         Ok(Command::Exec(options)) => sandbox::exec(&options),
+        Ok(Command::Image(command)) => sandbox::image_cache::run(&command, &cache_dir()),
         Ok(Command::Jail(options)) => jail::run(&options),
         Ok(Command::Completions(shell)) => {
             let mut script = Vec::new();

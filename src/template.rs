@@ -213,6 +213,50 @@ impl Template {
     }
 }
 
+/// Remove the templates under `cache` (`$FLINT_CACHE`) whose VM has the disk `disk` (a
+/// container image's, removed from the cache): nothing could restore them, as a rebuilt disk
+/// makes another key. A template whose state cannot be read is left alone. Returns how
+/// many were removed.
+pub fn remove_using_disk(cache: &Path, disk: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(cache.join("sandbox/snapshots")) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        if uses_disk(&entry.path().join(STATE_FILE), disk)
+            && std::fs::remove_dir_all(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// Whether the state file at `state` (flint's own: [`vmm::snapshot::SnapshotState`]) is of a
+/// VM with the disk `disk`. Only the drives of its configuration are read.
+fn uses_disk(state: &Path, disk: &Path) -> bool {
+    #[derive(serde::Deserialize)]
+    struct State {
+        config: Config,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        drives: Vec<Drive>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Drive {
+        path: PathBuf,
+    }
+    let Ok(file) = std::fs::File::open(state) else {
+        return false;
+    };
+    serde_json::from_reader::<_, State>(std::io::BufReader::new(file))
+        .is_ok_and(|s| s.config.drives.iter().any(|d| d.path == disk))
+}
+
 /// Remove the staging directories (`.new-PID`) of runs that died while making a template.
 fn remove_abandoned(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
@@ -400,6 +444,36 @@ mod tests {
         assert_eq!(left().len(), 1, "an unused staging directory is removed");
         template.discard();
         assert!(template.files().is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_templates_of_a_removed_disk_go_and_others_stay() {
+        let dir = scratch("by-disk");
+        let snapshots = dir.join("sandbox/snapshots");
+        let template = |name: &str, state: &str| {
+            std::fs::create_dir_all(snapshots.join(name)).unwrap();
+            std::fs::write(snapshots.join(name).join(STATE_FILE), state).unwrap();
+        };
+        let disk = dir.join("images/disks/a.ext4");
+        let with = |path: &Path| {
+            serde_json::json!({ "magic": "x", "config": { "kernel": "/k", "drives": [
+                { "path": "/other.ext4" }, { "path": path } ] } })
+            .to_string()
+        };
+        template("b-1", &with(&disk));
+        template("b-2", &with(&dir.join("images/disks/b.ext4")));
+        template("b-3", r#"{"config":{"drives":[]}}"#);
+        template("b-4", "not json");
+        template(".new-1", &with(&disk));
+        assert_eq!(remove_using_disk(&dir, &disk), 1);
+        let mut left: Vec<String> = std::fs::read_dir(&snapshots)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".new-1", "b-2", "b-3", "b-4"]);
+        assert_eq!(remove_using_disk(&dir.join("none"), &disk), 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -800,3 +800,216 @@ fn concurrent_first_runs_of_an_image_build_its_disk_once() {
         [format!("{manifest}.json")]
     );
 }
+
+/// A small image of one layer, sharing no blob with the busybox image.
+fn small_image(dir: &Path) -> String {
+    let mut layer = Layer::new();
+    layer
+        .dir("etc", 0o755)
+        .file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")
+        .file("hello", 0o644, b"small\n");
+    let config = serde_json::json!({ "config": { "Cmd": ["/hello"] } });
+    oci_layout(dir, &[layer.bytes()], config)
+}
+
+/// `flint image ARGS` with the cache at `cache`: its exit status, stdout and stderr.
+fn flint_image(cache: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    let out = Command::new(flint_bin())
+        .env("FLINT_CACHE", cache)
+        .arg("image")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run flint image");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `flint image ARGS` succeeds with nothing on stderr; its stdout.
+fn image_ok(cache: &Path, args: &[&str]) -> String {
+    let (code, out, err) = flint_image(cache, args);
+    assert_eq!(code, Some(0), "flint image {args:?}: {out}{err}");
+    assert_eq!(err, "", "flint image {args:?}");
+    out
+}
+
+/// `flint image ARGS` fails with status 1, nothing on stdout and one `flint: error:` line
+/// on stderr that contains `needle`.
+fn image_fails(cache: &Path, args: &[&str], needle: &str) {
+    let (code, out, err) = flint_image(cache, args);
+    assert_eq!(code, Some(1), "flint image {args:?}: {out}{err}");
+    assert_eq!(out, "", "flint image {args:?}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "flint image {args:?}: {err}");
+    assert!(
+        lines[0].starts_with("flint: error: ") && lines[0].contains(needle),
+        "flint image {args:?}: {err}"
+    );
+}
+
+#[test]
+fn image_commands_pull_list_remove_and_prune_the_cache() {
+    let tmp = TempDir::new("image-commands");
+    let busybox_dir = tmp.0.join("busybox");
+    let busybox = busybox_image(&busybox_dir);
+    let small_dir = tmp.0.join("small");
+    let small = small_image(&small_dir);
+    let small_tar = tmp.0.join("small.tar");
+    oci_archive(&small_dir, &small_tar);
+    let cache = tmp.0.join("cache");
+    let disks = cache.join("images/disks");
+    let records = cache.join("images/store/images");
+    let blobs = cache.join("images/store/blobs/sha256");
+    let inode =
+        |path: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).unwrap());
+
+    // Pull: the image's disk built as a run builds it, the manifest digest printed; pulling
+    // again finds it in the cache and builds nothing.
+    let busybox_path = busybox_dir.to_str().unwrap();
+    assert_eq!(
+        image_ok(&cache, &["pull", busybox_path]),
+        format!("sha256:{busybox}\n")
+    );
+    let disk = disks.join(format!("{busybox}.ext4"));
+    let built = inode(&disk);
+    assert!(disks.join(format!("{busybox}.etc/etc/passwd")).is_file());
+    assert_eq!(
+        image_ok(&cache, &["pull", busybox_path]),
+        format!("sha256:{busybox}\n")
+    );
+    assert_eq!(inode(&disk), built, "a second pull builds nothing");
+    let busybox_blobs = files_in(&blobs);
+    assert_eq!(busybox_blobs.len(), 5, "manifest, config and three layers");
+    let small_tar_path = small_tar.to_str().unwrap();
+    assert_eq!(
+        image_ok(&cache, &["pull", small_tar_path]),
+        format!("sha256:{small}\n")
+    );
+
+    // ls: both images, by short digest, with their sizes and names; -q: the digests.
+    let listing = image_ok(&cache, &["ls"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.len(), 3, "{listing}");
+    assert!(lines[0].starts_with("DIGEST"), "{listing}");
+    for (digest, name) in [(&busybox, &busybox_dir), (&small, &small_tar)] {
+        let row = lines
+            .iter()
+            .find(|l| l.starts_with(&digest[..12]))
+            .unwrap_or_else(|| panic!("no {digest} in\n{listing}"));
+        let name = std::fs::canonicalize(name).unwrap();
+        assert!(row.ends_with(name.to_str().unwrap()), "{listing}");
+        // Both sizes are known: the blobs' and the built disk's.
+        assert_eq!(row.matches("iB").count(), 2, "{listing}");
+    }
+    let mut digests = [format!("sha256:{busybox}"), format!("sha256:{small}")];
+    digests.sort();
+    assert_eq!(
+        image_ok(&cache, &["ls", "-q"]),
+        format!("{}\n{}\n", digests[0], digests[1])
+    );
+
+    // An image a sandbox holds (as `flint run --image` holds it while it runs) is not removed.
+    let lock = std::fs::File::open(disks.join(format!("{busybox}.lock"))).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&lock);
+    // SAFETY: flock on a descriptor this test owns.
+    let locked = unsafe { libc::flock(fd, libc::LOCK_SH) };
+    assert_eq!(locked, 0);
+    image_fails(&cache, &["rm", &busybox[..12]], "is in use");
+    assert!(disk.is_file());
+    drop(lock);
+
+    // rm by the name it was imported as (a relative path works too): record, disk, account
+    // files and lock file go; the other image stays whole.
+    let relative = small_tar
+        .strip_prefix(std::env::current_dir().unwrap())
+        .map(Path::to_path_buf)
+        .unwrap_or(small_tar.clone());
+    assert_eq!(
+        image_ok(&cache, &["rm", relative.to_str().unwrap()]),
+        format!("sha256:{small}\n")
+    );
+    let mut left = vec![
+        format!("{busybox}.etc"),
+        format!("{busybox}.ext4"),
+        format!("{busybox}.lock"),
+    ];
+    assert_eq!(files_in(&disks), left);
+    assert_eq!(files_in(&records), [format!("{busybox}.json")]);
+    image_fails(&cache, &["rm", small_tar_path], "no image");
+
+    // prune: the removed image's three blobs go, the other image's stay.
+    let freed = image_ok(&cache, &["prune"]);
+    assert!(
+        freed.starts_with("freed 3 blobs (") && freed.ends_with(" and 0 disks (0 B)\n"),
+        "{freed}"
+    );
+    assert_eq!(files_in(&blobs), busybox_blobs);
+    assert_eq!(
+        image_ok(&cache, &["prune"]),
+        "freed 0 blobs (0 B) and 0 disks (0 B)\n"
+    );
+
+    // A disk whose image record is gone is pruned too.
+    image_ok(&cache, &["pull", small_tar_path]);
+    std::fs::remove_file(records.join(format!("{small}.json"))).unwrap();
+    let freed = image_ok(&cache, &["prune"]);
+    assert!(
+        freed.starts_with("freed 3 blobs (") && freed.contains(" and 1 disk ("),
+        "{freed}"
+    );
+    assert_eq!(files_in(&disks), left);
+
+    // rm by digest: the cache is empty; prune frees the blobs. The sandbox templates made
+    // with its disk go too (no run could restore them: a new disk makes a new key).
+    let snapshots = cache.join("sandbox/snapshots");
+    for (name, drive) in [("t-busybox", &disk), ("t-other", &disks.join("other.ext4"))] {
+        std::fs::create_dir_all(snapshots.join(name)).unwrap();
+        let state = serde_json::json!({ "config": { "drives": [{ "path": drive }] } });
+        std::fs::write(snapshots.join(name).join("state.json"), state.to_string()).unwrap();
+    }
+    assert_eq!(
+        image_ok(&cache, &["rm", &format!("sha256:{busybox}")]),
+        format!("sha256:{busybox}\n")
+    );
+    left.clear();
+    assert_eq!(files_in(&disks), left);
+    assert_eq!(files_in(&snapshots), ["t-other"]);
+    assert_eq!(image_ok(&cache, &["ls"]), "DIGEST  SIZE  DISK  NAMES\n");
+    assert_eq!(image_ok(&cache, &["ls", "--quiet"]), "");
+    assert!(image_ok(&cache, &["prune"]).starts_with("freed 5 blobs ("));
+    assert!(files_in(&blobs).is_empty());
+    assert!(files_in(&cache.join("images/tmp")).is_empty());
+}
+
+#[test]
+fn image_command_errors_are_one_sentence() {
+    let tmp = TempDir::new("image-errors");
+    let cache = tmp.0.join("cache");
+    image_fails(
+        &cache,
+        &[],
+        "'flint image' needs a command: pull, ls, rm or prune",
+    );
+    image_fails(&cache, &["frob"], "unknown command 'image frob'");
+    image_fails(&cache, &["rm"], "'flint image rm' needs");
+    image_fails(&cache, &["rm", "nope"], "no image 'nope' in the cache");
+    image_fails(
+        &cache,
+        &["pull", "python:3.12-slim"],
+        "pulling from a registry is not supported yet",
+    );
+    image_fails(
+        &cache,
+        &["pull", "/no/such/image.tar"],
+        "/no/such/image.tar: no such OCI layout directory",
+    );
+    // A refused image leaves nothing behind.
+    let hostile = tmp.0.join("hostile");
+    hostile_image(&hostile);
+    image_fails(&cache, &["pull", hostile.to_str().unwrap()], "");
+    assert!(files_in(&cache.join("images/disks")).is_empty());
+    assert!(files_in(&cache.join("images/store/images")).is_empty());
+}

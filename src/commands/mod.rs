@@ -6,6 +6,7 @@
 pub(crate) mod api;
 pub(crate) mod boot;
 pub(crate) mod exec;
+pub(crate) mod image;
 pub(crate) mod jail;
 pub(crate) mod run;
 pub(crate) mod values;
@@ -33,6 +34,8 @@ Usage forms:
   flint --config-file FILE [--no-api | --api-sock PATH] [--id ID]
         boot the VM a JSON config file describes (same schema as the API bodies); the API
         is served on PATH (default {DEFAULT_API_SOCK}) unless --no-api
+  flint image pull REF | ls [-q] | rm IMAGE... | prune
+        manage the cache of container images that 'flint run --image' uses
   flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
         run flint in a jail ('flint jail --help')
   flint completions SHELL
@@ -72,6 +75,9 @@ enum Sub {
     #[command(about = exec::ABOUT, after_help = exec::AFTER_HELP,
               override_usage = "flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...")]
     Exec(exec::ExecArgs),
+    #[command(about = image::ABOUT, after_help = image::AFTER_HELP,
+              subcommand_required = true)]
+    Image(image::ImageArgs),
     #[command(about = jail::ABOUT, after_help = jail::AFTER_HELP,
               override_usage = "flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...")]
     Jail(jail::JailArgs),
@@ -143,6 +149,7 @@ pub(crate) fn command_from(matches: &ArgMatches) -> Result<Command, CliError> {
         }
         Some(Sub::Run(args)) => args.into_command(),
         Some(Sub::Exec(args)) => args.into_command(),
+        Some(Sub::Image(args)) => args.into_command(),
         Some(Sub::Jail(args)) => args.into_command(),
         Some(Sub::Completions { shell }) => Ok(Command::Completions(shell)),
         Some(Sub::Man { command }) => {

@@ -85,7 +85,7 @@ fn scratch_size(value: &str) -> Result<u64, CliError> {
 }
 
 /// `--image REF`: an image in a file; registry references are refused for now.
-fn image_ref(value: &str) -> Result<ImageRef, CliError> {
+pub(crate) fn image_ref(value: &str) -> Result<ImageRef, CliError> {
     let looks_like_file = [".tar", ".tar.gz", ".tgz"]
         .iter()
         .any(|ext| value.ends_with(ext));

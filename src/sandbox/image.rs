@@ -50,9 +50,15 @@ pub(super) enum ImageError {
     NoMkfs,
     #[error("mkfs.ext4 could not make {}: {message}", path.display())]
     Mkfs { path: PathBuf, message: String },
+    #[error("no image '{0}' in the cache (see 'flint image ls')")]
+    Unknown(String),
+    #[error("'{0}' names more than one cached image: give more of its digest")]
+    Ambiguous(String),
+    #[error("image {0} is in use by a sandbox being started or running")]
+    InUse(String),
 }
 
-fn io_at(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
+pub(super) fn io_at(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
     move |source| ImageError::Io {
         path: path.to_path_buf(),
         source,
@@ -64,17 +70,19 @@ fn io_at(path: &Path) -> impl Fn(io::Error) -> ImageError + '_ {
 pub(super) struct Prepared {
     pub disk: PathBuf,
     pub spec: RunSpec,
+    /// Held while the sandbox runs: the image is in use.
+    _in_use: File,
 }
 
 /// Where the cache keeps an image's disk and account files.
-struct CachePaths {
-    disk: PathBuf,
-    etc: PathBuf,
-    lock: PathBuf,
+pub(super) struct CachePaths {
+    pub disk: PathBuf,
+    pub etc: PathBuf,
+    pub lock: PathBuf,
 }
 
 impl CachePaths {
-    fn new(disks: &Path, manifest: &Digest) -> CachePaths {
+    pub(super) fn new(disks: &Path, manifest: &Digest) -> CachePaths {
         let hex = manifest.hex();
         CachePaths {
             disk: disks.join(format!("{hex}.ext4")),
@@ -83,7 +91,7 @@ impl CachePaths {
         }
     }
 
-    fn ready(&self) -> bool {
+    pub(super) fn ready(&self) -> bool {
         self.disk.is_file() && self.etc.is_dir()
     }
 }
@@ -107,43 +115,90 @@ fn private_dir(path: &Path) -> Result<(), ImageError> {
 
 /// The image `reference` names, imported and converted into a disk in `cache`
 /// (`$FLINT_CACHE`) unless that was done before, and the command `overrides` make of its
-/// configuration.
+/// configuration. The image stays in use (`flint image rm` refuses it) until the returned
+/// value is dropped.
 pub(super) fn prepare(
     reference: &ImageRef,
     cache: &Path,
     overrides: &RunOverrides,
 ) -> Result<Prepared, ImageError> {
+    let ready = ensure(reference, cache)?;
+    let spec = run_spec(&ready.image.config, &ready.paths.etc, overrides)?;
+    Ok(Prepared {
+        disk: ready.paths.disk,
+        spec,
+        _in_use: ready.in_use,
+    })
+}
+
+/// `flint image pull`: the image `reference` names, imported and its disk built as for
+/// `flint run --image`; its manifest digest.
+pub(crate) fn pull(reference: &ImageRef, cache: &Path) -> Result<Digest, ImageError> {
+    Ok(ensure(reference, cache)?.image.manifest_digest)
+}
+
+/// An image whose disk is built, held in use.
+struct Ready {
+    image: flint_image::Image,
+    paths: CachePaths,
+    /// A shared lock on the image's lock file: `flint image rm` takes it exclusively.
+    in_use: File,
+}
+
+/// `$FLINT_CACHE/images`, private, with its `disks` directory.
+pub(super) fn images_root(cache: &Path) -> Result<PathBuf, ImageError> {
+    let root = cache.join("images");
+    private_dir(&root)?;
+    // An existing cache is made private too: disks hold the images' setuid programs.
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_at(&root))?;
+    private_dir(&root.join("disks"))?;
+    Ok(root)
+}
+
+fn ensure(reference: &ImageRef, cache: &Path) -> Result<Ready, ImageError> {
     let source = match reference {
         ImageRef::Registry(_) => return Err(ImageError::Registry),
         ImageRef::Layout(dir) => ImageSource::open_layout(dir)?,
         ImageRef::Archive(file) => ImageSource::open_archive(file)?,
     };
-    let root = cache.join("images");
-    private_dir(&root)?;
-    // An existing cache is made private too: disks hold the images' setuid programs.
-    fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).map_err(io_at(&root))?;
-    let disks = root.join("disks");
-    private_dir(&disks)?;
+    let root = images_root(cache)?;
     let image = source.image();
-    let paths = CachePaths::new(&disks, &image.manifest_digest);
-    if !paths.ready() {
-        let _lock = lock(&paths.lock)?;
-        // Another run may have built it while this one waited.
+    let paths = CachePaths::new(&root.join("disks"), &image.manifest_digest);
+    loop {
         if !paths.ready() {
-            let built = build(&source, &root, &paths, &reference_name(reference));
-            if built.is_err() {
-                // Nothing of a refused image stays, its lock included (a run waiting on it
-                // builds under the unlinked file: temporary names and renames keep that safe).
-                let _ = fs::remove_file(&paths.lock);
+            let _lock = lock(&paths.lock, libc::LOCK_EX)?;
+            // Another run may have built it while this one waited.
+            if !paths.ready() {
+                let built = build(&source, &root, &paths, &reference_name(reference));
+                if built.is_err() {
+                    // Nothing of a refused image stays, its lock included (a run waiting on
+                    // it builds under the unlinked file: temporary names and renames keep
+                    // that safe).
+                    let _ = fs::remove_file(&paths.lock);
+                }
+                built?;
             }
-            built?;
+        }
+        // In use from here: `flint image rm` removes the disk only under an exclusive lock
+        // of the file at the lock's path, so the disk is there if it was once this lock is
+        // held on that file.
+        let in_use = lock(&paths.lock, libc::LOCK_SH)?;
+        if paths.ready() && same_file(&in_use, &paths.lock) {
+            return Ok(Ready {
+                image: image.clone(),
+                paths,
+                in_use,
+            });
         }
     }
-    let spec = run_spec(&image.config, &paths.etc, overrides)?;
-    Ok(Prepared {
-        disk: paths.disk,
-        spec,
-    })
+}
+
+/// Whether `file` is still the file at `path` (not unlinked nor replaced).
+fn same_file(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
 }
 
 /// How the image is named in the store's record.
@@ -157,8 +212,9 @@ fn reference_name(reference: &ImageRef) -> String {
     }
 }
 
-/// Hold an exclusive flock on `path` (created if missing) until the file is dropped.
-fn lock(path: &Path) -> Result<File, ImageError> {
+/// Hold a flock (`operation`: `LOCK_EX` or `LOCK_SH`, maybe with `LOCK_NB`) on `path`
+/// (created if missing) until the file is dropped.
+pub(super) fn lock(path: &Path, operation: libc::c_int) -> Result<File, ImageError> {
     let file = File::options()
         .create(true)
         .truncate(false)
@@ -168,7 +224,7 @@ fn lock(path: &Path) -> Result<File, ImageError> {
         .map_err(io_at(path))?;
     loop {
         // SAFETY: flock on a descriptor this function owns; the result is checked.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+        if unsafe { libc::flock(file.as_raw_fd(), operation) } == 0 {
             return Ok(file);
         }
         let e = io::Error::last_os_error();

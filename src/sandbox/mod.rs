@@ -12,6 +12,7 @@
 mod agent;
 mod console;
 mod image;
+pub(crate) mod image_cache;
 mod machine;
 mod supervise;
 
