@@ -32,7 +32,8 @@ With --image, COMMAND runs in the container image's files, as `docker run` runs 
 image's Entrypoint, then COMMAND (or the image's Cmd without one), its Env (--env adds or
 replaces), WorkingDir (--workdir), and User (--user). The first run of an image imports it into
 $FLINT_CACHE/images/store and builds a read-only ext4 disk of its files
-($FLINT_CACHE/images/disks, needs mkfs.ext4 from e2fsprogs); later runs use that disk. Each
+($FLINT_CACHE/images/disks, needs mkfs.ext4 from e2fsprogs); later runs use that disk ('flint
+image' lists, pulls, removes and prunes the cache). Each
 sandbox writes to its own overlay, so the disk never changes. --copy-in and --copy-out paths
 are in the image's file system.
 

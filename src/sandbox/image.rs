@@ -7,9 +7,11 @@
 //!   mounts it read-only under an overlay);
 //! - `disks/<manifest hex>.etc/etc/{passwd,group}`: the image's account files, copied without
 //!   following links, so later runs resolve `--user` names without unpacking the image again;
-//! - `disks/<manifest hex>.lock`: held (flock) while the disk is built, so that concurrent
-//!   runs of one image build it once; everything is written under a temporary name and
-//!   renamed into place, the disk last, so a disk that exists is complete;
+//! - `disks/<manifest hex>.lock`: held (flock) exclusively while the disk is built, so that
+//!   concurrent runs of one image build it once, and shared while a run uses the disk, so
+//!   that `flint image rm` ([`super::image_cache`]) refuses an image in use; everything is
+//!   written under a temporary name and renamed into place, the disk last, so a disk that
+//!   exists is complete;
 //! - `tmp/`: the unpacked layers while the disk is built, removed afterwards.
 //!
 //! ext4 because the guest kernel has it already and `mkfs.ext4 -d` (e2fsprogs) builds it from
