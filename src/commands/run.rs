@@ -33,9 +33,8 @@ image's Entrypoint, then COMMAND (or the image's Cmd without one), its Env (--en
 replaces), WorkingDir (--workdir), and User (--user). The first run of an image imports it into
 $FLINT_CACHE/images/store and builds a read-only ext4 disk of its files
 ($FLINT_CACHE/images/disks, needs mkfs.ext4 from e2fsprogs); later runs use that disk ('flint
-image' lists, pulls, removes and prunes the cache). Each
-sandbox writes to its own overlay, so the disk never changes. --copy-in and --copy-out paths
-are in the image's file system.
+image' lists, pulls, removes and prunes the cache). Each sandbox writes to its own overlay, so
+the disk never changes. --copy-in and --copy-out paths are in the image's file system.
 
 Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
 owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
