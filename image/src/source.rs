@@ -277,7 +277,13 @@ impl ImageSource {
         let what = format!("configuration {config_digest}");
         let config_bytes = files.read_doc(path, &blob_path(&config_digest), &what)?;
         check_digest(path, &what, &config_digest, &config_bytes)?;
-        let image = Image::from_parts(path, manifest_digest, manifest_bytes, config_bytes)?;
+        let image = Image::from_manifest(
+            path,
+            manifest_digest,
+            manifest_bytes,
+            manifest,
+            config_bytes,
+        )?;
         let mut blobs = HashMap::new();
         for d in std::iter::once(&image.config_digest).chain(image.layers.iter().map(|l| &l.digest))
         {
@@ -379,6 +385,23 @@ impl Image {
             &format!("manifest {manifest_digest}"),
             &manifest_bytes,
         )?;
+        Image::from_manifest(
+            path,
+            manifest_digest,
+            manifest_bytes,
+            manifest,
+            config_bytes,
+        )
+    }
+
+    /// [`Image::from_parts`] with the manifest already parsed from `manifest_bytes`.
+    fn from_manifest(
+        path: &Path,
+        manifest_digest: Digest,
+        manifest_bytes: Vec<u8>,
+        manifest: ImageManifest,
+        config_bytes: Vec<u8>,
+    ) -> Result<Image, SourceError> {
         let config_digest = desc_digest(path, manifest.config())?;
         let config: ImageConfiguration = parse_json(
             path,
