@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use sha2::{Digest as _, Sha256};
-use support::{cache_dir, flint_bin, run_scenario_with, ScenarioOptions, TempDir};
+use support::{cache_dir, flint_bin, run_scenario_with, ScenarioOptions, TempDir, RIG_FAULT_SH};
 use tar::{EntryType, Header};
 
 /// A `security.capability` value (revision 2) granting CAP_NET_RAW, permitted and effective.
@@ -514,18 +514,8 @@ fn the_image_becomes_a_faithful_disk_and_a_hostile_one_leaves_nothing() {
     assert!(files_in(&cache.join("images/store/tmp")).is_empty());
 }
 
-/// Shell prelude of the scenario: `$R` runs a sandbox, `rig_fault` as in tests/sandbox.rs.
+/// Shell prelude of the scenario (after [`support::RIG_FAULT_SH`]): `$R` runs a sandbox.
 const PRELUDE: &str = r#"
-rig_fault() {
-    if [ "$1" = 125 ] && grep -q -e "triple-faulted (shutdown exit; KVM reset" \
-        -e "the guest agent did not answer" "$2"; then
-        echo "RIG-CASE-TIMEOUT sandbox: $(grep -e triple-faulted -e 'did not answer' "$2")"
-    elif [ "$1" = 143 ]; then
-        echo "RIG-CASE-TIMEOUT sandbox: stopped by timeout"
-    else
-        return 1
-    fi
-}
 # flint finds mkfs.ext4 on PATH.
 export PATH="$FILES:$PATH"
 export FLINT_CACHE=$WORK/flint-cache
@@ -648,7 +638,7 @@ fn images_run_in_sandboxes() {
         (program("debugfs"), "debugfs"),
     ];
     let run = run_scenario_with(
-        &format!("{PRELUDE}{SCENARIO}"),
+        &format!("{RIG_FAULT_SH}{PRELUDE}{SCENARIO}"),
         &files,
         &ScenarioOptions {
             timeout_secs: 900,

@@ -6,29 +6,11 @@ mod support;
 
 use std::path::PathBuf;
 
-use support::{cache_dir, run_scenario_with, ScenarioOptions};
+use support::{cache_dir, run_scenario_with, ScenarioOptions, RIG_FAULT_SH};
 
-/// Shell prelude of the scenarios: `$R` runs a sandbox with the default image, `state`
-/// prints what a sandbox could leak, to compare before and after, and `rig_fault STATUS FILE`
-/// tells whether a sandbox failed because its guest died or froze in the nested host.
-///
-/// `rig_fault` is true when the guest died of a triple fault (status 125 and flint's message
-/// in FILE), when flint gave up on a guest whose agent never answered (125, a guest frozen
-/// while booting), or when the guest froze so that `timeout` stopped flint with SIGTERM
-/// (flint exits 143 then; a flint that ignored SIGTERM gets SIGKILL from `timeout -k`: 137).
-/// It then prints the marker of `rig_failure` (tests/support), so that the harness runs the
-/// scenario again; the Rust side requires every sandbox of the last try to succeed.
+/// Shell prelude of the scenarios (after [`support::RIG_FAULT_SH`]): `$R` runs a sandbox with
+/// the default image, `state` prints what a sandbox could leak, to compare before and after.
 const PRELUDE: &str = r#"
-rig_fault() {
-    if [ "$1" = 125 ] && grep -q -e "triple-faulted (shutdown exit; KVM reset" \
-        -e "the guest agent did not answer" "$2"; then
-        echo "RIG-CASE-TIMEOUT sandbox: $(grep -e triple-faulted -e 'did not answer' "$2")"
-    elif [ "$1" = 143 ]; then
-        echo "RIG-CASE-TIMEOUT sandbox: stopped by timeout"
-    else
-        return 1
-    fi
-}
 R="$FLINT run --kernel $VMLINUX --initramfs $FILES/sandbox.cpio.gz"
 # The snapshot of a booted sandbox that flint run restores: made by the scenario's first run.
 export FLINT_CACHE=$WORK/flint-cache
@@ -160,7 +142,7 @@ fn run_sandbox_scenario(script: &str, timeout_secs: u32) -> String {
         ..ScenarioOptions::default()
     };
     let run = run_scenario_with(
-        &format!("{PRELUDE}{script}"),
+        &format!("{RIG_FAULT_SH}{PRELUDE}{script}"),
         &[(PathBuf::from(&image), "sandbox.cpio.gz")],
         &options,
     );

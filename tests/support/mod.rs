@@ -500,6 +500,27 @@ pub const RIG_TRIPLE_FAULT: &str =
 /// [`rig_failure`].
 pub const RIG_CASE_TIMEOUT: &str = "RIG-CASE-TIMEOUT ";
 
+/// Shell function for sandbox scenarios: `rig_fault STATUS FILE` tells whether a `flint run`
+/// failed because its guest died or froze in the nested host. It is true when the guest died
+/// of a triple fault (status 125 and flint's message in FILE), when flint gave up on a guest
+/// whose agent never answered (125, a guest frozen while booting), or when the guest froze so
+/// that `timeout` stopped flint with SIGTERM (flint exits 143 then; a flint that ignored
+/// SIGTERM gets SIGKILL from `timeout -k`: 137). It then prints the marker of
+/// [`rig_failure`], so that the harness runs the scenario again; the Rust side requires every
+/// sandbox of the last try to succeed.
+pub const RIG_FAULT_SH: &str = r#"
+rig_fault() {
+    if [ "$1" = 125 ] && grep -q -e "triple-faulted (shutdown exit; KVM reset" \
+        -e "the guest agent did not answer" "$2"; then
+        echo "RIG-CASE-TIMEOUT sandbox: $(grep -e triple-faulted -e 'did not answer' "$2")"
+    elif [ "$1" = 143 ]; then
+        echo "RIG-CASE-TIMEOUT sandbox: stopped by timeout"
+    else
+        return 1
+    fi
+}
+"#;
+
 /// What a scenario prints when a `wait_for` gave up. See [`rig_failure`].
 pub const RIG_WAIT_TIMEOUT: &str = "RIG-WAIT-TIMEOUT ";
 
