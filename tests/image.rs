@@ -1357,8 +1357,7 @@ fn images_are_pulled_from_a_registry_verified_and_resumed() {
     let shown = String::from_utf8_lossy(&out.stdout);
     let last = shown
         .split(['\r', '\n'])
-        .filter(|l| l.starts_with("flint: pulling"))
-        .last()
+        .rfind(|l| l.starts_with("flint: pulling"))
         .unwrap_or_else(|| panic!("no progress in {shown:?}"));
     assert!(
         last.starts_with(&format!("flint: pulling {reg}/busybox:1: "))
