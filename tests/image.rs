@@ -8,6 +8,10 @@
 //!   without a guest: flint builds the image's disk before it boots anything, so a kernel
 //!   that cannot boot still leaves the cached disk, which `debugfs` (e2fsprogs) inspects; the
 //!   progress lines on a terminal (`script`, util-linux) and the hostile image's refusal.
+//! - `images_are_pulled_from_a_registry_verified_and_resumed` and
+//!   `registry_credentials_come_from_the_docker_configuration` run on this host too: a real
+//!   registry (Debian's `docker-registry`) on a loopback port, filled with `skopeo`, and
+//!   `htpasswd` (apache2-utils) for basic auth; the tests fail when these are missing.
 //! - `images_run_in_sandboxes` (tier 3) runs sandboxes of the image in the nested KVM host (or
 //!   directly on a host whose KVM boots Linux): default command, configuration, user, file
 //!   properties as seen in the guest, private writes, an unchanged cached disk, the snapshot
@@ -1419,8 +1423,11 @@ fn images_are_pulled_from_a_registry_verified_and_resumed() {
     );
 
     // Unknown images and tags, and plain HTTP without --insecure-registry: one sentence.
-    pull_fails(&format!("{reg}/busybox:2"), "has no image");
-    pull_fails(&format!("{reg}/nothing:1"), "has no image");
+    pull_fails(
+        &format!("{reg}/busybox:2"),
+        &format!("registry {reg} has no image busybox:2 (no such repository, tag or digest)"),
+    );
+    pull_fails(&format!("{reg}/nothing:1"), "has no image nothing:1");
     image_fails(
         &cache,
         &["pull", &format!("{reg}/busybox:1")],

@@ -73,8 +73,8 @@ pub struct Progress {
 /// Why a pull failed.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("registry {registry} has no image {reference} (no such repository, tag or digest)")]
-    NotFound { registry: String, reference: String },
+    #[error("registry {registry} has no {what} (no such repository, tag or digest)")]
+    NotFound { registry: String, what: String },
     #[error("registry {registry} refused access to {repository} {how}")]
     Denied {
         registry: String,
@@ -503,7 +503,12 @@ impl Client {
         tag_or_digest: &str,
         expected: Option<&Digest>,
     ) -> Result<(Vec<u8>, Digest, String), RegistryError> {
-        let what = format!("the manifest {}:{tag_or_digest}", self.repository);
+        let sep = if tag_or_digest.starts_with("sha256:") {
+            '@'
+        } else {
+            ':'
+        };
+        let what = format!("image {}{sep}{tag_or_digest}", self.repository);
         let mut response = self.get(
             &format!("manifests/{tag_or_digest}"),
             Some(MANIFEST_TYPES),
@@ -734,7 +739,7 @@ impl Client {
                 404 => {
                     return Err(RegistryError::NotFound {
                         registry: self.registry.clone(),
-                        reference: what.to_string(),
+                        what: what.to_string(),
                     })
                 }
                 _ => {
