@@ -558,6 +558,45 @@ mod tests {
     }
 
     #[test]
+    fn a_partial_download_resumes_and_enters_the_cache_only_verified() {
+        let dir = crate::testutil::tempdir();
+        let s = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::of(&data);
+        // Cut short: kept in tmp/, not in the cache; the next try carries on from there.
+        let mut p = s.partial_blob(&d).unwrap();
+        p.append(&data[..30_000]).unwrap();
+        assert!(matches!(
+            p.finish(100_000),
+            Err(StoreError::Truncated { got: 30_000, .. })
+        ));
+        assert!(!s.has_blob(&d));
+        let mut p = s.partial_blob(&d).unwrap();
+        assert_eq!(p.len(), 30_000);
+        p.append(&data[30_000..]).unwrap();
+        let path = p.finish(100_000).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        assert!(tmp_is_empty(&s));
+        // A complete download that does not hash to its digest is dropped, so the next try
+        // starts from the first byte.
+        let other = Digest::of(b"other");
+        let mut p = s.partial_blob(&other).unwrap();
+        p.append(b"otheR").unwrap();
+        assert!(matches!(
+            p.finish(5),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(!s.has_blob(&other) && tmp_is_empty(&s));
+        let mut p = s.partial_blob(&other).unwrap();
+        assert_eq!(p.len(), 0);
+        p.append(b"oth").unwrap();
+        p.restart().unwrap();
+        p.append(b"other").unwrap();
+        p.finish(5).unwrap();
+        assert!(s.has_blob(&other));
+    }
+
+    #[test]
     fn a_verified_blob_is_cached_once() {
         let dir = crate::testutil::tempdir();
         let s = Store::open(dir.path()).unwrap();
