@@ -1519,6 +1519,21 @@ fn images_are_pulled_from_a_registry_verified_and_resumed() {
     let (blobs, _, partials) = cache_contents(&cache);
     assert!(blobs.contains(&cut_layer) && partials.is_empty());
     assert!(image_ok(&cache, &["ls"]).contains(&format!("{via}/cut:1")));
+
+    // A tag that moved: pulling it again gets the new image and moves the name to it.
+    registry.push(&cut_dir, "busybox:1", None, false);
+    let (code, out, err) = pull(&format!("{reg}/busybox:1"));
+    assert_eq!(
+        (code, out, err),
+        (Some(0), format!("sha256:{cut_remote}\n"), String::new())
+    );
+    let listing = image_ok(&cache, &["ls"]);
+    let named: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains(&format!("{reg}/busybox:1")))
+        .collect();
+    assert_eq!(named.len(), 1, "{listing}");
+    assert!(named[0].starts_with(&cut_remote[..12]), "{listing}");
 }
 
 #[test]
