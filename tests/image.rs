@@ -1278,7 +1278,8 @@ impl CuttingProxy {
 fn images_are_pulled_from_a_registry_verified_and_resumed() {
     let tmp = TempDir::new("image-registry");
     let registry = Registry::start(&tmp.0.join("registry"), None);
-    let reg = registry.addr.as_str();
+    let reg_addr = registry.addr.clone();
+    let reg = reg_addr.as_str();
     let busybox_dir = tmp.0.join("busybox");
     let busybox = busybox_image(&busybox_dir);
     registry.push(&busybox_dir, "busybox:1", None, false);
@@ -1534,6 +1535,46 @@ fn images_are_pulled_from_a_registry_verified_and_resumed() {
         .collect();
     assert_eq!(named.len(), 1, "{listing}");
     assert!(named[0].starts_with(&cut_remote[..12]), "{listing}");
+
+    // `flint run --image` of a pulled reference uses the cache without asking the registry
+    // (stopped here): it gets as far as the kernel, which is not one; a reference never
+    // pulled needs the registry.
+    drop(registry);
+    let kernel = tmp.write("vmlinux", b"not a kernel");
+    let initramfs = tmp.write("initramfs", b"not an initramfs");
+    let run = |reference: &str| {
+        let out = Command::new(flint_bin())
+            .env("FLINT_CACHE", &cache)
+            .env("DOCKER_CONFIG", &no_creds)
+            .args(["run", "--cold", "--kernel"])
+            .arg(&kernel)
+            .arg("--initramfs")
+            .arg(&initramfs)
+            .args([
+                "--image",
+                reference,
+                "--insecure-registry",
+                reg,
+                "--",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&format!("{reg}/busybox:1"));
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("neither an ELF vmlinux"), "{err}");
+    let (code, err) = run(&format!("{reg}/busybox:9"));
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach registry {reg}")),
+        "{err}"
+    );
 }
 
 #[test]
