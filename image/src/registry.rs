@@ -26,7 +26,7 @@ use ureq::http;
 use crate::digest::Digest;
 use crate::reference::{Reference, DEFAULT_REGISTRY};
 use crate::source::{Image, Layer, SourceError};
-use crate::store::{Store, StoreError};
+use crate::store::{PartialBlob, Store, StoreError};
 
 /// The largest manifest or index accepted (4 MiB).
 pub const MAX_MANIFEST: u64 = 4 << 20;
@@ -40,6 +40,8 @@ pub const MAX_TOTAL: u64 = 64 << 30;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a registry may send nothing while an answer is awaited or read.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How many times one pull tries a layer whose download is cut short (each try resumes).
+const DOWNLOAD_TRIES: u32 = 3;
 /// The largest token answer or error body read.
 const MAX_SMALL_BODY: u64 = 1 << 20;
 /// The largest Docker configuration file read.
@@ -564,69 +566,18 @@ impl Client {
         if partial.len() > layer.size {
             partial.restart()?;
         }
-        let what = format!("layer {}", layer.digest);
         let base = done.bytes_done;
-        if partial.len() < layer.size {
-            let offset = partial.len();
-            let mut response = self.get(
-                &format!("blobs/{}", layer.digest),
-                None,
-                (offset > 0).then_some(offset),
-                &what,
-            )?;
-            let resumed = response.status() == http::StatusCode::PARTIAL_CONTENT
-                && response
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.starts_with(&format!("bytes {offset}-")));
-            if !resumed && offset > 0 {
-                // The registry sends the whole blob again.
-                partial.restart()?;
-            }
-            done.bytes_done = base + partial.len();
-            progress(done);
-            let mut reader = response.body_mut().as_reader();
-            let mut buf = vec![0u8; 1 << 16];
-            let mut last = std::time::Instant::now();
-            loop {
-                let n = match reader.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        return Err(RegistryError::Truncated {
-                            registry: self.registry.clone(),
-                            what,
-                            got: partial.len(),
-                            expected: layer.size,
-                            reason: e.to_string(),
-                        })
-                    }
-                };
-                if partial.len() + n as u64 > layer.size {
-                    partial.restart()?;
-                    return Err(RegistryError::TooLong {
-                        registry: self.registry.clone(),
-                        digest: layer.digest.clone(),
-                        expected: layer.size,
-                    });
+        let mut tries = 0;
+        while partial.len() < layer.size {
+            tries += 1;
+            match self.download(&mut partial, layer, base, done, progress) {
+                Err(RegistryError::Truncated { reason, got, .. }) if tries < DOWNLOAD_TRIES => {
+                    log::debug!(
+                        "registry: layer {} cut short after {got} bytes ({reason}); resuming",
+                        layer.digest
+                    );
                 }
-                partial.append(&buf[..n])?;
-                done.bytes_done = base + partial.len();
-                if last.elapsed() >= Duration::from_millis(100) {
-                    progress(done);
-                    last = std::time::Instant::now();
-                }
-            }
-            if partial.len() < layer.size {
-                return Err(RegistryError::Truncated {
-                    registry: self.registry.clone(),
-                    what,
-                    got: partial.len(),
-                    expected: layer.size,
-                    reason: "the connection ended".into(),
-                });
+                other => other?,
             }
         }
         match partial.finish(layer.size) {
@@ -641,6 +592,87 @@ impl Client {
             Err(e) => return Err(e.into()),
         }
         done.bytes_done = base + layer.size;
+        Ok(())
+    }
+
+    /// Downloads the rest of `layer` into `partial`, with a range request when some of it is
+    /// there already; `done` counts from `base`.
+    fn download(
+        &mut self,
+        partial: &mut PartialBlob,
+        layer: &Layer,
+        base: u64,
+        done: &mut Progress,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), RegistryError> {
+        let what = format!("layer {}", layer.digest);
+        let offset = partial.len();
+        let mut response = self.get(
+            &format!("blobs/{}", layer.digest),
+            None,
+            (offset > 0).then_some(offset),
+            &what,
+        )?;
+        if response.status() == http::StatusCode::PARTIAL_CONTENT {
+            let range = response
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if offset == 0 || !range.starts_with(&format!("bytes {offset}-")) {
+                return Err(self.invalid(
+                    &what,
+                    format!("it answered a request from byte {offset} with the range {range:?}"),
+                ));
+            }
+        } else if offset > 0 {
+            // The registry sends the whole blob again.
+            partial.restart()?;
+        }
+        done.bytes_done = base + partial.len();
+        progress(done);
+        let mut reader = response.body_mut().as_reader();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut last = std::time::Instant::now();
+        loop {
+            let n = match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(RegistryError::Truncated {
+                        registry: self.registry.clone(),
+                        what,
+                        got: partial.len(),
+                        expected: layer.size,
+                        reason: e.to_string(),
+                    })
+                }
+            };
+            if partial.len() + n as u64 > layer.size {
+                partial.restart()?;
+                return Err(RegistryError::TooLong {
+                    registry: self.registry.clone(),
+                    digest: layer.digest.clone(),
+                    expected: layer.size,
+                });
+            }
+            partial.append(&buf[..n])?;
+            done.bytes_done = base + partial.len();
+            if last.elapsed() >= Duration::from_millis(100) {
+                progress(done);
+                last = std::time::Instant::now();
+            }
+        }
+        if partial.len() < layer.size {
+            return Err(RegistryError::Truncated {
+                registry: self.registry.clone(),
+                what,
+                got: partial.len(),
+                expected: layer.size,
+                reason: "the connection ended".into(),
+            });
+        }
         Ok(())
     }
 
