@@ -17,11 +17,11 @@ Registry images are pulled over HTTPS (plain HTTP only from a registry named by
 --insecure-registry), anonymously or with the credentials 'docker login' or 'podman login'
 keep in $DOCKER_CONFIG/config.json (default ~/.docker/config.json: auths.<registry>.auth, or
 a credential helper docker-credential-NAME); a multi-platform index resolves to linux/amd64.
-Each blob is verified against its digest before it enters the cache, blobs already cached
-are not downloaded again, and a download cut short resumes (three tries, then the next pull
-resumes it). Limits: manifests and
-configurations of 4 MiB, 256 layers, 64 GiB of layers; 30 s to connect and 60 s without a
-byte from the registry. On a terminal, a line shows the bytes and layers pulled.
+Each blob is verified against its digest before it enters the cache, and blobs already
+cached are not downloaded again. A download cut short is resumed (three tries), and then by
+the next pull. Limits: manifests and configurations of 4 MiB, 256 layers, 64 GiB of layers;
+30 s to connect and 60 s without a byte from the registry. On a terminal, a line shows the
+bytes and layers pulled.
 
 An image being started or running in a sandbox is in use: 'flint image rm' refuses it, and
 'flint image prune' leaves its disk.";
