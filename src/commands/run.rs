@@ -39,7 +39,8 @@ the disk never changes. --copy-in and --copy-out paths are in the image's file s
 An image from a registry is pulled over HTTPS (plain HTTP only with --insecure-registry),
 with the credentials 'docker login' or 'podman login' keep in $DOCKER_CONFIG/config.json
 (default ~/.docker/config.json), resolving a multi-platform index to linux/amd64; every blob
-is verified against its digest, and a download cut short resumes where it stopped. Later runs of the same reference use the cached image ('flint image pull' updates it).
+is verified against its digest, and a download cut short resumes where it stopped. Later runs
+of the same reference use the cached image ('flint image pull' updates it).
 
 Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
 owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
