@@ -1015,6 +1015,186 @@ mod tests {
         assert_eq!(auth_key("GHCR.io"), "ghcr.io");
     }
 
+    /// A hostile registry on a loopback port: answers each GET of a path with the canned
+    /// response for it (404 otherwise), one request per connection; stops when dropped.
+    struct Hostile {
+        addr: String,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Hostile {
+        fn start(answers: Vec<(String, Vec<u8>)>) -> Hostile {
+            use std::io::Write as _;
+            use std::sync::atomic::Ordering;
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let stopped = stop.clone();
+            let thread = std::thread::spawn(move || {
+                while !stopped.load(Ordering::SeqCst) {
+                    let mut conn = match listener.accept() {
+                        Ok((c, _)) => c,
+                        Err(_) => {
+                            std::thread::sleep(Duration::from_millis(10));
+                            continue;
+                        }
+                    };
+                    conn.set_nonblocking(false).unwrap();
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                        match conn.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => break,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head);
+                    let path = head.split(' ').nth(1).unwrap_or("").to_string();
+                    let answer = answers.iter().find(|(p, _)| *p == path);
+                    let reply: Vec<u8> = match answer {
+                        Some((_, body)) => [
+                            format!(
+                                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                body.len()
+                            )
+                            .into_bytes(),
+                            body.clone(),
+                        ]
+                        .concat(),
+                        None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                    };
+                    let _ = conn.write_all(&reply);
+                }
+            });
+            Hostile {
+                addr,
+                stop,
+                thread: Some(thread),
+            }
+        }
+
+        fn pull(&self, store: &Store) -> Result<Image, RegistryError> {
+            let reference = Reference::parse(&format!("{}/evil:1", self.addr)).unwrap();
+            let options = PullOptions {
+                insecure: vec![self.addr.clone()],
+                docker_config: Some(PathBuf::from("/nonexistent")),
+            };
+            pull(&reference, store, &options, &mut |_| {})
+        }
+    }
+
+    impl Drop for Hostile {
+        fn drop(&mut self) {
+            self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
+    /// A manifest and configuration of `layers` (descriptor sizes and digests), as served.
+    fn documents(layers: &[(u64, Digest)]) -> (Vec<u8>, Vec<u8>) {
+        let config = serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": { "type": "layers", "diff_ids": layers.iter().map(|(_, d)| d.to_string()).collect::<Vec<_>>() },
+        })
+        .to_string()
+        .into_bytes();
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {
+                "mediaType": "application/vnd.oci.image.config.v1+json",
+                "digest": Digest::of(&config).to_string(),
+                "size": config.len(),
+            },
+            "layers": layers.iter().map(|(size, d)| serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "digest": d.to_string(),
+                "size": size,
+            })).collect::<Vec<_>>(),
+        })
+        .to_string()
+        .into_bytes();
+        (manifest, config)
+    }
+
+    #[test]
+    fn what_a_hostile_registry_sends_is_bounded() {
+        let dir = crate::testutil::tempdir();
+        let store = Store::open(dir.path()).unwrap();
+        let nothing_cached = |store: &Store| {
+            assert!(store.images().unwrap().is_empty());
+            let blobs = std::fs::read_dir(dir.path().join("blobs/sha256")).unwrap();
+            assert_eq!(blobs.count(), 0);
+        };
+
+        // A manifest larger than MAX_MANIFEST.
+        let huge = vec![b' '; MAX_MANIFEST as usize + 10];
+        let server = Hostile::start(vec![("/v2/evil/manifests/1".into(), huge)]);
+        let e = server.pull(&store).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                RegistryError::TooLarge {
+                    limit: MAX_MANIFEST,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().contains("image evil:1 from registry"), "{e}");
+        drop(server);
+        nothing_cached(&store);
+
+        // A layer longer than its descriptor says: refused, its partial download dropped.
+        let data = b"twelve bytes".to_vec();
+        let digest = Digest::of(&data);
+        let (manifest, config) = documents(&[(5, digest.clone())]);
+        let server = Hostile::start(vec![
+            ("/v2/evil/manifests/1".into(), manifest),
+            (format!("/v2/evil/blobs/{}", Digest::of(&config)), config),
+            (format!("/v2/evil/blobs/{digest}"), data),
+        ]);
+        let e = server.pull(&store).unwrap_err();
+        assert!(
+            matches!(e, RegistryError::TooLong { expected: 5, .. }),
+            "{e}"
+        );
+        drop(server);
+        nothing_cached(&store);
+        let partial = dir.path().join(format!("tmp/partial-{}", digest.hex()));
+        assert_eq!(std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0), 0);
+
+        // Too many layers, and too many bytes: refused before any download.
+        let many: Vec<(u64, Digest)> = (0..=MAX_LAYERS as u32)
+            .map(|i| (1, Digest::of(&i.to_le_bytes())))
+            .collect();
+        let (manifest, config) = documents(&many);
+        let server = Hostile::start(vec![
+            ("/v2/evil/manifests/1".into(), manifest),
+            (format!("/v2/evil/blobs/{}", Digest::of(&config)), config),
+        ]);
+        let e = server.pull(&store).unwrap_err();
+        assert!(
+            matches!(e, RegistryError::TooManyLayers { count, .. } if count == MAX_LAYERS + 1),
+            "{e}"
+        );
+        drop(server);
+        let (manifest, config) = documents(&[(MAX_TOTAL, digest.clone()), (1, digest.clone())]);
+        let server = Hostile::start(vec![
+            ("/v2/evil/manifests/1".into(), manifest),
+            (format!("/v2/evil/blobs/{}", Digest::of(&config)), config),
+        ]);
+        let e = server.pull(&store).unwrap_err();
+        assert!(matches!(e, RegistryError::TooBig { .. }), "{e}");
+        drop(server);
+        nothing_cached(&store);
+    }
+
     #[test]
     fn queries_are_escaped() {
         assert_eq!(
