@@ -1015,16 +1015,25 @@ mod tests {
         assert_eq!(auth_key("GHCR.io"), "ghcr.io");
     }
 
-    /// A hostile registry on a loopback port: answers each GET of a path with the canned
-    /// response for it (404 otherwise), one request per connection; stops when dropped.
+    /// A registry of canned answers on a loopback port (a hostile one: the real registry
+    /// the integration tests use cannot be made to misbehave): answers each GET of a path with
+    /// the body for it (404 otherwise), one request per connection; with a token, requests
+    /// without it get a bearer challenge whose realm (`/token`) hands it out. Stops when
+    /// dropped.
     struct Hostile {
         addr: String,
+        /// The queries of the token requests.
+        token_queries: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
         stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
         thread: Option<std::thread::JoinHandle<()>>,
     }
 
     impl Hostile {
         fn start(answers: Vec<(String, Vec<u8>)>) -> Hostile {
+            Hostile::with_token(answers, None)
+        }
+
+        fn with_token(answers: Vec<(String, Vec<u8>)>, token: Option<&'static str>) -> Hostile {
             use std::io::Write as _;
             use std::sync::atomic::Ordering;
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1032,6 +1041,9 @@ mod tests {
             let addr = listener.local_addr().unwrap().to_string();
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let stopped = stop.clone();
+            let token_queries = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let queries = token_queries.clone();
+            let realm = format!("http://{addr}/token");
             let thread = std::thread::spawn(move || {
                 while !stopped.load(Ordering::SeqCst) {
                     let mut conn = match listener.accept() {
@@ -1052,8 +1064,26 @@ mod tests {
                     }
                     let head = String::from_utf8_lossy(&head);
                     let path = head.split(' ').nth(1).unwrap_or("").to_string();
-                    let answer = answers.iter().find(|(p, _)| *p == path);
-                    let reply: Vec<u8> = match answer {
+                    let authorized = token.is_none_or(|t| {
+                        head.to_ascii_lowercase()
+                            .contains(&format!("authorization: bearer {t}"))
+                    });
+                    let reply: Vec<u8> = if let Some(query) = path.strip_prefix("/token?") {
+                        queries.lock().unwrap().push(query.to_string());
+                        let body = format!("{{\"token\":\"{}\"}}", token.unwrap_or(""));
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .into_bytes()
+                    } else if !authorized {
+                        format!(
+                            "HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"{realm}\",service=\"evil registry\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        )
+                        .into_bytes()
+                    } else {
+                        let answer = answers.iter().find(|(p, _)| *p == path);
+                        match answer {
                         Some((_, body)) => [
                             format!(
                                 "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -1064,12 +1094,14 @@ mod tests {
                         ]
                         .concat(),
                         None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec(),
+                        }
                     };
                     let _ = conn.write_all(&reply);
                 }
             });
             Hostile {
                 addr,
+                token_queries,
                 stop,
                 thread: Some(thread),
             }
@@ -1120,6 +1152,38 @@ mod tests {
         .to_string()
         .into_bytes();
         (manifest, config)
+    }
+
+    #[test]
+    fn a_bearer_challenge_is_answered_with_an_anonymous_token() {
+        let dir = crate::testutil::tempdir();
+        let store = Store::open(dir.path()).unwrap();
+        let mut layer = crate::testutil::Tar::new();
+        layer.file("hello", 0o644, b"hi\n");
+        let data = layer.bytes();
+        let digest = Digest::of(&data);
+        let (manifest, config) = documents(&[(data.len() as u64, digest.clone())]);
+        let manifest_digest = Digest::of(&manifest);
+        let server = Hostile::with_token(
+            vec![
+                ("/v2/evil/manifests/1".into(), manifest),
+                (format!("/v2/evil/blobs/{}", Digest::of(&config)), config),
+                (format!("/v2/evil/blobs/{digest}"), data),
+            ],
+            Some("s3cr3t-t0ken"),
+        );
+        let image = server.pull(&store).unwrap();
+        assert_eq!(image.manifest_digest, manifest_digest);
+        assert!(store.has_blob(&digest));
+        assert_eq!(
+            store.find_name(&format!("{}/evil:1", server.addr)).unwrap(),
+            Some(manifest_digest)
+        );
+        // One token, asked for once with the service and the pull scope.
+        assert_eq!(
+            *server.token_queries.lock().unwrap(),
+            ["service=evil%20registry&scope=repository:evil:pull"]
+        );
     }
 
     #[test]
