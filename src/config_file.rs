@@ -25,6 +25,26 @@ pub const KEYS: &[&str] = &[
     "entropy",
 ];
 
+/// Firecracker's config-file keys for features flint does not have: accepted when null (as
+/// Firecracker's own example files write them), refused with the reason otherwise.
+pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    ("balloon", "flint has no balloon device yet"),
+    (
+        "mmds-config",
+        "flint has no microVM metadata service (MMDS) yet",
+    ),
+    (
+        "cpu-config",
+        "flint does not take custom CPU templates; it presents the host's CPU as KVM reports it",
+    ),
+    ("pmem", "flint has no virtio-pmem devices"),
+    ("memory-hotplug", "flint cannot hot-plug guest memory"),
+    (
+        "serial",
+        "flint always connects the serial console to its standard input and output",
+    ),
+];
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -91,12 +111,21 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
             "the document must be a JSON object with keys such as \"boot-source\"".into(),
         ));
     };
-    if let Some(key) = doc.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(BodyError(format!(
-            "unknown key '{}' (expected {})",
-            schema::quote_str(key),
-            KEYS.join(", ")
-        )));
+    for (key, value) in doc {
+        if KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        match UNSUPPORTED_KEYS.iter().find(|(k, _)| k == key) {
+            Some(_) if value.is_null() => {}
+            Some((_, reason)) => return Err(BodyError(format!("{key}: {reason}"))),
+            None => {
+                return Err(BodyError(format!(
+                    "unknown key '{}' (expected {})",
+                    schema::quote_str(key),
+                    KEYS.join(", ")
+                )))
+            }
+        }
     }
     let section = |key: &str| doc.get(key).filter(|v| !v.is_null());
     let mut requests: Vec<ApiRequest> = Vec::new();
@@ -247,6 +276,16 @@ mod tests {
     }
 
     #[test]
+    fn firecracker_keys_flint_does_not_use_are_accepted_when_null() {
+        let mut doc = json!({"boot-source": {"kernel_image_path": "/k"}});
+        for (key, _) in UNSUPPORTED_KEYS {
+            doc[*key] = Value::Null;
+        }
+        let requests = from_json(&doc).unwrap();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+    }
+
+    #[test]
     fn a_full_document_makes_every_request_in_order() {
         let c = full();
         let requests = from_json(&to_json(&c, Some(&logger()))).unwrap();
@@ -336,9 +375,17 @@ mod tests {
         let cases = [
             (json!([]), "the document must be a JSON object with keys such as \"boot-source\""),
             (
-                json!({"balloon": {}}),
-                "unknown key 'balloon' (expected logger, metrics, machine-config, boot-source, \
+                json!({"ballon": {}}),
+                "unknown key 'ballon' (expected logger, metrics, machine-config, boot-source, \
                  drives, network-interfaces, vsock, entropy)",
+            ),
+            (
+                json!({"balloon": {"amount_mib": 10}}),
+                "balloon: flint has no balloon device yet",
+            ),
+            (
+                json!({"mmds-config": {"version": "V2"}, "balloon": null}),
+                "mmds-config: flint has no microVM metadata service (MMDS) yet",
             ),
             (json!({"drives": {}}), "drives must be a list, not an object"),
             (
