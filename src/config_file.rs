@@ -216,7 +216,8 @@ mod tests {
 
     fn logger() -> LoggerConfig {
         LoggerConfig {
-            path: "/l".into(),
+            path: Some("/l".into()),
+            module: None,
             level: Some("Info".into()),
             show_level: true,
             show_log_origin: false,

@@ -349,7 +349,8 @@ mod tests {
         assert_eq!(
             route("PUT", "/logger", br#"{"log_path": "/l", "level": "Debug"}"#),
             Routed::Forward(ApiRequest::SetLogger(LoggerConfig {
-                path: "/l".into(),
+                path: Some("/l".into()),
+                module: None,
                 level: Some("Debug".into()),
                 show_level: false,
                 show_log_origin: false

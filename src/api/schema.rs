@@ -634,11 +634,8 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
     let f = Fields::new(
         v,
         ctx,
-        &["log_path", "level", "show_level", "show_log_origin"],
-        &[(
-            "module",
-            "is not supported: flint cannot filter its log by module",
-        )],
+        &["log_path", "level", "show_level", "show_log_origin", "module"],
+        &[],
     )?;
     let level = match f.get("level") {
         None => None,
@@ -656,10 +653,11 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
         ),
     };
     Ok(LoggerConfig {
-        path: f.req_str("log_path")?.into(),
+        path: f.opt_str("log_path")?.map(PathBuf::from),
         level,
         show_level: f.opt_bool("show_level")?.unwrap_or(false),
         show_log_origin: f.opt_bool("show_log_origin")?.unwrap_or(false),
+        module: f.opt_str("module")?,
     })
 }
 
@@ -804,18 +802,20 @@ pub fn vsock_json(v: &VsockConfig) -> Value {
 
 #[derive(Serialize)]
 struct LoggerOut<'a> {
-    log_path: String,
+    log_path: Option<String>,
     level: Option<&'a str>,
     show_level: bool,
     show_log_origin: bool,
+    module: Option<&'a str>,
 }
 
 pub fn logger_json(l: &LoggerConfig) -> Value {
     to_value(LoggerOut {
-        log_path: path_string(&l.path),
+        log_path: l.path.as_deref().map(path_string),
         level: l.level.as_deref(),
         show_level: l.show_level,
         show_log_origin: l.show_log_origin,
+        module: l.module.as_deref(),
     })
 }
 
@@ -1298,20 +1298,19 @@ mod tests {
         assert_eq!(
             l,
             LoggerConfig {
-                path: "/l".into(),
+                path: Some("/l".into()),
                 level: Some("Warning".into()),
                 show_level: true,
-                show_log_origin: false
+                show_log_origin: false,
+                module: None,
             }
         );
         assert_eq!(
             err(logger(&json!({"log_path": "/l", "level": "loud"}), "")),
             "level must be one of Error, Warning, Info, Debug, Trace, Off (in any case), not \"loud\""
         );
-        assert_eq!(
-            err(logger(&json!({"log_path": "/l", "module": "api"}), "")),
-            "module is not supported: flint cannot filter its log by module"
-        );
+        let l = logger(&json!({"module": "vmm", "level": "Debug"}), "").unwrap();
+        assert_eq!((l.path, l.module.as_deref()), (None, Some("vmm")));
     }
 
     #[test]
@@ -1370,7 +1369,8 @@ mod tests {
         };
         assert_eq!(boot_source(&boot_source_json(&b), "").unwrap(), b);
         let l = LoggerConfig {
-            path: "/l".into(),
+            path: Some("/l".into()),
+            module: None,
             level: None,
             show_level: false,
             show_log_origin: true,
