@@ -299,7 +299,8 @@ mod tests {
                 vmm(Request::SetMetrics("/m".into())),
                 vmm(Request::SetMachineConfig {
                     vcpus: 2,
-                    mem_mib: 256
+                    mem_mib: 256,
+                    smt: false,
                 }),
                 vmm(Request::SetBootSource(c.boot_source.clone().unwrap())),
                 vmm(Request::SetDrive(c.vm.drives[0].clone())),
@@ -330,7 +331,8 @@ mod tests {
             from_json(&v).unwrap(),
             vec![ApiRequest::Vmm(Request::SetMachineConfig {
                 vcpus: 1,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             })]
         );
         assert_eq!(from_json(&json!({})).unwrap(), vec![]);

@@ -302,8 +302,8 @@ fn bad_inputs_get_one_clear_sentence() {
             "1000 vCPUs is more than",
         ),
         (
-            vec!["boot", "--kernel", k, "--memory", "16"],
-            "16 MiB of guest memory is too small",
+            vec!["boot", "--kernel", k, "--memory", "1"],
+            "1 MiB of guest memory is too small",
         ),
         (
             vec![

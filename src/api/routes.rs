@@ -286,6 +286,7 @@ mod tests {
             Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
+                smt: false,
             }
         );
         assert_eq!(

@@ -270,18 +270,17 @@ const MACHINE_FIELDS: &[&str] = &[
 ];
 /// Huge pages: only "None" is accepted ("2M" is refused with the reason).
 const HUGE_PAGES: &[&str] = &["None", "2M"];
-/// CPU templates: Firecracker's are refused by the choice list, only "None" is accepted.
-const CPU_TEMPLATES: &[&str] = &["None"];
 
 /// The machine fields flint accepts only with the value that means "off", with the reason.
 fn refuse_unsupported_machine_fields(f: &Fields) -> Result<(), BodyError> {
-    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
-    if f.opt_bool("smt")? == Some(true) {
-        return Err(f.err(
-            "smt: flint presents one thread per core; simultaneous multithreading cannot be \
-             enabled"
-                .into(),
-        ));
+    if let Some(template) = f.get("cpu_template") {
+        if template.as_str() != Some("None") {
+            return Err(f.err(format!(
+                "cpu_template: flint has no CPU templates and presents the host's CPU as KVM \
+                 reports it; only \"None\" is accepted, not {}",
+                quote(template)
+            )));
+        }
     }
     if f.opt_bool("track_dirty_pages")? == Some(true) {
         return Err(f.err(
@@ -303,6 +302,7 @@ pub fn machine_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     Ok(Request::SetMachineConfig {
         vcpus: f.req_uint("vcpu_count", u32::MAX.into())? as u32,
         mem_mib: f.req_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?.unwrap_or(false),
     })
 }
 
@@ -313,6 +313,7 @@ pub fn machine_config_update(v: &Value, ctx: &str) -> Result<Request, BodyError>
     Ok(Request::UpdateMachineConfig(MachineUpdate {
         vcpus: f.opt_uint("vcpu_count", u32::MAX.into())?.map(|n| n as u32),
         mem_mib: f.opt_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?,
     }))
 }
 
@@ -711,7 +712,7 @@ pub fn machine_config_json(vm: &VmConfig) -> Value {
     to_value(MachineConfigOut {
         vcpu_count: vm.vcpus,
         mem_size_mib: vm.mem_mib,
-        smt: false,
+        smt: vm.smt,
         track_dirty_pages: false,
         huge_pages: "None",
     })
@@ -890,6 +891,7 @@ mod tests {
             Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
+                smt: false,
             }
         );
         // The fields flint cannot honour are accepted only in their "off" setting.
@@ -903,14 +905,15 @@ mod tests {
             m,
             Request::SetMachineConfig {
                 vcpus: 1,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             }
         );
         for (field, value, why) in [
             (
-                "smt",
-                json!(true),
-                "smt: flint presents one thread per core",
+                "cpu_template",
+                json!("T2"),
+                "cpu_template: flint has no CPU templates",
             ),
             (
                 "track_dirty_pages",
@@ -930,12 +933,30 @@ mod tests {
             let msg = err(machine_config_update(&json!({ field: value }), ""));
             assert!(msg.starts_with(why), "PATCH {field}: {msg}");
         }
+        // SMT is passed on (the VMM checks the vCPU count), in PUT and PATCH.
+        assert_eq!(
+            machine_config(&json!({"vcpu_count": 2, "mem_size_mib": 128, "smt": true}), "")
+                .unwrap(),
+            Request::SetMachineConfig {
+                vcpus: 2,
+                mem_mib: 128,
+                smt: true,
+            }
+        );
+        assert_eq!(
+            machine_config_update(&json!({ "smt": true }), "").unwrap(),
+            Request::UpdateMachineConfig(MachineUpdate {
+                smt: Some(true),
+                ..Default::default()
+            })
+        );
         // 0 vCPUs is for the VMM to refuse; the API passes it on.
         assert_eq!(
             machine_config(&json!({"vcpu_count": 0, "mem_size_mib": 128}), "").unwrap(),
             Request::SetMachineConfig {
                 vcpus: 0,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             }
         );
         for (body, want) in [
@@ -976,8 +997,9 @@ mod tests {
                 "huge_pages must be one of \"None\", \"2M\", not \"Transparent\"",
             ),
             (
-                json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}),
-                "cpu_template must be one of \"None\", not \"T2\"",
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": 7}),
+                "cpu_template: flint has no CPU templates and presents the host's CPU as KVM \
+                 reports it; only \"None\" is accepted, not 7",
             ),
         ] {
             assert_eq!(err(machine_config(&body, "")), want, "{body}");
@@ -996,6 +1018,7 @@ mod tests {
             u,
             Request::UpdateMachineConfig(MachineUpdate {
                 mem_mib: Some(512),
+                smt: None,
                 vcpus: None,
             })
         );
@@ -1359,7 +1382,8 @@ mod tests {
             machine_config(&machine_config_json(&m), "").unwrap(),
             Request::SetMachineConfig {
                 vcpus: 4,
-                mem_mib: 1024
+                mem_mib: 1024,
+                smt: false,
             }
         );
         let b = BootSource {

@@ -28,6 +28,7 @@ pub struct BootSource {
 pub struct MachineUpdate {
     pub vcpus: Option<u32>,
     pub mem_mib: Option<u64>,
+    pub smt: Option<bool>,
 }
 
 /// Lifecycle state.
@@ -80,10 +81,12 @@ pub enum Request {
     GetFullConfig,
     /// Before start.
     SetBootSource(BootSource),
-    /// Before start: both values.
+    /// Before start: every value.
     SetMachineConfig {
         vcpus: u32,
         mem_mib: u64,
+        /// Two threads per core (see [`VmConfig::smt`]).
+        smt: bool,
     },
     /// Before start: some values.
     UpdateMachineConfig(MachineUpdate),
@@ -314,11 +317,16 @@ impl Controller {
                 self.config.boot_source = Some(boot);
                 Ok(Response::Done)
             }
-            Request::SetMachineConfig { vcpus, mem_mib } => {
+            Request::SetMachineConfig {
+                vcpus,
+                mem_mib,
+                smt,
+            } => {
                 self.before_start("the machine configuration")?;
                 self.change(|c| {
                     c.vcpus = vcpus;
                     c.mem_mib = mem_mib;
+                    c.smt = smt;
                 })
             }
             Request::UpdateMachineConfig(update) => {
@@ -326,6 +334,7 @@ impl Controller {
                 self.change(|c| {
                     c.vcpus = update.vcpus.unwrap_or(c.vcpus);
                     c.mem_mib = update.mem_mib.unwrap_or(c.mem_mib);
+                    c.smt = update.smt.unwrap_or(c.smt);
                 })
             }
             Request::SetDrive(drive) => {
@@ -646,7 +655,11 @@ mod tests {
     #[test]
     fn machine_config_is_validated_with_the_field_named() {
         let mut c = controller();
-        let m = |vcpus, mem_mib| Request::SetMachineConfig { vcpus, mem_mib };
+        let m = |vcpus, mem_mib| Request::SetMachineConfig {
+            vcpus,
+            mem_mib,
+            smt: false,
+        };
         assert_eq!(c.handle(m(2, 256)), Ok(Response::Done));
         let v = view(&mut c);
         assert_eq!((v.vm.vcpus, v.vm.mem_mib), (2, 256));
@@ -668,6 +681,7 @@ mod tests {
         let update = MachineUpdate {
             vcpus: Some(0),
             mem_mib: Some(1024),
+            smt: None,
         };
         assert!(c.handle(Request::UpdateMachineConfig(update)).is_err());
         let v = view(&mut c);
@@ -797,6 +811,7 @@ mod tests {
         c.handle(Request::SetMachineConfig {
             vcpus: 2,
             mem_mib: 128,
+            smt: false,
         })
         .unwrap();
         let err = c

@@ -27,6 +27,9 @@ pub const MMIO_SLOTS_START: u64 = arch::layout::MMIO_GAP_START;
 /// and serial ports).
 const FIRST_IRQ: u32 = 5;
 const LAST_IRQ: u32 = 23;
+/// End (exclusive) of the last slot there is an interrupt line for.
+pub const MMIO_SLOTS_END: u64 =
+    MMIO_SLOTS_START + (LAST_IRQ - FIRST_IRQ + 1) as u64 * MMIO_REGION_SIZE;
 
 /// Where one virtio-mmio device lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

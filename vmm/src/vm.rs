@@ -35,6 +35,14 @@ const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const I8042_IRQ: u32 = 1;
 const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// Where Firecracker's `--boot-timer` puts its boot timer (its first MMIO slot), for guests
+/// whose init writes there; above flint's virtio-mmio slots.
+const BOOT_TIMER_MMIO: u64 = 0xd000_0000;
+const BOOT_TIMER_MMIO_SIZE: u64 = 0x1000;
+const _: () = assert!(
+    device_manager::MMIO_SLOTS_END <= BOOT_TIMER_MMIO
+        && BOOT_TIMER_MMIO + BOOT_TIMER_MMIO_SIZE <= arch::layout::MMIO_GAP_END
+);
 /// The ACPI Generic Event Device's interrupt, which announces a new VM generation ID: COM2's
 /// ISA line. flint has no second serial port and virtio devices take 5-23.
 const GED_GSI: u32 = 3;
@@ -291,8 +299,7 @@ impl Vm {
                 &base.kvm,
                 &base.vm,
                 &base.mem,
-                id,
-                config.vcpus,
+                (id, config.vcpus, if config.smt { 2 } else { 1 }),
                 entry,
             )?);
         }
@@ -407,7 +414,7 @@ impl Vm {
             mem,
             virtio,
             vmgenid,
-            mmio,
+            mut mmio,
             endings,
         } = base;
         // Recorded on the vCPU thread that wrote the reset command, before it runs on.
@@ -420,9 +427,18 @@ impl Vm {
             i8042.restore_state(state);
         }
         let i8042 = Arc::new(Mutex::new(i8042));
-        let boot_timer = BootTimer::new(start, |elapsed: Duration| {
+        let log_boot_time = |elapsed: Duration| {
             log::info!("guest boot time: {} ms", elapsed.as_millis());
-        });
+        };
+        let boot_timer = BootTimer::new(start, log_boot_time);
+        if config.boot_timer {
+            let timer = Arc::new(Mutex::new(BootTimer::new(start, log_boot_time)));
+            mmio.insert(timer, BOOT_TIMER_MMIO, BOOT_TIMER_MMIO_SIZE)
+                .map_err(|e| Error::Host {
+                    what: "map the boot timer",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
         let mut pio = Bus::new();
         let bus_err = |e: devices::bus::BusError| Error::Host {
             what: "map a device",
