@@ -117,6 +117,20 @@ pub fn quiet_unless_asked() {
     }
 }
 
+/// A log level as `--level` takes it (the API's names, in any case), in its API spelling.
+pub(crate) fn level_name(level: &str) -> Result<String, String> {
+    crate::api::schema::LOG_LEVELS
+        .iter()
+        .find(|l| l.eq_ignore_ascii_case(level))
+        .map(|l| l.to_string())
+        .ok_or_else(|| {
+            format!(
+                "expected one of {}",
+                crate::api::schema::LOG_LEVELS.join(", ")
+            )
+        })
+}
+
 /// Parse an API log level ("Error", "Warning", "Info", "Debug", "Trace", "Off").
 fn parse_level(level: &str) -> Option<LevelFilter> {
     match level.to_ascii_lowercase().as_str() {

@@ -457,10 +457,16 @@ mod tests {
             normalize(&mut entries, id, 4, 2);
             // Intel: the SMT level holds 2 threads (shift 1), the core level all 4.
             let smt = find(&entries, 0xb, 0);
-            assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8 & 0xff), (1, 2, LEVEL_TYPE_SMT));
+            assert_eq!(
+                (smt.eax, smt.ebx, smt.ecx >> 8 & 0xff),
+                (1, 2, LEVEL_TYPE_SMT)
+            );
             assert_eq!(smt.edx, u32::from(id));
             let core = find(&entries, 0xb, 1);
-            assert_eq!((core.eax, core.ebx, core.ecx >> 8 & 0xff), (2, 4, LEVEL_TYPE_CORE));
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx >> 8 & 0xff),
+                (2, 4, LEVEL_TYPE_CORE)
+            );
             assert_eq!(find(&entries, 0x1f, 0).ebx, 2);
             // Two cores; L1 and L2 shared by the core's 2 threads, L3 by all 4.
             let l1 = find(&entries, 0x4, 0);

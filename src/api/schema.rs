@@ -635,7 +635,13 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
     let f = Fields::new(
         v,
         ctx,
-        &["log_path", "level", "show_level", "show_log_origin", "module"],
+        &[
+            "log_path",
+            "level",
+            "show_level",
+            "show_log_origin",
+            "module",
+        ],
         &[],
     )?;
     let level = match f.get("level") {
@@ -935,8 +941,11 @@ mod tests {
         }
         // SMT is passed on (the VMM checks the vCPU count), in PUT and PATCH.
         assert_eq!(
-            machine_config(&json!({"vcpu_count": 2, "mem_size_mib": 128, "smt": true}), "")
-                .unwrap(),
+            machine_config(
+                &json!({"vcpu_count": 2, "mem_size_mib": 128, "smt": true}),
+                ""
+            )
+            .unwrap(),
             Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 128,

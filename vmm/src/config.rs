@@ -347,9 +347,9 @@ impl ConfigError {
     /// Which part of the configuration is wrong.
     pub fn field(&self) -> Field {
         match self {
-            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } | ConfigError::SmtOddVcpus(_) => {
-                Field::Vcpus
-            }
+            ConfigError::NoVcpus
+            | ConfigError::TooManyVcpus { .. }
+            | ConfigError::SmtOddVcpus(_) => Field::Vcpus,
             ConfigError::MemoryTooSmall(_) | ConfigError::MemoryTooLarge(_) => Field::Memory,
             ConfigError::CmdlineTooLong(_) | ConfigError::CmdlineCharacter(_) => Field::Cmdline,
             ConfigError::SeveralRootDisks => Field::DriveRoot,

@@ -247,6 +247,12 @@ impl Controller {
         }
     }
 
+    /// Give the VM Firecracker's boot-timer MMIO device (`--boot-timer`); see
+    /// [`VmConfig::boot_timer`].
+    pub fn enable_boot_timer(&mut self) {
+        self.config.vm.boot_timer = true;
+    }
+
     /// The running VM, once started.
     pub fn vm(&self) -> Option<&Vm> {
         self.vm.as_ref()
