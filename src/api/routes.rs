@@ -389,6 +389,7 @@ mod tests {
             snapshot_path: "/s".into(),
             mem_file_path: "/m".into(),
             resume,
+            overrides: Default::default(),
         };
         assert_eq!(
             fwd(
@@ -406,7 +407,43 @@ mod tests {
             ),
             load(false)
         );
+        // E2B's and firecracker-go-sdk's overrides of the backends.
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "resume_vm": true,
+                    "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+                    "vsock_override": {"uds_path": "/v.sock"}, "clock_realtime": true,
+                    "huge_pages": "Snapshot"}"#
+            ),
+            Request::LoadSnapshot {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                resume: true,
+                overrides: vmm::controller::LoadOverrides {
+                    taps: vec![("eth0".into(), "tap9".into())],
+                    vsock_uds_path: Some("/v.sock".into()),
+                    clock: vmm::ClockRestore::Realtime,
+                },
+            }
+        );
         for (path, body, expected) in [
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth0"}]}"#,
+                "network_overrides[0]: missing required field 'host_dev_name'",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": {}}"#,
+                "network_overrides must be a list",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "2M"}"#,
+                "huge_pages \"2M\" is not supported",
+            ),
             (
                 "/snapshot/create",
                 r#"{"snapshot_path": "/s"}"#,

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use vmm::controller::{BootSource, InstanceInfo, MachineUpdate, Request, RequestError};
+use vmm::controller::{
+    BootSource, InstanceInfo, LoadOverrides, MachineUpdate, Request, RequestError,
+};
 use vmm::{
     CacheType, DriveConfig, Field, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig,
     VsockConfig, MAX_REFILL_TIME_MS,
@@ -589,12 +591,20 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             "resume_vm",
             "enable_diff_snapshots",
             "track_dirty_pages",
-        ],
-        &[(
             "network_overrides",
-            "is not supported: a loaded VM uses the TAP devices it was snapshotted with",
-        )],
+            "vsock_override",
+            "clock_realtime",
+            "huge_pages",
+        ],
+        &[],
     )?;
+    if let Some(pages) = f.opt_choice("huge_pages", &["Snapshot", "None", "Transparent", "2M"])? {
+        if pages == "2M" {
+            return Err(f.err(
+                "huge_pages \"2M\" is not supported: flint has no huge-page backing yet".into(),
+            ));
+        }
+    }
     for name in ["enable_diff_snapshots", "track_dirty_pages"] {
         if f.opt_bool(name)? == Some(true) {
             return Err(f.err(format!(
@@ -622,10 +632,42 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             return Err(f.err("missing required field 'mem_backend' (or 'mem_file_path')".into()))
         }
     };
+    let mut taps = Vec::new();
+    if let Some(list) = f.get("network_overrides") {
+        let Value::Array(items) = list else {
+            return Err(f.err(format!(
+                "network_overrides must be a list, not {}",
+                quote(list)
+            )));
+        };
+        for (i, item) in items.iter().enumerate() {
+            let ctx = format!("{}network_overrides[{i}]", f.ctx);
+            let o = Fields::new(item, &ctx, &["iface_id", "host_dev_name"], &[])?;
+            taps.push((o.req_str("iface_id")?, o.req_str("host_dev_name")?));
+        }
+    }
+    let vsock_uds_path = match f.get("vsock_override") {
+        None => None,
+        Some(v) => {
+            let ctx = format!("{}vsock_override", f.ctx);
+            let o = Fields::new(v, &ctx, &["uds_path"], &[])?;
+            Some(PathBuf::from(o.req_str("uds_path")?))
+        }
+    };
+    let clock = if f.opt_bool("clock_realtime")?.unwrap_or(false) {
+        vmm::ClockRestore::Realtime
+    } else {
+        vmm::ClockRestore::AsSaved
+    };
     Ok(Request::LoadSnapshot {
         snapshot_path: f.req_str("snapshot_path")?.into(),
         mem_file_path: mem_file_path.into(),
         resume: f.opt_bool("resume_vm")?.unwrap_or(false),
+        overrides: LoadOverrides {
+            taps,
+            vsock_uds_path,
+            clock,
+        },
     })
 }
 

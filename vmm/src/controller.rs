@@ -124,7 +124,56 @@ pub enum Request {
         snapshot_path: PathBuf,
         mem_file_path: PathBuf,
         resume: bool,
+        overrides: LoadOverrides,
     },
+}
+
+/// What a snapshot load changes of the snapshot's configuration: backends only, never the
+/// devices the guest sees.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadOverrides {
+    /// A new TAP device for the network interface with this id: `(iface_id, tap)`.
+    pub taps: Vec<(String, String)>,
+    /// A new host socket path for the vsock device.
+    pub vsock_uds_path: Option<PathBuf>,
+    /// How the guest clock continues.
+    pub clock: crate::ClockRestore,
+}
+
+impl LoadOverrides {
+    /// Check the overrides against the snapshot's configuration `saved`.
+    fn check(&self, saved: &VmConfig) -> Result<(), RequestError> {
+        for (id, _) in &self.taps {
+            if !saved.nets.iter().any(|n| n.id.as_deref() == Some(id)) {
+                return Err(refuse_field(
+                    Field::NetId,
+                    format!("the snapshot has no network interface with the id {id:?}"),
+                ));
+            }
+        }
+        if self.vsock_uds_path.is_some() && saved.vsock.is_none() {
+            return Err(refuse(
+                "the snapshot has no vsock device to give a new socket path",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Apply the overrides to `config` (checked with [`LoadOverrides::check`]).
+    fn apply(&self, config: &mut VmConfig) {
+        for (id, tap) in &self.taps {
+            for net in config
+                .nets
+                .iter_mut()
+                .filter(|n| n.id.as_deref() == Some(id))
+            {
+                net.tap = tap.clone();
+            }
+        }
+        if let (Some(path), Some(vsock)) = (&self.vsock_uds_path, config.vsock.as_mut()) {
+            vsock.uds_path = path.clone();
+        }
+    }
 }
 
 impl Request {
@@ -455,7 +504,8 @@ impl Controller {
                 snapshot_path,
                 mem_file_path,
                 resume,
-            } => self.load_snapshot(&snapshot_path, &mem_file_path, resume),
+                overrides,
+            } => self.load_snapshot(&snapshot_path, &mem_file_path, resume, &overrides),
             Request::SendCtrlAltDel => {
                 let vm = self.running("send Ctrl-Alt-Del")?;
                 if self.paused {
@@ -494,21 +544,28 @@ impl Controller {
         snapshot_path: &std::path::Path,
         mem_file_path: &std::path::Path,
         resume: bool,
+        overrides: &LoadOverrides,
     ) -> Result<Response, RequestError> {
         if self.vm.is_some() {
             return Err(refuse(
                 "a snapshot can only be loaded before the VM starts; start a new flint",
             ));
         }
-        if self.config.boot_source.is_some() || self.config.vm != unconfigured() {
+        // (The command line's boot timer is no VM resource.)
+        let nothing = VmConfig {
+            boot_timer: self.config.vm.boot_timer,
+            ..unconfigured()
+        };
+        if self.config.boot_source.is_some() || self.config.vm != nothing {
             return Err(refuse(
                 "a snapshot can only be loaded into a flint with no VM resources configured: \
                  the snapshot brings its own configuration",
             ));
         }
         // Checked before the console is handed over, so that a wrong path can be corrected.
-        crate::snapshot::read_state(snapshot_path)
+        let saved = crate::snapshot::read_state(snapshot_path)
             .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
+        overrides.check(&saved.config)?;
         if let Err(e) = std::fs::metadata(mem_file_path) {
             return Err(refuse(format!(
                 "cannot load the snapshot: cannot open the memory file {}: {e}",
@@ -518,12 +575,13 @@ impl Controller {
         let console = self.console.take().ok_or_else(|| {
             refuse("cannot load the snapshot: an earlier start failed; start a new flint")
         })?;
-        let (mut vm, config) = Vm::restore(
+        let (mut vm, config) = Vm::restore_with_clock(
             snapshot_path,
             mem_file_path,
-            &mut |_| {},
+            &mut |config| overrides.apply(config),
             console,
             self.start,
+            overrides.clock,
         )
         .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
         let started = if resume {
@@ -787,6 +845,48 @@ mod tests {
     }
 
     #[test]
+    fn load_overrides_change_only_backends_the_snapshot_has() {
+        let mut saved = VmConfig::new("/k");
+        saved.nets.push(NetConfig {
+            id: Some("eth0".into()),
+            ..NetConfig::new("tap0")
+        });
+        let o = LoadOverrides {
+            taps: vec![("eth0".into(), "tap7".into())],
+            vsock_uds_path: None,
+            clock: crate::ClockRestore::AsSaved,
+        };
+        o.check(&saved).unwrap();
+        let mut c = saved.clone();
+        o.apply(&mut c);
+        assert_eq!(c.nets[0].tap, "tap7");
+        let unknown = LoadOverrides {
+            taps: vec![("eth1".into(), "tap7".into())],
+            ..o.clone()
+        };
+        let e = unknown.check(&saved).unwrap_err();
+        assert_eq!(e.field, Some(Field::NetId));
+        assert!(e.message.contains("\"eth1\""), "{e}");
+        let vsock = LoadOverrides {
+            vsock_uds_path: Some("/v".into()),
+            ..Default::default()
+        };
+        assert!(vsock
+            .check(&saved)
+            .unwrap_err()
+            .message
+            .contains("no vsock device"));
+        saved.vsock = Some(VsockConfig {
+            guest_cid: 3,
+            uds_path: "/old".into(),
+        });
+        vsock.check(&saved).unwrap();
+        let mut c = saved.clone();
+        vsock.apply(&mut c);
+        assert_eq!(c.vsock.unwrap().uds_path, std::path::PathBuf::from("/v"));
+    }
+
+    #[test]
     fn snapshots_need_a_paused_vm_or_an_unconfigured_flint() {
         let mut c = controller();
         let create = Request::CreateSnapshot {
@@ -800,10 +900,13 @@ mod tests {
             snapshot_path: "/nonexistent/s".into(),
             mem_file_path: "/nonexistent/m".into(),
             resume: true,
+            overrides: LoadOverrides::default(),
         };
         let err = c.handle(load.clone()).unwrap_err();
         assert!(err.message.contains("no VM resources configured"), "{err}");
         let mut c = controller();
+        // The command line's boot timer does not count as configuration.
+        c.enable_boot_timer();
         let err = c.handle(load).unwrap_err();
         assert!(
             err.message.starts_with("cannot load the snapshot:"),
@@ -825,6 +928,7 @@ mod tests {
                 snapshot_path: "/s".into(),
                 mem_file_path: "/m".into(),
                 resume: false,
+                overrides: LoadOverrides::default(),
             })
             .unwrap_err();
         assert!(err.message.contains("no VM resources configured"), "{err}");

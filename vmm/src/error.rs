@@ -43,6 +43,11 @@ pub enum Error {
     },
     #[error("the initrd {} ({size} bytes) does not fit in {mib} MiB of guest memory beside the kernel", .path.display())]
     InitrdTooLarge { path: PathBuf, size: u64, mib: u64 },
+    #[error(
+        "the snapshot's guest clock was saved without the host's real time (KVM reads it only \
+         with a TSC-based host clock), so it cannot be advanced by the time since"
+    )]
+    ClockWithoutRealtime,
     #[error("cannot write the kernel command line into guest memory: {0}")]
     Cmdline(String),
     #[error(transparent)]

@@ -13,8 +13,8 @@ use devices::virtio::block::Block;
 use devices::vmgenid::VmGenId;
 use devices::IrqLine;
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -158,7 +158,7 @@ struct Base {
 fn create_base(
     config: &VmConfig,
     make_mem: impl FnOnce() -> Result<GuestMemoryMmap>,
-    vm_state: Option<&crate::snapshot::VmState>,
+    vm_state: Option<(&crate::snapshot::VmState, ClockRestore)>,
 ) -> Result<Base> {
     config.validate()?;
     let kvm = open_kvm()?;
@@ -183,8 +183,8 @@ fn create_base(
     };
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
     // Before any device can raise an interrupt: restored controllers must see it.
-    if let Some(state) = vm_state {
-        restore_vm_state(&vm, state)?;
+    if let Some((state, clock)) = vm_state {
+        restore_vm_state(&vm, state, clock)?;
     }
 
     let mem = make_mem()?;
@@ -223,7 +223,22 @@ fn save_vm_state(vm: &VmFd) -> Result<crate::snapshot::VmState> {
     })
 }
 
-fn restore_vm_state(vm: &VmFd, state: &crate::snapshot::VmState) -> Result<()> {
+/// How a restored guest's clock continues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClockRestore {
+    /// From the value it had when the snapshot was taken.
+    #[default]
+    AsSaved,
+    /// Advanced by the wall-clock time since the snapshot was taken (`KVM_CLOCK_REALTIME`;
+    /// needs a snapshot whose clock KVM read with the host's real time).
+    Realtime,
+}
+
+fn restore_vm_state(
+    vm: &VmFd,
+    state: &crate::snapshot::VmState,
+    clock: ClockRestore,
+) -> Result<()> {
     let chips = [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
         (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -241,9 +256,15 @@ fn restore_vm_state(vm: &VmFd, state: &crate::snapshot::VmState) -> Result<()> {
     vm.set_pit2(&state.pit)
         .map_err(kvm_err("restore the PIT"))?;
     // The guest's clock continues from the snapshot's value. Flags describe how KVM read the
-    // clock (e.g. a host-realtime pair); none of them applies to setting it.
+    // clock (e.g. a host-realtime pair); only the realtime pair applies to setting it, and only
+    // when asked: KVM then adds the wall-clock time elapsed since it was read.
+    let flags = match clock {
+        ClockRestore::AsSaved => 0,
+        ClockRestore::Realtime if state.clock.flags & KVM_CLOCK_REALTIME != 0 => KVM_CLOCK_REALTIME,
+        ClockRestore::Realtime => return Err(Error::ClockWithoutRealtime),
+    };
     let clock = kvm_clock_data {
-        flags: 0,
+        flags,
         ..state.clock
     };
     vm.set_clock(&clock)
@@ -327,6 +348,25 @@ impl Vm {
         console: ConsoleIo,
         start: Instant,
     ) -> Result<(Vm, VmConfig)> {
+        Vm::restore_with_clock(
+            state_path,
+            mem_path,
+            adjust,
+            console,
+            start,
+            ClockRestore::AsSaved,
+        )
+    }
+
+    /// [`Vm::restore`], with the guest clock continuing as `clock` says.
+    pub fn restore_with_clock(
+        state_path: &Path,
+        mem_path: &Path,
+        adjust: &mut dyn FnMut(&mut VmConfig),
+        console: ConsoleIo,
+        start: Instant,
+        clock: ClockRestore,
+    ) -> Result<(Vm, VmConfig)> {
         let state = crate::snapshot::read_state(state_path)?;
         let mut config = state.config.clone();
         adjust(&mut config);
@@ -343,7 +383,7 @@ impl Vm {
         let mut base = create_base(
             &config,
             || memory::restore(mem_path, mem_size),
-            Some(&state.vm),
+            Some((&state.vm, clock)),
         )?;
         if base.virtio.transports.len() != state.virtio.len() {
             return Err(invalid(format!(
