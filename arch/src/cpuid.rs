@@ -14,6 +14,9 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x1 ebx bits 15-8: CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
+/// Leaf 0x8000_0001 ecx bit 22: topology extensions (leaves 0x8000_001D/0x8000_001E), how
+/// an AMD guest learns its threads per core.
+const LEAF_8000_0001_ECX_TOPOEXT: u32 = 1 << 22;
 /// Leaf 0x6 eax bit 2: APIC timer always running (ARAT).
 const LEAF6_EAX_ARAT: u32 = 1 << 2;
 /// Leaf 0xB/0x1F level types (ecx bits 15-8).
@@ -116,8 +119,11 @@ fn leaf_extended_topology(
 /// - 0x6: only ARAT kept in eax, ecx cleared;
 /// - 0x8000_0008: ecx NC (bits 7-0) = vcpu_count - 1 and ApicIdSize (bits 15-12) =
 ///   ceil(log2(vcpu_count));
+/// - 0x8000_001D: as 0x4 for the sharing count (bits 25-14), bits 31-26 kept;
 /// - 0x8000_001E: eax = extended APIC ID = vcpu_id, ebx = compute unit
-///   vcpu_id / threads_per_core with threads_per_core threads, ecx = node 0 of 1.
+///   vcpu_id / threads_per_core with threads_per_core threads, ecx = node 0 of 1;
+/// - 0x8000_0001: with more than one thread per core and leaf 0x8000_001E present, ecx
+///   TOPOEXT set, so that an AMD guest reads its threads per core there.
 ///
 /// Leaves that are absent are not added; leaves not listed are left unchanged.
 pub fn normalize(
@@ -147,6 +153,12 @@ pub fn normalize(
                 entry.edx = 0;
             }
             0xb | 0x1f => leaf_extended_topology(entry, vcpu_id, vcpu_count, threads),
+            // AMD's cache topology: as leaf 0x4 without the core count.
+            0x8000_001d => {
+                let cores = entry.eax & (0x3f << 26);
+                leaf_0x4(entry, vcpu_count, threads);
+                entry.eax = (entry.eax & !(0x3f << 26)) | cores;
+            }
             0x8000_0008 => {
                 let nc = vcpu_count.saturating_sub(1) & 0xff;
                 entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(vcpu_count) << 12) | nc;
@@ -159,6 +171,15 @@ pub fn normalize(
                 entry.ecx = 0;
             }
             _ => {}
+        }
+    }
+
+    // An AMD guest counts threads per core from leaf 0x8000_001E only when topology
+    // extensions are advertised (Linux before 6.2 reads nothing else there).
+    let amd_topology = entries.iter().any(|e| e.function == 0x8000_001e);
+    if threads > 1 && amd_topology {
+        for entry in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
+            entry.ecx |= LEAF_8000_0001_ECX_TOPOEXT;
         }
     }
 
@@ -238,6 +259,8 @@ mod tests {
             entry(0x4000_0001, 0, [0x0100_7afb, 0, 0, 1]),
             entry(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
             entry(0x8000_0008, 0, [0x3027, 0, 0x7007, 0]),
+            entry(0x8000_001d, 0, [0x0000_4121, 0x01c0_003f, 0x3f, 0]),
+            entry(0x8000_001d, 3, [0x0003_c163, 0x03c0_003f, 0x7fff, 1]),
             entry(0x8000_001e, 0, [0x2b, 0x0115, 0x0301, 0]),
         ]
     }
@@ -479,6 +502,10 @@ mod tests {
             assert_eq!(amd.eax, u32::from(id));
             // Leaf 1 still counts logical processors.
             assert_eq!(find(&entries, 0x1, 0).ebx >> 16 & 0xff, 4);
+            // AMD: topology extensions on; L1 shared by 2 threads, L3 by all 4.
+            assert_ne!(find(&entries, 0x8000_0001, 0).ecx & (1 << 22), 0);
+            assert_eq!((find(&entries, 0x8000_001d, 0).eax >> 14) & 0xfff, 1);
+            assert_eq!((find(&entries, 0x8000_001d, 3).eax >> 14) & 0xfff, 3);
         }
     }
 
