@@ -87,7 +87,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/boot-source", "PUT"),
     ("/machine-config", "GET, PUT, PATCH"),
     ("/drives/{}", "PUT, PATCH"),
-    ("/network-interfaces/{}", "PUT"),
+    ("/network-interfaces/{}", "PUT, PATCH"),
     ("/vsock", "PUT"),
     ("/entropy", "PUT"),
     ("/vm", "PATCH"),
@@ -187,14 +187,23 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
             Request::SetDrive(drive)
         }
         ("PATCH", "/drives/{}") => {
-            let (drive_id, path) = schema::partial_drive(v, "")?;
-            same_id("drive_id", id, &drive_id)?;
-            Request::UpdateDrivePath { id: drive_id, path }
+            let update = schema::partial_drive(v, "")?;
+            if let Request::UpdateDrive { id: drive_id, .. } = &update {
+                same_id("drive_id", id, drive_id)?;
+            }
+            update
         }
         ("PUT", "/network-interfaces/{}") => {
             let iface = schema::network_interface(v, "")?;
             same_id("iface_id", id, iface.id.as_deref().unwrap_or_default())?;
             Request::SetNetworkInterface(iface)
+        }
+        ("PATCH", "/network-interfaces/{}") => {
+            let update = schema::partial_network_interface(v, "")?;
+            if let Request::UpdateNetworkInterface { id: iface_id, .. } = &update {
+                same_id("iface_id", id, iface_id)?;
+            }
+            update
         }
         ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
         ("PUT", "/entropy") => {
@@ -315,9 +324,10 @@ mod tests {
                 "/drives/data",
                 r#"{"drive_id": "data", "path_on_host": "/new"}"#
             ),
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "data".into(),
-                path: "/new".into()
+                path: Some("/new".into()),
+                rate_limiter: None,
             }
         );
         assert_eq!(
@@ -508,9 +518,10 @@ mod tests {
                 "/drives/my%20disk",
                 r#"{"drive_id": "my disk", "path_on_host": "/n"}"#
             ),
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "my disk".into(),
-                path: "/n".into()
+                path: Some("/n".into()),
+                rate_limiter: None,
             }
         );
         assert_eq!(
@@ -598,7 +609,7 @@ mod tests {
             ("PUT", "/"),
             ("DELETE", "/drives/a"),
             ("GET", "/drives/a"),
-            ("PATCH", "/network-interfaces/e"),
+            ("GET", "/network-interfaces/e"),
             ("GET", "/actions"),
             ("PUT", "/vm"),
             ("PUT", "/vm/config"),

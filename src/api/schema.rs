@@ -61,8 +61,7 @@ pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", 
 
 /// Fields that Firecracker accepts but flint refuses (with the reason).
 const NO_ENTROPY_LIMITER: &str = "is not supported: flint does not rate-limit the entropy device";
-const NO_LIMITER_UPDATE: &str =
-    "cannot be changed by PATCH: flint sets a drive's rate limiter only before the VM starts";
+
 
 /// Longest JSON value quoted back in an error message.
 const MAX_QUOTED: usize = 40;
@@ -388,15 +387,16 @@ fn bounded(f: &Fields, name: &str, v: &Value, min: u64, max: u64) -> Result<u64,
         })
 }
 
-/// A Firecracker token bucket: `{"size": N, "one_time_burst": N?, "refill_time": MS}`.
-fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<TokenBucketConfig, BodyError> {
+/// A Firecracker token bucket: `{"size": N, "one_time_burst": N?, "refill_time": MS}`. A size
+/// or refill time of 0 is no bucket (no limit), as in Firecracker.
+fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<Option<TokenBucketConfig>, BodyError> {
     let map = nested(f, name, v, &["size", "one_time_burst", "refill_time"])?;
     let field = |key: &str| map.get(key).filter(|v| !v.is_null());
     let required = |key: &str| {
         field(key).ok_or_else(|| f.err(format!("missing required field '{name}.{key}'")))
     };
-    Ok(TokenBucketConfig {
-        size: bounded(f, &format!("{name}.size"), required("size")?, 1, u64::MAX)?,
+    let bucket = TokenBucketConfig {
+        size: bounded(f, &format!("{name}.size"), required("size")?, 0, u64::MAX)?,
         one_time_burst: field("one_time_burst")
             .map(|v| bounded(f, &format!("{name}.one_time_burst"), v, 0, u64::MAX))
             .transpose()?
@@ -405,10 +405,11 @@ fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<TokenBucketConfig, 
             f,
             &format!("{name}.refill_time"),
             required("refill_time")?,
-            1,
+            0,
             MAX_REFILL_TIME_MS,
         )?,
-    })
+    };
+    Ok((bucket.size != 0 && bucket.refill_time_ms != 0).then_some(bucket))
 }
 
 /// A Firecracker rate limiter at `name`: `{"bandwidth": BUCKET?, "ops": BUCKET?}`; absent or
@@ -423,6 +424,7 @@ fn rate_limiter(f: &Fields, name: &str) -> Result<Option<RateLimiterConfig>, Bod
             .filter(|v| !v.is_null())
             .map(|v| token_bucket(f, &format!("{name}.{key}"), v))
             .transpose()
+            .map(Option::flatten)
     };
     Ok(Some(RateLimiterConfig {
         bandwidth: bucket("bandwidth")?,
@@ -457,15 +459,29 @@ fn rate_limiter_out(r: &Option<RateLimiterConfig>) -> Option<RateLimiterOut> {
     })
 }
 
-/// `PATCH /drives/{drive_id}`: the drive's id and its new backing file.
-pub fn partial_drive(v: &Value, ctx: &str) -> Result<(String, PathBuf), BodyError> {
+/// `PATCH /drives/{drive_id}`: the drive's id, and its new backing file and/or rate limiter.
+pub fn partial_drive(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["drive_id", "path_on_host", "rate_limiter"], &[])?;
+    Ok(Request::UpdateDrive {
+        id: f.req_str("drive_id")?,
+        path: f.opt_str("path_on_host")?.map(PathBuf::from),
+        rate_limiter: rate_limiter(&f, "rate_limiter")?,
+    })
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: the interface's id and its new rate limiters.
+pub fn partial_network_interface(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(
         v,
         ctx,
-        &["drive_id", "path_on_host"],
-        &[("rate_limiter", NO_LIMITER_UPDATE)],
+        &["iface_id", "rx_rate_limiter", "tx_rate_limiter"],
+        &[],
     )?;
-    Ok((f.req_str("drive_id")?, f.req_str("path_on_host")?.into()))
+    Ok(Request::UpdateNetworkInterface {
+        id: f.req_str("iface_id")?,
+        rx_rate_limiter: rate_limiter(&f, "rx_rate_limiter")?,
+        tx_rate_limiter: rate_limiter(&f, "tx_rate_limiter")?,
+    })
 }
 
 /// Parse `aa:bb:cc:dd:ee:ff` (hex digits in either case).
@@ -1131,11 +1147,46 @@ mod tests {
         );
         assert_eq!(
             partial_drive(&json!({"drive_id": "d", "path_on_host": "/n"}), "").unwrap(),
-            ("d".to_string(), PathBuf::from("/n"))
+            Request::UpdateDrive {
+                id: "d".into(),
+                path: Some("/n".into()),
+                rate_limiter: None,
+            }
+        );
+        // Only a rate limiter, as Firecracker's clients send it after start.
+        assert_eq!(
+            partial_drive(
+                &json!({"drive_id": "d", "rate_limiter": {"ops": {"size": 9, "refill_time": 1000}}}),
+                ""
+            )
+            .unwrap(),
+            Request::UpdateDrive {
+                id: "d".into(),
+                path: None,
+                rate_limiter: Some(RateLimiterConfig {
+                    bandwidth: None,
+                    ops: Some(TokenBucketConfig::per_second(9)),
+                }),
+            }
         );
         assert_eq!(
-            err(partial_drive(&json!({"drive_id": "d"}), "")),
-            "missing required field 'path_on_host'"
+            partial_network_interface(
+                &json!({"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 1000}}}),
+                ""
+            )
+            .unwrap(),
+            Request::UpdateNetworkInterface {
+                id: "eth0".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: Some(RateLimiterConfig {
+                    bandwidth: Some(TokenBucketConfig::per_second(1000)),
+                    ops: None,
+                }),
+            }
+        );
+        assert_eq!(
+            err(partial_network_interface(&json!({"iface_id": "eth0", "guest_mac": "x"}), "")),
+            "unknown field 'guest_mac' (expected iface_id, rx_rate_limiter, tx_rate_limiter)"
         );
     }
 
@@ -1187,13 +1238,8 @@ mod tests {
                 "rate_limiter.ops must be a JSON object, not []",
             ),
             (
-                json!({"bandwidth": {"size": 0, "refill_time": 100}}),
-                "rate_limiter.bandwidth.size must be a whole number from 1 to \
-                 18446744073709551615, not 0",
-            ),
-            (
                 json!({"bandwidth": {"size": 1.5, "refill_time": 100}}),
-                "rate_limiter.bandwidth.size must be a whole number from 1 to \
+                "rate_limiter.bandwidth.size must be a whole number from 0 to \
                  18446744073709551615, not 1.5",
             ),
             (
@@ -1201,12 +1247,8 @@ mod tests {
                 "missing required field 'rate_limiter.ops.refill_time'",
             ),
             (
-                json!({"ops": {"size": 1, "refill_time": 0}}),
-                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, not 0",
-            ),
-            (
                 json!({"ops": {"size": 1, "refill_time": 3600001}}),
-                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, \
+                "rate_limiter.ops.refill_time must be a whole number from 0 to 3600000, \
                  not 3600001",
             ),
             (
@@ -1218,14 +1260,17 @@ mod tests {
         for (rl, want) in cases {
             assert_eq!(err(with(rl)), want);
         }
-        assert_eq!(
-            err(partial_drive(
-                &json!({"drive_id": "d", "path_on_host": "/n", "rate_limiter": {}}),
-                ""
-            )),
-            "rate_limiter cannot be changed by PATCH: flint sets a drive's rate limiter only \
-             before the VM starts"
-        );
+        // A size or refill time of 0 is no limit, as in Firecracker.
+        for zero in [
+            json!({"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 5, "refill_time": 0}}),
+            json!({"bandwidth": null, "ops": {"size": 0, "refill_time": 0}}),
+        ] {
+            assert_eq!(
+                with(zero.clone()).unwrap().rate_limiter,
+                Some(RateLimiterConfig::default()),
+                "{zero}"
+            );
+        }
     }
 
     #[test]
@@ -1297,7 +1342,7 @@ mod tests {
                 "network-interfaces[0]"
             )),
             "network-interfaces[0]: tx_rate_limiter.bandwidth.size must be a whole number \
-             from 1 to 18446744073709551615, not -1"
+             from 0 to 18446744073709551615, not -1"
         );
         assert_eq!(
             err(network_interface(&json!({"iface_id": "eth0"}), "")),

@@ -10,7 +10,9 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use crate::config::{ConfigError, DriveConfig, Field, NetConfig, VmConfig, VsockConfig};
+use crate::config::{
+    ConfigError, DriveConfig, Field, NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
+};
 use crate::seccomp::Filter;
 use crate::vm::{ConsoleIo, Vm};
 
@@ -92,14 +94,22 @@ pub enum Request {
     UpdateMachineConfig(MachineUpdate),
     /// Before start; the drive must have an id, and replaces the drive with the same id.
     SetDrive(DriveConfig),
-    /// A new backing file for a drive: before start simply what the VM will use; after start
-    /// the guest sees the new medium and size.
-    UpdateDrivePath {
+    /// A new backing file and/or rate limiter for a drive: before start simply what the VM
+    /// will use; after start the guest sees the new medium and size, and the new limits apply
+    /// to its next request.
+    UpdateDrive {
         id: String,
-        path: PathBuf,
+        path: Option<PathBuf>,
+        rate_limiter: Option<RateLimiterConfig>,
     },
     /// Before start; the interface must have an id, and replaces the one with the same id.
     SetNetworkInterface(NetConfig),
+    /// New rate limiters for an interface, before or after start (`None`: unchanged).
+    UpdateNetworkInterface {
+        id: String,
+        rx_rate_limiter: Option<RateLimiterConfig>,
+        tx_rate_limiter: Option<RateLimiterConfig>,
+    },
     /// Before start.
     SetVsock(VsockConfig),
     /// Before start: give the guest an entropy device.
@@ -187,8 +197,9 @@ impl Request {
             Request::SetMachineConfig { .. } => "put_machine_config",
             Request::UpdateMachineConfig(_) => "patch_machine_config",
             Request::SetDrive(_) => "put_drive",
-            Request::UpdateDrivePath { .. } => "patch_drive",
+            Request::UpdateDrive { .. } => "patch_drive",
             Request::SetNetworkInterface(_) => "put_network_interface",
+            Request::UpdateNetworkInterface { .. } => "patch_network_interface",
             Request::SetVsock(_) => "put_vsock",
             Request::SetEntropy => "put_entropy",
             Request::SetMetrics(_) => "put_metrics",
@@ -402,7 +413,11 @@ impl Controller {
                     None => c.drives.push(drive),
                 })
             }
-            Request::UpdateDrivePath { id, path } => {
+            Request::UpdateDrive {
+                id,
+                path,
+                rate_limiter,
+            } => {
                 let known = self
                     .config
                     .vm
@@ -415,11 +430,63 @@ impl Controller {
                         format!("there is no drive with the id {id:?}"),
                     ));
                 };
-                if let Some(vm) = &self.vm {
-                    vm.replace_disk(&id, &path)
-                        .map_err(|e| refuse_field(Field::DrivePath, e.to_string()))?;
+                // Validated as the whole configuration would be, before anything changes.
+                let mut candidate = self.config.vm.clone();
+                if let Some(limiter) = rate_limiter {
+                    candidate.drives[index].rate_limiter = Some(limiter);
                 }
-                self.config.vm.drives[index].path = path;
+                candidate.validate()?;
+                if let Some(vm) = &self.vm {
+                    if let Some(path) = &path {
+                        vm.replace_disk(&id, path)
+                            .map_err(|e| refuse_field(Field::DrivePath, e.to_string()))?;
+                    }
+                    if let Some(limiter) = &rate_limiter {
+                        vm.update_drive_rate_limiter(&id, limiter)
+                            .map_err(|e| refuse_field(Field::RateLimiter, e.to_string()))?;
+                    }
+                }
+                if let Some(path) = path {
+                    candidate.drives[index].path = path;
+                }
+                self.config.vm = candidate;
+                Ok(Response::Done)
+            }
+            Request::UpdateNetworkInterface {
+                id,
+                rx_rate_limiter,
+                tx_rate_limiter,
+            } => {
+                let known = self
+                    .config
+                    .vm
+                    .nets
+                    .iter()
+                    .position(|n| n.id.as_ref() == Some(&id));
+                let Some(index) = known else {
+                    return Err(refuse_field(
+                        Field::NetId,
+                        format!("there is no network interface with the id {id:?}"),
+                    ));
+                };
+                let mut candidate = self.config.vm.clone();
+                let net = &mut candidate.nets[index];
+                if let Some(limiter) = rx_rate_limiter {
+                    net.rx_rate_limiter = Some(limiter);
+                }
+                if let Some(limiter) = tx_rate_limiter {
+                    net.tx_rate_limiter = Some(limiter);
+                }
+                candidate.validate()?;
+                if let Some(vm) = &self.vm {
+                    vm.update_net_rate_limiters(
+                        index,
+                        rx_rate_limiter.as_ref(),
+                        tx_rate_limiter.as_ref(),
+                    )
+                    .map_err(|e| refuse_field(Field::RateLimiter, e.to_string()))?;
+                }
+                self.config.vm = candidate;
                 Ok(Response::Done)
             }
             Request::SetNetworkInterface(iface) => {
@@ -818,12 +885,76 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiters_are_updated_by_id_and_validated_before_start() {
+        let mut c = controller();
+        c.handle(Request::SetDrive(DriveConfig {
+            id: Some("d".into()),
+            ..DriveConfig::new("/d.img")
+        }))
+        .unwrap();
+        c.handle(Request::SetNetworkInterface(NetConfig {
+            id: Some("eth0".into()),
+            ..NetConfig::new("tap0")
+        }))
+        .unwrap();
+        let limit = RateLimiterConfig {
+            bandwidth: Some(crate::config::TokenBucketConfig::per_second(1 << 20)),
+            ops: None,
+        };
+        c.handle(Request::UpdateDrive {
+            id: "d".into(),
+            path: None,
+            rate_limiter: Some(limit),
+        })
+        .unwrap();
+        c.handle(Request::UpdateNetworkInterface {
+            id: "eth0".into(),
+            rx_rate_limiter: None,
+            tx_rate_limiter: Some(limit),
+        })
+        .unwrap();
+        let v = view(&mut c);
+        assert_eq!(v.vm.drives[0].rate_limiter, Some(limit));
+        assert_eq!(v.vm.drives[0].path, std::path::PathBuf::from("/d.img"));
+        assert_eq!(
+            (v.vm.nets[0].rx_rate_limiter, v.vm.nets[0].tx_rate_limiter),
+            (None, Some(limit))
+        );
+        let bad = RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(crate::config::TokenBucketConfig {
+                size: 1,
+                one_time_burst: 0,
+                refill_time_ms: 0,
+            }),
+        };
+        let e = c
+            .handle(Request::UpdateNetworkInterface {
+                id: "eth0".into(),
+                rx_rate_limiter: Some(bad),
+                tx_rate_limiter: None,
+            })
+            .unwrap_err();
+        assert_eq!(e.field, Some(Field::RateLimiter), "{e}");
+        assert_eq!(view(&mut c).vm.nets[0].rx_rate_limiter, None);
+        let e = c
+            .handle(Request::UpdateNetworkInterface {
+                id: "eth9".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .unwrap_err();
+        assert_eq!(e.field, Some(Field::NetId), "{e}");
+    }
+
+    #[test]
     fn ids_a_client_sent_are_quoted_in_one_line() {
         let mut c = controller();
         let err = c
-            .handle(Request::UpdateDrivePath {
+            .handle(Request::UpdateDrive {
                 id: "x\nflint: error: forged".into(),
-                path: "/n".into(),
+                path: Some("/n".into()),
+                rate_limiter: None,
             })
             .unwrap_err();
         assert!(!err.message.contains('\n'), "{err}");

@@ -78,6 +78,10 @@ pub enum Error {
     NoSuchDrive(String),
     #[error("device {0} is not a disk")]
     NotADisk(String),
+    #[error("there is no network interface number {0}")]
+    NoSuchNet(usize),
+    #[error("the device {0} has no rate limiter to change")]
+    NoRateLimiter(String),
     #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]
     CmdlineWithDevicesTooLong { len: usize, max: usize },
     #[error("cannot set up the boot state: {0}")]

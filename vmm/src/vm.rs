@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::vmgenid::VmGenId;
 use devices::IrqLine;
 use kvm_bindings::{
@@ -21,7 +22,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::config::{VmConfig, MAX_CMDLINE_LEN};
+use crate::config::{RateLimiterConfig, VmConfig, MAX_CMDLINE_LEN};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
@@ -693,6 +694,55 @@ impl Vm {
         let size = block.replace_disk(path)?;
         transport.notify_config_change();
         Ok(size)
+    }
+
+    /// New limits for the disk `id`, from its next request on.
+    pub fn update_drive_rate_limiter(&self, id: &str, config: &RateLimiterConfig) -> Result<()> {
+        let index = self
+            .virtio
+            .metrics
+            .iter()
+            .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
+            .ok_or_else(|| Error::NoSuchDrive(id.to_string()))?;
+        let mut transport = lock(&self.virtio.transports[index]);
+        let block = transport
+            .device_mut()
+            .as_any_mut()
+            .and_then(|any| any.downcast_mut::<Block>())
+            .ok_or_else(|| Error::NotADisk(id.to_string()))?;
+        if !block.update_rate_limiter(config) {
+            return Err(Error::NoRateLimiter(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// New receive and/or transmit limits for network interface number `n` (eth`n`), from
+    /// its next frame on.
+    pub fn update_net_rate_limiters(
+        &self,
+        n: usize,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<()> {
+        let mut nets = self.virtio.transports.iter().filter_map(|t| {
+            let mut transport = lock(t);
+            let is_net = transport
+                .device_mut()
+                .as_any_mut()
+                .is_some_and(|any| any.is::<Net>());
+            is_net.then_some(t)
+        });
+        let transport = nets.nth(n).ok_or(Error::NoSuchNet(n))?;
+        let mut transport = lock(transport);
+        let net = transport
+            .device_mut()
+            .as_any_mut()
+            .and_then(|any| any.downcast_mut::<Net>())
+            .ok_or(Error::NoSuchNet(n))?;
+        if !net.update_rate_limiters(rx, tx) {
+            return Err(Error::NoRateLimiter(format!("eth{n}")));
+        }
+        Ok(())
     }
 
     /// Press Ctrl-Alt-Del on the guest's keyboard.
