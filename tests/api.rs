@@ -419,9 +419,10 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
             Request::Start,
             Request::Pause,
             Request::Resume,
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "rootfs".into(),
-                path: "/r2".into()
+                path: Some("/r2".into()),
+                rate_limiter: None,
             },
             Request::FlushMetrics,
             Request::SendCtrlAltDel,

@@ -62,7 +62,6 @@ pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", 
 /// Fields that Firecracker accepts but flint refuses (with the reason).
 const NO_ENTROPY_LIMITER: &str = "is not supported: flint does not rate-limit the entropy device";
 
-
 /// Longest JSON value quoted back in an error message.
 const MAX_QUOTED: usize = 40;
 
@@ -1185,7 +1184,10 @@ mod tests {
             }
         );
         assert_eq!(
-            err(partial_network_interface(&json!({"iface_id": "eth0", "guest_mac": "x"}), "")),
+            err(partial_network_interface(
+                &json!({"iface_id": "eth0", "guest_mac": "x"}),
+                ""
+            )),
             "unknown field 'guest_mac' (expected iface_id, rx_rate_limiter, tx_rate_limiter)"
         );
     }

@@ -461,7 +461,8 @@ impl Net {
         rx: Option<&crate::rate_limiter::RateLimiterConfig>,
         tx: Option<&crate::rate_limiter::RateLimiterConfig>,
     ) -> bool {
-        if (rx.is_some() && self.rx_limiter.is_none()) || (tx.is_some() && self.tx_limiter.is_none())
+        if (rx.is_some() && self.rx_limiter.is_none())
+            || (tx.is_some() && self.tx_limiter.is_none())
         {
             return false;
         }
