@@ -173,8 +173,7 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
         requests_to_vmm.push(Request::SetVsock(schema::vsock(v, "vsock")?));
     }
     if let Some(v) = section("entropy") {
-        schema::entropy(v, "entropy")?;
-        requests_to_vmm.push(Request::SetEntropy);
+        requests_to_vmm.push(Request::SetEntropy(schema::entropy(v, "entropy")?));
     }
     requests.extend(requests_to_vmm.into_iter().map(ApiRequest::Vmm));
     Ok(requests)
@@ -201,7 +200,11 @@ pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
             .map(|(n, net)| schema::network_interface_json(n, net))
             .collect::<Vec<_>>(),
         "vsock": or_null(vm.vsock.as_ref().map(schema::vsock_json)),
-        "entropy": if vm.entropy { serde_json::json!({}) } else { Value::Null },
+        "entropy": if vm.entropy {
+            schema::entropy_json(&vm.entropy_rate_limiter)
+        } else {
+            Value::Null
+        },
         "logger": or_null(logger.map(schema::logger_json)),
         "metrics": or_null(config.metrics_path.as_deref().map(schema::metrics_json)),
     })
@@ -307,7 +310,7 @@ mod tests {
                 vmm(Request::SetDrive(c.vm.drives[1].clone())),
                 vmm(Request::SetNetworkInterface(c.vm.nets[0].clone())),
                 vmm(Request::SetVsock(c.vm.vsock.clone().unwrap())),
-                vmm(Request::SetEntropy),
+                vmm(Request::SetEntropy(None)),
             ]
         );
     }
@@ -416,8 +419,8 @@ mod tests {
                 "boot-source: unknown field 'x' (expected kernel_image_path, initrd_path, boot_args)",
             ),
             (
-                json!({"entropy": {"rate_limiter": {}}}),
-                "entropy: rate_limiter is not supported: flint does not rate-limit the entropy device",
+                json!({"entropy": {"rate_limiter": {"ops": {"size": 1}}}}),
+                "entropy: missing required field 'rate_limiter.ops.refill_time'",
             ),
             (json!({"vsock": 3}), "vsock: expected a JSON object, not 3"),
         ];

@@ -415,7 +415,7 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
     assert_eq!(
         &got[10..],
         &[
-            Request::SetEntropy,
+            Request::SetEntropy(None),
             Request::Start,
             Request::Pause,
             Request::Resume,

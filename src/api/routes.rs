@@ -206,10 +206,7 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
             update
         }
         ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
-        ("PUT", "/entropy") => {
-            schema::entropy(v, "")?;
-            Request::SetEntropy
-        }
+        ("PUT", "/entropy") => Request::SetEntropy(schema::entropy(v, "")?),
         ("PATCH", "/vm") => schema::vm_state(v, "")?,
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
         ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
@@ -348,7 +345,22 @@ mod tests {
                 uds_path: "/v".into()
             })
         );
-        assert_eq!(fwd("PUT", "/entropy", "{}"), Request::SetEntropy);
+        assert_eq!(fwd("PUT", "/entropy", "{}"), Request::SetEntropy(None));
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/entropy",
+                r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#
+            ),
+            Request::SetEntropy(Some(vmm::RateLimiterConfig {
+                bandwidth: Some(vmm::TokenBucketConfig {
+                    size: 1000,
+                    one_time_burst: 0,
+                    refill_time_ms: 100
+                }),
+                ops: None,
+            }))
+        );
         assert_eq!(
             fwd("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
             Request::Start

@@ -59,9 +59,6 @@ pub struct BodyError(pub String);
 /// Log levels as Firecracker spells them; accepted in any case.
 pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
 
-/// Fields that Firecracker accepts but flint refuses (with the reason).
-const NO_ENTROPY_LIMITER: &str = "is not supported: flint does not rate-limit the entropy device";
-
 /// Longest JSON value quoted back in an error message.
 const MAX_QUOTED: usize = 40;
 
@@ -541,10 +538,18 @@ pub fn vsock(v: &Value, ctx: &str) -> Result<VsockConfig, BodyError> {
     })
 }
 
-/// `PUT /entropy`, config file `entropy`: an empty object.
-pub fn entropy(v: &Value, ctx: &str) -> Result<(), BodyError> {
-    Fields::new(v, ctx, &[], &[("rate_limiter", NO_ENTROPY_LIMITER)])?;
-    Ok(())
+/// `PUT /entropy`, config file `entropy`: `{}` or `{"rate_limiter": ...}`.
+pub fn entropy(v: &Value, ctx: &str) -> Result<Option<RateLimiterConfig>, BodyError> {
+    let f = Fields::new(v, ctx, &["rate_limiter"], &[])?;
+    rate_limiter(&f, "rate_limiter")
+}
+
+/// The entropy device's configuration in the API's schema.
+pub fn entropy_json(rate_limiter: &Option<RateLimiterConfig>) -> Value {
+    match rate_limiter_out(rate_limiter) {
+        Some(r) => serde_json::json!({ "rate_limiter": to_value(r) }),
+        None => serde_json::json!({}),
+    }
 }
 
 /// `PUT /actions`.
@@ -1369,15 +1374,21 @@ mod tests {
             err(vsock(&json!({"guest_cid": -3, "uds_path": "/v"}), "")),
             "guest_cid must be a whole number from 0 to 4294967295, not -3"
         );
-        entropy(&json!({}), "").unwrap();
-        entropy(&json!({"rate_limiter": null}), "").unwrap();
+        assert_eq!(entropy(&json!({}), "").unwrap(), None);
+        assert_eq!(entropy(&json!({"rate_limiter": null}), "").unwrap(), None);
+        let limited = json!({"rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}});
+        let got = entropy(&limited, "").unwrap();
         assert_eq!(
-            err(entropy(&json!({"rate_limiter": {}}), "")),
-            "rate_limiter is not supported: flint does not rate-limit the entropy device"
+            got,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(TokenBucketConfig::per_second(10)),
+            })
         );
+        assert_eq!(entropy(&entropy_json(&got), "").unwrap(), got);
         assert_eq!(
             err(entropy(&json!({"x": 1}), "")),
-            "unknown field 'x' (no fields are accepted here)"
+            "unknown field 'x' (expected rate_limiter)"
         );
         for (a, want) in [
             ("InstanceStart", Request::Start),

@@ -179,7 +179,7 @@ impl ApiArgs {
             || module.is_some()
             || self.show_level
             || self.show_log_origin)
-            .then(|| LoggerConfig {
+            .then_some(LoggerConfig {
                 path: log_path,
                 level,
                 show_level: self.show_level,

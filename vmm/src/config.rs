@@ -138,6 +138,9 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub entropy: bool,
+    /// Limits on the entropy device: bytes handed out (bandwidth) and requests (ops).
+    #[serde(default)]
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
@@ -163,6 +166,7 @@ impl VmConfig {
             mem_mib: DEFAULT_MEM_MIB,
             drives: Vec::new(),
             entropy: true,
+            entropy_rate_limiter: None,
             nets: Vec::new(),
             vsock: None,
             smt: false,
@@ -273,7 +277,12 @@ impl VmConfig {
                     (n.tap.clone(), "rx_rate_limiter", &n.rx_rate_limiter),
                     (n.tap.clone(), "tx_rate_limiter", &n.tx_rate_limiter),
                 ]
-            }));
+            }))
+            .chain([(
+                "the entropy device".to_string(),
+                "rate_limiter",
+                &self.entropy_rate_limiter,
+            )]);
         for (device, field, limiter) in limiters {
             if let Some(Err((bucket, e))) = limiter.as_ref().map(RateLimiterConfig::validate) {
                 return Err(ConfigError::RateLimiter {

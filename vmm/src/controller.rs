@@ -112,8 +112,8 @@ pub enum Request {
     },
     /// Before start.
     SetVsock(VsockConfig),
-    /// Before start: give the guest an entropy device.
-    SetEntropy,
+    /// Before start: give the guest an entropy device, with these limits if any.
+    SetEntropy(Option<RateLimiterConfig>),
     /// Append metrics lines to this file (see [`open_output`]).
     SetMetrics(PathBuf),
     /// Build and boot the VM.
@@ -201,7 +201,7 @@ impl Request {
             Request::SetNetworkInterface(_) => "put_network_interface",
             Request::UpdateNetworkInterface { .. } => "patch_network_interface",
             Request::SetVsock(_) => "put_vsock",
-            Request::SetEntropy => "put_entropy",
+            Request::SetEntropy(_) => "put_entropy",
             Request::SetMetrics(_) => "put_metrics",
             Request::Start => "instance_start",
             Request::SendCtrlAltDel => "send_ctrl_alt_del",
@@ -503,9 +503,12 @@ impl Controller {
                 self.before_start("the vsock device")?;
                 self.change(|c| c.vsock = Some(vsock))
             }
-            Request::SetEntropy => {
+            Request::SetEntropy(rate_limiter) => {
                 self.before_start("the entropy device")?;
-                self.change(|c| c.entropy = true)
+                self.change(|c| {
+                    c.entropy = true;
+                    c.entropy_rate_limiter = rate_limiter;
+                })
             }
             Request::SetMetrics(path) => {
                 let file = open_output(&path)
@@ -1026,7 +1029,7 @@ mod tests {
         };
         let err = c.handle(create).unwrap_err();
         assert!(err.message.contains("has not been started"), "{err}");
-        c.handle(Request::SetEntropy).unwrap();
+        c.handle(Request::SetEntropy(None)).unwrap();
         let load = Request::LoadSnapshot {
             snapshot_path: "/nonexistent/s".into(),
             mem_file_path: "/nonexistent/m".into(),

@@ -137,7 +137,8 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         devices.push((Box::new(dev), metrics));
     }
     if config.entropy {
-        let rng = Rng::new();
+        let rng = Rng::new()
+            .with_rate_limiter(limiter(&config.entropy_rate_limiter, "the entropy device")?);
         let metrics = DeviceMetrics::Rng(rng.metrics());
         devices.push((Box::new(rng), metrics));
     }

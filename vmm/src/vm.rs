@@ -724,13 +724,11 @@ impl Vm {
         rx: Option<&RateLimiterConfig>,
         tx: Option<&RateLimiterConfig>,
     ) -> Result<()> {
-        let mut nets = self.virtio.transports.iter().filter_map(|t| {
-            let mut transport = lock(t);
-            let is_net = transport
+        let mut nets = self.virtio.transports.iter().filter(|t| {
+            lock(t)
                 .device_mut()
                 .as_any_mut()
-                .is_some_and(|any| any.is::<Net>());
-            is_net.then_some(t)
+                .is_some_and(|any| any.is::<Net>())
         });
         let transport = nets.nth(n).ok_or(Error::NoSuchNet(n))?;
         let mut transport = lock(transport);
