@@ -32,6 +32,10 @@ pub enum Command {
     Completions(clap_complete::Shell),
     /// Print a man page: flint's own, or a subcommand's.
     Man(Option<String>),
+    /// Print the data format version of a snapshot state file.
+    DescribeSnapshot(std::path::PathBuf),
+    /// Print the snapshot data format version this flint writes.
+    SnapshotVersion,
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
@@ -55,6 +59,18 @@ pub enum CliError {
     NotANumber { option: &'static str, value: String },
     #[error("{0} was given more than once")]
     Repeated(String),
+    #[error("{option} is not supported: {reason}")]
+    Unsupported {
+        option: &'static str,
+        reason: &'static str,
+    },
+    #[error("{option} must be from {min} to {max}, not {value}")]
+    Range {
+        option: &'static str,
+        value: String,
+        min: u64,
+        max: u64,
+    },
     #[error(
         "--no-api needs --config-file: without the API, the VM can only be configured from a file"
     )]

@@ -101,6 +101,7 @@ pub fn json_line(
                     ("requests", get(&m.requests)),
                     ("bytes", get(&m.bytes)),
                     ("invalid_chains", get(&m.invalid_chains)),
+                    ("rate_limiter_throttled", get(&m.rate_limiter_throttled)),
                 ]);
                 let _ = write!(line, ",\"entropy\":{obj}");
             }
