@@ -79,10 +79,13 @@ impl Frontend {
             ApiRequest::Vmm(request) => self.controller.handle(request.clone()),
             ApiRequest::SetLogger(logger) => {
                 self.controller.count_request("put_logger");
-                crate::logger::redirect(logger).map_err(|message| RequestError {
-                    field: None,
-                    message,
-                })?;
+                if let Err(message) = crate::logger::redirect(logger) {
+                    self.controller.count_refusal("put_logger");
+                    return Err(RequestError {
+                        field: None,
+                        message,
+                    });
+                }
                 self.logger = Some(logger.clone());
                 Ok(Response::Done)
             }

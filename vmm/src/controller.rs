@@ -261,7 +261,9 @@ pub struct Controller {
     id: String,
     metrics_file: Option<std::fs::File>,
     /// Requests handled, by kind, for the metrics.
-    requests: std::collections::BTreeMap<&'static str, u64>,
+    requests: crate::metrics::RequestCounts,
+    /// Requests refused, by kind.
+    refused: crate::metrics::RequestCounts,
     config: ConfigView,
     vm: Option<Vm>,
     paused: bool,
@@ -294,6 +296,7 @@ impl Controller {
             id: id.into(),
             metrics_file: None,
             requests: Default::default(),
+            refused: Default::default(),
             config: ConfigView {
                 boot_source: None,
                 vm: unconfigured(),
@@ -337,6 +340,11 @@ impl Controller {
         *self.requests.entry(kind).or_default() += 1;
     }
 
+    /// Count a request of `kind` that was refused, in the metrics.
+    pub fn count_refusal(&mut self, kind: &'static str) {
+        *self.refused.entry(kind).or_default() += 1;
+    }
+
     fn before_start(&self, what: &str) -> Result<(), RequestError> {
         match self.vm {
             None => Ok(()),
@@ -363,7 +371,16 @@ impl Controller {
 
     /// Carry out one request.
     pub fn handle(&mut self, request: Request) -> Result<Response, RequestError> {
-        self.count_request(request.kind());
+        let kind = request.kind();
+        self.count_request(kind);
+        let result = self.carry_out(request);
+        if result.is_err() {
+            self.count_refusal(kind);
+        }
+        result
+    }
+
+    fn carry_out(&mut self, request: Request) -> Result<Response, RequestError> {
         match request {
             Request::Describe => Ok(Response::Info(InstanceInfo {
                 id: self.id.clone(),
@@ -597,8 +614,7 @@ impl Controller {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis())
             .unwrap_or(0);
-        let api: Vec<(&str, u64)> = self.requests.iter().map(|(k, v)| (*k, *v)).collect();
-        let sections = [("api_server", api)];
+        let sections = crate::metrics::api_sections(&self.requests, &self.refused);
         let line = match &self.vm {
             Some(vm) => vm.metrics_line(timestamp_ms, &sections),
             None => {
@@ -1084,8 +1100,15 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 1);
         assert!(
+            lines[0].contains(
+                "\"api_requests\":{\"describe\":1,\"flush_metrics\":2,\"put_metrics\":1}"
+            ),
+            "{}",
             lines[0]
-                .contains("\"api_server\":{\"describe\":1,\"flush_metrics\":2,\"put_metrics\":1}"),
+        );
+        // Firecracker's groups: the first flush was refused (no metrics file yet).
+        assert!(
+            lines[0].contains("\"actions_count\":2,\"actions_fails\":1"),
             "{}",
             lines[0]
         );

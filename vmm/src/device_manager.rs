@@ -125,8 +125,10 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
             Some(limiter(&net.rx_rate_limiter, &net.tap)?),
             Some(limiter(&net.tx_rate_limiter, &net.tap)?),
         );
+        // Named by the interface's id (Firecracker's `net_<iface_id>`), else as the guest
+        // names it.
         let metrics = DeviceMetrics::Net {
-            name: format!("eth{n}"),
+            name: net.id.clone().unwrap_or_else(|| format!("eth{n}")),
             metrics: dev.metrics(),
         };
         devices.push((Box::new(dev), metrics));

@@ -663,7 +663,7 @@ impl Vm {
     pub fn metrics_line(
         &self,
         timestamp_ms: u128,
-        sections: &[(&str, Vec<(&str, u64)>)],
+        sections: &[(String, Vec<(String, u64)>)],
     ) -> String {
         crate::metrics::json_line(
             timestamp_ms,
