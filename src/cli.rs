@@ -106,7 +106,7 @@ pub enum CliError {
     )]
     DiskOption(String),
     #[error(
-        "--net needs tap=NAME, as in --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]; got '{0}'"
+        "--net needs tap=NAME, as in --net tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC][,mtu=N]; got '{0}'"
     )]
     NetSpec(String),
     #[error("{option} {key}= must be a whole number from 1 to {max}, not '{value}'")]

@@ -363,6 +363,7 @@ fn assert_pings_answered(case: &Case, host: &str, count: u32) {
 /// bytes host -> guest, then guest -> host.
 const GUEST_TAP: &str = r#"T=/tools/vsock-io
 for i in 0 1; do echo "ETH$i-MAC=$(cat /sys/class/net/eth$i/address)"; done
+for i in 0 1; do echo "ETH$i-MTU=$(cat /sys/class/net/eth$i/mtu)"; done
 ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0
 ip link set eth1 up && ip addr add 10.0.1.2/24 dev eth1
 ip -4 addr show eth0 | grep -q 'inet 10.0.0.2/24' && echo ETH0-ADDR=yes
@@ -400,7 +401,7 @@ timeout "$CASE_TIMEOUT" $NS "$T" listen tcp:5001 --send {TCP_BYTES} --seed 1 >"$
 timeout "$CASE_TIMEOUT" $NS "$T" listen tcp:5002 --recv >"$WORK/g2h.txt" 2>&1 &
 
 bg_case tap_guest $NS "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRD" --memory 256 \
-    --net tap=fltap0,mac=02:00:00:00:00:10 --net tap=fltap1 --cmdline {g}
+    --net tap=fltap0,mac=02:00:00:00:00:10 --net tap=fltap1,mtu=4000 --cmdline {g}
 GUEST=$BG_PID
 wait_link fltap1 120
 echo "HOST fltap1-during=$(link_state fltap1)"
@@ -427,6 +428,9 @@ sed 's/^/HOST h2g-sent /' "$WORK/h2g.txt"
         "02:00:00:00:00:10",
         "the guest's first NIC does not have the MAC given with mac=\n{ctx}"
     );
+    // mtu= reaches the guest's driver (VIRTIO_NET_F_MTU); without it the default stays.
+    assert_eq!(guest.value_of("ETH0-MTU"), "1500", "{ctx}");
+    assert_eq!(guest.value_of("ETH1-MTU"), "4000", "{ctx}");
     let mac1 = guest.value_of("ETH1-MAC");
     // The default for fltap1: 06:46:4c and the 32-bit FNV-1a hash of "fltap1" without its top byte.
     assert_eq!(

@@ -35,6 +35,7 @@ pub fn field_name(field: Field) -> Option<&'static str> {
         Field::NetTap => "host_dev_name",
         Field::NetId => "iface_id",
         Field::NetMac => "guest_mac",
+        Field::NetMtu => "mtu",
         Field::VsockCid => "guest_cid",
         Field::MetricsPath => "metrics_path",
         // The sentence names the device and the limiter's field itself.
@@ -507,6 +508,7 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetConfig, BodyError> {
             "guest_mac",
             "rx_rate_limiter",
             "tx_rate_limiter",
+            "mtu",
         ],
         &[],
     )?;
@@ -524,6 +526,7 @@ pub fn network_interface(v: &Value, ctx: &str) -> Result<NetConfig, BodyError> {
         mac,
         rx_rate_limiter: rate_limiter(&f, "rx_rate_limiter")?,
         tx_rate_limiter: rate_limiter(&f, "tx_rate_limiter")?,
+        mtu: f.opt_uint("mtu", u16::MAX.into())?.map(|m| m as u16),
     })
 }
 
@@ -842,6 +845,8 @@ struct NetworkInterfaceOut<'a> {
     rx_rate_limiter: Option<RateLimiterOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tx_rate_limiter: Option<RateLimiterOut>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mtu: Option<u16>,
 }
 
 /// One interface; `index` names one without an id (`eth<index>`).
@@ -853,6 +858,7 @@ pub fn network_interface_json(index: usize, n: &NetConfig) -> Value {
         guest_mac: n.mac.as_ref().map(format_mac),
         rx_rate_limiter: rate_limiter_out(&n.rx_rate_limiter),
         tx_rate_limiter: rate_limiter_out(&n.tx_rate_limiter),
+        mtu: n.mtu,
     })
 }
 
@@ -1319,6 +1325,7 @@ mod tests {
                 mac: Some([6, 0, 0xac, 0x10, 0, 2]),
                 rx_rate_limiter: None,
                 tx_rate_limiter: None,
+                mtu: None,
             }
         );
         assert_eq!(
@@ -1335,6 +1342,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(n.rx_rate_limiter, Some(RateLimiterConfig::default()));
+        let mtu = |v: Value| {
+            let mut body = json!({"iface_id": "eth0", "host_dev_name": "tap0"});
+            body["mtu"] = v;
+            network_interface(&body, "")
+        };
+        assert_eq!(mtu(json!(9000)).unwrap().mtu, Some(9000));
+        assert_eq!(mtu(Value::Null).unwrap().mtu, None);
+        assert_eq!(
+            err(mtu(json!(65536))),
+            "mtu must be a whole number from 0 to 65535, not 65536"
+        );
         assert_eq!(
             n.tx_rate_limiter,
             Some(RateLimiterConfig {
@@ -1477,6 +1495,7 @@ mod tests {
                 ops: None,
             }),
             tx_rate_limiter: None,
+            mtu: Some(9000),
         };
         assert_eq!(
             network_interface(&network_interface_json(0, &n), "").unwrap(),

@@ -62,9 +62,10 @@ pub(crate) struct BootArgs {
 
     /// A virtio-net NIC on the host TAP device NAME (opened if it exists, else created and
     /// removed at exit; needs CAP_NET_ADMIN); bw: limit each direction (receive, transmit) to
-    /// that many frame bytes per second (token buckets refilled over 1 s). Repeatable; the
-    /// default MAC is 06:46:4c followed by three bytes of a hash of NAME
-    #[arg(long, value_name = "tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]",
+    /// that many frame bytes per second (token buckets refilled over 1 s); mtu: the MTU
+    /// offered to the guest (68-65535). Repeatable; the default MAC is 06:46:4c followed by
+    /// three bytes of a hash of NAME
+    #[arg(long, value_name = "tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC][,mtu=N]",
           allow_hyphen_values = true, value_parser = values::net)]
     net: Vec<NetConfig>,
 

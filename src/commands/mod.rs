@@ -199,7 +199,7 @@ fn option_for(field: vmm::Field) -> Option<&'static str> {
         Field::Memory => "--memory",
         Field::Cmdline => "--cmdline",
         Field::DriveRoot | Field::DriveId | Field::DrivePartuuid | Field::DrivePath => "--disk",
-        Field::NetTap | Field::NetId | Field::NetMac => "--net",
+        Field::NetTap | Field::NetId | Field::NetMac | Field::NetMtu => "--net",
         Field::VsockCid => "--vsock",
         // The sentence names the device and the limiter itself; the device count has no
         // single option.

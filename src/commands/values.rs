@@ -60,12 +60,13 @@ fn rate(
     }
 }
 
-/// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC]`. `bw` limits each direction
-/// (receive and transmit) to that many frame bytes a second.
+/// `tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,bw=BYTES_PER_SEC][,mtu=N]`. `bw` limits each direction
+/// (receive and transmit) to that many frame bytes a second; `mtu` is offered to the guest.
 pub(crate) fn net(spec: &str) -> Result<NetConfig, CliError> {
     let mut tap = None;
     let mut mac = None;
     let mut bw = None;
+    let mut mtu = None;
     for part in spec.split(',') {
         match part.split_once('=') {
             Some(("tap", name)) if !name.is_empty() && tap.is_none() => tap = Some(name),
@@ -74,6 +75,12 @@ pub(crate) fn net(spec: &str) -> Result<NetConfig, CliError> {
                 mac = Some(parsed);
             }
             Some(("bw", n)) if bw.is_none() => bw = Some(rate("--net", "bw", n)?),
+            Some(("mtu", n)) if mtu.is_none() => {
+                mtu = Some(n.parse::<u16>().map_err(|_| CliError::NotANumber {
+                    option: "--net mtu=",
+                    value: n.to_string(),
+                })?)
+            }
             _ => return Err(CliError::NetSpec(spec.to_string())),
         }
     }
@@ -86,6 +93,7 @@ pub(crate) fn net(spec: &str) -> Result<NetConfig, CliError> {
         mac,
         rx_rate_limiter: limiter,
         tx_rate_limiter: limiter,
+        mtu,
         ..NetConfig::new(tap)
     })
 }

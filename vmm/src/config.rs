@@ -16,6 +16,8 @@ pub const DEFAULT_VCPUS: u32 = 1;
 /// Default guest memory in MiB.
 pub const DEFAULT_MEM_MIB: u64 = 128;
 /// Smallest guest memory accepted, in MiB.
+/// Smallest MTU an interface may be given: what IPv4 needs (RFC 791).
+pub const MIN_MTU: u16 = 68;
 pub const MIN_MEM_MIB: u64 = arch::layout::MIN_MEM_SIZE >> 20;
 /// Largest guest memory accepted, in MiB.
 pub const MAX_MEM_MIB: u64 = arch::layout::MAX_MEM_SIZE >> 20;
@@ -96,6 +98,9 @@ pub struct NetConfig {
     pub rx_rate_limiter: Option<RateLimiterConfig>,
     /// Limits frames from the guest to the TAP; unlimited when `None`.
     pub tx_rate_limiter: Option<RateLimiterConfig>,
+    /// The MTU offered to the guest (`VIRTIO_NET_F_MTU`); the guest's default when `None`.
+    #[serde(default)]
+    pub mtu: Option<u16>,
 }
 
 impl NetConfig {
@@ -107,6 +112,7 @@ impl NetConfig {
             mac: None,
             rx_rate_limiter: None,
             tx_rate_limiter: None,
+            mtu: None,
         }
     }
 }
@@ -261,6 +267,9 @@ impl VmConfig {
                     return Err(ConfigError::MulticastMac(format_mac(&mac)));
                 }
             }
+            if let Some(mtu) = net.mtu.filter(|m| *m < MIN_MTU) {
+                return Err(ConfigError::Mtu(mtu));
+            }
         }
         let limiters = self
             .drives
@@ -342,6 +351,7 @@ pub enum Field {
     NetId,
     /// An interface's MAC address.
     NetMac,
+    NetMtu,
     /// A rate limiter (the error names the device and the limiter's field itself).
     RateLimiter,
     /// The vsock device's guest CID.
@@ -368,6 +378,7 @@ impl ConfigError {
             ConfigError::DuplicateTap(_) => Field::NetTap,
             ConfigError::DuplicateNetId(_) => Field::NetId,
             ConfigError::MulticastMac(_) => Field::NetMac,
+            ConfigError::Mtu(_) => Field::NetMtu,
             ConfigError::VsockCid(_) => Field::VsockCid,
             ConfigError::RateLimiter { .. } => Field::RateLimiter,
         }
@@ -407,6 +418,8 @@ pub enum ConfigError {
     DuplicateNetId(String),
     #[error("MAC address {0} is a multicast address; a network interface needs a unicast one")]
     MulticastMac(String),
+    #[error("an MTU of {0} is too small for IPv4: it must be from {MIN_MTU} to 65535")]
+    Mtu(u16),
     #[error("partition UUID {0:?} must be 1 to {MAX_PARTUUID_LEN} hexadecimal digits and dashes")]
     Partuuid(String),
     #[error("partition UUID {0:?} is given for a disk that is not the root disk")]
@@ -611,6 +624,11 @@ mod tests {
             net("eth0", "tap0", Some([0x02, 0, 0, 0, 0, 1])),
             net("eth1", "tap1", None),
         ];
+        assert_eq!(c.validate(), Ok(()));
+        c.nets[0].mtu = Some(67);
+        assert_eq!(c.validate(), Err(ConfigError::Mtu(67)));
+        assert_eq!(ConfigError::Mtu(67).field(), Field::NetMtu);
+        c.nets[0].mtu = Some(68);
         assert_eq!(c.validate(), Ok(()));
         c.nets[1].id = Some("eth0".into());
         assert_eq!(

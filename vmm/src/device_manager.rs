@@ -121,10 +121,13 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     }
     for (n, net) in config.nets.iter().enumerate() {
         let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
-        let dev = Net::new(&net.tap, mac)?.with_rate_limiters(
+        let mut dev = Net::new(&net.tap, mac)?.with_rate_limiters(
             Some(limiter(&net.rx_rate_limiter, &net.tap)?),
             Some(limiter(&net.tx_rate_limiter, &net.tap)?),
         );
+        if let Some(mtu) = net.mtu {
+            dev = dev.with_mtu(mtu);
+        }
         // Named by the interface's id (Firecracker's `net_<iface_id>`), else as the guest
         // names it.
         let metrics = DeviceMetrics::Net {

@@ -53,14 +53,16 @@ pub const MIN_FRAME_LEN: usize = 14;
 pub use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
 };
 
 /// `status` in the configuration space (le16): the link is up.
 pub const VIRTIO_NET_S_LINK_UP: u16 = virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP as u16;
 
-/// Configuration space: mac[6], status (le16).
-const CONFIG_LEN: usize = 8;
+/// Configuration space: mac[6], status (le16), max_virtqueue_pairs (le16), mtu (le16).
+const CONFIG_LEN: usize = 12;
+/// Offset of `mtu` in the configuration space.
+const CONFIG_MTU_OFFSET: usize = 10;
 /// Offset of `num_buffers` in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize = 10;
 /// The event-loop data value of the TAP.
@@ -415,6 +417,8 @@ impl Net {
         let mut config = [0u8; CONFIG_LEN];
         config[..6].copy_from_slice(&mac);
         config[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        // One queue pair (only read with VIRTIO_NET_F_MQ, which is not offered).
+        config[8..10].copy_from_slice(&1u16.to_le_bytes());
         Ok(Net {
             tap,
             mac,
@@ -450,6 +454,13 @@ impl Net {
     pub fn with_rate_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
+        self
+    }
+
+    /// Offer the guest `mtu` as its interface's MTU (`VIRTIO_NET_F_MTU`).
+    pub fn with_mtu(mut self, mtu: u16) -> Self {
+        self.avail_features |= feature(VIRTIO_NET_F_MTU);
+        self.config[CONFIG_MTU_OFFSET..CONFIG_MTU_OFFSET + 2].copy_from_slice(&mtu.to_le_bytes());
         self
     }
 

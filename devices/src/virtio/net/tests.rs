@@ -205,9 +205,11 @@ fn device_basics_and_config() {
     ] {
         assert_ne!(f & bit, 0, "{bit:#x}");
     }
-    let mut cfg = [0xffu8; 10];
+    // mac, status (link up), one queue pair, no MTU offered.
+    let mut cfg = [0xffu8; 12];
     net.read_config(0, &mut cfg);
-    assert_eq!(cfg, [0x06, 0, 0, 0, 0, 0x42, 1, 0, 0, 0]);
+    assert_eq!(cfg, [0x06, 0, 0, 0, 0, 0x42, 1, 0, 1, 0, 0, 0]);
+    assert_eq!(f & feature(VIRTIO_NET_F_MTU), 0);
     let mut b = [0u8; 2];
     net.read_config(6, &mut b);
     assert_eq!(u16::from_le_bytes(b), VIRTIO_NET_S_LINK_UP);
@@ -215,6 +217,15 @@ fn device_basics_and_config() {
     assert_eq!(b, [0, 0]);
     assert_eq!(net.mac(), MAC);
     assert!(net.tap().created());
+}
+
+#[test]
+fn an_mtu_is_offered_in_the_config_space() {
+    let net = net_on_new_tap(false).with_mtu(9000);
+    assert_ne!(net.avail_features() & feature(VIRTIO_NET_F_MTU), 0);
+    let mut b = [0u8; 2];
+    net.read_config(10, &mut b);
+    assert_eq!(u16::from_le_bytes(b), 9000);
 }
 
 #[test]
