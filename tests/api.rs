@@ -468,8 +468,10 @@ fn errors_have_a_status_and_a_fault_message() {
     let a = c.call("GET", "/balloon", None);
     assert_eq!(
         (a.status, a.fault()),
-        (404, "no such path: /balloon".into())
+        (400, "/balloon: flint has no balloon device yet".into())
     );
+    let a = c.call("GET", "/nope", None);
+    assert_eq!((a.status, a.fault()), (404, "no such path: /nope".into()));
 
     let a = c.call("DELETE", "/vm", None);
     assert_eq!(a.status, 405);

@@ -120,6 +120,31 @@ fn find_route(path: &str) -> Result<Option<(&'static str, &'static str, String)>
     Ok(None)
 }
 
+/// Firecracker's paths for features flint does not have, with the reason: a client gets a
+/// 400 that says so, not a 404 that looks like a typo.
+const MISSING_FEATURES: &[(&str, &str)] = &[
+    ("/mmds", "flint has no microVM metadata service (MMDS) yet"),
+    ("/balloon", "flint has no balloon device yet"),
+    (
+        "/cpu-config",
+        "flint takes no custom CPU templates; the guest sees the host's CPU as KVM reports it",
+    ),
+    ("/hotplug", "flint cannot hot-plug devices or memory"),
+    ("/pmem", "flint has no virtio-pmem devices"),
+    (
+        "/serial",
+        "flint always connects the serial console to its standard input and output",
+    ),
+];
+
+/// The reason flint lacks what `path` (one of Firecracker's) is about, if it is one.
+fn missing_feature(path: &str) -> Option<&'static str> {
+    MISSING_FEATURES.iter().find_map(|(prefix, reason)| {
+        let rest = path.strip_prefix(prefix)?;
+        (rest.is_empty() || rest.starts_with('/')).then_some(*reason)
+    })
+}
+
 /// Parse a request body as one JSON value.
 fn json_body(body: &[u8]) -> Result<Value, Reply> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -147,7 +172,12 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
     let path = path.split_once('?').map_or(path, |(p, _)| p);
     let (pattern, methods, id) = match find_route(path) {
         Err(reply) => return Routed::Reply(reply),
-        Ok(None) => return Routed::Reply(Reply::fault(404, format!("no such path: {path}"))),
+        Ok(None) => {
+            return Routed::Reply(match missing_feature(path) {
+                Some(reason) => Reply::fault(400, format!("{path}: {reason}")),
+                None => Reply::fault(404, format!("no such path: {path}")),
+            })
+        }
         Ok(Some(found)) => found,
     };
     if !methods.split(", ").any(|m| m == method) {
@@ -601,6 +631,23 @@ mod tests {
                 "rate_limiter": {"ops": {"size": 1, "refill_time": 1, "\n": 0}}}"#,
         );
         assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn firecrackers_paths_for_missing_features_say_why() {
+        for (method, path, reason) in [
+            ("PUT", "/mmds/config", "MMDS"),
+            ("GET", "/mmds", "MMDS"),
+            ("PUT", "/balloon", "balloon"),
+            ("GET", "/balloon/statistics", "balloon"),
+            ("PUT", "/cpu-config", "CPU templates"),
+        ] {
+            let (status, msg) = refused(method, path, "{}");
+            assert_eq!(status, 400, "{method} {path}");
+            assert!(msg.starts_with(&format!("{path}: flint ")), "{msg}");
+            assert!(msg.contains(reason), "{msg}");
+        }
+        assert_eq!(refused("GET", "/mmdsx", "").0, 404);
     }
 
     #[test]
