@@ -652,6 +652,11 @@ impl Controller {
         let saved = crate::snapshot::read_state(snapshot_path)
             .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
         overrides.check(&saved.config)?;
+        // Before the console is handed over, so that the client can try again without it.
+        overrides
+            .clock
+            .flags_for(&saved.vm.clock)
+            .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
         if let Err(e) = std::fs::metadata(mem_file_path) {
             return Err(refuse(format!(
                 "cannot load the snapshot: cannot open the memory file {}: {e}",

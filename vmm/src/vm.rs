@@ -235,6 +235,20 @@ pub enum ClockRestore {
     Realtime,
 }
 
+impl ClockRestore {
+    /// The `kvm_clock_data` flags that restore the saved `clock` this way, or why it cannot
+    /// be.
+    pub fn flags_for(self, clock: &kvm_clock_data) -> Result<u32> {
+        match self {
+            ClockRestore::AsSaved => Ok(0),
+            ClockRestore::Realtime if clock.flags & KVM_CLOCK_REALTIME != 0 => {
+                Ok(KVM_CLOCK_REALTIME)
+            }
+            ClockRestore::Realtime => Err(Error::ClockWithoutRealtime),
+        }
+    }
+}
+
 fn restore_vm_state(
     vm: &VmFd,
     state: &crate::snapshot::VmState,
@@ -259,13 +273,8 @@ fn restore_vm_state(
     // The guest's clock continues from the snapshot's value. Flags describe how KVM read the
     // clock (e.g. a host-realtime pair); only the realtime pair applies to setting it, and only
     // when asked: KVM then adds the wall-clock time elapsed since it was read.
-    let flags = match clock {
-        ClockRestore::AsSaved => 0,
-        ClockRestore::Realtime if state.clock.flags & KVM_CLOCK_REALTIME != 0 => KVM_CLOCK_REALTIME,
-        ClockRestore::Realtime => return Err(Error::ClockWithoutRealtime),
-    };
     let clock = kvm_clock_data {
-        flags,
+        flags: clock.flags_for(&state.clock)?,
         ..state.clock
     };
     vm.set_clock(&clock)
@@ -905,6 +914,25 @@ fn spawn_console_input(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clock_advances_by_real_time_only_when_kvm_saved_it() {
+        let saved = kvm_clock_data {
+            clock: 5,
+            flags: KVM_CLOCK_REALTIME | 2,
+            ..Default::default()
+        };
+        assert_eq!(ClockRestore::AsSaved.flags_for(&saved).unwrap(), 0);
+        assert_eq!(
+            ClockRestore::Realtime.flags_for(&saved).unwrap(),
+            KVM_CLOCK_REALTIME
+        );
+        let without = kvm_clock_data { flags: 2, ..saved };
+        assert!(matches!(
+            ClockRestore::Realtime.flags_for(&without),
+            Err(Error::ClockWithoutRealtime)
+        ));
+    }
 
     #[test]
     fn device_parameters_follow_the_configured_cmdline() {

@@ -728,6 +728,10 @@ impl VirtioDevice for Net {
         &self.config
     }
 
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
     fn activate(
         &mut self,
         mem: GuestMemoryMmap,
