@@ -326,6 +326,17 @@ impl RateLimiter {
     }
 }
 
+/// Apply `config` to `limiter` ([`RateLimiter::update`]); false when there is none.
+pub fn update_limiter(limiter: &mut Option<RateLimiter>, config: &RateLimiterConfig) -> bool {
+    match limiter.as_mut() {
+        Some(limiter) => {
+            limiter.update(config);
+            true
+        }
+        None => false,
+    }
+}
+
 impl AsRawFd for RateLimiter {
     fn as_raw_fd(&self) -> RawFd {
         self.timer.as_raw_fd()

@@ -199,28 +199,11 @@ pub fn read_state(path: &Path) -> Result<SnapshotState> {
 /// The data format version of the flint state file at `path` (`flint --describe-snapshot`),
 /// whether or not this flint reads that version.
 pub fn state_version(path: &Path) -> Result<u32> {
-    let bytes = read_state_bytes(path)?;
-    let format = |reason: String| Error::SnapshotFormat {
-        path: path.to_path_buf(),
-        reason,
-    };
-    if bytes.len() as u64 > MAX_STATE_FILE {
-        return Err(format(format!(
-            "it is larger than {} MiB",
-            MAX_STATE_FILE >> 20
-        )));
-    }
-    let header: Header = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
-    if header.magic != MAGIC {
-        return Err(format(format!("it starts with {:?}", header.magic)));
-    }
-    Ok(header.version)
+    Ok(parse_header(&read_state_bytes(path)?, path)?.version)
 }
 
-/// Decode and check the contents of a state file (`path` names it in errors). Anything but a
-/// state file this flint wrote is refused with an error.
-#[doc(hidden)]
-pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState> {
+/// The header of a state file's contents: a flint state file of some version, or an error.
+fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let format = |reason: String| Error::SnapshotFormat {
         path: path.to_path_buf(),
         reason,
@@ -235,6 +218,18 @@ pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState> {
     if header.magic != MAGIC {
         return Err(format(format!("it starts with {:?}", header.magic)));
     }
+    Ok(header)
+}
+
+/// Decode and check the contents of a state file (`path` names it in errors). Anything but a
+/// state file this flint wrote is refused with an error.
+#[doc(hidden)]
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState> {
+    let format = |reason: String| Error::SnapshotFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let header = parse_header(bytes, path)?;
     if header.version != VERSION {
         return Err(Error::SnapshotVersion {
             path: path.to_path_buf(),

@@ -686,8 +686,15 @@ impl Vm {
         )
     }
 
-    /// Give the disk named `id` a new backing file; the guest sees the new medium and size.
-    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<u64> {
+    /// Run `f` on the disk named `id` (with its transport, locked).
+    fn with_disk<T>(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Block) -> Result<T>,
+    ) -> Result<(
+        T,
+        std::sync::MutexGuard<'_, devices::virtio::mmio::MmioTransport>,
+    )> {
         let index = self
             .virtio
             .metrics
@@ -700,29 +707,23 @@ impl Vm {
             .as_any_mut()
             .and_then(|any| any.downcast_mut::<Block>())
             .ok_or_else(|| Error::NotADisk(id.to_string()))?;
-        let size = block.replace_disk(path)?;
+        Ok((f(block)?, transport))
+    }
+
+    /// Give the disk named `id` a new backing file; the guest sees the new medium and size.
+    pub fn replace_disk(&self, id: &str, path: &std::path::Path) -> Result<u64> {
+        let (size, mut transport) = self.with_disk(id, |block| Ok(block.replace_disk(path)?))?;
         transport.notify_config_change();
         Ok(size)
     }
 
     /// New limits for the disk `id`, from its next request on.
     pub fn update_drive_rate_limiter(&self, id: &str, config: &RateLimiterConfig) -> Result<()> {
-        let index = self
-            .virtio
-            .metrics
-            .iter()
-            .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
-            .ok_or_else(|| Error::NoSuchDrive(id.to_string()))?;
-        let mut transport = lock(&self.virtio.transports[index]);
-        let block = transport
-            .device_mut()
-            .as_any_mut()
-            .and_then(|any| any.downcast_mut::<Block>())
-            .ok_or_else(|| Error::NotADisk(id.to_string()))?;
-        if !block.update_rate_limiter(config) {
-            return Err(Error::NoRateLimiter(id.to_string()));
-        }
-        Ok(())
+        self.with_disk(id, |block| match block.update_rate_limiter(config) {
+            true => Ok(()),
+            false => Err(Error::NoRateLimiter(id.to_string())),
+        })
+        .map(|_| ())
     }
 
     /// New receive and/or transmit limits for network interface number `n` (eth`n`), from

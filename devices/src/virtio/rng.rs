@@ -105,13 +105,7 @@ impl Rng {
     /// Apply `config` to the device's rate limiter from its next request on. Returns false
     /// when the device was built without one.
     pub fn update_rate_limiter(&mut self, config: &crate::rate_limiter::RateLimiterConfig) -> bool {
-        match self.limiter.as_mut() {
-            Some(limiter) => {
-                limiter.update(config);
-                true
-            }
-            None => false,
-        }
+        crate::rate_limiter::update_limiter(&mut self.limiter, config)
     }
 
     /// The request counters; the handle stays valid for the device's lifetime.

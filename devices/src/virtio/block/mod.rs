@@ -242,13 +242,7 @@ impl Block {
     /// Apply `config` to the device's rate limiter from its next request on. Returns false
     /// when the device was built without one (see [`Block::with_rate_limiter`]).
     pub fn update_rate_limiter(&mut self, config: &crate::rate_limiter::RateLimiterConfig) -> bool {
-        match self.limiter.as_mut() {
-            Some(limiter) => {
-                limiter.update(config);
-                true
-            }
-            None => false,
-        }
+        crate::rate_limiter::update_limiter(&mut self.limiter, config)
     }
 
     /// The rate limiter, if any.
