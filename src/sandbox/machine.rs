@@ -326,6 +326,50 @@ mod tests {
     }
 
     #[test]
+    fn net_nat_gives_every_sandbox_the_same_nic_and_keeps_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("flint-machine-nat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nat = RunOptions {
+            vcpus: 1,
+            mem_mib: 256,
+            net: Some(SandboxNet::Nat(Default::default())),
+            ..Default::default()
+        };
+        let k = Path::new("/k/vmlinux");
+        let none = ImageDisks::default();
+        let config = vm_config(&nat, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert_eq!(config.nets.len(), 1);
+        assert_eq!(config.nets[0].tap, "flint0");
+        assert_eq!(config.nets[0].mac, Some(nat::GUEST_MAC));
+        assert!(config
+            .cmdline
+            .ends_with(" flint.net=10.0.2.15/24,10.0.2.2,10.0.2.3,10.0.2.4,10.0.2.5"));
+        assert!(same_sandbox(&config, &config));
+        // allow= is the host's business: the guest is the same.
+        let allow = RunOptions {
+            net: Some(SandboxNet::Nat(
+                nat::parse("nat,allow=10.0.0.0/8").unwrap().unwrap(),
+            )),
+            ..nat.clone()
+        };
+        let other = vm_config(&allow, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert!(same_sandbox(&config, &other));
+        // A snapshot without the NIC is not this sandbox, nor the other way round.
+        let plain = RunOptions {
+            net: None,
+            ..nat.clone()
+        };
+        let plain = vm_config(&plain, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert!(plain.nets.is_empty());
+        assert!(!same_sandbox(&plain, &config));
+        assert!(!same_sandbox(&config, &plain));
+        let mut moved = config.clone();
+        moved.nets[0].mac = Some([2, 0, 0, 0, 0, 1]);
+        assert!(!same_sandbox(&moved, &config));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_image_disk_is_attached_read_only_before_the_scratch_disk() {
         let dir = std::env::temp_dir().join(format!("flint-machine-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

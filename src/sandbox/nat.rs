@@ -25,6 +25,7 @@ use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
 
 /// The TAP of the guest's NIC, inside the sandbox's namespace.
 pub const TAP_NAME: &str = "flint0";
@@ -445,14 +446,48 @@ fn sysctl(path: &str, value: &str) -> std::io::Result<()> {
         .write_all(value.as_bytes())
 }
 
+/// What a sandbox's network leaves in the host's namespace until removed.
+#[derive(Debug, Clone, Default)]
+struct HostSide {
+    /// The host's end of the veth pair (empty until created).
+    veth: String,
+    /// The nftables table (`None` until loaded).
+    table: Option<String>,
+}
+
+impl HostSide {
+    /// Delete both. Deleting the host's end of the veth pair deletes the sandbox's too.
+    fn remove(&self) {
+        if !self.veth.is_empty() {
+            if let Err(e) = ip(&["link", "del", &self.veth]) {
+                log::warn!("sandbox: {e}");
+            }
+        }
+        if let Some(table) = &self.table {
+            if let Err(e) = tool("nft", &["delete", "table", "ip", table], None) {
+                log::warn!("sandbox: {e}");
+            }
+        }
+    }
+}
+
+/// A thread that removes the [`HostSide`] when told to (or when its sender is dropped). It
+/// is started before the VM: the thread that runs the VM may not start programs once the VM
+/// runs (its seccomp filter), this one may.
+struct Remover {
+    stop: mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
 /// A sandbox's network: its namespace, veth pair and host rules, removed on drop (the
 /// namespace and what is in it go when the last descriptor of it closes, the VM's TAP
 /// included).
 pub struct Nat {
     host: OwnedFd,
     sandbox: OwnedFd,
-    veth: String,
-    table: Option<String>,
+    /// Until the [`Remover`] has it.
+    host_side: HostSide,
+    remover: Option<Remover>,
 }
 
 impl Nat {
@@ -479,8 +514,8 @@ impl Nat {
         let mut nat = Nat {
             host,
             sandbox: sandbox.map_err(ns_err("open"))?,
-            veth: String::new(),
-            table: None,
+            host_side: HostSide::default(),
+            remover: None,
         };
         let resolvers = host_resolvers();
         if resolvers.is_empty() {
@@ -488,7 +523,7 @@ impl Nat {
         }
         let index = nat.add_veth()?;
         let (host_addr, sandbox_addr) = veth_addrs(index);
-        let veth = nat.veth.clone();
+        let veth = nat.host_side.veth.clone();
         ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &veth])?;
         ip(&["link", "set", &veth, "up"])?;
         let table = own_table();
@@ -503,7 +538,7 @@ impl Nat {
                 &options.allow,
             )),
         )?;
-        nat.table = Some(table);
+        nat.host_side.table = Some(table);
         nat.inside(|| {
             // No IPv6 in the sandbox: only what the rules above cover goes out.
             for conf in ["all", "default"] {
@@ -529,6 +564,21 @@ impl Nat {
             ip(&["link", "set", TAP_NAME, "up"])?;
             tool("nft", &["-f", "-"], Some(&sandbox_ruleset(&resolvers)))
         })??;
+        let (stop, stopped) = mpsc::channel::<()>();
+        let host_side = nat.host_side.clone();
+        let thread = std::thread::Builder::new()
+            .name("flint-nat".into())
+            .spawn(move || {
+                // A message or a dropped sender: either way, time to go.
+                let _ = stopped.recv();
+                host_side.remove();
+            })
+            .map_err(|source| NatError::Namespace {
+                what: "start the thread that cleans up after",
+                source,
+            })?;
+        nat.host_side = HostSide::default();
+        nat.remover = Some(Remover { stop, thread });
         log::debug!("sandbox: network namespace on {veth} ({host_addr}/30)");
         Ok(nat)
     }
@@ -550,7 +600,7 @@ impl Nat {
                 "link", "add", &name, "type", "veth", "peer", "name", UPLINK, "netns", &ns_path,
             ]) {
                 Ok(()) => {
-                    self.veth = name;
+                    self.host_side.veth = name;
                     return Ok(index);
                 }
                 Err(NatError::ToolFailed { message, .. }) if message.contains("exists") => continue,
@@ -576,17 +626,14 @@ impl Nat {
 
 impl Drop for Nat {
     fn drop(&mut self) {
-        // Deleting the host's end deletes the sandbox's too; the namespace itself goes with
-        // the last descriptor of it.
-        if !self.veth.is_empty() {
-            if let Err(e) = ip(&["link", "del", &self.veth]) {
-                log::warn!("sandbox: {e}");
+        // The namespace itself goes with the last descriptor of it.
+        match self.remover.take() {
+            Some(Remover { stop, thread }) => {
+                drop(stop);
+                let _ = thread.join();
             }
-        }
-        if let Some(table) = &self.table {
-            if let Err(e) = tool("nft", &["delete", "table", "ip", table], None) {
-                log::warn!("sandbox: {e}");
-            }
+            // Setting up failed: this thread still may start programs.
+            None => self.host_side.remove(),
         }
     }
 }
