@@ -37,6 +37,9 @@ echo 'root:x:0:' >>/etc/group
 # 10.78.0.1, unused), the host's end of the link 10.77.0.2.
 "$IP" netns add natweb
 "$IP" link add natw0 type veth peer name natw1 netns natweb
+# No IPv6 on the test's link: its addresses would change while the scenario runs (DAD).
+echo 1 >/proc/sys/net/ipv6/conf/natw0/disable_ipv6
+"$IP" netns exec natweb sh -c 'echo 1 >/proc/sys/net/ipv6/conf/natw1/disable_ipv6'
 "$IP" addr add 10.77.0.2/24 dev natw0
 "$IP" link set natw0 up
 "$IP" netns exec natweb "$IP" link set lo up
@@ -46,24 +49,34 @@ echo 'root:x:0:' >>/etc/group
 mkdir -p "$WORK/www" "$WORK/hostwww"
 echo flint-nat-page >"$WORK/www/index.html"
 echo host-page >"$WORK/hostwww/index.html"
-"$IP" netns exec natweb busybox httpd -f -p 10.77.0.1:80 -h "$WORK/www" &
+"$IP" netns exec natweb /bin/busybox httpd -f -vv -p 10.77.0.1:80 -h "$WORK/www" 2>"$WORK/httpd.log" &
 web_pid=$!
-busybox httpd -f -p 8080 -h "$WORK/hostwww" &
+/bin/busybox httpd -f -p 8080 -h "$WORK/hostwww" 2>"$WORK/hosthttpd.log" &
 host_web_pid=$!
 "$IP" netns exec natweb "$FILES/dnsmasq" --keep-in-foreground --user=root --group=root \
     --pid-file= --no-resolv --no-hosts --bind-interfaces --listen-address=10.77.0.1 \
-    --address=/web.flint.test/10.77.0.1 --log-facility="$WORK/dnsmasq.log" &
+    --address=/web.flint.test/10.77.0.1 --log-facility="$WORK/dnsmasq.log" 2>"$WORK/dnsmasq.err" &
 dns_pid=$!
 # The host's resolver: a loopback one (skipped by flint) and the test's.
 printf 'nameserver 127.0.0.53\nnameserver 10.77.0.1\n' >/etc/resolv.conf
-sleep 1
-echo "HOST_FETCH $(wget -q -T 5 -O - http://10.77.0.1/ 2>&1)"
+sleep 2
+for p in $web_pid $host_web_pid $dns_pid; do kill -0 $p || echo "SERVER $p is gone"; done
+# HTTP with nc (busybox's static wget crashes here, in C library code it cannot load):
+# `fetch ADDRESS [PORT]` prints the page's last line, or FETCH-FAILED.
+fetch_fn='fetch() {
+    page=$(printf "GET / HTTP/1.0\r\n\r\n" | nc -w 8 "$1" "${2:-80}" 2>/dev/null | tail -n 1)
+    echo "${page:-FETCH-FAILED}"
+}'
+eval "$fetch_fn"
+echo "HOST_FETCH $(fetch 10.77.0.1)"
+[ "$(fetch 10.77.0.1)" = flint-nat-page ] ||
+    tail -n 5 "$WORK/httpd.log" "$WORK/dnsmasq.err" "$WORK/dnsmasq.log"
 
 # Everything a sandbox could leave behind: interfaces, addresses, routes, nftables rules,
 # named and process network namespaces.
 state() {
     "$IP" -o link | sed 's/ link\/.*//'
-    "$IP" -o addr
+    "$IP" -o addr | sed 's/ tentative//'
     "$IP" route
     "$NFT" list ruleset
     "$IP" netns list
@@ -92,17 +105,20 @@ sandbox() {
     echo "RESTORED $name $(grep -c 'sandbox: restored at' "$WORK/$name.err")"
     leaks "$name"
 }
-fetch='wget -q -T 8 -O - http://10.77.0.1/ || echo FETCH-FAILED'
+fetch="$fetch_fn; fetch 10.77.0.1"
 
 sandbox first --net nat -- sh -c "$fetch; ip -4 addr show eth0 | grep -o 'inet [0-9./]*'"
 echo "MADE $(grep -c 'snapshot of the booted guest made' "$WORK/first.err")"
 sandbox restored --net nat -- sh -c "$fetch"
-sandbox dns --net nat -- sh -c 'nslookup web.flint.test >/dev/null && echo RESOLVED; wget -q -T 8 -O - http://web.flint.test/ || echo FETCH-FAILED'
+# busybox nslookup asks the name servers of /etc/resolv.conf itself.
+sandbox dns --net nat -- sh -c "$fetch_fn"'
+    addr=$(nslookup web.flint.test | awk "/^Name:/ { n = 1 } n && /^Address/ { print \$2 }")
+    echo "RESOLVED:$addr"; fetch "$addr"'
 sandbox denied --net nat,allow=10.78.0.0/24 -- sh -c "$fetch"
 sandbox allowed --net nat,allow=10.78.0.0/24,allow=10.77.0.1:80 -- sh -c "$fetch"
 sandbox wrongport --net nat,allow=10.77.0.1:81 -- sh -c "$fetch"
-sandbox hostaddr --net nat -- sh -c 'wget -q -T 5 -O - http://10.77.0.2:8080/ || echo FETCH-FAILED'
-sandbox hostallowed --net nat,allow=10.77.0.2:8080 -- sh -c 'wget -q -T 8 -O - http://10.77.0.2:8080/ || echo FETCH-FAILED'
+sandbox hostaddr --net nat -- sh -c "$fetch_fn; fetch 10.77.0.2 8080"
+sandbox hostallowed --net nat,allow=10.77.0.2:8080 -- sh -c "$fetch_fn; fetch 10.77.0.2 8080"
 
 # Eight at once.
 for i in 1 2 3 4 5 6 7 8; do
@@ -209,7 +225,7 @@ fn flint_run_net_nat() {
     assert_eq!(status("dns"), "0");
     assert_eq!(
         output("dns"),
-        "[RESOLVED flint-nat-page ]",
+        "[RESOLVED:10.77.0.1 flint-nat-page ]",
         "names resolve through the host's resolver"
     );
     assert_eq!(
