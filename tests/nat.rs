@@ -95,9 +95,12 @@ leaks() {
 sandbox() {
     name=$1
     shift
+    t0=$(cut -d' ' -f1 /proc/uptime)
     FLINT_LOG=debug timeout -k 10 240 $R "$@" </dev/null >"$WORK/$name.out" 2>"$WORK/$name.err"
     rc=$?
+    t1=$(cut -d' ' -f1 /proc/uptime)
     echo "STATUS $name $rc"
+    echo "TIMING $name: run $(echo "$t0 $t1" | awk '{ printf "%d", ($2 - $1) * 1000 }') ms, network $(grep -o 'set up in [0-9]* ms' "$WORK/$name.err")"
     echo "OUT $name [$(tr '\n' ' ' <"$WORK/$name.out")]"
     if [ $rc != 0 ] && [ $rc != 1 ]; then
         rig_fault $rc "$WORK/$name.err" || grep -v 'flint: debug' "$WORK/$name.err" | tail -n 15

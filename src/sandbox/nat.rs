@@ -265,6 +265,27 @@ pub fn sandbox_ruleset(resolvers: &[Ipv4Addr]) -> String {
     )
 }
 
+/// The `ip -batch` commands that set up the sandbox's namespace: `lo`, the uplink with
+/// `sandbox_addr` and a default route to `host_addr`, and the TAP with the gateway's and the
+/// name servers' addresses and MAC address.
+fn sandbox_ip_script(sandbox_addr: Ipv4Addr, host_addr: Ipv4Addr) -> String {
+    let mut script = format!(
+        "link set lo up
+addr add {sandbox_addr}/30 dev {UPLINK}
+link set {UPLINK} up
+route add default via {host_addr}
+tuntap add dev {TAP_NAME} mode tap vnet_hdr
+link set {TAP_NAME} address {GATEWAY_MAC}
+addr add {GATEWAY}/{GUEST_PREFIX} dev {TAP_NAME}
+"
+    );
+    for dns in DNS_ADDRS {
+        let _ = writeln!(script, "addr add {dns}/32 dev {TAP_NAME}");
+    }
+    let _ = writeln!(script, "link set {TAP_NAME} up");
+    script
+}
+
 /// The IPv4 name servers of a resolv.conf, but loopback ones (unreachable from a sandbox),
 /// at most 3 (as the C library uses).
 pub fn resolvers_in(text: &str) -> Vec<Ipv4Addr> {
@@ -497,6 +518,7 @@ impl Nat {
         if unsafe { libc::geteuid() } != 0 {
             return Err(NatError::NotRoot);
         }
+        let began = std::time::Instant::now();
         remove_stale_tables()?;
         let forwarding = read_small("/proc/sys/net/ipv4/ip_forward").unwrap_or_default();
         if forwarding.trim() != "1" {
@@ -524,8 +546,8 @@ impl Nat {
         let index = nat.add_veth()?;
         let (host_addr, sandbox_addr) = veth_addrs(index);
         let veth = nat.host_side.veth.clone();
-        ip(&["addr", "add", &format!("{host_addr}/30"), "dev", &veth])?;
-        ip(&["link", "set", &veth, "up"])?;
+        let host_script = format!("addr add {host_addr}/30 dev {veth}\nlink set {veth} up\n");
+        tool("ip", &["-batch", "-"], Some(&host_script))?;
         let table = own_table();
         tool(
             "nft",
@@ -545,23 +567,11 @@ impl Nat {
                 let _ = sysctl(&format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1");
             }
             sysctl("/proc/sys/net/ipv4/ip_forward", "1").map_err(NatError::Forwarding)?;
-            ip(&["link", "set", "lo", "up"])?;
-            ip(&["addr", "add", &format!("{sandbox_addr}/30"), "dev", UPLINK])?;
-            ip(&["link", "set", UPLINK, "up"])?;
-            ip(&["route", "add", "default", "via", &host_addr.to_string()])?;
-            ip(&["tuntap", "add", "dev", TAP_NAME, "mode", "tap", "vnet_hdr"])?;
-            ip(&["link", "set", TAP_NAME, "address", GATEWAY_MAC])?;
-            ip(&[
-                "addr",
-                "add",
-                &format!("{GATEWAY}/{GUEST_PREFIX}"),
-                "dev",
-                TAP_NAME,
-            ])?;
-            for dns in DNS_ADDRS {
-                ip(&["addr", "add", &format!("{dns}/32"), "dev", TAP_NAME])?;
-            }
-            ip(&["link", "set", TAP_NAME, "up"])?;
+            tool(
+                "ip",
+                &["-batch", "-"],
+                Some(&sandbox_ip_script(sandbox_addr, host_addr)),
+            )?;
             tool("nft", &["-f", "-"], Some(&sandbox_ruleset(&resolvers)))
         })??;
         let (stop, stopped) = mpsc::channel::<()>();
@@ -579,7 +589,10 @@ impl Nat {
             })?;
         nat.host_side = HostSide::default();
         nat.remover = Some(Remover { stop, thread });
-        log::debug!("sandbox: network namespace on {veth} ({host_addr}/30)");
+        log::debug!(
+            "sandbox: network namespace on {veth} ({host_addr}/30) set up in {} ms",
+            began.elapsed().as_millis()
+        );
         Ok(nat)
     }
 
@@ -774,6 +787,28 @@ mod tests {
         let input = limited.split("chain input").nth(1).unwrap();
         assert!(input.contains(r#"iifname "flv0" ip daddr 10.7.0.0/16 accept"#));
         assert!(input.trim_end().ends_with("iifname \"flv0\" drop\n  }\n}"));
+    }
+
+    #[test]
+    fn the_namespace_script_sets_up_uplink_and_tap() {
+        let script = sandbox_ip_script(Ipv4Addr::new(10, 254, 0, 6), Ipv4Addr::new(10, 254, 0, 5));
+        let lines: Vec<&str> = script.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "link set lo up",
+                "addr add 10.254.0.6/30 dev uplink",
+                "link set uplink up",
+                "route add default via 10.254.0.5",
+                "tuntap add dev flint0 mode tap vnet_hdr",
+                "link set flint0 address 02:66:6c:00:00:02",
+                "addr add 10.0.2.2/24 dev flint0",
+                "addr add 10.0.2.3/32 dev flint0",
+                "addr add 10.0.2.4/32 dev flint0",
+                "addr add 10.0.2.5/32 dev flint0",
+                "link set flint0 up",
+            ]
+        );
     }
 
     #[test]
