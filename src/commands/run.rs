@@ -39,7 +39,7 @@ With --net nat, the guest's eth0 has {guest}/{prefix}, gateway {gw}, and name se
 lead to the host's own (from /etc/resolv.conf, or systemd-resolved's upstream ones). flint
 makes a network namespace for the sandbox, with the TAP and one end of a veth pair in it; the
 other end, flvN, gets a /30 of 10.254.0.0/16 in the host's; an nftables table
-flint_PID_STARTTIME masquerades the sandbox's traffic and keeps it from the host's own
+flint_PID_STARTTIME_N masquerades the sandbox's traffic and keeps it from the host's own
 addresses and from other sandboxes. It sets net.ipv4.ip_forward=1 (and leaves it so). All
 of it is removed when flint ends; after a `kill -9` only the nftables table stays, and the
 next `flint run --net nat` removes it. Each allow=CIDR[:PORT] lets the sandbox reach that

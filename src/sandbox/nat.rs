@@ -10,10 +10,11 @@
 //! ([`DNS_ADDRS`]) are addresses inside the namespace that are forwarded (DNAT) to the host's
 //! own resolvers.
 //!
-//! On the host, an nftables table per sandbox ([`host_ruleset`]) named after flint's pid and
-//! start time keeps the sandbox from reaching the host's own addresses and other sandboxes,
-//! and applies `allow=`. That table is the only thing `kill -9` can leave behind: the next
-//! `flint run --net nat` removes tables whose flint is gone ([`remove_stale_tables`]).
+//! On the host, an nftables table per sandbox ([`host_ruleset`]) named after flint's pid,
+//! start time and veth keeps the sandbox from reaching the host's own addresses and other
+//! sandboxes, and applies `allow=`. That table is the only thing `kill -9` can leave behind:
+//! the next `flint run --net nat` removes tables whose flint is gone
+//! ([`remove_stale_tables`]).
 //!
 //! The interface to the kernel is Debian's `ip` (iproute2) and `nft` (nftables), run as child
 //! processes; the ones that act inside the sandbox's namespace are started from this thread
@@ -53,7 +54,7 @@ const VETH_PREFIX: &str = "flv";
 const VETH_BASE: u32 = u32::from_be_bytes([10, 254, 0, 0]);
 /// How many sandboxes with `--net nat` may run at once (/30s in a /16).
 const MAX_SANDBOXES: u32 = 1 << 14;
-/// The prefix of the host's nftables tables: `flint_PID_STARTTIME`.
+/// The prefix of the host's nftables tables: `flint_PID_STARTTIME_N` (N of `flvN`).
 const TABLE_PREFIX: &str = "flint_";
 /// The kernel command-line parameter the sandbox's init configures the guest's eth0 from.
 pub const NET_PARAM: &str = "flint.net";
@@ -393,33 +394,53 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// This flint's table name.
-fn own_table() -> String {
+/// This flint's table name for sandbox `index` (`flvINDEX`).
+fn own_table(index: u32) -> String {
     let pid = std::process::id();
-    format!("{TABLE_PREFIX}{pid}_{}", start_time(pid).unwrap_or(0))
+    format!(
+        "{TABLE_PREFIX}{pid}_{}_{index}",
+        start_time(pid).unwrap_or(0)
+    )
 }
 
-/// The flint tables in `listing` (`nft list tables` output) whose flint is gone, judged by
-/// `alive(pid, start_time)`.
-pub fn stale_tables(listing: &str, alive: impl Fn(u32, u64) -> bool) -> Vec<String> {
+/// Whether the calling thread's network namespace has an interface `name`.
+fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a NUL-terminated string that outlives the call, which only reads it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// The flint tables (`flint_PID_STARTTIME_N`) in `listing` (`nft list tables` output) that
+/// belong to no sandbox any more, judged by `alive(pid, start_time, n)`.
+pub fn stale_tables(listing: &str, alive: impl Fn(u32, u64, u32) -> bool) -> Vec<String> {
     let mut stale = Vec::new();
     for line in listing.lines().take(100_000) {
         let Some(name) = line.trim().strip_prefix("table ip ") else {
             continue;
         };
-        let Some((pid, start)) = name
-            .strip_prefix(TABLE_PREFIX)
-            .and_then(|rest| rest.split_once('_'))
-        else {
+        let Some(rest) = name.strip_prefix(TABLE_PREFIX) else {
             continue;
         };
-        if let (Ok(pid), Ok(start)) = (pid.parse::<u32>(), start.parse::<u64>()) {
-            if !alive(pid, start) {
+        let parts: Vec<&str> = rest.splitn(4, '_').collect();
+        let [pid, start, index] = parts[..] else {
+            continue;
+        };
+        if let (Ok(pid), Ok(start), Ok(index)) = (pid.parse(), start.parse(), index.parse()) {
+            if !alive(pid, start, index) {
                 stale.push(name.to_string());
             }
         }
     }
     stale
+}
+
+/// Whether the sandbox of table `flint_PID_START_INDEX` may still run: its flint does (the
+/// same process: same start time), or its veth `flvINDEX` is still there (its flint may run
+/// in another PID namespace, where `pid` means nothing; a killed flint's veth goes with it).
+fn sandbox_alive(pid: u32, start: u64, index: u32) -> bool {
+    start_time(pid) == Some(start) || interface_exists(&format!("{VETH_PREFIX}{index}"))
 }
 
 /// Remove the host's nftables tables of `flint run --net nat` processes that are gone (they
@@ -437,7 +458,7 @@ pub fn remove_stale_tables() -> Result<(), NatError> {
             source,
         })?;
     let listing = String::from_utf8_lossy(&out.stdout);
-    for table in stale_tables(&listing, |pid, start| start_time(pid) == Some(start)) {
+    for table in stale_tables(&listing, sandbox_alive) {
         log::debug!("sandbox: removing the nftables table {table} of a flint that is gone");
         let _ = tool("nft", &["delete", "table", "ip", &table], None);
     }
@@ -548,7 +569,7 @@ impl Nat {
         let veth = nat.host_side.veth.clone();
         let host_script = format!("addr add {host_addr}/30 dev {veth}\nlink set {veth} up\n");
         tool("ip", &["-batch", "-"], Some(&host_script))?;
-        let table = own_table();
+        let table = own_table(index);
         tool(
             "nft",
             &["-f", "-"],
@@ -605,7 +626,7 @@ impl Nat {
         );
         for index in 0..MAX_SANDBOXES {
             let name = format!("{VETH_PREFIX}{index}");
-            if std::path::Path::new("/sys/class/net").join(&name).exists() {
+            if interface_exists(&name) {
                 continue;
             }
             // Creating it is what reserves the name: another flint may have taken it since.
@@ -845,18 +866,28 @@ mod tests {
 
     #[test]
     fn stale_tables_are_those_whose_flint_is_gone() {
-        let listing = "table ip nat\ntable ip flint_10_500\ntable ip flint_11_600\n\
-                       table ip flint_12_700\ntable ip flint_x_1\ntable inet flint_13_1\n";
-        let alive = |pid: u32, start: u64| (pid, start) == (10, 500) || (pid, start) == (12, 1);
+        let listing = "table ip nat\ntable ip flint_10_500_0\ntable ip flint_11_600_1\n\
+                       table ip flint_12_700_2\ntable ip flint_x_1_3\ntable inet flint_13_1_4\n\
+                       table ip flint_14_1\ntable ip flint_15_1_5_6\ntable ip flint_16_1_7\n";
+        // 10 runs; 12 is another process now; 16 is gone but its veth flv7 is there.
+        let alive = |pid: u32, start: u64, index: u32| {
+            (pid, start) == (10, 500) || (pid, start) == (12, 1) || index == 7
+        };
         assert_eq!(
             stale_tables(listing, alive),
-            ["flint_11_600", "flint_12_700"]
+            ["flint_11_600_1", "flint_12_700_2"]
         );
     }
 
     #[test]
     fn this_process_has_a_start_time() {
         assert!(start_time(std::process::id()).is_some());
-        assert!(own_table().starts_with(&format!("flint_{}_", std::process::id())));
+        let pid = std::process::id();
+        let table = own_table(3);
+        assert!(table.starts_with(&format!("flint_{pid}_")), "{table}");
+        assert!(table.ends_with("_3"), "{table}");
+        assert!(sandbox_alive(pid, start_time(pid).unwrap(), u32::MAX));
+        assert!(!sandbox_alive(pid, start_time(pid).unwrap() + 1, u32::MAX));
+        assert!(interface_exists("lo"));
     }
 }
