@@ -5,8 +5,9 @@
 //! The "internet" is a network namespace the scenario makes, reached from the host's over a
 //! veth pair: busybox httpd serves a page on 10.77.0.1 there, and dnsmasq answers for
 //! `web.flint.test` on the same address, which the host's /etc/resolv.conf names. Another
-//! httpd listens on the host's own addresses (port 8080). flint finds Debian's `ip` and `nft`
-//! on PATH.
+//! httpd listens on the host's own addresses (port 8080). A one-layer busybox image made here
+//! checks that an `--image` sandbox's root sees the name servers. flint finds Debian's `ip`,
+//! `nft` and `mkfs.ext4` on PATH.
 
 mod support;
 
@@ -21,6 +22,80 @@ fn tool(candidates: &[&str], package: &str) -> PathBuf {
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .unwrap_or_else(|| panic!("{} is missing (apt-get install {package})", candidates[0]))
+}
+
+/// The hex SHA-256 of `data`.
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A one-layer OCI image layout at `dir`: static busybox as /bin/busybox and the applets the
+/// scenario calls as links, PATH=/bin. Nothing else: no /etc at all, so the name servers the
+/// guest sees in it come from the sandbox.
+fn busybox_image(dir: &std::path::Path) {
+    let busybox = std::fs::read(tool(&["/bin/busybox"], "busybox-static")).unwrap();
+    let mut layer = tar::Builder::new(Vec::new());
+    let header = |kind: tar::EntryType, path: &str, mode: u32, size: u64| {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_path(path).unwrap();
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_size(size);
+        h
+    };
+    let mut dir_header = header(tar::EntryType::Directory, "bin/", 0o755, 0);
+    dir_header.set_cksum();
+    layer.append(&dir_header, &[][..]).unwrap();
+    let mut bin = header(
+        tar::EntryType::Regular,
+        "bin/busybox",
+        0o755,
+        busybox.len() as u64,
+    );
+    bin.set_cksum();
+    layer.append(&bin, &busybox[..]).unwrap();
+    for applet in ["sh", "cat", "tr", "nc", "nslookup", "awk", "tail"] {
+        let mut link = header(tar::EntryType::Symlink, &format!("bin/{applet}"), 0o777, 0);
+        link.set_link_name("busybox").unwrap();
+        link.set_cksum();
+        layer.append(&link, &[][..]).unwrap();
+    }
+    let layer = layer.into_inner().unwrap();
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let hex = sha256_hex(data);
+        std::fs::write(blobs.join(&hex), data).unwrap();
+        serde_json::json!({ "digest": format!("sha256:{hex}"), "size": data.len() })
+    };
+    let mut layer_desc = put(&layer);
+    let config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": { "Env": ["PATH=/bin"] },
+        "rootfs": { "type": "layers", "diff_ids": [layer_desc["digest"].clone()] },
+    });
+    let mut config_desc = put(&serde_json::to_vec(&config).unwrap());
+    layer_desc["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+    config_desc["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_desc,
+        "layers": [layer_desc],
+    });
+    let mut manifest_desc = put(&serde_json::to_vec(&manifest).unwrap());
+    manifest_desc["mediaType"] = "application/vnd.oci.image.manifest.v1+json".into();
+    let index = serde_json::json!({ "schemaVersion": 2, "manifests": [manifest_desc] });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
 const SCENARIO: &str = r#"
@@ -120,6 +195,13 @@ sandbox dns --net nat -- sh -c "$fetch_fn"'
 sandbox denied --net nat,allow=10.78.0.0/24 -- sh -c "$fetch"
 sandbox allowed --net nat,allow=10.78.0.0/24,allow=10.77.0.1:80 -- sh -c "$fetch"
 sandbox wrongport --net nat,allow=10.77.0.1:81 -- sh -c "$fetch"
+# A container image's root sees the sandbox's name servers (it has no /etc of its own); the
+# first run converts the image (mkfs.ext4 from PATH) and boots, the second restores.
+image_cmd="echo \$(cat /etc/resolv.conf); $fetch_fn"'
+    addr=$(nslookup web.flint.test | awk "/^Name:/ { n = 1 } n && /^Address/ { print \$2 }")
+    fetch "$addr"'
+sandbox image1 --image "$FILES/image" --net nat -- sh -c "$image_cmd"
+sandbox image2 --image "$FILES/image" --net nat -- sh -c "$image_cmd"
 sandbox hostaddr --net nat -- sh -c "$fetch_fn; fetch 10.77.0.2 8080"
 sandbox hostallowed --net nat,allow=10.77.0.2:8080 -- sh -c "$fetch_fn; fetch 10.77.0.2 8080"
 
@@ -171,13 +253,15 @@ fn line<'a>(output: &'a str, key: &str) -> &'a str {
 
 #[test]
 fn flint_run_net_nat() {
-    let image = cache_dir().join("sandbox/initramfs.cpio.gz");
+    let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
     assert!(
-        image.is_file(),
+        sandbox.is_file(),
         "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
     );
+    let image = support::TempDir::new("nat-image");
+    busybox_image(&image.0.join("image"));
     let files = [
-        (image, "sandbox.cpio.gz"),
+        (sandbox, "sandbox.cpio.gz"),
         (
             tool(
                 &["/usr/sbin/ip", "/usr/bin/ip", "/sbin/ip", "/bin/ip"],
@@ -187,6 +271,11 @@ fn flint_run_net_nat() {
         ),
         (tool(&["/usr/sbin/nft", "/usr/bin/nft"], "nftables"), "nft"),
         (tool(&["/usr/sbin/dnsmasq"], "dnsmasq-base"), "dnsmasq"),
+        (
+            tool(&["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"], "e2fsprogs"),
+            "mkfs.ext4",
+        ),
+        (image.0.join("image"), "image"),
     ];
     let options = ScenarioOptions {
         timeout_secs: 1500,
@@ -246,6 +335,19 @@ fn flint_run_net_nat() {
         "[FETCH-FAILED ]",
         "allow= with a port lets only that port through"
     );
+    for run in ["image1", "image2"] {
+        assert_eq!(status(run), "0");
+        assert_eq!(
+            output(run),
+            "[nameserver 10.0.2.3 nameserver 10.0.2.4 nameserver 10.0.2.5 flint-nat-page ]",
+            "{run}: a container image's root sees the sandbox's name servers, which work"
+        );
+    }
+    assert_eq!(
+        line(out, "RESTORED image2 "),
+        "1",
+        "an image's --net nat run restores the snapshot"
+    );
     assert_eq!(
         output("hostaddr"),
         "[FETCH-FAILED ]",
@@ -272,6 +374,8 @@ fn flint_run_net_nat() {
         "wrongport",
         "hostaddr",
         "hostallowed",
+        "image1",
+        "image2",
         "parallel",
     ] {
         assert_eq!(leaks(name), "none", "after {name}: something was left");
