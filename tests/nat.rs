@@ -136,7 +136,7 @@ dns_pid=$!
 printf 'nameserver 127.0.0.53\nnameserver 10.77.0.1\n' >/etc/resolv.conf
 sleep 2
 for p in $web_pid $host_web_pid $dns_pid; do kill -0 $p || echo "SERVER $p is gone"; done
-# HTTP with nc (busybox's static wget crashes here, in C library code it cannot load):
+# HTTP with nc (Debian's busybox 1.35 wget crashes with -T, which the refused cases need):
 # `fetch ADDRESS [PORT]` prints the page's last line, or FETCH-FAILED.
 fetch_fn='fetch() {
     page=$(printf "GET / HTTP/1.0\r\n\r\n" | nc -w 8 "$1" "${2:-80}" 2>/dev/null | tail -n 1)
