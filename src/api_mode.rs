@@ -24,6 +24,45 @@ pub struct ApiOptions {
     pub api_sock: Option<PathBuf>,
     pub config_file: Option<PathBuf>,
     pub id: String,
+    /// The logger from `--level`, `--log-path`, ..., set before anything else.
+    pub logger: Option<LoggerConfig>,
+    /// `--metrics-path`, set before the config file's requests.
+    pub metrics_path: Option<PathBuf>,
+    /// `--boot-timer`: Firecracker's boot-timer MMIO device too.
+    pub boot_timer: bool,
+    /// The largest API request body accepted (`--http-api-max-payload-size`).
+    pub max_body: usize,
+    /// `--start-time-us`: when the process started (wall clock, µs since the epoch), the
+    /// origin of the guest's boot time.
+    pub start_time_us: Option<u64>,
+}
+
+impl ApiOptions {
+    /// The requests the command line makes before a config file's: the logger, then metrics.
+    fn startup_requests(&self) -> Vec<ApiRequest> {
+        let logger = self.logger.clone().map(ApiRequest::SetLogger);
+        let metrics = self
+            .metrics_path
+            .clone()
+            .map(|p| ApiRequest::Vmm(Request::SetMetrics(p)));
+        logger.into_iter().chain(metrics).collect()
+    }
+}
+
+/// `start` moved back to `start_time_us` (wall clock), when that is in the past.
+fn process_start(start: Instant, start_time_us: Option<u64>) -> Instant {
+    let Some(us) = start_time_us else {
+        return start;
+    };
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0);
+    let before = Duration::from_micros(now_us.saturating_sub(us));
+    Instant::now()
+        .checked_sub(before)
+        .unwrap_or(start)
+        .min(start)
 }
 
 /// The VMM thread's side of the API and the config file: the controller that owns the VM,
@@ -40,10 +79,13 @@ impl Frontend {
             ApiRequest::Vmm(request) => self.controller.handle(request.clone()),
             ApiRequest::SetLogger(logger) => {
                 self.controller.count_request("put_logger");
-                crate::logger::redirect(logger).map_err(|message| RequestError {
-                    field: None,
-                    message,
-                })?;
+                if let Err(message) = crate::logger::redirect(logger) {
+                    self.controller.count_refusal("put_logger");
+                    return Err(RequestError {
+                        field: None,
+                        message,
+                    });
+                }
                 self.logger = Some(logger.clone());
                 Ok(Response::Done)
             }
@@ -62,6 +104,7 @@ const METRICS_PERIOD: Duration = Duration::from_secs(60);
 
 /// Run the VMM thread: configure from the file, serve the API, and exit when the VM ends.
 pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
+    let start = process_start(start, options.start_time_us);
     let wake = match EventFd::new(EFD_NONBLOCK) {
         Ok(w) => w,
         Err(e) => return fail(&format!("cannot create an eventfd: {e}")),
@@ -84,17 +127,24 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
         ),
         logger: None,
     };
+    if options.boot_timer {
+        frontend.controller.enable_boot_timer();
+    }
+    for request in options.startup_requests() {
+        if let Err(e) = frontend.handle(&request) {
+            return fail(&schema::request_error_message(&e));
+        }
+    }
 
     // The API server first: its thread must start, and its socket be bound, before a VM from
     // the config file starts and this thread restricts itself (its filter allows neither, and
     // threads inherit it).
     let (tx, rx) = mpsc::channel::<(ApiRequest, mpsc::Sender<Reply>)>();
     let server = match &options.api_sock {
-        Some(path) => match wake
-            .try_clone()
-            .map_err(|e| e.to_string())
-            .and_then(|w| ApiServer::start(path, tx, w).map_err(|e: ApiError| e.to_string()))
-        {
+        Some(path) => match wake.try_clone().map_err(|e| e.to_string()).and_then(|w| {
+            ApiServer::start_with_max_body(path, tx, w, options.max_body)
+                .map_err(|e: ApiError| e.to_string())
+        }) {
             Ok(server) => Some(server),
             Err(e) => {
                 drop(raw_terminal);

@@ -32,6 +32,10 @@ pub enum Command {
     Completions(clap_complete::Shell),
     /// Print a man page: flint's own, or a subcommand's.
     Man(Option<String>),
+    /// Print the data format version of a snapshot state file.
+    DescribeSnapshot(std::path::PathBuf),
+    /// Print the snapshot data format version this flint writes.
+    SnapshotVersion,
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
@@ -55,6 +59,18 @@ pub enum CliError {
     NotANumber { option: &'static str, value: String },
     #[error("{0} was given more than once")]
     Repeated(String),
+    #[error("{option} is not supported: {reason}")]
+    Unsupported {
+        option: &'static str,
+        reason: &'static str,
+    },
+    #[error("{option} must be from {min} to {max}, not {value}")]
+    Range {
+        option: &'static str,
+        value: String,
+        min: u64,
+        max: u64,
+    },
     #[error(
         "--no-api needs --config-file: without the API, the VM can only be configured from a file"
     )]
@@ -133,8 +149,8 @@ pub enum CliError {
     Usage(String),
     #[error("{option} takes a size in bytes with an optional K, M or G suffix (powers of 1024), as in 512M, not '{value}'")]
     Size { option: &'static str, value: String },
-    #[error("pulling from a registry is not supported yet: give an OCI layout, an OCI archive or a docker save tarball (e.g. from `skopeo copy` or `docker save`)")]
-    RegistryImage,
+    #[error("--insecure-registry takes a registry as image references name it, HOST[:PORT] (e.g. 127.0.0.1:5000), not '{0}'")]
+    InsecureRegistry(String),
     #[error("--image {0}: no such OCI layout directory, OCI archive or docker save tarball")]
     ImageMissing(String),
     #[error("--image {value}: {reason}")]
@@ -587,10 +603,33 @@ mod tests {
                 "{bad}: {e:?}"
             );
         }
-        // Registries are not supported yet: one sentence says what is.
-        let e = run(&["run", "--image", "python:3.12-slim", "--", "true"]).unwrap_err();
-        assert_eq!(e, CliError::RegistryImage);
-        assert!(e.to_string().contains("docker save"), "{e}");
+        // Registry references, with registries allowed over plain HTTP.
+        let o = run(&["run", "--image", "python:3.12-slim", "--", "true"]).unwrap();
+        assert_eq!(
+            o.image,
+            Some(flint_image::ImageRef::parse("python:3.12-slim").unwrap())
+        );
+        assert!(o.insecure_registries.is_empty());
+        let o = run(&[
+            "run",
+            "--image",
+            "127.0.0.1:5000/app:1",
+            "--insecure-registry",
+            "127.0.0.1:5000",
+            "--insecure-registry=registry.local",
+        ])
+        .unwrap();
+        assert_eq!(o.insecure_registries, ["127.0.0.1:5000", "registry.local"]);
+        for bad in ["http://127.0.0.1:5000", "127.0.0.1:5000/x", "", "a:b"] {
+            let e = run(&[
+                "run",
+                "--image",
+                "app",
+                &format!("--insecure-registry={bad}"),
+            ])
+            .unwrap_err();
+            assert_eq!(e, CliError::InsecureRegistry(bad.into()), "{bad}");
+        }
         let e = run(&["run", "--image", "/no/such/image", "--", "true"]).unwrap_err();
         assert_eq!(e, CliError::ImageMissing("/no/such/image".into()));
         let e = run(&["run", "--image", "missing.tar", "--", "true"]).unwrap_err();

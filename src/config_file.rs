@@ -25,6 +25,26 @@ pub const KEYS: &[&str] = &[
     "entropy",
 ];
 
+/// Firecracker's config-file keys for features flint does not have: accepted when null (as
+/// Firecracker's own example files write them), refused with the reason otherwise.
+pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    ("balloon", "flint has no balloon device yet"),
+    (
+        "mmds-config",
+        "flint has no microVM metadata service (MMDS) yet",
+    ),
+    (
+        "cpu-config",
+        "flint does not take custom CPU templates; it presents the host's CPU as KVM reports it",
+    ),
+    ("pmem", "flint has no virtio-pmem devices"),
+    ("memory-hotplug", "flint cannot hot-plug guest memory"),
+    (
+        "serial",
+        "flint always connects the serial console to its standard input and output",
+    ),
+];
+
 /// A config file that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigFileError {
@@ -91,12 +111,21 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
             "the document must be a JSON object with keys such as \"boot-source\"".into(),
         ));
     };
-    if let Some(key) = doc.keys().find(|k| !KEYS.contains(&k.as_str())) {
-        return Err(BodyError(format!(
-            "unknown key '{}' (expected {})",
-            schema::quote_str(key),
-            KEYS.join(", ")
-        )));
+    for (key, value) in doc {
+        if KEYS.contains(&key.as_str()) {
+            continue;
+        }
+        match UNSUPPORTED_KEYS.iter().find(|(k, _)| k == key) {
+            Some(_) if value.is_null() => {}
+            Some((_, reason)) => return Err(BodyError(format!("{key}: {reason}"))),
+            None => {
+                return Err(BodyError(format!(
+                    "unknown key '{}' (expected {})",
+                    schema::quote_str(key),
+                    KEYS.join(", ")
+                )))
+            }
+        }
     }
     let section = |key: &str| doc.get(key).filter(|v| !v.is_null());
     let mut requests: Vec<ApiRequest> = Vec::new();
@@ -144,8 +173,7 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
         requests_to_vmm.push(Request::SetVsock(schema::vsock(v, "vsock")?));
     }
     if let Some(v) = section("entropy") {
-        schema::entropy(v, "entropy")?;
-        requests_to_vmm.push(Request::SetEntropy);
+        requests_to_vmm.push(Request::SetEntropy(schema::entropy(v, "entropy")?));
     }
     requests.extend(requests_to_vmm.into_iter().map(ApiRequest::Vmm));
     Ok(requests)
@@ -172,7 +200,11 @@ pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
             .map(|(n, net)| schema::network_interface_json(n, net))
             .collect::<Vec<_>>(),
         "vsock": or_null(vm.vsock.as_ref().map(schema::vsock_json)),
-        "entropy": if vm.entropy { serde_json::json!({}) } else { Value::Null },
+        "entropy": if vm.entropy {
+            schema::entropy_json(&vm.entropy_rate_limiter)
+        } else {
+            Value::Null
+        },
         "logger": or_null(logger.map(schema::logger_json)),
         "metrics": or_null(config.metrics_path.as_deref().map(schema::metrics_json)),
     })
@@ -187,7 +219,8 @@ mod tests {
 
     fn logger() -> LoggerConfig {
         LoggerConfig {
-            path: "/l".into(),
+            path: Some("/l".into()),
+            module: None,
             level: Some("Info".into()),
             show_level: true,
             show_log_origin: false,
@@ -247,6 +280,16 @@ mod tests {
     }
 
     #[test]
+    fn firecracker_keys_flint_does_not_use_are_accepted_when_null() {
+        let mut doc = json!({"boot-source": {"kernel_image_path": "/k"}});
+        for (key, _) in UNSUPPORTED_KEYS {
+            doc[*key] = Value::Null;
+        }
+        let requests = from_json(&doc).unwrap();
+        assert_eq!(requests.len(), 1, "{requests:?}");
+    }
+
+    #[test]
     fn a_full_document_makes_every_request_in_order() {
         let c = full();
         let requests = from_json(&to_json(&c, Some(&logger()))).unwrap();
@@ -259,14 +302,15 @@ mod tests {
                 vmm(Request::SetMetrics("/m".into())),
                 vmm(Request::SetMachineConfig {
                     vcpus: 2,
-                    mem_mib: 256
+                    mem_mib: 256,
+                    smt: false,
                 }),
                 vmm(Request::SetBootSource(c.boot_source.clone().unwrap())),
                 vmm(Request::SetDrive(c.vm.drives[0].clone())),
                 vmm(Request::SetDrive(c.vm.drives[1].clone())),
                 vmm(Request::SetNetworkInterface(c.vm.nets[0].clone())),
                 vmm(Request::SetVsock(c.vm.vsock.clone().unwrap())),
-                vmm(Request::SetEntropy),
+                vmm(Request::SetEntropy(None)),
             ]
         );
     }
@@ -290,7 +334,8 @@ mod tests {
             from_json(&v).unwrap(),
             vec![ApiRequest::Vmm(Request::SetMachineConfig {
                 vcpus: 1,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             })]
         );
         assert_eq!(from_json(&json!({})).unwrap(), vec![]);
@@ -336,9 +381,17 @@ mod tests {
         let cases = [
             (json!([]), "the document must be a JSON object with keys such as \"boot-source\""),
             (
-                json!({"balloon": {}}),
-                "unknown key 'balloon' (expected logger, metrics, machine-config, boot-source, \
+                json!({"ballon": {}}),
+                "unknown key 'ballon' (expected logger, metrics, machine-config, boot-source, \
                  drives, network-interfaces, vsock, entropy)",
+            ),
+            (
+                json!({"balloon": {"amount_mib": 10}}),
+                "balloon: flint has no balloon device yet",
+            ),
+            (
+                json!({"mmds-config": {"version": "V2"}, "balloon": null}),
+                "mmds-config: flint has no microVM metadata service (MMDS) yet",
             ),
             (json!({"drives": {}}), "drives must be a list, not an object"),
             (
@@ -366,8 +419,8 @@ mod tests {
                 "boot-source: unknown field 'x' (expected kernel_image_path, initrd_path, boot_args)",
             ),
             (
-                json!({"entropy": {"rate_limiter": {}}}),
-                "entropy: rate_limiter is not supported: flint does not rate-limit the entropy device",
+                json!({"entropy": {"rate_limiter": {"ops": {"size": 1}}}}),
+                "entropy: missing required field 'rate_limiter.ops.refill_time'",
             ),
             (json!({"vsock": 3}), "vsock: expected a JSON object, not 3"),
         ];

@@ -40,6 +40,17 @@ pub fn main_entry() -> ExitCode {
         }
         Ok(Command::Boot(config)) => boot(&config, start),
         Ok(Command::Api(options)) => api_mode::run(&options, start),
+        Ok(Command::DescribeSnapshot(path)) => match vmm::snapshot::state_version(&path) {
+            Ok(version) => {
+                println!("v{version}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Ok(Command::SnapshotVersion) => {
+            println!("v{}", vmm::snapshot::VERSION);
+            ExitCode::SUCCESS
+        }
         Ok(Command::Run(options)) => {
             // A sandbox's output is the command's: flint itself only speaks up for problems.
             logger::quiet_unless_asked();

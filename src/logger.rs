@@ -12,17 +12,21 @@ use log::{Level, LevelFilter, Log, Metadata, Record};
 /// which the VMM never sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggerConfig {
-    pub path: std::path::PathBuf,
+    /// Where log lines go; `None`: standard error, as before.
+    pub path: Option<std::path::PathBuf>,
     /// "Error", "Warning", "Info", "Debug" (or "Trace", "Off").
     pub level: Option<String>,
     pub show_level: bool,
     pub show_log_origin: bool,
+    /// Only lines from this module path and below (e.g. `vmm` or `flint::api`).
+    pub module: Option<String>,
 }
 
 struct Target {
     file: Option<File>,
     show_level: bool,
     show_origin: bool,
+    module: Option<String>,
 }
 
 struct FlintLogger {
@@ -39,6 +43,11 @@ impl Log for FlintLogger {
             return;
         }
         let mut target = self.target.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(module) = &target.module {
+            if !in_module(record.target(), module) {
+                return;
+            }
+        }
         let prefix = match (record.level(), target.show_level) {
             (Level::Error, _) => "error: ".to_string(),
             (Level::Warn, _) => "warning: ".to_string(),
@@ -63,6 +72,14 @@ impl Log for FlintLogger {
     fn flush(&self) {}
 }
 
+/// Whether the module path `target` is `module` or inside it (`vmm::vcpu` is in `vmm`, `vmmx`
+/// is not).
+fn in_module(target: &str, module: &str) -> bool {
+    target
+        .strip_prefix(module)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+}
+
 /// Whether a record from the crate or module `target` is written. The virtio-queue library
 /// logs every malformed queue it sees, and what a queue holds is the guest's doing: flint
 /// checks queues before the library does, and whatever still gets through is limited like a
@@ -77,6 +94,7 @@ static LOGGER: FlintLogger = FlintLogger {
         file: None,
         show_level: false,
         show_origin: false,
+        module: None,
     }),
 };
 
@@ -99,6 +117,20 @@ pub fn quiet_unless_asked() {
     }
 }
 
+/// A log level as `--level` takes it (the API's names, in any case), in its API spelling.
+pub(crate) fn level_name(level: &str) -> Result<String, String> {
+    crate::api::schema::LOG_LEVELS
+        .iter()
+        .find(|l| l.eq_ignore_ascii_case(level))
+        .map(|l| l.to_string())
+        .ok_or_else(|| {
+            format!(
+                "expected one of {}",
+                crate::api::schema::LOG_LEVELS.join(", ")
+            )
+        })
+}
+
 /// Parse an API log level ("Error", "Warning", "Info", "Debug", "Trace", "Off").
 fn parse_level(level: &str) -> Option<LevelFilter> {
     match level.to_ascii_lowercase().as_str() {
@@ -107,9 +139,9 @@ fn parse_level(level: &str) -> Option<LevelFilter> {
     }
 }
 
-/// Send log lines to the file `config` names, at its level: opened as
-/// [`vmm::controller::open_output`] does (appended to or created with mode 0600, never
-/// through a symbolic link, a named pipe without blocking).
+/// Send log lines to the file `config` names (standard error when it names none), at its
+/// level, from its module: opened as [`vmm::controller::open_output`] does (appended to or
+/// created with mode 0600, never through a symbolic link, a named pipe without blocking).
 pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
     let level = match &config.level {
         Some(l) => Some(parse_level(l).ok_or_else(|| {
@@ -117,11 +149,17 @@ pub fn redirect(config: &LoggerConfig) -> Result<(), String> {
         })?),
         None => None,
     };
-    let file = vmm::controller::open_output(&config.path).map_err(|e| format!("log_path: {e}"))?;
+    let file = match &config.path {
+        Some(path) => {
+            Some(vmm::controller::open_output(path).map_err(|e| format!("log_path: {e}"))?)
+        }
+        None => None,
+    };
     let mut target = LOGGER.target.lock().unwrap_or_else(|e| e.into_inner());
-    target.file = Some(file);
+    target.file = file;
     target.show_level = config.show_level;
     target.show_origin = config.show_log_origin;
+    target.module = config.module.clone();
     if let Some(level) = level {
         log::set_max_level(level);
     }
@@ -134,10 +172,11 @@ mod tests {
 
     fn config(path: &std::path::Path) -> LoggerConfig {
         LoggerConfig {
-            path: path.to_path_buf(),
+            path: Some(path.to_path_buf()),
             level: None,
             show_level: false,
             show_log_origin: false,
+            module: None,
         }
     }
 
@@ -169,6 +208,16 @@ mod tests {
         );
         assert!((0..1000).all(|_| admit_target("flint::api")));
         assert!((0..1000).all(|_| admit_target("vmm::vstate")));
+    }
+
+    #[test]
+    fn the_module_filter_keeps_the_module_and_its_children() {
+        assert!(in_module("vmm", "vmm"));
+        assert!(in_module("vmm::vcpu", "vmm"));
+        assert!(in_module("flint::api::server", "flint::api"));
+        assert!(!in_module("vmmx", "vmm"));
+        assert!(!in_module("flint::api_mode", "flint::api"));
+        assert!(!in_module("devices", "vmm"));
     }
 
     #[test]

@@ -415,13 +415,14 @@ fn every_endpoint_answers_and_reaches_the_vmm() {
     assert_eq!(
         &got[10..],
         &[
-            Request::SetEntropy,
+            Request::SetEntropy(None),
             Request::Start,
             Request::Pause,
             Request::Resume,
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "rootfs".into(),
-                path: "/r2".into()
+                path: Some("/r2".into()),
+                rate_limiter: None,
             },
             Request::FlushMetrics,
             Request::SendCtrlAltDel,

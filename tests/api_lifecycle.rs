@@ -61,6 +61,8 @@ call machine_config PUT /machine-config '{"vcpu_count": 2, "mem_size_mib": 256}'
 call machine_config_bad PUT /machine-config '{"vcpu_count": 0, "mem_size_mib": 256}'
 call entropy PUT /entropy '{}'
 call metrics PUT /metrics "{\"metrics_path\": \"$WORK/metrics.json\"}"
+head -c 1048576 /dev/zero >"$WORK/data.img"
+call drive_data PUT /drives/data "{\"drive_id\": \"data\", \"path_on_host\": \"$WORK/data.img\", \"is_root_device\": false, \"is_read_only\": true}"
 call start PUT /actions '{"action_type": "InstanceStart"}'
 check_for guest_ready "$WORK/console" 'FLINT-GUEST-READY' 120
 check_for shell_prompt "$WORK/console" '/ #' 60
@@ -74,6 +76,18 @@ sleep 3
 echo "CHECK ran_while_paused $(grep -q 'PAUSE-42' "$WORK/console" && echo yes || echo no)"
 call resume PATCH /vm '{"state": "Resumed"}'
 check_for ran_after_resume "$WORK/console" 'PAUSE-42' 60
+# Rate limits changed on the running VM, as Firecracker's clients do: 2 requests a second,
+# then no limit (a bucket of size 0). Ten uncached 4 KiB reads take about 4 s, then no time.
+READS='i=0; while [ $i -lt 10 ]; do dd if=/dev/vda of=/dev/null bs=4096 count=1 skip=$i iflag=direct 2>/dev/null; i=$((i+1)); done'
+call limit_drive PATCH /drives/data '{"drive_id": "data", "rate_limiter": {"ops": {"size": 2, "refill_time": 1000}}}'
+echo "a=\$(date +%s); $READS; echo SLOW\"\"-S=\$((\$(date +%s) - a))" >"$WORK/console-in"
+check_for slow_reads "$WORK/console" 'SLOW-S=' 120
+call unlimit_drive PATCH /drives/data '{"drive_id": "data", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}'
+echo "a=\$(date +%s); $READS; echo FAST\"\"-S=\$((\$(date +%s) - a))" >"$WORK/console-in"
+check_for fast_reads "$WORK/console" 'FAST-S=' 120
+echo "CHECK slow_s $(sed -n 's/.*SLOW-S=\([0-9]*\).*/\1/p' "$WORK/console" | tail -n 1)"
+echo "CHECK fast_s $(sed -n 's/.*FAST-S=\([0-9]*\).*/\1/p' "$WORK/console" | tail -n 1)"
+call patch_unknown_drive PATCH /drives/nope '{"drive_id": "nope", "rate_limiter": {}}'
 call vm_config GET /vm/config
 call flush_metrics PUT /actions '{"action_type": "FlushMetrics"}'
 echo "CHECK metrics_line $(grep -c utc_timestamp_ms "$WORK/metrics.json")"
@@ -220,6 +234,7 @@ fn firecracker_getting_started_sequence() {
         "machine_config",
         "entropy",
         "metrics",
+        "drive_data",
         "start",
     ] {
         assert_eq!(step(name), "204", "{name}: {}", body(name));
@@ -253,6 +268,27 @@ fn firecracker_getting_started_sequence() {
         "yes",
         "the guest did not run after resume"
     );
+    assert_eq!(step("limit_drive"), "204", "{}", body("limit_drive"));
+    assert_eq!(step("unlimit_drive"), "204", "{}", body("unlimit_drive"));
+    assert_eq!(check("slow_reads"), "yes", "{out}");
+    assert_eq!(check("fast_reads"), "yes", "{out}");
+    let seconds = |name: &str| -> u64 {
+        check(name)
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: {out}"))
+    };
+    // 8 requests beyond the bucket's 2 at 2 a second: about 4 s; without the limit none.
+    assert!(
+        seconds("slow_s") >= 3,
+        "the limit set after start did not apply: {}",
+        out
+    );
+    assert!(
+        seconds("fast_s") * 2 < seconds("slow_s"),
+        "the limit was not lifted: {out}"
+    );
+    assert_eq!(step("patch_unknown_drive"), "400");
+    assert!(body("patch_unknown_drive").contains("no drive"), "{out}");
     assert_eq!(step("vm_config"), "200");
     assert!(body("vm_config").contains("\"vcpu_count\":2"), "{out}");
     assert!(body("vm_config").contains("\"mem_size_mib\":256"), "{out}");

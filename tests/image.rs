@@ -8,6 +8,10 @@
 //!   without a guest: flint builds the image's disk before it boots anything, so a kernel
 //!   that cannot boot still leaves the cached disk, which `debugfs` (e2fsprogs) inspects; the
 //!   progress lines on a terminal (`script`, util-linux) and the hostile image's refusal.
+//! - `images_are_pulled_from_a_registry_verified_and_resumed` and
+//!   `registry_credentials_come_from_the_docker_configuration` run on this host too: a real
+//!   registry (Debian's `docker-registry`) on a loopback port, filled with `skopeo`, and
+//!   `htpasswd` (apache2-utils) for basic auth; the tests fail when these are missing.
 //! - `images_run_in_sandboxes` (tier 3) runs sandboxes of the image in the nested KVM host (or
 //!   directly on a host whose KVM boots Linux): default command, configuration, user, file
 //!   properties as seen in the guest, private writes, an unchanged cached disk, the snapshot
@@ -804,8 +808,18 @@ fn small_image(dir: &Path) -> String {
 
 /// `flint image ARGS` with the cache at `cache`: its exit status, stdout and stderr.
 fn flint_image(cache: &Path, args: &[&str]) -> (Option<i32>, String, String) {
+    flint_image_env(cache, &[], args)
+}
+
+/// [`flint_image`] with environment variables `env` set too.
+fn flint_image_env(
+    cache: &Path,
+    env: &[(&str, &Path)],
+    args: &[&str],
+) -> (Option<i32>, String, String) {
     let out = Command::new(flint_bin())
         .env("FLINT_CACHE", cache)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .arg("image")
         .args(args)
         .stdin(Stdio::null())
@@ -986,10 +1000,20 @@ fn image_command_errors_are_one_sentence() {
     image_fails(&cache, &["frob"], "unknown command 'image frob'");
     image_fails(&cache, &["rm"], "'flint image rm' needs");
     image_fails(&cache, &["rm", "nope"], "no image 'nope' in the cache");
+    // A registry that does not answer (a loopback port nothing listens on).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unreachable = format!("127.0.0.1:{port}");
     image_fails(
         &cache,
-        &["pull", "python:3.12-slim"],
-        "pulling from a registry is not supported yet",
+        &[
+            "pull",
+            &format!("{unreachable}/app:1"),
+            "--insecure-registry",
+            &unreachable,
+        ],
+        &format!("cannot reach registry {unreachable}"),
     );
     image_fails(
         &cache,
@@ -1002,4 +1026,612 @@ fn image_command_errors_are_one_sentence() {
     image_fails(&cache, &["pull", hostile.to_str().unwrap()], "");
     assert!(files_in(&cache.join("images/disks")).is_empty());
     assert!(files_in(&cache.join("images/store/images")).is_empty());
+}
+
+// Registry pulls, against a real registry (Debian's docker-registry) on a loopback port, filled
+// by skopeo. These run on this host without a guest.
+
+/// A tool the registry tests need, from its Debian package; missing, the test fails.
+fn tool(name: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is missing: install {package} (resources/run-tests.sh does)");
+}
+
+/// A loopback port free a moment ago.
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A `docker-registry` serving `root` on a loopback port, with basic auth from `htpasswd`
+/// when given; stopped when dropped.
+struct Registry {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`.
+    addr: String,
+    root: PathBuf,
+}
+
+impl Registry {
+    fn start(dir: &Path, htpasswd: Option<&Path>) -> Registry {
+        let binary = tool("docker-registry", "docker-registry");
+        let root = dir.join("storage");
+        std::fs::create_dir_all(&root).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\n\
+             storage:\n  filesystem:\n    rootdirectory: {}\n\
+             http:\n  addr: {addr}\n",
+            root.display()
+        );
+        if let Some(file) = htpasswd {
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: flint-test\n    path: {}\n",
+                file.display()
+            ));
+        }
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        let registry = Registry { child, addr, root };
+        let began = std::time::Instant::now();
+        while std::net::TcpStream::connect(&registry.addr).is_err() {
+            assert!(
+                began.elapsed() < std::time::Duration::from_secs(20),
+                "docker-registry did not listen on {}",
+                registry.addr
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        registry
+    }
+
+    /// Push the OCI layout at `layout` as `name:tag`; with `all`, the index it names `all`
+    /// and every image of it.
+    fn push(&self, layout: &Path, name: &str, creds: Option<&str>, all: bool) {
+        let mut cmd = Command::new(tool("skopeo", "skopeo"));
+        cmd.args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"]);
+        if all {
+            cmd.arg("--all");
+        }
+        if let Some(c) = creds {
+            cmd.args(["--dest-creds", c]);
+        }
+        let source = if all { ":all" } else { "" };
+        let out = cmd
+            .arg(format!("oci:{}{source}", layout.display()))
+            .arg(format!("docker://{}/{name}", self.addr))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy to {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The manifest or index the registry serves for `name:tag`, and its digest (hex).
+    fn manifest(&self, name: &str) -> (serde_json::Value, String) {
+        let out = Command::new(tool("skopeo", "skopeo"))
+            .args([
+                "inspect",
+                "--raw",
+                "--tls-verify=false",
+                "--creds",
+                "flint:s3cret",
+            ])
+            .arg(format!("docker://{}/{name}", self.addr))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            serde_json::from_slice(&out.stdout).unwrap(),
+            sha256_hex(&out.stdout),
+        )
+    }
+
+    /// The file the registry keeps the blob `hex` in.
+    fn blob(&self, hex: &str) -> PathBuf {
+        self.root
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An image of one layer with `size` bytes of data no other image has.
+fn big_image(dir: &Path, tag: &str, size: usize) -> String {
+    let mut data = Vec::with_capacity(size);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ tag.len() as u64;
+    for b in tag.bytes() {
+        x = x.wrapping_mul(31).wrapping_add(u64::from(b));
+    }
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    let mut layer = Layer::new();
+    layer
+        .dir("data", 0o755)
+        .file("data/blob", 0o644, &data)
+        .file("data/tag", 0o644, tag.as_bytes());
+    let config = serde_json::json!({ "config": { "Cmd": ["/data/tag"] } });
+    oci_layout(dir, &[layer.bytes()], config)
+}
+
+/// The blobs and records the cache at `cache` has, and its partial downloads.
+fn cache_contents(cache: &Path) -> (Vec<String>, Vec<String>, Vec<String>) {
+    (
+        files_in(&cache.join("images/store/blobs/sha256")),
+        files_in(&cache.join("images/store/images")),
+        files_in(&cache.join("images/store/tmp")),
+    )
+}
+
+/// A TCP relay to `target` that, while `cut` is set, closes a connection 256 KiB into the
+/// answer to a request for the blob `hex`; it counts the requests that asked for a range.
+struct CuttingProxy {
+    addr: String,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ranges: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CuttingProxy {
+    fn start(target: &str, hex: &str) -> CuttingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cut = Arc::new(AtomicBool::new(true));
+        let ranges = Arc::new(AtomicUsize::new(0));
+        let (target, needle) = (target.to_string(), format!("blobs/sha256:{hex}"));
+        let (cut2, ranges2) = (cut.clone(), ranges.clone());
+        // The thread ends with the test process; each connection's relays end with it.
+        std::thread::spawn(move || {
+            for client in listener.incoming().take(64) {
+                let Ok(client) = client else { break };
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let asked = Arc::new(AtomicBool::new(false));
+                let (mut c_in, mut s_out) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (asked_up, ranges_up, needle) =
+                    (asked.clone(), ranges2.clone(), needle.clone());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = std::io::Read::read(&mut c_in, &mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if text.contains(&needle) {
+                            asked_up.store(true, Ordering::SeqCst);
+                            if text.to_ascii_lowercase().contains("range: bytes=") {
+                                ranges_up.fetch_add(1, Ordering::SeqCst);
+                            }
+                        }
+                        if s_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_out.shutdown(std::net::Shutdown::Both);
+                });
+                let cut = cut2.clone();
+                let (mut s_in, mut c_out) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    let mut sent = 0usize;
+                    while let Ok(n) = std::io::Read::read(&mut s_in, &mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if asked.load(Ordering::SeqCst) && cut.load(Ordering::SeqCst) {
+                            sent += n;
+                            if sent > 256 << 10 {
+                                break;
+                            }
+                        }
+                        if c_out.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_out.shutdown(std::net::Shutdown::Both);
+                    let _ = s_in.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { addr, cut, ranges }
+    }
+}
+
+#[test]
+fn images_are_pulled_from_a_registry_verified_and_resumed() {
+    let tmp = TempDir::new("image-registry");
+    let registry = Registry::start(&tmp.0.join("registry"), None);
+    let reg_addr = registry.addr.clone();
+    let reg = reg_addr.as_str();
+    let busybox_dir = tmp.0.join("busybox");
+    let busybox = busybox_image(&busybox_dir);
+    registry.push(&busybox_dir, "busybox:1", None, false);
+    let cache = tmp.0.join("cache");
+    let no_creds = tmp.0.join("docker-empty");
+    std::fs::create_dir_all(&no_creds).unwrap();
+    let env = [("DOCKER_CONFIG", no_creds.as_path())];
+    let pull = |reference: &str| -> (Option<i32>, String, String) {
+        flint_image_env(
+            &cache,
+            &env,
+            &["pull", reference, "--insecure-registry", reg],
+        )
+    };
+    let pull_fails = |reference: &str, needle: &str| {
+        let (code, out, err) = pull(reference);
+        assert_eq!(code, Some(1), "pull {reference}: {out}{err}");
+        assert_eq!(out, "");
+        assert_eq!(err.lines().count(), 1, "pull {reference}: {err}");
+        assert!(
+            err.starts_with("flint: error: ") && err.contains(needle),
+            "pull {reference}: {err}"
+        );
+    };
+
+    // A pull: the manifest the registry serves (skopeo compressed the layers with gzip), its
+    // disk built, the reference its name; quiet off a terminal.
+    let (code, out, err) = pull(&format!("{reg}/busybox:1"));
+    assert_eq!((code, err.as_str()), (Some(0), ""), "{out}{err}");
+    let (served, busybox_remote) = registry.manifest("busybox:1");
+    assert_eq!(out, format!("sha256:{busybox_remote}\n"));
+    assert_eq!(
+        served["layers"][0]["mediaType"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let disks = cache.join("images/disks");
+    let disk = disks.join(format!("{busybox_remote}.ext4"));
+    assert!(disk.is_file());
+    assert_eq!(debugfs(&disk, "cat /app/file"), "hello from the image\n");
+    let listing = image_ok(&cache, &["ls"]);
+    assert!(
+        listing.contains(&format!("{}  ", &busybox_remote[..12]))
+            && listing.contains(&format!("{reg}/busybox:1")),
+        "{listing}"
+    );
+    // The same disk as from the layout: the same files.
+    let local_cache = tmp.0.join("local-cache");
+    image_ok(&local_cache, &["pull", busybox_dir.to_str().unwrap()]);
+    let local_disk = local_cache.join(format!("images/disks/{busybox}.ext4"));
+    for request in ["ls -l /app", "ls -l /usr/bin", "stat /usr/bin/suidbox"] {
+        let strip = |t: String| -> String {
+            t.lines()
+                .filter(|l| {
+                    !["time:", "Generation", "checksum"]
+                        .iter()
+                        .any(|k| l.contains(k))
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        assert_eq!(
+            strip(debugfs(&disk, request)),
+            strip(debugfs(&local_disk, request)),
+            "{request}"
+        );
+    }
+
+    // On a terminal: one line, redrawn, with the bytes and layers.
+    let command = format!(
+        "FLINT_CACHE={} DOCKER_CONFIG={} {} image pull {reg}/busybox:1 --insecure-registry {reg}",
+        cache.display(),
+        no_creds.display(),
+        flint_bin().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run script (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout);
+    let last = shown
+        .split(['\r', '\n'])
+        .rfind(|l| l.starts_with("flint: pulling"))
+        .unwrap_or_else(|| panic!("no progress in {shown:?}"));
+    assert!(
+        last.starts_with(&format!("flint: pulling {reg}/busybox:1: "))
+            && last.contains(" MiB, 3 of 3 layers"),
+        "{shown:?}"
+    );
+
+    // A multi-platform index resolves to linux/amd64.
+    let multi_dir = tmp.0.join("multi");
+    let other = small_image(&multi_dir);
+    let other_size = std::fs::metadata(multi_dir.join("blobs/sha256").join(&other))
+        .unwrap()
+        .len();
+    let amd64 = big_image(&multi_dir, "amd64", 4096);
+    let amd64_size = std::fs::metadata(multi_dir.join("blobs/sha256").join(&amd64))
+        .unwrap()
+        .len();
+    let entry = |hex: &str, size: u64, arch: &str| {
+        serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{hex}"),
+            "size": size,
+            "platform": { "architecture": arch, "os": "linux" },
+        })
+    };
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [entry(&other, other_size, "arm64"), entry(&amd64, amd64_size, "amd64")],
+    });
+    let index = index.to_string();
+    let index_hex = sha256_hex(index.as_bytes());
+    std::fs::write(multi_dir.join("blobs/sha256").join(&index_hex), &index).unwrap();
+    let top = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": format!("sha256:{index_hex}"),
+            "size": index.len(),
+            "annotations": { "org.opencontainers.image.ref.name": "all" },
+        }],
+    });
+    std::fs::write(multi_dir.join("index.json"), top.to_string()).unwrap();
+    registry.push(&multi_dir, "multi:1", None, true);
+    let (index, _) = registry.manifest("multi:1");
+    let amd64_remote = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["platform"]["architecture"] == "amd64")
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (code, out, err) = pull(&format!("{reg}/multi:1"));
+    assert_eq!(
+        (code, out, err),
+        (Some(0), format!("{amd64_remote}\n"), String::new())
+    );
+
+    // Unknown images and tags, and plain HTTP without --insecure-registry: one sentence.
+    pull_fails(
+        &format!("{reg}/busybox:2"),
+        &format!("registry {reg} has no image busybox:2 (no such repository, tag or digest)"),
+    );
+    pull_fails(&format!("{reg}/nothing:1"), "has no image nothing:1");
+    image_fails(
+        &cache,
+        &["pull", &format!("{reg}/busybox:1")],
+        &format!("registry {reg} does not answer over HTTPS"),
+    );
+
+    // A layer that does not match its digest: refused, nothing of it cached.
+    let before = cache_contents(&cache);
+    let tampered_dir = tmp.0.join("tampered");
+    big_image(&tampered_dir, "tampered", 100_000);
+    registry.push(&tampered_dir, "tampered:1", None, false);
+    let (served, _) = registry.manifest("tampered:1");
+    let layer = served["layers"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let stored = registry.blob(&layer);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[50_000] ^= 0xff;
+    std::fs::write(&stored, bytes).unwrap();
+    pull_fails(
+        &format!("{reg}/tampered:1"),
+        &format!("layer sha256:{layer} from registry {reg} does not match its digest"),
+    );
+    let (blobs, records, partials) = cache_contents(&cache);
+    assert!(
+        !blobs.contains(&layer),
+        "the mismatching layer is not cached"
+    );
+    assert_eq!(records, before.1, "no image recorded");
+    assert!(partials.is_empty(), "{partials:?}");
+
+    // A hostile layer: refused by unpacking; no record, none of its blobs.
+    let hostile_dir = tmp.0.join("hostile");
+    hostile_image(&hostile_dir);
+    registry.push(&hostile_dir, "hostile:1", None, false);
+    pull_fails(&format!("{reg}/hostile:1"), "");
+    let (served, hostile_remote) = registry.manifest("hostile:1");
+    let (blobs, records, _) = cache_contents(&cache);
+    assert_eq!(records, before.1);
+    let hostile_layer = &served["layers"][0]["digest"].as_str().unwrap()[7..];
+    assert!(
+        !blobs.iter().any(|b| b == hostile_layer),
+        "the hostile layer is cached"
+    );
+    assert!(!blobs.contains(&hostile_remote));
+    assert!(files_in(&disks)
+        .iter()
+        .all(|f| !f.starts_with(&hostile_remote)));
+
+    // A download cut short (each of the three tries a pull makes, the second and third
+    // resuming with a range request): one sentence, no blob nor record, the partial download
+    // kept; the next pull resumes it with a range request and succeeds.
+    let cut_dir = tmp.0.join("cut");
+    big_image(&cut_dir, "cut", 2 << 20);
+    registry.push(&cut_dir, "cut:1", None, false);
+    let (served, cut_remote) = registry.manifest("cut:1");
+    let cut_layer = served["layers"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let proxy = CuttingProxy::start(reg, &cut_layer);
+    let via = proxy.addr.as_str();
+    let pull_via = || {
+        flint_image_env(
+            &cache,
+            &env,
+            &["pull", &format!("{via}/cut:1"), "--insecure-registry", via],
+        )
+    };
+    let (code, out, err) = pull_via();
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!(
+            "the download of layer sha256:{cut_layer} from registry {via} was cut short"
+        )),
+        "{err}"
+    );
+    let (blobs, records, partials) = cache_contents(&cache);
+    assert!(!blobs.contains(&cut_layer));
+    assert_eq!(records, before.1);
+    assert_eq!(partials, [format!("partial-{cut_layer}")]);
+    assert!(!image_ok(&cache, &["ls"]).contains("cut:1"));
+    proxy.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (code, out, err) = pull_via();
+    assert_eq!(
+        (code, out, err),
+        (Some(0), format!("sha256:{cut_remote}\n"), String::new())
+    );
+    assert_eq!(
+        proxy.ranges.load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "two tries of the first pull and the second pull resumed the layer"
+    );
+    let (blobs, _, partials) = cache_contents(&cache);
+    assert!(blobs.contains(&cut_layer) && partials.is_empty());
+    assert!(image_ok(&cache, &["ls"]).contains(&format!("{via}/cut:1")));
+
+    // A tag that moved: pulling it again gets the new image and moves the name to it.
+    registry.push(&cut_dir, "busybox:1", None, false);
+    let (code, out, err) = pull(&format!("{reg}/busybox:1"));
+    assert_eq!(
+        (code, out, err),
+        (Some(0), format!("sha256:{cut_remote}\n"), String::new())
+    );
+    let listing = image_ok(&cache, &["ls"]);
+    let named: Vec<&str> = listing
+        .lines()
+        .filter(|l| l.contains(&format!("{reg}/busybox:1")))
+        .collect();
+    assert_eq!(named.len(), 1, "{listing}");
+    assert!(named[0].starts_with(&cut_remote[..12]), "{listing}");
+
+    // `flint run --image` of a pulled reference uses the cache without asking the registry
+    // (stopped here): it gets as far as the kernel, which is not one; a reference never
+    // pulled needs the registry.
+    drop(registry);
+    let kernel = tmp.write("vmlinux", b"not a kernel");
+    let initramfs = tmp.write("initramfs", b"not an initramfs");
+    let run = |reference: &str| {
+        let out = Command::new(flint_bin())
+            .env("FLINT_CACHE", &cache)
+            .env("DOCKER_CONFIG", &no_creds)
+            .args(["run", "--cold", "--kernel"])
+            .arg(&kernel)
+            .arg("--initramfs")
+            .arg(&initramfs)
+            .args([
+                "--image",
+                reference,
+                "--insecure-registry",
+                reg,
+                "--",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&format!("{reg}/busybox:1"));
+    assert_eq!(code, Some(125), "{err}");
+    assert!(err.contains("neither an ELF vmlinux"), "{err}");
+    let (code, err) = run(&format!("{reg}/busybox:9"));
+    assert_eq!(code, Some(125), "{err}");
+    assert!(
+        err.contains(&format!("cannot reach registry {reg}")),
+        "{err}"
+    );
+}
+
+#[test]
+fn registry_credentials_come_from_the_docker_configuration() {
+    let tmp = TempDir::new("image-registry-auth");
+    let out = Command::new(tool("htpasswd", "apache2-utils"))
+        .args(["-Bbn", "flint", "s3cret"])
+        .output()
+        .expect("run htpasswd");
+    assert!(out.status.success());
+    let htpasswd = tmp.write("htpasswd", &out.stdout);
+    let registry = Registry::start(&tmp.0.join("registry"), Some(&htpasswd));
+    let reg = registry.addr.as_str();
+    let image_dir = tmp.0.join("small");
+    small_image(&image_dir);
+    registry.push(&image_dir, "private/small:1", Some("flint:s3cret"), false);
+    let cache = tmp.0.join("cache");
+    let config = |name: &str, user_pass: &str| -> PathBuf {
+        use base64::Engine as _;
+        let dir = tmp.0.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let auth = base64::engine::general_purpose::STANDARD.encode(user_pass);
+        let json = serde_json::json!({ "auths": { reg: { "auth": auth } } });
+        std::fs::write(dir.join("config.json"), json.to_string()).unwrap();
+        dir
+    };
+    let reference = format!("{reg}/private/small:1");
+    let pull = |dir: &Path| {
+        flint_image_env(
+            &cache,
+            &[("DOCKER_CONFIG", dir)],
+            &["pull", &reference, "--insecure-registry", reg],
+        )
+    };
+    let refused = |dir: &Path, needle: &str| {
+        let (code, out, err) = pull(dir);
+        assert_eq!(code, Some(1), "{out}{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains(&format!("registry {reg} refused access to private/small"))
+                && err.contains(needle),
+            "{err}"
+        );
+    };
+    let empty = tmp.0.join("none");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(&empty, "without credentials");
+    refused(
+        &config("wrong", "flint:wrong"),
+        "with the credentials of \"flint\"",
+    );
+    assert_eq!(image_ok(&cache, &["ls", "-q"]), "");
+    let (code, out, err) = pull(&config("right", "flint:s3cret"));
+    let (_, served) = registry.manifest("private/small:1");
+    assert_eq!(
+        (code, out, err),
+        (Some(0), format!("sha256:{served}\n"), String::new())
+    );
 }

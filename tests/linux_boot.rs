@@ -114,9 +114,19 @@ echo VIRTIO=$(ls /sys/bus/virtio/devices | wc -l)
 exit 7
 ";
 
+/// What the guest makes of its CPU topology.
+const GUEST_TOPOLOGY: &str = "t=/sys/devices/system/cpu
+echo SIBLINGS0=$(cat $t/cpu0/topology/thread_siblings_list)
+echo SIBLINGS3=$(cat $t/cpu3/topology/thread_siblings_list)
+echo CPUS=$(grep -c ^processor /proc/cpuinfo)
+exit 7
+";
+
 #[test]
 fn boots_linux_guests() {
     let cmdline = sh_quote(&exec_cmdline(GUEST_PROBE));
+    // Base64 and plain words: nothing to escape in JSON.
+    let topology = exec_cmdline(GUEST_TOPOLOGY);
     let devices = sh_quote(&exec_cmdline(GUEST_DEVICES));
     let script = format!(
         r#"
@@ -135,6 +145,11 @@ flint_case elf_1cpu_128m "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS"
 flint_case bzimage_1cpu_128m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 1 --memory 128
 flint_case elf_4cpu_2048m "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 4 --memory 2048
 flint_case bzimage_2cpu_512m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRAMFS" --cmdline "$G" --vcpus 2 --memory 512
+# Firecracker's smt: true, through a config file.
+printf '{{"boot-source": {{"kernel_image_path": "%s", "initrd_path": "%s", "boot_args": "%s"}},
+  "machine-config": {{"vcpu_count": 4, "mem_size_mib": 256, "smt": true}}}}' \
+    "$VMLINUX" "$INITRAMFS" "{topology}" >"$WORK/smt.json"
+flint_case elf_smt_4cpu "$FLINT" --no-api --config-file "$WORK/smt.json"
 
 # Default command line: the guest offers its demo shell on the console. Once its hint
 # is on flint's stdout, type a command and `exit` into flint's stdin; the shell's exit
@@ -160,6 +175,13 @@ flint_case bzimage_2cpu_512m "$FLINT" boot --kernel "$BZIMAGE" --initrd "$INITRA
     assert_probe_boot(&bz, 1, 128);
     assert_probe_boot(&run.case("elf_4cpu_2048m"), 4, 2048);
     assert_probe_boot(&run.case("bzimage_2cpu_512m"), 2, 512);
+
+    // Two threads per core: vCPUs 0 and 1 share a core, 2 and 3 the other.
+    let smt = run.case("elf_smt_4cpu");
+    assert_clean_boot(&smt);
+    assert_eq!(smt.value_of("CPUS"), "4", "{}", smt.show());
+    assert_eq!(smt.value_of("SIBLINGS0"), "0-1", "{}", smt.show());
+    assert_eq!(smt.value_of("SIBLINGS3"), "2-3", "{}", smt.show());
 
     let many = run.case("elf_19_devices");
     assert_clean_boot(&many);

@@ -302,8 +302,8 @@ fn bad_inputs_get_one_clear_sentence() {
             "1000 vCPUs is more than",
         ),
         (
-            vec!["boot", "--kernel", k, "--memory", "16"],
-            "16 MiB of guest memory is too small",
+            vec!["boot", "--kernel", k, "--memory", "1"],
+            "1 MiB of guest memory is too small",
         ),
         (
             vec![
@@ -831,6 +831,117 @@ fn a_config_file_boots_the_guest_and_applies_its_logger_and_metrics() {
     // Metrics are written when the VM ends.
     let lines = std::fs::read_to_string(&metrics).unwrap();
     assert!(lines.contains("\"put_logger\":1"), "{lines}");
+}
+
+/// Firecracker's boot-timer MMIO address (its `--boot-timer`).
+const FIRECRACKER_BOOT_TIMER: u32 = 0xd000_0000;
+
+#[test]
+fn firecrackers_command_line_options_work_as_its_jailer_passes_them() {
+    let dir = TempDir::new("fc-options");
+    let mut g = Guest::default();
+    g.mmio_write8(FIRECRACKER_BOOT_TIMER, 123)
+        .print("hi\n")
+        .reset();
+    let kernel = dir.write("vmlinux", &g.elf());
+    let config = serde_json::json!({
+        "boot-source": {"kernel_image_path": s(&kernel)},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 16, "smt": true},
+        "balloon": null,
+        "mmds-config": null,
+    });
+    let file = dir.write("vm.json", config.to_string().as_bytes());
+    let run = |extra: &[&str], log: &Path, metrics: &Path| {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+            .to_string();
+        let child = flint()
+            .args(["--no-api", "--config-file", s(&file)])
+            .args(["--level", "info", "--show-level", "--log-path", s(log)])
+            .args(["--metrics-path", s(metrics)])
+            .args(["--start-time-us", &now_us, "--start-time-cpu-us", "1"])
+            .args([
+                "--parent-cpu-time-us",
+                "2",
+                "--http-api-max-payload-size",
+                "4096",
+            ])
+            .args(["--id", "fc-vm"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = wait_bounded(child, Duration::from_secs(60));
+        assert_eq!(text(&out.stdout), "hi\n");
+        assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out.stderr));
+        std::fs::read_to_string(log).expect("--log-path was not applied")
+    };
+    let (log, metrics) = (dir.0.join("timer.log"), dir.0.join("timer.metrics"));
+    let logged = run(&["--boot-timer"], &log, &metrics);
+    let line = logged
+        .lines()
+        .find(|l| l.starts_with("flint: info: guest boot time: "))
+        .unwrap_or_else(|| panic!("--boot-timer: no boot time line in {logged:?}"));
+    assert!(line.ends_with(" ms"), "{line}");
+    assert!(std::fs::read_to_string(&metrics)
+        .unwrap()
+        .contains("\"put_logger\":1"));
+
+    // Without --boot-timer the address is not a device: nothing is logged of it.
+    let (log, metrics) = (dir.0.join("plain.log"), dir.0.join("plain.metrics"));
+    let logged = run(&[], &log, &metrics);
+    assert!(!logged.contains("boot time"), "{logged}");
+}
+
+#[test]
+fn firecracker_options_flint_lacks_are_refused_in_one_sentence() {
+    let dir = TempDir::new("fc-refused");
+    let file = dir.write("m.json", b"{}");
+    for (args, expected) in [
+        (
+            vec!["--seccomp-filter", s(&file)],
+            "--seccomp-filter is not supported: flint installs its own",
+        ),
+        (
+            vec!["--metadata", s(&file)],
+            "--metadata is not supported: flint has no microVM metadata service",
+        ),
+        (
+            vec!["--mmds-size-limit", "100"],
+            "--mmds-size-limit is not supported",
+        ),
+        (vec!["--enable-pci"], "--enable-pci is not supported"),
+        (vec!["--level", "loud"], "--level"),
+        (
+            vec!["--http-api-max-payload-size", "0"],
+            "--http-api-max-payload-size must be from 1 to 67108864, not 0",
+        ),
+    ] {
+        assert_one_error(&args, expected);
+    }
+}
+
+#[test]
+fn describe_snapshot_prints_the_state_files_version() {
+    let dir = TempDir::new("describe");
+    let state = dir.write("vm.state", br#"{"magic":"flint-snapshot","version":2}"#);
+    let out = flint()
+        .args(["--describe-snapshot", s(&state)])
+        .output()
+        .unwrap();
+    assert_eq!(text(&out.stdout), "v2\n");
+    assert_eq!(out.status.code(), Some(0));
+    let out = flint().arg("--snapshot-version").output().unwrap();
+    assert_eq!(text(&out.stdout), format!("v{}\n", vmm::snapshot::VERSION));
+    let junk = dir.write("junk.state", b"not json");
+    assert_one_error(
+        &["--describe-snapshot", s(&junk)],
+        "is not a flint snapshot state file",
+    );
 }
 
 #[test]

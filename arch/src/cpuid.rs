@@ -1,8 +1,10 @@
 //! CPUID normalisation: turn what `KVM_GET_SUPPORTED_CPUID` reports into what one vCPU of a
 //! flint guest should see.
 //!
-//! The topology presented is one package with `vcpu_count` cores of one thread each; the
-//! (x2)APIC ID of a vCPU is its index, matching the MP table.
+//! The topology presented is one package of `vcpu_count` logical processors: one thread per
+//! core, or two with simultaneous multithreading (`smt`, for an even count); the (x2)APIC ID
+//! of a vCPU is its index, matching the MP table, so the two threads of core `n` are vCPUs
+//! `2n` and `2n + 1`.
 
 use kvm_bindings::kvm_cpuid_entry2;
 
@@ -12,6 +14,9 @@ const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 /// Leaf 0x1 ebx bits 15-8: CLFLUSH line size in 8-byte units (64 bytes).
 const CLFLUSH_LINE_SIZE: u32 = 8;
+/// Leaf 0x8000_0001 ecx bit 22: topology extensions (leaves 0x8000_001D/0x8000_001E), how
+/// an AMD guest learns its threads per core.
+const LEAF_8000_0001_ECX_TOPOEXT: u32 = 1 << 22;
 /// Leaf 0x6 eax bit 2: APIC timer always running (ARAT).
 const LEAF6_EAX_ARAT: u32 = 1 << 2;
 /// Leaf 0xB/0x1F level types (ecx bits 15-8).
@@ -41,32 +46,39 @@ fn leaf_0x1(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
 }
 
 /// Leaf 0x4 (deterministic cache parameters, every subleaf): cores per package and threads
-/// sharing each cache. L1 and L2 are private to a core; L3 is shared by the whole package.
-fn leaf_0x4(entry: &mut kvm_cpuid_entry2, vcpu_count: u32) {
+/// sharing each cache. L1 and L2 are private to a core (shared by its threads); L3 is shared
+/// by the whole package.
+fn leaf_0x4(entry: &mut kvm_cpuid_entry2, vcpu_count: u32, threads: u32) {
     // Cache type 0: no more caches; leave the terminating subleaf alone.
     if entry.eax & 0x1f == 0 {
         return;
     }
     let level = (entry.eax >> 5) & 0x7;
     // Bits 31-26: addressable core IDs - 1 (6 bits).
-    let cores = vcpu_count.saturating_sub(1).min(0x3f);
+    let cores = (vcpu_count / threads).saturating_sub(1).min(0x3f);
     // Bits 25-14: addressable logical processor IDs sharing this cache - 1 (12 bits).
     let sharing = if level >= 3 {
         vcpu_count.saturating_sub(1).min(0xfff)
     } else {
-        0
+        threads - 1
     };
     entry.eax = (entry.eax & 0x3fff) | (cores << 26) | (sharing << 14);
 }
 
-/// Leaves 0xB and 0x1F (extended topology): an SMT level of one thread, a core level of
-/// `vcpu_count` cores, and invalid levels above; edx is the x2APIC ID everywhere.
-fn leaf_extended_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count: u32) {
+/// Leaves 0xB and 0x1F (extended topology): an SMT level of `threads` threads, a core level
+/// of `vcpu_count` logical processors, and invalid levels above; edx is the x2APIC ID
+/// everywhere.
+fn leaf_extended_topology(
+    entry: &mut kvm_cpuid_entry2,
+    vcpu_id: u32,
+    vcpu_count: u32,
+    threads: u32,
+) {
     let subleaf = entry.index;
     match subleaf {
         0 => {
-            entry.eax = 0;
-            entry.ebx = 1;
+            entry.eax = id_bits(threads);
+            entry.ebx = threads;
             entry.ecx = (LEVEL_TYPE_SMT << 8) | subleaf;
         }
         1 => {
@@ -83,11 +95,14 @@ fn leaf_extended_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count
     entry.edx = vcpu_id;
 }
 
-/// Normalise the supported CPUID entries for vCPU `vcpu_id` of `vcpu_count`:
+/// Normalise the supported CPUID entries for vCPU `vcpu_id` of `vcpu_count`, with
+/// `threads_per_core` threads per core (1, or 2 with SMT; any other value, or a count it does
+/// not divide, is taken as 1):
 /// - leaf 0x1: initial APIC ID = vcpu_id, logical processor count, CLFLUSH size, HTT when
 ///   vcpu_count > 1, the hypervisor bit set, TSC-deadline as KVM reports;
-/// - leaf 0x4 / 0xB / 0x1F (Intel) and 0x8000_001E (AMD) topology: one thread per core,
-///   `vcpu_count` cores in one package, x2APIC IDs = vcpu_id;
+/// - leaf 0x4 / 0xB / 0x1F (Intel) and 0x8000_001E (AMD) topology: `threads_per_core`
+///   threads per core, `vcpu_count / threads_per_core` cores in one package, x2APIC IDs =
+///   vcpu_id;
 /// - leaf 0x6: no power management that flint cannot emulate;
 /// - leaf 0xA: no architectural PMU;
 /// - leaf 0xD: consistent with leaf 1 (no XSAVE in leaf 1 → leaf 0xD zeroed; otherwise sizes as
@@ -95,25 +110,38 @@ fn leaf_extended_topology(entry: &mut kvm_cpuid_entry2, vcpu_id: u32, vcpu_count
 /// - leaf 0x4000_0000..: KVM signature and features left as reported.
 ///
 /// In detail:
-/// - 0x4: eax bits 31-26 = min(vcpu_count, 64) - 1; bits 25-14 = 0 for L1/L2 and
-///   vcpu_count - 1 for L3 and beyond;
-/// - 0xB / 0x1F: subleaf 0 is the SMT level (shift 0, 1 logical processor), subleaf 1 the core
-///   level (shift ceil(log2(vcpu_count)), vcpu_count logical processors), higher subleaves are
-///   invalid levels;
+/// - 0x4: eax bits 31-26 = min(cores, 64) - 1; bits 25-14 = threads_per_core - 1 for L1/L2
+///   and vcpu_count - 1 for L3 and beyond;
+/// - 0xB / 0x1F: subleaf 0 is the SMT level (shift ceil(log2(threads_per_core)),
+///   threads_per_core logical processors), subleaf 1 the core level (shift
+///   ceil(log2(vcpu_count)), vcpu_count logical processors), higher subleaves are invalid
+///   levels;
 /// - 0x6: only ARAT kept in eax, ecx cleared;
 /// - 0x8000_0008: ecx NC (bits 7-0) = vcpu_count - 1 and ApicIdSize (bits 15-12) =
 ///   ceil(log2(vcpu_count));
-/// - 0x8000_001E: eax = extended APIC ID = vcpu_id, ebx = compute unit vcpu_id with one thread,
-///   ecx = node 0 of 1.
+/// - 0x8000_001D: as 0x4 for the sharing count (bits 25-14), bits 31-26 kept;
+/// - 0x8000_001E: eax = extended APIC ID = vcpu_id, ebx = compute unit
+///   vcpu_id / threads_per_core with threads_per_core threads, ecx = node 0 of 1;
+/// - 0x8000_0001: with more than one thread per core and leaf 0x8000_001E present, ecx
+///   TOPOEXT set, so that an AMD guest reads its threads per core there.
 ///
 /// Leaves that are absent are not added; leaves not listed are left unchanged.
-pub fn normalize(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) {
+pub fn normalize(
+    entries: &mut [kvm_cpuid_entry2],
+    vcpu_id: u8,
+    vcpu_count: u8,
+    threads_per_core: u8,
+) {
     let vcpu_id = u32::from(vcpu_id);
     let vcpu_count = u32::from(vcpu_count);
+    let threads = match u32::from(threads_per_core) {
+        2 if vcpu_count % 2 == 0 => 2,
+        _ => 1,
+    };
     for entry in entries.iter_mut() {
         match entry.function {
             0x1 => leaf_0x1(entry, vcpu_id, vcpu_count),
-            0x4 => leaf_0x4(entry, vcpu_count),
+            0x4 => leaf_0x4(entry, vcpu_count, threads),
             0x6 => {
                 entry.eax &= LEAF6_EAX_ARAT;
                 entry.ecx = 0;
@@ -124,19 +152,34 @@ pub fn normalize(entries: &mut [kvm_cpuid_entry2], vcpu_id: u8, vcpu_count: u8) 
                 entry.ecx = 0;
                 entry.edx = 0;
             }
-            0xb | 0x1f => leaf_extended_topology(entry, vcpu_id, vcpu_count),
+            0xb | 0x1f => leaf_extended_topology(entry, vcpu_id, vcpu_count, threads),
+            // AMD's cache topology: as leaf 0x4 without the core count.
+            0x8000_001d => {
+                let cores = entry.eax & (0x3f << 26);
+                leaf_0x4(entry, vcpu_count, threads);
+                entry.eax = (entry.eax & !(0x3f << 26)) | cores;
+            }
             0x8000_0008 => {
                 let nc = vcpu_count.saturating_sub(1) & 0xff;
                 entry.ecx = (entry.ecx & !0xf0ff) | (id_bits(vcpu_count) << 12) | nc;
             }
             0x8000_001e => {
                 entry.eax = vcpu_id;
-                // Bits 15-8: threads per compute unit - 1 = 0; bits 7-0: compute unit ID.
-                entry.ebx = vcpu_id & 0xff;
+                // Bits 15-8: threads per compute unit - 1; bits 7-0: compute unit ID.
+                entry.ebx = ((threads - 1) << 8) | ((vcpu_id / threads) & 0xff);
                 // Bits 10-8: nodes per processor - 1 = 0; bits 7-0: node ID 0.
                 entry.ecx = 0;
             }
             _ => {}
+        }
+    }
+
+    // An AMD guest counts threads per core from leaf 0x8000_001E only when topology
+    // extensions are advertised (Linux before 6.2 reads nothing else there).
+    let amd_topology = entries.iter().any(|e| e.function == 0x8000_001e);
+    if threads > 1 && amd_topology {
+        for entry in entries.iter_mut().filter(|e| e.function == 0x8000_0001) {
+            entry.ecx |= LEAF_8000_0001_ECX_TOPOEXT;
         }
     }
 
@@ -216,13 +259,15 @@ mod tests {
             entry(0x4000_0001, 0, [0x0100_7afb, 0, 0, 1]),
             entry(0x8000_0001, 0, [0, 0, 0x121, 0x2c10_0800]),
             entry(0x8000_0008, 0, [0x3027, 0, 0x7007, 0]),
+            entry(0x8000_001d, 0, [0x0000_4121, 0x01c0_003f, 0x3f, 0]),
+            entry(0x8000_001d, 3, [0x0003_c163, 0x03c0_003f, 0x7fff, 1]),
             entry(0x8000_001e, 0, [0x2b, 0x0115, 0x0301, 0]),
         ]
     }
 
     fn normalized(vcpu_id: u8, vcpu_count: u8) -> Vec<kvm_cpuid_entry2> {
         let mut entries = host_entries();
-        normalize(&mut entries, vcpu_id, vcpu_count);
+        normalize(&mut entries, vcpu_id, vcpu_count, 1);
         entries
     }
 
@@ -266,7 +311,7 @@ mod tests {
     #[test]
     fn leaf_1_keeps_brand_index_and_sets_hypervisor() {
         let mut entries = vec![entry(0x1, 0, [0, 0xffff_ff05, 0, LEAF1_EDX_HTT])];
-        normalize(&mut entries, 3, 1);
+        normalize(&mut entries, 3, 1, 1);
         assert_eq!(entries[0].ebx, 0x0301_0805);
         assert_eq!(entries[0].ecx, LEAF1_ECX_HYPERVISOR);
         assert_eq!(entries[0].edx, 0);
@@ -343,7 +388,7 @@ mod tests {
     #[test]
     fn extended_topology_odd_count() {
         let mut entries = vec![entry(0xb, 1, [0; 4]), entry(0xb, 5, [9; 4])];
-        normalize(&mut entries, 2, 3);
+        normalize(&mut entries, 2, 3, 1);
         assert_eq!(entries[0].eax, 2);
         assert_eq!(entries[0].ebx, 3);
         assert_eq!(entries[1].ecx, 5);
@@ -357,7 +402,7 @@ mod tests {
         assert_eq!(e.eax, LEAF6_EAX_ARAT);
         assert_eq!(e.ecx, 0);
         let mut entries = vec![entry(0x6, 0, [0xfb, 0, 0xf, 0])];
-        normalize(&mut entries, 0, 1);
+        normalize(&mut entries, 0, 1, 1);
         assert_eq!(entries[0].eax, 0);
         assert_eq!(entries[0].ecx, 0);
     }
@@ -383,7 +428,7 @@ mod tests {
         for e in entries.iter_mut().filter(|e| e.function == 1) {
             e.ecx &= !LEAF1_ECX_XSAVE;
         }
-        normalize(&mut entries, 0, 2);
+        normalize(&mut entries, 0, 2, 1);
         for sub in 0..3 {
             let e = find(&entries, 0xd, sub);
             assert_eq!((e.eax, e.ebx, e.ecx, e.edx), (0, 0, 0, 0), "subleaf {sub}");
@@ -391,7 +436,7 @@ mod tests {
         }
         // Without any leaf 1 there is no XSAVE either.
         let mut entries = vec![entry(0xd, 0, [0x207, 0x340, 0xa88, 0])];
-        normalize(&mut entries, 0, 1);
+        normalize(&mut entries, 0, 1, 1);
         assert_eq!(entries[0].eax, 0);
     }
 
@@ -429,11 +474,62 @@ mod tests {
     }
 
     #[test]
+    fn smt_presents_two_threads_per_core() {
+        for id in 0..4u8 {
+            let mut entries = host_entries();
+            normalize(&mut entries, id, 4, 2);
+            // Intel: the SMT level holds 2 threads (shift 1), the core level all 4.
+            let smt = find(&entries, 0xb, 0);
+            assert_eq!(
+                (smt.eax, smt.ebx, smt.ecx >> 8 & 0xff),
+                (1, 2, LEVEL_TYPE_SMT)
+            );
+            assert_eq!(smt.edx, u32::from(id));
+            let core = find(&entries, 0xb, 1);
+            assert_eq!(
+                (core.eax, core.ebx, core.ecx >> 8 & 0xff),
+                (2, 4, LEVEL_TYPE_CORE)
+            );
+            assert_eq!(find(&entries, 0x1f, 0).ebx, 2);
+            // Two cores; L1 and L2 shared by the core's 2 threads, L3 by all 4.
+            let l1 = find(&entries, 0x4, 0);
+            assert_eq!((l1.eax >> 26, (l1.eax >> 14) & 0xfff), (1, 1));
+            let l3 = find(&entries, 0x4, 3);
+            assert_eq!((l3.eax >> 26, (l3.eax >> 14) & 0xfff), (1, 3));
+            // AMD: compute unit id / 2 with 2 threads.
+            let amd = find(&entries, 0x8000_001e, 0);
+            assert_eq!(amd.ebx, (1 << 8) | u32::from(id / 2));
+            assert_eq!(amd.eax, u32::from(id));
+            // Leaf 1 still counts logical processors.
+            assert_eq!(find(&entries, 0x1, 0).ebx >> 16 & 0xff, 4);
+            // AMD: topology extensions on; L1 shared by 2 threads, L3 by all 4.
+            assert_ne!(find(&entries, 0x8000_0001, 0).ecx & (1 << 22), 0);
+            assert_eq!((find(&entries, 0x8000_001d, 0).eax >> 14) & 0xfff, 1);
+            assert_eq!((find(&entries, 0x8000_001d, 3).eax >> 14) & 0xfff, 3);
+        }
+    }
+
+    #[test]
+    fn smt_is_ignored_where_it_cannot_apply() {
+        // One vCPU, or an odd count: one thread per core, as without SMT.
+        for (id, count) in [(0u8, 1u8), (2, 3)] {
+            let mut with = host_entries();
+            normalize(&mut with, id, count, 2);
+            let mut without = host_entries();
+            normalize(&mut without, id, count, 1);
+            assert!(with
+                .iter()
+                .zip(&without)
+                .all(|(a, b)| (a.eax, a.ebx, a.ecx, a.edx) == (b.eax, b.ebx, b.ecx, b.edx)));
+        }
+    }
+
+    #[test]
     fn empty_list_and_zero_count_do_not_panic() {
-        normalize(&mut [], 0, 1);
+        normalize(&mut [], 0, 1, 1);
         let mut entries = host_entries();
-        normalize(&mut entries, 0, 0);
-        normalize(&mut entries, 255, 255);
+        normalize(&mut entries, 0, 0, 1);
+        normalize(&mut entries, 255, 255, 1);
         let e = find(&entries, 0x1, 0);
         assert_eq!(e.ebx >> 24, 255);
     }

@@ -39,8 +39,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 pub const MMIO_GAP_SIZE: u64 = MMIO_GAP_END - MMIO_GAP_START;
-/// Smallest and largest guest memory sizes flint accepts.
-pub const MIN_MEM_SIZE: u64 = 64 << 20;
+/// Smallest and largest guest memory sizes flint accepts. The smallest holds the boot
+/// structures below 1 MiB and 1 MiB of high memory; whether the kernel and initrd fit is
+/// checked when they are loaded.
+pub const MIN_MEM_SIZE: u64 = 2 << 20;
 pub const MAX_MEM_SIZE: u64 = 1 << 40;
 
 // The ACPI tables and the generation ID are outside guest RAM, in the area below 1 MiB that

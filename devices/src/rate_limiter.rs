@@ -280,6 +280,22 @@ impl RateLimiter {
         false
     }
 
+    /// Apply `config` from now on, with full buckets. A request refused under the old
+    /// configuration is retried at once: the timer is re-armed to fire, so the device's
+    /// usual timer path restarts its queue.
+    pub fn update(&mut self, config: &RateLimiterConfig) {
+        let now = Instant::now();
+        self.bandwidth = config.bandwidth.and_then(|c| TokenBucket::new(&c, now));
+        self.ops = config.ops.and_then(|c| TokenBucket::new(&c, now));
+        if self.blocked {
+            if let Err(e) = self.timer.reset(MIN_WAIT, None) {
+                // Nothing would wake the device: let the next attempt retry.
+                log::warn!("rate limiter: cannot arm the timer: {e}");
+                self.blocked = false;
+            }
+        }
+    }
+
     /// Whether a refused request is waiting for the timer.
     pub fn is_blocked(&self) -> bool {
         self.blocked
@@ -481,6 +497,31 @@ mod tests {
         rl.unblock();
         assert!(!rl.is_blocked());
         assert!(!rl.timer.is_armed().unwrap());
+    }
+
+    #[test]
+    fn an_update_takes_effect_at_once_and_wakes_a_blocked_device() {
+        let mut rl = RateLimiter::new(&RateLimiterConfig {
+            bandwidth: None,
+            ops: Some(bucket(1, 0, 3_600_000)),
+        })
+        .unwrap();
+        assert!(rl.consume(0));
+        assert!(!rl.consume(0));
+        assert!(rl.is_blocked());
+        // No limit from now on: the timer fires soon and everything passes after it.
+        rl.update(&RateLimiterConfig::default());
+        assert!(rl.timer.is_armed().unwrap());
+        std::thread::sleep(MIN_WAIT * 5);
+        rl.timer_fired();
+        assert!((0..1000).all(|_| rl.consume(1 << 20)));
+        // A limit set on a limiter that had none applies to the next request.
+        rl.update(&RateLimiterConfig {
+            bandwidth: Some(bucket(100, 0, 3_600_000)),
+            ops: None,
+        });
+        assert!(rl.consume(100));
+        assert!(!rl.consume(1));
     }
 
     #[test]

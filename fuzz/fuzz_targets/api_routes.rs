@@ -49,10 +49,15 @@ fn round_trip(request: &ApiRequest) {
             let v = schema::boot_source_json(b);
             assert_eq!(&schema::boot_source(&v, "").unwrap(), b, "{v}");
         }
-        Request::SetMachineConfig { vcpus, mem_mib } => {
+        Request::SetMachineConfig {
+            vcpus,
+            mem_mib,
+            smt,
+        } => {
             let vm = vmm::VmConfig {
                 vcpus: *vcpus,
                 mem_mib: *mem_mib,
+                smt: *smt,
                 ..vmm::VmConfig::new("")
             };
             let v = schema::machine_config_json(&vm);

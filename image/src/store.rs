@@ -6,7 +6,9 @@
 //! - `images/HEX.json`: one [`ImageRecord`] per image, named by its manifest digest;
 //! - `tmp/`: blobs being written; a blob is hashed while written to a temporary file here, then
 //!   synced and renamed into `blobs/`, so an interrupted, truncated or mismatching write leaves
-//!   no entry;
+//!   no entry; `tmp/partial-HEX` is a blob a registry pull was downloading
+//!   ([`Store::partial_blob`]): kept when the download is cut short so that the next pull
+//!   resumes it, never visible in `blobs/` before it is complete and verified;
 //! - `lock`: imports hold it shared, [`Store::prune`] exclusively, so a prune never removes a
 //!   blob an import has written but not yet recorded.
 
@@ -213,6 +215,12 @@ impl Store {
                 self.put_blob(&l.digest, Some(l.size), source.open_blob(&l.digest)?)?;
             }
         }
+        self.add_record(image, names)?;
+        Ok(image.clone())
+    }
+
+    /// Records `image` (all its blobs cached) under `names` and the names it had.
+    fn add_record(&self, image: &Image, names: &[String]) -> Result<(), StoreError> {
         let mut names_all = names.to_vec();
         if let Ok(old) = self.record(&image.manifest_digest) {
             for n in old.names {
@@ -227,8 +235,73 @@ impl Store {
             manifest: image.manifest_digest.clone(),
             names: names_all,
             blobs,
-        })?;
-        Ok(image.clone())
+        })
+    }
+
+    /// Records `image`, pulled from a registry with all its blobs cached, under `name`, which
+    /// no other image keeps: a tag names one image at a time.
+    pub(crate) fn record_pulled(&self, image: &Image, name: &str) -> Result<(), StoreError> {
+        for mut other in self.images()? {
+            if other.manifest != image.manifest_digest && other.names.iter().any(|n| n == name) {
+                other.names.retain(|n| n != name);
+                self.write_record(&other)?;
+            }
+        }
+        self.add_record(image, &[name.to_string()])
+    }
+
+    /// The cached image recorded under `name`, if any.
+    pub fn find_name(&self, name: &str) -> Result<Option<Digest>, StoreError> {
+        Ok(self
+            .images()?
+            .into_iter()
+            .find(|r| r.names.iter().any(|n| n == name))
+            .map(|r| r.manifest))
+    }
+
+    /// Held (shared) while blobs are added for an image not yet recorded, so that
+    /// [`Store::prune`] does not remove them meanwhile.
+    pub(crate) fn import_lock(&self) -> Result<File, StoreError> {
+        self.lock(false)
+    }
+
+    /// The partial download of the blob `digest` (`tmp/partial-HEX`), created empty if there
+    /// is none, held exclusively (a concurrent pull of the same blob waits for it).
+    pub(crate) fn partial_blob(&self, digest: &Digest) -> Result<PartialBlob, StoreError> {
+        use std::os::unix::fs::MetadataExt;
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("partial-{}", digest.hex()));
+        let file = loop {
+            let file = File::options()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(self.io(&path))?;
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
+                StoreError::Io {
+                    path: path.clone(),
+                    source: e.into(),
+                }
+            })?;
+            // The pull that held it may have finished (renamed) or refused (removed) it.
+            let held = file.metadata().map_err(self.io(&path))?;
+            match fs::metadata(&path) {
+                Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => break file,
+                _ => continue,
+            }
+        };
+        let len = file.metadata().map_err(self.io(&path))?.len();
+        Ok(PartialBlob {
+            store: self.clone(),
+            digest: digest.clone(),
+            path,
+            file,
+            len,
+        })
     }
 
     fn record_path(&self, manifest: &Digest) -> PathBuf {
@@ -392,6 +465,84 @@ impl Store {
     }
 }
 
+/// A blob being downloaded into `tmp/partial-HEX`: appended to as bytes arrive, kept when the
+/// download is cut short, and moved into `blobs/` by [`PartialBlob::finish`] only once it is
+/// complete and hashes to its digest.
+#[derive(Debug)]
+pub(crate) struct PartialBlob {
+    store: Store,
+    digest: Digest,
+    path: PathBuf,
+    file: File,
+    len: u64,
+}
+
+impl PartialBlob {
+    /// The bytes downloaded so far.
+    pub(crate) fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Drops what was downloaded, to start again from the first byte.
+    pub(crate) fn restart(&mut self) -> Result<(), StoreError> {
+        self.file.set_len(0).map_err(self.store.io(&self.path))?;
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Appends `data`.
+    pub(crate) fn append(&mut self, data: &[u8]) -> Result<(), StoreError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(data, self.len)
+            .map_err(self.store.io(&self.path))?;
+        self.len += data.len() as u64;
+        Ok(())
+    }
+
+    /// Verifies the whole download against the digest and `size` and moves it into the cache.
+    /// A download of the right size that does not hash to its digest is removed (the next pull
+    /// starts it again).
+    pub(crate) fn finish(self, size: u64) -> Result<PathBuf, StoreError> {
+        if self.len < size {
+            return Err(StoreError::Truncated {
+                digest: self.digest.clone(),
+                expected: size,
+                got: self.len,
+            });
+        }
+        let mut hashing = HashingReader::new((&self.file).take(size.saturating_add(1)));
+        let read = io::copy(
+            &mut io::BufReader::with_capacity(1 << 16, &mut hashing),
+            &mut io::sink(),
+        );
+        let (actual, got) = hashing.finish();
+        let refused = match read {
+            Err(source) => Some(StoreError::Io {
+                path: self.path.clone(),
+                source,
+            }),
+            Ok(_) if got != size => Some(StoreError::TooLong {
+                digest: self.digest.clone(),
+                expected: size,
+            }),
+            Ok(_) if actual != self.digest => Some(StoreError::DigestMismatch {
+                digest: self.digest.clone(),
+                actual,
+            }),
+            Ok(_) => None,
+        };
+        if let Some(e) = refused {
+            let _ = fs::remove_file(&self.path);
+            return Err(e);
+        }
+        self.file.sync_all().map_err(self.store.io(&self.path))?;
+        let dest = self.store.blob_path(&self.digest);
+        fs::rename(&self.path, &dest).map_err(self.store.io(&dest))?;
+        Ok(dest)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::fs;
@@ -404,6 +555,45 @@ mod tests {
 
     fn tmp_is_empty(s: &Store) -> bool {
         fs::read_dir(s.root.join("tmp")).unwrap().count() == 0
+    }
+
+    #[test]
+    fn a_partial_download_resumes_and_enters_the_cache_only_verified() {
+        let dir = crate::testutil::tempdir();
+        let s = Store::open(dir.path()).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let d = Digest::of(&data);
+        // Cut short: kept in tmp/, not in the cache; the next try carries on from there.
+        let mut p = s.partial_blob(&d).unwrap();
+        p.append(&data[..30_000]).unwrap();
+        assert!(matches!(
+            p.finish(100_000),
+            Err(StoreError::Truncated { got: 30_000, .. })
+        ));
+        assert!(!s.has_blob(&d));
+        let mut p = s.partial_blob(&d).unwrap();
+        assert_eq!(p.len(), 30_000);
+        p.append(&data[30_000..]).unwrap();
+        let path = p.finish(100_000).unwrap();
+        assert_eq!(fs::read(path).unwrap(), data);
+        assert!(tmp_is_empty(&s));
+        // A complete download that does not hash to its digest is dropped, so the next try
+        // starts from the first byte.
+        let other = Digest::of(b"other");
+        let mut p = s.partial_blob(&other).unwrap();
+        p.append(b"otheR").unwrap();
+        assert!(matches!(
+            p.finish(5),
+            Err(StoreError::DigestMismatch { .. })
+        ));
+        assert!(!s.has_blob(&other) && tmp_is_empty(&s));
+        let mut p = s.partial_blob(&other).unwrap();
+        assert_eq!(p.len(), 0);
+        p.append(b"oth").unwrap();
+        p.restart().unwrap();
+        p.append(b"other").unwrap();
+        p.finish(5).unwrap();
+        assert!(s.has_blob(&other));
     }
 
     #[test]

@@ -3,8 +3,11 @@
 
 use super::routes::Reply;
 
-/// Largest request body accepted (Firecracker's limit too).
+/// Largest request body accepted by default (Firecracker's default too).
 pub const MAX_BODY: usize = 50 * 1024;
+/// The largest body limit `--http-api-max-payload-size` may set: each connection may buffer
+/// that much.
+pub const MAX_BODY_LIMIT: usize = 64 << 20;
 /// Largest request line plus headers accepted.
 pub const MAX_HEAD: usize = 8 * 1024;
 /// Most headers in one request.
@@ -41,8 +44,13 @@ fn header_eq(value: &[u8], want: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Look for one request at the start of `buf`.
+/// Look for one request at the start of `buf`, with a body of at most [`MAX_BODY`] bytes.
 pub fn frame(buf: &[u8]) -> Framing {
+    frame_limited(buf, MAX_BODY)
+}
+
+/// Look for one request at the start of `buf`, with a body of at most `max_body` bytes.
+pub fn frame_limited(buf: &[u8], max_body: usize) -> Framing {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let head_len = match req.parse(buf) {
@@ -124,10 +132,10 @@ pub fn frame(buf: &[u8]) -> Framing {
         }
     }
     let body_len = length.unwrap_or(0);
-    if body_len > MAX_BODY {
+    if body_len > max_body {
         return Framing::Invalid(Reply::fault(
             413,
-            format!("the body has {body_len} bytes, more than the limit of {MAX_BODY}"),
+            format!("the body has {body_len} bytes, more than the limit of {max_body}"),
         ));
     }
     let total = head_len + body_len;

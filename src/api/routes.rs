@@ -87,7 +87,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("/boot-source", "PUT"),
     ("/machine-config", "GET, PUT, PATCH"),
     ("/drives/{}", "PUT, PATCH"),
-    ("/network-interfaces/{}", "PUT"),
+    ("/network-interfaces/{}", "PUT, PATCH"),
     ("/vsock", "PUT"),
     ("/entropy", "PUT"),
     ("/vm", "PATCH"),
@@ -187,20 +187,26 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
             Request::SetDrive(drive)
         }
         ("PATCH", "/drives/{}") => {
-            let (drive_id, path) = schema::partial_drive(v, "")?;
-            same_id("drive_id", id, &drive_id)?;
-            Request::UpdateDrivePath { id: drive_id, path }
+            let update = schema::partial_drive(v, "")?;
+            if let Request::UpdateDrive { id: drive_id, .. } = &update {
+                same_id("drive_id", id, drive_id)?;
+            }
+            update
         }
         ("PUT", "/network-interfaces/{}") => {
             let iface = schema::network_interface(v, "")?;
             same_id("iface_id", id, iface.id.as_deref().unwrap_or_default())?;
             Request::SetNetworkInterface(iface)
         }
-        ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
-        ("PUT", "/entropy") => {
-            schema::entropy(v, "")?;
-            Request::SetEntropy
+        ("PATCH", "/network-interfaces/{}") => {
+            let update = schema::partial_network_interface(v, "")?;
+            if let Request::UpdateNetworkInterface { id: iface_id, .. } = &update {
+                same_id("iface_id", id, iface_id)?;
+            }
+            update
         }
+        ("PUT", "/vsock") => Request::SetVsock(schema::vsock(v, "")?),
+        ("PUT", "/entropy") => Request::SetEntropy(schema::entropy(v, "")?),
         ("PATCH", "/vm") => schema::vm_state(v, "")?,
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
         ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
@@ -286,6 +292,7 @@ mod tests {
             Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
+                smt: false,
             }
         );
         assert_eq!(
@@ -314,9 +321,10 @@ mod tests {
                 "/drives/data",
                 r#"{"drive_id": "data", "path_on_host": "/new"}"#
             ),
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "data".into(),
-                path: "/new".into()
+                path: Some("/new".into()),
+                rate_limiter: None,
             }
         );
         assert_eq!(
@@ -337,7 +345,22 @@ mod tests {
                 uds_path: "/v".into()
             })
         );
-        assert_eq!(fwd("PUT", "/entropy", "{}"), Request::SetEntropy);
+        assert_eq!(fwd("PUT", "/entropy", "{}"), Request::SetEntropy(None));
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/entropy",
+                r#"{"rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}"#
+            ),
+            Request::SetEntropy(Some(vmm::RateLimiterConfig {
+                bandwidth: Some(vmm::TokenBucketConfig {
+                    size: 1000,
+                    one_time_burst: 0,
+                    refill_time_ms: 100
+                }),
+                ops: None,
+            }))
+        );
         assert_eq!(
             fwd("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#),
             Request::Start
@@ -349,7 +372,8 @@ mod tests {
         assert_eq!(
             route("PUT", "/logger", br#"{"log_path": "/l", "level": "Debug"}"#),
             Routed::Forward(ApiRequest::SetLogger(LoggerConfig {
-                path: "/l".into(),
+                path: Some("/l".into()),
+                module: None,
                 level: Some("Debug".into()),
                 show_level: false,
                 show_log_origin: false
@@ -387,6 +411,7 @@ mod tests {
             snapshot_path: "/s".into(),
             mem_file_path: "/m".into(),
             resume,
+            overrides: Default::default(),
         };
         assert_eq!(
             fwd(
@@ -404,7 +429,43 @@ mod tests {
             ),
             load(false)
         );
+        // E2B's and firecracker-go-sdk's overrides of the backends.
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "resume_vm": true,
+                    "network_overrides": [{"iface_id": "eth0", "host_dev_name": "tap9"}],
+                    "vsock_override": {"uds_path": "/v.sock"}, "clock_realtime": true,
+                    "huge_pages": "Snapshot"}"#
+            ),
+            Request::LoadSnapshot {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                resume: true,
+                overrides: vmm::controller::LoadOverrides {
+                    taps: vec![("eth0".into(), "tap9".into())],
+                    vsock_uds_path: Some("/v.sock".into()),
+                    clock: vmm::ClockRestore::Realtime,
+                },
+            }
+        );
         for (path, body, expected) in [
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": [{"iface_id": "eth0"}]}"#,
+                "network_overrides[0]: missing required field 'host_dev_name'",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "network_overrides": {}}"#,
+                "network_overrides must be a list",
+            ),
+            (
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "2M"}"#,
+                "huge_pages \"2M\" is not supported",
+            ),
             (
                 "/snapshot/create",
                 r#"{"snapshot_path": "/s"}"#,
@@ -469,9 +530,10 @@ mod tests {
                 "/drives/my%20disk",
                 r#"{"drive_id": "my disk", "path_on_host": "/n"}"#
             ),
-            Request::UpdateDrivePath {
+            Request::UpdateDrive {
                 id: "my disk".into(),
-                path: "/n".into()
+                path: Some("/n".into()),
+                rate_limiter: None,
             }
         );
         assert_eq!(
@@ -559,7 +621,7 @@ mod tests {
             ("PUT", "/"),
             ("DELETE", "/drives/a"),
             ("GET", "/drives/a"),
-            ("PATCH", "/network-interfaces/e"),
+            ("GET", "/network-interfaces/e"),
             ("GET", "/actions"),
             ("PUT", "/vm"),
             ("PUT", "/vm/config"),

@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
-use vmm::controller::{BootSource, InstanceInfo, MachineUpdate, Request, RequestError};
+use vmm::controller::{
+    BootSource, InstanceInfo, LoadOverrides, MachineUpdate, Request, RequestError,
+};
 use vmm::{
     CacheType, DriveConfig, Field, NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig,
     VsockConfig, MAX_REFILL_TIME_MS,
@@ -56,11 +58,6 @@ pub struct BodyError(pub String);
 
 /// Log levels as Firecracker spells them; accepted in any case.
 pub const LOG_LEVELS: &[&str] = &["Error", "Warning", "Info", "Debug", "Trace", "Off"];
-
-/// Fields that Firecracker accepts but flint refuses (with the reason).
-const NO_ENTROPY_LIMITER: &str = "is not supported: flint does not rate-limit the entropy device";
-const NO_LIMITER_UPDATE: &str =
-    "cannot be changed by PATCH: flint sets a drive's rate limiter only before the VM starts";
 
 /// Longest JSON value quoted back in an error message.
 const MAX_QUOTED: usize = 40;
@@ -270,18 +267,17 @@ const MACHINE_FIELDS: &[&str] = &[
 ];
 /// Huge pages: only "None" is accepted ("2M" is refused with the reason).
 const HUGE_PAGES: &[&str] = &["None", "2M"];
-/// CPU templates: Firecracker's are refused by the choice list, only "None" is accepted.
-const CPU_TEMPLATES: &[&str] = &["None"];
 
 /// The machine fields flint accepts only with the value that means "off", with the reason.
 fn refuse_unsupported_machine_fields(f: &Fields) -> Result<(), BodyError> {
-    f.opt_choice("cpu_template", CPU_TEMPLATES)?;
-    if f.opt_bool("smt")? == Some(true) {
-        return Err(f.err(
-            "smt: flint presents one thread per core; simultaneous multithreading cannot be \
-             enabled"
-                .into(),
-        ));
+    if let Some(template) = f.get("cpu_template") {
+        if template.as_str() != Some("None") {
+            return Err(f.err(format!(
+                "cpu_template: flint has no CPU templates and presents the host's CPU as KVM \
+                 reports it; only \"None\" is accepted, not {}",
+                quote(template)
+            )));
+        }
     }
     if f.opt_bool("track_dirty_pages")? == Some(true) {
         return Err(f.err(
@@ -303,6 +299,7 @@ pub fn machine_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     Ok(Request::SetMachineConfig {
         vcpus: f.req_uint("vcpu_count", u32::MAX.into())? as u32,
         mem_mib: f.req_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?.unwrap_or(false),
     })
 }
 
@@ -313,6 +310,7 @@ pub fn machine_config_update(v: &Value, ctx: &str) -> Result<Request, BodyError>
     Ok(Request::UpdateMachineConfig(MachineUpdate {
         vcpus: f.opt_uint("vcpu_count", u32::MAX.into())?.map(|n| n as u32),
         mem_mib: f.opt_uint("mem_size_mib", u64::MAX)?,
+        smt: f.opt_bool("smt")?,
     }))
 }
 
@@ -385,15 +383,16 @@ fn bounded(f: &Fields, name: &str, v: &Value, min: u64, max: u64) -> Result<u64,
         })
 }
 
-/// A Firecracker token bucket: `{"size": N, "one_time_burst": N?, "refill_time": MS}`.
-fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<TokenBucketConfig, BodyError> {
+/// A Firecracker token bucket: `{"size": N, "one_time_burst": N?, "refill_time": MS}`. A size
+/// or refill time of 0 is no bucket (no limit), as in Firecracker.
+fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<Option<TokenBucketConfig>, BodyError> {
     let map = nested(f, name, v, &["size", "one_time_burst", "refill_time"])?;
     let field = |key: &str| map.get(key).filter(|v| !v.is_null());
     let required = |key: &str| {
         field(key).ok_or_else(|| f.err(format!("missing required field '{name}.{key}'")))
     };
-    Ok(TokenBucketConfig {
-        size: bounded(f, &format!("{name}.size"), required("size")?, 1, u64::MAX)?,
+    let bucket = TokenBucketConfig {
+        size: bounded(f, &format!("{name}.size"), required("size")?, 0, u64::MAX)?,
         one_time_burst: field("one_time_burst")
             .map(|v| bounded(f, &format!("{name}.one_time_burst"), v, 0, u64::MAX))
             .transpose()?
@@ -402,10 +401,11 @@ fn token_bucket(f: &Fields, name: &str, v: &Value) -> Result<TokenBucketConfig, 
             f,
             &format!("{name}.refill_time"),
             required("refill_time")?,
-            1,
+            0,
             MAX_REFILL_TIME_MS,
         )?,
-    })
+    };
+    Ok((bucket.size != 0 && bucket.refill_time_ms != 0).then_some(bucket))
 }
 
 /// A Firecracker rate limiter at `name`: `{"bandwidth": BUCKET?, "ops": BUCKET?}`; absent or
@@ -420,6 +420,7 @@ fn rate_limiter(f: &Fields, name: &str) -> Result<Option<RateLimiterConfig>, Bod
             .filter(|v| !v.is_null())
             .map(|v| token_bucket(f, &format!("{name}.{key}"), v))
             .transpose()
+            .map(Option::flatten)
     };
     Ok(Some(RateLimiterConfig {
         bandwidth: bucket("bandwidth")?,
@@ -454,15 +455,29 @@ fn rate_limiter_out(r: &Option<RateLimiterConfig>) -> Option<RateLimiterOut> {
     })
 }
 
-/// `PATCH /drives/{drive_id}`: the drive's id and its new backing file.
-pub fn partial_drive(v: &Value, ctx: &str) -> Result<(String, PathBuf), BodyError> {
+/// `PATCH /drives/{drive_id}`: the drive's id, and its new backing file and/or rate limiter.
+pub fn partial_drive(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["drive_id", "path_on_host", "rate_limiter"], &[])?;
+    Ok(Request::UpdateDrive {
+        id: f.req_str("drive_id")?,
+        path: f.opt_str("path_on_host")?.map(PathBuf::from),
+        rate_limiter: rate_limiter(&f, "rate_limiter")?,
+    })
+}
+
+/// `PATCH /network-interfaces/{iface_id}`: the interface's id and its new rate limiters.
+pub fn partial_network_interface(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(
         v,
         ctx,
-        &["drive_id", "path_on_host"],
-        &[("rate_limiter", NO_LIMITER_UPDATE)],
+        &["iface_id", "rx_rate_limiter", "tx_rate_limiter"],
+        &[],
     )?;
-    Ok((f.req_str("drive_id")?, f.req_str("path_on_host")?.into()))
+    Ok(Request::UpdateNetworkInterface {
+        id: f.req_str("iface_id")?,
+        rx_rate_limiter: rate_limiter(&f, "rx_rate_limiter")?,
+        tx_rate_limiter: rate_limiter(&f, "tx_rate_limiter")?,
+    })
 }
 
 /// Parse `aa:bb:cc:dd:ee:ff` (hex digits in either case).
@@ -523,10 +538,18 @@ pub fn vsock(v: &Value, ctx: &str) -> Result<VsockConfig, BodyError> {
     })
 }
 
-/// `PUT /entropy`, config file `entropy`: an empty object.
-pub fn entropy(v: &Value, ctx: &str) -> Result<(), BodyError> {
-    Fields::new(v, ctx, &[], &[("rate_limiter", NO_ENTROPY_LIMITER)])?;
-    Ok(())
+/// `PUT /entropy`, config file `entropy`: `{}` or `{"rate_limiter": ...}`.
+pub fn entropy(v: &Value, ctx: &str) -> Result<Option<RateLimiterConfig>, BodyError> {
+    let f = Fields::new(v, ctx, &["rate_limiter"], &[])?;
+    rate_limiter(&f, "rate_limiter")
+}
+
+/// The entropy device's configuration in the API's schema.
+pub fn entropy_json(rate_limiter: &Option<RateLimiterConfig>) -> Value {
+    match rate_limiter_out(rate_limiter) {
+        Some(r) => serde_json::json!({ "rate_limiter": to_value(r) }),
+        None => serde_json::json!({}),
+    }
 }
 
 /// `PUT /actions`.
@@ -588,12 +611,20 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             "resume_vm",
             "enable_diff_snapshots",
             "track_dirty_pages",
-        ],
-        &[(
             "network_overrides",
-            "is not supported: a loaded VM uses the TAP devices it was snapshotted with",
-        )],
+            "vsock_override",
+            "clock_realtime",
+            "huge_pages",
+        ],
+        &[],
     )?;
+    if let Some(pages) = f.opt_choice("huge_pages", &["Snapshot", "None", "Transparent", "2M"])? {
+        if pages == "2M" {
+            return Err(f.err(
+                "huge_pages \"2M\" is not supported: flint has no huge-page backing yet".into(),
+            ));
+        }
+    }
     for name in ["enable_diff_snapshots", "track_dirty_pages"] {
         if f.opt_bool(name)? == Some(true) {
             return Err(f.err(format!(
@@ -621,10 +652,42 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             return Err(f.err("missing required field 'mem_backend' (or 'mem_file_path')".into()))
         }
     };
+    let mut taps = Vec::new();
+    if let Some(list) = f.get("network_overrides") {
+        let Value::Array(items) = list else {
+            return Err(f.err(format!(
+                "network_overrides must be a list, not {}",
+                quote(list)
+            )));
+        };
+        for (i, item) in items.iter().enumerate() {
+            let ctx = format!("{}network_overrides[{i}]", f.ctx);
+            let o = Fields::new(item, &ctx, &["iface_id", "host_dev_name"], &[])?;
+            taps.push((o.req_str("iface_id")?, o.req_str("host_dev_name")?));
+        }
+    }
+    let vsock_uds_path = match f.get("vsock_override") {
+        None => None,
+        Some(v) => {
+            let ctx = format!("{}vsock_override", f.ctx);
+            let o = Fields::new(v, &ctx, &["uds_path"], &[])?;
+            Some(PathBuf::from(o.req_str("uds_path")?))
+        }
+    };
+    let clock = if f.opt_bool("clock_realtime")?.unwrap_or(false) {
+        vmm::ClockRestore::Realtime
+    } else {
+        vmm::ClockRestore::AsSaved
+    };
     Ok(Request::LoadSnapshot {
         snapshot_path: f.req_str("snapshot_path")?.into(),
         mem_file_path: mem_file_path.into(),
         resume: f.opt_bool("resume_vm")?.unwrap_or(false),
+        overrides: LoadOverrides {
+            taps,
+            vsock_uds_path,
+            clock,
+        },
     })
 }
 
@@ -634,11 +697,14 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
     let f = Fields::new(
         v,
         ctx,
-        &["log_path", "level", "show_level", "show_log_origin"],
-        &[(
+        &[
+            "log_path",
+            "level",
+            "show_level",
+            "show_log_origin",
             "module",
-            "is not supported: flint cannot filter its log by module",
-        )],
+        ],
+        &[],
     )?;
     let level = match f.get("level") {
         None => None,
@@ -656,10 +722,11 @@ pub fn logger(v: &Value, ctx: &str) -> Result<LoggerConfig, BodyError> {
         ),
     };
     Ok(LoggerConfig {
-        path: f.req_str("log_path")?.into(),
+        path: f.opt_str("log_path")?.map(PathBuf::from),
         level,
         show_level: f.opt_bool("show_level")?.unwrap_or(false),
         show_log_origin: f.opt_bool("show_log_origin")?.unwrap_or(false),
+        module: f.opt_str("module")?,
     })
 }
 
@@ -713,7 +780,7 @@ pub fn machine_config_json(vm: &VmConfig) -> Value {
     to_value(MachineConfigOut {
         vcpu_count: vm.vcpus,
         mem_size_mib: vm.mem_mib,
-        smt: false,
+        smt: vm.smt,
         track_dirty_pages: false,
         huge_pages: "None",
     })
@@ -804,18 +871,20 @@ pub fn vsock_json(v: &VsockConfig) -> Value {
 
 #[derive(Serialize)]
 struct LoggerOut<'a> {
-    log_path: String,
+    log_path: Option<String>,
     level: Option<&'a str>,
     show_level: bool,
     show_log_origin: bool,
+    module: Option<&'a str>,
 }
 
 pub fn logger_json(l: &LoggerConfig) -> Value {
     to_value(LoggerOut {
-        log_path: path_string(&l.path),
+        log_path: l.path.as_deref().map(path_string),
         level: l.level.as_deref(),
         show_level: l.show_level,
         show_log_origin: l.show_log_origin,
+        module: l.module.as_deref(),
     })
 }
 
@@ -890,6 +959,7 @@ mod tests {
             Request::SetMachineConfig {
                 vcpus: 2,
                 mem_mib: 256,
+                smt: false,
             }
         );
         // The fields flint cannot honour are accepted only in their "off" setting.
@@ -903,14 +973,15 @@ mod tests {
             m,
             Request::SetMachineConfig {
                 vcpus: 1,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             }
         );
         for (field, value, why) in [
             (
-                "smt",
-                json!(true),
-                "smt: flint presents one thread per core",
+                "cpu_template",
+                json!("T2"),
+                "cpu_template: flint has no CPU templates",
             ),
             (
                 "track_dirty_pages",
@@ -930,12 +1001,33 @@ mod tests {
             let msg = err(machine_config_update(&json!({ field: value }), ""));
             assert!(msg.starts_with(why), "PATCH {field}: {msg}");
         }
+        // SMT is passed on (the VMM checks the vCPU count), in PUT and PATCH.
+        assert_eq!(
+            machine_config(
+                &json!({"vcpu_count": 2, "mem_size_mib": 128, "smt": true}),
+                ""
+            )
+            .unwrap(),
+            Request::SetMachineConfig {
+                vcpus: 2,
+                mem_mib: 128,
+                smt: true,
+            }
+        );
+        assert_eq!(
+            machine_config_update(&json!({ "smt": true }), "").unwrap(),
+            Request::UpdateMachineConfig(MachineUpdate {
+                smt: Some(true),
+                ..Default::default()
+            })
+        );
         // 0 vCPUs is for the VMM to refuse; the API passes it on.
         assert_eq!(
             machine_config(&json!({"vcpu_count": 0, "mem_size_mib": 128}), "").unwrap(),
             Request::SetMachineConfig {
                 vcpus: 0,
-                mem_mib: 128
+                mem_mib: 128,
+                smt: false,
             }
         );
         for (body, want) in [
@@ -976,8 +1068,9 @@ mod tests {
                 "huge_pages must be one of \"None\", \"2M\", not \"Transparent\"",
             ),
             (
-                json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": "T2"}),
-                "cpu_template must be one of \"None\", not \"T2\"",
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": 7}),
+                "cpu_template: flint has no CPU templates and presents the host's CPU as KVM \
+                 reports it; only \"None\" is accepted, not 7",
             ),
         ] {
             assert_eq!(err(machine_config(&body, "")), want, "{body}");
@@ -996,6 +1089,7 @@ mod tests {
             u,
             Request::UpdateMachineConfig(MachineUpdate {
                 mem_mib: Some(512),
+                smt: None,
                 vcpus: None,
             })
         );
@@ -1057,11 +1151,49 @@ mod tests {
         );
         assert_eq!(
             partial_drive(&json!({"drive_id": "d", "path_on_host": "/n"}), "").unwrap(),
-            ("d".to_string(), PathBuf::from("/n"))
+            Request::UpdateDrive {
+                id: "d".into(),
+                path: Some("/n".into()),
+                rate_limiter: None,
+            }
+        );
+        // Only a rate limiter, as Firecracker's clients send it after start.
+        assert_eq!(
+            partial_drive(
+                &json!({"drive_id": "d", "rate_limiter": {"ops": {"size": 9, "refill_time": 1000}}}),
+                ""
+            )
+            .unwrap(),
+            Request::UpdateDrive {
+                id: "d".into(),
+                path: None,
+                rate_limiter: Some(RateLimiterConfig {
+                    bandwidth: None,
+                    ops: Some(TokenBucketConfig::per_second(9)),
+                }),
+            }
         );
         assert_eq!(
-            err(partial_drive(&json!({"drive_id": "d"}), "")),
-            "missing required field 'path_on_host'"
+            partial_network_interface(
+                &json!({"iface_id": "eth0", "tx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 1000}}}),
+                ""
+            )
+            .unwrap(),
+            Request::UpdateNetworkInterface {
+                id: "eth0".into(),
+                rx_rate_limiter: None,
+                tx_rate_limiter: Some(RateLimiterConfig {
+                    bandwidth: Some(TokenBucketConfig::per_second(1000)),
+                    ops: None,
+                }),
+            }
+        );
+        assert_eq!(
+            err(partial_network_interface(
+                &json!({"iface_id": "eth0", "guest_mac": "x"}),
+                ""
+            )),
+            "unknown field 'guest_mac' (expected iface_id, rx_rate_limiter, tx_rate_limiter)"
         );
     }
 
@@ -1113,13 +1245,8 @@ mod tests {
                 "rate_limiter.ops must be a JSON object, not []",
             ),
             (
-                json!({"bandwidth": {"size": 0, "refill_time": 100}}),
-                "rate_limiter.bandwidth.size must be a whole number from 1 to \
-                 18446744073709551615, not 0",
-            ),
-            (
                 json!({"bandwidth": {"size": 1.5, "refill_time": 100}}),
-                "rate_limiter.bandwidth.size must be a whole number from 1 to \
+                "rate_limiter.bandwidth.size must be a whole number from 0 to \
                  18446744073709551615, not 1.5",
             ),
             (
@@ -1127,12 +1254,8 @@ mod tests {
                 "missing required field 'rate_limiter.ops.refill_time'",
             ),
             (
-                json!({"ops": {"size": 1, "refill_time": 0}}),
-                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, not 0",
-            ),
-            (
                 json!({"ops": {"size": 1, "refill_time": 3600001}}),
-                "rate_limiter.ops.refill_time must be a whole number from 1 to 3600000, \
+                "rate_limiter.ops.refill_time must be a whole number from 0 to 3600000, \
                  not 3600001",
             ),
             (
@@ -1144,14 +1267,17 @@ mod tests {
         for (rl, want) in cases {
             assert_eq!(err(with(rl)), want);
         }
-        assert_eq!(
-            err(partial_drive(
-                &json!({"drive_id": "d", "path_on_host": "/n", "rate_limiter": {}}),
-                ""
-            )),
-            "rate_limiter cannot be changed by PATCH: flint sets a drive's rate limiter only \
-             before the VM starts"
-        );
+        // A size or refill time of 0 is no limit, as in Firecracker.
+        for zero in [
+            json!({"bandwidth": {"size": 0, "refill_time": 100}, "ops": {"size": 5, "refill_time": 0}}),
+            json!({"bandwidth": null, "ops": {"size": 0, "refill_time": 0}}),
+        ] {
+            assert_eq!(
+                with(zero.clone()).unwrap().rate_limiter,
+                Some(RateLimiterConfig::default()),
+                "{zero}"
+            );
+        }
     }
 
     #[test]
@@ -1223,7 +1349,7 @@ mod tests {
                 "network-interfaces[0]"
             )),
             "network-interfaces[0]: tx_rate_limiter.bandwidth.size must be a whole number \
-             from 1 to 18446744073709551615, not -1"
+             from 0 to 18446744073709551615, not -1"
         );
         assert_eq!(
             err(network_interface(&json!({"iface_id": "eth0"}), "")),
@@ -1248,15 +1374,21 @@ mod tests {
             err(vsock(&json!({"guest_cid": -3, "uds_path": "/v"}), "")),
             "guest_cid must be a whole number from 0 to 4294967295, not -3"
         );
-        entropy(&json!({}), "").unwrap();
-        entropy(&json!({"rate_limiter": null}), "").unwrap();
+        assert_eq!(entropy(&json!({}), "").unwrap(), None);
+        assert_eq!(entropy(&json!({"rate_limiter": null}), "").unwrap(), None);
+        let limited = json!({"rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}});
+        let got = entropy(&limited, "").unwrap();
         assert_eq!(
-            err(entropy(&json!({"rate_limiter": {}}), "")),
-            "rate_limiter is not supported: flint does not rate-limit the entropy device"
+            got,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(TokenBucketConfig::per_second(10)),
+            })
         );
+        assert_eq!(entropy(&entropy_json(&got), "").unwrap(), got);
         assert_eq!(
             err(entropy(&json!({"x": 1}), "")),
-            "unknown field 'x' (no fields are accepted here)"
+            "unknown field 'x' (expected rate_limiter)"
         );
         for (a, want) in [
             ("InstanceStart", Request::Start),
@@ -1298,20 +1430,19 @@ mod tests {
         assert_eq!(
             l,
             LoggerConfig {
-                path: "/l".into(),
+                path: Some("/l".into()),
                 level: Some("Warning".into()),
                 show_level: true,
-                show_log_origin: false
+                show_log_origin: false,
+                module: None,
             }
         );
         assert_eq!(
             err(logger(&json!({"log_path": "/l", "level": "loud"}), "")),
             "level must be one of Error, Warning, Info, Debug, Trace, Off (in any case), not \"loud\""
         );
-        assert_eq!(
-            err(logger(&json!({"log_path": "/l", "module": "api"}), "")),
-            "module is not supported: flint cannot filter its log by module"
-        );
+        let l = logger(&json!({"module": "vmm", "level": "Debug"}), "").unwrap();
+        assert_eq!((l.path, l.module.as_deref()), (None, Some("vmm")));
     }
 
     #[test]
@@ -1360,7 +1491,8 @@ mod tests {
             machine_config(&machine_config_json(&m), "").unwrap(),
             Request::SetMachineConfig {
                 vcpus: 4,
-                mem_mib: 1024
+                mem_mib: 1024,
+                smt: false,
             }
         );
         let b = BootSource {
@@ -1370,7 +1502,8 @@ mod tests {
         };
         assert_eq!(boot_source(&boot_source_json(&b), "").unwrap(), b);
         let l = LoggerConfig {
-            path: "/l".into(),
+            path: Some("/l".into()),
+            module: None,
             level: None,
             show_level: false,
             show_log_origin: true,

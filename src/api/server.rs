@@ -32,7 +32,10 @@ const MAX_CONNECTIONS: usize = 64;
 /// long is closed.
 const STALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Stop reading from a connection while this much input is buffered (one largest request).
-const READ_LIMIT: usize = MAX_HEAD + MAX_BODY + 1;
+/// What a connection buffers at most for a body limit of `max_body`: one request and a byte.
+fn read_limit(max_body: usize) -> usize {
+    MAX_HEAD + max_body + 1
+}
 /// Stop answering a connection's pipelined requests while this much output is unsent.
 const WRITE_LIMIT: usize = 64 * 1024;
 /// How often a request waiting for the VMM thread checks whether the server is stopping.
@@ -103,6 +106,16 @@ impl ApiServer {
     /// `requests` with a reply channel; `wake` is written after each send so that the VMM
     /// thread's epoll wakes up.
     pub fn start(path: &Path, requests: VmmSender, wake: EventFd) -> Result<ApiServer, ApiError> {
+        ApiServer::start_with_max_body(path, requests, wake, MAX_BODY)
+    }
+
+    /// [`ApiServer::start`], accepting request bodies of up to `max_body` bytes.
+    pub fn start_with_max_body(
+        path: &Path,
+        requests: VmmSender,
+        wake: EventFd,
+        max_body: usize,
+    ) -> Result<ApiServer, ApiError> {
         free_path(path)?;
         let bind_err = |source| ApiError::Bind {
             path: path.into(),
@@ -136,6 +149,7 @@ impl ApiServer {
                 .map_err(ApiError::Setup)?;
         }
         let worker = Worker {
+            max_body,
             epoll,
             listener,
             conns: HashMap::new(),
@@ -233,6 +247,8 @@ impl Vmm {
 /// One client connection.
 struct Conn {
     stream: UnixStream,
+    /// The largest request body accepted.
+    max_body: usize,
     input: Vec<u8>,
     output: Vec<u8>,
     /// The client will send nothing more.
@@ -251,9 +267,10 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(stream: UnixStream) -> Conn {
+    fn new(stream: UnixStream, max_body: usize) -> Conn {
         Conn {
             stream,
+            max_body,
             input: Vec::new(),
             output: Vec::new(),
             eof: false,
@@ -266,10 +283,10 @@ impl Conn {
         }
     }
 
-    /// Read what the client sent, up to [`READ_LIMIT`] buffered bytes.
+    /// Read what the client sent, up to [`read_limit`] buffered bytes.
     fn read(&mut self) {
         let mut chunk = [0u8; 8192];
-        while !self.eof && self.input.len() < READ_LIMIT {
+        while !self.eof && self.input.len() < read_limit(self.max_body) {
             match self.stream.read(&mut chunk) {
                 Ok(0) => self.eof = true,
                 Ok(n) => {
@@ -291,7 +308,7 @@ impl Conn {
     /// Answer the complete requests in the input buffer, while the output is not backed up.
     fn process(&mut self, vmm: &Vmm) {
         while !self.closing && self.output.len() < WRITE_LIMIT {
-            match http::frame(&self.input) {
+            match http::frame_limited(&self.input, self.max_body) {
                 Framing::Incomplete { expect_continue } => {
                     if expect_continue && !self.continued {
                         self.output.extend_from_slice(http::CONTINUE);
@@ -314,7 +331,7 @@ impl Conn {
                 }
             }
         }
-        if self.input.is_empty() && self.input.capacity() > READ_LIMIT {
+        if self.input.is_empty() && self.input.capacity() > read_limit(self.max_body) {
             self.input = Vec::new();
         }
     }
@@ -378,7 +395,7 @@ impl Conn {
         if self.draining {
             return EventSet::IN | EventSet::READ_HANG_UP;
         }
-        if !self.eof && !self.closing && self.input.len() < READ_LIMIT {
+        if !self.eof && !self.closing && self.input.len() < read_limit(self.max_body) {
             events |= EventSet::IN | EventSet::READ_HANG_UP;
         }
         if !self.output.is_empty() {
@@ -390,6 +407,8 @@ impl Conn {
 
 /// The server thread's state.
 struct Worker {
+    /// The largest request body accepted.
+    max_body: usize,
     epoll: Epoll,
     listener: UnixListener,
     conns: HashMap<u64, Conn>,
@@ -439,7 +458,7 @@ impl Worker {
             if stream.set_nonblocking(true).is_err() {
                 continue;
             }
-            let mut conn = Conn::new(stream);
+            let mut conn = Conn::new(stream, self.max_body);
             if self.conns.len() >= MAX_CONNECTIONS {
                 let reply = Reply::fault(
                     503,

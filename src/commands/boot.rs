@@ -43,7 +43,7 @@ pub(crate) struct BootArgs {
     vcpus: Vec<u32>,
 
     #[arg(long, value_name = "MIB", allow_hyphen_values = true,
-          help = format!("Guest memory in MiB, at least 64 [default: {DEFAULT_MEM_MIB}]"),
+          help = format!("Guest memory in MiB, at least 2 (the kernel and initrd must fit) [default: {DEFAULT_MEM_MIB}]"),
           value_parser = |s: &str| values::number::<u64>("--memory", s))]
     memory: Vec<u64>,
 

@@ -13,6 +13,16 @@ The cache is $FLINT_CACHE/images: each image's blobs (shared between images) and
 read-only ext4 disk of its files that sandboxes mount. 'flint run --image' fills it on an
 image's first run; 'flint image pull' does the same without running anything.
 
+Registry images are pulled over HTTPS (plain HTTP only from a registry named by
+--insecure-registry), anonymously or with the credentials 'docker login' or 'podman login'
+keep in $DOCKER_CONFIG/config.json (default ~/.docker/config.json: auths.<registry>.auth, or
+a credential helper docker-credential-NAME); a multi-platform index resolves to linux/amd64.
+Each blob is verified against its digest before it enters the cache, and blobs already
+cached are not downloaded again. A download cut short is resumed (three tries), and then by
+the next pull. Limits: manifests and configurations of 4 MiB, 256 layers, 64 GiB of layers;
+30 s to connect and 60 s without a byte from the registry. On a terminal, a line shows the
+bytes and layers pulled.
+
 An image being started or running in a sandbox is in use: 'flint image rm' refuses it, and
 'flint image prune' leaves its disk.";
 
@@ -24,14 +34,19 @@ pub(crate) struct ImageArgs {
 
 #[derive(Debug, Subcommand)]
 enum ImageSub {
-    /// Import an image (an OCI layout directory, an OCI archive or a docker save tarball)
-    /// and build its disk, as the first 'flint run --image' of it does; print its manifest
-    /// digest
+    /// Pull an image from a registry (again, if cached: its tag may have moved) or import
+    /// one from a file, and build its disk, as the first 'flint run --image' of it does;
+    /// print its manifest digest
     Pull {
-        /// The image: a path to an OCI image layout directory, an OCI archive or a `docker
+        /// The image: a registry reference [REGISTRY/]NAME[:TAG|@DIGEST] (Docker Hub without a
+        /// REGISTRY), or a path to an OCI image layout directory, an OCI archive or a `docker
         /// save` tarball
         #[arg(value_name = "REF", allow_hyphen_values = true, value_parser = pull_ref)]
         reference: ImageRef,
+        /// Allow pulling from this registry over plain HTTP instead of HTTPS (repeatable)
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]",
+              allow_hyphen_values = true, value_parser = super::run::insecure_registry)]
+        insecure_registry: Vec<String>,
     },
     /// List the cached images: digest, size of their blobs, size of their disk ('-' if not
     /// built), and the names they were imported as
@@ -66,7 +81,13 @@ fn pull_ref(value: &str) -> Result<ImageRef, CliError> {
 impl ImageArgs {
     pub(crate) fn into_command(self) -> Result<Command, CliError> {
         Ok(Command::Image(match self.command {
-            ImageSub::Pull { reference } => ImageCommand::Pull(reference),
+            ImageSub::Pull {
+                reference,
+                insecure_registry,
+            } => ImageCommand::Pull {
+                reference,
+                insecure: insecure_registry,
+            },
             ImageSub::Ls { quiet } => ImageCommand::List { quiet },
             ImageSub::Rm { images } => ImageCommand::Remove(images),
             ImageSub::Prune => ImageCommand::Prune,

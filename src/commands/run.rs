@@ -35,6 +35,12 @@ $FLINT_CACHE/images/store and builds a read-only ext4 disk of its files
 image' lists, pulls, removes and prunes the cache). Each sandbox writes to its own overlay, so
 the disk never changes. --copy-in and --copy-out paths are in the image's file system.
 
+An image from a registry is pulled over HTTPS (plain HTTP only with --insecure-registry),
+with the credentials 'docker login' or 'podman login' keep in $DOCKER_CONFIG/config.json
+(default ~/.docker/config.json), resolving a multi-platform index to linux/amd64; every blob
+is verified against its digest, and a download cut short resumes where it stopped. Later runs
+of the same reference use the cached image ('flint image pull' updates it).
+
 With --net nat, the guest's eth0 has {guest}/{prefix}, gateway {gw}, and name servers that
 lead to the host's own (from /etc/resolv.conf, or systemd-resolved's upstream ones). flint
 makes a network namespace for the sandbox, with the TAP and one end of a veth pair in it; the
@@ -100,7 +106,7 @@ fn scratch_size(value: &str) -> Result<u64, CliError> {
     Ok(bytes)
 }
 
-/// `--image REF`: an image in a file; registry references are refused for now.
+/// `--image REF`: an image in a registry or in a file (which must exist).
 pub(crate) fn image_ref(value: &str) -> Result<ImageRef, CliError> {
     let looks_like_file = [".tar", ".tar.gz", ".tgz"]
         .iter()
@@ -109,7 +115,6 @@ pub(crate) fn image_ref(value: &str) -> Result<ImageRef, CliError> {
         Ok(ImageRef::Registry(_)) if looks_like_file => {
             Err(CliError::ImageMissing(value.to_string()))
         }
-        Ok(ImageRef::Registry(_)) => Err(CliError::RegistryImage),
         Ok(ImageRef::Layout(path) | ImageRef::Archive(path)) if !path.exists() => {
             Err(CliError::ImageMissing(value.to_string()))
         }
@@ -118,6 +123,14 @@ pub(crate) fn image_ref(value: &str) -> Result<ImageRef, CliError> {
             value: value.to_string(),
             reason: e.to_string(),
         }),
+    }
+}
+
+/// `--insecure-registry HOST[:PORT]`: a registry as image references name it.
+pub(crate) fn insecure_registry(value: &str) -> Result<String, CliError> {
+    match flint_image::Reference::parse(&format!("{value}/x")) {
+        Ok(r) if r.registry == value => Ok(value.to_string()),
+        _ => Err(CliError::InsecureRegistry(value.to_string())),
     }
 }
 
@@ -163,13 +176,20 @@ pub(crate) struct RunArgs {
     #[arg(long, value_name = "PATH", allow_hyphen_values = true)]
     initramfs: Option<PathBuf>,
 
-    /// Run COMMAND in this container image: an OCI image layout directory, an OCI archive or
-    /// a `docker save` tarball; without COMMAND, the image's own (Entrypoint and Cmd) runs.
-    /// The image becomes a read-only disk (cached in $FLINT_CACHE/images); writes go to an
-    /// overlay in guest memory, or on a throwaway disk with --scratch
+    /// Run COMMAND in this container image: a registry reference [REGISTRY/]NAME[:TAG|@DIGEST]
+    /// (Docker Hub without a REGISTRY; pulled on its first use, then taken from the cache), or
+    /// a path to an OCI image layout directory, an OCI archive or a `docker save` tarball;
+    /// without COMMAND, the image's own (Entrypoint and Cmd) runs. The image becomes a
+    /// read-only disk (cached in $FLINT_CACHE/images); writes go to an overlay in guest
+    /// memory, or on a throwaway disk with --scratch
     #[arg(long, value_name = "REF", allow_hyphen_values = true, value_parser = image_ref,
           conflicts_with = "rootfs")]
     image: Option<ImageRef>,
+
+    /// Allow pulling --image from this registry over plain HTTP instead of HTTPS (repeatable)
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]", allow_hyphen_values = true,
+          value_parser = insecure_registry, requires = "image")]
+    insecure_registry: Vec<String>,
 
     /// Run COMMAND as USER (and GROUP), each a name from the image's /etc/passwd and
     /// /etc/group or a number (default: the image's User, else root); needs --image
@@ -273,6 +293,7 @@ impl RunArgs {
             kernel: self.kernel,
             initramfs: self.initramfs,
             image: self.image,
+            insecure_registries: self.insecure_registry,
             user: self.user,
             entrypoint: self.entrypoint,
             scratch: self.scratch,

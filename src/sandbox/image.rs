@@ -2,6 +2,9 @@
 //!
 //! Under `$FLINT_CACHE/images` (private to its owner, mode 0700):
 //! - `store/`: the blob cache of [`flint_image::Store`], every blob verified against its digest;
+//!   an image from a registry is pulled into it by [`flint_image::registry::pull`] and
+//!   recorded under its reference, which later runs use without asking the registry again
+//!   (`flint image pull` asks again: a tag may have moved);
 //! - `disks/<manifest hex>.ext4`: the image's files as an ext4 file system, built once per
 //!   image by `mkfs.ext4 -d` from the unpacked layers, never written afterwards (the guest
 //!   mounts it read-only under an overlay);
@@ -25,7 +28,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use flint_image::{run_spec, Digest, ImageRef, ImageSource, Limits, RunOverrides, RunSpec, Store};
+use flint_image::{
+    run_spec, Digest, ImageRef, ImageSource, Limits, PullOptions, RunOverrides, RunSpec, Store,
+};
 
 /// The largest `/etc/passwd` or `/etc/group` kept (4 MiB, as `flint_image` reads at most).
 const MAX_ACCOUNT_FILE: u64 = 4 << 20;
@@ -36,8 +41,8 @@ const INODE_SIZE: u64 = 256;
 /// Why the image could not be made ready.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ImageError {
-    #[error("pulling from a registry is not supported yet: give an OCI layout, an OCI archive or a docker save tarball (e.g. from `skopeo copy` or `docker save`)")]
-    Registry,
+    #[error(transparent)]
+    Registry(#[from] flint_image::registry::RegistryError),
     #[error(transparent)]
     Source(#[from] flint_image::source::SourceError),
     #[error(transparent)]
@@ -123,8 +128,9 @@ pub(super) fn prepare(
     reference: &ImageRef,
     cache: &Path,
     overrides: &RunOverrides,
+    registries: &PullOptions,
 ) -> Result<Prepared, ImageError> {
-    let ready = ensure(reference, cache)?;
+    let ready = ensure(reference, cache, registries, false)?;
     let spec = run_spec(&ready.image.config, &ready.paths.etc, overrides)?;
     Ok(Prepared {
         disk: ready.paths.disk,
@@ -133,10 +139,99 @@ pub(super) fn prepare(
     })
 }
 
-/// `flint image pull`: the image `reference` names, imported and its disk built as for
-/// `flint run --image`; its manifest digest.
-pub(crate) fn pull(reference: &ImageRef, cache: &Path) -> Result<Digest, ImageError> {
-    Ok(ensure(reference, cache)?.image.manifest_digest)
+/// `flint image pull`: the image `reference` names, imported (from a registry: pulled again,
+/// its tag may have moved) and its disk built as for `flint run --image`; its manifest digest.
+pub(crate) fn pull(
+    reference: &ImageRef,
+    cache: &Path,
+    registries: &PullOptions,
+) -> Result<Digest, ImageError> {
+    Ok(ensure(reference, cache, registries, true)?
+        .image
+        .manifest_digest)
+}
+
+/// Where an image's blobs come from.
+enum Origin {
+    /// A file, imported into the store when its disk is built.
+    File(ImageSource),
+    /// The store itself (pulled from a registry).
+    Stored(flint_image::Image),
+}
+
+impl Origin {
+    fn image(&self) -> &flint_image::Image {
+        match self {
+            Origin::File(source) => source.image(),
+            Origin::Stored(image) => image,
+        }
+    }
+}
+
+/// The image a registry reference names: the one cached under that name unless `refresh`,
+/// else pulled into the store.
+fn from_registry(
+    reference: &flint_image::Reference,
+    root: &Path,
+    registries: &PullOptions,
+    refresh: bool,
+) -> Result<flint_image::Image, ImageError> {
+    let store = Store::open(&root.join("store"))?;
+    let name = reference.to_string();
+    if !refresh {
+        if let Some(digest) = store.find_name(&name)? {
+            // A record whose blobs are damaged or gone is pulled again.
+            if let Ok(image) = store.image(&digest) {
+                return Ok(image);
+            }
+        }
+    }
+    let mut bar = PullBar::new(&name);
+    let pulled = flint_image::registry::pull(reference, &store, registries, &mut |p| bar.show(p));
+    bar.end();
+    Ok(pulled?)
+}
+
+/// The line that shows a pull's progress on a terminal, redrawn in place; nothing elsewhere.
+struct PullBar {
+    name: String,
+    tty: bool,
+    drawn: bool,
+}
+
+impl PullBar {
+    fn new(name: &str) -> PullBar {
+        // SAFETY: isatty only inspects the descriptor.
+        let tty = unsafe { libc::isatty(libc::STDERR_FILENO) } == 1;
+        PullBar {
+            name: name.to_string(),
+            tty,
+            drawn: false,
+        }
+    }
+
+    fn show(&mut self, p: &flint_image::Progress) {
+        if !self.tty {
+            return;
+        }
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        eprint!(
+            "\rflint: pulling {}: {:.1} of {:.1} MiB, {} of {} layers\x1b[K",
+            self.name,
+            mib(p.bytes_done),
+            mib(p.bytes_total),
+            p.layers_done,
+            p.layers_total
+        );
+        self.drawn = true;
+    }
+
+    fn end(&mut self) {
+        if self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
 }
 
 /// An image whose disk is built, held in use.
@@ -157,13 +252,18 @@ pub(super) fn images_root(cache: &Path) -> Result<PathBuf, ImageError> {
     Ok(root)
 }
 
-fn ensure(reference: &ImageRef, cache: &Path) -> Result<Ready, ImageError> {
-    let source = match reference {
-        ImageRef::Registry(_) => return Err(ImageError::Registry),
-        ImageRef::Layout(dir) => ImageSource::open_layout(dir)?,
-        ImageRef::Archive(file) => ImageSource::open_archive(file)?,
-    };
+fn ensure(
+    reference: &ImageRef,
+    cache: &Path,
+    registries: &PullOptions,
+    refresh: bool,
+) -> Result<Ready, ImageError> {
     let root = images_root(cache)?;
+    let source = match reference {
+        ImageRef::Registry(r) => Origin::Stored(from_registry(r, &root, registries, refresh)?),
+        ImageRef::Layout(dir) => Origin::File(ImageSource::open_layout(dir)?),
+        ImageRef::Archive(file) => Origin::File(ImageSource::open_archive(file)?),
+    };
     let image = source.image();
     let paths = CachePaths::new(&root.join("disks"), &image.manifest_digest);
     loop {
@@ -248,17 +348,18 @@ impl ModePrivate for fs::OpenOptions {
 
 /// Import the image into the store, unpack it and build its disk and account files. On a
 /// failure nothing is left in the cache: not the disk, nor the image's record and blobs.
-fn build(
-    source: &ImageSource,
-    root: &Path,
-    paths: &CachePaths,
-    name: &str,
-) -> Result<(), ImageError> {
-    progress(&format!("importing the image {name}"));
-    let began = std::time::Instant::now();
+fn build(source: &Origin, root: &Path, paths: &CachePaths, name: &str) -> Result<(), ImageError> {
     let store = Store::open(&root.join("store"))?;
-    let image = store.import(source, &[name.to_string()])?;
-    log::debug!("image: imported in {} ms", began.elapsed().as_millis());
+    let image = match source {
+        Origin::File(source) => {
+            progress(&format!("importing the image {name}"));
+            let began = std::time::Instant::now();
+            let image = store.import(source, &[name.to_string()])?;
+            log::debug!("image: imported in {} ms", began.elapsed().as_millis());
+            image
+        }
+        Origin::Stored(image) => image.clone(),
+    };
     let built = unpack_and_make_disk(&store, &image, root, paths);
     if built.is_err() {
         // A refused (hostile or damaged) image keeps nothing; blobs shared with other cached
@@ -633,20 +734,5 @@ mod tests {
         });
         assert_eq!(o.command, None);
         assert_eq!(o.entrypoint, Some(vec!["/bin/sh".to_string()]));
-    }
-
-    #[test]
-    fn a_registry_reference_is_refused_in_one_sentence() {
-        let reference = ImageRef::parse("python:3.12-slim").unwrap();
-        let e = prepare(
-            &reference,
-            Path::new("/nonexistent"),
-            &RunOverrides::default(),
-        )
-        .unwrap_err();
-        assert!(matches!(e, ImageError::Registry));
-        assert!(e
-            .to_string()
-            .starts_with("pulling from a registry is not supported yet"));
     }
 }

@@ -24,8 +24,12 @@ use super::image::{images_root, io_at, lock, pull, CachePaths, ImageError};
 /// What `flint image` was asked to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageCommand {
-    /// Import an image and build its disk.
-    Pull(ImageRef),
+    /// Import an image (pulled again from a registry, allowed over plain HTTP from the
+    /// `insecure` registries) and build its disk.
+    Pull {
+        reference: ImageRef,
+        insecure: Vec<String>,
+    },
     /// List the cached images (only their digests when `quiet`).
     List { quiet: bool },
     /// Remove the images these names or digests name.
@@ -42,7 +46,16 @@ const SHORT: usize = 12;
 /// Run `command` on the cache in `cache` (`$FLINT_CACHE`).
 pub fn run(command: &ImageCommand, cache: &Path) -> ExitCode {
     let result = match command {
-        ImageCommand::Pull(reference) => pull(reference, cache).map(|d| format!("{d}\n")),
+        ImageCommand::Pull {
+            reference,
+            insecure,
+        } => {
+            let registries = flint_image::PullOptions {
+                insecure: insecure.clone(),
+                ..Default::default()
+            };
+            pull(reference, cache, &registries).map(|d| format!("{d}\n"))
+        }
         ImageCommand::List { quiet } => list(cache).map(|images| {
             if *quiet {
                 images.iter().map(|i| format!("{}\n", i.digest)).collect()

@@ -53,6 +53,8 @@ pub struct RunOptions {
     pub initramfs: Option<PathBuf>,
     /// A container image whose files the command runs in.
     pub image: Option<flint_image::ImageRef>,
+    /// Registries (`HOST[:PORT]`) that `image` may be pulled from over plain HTTP.
+    pub insecure_registries: Vec<String>,
     /// With `image`: `USER[:GROUP]` to run as.
     pub user: Option<String>,
     /// With `image`: a replacement for its Entrypoint (empty: none).
@@ -182,6 +184,10 @@ fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupEr
             reference,
             &cache,
             &image::overrides(options),
+            &flint_image::PullOptions {
+                insecure: options.insecure_registries.clone(),
+                ..Default::default()
+            },
         )?),
         None => None,
     };

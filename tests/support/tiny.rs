@@ -137,6 +137,14 @@ impl Guest {
         self.or_fail(message)
     }
 
+    /// Write `byte` to the MMIO (or RAM) address `addr`.
+    pub fn mmio_write8(&mut self, addr: u32, byte: u8) -> &mut Self {
+        self.code.push(0xbf); // mov edi, imm32
+        self.code.extend_from_slice(&addr.to_le_bytes());
+        self.code.extend_from_slice(&[0xc6, 0x07, byte]); // mov byte [rdi], imm8
+        self
+    }
+
     /// Echo console input back until the guest reads `stop`.
     pub fn echo_until(&mut self, stop: u8) -> &mut Self {
         self.wait_for_input();

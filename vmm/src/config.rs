@@ -138,10 +138,21 @@ pub struct VmConfig {
     pub drives: Vec<DriveConfig>,
     /// Whether the guest gets a virtio-rng entropy device.
     pub entropy: bool,
+    /// Limits on the entropy device: bytes handed out (bandwidth) and requests (ops).
+    #[serde(default)]
+    pub entropy_rate_limiter: Option<RateLimiterConfig>,
     /// virtio-net interfaces, in the order the guest sees them (eth0, eth1, ...).
     pub nets: Vec<NetConfig>,
     /// The vsock device, if any.
     pub vsock: Option<VsockConfig>,
+    /// Simultaneous multithreading: the guest sees two threads per core (vCPUs 2n and 2n + 1
+    /// on core n) instead of one; needs an even vCPU count above 1.
+    #[serde(default)]
+    pub smt: bool,
+    /// Firecracker's boot timer at its MMIO address (`0xd000_0000`) as well as flint's port
+    /// `0x3f0`: a guest writing 123 there gets its boot time logged.
+    #[serde(default)]
+    pub boot_timer: bool,
 }
 
 impl VmConfig {
@@ -155,8 +166,11 @@ impl VmConfig {
             mem_mib: DEFAULT_MEM_MIB,
             drives: Vec::new(),
             entropy: true,
+            entropy_rate_limiter: None,
             nets: Vec::new(),
             vsock: None,
+            smt: false,
+            boot_timer: false,
         }
     }
 
@@ -181,6 +195,9 @@ impl VmConfig {
                 requested: self.vcpus,
                 max: MAX_VCPUS,
             });
+        }
+        if self.smt && self.vcpus > 1 && self.vcpus % 2 != 0 {
+            return Err(ConfigError::SmtOddVcpus(self.vcpus));
         }
         if self.mem_mib < MIN_MEM_MIB {
             return Err(ConfigError::MemoryTooSmall(self.mem_mib));
@@ -260,7 +277,12 @@ impl VmConfig {
                     (n.tap.clone(), "rx_rate_limiter", &n.rx_rate_limiter),
                     (n.tap.clone(), "tx_rate_limiter", &n.tx_rate_limiter),
                 ]
-            }));
+            }))
+            .chain([(
+                "the entropy device".to_string(),
+                "rate_limiter",
+                &self.entropy_rate_limiter,
+            )]);
         for (device, field, limiter) in limiters {
             if let Some(Err((bucket, e))) = limiter.as_ref().map(RateLimiterConfig::validate) {
                 return Err(ConfigError::RateLimiter {
@@ -334,7 +356,9 @@ impl ConfigError {
     /// Which part of the configuration is wrong.
     pub fn field(&self) -> Field {
         match self {
-            ConfigError::NoVcpus | ConfigError::TooManyVcpus { .. } => Field::Vcpus,
+            ConfigError::NoVcpus
+            | ConfigError::TooManyVcpus { .. }
+            | ConfigError::SmtOddVcpus(_) => Field::Vcpus,
             ConfigError::MemoryTooSmall(_) | ConfigError::MemoryTooLarge(_) => Field::Memory,
             ConfigError::CmdlineTooLong(_) | ConfigError::CmdlineCharacter(_) => Field::Cmdline,
             ConfigError::SeveralRootDisks => Field::DriveRoot,
@@ -357,6 +381,8 @@ pub enum ConfigError {
     NoVcpus,
     #[error("{requested} vCPUs is more than flint supports (at most {max})")]
     TooManyVcpus { requested: u32, max: u32 },
+    #[error("{0} vCPUs cannot be paired into cores: with simultaneous multithreading the vCPU count must be 1 or even")]
+    SmtOddVcpus(u32),
     #[error("{0} MiB of guest memory is too small (at least {MIN_MEM_MIB} MiB)")]
     MemoryTooSmall(u64),
     #[error("{0} MiB of guest memory is more than flint supports (at most {MAX_MEM_MIB} MiB)")]
@@ -474,10 +500,18 @@ mod tests {
             ),
             (
                 VmConfig {
-                    mem_mib: 63,
+                    mem_mib: 1,
                     ..base.clone()
                 },
-                ConfigError::MemoryTooSmall(63),
+                ConfigError::MemoryTooSmall(1),
+            ),
+            (
+                VmConfig {
+                    vcpus: 3,
+                    smt: true,
+                    ..base.clone()
+                },
+                ConfigError::SmtOddVcpus(3),
             ),
             (
                 VmConfig {
@@ -599,7 +633,17 @@ mod tests {
                 ..base.clone()
             },
             VmConfig {
-                mem_mib: 64,
+                mem_mib: 2,
+                ..base.clone()
+            },
+            VmConfig {
+                vcpus: 1,
+                smt: true,
+                ..base.clone()
+            },
+            VmConfig {
+                vcpus: 4,
+                smt: true,
                 ..base.clone()
             },
             VmConfig {

@@ -27,6 +27,9 @@ pub const MMIO_SLOTS_START: u64 = arch::layout::MMIO_GAP_START;
 /// and serial ports).
 const FIRST_IRQ: u32 = 5;
 const LAST_IRQ: u32 = 23;
+/// End (exclusive) of the last slot there is an interrupt line for.
+pub const MMIO_SLOTS_END: u64 =
+    MMIO_SLOTS_START + (LAST_IRQ - FIRST_IRQ + 1) as u64 * MMIO_REGION_SIZE;
 
 /// Where one virtio-mmio device lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,18 +86,13 @@ impl VirtioDevices {
     }
 }
 
-/// A rate limiter (and its timerfd, created here on the VMM thread) for `config`, if any.
-fn limiter(config: &Option<RateLimiterConfig>, device: &str) -> Result<Option<RateLimiter>> {
-    config
-        .as_ref()
-        .filter(|c| !c.is_unlimited())
-        .map(|c| {
-            RateLimiter::new(c).map_err(|source| Error::RateLimiterTimer {
-                device: device.to_string(),
-                source,
-            })
-        })
-        .transpose()
+/// A rate limiter (and its timerfd, created here on the VMM thread) for `config`: without
+/// one, a limiter with no buckets, which lets everything through until the API sets limits.
+fn limiter(config: &Option<RateLimiterConfig>, device: &str) -> Result<RateLimiter> {
+    RateLimiter::new(&config.unwrap_or_default()).map_err(|source| Error::RateLimiterTimer {
+        device: device.to_string(),
+        source,
+    })
 }
 
 /// The device models the configuration asks for, in the order the guest sees them, with
@@ -104,9 +102,10 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     for (n, drive) in config.drives_in_guest_order().into_iter().enumerate() {
         let id = drive.id.as_deref().unwrap_or("");
         let mut block = Block::new(&drive.path, drive.read_only, id)?;
-        if let Some(limiter) = limiter(&drive.rate_limiter, &drive.path.display().to_string())? {
-            block = block.with_rate_limiter(limiter);
-        }
+        block = block.with_rate_limiter(limiter(
+            &drive.rate_limiter,
+            &drive.path.display().to_string(),
+        )?);
         if drive.cache == CacheType::Unsafe {
             block = block.without_flush();
         }
@@ -123,11 +122,13 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
     for (n, net) in config.nets.iter().enumerate() {
         let mac = net.mac.unwrap_or_else(|| default_mac(&net.tap));
         let dev = Net::new(&net.tap, mac)?.with_rate_limiters(
-            limiter(&net.rx_rate_limiter, &net.tap)?,
-            limiter(&net.tx_rate_limiter, &net.tap)?,
+            Some(limiter(&net.rx_rate_limiter, &net.tap)?),
+            Some(limiter(&net.tx_rate_limiter, &net.tap)?),
         );
+        // Named by the interface's id (Firecracker's `net_<iface_id>`), else as the guest
+        // names it.
         let metrics = DeviceMetrics::Net {
-            name: format!("eth{n}"),
+            name: net.id.clone().unwrap_or_else(|| format!("eth{n}")),
             metrics: dev.metrics(),
         };
         devices.push((Box::new(dev), metrics));
@@ -138,7 +139,8 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         devices.push((Box::new(dev), metrics));
     }
     if config.entropy {
-        let rng = Rng::new();
+        let rng = Rng::new()
+            .with_rate_limiter(limiter(&config.entropy_rate_limiter, "the entropy device")?);
         let metrics = DeviceMetrics::Rng(rng.metrics());
         devices.push((Box::new(rng), metrics));
     }
@@ -299,20 +301,23 @@ mod tests {
             ..DriveConfig::new(&path)
         });
         c.drives.push(DriveConfig {
-            // No bucket: no limiter at all.
+            // No bucket: no limit (yet).
             rate_limiter: Some(RateLimiterConfig::default()),
             ..DriveConfig::new(&path)
         });
+        c.drives.push(DriveConfig::new(&path));
         let mut devices = build_devices(&c).unwrap();
         std::fs::remove_file(&path).unwrap();
-        let limited: Vec<bool> = devices
+        let limited: Vec<(bool, bool)> = devices
             .iter_mut()
             .map(|(d, _)| {
                 let block = d.as_any_mut().unwrap().downcast_mut::<Block>().unwrap();
-                block.rate_limiter().is_some()
+                // Every disk has a limiter, so that the API can set limits after start.
+                let limiter = block.rate_limiter().unwrap();
+                (limiter.ops().is_some(), limiter.bandwidth().is_some())
             })
             .collect();
-        assert_eq!(limited, [true, false]);
+        assert_eq!(limited, [(true, false), (false, false), (false, false)]);
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub enum Error {
     },
     #[error("the initrd {} ({size} bytes) does not fit in {mib} MiB of guest memory beside the kernel", .path.display())]
     InitrdTooLarge { path: PathBuf, size: u64, mib: u64 },
+    #[error(
+        "the snapshot's guest clock was saved without the host's real time (KVM reads it only \
+         with a TSC-based host clock), so it cannot be advanced by the time since"
+    )]
+    ClockWithoutRealtime,
     #[error("cannot write the kernel command line into guest memory: {0}")]
     Cmdline(String),
     #[error(transparent)]
@@ -73,6 +78,10 @@ pub enum Error {
     NoSuchDrive(String),
     #[error("device {0} is not a disk")]
     NotADisk(String),
+    #[error("there is no network interface number {0}")]
+    NoSuchNet(usize),
+    #[error("the device {0} has no rate limiter to change")]
+    NoRateLimiter(String),
     #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]
     CmdlineWithDevicesTooLong { len: usize, max: usize },
     #[error("cannot set up the boot state: {0}")]

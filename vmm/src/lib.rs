@@ -35,7 +35,7 @@ pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;
 pub use usage::MemoryUsage;
-pub use vm::{run, ConsoleIo, Outcome, Vm};
+pub use vm::{run, ClockRestore, ConsoleIo, Outcome, Vm};
 
 /// Route SIGINT, SIGTERM and SIGHUP to `wake` (written once per signal); see
 /// [`stop_signal_received`]. Starting a VM routes them to the VM's own wake-up event.

@@ -52,7 +52,7 @@
 //!   executes the [`controller`](crate::controller)'s requests: disk media changes, metrics
 //!   files): files including `openat` with any flags (snapshot and metrics files), `unlink`,
 //!   `rename` and `ftruncate` (a snapshot's files are written whole, then renamed into place);
-//!   `getrandom`; `tgkill` **only to threads of this process, with the vCPU kick signal or
+//!   `getrandom`; the timerfd calls (a rate limiter changed by the API); `tgkill` **only to threads of this process, with the vCPU kick signal or
 //!   `SIGABRT`** (an abort); `rt_sigaction` **only for `SIGABRT`** (glibc's `abort` resets its
 //!   handler); `ioctl` only the VM-state reads of a snapshot. No `socket`, no `connect`. A
 //!   front end adds what it does itself on that thread.
@@ -381,6 +381,8 @@ impl Filter {
         let pid = unsafe { libc::getpid() } as u64;
         Filter::new("vmm")
             .allow(OPEN_FILES)
+            // A rate limiter the API changes re-arms its timer.
+            .allow(TIMERS)
             .allow(&[
                 // Snapshot, memory and metrics files; a disk's new medium.
                 libc::SYS_openat,

@@ -176,8 +176,8 @@ pub fn write_state(path: &Path, state: &SnapshotState) -> Result<()> {
     })
 }
 
-/// Read and check the state file at `path`.
-pub fn read_state(path: &Path) -> Result<SnapshotState> {
+/// The bytes of the state file at `path`, at most one more than [`MAX_STATE_FILE`].
+fn read_state_bytes(path: &Path) -> Result<Vec<u8>> {
     let read_err = |source| Error::ReadFile {
         what: "the snapshot state file",
         path: path.to_path_buf(),
@@ -188,7 +188,33 @@ pub fn read_state(path: &Path) -> Result<SnapshotState> {
     file.take(MAX_STATE_FILE + 1)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    parse_state(&bytes, path)
+    Ok(bytes)
+}
+
+/// Read and check the state file at `path`.
+pub fn read_state(path: &Path) -> Result<SnapshotState> {
+    parse_state(&read_state_bytes(path)?, path)
+}
+
+/// The data format version of the flint state file at `path` (`flint --describe-snapshot`),
+/// whether or not this flint reads that version.
+pub fn state_version(path: &Path) -> Result<u32> {
+    let bytes = read_state_bytes(path)?;
+    let format = |reason: String| Error::SnapshotFormat {
+        path: path.to_path_buf(),
+        reason,
+    };
+    if bytes.len() as u64 > MAX_STATE_FILE {
+        return Err(format(format!(
+            "it is larger than {} MiB",
+            MAX_STATE_FILE >> 20
+        )));
+    }
+    let header: Header = serde_json::from_slice(&bytes).map_err(|e| format(e.to_string()))?;
+    if header.magic != MAGIC {
+        return Err(format(format!("it starts with {:?}", header.magic)));
+    }
+    Ok(header.version)
 }
 
 /// Decode and check the contents of a state file (`path` names it in errors). Anything but a
@@ -355,7 +381,7 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir.0).unwrap().count(), 1);
     }
 
-    fn message(r: Result<SnapshotState>) -> String {
+    fn message<T: std::fmt::Debug>(r: Result<T>) -> String {
         let msg = r.expect_err("refused").to_string();
         assert!(!msg.contains('\n'), "{msg}");
         msg
@@ -399,6 +425,12 @@ mod tests {
             msg.ends_with("is a version 7 flint snapshot; this flint reads only version 2"),
             "{msg}"
         );
+        // Describing tells the version of any flint state file, readable or not.
+        assert_eq!(state_version(&path).unwrap(), 7);
+        std::fs::write(&path, &good).unwrap();
+        assert_eq!(state_version(&path).unwrap(), VERSION);
+        std::fs::write(&path, b"{\"magic\":\"something-else\",\"version\":1}").unwrap();
+        assert!(message(state_version(&path)).contains("is not a flint snapshot state file"));
 
         let mut wrong_count = sample();
         wrong_count.vcpus.pop();

@@ -181,13 +181,13 @@ pub struct Vcpu {
 }
 
 impl Vcpu {
-    /// Create vCPU `id` of `count` and give it its boot state.
+    /// Create vCPU `id` of `count` (with `threads_per_core` threads on each core) and give it
+    /// its boot state.
     pub fn new(
         kvm: &Kvm,
         vm: &VmFd,
         mem: &GuestMemoryMmap,
-        id: u32,
-        count: u32,
+        (id, count, threads_per_core): (u32, u32, u8),
         entry: KernelEntry,
     ) -> Result<Vcpu> {
         let setup = |what: &'static str| move |source| Error::VcpuSetup { id, what, source };
@@ -197,7 +197,12 @@ impl Vcpu {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(setup("read the supported CPUID"))?;
         // Both fit in u8: the configuration allows at most 254 vCPUs.
-        arch::cpuid::normalize(cpuid.as_mut_slice(), id as u8, count as u8);
+        arch::cpuid::normalize(
+            cpuid.as_mut_slice(),
+            id as u8,
+            count as u8,
+            threads_per_core,
+        );
         if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
             arch::cpuid::enable_tsc_deadline(cpuid.as_mut_slice());
         }

@@ -10,18 +10,19 @@ use std::time::{Duration, Instant};
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
+use devices::virtio::net::Net;
 use devices::vmgenid::VmGenId;
 use devices::IrqLine;
 use kvm_bindings::{
-    kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER,
-    KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
+    kvm_clock_data, kvm_irqchip, kvm_pit_config, KVM_CLOCK_REALTIME, KVM_IRQCHIP_IOAPIC,
+    KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
-use crate::config::{VmConfig, MAX_CMDLINE_LEN};
+use crate::config::{RateLimiterConfig, VmConfig, MAX_CMDLINE_LEN};
 use crate::error::{Error, Result};
 use crate::event_loop::EventLoop;
 use crate::exit::{Ending, Endings};
@@ -35,6 +36,14 @@ const SERIAL_IRQ: u32 = 4;
 const I8042_PORT: u64 = 0x60;
 const I8042_IRQ: u32 = 1;
 const BOOT_TIMER_PORT: u64 = 0x3f0;
+/// Where Firecracker's `--boot-timer` puts its boot timer (its first MMIO slot), for guests
+/// whose init writes there; above flint's virtio-mmio slots.
+const BOOT_TIMER_MMIO: u64 = 0xd000_0000;
+const BOOT_TIMER_MMIO_SIZE: u64 = 0x1000;
+const _: () = assert!(
+    device_manager::MMIO_SLOTS_END <= BOOT_TIMER_MMIO
+        && BOOT_TIMER_MMIO + BOOT_TIMER_MMIO_SIZE <= arch::layout::MMIO_GAP_END
+);
 /// The ACPI Generic Event Device's interrupt, which announces a new VM generation ID: COM2's
 /// ISA line. flint has no second serial port and virtio devices take 5-23.
 const GED_GSI: u32 = 3;
@@ -150,7 +159,7 @@ struct Base {
 fn create_base(
     config: &VmConfig,
     make_mem: impl FnOnce() -> Result<GuestMemoryMmap>,
-    vm_state: Option<&crate::snapshot::VmState>,
+    vm_state: Option<(&crate::snapshot::VmState, ClockRestore)>,
 ) -> Result<Base> {
     config.validate()?;
     let kvm = open_kvm()?;
@@ -175,8 +184,8 @@ fn create_base(
     };
     vm.create_pit2(pit).map_err(kvm_err("create the PIT"))?;
     // Before any device can raise an interrupt: restored controllers must see it.
-    if let Some(state) = vm_state {
-        restore_vm_state(&vm, state)?;
+    if let Some((state, clock)) = vm_state {
+        restore_vm_state(&vm, state, clock)?;
     }
 
     let mem = make_mem()?;
@@ -215,7 +224,22 @@ fn save_vm_state(vm: &VmFd) -> Result<crate::snapshot::VmState> {
     })
 }
 
-fn restore_vm_state(vm: &VmFd, state: &crate::snapshot::VmState) -> Result<()> {
+/// How a restored guest's clock continues.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClockRestore {
+    /// From the value it had when the snapshot was taken.
+    #[default]
+    AsSaved,
+    /// Advanced by the wall-clock time since the snapshot was taken (`KVM_CLOCK_REALTIME`;
+    /// needs a snapshot whose clock KVM read with the host's real time).
+    Realtime,
+}
+
+fn restore_vm_state(
+    vm: &VmFd,
+    state: &crate::snapshot::VmState,
+    clock: ClockRestore,
+) -> Result<()> {
     let chips = [
         (&state.pic_master, KVM_IRQCHIP_PIC_MASTER),
         (&state.pic_slave, KVM_IRQCHIP_PIC_SLAVE),
@@ -233,9 +257,15 @@ fn restore_vm_state(vm: &VmFd, state: &crate::snapshot::VmState) -> Result<()> {
     vm.set_pit2(&state.pit)
         .map_err(kvm_err("restore the PIT"))?;
     // The guest's clock continues from the snapshot's value. Flags describe how KVM read the
-    // clock (e.g. a host-realtime pair); none of them applies to setting it.
+    // clock (e.g. a host-realtime pair); only the realtime pair applies to setting it, and only
+    // when asked: KVM then adds the wall-clock time elapsed since it was read.
+    let flags = match clock {
+        ClockRestore::AsSaved => 0,
+        ClockRestore::Realtime if state.clock.flags & KVM_CLOCK_REALTIME != 0 => KVM_CLOCK_REALTIME,
+        ClockRestore::Realtime => return Err(Error::ClockWithoutRealtime),
+    };
     let clock = kvm_clock_data {
-        flags: 0,
+        flags,
         ..state.clock
     };
     vm.set_clock(&clock)
@@ -291,8 +321,7 @@ impl Vm {
                 &base.kvm,
                 &base.vm,
                 &base.mem,
-                id,
-                config.vcpus,
+                (id, config.vcpus, if config.smt { 2 } else { 1 }),
                 entry,
             )?);
         }
@@ -320,6 +349,25 @@ impl Vm {
         console: ConsoleIo,
         start: Instant,
     ) -> Result<(Vm, VmConfig)> {
+        Vm::restore_with_clock(
+            state_path,
+            mem_path,
+            adjust,
+            console,
+            start,
+            ClockRestore::AsSaved,
+        )
+    }
+
+    /// [`Vm::restore`], with the guest clock continuing as `clock` says.
+    pub fn restore_with_clock(
+        state_path: &Path,
+        mem_path: &Path,
+        adjust: &mut dyn FnMut(&mut VmConfig),
+        console: ConsoleIo,
+        start: Instant,
+        clock: ClockRestore,
+    ) -> Result<(Vm, VmConfig)> {
         let state = crate::snapshot::read_state(state_path)?;
         let mut config = state.config.clone();
         adjust(&mut config);
@@ -336,7 +384,7 @@ impl Vm {
         let mut base = create_base(
             &config,
             || memory::restore(mem_path, mem_size),
-            Some(&state.vm),
+            Some((&state.vm, clock)),
         )?;
         if base.virtio.transports.len() != state.virtio.len() {
             return Err(invalid(format!(
@@ -407,7 +455,7 @@ impl Vm {
             mem,
             virtio,
             vmgenid,
-            mmio,
+            mut mmio,
             endings,
         } = base;
         // Recorded on the vCPU thread that wrote the reset command, before it runs on.
@@ -420,9 +468,18 @@ impl Vm {
             i8042.restore_state(state);
         }
         let i8042 = Arc::new(Mutex::new(i8042));
-        let boot_timer = BootTimer::new(start, |elapsed: Duration| {
+        let log_boot_time = |elapsed: Duration| {
             log::info!("guest boot time: {} ms", elapsed.as_millis());
-        });
+        };
+        let boot_timer = BootTimer::new(start, log_boot_time);
+        if config.boot_timer {
+            let timer = Arc::new(Mutex::new(BootTimer::new(start, log_boot_time)));
+            mmio.insert(timer, BOOT_TIMER_MMIO, BOOT_TIMER_MMIO_SIZE)
+                .map_err(|e| Error::Host {
+                    what: "map the boot timer",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+        }
         let mut pio = Bus::new();
         let bus_err = |e: devices::bus::BusError| Error::Host {
             what: "map a device",
@@ -606,7 +663,7 @@ impl Vm {
     pub fn metrics_line(
         &self,
         timestamp_ms: u128,
-        sections: &[(&str, Vec<(&str, u64)>)],
+        sections: &[(String, Vec<(String, u64)>)],
     ) -> String {
         crate::metrics::json_line(
             timestamp_ms,
@@ -637,6 +694,53 @@ impl Vm {
         let size = block.replace_disk(path)?;
         transport.notify_config_change();
         Ok(size)
+    }
+
+    /// New limits for the disk `id`, from its next request on.
+    pub fn update_drive_rate_limiter(&self, id: &str, config: &RateLimiterConfig) -> Result<()> {
+        let index = self
+            .virtio
+            .metrics
+            .iter()
+            .position(|m| matches!(m, DeviceMetrics::Block { name, .. } if name == id))
+            .ok_or_else(|| Error::NoSuchDrive(id.to_string()))?;
+        let mut transport = lock(&self.virtio.transports[index]);
+        let block = transport
+            .device_mut()
+            .as_any_mut()
+            .and_then(|any| any.downcast_mut::<Block>())
+            .ok_or_else(|| Error::NotADisk(id.to_string()))?;
+        if !block.update_rate_limiter(config) {
+            return Err(Error::NoRateLimiter(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// New receive and/or transmit limits for network interface number `n` (eth`n`), from
+    /// its next frame on.
+    pub fn update_net_rate_limiters(
+        &self,
+        n: usize,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<()> {
+        let mut nets = self.virtio.transports.iter().filter(|t| {
+            lock(t)
+                .device_mut()
+                .as_any_mut()
+                .is_some_and(|any| any.is::<Net>())
+        });
+        let transport = nets.nth(n).ok_or(Error::NoSuchNet(n))?;
+        let mut transport = lock(transport);
+        let net = transport
+            .device_mut()
+            .as_any_mut()
+            .and_then(|any| any.downcast_mut::<Net>())
+            .ok_or(Error::NoSuchNet(n))?;
+        if !net.update_rate_limiters(rx, tx) {
+            return Err(Error::NoRateLimiter(format!("eth{n}")));
+        }
+        Ok(())
     }
 
     /// Press Ctrl-Alt-Del on the guest's keyboard.

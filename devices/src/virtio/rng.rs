@@ -1,19 +1,22 @@
 //! virtio-rng / entropy device (virtio 1.2 section 5.4): fills the driver's device-writable
 //! buffers with bytes from the host kernel's CSPRNG (`getrandom(2)`).
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use event_manager::{EventOps, EventSet, Events};
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::chain::pop_chain;
 use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
-    MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
+    BACKEND_EVENT_BASE, MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_RNG,
 };
+use crate::rate_limiter::RateLimiter;
 
 /// The size of the device's only queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -30,6 +33,8 @@ pub struct RngMetrics {
     /// Chains returned empty: broken chains, buffers outside guest memory, or a failed
     /// `getrandom`.
     pub invalid_chains: AtomicU64,
+    /// Times a request did not fit the rate limiter and the queue paused until its timer.
+    pub rate_limiter_throttled: AtomicU64,
 }
 
 /// Fill `buf` from the kernel's CSPRNG.
@@ -65,7 +70,12 @@ pub struct Rng {
     metrics: Arc<RngMetrics>,
     /// The last pass used its budget with chains left.
     unfinished: bool,
+    /// Bytes (bandwidth) and requests (ops) handed out.
+    limiter: Option<RateLimiter>,
 }
+
+/// The event-loop data value of the rate limiter's timer.
+const RATE_LIMITER_EVENT: u32 = BACKEND_EVENT_BASE;
 
 impl Default for Rng {
     fn default() -> Self {
@@ -81,6 +91,26 @@ impl Rng {
             buf: Vec::new(),
             metrics: Arc::new(RngMetrics::default()),
             unfinished: false,
+            limiter: None,
+        }
+    }
+
+    /// Limit what the device hands out with `limiter`: each request takes the bytes it asks
+    /// for (at most [`MAX_BYTES_PER_REQUEST`]) from the bandwidth bucket and one operation.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Apply `config` to the device's rate limiter from its next request on. Returns false
+    /// when the device was built without one.
+    pub fn update_rate_limiter(&mut self, config: &crate::rate_limiter::RateLimiterConfig) -> bool {
+        match self.limiter.as_mut() {
+            Some(limiter) => {
+                limiter.update(config);
+                true
+            }
+            None => false,
         }
     }
 
@@ -88,6 +118,16 @@ impl Rng {
     pub fn metrics(&self) -> Arc<RngMetrics> {
         self.metrics.clone()
     }
+}
+
+/// The bytes a request asks for: its device-writable lengths, at most
+/// [`MAX_BYTES_PER_REQUEST`] (what [`fill_chain`] would write).
+fn wanted_bytes(chain: impl IntoIterator<Item = Descriptor>) -> u64 {
+    chain
+        .into_iter()
+        .filter(|d| d.is_write_only())
+        .fold(0u64, |n, d| n.saturating_add(u64::from(d.len())))
+        .min(MAX_BYTES_PER_REQUEST as u64)
 }
 
 /// Fill the device-writable buffers of `chain` (up to [`MAX_BYTES_PER_REQUEST`] bytes).
@@ -164,12 +204,26 @@ impl VirtioDevice for Rng {
         };
         let mem = &active.mem;
         let mut used_any = false;
+        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+            // The limiter's timer restarts the queue.
+            return;
+        }
         let mut budget = MAX_CHAINS_PER_PASS;
         while budget > 0 {
             let Some(chain) = pop_chain(&mut active.queue, mem) else {
                 break;
             };
             budget -= 1;
+            if let Some(limiter) = self.limiter.as_mut() {
+                if !limiter.consume(wanted_bytes(chain.clone())) {
+                    // Left in the queue until the limiter's timer fires.
+                    active.queue.go_to_previous_position();
+                    self.metrics
+                        .rate_limiter_throttled
+                        .fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
             let head = chain.head_index();
             let len = match fill_chain(mem, chain, &mut self.buf) {
                 Some(len) => {
@@ -212,6 +266,32 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) {
         self.active = None;
         self.unfinished = false;
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.unblock();
+        }
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn init_backend(&mut self, ops: &mut EventOps) {
+        if let Some(limiter) = &self.limiter {
+            let ev = Events::with_data_raw(limiter.as_raw_fd(), RATE_LIMITER_EVENT, EventSet::IN);
+            if let Err(e) = ops.add(ev) {
+                log::warn!("virtio-rng: cannot watch the rate limiter's timer: {e:?}");
+            }
+        }
+    }
+
+    fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {
+        if events.data() != RATE_LIMITER_EVENT {
+            return;
+        }
+        if let Some(limiter) = self.limiter.as_mut() {
+            limiter.timer_fired();
+            self.process_queue(0);
+        }
     }
 }
 
@@ -256,6 +336,40 @@ mod tests {
         let mut d = [0xffu8; 4];
         rng.read_config(0, &mut d);
         assert_eq!(d, [0; 4]);
+    }
+
+    #[test]
+    fn the_rate_limiter_holds_requests_until_it_allows_them() {
+        use crate::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
+        let (rng, mut tq, _irq) = setup();
+        // 100 bytes an hour: the first request of 64 passes, the second waits.
+        let slow = RateLimiterConfig {
+            bandwidth: Some(TokenBucketConfig {
+                size: 100,
+                one_time_burst: 0,
+                refill_time_ms: 3_600_000,
+            }),
+            ops: None,
+        };
+        let mut rng = rng.with_rate_limiter(RateLimiter::new(&slow).unwrap());
+        tq.add_chain(&[w(BUF, 64)]);
+        tq.add_chain(&[w(BUF + 0x1000, 64)]);
+        rng.process_queue(0);
+        assert_eq!(tq.used_idx(), 1);
+        assert_eq!(
+            rng.metrics().rate_limiter_throttled.load(Ordering::Relaxed),
+            1
+        );
+        // A kick while blocked does nothing.
+        rng.process_queue(0);
+        assert_eq!(tq.used_idx(), 1);
+        // Lifting the limit: the timer fires and the request waiting is served.
+        assert!(rng.update_rate_limiter(&RateLimiterConfig::default()));
+        std::thread::sleep(Duration::from_millis(5));
+        rng.limiter.as_mut().unwrap().timer_fired();
+        rng.process_queue(0);
+        assert_eq!(tq.used_idx(), 2);
+        assert_eq!(rng.metrics().bytes.load(Ordering::Relaxed), 128);
     }
 
     #[test]

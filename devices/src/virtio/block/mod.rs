@@ -239,6 +239,18 @@ impl Block {
         self
     }
 
+    /// Apply `config` to the device's rate limiter from its next request on. Returns false
+    /// when the device was built without one (see [`Block::with_rate_limiter`]).
+    pub fn update_rate_limiter(&mut self, config: &crate::rate_limiter::RateLimiterConfig) -> bool {
+        match self.limiter.as_mut() {
+            Some(limiter) => {
+                limiter.update(config);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The rate limiter, if any.
     pub fn rate_limiter(&self) -> Option<&RateLimiter> {
         self.limiter.as_ref()

@@ -453,6 +453,28 @@ impl Net {
         self
     }
 
+    /// Apply new configurations to the receive and/or transmit limiters from the next frame
+    /// on (`None`: unchanged). Returns false when one to change was not built (see
+    /// [`Net::with_rate_limiters`]); nothing changes then.
+    pub fn update_rate_limiters(
+        &mut self,
+        rx: Option<&crate::rate_limiter::RateLimiterConfig>,
+        tx: Option<&crate::rate_limiter::RateLimiterConfig>,
+    ) -> bool {
+        if (rx.is_some() && self.rx_limiter.is_none())
+            || (tx.is_some() && self.tx_limiter.is_none())
+        {
+            return false;
+        }
+        if let (Some(config), Some(limiter)) = (rx, self.rx_limiter.as_mut()) {
+            limiter.update(config);
+        }
+        if let (Some(config), Some(limiter)) = (tx, self.tx_limiter.as_mut()) {
+            limiter.update(config);
+        }
+        true
+    }
+
     /// The receive rate limiter, if any.
     pub fn rx_rate_limiter(&self) -> Option<&RateLimiter> {
         self.rx_limiter.as_ref()
