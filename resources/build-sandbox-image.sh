@@ -28,6 +28,10 @@
 # the host runs the image's commands with that directory as their root. The root appears
 # only once all of it is mounted: if anything fails (logged to the kernel log), it is
 # missing and the agent says so to the host.
+#
+# `flint run --net nat`: with `flint.net=ADDR/PREFIX,GATEWAY,DNS...` on the kernel command
+# line, /init gives eth0 that address and default route, and writes the name servers to
+# /etc/resolv.conf (which an image's root then sees too).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -174,15 +178,38 @@ mount_image() {
     fi
 }
 
+# `flint run --net nat`: eth0's address, the gateway and the name servers from
+# flint.net=ADDR/PREFIX,GATEWAY[,DNS]... (the same in every sandbox).
+configure_net() {
+    old_ifs=$IFS
+    IFS=,
+    # shellcheck disable=SC2086  # split at the commas (globbing is off)
+    set -- $1
+    IFS=$old_ifs
+    [ $# -ge 2 ] || return 1
+    ip link set eth0 up && ip addr add "$1" dev eth0 && ip route add default via "$2" || return 1
+    shift 2
+    # In place: the file is bind-mounted into an image's root.
+    : >/etc/resolv.conf || return 1
+    for dns in "$@"; do
+        echo "nameserver $dns" >>/etc/resolv.conf || return 1
+    done
+}
+
 image=
 scratch=
+net=
 set -f # the words of the command line are not patterns
 for arg in $(cat /proc/cmdline); do
     case $arg in
     flint.image=*) image=${arg#flint.image=} ;;
     flint.scratch=*) scratch=${arg#flint.scratch=} ;;
+    flint.net=*) net=${arg#flint.net=} ;;
     esac
 done
+if [ -n "$net" ]; then
+    configure_net "$net" || log_error "cannot configure eth0 from flint.net=$net"
+fi
 set +f
 if [ -n "$image" ]; then
     if mount_image "$image" "$scratch" /run/flint/staging; then

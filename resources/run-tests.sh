@@ -68,7 +68,8 @@ packages() {
         qemu-system-x86 busybox-static linux-source-6.1 \
         build-essential bc flex bison libelf-dev libssl-dev \
         cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils curl iproute2 \
-        docker-registry skopeo apache2-utils
+        docker-registry skopeo apache2-utils \
+        nftables dnsmasq-base
     command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
     cargo --version
     rustc --version

@@ -118,6 +118,8 @@ pub enum CliError {
     },
     #[error("--net: {0}")]
     NetMac(vmm::MacError),
+    #[error(transparent)]
+    NatSpec(#[from] crate::sandbox::nat::NatSpecError),
     #[error("--vsock needs cid=N,uds=PATH; got '{0}'")]
     VsockSpec(String),
     #[error("'flint jail' needs {0}")]
@@ -279,6 +281,7 @@ mod tests {
 
     use super::*;
     use crate::jail::{CgroupVersion, Rlimit};
+    use crate::sandbox::SandboxNet;
 
     fn args(s: &[&str]) -> Vec<String> {
         s.iter().map(|a| a.to_string()).collect()
@@ -684,7 +687,11 @@ mod tests {
             o.copy_out,
             vec![("/g/out".to_string(), PathBuf::from("/h/out"))]
         );
-        assert_eq!(o.net.as_ref().map(|n| n.tap.as_str()), Some("t0"));
+        assert!(
+            matches!(&o.net, Some(SandboxNet::Tap(n)) if n.tap == "t0"),
+            "{:?}",
+            o.net
+        );
         assert!(!o.cold, "restoring the snapshot is the default");
         assert!(run(&["run", "--cold", "--", "true"]).unwrap().cold);
         // Copy-outs are limited by default; --copy-out-limit takes K, M and G.
@@ -739,7 +746,9 @@ mod tests {
             "true",
         ])
         .unwrap();
-        let net = o.net.unwrap();
+        let Some(SandboxNet::Tap(net)) = o.net else {
+            panic!("--net tap=t1 is a TAP: {:?}", o.net)
+        };
         assert_eq!(net.tap, "t1");
         assert_eq!(net.mac, Some([2, 0, 0, 0, 0, 1]));
         let bw = Some(TokenBucketConfig::per_second(1_000_000));

@@ -76,6 +76,11 @@ impl Template {
             hash_file(&mut h, &drive.path)?;
             h.write_u8(u8::from(drive.read_only));
         }
+        // `--net nat`'s NIC (always the same TAP name and MAC address).
+        for net in &config.nets {
+            h.write(net.tap.as_bytes());
+            h.write(&net.mac.unwrap_or_default());
+        }
         h.write(config.cmdline.as_bytes());
         h.write_u32(config.vcpus);
         h.write_u64(config.mem_mib);

@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use clap::Args;
 use flint_image::ImageRef;
 use vmm::config::{DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::NetConfig;
 
 use super::values::{self, RootImage};
 use super::CommandArgs;
 use crate::cli::{CliError, Command};
-use crate::sandbox::RunOptions;
+use crate::sandbox::{nat, RunOptions, SandboxNet};
 
 pub(crate) const ABOUT: &str = "Run a command in a throwaway microVM and exit with its status";
 
@@ -21,7 +20,7 @@ Start a throwaway microVM, run COMMAND in it through the guest agent, stream its
 stderr to flint's own (separately), forward stdin, and exit with COMMAND's status. Nothing is
 left behind: the VM, its sockets and temporary files are gone when flint exits.
 
-Without --rootfs, --net or --scratch, the microVM is restored from a snapshot of a booted
+Without --rootfs, --net tap=... or --scratch, the microVM is restored from a snapshot of a booted
 sandbox (in $FLINT_CACHE/sandbox/snapshots, made by the first such run, remade whenever the
 kernel, the initramfs, the --image, flint, --vcpus or --memory change) instead of booting
 Linux: each sandbox's memory is a private copy-on-write mapping of it, and its agent sets the
@@ -42,6 +41,17 @@ with the credentials 'docker login' or 'podman login' keep in $DOCKER_CONFIG/con
 is verified against its digest, and a download cut short resumes where it stopped. Later runs
 of the same reference use the cached image ('flint image pull' updates it).
 
+With --net nat, the guest's eth0 has {guest}/{prefix}, gateway {gw}, and name servers that
+lead to the host's own (from /etc/resolv.conf, or systemd-resolved's upstream ones). flint
+makes a network namespace for the sandbox, with the TAP and one end of a veth pair in it; the
+other end, flvN, gets a /30 of 10.254.0.0/16 in the host's; an nftables table
+flint_PID_STARTTIME_N masquerades the sandbox's traffic and keeps it from the host's own
+addresses and from other sandboxes. It sets net.ipv4.ip_forward=1 (and leaves it so). All
+of it is removed when flint ends; after a `kill -9` only the nftables table stays, and the
+next `flint run --net nat` removes it. Each allow=CIDR[:PORT] lets the sandbox reach that
+network (only TCP and UDP to PORT if given), host addresses included; with any allow=,
+everything else but DNS is dropped. Restored snapshots work with --net nat.
+
 Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
 owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
 
@@ -49,19 +59,25 @@ Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeou
 when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not be
 started (not found, not executable); 128+N when flint was stopped by signal N (Ctrl-C kills
 COMMAND, then the VM).",
-        copy_out_s = flint_agent::COPY_OUT_TIMEOUT.as_secs()
+        copy_out_s = flint_agent::COPY_OUT_TIMEOUT.as_secs(),
+        guest = nat::GUEST_ADDR,
+        prefix = nat::GUEST_PREFIX,
+        gw = nat::GATEWAY,
     )
 }
 
-/// `--net none` or a NIC.
+/// `--net none`, `--net nat[,allow=...]` or a NIC on a TAP.
 #[derive(Debug, Clone)]
-pub(crate) struct NetOrNone(Option<NetConfig>);
+pub(crate) struct NetOrNone(Option<SandboxNet>);
 
 fn net_or_none(spec: &str) -> Result<NetOrNone, CliError> {
-    match spec {
-        "none" => Ok(NetOrNone(None)),
-        _ => values::net(spec).map(|n| NetOrNone(Some(n))),
+    if spec == "none" {
+        return Ok(NetOrNone(None));
     }
+    if let Some(nat) = nat::parse(spec) {
+        return Ok(NetOrNone(Some(SandboxNet::Nat(nat?))));
+    }
+    values::net(spec).map(|n| NetOrNone(Some(SandboxNet::Tap(n))))
 }
 
 /// The most a `--scratch` disk may have (1 TiB): the file is sparse, but a mistyped size
@@ -222,8 +238,10 @@ pub(crate) struct RunArgs {
           value_parser = |s: &str| values::number::<u64>("--timeout", s))]
     timeout: Option<u64>,
 
-    /// No network (default), or a NIC on the host TAP device NAME (bw limits each direction)
-    #[arg(long, value_name = "none|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]",
+    /// No network (default); nat: outbound IPv4 and DNS through NAT on the host (needs root,
+    /// `ip` and `nft`; see below), limited to the allow= destinations if any are given; or a
+    /// NIC on the host TAP device NAME (bw limits each direction)
+    #[arg(long, value_name = "none|nat[,allow=CIDR[:PORT]]...|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]",
           allow_hyphen_values = true, value_parser = net_or_none)]
     net: Option<NetOrNone>,
 

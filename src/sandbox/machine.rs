@@ -11,7 +11,7 @@ use log::debug;
 use vmm::{DriveConfig, Vm, VmConfig, VsockConfig};
 
 use super::console::console_to;
-use super::{RunOptions, SetupError};
+use super::{nat, RunOptions, SandboxNet, SetupError};
 use crate::template::{Staging, Template};
 
 /// The guest's vsock context id inside a `flint run` sandbox.
@@ -59,9 +59,14 @@ pub(super) struct ImageDisks<'a> {
 }
 
 /// The kernel command line of a sandbox: with a container image, its disk and the scratch
-/// disk, named as the guest sees them (`/dev/vda`, `/dev/vdb`: in the order attached).
-pub(super) fn sandbox_cmdline(disks: &ImageDisks) -> String {
+/// disk, named as the guest sees them (`/dev/vda`, `/dev/vdb`: in the order attached); with
+/// `--net nat`, the guest's network settings (the same in every sandbox).
+pub(super) fn sandbox_cmdline(disks: &ImageDisks, nat: bool) -> String {
     let mut cmdline = SANDBOX_CMDLINE.to_string();
+    if nat {
+        cmdline.push(' ');
+        cmdline.push_str(&nat::guest_param());
+    }
     if disks.image.is_some() {
         cmdline.push_str(&format!(" {}=/dev/vda", flint_agent::IMAGE_PARAM));
         if disks.scratch.is_some() {
@@ -80,15 +85,22 @@ pub(super) fn vm_config(
     work: &Path,
 ) -> Result<VmConfig, SetupError> {
     let mut config = VmConfig::new(kernel);
-    config.cmdline = sandbox_cmdline(disks);
+    let is_nat = matches!(options.net, Some(SandboxNet::Nat(_)));
+    config.cmdline = sandbox_cmdline(disks, is_nat);
     config.vcpus = options.vcpus;
     config.mem_mib = options.mem_mib;
     config.vsock = Some(VsockConfig {
         guest_cid: SANDBOX_CID,
         uds_path: work.join("vsock.sock"),
     });
-    if let Some(net) = &options.net {
-        config.nets.push(net.clone());
+    match &options.net {
+        Some(SandboxNet::Tap(net)) => config.nets.push(net.clone()),
+        // In the sandbox's own network namespace: always the same TAP and MAC address.
+        Some(SandboxNet::Nat(_)) => config.nets.push(vmm::NetConfig {
+            mac: Some(nat::GUEST_MAC),
+            ..vmm::NetConfig::new(nat::TAP_NAME)
+        }),
+        None => {}
     }
     match &options.rootfs {
         // A private copy: the image itself is never modified.
@@ -164,13 +176,15 @@ pub(super) fn obtain(
     console_log: &Path,
     start: Instant,
 ) -> Result<SandboxVm, SetupError> {
-    // Without a root disk, a network or a scratch disk (whose backends a restored guest would
-    // find changed), restore a snapshot of a booted sandbox (made by the first such run)
-    // instead of booting. A container image's disk never changes: its path names its digest
-    // and the template's key covers the file.
+    // Without a root disk, a TAP of the user's or a scratch disk (whose backends a restored
+    // guest would find changed), restore a snapshot of a booted sandbox (made by the first
+    // such run) instead of booting. A container image's disk never changes: its path names
+    // its digest and the template's key covers the file. `--net nat` looks the same to every
+    // guest (the same TAP, addresses and MAC in each sandbox's own network namespace), and
+    // its settings are on the command line, which the key covers.
     let template = (!options.cold
         && options.rootfs.is_none()
-        && options.net.is_none()
+        && !matches!(options.net, Some(SandboxNet::Tap(_)))
         && options.scratch.is_none())
     .then(|| Template::for_config(cache, config))
     .and_then(|t| {
@@ -206,8 +220,8 @@ pub(super) fn obtain(
 }
 
 /// Whether a VM restored with `restored` is the sandbox `want` describes: the same kernel,
-/// initramfs, command line and machine, a vsock device, no NIC, and no disk but a container
-/// image's, the same file read-only.
+/// initramfs, command line and machine, a vsock device, the same NIC (`--net nat`'s) or none,
+/// and no disk but a container image's, the same file read-only.
 fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
     let same_disks = restored.drives.len() == want.drives.len()
         && restored
@@ -222,7 +236,13 @@ fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
         && restored.mem_mib == want.mem_mib
         && restored.entropy == want.entropy
         && same_disks
-        && restored.nets.is_empty()
+        && restored.nets.len() == want.nets.len()
+        && restored.nets.iter().zip(&want.nets).all(|(r, w)| {
+            r.tap == w.tap
+                && r.mac == w.mac
+                && r.rx_rate_limiter.is_none()
+                && r.tx_rate_limiter.is_none()
+        })
         && restored.vsock.as_ref().map(|v| v.guest_cid) == Some(SANDBOX_CID)
 }
 
@@ -278,25 +298,75 @@ mod tests {
 
     #[test]
     fn the_image_and_scratch_disks_are_named_on_the_command_line() {
-        let none = sandbox_cmdline(&ImageDisks::default());
+        let none = sandbox_cmdline(&ImageDisks::default(), false);
         assert_eq!(none, SANDBOX_CMDLINE);
         let image = Path::new("/c/images/disks/ab.ext4");
-        let with_image = sandbox_cmdline(&ImageDisks {
-            image: Some(image),
-            scratch: None,
-        });
+        let with_image = sandbox_cmdline(
+            &ImageDisks {
+                image: Some(image),
+                scratch: None,
+            },
+            false,
+        );
         assert_eq!(
             with_image,
             format!("{SANDBOX_CMDLINE} flint.image=/dev/vda")
         );
-        let with_scratch = sandbox_cmdline(&ImageDisks {
-            image: Some(image),
-            scratch: Some(Path::new("/w/scratch.ext4")),
-        });
+        let with_scratch = sandbox_cmdline(
+            &ImageDisks {
+                image: Some(image),
+                scratch: Some(Path::new("/w/scratch.ext4")),
+            },
+            false,
+        );
         assert_eq!(
             with_scratch,
             format!("{SANDBOX_CMDLINE} flint.image=/dev/vda flint.scratch=/dev/vdb")
         );
+    }
+
+    #[test]
+    fn net_nat_gives_every_sandbox_the_same_nic_and_keeps_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("flint-machine-nat-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nat = RunOptions {
+            vcpus: 1,
+            mem_mib: 256,
+            net: Some(SandboxNet::Nat(Default::default())),
+            ..Default::default()
+        };
+        let k = Path::new("/k/vmlinux");
+        let none = ImageDisks::default();
+        let config = vm_config(&nat, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert_eq!(config.nets.len(), 1);
+        assert_eq!(config.nets[0].tap, "flint0");
+        assert_eq!(config.nets[0].mac, Some(nat::GUEST_MAC));
+        assert!(config
+            .cmdline
+            .ends_with(" flint.net=10.0.2.15/24,10.0.2.2,10.0.2.3,10.0.2.4,10.0.2.5"));
+        assert!(same_sandbox(&config, &config));
+        // allow= is the host's business: the guest is the same.
+        let allow = RunOptions {
+            net: Some(SandboxNet::Nat(
+                nat::parse("nat,allow=10.0.0.0/8").unwrap().unwrap(),
+            )),
+            ..nat.clone()
+        };
+        let other = vm_config(&allow, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert!(same_sandbox(&config, &other));
+        // A snapshot without the NIC is not this sandbox, nor the other way round.
+        let plain = RunOptions {
+            net: None,
+            ..nat.clone()
+        };
+        let plain = vm_config(&plain, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert!(plain.nets.is_empty());
+        assert!(!same_sandbox(&plain, &config));
+        assert!(!same_sandbox(&config, &plain));
+        let mut moved = config.clone();
+        moved.nets[0].mac = Some([2, 0, 0, 0, 0, 1]);
+        assert!(!same_sandbox(&moved, &config));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

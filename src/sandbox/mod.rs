@@ -14,6 +14,7 @@ mod console;
 mod image;
 pub(crate) mod image_cache;
 mod machine;
+pub mod nat;
 mod supervise;
 
 use std::io::{Read, Write};
@@ -66,8 +67,8 @@ pub struct RunOptions {
     pub vcpus: u32,
     pub mem_mib: u64,
     pub timeout: Option<Duration>,
-    /// A NIC on a host TAP, with its MAC and bandwidth limit if given.
-    pub net: Option<NetConfig>,
+    /// The sandbox's network, if any.
+    pub net: Option<SandboxNet>,
     pub copy_in: Vec<(PathBuf, String)>,
     pub copy_out: Vec<(String, PathBuf)>,
     /// The most bytes all copy-outs together may bring to the host (`--copy-out-limit`).
@@ -75,6 +76,16 @@ pub struct RunOptions {
     pub command: CommandOptions,
     /// Boot the guest even when a snapshot of a booted sandbox could be restored.
     pub cold: bool,
+}
+
+/// A sandbox's network (`flint run --net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SandboxNet {
+    /// A NIC on a host TAP, with its MAC and bandwidth limit if given.
+    Tap(NetConfig),
+    /// Outbound IPv4 and DNS through NAT on the host (`--net nat`), in a network namespace
+    /// of the sandbox's own.
+    Nat(nat::NatOptions),
 }
 
 /// `flint exec` options.
@@ -113,6 +124,8 @@ enum SetupError {
     ClientThread(std::io::Error),
     #[error(transparent)]
     Image(#[from] image::ImageError),
+    #[error(transparent)]
+    Nat(#[from] nat::NatError),
 }
 
 fn sandbox_failed(message: &dyn std::fmt::Display) -> ExitCode {
@@ -179,6 +192,11 @@ fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupEr
         None => None,
     };
     let work = WorkDir::create().map_err(SetupError::WorkDir)?;
+    // Dropped after the VM (declared before it): its TAP goes first, then the rest.
+    let nat = match &options.net {
+        Some(SandboxNet::Nat(nat)) => Some(nat::Nat::setup(nat)?),
+        _ => None,
+    };
     let scratch = match options.scratch {
         Some(bytes) => Some(image::make_scratch(&work.0, bytes)?),
         None => None,
@@ -198,7 +216,13 @@ fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupEr
         mut vm,
         restored,
         staging,
-    } = machine::obtain(options, &cache, &config, &console_log, start)?;
+    } = match &nat {
+        // The TAP is the one in the sandbox's network namespace.
+        Some(nat) => {
+            nat.inside(|| machine::obtain(options, &cache, &config, &console_log, start))??
+        }
+        None => machine::obtain(options, &cache, &config, &console_log, start)?,
+    };
     let first = match (&restored, &staging) {
         (Some(restored), _) => FirstStep::Refresh(restored.refresh_failed.clone()),
         (None, Some(_)) => FirstStep::Template,
