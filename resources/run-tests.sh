@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The single test command of flint (CI runs it through .ci/run):
 #   1. install the Debian packages the rig needs (only the missing ones),
-#   2. build the cached test images: guest kernel, guest initramfs, nested host,
+#   2. build the cached test images: guest kernel, guest initramfs, nested host, a Debian
+#      container image with Python (from Debian's mirror, once),
 #   3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
 #      (all tiers; tier 3 boots real guests in the nested host, see
 #      tests/support/mod.rs),
@@ -69,7 +70,7 @@ packages() {
         build-essential bc flex bison libelf-dev libssl-dev \
         cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils curl iproute2 \
         docker-registry skopeo apache2-utils \
-        nftables dnsmasq-base
+        nftables dnsmasq-base mmdebstrap
     command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
     cargo --version
     rustc --version
@@ -81,6 +82,7 @@ stage "guest kernel" "$here/build-guest-kernel.sh"
 stage "guest initramfs" "$here/build-guest-initramfs.sh"
 stage "guest rootfs" "$here/build-rootfs.sh"
 stage "sandbox image" "$here/build-sandbox-image.sh"
+stage "Debian Python image" "$here/build-debian-image.sh"
 stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings

@@ -15,7 +15,10 @@
 //! - `images_run_in_sandboxes` (tier 3) runs sandboxes of the image in the nested KVM host (or
 //!   directly on a host whose KVM boots Linux): default command, configuration, user, file
 //!   properties as seen in the guest, private writes, an unchanged cached disk, the snapshot
-//!   fast path, --scratch, an OCI archive of the same image, exit statuses.
+//!   fast path, --scratch, an OCI archive of the same image, exit statuses; and, in the same
+//!   nested host, a real Debian image with Python (bookworm, made from Debian's packages by
+//!   `resources/build-debian-image.sh`, which `resources/run-tests.sh` runs) running
+//!   `python3 -c` on a file copied in, first booted and then restored.
 
 mod support;
 
@@ -614,12 +617,58 @@ $R --image "$FILES/image" --user nobody -- true >"$WORK/nouser.out" 2>&1
 echo "STATUS nouser $?"; echo "NOUSER $(cat "$WORK/nouser.out")"
 "#;
 
+/// The part of the scenario with the Debian Python image (`$FILES/debian`): a computation on
+/// a file copied in, first run (converts the image, boots, snapshots), then restored twice.
+const DEBIAN_SCENARIO: &str = r#"
+PY='
+import hashlib, json, sys
+data = open("/srv/numbers.json", "rb").read()
+numbers = json.loads(data)["numbers"]
+release = dict(l.split("=", 1) for l in open("/etc/os-release").read().splitlines() if "=" in l)
+print("PY_VERSION=%d.%d" % sys.version_info[:2])
+print("PY_OS=" + release["VERSION_CODENAME"])
+print("PY_RESULT=" + json.dumps({"sum": sum(numbers), "max": max(numbers),
+    "sha256": hashlib.sha256(data).hexdigest()}, sort_keys=True))
+'
+for run in py1 py2; do
+    FLINT_LOG=debug $R --image "$FILES/debian" --copy-in "$FILES/numbers.json:/srv/numbers.json" \
+        -- python3 -c "$PY" >"$WORK/$run.out" 2>"$WORK/$run.err"
+    rc=$?; echo "STATUS $run $rc"; rig_fault $rc "$WORK/$run.err" || true
+    [ $rc = 0 ] || tail -n 20 "$WORK/$run.err"
+    sed "s/^/$run /" "$WORK/$run.out"
+    echo "$run made=$(grep -c 'snapshot of the booted guest made' "$WORK/$run.err")"
+    echo "$run restored=$(grep -c 'sandbox: restored at' "$WORK/$run.err")"
+    echo "$run python-stderr=$(grep -vc '^flint: ' "$WORK/$run.err")"
+done
+FLINT_LOG=debug $R --image "$FILES/debian" -- python3 -c 'import sys; print("leaving"); sys.exit(3)' \
+    >"$WORK/py3.out" 2>"$WORK/py3.err"
+rc=$?; echo "STATUS py3 $rc"; rig_fault $rc "$WORK/py3.err" || true
+echo "py3 $(cat "$WORK/py3.out") restored=$(grep -c 'sandbox: restored at' "$WORK/py3.err")"
+echo "DEBIAN_DISKS $(ls "$disks" | grep -c '\.ext4$')"
+# For the record (not checked): the conversion's phases and the runs' milestones.
+grep -h -e 'image:' -e 'agent connected at' -e 'command ended at' -e 'restored at' \
+    "$WORK/py1.err" "$WORK/py2.err" | sed 's/^/TIMING debian /'
+"#;
+
 fn line<'a>(output: &'a str, key: &str) -> &'a str {
     output
         .lines()
         .find_map(|l| l.trim().strip_prefix(key))
         .map(str::trim)
         .unwrap_or_else(|| panic!("no {key:?} line in the scenario output (above)"))
+}
+
+/// The Debian image with Python that `resources/build-debian-image.sh` builds; panics (the
+/// test fails, it never skips) when it is missing.
+fn debian_python_image() -> PathBuf {
+    let dir = cache_dir().join("test-images/debian-python");
+    assert!(
+        dir.join("index.json").is_file(),
+        "Debian Python image missing: {} has no index.json; run resources/build-debian-image.sh \
+         (resources/run-tests.sh does)",
+        dir.display()
+    );
+    dir
 }
 
 #[test]
@@ -634,15 +683,20 @@ fn images_run_in_sandboxes() {
         sandbox.is_file(),
         "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
     );
+    let numbers: Vec<u32> = (1..=200).map(|n| n * n % 997).collect();
+    let numbers_json = serde_json::to_vec(&serde_json::json!({ "numbers": numbers })).unwrap();
+    let numbers_file = tmp.write("numbers.json", &numbers_json);
     let files = [
         (sandbox, "sandbox.cpio.gz"),
         (image, "image"),
         (archive, "image.tar"),
+        (debian_python_image(), "debian"),
+        (numbers_file, "numbers.json"),
         (program("mkfs.ext4"), "mkfs.ext4"),
         (program("debugfs"), "debugfs"),
     ];
     let run = run_scenario_with(
-        &format!("{RIG_FAULT_SH}{PRELUDE}{SCENARIO}"),
+        &format!("{RIG_FAULT_SH}{PRELUDE}{SCENARIO}{DEBIAN_SCENARIO}"),
         &files,
         &ScenarioOptions {
             timeout_secs: 900,
@@ -731,6 +785,26 @@ fn images_run_in_sandboxes() {
         line(out, "NOUSER "),
         "flint: error: the image cannot run: user \"nobody\" is not in the image's /etc/passwd"
     );
+
+    // The Debian image: Python computes on the file copied in, booted first, then restored.
+    let expected = format!(
+        r#"{{"max": {}, "sha256": "{}", "sum": {}}}"#,
+        numbers.iter().max().unwrap(),
+        sha256_hex(&numbers_json),
+        numbers.iter().sum::<u32>()
+    );
+    for (run, made, restored) in [("py1", "1", "0"), ("py2", "0", "1")] {
+        assert_eq!(status(run), "0", "{run}");
+        assert_eq!(line(out, &format!("{run} PY_VERSION=")), "3.11", "{run}");
+        assert_eq!(line(out, &format!("{run} PY_OS=")), "bookworm", "{run}");
+        assert_eq!(line(out, &format!("{run} PY_RESULT=")), expected, "{run}");
+        assert_eq!(line(out, &format!("{run} made=")), made, "{run}");
+        assert_eq!(line(out, &format!("{run} restored=")), restored, "{run}");
+        assert_eq!(line(out, &format!("{run} python-stderr=")), "0", "{run}");
+    }
+    assert_eq!(status("py3"), "3", "sys.exit(3) is the sandbox's status");
+    assert_eq!(line(out, "py3 "), "leaving restored=1");
+    assert_eq!(line(out, "DEBIAN_DISKS "), "2");
 }
 
 #[test]
