@@ -243,8 +243,8 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
         ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
         ("PUT", "/snapshot/load") => schema::snapshot_load(v, "")?,
-        ("PUT", "/mmds") => Request::PutMmds(v.clone()),
-        ("PATCH", "/mmds") => Request::PatchMmds(v.clone()),
+        ("PUT", "/mmds") => Request::PutMmds(schema::mmds_data(v)?),
+        ("PATCH", "/mmds") => Request::PatchMmds(schema::mmds_data(v)?),
         ("PUT", "/mmds/config") => schema::mmds_config(v, "")?,
         // Every (method, pattern) pair of ROUTES is handled above or in `route`.
         _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),

@@ -613,6 +613,17 @@ pub fn mmds_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     })
 }
 
+/// `PUT`/`PATCH /mmds`: the data, a JSON object.
+pub fn mmds_data(v: &Value) -> Result<Value, BodyError> {
+    match v {
+        Value::Object(_) => Ok(v.clone()),
+        other => Err(BodyError(format!(
+            "the MMDS data must be a JSON object, not {}",
+            quote(other)
+        ))),
+    }
+}
+
 /// The MMDS configuration in the API's schema.
 pub fn mmds_config_json(m: &vmm::MmdsConfig) -> Value {
     serde_json::json!({
