@@ -35,17 +35,49 @@ pub struct ApiOptions {
     /// `--start-time-us`: when the process started (wall clock, µs since the epoch), the
     /// origin of the guest's boot time.
     pub start_time_us: Option<u64>,
+    /// `--metadata`: a JSON file that fills the MMDS data store at startup.
+    pub metadata: Option<PathBuf>,
+    /// `--mmds-size-limit`.
+    pub mmds_size_limit: Option<usize>,
 }
 
 impl ApiOptions {
-    /// The requests the command line makes before a config file's: the logger, then metrics.
-    fn startup_requests(&self) -> Vec<ApiRequest> {
+    /// The requests the command line makes before a config file's: the logger, metrics, then
+    /// the MMDS data of `--metadata`.
+    fn startup_requests(&self) -> Result<Vec<ApiRequest>, String> {
         let logger = self.logger.clone().map(ApiRequest::SetLogger);
         let metrics = self
             .metrics_path
             .clone()
             .map(|p| ApiRequest::Vmm(Request::SetMetrics(p)));
-        logger.into_iter().chain(metrics).collect()
+        let metadata = match &self.metadata {
+            None => None,
+            Some(path) => {
+                let limit = self
+                    .mmds_size_limit
+                    .unwrap_or(devices::mmds::DEFAULT_SIZE_LIMIT);
+                // Room for the file's own whitespace; the store checks the data's size.
+                let cap = (limit as u64).saturating_mul(4).max(1 << 20);
+                let mut bytes = Vec::new();
+                std::fs::File::open(path)
+                    .and_then(|f| {
+                        use std::io::Read;
+                        f.take(cap + 1).read_to_end(&mut bytes)
+                    })
+                    .map_err(|e| format!("--metadata: cannot read {}: {e}", path.display()))?;
+                if bytes.len() as u64 > cap {
+                    return Err(format!(
+                        "--metadata: {} is larger than {cap} bytes",
+                        path.display()
+                    ));
+                }
+                let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    format!("--metadata: {} is not valid JSON: {e}", path.display())
+                })?;
+                Some(ApiRequest::Vmm(Request::PutMmds(value)))
+            }
+        };
+        Ok(logger.into_iter().chain(metrics).chain(metadata).collect())
     }
 }
 
@@ -130,7 +162,14 @@ pub fn run(options: &ApiOptions, start: Instant) -> ExitCode {
     if options.boot_timer {
         frontend.controller.enable_boot_timer();
     }
-    for request in options.startup_requests() {
+    if let Some(limit) = options.mmds_size_limit {
+        frontend.controller.set_mmds_size_limit(limit);
+    }
+    let startup = match options.startup_requests() {
+        Ok(requests) => requests,
+        Err(e) => return fail(&e),
+    };
+    for request in startup {
         if let Err(e) = frontend.handle(&request) {
             return fail(&schema::request_error_message(&e));
         }

@@ -21,6 +21,7 @@ pub const KEYS: &[&str] = &[
     "boot-source",
     "drives",
     "network-interfaces",
+    "mmds-config",
     "vsock",
     "entropy",
 ];
@@ -29,10 +30,6 @@ pub const KEYS: &[&str] = &[
 /// Firecracker's own example files write them), refused with the reason otherwise.
 pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
     ("balloon", "flint has no balloon device yet"),
-    (
-        "mmds-config",
-        "flint has no microVM metadata service (MMDS) yet",
-    ),
     (
         "cpu-config",
         "flint does not take custom CPU templates; it presents the host's CPU as KVM reports it",
@@ -169,6 +166,9 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
         )?;
         requests_to_vmm.push(Request::SetNetworkInterface(iface));
     }
+    if let Some(v) = section("mmds-config") {
+        requests_to_vmm.push(schema::mmds_config(v, "mmds-config")?);
+    }
     if let Some(v) = section("vsock") {
         requests_to_vmm.push(Request::SetVsock(schema::vsock(v, "vsock")?));
     }
@@ -200,6 +200,7 @@ pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
             .map(|(n, net)| schema::network_interface_json(n, net))
             .collect::<Vec<_>>(),
         "vsock": or_null(vm.vsock.as_ref().map(schema::vsock_json)),
+        "mmds-config": or_null(vm.mmds.as_ref().map(schema::mmds_config_json)),
         "entropy": if vm.entropy {
             schema::entropy_json(&vm.entropy_rate_limiter)
         } else {
@@ -383,7 +384,7 @@ mod tests {
             (
                 json!({"ballon": {}}),
                 "unknown key 'ballon' (expected logger, metrics, machine-config, boot-source, \
-                 drives, network-interfaces, vsock, entropy)",
+                 drives, network-interfaces, mmds-config, vsock, entropy)",
             ),
             (
                 json!({"balloon": {"amount_mib": 10}}),
@@ -391,7 +392,7 @@ mod tests {
             ),
             (
                 json!({"mmds-config": {"version": "V2"}, "balloon": null}),
-                "mmds-config: flint has no microVM metadata service (MMDS) yet",
+                "mmds-config: missing required field 'network_interfaces'",
             ),
             (json!({"drives": {}}), "drives must be a list, not an object"),
             (

@@ -306,7 +306,9 @@ fn firecrackers_example_config_file_boots_as_given() {
 
 #[test]
 fn e2bs_create_snapshot_and_resume() {
+    require_tun();
     let dir = TempDir::new("fc-e2b");
+    let tap = tap_name("e");
     let kernel = spinning_kernel(&dir);
     let root = dir.write("rootfs.ext4", &vec![0u8; 1 << 20]);
     let sock = dir.0.join("fc.sock");
@@ -347,6 +349,21 @@ fn e2bs_create_snapshot_and_resume() {
         ),
         (
             "PUT",
+            "/network-interfaces/eth0",
+            format!(r#"{{"iface_id":"eth0","host_dev_name":"{tap}"}}"#),
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            r#"{"version":"V2","network_interfaces":["eth0"]}"#.into(),
+        ),
+        (
+            "PUT",
+            "/mmds",
+            r#"{"instanceID":"sbx-1","envID":"base","address":"10.0.0.2"}"#.into(),
+        ),
+        (
+            "PUT",
             "/actions",
             r#"{"action_type":"InstanceStart"}"#.into(),
         ),
@@ -363,18 +380,22 @@ fn e2bs_create_snapshot_and_resume() {
     ] {
         expect(&sock, method, path, Some(&body), 204);
     }
-    // MMDS is refused with the reason, not a 404.
+    // The MMDS configuration is for before the start.
     let (status, answer) = call(
         &sock,
         "PUT",
         "/mmds/config",
-        Some(r#"{"version":"V2","network_interfaces":["eth0"]}"#),
+        Some(r#"{"version":"V1","network_interfaces":["eth0"]}"#),
     );
     assert_eq!(status, 400, "{answer}");
-    assert!(answer.contains("MMDS"), "{answer}");
+    assert!(answer.contains("before the VM starts"), "{answer}");
     // SAFETY: plain kill(2) on our own child's pid.
-    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
     wait_bounded(a, Duration::from_secs(20));
+    assert!(
+        !tap_exists(&tap),
+        "the first flint left its TAP {tap} behind"
+    );
 
     // Resume in a new flint, the socket moved, the clock advanced if KVM saved real time.
     let sock = dir.0.join("fc2.sock");
@@ -398,6 +419,13 @@ fn e2bs_create_snapshot_and_resume() {
     assert!(state.contains(r#""state":"Running""#), "{state}");
     let config = expect(&sock, "GET", "/vm/config", None, 200);
     assert!(config.contains(s(&moved)), "{config}");
+    assert!(config.contains(r#""mmds-config":{"#), "{config}");
+    // The MMDS data came back with the snapshot.
+    let data = expect(&sock, "GET", "/mmds", None, 200);
+    assert_eq!(
+        data,
+        r#"{"address":"10.0.0.2","envID":"base","instanceID":"sbx-1"}"#
+    );
     assert!(config.contains(r#""rate_limiter""#), "{config}");
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
@@ -407,5 +435,9 @@ fn e2bs_create_snapshot_and_resume() {
         Some(128 + libc::SIGTERM),
         "{}",
         text(&out.stderr)
+    );
+    assert!(
+        !tap_exists(&tap),
+        "the resumed flint left its TAP {tap} behind"
     );
 }

@@ -840,6 +840,86 @@ sed 's/^/HOST g2h32 /' "$WORK/h6001.txt"
 // Malformed configuration (local, no guest)
 // ---------------------------------------------------------------------------------------
 
+/// The guest side of the MMDS scenario: a V2 session token, the data in IMDS and JSON
+/// formats, data the host changed after boot, a refusal without a token, and a burst of
+/// connections that gets answers or nothing, after which the service still answers.
+const GUEST_MMDS: &str = r#"M=169.254.169.254
+ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0 && ip route add $M/32 dev eth0
+req() { printf "$1" | timeout 20 nc $M 80; }
+TOKEN=$(req 'PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 60\r\nConnection: close\r\n\r\n' | tail -n 1)
+echo "TOKEN-LEN=${#TOKEN}"
+echo "NO-TOKEN=$(req 'GET /latest/meta-data/id HTTP/1.1\r\nConnection: close\r\n\r\n' | head -n 1 | cut -d' ' -f2)"
+echo "IMDS=$(req "GET /latest/meta-data/id HTTP/1.1\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | tail -n 1)"
+echo "KEYS=$(req "GET /latest/meta-data HTTP/1.1\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | tail -n 2 | tr '\n' ,)"
+echo "JSON=$(req "GET /latest/meta-data HTTP/1.1\r\nAccept: application/json\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | tail -n 1)"
+echo MMDS-GUEST-WAITING
+i=0; while [ $i -lt 120 ] && ! req "GET /latest/meta-data/later HTTP/1.1\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | grep -q '^set-after-boot'; do sleep 1; i=$((i + 1)); done
+echo "LATER=$(req "GET /latest/meta-data/later HTTP/1.1\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | tail -n 1)"
+j=0; while [ $j -lt 40 ]; do req 'GET / HTTP/1.1\r\n\r\n' >/dev/null 2>&1 & j=$((j + 1)); done; wait
+echo "AFTER-BURST=$(req "GET /latest/meta-data/id HTTP/1.1\r\nX-metadata-token: $TOKEN\r\nConnection: close\r\n\r\n" | tail -n 1)"
+echo NET-GUEST-DONE
+"#;
+
+/// MMDS from inside a real guest: Firecracker's V2 session tokens, both output formats, data
+/// the host sets after boot through the API, and a guest that floods it.
+#[test]
+fn mmds_from_a_real_guest() {
+    let scratch = Scratch::new("mmds");
+    let initramfs = tools_initramfs(&scratch, &[("mmds", GUEST_MMDS)]);
+    let g = exec_cmdline("sh /tools/mmds.sh");
+    let curl = PathBuf::from("/usr/bin/curl");
+    assert!(
+        curl.is_file(),
+        "curl is needed for this test (apt-get install curl)"
+    );
+    let script = format!(
+        r#"
+CASE_TIMEOUT=300
+{NET_PREAMBLE}
+CURL=$FILES/curl
+$NS "$IP" tuntap add dev fltapm mode tap
+$NS "$IP" link set fltapm up
+printf '%s' '{{"latest": {{"meta-data": {{"id": "i-0123", "zone": "nested"}}}}}}' >"$WORK/meta.json"
+printf '%s' "{{\"boot-source\": {{\"kernel_image_path\": \"$BZIMAGE\", \"initrd_path\": \"$INITRD\", \"boot_args\": \"{g}\"}},
+  \"machine-config\": {{\"vcpu_count\": 1, \"mem_size_mib\": 256}},
+  \"network-interfaces\": [{{\"iface_id\": \"eth0\", \"host_dev_name\": \"fltapm\"}}],
+  \"mmds-config\": {{\"version\": \"V2\", \"network_interfaces\": [\"eth0\"]}}}}" >"$WORK/vm.json"
+bg_case mmds_guest $NS "$FLINT" --api-sock "$WORK/api.sock" --config-file "$WORK/vm.json" --metadata "$WORK/meta.json"
+GUEST=$BG_PID
+wait_for "$WORK/mmds_guest.out" MMDS-GUEST-WAITING 200
+echo "HOST patch=$("$CURL" -s -o /dev/null -w '%{{http_code}}' --unix-socket "$WORK/api.sock" -X PATCH \
+    -d '{{"latest": {{"meta-data": {{"later": "set-after-boot"}}}}}}' http://localhost/mmds)"
+echo "HOST get=$("$CURL" -s --unix-socket "$WORK/api.sock" http://localhost/mmds)"
+wait_for "$WORK/mmds_guest.out" NET-GUEST-DONE 200
+"$CURL" -s -o /dev/null --unix-socket "$WORK/api.sock" -X PUT -d '{{"action_type": "SendCtrlAltDel"}}' http://localhost/actions
+end_case mmds_guest $GUEST
+"#
+    );
+    let mut files = scenario_files(initramfs);
+    files.push((curl, "curl"));
+    let run = run_scenario_with(&script, &files, &options(600));
+    run.assert_ok();
+    let guest = run.case("mmds_guest");
+    let ctx = guest.show();
+    assert_eq!(guest.value_of("TOKEN-LEN"), "64", "{ctx}");
+    assert_eq!(guest.value_of("NO-TOKEN"), "401", "{ctx}");
+    assert_eq!(guest.value_of("IMDS"), "i-0123", "{ctx}");
+    assert_eq!(guest.value_of("KEYS"), "id,zone", "{ctx}");
+    assert_eq!(
+        guest.value_of("JSON"),
+        r#"{"id":"i-0123","zone":"nested"}"#,
+        "{ctx}"
+    );
+    assert_eq!(run.host_value("patch"), "204", "{}", run.output);
+    assert!(
+        run.host_value("get").contains("set-after-boot"),
+        "{}",
+        run.output
+    );
+    assert_eq!(guest.value_of("LATER"), "set-after-boot", "{ctx}");
+    assert_eq!(guest.value_of("AFTER-BURST"), "i-0123", "{ctx}");
+}
+
 /// Bad `--net` and `--vsock` values fail before any guest runs, with one sentence that names
 /// the problem. The last cases get past argument parsing and fail when flint sets the devices
 /// up (after opening the local /dev/kvm, before any guest code runs).

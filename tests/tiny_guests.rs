@@ -901,18 +901,35 @@ fn firecrackers_command_line_options_work_as_its_jailer_passes_them() {
 fn firecracker_options_flint_lacks_are_refused_in_one_sentence() {
     let dir = TempDir::new("fc-refused");
     let file = dir.write("m.json", b"{}");
+    let junk = dir.write("junk.json", b"{not json");
+    let big = dir.write(
+        "big.json",
+        format!("{{\"a\": \"{}\"}}", "x".repeat(200)).as_bytes(),
+    );
+    let sock = dir.0.join("api.sock");
     for (args, expected) in [
         (
             vec!["--seccomp-filter", s(&file)],
             "--seccomp-filter is not supported: flint installs its own",
         ),
         (
-            vec!["--metadata", s(&file)],
-            "--metadata is not supported: flint has no microVM metadata service",
+            vec!["--api-sock", s(&sock), "--metadata", s(&junk)],
+            "--metadata: ",
         ),
         (
-            vec!["--mmds-size-limit", "100"],
-            "--mmds-size-limit is not supported",
+            vec![
+                "--api-sock",
+                s(&sock),
+                "--metadata",
+                s(&big),
+                "--mmds-size-limit",
+                "100",
+            ],
+            "more than the MMDS limit of 100 bytes",
+        ),
+        (
+            vec!["--mmds-size-limit", "0"],
+            "--mmds-size-limit must be from 1 to",
         ),
         (vec!["--enable-pci"], "--enable-pci is not supported"),
         (vec!["--level", "loud"], "--level"),

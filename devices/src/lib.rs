@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod guest_log;
 pub mod legacy;
+pub mod mmds;
 pub mod rate_limiter;
 pub mod virtio;
 pub mod vmgenid;

@@ -96,6 +96,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/metrics", "PUT"),
     ("/snapshot/create", "PUT"),
     ("/snapshot/load", "PUT"),
+    ("/mmds", "GET, PUT, PATCH"),
+    ("/mmds/config", "PUT"),
 ];
 
 /// Match `path` (without query) against the routes: the pattern, its methods and the decoded
@@ -123,7 +125,6 @@ fn find_route(path: &str) -> Result<Option<(&'static str, &'static str, String)>
 /// Firecracker's paths for features flint does not have, with the reason: a client gets a
 /// 400 that says so, not a 404 that looks like a typo.
 const MISSING_FEATURES: &[(&str, &str)] = &[
-    ("/mmds", "flint has no microVM metadata service (MMDS) yet"),
     ("/balloon", "flint has no balloon device yet"),
     (
         "/cpu-config",
@@ -191,6 +192,7 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
         ("GET", "/version") => return Routed::Reply(Reply::ok(schema::version_json())),
         ("GET", "/machine-config") => return Routed::Forward(Request::GetMachineConfig.into()),
         ("GET", "/vm/config") => return Routed::Forward(Request::GetFullConfig.into()),
+        ("GET", "/mmds") => return Routed::Forward(Request::GetMmds.into()),
         _ => {}
     }
     let v = match json_body(body) {
@@ -241,6 +243,9 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
         ("PUT", "/metrics") => Request::SetMetrics(schema::metrics(v, "")?),
         ("PUT", "/snapshot/create") => schema::snapshot_create(v, "")?,
         ("PUT", "/snapshot/load") => schema::snapshot_load(v, "")?,
+        ("PUT", "/mmds") => Request::PutMmds(schema::mmds_data(v)?),
+        ("PATCH", "/mmds") => Request::PatchMmds(schema::mmds_data(v)?),
+        ("PUT", "/mmds/config") => schema::mmds_config(v, "")?,
         // Every (method, pattern) pair of ROUTES is handled above or in `route`.
         _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),
     };
@@ -257,6 +262,7 @@ pub fn reply_for(
     match result {
         Ok(Response::Done) => Reply::no_content(),
         Ok(Response::Info(info)) => Reply::ok(schema::instance_info_json(&info)),
+        Ok(Response::Mmds(data)) => Reply::ok(data),
         Ok(Response::Config(view)) => match request {
             ApiRequest::Vmm(Request::GetMachineConfig) => {
                 Reply::ok(schema::machine_config_json(&view.vm))
@@ -634,10 +640,66 @@ mod tests {
     }
 
     #[test]
+    fn mmds_routes() {
+        assert_eq!(fwd("GET", "/mmds", ""), Request::GetMmds);
+        assert_eq!(
+            fwd("PUT", "/mmds", r#"{"latest": {"id": "x"}}"#),
+            Request::PutMmds(serde_json::json!({"latest": {"id": "x"}}))
+        );
+        assert_eq!(
+            fwd("PATCH", "/mmds", r#"{"latest": null}"#),
+            Request::PatchMmds(serde_json::json!({"latest": null}))
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/mmds/config",
+                r#"{"version": "V2", "network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2", "imds_compat": true}"#
+            ),
+            Request::SetMmdsConfig {
+                version: devices::mmds::MmdsVersion::V2,
+                ipv4_address: "169.254.170.2".parse().unwrap(),
+                network_interfaces: vec!["eth0".into()],
+                imds_compat: true,
+            }
+        );
+        assert_eq!(
+            fwd("PUT", "/mmds/config", r#"{"network_interfaces": []}"#),
+            Request::SetMmdsConfig {
+                version: devices::mmds::MmdsVersion::V1,
+                ipv4_address: devices::mmds::DEFAULT_IPV4,
+                network_interfaces: vec![],
+                imds_compat: false,
+            }
+        );
+        for (body, expected) in [
+            (
+                r#"{"version": "V3", "network_interfaces": []}"#,
+                "version must be one of",
+            ),
+            (
+                r#"{"network_interfaces": "eth0"}"#,
+                "network_interfaces must be a list",
+            ),
+            (
+                r#"{"network_interfaces": [1]}"#,
+                "network_interfaces must be a list",
+            ),
+            (
+                r#"{"network_interfaces": [], "ipv4_address": "1.2.3"}"#,
+                "ipv4_address must be an IPv4 address",
+            ),
+            (r#"{}"#, "missing required field 'network_interfaces'"),
+        ] {
+            let (status, msg) = refused("PUT", "/mmds/config", body);
+            assert_eq!(status, 400, "{body}");
+            assert!(msg.contains(expected), "{body}: {msg}");
+        }
+    }
+
+    #[test]
     fn firecrackers_paths_for_missing_features_say_why() {
         for (method, path, reason) in [
-            ("PUT", "/mmds/config", "MMDS"),
-            ("GET", "/mmds", "MMDS"),
             ("PUT", "/balloon", "balloon"),
             ("GET", "/balloon/statistics", "balloon"),
             ("PUT", "/cpu-config", "CPU templates"),

@@ -36,6 +36,8 @@ pub fn field_name(field: Field) -> Option<&'static str> {
         Field::NetId => "iface_id",
         Field::NetMac => "guest_mac",
         Field::NetMtu => "mtu",
+        // The sentence says it is about the MMDS.
+        Field::Mmds => return None,
         Field::VsockCid => "guest_cid",
         Field::MetricsPath => "metrics_path",
         // The sentence names the device and the limiter's field itself.
@@ -553,6 +555,86 @@ pub fn entropy_json(rate_limiter: &Option<RateLimiterConfig>) -> Value {
         Some(r) => serde_json::json!({ "rate_limiter": to_value(r) }),
         None => serde_json::json!({}),
     }
+}
+
+/// `PUT /mmds/config`, config file `mmds-config`: the NICs that serve the MMDS (by
+/// `iface_id`), its `version` ("V1" default, "V2"), `ipv4_address` (default 169.254.169.254)
+/// and `imds_compat`.
+pub fn mmds_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(
+        v,
+        ctx,
+        &[
+            "version",
+            "network_interfaces",
+            "ipv4_address",
+            "imds_compat",
+        ],
+        &[],
+    )?;
+    let version = match f.opt_choice("version", &["V1", "V2"])? {
+        Some("V2") => devices::mmds::MmdsVersion::V2,
+        _ => devices::mmds::MmdsVersion::V1,
+    };
+    let network_interfaces = match f.get("network_interfaces") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|i| {
+                i.as_str().map(str::to_string).ok_or_else(|| {
+                    f.err(format!(
+                        "network_interfaces must be a list of interface ids, not a list with {}",
+                        quote(i)
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(other) => {
+            return Err(f.err(format!(
+                "network_interfaces must be a list of interface ids, not {}",
+                quote(other)
+            )))
+        }
+        None => return Err(f.err("missing required field 'network_interfaces'".into())),
+    };
+    let ipv4_address = match f.opt_str("ipv4_address")? {
+        None => devices::mmds::DEFAULT_IPV4,
+        Some(a) => a.parse().map_err(|_| {
+            f.err(format!(
+                "ipv4_address must be an IPv4 address such as \"169.254.169.254\", not {}",
+                quote(&Value::String(a.clone()))
+            ))
+        })?,
+    };
+    Ok(Request::SetMmdsConfig {
+        version,
+        ipv4_address,
+        network_interfaces,
+        imds_compat: f.opt_bool("imds_compat")?.unwrap_or(false),
+    })
+}
+
+/// `PUT`/`PATCH /mmds`: the data, a JSON object.
+pub fn mmds_data(v: &Value) -> Result<Value, BodyError> {
+    match v {
+        Value::Object(_) => Ok(v.clone()),
+        other => Err(BodyError(format!(
+            "the MMDS data must be a JSON object, not {}",
+            quote(other)
+        ))),
+    }
+}
+
+/// The MMDS configuration in the API's schema.
+pub fn mmds_config_json(m: &vmm::MmdsConfig) -> Value {
+    serde_json::json!({
+        "version": match m.version {
+            devices::mmds::MmdsVersion::V1 => "V1",
+            devices::mmds::MmdsVersion::V2 => "V2",
+        },
+        "network_interfaces": m.network_interfaces,
+        "ipv4_address": m.ipv4_address.to_string(),
+        "imds_compat": m.imds_compat,
+    })
 }
 
 /// `PUT /actions`.

@@ -10,6 +10,9 @@ use crate::api_mode::ApiOptions;
 use crate::cli::{CliError, Command, DEFAULT_API_SOCK};
 use crate::logger::LoggerConfig;
 
+/// The largest MMDS data store `--mmds-size-limit` may allow.
+const MAX_MMDS_LIMIT: u64 = 64 << 20;
+
 #[derive(Debug, Args)]
 pub(crate) struct ApiArgs {
     /// Serve the REST API (Firecracker-compatible) on this Unix socket; configure and start the
@@ -124,21 +127,27 @@ pub(crate) struct ApiArgs {
     #[arg(long = "seccomp-filter", value_name = "FILE", hide = true)]
     seccomp_filter: Vec<PathBuf>,
 
-    /// Refused: flint has no microVM metadata service yet
-    #[arg(long, value_name = "FILE", hide = true)]
+    /// Fill the MMDS data store from this JSON file at startup (as PUT /mmds)
+    #[arg(
+        long,
+        value_name = "FILE",
+        allow_hyphen_values = true,
+        help_heading = "Firecracker options"
+    )]
     metadata: Vec<PathBuf>,
 
-    /// Refused: flint has no microVM metadata service yet
-    #[arg(long = "mmds-size-limit", value_name = "BYTES", hide = true)]
-    mmds_size_limit: Vec<String>,
+    /// The most bytes of JSON the MMDS data store holds (default 51200)
+    #[arg(
+        long = "mmds-size-limit",
+        value_name = "BYTES",
+        help_heading = "Firecracker options"
+    )]
+    mmds_size_limit: Vec<u64>,
 
     /// Refused: flint's devices are virtio-mmio
     #[arg(long = "enable-pci", hide = true)]
     enable_pci: bool,
 }
-
-/// Firecracker options flint refuses, with the reason.
-const NO_MMDS: &str = "flint has no microVM metadata service (MMDS) yet";
 
 impl ApiArgs {
     pub(crate) fn into_command(self) -> Result<Command, CliError> {
@@ -151,12 +160,6 @@ impl ApiArgs {
                 "flint installs its own seccomp filter on each of its threads and loads no \
                  other (--no-seccomp runs without them)",
             );
-        }
-        if !self.metadata.is_empty() {
-            return unsupported("--metadata", NO_MMDS);
-        }
-        if !self.mmds_size_limit.is_empty() {
-            return unsupported("--mmds-size-limit", NO_MMDS);
         }
         if self.enable_pci {
             return unsupported(
@@ -224,6 +227,19 @@ impl ApiArgs {
             boot_timer: self.boot_timer,
             max_body,
             start_time_us: once("--start-time-us", self.start_time_us)?,
+            metadata: once("--metadata", self.metadata)?,
+            mmds_size_limit: match once("--mmds-size-limit", self.mmds_size_limit)? {
+                None => None,
+                Some(n) if (1..=MAX_MMDS_LIMIT).contains(&n) => Some(n as usize),
+                Some(n) => {
+                    return Err(CliError::Range {
+                        option: "--mmds-size-limit",
+                        value: n.to_string(),
+                        min: 1,
+                        max: MAX_MMDS_LIMIT,
+                    })
+                }
+            },
         }))
     }
 }

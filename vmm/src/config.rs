@@ -127,6 +127,34 @@ pub struct VsockConfig {
     pub uds_path: PathBuf,
 }
 
+/// The microVM metadata service: which NICs reach it, where, and how.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MmdsConfig {
+    pub version: devices::mmds::MmdsVersion,
+    /// The address the guest reaches it at (link-local, 169.254.0.0/16).
+    pub ipv4_address: std::net::Ipv4Addr,
+    /// The ids of the network interfaces whose guest reaches it.
+    pub network_interfaces: Vec<String>,
+    /// Always answer in IMDS format.
+    pub imds_compat: bool,
+    /// The data store the NICs serve (shared with the API); not part of the saved
+    /// configuration: a restore gets its contents from the snapshot.
+    #[serde(skip)]
+    pub store: MmdsStore,
+}
+
+/// A data store handle, equal only to itself.
+#[derive(Debug, Clone, Default)]
+pub struct MmdsStore(pub devices::mmds::SharedMmds);
+
+impl PartialEq for MmdsStore {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for MmdsStore {}
+
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -159,6 +187,9 @@ pub struct VmConfig {
     /// `0x3f0`: a guest writing 123 there gets its boot time logged.
     #[serde(default)]
     pub boot_timer: bool,
+    /// The microVM metadata service, if any NIC serves it.
+    #[serde(default)]
+    pub mmds: Option<MmdsConfig>,
 }
 
 impl VmConfig {
@@ -177,6 +208,7 @@ impl VmConfig {
             vsock: None,
             smt: false,
             boot_timer: false,
+            mmds: None,
         }
     }
 
@@ -306,6 +338,19 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(vsock.guest_cid));
             }
         }
+        if let Some(mmds) = &self.mmds {
+            if !mmds.ipv4_address.is_link_local() {
+                return Err(ConfigError::MmdsAddress(mmds.ipv4_address));
+            }
+            if mmds.network_interfaces.is_empty() {
+                return Err(ConfigError::MmdsNoInterface);
+            }
+            for id in &mmds.network_interfaces {
+                if !self.nets.iter().any(|n| n.id.as_ref() == Some(id)) {
+                    return Err(ConfigError::MmdsInterface(id.clone()));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -352,6 +397,7 @@ pub enum Field {
     /// An interface's MAC address.
     NetMac,
     NetMtu,
+    Mmds,
     /// A rate limiter (the error names the device and the limiter's field itself).
     RateLimiter,
     /// The vsock device's guest CID.
@@ -380,6 +426,9 @@ impl ConfigError {
             ConfigError::MulticastMac(_) => Field::NetMac,
             ConfigError::Mtu(_) => Field::NetMtu,
             ConfigError::VsockCid(_) => Field::VsockCid,
+            ConfigError::MmdsAddress(_)
+            | ConfigError::MmdsNoInterface
+            | ConfigError::MmdsInterface(_) => Field::Mmds,
             ConfigError::RateLimiter { .. } => Field::RateLimiter,
         }
     }
@@ -426,6 +475,14 @@ pub enum ConfigError {
     PartuuidNotRoot(String),
     #[error("vsock guest CID {0} is invalid: it must be from 3 to 4294967294")]
     VsockCid(u64),
+    #[error("the MMDS address {0} is not link-local: it must be in 169.254.0.0/16")]
+    MmdsAddress(std::net::Ipv4Addr),
+    #[error("the MMDS needs at least one network interface")]
+    MmdsNoInterface,
+    #[error(
+        "the MMDS names the network interface {0:?}, which is not configured (configure it first)"
+    )]
+    MmdsInterface(String),
     #[error("{device}: {field}.{problem}")]
     RateLimiter {
         device: String,

@@ -123,6 +123,19 @@ pub enum Request {
     FlushMetrics,
     Pause,
     Resume,
+    /// Before start: which NICs serve the MMDS, at which address, in which version.
+    SetMmdsConfig {
+        version: devices::mmds::MmdsVersion,
+        ipv4_address: std::net::Ipv4Addr,
+        network_interfaces: Vec<String>,
+        imds_compat: bool,
+    },
+    /// Replace the MMDS data (any time).
+    PutMmds(serde_json::Value),
+    /// Merge into the MMDS data (JSON Merge Patch; any time).
+    PatchMmds(serde_json::Value),
+    /// The MMDS data.
+    GetMmds,
     /// Paused VM only: the VM's state and its memory, in two files.
     CreateSnapshot {
         snapshot_path: PathBuf,
@@ -209,6 +222,10 @@ impl Request {
             Request::Pause => "pause",
             Request::Resume => "resume",
             Request::CreateSnapshot { .. } => "create_snapshot",
+            Request::SetMmdsConfig { .. } => "put_mmds_config",
+            Request::PutMmds(_) => "put_mmds",
+            Request::PatchMmds(_) => "patch_mmds",
+            Request::GetMmds => "get_mmds",
             Request::LoadSnapshot { .. } => "load_snapshot",
         }
     }
@@ -221,6 +238,8 @@ pub enum Response {
     Done,
     Info(InstanceInfo),
     Config(Box<ConfigView>),
+    /// The MMDS data.
+    Mmds(serde_json::Value),
 }
 
 /// A request that cannot be carried out: one sentence, and the field it is about (which a
@@ -271,6 +290,8 @@ pub struct Controller {
     start: Instant,
     /// The filter `InstanceStart` and `LoadSnapshot` install on the VMM thread.
     vmm_thread: Filter,
+    /// The MMDS data store: the API's, and the NICs' once the VM serves it.
+    mmds: crate::config::MmdsStore,
 }
 
 /// The configuration of a controller nothing has been asked of: no devices, not even the
@@ -307,7 +328,17 @@ impl Controller {
             console: Some(console),
             start,
             vmm_thread,
+            mmds: Default::default(),
         }
+    }
+
+    /// Hold at most `limit` bytes of MMDS data (`--mmds-size-limit`); before any MMDS request.
+    pub fn set_mmds_size_limit(&mut self, limit: usize) {
+        self.mmds = crate::config::MmdsStore(devices::mmds::Mmds::shared(limit));
+    }
+
+    fn mmds_store(&self) -> std::sync::MutexGuard<'_, devices::mmds::Mmds> {
+        self.mmds.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Give the VM Firecracker's boot-timer MMIO device (`--boot-timer`); see
@@ -527,6 +558,39 @@ impl Controller {
                     c.entropy_rate_limiter = rate_limiter;
                 })
             }
+            Request::SetMmdsConfig {
+                version,
+                ipv4_address,
+                network_interfaces,
+                imds_compat,
+            } => {
+                self.before_start("the MMDS configuration")?;
+                let store = self.mmds.clone();
+                self.change(|c| {
+                    c.mmds = Some(crate::config::MmdsConfig {
+                        version,
+                        ipv4_address,
+                        network_interfaces,
+                        imds_compat,
+                        store,
+                    })
+                })?;
+                self.mmds_store().configure(version, imds_compat);
+                Ok(Response::Done)
+            }
+            Request::PutMmds(data) => {
+                self.mmds_store()
+                    .put(data)
+                    .map_err(|e| refuse_field(Field::Mmds, e.to_string()))?;
+                Ok(Response::Done)
+            }
+            Request::PatchMmds(patch) => {
+                self.mmds_store()
+                    .patch(&patch)
+                    .map_err(|e| refuse_field(Field::Mmds, e.to_string()))?;
+                Ok(Response::Done)
+            }
+            Request::GetMmds => Ok(Response::Mmds(self.mmds_store().data().clone())),
             Request::SetMetrics(path) => {
                 let file = open_output(&path)
                     .map_err(|e| refuse_field(Field::MetricsPath, e.to_string()))?;
@@ -666,10 +730,17 @@ impl Controller {
         let console = self.console.take().ok_or_else(|| {
             refuse("cannot load the snapshot: an earlier start failed; start a new flint")
         })?;
+        let store = self.mmds.clone();
         let (mut vm, config) = Vm::restore_with_clock(
             snapshot_path,
             mem_file_path,
-            &mut |config| overrides.apply(config),
+            &mut |config| {
+                overrides.apply(config);
+                // The restored NICs serve this controller's store, which the API reads.
+                if let Some(mmds) = config.mmds.as_mut() {
+                    mmds.store = store.clone();
+                }
+            },
             console,
             self.start,
             overrides.clock,

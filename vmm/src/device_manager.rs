@@ -128,6 +128,16 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
         if let Some(mtu) = net.mtu {
             dev = dev.with_mtu(mtu);
         }
+        if let Some(mmds) = config.mmds.as_ref().filter(|m| {
+            net.id
+                .as_ref()
+                .is_some_and(|id| m.network_interfaces.contains(id))
+        }) {
+            dev = dev.with_mmds(devices::mmds::endpoint::MmdsEndpoint::new(
+                mmds.ipv4_address,
+                mmds.store.0.clone(),
+            ));
+        }
         // Named by the interface's id (Firecracker's `net_<iface_id>`), else as the guest
         // names it.
         let metrics = DeviceMetrics::Net {

@@ -79,6 +79,9 @@ pub struct SnapshotState {
     pub virtio: Vec<MmioTransportState>,
     /// The VM generation ID, when the guest has ACPI (not booted with `acpi=off`).
     pub vmgenid: Option<VmGenIdState>,
+    /// The MMDS data store, when the VM serves the MMDS.
+    #[serde(default)]
+    pub mmds: Option<devices::mmds::MmdsState>,
 }
 
 /// Just the header, read first so that another version gets a clear message.
@@ -341,6 +344,7 @@ mod tests {
                 awaiting_data_for: None,
             },
             virtio: vec![MmioTransportState::default()],
+            mmds: None,
             vmgenid: Some(VmGenIdState {
                 addr: arch::layout::VMGENID_START,
             }),

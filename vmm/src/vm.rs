@@ -380,6 +380,15 @@ impl Vm {
         let state = crate::snapshot::read_state(state_path)?;
         let mut config = state.config.clone();
         adjust(&mut config);
+        // The data store the adjusted configuration serves (a fresh one, or the caller's)
+        // gets the snapshot's contents.
+        if let (Some(mmds), Some(saved)) = (&config.mmds, &state.mmds) {
+            mmds.store
+                .0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore(saved.clone());
+        }
         let invalid = |reason: String| Error::SnapshotInvalid {
             path: state_path.to_path_buf(),
             reason,
@@ -576,6 +585,11 @@ impl Vm {
                 .vmgenid
                 .as_ref()
                 .map(|v| crate::snapshot::VmGenIdState { addr: v.addr().0 }),
+            mmds: self
+                .config
+                .mmds
+                .as_ref()
+                .map(|m| m.store.0.lock().unwrap_or_else(|e| e.into_inner()).state()),
         };
         memory::save(&self.mem, mem_path)?;
         drop(transports);

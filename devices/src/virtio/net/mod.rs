@@ -25,7 +25,7 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
@@ -389,6 +389,8 @@ pub struct Net {
     rx_pending_charged: bool,
     /// Limits frames from the TAP to the guest.
     rx_limiter: Option<RateLimiter>,
+    /// The MMDS as this NIC's guest reaches it, if the NIC serves it.
+    mmds: Option<crate::mmds::endpoint::MmdsEndpoint>,
     /// Limits frames from the guest to the TAP.
     tx_limiter: Option<RateLimiter>,
     /// The TAP may have frames queued (edge-triggered: cleared only on `EAGAIN`).
@@ -440,6 +442,7 @@ impl Net {
             rx_pending_charged: false,
             rx_limiter: None,
             tx_limiter: None,
+            mmds: None,
             tap_readable: true,
             tx_blocked: false,
             unfinished: 0,
@@ -454,6 +457,13 @@ impl Net {
     pub fn with_rate_limiters(mut self, rx: Option<RateLimiter>, tx: Option<RateLimiter>) -> Self {
         self.rx_limiter = rx;
         self.tx_limiter = tx;
+        self
+    }
+
+    /// Serve the MMDS to this NIC's guest: its frames for the MMDS address go to `mmds`
+    /// instead of the TAP, and `mmds`'s answers come in with the TAP's frames.
+    pub fn with_mmds(mut self, mmds: crate::mmds::endpoint::MmdsEndpoint) -> Self {
+        self.mmds = Some(mmds);
         self
     }
 
@@ -540,8 +550,25 @@ impl Net {
         active.rx_budget = MAX_CHAINS_PER_PASS;
         while active.rx_budget > 0 {
             active.rx_budget -= 1;
+            let mmds_frame = match (&self.rx_pending, self.mmds.as_mut()) {
+                (None, Some(mmds)) if mmds.has_frames() && active.has_rx_buffer(m) => {
+                    mmds.next_frame()
+                }
+                _ => None,
+            };
             let (len, charged) = match self.rx_pending.take() {
                 Some(len) => (len, self.rx_pending_charged),
+                // The MMDS's answers: not from the TAP, so not limited.
+                None if mmds_frame.is_some() => {
+                    let frame = mmds_frame.unwrap_or_default();
+                    let n = VNET_HDR_LEN + frame.len();
+                    if n > self.rx_buf.len() {
+                        continue;
+                    }
+                    self.rx_buf[..VNET_HDR_LEN].fill(0);
+                    self.rx_buf[VNET_HDR_LEN..n].copy_from_slice(&frame);
+                    (n, true)
+                }
                 None => {
                     let limited = self
                         .rx_limiter
@@ -654,6 +681,14 @@ impl Net {
                     active.tx.set_next_avail(next);
                     break;
                 }
+                Ok(segs) if self.mmds.as_ref().is_some_and(|e| for_mmds(e, &mem, &segs)) => {
+                    if let (Some(frame), Some(mmds)) = (read_frame(&mem, &segs), self.mmds.as_mut())
+                    {
+                        mmds.receive(&frame[VNET_HDR_LEN..]);
+                        inc(&m.tx_frames, 1);
+                        inc(&m.tx_bytes, (frame.len() - VNET_HDR_LEN) as u64);
+                    }
+                }
                 Ok(segs) => match write_frame(&self.tap, &mem, &segs) {
                     Ok(n) => {
                         inc(&m.tx_frames, 1);
@@ -687,7 +722,52 @@ impl Net {
             self.unfinished |= 1 << TX_QUEUE;
         }
         active.signal();
+        if self.mmds.as_ref().is_some_and(|e| e.has_frames()) {
+            self.process_rx();
+        }
     }
+}
+
+/// Bytes at the start of a frame that say whether it is for the MMDS: the virtio-net header,
+/// the Ethernet header and an ARP packet up to its target address.
+const MMDS_PEEK: usize = VNET_HDR_LEN + 14 + 28;
+
+/// Whether the frame in `segs` is for `mmds`, from its first bytes.
+fn for_mmds(
+    mmds: &crate::mmds::endpoint::MmdsEndpoint,
+    mem: &GuestMemoryMmap,
+    segs: &[Segment],
+) -> bool {
+    let mut peek = [0u8; MMDS_PEEK];
+    let mut at = 0;
+    for s in segs {
+        if at == MMDS_PEEK {
+            break;
+        }
+        let n = (s.len as usize).min(MMDS_PEEK - at);
+        if mem.read_slice(&mut peek[at..at + n], s.addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    at > VNET_HDR_LEN && mmds.wants(&peek[VNET_HDR_LEN..at])
+}
+
+/// The whole frame in `segs` (virtio-net header included), if it is no larger than the MMDS
+/// takes.
+fn read_frame(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<u8>> {
+    let total: usize = segs.iter().map(|s| s.len as usize).sum();
+    if !(VNET_HDR_LEN..=VNET_HDR_LEN + crate::mmds::endpoint::MAX_FRAME).contains(&total) {
+        return None;
+    }
+    let mut frame = vec![0u8; total];
+    let mut at = 0;
+    for s in segs {
+        let n = s.len as usize;
+        mem.read_slice(&mut frame[at..at + n], s.addr).ok()?;
+        at += n;
+    }
+    Some(frame)
 }
 
 /// `writev` the frame in `segs` (checked to lie in `mem`) to the TAP.
