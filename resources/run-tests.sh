@@ -83,6 +83,7 @@ stage "guest initramfs" "$here/build-guest-initramfs.sh"
 stage "guest rootfs" "$here/build-rootfs.sh"
 stage "sandbox image" "$here/build-sandbox-image.sh"
 stage "Debian Python image" "$here/build-debian-image.sh"
+stage "Firecracker client venv" "$here/build-client-venv.sh"
 stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings

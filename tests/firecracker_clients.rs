@@ -441,3 +441,102 @@ fn e2bs_create_snapshot_and_resume() {
         "the resumed flint left its TAP {tap} behind"
     );
 }
+
+/// What the PyPI client does, through its own `firecracker.api.Api` class: configure and start
+/// a VM, pause it, snapshot it, resume it, and load the snapshot in a second flint.
+const PYPI_CLIENT: &str = r#"
+import json, sys
+from firecracker.api import Api
+
+sock, sock2, kernel, snap, mem = sys.argv[1:6]
+api = Api(sock)
+api.boot.put(kernel_image_path=kernel, boot_args="console=ttyS0 reboot=k panic=1 pci=off")
+api.machine_config.put(vcpu_count=1, mem_size_mib=64)
+api.actions.put(action_type="InstanceStart")
+print("STATE", api.describe.get().json()["state"])
+api.vm.patch(state="Paused")
+print("STATE", api.describe.get().json()["state"])
+api.create_snapshot.put(snapshot_path=snap, mem_file_path=mem, snapshot_type="Full")
+api.vm.patch(state="Resumed")
+print("STATE", api.describe.get().json()["state"])
+print("VCPUS", api.machine_config.get().json()["vcpu_count"])
+api2 = Api(sock2)
+api2.load_snapshot.put(
+    snapshot_path=snap,
+    mem_backend={"backend_type": "File", "backend_path": mem},
+    resume_vm=True,
+)
+print("LOADED", api2.describe.get().json()["state"])
+print("VERSION", api.version.get().json()["firecracker_version"])
+api.close()
+api2.close()
+"#;
+
+/// An unmodified Firecracker client library from PyPI (`firecracker-python`, installed by
+/// resources/build-client-venv.sh) drives flint: create, start, pause, snapshot, resume, load.
+/// Importing the library creates /var/lib/firecracker, so it runs with a private, empty
+/// /var/lib (a mount namespace): the machine is left as it was.
+#[test]
+fn an_unmodified_pypi_client_drives_flint() {
+    let cache = std::env::var_os("FLINT_CACHE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/flint")
+        });
+    let python = cache.join("venv-fc-clients/bin/python");
+    assert!(
+        python.is_file(),
+        "{} is missing: run resources/build-client-venv.sh",
+        python.display()
+    );
+    let dir = TempDir::new("fc-pypi");
+    let kernel = spinning_kernel(&dir);
+    let client_dir = Path::new("/var/lib/firecracker");
+    let had_client_dir = client_dir.exists();
+    let (sock, sock2) = (dir.0.join("a.sock"), dir.0.join("b.sock"));
+    let a = start(&["--api-sock", s(&sock)], Some(&sock));
+    let b = start(&["--api-sock", s(&sock2)], Some(&sock2));
+    let script = dir.write("client.py", PYPI_CLIENT.as_bytes());
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg("mount -t tmpfs flint-test /var/lib && exec \"$0\" \"$@\"")
+        .arg(&python)
+        .arg(&script)
+        .args([s(&sock), s(&sock2), s(&kernel)])
+        .arg(dir.0.join("vm.snap"))
+        .arg(dir.0.join("vm.mem"))
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the client failed: {stdout}{}",
+        text(&out.stderr)
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    for expected in ["STATE Running", "STATE Paused", "VCPUS 1", "LOADED Running"] {
+        assert!(lines.contains(&expected), "no {expected:?} in {stdout}");
+    }
+    assert_eq!(
+        lines.iter().filter(|l| **l == "STATE Running").count(),
+        2,
+        "{stdout}"
+    );
+    for child in [a, b] {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_bounded(child, Duration::from_secs(20));
+        assert_eq!(
+            out.status.code(),
+            Some(128 + libc::SIGTERM),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(
+        client_dir.exists(),
+        had_client_dir,
+        "the client's import changed /var/lib/firecracker on the machine"
+    );
+}
