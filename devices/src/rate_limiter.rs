@@ -326,6 +326,27 @@ impl RateLimiter {
     }
 }
 
+/// Have the event loop report `limiter`'s timer (when there is a limiter) with `data`; a
+/// failure is logged, naming `device`.
+pub fn watch_timer(
+    limiter: &Option<RateLimiter>,
+    ops: &mut event_manager::EventOps,
+    data: u32,
+    device: &dyn std::fmt::Display,
+) {
+    let Some(limiter) = limiter else {
+        return;
+    };
+    let ev = event_manager::Events::with_data_raw(
+        limiter.as_raw_fd(),
+        data,
+        vmm_sys_util::epoll::EventSet::IN,
+    );
+    if let Err(e) = ops.add(ev) {
+        log::warn!("{device}: cannot watch a rate limiter's timer: {e:?}");
+    }
+}
+
 /// Apply `config` to `limiter` ([`RateLimiter::update`]); false when there is none.
 pub fn update_limiter(limiter: &mut Option<RateLimiter>, config: &RateLimiterConfig) -> bool {
     match limiter.as_mut() {

@@ -1,11 +1,10 @@
 //! virtio-rng / entropy device (virtio 1.2 section 5.4): fills the driver's device-writable
 //! buffers with bytes from the host kernel's CSPRNG (`getrandom(2)`).
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events};
+use event_manager::{EventOps, Events};
 use log::debug;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -270,12 +269,7 @@ impl VirtioDevice for Rng {
     }
 
     fn init_backend(&mut self, ops: &mut EventOps) {
-        if let Some(limiter) = &self.limiter {
-            let ev = Events::with_data_raw(limiter.as_raw_fd(), RATE_LIMITER_EVENT, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                log::warn!("virtio-rng: cannot watch the rate limiter's timer: {e:?}");
-            }
-        }
+        crate::rate_limiter::watch_timer(&self.limiter, ops, RATE_LIMITER_EVENT, &"virtio-rng");
     }
 
     fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {

@@ -12,17 +12,14 @@
 
 use std::fs::OpenOptions;
 use std::io::{Seek, SeekFrom};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use log::warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
 
 use super::chain::pop_chain;
 use super::{
@@ -422,15 +419,8 @@ impl VirtioDevice for Block {
     }
 
     fn init_backend(&mut self, ops: &mut EventOps) {
-        if let Some(limiter) = &self.limiter {
-            let ev = Events::with_data_raw(limiter.as_raw_fd(), RATE_LIMITER_EVENT, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                warn!(
-                    "virtio-blk {}: cannot watch the rate limiter's timer: {e:?}",
-                    self.path.display()
-                );
-            }
-        }
+        let name = format!("virtio-blk {}", self.path.display());
+        crate::rate_limiter::watch_timer(&self.limiter, ops, RATE_LIMITER_EVENT, &name);
     }
 
     fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {

@@ -907,22 +907,9 @@ impl VirtioDevice for Net {
                 self.tap.name()
             );
         }
-        let limiters = [
-            (&self.rx_limiter, RX_LIMITER_EVENT),
-            (&self.tx_limiter, TX_LIMITER_EVENT),
-        ];
-        for (limiter, data) in limiters {
-            let Some(limiter) = limiter else {
-                continue;
-            };
-            let ev = Events::with_data_raw(limiter.as_raw_fd(), data, EventSet::IN);
-            if let Err(e) = ops.add(ev) {
-                warn!(
-                    "virtio-net {}: cannot watch a rate limiter's timer: {e:?}",
-                    self.tap.name()
-                );
-            }
-        }
+        let name = format!("virtio-net {}", self.tap.name());
+        crate::rate_limiter::watch_timer(&self.rx_limiter, ops, RX_LIMITER_EVENT, &name);
+        crate::rate_limiter::watch_timer(&self.tx_limiter, ops, TX_LIMITER_EVENT, &name);
     }
 
     fn process_backend(&mut self, events: Events, _ops: &mut EventOps) {
