@@ -19,13 +19,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
-use oci_spec::image::{Arch, ImageIndex, Os};
+use oci_spec::image::ImageIndex;
 use serde::Deserialize;
 use ureq::http;
 
 use crate::digest::Digest;
 use crate::reference::{Reference, DEFAULT_REGISTRY};
-use crate::source::{Image, Layer, SourceError};
+use crate::source::{is_index, is_linux_amd64, is_manifest, Image, Layer, SourceError};
 use crate::store::{PartialBlob, Store, StoreError};
 
 /// The largest manifest or index accepted (4 MiB).
@@ -461,11 +461,7 @@ impl Client {
             let chosen = index
                 .manifests()
                 .iter()
-                .find(|d| {
-                    d.platform()
-                        .as_ref()
-                        .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
-                })
+                .find(|d| is_linux_amd64(d))
                 .ok_or_else(|| RegistryError::NoPlatform(name.clone()))?;
             let d = Digest::try_from(chosen.digest()).map_err(|e| self.invalid("the index", e))?;
             (bytes, digest, media_type) = self.manifest(&d.to_string(), Some(&d))?;
@@ -935,16 +931,6 @@ fn query_escape(s: &str) -> String {
             }
         })
         .collect()
-}
-
-fn is_index(mt: &str) -> bool {
-    mt == "application/vnd.oci.image.index.v1+json"
-        || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
-}
-
-fn is_manifest(mt: &str) -> bool {
-    mt == "application/vnd.oci.image.manifest.v1+json"
-        || mt == "application/vnd.docker.distribution.manifest.v2+json"
 }
 
 #[cfg(test)]

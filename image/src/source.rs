@@ -524,27 +524,29 @@ fn document_media_type(desc: &MediaType, bytes: &[u8]) -> String {
     }
 }
 
-fn is_index(mt: &str) -> bool {
+/// Whether `mt` is an image index's media type (OCI's or Docker's manifest list).
+pub(crate) fn is_index(mt: &str) -> bool {
     mt == "application/vnd.oci.image.index.v1+json"
         || mt == "application/vnd.docker.distribution.manifest.list.v2+json"
 }
 
-fn is_manifest(mt: &str) -> bool {
+/// Whether `mt` is an image manifest's media type (OCI's or Docker's).
+pub(crate) fn is_manifest(mt: &str) -> bool {
     mt == "application/vnd.oci.image.manifest.v1+json"
         || mt == "application/vnd.docker.distribution.manifest.v2+json"
+}
+
+/// Whether an index entry is for linux/amd64.
+pub(crate) fn is_linux_amd64(d: &Descriptor) -> bool {
+    d.platform()
+        .as_ref()
+        .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
 }
 
 /// The one descriptor to follow: those for linux/amd64 (or without a platform) are candidates,
 /// and exactly one must remain. Several linux/amd64 variants pick the first.
 fn pick(path: &Path, descs: &[Descriptor]) -> Result<Descriptor, SourceError> {
-    let amd64: Vec<&Descriptor> = descs
-        .iter()
-        .filter(|d| {
-            d.platform()
-                .as_ref()
-                .is_some_and(|p| *p.os() == Os::Linux && *p.architecture() == Arch::Amd64)
-        })
-        .collect();
+    let amd64: Vec<&Descriptor> = descs.iter().filter(|d| is_linux_amd64(d)).collect();
     if let Some(first) = amd64.first() {
         return Ok((*first).clone());
     }
