@@ -193,11 +193,6 @@ impl MmdsEndpoint {
         !self.queues.to_guest.is_empty()
     }
 
-    /// Put a frame the guest could not take back at the front.
-    pub fn unreceive(&mut self, frame: Vec<u8>) {
-        self.queues.to_guest.push_front(frame);
-    }
-
     /// Run the interface and the connections until nothing changes.
     fn poll(&mut self) {
         // Each round either moves bytes or ends; bounded all the same.
@@ -264,10 +259,8 @@ impl MmdsEndpoint {
             }
         }
         drop(store);
-        if moved {
-            self.relisten();
-        }
-        moved || self.relisten()
+        let relistened = self.relisten();
+        moved || relistened
     }
 
     /// Listen again on every connection slot that finished; whether any did.

@@ -35,6 +35,7 @@ use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
     BACKEND_EVENT_BASE, MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
 };
+use crate::mmds::endpoint::MmdsEndpoint;
 use crate::rate_limiter::RateLimiter;
 use tap::{Tap, TapError, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
 
@@ -390,7 +391,7 @@ pub struct Net {
     /// Limits frames from the TAP to the guest.
     rx_limiter: Option<RateLimiter>,
     /// The MMDS as this NIC's guest reaches it, if the NIC serves it.
-    mmds: Option<crate::mmds::endpoint::MmdsEndpoint>,
+    mmds: Option<MmdsEndpoint>,
     /// Limits frames from the guest to the TAP.
     tx_limiter: Option<RateLimiter>,
     /// The TAP may have frames queued (edge-triggered: cleared only on `EAGAIN`).
@@ -462,7 +463,7 @@ impl Net {
 
     /// Serve the MMDS to this NIC's guest: its frames for the MMDS address go to `mmds`
     /// instead of the TAP, and `mmds`'s answers come in with the TAP's frames.
-    pub fn with_mmds(mut self, mmds: crate::mmds::endpoint::MmdsEndpoint) -> Self {
+    pub fn with_mmds(mut self, mmds: MmdsEndpoint) -> Self {
         self.mmds = Some(mmds);
         self
     }
@@ -550,17 +551,17 @@ impl Net {
         active.rx_budget = MAX_CHAINS_PER_PASS;
         while active.rx_budget > 0 {
             active.rx_budget -= 1;
-            let mmds_frame = match (&self.rx_pending, self.mmds.as_mut()) {
-                (None, Some(mmds)) if mmds.has_frames() && active.has_rx_buffer(m) => {
-                    mmds.next_frame()
-                }
-                _ => None,
-            };
             let (len, charged) = match self.rx_pending.take() {
                 Some(len) => (len, self.rx_pending_charged),
                 // The MMDS's answers: not from the TAP, so not limited.
-                None if mmds_frame.is_some() => {
-                    let frame = mmds_frame.unwrap_or_default();
+                None if self.mmds.as_ref().is_some_and(MmdsEndpoint::has_frames)
+                    && active.has_rx_buffer(m) =>
+                {
+                    let frame = self
+                        .mmds
+                        .as_mut()
+                        .and_then(MmdsEndpoint::next_frame)
+                        .unwrap_or_default();
                     let n = VNET_HDR_LEN + frame.len();
                     if n > self.rx_buf.len() {
                         continue;
@@ -733,11 +734,7 @@ impl Net {
 const MMDS_PEEK: usize = VNET_HDR_LEN + 14 + 28;
 
 /// Whether the frame in `segs` is for `mmds`, from its first bytes.
-fn for_mmds(
-    mmds: &crate::mmds::endpoint::MmdsEndpoint,
-    mem: &GuestMemoryMmap,
-    segs: &[Segment],
-) -> bool {
+fn for_mmds(mmds: &MmdsEndpoint, mem: &GuestMemoryMmap, segs: &[Segment]) -> bool {
     let mut peek = [0u8; MMDS_PEEK];
     let mut at = 0;
     for s in segs {
