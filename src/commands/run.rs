@@ -240,8 +240,8 @@ pub(crate) struct RunArgs {
 
     /// No network (default); nat: outbound IPv4 and DNS through NAT on the host (needs root,
     /// `ip` and `nft`; see below), limited to the allow= destinations if any are given; or a
-    /// NIC on the host TAP device NAME (bw limits each direction)
-    #[arg(long, value_name = "none|nat[,allow=CIDR[:PORT]]...|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC]",
+    /// NIC on the host TAP device NAME (bw limits each direction; mtu is offered to the guest)
+    #[arg(long, value_name = "none|nat[,allow=CIDR[:PORT]]...|tap=NAME[,mac=MAC][,bw=BYTES_PER_SEC][,mtu=N]",
           allow_hyphen_values = true, value_parser = net_or_none)]
     net: Option<NetOrNone>,
 
