@@ -9,7 +9,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use flint_agent::poll::wait_readable;
-use vmm::controller::{Controller, Request, RequestError, Response};
+use vmm::controller::{Controller, MetricsConfig, Request, RequestError, Response};
 use vmm::{ConsoleIo, Ending};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -49,7 +49,7 @@ impl ApiOptions {
         let metrics = self
             .metrics_path
             .clone()
-            .map(|p| ApiRequest::Vmm(Request::SetMetrics(p)));
+            .map(|p| ApiRequest::Vmm(Request::SetMetrics(MetricsConfig::to_path(p))));
         let metadata = match &self.metadata {
             None => None,
             Some(path) => {

@@ -207,7 +207,7 @@ pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
             Value::Null
         },
         "logger": or_null(logger.map(schema::logger_json)),
-        "metrics": or_null(config.metrics_path.as_deref().map(schema::metrics_json)),
+        "metrics": or_null(config.metrics.as_ref().map(schema::metrics_json)),
     })
 }
 
@@ -265,7 +265,7 @@ mod tests {
                 entropy: true,
                 ..VmConfig::new("")
             },
-            metrics_path: Some("/m".into()),
+            metrics: Some(vmm::controller::MetricsConfig::to_path("/m")),
         }
     }
 
@@ -300,7 +300,9 @@ mod tests {
             requests,
             vec![
                 ApiRequest::SetLogger(logger()),
-                vmm(Request::SetMetrics("/m".into())),
+                vmm(Request::SetMetrics(
+                    vmm::controller::MetricsConfig::to_path("/m")
+                )),
                 vmm(Request::SetMachineConfig {
                     vcpus: 2,
                     mem_mib: 256,
@@ -324,7 +326,7 @@ mod tests {
                 entropy: false,
                 ..VmConfig::new("")
             },
-            metrics_path: None,
+            metrics: None,
         };
         let v = to_json(&c, None);
         assert_eq!(v["boot-source"], Value::Null);

@@ -59,7 +59,7 @@ fn full_config() -> ConfigView {
             }],
             ..VmConfig::new("/k")
         },
-        metrics_path: None,
+        metrics: None,
     }
 }
 

@@ -25,8 +25,10 @@ use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
-/// Longest refill time accepted in a configuration, in milliseconds (one hour).
-pub const MAX_REFILL_TIME_MS: u64 = 3_600_000;
+/// Longest refill time a bucket uses, in milliseconds: 2^64 nanoseconds, about 584 years. Any
+/// longer refill time is accepted (Firecracker's API takes every 64-bit value) and acts as this
+/// one, which no VM outlives; it keeps the bucket's arithmetic within 128 bits.
+pub const MAX_REFILL_TIME_MS: u64 = u64::MAX / 1_000_000;
 
 /// The configuration of one token bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -54,7 +56,7 @@ impl TokenBucketConfig {
         if self.size == 0 {
             return Err(RateLimiterConfigError::Size);
         }
-        if self.refill_time_ms == 0 || self.refill_time_ms > MAX_REFILL_TIME_MS {
+        if self.refill_time_ms == 0 {
             return Err(RateLimiterConfigError::RefillTime(self.refill_time_ms));
         }
         Ok(())
@@ -93,7 +95,7 @@ impl RateLimiterConfig {
 pub enum RateLimiterConfigError {
     #[error("size must be at least 1")]
     Size,
-    #[error("refill_time must be between 1 and {MAX_REFILL_TIME_MS} milliseconds, not {0}")]
+    #[error("refill_time must be at least 1 millisecond, not {0}")]
     RefillTime(u64),
 }
 

@@ -417,7 +417,7 @@ mod tests {
         );
         assert_eq!(
             fwd("PUT", "/metrics", r#"{"metrics_path": "/m"}"#),
-            Request::SetMetrics("/m".into())
+            Request::SetMetrics(vmm::controller::MetricsConfig::to_path("/m"))
         );
     }
 
@@ -830,7 +830,7 @@ mod tests {
             Ok(Response::Config(Box::new(ConfigView {
                 boot_source: None,
                 vm: VmConfig::new(""),
-                metrics_path: None,
+                metrics: None,
             })))
         };
         let r = reply_for(&ApiRequest::Vmm(Request::GetMachineConfig), view());

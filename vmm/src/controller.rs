@@ -68,8 +68,28 @@ pub struct ConfigView {
     pub boot_source: Option<BootSource>,
     /// vCPUs, memory and devices. Interfaces and drives carry the ids the front end gave.
     pub vm: VmConfig,
-    /// Where metrics lines go, if anywhere.
-    pub metrics_path: Option<PathBuf>,
+    /// Where metrics lines go, if anywhere, and what they carry besides the counters.
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// `PUT /metrics`: the file (or named pipe) metrics lines are appended to.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MetricsConfig {
+    pub path: PathBuf,
+    /// Each line starts with `"id"`, the instance id (`--id`).
+    pub emit_id: bool,
+    /// Each line carries these pairs as its `"properties"` object (when there are any).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl MetricsConfig {
+    /// Metrics to `path`, with nothing extra on each line.
+    pub fn to_path(path: impl Into<PathBuf>) -> MetricsConfig {
+        MetricsConfig {
+            path: path.into(),
+            ..Default::default()
+        }
+    }
 }
 
 /// A request to the VMM thread.
@@ -115,7 +135,7 @@ pub enum Request {
     /// Before start: give the guest an entropy device, with these limits if any.
     SetEntropy(Option<RateLimiterConfig>),
     /// Append metrics lines to this file (see [`open_output`]).
-    SetMetrics(PathBuf),
+    SetMetrics(MetricsConfig),
     /// Build and boot the VM.
     Start,
     SendCtrlAltDel,
@@ -321,7 +341,7 @@ impl Controller {
             config: ConfigView {
                 boot_source: None,
                 vm: unconfigured(),
-                metrics_path: None,
+                metrics: None,
             },
             vm: None,
             paused: false,
@@ -591,11 +611,11 @@ impl Controller {
                 Ok(Response::Done)
             }
             Request::GetMmds => Ok(Response::Mmds(self.mmds_store().data().clone())),
-            Request::SetMetrics(path) => {
-                let file = open_output(&path)
+            Request::SetMetrics(metrics) => {
+                let file = open_output(&metrics.path)
                     .map_err(|e| refuse_field(Field::MetricsPath, e.to_string()))?;
                 self.metrics_file = Some(file);
-                self.config.metrics_path = Some(path);
+                self.config.metrics = Some(metrics);
                 Ok(Response::Done)
             }
             Request::FlushMetrics => {
@@ -679,12 +699,16 @@ impl Controller {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let sections = crate::metrics::api_sections(&self.requests, &self.refused);
-        let line = match &self.vm {
+        let mut line = match &self.vm {
             Some(vm) => vm.metrics_line(timestamp_ms, &sections),
             None => {
                 crate::metrics::json_line(timestamp_ms, &Default::default(), (0, 0), &[], &sections)
             }
         };
+        if let Some(config) = &self.config.metrics {
+            let id = config.emit_id.then_some(self.id.as_str());
+            line = crate::metrics::with_id_and_properties(&line, id, &config.properties);
+        }
         writeln!(file, "{line}").map_err(|e| refuse(format!("cannot write metrics: {e}")))
     }
 
@@ -1168,13 +1192,26 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("flint-metrics-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("metrics.json");
-        c.handle(Request::SetMetrics(path.clone())).unwrap();
+        c.handle(Request::SetMetrics(MetricsConfig::to_path(path.clone())))
+            .unwrap();
         c.handle(Request::Describe).unwrap();
+        c.handle(Request::FlushMetrics).unwrap();
+        // emit_id and properties: the same file, one more line that leads with them.
+        c.handle(Request::SetMetrics(MetricsConfig {
+            emit_id: true,
+            properties: [("host".to_string(), "h1".to_string())].into(),
+            ..MetricsConfig::to_path(&path)
+        }))
+        .unwrap();
         c.handle(Request::FlushMetrics).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let lines: Vec<_> = text.lines().collect();
-        assert_eq!(lines.len(), 1);
+        assert_eq!(lines.len(), 2);
+        let second: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(second["properties"]["host"], "h1");
+        assert!(lines[1].starts_with(r#"{"id":"test-vm","#), "{}", lines[1]);
+        assert!(!lines[0].contains(r#""id""#), "{}", lines[0]);
         assert!(
             lines[0].contains(
                 "\"api_requests\":{\"describe\":1,\"flush_metrics\":2,\"put_metrics\":1}"
@@ -1189,7 +1226,7 @@ mod tests {
             lines[0]
         );
         let err = c
-            .handle(Request::SetMetrics(PathBuf::from(
+            .handle(Request::SetMetrics(MetricsConfig::to_path(
                 "/nonexistent/dir/m.json",
             )))
             .unwrap_err();
@@ -1231,7 +1268,8 @@ mod tests {
         let path = fifo.clone();
         let mut c = within_10s(move || {
             let mut c = controller();
-            c.handle(Request::SetMetrics(path)).unwrap();
+            c.handle(Request::SetMetrics(MetricsConfig::to_path(path)))
+                .unwrap();
             // Far more than a pipe holds: the lines that do not fit are dropped.
             for _ in 0..2000 {
                 let _ = c.flush_metrics();
@@ -1261,26 +1299,34 @@ mod tests {
         let link = dir.join("link");
         std::os::unix::fs::symlink(&target, &link).unwrap();
         let mut c = controller();
-        let err = c.handle(Request::SetMetrics(link.clone())).unwrap_err();
+        let err = c
+            .handle(Request::SetMetrics(MetricsConfig::to_path(link.clone())))
+            .unwrap_err();
         assert!(
             err.message.starts_with("cannot open") && err.message.contains("symbolic link"),
             "{err}"
         );
         assert!(!target.exists(), "the symlink was followed");
         std::fs::write(&target, "old\n").unwrap();
-        assert!(c.handle(Request::SetMetrics(link)).is_err());
+        assert!(c
+            .handle(Request::SetMetrics(MetricsConfig::to_path(link)))
+            .is_err());
         assert_eq!(std::fs::read_to_string(&target).unwrap(), "old\n");
         // A new file is private; an existing one is appended to.
         let new = dir.join("new");
-        c.handle(Request::SetMetrics(new.clone())).unwrap();
+        c.handle(Request::SetMetrics(MetricsConfig::to_path(new.clone())))
+            .unwrap();
         let mode = std::fs::metadata(&new).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        c.handle(Request::SetMetrics(target.clone())).unwrap();
+        c.handle(Request::SetMetrics(MetricsConfig::to_path(target.clone())))
+            .unwrap();
         c.handle(Request::FlushMetrics).unwrap();
         let text = std::fs::read_to_string(&target).unwrap();
         assert!(text.starts_with("old\n{"), "{text}");
         // Directories are refused with a reason.
-        let err = c.handle(Request::SetMetrics(dir.clone())).unwrap_err();
+        let err = c
+            .handle(Request::SetMetrics(MetricsConfig::to_path(dir.clone())))
+            .unwrap_err();
         assert!(err.message.starts_with("cannot open"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

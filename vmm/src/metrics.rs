@@ -194,6 +194,27 @@ fn object<K: AsRef<str>>(pairs: &[(K, u64)]) -> String {
     s
 }
 
+/// `line` (a JSON object) with `"id"` first when `id` is given and a `"properties"` object
+/// when there are any, as Firecracker's `emit_id` and `properties` add them.
+pub fn with_id_and_properties(
+    line: &str,
+    id: Option<&str>,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> String {
+    let Some(rest) = line.strip_prefix('{') else {
+        return line.to_string();
+    };
+    let mut out = String::from("{");
+    if let Some(id) = id {
+        let _ = write!(out, "\"id\":{},", serde_json::Value::from(id));
+    }
+    if !properties.is_empty() {
+        let _ = write!(out, "\"properties\":{},", serde_json::json!(properties));
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Everything counted so far as one JSON line (without the newline). `sections` are extra
 /// top-level objects, such as the API's request counts ([`api_sections`]).
 pub fn json_line(
@@ -298,6 +319,22 @@ pub fn json_line(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn emit_id_and_properties_lead_the_line_and_are_quoted() {
+        let line = r#"{"utc_timestamp_ms":5,"vcpu":{}}"#;
+        let none = Default::default();
+        assert_eq!(with_id_and_properties(line, None, &none), line);
+        let props = [("zone".to_string(), "a\"b".to_string())].into();
+        let out = with_id_and_properties(line, Some("vm\n1"), &props);
+        assert_eq!(
+            out,
+            r#"{"id":"vm\n1","properties":{"zone":"a\"b"},"utc_timestamp_ms":5,"vcpu":{}}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v["id"], "vm\n1");
+        assert_eq!(v["properties"]["zone"], "a\"b");
+    }
 
     #[test]
     fn line_is_one_json_object_in_firecrackers_layout_with_flints_counters() {
