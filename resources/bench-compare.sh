@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Boot comparison (not a test): boots the test guest N times with flint and N times with
-# Debian's QEMU (-M microvm, KVM) in the same host and the same run, alternating, and prints
-# both side by side. Both VMMs are measured the same way from the outside by a tiny helper
+# Boot comparison (not a test): boots the test guest N times with flint, N times with
+# Debian's QEMU (-M microvm, KVM) and, when their binaries are there, N times each with
+# Firecracker and Cloud Hypervisor, in the same host and the same run, in turn, and prints
+# them side by side. Both VMMs are measured the same way from the outside by a tiny helper
 # (vmm-probe, compiled from the C source below): time from just before fork+exec of the VMM
 # until the guest's FLINT-GUEST-READY line arrives on the VMM's stdout (the serial console),
 # and, at that moment, the VMM's VmRSS minus the resident part of its guest-RAM mapping
@@ -9,6 +10,16 @@
 # reboot) are printed too.
 #
 # usage: resources/bench-compare.sh [-n RUNS] [--memory MIB] [--format elf|bzimage]
+#                                   [--peers DIR]
+#
+# --peers DIR: where the `firecracker` and `cloud-hypervisor` binaries are (default
+# ../shared/peers beside the checkout; see its README for how they were built). Either may be
+# missing: its column is left out. Firecracker runs as `firecracker --no-api --config-file
+# vm.json --level Error` (boot-source and machine-config only), Cloud Hypervisor as
+# `cloud-hypervisor --kernel K --initramfs I --cmdline C --cpus boot=1 --memory size=M
+# --serial tty --console off`. Cloud Hypervisor restarts a guest that reboots, so the probe
+# stops it once the marker has arrived (its total time is not comparable; the others exit on
+# the guest's i8042 reset).
 #
 # Both VMMs boot the same kernel file and initramfs with the same command line, except for
 # `reboot=`: flint exits on the i8042 reset (reboot=k); QEMU's microvm has no i8042, so its
@@ -26,9 +37,11 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 runs=10
 memory=128
 format=elf
+peers=$here/../../shared/peers
 while (($#)); do
     case $1 in
     -n) runs=${2:?}; shift ;;
+    --peers) peers=${2:?}; shift ;;
     --memory) memory=${2:?}; shift ;;
     --format) format=${2:?}; shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
@@ -62,7 +75,8 @@ cat >"$work/vmm-probe.c" <<'PROBE_C'
  * R: VmRSS of PROGRAM at that moment; G: resident KiB of its guest-RAM mapping(s) (those
  * whose size is GUEST_MIB, rounded up by at most 4 MiB); E: until PROGRAM exited.
  * PROGRAM is killed after TIMEOUT_S. PROBE_ECHO=1 copies its output to stderr, each
- * line prefixed with the elapsed milliseconds. */
+ * line prefixed with the elapsed milliseconds. PROBE_STOP_AT_READY=1 kills PROGRAM once the
+ * marker has arrived and reports exit 0 (for a VMM that restarts a rebooting guest). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -145,6 +159,7 @@ int main(int argc, char **argv) {
     char buf[4096], tail[2048];
     size_t tail_len = 0;
     int echo = getenv("PROBE_ECHO") != NULL, bol = 1;
+    int stop_at_ready = getenv("PROBE_STOP_AT_READY") != NULL;
     for (;;) {
         ssize_t n = read(fds[0], buf, sizeof buf);
         if (n < 0 && errno == EINTR) continue;
@@ -155,6 +170,7 @@ int main(int argc, char **argv) {
                     if (++matched == mlen) {
                         ready = now_ms() - t0;
                         sample_mem(child, guest_kib, &rss, &guest_rss);
+                        if (stop_at_ready) kill(child, SIGKILL);
                     }
                 } else {
                     matched = buf[i] == marker[0];
@@ -176,6 +192,7 @@ int main(int argc, char **argv) {
     waitpid(child, &status, 0);
     double total = now_ms() - t0;
     int code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    if (stop_at_ready && ready >= 0) code = 0;
     if (ready < 0) {
         printf("PROBE-FAILED no FLINT-GUEST-READY; exit %d after %.0f ms; output tail:\n", code, total);
         fwrite(tail, 1, tail_len, stdout);
@@ -201,6 +218,9 @@ cat >"$work/scenario.sh" <<SCENARIO
 # Runs in the benchmark host (nested or direct); \$BIN holds flint, the probe and the guest,
 # \$QEMU is qemu-system-x86_64 (in the nested host at /usr/bin, where it finds /usr/share/qemu).
 echo "BENCH qemu-version \$(\$QEMU --version | head -n1)"
+for peer in firecracker cloud-hypervisor; do
+    [ -x \$BIN/\$peer ] && echo "BENCH peer-version \$(\$BIN/\$peer --version 2>&1 | head -n1)"
+done
 flint_boot() {
     FLINT_LOG=debug \$BIN/vmm-probe 60 $memory \$BIN/flint boot --kernel \$BIN/$kernel_name \\
         --initrd \$BIN/initramfs.cpio.gz --vcpus 1 --memory $memory \\
@@ -215,10 +235,38 @@ qemu_boot() {
         echo "BENCH-FAILED qemu run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
     sed 's/^/BENCH qemu /' \$TMPD/out
 }
-# Alternate which VMM goes first so that drifting load hits both alike.
+firecracker_boot() {
+    [ -x \$BIN/firecracker ] || return 0
+    cat >\$TMPD/fc.json <<FC_JSON
+{"boot-source": {"kernel_image_path": "\$BIN/$kernel_name",
+                 "initrd_path": "\$BIN/initramfs.cpio.gz",
+                 "boot_args": "$cmdline reboot=k"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": $memory},
+ "drives": []}
+FC_JSON
+    \$BIN/vmm-probe 60 $memory \$BIN/firecracker --no-api --config-file \$TMPD/fc.json \
+        --level Error >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED firecracker run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH firecracker /' \$TMPD/out
+}
+cloud_hypervisor_boot() {
+    [ -x \$BIN/cloud-hypervisor ] || return 0
+    PROBE_STOP_AT_READY=1 \$BIN/vmm-probe 60 $memory \$BIN/cloud-hypervisor \
+        --kernel \$BIN/$kernel_name --initramfs \$BIN/initramfs.cpio.gz \
+        --cmdline "$cmdline reboot=k" --cpus boot=1 --memory size=${memory}M \
+        --serial tty --console off >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED cloud-hypervisor run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH cloud-hypervisor /' \$TMPD/out
+}
+# Rotate which VMM goes first so that drifting load hits all alike.
 i=0
 while [ \$i -lt $runs ]; do
-    if [ \$((i % 2)) -eq 0 ]; then flint_boot; qemu_boot; else qemu_boot; flint_boot; fi
+    case \$((i % 4)) in
+    0) flint_boot; qemu_boot; firecracker_boot; cloud_hypervisor_boot ;;
+    1) qemu_boot; firecracker_boot; cloud_hypervisor_boot; flint_boot ;;
+    2) firecracker_boot; cloud_hypervisor_boot; flint_boot; qemu_boot ;;
+    *) cloud_hypervisor_boot; flint_boot; qemu_boot; firecracker_boot ;;
+    esac
     i=\$((i + 1))
 done
 SCENARIO
@@ -229,8 +277,12 @@ if ! host_kvm_boots_linux; then
         echo "BIN=/bench; TMPD=/tmp; QEMU=$qemu"
         cat "$work/scenario.sh"
     } >"$work/nested.sh"
-    "$here/nested-host/run.sh" --timeout $((120 + 40 * runs)) --scenario "$work/nested.sh" \
-        --add "$flint:/bench/flint" --add "$work/vmm-probe:/bench/vmm-probe" \
+    peer_adds=()
+    for peer in firecracker cloud-hypervisor; do
+        [ -x "$peers/$peer" ] && peer_adds+=(--add "$peers/$peer:/bench/$peer")
+    done
+    "$here/nested-host/run.sh" --timeout $((120 + 80 * runs)) --scenario "$work/nested.sh" \
+        --add "$flint:/bench/flint" --add "$work/vmm-probe:/bench/vmm-probe" "${peer_adds[@]}" \
         --add "$qemu:$qemu" --add /usr/share/qemu:/usr/share/qemu \
         --add "$guest/$kernel_name:/bench/$kernel_name" \
         --add "$guest/initramfs.cpio.gz:/bench/initramfs.cpio.gz" >"$work/out" 2>&1 ||
@@ -239,6 +291,9 @@ if ! host_kvm_boots_linux; then
 else
     mkdir -p "$work/bin"
     cp "$flint" "$work/vmm-probe" "$guest/$kernel_name" "$guest/initramfs.cpio.gz" "$work/bin/"
+    for peer in firecracker cloud-hypervisor; do
+        [ -x "$peers/$peer" ] && cp "$peers/$peer" "$work/bin/"
+    done
     BIN=$work/bin TMPD=$work QEMU=$qemu sh "$work/scenario.sh" >"$work/out" 2>&1 ||
         { cat "$work/out"; die "benchmark run failed"; }
     where="local hardware KVM"
@@ -265,15 +320,22 @@ tr -d "\r" <"$work/out" >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
 echo "boot comparison: $runs boots per VMM, alternating; $format kernel, 1 vCPU, $memory MiB, $(date -u +%Y-%m-%d)"
 echo "where: $where"
-sed -n 's/.*BENCH qemu-version /other VMM: /p' "$work/clean"
+sed -n 's/.*BENCH qemu-version /other VMM: /p; s/.*BENCH peer-version /other VMM: /p' "$work/clean"
 echo "other VMM command: qemu-system-x86_64 $qemu_args -kernel $kernel_name -initrd initramfs.cpio.gz -append \"$cmdline reboot=t\""
 echo
 echo "process start -> FLINT-GUEST-READY on the console (measured from outside, same for both):"
-probe flint ready_ms | stats "  flint" ms
-probe qemu ready_ms | stats "  qemu microvm" ms
+# The VMMs with samples: flint and QEMU always, the peers when they ran.
+vmms="flint:flint qemu:qemu-microvm"
+for peer in firecracker cloud-hypervisor; do
+    grep -q "BENCH $peer PROBE" "$work/clean" && vmms="$vmms $peer:$peer"
+done
+for vmm in $vmms; do
+    probe "${vmm%%:*}" ready_ms | stats "  ${vmm#*:}" ms
+done
 echo "VMM VmRSS minus resident guest RAM, sampled at FLINT-GUEST-READY:"
-probe flint overhead_kib | awk '{ print $1 / 1024 }' | stats "  flint" MiB
-probe qemu overhead_kib | awk '{ print $1 / 1024 }' | stats "  qemu microvm" MiB
+for vmm in $vmms; do
+    probe "${vmm%%:*}" overhead_kib | awk '{ print $1 / 1024 }' | stats "  ${vmm#*:}" MiB
+done
 echo "flint's own figures:"
 sed -n 's/.*BENCH flint: guest boot time: \([0-9]*\) ms$/\1/p' "$work/clean" |
     stats "  process start -> guest /init (boot timer)" ms
