@@ -305,6 +305,8 @@ mod tests {
                     vcpus: 2,
                     mem_mib: 256,
                     smt: false,
+                    huge_pages: vmm::HugePages::None,
+                    track_dirty_pages: false,
                 }),
                 vmm(Request::SetBootSource(c.boot_source.clone().unwrap())),
                 vmm(Request::SetDrive(c.vm.drives[0].clone())),
@@ -337,6 +339,8 @@ mod tests {
                 vcpus: 1,
                 mem_mib: 128,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             })]
         );
         assert_eq!(from_json(&json!({})).unwrap(), vec![]);

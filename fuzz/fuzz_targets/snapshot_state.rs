@@ -17,7 +17,8 @@ use devices::virtio::rng::Rng;
 use devices::virtio::VirtioInterrupt;
 use devices::IrqLine;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use arch::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {

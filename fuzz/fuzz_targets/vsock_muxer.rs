@@ -24,7 +24,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use flint_fuzz::{interrupt, scratch_dir, split_queue};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use arch::GuestMemoryMmap;
 
 const MAX_OPS: usize = 128;
 const GUEST_CID: u64 = 3;
