@@ -44,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     i8042.restore_state(&state.i8042);
     assert!(i8042.state().out.len() <= 16);
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     for saved in &state.virtio {
         let interrupt = Arc::new(VirtioInterrupt::new(irq()));
         let mut transport =

@@ -370,7 +370,7 @@ impl World {
 
 fuzz_target!(|data: &[u8]| {
     let fx = fixture();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &fx.uds).unwrap()));
     let mut manager = EventManager::<Sub>::new().unwrap();
     manager.add_subscriber(Sub(dev.clone()));

@@ -28,7 +28,7 @@ pub const USED_RING: u64 = 0x200;
 
 /// Guest memory of `size` bytes at address 0, starting with `image` (cut to fit), zero after.
 pub fn guest_memory(image: &[u8], size: usize) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
     let n = image.len().min(size);
     mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
     mem
