@@ -128,7 +128,7 @@ pub enum Error {
     NoHugePages,
     #[error("a diff snapshot needs dirty-page tracking: set track_dirty_pages in the machine configuration (or the snapshot load) before the VM starts")]
     DiffWithoutTracking,
-    #[error("a diff snapshot needs a base, and this VM has neither been snapshotted nor loaded from a snapshot yet: create a Full snapshot first")]
+    #[error("a diff snapshot needs a base, and this VM has written no snapshot yet (nor was it loaded from one that names its memory): create a Full snapshot first")]
     DiffWithoutBase,
     #[error("{} is a diff snapshot, which holds only the pages changed since its base: merge it into its base first (flint snapshot merge)", .0.display())]
     DiffSnapshotLoad(PathBuf),

@@ -694,8 +694,8 @@ fn diff_snapshots_hold_the_changed_pages_and_load_merged_into_their_base() {
     };
     assert_eq!(
         no_base,
-        "a diff snapshot needs a base, and this VM has neither been snapshotted nor loaded from \
-         a snapshot yet: create a Full snapshot first"
+        "a diff snapshot needs a base, and this VM has written no snapshot yet (nor was it \
+         loaded from one that names its memory): create a Full snapshot first"
     );
     assert_counts_from(&format!("{before}{between}"), 1);
 
