@@ -36,6 +36,12 @@ pub enum Command {
     DescribeSnapshot(std::path::PathBuf),
     /// Print the snapshot data format version this flint writes.
     SnapshotVersion,
+    /// Merge a diff snapshot into its base: `(state file, memory file)` each.
+    SnapshotMerge {
+        base: (std::path::PathBuf, std::path::PathBuf),
+        diff: (std::path::PathBuf, std::path::PathBuf),
+        out: (std::path::PathBuf, std::path::PathBuf),
+    },
 }
 
 /// Where the API socket goes when a config file is given without `--api-sock` or `--no-api`.
@@ -161,12 +167,23 @@ pub enum CliError {
     PullRef { value: String, reason: String },
     #[error("'flint image' needs a command: pull, ls, rm or prune (see 'flint image --help')")]
     NoImageCommand,
+    #[error("'flint snapshot' needs a command: merge (see 'flint snapshot --help')")]
+    NoSnapshotCommand,
     #[error("--scratch takes a size from 8 MiB to 1 TiB (MiB without a suffix, as in 512 or 2G), not '{0}'")]
     ScratchSize(String),
 }
 
 /// The subcommands, by name, as `CliError::UnknownOption` names them.
-const SUBCOMMANDS: [&str; 7] = ["boot", "run", "exec", "image", "jail", "completions", "man"];
+const SUBCOMMANDS: [&str; 8] = [
+    "boot",
+    "run",
+    "exec",
+    "image",
+    "jail",
+    "snapshot",
+    "completions",
+    "man",
+];
 
 /// Parse the arguments after the program name.
 pub fn parse(args: &[String]) -> Result<Command, CliError> {
@@ -217,6 +234,14 @@ fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
         ErrorKind::InvalidSubcommand if sub == Some("image") => {
             CliError::UnknownCommand(format!("image {arg}"))
         }
+        ErrorKind::MissingSubcommand | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            if sub == Some("snapshot") =>
+        {
+            CliError::NoSnapshotCommand
+        }
+        ErrorKind::InvalidSubcommand if sub == Some("snapshot") => {
+            CliError::UnknownCommand(format!("snapshot {arg}"))
+        }
         ErrorKind::UnknownArgument | ErrorKind::InvalidSubcommand => match sub {
             None => CliError::UnknownCommand(arg),
             // A word where options go: the command that should follow `--`.
@@ -251,6 +276,7 @@ fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
             command: match (sub, args.get(1)) {
                 // `flint image rm`: the image command's own name too.
                 (Some("image"), Some(command)) => format!("image {command}"),
+                (Some("snapshot"), Some(command)) => format!("snapshot {command}"),
                 _ => sub.unwrap_or("").to_string(),
             },
             argument: arg,
@@ -294,6 +320,44 @@ mod tests {
             Command::Boot(c) => Ok(c),
             other => panic!("expected boot, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn snapshot_merge_takes_three_pairs_of_files() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            parse(&args(&[
+                "snapshot", "merge", "--diff", "d.s", "d.m", "--base", "b.s", "b.m", "--out",
+                "o.s", "o.m"
+            ])),
+            Ok(Command::SnapshotMerge {
+                base: (p("b.s"), p("b.m")),
+                diff: (p("d.s"), p("d.m")),
+                out: (p("o.s"), p("o.m")),
+            })
+        );
+        assert_eq!(
+            parse(&args(&["snapshot"])),
+            Err(CliError::NoSnapshotCommand)
+        );
+        let missing = parse(&args(&[
+            "snapshot", "merge", "--base", "b.s", "b.m", "--diff", "d.s", "d.m",
+        ]))
+        .unwrap_err();
+        assert_eq!(
+            missing.to_string(),
+            "'flint snapshot merge' needs --out <STATE> <MEM>"
+        );
+        let twice = parse(&args(&[
+            "snapshot", "merge", "--base", "b.s", "b.m", "--diff", "d.s", "d.m", "--out", "o.s",
+            "o.m", "--out", "x.s", "x.m",
+        ]))
+        .unwrap_err();
+        assert_eq!(twice, CliError::Repeated("--out".into()));
+        assert_eq!(
+            parse(&args(&["snapshot", "split"])),
+            Err(CliError::UnknownCommand("snapshot split".into()))
+        );
     }
 
     #[test]

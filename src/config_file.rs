@@ -263,6 +263,8 @@ mod tests {
                     uds_path: "/v.sock".into(),
                 }),
                 entropy: true,
+                huge_pages: vmm::HugePages::Size2M,
+                track_dirty_pages: true,
                 ..VmConfig::new("")
             },
             metrics: Some(vmm::controller::MetricsConfig::to_path("/m")),
@@ -307,6 +309,8 @@ mod tests {
                     vcpus: 2,
                     mem_mib: 256,
                     smt: false,
+                    huge_pages: vmm::HugePages::Size2M,
+                    track_dirty_pages: true,
                 }),
                 vmm(Request::SetBootSource(c.boot_source.clone().unwrap())),
                 vmm(Request::SetDrive(c.vm.drives[0].clone())),
@@ -339,6 +343,8 @@ mod tests {
                 vcpus: 1,
                 mem_mib: 128,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             })]
         );
         assert_eq!(from_json(&json!({})).unwrap(), vec![]);

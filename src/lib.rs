@@ -51,6 +51,12 @@ pub fn main_entry() -> ExitCode {
             println!("v{}", vmm::snapshot::VERSION);
             ExitCode::SUCCESS
         }
+        Ok(Command::SnapshotMerge { base, diff, out }) => {
+            match vmm::snapshot::merge((&base.0, &base.1), (&diff.0, &diff.1), (&out.0, &out.1)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
         Ok(Command::Run(options)) => {
             // A sandbox's output is the command's: flint itself only speaks up for problems.
             logger::quiet_unless_asked();

@@ -981,9 +981,9 @@ fn a_bad_config_file_value_is_named_in_the_files_terms() {
             "partuuid: partition UUID \"1 init=/bin/sh\" must be",
         ),
         (
-            serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 64,
-                "track_dirty_pages": true}}),
-            "track_dirty_pages: flint writes full snapshots only",
+            serde_json::json!({"machine-config": {"vcpu_count": 1, "mem_size_mib": 65,
+                "huge_pages": "2M"}}),
+            "mem_size_mib: 65 MiB of guest memory cannot be backed by 2 MiB huge pages",
         ),
     ];
     for (i, (mut config, expected)) in cases.into_iter().enumerate() {

@@ -27,8 +27,9 @@
 //!   interrupt, the GSI given to [`setup_acpi`]; its `_EVT` method notifies `VGEN` (0x80), on
 //!   which the guest kernel reads the new ID and reseeds its random number generator.
 
+use crate::GuestMemoryMmap;
 use acpi_tables::{aml, fadt, madt, rsdp::Rsdp, sdt::Sdt, xsdt::XSDT, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{ACPI_END, ACPI_START, VMGENID_START};
 use crate::Error;

@@ -1,13 +1,14 @@
 //! Boot parameters for the Linux 64-bit boot protocol (zero page with E820 map) and for PVH
 //! (`hvm_start_info` with its memory map).
 
+use crate::GuestMemoryMmap;
 use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
 };
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_SIZE, MMIO_GAP_START, PVH_INFO_START,

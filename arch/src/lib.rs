@@ -13,6 +13,8 @@ pub mod memory;
 pub mod mptable;
 pub mod regs;
 
+pub use memory::{GuestMemoryMmap, GuestRegionMmap};
+
 /// Errors from building x86_64 boot state.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

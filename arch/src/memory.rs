@@ -2,6 +2,13 @@
 
 use vm_memory::GuestAddress;
 
+/// Guest RAM as every flint crate sees it: `vm-memory` regions that record, page by page, what
+/// the VMM itself (devices, loaders) writes into them, so that a diff snapshot can include those
+/// pages along with the ones KVM saw the guest dirty.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 use crate::layout::{MAX_MEM_SIZE, MIN_MEM_SIZE, MMIO_GAP_END, MMIO_GAP_START};
 use crate::Error;
 

@@ -9,7 +9,8 @@
 //! that is fine because [`crate::boot::memory_map`] never reports `EBDA_START..HIMEM_START` as
 //! RAM. For 254 vCPUs it ends at about `EBDA_START + 0x14f4`.
 
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{ByteValued, Bytes, GuestAddress};
 
 use crate::layout::EBDA_START;
 use crate::Error;

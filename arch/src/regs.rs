@@ -1,7 +1,8 @@
 //! Initial vCPU register state for the two boot protocols, and the boot MSRs.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::gdt::{gdt_entry, segment_from_gdt};
 use crate::layout::{

@@ -15,11 +15,12 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::Instant;
 
+use arch::GuestMemoryMmap;
 use devices::virtio::block::{Block, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use devices::virtio::{feature, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 use devices::IrqLine;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const QUEUE_SIZE: u16 = 256;

@@ -9,7 +9,8 @@
 //!
 //! The guest only reads: the device has no registers and takes no input from it.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use arch::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::IrqLine;
 

@@ -15,7 +15,7 @@ use devices::virtio::{mmio::MmioTransport, VIRTIO_CONFIG_S_DRIVER_OK};
 use devices::virtio::rng::Rng;
 use flint_fuzz::{guest_memory, interrupt, MEM_SIZE};
 use libfuzzer_sys::fuzz_target;
-use vm_memory::GuestMemoryMmap;
+use arch::GuestMemoryMmap;
 
 /// Most operations run per input.
 const MAX_OPS: usize = 4096;

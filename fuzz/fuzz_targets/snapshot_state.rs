@@ -17,7 +17,8 @@ use devices::virtio::rng::Rng;
 use devices::virtio::VirtioInterrupt;
 use devices::IrqLine;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+use arch::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {
@@ -43,7 +44,7 @@ fuzz_target!(|data: &[u8]| {
     i8042.restore_state(&state.i8042);
     assert!(i8042.state().out.len() <= 16);
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     for saved in &state.virtio {
         let interrupt = Arc::new(VirtioInterrupt::new(irq()));
         let mut transport =

@@ -24,7 +24,8 @@ use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, Subscrib
 use flint_fuzz::{interrupt, scratch_dir, split_queue};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use arch::GuestMemoryMmap;
 
 const MAX_OPS: usize = 128;
 const GUEST_CID: u64 = 3;
@@ -369,7 +370,7 @@ impl World {
 
 fuzz_target!(|data: &[u8]| {
     let fx = fixture();
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
     let dev = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &fx.uds).unwrap()));
     let mut manager = EventManager::<Sub>::new().unwrap();
     manager.add_subscriber(Sub(dev.clone()));

@@ -11,7 +11,8 @@ use devices::virtio::chain::{pop_chain, DescChain};
 use devices::virtio::VirtioInterrupt;
 use devices::IrqLine;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
+use arch::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory of a queue image, in bytes (longer images are cut).
@@ -27,7 +28,7 @@ pub const USED_RING: u64 = 0x200;
 
 /// Guest memory of `size` bytes at address 0, starting with `image` (cut to fit), zero after.
 pub fn guest_memory(image: &[u8], size: usize) -> GuestMemoryMmap {
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap();
     let n = image.len().min(size);
     mem.write_slice(&image[..n], GuestAddress(0)).unwrap();
     mem

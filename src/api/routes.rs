@@ -329,6 +329,8 @@ mod tests {
                 vcpus: 2,
                 mem_mib: 256,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             }
         );
         assert_eq!(
@@ -426,6 +428,7 @@ mod tests {
         let create = Request::CreateSnapshot {
             snapshot_path: "/s".into(),
             mem_file_path: "/m".into(),
+            snapshot_type: vmm::SnapshotType::Full,
         };
         assert_eq!(
             fwd(
@@ -442,6 +445,18 @@ mod tests {
                 r#"{"snapshot_type": "Full", "snapshot_path": "/s", "mem_file_path": "/m"}"#
             ),
             create
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/create",
+                r#"{"snapshot_type": "Diff", "snapshot_path": "/s", "mem_file_path": "/m"}"#
+            ),
+            Request::CreateSnapshot {
+                snapshot_path: "/s".into(),
+                mem_file_path: "/m".into(),
+                snapshot_type: vmm::SnapshotType::Diff,
+            }
         );
         let load = |resume| Request::LoadSnapshot {
             snapshot_path: "/s".into(),
@@ -461,10 +476,46 @@ mod tests {
             fwd(
                 "PUT",
                 "/snapshot/load",
-                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "enable_diff_snapshots": false}"#
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "Snapshot"}"#
             ),
             load(false)
         );
+        // Memory backing and dirty-page tracking: as the snapshot had them unless given
+        // (enable_diff_snapshots is Firecracker's older name of track_dirty_pages).
+        let load_with = |huge_pages, track_dirty_pages| Request::LoadSnapshot {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+            resume: false,
+            overrides: vmm::controller::LoadOverrides {
+                huge_pages,
+                track_dirty_pages,
+                ..Default::default()
+            },
+        };
+        for (fields, huge, track) in [
+            (r#""huge_pages": "2M""#, Some(vmm::HugePages::Size2M), None),
+            (r#""huge_pages": "None""#, Some(vmm::HugePages::None), None),
+            (
+                r#""huge_pages": "Transparent""#,
+                Some(vmm::HugePages::None),
+                None,
+            ),
+            (r#""track_dirty_pages": true"#, None, Some(true)),
+            (r#""enable_diff_snapshots": true"#, None, Some(true)),
+            (r#""enable_diff_snapshots": false"#, None, Some(false)),
+            (
+                r#""track_dirty_pages": false, "enable_diff_snapshots": true"#,
+                None,
+                Some(true),
+            ),
+        ] {
+            let body = format!(r#"{{"snapshot_path": "/s", "mem_file_path": "/m", {fields}}}"#);
+            assert_eq!(
+                fwd("PUT", "/snapshot/load", &body),
+                load_with(huge, track),
+                "{body}"
+            );
+        }
         // E2B's and firecracker-go-sdk's overrides of the backends.
         assert_eq!(
             fwd(
@@ -483,6 +534,7 @@ mod tests {
                     taps: vec![("eth0".into(), "tap9".into())],
                     vsock_uds_path: Some("/v.sock".into()),
                     clock: vmm::ClockRestore::Realtime,
+                    ..Default::default()
                 },
             }
         );
@@ -499,8 +551,8 @@ mod tests {
             ),
             (
                 "/snapshot/load",
-                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "2M"}"#,
-                "huge_pages \"2M\" is not supported",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "huge_pages": "1G"}"#,
+                "huge_pages must be one of",
             ),
             (
                 "/snapshot/create",
@@ -509,8 +561,8 @@ mod tests {
             ),
             (
                 "/snapshot/create",
-                r#"{"snapshot_type": "Diff", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
-                "snapshot_type \"Diff\" is not supported",
+                r#"{"snapshot_type": "Incremental", "snapshot_path": "/s", "mem_file_path": "/m"}"#,
+                "snapshot_type must be one of \"Full\", \"Diff\"",
             ),
             (
                 "/snapshot/load",
@@ -534,8 +586,8 @@ mod tests {
             ),
             (
                 "/snapshot/load",
-                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": true}"#,
-                "track_dirty_pages is not supported",
+                r#"{"snapshot_path": "/s", "mem_file_path": "/m", "track_dirty_pages": "yes"}"#,
+                "track_dirty_pages must be",
             ),
         ] {
             let (status, msg) = refused("PUT", path, body);

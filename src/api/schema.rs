@@ -268,8 +268,15 @@ const MACHINE_FIELDS: &[&str] = &[
     "huge_pages",
     "cpu_template",
 ];
-/// Huge pages: only "None" is accepted ("2M" is refused with the reason).
+/// What backs guest memory: ordinary pages or 2 MiB huge pages.
 const HUGE_PAGES: &[&str] = &["None", "2M"];
+
+fn huge_pages(name: &str) -> vmm::HugePages {
+    match name {
+        "2M" => vmm::HugePages::Size2M,
+        _ => vmm::HugePages::None,
+    }
+}
 
 /// The machine fields flint accepts only with the value that means "off", with the reason.
 fn refuse_unsupported_machine_fields(f: &Fields) -> Result<(), BodyError> {
@@ -282,20 +289,11 @@ fn refuse_unsupported_machine_fields(f: &Fields) -> Result<(), BodyError> {
             )));
         }
     }
-    if f.opt_bool("track_dirty_pages")? == Some(true) {
-        return Err(f.err(
-            "track_dirty_pages: flint writes full snapshots only and does not track dirty pages"
-                .into(),
-        ));
-    }
-    if f.opt_choice("huge_pages", HUGE_PAGES)? == Some("2M") {
-        return Err(f.err("huge_pages: huge pages are not supported yet by flint".into()));
-    }
     Ok(())
 }
 
-/// `PUT /machine-config`, config file `machine-config`: vCPUs and memory (the other fields
-/// only in their "off" setting).
+/// `PUT /machine-config`, config file `machine-config`: vCPUs, memory and its backing,
+/// dirty-page tracking (`cpu_template` only as "None").
 pub fn machine_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(v, ctx, MACHINE_FIELDS, &[])?;
     refuse_unsupported_machine_fields(&f)?;
@@ -303,6 +301,8 @@ pub fn machine_config(v: &Value, ctx: &str) -> Result<Request, BodyError> {
         vcpus: f.req_uint("vcpu_count", u32::MAX.into())? as u32,
         mem_mib: f.req_uint("mem_size_mib", u64::MAX)?,
         smt: f.opt_bool("smt")?.unwrap_or(false),
+        huge_pages: huge_pages(f.opt_choice("huge_pages", HUGE_PAGES)?.unwrap_or("None")),
+        track_dirty_pages: f.opt_bool("track_dirty_pages")?.unwrap_or(false),
     })
 }
 
@@ -314,6 +314,8 @@ pub fn machine_config_update(v: &Value, ctx: &str) -> Result<Request, BodyError>
         vcpus: f.opt_uint("vcpu_count", u32::MAX.into())?.map(|n| n as u32),
         mem_mib: f.opt_uint("mem_size_mib", u64::MAX)?,
         smt: f.opt_bool("smt")?,
+        huge_pages: f.opt_choice("huge_pages", HUGE_PAGES)?.map(huge_pages),
+        track_dirty_pages: f.opt_bool("track_dirty_pages")?,
     }))
 }
 
@@ -664,7 +666,7 @@ pub fn vm_state(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     })
 }
 
-/// `PUT /snapshot/create`: only full snapshots.
+/// `PUT /snapshot/create`: a full snapshot, or a diff of a VM that tracks dirty pages.
 pub fn snapshot_create(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(
         v,
@@ -675,14 +677,14 @@ pub fn snapshot_create(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             "is not supported: flint writes its own snapshot format",
         )],
     )?;
-    if f.opt_choice("snapshot_type", &["Full", "Diff"])? == Some("Diff") {
-        return Err(f.err(
-            "snapshot_type \"Diff\" is not supported: flint writes full snapshots only".into(),
-        ));
-    }
+    let snapshot_type = match f.opt_choice("snapshot_type", &["Full", "Diff"])? {
+        Some("Diff") => vmm::SnapshotType::Diff,
+        _ => vmm::SnapshotType::Full,
+    };
     Ok(Request::CreateSnapshot {
         snapshot_path: f.req_str("snapshot_path")?.into(),
         mem_file_path: f.req_str("mem_file_path")?.into(),
+        snapshot_type,
     })
 }
 
@@ -706,20 +708,21 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
         ],
         &[],
     )?;
-    if let Some(pages) = f.opt_choice("huge_pages", &["Snapshot", "None", "Transparent", "2M"])? {
-        if pages == "2M" {
-            return Err(f.err(
-                "huge_pages \"2M\" is not supported: flint has no huge-page backing yet".into(),
-            ));
-        }
-    }
-    for name in ["enable_diff_snapshots", "track_dirty_pages"] {
-        if f.opt_bool(name)? == Some(true) {
-            return Err(f.err(format!(
-                "{name} is not supported: flint writes full snapshots only"
-            )));
-        }
-    }
+    // "Snapshot" (and no value): as the snapshot's VM had it. "Transparent": ordinary pages,
+    // as "None" (flint asks for no transparent huge pages).
+    let huge_pages = match f.opt_choice("huge_pages", &["Snapshot", "None", "Transparent", "2M"])? {
+        Some("2M") => Some(vmm::HugePages::Size2M),
+        Some("None" | "Transparent") => Some(vmm::HugePages::None),
+        _ => None,
+    };
+    // `enable_diff_snapshots` is Firecracker's older name of `track_dirty_pages`.
+    let track_dirty_pages = match (
+        f.opt_bool("track_dirty_pages")?,
+        f.opt_bool("enable_diff_snapshots")?,
+    ) {
+        (None, None) => None,
+        (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
+    };
     let mem_file_path = match (f.opt_str("mem_file_path")?, f.get("mem_backend")) {
         (Some(path), None) => path,
         (None, Some(backend)) => {
@@ -775,6 +778,8 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
             taps,
             vsock_uds_path,
             clock,
+            huge_pages,
+            track_dirty_pages,
         },
     })
 }
@@ -892,8 +897,8 @@ pub fn machine_config_json(vm: &VmConfig) -> Value {
         vcpu_count: vm.vcpus,
         mem_size_mib: vm.mem_mib,
         smt: vm.smt,
-        track_dirty_pages: false,
-        huge_pages: "None",
+        track_dirty_pages: vm.track_dirty_pages,
+        huge_pages: vm.huge_pages.as_str(),
     })
 }
 
@@ -1081,9 +1086,11 @@ mod tests {
                 vcpus: 2,
                 mem_mib: 256,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             }
         );
-        // The fields flint cannot honour are accepted only in their "off" setting.
+        // Off, as given explicitly.
         let m = machine_config(
             &json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false,
                     "huge_pages": "None", "cpu_template": "None"}),
@@ -1096,6 +1103,8 @@ mod tests {
                 vcpus: 1,
                 mem_mib: 128,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             }
         );
         for (field, value, why) in [
@@ -1105,14 +1114,9 @@ mod tests {
                 "cpu_template: flint has no CPU templates",
             ),
             (
-                "track_dirty_pages",
-                json!(true),
-                "track_dirty_pages: flint writes full snapshots only",
-            ),
-            (
                 "huge_pages",
-                json!("2M"),
-                "huge_pages: huge pages are not supported",
+                json!("1G"),
+                "huge_pages must be one of \"None\", \"2M\", not \"1G\"",
             ),
         ] {
             let mut body = json!({"vcpu_count": 1, "mem_size_mib": 128});
@@ -1122,6 +1126,32 @@ mod tests {
             let msg = err(machine_config_update(&json!({ field: value }), ""));
             assert!(msg.starts_with(why), "PATCH {field}: {msg}");
         }
+        // Huge pages and dirty-page tracking are passed on (the VMM checks the memory size
+        // against the huge page size), in PUT and PATCH.
+        assert_eq!(
+            machine_config(
+                &json!({"vcpu_count": 1, "mem_size_mib": 256, "huge_pages": "2M",
+                        "track_dirty_pages": true}),
+                ""
+            )
+            .unwrap(),
+            Request::SetMachineConfig {
+                vcpus: 1,
+                mem_mib: 256,
+                smt: false,
+                huge_pages: vmm::HugePages::Size2M,
+                track_dirty_pages: true,
+            }
+        );
+        assert_eq!(
+            machine_config_update(&json!({"huge_pages": "2M", "track_dirty_pages": true}), "")
+                .unwrap(),
+            Request::UpdateMachineConfig(MachineUpdate {
+                huge_pages: Some(vmm::HugePages::Size2M),
+                track_dirty_pages: Some(true),
+                ..Default::default()
+            })
+        );
         // SMT is passed on (the VMM checks the vCPU count), in PUT and PATCH.
         assert_eq!(
             machine_config(
@@ -1133,6 +1163,8 @@ mod tests {
                 vcpus: 2,
                 mem_mib: 128,
                 smt: true,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             }
         );
         assert_eq!(
@@ -1149,6 +1181,8 @@ mod tests {
                 vcpus: 0,
                 mem_mib: 128,
                 smt: false,
+                huge_pages: vmm::HugePages::None,
+                track_dirty_pages: false,
             }
         );
         for (body, want) in [
@@ -1210,8 +1244,8 @@ mod tests {
             u,
             Request::UpdateMachineConfig(MachineUpdate {
                 mem_mib: Some(512),
-                smt: None,
-                vcpus: None,
+                huge_pages: Some(vmm::HugePages::None),
+                ..Default::default()
             })
         );
         assert_eq!(
@@ -1635,6 +1669,8 @@ mod tests {
         let m = VmConfig {
             vcpus: 4,
             mem_mib: 1024,
+            huge_pages: vmm::HugePages::Size2M,
+            track_dirty_pages: true,
             ..VmConfig::new("/k")
         };
         assert_eq!(
@@ -1643,6 +1679,8 @@ mod tests {
                 vcpus: 4,
                 mem_mib: 1024,
                 smt: false,
+                huge_pages: vmm::HugePages::Size2M,
+                track_dirty_pages: true,
             }
         );
         let b = BootSource {

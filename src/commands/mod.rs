@@ -9,6 +9,7 @@ pub(crate) mod exec;
 pub(crate) mod image;
 pub(crate) mod jail;
 pub(crate) mod run;
+pub(crate) mod snapshot;
 pub(crate) mod values;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
@@ -38,6 +39,8 @@ Usage forms:
         manage the cache of container images that 'flint run --image' uses
   flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...
         run flint in a jail ('flint jail --help')
+  flint snapshot merge --base STATE MEM --diff STATE MEM --out STATE MEM
+        merge a diff snapshot into its base ('flint snapshot --help')
   flint completions SHELL
         print a completion script for bash, zsh, fish, elvish or powershell
 
@@ -81,6 +84,9 @@ enum Sub {
     #[command(about = jail::ABOUT, after_help = jail::AFTER_HELP,
               override_usage = "flint jail --id ID --uid UID --gid GID [OPTIONS] -- FLINT_ARGS...")]
     Jail(jail::JailArgs),
+    #[command(about = snapshot::ABOUT, after_help = snapshot::AFTER_HELP,
+              subcommand_required = true)]
+    Snapshot(snapshot::SnapshotArgs),
     /// Print a shell completion script (e.g. 'flint completions bash > /etc/bash_completion.d/flint')
     Completions {
         /// The shell to complete flint's command line in
@@ -151,6 +157,7 @@ pub(crate) fn command_from(matches: &ArgMatches) -> Result<Command, CliError> {
         Some(Sub::Exec(args)) => args.into_command(),
         Some(Sub::Image(args)) => args.into_command(),
         Some(Sub::Jail(args)) => args.into_command(),
+        Some(Sub::Snapshot(args)) => args.into_command(),
         Some(Sub::Completions { shell }) => Ok(Command::Completions(shell)),
         Some(Sub::Man { command }) => {
             man_page(command.as_deref())?;

@@ -278,7 +278,9 @@ pub(super) fn make_template(vm: &Vm, staging: Staging, start: Instant) {
     let began = Instant::now();
     let made = staging.commit(|state, memory| {
         vm.pause().map_err(|e| e.to_string())?;
-        let written = vm.snapshot(state, memory).map_err(|e| e.to_string());
+        let written = vm
+            .snapshot(state, memory, vmm::SnapshotType::Full)
+            .map_err(|e| e.to_string());
         vm.resume();
         written
     });

@@ -155,6 +155,29 @@ impl PartialEq for MmdsStore {
 
 impl Eq for MmdsStore {}
 
+/// What backs guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum HugePages {
+    /// Ordinary 4 KiB pages, allocated as the guest touches them.
+    #[default]
+    None,
+    /// 2 MiB pages from the host's hugetlbfs pool (`/proc/sys/vm/nr_hugepages`), all of the
+    /// guest's reserved when the VM is built (so a host short of them refuses the VM then,
+    /// instead of the guest faulting later). Guest memory must be a multiple of 2 MiB.
+    #[serde(rename = "2M")]
+    Size2M,
+}
+
+impl HugePages {
+    /// The API's spelling: "None" or "2M".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HugePages::None => "None",
+            HugePages::Size2M => "2M",
+        }
+    }
+}
+
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -190,6 +213,14 @@ pub struct VmConfig {
     /// The microVM metadata service, if any NIC serves it.
     #[serde(default)]
     pub mmds: Option<MmdsConfig>,
+    /// What backs guest memory.
+    #[serde(default)]
+    pub huge_pages: HugePages,
+    /// Record which pages of guest memory change (KVM's dirty log for the guest's writes,
+    /// `vm-memory`'s bitmap for the VMM's), so that a diff snapshot can hold only the pages
+    /// that changed since the previous snapshot.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl VmConfig {
@@ -209,6 +240,8 @@ impl VmConfig {
             smt: false,
             boot_timer: false,
             mmds: None,
+            huge_pages: HugePages::None,
+            track_dirty_pages: false,
         }
     }
 
@@ -242,6 +275,9 @@ impl VmConfig {
         }
         if self.mem_mib > MAX_MEM_MIB {
             return Err(ConfigError::MemoryTooLarge(self.mem_mib));
+        }
+        if self.huge_pages == HugePages::Size2M && self.mem_mib % 2 != 0 {
+            return Err(ConfigError::HugePagesMemory(self.mem_mib));
         }
         if self.cmdline.len() > MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
@@ -415,7 +451,9 @@ impl ConfigError {
             ConfigError::NoVcpus
             | ConfigError::TooManyVcpus { .. }
             | ConfigError::SmtOddVcpus(_) => Field::Vcpus,
-            ConfigError::MemoryTooSmall(_) | ConfigError::MemoryTooLarge(_) => Field::Memory,
+            ConfigError::MemoryTooSmall(_)
+            | ConfigError::MemoryTooLarge(_)
+            | ConfigError::HugePagesMemory(_) => Field::Memory,
             ConfigError::CmdlineTooLong(_) | ConfigError::CmdlineCharacter(_) => Field::Cmdline,
             ConfigError::SeveralRootDisks => Field::DriveRoot,
             ConfigError::TooManyDevices(_) => Field::Devices,
@@ -447,6 +485,8 @@ pub enum ConfigError {
     MemoryTooSmall(u64),
     #[error("{0} MiB of guest memory is more than flint supports (at most {MAX_MEM_MIB} MiB)")]
     MemoryTooLarge(u64),
+    #[error("{0} MiB of guest memory cannot be backed by 2 MiB huge pages: with huge_pages \"2M\" it must be a multiple of 2 MiB")]
+    HugePagesMemory(u64),
     #[error("the kernel command line is {0} bytes long; at most {MAX_CMDLINE_LEN} fit")]
     CmdlineTooLong(usize),
     #[error("the kernel command line contains {0:?}; only printable ASCII is allowed")]
@@ -574,6 +614,14 @@ mod tests {
                     ..base.clone()
                 },
                 ConfigError::MemoryTooSmall(1),
+            ),
+            (
+                VmConfig {
+                    mem_mib: 129,
+                    huge_pages: HugePages::Size2M,
+                    ..base.clone()
+                },
+                ConfigError::HugePagesMemory(129),
             ),
             (
                 VmConfig {
@@ -723,6 +771,16 @@ mod tests {
             },
             VmConfig {
                 mem_mib: 8192,
+                ..base.clone()
+            },
+            VmConfig {
+                mem_mib: 130,
+                huge_pages: HugePages::Size2M,
+                ..base.clone()
+            },
+            VmConfig {
+                mem_mib: 129,
+                huge_pages: HugePages::None,
                 ..base.clone()
             },
             VmConfig {

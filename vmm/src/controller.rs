@@ -31,6 +31,8 @@ pub struct MachineUpdate {
     pub vcpus: Option<u32>,
     pub mem_mib: Option<u64>,
     pub smt: Option<bool>,
+    pub huge_pages: Option<crate::HugePages>,
+    pub track_dirty_pages: Option<bool>,
 }
 
 /// Lifecycle state.
@@ -109,6 +111,8 @@ pub enum Request {
         mem_mib: u64,
         /// Two threads per core (see [`VmConfig::smt`]).
         smt: bool,
+        huge_pages: crate::HugePages,
+        track_dirty_pages: bool,
     },
     /// Before start: some values.
     UpdateMachineConfig(MachineUpdate),
@@ -156,10 +160,11 @@ pub enum Request {
     PatchMmds(serde_json::Value),
     /// The MMDS data.
     GetMmds,
-    /// Paused VM only: the VM's state and its memory, in two files.
+    /// Paused VM only: the VM's state and its memory (all of it, or a diff), in two files.
     CreateSnapshot {
         snapshot_path: PathBuf,
         mem_file_path: PathBuf,
+        snapshot_type: crate::SnapshotType,
     },
     /// Instead of configuring and starting: the VM continues from a snapshot, paused unless
     /// `resume`.
@@ -181,6 +186,10 @@ pub struct LoadOverrides {
     pub vsock_uds_path: Option<PathBuf>,
     /// How the guest clock continues.
     pub clock: crate::ClockRestore,
+    /// What backs guest memory, if not what the snapshot's VM had.
+    pub huge_pages: Option<crate::HugePages>,
+    /// Whether the restored VM tracks dirty pages, if not as the snapshot's VM did.
+    pub track_dirty_pages: Option<bool>,
 }
 
 impl LoadOverrides {
@@ -215,6 +224,12 @@ impl LoadOverrides {
         }
         if let (Some(path), Some(vsock)) = (&self.vsock_uds_path, config.vsock.as_mut()) {
             vsock.uds_path = path.clone();
+        }
+        if let Some(huge_pages) = self.huge_pages {
+            config.huge_pages = huge_pages;
+        }
+        if let Some(track) = self.track_dirty_pages {
+            config.track_dirty_pages = track;
         }
     }
 }
@@ -455,12 +470,16 @@ impl Controller {
                 vcpus,
                 mem_mib,
                 smt,
+                huge_pages,
+                track_dirty_pages,
             } => {
                 self.before_start("the machine configuration")?;
                 self.change(|c| {
                     c.vcpus = vcpus;
                     c.mem_mib = mem_mib;
                     c.smt = smt;
+                    c.huge_pages = huge_pages;
+                    c.track_dirty_pages = track_dirty_pages;
                 })
             }
             Request::UpdateMachineConfig(update) => {
@@ -469,6 +488,8 @@ impl Controller {
                     c.vcpus = update.vcpus.unwrap_or(c.vcpus);
                     c.mem_mib = update.mem_mib.unwrap_or(c.mem_mib);
                     c.smt = update.smt.unwrap_or(c.smt);
+                    c.huge_pages = update.huge_pages.unwrap_or(c.huge_pages);
+                    c.track_dirty_pages = update.track_dirty_pages.unwrap_or(c.track_dirty_pages);
                 })
             }
             Request::SetDrive(drive) => {
@@ -660,6 +681,7 @@ impl Controller {
             Request::CreateSnapshot {
                 snapshot_path,
                 mem_file_path,
+                snapshot_type,
             } => {
                 let vm = self.running("create a snapshot")?;
                 if !self.paused {
@@ -667,7 +689,7 @@ impl Controller {
                         "cannot create a snapshot: the VM is running; pause it first",
                     ));
                 }
-                vm.snapshot(&snapshot_path, &mem_file_path)
+                vm.snapshot(&snapshot_path, &mem_file_path, snapshot_type)
                     .map_err(|e| refuse(format!("cannot create the snapshot: {e}")))?;
                 Ok(Response::Done)
             }
@@ -739,6 +761,10 @@ impl Controller {
         // Checked before the console is handed over, so that a wrong path can be corrected.
         let saved = crate::snapshot::read_state(snapshot_path)
             .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
+        if saved.diff_base.is_some() {
+            let e = crate::Error::DiffSnapshotLoad(snapshot_path.to_path_buf());
+            return Err(refuse(format!("cannot load the snapshot: {e}")));
+        }
         overrides.check(&saved.config)?;
         // Before the console is handed over, so that the client can try again without it.
         overrides
@@ -909,6 +935,8 @@ mod tests {
             vcpus,
             mem_mib,
             smt: false,
+            huge_pages: crate::HugePages::None,
+            track_dirty_pages: false,
         };
         assert_eq!(c.handle(m(2, 256)), Ok(Response::Done));
         let v = view(&mut c);
@@ -931,11 +959,32 @@ mod tests {
         let update = MachineUpdate {
             vcpus: Some(0),
             mem_mib: Some(1024),
-            smt: None,
+            ..Default::default()
         };
         assert!(c.handle(Request::UpdateMachineConfig(update)).is_err());
         let v = view(&mut c);
         assert_eq!((v.vm.vcpus, v.vm.mem_mib), (2, 512));
+        // Huge pages need memory in whole huge pages: the memory field is named.
+        let update = MachineUpdate {
+            mem_mib: Some(513),
+            huge_pages: Some(crate::HugePages::Size2M),
+            ..Default::default()
+        };
+        let err = c.handle(Request::UpdateMachineConfig(update)).unwrap_err();
+        assert_eq!(err.field, Some(Field::Memory), "{err}");
+        assert!(err.message.contains("multiple of 2 MiB"), "{err}");
+        let update = MachineUpdate {
+            huge_pages: Some(crate::HugePages::Size2M),
+            track_dirty_pages: Some(true),
+            ..Default::default()
+        };
+        assert_eq!(
+            c.handle(Request::UpdateMachineConfig(update)),
+            Ok(Response::Done)
+        );
+        let v = view(&mut c);
+        assert_eq!(v.vm.huge_pages, crate::HugePages::Size2M);
+        assert!(v.vm.track_dirty_pages);
     }
 
     #[test]
@@ -1105,11 +1154,26 @@ mod tests {
             taps: vec![("eth0".into(), "tap7".into())],
             vsock_uds_path: None,
             clock: crate::ClockRestore::AsSaved,
+            huge_pages: None,
+            track_dirty_pages: None,
         };
         o.check(&saved).unwrap();
         let mut c = saved.clone();
         o.apply(&mut c);
         assert_eq!(c.nets[0].tap, "tap7");
+        assert_eq!(
+            (c.huge_pages, c.track_dirty_pages),
+            (saved.huge_pages, saved.track_dirty_pages)
+        );
+        let memory = LoadOverrides {
+            huge_pages: Some(crate::HugePages::Size2M),
+            track_dirty_pages: Some(true),
+            ..Default::default()
+        };
+        let mut c = saved.clone();
+        memory.apply(&mut c);
+        assert_eq!(c.huge_pages, crate::HugePages::Size2M);
+        assert!(c.track_dirty_pages);
         let unknown = LoadOverrides {
             taps: vec![("eth1".into(), "tap7".into())],
             ..o.clone()
@@ -1140,6 +1204,7 @@ mod tests {
     fn snapshots_need_a_paused_vm_or_an_unconfigured_flint() {
         let mut c = controller();
         let create = Request::CreateSnapshot {
+            snapshot_type: crate::SnapshotType::Full,
             snapshot_path: "/s".into(),
             mem_file_path: "/m".into(),
         };
@@ -1171,6 +1236,8 @@ mod tests {
             vcpus: 2,
             mem_mib: 128,
             smt: false,
+            huge_pages: crate::HugePages::None,
+            track_dirty_pages: false,
         })
         .unwrap();
         let err = c

@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use arch::GuestMemoryMmap;
 use devices::bus::Bus;
 use devices::rate_limiter::RateLimiter;
 use devices::virtio::block::Block;
@@ -14,7 +15,6 @@ use devices::virtio::vsock::Vsock;
 use devices::virtio::{VirtioDevice, VirtioInterrupt};
 use devices::IrqLine;
 use kvm_ioctls::{IoEventAddress, VmFd};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{CacheType, RateLimiterConfig, VmConfig};

@@ -118,6 +118,24 @@ pub enum Error {
     },
     #[error("cannot map the snapshot memory file {}: {reason}", .path.display())]
     SnapshotMemoryMap { path: PathBuf, reason: String },
+    #[error("cannot back {mib} MiB of guest memory with 2 MiB huge pages: it needs {needed} of them and the host has {available} free (raise vm.nr_hugepages, /proc/sys/vm/nr_hugepages)")]
+    HugePagesShort {
+        mib: u64,
+        needed: u64,
+        available: u64,
+    },
+    #[error("this host has no pool of 2 MiB huge pages (/sys/kernel/mm/hugepages/hugepages-2048kB), so huge_pages \"2M\" cannot be used")]
+    NoHugePages,
+    #[error("a diff snapshot needs dirty-page tracking: set track_dirty_pages in the machine configuration (or the snapshot load) before the VM starts")]
+    DiffWithoutTracking,
+    #[error("a diff snapshot needs a base, and this VM has written no snapshot yet (nor was it loaded from one that names its memory): create a Full snapshot first")]
+    DiffWithoutBase,
+    #[error("{} is a diff snapshot, which holds only the pages changed since its base: merge it into its base first (flint snapshot merge)", .0.display())]
+    DiffSnapshotLoad(PathBuf),
+    #[error("{} is not a diff snapshot, so there is nothing to merge", .0.display())]
+    NotADiff(PathBuf),
+    #[error("the diff snapshot {} applies on top of a different snapshot than {}", .diff.display(), .base.display())]
+    WrongBase { diff: PathBuf, base: PathBuf },
     #[error("KVM refused MSR {index:#x} of vCPU {id} from the snapshot")]
     SnapshotMsr { id: u32, index: u32 },
     #[error("cannot {what}: {}", io_reason(.source))]

@@ -27,7 +27,7 @@ mod vcpu;
 mod vm;
 
 pub use config::{
-    CacheType, ConfigError, DriveConfig, Field, MmdsConfig, MmdsStore, NetConfig,
+    CacheType, ConfigError, DriveConfig, Field, HugePages, MmdsConfig, MmdsStore, NetConfig,
     RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig, MAX_REFILL_TIME_MS,
 };
 pub use devices::virtio::net::{parse_mac, MacError};
@@ -35,7 +35,7 @@ pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;
 pub use usage::MemoryUsage;
-pub use vm::{run, ClockRestore, ConsoleIo, Outcome, Vm};
+pub use vm::{run, ClockRestore, ConsoleIo, Outcome, SnapshotType, Vm};
 
 /// Route SIGINT, SIGTERM and SIGHUP to `wake` (written once per signal); see
 /// [`stop_signal_received`]. Starting a VM routes them to the VM's own wake-up event.

@@ -8,11 +8,12 @@ use std::path::Path;
 use arch::boot::BootInfo;
 use arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START};
 use arch::regs::BootProtocol;
+use arch::GuestMemoryMmap;
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bzimage::BzImage;
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, KernelLoader, KernelLoaderResult};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::config::VmConfig;
 use crate::error::{Error, Result};

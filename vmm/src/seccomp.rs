@@ -54,7 +54,7 @@
 //!   `rename` and `ftruncate` (a snapshot's files are written whole, then renamed into place);
 //!   `getrandom`; the timerfd calls (a rate limiter changed by the API); `tgkill` **only to threads of this process, with the vCPU kick signal or
 //!   `SIGABRT`** (an abort); `rt_sigaction` **only for `SIGABRT`** (glibc's `abort` resets its
-//!   handler); `ioctl` only the VM-state reads of a snapshot. No `socket`, no `connect`. A
+//!   handler); `ioctl` only the VM-state reads of a snapshot (with the dirty-page log). No `socket`, no `connect`. A
 //!   front end adds what it does itself on that thread.
 //!
 //! The threads that open no files ([`Filter::refuse_opens`]) have a second filter that makes
@@ -145,6 +145,11 @@ const KVM_GET_XCRS: u64 = kvm_ior(0xa6, std::mem::size_of::<kvm_bindings::kvm_xc
 const KVM_GET_IRQCHIP: u64 = kvm_iowr(0x62, std::mem::size_of::<kvm_bindings::kvm_irqchip>());
 const KVM_GET_CLOCK: u64 = kvm_ior(0x7c, std::mem::size_of::<kvm_bindings::kvm_clock_data>());
 const KVM_GET_PIT2: u64 = kvm_ior(0x9f, std::mem::size_of::<kvm_bindings::kvm_pit_state2>());
+/// ... and, for a VM that tracks dirty pages, the pages the guest changed.
+const KVM_GET_DIRTY_LOG: u64 = (1 << 30)
+    | ((std::mem::size_of::<kvm_bindings::kvm_dirty_log>() as u64) << 16)
+    | (0xae << 8)
+    | 0x42;
 const TUNSETOFFLOAD: u64 = 0x4004_54d0;
 const FIONBIO: u64 = 0x5421;
 
@@ -397,7 +402,12 @@ impl Filter {
                 // Seeding std's hash maps.
                 libc::SYS_getrandom,
             ])
-            .allow_ioctls(&[KVM_GET_IRQCHIP, KVM_GET_CLOCK, KVM_GET_PIT2])
+            .allow_ioctls(&[
+                KVM_GET_IRQCHIP,
+                KVM_GET_CLOCK,
+                KVM_GET_PIT2,
+                KVM_GET_DIRTY_LOG,
+            ])
             // Kicking vCPU threads out of KVM_RUN (and an abort), only within this process.
             .allow_rules(
                 libc::SYS_tgkill,
@@ -865,6 +875,7 @@ mod tests {
         assert_eq!(KVM_GET_IRQCHIP, 0xc208_ae62);
         assert_eq!(KVM_GET_CLOCK, 0x8030_ae7c);
         assert_eq!(KVM_GET_PIT2, 0x8070_ae9f);
+        assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
         assert_eq!(FIONBIO, libc::FIONBIO);
     }
 

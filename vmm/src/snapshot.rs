@@ -2,8 +2,14 @@
 //! VM's configuration) next to a memory file holding guest RAM.
 //!
 //! The memory file is the RAM regions back to back in guest-address order; all-zero pages are
-//! holes. A restored VM maps it copy-on-write, so the file is never modified and can back any
-//! number of VMs at once.
+//! holes. A restored VM maps it copy-on-write (or, with huge pages, reads it), so the file is
+//! never modified and can back any number of VMs at once.
+//!
+//! A diff snapshot's memory file is as long, but holds only the pages changed since the
+//! snapshot it applies on top of (its base: the one the VM last wrote or was loaded from);
+//! every other page is a hole. Each state file names its memory with a random id, and a diff's
+//! names its base's: [`merge`] writes the diff's pages over a copy of its base's memory file
+//! and gives a snapshot that loads like any other. A diff itself is not loaded.
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -82,6 +88,13 @@ pub struct SnapshotState {
     /// The MMDS data store, when the VM serves the MMDS.
     #[serde(default)]
     pub mmds: Option<devices::mmds::MmdsState>,
+    /// A random id of this snapshot's memory (what a later diff snapshot names as its base).
+    #[serde(default)]
+    pub memory_id: Option<u64>,
+    /// For a diff snapshot: the `memory_id` of its base, whose memory file its memory file
+    /// applies on top of. `None` for a complete snapshot.
+    #[serde(default)]
+    pub diff_base: Option<u64>,
 }
 
 /// Just the header, read first so that another version gets a clear message.
@@ -130,6 +143,49 @@ impl SnapshotState {
         }
         Ok(())
     }
+}
+
+/// A new random id for a snapshot's memory.
+pub(crate) fn new_memory_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most `bytes.len()` bytes into the buffer it is given.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Unique enough when the kernel has no randomness to give: time and process.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return nanos ^ (u64::from(std::process::id()) << 32);
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+/// Merge the diff snapshot `diff` (state file, memory file) into its base `base`: write to
+/// `out` the snapshot `diff` describes, with `base`'s memory file under the diff's pages. `out`
+/// loads like any snapshot when `base` is complete (and is a diff of `base`'s base otherwise).
+/// `out` may name the same files as `base` or `diff`: each is written to a new file renamed
+/// over the old one.
+pub fn merge(base: (&Path, &Path), diff: (&Path, &Path), out: (&Path, &Path)) -> Result<()> {
+    let base_state = read_state(base.0)?;
+    let diff_state = read_state(diff.0)?;
+    let Some(wanted) = diff_state.diff_base else {
+        return Err(Error::NotADiff(diff.0.to_path_buf()));
+    };
+    if base_state.memory_id != Some(wanted)
+        || base_state.config.mem_mib != diff_state.config.mem_mib
+    {
+        return Err(Error::WrongBase {
+            diff: diff.0.to_path_buf(),
+            base: base.0.to_path_buf(),
+        });
+    }
+    crate::memory::merge(base.1, diff.1, out.1, diff_state.config.mem_bytes())?;
+    let merged = SnapshotState {
+        diff_base: base_state.diff_base,
+        ..diff_state
+    };
+    write_state(out.0, &merged)
 }
 
 /// Create (or replace) `path` with mode 0600 through a temporary file in the same directory,
@@ -348,6 +404,8 @@ mod tests {
             vmgenid: Some(VmGenIdState {
                 addr: arch::layout::VMGENID_START,
             }),
+            memory_id: Some(7),
+            diff_base: None,
         }
     }
 

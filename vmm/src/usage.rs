@@ -1,6 +1,7 @@
 //! How much host memory the VMM itself uses beyond the guest's own pages.
 
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
+use arch::GuestMemoryMmap;
+use vm_memory::GuestMemoryBackend;
 
 /// Resident memory of this process, split into guest RAM and everything else.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -84,7 +85,7 @@ Rss:                   8 kB
 
     #[test]
     fn touched_guest_pages_count_as_guest_memory() {
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
         let before = measure(&mem).unwrap();
         for page in 0..1024u64 {
             mem.write_obj(1u8, GuestAddress(page * 4096)).unwrap();

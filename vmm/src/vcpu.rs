@@ -3,13 +3,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
+use arch::GuestMemoryMmap;
 use devices::bus::{lock, Bus};
 use kvm_bindings::{
     kvm_msr_entry, kvm_xcrs, CpuId, Msrs, KVM_EXIT_IO_OUT, KVM_MAX_CPUID_ENTRIES,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::GuestMemoryMmap;
 
 use crate::error::{Error, Result};
 use crate::exit::{Ending, Endings};

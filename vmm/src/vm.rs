@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use arch::GuestMemoryMmap;
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
 use devices::virtio::block::Block;
@@ -18,7 +19,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
@@ -118,6 +119,26 @@ pub fn run(
     Ok(vm.shutdown(ending))
 }
 
+/// What a snapshot holds of guest memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SnapshotType {
+    /// All of it.
+    #[default]
+    Full,
+    /// Only the pages changed since the previous snapshot the VM wrote or was loaded from
+    /// (needs [`VmConfig::track_dirty_pages`]).
+    Diff,
+}
+
+/// What a diff snapshot of a VM is relative to.
+struct Lineage {
+    /// The memory id of the snapshot the VM's memory last equalled: the last one it wrote, or
+    /// the one it was restored from. `None` until then.
+    base: Option<u64>,
+    /// The pages changed since then, when the VM tracks them.
+    dirty: Option<memory::DirtyPages>,
+}
+
 /// How long `pause` waits for every vCPU to stop executing guest code.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -137,6 +158,7 @@ pub struct Vm {
     vmgenid: Option<VmGenId>,
     endings: Arc<Endings>,
     config: VmConfig,
+    lineage: Mutex<Lineage>,
     mem: GuestMemoryMmap,
     vm: VmFd,
     _kvm: Kvm,
@@ -152,6 +174,8 @@ struct Base {
     vmgenid: Option<VmGenId>,
     mmio: Bus,
     endings: Arc<Endings>,
+    /// Set by `restore`: the memory id of the snapshot the memory came from.
+    memory_id: Option<u64>,
 }
 
 /// Open KVM and create a VM with its interrupt controllers, PIT and `mem` (from `make_mem`),
@@ -189,7 +213,7 @@ fn create_base(
     }
 
     let mem = make_mem()?;
-    memory::register(&vm, &mem)?;
+    memory::register(&vm, &mem, config.track_dirty_pages)?;
     let mut mmio = Bus::new();
     let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
     let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
@@ -201,6 +225,7 @@ fn create_base(
         vmgenid: None,
         mmio,
         endings,
+        memory_id: None,
     })
 }
 
@@ -302,7 +327,7 @@ impl Vm {
     /// Create the VM, load the kernel and configure every vCPU, without running anything.
     pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
         let mem_size = config.mem_bytes();
-        let mut base = create_base(config, || memory::create(mem_size), None)?;
+        let mut base = create_base(config, || memory::create(mem_size, config.huge_pages), None)?;
         let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
         let entry = loader::load(config, &cmdline, &base.mem)?;
         // Both: the MP table serves a guest booted with acpi=off.
@@ -349,8 +374,10 @@ impl Vm {
     /// Build a VM from the snapshot in `state_path` and `mem_path` (see [`Vm::snapshot`]). Its
     /// configuration comes from the state file; `adjust` may change it (e.g. a new vsock
     /// socket path) before devices open their backends, but not the devices, vCPUs or memory
-    /// it describes. Returns the VM (built, not started) and the configuration it was built
-    /// with. Guest memory is mapped copy-on-write from `mem_path`, which is never modified.
+    /// it describes (its memory backing and dirty-page tracking may change). Returns the VM
+    /// (built, not started) and the configuration it was built with. Guest memory is mapped
+    /// copy-on-write from `mem_path` (or read from it, with huge pages), which is never
+    /// modified. A diff snapshot is refused: it must be merged into its base first.
     pub fn restore(
         state_path: &Path,
         mem_path: &Path,
@@ -378,6 +405,9 @@ impl Vm {
         clock: ClockRestore,
     ) -> Result<(Vm, VmConfig)> {
         let state = crate::snapshot::read_state(state_path)?;
+        if state.diff_base.is_some() {
+            return Err(Error::DiffSnapshotLoad(state_path.to_path_buf()));
+        }
         let mut config = state.config.clone();
         adjust(&mut config);
         // The data store the adjusted configuration serves (a fresh one, or the caller's)
@@ -401,7 +431,7 @@ impl Vm {
         let mem_size = config.mem_bytes();
         let mut base = create_base(
             &config,
-            || memory::restore(mem_path, mem_size),
+            || memory::restore(mem_path, mem_size, config.huge_pages),
             Some((&state.vm, clock)),
         )?;
         if base.virtio.transports.len() != state.virtio.len() {
@@ -425,6 +455,7 @@ impl Vm {
         }
         // This guest may be one of many clones of the snapshot: a new generation ID, and the
         // interrupt that has its kernel reseed its random number generator as it resumes.
+        base.memory_id = state.memory_id;
         base.vmgenid = match &state.vmgenid {
             Some(saved) => {
                 let vmgenid = VmGenId::new(GuestAddress(saved.addr), irq_line(&base.vm, GED_GSI)?);
@@ -475,6 +506,7 @@ impl Vm {
             vmgenid,
             mut mmio,
             endings,
+            memory_id,
         } = base;
         // Recorded on the vCPU thread that wrote the reset command, before it runs on.
         let reset_endings = endings.clone();
@@ -527,6 +559,12 @@ impl Vm {
             pause: PauseGate::default(),
             msr_list,
         });
+        let lineage = Lineage {
+            base: memory_id,
+            dirty: config
+                .track_dirty_pages
+                .then(|| memory::DirtyPages::new(&mem)),
+        };
         Ok(Vm {
             threads: Vec::new(),
             event_loop: None,
@@ -539,6 +577,7 @@ impl Vm {
             vmgenid,
             endings,
             config: config.clone(),
+            lineage: Mutex::new(lineage),
             mem,
             vm,
             _kvm: kvm,
@@ -557,10 +596,21 @@ impl Vm {
     }
 
     /// Write the paused VM's complete state to `state_path` and its guest memory to
-    /// `mem_path` (both created or replaced, mode 0600). Fails if the VM is not paused.
-    pub fn snapshot(&self, state_path: &Path, mem_path: &Path) -> Result<()> {
+    /// `mem_path` (both created or replaced, mode 0600): all of it, or as a diff only the pages
+    /// changed since the previous snapshot (see [`crate::snapshot`]). Fails if the VM is not
+    /// paused, and for a diff if it does not track dirty pages or has no previous snapshot.
+    pub fn snapshot(&self, state_path: &Path, mem_path: &Path, kind: SnapshotType) -> Result<()> {
         if !self.shared.pause.is_closed() || self.threads.is_empty() {
             return Err(Error::NotPaused);
+        }
+        let mut lineage = self.lineage.lock().unwrap_or_else(|e| e.into_inner());
+        if kind == SnapshotType::Diff {
+            if lineage.dirty.is_none() {
+                return Err(Error::DiffWithoutTracking);
+            }
+            if lineage.base.is_none() {
+                return Err(Error::DiffWithoutBase);
+            }
         }
         let vcpus = self
             .shared
@@ -572,6 +622,11 @@ impl Vm {
         // touching guest memory or their queues until memory is saved too.
         let transports: Vec<_> = self.virtio.transports.iter().map(|t| lock(t)).collect();
         let virtio = transports.iter().map(|t| t.state()).collect();
+        let lineage = &mut *lineage;
+        if let Some(dirty) = lineage.dirty.as_mut() {
+            dirty.collect(&self.vm, &self.mem)?;
+        }
+        let memory_id = crate::snapshot::new_memory_id();
         let state = crate::snapshot::SnapshotState {
             magic: crate::snapshot::MAGIC.to_string(),
             version: crate::snapshot::VERSION,
@@ -590,10 +645,27 @@ impl Vm {
                 .mmds
                 .as_ref()
                 .map(|m| m.store.0.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            memory_id: Some(memory_id),
+            diff_base: match kind {
+                SnapshotType::Full => None,
+                SnapshotType::Diff => lineage.base,
+            },
         };
-        memory::save(&self.mem, mem_path)?;
+        if let (SnapshotType::Diff, Some(dirty)) = (kind, &lineage.dirty) {
+            log::debug!("diff snapshot: {} changed pages", dirty.count());
+        }
+        match (kind, &lineage.dirty) {
+            (SnapshotType::Diff, Some(dirty)) => memory::save_diff(&self.mem, mem_path, dirty)?,
+            _ => memory::save(&self.mem, mem_path)?,
+        }
         drop(transports);
-        crate::snapshot::write_state(state_path, &state)
+        crate::snapshot::write_state(state_path, &state)?;
+        // Only now: a snapshot that failed leaves the pages for the next one to hold.
+        lineage.base = Some(memory_id);
+        if let Some(dirty) = lineage.dirty.as_mut() {
+            dirty.clear();
+        }
+        Ok(())
     }
 
     /// Start the device event loop, the vCPU threads and console input, then restrict the

@@ -282,12 +282,16 @@ impl Output {
 /// prints nothing while paused. Returns everything it printed.
 fn run_and_snapshot(mut vm: Vm, out: &Output, lines: usize, files: (&Path, &Path)) -> String {
     vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
-    let err = vm.snapshot(files.0, files.1).unwrap_err().to_string();
+    let err = vm
+        .snapshot(files.0, files.1, vmm::SnapshotType::Full)
+        .unwrap_err()
+        .to_string();
     assert_eq!(err, "cannot snapshot the VM: it is not paused");
     out.wait_lines(lines);
     vm.pause().unwrap();
     let printed = out.text();
-    vm.snapshot(files.0, files.1).unwrap();
+    vm.snapshot(files.0, files.1, vmm::SnapshotType::Full)
+        .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(out.text(), printed, "the guest ran while paused");
     drop(vm);
@@ -351,7 +355,8 @@ fn restored_guest_continues_counting() {
             };
             let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
             assert!(
-                vm.snapshot(&state1, &mem1).is_err(),
+                vm.snapshot(&state1, &mem1, vmm::SnapshotType::Full)
+                    .is_err(),
                 "an unstarted VM is not paused"
             );
             run_and_snapshot(vm, &out, 20, (&state1, &mem1))
@@ -606,4 +611,182 @@ fn each_restored_guest_sees_a_new_generation_id() {
     assert_eq!(ids, ["0".repeat(32), "0".repeat(32), "0".repeat(32)]);
     let saved = vmm::snapshot::read_state(&dir.path("s")).unwrap();
     assert_eq!(saved.vmgenid, None);
+}
+
+/// The ranges of `path` that hold data rather than holes.
+fn data_ranges(path: &Path) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let len = file.metadata().unwrap().len();
+    let (fd, mut at, mut ranges) = (file.as_raw_fd(), 0u64, Vec::new());
+    while at < len {
+        // SAFETY: lseek on an open descriptor; no memory is touched.
+        let start = unsafe { libc::lseek(fd, at as i64, libc::SEEK_DATA) };
+        if start < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
+        assert!(end > start);
+        ranges.push((start as u64, end as u64));
+        at = end as u64;
+    }
+    ranges
+}
+
+#[test]
+fn diff_snapshots_hold_the_changed_pages_and_load_merged_into_their_base() {
+    let dir = TempDir::new("diff");
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(RNG_DRIVER)).unwrap();
+    let base = (dir.path("base.state"), dir.path("base.mem"));
+    let diff = (dir.path("diff.state"), dir.path("diff.mem"));
+    let merged = (dir.path("merged.state"), dir.path("merged.mem"));
+    let mut config = VmConfig::new(&kernel);
+    config.mem_mib = 128;
+    config.entropy = true;
+
+    // Without tracking, a diff is refused; a full snapshot works as ever.
+    let untracked = {
+        let (config, base) = (config.clone(), base.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let mut vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
+            out.wait_lines(2);
+            vm.pause().unwrap();
+            vm.snapshot(&base.0, &base.1, vmm::SnapshotType::Diff)
+                .unwrap_err()
+                .to_string()
+        })
+    };
+    assert_eq!(
+        untracked,
+        "a diff snapshot needs dirty-page tracking: set track_dirty_pages in the machine \
+         configuration (or the snapshot load) before the VM starts"
+    );
+
+    config.track_dirty_pages = true;
+    let (before, between, no_base) = {
+        let (base, diff) = (base.clone(), diff.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let mut vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
+            out.wait_lines(20);
+            vm.pause().unwrap();
+            // A diff needs a snapshot before it.
+            let no_base = vm
+                .snapshot(&diff.0, &diff.1, vmm::SnapshotType::Diff)
+                .unwrap_err()
+                .to_string();
+            vm.snapshot(&base.0, &base.1, vmm::SnapshotType::Full)
+                .unwrap();
+            let before = out.text();
+            vm.resume();
+            out.wait_lines(before.matches('\n').count() + 20);
+            vm.pause().unwrap();
+            vm.snapshot(&diff.0, &diff.1, vmm::SnapshotType::Diff)
+                .unwrap();
+            let between = out.text()[before.len()..].to_string();
+            (before, between, no_base)
+        })
+    };
+    assert_eq!(
+        no_base,
+        "a diff snapshot needs a base, and this VM has written no snapshot yet (nor was it \
+         loaded from one that names its memory): create a Full snapshot first"
+    );
+    assert_counts_from(&format!("{before}{between}"), 1);
+
+    // Between the two snapshots the guest wrote the available ring's index (0x301000, seen
+    // by KVM) and the device the used ring (0x302000) and random bytes (0x304000), written by
+    // flint: the diff holds those pages and not much else.
+    let meta = std::fs::metadata(&diff.1).unwrap();
+    assert_eq!(meta.len(), 128 << 20);
+    let ranges = data_ranges(&diff.1);
+    for page in [0x30_1000u64, 0x30_2000, 0x30_4000] {
+        assert!(
+            ranges.iter().any(|(s, e)| *s <= page && page + 4096 <= *e),
+            "page {page:#x} is not in the diff: {ranges:?}"
+        );
+    }
+    let allocated = std::os::unix::fs::MetadataExt::blocks(&meta) * 512;
+    assert!(
+        allocated <= 64 << 10,
+        "{allocated} bytes allocated: {ranges:?}"
+    );
+    let saved_base = vmm::snapshot::read_state(&base.0).unwrap();
+    let saved_diff = vmm::snapshot::read_state(&diff.0).unwrap();
+    assert!(saved_base.memory_id.is_some() && saved_base.diff_base.is_none());
+    assert_eq!(saved_diff.diff_base, saved_base.memory_id);
+
+    // A diff does not load by itself.
+    let err = {
+        let diff = diff.clone();
+        on_thread(move || {
+            Vm::restore(
+                &diff.0,
+                &diff.1,
+                &mut |_| {},
+                Output::default().console(),
+                Instant::now(),
+            )
+            .err()
+            .unwrap()
+            .to_string()
+        })
+    };
+    assert!(
+        err.ends_with("is a diff snapshot, which holds only the pages changed since its base: merge it into its base first (flint snapshot merge)"),
+        "{err}"
+    );
+    // Nor merges into a snapshot that is not its base.
+    let err = vmm::snapshot::merge(
+        (&diff.0, &diff.1),
+        (&diff.0, &diff.1),
+        (&merged.0, &merged.1),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("applies on top of a different snapshot"),
+        "{err}"
+    );
+
+    // Merged into its base, it loads: the guest goes on from where the diff was taken (not
+    // from the base), and the device from its queue's place then.
+    vmm::snapshot::merge(
+        (&base.0, &base.1),
+        (&diff.0, &diff.1),
+        (&merged.0, &merged.1),
+    )
+    .unwrap();
+    let after = on_thread(move || {
+        let out = Output::default();
+        let (mut vm, config) = Vm::restore(
+            &merged.0,
+            &merged.1,
+            &mut |_| {},
+            out.console(),
+            Instant::now(),
+        )
+        .unwrap();
+        assert!(config.track_dirty_pages);
+        vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
+        out.wait_lines(10);
+        vm.pause().unwrap();
+        // The loaded snapshot is the next diff's base.
+        let next = (
+            merged.0.with_extension("next"),
+            merged.1.with_extension("next"),
+        );
+        vm.snapshot(&next.0, &next.1, vmm::SnapshotType::Diff)
+            .unwrap();
+        let next_state = vmm::snapshot::read_state(&next.0).unwrap();
+        let merged_state = vmm::snapshot::read_state(&merged.0).unwrap();
+        assert_eq!(next_state.diff_base, merged_state.memory_id);
+        out.text()
+    });
+    assert_counts_from(&format!("{before}{between}{after}"), 1);
 }

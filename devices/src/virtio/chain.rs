@@ -9,9 +9,10 @@
 
 use std::sync::atomic::Ordering;
 
+use arch::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 /// `VRING_DESC_F_INDIRECT` in the u16 a descriptor carries: the descriptor points at a table
 /// of descriptors.

@@ -22,8 +22,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use event_manager::{EventOps, Events};
 
+use arch::GuestMemoryMmap;
 use virtio_queue::Queue;
-use vm_memory::GuestMemoryMmap;
 
 use crate::IrqLine;
 

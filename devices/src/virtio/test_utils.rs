@@ -2,8 +2,9 @@
 
 use std::sync::Arc;
 
+use arch::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::VirtioInterrupt;

@@ -5,8 +5,9 @@ use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::sync::Arc;
 
+use arch::GuestMemoryMmap;
 use log::debug;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, WriteVolatile};
+use vm_memory::{Bytes, GuestMemoryBackend, ReadVolatile, WriteVolatile};
 
 use super::request::{BadRequest, Request, RequestType};
 use super::{

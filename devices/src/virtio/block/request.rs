@@ -1,8 +1,9 @@
 //! Turning a virtio-blk descriptor chain into a typed [`Request`] or a typed error
 //! ([`parse_request`]), without touching the disk.
 
+use arch::GuestMemoryMmap;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
     MAX_DATA_LEN, MAX_DESCRIPTORS, SECTOR_SIZE, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,

@@ -21,11 +21,12 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use arch::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
