@@ -497,7 +497,7 @@ mod tests {
             (r#""huge_pages": "None""#, Some(vmm::HugePages::None), None),
             (
                 r#""huge_pages": "Transparent""#,
-                Some(vmm::HugePages::None),
+                Some(vmm::HugePages::Transparent),
                 None,
             ),
             (r#""track_dirty_pages": true"#, None, Some(true)),

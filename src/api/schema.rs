@@ -268,12 +268,14 @@ const MACHINE_FIELDS: &[&str] = &[
     "huge_pages",
     "cpu_template",
 ];
-/// What backs guest memory: ordinary pages or 2 MiB huge pages.
-const HUGE_PAGES: &[&str] = &["None", "2M"];
+/// What backs guest memory: ordinary pages, 2 MiB huge pages, or ordinary pages the host may
+/// back with transparent huge pages.
+const HUGE_PAGES: &[&str] = &["None", "2M", "Transparent"];
 
 fn huge_pages(name: &str) -> vmm::HugePages {
     match name {
         "2M" => vmm::HugePages::Size2M,
+        "Transparent" => vmm::HugePages::Transparent,
         _ => vmm::HugePages::None,
     }
 }
@@ -708,11 +710,11 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
         ],
         &[],
     )?;
-    // "Snapshot" (and no value): as the snapshot's VM had it. "Transparent": ordinary pages,
-    // as "None" (flint asks for no transparent huge pages).
+    // "Snapshot" (and no value): as the snapshot's VM had it.
     let huge_pages = match f.opt_choice("huge_pages", &["Snapshot", "None", "Transparent", "2M"])? {
         Some("2M") => Some(vmm::HugePages::Size2M),
-        Some("None" | "Transparent") => Some(vmm::HugePages::None),
+        Some("None") => Some(vmm::HugePages::None),
+        Some("Transparent") => Some(vmm::HugePages::Transparent),
         _ => None,
     };
     // `enable_diff_snapshots` is Firecracker's older name of `track_dirty_pages`.
@@ -1116,7 +1118,7 @@ mod tests {
             (
                 "huge_pages",
                 json!("1G"),
-                "huge_pages must be one of \"None\", \"2M\", not \"1G\"",
+                "huge_pages must be one of \"None\", \"2M\", \"Transparent\", not \"1G\"",
             ),
         ] {
             let mut body = json!({"vcpu_count": 1, "mem_size_mib": 128});
@@ -1219,8 +1221,8 @@ mod tests {
                 "smt must be true or false, not \"yes\"",
             ),
             (
-                json!({"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "Transparent"}),
-                "huge_pages must be one of \"None\", \"2M\", not \"Transparent\"",
+                json!({"vcpu_count": 1, "mem_size_mib": 128, "huge_pages": "1G"}),
+                "huge_pages must be one of \"None\", \"2M\", \"Transparent\", not \"1G\"",
             ),
             (
                 json!({"vcpu_count": 1, "mem_size_mib": 128, "cpu_template": 7}),

@@ -166,14 +166,19 @@ pub enum HugePages {
     /// instead of the guest faulting later). Guest memory must be a multiple of 2 MiB.
     #[serde(rename = "2M")]
     Size2M,
+    /// Ordinary pages that the host kernel may back with transparent huge pages
+    /// (`madvise(MADV_HUGEPAGE)` on guest memory; what the host's
+    /// `/sys/kernel/mm/transparent_hugepage` settings then do is theirs).
+    Transparent,
 }
 
 impl HugePages {
-    /// The API's spelling: "None" or "2M".
+    /// The API's spelling: "None", "2M" or "Transparent".
     pub fn as_str(self) -> &'static str {
         match self {
             HugePages::None => "None",
             HugePages::Size2M => "2M",
+            HugePages::Transparent => "Transparent",
         }
     }
 }

@@ -126,6 +126,8 @@ pub enum Error {
     },
     #[error("this host has no pool of 2 MiB huge pages (/sys/kernel/mm/hugepages/hugepages-2048kB), so huge_pages \"2M\" cannot be used")]
     NoHugePages,
+    #[error("this host's kernel has no transparent huge pages (madvise MADV_HUGEPAGE is refused), so huge_pages \"Transparent\" cannot be used")]
+    NoTransparentHugePages,
     #[error("a diff snapshot needs dirty-page tracking: set track_dirty_pages in the machine configuration (or the snapshot load) before the VM starts")]
     DiffWithoutTracking,
     #[error("a diff snapshot needs a base, and this VM has written no snapshot yet (nor was it loaded from one that names its memory): create a Full snapshot first")]

@@ -48,7 +48,7 @@ fn anonymous_region(
     let builder = MmapRegionBuilder::new_with_bitmap(len, bitmap(len))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
     let builder = match huge {
-        HugePages::None => {
+        HugePages::None | HugePages::Transparent => {
             builder.with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_ANONYMOUS | libc::MAP_PRIVATE)
         }
         HugePages::Size2M => builder
@@ -90,11 +90,32 @@ pub fn create(mem_size: u64, huge: HugePages) -> Result<GuestMemoryMmap> {
                 );
             }
         };
+        if huge == HugePages::Transparent {
+            advise_huge_pages(&mapping).map_err(|_| Error::NoTransparentHugePages)?;
+        }
         let region = GuestRegionMmap::new(mapping, addr)
             .ok_or_else(|| guest_memory(format!("region at {:#x} overflows", addr.0)))?;
         regions.push(region);
     }
     GuestMemoryMmap::from_regions(regions).map_err(|e| guest_memory(e.to_string()))
+}
+
+/// Ask the host kernel to back `mapping` with transparent huge pages where it can.
+fn advise_huge_pages(mapping: &MmapRegion<AtomicBitmap>) -> std::io::Result<()> {
+    // SAFETY: the range is exactly the mapping `mapping` owns; MADV_HUGEPAGE only changes how
+    // the kernel may back it, never its contents or validity.
+    let rc = unsafe {
+        libc::madvise(
+            mapping.as_ptr().cast::<libc::c_void>(),
+            mapping.size(),
+            libc::MADV_HUGEPAGE,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Why `mem_size` bytes of huge pages could not be mapped, when the host's pool explains it.
@@ -451,6 +472,9 @@ pub fn restore(path: &Path, mem_size: u64, huge: HugePages) -> Result<GuestMemor
             .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
             .build()
             .map_err(|e| map_err(e.to_string()))?;
+        if huge == HugePages::Transparent {
+            advise_huge_pages(&mapping).map_err(|_| Error::NoTransparentHugePages)?;
+        }
         let region = GuestRegionMmap::new(mapping, addr)
             .ok_or_else(|| map_err(format!("region at {:#x} overflows", addr.0)))?;
         regions.push(region);
@@ -759,5 +783,47 @@ mod tests {
             }
             (None, Ok(_)) => panic!("huge pages mapped without a pool"),
         }
+    }
+
+    /// The `VmFlags` of the mapping starting at `addr` in this process's smaps.
+    fn vm_flags(addr: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{addr:x}-");
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        assert!(lines.next().is_some(), "no mapping at {addr:#x}");
+        lines
+            .find_map(|l| l.strip_prefix("VmFlags:"))
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn transparent_huge_pages_are_asked_for_on_created_and_restored_memory() {
+        let size = 64u64 << 20;
+        let mem = create(size, HugePages::Transparent).unwrap();
+        let flags = |mem: &GuestMemoryMmap| -> Vec<String> {
+            mem.iter().map(|r| vm_flags(r.as_ptr() as u64)).collect()
+        };
+        assert!(
+            flags(&mem).iter().all(|f| f.contains(" hg")),
+            "{:?}",
+            flags(&mem)
+        );
+        let plain = create(size, HugePages::None).unwrap();
+        assert!(
+            flags(&plain).iter().all(|f| !f.contains(" hg")),
+            "{:?}",
+            flags(&plain)
+        );
+
+        let path = std::env::temp_dir().join(format!("flint-thp-{}", std::process::id()));
+        save(&mem, &path).unwrap();
+        let restored = restore(&path, size, HugePages::Transparent).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            flags(&restored).iter().all(|f| f.contains(" hg")),
+            "{:?}",
+            flags(&restored)
+        );
     }
 }
