@@ -53,11 +53,15 @@ fn round_trip(request: &ApiRequest) {
             vcpus,
             mem_mib,
             smt,
+            huge_pages,
+            track_dirty_pages,
         } => {
             let vm = vmm::VmConfig {
                 vcpus: *vcpus,
                 mem_mib: *mem_mib,
                 smt: *smt,
+                huge_pages: *huge_pages,
+                track_dirty_pages: *track_dirty_pages,
                 ..vmm::VmConfig::new("")
             };
             let v = schema::machine_config_json(&vm);

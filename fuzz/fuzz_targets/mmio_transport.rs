@@ -10,12 +10,12 @@
 
 #![no_main]
 
+use arch::GuestMemoryMmap;
 use devices::bus::BusDevice;
-use devices::virtio::{mmio::MmioTransport, VIRTIO_CONFIG_S_DRIVER_OK};
 use devices::virtio::rng::Rng;
+use devices::virtio::{mmio::MmioTransport, VIRTIO_CONFIG_S_DRIVER_OK};
 use flint_fuzz::{guest_memory, interrupt, MEM_SIZE};
 use libfuzzer_sys::fuzz_target;
-use arch::GuestMemoryMmap;
 
 /// Most operations run per input.
 const MAX_OPS: usize = 4096;

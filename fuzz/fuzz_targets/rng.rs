@@ -22,8 +22,13 @@ fuzz_target!(|data: &[u8]| {
     queue.set_event_idx(flags & 1 != 0);
 
     let mut rng = Rng::new();
-    rng.activate(mem.clone(), feature(VIRTIO_F_VERSION_1), vec![queue], interrupt())
-        .unwrap();
+    rng.activate(
+        mem.clone(),
+        feature(VIRTIO_F_VERSION_1),
+        vec![queue],
+        interrupt(),
+    )
+    .unwrap();
     let metrics = rng.metrics();
     // A first pass, then as many more as the device asks for (each bounded), and one more
     // kick as a guest might send.

@@ -11,6 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use arch::GuestMemoryMmap;
 use devices::legacy::{SerialConsole, I8042};
 use devices::virtio::mmio::MmioTransport;
 use devices::virtio::rng::Rng;
@@ -18,7 +19,6 @@ use devices::virtio::VirtioInterrupt;
 use devices::IrqLine;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
-use arch::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 fuzz_target!(|data: &[u8]| {

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use arch::GuestMemoryMmap;
 use devices::virtio::vsock::packet::{Header, HOST_CID, TYPE_STREAM};
 use devices::virtio::vsock::{
     Vsock, EVENT_QUEUE, FIRST_HOST_PORT, MAX_CONNECTIONS, RX_QUEUE, TX_QUEUE,
@@ -25,7 +26,6 @@ use flint_fuzz::{interrupt, scratch_dir, split_queue};
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
-use arch::GuestMemoryMmap;
 
 const MAX_OPS: usize = 128;
 const GUEST_CID: u64 = 3;
@@ -175,8 +175,13 @@ impl World {
         let queues = self.rings.iter().map(Ring::queue).collect();
         let interrupt = fixture().interrupt.clone();
         let mut dev = self.dev.lock().unwrap();
-        dev.activate(self.mem.clone(), feature(VIRTIO_F_VERSION_1), queues, interrupt)
-            .unwrap();
+        dev.activate(
+            self.mem.clone(),
+            feature(VIRTIO_F_VERSION_1),
+            queues,
+            interrupt,
+        )
+        .unwrap();
     }
 
     fn host(&mut self, input: &mut Input) -> Option<&mut UnixStream> {

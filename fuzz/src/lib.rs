@@ -6,13 +6,13 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use arch::GuestMemoryMmap;
 use devices::bus::Bus;
 use devices::virtio::chain::{pop_chain, DescChain};
 use devices::virtio::VirtioInterrupt;
 use devices::IrqLine;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
-use arch::GuestMemoryMmap;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Guest memory of a queue image, in bytes (longer images are cut).
