@@ -7,8 +7,9 @@
 //!   leaves no shim process, mount or file behind (the second gets as far as building the
 //!   container's root disk from the overlayfs snapshotter's mounts).
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
-//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output, its exit status, and a
-//!   signal sent with `ctr task kill`. The nested host's kernel has no overlay module (see
+//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a running
+//!   one, `ctr task exec` (output, status) and `ctr task ps`, then a signal sent with
+//!   `ctr task kill`; nothing is left afterwards. The nested host's kernel has no overlay module (see
 //!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter there,
 //!   whose root file systems reach the shim as bind mounts.
 
@@ -466,6 +467,9 @@ until $CTR task ls 2>/dev/null | grep -q "sleeper.*RUNNING" || [ $n -ge 600 ]; d
 done
 # The agent has started the command when the task runs; give sleep a moment to be sleep.
 sleep 2
+flint_case exec $CTR task exec --exec-id e1 sleeper \
+    sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
+flint_case ps $CTR task ps sleeper
 flint_case kill $CTR task kill -s SIGTERM sleeper
 end_case sleeper $BG_PID
 sleep 2
@@ -529,6 +533,27 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     );
     assert_eq!(first.stderr.trim(), "err: 0");
     assert_eq!(first.status, 3, "ctr run exits with the container's status");
+    let exec = run.case("exec");
+    assert_eq!(
+        exec.stdout.trim(),
+        "exec: the second layer",
+        "{}",
+        exec.stderr
+    );
+    assert_eq!(
+        exec.status, 4,
+        "ctr task exec exits with the process's status"
+    );
+    let ps = run.case("ps");
+    assert_eq!(ps.status, 0, "{}", ps.stderr);
+    assert!(
+        ps.stdout.lines().skip(1).any(|l| l
+            .split_whitespace()
+            .next()
+            .is_some_and(|pid| pid.parse::<u32>().is_ok())),
+        "no guest pid in ctr task ps: {}",
+        ps.stdout
+    );
     let kill = run.case("kill");
     assert_eq!(kill.status, 0, "{}", kill.stderr);
     let sleeper = run.case("sleeper");
