@@ -9,7 +9,9 @@
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
 //!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a running
 //!   one, `ctr task exec` (output, status) and `ctr task ps`, then a signal sent with
-//!   `ctr task kill`; nothing is left afterwards. The nested host's kernel has no overlay module (see
+//!   `ctr task kill`; a guest that powers off under its process (the task ends with 255); a
+//!   shim killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left
+//!   afterwards. The nested host's kernel has no overlay module (see
 //!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter there,
 //!   whose root file systems reach the shim as bind mounts.
 
@@ -312,20 +314,14 @@ fn ctr_error(out: &Output) -> String {
     text
 }
 
-/// Files (not directories) under `dir`.
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                dirs.push(entry.path());
-            } else {
-                files.push(entry.path());
-            }
-        }
-    }
-    files
+/// What is in `dir` (nothing when it does not exist).
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
 }
 
 #[test]
@@ -357,8 +353,9 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
             !mounts.lines().any(|l| l.contains(&ours)),
             "{what}: a mount is left:\n{mounts}"
         );
+        // Not even the namespace's directory.
         assert_eq!(
-            files_under(&work),
+            entries(&work),
             Vec::<PathBuf>::new(),
             "{what}: files are left"
         );
@@ -472,9 +469,29 @@ flint_case exec $CTR task exec --exec-id e1 sleeper \
 flint_case ps $CTR task ps sleeper
 flint_case kill $CTR task kill -s SIGTERM sleeper
 end_case sleeper $BG_PID
+# The guest powers off under its process: the task ends with 255.
+flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
+# The shim is killed: containerd's cleanup (the shim's delete action) leaves nothing.
+flint_case detached $CTR run -d --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 victim sleep 600
+n=0
+until $CTR task ls 2>/dev/null | grep -q "victim.*RUNNING" || [ $n -ge 300 ]; do
+    sleep 1; n=$((n + 1))
+done
+victim=$(ps -o pid,args | grep '[c]ontainerd-shim-flint-v2 .*-id victim' | awk '{print $1}')
+echo "VICTIM_SHIM ${victim:-none}"
+kill -9 $victim
+n=0
+while $CTR task ls 2>/dev/null | grep -q "victim.*RUNNING" && [ $n -lt 60 ]; do
+    sleep 1; n=$((n + 1))
+done
+echo "VICTIM_TASK $($CTR task ls 2>/dev/null | grep victim | awk '{print $3}')"
+$CTR task delete victim >/dev/null 2>&1
+flint_case remove $CTR container rm victim
 sleep 2
 echo "SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
-echo "WORKLEFT $(find "$WORK/shim-work" -mindepth 1 -type f | wc -l)"
+echo "WORKLEFT $(find "$WORK/shim-work" -mindepth 1 | wc -l)"
 echo "MOUNTS $(grep -c "$C" /proc/mounts)"
 echo "TASKS $($CTR task ls -q | wc -l)"
 kill $CPID
@@ -558,6 +575,19 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     assert_eq!(kill.status, 0, "{}", kill.stderr);
     let sleeper = run.case("sleeper");
     assert_eq!(sleeper.status, 128 + 15, "SIGTERM: {}", sleeper.stderr);
+    let poweroff = run.case("poweroff");
+    assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);
+    assert_eq!(poweroff.status, 255, "the VM ended under the process");
+    let detached = run.case("detached");
+    assert_eq!(detached.status, 0, "{}", detached.stderr);
+    assert_ne!(line(&run.output, "VICTIM_SHIM "), "none");
+    assert_ne!(
+        line(&run.output, "VICTIM_TASK "),
+        "RUNNING",
+        "containerd saw the killed shim's task end"
+    );
+    let remove = run.case("remove");
+    assert_eq!(remove.status, 0, "{}", remove.stderr);
     assert_eq!(line(&run.output, "SHIMS "), "0", "a shim is left");
     assert_eq!(line(&run.output, "WORKLEFT "), "0", "files are left");
     assert_eq!(line(&run.output, "MOUNTS "), "0", "mounts are left");
