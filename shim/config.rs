@@ -4,7 +4,8 @@
 //!
 //! ```json
 //! { "kernel": "/var/lib/flint/vmlinux", "initramfs": "/var/lib/flint/initramfs.cpio.gz",
-//!   "vcpus": 1, "memory_mib": 256, "work_dir": "/var/lib/flint/containerd" }
+//!   "vcpus": 1, "memory_mib": 256, "memory_overhead_mib": 64,
+//!   "work_dir": "/var/lib/flint/containerd" }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -47,14 +48,37 @@ struct File {
     initramfs: Option<PathBuf>,
     vcpus: Option<u32>,
     memory_mib: Option<u64>,
+    memory_overhead_mib: Option<u64>,
     work_dir: Option<PathBuf>,
 }
 
 /// What the shim runs containers with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShimConfig {
+    /// The VM of a container without limits.
     pub pod: PodSettings,
+    /// What a container with a memory limit gets on top of it (the guest kernel, the agent,
+    /// the writes it keeps in memory).
+    pub memory_overhead_mib: u64,
     pub work_dir: PathBuf,
+}
+
+/// [`ShimConfig::memory_overhead_mib`] unless the file says otherwise.
+pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 64;
+
+impl ShimConfig {
+    /// The VM of a container with `resources`: as many vCPUs as its CPU limit (quota over
+    /// period, rounded up), its memory limit plus the overhead; the configured ones for
+    /// what it does not limit.
+    pub fn pod_for(&self, resources: &crate::spec::Resources) -> PodSettings {
+        PodSettings {
+            vcpus: resources.vcpus().unwrap_or(self.pod.vcpus),
+            mem_mib: resources.memory_mib().map_or(self.pod.mem_mib, |m| {
+                m.saturating_add(self.memory_overhead_mib)
+            }),
+            ..self.pod.clone()
+        }
+    }
 }
 
 impl ShimConfig {
@@ -110,6 +134,9 @@ impl ShimConfig {
                 vcpus: file.vcpus.unwrap_or(defaults.vcpus),
                 mem_mib: file.memory_mib.unwrap_or(defaults.mem_mib),
             },
+            memory_overhead_mib: file
+                .memory_overhead_mib
+                .unwrap_or(DEFAULT_MEMORY_OVERHEAD_MIB),
             work_dir: file
                 .work_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
@@ -155,6 +182,33 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn limits_size_the_vm_and_the_configuration_the_rest() {
+        use crate::spec::{Cpu, Memory, Resources};
+        let config = ShimConfig {
+            pod: PodSettings {
+                vcpus: 1,
+                mem_mib: 128,
+                ..PodSettings::default()
+            },
+            memory_overhead_mib: 64,
+            work_dir: PathBuf::from("/w"),
+        };
+        let pod = config.pod_for(&Resources::default());
+        assert_eq!((pod.vcpus, pod.mem_mib), (1, 128));
+        let limited = Resources {
+            memory: Some(Memory {
+                limit: Some(256 << 20),
+            }),
+            cpu: Some(Cpu {
+                quota: Some(200000),
+                period: Some(100000),
+            }),
+        };
+        let pod = config.pod_for(&limited);
+        assert_eq!((pod.vcpus, pod.mem_mib), (2, 256 + 64));
     }
 
     #[test]

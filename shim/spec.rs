@@ -59,11 +59,38 @@ struct Root {
     path: String,
 }
 
+/// `linux.resources.memory` (only what sizes the VM).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Memory {
+    pub limit: Option<i64>,
+}
+
+/// `linux.resources.cpu` (only what sizes the VM).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Cpu {
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+}
+
+/// `linux.resources`: what `ctr run --memory-limit` and `--cpus` (or a pod spec's limits)
+/// set.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Resources {
+    pub memory: Option<Memory>,
+    pub cpu: Option<Cpu>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Linux {
+    resources: Option<Resources>,
+}
+
 #[derive(Debug, Deserialize)]
 struct Spec {
     process: Option<Process>,
     #[serde(default)]
     root: Root,
+    linux: Option<Linux>,
 }
 
 /// What the shim takes from a bundle.
@@ -72,6 +99,7 @@ pub struct Bundle {
     pub process: Process,
     /// The root directory (the bundle's `rootfs` unless the spec names another).
     pub rootfs: PathBuf,
+    pub resources: Resources,
 }
 
 impl Bundle {
@@ -99,6 +127,7 @@ impl Bundle {
         Ok(Bundle {
             process,
             rootfs: bundle.join(root),
+            resources: spec.linux.and_then(|l| l.resources).unwrap_or_default(),
         })
     }
 }
@@ -111,6 +140,24 @@ pub fn exec_process(json: &[u8]) -> Result<Process, SpecError> {
         )));
     }
     Ok(serde_json::from_slice(json)?)
+}
+
+impl Resources {
+    /// The vCPUs the CPU limit asks for (quota / period, rounded up), if it sets one.
+    pub fn vcpus(&self) -> Option<u32> {
+        let cpu = self.cpu.as_ref()?;
+        let quota = u64::try_from(cpu.quota?).ok().filter(|q| *q > 0)?;
+        let period = cpu.period.filter(|p| *p > 0)?;
+        Some(u32::try_from(quota.div_ceil(period)).unwrap_or(u32::MAX))
+    }
+
+    /// The memory limit in MiB (rounded up), if it sets one.
+    pub fn memory_mib(&self) -> Option<u64> {
+        let limit = u64::try_from(self.memory.as_ref()?.limit?)
+            .ok()
+            .filter(|l| *l > 0)?;
+        Some(limit.div_ceil(1 << 20))
+    }
 }
 
 impl Process {
@@ -178,6 +225,29 @@ mod tests {
         let user = spec.user.unwrap();
         assert_eq!((user.uid, user.gid, user.groups), (1000, 100, vec![10]));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cpu_and_memory_limits_are_read_rounded_up() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"process": {"args": ["true"]}, "linux": {"resources": {
+                "memory": {"limit": 314572801}, "cpu": {"quota": 150000, "period": 100000}}}}"#,
+        )
+        .unwrap();
+        let resources = spec.linux.unwrap().resources.unwrap();
+        assert_eq!(resources.vcpus(), Some(2));
+        assert_eq!(resources.memory_mib(), Some(301));
+        // No limits, or "unlimited" ones (-1, 0).
+        assert_eq!(Resources::default().vcpus(), None);
+        let unlimited = Resources {
+            memory: Some(Memory { limit: Some(-1) }),
+            cpu: Some(Cpu {
+                quota: Some(-1),
+                period: Some(100000),
+            }),
+        };
+        assert_eq!(unlimited.vcpus(), None);
+        assert_eq!(unlimited.memory_mib(), None);
     }
 
     #[test]

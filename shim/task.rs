@@ -14,6 +14,7 @@ use containerd_shim::api::{self, Status};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskStart,
 };
+use containerd_shim::protos::events::task::{TaskPaused, TaskResumed};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
@@ -94,6 +95,8 @@ struct Container {
     processes: HashMap<String, Process>,
     /// Tells the VM watcher to stop watching.
     unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The VM's vCPUs are paused (`ctr task pause`).
+    paused: bool,
 }
 
 struct Shared {
@@ -250,7 +253,8 @@ impl Service {
             return Err(crate::spec::SpecError::Terminal.to_string());
         }
         let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
-        Pod::check(&config.pod).map_err(|e| e.to_string())?;
+        let settings = config.pod_for(&bundle.resources);
+        Pod::check(&settings).map_err(|e| e.to_string())?;
         let work = work_dir(&config.work_dir, &self.shared.namespace, &req.id)
             .ok_or_else(|| format!("the container id '{}' cannot name a directory", req.id))?;
         let _ = std::fs::remove_dir_all(&work);
@@ -276,7 +280,7 @@ impl Service {
                 .collect();
             let disk = work.join("rootfs.ext4");
             make_root_disk(&mounts, &bundle.rootfs, &disk)?;
-            Pod::boot(&config.pod, &disk, &work)
+            Pod::boot(&settings, &disk, &work)
         })();
         let pod = match made {
             Ok(pod) => pod,
@@ -306,6 +310,7 @@ impl Service {
             work,
             processes,
             unwatch: Arc::new(unwatch),
+            paused: false,
         })
     }
 
@@ -438,6 +443,21 @@ impl Service {
                     ),
                 ));
             }
+        }
+    }
+
+    /// The VM of a container whose init process runs (pause and resume act on it).
+    fn running_pod(&self) -> TtrpcResult<Arc<Pod>> {
+        let guard = self.lock();
+        let container = guard
+            .as_ref()
+            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        match container.processes.get("").map(|p| &p.phase) {
+            Some(Phase::Running { .. }) => Ok(Arc::clone(&container.pod)),
+            _ => Err(error(
+                Code::FAILED_PRECONDITION,
+                "the container is not running",
+            )),
         }
     }
 
@@ -648,7 +668,11 @@ impl containerd_shim::Task for Service {
             },
             bundle: container.bundle.clone(),
             pid: std::process::id(),
-            status: process.status().into(),
+            status: match process.status() {
+                Status::RUNNING if container.paused => Status::PAUSED,
+                status => status,
+            }
+            .into(),
             stdin: process.stdin.clone(),
             stdout: process.stdout.clone(),
             stderr: process.stderr.clone(),
@@ -682,6 +706,39 @@ impl containerd_shim::Task for Service {
             processes,
             ..Default::default()
         })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let pod = self.running_pod()?;
+        pod.pause().map_err(|e| {
+            error(
+                Code::UNKNOWN,
+                format!("cannot pause the container's VM: {e}"),
+            )
+        })?;
+        if let Some(c) = self.lock().as_mut() {
+            c.paused = true;
+        }
+        let event = TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish("/tasks/paused", Box::new(event));
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let pod = self.running_pod()?;
+        pod.resume();
+        if let Some(c) = self.lock().as_mut() {
+            c.paused = false;
+        }
+        let event = TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish("/tasks/resumed", Box::new(event));
+        Ok(api::Empty::new())
     }
 
     fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {

@@ -3,17 +3,19 @@
 //! directory and socket of its own, and stops.
 //!
 //! - Host level (no guest boots): `ctr run --runtime io.containerd.flint.v2` with a missing
-//!   kernel, and with a file that is no kernel, fails with one sentence in ctr's error and
-//!   leaves no shim process, mount or file behind (the second gets as far as building the
-//!   container's root disk from the overlayfs snapshotter's mounts).
+//!   kernel, a file that is no kernel, a memory limit no VM can have and a configuration file
+//!   with a typo fails with one sentence in ctr's error and leaves no shim process, mount or
+//!   file behind (the second and third get as far as building the container's root disk from
+//!   the overlayfs snapshotter's mounts).
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
-//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a running
-//!   one, `ctr task exec` (output, status) and `ctr task ps`, then a signal sent with
-//!   `ctr task kill`; a guest that powers off under its process (the task ends with 255); a
-//!   shim killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left
-//!   afterwards. The nested host's kernel has no overlay module (see
-//!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter there,
-//!   whose root file systems reach the shim as bind mounts.
+//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a
+//!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task pause` and
+//!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
+//!   the VM; a guest that powers off under its process (the task ends with 255); a shim
+//!   killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left afterwards.
+//!   The nested host's kernel has no overlay module (see
+//!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter
+//!   there, whose root file systems reach the shim as bind mounts.
 
 mod support;
 
@@ -419,6 +421,33 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
     );
     leftovers("bogus kernel");
 
+    // A memory limit no VM can have: the VM's own limit, in the container's terms.
+    c.write_shim_config(&serde_json::json!({
+        "kernel": support::guest_images().vmlinux,
+        "initramfs": sandbox,
+        "work_dir": work,
+    }));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "1125899906842624",
+        IMAGE,
+        "huge",
+        "true",
+    ]);
+    let error = ctr_error(&out);
+    assert!(
+        error.starts_with(
+            "ctr: failed to create shim task: the container's VM cannot be made: 1073741888 MiB \
+             of guest memory is more than flint supports"
+        ),
+        "{error}"
+    );
+    leftovers("a memory limit too large");
+
     // A configuration file with a typo: named in the error.
     std::fs::write(c.dir.0.join("shim.json"), r#"{"kernal": "/k"}"#).unwrap();
     let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "typo", "true"]);
@@ -467,8 +496,17 @@ sleep 2
 flint_case exec $CTR task exec --exec-id e1 sleeper \
     sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
 flint_case ps $CTR task ps sleeper
+flint_case pause $CTR task pause sleeper
+echo "PAUSED $($CTR task ls | grep sleeper | awk '{print $3}')"
+flint_case resume $CTR task resume sleeper
+echo "RESUMED $($CTR task ls | grep sleeper | awk '{print $3}')"
+flint_case after_resume $CTR task exec --exec-id e2 sleeper echo awake
 flint_case kill $CTR task kill -s SIGTERM sleeper
 end_case sleeper $BG_PID
+# Limits size the VM: 2 vCPUs, 384 MiB and the overhead (64 MiB).
+flint_case sized $CTR run --rm --runtime io.containerd.flint.v2 --cpus 2 \
+    --memory-limit 402653184 docker.io/library/flint-shim-test:1 sized \
+    sh -c 'echo "cpus $(grep -c ^processor /proc/cpuinfo)"; grep MemTotal /proc/meminfo'
 # The guest powers off under its process: the task ends with 255.
 flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
@@ -571,10 +609,39 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         "no guest pid in ctr task ps: {}",
         ps.stdout
     );
+    assert_eq!(run.case("pause").status, 0, "{}", run.case("pause").stderr);
+    assert_eq!(line(&run.output, "PAUSED "), "PAUSED");
+    assert_eq!(
+        run.case("resume").status,
+        0,
+        "{}",
+        run.case("resume").stderr
+    );
+    assert_eq!(line(&run.output, "RESUMED "), "RUNNING");
+    let after = run.case("after_resume");
+    assert_eq!(
+        (after.status, after.stdout.trim()),
+        (0, "awake"),
+        "{}",
+        after.stderr
+    );
     let kill = run.case("kill");
     assert_eq!(kill.status, 0, "{}", kill.stderr);
     let sleeper = run.case("sleeper");
     assert_eq!(sleeper.status, 128 + 15, "SIGTERM: {}", sleeper.stderr);
+    let sized = run.case("sized");
+    assert_eq!(sized.status, 0, "{}", sized.stderr);
+    assert_eq!(line(&sized.stdout, "cpus "), "2", "--cpus 2");
+    let mem_kib: u64 = line(&sized.stdout, "MemTotal:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (384 * 1024..=448 * 1024).contains(&mem_kib),
+        "--memory-limit 384 MiB: the guest has {mem_kib} KiB"
+    );
     let poweroff = run.case("poweroff");
     assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);
     assert_eq!(poweroff.status, 255, "the VM ended under the process");

@@ -15,7 +15,7 @@
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use flint_agent::poll::wait_readable;
@@ -74,6 +74,8 @@ enum Inner {
     },
     #[error(transparent)]
     Setup(#[from] SetupError),
+    #[error("the container's VM cannot be made: {0}")]
+    VmConfig(vmm::ConfigError),
     #[error("the container's root file system cannot be made into a disk: {0}")]
     Disk(#[from] ImageError),
     #[error("cannot mount the container's root file system ({fstype} from {from}): {error}")]
@@ -235,13 +237,21 @@ pub fn make_root_disk(mounts: &[RootMount], rootfs: &Path, disk: &Path) -> Resul
 /// The VM lives on a thread of its own, which starts it and is then restricted to the VMM
 /// thread's seccomp filter (as `flint run`'s main thread is): the caller's threads stay free.
 pub struct Pod {
-    /// Tells the VM's thread to stop the VM.
-    stop: EventFd,
+    /// Wakes the VM's thread for a [`Command`].
+    wake: EventFd,
+    commands: Mutex<mpsc::Sender<Command>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     ended: EventFd,
     reason: Arc<Mutex<Option<String>>>,
     agent_socket: PathBuf,
     console_log: PathBuf,
+}
+
+/// What the VM's thread is asked to do.
+enum Command {
+    Pause(mpsc::Sender<Result<(), String>>),
+    Resume(mpsc::Sender<()>),
+    Stop,
 }
 
 /// Why a VM ended, one sentence.
@@ -258,13 +268,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The VM's thread: start the VM, report, then wait until told to stop (noting why the VM
-/// ended if it ends first), and stop it.
+/// The VM's thread: start the VM, report, then carry out commands until told to stop
+/// (noting why the VM ended if it ends first), and stop it.
 fn run_vm(
     mut vm: Vm,
-    stop: EventFd,
+    wake: EventFd,
+    commands: mpsc::Receiver<Command>,
     reason: Arc<Mutex<Option<String>>>,
-    started: std::sync::mpsc::Sender<Result<EventFd, PodError>>,
+    started: mpsc::Sender<Result<EventFd, PodError>>,
 ) {
     let ended = match vm.ending_event().try_clone() {
         Ok(fd) => fd,
@@ -279,15 +290,26 @@ fn run_vm(
         return;
     }
     let _ = started.send(Ok(ended));
-    loop {
+    'serve: loop {
         let noted = lock(&reason).is_some();
         if noted {
-            wait_readable(&[&stop], None);
+            wait_readable(&[&wake], None);
         } else {
-            wait_readable(&[vm.ending_event(), &stop], None);
+            wait_readable(&[vm.ending_event(), &wake], None);
         }
-        if stop.read().is_ok() {
-            break;
+        let _ = wake.read();
+        loop {
+            match commands.try_recv() {
+                Ok(Command::Pause(reply)) => {
+                    let _ = reply.send(vm.pause().map_err(|e| e.to_string()));
+                }
+                Ok(Command::Resume(reply)) => {
+                    vm.resume();
+                    let _ = reply.send(());
+                }
+                Ok(Command::Stop) | Err(mpsc::TryRecvError::Disconnected) => break 'serve,
+                Err(mpsc::TryRecvError::Empty) => break,
+            }
         }
         if !noted {
             if let Some(ending) = vm.ending() {
@@ -310,21 +332,27 @@ impl Pod {
             image: Some(disk),
             scratch: None,
         };
-        let config =
-            machine::vm_config(&options, &kernel, initramfs, &disks, work).map_err(Inner::Setup)?;
+        let config = machine::vm_config(&options, &kernel, initramfs, &disks, work).map_err(
+            |e| match e {
+                // Not in terms of flint run's options: the shim has none.
+                SetupError::Config(e) => Inner::VmConfig(e),
+                other => Inner::Setup(other),
+            },
+        )?;
         let console_log = work.join("console.log");
         let console =
             console_to(&console_log).map_err(|e| Inner::Setup(SetupError::ConsoleLog(e)))?;
         let vm = Vm::build(&config, console, Instant::now())
             .map_err(|e| Inner::Setup(SetupError::Vm(e)))?;
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(Inner::EventFd)?;
-        let thread_stop = stop.try_clone().map_err(Inner::EventFd)?;
+        let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Inner::EventFd)?;
+        let thread_wake = wake.try_clone().map_err(Inner::EventFd)?;
+        let (commands, thread_commands) = mpsc::channel();
         let reason = Arc::new(Mutex::new(None));
         let thread_reason = Arc::clone(&reason);
-        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (started_tx, started_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("pod-vmm".into())
-            .spawn(move || run_vm(vm, thread_stop, thread_reason, started_tx))
+            .spawn(move || run_vm(vm, thread_wake, thread_commands, thread_reason, started_tx))
             .map_err(Inner::Thread)?;
         let ended = match started_rx.recv() {
             Ok(Ok(ended)) => ended,
@@ -338,7 +366,8 @@ impl Pod {
             }
         };
         Ok(Pod {
-            stop,
+            wake,
+            commands: Mutex::new(commands),
             thread: Mutex::new(Some(thread)),
             ended,
             reason,
@@ -410,12 +439,36 @@ impl Pod {
         console_tail(&self.console_log)
     }
 
+    fn send(&self, command: Command) -> bool {
+        let sent = lock(&self.commands).send(command).is_ok();
+        sent && self.wake.write(1).is_ok()
+    }
+
+    /// Pause the VM's vCPUs (its devices finish what they are doing); one sentence on failure.
+    pub fn pause(&self) -> Result<(), String> {
+        let (reply, answer) = mpsc::channel();
+        if !self.send(Command::Pause(reply)) {
+            return Err("the VM was stopped".into());
+        }
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err("the VM was stopped".into()))
+    }
+
+    /// Let a paused VM's vCPUs run again.
+    pub fn resume(&self) {
+        let (reply, answer) = mpsc::channel();
+        if self.send(Command::Resume(reply)) {
+            let _ = answer.recv();
+        }
+    }
+
     /// Stop the VM (at once: the guest is not asked) and wait until it has; nothing happens
     /// if it was stopped.
     pub fn stop(&self) {
         let thread = lock(&self.thread).take();
         if let Some(thread) = thread {
-            let _ = self.stop.write(1);
+            self.send(Command::Stop);
             let _ = thread.join();
         }
     }
