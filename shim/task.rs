@@ -11,6 +11,9 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use containerd_shim::api::{self, Status};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskStart,
 };
@@ -97,6 +100,8 @@ struct Container {
     unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
     /// The VM's vCPUs are paused (`ctr task pause`).
     paused: bool,
+    /// The VM's memory, in bytes (the memory limit `stats` reports).
+    vm_memory: u64,
 }
 
 struct Shared {
@@ -118,6 +123,51 @@ pub fn work_dir(root: &Path, namespace: &str, id: &str) -> Option<PathBuf> {
     let plain =
         |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0');
     (plain(namespace) && plain(id)).then(|| root.join(namespace).join(id))
+}
+
+/// What the shim's process (the VM's vCPUs and devices, and the shim) has used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Usage {
+    user_ns: u64,
+    kernel_ns: u64,
+    /// Resident memory, bytes: mostly the guest memory the guest has touched.
+    resident: u64,
+}
+
+/// [`Usage`] from `stat` and `statm` (the contents of `/proc/self/stat` and `statm`),
+/// with `tick` clock ticks a second and `page` bytes a page.
+fn parse_usage(stat: &str, statm: &str, tick: u64, page: u64) -> Option<Usage> {
+    // The command name, in parentheses, may hold spaces: count fields after it. utime and
+    // stime are fields 14 and 15 of proc(5); after the name come the state (3) onwards.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let ns = |ticks: u64| ticks.saturating_mul(1_000_000_000) / tick.max(1);
+    Some(Usage {
+        user_ns: ns(utime),
+        kernel_ns: ns(stime),
+        resident: resident.saturating_mul(page),
+    })
+}
+
+fn own_usage() -> Option<Usage> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    // SAFETY: sysconf only reads configuration values.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    parse_usage(
+        &stat,
+        &statm,
+        u64::try_from(tick).ok()?,
+        u64::try_from(page).ok()?,
+    )
 }
 
 /// Remove a container's directory, and its namespace's if that is empty then.
@@ -311,6 +361,7 @@ impl Service {
             processes,
             unwatch: Arc::new(unwatch),
             paused: false,
+            vm_memory: settings.mem_mib << 20,
         })
     }
 
@@ -463,6 +514,8 @@ impl Service {
 
     /// Remove the container: stop its VM, remove its directory.
     fn remove(&self, container: Container) {
+        // Waiters on its processes answer that they are gone.
+        self.shared.changed.notify_all();
         let _ = container.unwatch.write(1);
         container.pod.stop();
         drop(container.pod);
@@ -611,24 +664,42 @@ impl containerd_shim::Task for Service {
                 format!("{signal} is not a signal"),
             ));
         }
-        let signaller = {
+        let (signaller, others) = {
             let guard = self.lock();
             let container = guard
                 .as_ref()
                 .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            // `all` of the container: its exec processes too.
+            let others: Vec<Signaller> = if req.all && req.exec_id.is_empty() {
+                container
+                    .processes
+                    .iter()
+                    .filter(|(id, _)| !id.is_empty())
+                    .filter_map(|(_, p)| match &p.phase {
+                        Phase::Running { signaller } => signaller.clone(),
+                        _ => None,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
             let process = container
                 .processes
                 .get(&req.exec_id)
                 .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
-            match &process.phase {
+            let signaller = match &process.phase {
                 Phase::Stopped(_) => {
                     return Err(error(Code::NOT_FOUND, "the process has finished already"))
                 }
                 Phase::Created => None,
                 Phase::Running { signaller } => signaller.clone(),
-            }
+            };
+            (signaller, others)
         };
         let init = req.exec_id.is_empty();
+        for other in others {
+            let _ = other.signal(signal as i32);
+        }
         match signaller {
             // SIGKILL for the container: stopping its VM is surer than asking a guest that
             // may not answer.
@@ -741,6 +812,58 @@ impl containerd_shim::Task for Service {
         Ok(api::Empty::new())
     }
 
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let (memory_limit, processes) = {
+            let guard = self.lock();
+            let container = guard
+                .as_ref()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let running = container
+                .processes
+                .values()
+                .filter(|p| matches!(p.phase, Phase::Running { .. }))
+                .count();
+            (container.vm_memory, running as u64)
+        };
+        let usage = own_usage()
+            .ok_or_else(|| error(Code::INTERNAL, "cannot read the shim's own usage in /proc"))?;
+        let metrics = Metrics {
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: usage.user_ns + usage.kernel_ns,
+                    user: usage.user_ns,
+                    kernel: usage.kernel_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                rss: usage.resident,
+                usage: MessageField::some(MemoryEntry {
+                    usage: usage.resident,
+                    limit: memory_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: processes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stats = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| error(Code::INTERNAL, format!("cannot encode the stats: {e}")))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
     fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
         // The process's stdin ends when containerd closes the FIFO's writing end.
         Ok(api::Empty::new())
@@ -850,6 +973,21 @@ mod tests {
         assert_eq!(work_dir(root, "default", ".."), None);
         assert_eq!(work_dir(root, "a/b", "c"), None);
         assert_eq!(work_dir(root, "k8s.io", ""), None);
+    }
+
+    #[test]
+    fn usage_comes_from_proc_whatever_the_command_name() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 5 1 2";
+        let usage = parse_usage(stat, "5000 1200 300 1 0 900 0", 100, 4096).unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                user_ns: 2_500_000_000,
+                kernel_ns: 500_000_000,
+                resident: 1200 * 4096,
+            }
+        );
+        assert_eq!(parse_usage("garbage", "", 100, 4096), None);
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //!   the overlayfs snapshotter's mounts).
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
 //!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a
-//!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task pause` and
+//!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task metrics`
+//!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
 //!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
 //!   the VM; a guest that powers off under its process (the task ends with 255); a shim
 //!   killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left afterwards.
@@ -496,6 +497,7 @@ sleep 2
 flint_case exec $CTR task exec --exec-id e1 sleeper \
     sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
 flint_case ps $CTR task ps sleeper
+flint_case metrics $CTR task metrics sleeper
 flint_case pause $CTR task pause sleeper
 echo "PAUSED $($CTR task ls | grep sleeper | awk '{print $3}')"
 flint_case resume $CTR task resume sleeper
@@ -609,6 +611,22 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         "no guest pid in ctr task ps: {}",
         ps.stdout
     );
+    let metrics = run.case("metrics");
+    assert_eq!(metrics.status, 0, "{}", metrics.stderr);
+    let metric = |name: &str| -> u64 {
+        line(&metrics.stdout, name)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} in {}", metrics.stdout))
+    };
+    assert_eq!(
+        metric("memory.limit_in_bytes"),
+        128 << 20,
+        "the VM's memory"
+    );
+    assert!(metric("memory.usage_in_bytes") > 0);
+    assert!(metric("cpuacct.usage") > 0);
+    assert_eq!(metric("pids.current"), 1, "the sleeper");
     assert_eq!(run.case("pause").status, 0, "{}", run.case("pause").stderr);
     assert_eq!(line(&run.output, "PAUSED "), "PAUSED");
     assert_eq!(
