@@ -6,6 +6,7 @@
 //! processes' ids in the guest.
 
 use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
@@ -15,9 +16,9 @@ use containerd_shim::protos::cgroups::metrics::{
     CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskPaused, TaskResumed,
+    TaskStart,
 };
-use containerd_shim::protos::events::task::{TaskPaused, TaskResumed};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::ttrpc::{self, Code};
@@ -305,6 +306,8 @@ impl Service {
         let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
         let settings = config.pod_for(&bundle.resources);
         Pod::check(&settings).map_err(|e| e.to_string())?;
+        let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| format!("cannot create an eventfd: {e}"))?;
         let work = work_dir(&config.work_dir, &self.shared.namespace, &req.id)
             .ok_or_else(|| format!("the container id '{}' cannot name a directory", req.id))?;
         let _ = std::fs::remove_dir_all(&work);
@@ -339,8 +342,6 @@ impl Service {
                 return Err(e.to_string());
             }
         };
-        let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| format!("cannot create an eventfd: {e}"))?;
         let mut processes = HashMap::new();
         processes.insert(
             String::new(),
@@ -522,8 +523,6 @@ impl Service {
         remove_work_dir(&container.work);
     }
 }
-
-use std::os::unix::fs::DirBuilderExt;
 
 impl containerd_shim::Task for Service {
     fn create(
