@@ -8,7 +8,8 @@
 //!   file behind (the second and third get as far as building the container's root disk from
 //!   the overlayfs snapshotter's mounts).
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
-//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; in a
+//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; a command
+//!   the image lacks (one sentence); in a
 //!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task metrics`
 //!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
 //!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
@@ -486,6 +487,9 @@ CTR="$FILES/ctr --address $C/containerd.sock --namespace flint-test"
 flint_case import $CTR image import "$FILES/image.tar"
 flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/flint-shim-test:1 \
     first sh -c 'echo "out: $(cat /etc/message)"; echo "err: $(id -u)" >&2; exit 3'
+# A command the image does not have: one sentence from the start request, nothing left.
+flint_case notfound $CTR run --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 notfound /no/such/program
 bg_case sleeper $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 sleeper sleep 600
 n=0
@@ -590,6 +594,14 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     );
     assert_eq!(first.stderr.trim(), "err: 0");
     assert_eq!(first.status, 3, "ctr run exits with the container's status");
+    let notfound = run.case("notfound");
+    assert_ne!(notfound.status, 0);
+    assert_eq!(notfound.stderr_lines().len(), 1, "{}", notfound.stderr);
+    assert!(
+        notfound.stderr.contains("/no/such/program"),
+        "{}",
+        notfound.stderr
+    );
     let exec = run.case("exec");
     assert_eq!(
         exec.stdout.trim(),
