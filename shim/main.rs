@@ -40,6 +40,9 @@ impl containerd_shim::Shim for FlintShim {
         // One shim, and so one VM, per container.
         let grouping = opts.id.clone();
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // In the bundle (the working directory): the shim removes its socket on its way out,
+        // and `delete` after a shim that died, by this file.
+        containerd_shim::synchronous::util::write_address(&address)?;
         Ok(address)
     }
 
@@ -50,6 +53,9 @@ impl containerd_shim::Shim for FlintShim {
             if let Some(dir) = task::work_dir(&config.work_dir, &self.namespace, &self.id) {
                 task::remove_work_dir(&dir);
             }
+        }
+        if let Ok(address) = containerd_shim::synchronous::util::read_address() {
+            remove_socket(&address);
         }
         Ok(DeleteResponse {
             exit_status: 128 + libc::SIGKILL as u32,
@@ -64,6 +70,15 @@ impl containerd_shim::Shim for FlintShim {
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         task::Service::new(&self.namespace, Some(publisher), Arc::clone(&self.exit))
+    }
+}
+
+/// Remove the Unix socket a shim listened on (`unix://PATH`), if it is still there.
+fn remove_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
     }
 }
 

@@ -340,6 +340,9 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
         String::from_utf8_lossy(&out.stderr)
     );
     let work = c.dir.0.join("shim-work");
+    // Where shims put their sockets (containerd_shim::SOCKET_ROOT): nothing new is left.
+    let sockets = Path::new("/run/containerd/s");
+    let sockets_before = entries(sockets);
     let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
     assert!(
         sandbox.is_file(),
@@ -362,6 +365,15 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
             entries(&work),
             Vec::<PathBuf>::new(),
             "{what}: files are left"
+        );
+        let new_sockets: Vec<_> = entries(sockets)
+            .into_iter()
+            .filter(|s| !sockets_before.contains(s))
+            .collect();
+        assert_eq!(
+            new_sockets,
+            Vec::<PathBuf>::new(),
+            "{what}: a shim socket is left"
         );
         let tasks = c.ctr(&["task", "ls", "-q"]);
         assert_eq!(String::from_utf8_lossy(&tasks.stdout).trim(), "", "{what}");
@@ -538,6 +550,7 @@ echo "SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
 echo "WORKLEFT $(find "$WORK/shim-work" -mindepth 1 | wc -l)"
 echo "MOUNTS $(grep -c "$C" /proc/mounts)"
 echo "TASKS $($CTR task ls -q | wc -l)"
+echo "SOCKETS $(ls /run/containerd/s 2>/dev/null | wc -l)"
 kill $CPID
 wait $CPID
 [ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
@@ -689,4 +702,5 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     assert_eq!(line(&run.output, "WORKLEFT "), "0", "files are left");
     assert_eq!(line(&run.output, "MOUNTS "), "0", "mounts are left");
     assert_eq!(line(&run.output, "TASKS "), "0", "tasks are left");
+    assert_eq!(line(&run.output, "SOCKETS "), "0", "shim sockets are left");
 }
