@@ -70,7 +70,7 @@ packages() {
         build-essential bc flex bison libelf-dev libssl-dev \
         cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils curl iproute2 \
         docker-registry skopeo apache2-utils \
-        nftables dnsmasq-base mmdebstrap
+        nftables dnsmasq-base mmdebstrap containerd
     command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
     cargo --version
     rustc --version

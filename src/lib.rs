@@ -9,6 +9,7 @@ pub mod config_file;
 mod jail;
 pub mod logger;
 mod sandbox;
+pub use sandbox::pod;
 mod seccomp;
 mod template;
 mod terminal;

@@ -493,7 +493,23 @@ impl AgentClient {
     where
         I: Read + Send + 'static,
     {
-        self.guarded(|c| c.run_inner(spec, stdin, stdout, stderr))
+        self.guarded(|c| c.run_inner(spec, stdin, stdout, stderr, &mut |_| {}))
+    }
+
+    /// [`run`](Self::run), calling `started` with the command's process id in the guest once
+    /// it runs (before any of its output is written).
+    pub fn run_and_tell<I>(
+        &mut self,
+        spec: &ExecSpec,
+        stdin: Option<I>,
+        stdout: impl Write,
+        stderr: impl Write,
+        started: &mut dyn FnMut(u32),
+    ) -> Result<CommandStatus, AgentError>
+    where
+        I: Read + Send + 'static,
+    {
+        self.guarded(|c| c.run_inner(spec, stdin, stdout, stderr, started))
     }
 
     fn run_inner<I>(
@@ -502,6 +518,7 @@ impl AgentClient {
         stdin: Option<I>,
         mut stdout: impl Write,
         mut stderr: impl Write,
+        started: &mut dyn FnMut(u32),
     ) -> Result<CommandStatus, AgentError>
     where
         I: Read + Send + 'static,
@@ -509,17 +526,19 @@ impl AgentClient {
         let exec = ToAgent::Exec(spec.clone());
         exec.encode().map_err(AgentError::BadRequest)?;
         self.send(&exec)?;
-        match self.recv()? {
-            FromAgent::Started { .. } => {}
+        let pid = match self.recv()? {
+            FromAgent::Started { pid } => pid,
             FromAgent::Error(message) => return Err(AgentError::NotStarted(agent_text(&message))),
             other => return Err(unexpected(&other)),
-        }
+        };
         let generation = {
             let mut w = lock(&self.shared);
             w.active = true;
             w.generation += 1;
             w.generation
         };
+        // Signals sent from now on reach the command.
+        started(pid);
         match stdin {
             None => self.send(&ToAgent::StdinEof)?,
             Some(input) => {

@@ -450,7 +450,7 @@ pub(super) struct TreeSize {
 }
 
 /// Walk `tree` without following links.
-fn measure(tree: &Path) -> io::Result<TreeSize> {
+pub(super) fn measure(tree: &Path) -> io::Result<TreeSize> {
     let mut size = TreeSize::default();
     let mut seen = std::collections::HashSet::new();
     let mut dirs = vec![tree.to_path_buf()];
@@ -536,6 +536,19 @@ fn make_ext4(
     dir: Option<&Path>,
     inodes: Option<u64>,
 ) -> Result<(), ImageError> {
+    make_ext4_with(path, bytes, dir, inodes, &mut |_| {})
+}
+
+/// [`make_ext4`], with `customize` applied to the `mkfs.ext4` command before it runs (e.g. to
+/// mount `dir` in a mount namespace of the command's own). A failure to start the command
+/// (other than a missing `mkfs.ext4`) is [`ImageError::Io`] on `path`.
+pub(super) fn make_ext4_with(
+    path: &Path,
+    bytes: u64,
+    dir: Option<&Path>,
+    inodes: Option<u64>,
+    customize: &mut dyn FnMut(&mut Command),
+) -> Result<(), ImageError> {
     let file = File::options()
         .create_new(true)
         .write(true)
@@ -544,12 +557,14 @@ fn make_ext4(
         .map_err(io_at(path))?;
     file.set_len(bytes).map_err(io_at(path))?;
     drop(file);
-    let out = Command::new("mkfs.ext4")
+    let mut command = Command::new("mkfs.ext4");
+    command
         .args(mkfs_args(path, dir, inodes))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output();
+        .stderr(Stdio::piped());
+    customize(&mut command);
+    let out = command.output();
     let out = match out {
         Ok(out) => out,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -587,7 +602,7 @@ fn make_ext4(
 
 /// Remove the `/lost+found` that `mkfs.ext4` makes (the image has none; its disk is never
 /// checked or repaired) with `debugfs` (e2fsprogs too). Cosmetic: a failure is only logged.
-fn remove_lost_found(disk: &Path) {
+pub(super) fn remove_lost_found(disk: &Path) {
     let out = Command::new("debugfs")
         .args(["-w", "-R", "rmdir /lost+found"])
         .arg(disk)

@@ -15,6 +15,7 @@ mod image;
 pub(crate) mod image_cache;
 mod machine;
 pub mod nat;
+pub mod pod;
 mod supervise;
 
 use std::io::{Read, Write};

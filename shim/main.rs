@@ -1,0 +1,96 @@
+//! `containerd-shim-flint-v2`: containerd's runtime shim v2 for flint. containerd starts it
+//! for a container run with `--runtime io.containerd.flint.v2` (or a CRI runtime handler of
+//! that type); the shim boots a flint microVM whose root file system is the container's
+//! and runs the container's processes in it through flint's guest agent. The protocol is
+//! containerd's own Rust shim crate (ttrpc); see [`task`] for the task API, [`config`] for
+//! where the kernel and sandbox image come from.
+
+mod config;
+mod io;
+mod spec;
+mod task;
+
+use std::sync::Arc;
+
+use containerd_shim::protos::protobuf::MessageField;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
+
+/// The runtime name containerd knows the shim by (`ctr run --runtime`).
+const RUNTIME: &str = "io.containerd.flint.v2";
+
+struct FlintShim {
+    exit: Arc<ExitSignal>,
+    namespace: String,
+    id: String,
+}
+
+impl containerd_shim::Shim for FlintShim {
+    type T = task::Service;
+
+    fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
+        FlintShim {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            id: args.id.clone(),
+        }
+    }
+
+    fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
+        // One shim, and so one VM, per container.
+        let grouping = opts.id.clone();
+        let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
+        // In the bundle (the working directory): the shim removes its socket on its way out,
+        // and `delete` after a shim that died, by this file.
+        containerd_shim::synchronous::util::write_address(&address)?;
+        Ok(address)
+    }
+
+    /// containerd's cleanup after a shim that is gone (killed, crashed): its VM went with
+    /// it; remove what it left on disk.
+    fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        if let Ok(config) = config::ShimConfig::load() {
+            if let Some(dir) = task::work_dir(&config.work_dir, &self.namespace, &self.id) {
+                task::remove_work_dir(&dir);
+            }
+        }
+        if let Ok(address) = containerd_shim::synchronous::util::read_address() {
+            remove_socket(&address);
+        }
+        Ok(DeleteResponse {
+            exit_status: 128 + libc::SIGKILL as u32,
+            exited_at: MessageField::some(containerd_shim::util::timestamp()?),
+            ..Default::default()
+        })
+    }
+
+    fn wait(&mut self) {
+        self.exit.wait();
+    }
+
+    fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
+        task::Service::new(&self.namespace, Some(publisher), Arc::clone(&self.exit))
+    }
+}
+
+/// Remove the Unix socket a shim listened on (`unix://PATH`), if it is still there.
+fn remove_socket(address: &str) {
+    use std::os::unix::fs::FileTypeExt;
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+fn main() {
+    containerd_shim::run::<FlintShim>(
+        RUNTIME,
+        Some(Config {
+            // The shim's only children are short-lived helpers (mkfs.ext4) it waits for
+            // itself: a reaper would take their exit statuses away.
+            no_reaper: true,
+            no_sub_reaper: true,
+            ..Default::default()
+        }),
+    );
+}

@@ -1,0 +1,263 @@
+//! The parts of an OCI runtime bundle's `config.json` the shim uses: the process (arguments,
+//! environment, working directory, user, terminal) and the root directory.
+
+use std::path::{Path, PathBuf};
+
+use flint_agent::{ExecSpec, IMAGE_ROOT};
+use serde::Deserialize;
+
+/// The largest `config.json` (or exec process) read.
+const MAX_SPEC: u64 = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("cannot read the bundle's config.json {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the bundle's config.json {} is larger than 4 MiB", path.display())]
+    TooLarge { path: PathBuf },
+    #[error("the container's OCI specification is not valid: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("the container's OCI specification has no process to run")]
+    NoProcess,
+    #[error("the container's process has no arguments")]
+    NoArgs,
+    #[error("flint does not run container processes on a terminal yet (run without a TTY)")]
+    Terminal,
+}
+
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct User {
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    #[serde(default, rename = "additionalGids")]
+    pub additional_gids: Vec<u32>,
+}
+
+/// An OCI `process`.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Process {
+    #[serde(default)]
+    pub terminal: bool,
+    #[serde(default)]
+    pub user: User,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default)]
+    pub cwd: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Root {
+    #[serde(default)]
+    path: String,
+}
+
+/// `linux.resources.memory` (only what sizes the VM).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Memory {
+    pub limit: Option<i64>,
+}
+
+/// `linux.resources.cpu` (only what sizes the VM).
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Cpu {
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+}
+
+/// `linux.resources`: what `ctr run --memory-limit` and `--cpus` (or a pod spec's limits)
+/// set.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Resources {
+    pub memory: Option<Memory>,
+    pub cpu: Option<Cpu>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Linux {
+    resources: Option<Resources>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Spec {
+    process: Option<Process>,
+    #[serde(default)]
+    root: Root,
+    linux: Option<Linux>,
+}
+
+/// What the shim takes from a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub process: Process,
+    /// The root directory (the bundle's `rootfs` unless the spec names another).
+    pub rootfs: PathBuf,
+    pub resources: Resources,
+}
+
+impl Bundle {
+    /// Read `bundle/config.json`.
+    pub fn read(bundle: &Path) -> Result<Bundle, SpecError> {
+        use std::io::Read;
+        let path = bundle.join("config.json");
+        let mut text = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_SPEC + 1).read_to_end(&mut text))
+            .map_err(|source| SpecError::Read {
+                path: path.clone(),
+                source,
+            })?;
+        if text.len() as u64 > MAX_SPEC {
+            return Err(SpecError::TooLarge { path });
+        }
+        let spec: Spec = serde_json::from_slice(&text)?;
+        let process = spec.process.ok_or(SpecError::NoProcess)?;
+        let root = if spec.root.path.is_empty() {
+            "rootfs"
+        } else {
+            &spec.root.path
+        };
+        Ok(Bundle {
+            process,
+            rootfs: bundle.join(root),
+            resources: spec.linux.and_then(|l| l.resources).unwrap_or_default(),
+        })
+    }
+}
+
+/// A process of an exec request (the JSON of an OCI `process`).
+pub fn exec_process(json: &[u8]) -> Result<Process, SpecError> {
+    if json.len() as u64 > MAX_SPEC {
+        return Err(SpecError::Parse(serde::de::Error::custom(
+            "the process is larger than 4 MiB",
+        )));
+    }
+    Ok(serde_json::from_slice(json)?)
+}
+
+impl Resources {
+    /// The vCPUs the CPU limit asks for (quota / period, rounded up), if it sets one.
+    pub fn vcpus(&self) -> Option<u32> {
+        let cpu = self.cpu.as_ref()?;
+        let quota = u64::try_from(cpu.quota?).ok().filter(|q| *q > 0)?;
+        let period = cpu.period.filter(|p| *p > 0)?;
+        Some(u32::try_from(quota.div_ceil(period)).unwrap_or(u32::MAX))
+    }
+
+    /// The memory limit in MiB (rounded up), if it sets one.
+    pub fn memory_mib(&self) -> Option<u64> {
+        let limit = u64::try_from(self.memory.as_ref()?.limit?)
+            .ok()
+            .filter(|l| *l > 0)?;
+        Some(limit.div_ceil(1 << 20))
+    }
+}
+
+impl Process {
+    /// The agent's request for this process, run in the container's root file system.
+    pub fn exec_spec(&self) -> Result<ExecSpec, SpecError> {
+        if self.terminal {
+            return Err(SpecError::Terminal);
+        }
+        if self.args.is_empty() {
+            return Err(SpecError::NoArgs);
+        }
+        let mut spec = ExecSpec::new(self.args.iter().cloned())
+            .root(IMAGE_ROOT)
+            .user(
+                self.user.uid,
+                self.user.gid,
+                self.user.additional_gids.clone(),
+            );
+        spec.env = self
+            .env
+            .iter()
+            .map(|e| match e.split_once('=') {
+                Some((name, value)) => (name.to_string(), value.to_string()),
+                None => (e.clone(), String::new()),
+            })
+            .collect();
+        spec.workdir = Some(if self.cwd.is_empty() {
+            "/".to_string()
+        } else {
+            self.cwd.clone()
+        });
+        Ok(spec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bundle_gives_the_process_and_its_root() {
+        let dir = std::env::temp_dir().join(format!("flint-shim-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"ociVersion": "1.0.2", "process": {"terminal": false, "user": {"uid": 1000,
+              "gid": 100, "additionalGids": [10]}, "args": ["sh", "-c", "echo hi"],
+              "env": ["PATH=/bin", "EMPTY"], "cwd": "/tmp", "capabilities": {}},
+              "root": {"path": "rootfs", "readonly": false}, "linux": {}}"#,
+        )
+        .unwrap();
+        let bundle = Bundle::read(&dir).unwrap();
+        assert_eq!(bundle.rootfs, dir.join("rootfs"));
+        let spec = bundle.process.exec_spec().unwrap();
+        assert_eq!(spec.argv, ["sh", "-c", "echo hi"]);
+        assert_eq!(
+            spec.env,
+            [
+                ("PATH".to_string(), "/bin".to_string()),
+                ("EMPTY".to_string(), String::new())
+            ]
+        );
+        assert_eq!(spec.workdir.as_deref(), Some("/tmp"));
+        assert_eq!(spec.root.as_deref(), Some(IMAGE_ROOT));
+        let user = spec.user.unwrap();
+        assert_eq!((user.uid, user.gid, user.groups), (1000, 100, vec![10]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cpu_and_memory_limits_are_read_rounded_up() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"process": {"args": ["true"]}, "linux": {"resources": {
+                "memory": {"limit": 314572801}, "cpu": {"quota": 150000, "period": 100000}}}}"#,
+        )
+        .unwrap();
+        let resources = spec.linux.unwrap().resources.unwrap();
+        assert_eq!(resources.vcpus(), Some(2));
+        assert_eq!(resources.memory_mib(), Some(301));
+        // No limits, or "unlimited" ones (-1, 0).
+        assert_eq!(Resources::default().vcpus(), None);
+        let unlimited = Resources {
+            memory: Some(Memory { limit: Some(-1) }),
+            cpu: Some(Cpu {
+                quota: Some(-1),
+                period: Some(100000),
+            }),
+        };
+        assert_eq!(unlimited.vcpus(), None);
+        assert_eq!(unlimited.memory_mib(), None);
+    }
+
+    #[test]
+    fn terminals_and_empty_commands_are_refused_in_one_sentence() {
+        let tty = exec_process(br#"{"terminal": true, "args": ["sh"]}"#).unwrap();
+        assert_eq!(
+            tty.exec_spec().unwrap_err().to_string(),
+            "flint does not run container processes on a terminal yet (run without a TTY)"
+        );
+        let none = exec_process(br#"{"args": []}"#).unwrap();
+        assert!(matches!(none.exec_spec(), Err(SpecError::NoArgs)));
+    }
+}

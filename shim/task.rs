@@ -1,0 +1,997 @@
+//! containerd's task API for one container per microVM: the container's init process and its
+//! exec processes run in the guest through flint's agent, each on a connection of its own.
+//!
+//! Process ids: the task's pid (create, start, exec, delete, events) is the shim's own, the
+//! host process that holds the VM (killing it ends the container); `pids` lists the
+//! processes' ids in the guest.
+
+use std::collections::HashMap;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use containerd_shim::api::{self, Status};
+use containerd_shim::protos::cgroups::metrics::{
+    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskPaused, TaskResumed,
+    TaskStart,
+};
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
+use containerd_shim::protos::ttrpc::{self, Code};
+use containerd_shim::protos::types::task::ProcessInfo;
+use containerd_shim::publisher::RemotePublisher;
+use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
+use flint::pod::{make_root_disk, Pod, RootMount};
+use flint_agent::{AgentClient, AgentError, ExecSpec, Signaller, AGENT_PORT};
+
+use crate::config::ShimConfig;
+use crate::io::{Input, Output};
+use crate::spec::{exec_process, Bundle};
+
+/// How long a guest gets to boot and start its agent.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The exit status of processes whose VM ended under them (as other VM runtimes report it).
+pub const STATUS_VM_GONE: u32 = 255;
+/// The exit status of a process killed by `signal`, as runc's shim reports it.
+fn killed(signal: u32) -> u32 {
+    128 + signal
+}
+
+fn error(code: Code, message: impl std::fmt::Display) -> ttrpc::Error {
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, message.to_string()))
+}
+
+fn now() -> Timestamp {
+    containerd_shim::util::timestamp().unwrap_or_default()
+}
+
+/// How a process ended.
+#[derive(Debug, Clone)]
+struct Exit {
+    status: u32,
+    at: Timestamp,
+}
+
+enum Phase {
+    Created,
+    Running { signaller: Option<Signaller> },
+    Stopped(Exit),
+}
+
+struct Process {
+    spec: ExecSpec,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    phase: Phase,
+    /// The process id in the guest, once it runs.
+    guest_pid: Option<u32>,
+}
+
+impl Process {
+    fn status(&self) -> Status {
+        match self.phase {
+            Phase::Created => Status::CREATED,
+            Phase::Running { .. } => Status::RUNNING,
+            Phase::Stopped(_) => Status::STOPPED,
+        }
+    }
+
+    fn exit(&self) -> Option<&Exit> {
+        match &self.phase {
+            Phase::Stopped(exit) => Some(exit),
+            _ => None,
+        }
+    }
+}
+
+struct Container {
+    id: String,
+    bundle: String,
+    pod: Arc<Pod>,
+    /// The container's disk, sockets and console log; removed with the container.
+    work: PathBuf,
+    /// `""` is the init process; the others are exec ids.
+    processes: HashMap<String, Process>,
+    /// Tells the VM watcher to stop watching.
+    unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The VM's vCPUs are paused (`ctr task pause`).
+    paused: bool,
+    /// The VM's memory, in bytes (the memory limit `stats` reports).
+    vm_memory: u64,
+}
+
+struct Shared {
+    container: Mutex<Option<Container>>,
+    changed: Condvar,
+    namespace: String,
+    publisher: Option<RemotePublisher>,
+    exit: Arc<ExitSignal>,
+}
+
+/// The task service containerd talks to.
+#[derive(Clone)]
+pub struct Service {
+    shared: Arc<Shared>,
+}
+
+/// The directory of container `id` of `namespace` under `root`.
+pub fn work_dir(root: &Path, namespace: &str, id: &str) -> Option<PathBuf> {
+    let plain =
+        |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0');
+    (plain(namespace) && plain(id)).then(|| root.join(namespace).join(id))
+}
+
+/// What the shim's process (the VM's vCPUs and devices, and the shim) has used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Usage {
+    user_ns: u64,
+    kernel_ns: u64,
+    /// Resident memory, bytes: mostly the guest memory the guest has touched.
+    resident: u64,
+}
+
+/// [`Usage`] from `stat` and `statm` (the contents of `/proc/self/stat` and `statm`),
+/// with `tick` clock ticks a second and `page` bytes a page.
+fn parse_usage(stat: &str, statm: &str, tick: u64, page: u64) -> Option<Usage> {
+    // The command name, in parentheses, may hold spaces: count fields after it. utime and
+    // stime are fields 14 and 15 of proc(5); after the name come the state (3) onwards.
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let resident: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    let ns = |ticks: u64| ticks.saturating_mul(1_000_000_000) / tick.max(1);
+    Some(Usage {
+        user_ns: ns(utime),
+        kernel_ns: ns(stime),
+        resident: resident.saturating_mul(page),
+    })
+}
+
+fn own_usage() -> Option<Usage> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    // SAFETY: sysconf only reads configuration values.
+    let (tick, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_CLK_TCK),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    parse_usage(
+        &stat,
+        &statm,
+        u64::try_from(tick).ok()?,
+        u64::try_from(page).ok()?,
+    )
+}
+
+/// Remove a container's directory, and its namespace's if that is empty then.
+pub fn remove_work_dir(work: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(work) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("cannot remove {}: {e}", work.display());
+        }
+    }
+    if let Some(namespace) = work.parent() {
+        // Fails, as it should, while other containers of the namespace have theirs.
+        let _ = std::fs::remove_dir(namespace);
+    }
+}
+
+impl Service {
+    pub fn new(namespace: &str, publisher: Option<RemotePublisher>, exit: Arc<ExitSignal>) -> Self {
+        Service {
+            shared: Arc::new(Shared {
+                container: Mutex::new(None),
+                changed: Condvar::new(),
+                namespace: namespace.to_string(),
+                publisher,
+                exit,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Container>> {
+        self.shared
+            .container
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
+        if let Some(publisher) = &self.shared.publisher {
+            if let Err(e) =
+                publisher.publish(Context::default(), topic, &self.shared.namespace, event)
+            {
+                log::warn!("cannot publish {topic}: {e}");
+            }
+        }
+    }
+
+    /// Record that process `exec_id` ended with `status` unless it ended before; wake the
+    /// waiters and tell containerd.
+    fn record_exit(&self, exec_id: &str, status: u32) {
+        let (container_id, exit) = {
+            let mut guard = self.lock();
+            let Some(container) = guard.as_mut() else {
+                return;
+            };
+            let Some(process) = container.processes.get_mut(exec_id) else {
+                return;
+            };
+            if process.exit().is_some() {
+                return;
+            }
+            let exit = Exit { status, at: now() };
+            process.phase = Phase::Stopped(exit.clone());
+            (container.id.clone(), exit)
+        };
+        self.shared.changed.notify_all();
+        let event = TaskExit {
+            container_id: container_id.clone(),
+            id: if exec_id.is_empty() {
+                container_id
+            } else {
+                exec_id.to_string()
+            },
+            pid: std::process::id(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        };
+        self.publish("/tasks/exit", Box::new(event));
+    }
+
+    /// The init process ended (or the VM did): every process has, and the VM is stopped.
+    fn end_all(&self, init_status: u32) {
+        self.record_exit("", init_status);
+        let (pod, others): (Option<Arc<Pod>>, Vec<String>) = {
+            let guard = self.lock();
+            match guard.as_ref() {
+                Some(c) => (
+                    Some(Arc::clone(&c.pod)),
+                    c.processes
+                        .keys()
+                        .filter(|k| !k.is_empty())
+                        .cloned()
+                        .collect(),
+                ),
+                None => (None, Vec::new()),
+            }
+        };
+        for exec_id in others {
+            self.record_exit(&exec_id, STATUS_VM_GONE);
+        }
+        if let Some(pod) = pod {
+            pod.stop();
+        }
+    }
+
+    /// Watch the VM: when it ends before the init process has reported, every process ends
+    /// with [`STATUS_VM_GONE`].
+    fn watch(&self, pod: Arc<Pod>, unwatch: Arc<vmm_sys_util::eventfd::EventFd>) {
+        let service = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("vm-watch".into())
+            .spawn(move || {
+                flint_agent::poll::wait_readable(&[pod.ended_event(), unwatch.as_ref()], None);
+                if unwatch.read().is_ok() {
+                    return;
+                }
+                if let Some(reason) = pod.ending() {
+                    log::warn!("the container's VM ended: {reason}");
+                    for line in pod.console_tail() {
+                        log::warn!("guest console: {line}");
+                    }
+                }
+                service.end_all(STATUS_VM_GONE);
+            });
+        if let Err(e) = spawned {
+            log::warn!("cannot watch the VM: {e}");
+        }
+    }
+
+    fn create_container(&self, req: &api::CreateTaskRequest) -> Result<Container, String> {
+        let config = ShimConfig::load().map_err(|e| e.to_string())?;
+        let bundle = Bundle::read(Path::new(&req.bundle)).map_err(|e| e.to_string())?;
+        if req.terminal {
+            return Err(crate::spec::SpecError::Terminal.to_string());
+        }
+        let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
+        let settings = config.pod_for(&bundle.resources);
+        Pod::check(&settings).map_err(|e| e.to_string())?;
+        let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+            .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+        let work = work_dir(&config.work_dir, &self.shared.namespace, &req.id)
+            .ok_or_else(|| format!("the container id '{}' cannot name a directory", req.id))?;
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work)
+            .map_err(|e| {
+                format!(
+                    "cannot create the container's directory {}: {e}",
+                    work.display()
+                )
+            })?;
+        let made = (|| {
+            let mounts: Vec<RootMount> = req
+                .rootfs
+                .iter()
+                .map(|m| RootMount {
+                    fstype: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect();
+            let disk = work.join("rootfs.ext4");
+            make_root_disk(&mounts, &bundle.rootfs, &disk)?;
+            Pod::boot(&settings, &disk, &work)
+        })();
+        let pod = match made {
+            Ok(pod) => pod,
+            Err(e) => {
+                remove_work_dir(&work);
+                return Err(e.to_string());
+            }
+        };
+        let mut processes = HashMap::new();
+        processes.insert(
+            String::new(),
+            Process {
+                spec,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                phase: Phase::Created,
+                guest_pid: None,
+            },
+        );
+        Ok(Container {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            pod: Arc::new(pod),
+            work,
+            processes,
+            unwatch: Arc::new(unwatch),
+            paused: false,
+            vm_memory: settings.mem_mib << 20,
+        })
+    }
+
+    /// Run process `exec_id` through the agent on a thread of its own; returns its guest pid
+    /// once it runs.
+    fn start_process(&self, exec_id: &str) -> TtrpcResult<u32> {
+        let (pod, spec, stdin, stdout, stderr) = {
+            let guard = self.lock();
+            let container = guard
+                .as_ref()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let process = container
+                .processes
+                .get(exec_id)
+                .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{exec_id}'")))?;
+            if !matches!(process.phase, Phase::Created) {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    "the process was started already",
+                ));
+            }
+            if !exec_id.is_empty() && container.processes[""].exit().is_some() {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    "the container has stopped",
+                ));
+            }
+            (
+                Arc::clone(&container.pod),
+                process.spec.clone(),
+                process.stdin.clone(),
+                process.stdout.clone(),
+                process.stderr.clone(),
+            )
+        };
+        let stdout = Output::open(&stdout).map_err(|e| {
+            error(
+                Code::INTERNAL,
+                format!("cannot open the process's stdout {stdout}: {e}"),
+            )
+        })?;
+        let stderr = Output::open(&stderr).map_err(|e| {
+            error(
+                Code::INTERNAL,
+                format!("cannot open the process's stderr {stderr}: {e}"),
+            )
+        })?;
+        let stdin = Input::new(&stdin);
+        let (started_tx, started_rx) = mpsc::channel::<Result<u32, String>>();
+        let service = self.clone();
+        let id = exec_id.to_string();
+        std::thread::Builder::new()
+            .name(format!("process-{id}"))
+            .spawn(move || {
+                let result = (|| {
+                    let mut client = AgentClient::connect(
+                        pod.agent_socket(),
+                        AGENT_PORT,
+                        AGENT_CONNECT_TIMEOUT,
+                    )?;
+                    let signaller = client.signaller();
+                    let mut tell = |pid: u32| {
+                        {
+                            let mut guard = service.lock();
+                            if let Some(p) = guard.as_mut().and_then(|c| c.processes.get_mut(&id)) {
+                                if matches!(p.phase, Phase::Created) {
+                                    p.phase = Phase::Running {
+                                        signaller: Some(signaller.clone()),
+                                    };
+                                    p.guest_pid = Some(pid);
+                                }
+                            }
+                        }
+                        let _ = started_tx.send(Ok(pid));
+                    };
+                    client.run_and_tell(&spec, stdin, stdout, stderr, &mut tell)
+                })();
+                match result {
+                    Ok(status) => {
+                        let status = status.code().clamp(0, 255) as u32;
+                        if id.is_empty() {
+                            service.end_all(status);
+                        } else {
+                            service.record_exit(&id, status);
+                        }
+                    }
+                    Err(e) => {
+                        // Before it started, the error is the start request's answer.
+                        let _ = started_tx.send(Err(match &e {
+                            AgentError::NotStarted(m) => m.clone(),
+                            other => format!("the guest agent failed: {other}"),
+                        }));
+                        let status = match e {
+                            AgentError::NotStarted(_) => 127,
+                            _ => STATUS_VM_GONE,
+                        };
+                        if id.is_empty() {
+                            service.end_all(status);
+                        } else {
+                            service.record_exit(&id, status);
+                        }
+                    }
+                }
+            })
+            .map_err(|e| error(Code::INTERNAL, format!("cannot start a thread: {e}")))?;
+        loop {
+            match started_rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(Ok(pid)) => return Ok(pid),
+                Ok(Err(message)) => return Err(error(Code::UNKNOWN, message)),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(error(Code::UNKNOWN, "the process ended before it started"))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            // The VM may end (or be killed) while the agent is still awaited.
+            let reason = {
+                let guard = self.lock();
+                let container = guard.as_ref();
+                let stopped = container
+                    .and_then(|c| c.processes.get(exec_id))
+                    .is_none_or(|p| p.exit().is_some());
+                stopped.then(|| container.and_then(|c| c.pod.ending()))
+            };
+            if let Some(reason) = reason {
+                return Err(error(
+                    Code::UNKNOWN,
+                    format!(
+                        "the container's VM ended before the process started ({})",
+                        reason.unwrap_or_else(|| "the container was removed".into())
+                    ),
+                ));
+            }
+        }
+    }
+
+    /// The VM of a container whose init process runs (pause and resume act on it).
+    fn running_pod(&self) -> TtrpcResult<Arc<Pod>> {
+        let guard = self.lock();
+        let container = guard
+            .as_ref()
+            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        match container.processes.get("").map(|p| &p.phase) {
+            Some(Phase::Running { .. }) => Ok(Arc::clone(&container.pod)),
+            _ => Err(error(
+                Code::FAILED_PRECONDITION,
+                "the container is not running",
+            )),
+        }
+    }
+
+    /// Remove the container: stop its VM, remove its directory.
+    fn remove(&self, container: Container) {
+        // Waiters on its processes answer that they are gone.
+        self.shared.changed.notify_all();
+        let _ = container.unwatch.write(1);
+        container.pod.stop();
+        drop(container.pod);
+        remove_work_dir(&container.work);
+    }
+}
+
+impl containerd_shim::Task for Service {
+    fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::CreateTaskRequest,
+    ) -> TtrpcResult<api::CreateTaskResponse> {
+        if self.lock().is_some() {
+            return Err(error(
+                Code::ALREADY_EXISTS,
+                "this shim runs a container already",
+            ));
+        }
+        let container = self
+            .create_container(&req)
+            .map_err(|message| error(Code::UNKNOWN, message))?;
+        let pod = Arc::clone(&container.pod);
+        let unwatch = Arc::clone(&container.unwatch);
+        *self.lock() = Some(container);
+        self.watch(pod, unwatch);
+        let event = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            pid: std::process::id(),
+            ..Default::default()
+        };
+        self.publish("/tasks/create", Box::new(event));
+        Ok(api::CreateTaskResponse {
+            pid: std::process::id(),
+            ..Default::default()
+        })
+    }
+
+    fn start(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StartRequest,
+    ) -> TtrpcResult<api::StartResponse> {
+        self.start_process(&req.exec_id)?;
+        let pid = std::process::id();
+        if req.exec_id.is_empty() {
+            let event = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish("/tasks/start", Box::new(event));
+        } else {
+            let event = TaskExecStarted {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish("/tasks/exec-started", Box::new(event));
+        }
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
+        if req.terminal {
+            return Err(error(Code::UNKNOWN, crate::spec::SpecError::Terminal));
+        }
+        let process = exec_process(
+            req.spec
+                .as_ref()
+                .map(|a| a.value.as_slice())
+                .unwrap_or(b"{}"),
+        )
+        .and_then(|p| p.exec_spec())
+        .map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
+        {
+            let mut guard = self.lock();
+            let container = guard
+                .as_mut()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            if req.exec_id.is_empty() || container.processes.contains_key(&req.exec_id) {
+                return Err(error(
+                    Code::ALREADY_EXISTS,
+                    format!("the process '{}' exists already", req.exec_id),
+                ));
+            }
+            container.processes.insert(
+                req.exec_id.clone(),
+                Process {
+                    spec: process,
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                    phase: Phase::Created,
+                    guest_pid: None,
+                },
+            );
+        }
+        let event = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish("/tasks/exec-added", Box::new(event));
+        Ok(api::Empty::new())
+    }
+
+    fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
+        let mut guard = self.lock();
+        loop {
+            let container = guard
+                .as_ref()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let process = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+            if let Some(exit) = process.exit() {
+                return Ok(api::WaitResponse {
+                    exit_status: exit.status,
+                    exited_at: MessageField::some(exit.at.clone()),
+                    ..Default::default()
+                });
+            }
+            guard = self
+                .shared
+                .changed
+                .wait(guard)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
+        let signal = req.signal;
+        if !(1..=64).contains(&signal) {
+            return Err(error(
+                Code::INVALID_ARGUMENT,
+                format!("{signal} is not a signal"),
+            ));
+        }
+        let (signaller, others) = {
+            let guard = self.lock();
+            let container = guard
+                .as_ref()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            // `all` of the container: its exec processes too.
+            let others: Vec<Signaller> = if req.all && req.exec_id.is_empty() {
+                container
+                    .processes
+                    .iter()
+                    .filter(|(id, _)| !id.is_empty())
+                    .filter_map(|(_, p)| match &p.phase {
+                        Phase::Running { signaller } => signaller.clone(),
+                        _ => None,
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let process = container
+                .processes
+                .get(&req.exec_id)
+                .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+            let signaller = match &process.phase {
+                Phase::Stopped(_) => {
+                    return Err(error(Code::NOT_FOUND, "the process has finished already"))
+                }
+                Phase::Created => None,
+                Phase::Running { signaller } => signaller.clone(),
+            };
+            (signaller, others)
+        };
+        let init = req.exec_id.is_empty();
+        for other in others {
+            let _ = other.signal(signal as i32);
+        }
+        match signaller {
+            // SIGKILL for the container: stopping its VM is surer than asking a guest that
+            // may not answer.
+            _ if init && signal == libc::SIGKILL as u32 => {
+                self.end_all(killed(signal));
+            }
+            Some(signaller) => {
+                signaller
+                    .signal(signal as i32)
+                    .map_err(|e| error(Code::UNKNOWN, format!("cannot signal the process: {e}")))?;
+            }
+            // Not started: it ends as if the signal had killed it.
+            None if init => self.end_all(killed(signal)),
+            None => self.record_exit(&req.exec_id, killed(signal)),
+        }
+        Ok(api::Empty::new())
+    }
+
+    fn state(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::StateRequest,
+    ) -> TtrpcResult<api::StateResponse> {
+        let guard = self.lock();
+        let container = guard
+            .as_ref()
+            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let process = container
+            .processes
+            .get(&req.exec_id)
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+        let mut state = api::StateResponse {
+            id: if req.exec_id.is_empty() {
+                container.id.clone()
+            } else {
+                req.exec_id.clone()
+            },
+            bundle: container.bundle.clone(),
+            pid: std::process::id(),
+            status: match process.status() {
+                Status::RUNNING if container.paused => Status::PAUSED,
+                status => status,
+            }
+            .into(),
+            stdin: process.stdin.clone(),
+            stdout: process.stdout.clone(),
+            stderr: process.stderr.clone(),
+            terminal: false,
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        if let Some(exit) = process.exit() {
+            state.exit_status = exit.status;
+            state.exited_at = MessageField::some(exit.at.clone());
+        }
+        Ok(state)
+    }
+
+    fn pids(&self, _ctx: &TtrpcContext, _req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+        let guard = self.lock();
+        let container = guard
+            .as_ref()
+            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let processes = container
+            .processes
+            .values()
+            .filter(|p| matches!(p.phase, Phase::Running { .. }))
+            .filter_map(|p| p.guest_pid)
+            .map(|pid| ProcessInfo {
+                pid,
+                ..Default::default()
+            })
+            .collect();
+        Ok(api::PidsResponse {
+            processes,
+            ..Default::default()
+        })
+    }
+
+    fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        let pod = self.running_pod()?;
+        pod.pause().map_err(|e| {
+            error(
+                Code::UNKNOWN,
+                format!("cannot pause the container's VM: {e}"),
+            )
+        })?;
+        if let Some(c) = self.lock().as_mut() {
+            c.paused = true;
+        }
+        let event = TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish("/tasks/paused", Box::new(event));
+        Ok(api::Empty::new())
+    }
+
+    fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
+        let pod = self.running_pod()?;
+        pod.resume();
+        if let Some(c) = self.lock().as_mut() {
+            c.paused = false;
+        }
+        let event = TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish("/tasks/resumed", Box::new(event));
+        Ok(api::Empty::new())
+    }
+
+    fn stats(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::StatsRequest,
+    ) -> TtrpcResult<api::StatsResponse> {
+        let (memory_limit, processes) = {
+            let guard = self.lock();
+            let container = guard
+                .as_ref()
+                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let running = container
+                .processes
+                .values()
+                .filter(|p| matches!(p.phase, Phase::Running { .. }))
+                .count();
+            (container.vm_memory, running as u64)
+        };
+        let usage = own_usage()
+            .ok_or_else(|| error(Code::INTERNAL, "cannot read the shim's own usage in /proc"))?;
+        let metrics = Metrics {
+            cpu: MessageField::some(CPUStat {
+                usage: MessageField::some(CPUUsage {
+                    total: usage.user_ns + usage.kernel_ns,
+                    user: usage.user_ns,
+                    kernel: usage.kernel_ns,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            memory: MessageField::some(MemoryStat {
+                rss: usage.resident,
+                usage: MessageField::some(MemoryEntry {
+                    usage: usage.resident,
+                    limit: memory_limit,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            pids: MessageField::some(PidsStat {
+                current: processes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let stats = containerd_shim::util::convert_to_any(Box::new(metrics))
+            .map_err(|e| error(Code::INTERNAL, format!("cannot encode the stats: {e}")))?;
+        Ok(api::StatsResponse {
+            stats: MessageField::some(stats),
+            ..Default::default()
+        })
+    }
+
+    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        // The process's stdin ends when containerd closes the FIFO's writing end.
+        Ok(api::Empty::new())
+    }
+
+    fn delete(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::DeleteRequest,
+    ) -> TtrpcResult<api::DeleteResponse> {
+        let mut guard = self.lock();
+        let container = guard
+            .as_mut()
+            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let process = container
+            .processes
+            .get(&req.exec_id)
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+        let exit = match &process.phase {
+            Phase::Running { .. } => {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    "the process is still running",
+                ))
+            }
+            Phase::Created => Exit {
+                status: 0,
+                at: now(),
+            },
+            Phase::Stopped(exit) => exit.clone(),
+        };
+        let container_id = container.id.clone();
+        if req.exec_id.is_empty() {
+            if let Some(container) = guard.take() {
+                drop(guard);
+                self.remove(container);
+            }
+        } else {
+            container.processes.remove(&req.exec_id);
+            drop(guard);
+        }
+        self.shared.changed.notify_all();
+        let event = TaskDelete {
+            container_id: container_id.clone(),
+            id: if req.exec_id.is_empty() {
+                container_id
+            } else {
+                req.exec_id.clone()
+            },
+            pid: std::process::id(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at.clone()),
+            ..Default::default()
+        };
+        if req.exec_id.is_empty() {
+            self.publish("/tasks/delete", Box::new(event));
+        }
+        Ok(api::DeleteResponse {
+            pid: std::process::id(),
+            exit_status: exit.status,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
+    }
+
+    fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: api::ConnectRequest,
+    ) -> TtrpcResult<api::ConnectResponse> {
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: std::process::id(),
+            version: format!("flint {}", env!("CARGO_PKG_VERSION")),
+            ..Default::default()
+        })
+    }
+
+    fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
+        let container = {
+            let mut guard = self.lock();
+            if guard.is_some() && !req.now {
+                // containerd deletes the container first; until then the shim stays.
+                return Ok(api::Empty::new());
+            }
+            guard.take()
+        };
+        if let Some(container) = container {
+            self.remove(container);
+        }
+        self.shared.exit.signal();
+        Ok(api::Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_directories_stay_under_the_work_directory() {
+        let root = Path::new("/w");
+        assert_eq!(
+            work_dir(root, "default", "c1"),
+            Some(PathBuf::from("/w/default/c1"))
+        );
+        assert_eq!(work_dir(root, "default", ".."), None);
+        assert_eq!(work_dir(root, "a/b", "c"), None);
+        assert_eq!(work_dir(root, "k8s.io", ""), None);
+    }
+
+    #[test]
+    fn usage_comes_from_proc_whatever_the_command_name() {
+        let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 5 1 2";
+        let usage = parse_usage(stat, "5000 1200 300 1 0 900 0", 100, 4096).unwrap();
+        assert_eq!(
+            usage,
+            Usage {
+                user_ns: 2_500_000_000,
+                kernel_ns: 500_000_000,
+                resident: 1200 * 4096,
+            }
+        );
+        assert_eq!(parse_usage("garbage", "", 100, 4096), None);
+    }
+
+    #[test]
+    fn a_signal_kills_with_128_plus_its_number() {
+        assert_eq!(killed(9), 137);
+        assert_eq!(killed(15), 143);
+    }
+}

@@ -1,0 +1,706 @@
+//! containerd's runtime shim v2 (`containerd-shim-flint-v2`) driven by a real containerd:
+//! Debian's package (`containerd`, with its `ctr`), which each test starts with a root, state
+//! directory and socket of its own, and stops.
+//!
+//! - Host level (no guest boots): `ctr run --runtime io.containerd.flint.v2` with a missing
+//!   kernel, a file that is no kernel, a memory limit no VM can have and a configuration file
+//!   with a typo fails with one sentence in ctr's error and leaves no shim process, mount or
+//!   file behind (the second and third get as far as building the container's root disk from
+//!   the overlayfs snapshotter's mounts).
+//! - Tier 3 (nested host): an image imported with `ctr image import` runs with
+//!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; a command
+//!   the image lacks (one sentence); in a
+//!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task metrics`
+//!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
+//!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
+//!   the VM; a guest that powers off under its process (the task ends with 255); a shim
+//!   killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left afterwards.
+//!   The nested host's kernel has no overlay module (see
+//!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter
+//!   there, whose root file systems reach the shim as bind mounts.
+
+mod support;
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use support::{cache_dir, run_scenario_with, ScenarioOptions, TempDir, RIG_FAULT_SH};
+
+/// The name the test image is imported under.
+const IMAGE: &str = "docker.io/library/flint-shim-test:1";
+/// The namespace the tests use in containerd.
+const NAMESPACE: &str = "flint-test";
+/// The runtime name of the shim.
+const RUNTIME: &str = "io.containerd.flint.v2";
+
+fn shim_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-flint-v2"))
+}
+
+/// A program's full path from the usual directories; a missing one fails the test.
+fn program(name: &str, package: &str) -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} is missing: install Debian's {package} package (resources/run-tests.sh does)");
+}
+
+// ---------------------------------------------------------------------------------------
+// The test image: busybox in one layer, a file in a second (so that the overlayfs
+// snapshotter mounts an overlay of two lower directories).
+
+/// An entry of a layer.
+enum Entry<'a> {
+    Dir(&'a str, u32),
+    File(&'a str, u32, &'a [u8]),
+    Symlink(&'a str, &'a str),
+}
+
+fn tar_layer(entries: &[Entry]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for entry in entries {
+        let mut h = tar::Header::new_ustar();
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        match entry {
+            Entry::Dir(path, mode) => {
+                h.set_mode(*mode);
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, path, &b""[..]).unwrap();
+            }
+            Entry::File(path, mode, data) => {
+                h.set_mode(*mode);
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(data.len() as u64);
+                b.append_data(&mut h, path, *data).unwrap();
+            }
+            Entry::Symlink(path, target) => {
+                h.set_mode(0o777);
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_size(0);
+                b.append_link(&mut h, path, target).unwrap();
+            }
+        }
+    }
+    b.into_inner().unwrap()
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// An OCI archive of the test image at `out`, named [`IMAGE`] for `ctr image import`.
+fn image_archive(out: &Path) {
+    let busybox = std::fs::read("/bin/busybox")
+        .expect("the test image needs a static busybox at /bin/busybox (busybox-static)");
+    let applets = ["sh", "echo", "cat", "sleep", "true", "ls", "id", "grep"];
+    let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
+    let mut base = vec![
+        Entry::Dir("bin", 0o755),
+        Entry::Dir("etc", 0o755),
+        Entry::Dir("tmp", 0o1777),
+        Entry::File("bin/busybox", 0o755, &busybox),
+        Entry::File("etc/message", 0o644, b"the first layer\n"),
+    ];
+    base.extend(links.iter().map(|l| Entry::Symlink(l, "busybox")));
+    let layers = [
+        tar_layer(&base),
+        tar_layer(&[Entry::File("etc/message", 0o644, b"the second layer\n")]),
+    ];
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut put = |data: Vec<u8>| {
+        let hex = sha256_hex(&data);
+        let size = data.len();
+        files.push((format!("blobs/sha256/{hex}"), data));
+        (format!("sha256:{hex}"), size)
+    };
+    let mut descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for layer in &layers {
+        let (digest, size) = put(layer.clone());
+        diff_ids.push(digest.clone());
+        descs.push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": digest, "size": size,
+        }));
+    }
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "rootfs": { "type": "layers", "diff_ids": diff_ids },
+    });
+    let (config_digest, config_size) = put(serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json",
+                    "digest": config_digest, "size": config_size },
+        "layers": descs,
+    });
+    let (manifest_digest, manifest_size) = put(serde_json::to_vec(&manifest).unwrap());
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_digest, "size": manifest_size,
+            "platform": { "architecture": "amd64", "os": "linux" },
+            "annotations": { "io.containerd.image.name": IMAGE,
+                             "org.opencontainers.image.ref.name": "1" },
+        }],
+    });
+    files.push(("index.json".into(), serde_json::to_vec(&index).unwrap()));
+    files.push((
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    ));
+    let mut b = tar::Builder::new(std::fs::File::create(out).unwrap());
+    for (path, data) in &files {
+        let mut h = tar::Header::new_ustar();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data.as_slice()).unwrap();
+    }
+    b.into_inner().unwrap().flush().unwrap();
+}
+
+/// containerd's configuration: private directories and socket under `dir`, no CRI plugin
+/// (nothing here needs CNI), no snapshotters but overlayfs and native.
+fn containerd_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+"#
+    )
+}
+
+// ---------------------------------------------------------------------------------------
+// Host level.
+
+/// A containerd of the test's own, stopped (and its directory removed) when dropped.
+struct Containerd {
+    dir: TempDir,
+    child: Child,
+}
+
+impl Containerd {
+    /// Start containerd with the shim on its PATH and `FLINT_SHIM_CONFIG` naming
+    /// `shim.json` in its directory.
+    fn start() -> Containerd {
+        let containerd = program("containerd", "containerd");
+        let dir = TempDir::new("containerd");
+        let bin = dir.0.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::os::unix::fs::symlink(shim_bin(), bin.join("containerd-shim-flint-v2")).unwrap();
+        std::fs::write(dir.0.join("config.toml"), containerd_config(&dir.0)).unwrap();
+        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        let child = Command::new(containerd)
+            .arg("--config")
+            .arg(dir.0.join("config.toml"))
+            .env("PATH", path)
+            .env("FLINT_SHIM_CONFIG", dir.0.join("shim.json"))
+            .current_dir(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start containerd");
+        let c = Containerd { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up: {}",
+                std::fs::read_to_string(c.dir.0.join("containerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    fn ctr(&self, args: &[&str]) -> Output {
+        Command::new(program("ctr", "containerd"))
+            .arg("--address")
+            .arg(self.dir.0.join("containerd.sock"))
+            .args(["--namespace", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
+    }
+
+    fn write_shim_config(&self, json: &serde_json::Value) {
+        std::fs::write(self.dir.0.join("shim.json"), json.to_string()).unwrap();
+    }
+
+    /// The shim processes this containerd started that still run.
+    fn shims(&self) -> Vec<u32> {
+        let address = format!("{}", self.dir.0.join("containerd.sock").display());
+        let mut pids = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_shim = args
+                .first()
+                .is_some_and(|a| a.ends_with("containerd-shim-flint-v2"));
+            if is_shim && args.contains(&address) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Wait (a while) until no shim of this containerd runs; the ones left.
+    fn shims_after_wait(&self) -> Vec<u32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let shims = self.shims();
+            if shims.is_empty() || Instant::now() >= deadline {
+                return shims;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims a failed test left are this test's: end them by their ids.
+        for pid in self.shims() {
+            // SAFETY: kill has no memory effects; the pid is a shim this containerd started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        // SAFETY: as above, for the containerd this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// One line of ctr's error output: what the user reads.
+fn ctr_error(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert!(!out.status.success(), "ctr succeeded: {text}");
+    assert_eq!(text.lines().count(), 1, "not one line: {text}");
+    text
+}
+
+/// What is in `dir` (nothing when it does not exist).
+fn entries(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect()
+}
+
+#[test]
+fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
+    let c = Containerd::start();
+    let archive = c.dir.0.join("image.tar");
+    image_archive(&archive);
+    let out = c.ctr(&["image", "import", archive.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "ctr image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let work = c.dir.0.join("shim-work");
+    // Where shims put their sockets (containerd_shim::SOCKET_ROOT): nothing new is left.
+    let sockets = Path::new("/run/containerd/s");
+    let sockets_before = entries(sockets);
+    let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
+    assert!(
+        sandbox.is_file(),
+        "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
+    );
+    let leftovers = |what: &str| {
+        assert_eq!(
+            c.shims_after_wait(),
+            Vec::<u32>::new(),
+            "{what}: a shim is left"
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let ours = c.dir.0.display().to_string();
+        assert!(
+            !mounts.lines().any(|l| l.contains(&ours)),
+            "{what}: a mount is left:\n{mounts}"
+        );
+        // Not even the namespace's directory.
+        assert_eq!(
+            entries(&work),
+            Vec::<PathBuf>::new(),
+            "{what}: files are left"
+        );
+        let new_sockets: Vec<_> = entries(sockets)
+            .into_iter()
+            .filter(|s| !sockets_before.contains(s))
+            .collect();
+        assert_eq!(
+            new_sockets,
+            Vec::<PathBuf>::new(),
+            "{what}: a shim socket is left"
+        );
+        let tasks = c.ctr(&["task", "ls", "-q"]);
+        assert_eq!(String::from_utf8_lossy(&tasks.stdout).trim(), "", "{what}");
+        let containers = c.ctr(&["container", "ls", "-q"]);
+        assert_eq!(
+            String::from_utf8_lossy(&containers.stdout).trim(),
+            "",
+            "{what}"
+        );
+    };
+
+    // No kernel: refused before anything is built.
+    c.write_shim_config(&serde_json::json!({
+        "kernel": "/nonexistent/vmlinux",
+        "initramfs": sandbox,
+        "work_dir": work,
+    }));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "missing-kernel",
+        "true",
+    ]);
+    assert_eq!(
+        ctr_error(&out),
+        "ctr: failed to create shim task: the guest kernel /nonexistent/vmlinux does not exist \
+         (build it with resources/build-guest-kernel.sh, or name another in the shim's \
+         configuration file): unknown"
+    );
+    leftovers("missing kernel");
+
+    // A file that is no kernel: the root disk is built from the overlay mounts first.
+    let bogus = c.dir.0.join("bogus-kernel");
+    std::fs::write(&bogus, vec![0x5a; 64 * 1024]).unwrap();
+    c.write_shim_config(&serde_json::json!({
+        "kernel": bogus,
+        "initramfs": sandbox,
+        "work_dir": work,
+    }));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "bogus-kernel",
+        "true",
+    ]);
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: {} is neither an ELF vmlinux nor a bzImage \
+             kernel: unknown",
+            bogus.display()
+        )
+    );
+    leftovers("bogus kernel");
+
+    // A memory limit no VM can have: the VM's own limit, in the container's terms.
+    c.write_shim_config(&serde_json::json!({
+        "kernel": support::guest_images().vmlinux,
+        "initramfs": sandbox,
+        "work_dir": work,
+    }));
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--memory-limit",
+        "1125899906842624",
+        IMAGE,
+        "huge",
+        "true",
+    ]);
+    let error = ctr_error(&out);
+    assert!(
+        error.starts_with(
+            "ctr: failed to create shim task: the container's VM cannot be made: 1073741888 MiB \
+             of guest memory is more than flint supports"
+        ),
+        "{error}"
+    );
+    leftovers("a memory limit too large");
+
+    // A configuration file with a typo: named in the error.
+    std::fs::write(c.dir.0.join("shim.json"), r#"{"kernal": "/k"}"#).unwrap();
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "typo", "true"]);
+    let error = ctr_error(&out);
+    assert!(
+        error.starts_with(&format!(
+            "ctr: failed to create shim task: the flint shim's configuration file {} is not \
+             valid: unknown field `kernal`",
+            c.dir.0.join("shim.json").display()
+        )),
+        "{error}"
+    );
+    leftovers("bad configuration");
+}
+
+// ---------------------------------------------------------------------------------------
+// Tier 3: containers run in microVMs in the nested host.
+
+const SCENARIO: &str = r#"
+export PATH="$FILES:$PATH"
+# ctr's default snapshotter (the host kernel has no overlay module).
+export CONTAINERD_SNAPSHOTTER=native
+C=$WORK/containerd
+mkdir -p "$C" "$WORK/shim-work"
+cp "$FILES/config.toml" "$C/config.toml"
+sed -i "s|@DIR@|$C|g" "$C/config.toml"
+cat >"$WORK/shim.json" <<EOF
+{"kernel": "$VMLINUX", "initramfs": "$FILES/sandbox.cpio.gz", "work_dir": "$WORK/shim-work"}
+EOF
+FLINT_SHIM_CONFIG=$WORK/shim.json "$FILES/containerd" --config "$C/config.toml" \
+    >"$WORK/containerd.log" 2>&1 &
+CPID=$!
+wait_for "$WORK/containerd.log" "containerd successfully booted" 60
+CTR="$FILES/ctr --address $C/containerd.sock --namespace flint-test"
+flint_case import $CTR image import "$FILES/image.tar"
+flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/flint-shim-test:1 \
+    first sh -c 'echo "out: $(cat /etc/message)"; echo "err: $(id -u)" >&2; exit 3'
+# A command the image does not have: one sentence from the start request, nothing left.
+flint_case notfound $CTR run --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 notfound /no/such/program
+bg_case sleeper $CTR run --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 sleeper sleep 600
+n=0
+until $CTR task ls 2>/dev/null | grep -q "sleeper.*RUNNING" || [ $n -ge 600 ]; do
+    sleep 1; n=$((n + 1))
+done
+# The agent has started the command when the task runs; give sleep a moment to be sleep.
+sleep 2
+flint_case exec $CTR task exec --exec-id e1 sleeper \
+    sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
+flint_case ps $CTR task ps sleeper
+flint_case metrics $CTR task metrics sleeper
+flint_case pause $CTR task pause sleeper
+echo "PAUSED $($CTR task ls | grep sleeper | awk '{print $3}')"
+flint_case resume $CTR task resume sleeper
+echo "RESUMED $($CTR task ls | grep sleeper | awk '{print $3}')"
+flint_case after_resume $CTR task exec --exec-id e2 sleeper echo awake
+flint_case kill $CTR task kill -s SIGTERM sleeper
+end_case sleeper $BG_PID
+# Limits size the VM: 2 vCPUs, 384 MiB and the overhead (64 MiB).
+flint_case sized $CTR run --rm --runtime io.containerd.flint.v2 --cpus 2 \
+    --memory-limit 402653184 docker.io/library/flint-shim-test:1 sized \
+    sh -c 'echo "cpus $(grep -c ^processor /proc/cpuinfo)"; grep MemTotal /proc/meminfo'
+# The guest powers off under its process: the task ends with 255.
+flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
+# The shim is killed: containerd's cleanup (the shim's delete action) leaves nothing.
+flint_case detached $CTR run -d --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 victim sleep 600
+n=0
+until $CTR task ls 2>/dev/null | grep -q "victim.*RUNNING" || [ $n -ge 300 ]; do
+    sleep 1; n=$((n + 1))
+done
+victim=$(ps -o pid,args | grep '[c]ontainerd-shim-flint-v2 .*-id victim' | awk '{print $1}')
+echo "VICTIM_SHIM ${victim:-none}"
+kill -9 $victim
+n=0
+while $CTR task ls 2>/dev/null | grep -q "victim.*RUNNING" && [ $n -lt 60 ]; do
+    sleep 1; n=$((n + 1))
+done
+echo "VICTIM_TASK $($CTR task ls 2>/dev/null | grep victim | awk '{print $3}')"
+$CTR task delete victim >/dev/null 2>&1
+flint_case remove $CTR container rm victim
+sleep 2
+echo "SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
+echo "WORKLEFT $(find "$WORK/shim-work" -mindepth 1 | wc -l)"
+echo "MOUNTS $(grep -c "$C" /proc/mounts)"
+echo "TASKS $($CTR task ls -q | wc -l)"
+echo "SOCKETS $(ls /run/containerd/s 2>/dev/null | wc -l)"
+kill $CPID
+wait $CPID
+[ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
+"#;
+
+fn line<'a>(output: &'a str, key: &str) -> &'a str {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .unwrap_or_else(|| panic!("no line {key:?} in the output"))
+}
+
+#[test]
+fn containers_run_in_microvms_with_their_output_status_and_signals() {
+    let tmp = TempDir::new("containerd-nested");
+    let archive = tmp.0.join("image.tar");
+    image_archive(&archive);
+    let config = tmp.write(
+        "config.toml",
+        containerd_config(Path::new("@DIR@")).as_bytes(),
+    );
+    let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
+    assert!(
+        sandbox.is_file(),
+        "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
+    );
+    let files = [
+        (program("containerd", "containerd"), "containerd"),
+        (program("ctr", "containerd"), "ctr"),
+        (shim_bin(), "containerd-shim-flint-v2"),
+        (program("mkfs.ext4", "e2fsprogs"), "mkfs.ext4"),
+        (program("debugfs", "e2fsprogs"), "debugfs"),
+        (sandbox, "sandbox.cpio.gz"),
+        (archive, "image.tar"),
+        (config, "config.toml"),
+    ];
+    let run = run_scenario_with(
+        &format!("{RIG_FAULT_SH}{SCENARIO}"),
+        &files,
+        &ScenarioOptions {
+            timeout_secs: 900,
+            ..ScenarioOptions::default()
+        },
+    );
+    run.assert_ok();
+    let import = run.case("import");
+    assert_eq!(import.status, 0, "{}", import.stderr);
+    let first = run.case("run");
+    assert_eq!(
+        first.stdout.trim(),
+        "out: the second layer",
+        "{}",
+        first.stderr
+    );
+    assert_eq!(first.stderr.trim(), "err: 0");
+    assert_eq!(first.status, 3, "ctr run exits with the container's status");
+    let notfound = run.case("notfound");
+    assert_ne!(notfound.status, 0);
+    assert_eq!(notfound.stderr_lines().len(), 1, "{}", notfound.stderr);
+    assert!(
+        notfound.stderr.contains("/no/such/program"),
+        "{}",
+        notfound.stderr
+    );
+    let exec = run.case("exec");
+    assert_eq!(
+        exec.stdout.trim(),
+        "exec: the second layer",
+        "{}",
+        exec.stderr
+    );
+    assert_eq!(
+        exec.status, 4,
+        "ctr task exec exits with the process's status"
+    );
+    let ps = run.case("ps");
+    assert_eq!(ps.status, 0, "{}", ps.stderr);
+    assert!(
+        ps.stdout.lines().skip(1).any(|l| l
+            .split_whitespace()
+            .next()
+            .is_some_and(|pid| pid.parse::<u32>().is_ok())),
+        "no guest pid in ctr task ps: {}",
+        ps.stdout
+    );
+    let metrics = run.case("metrics");
+    assert_eq!(metrics.status, 0, "{}", metrics.stderr);
+    let metric = |name: &str| -> u64 {
+        line(&metrics.stdout, name)
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} in {}", metrics.stdout))
+    };
+    assert_eq!(
+        metric("memory.limit_in_bytes"),
+        128 << 20,
+        "the VM's memory"
+    );
+    assert!(metric("memory.usage_in_bytes") > 0);
+    assert!(metric("cpuacct.usage") > 0);
+    assert_eq!(metric("pids.current"), 1, "the sleeper");
+    assert_eq!(run.case("pause").status, 0, "{}", run.case("pause").stderr);
+    assert_eq!(line(&run.output, "PAUSED "), "PAUSED");
+    assert_eq!(
+        run.case("resume").status,
+        0,
+        "{}",
+        run.case("resume").stderr
+    );
+    assert_eq!(line(&run.output, "RESUMED "), "RUNNING");
+    let after = run.case("after_resume");
+    assert_eq!(
+        (after.status, after.stdout.trim()),
+        (0, "awake"),
+        "{}",
+        after.stderr
+    );
+    let kill = run.case("kill");
+    assert_eq!(kill.status, 0, "{}", kill.stderr);
+    let sleeper = run.case("sleeper");
+    assert_eq!(sleeper.status, 128 + 15, "SIGTERM: {}", sleeper.stderr);
+    let sized = run.case("sized");
+    assert_eq!(sized.status, 0, "{}", sized.stderr);
+    assert_eq!(line(&sized.stdout, "cpus "), "2", "--cpus 2");
+    let mem_kib: u64 = line(&sized.stdout, "MemTotal:")
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(
+        (384 * 1024..=448 * 1024).contains(&mem_kib),
+        "--memory-limit 384 MiB: the guest has {mem_kib} KiB"
+    );
+    let poweroff = run.case("poweroff");
+    assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);
+    assert_eq!(poweroff.status, 255, "the VM ended under the process");
+    let detached = run.case("detached");
+    assert_eq!(detached.status, 0, "{}", detached.stderr);
+    assert_ne!(line(&run.output, "VICTIM_SHIM "), "none");
+    assert_ne!(
+        line(&run.output, "VICTIM_TASK "),
+        "RUNNING",
+        "containerd saw the killed shim's task end"
+    );
+    let remove = run.case("remove");
+    assert_eq!(remove.status, 0, "{}", remove.stderr);
+    assert_eq!(line(&run.output, "SHIMS "), "0", "a shim is left");
+    assert_eq!(line(&run.output, "WORKLEFT "), "0", "files are left");
+    assert_eq!(line(&run.output, "MOUNTS "), "0", "mounts are left");
+    assert_eq!(line(&run.output, "TASKS "), "0", "tasks are left");
+    assert_eq!(line(&run.output, "SOCKETS "), "0", "shim sockets are left");
+}
