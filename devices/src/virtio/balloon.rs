@@ -140,6 +140,10 @@ impl GuestStats {
 /// What a snapshot keeps of the device beyond its queues: what the guest wrote and sent.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonState {
+    /// The target the host set last (pages).
+    pub target_pages: u32,
+    /// The statistics polling interval in seconds (0: no statistics).
+    pub stats_interval_s: u16,
     /// The `actual` field the driver wrote (pages it holds).
     pub actual_pages: u32,
     /// The latest statistics.
@@ -289,6 +293,8 @@ impl Balloon {
     /// What a snapshot keeps.
     pub fn state(&self) -> BalloonState {
         BalloonState {
+            target_pages: self.target_pages(),
+            stats_interval_s: self.features.stats_interval_s,
             actual_pages: self.actual_pages(),
             stats: self.stats(),
         }
@@ -296,6 +302,14 @@ impl Balloon {
 
     /// Continue from `state` (after the transport restored the queues).
     pub fn restore_state(&mut self, state: &BalloonState) {
+        self.set_target_pages(state.target_pages);
+        if state.stats_interval_s > 0 && self.timer.is_some() {
+            self.features.stats_interval_s = state.stats_interval_s;
+            let every = Duration::from_secs(state.stats_interval_s.into());
+            if let Some(Err(e)) = self.timer.as_mut().map(|t| t.reset(every, Some(every))) {
+                log::warn!("virtio-balloon: cannot arm the statistics timer: {e}");
+            }
+        }
         self.config[4..].copy_from_slice(&state.actual_pages.to_le_bytes());
         *self.stats.lock().unwrap_or_else(|e| e.into_inner()) = state.stats;
     }
@@ -851,10 +865,15 @@ mod tests {
         b.process_queue(2);
         assert_eq!(tqs[2].used_idx(), 4);
         assert_eq!(tqs[2].used_elem(3).0, u32::from(first));
+        b.set_target_pages(512);
+        b.write_config(4, &100u32.to_le_bytes());
         let state = b.state();
+        assert_eq!(state.stats_interval_s, 1);
         let mut fresh = Balloon::new(0, features(3600, false)).unwrap();
         fresh.restore_state(&state);
         assert_eq!(fresh.stats().reported(), vec![("free_memory", 1 << 20)]);
+        assert_eq!((fresh.target_pages(), fresh.actual_pages()), (512, 100));
+        assert_eq!(fresh.state(), state);
         assert_eq!(b.metrics().stats_updates.load(Ordering::Relaxed), 3);
         let none = Balloon::new(0, features(0, false)).unwrap();
         assert!(!none.has_stats());
