@@ -470,6 +470,7 @@ impl VirtioDevice for Balloon {
                 got: queues.len(),
             });
         }
+        let count = queues.len();
         self.active = Some(Active {
             mem,
             queues,
@@ -477,6 +478,11 @@ impl VirtioDevice for Balloon {
             interrupt,
             stats_head: None,
         });
+        // Linux makes its first statistics buffer available before it sets DRIVER_OK: a
+        // notification the device could not act on yet. Look at every queue once.
+        for index in 0..count {
+            self.process_queue(index);
+        }
         Ok(())
     }
 
@@ -895,6 +901,23 @@ mod tests {
         let m = b.metrics();
         assert_eq!(m.reported_bytes.load(Ordering::Relaxed), 0x1000);
         assert_eq!(m.invalid_pages.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn statistics_made_available_before_activation_are_read() {
+        let mem = guest_memory(MEM);
+        let mut b = Balloon::new(0, features(3600, false)).unwrap();
+        let mut tqs: Vec<_> = (0..3)
+            .map(|i| TestQueue::new(&mem, i * 0x1_0000, QUEUE_SIZE))
+            .collect();
+        let buf = stat(5, 42);
+        mem.write_slice(&buf, GuestAddress(BUF)).unwrap();
+        tqs[2].add_chain(&[r(BUF, buf.len() as u32)]);
+        let queues = tqs.iter().map(TestQueue::queue).collect();
+        b.activate(mem, b.avail_features(), queues, interrupt())
+            .unwrap();
+        assert_eq!(b.stats().reported(), vec![("total_memory", 42)]);
+        assert_eq!(tqs[2].used_idx(), 0, "held");
     }
 
     #[test]
