@@ -204,6 +204,9 @@ impl LoadOverrides {
                 "the snapshot has no vsock device to give a new socket path",
             ));
         }
+        if self.huge_pages.is_some_and(|h| h != crate::HugePages::None) && saved.balloon.is_some() {
+            return Err(ConfigError::BalloonHugePages.into());
+        }
         Ok(())
     }
 
@@ -1328,6 +1331,11 @@ mod tests {
         memory.apply(&mut c);
         assert_eq!(c.huge_pages, crate::HugePages::Size2M);
         assert!(c.track_dirty_pages);
+        // A balloon gives back 4 KiB pages: not a guest restored into huge pages.
+        let mut ballooned = saved.clone();
+        ballooned.balloon = Some(Default::default());
+        let e = memory.check(&ballooned).unwrap_err();
+        assert_eq!(e.field, Some(Field::Balloon));
         let unknown = LoadOverrides {
             taps: vec![("eth1".into(), "tap7".into())],
             ..o.clone()
