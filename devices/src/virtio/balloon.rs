@@ -442,11 +442,15 @@ impl VirtioDevice for Balloon {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         // Only `actual` (bytes 4..8) is the driver's to write.
+        let mut ignored = false;
         for (i, b) in data.iter().enumerate() {
             match offset.checked_add(i as u64) {
                 Some(o @ 4..=7) => self.config[o as usize] = *b,
-                _ => crate::guest_warn!("virtio-balloon: write to read-only configuration ignored"),
+                _ => ignored = true,
             }
+        }
+        if ignored {
+            crate::guest_warn!("virtio-balloon: write to read-only configuration ignored");
         }
     }
 
