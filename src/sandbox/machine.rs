@@ -76,8 +76,9 @@ pub(super) fn sandbox_cmdline(disks: &ImageDisks, nat: bool) -> String {
     cmdline
 }
 
-/// Every sandbox's balloon: no target, only free page reporting, so that memory the guest
-/// frees (a finished build, a deleted file in its RAM file system) goes back to the host.
+/// A sandbox's balloon (unless `--no-page-reporting`): no target, only free page reporting,
+/// so that memory the guest frees (a finished build, a deleted file in its RAM file system)
+/// goes back to the host.
 pub(super) const SANDBOX_BALLOON: vmm::BalloonConfig = vmm::BalloonConfig {
     amount_mib: 0,
     deflate_on_oom: false,
@@ -102,7 +103,9 @@ pub(super) fn vm_config(
         guest_cid: SANDBOX_CID,
         uds_path: work.join("vsock.sock"),
     });
-    config.balloon = Some(SANDBOX_BALLOON);
+    if !options.no_page_reporting {
+        config.balloon = Some(SANDBOX_BALLOON);
+    }
     match &options.net {
         Some(SandboxNet::Tap(net)) => config.nets.push(net.clone()),
         // In the sandbox's own network namespace: always the same TAP and MAC address.
@@ -387,6 +390,12 @@ mod tests {
         let mut old = config.clone();
         old.balloon = None;
         assert!(!same_sandbox(&old, &config));
+        let keep = RunOptions {
+            no_page_reporting: true,
+            ..nat.clone()
+        };
+        let keep = vm_config(&keep, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert_eq!(keep.balloon, None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
