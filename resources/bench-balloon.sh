@@ -36,17 +36,17 @@ N=$count
 SCENARIO
 cat >>"$work/scenario.sh" <<'SCENARIO'
 export FLINT_CACHE=$W/flint-cache
-run() { # mode command: one sandbox
+run() { # mode command: one sandbox (exec: in the background, $! is flint itself)
     opt=
     [ "$1" = keep ] && opt=--no-page-reporting
-    "$BIN/flint" run $opt --memory 256 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" \
-        -- sh -c "$2" </dev/null
+    exec "$BIN/flint" run $opt --memory 256 --kernel "$BIN/vmlinux" \
+        --initramfs "$BIN/sandbox.cpio.gz" -- sh -c "$2" </dev/null
 }
 kib() { sed -n 's/^VmRSS:[^0-9]*\([0-9]*\).*/\1/p' "/proc/$1/status" 2>/dev/null; }
 IDLE='echo ready; exec sleep 900'
 USED='head -c 67108864 /dev/zero >/tmp/x && rm /tmp/x && echo ready && exec sleep 900'
 for mode in report keep; do
-    run $mode true >/dev/null 2>&1 || echo "BENCH first run failed ($mode)"
+    (run $mode true) >/dev/null 2>&1 || echo "BENCH first run failed ($mode)"
     for load in idle used; do
         cmd=$IDLE
         [ $load = used ] && cmd=$USED
@@ -94,10 +94,12 @@ fi
 
 tr -d '\r' <"$work/out" >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
-grep -q '^BENCH first run failed' "$work/clean" && die "a first run failed: $(grep '^BENCH first' "$work/clean")"
+if grep -q 'BENCH first run failed' "$work/clean"; then
+    die "a first run failed: $(grep 'BENCH first' "$work/clean")"
+fi
 echo "flint run memory benchmark, $(date -u +%Y-%m-%d): $count sandboxes at once, 1 vCPU, 256 MiB each"
 echo "where: $where; resident memory of the flint processes summed, 20 s after the last was ready"
-value() { sed -n "s/^BENCH $1 $2 \([0-9]*\) \([0-9]*\)$/\1 \2/p" "$work/clean" | head -n1; }
+value() { sed -n "s/.*BENCH $1 $2 \([0-9]*\) \([0-9]*\)$/\1 \2/p" "$work/clean" | head -n1; }
 printf '%-44s %24s %24s\n' "" "free page reporting" "--no-page-reporting"
 for load in idle used; do
     case $load in

@@ -940,7 +940,6 @@ impl Drop for Vm {
     }
 }
 
-/// The configured command line followed by flint's additions, checked against the limit.
 /// The balloon behind `transport`, if it is one.
 fn balloon_of_mut(transport: &mut devices::virtio::mmio::MmioTransport) -> Option<&mut Balloon> {
     transport
@@ -949,6 +948,7 @@ fn balloon_of_mut(transport: &mut devices::virtio::mmio::MmioTransport) -> Optio
         .and_then(|any| any.downcast_mut::<Balloon>())
 }
 
+/// The configured command line followed by flint's additions, checked against the limit.
 fn full_cmdline(configured: &str, additions: &str) -> Result<String> {
     let cmdline = match (configured.is_empty(), additions.is_empty()) {
         (_, true) => configured.to_string(),

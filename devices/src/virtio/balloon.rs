@@ -337,7 +337,7 @@ impl Balloon {
 }
 
 /// Give the guest memory `[addr, addr + len)` back to the host. Returns the bytes given back;
-/// parts outside guest memory are skipped (and counted in `invalid`, in pages).
+/// parts outside guest memory are skipped (and counted in `invalid_pages`).
 fn discard(mem: &GuestMemoryMmap, addr: u64, len: u64, metrics: &BalloonMetrics) -> u64 {
     let mut cur = addr;
     let end = addr.saturating_add(len);
