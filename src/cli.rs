@@ -758,6 +758,12 @@ mod tests {
         );
         assert!(!o.cold, "restoring the snapshot is the default");
         assert!(run(&["run", "--cold", "--", "true"]).unwrap().cold);
+        assert!(!o.no_page_reporting, "free page reporting is the default");
+        assert!(
+            run(&["run", "--no-page-reporting", "--", "true"])
+                .unwrap()
+                .no_page_reporting
+        );
         // Copy-outs are limited by default; --copy-out-limit takes K, M and G.
         assert_eq!(o.copy_out_limit, 1 << 30);
         for (value, bytes) in [

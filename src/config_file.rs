@@ -24,12 +24,12 @@ pub const KEYS: &[&str] = &[
     "mmds-config",
     "vsock",
     "entropy",
+    "balloon",
 ];
 
 /// Firecracker's config-file keys for features flint does not have: accepted when null (as
 /// Firecracker's own example files write them), refused with the reason otherwise.
 pub const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
-    ("balloon", "flint has no balloon device yet"),
     (
         "cpu-config",
         "flint does not take custom CPU templates; it presents the host's CPU as KVM reports it",
@@ -175,6 +175,9 @@ pub fn from_json(v: &Value) -> Result<Vec<ApiRequest>, BodyError> {
     if let Some(v) = section("entropy") {
         requests_to_vmm.push(Request::SetEntropy(schema::entropy(v, "entropy")?));
     }
+    if let Some(v) = section("balloon") {
+        requests_to_vmm.push(Request::SetBalloon(schema::balloon(v, "balloon")?));
+    }
     requests.extend(requests_to_vmm.into_iter().map(ApiRequest::Vmm));
     Ok(requests)
 }
@@ -206,6 +209,7 @@ pub fn to_json(config: &ConfigView, logger: Option<&LoggerConfig>) -> Value {
         } else {
             Value::Null
         },
+        "balloon": or_null(vm.balloon.as_ref().map(schema::balloon_json)),
         "logger": or_null(logger.map(schema::logger_json)),
         "metrics": or_null(config.metrics.as_ref().map(schema::metrics_json)),
     })
@@ -265,6 +269,12 @@ mod tests {
                 entropy: true,
                 huge_pages: vmm::HugePages::Size2M,
                 track_dirty_pages: true,
+                balloon: Some(vmm::BalloonConfig {
+                    amount_mib: 16,
+                    deflate_on_oom: true,
+                    stats_polling_interval_s: 1,
+                    free_page_reporting: true,
+                }),
                 ..VmConfig::new("")
             },
             metrics: Some(vmm::controller::MetricsConfig::to_path("/m")),
@@ -318,6 +328,7 @@ mod tests {
                 vmm(Request::SetNetworkInterface(c.vm.nets[0].clone())),
                 vmm(Request::SetVsock(c.vm.vsock.clone().unwrap())),
                 vmm(Request::SetEntropy(None)),
+                vmm(Request::SetBalloon(c.vm.balloon.unwrap())),
             ]
         );
     }
@@ -335,6 +346,7 @@ mod tests {
         let v = to_json(&c, None);
         assert_eq!(v["boot-source"], Value::Null);
         assert_eq!(v["entropy"], Value::Null);
+        assert_eq!(v["balloon"], Value::Null);
         assert_eq!(v["logger"], Value::Null);
         assert_eq!(v["drives"], json!([]));
         assert_eq!(
@@ -392,11 +404,11 @@ mod tests {
             (
                 json!({"ballon": {}}),
                 "unknown key 'ballon' (expected logger, metrics, machine-config, boot-source, \
-                 drives, network-interfaces, mmds-config, vsock, entropy)",
+                 drives, network-interfaces, mmds-config, vsock, entropy, balloon)",
             ),
             (
                 json!({"balloon": {"amount_mib": 10}}),
-                "balloon: flint has no balloon device yet",
+                "balloon: missing required field 'deflate_on_oom'",
             ),
             (
                 json!({"mmds-config": {"version": "V2"}, "balloon": null}),
@@ -444,7 +456,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let good = dir.join("good.json");
         std::fs::write(&good, to_json(&full(), Some(&logger())).to_string()).unwrap();
-        assert_eq!(load(&good).unwrap().len(), 9);
+        assert_eq!(load(&good).unwrap().len(), 10);
 
         let bad = dir.join("bad.json");
         std::fs::write(&bad, "{\"drives\": [}").unwrap();

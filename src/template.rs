@@ -85,6 +85,15 @@ impl Template {
         h.write_u32(config.vcpus);
         h.write_u64(config.mem_mib);
         h.write_u8(u8::from(config.entropy));
+        // The balloon (free page reporting or none): a guest restored without the one it
+        // booted with would not be the sandbox asked for.
+        if let Some(b) = &config.balloon {
+            h.write_u8(1);
+            h.write_u32(b.amount_mib);
+            h.write_u8(u8::from(b.free_page_reporting));
+            h.write_u8(u8::from(b.deflate_on_oom));
+            h.write_u16(b.stats_polling_interval_s);
+        }
         Ok(Template {
             dir: cache
                 .join("sandbox/snapshots")
@@ -346,6 +355,13 @@ mod tests {
         two_cpus.vcpus = 2;
         assert_ne!(key(&more_memory), first);
         assert_ne!(key(&two_cpus), first);
+        // With and without free page reporting: two templates.
+        let mut reporting = config.clone();
+        reporting.balloon = Some(vmm::BalloonConfig {
+            free_page_reporting: true,
+            ..Default::default()
+        });
+        assert_ne!(key(&reporting), first);
         // A container image's disk is part of the key: another image, another template.
         std::fs::write(dir.join("a.ext4"), b"disk a").unwrap();
         std::fs::write(dir.join("b.ext4"), b"disk b").unwrap();

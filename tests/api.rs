@@ -81,6 +81,10 @@ fn canned(request: &ApiRequest) -> Result<Response, RequestError> {
             field: None,
             message: "the drive refused cannot be opened".into(),
         }),
+        Request::GetBalloon => Err(RequestError {
+            field: None,
+            message: "the VM has no balloon device".into(),
+        }),
         _ => Ok(Response::Done),
     }
 }
@@ -468,8 +472,11 @@ fn errors_have_a_status_and_a_fault_message() {
     let a = c.call("GET", "/balloon", None);
     assert_eq!(
         (a.status, a.fault()),
-        (400, "/balloon: flint has no balloon device yet".into())
+        (400, "the VM has no balloon device".into())
     );
+    let a = c.call("PATCH", "/balloon/hinting/start", Some("{}"));
+    assert_eq!(a.status, 400);
+    assert!(a.fault().contains("no free page hinting"), "{}", a.fault());
     let a = c.call("GET", "/nope", None);
     assert_eq!((a.status, a.fault()), (404, "no such path: /nope".into()));
 
@@ -478,8 +485,9 @@ fn errors_have_a_status_and_a_fault_message() {
     assert_eq!(a.header("allow"), Some("PATCH"));
     a.fault();
 
-    // None of these reached the VMM except the refused drive; the connection is still usable.
-    assert_eq!(f.requests().len(), 1);
+    // None of these reached the VMM except the refused drive and the balloon the VMM does not
+    // have; the connection is still usable.
+    assert_eq!(f.requests().len(), 2);
     assert_eq!(c.call("GET", "/", None).status, 200);
 }
 

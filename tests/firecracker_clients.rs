@@ -228,6 +228,91 @@ fn firectl_through_firecracker_go_sdk() {
     assert!(!sock.exists(), "flint left its API socket behind");
 }
 
+/// firecracker-go-sdk's balloon calls (`CreateBalloon`, `GetBalloonConfig`, `UpdateBalloon`,
+/// `GetBalloonStats`, `UpdateBalloonStats`) on a VM whose tiny guest has no balloon driver:
+/// the target is the host's, what the guest holds stays 0.
+#[test]
+fn firecracker_go_sdks_balloon_calls() {
+    let dir = TempDir::new("fc-balloon");
+    let kernel = spinning_kernel(&dir);
+    let sock = dir.0.join("balloon.sock");
+    let child = start(&["--api-sock", s(&sock)], Some(&sock));
+    for (method, path, body) in [
+        (
+            "PUT",
+            "/boot-source",
+            format!(
+                r#"{{"kernel_image_path":"{}","boot_args":"console=ttyS0 reboot=k panic=1 pci=off"}}"#,
+                s(&kernel)
+            ),
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":64}"#.into(),
+        ),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":16,"deflate_on_oom":true,"stats_polling_interval_s":1}"#.into(),
+        ),
+        (
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#.into(),
+        ),
+        ("PATCH", "/balloon", r#"{"amount_mib":32}"#.into()),
+        (
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s":5}"#.into(),
+        ),
+    ] {
+        expect(&sock, method, path, Some(&body), 204);
+    }
+    let config = expect(&sock, "GET", "/balloon", None, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&config).unwrap(),
+        serde_json::json!({"amount_mib": 32, "deflate_on_oom": true,
+            "stats_polling_interval_s": 5, "free_page_reporting": false,
+            "free_page_hinting": false})
+    );
+    let stats = expect(&sock, "GET", "/balloon/statistics", None, 200);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&stats).unwrap(),
+        serde_json::json!({"target_pages": 8192, "actual_pages": 0, "target_mib": 32,
+            "actual_mib": 0})
+    );
+    // More than the guest's memory; statistics turned off after start; a second balloon.
+    for (method, path, body, says) in [
+        (
+            "PATCH",
+            "/balloon",
+            r#"{"amount_mib":65}"#,
+            "larger than the guest's",
+        ),
+        (
+            "PATCH",
+            "/balloon/statistics",
+            r#"{"stats_polling_interval_s":0}"#,
+            "cannot be turned on or off",
+        ),
+        (
+            "PUT",
+            "/balloon",
+            r#"{"amount_mib":1,"deflate_on_oom":false}"#,
+            "before the VM starts",
+        ),
+    ] {
+        let (status, answer) = call(&sock, method, path, Some(body));
+        assert_eq!(status, 400, "{method} {path} {body}: {answer}");
+        assert!(answer.contains(says), "{answer}");
+    }
+    let config = expect(&sock, "GET", "/vm/config", None, 200);
+    assert!(config.contains(r#""balloon":{"amount_mib":32"#), "{config}");
+    stop_when_up(child, Some(&sock));
+}
+
 #[test]
 fn flintlocks_command_line_and_config_file() {
     let dir = TempDir::new("fc-flintlock");

@@ -31,6 +31,8 @@ const PREFIXES: &[&str] = &[
     "/metrics",
     "/snapshot/create",
     "/snapshot/load",
+    "/balloon",
+    "/balloon/statistics",
     "",
 ];
 
@@ -82,6 +84,10 @@ fn round_trip(request: &ApiRequest) {
         Request::SetMetrics(m) => {
             let v = schema::metrics_json(m);
             assert_eq!(&schema::metrics(&v, "").unwrap(), m, "{v}");
+        }
+        Request::SetBalloon(b) => {
+            let v = schema::balloon_json(b);
+            assert_eq!(&schema::balloon(&v, "").unwrap(), b, "{v}");
         }
         _ => {}
     }

@@ -98,6 +98,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("/snapshot/load", "PUT"),
     ("/mmds", "GET, PUT, PATCH"),
     ("/mmds/config", "PUT"),
+    ("/balloon", "GET, PUT, PATCH"),
+    ("/balloon/statistics", "GET, PATCH"),
 ];
 
 /// Match `path` (without query) against the routes: the pattern, its methods and the decoded
@@ -125,7 +127,11 @@ fn find_route(path: &str) -> Result<Option<(&'static str, &'static str, String)>
 /// Firecracker's paths for features flint does not have, with the reason: a client gets a
 /// 400 that says so, not a 404 that looks like a typo.
 const MISSING_FEATURES: &[(&str, &str)] = &[
-    ("/balloon", "flint has no balloon device yet"),
+    (
+        "/balloon/hinting",
+        "flint has no free page hinting; the balloon's free_page_reporting gives the guest's \
+         free memory back to the host instead",
+    ),
     (
         "/cpu-config",
         "flint takes no custom CPU templates; the guest sees the host's CPU as KVM reports it",
@@ -193,6 +199,8 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Routed {
         ("GET", "/machine-config") => return Routed::Forward(Request::GetMachineConfig.into()),
         ("GET", "/vm/config") => return Routed::Forward(Request::GetFullConfig.into()),
         ("GET", "/mmds") => return Routed::Forward(Request::GetMmds.into()),
+        ("GET", "/balloon") => return Routed::Forward(Request::GetBalloon.into()),
+        ("GET", "/balloon/statistics") => return Routed::Forward(Request::GetBalloonStats.into()),
         _ => {}
     }
     let v = match json_body(body) {
@@ -246,6 +254,9 @@ fn with_body(method: &str, pattern: &str, id: &str, v: &Value) -> Result<ApiRequ
         ("PUT", "/mmds") => Request::PutMmds(schema::mmds_data(v)?),
         ("PATCH", "/mmds") => Request::PatchMmds(schema::mmds_data(v)?),
         ("PUT", "/mmds/config") => schema::mmds_config(v, "")?,
+        ("PUT", "/balloon") => Request::SetBalloon(schema::balloon(v, "")?),
+        ("PATCH", "/balloon") => schema::balloon_update(v, "")?,
+        ("PATCH", "/balloon/statistics") => schema::balloon_stats_update(v, "")?,
         // Every (method, pattern) pair of ROUTES is handled above or in `route`.
         _ => return Err(BodyError(format!("{method} {pattern} is not implemented"))),
     };
@@ -263,6 +274,8 @@ pub fn reply_for(
         Ok(Response::Done) => Reply::no_content(),
         Ok(Response::Info(info)) => Reply::ok(schema::instance_info_json(&info)),
         Ok(Response::Mmds(data)) => Reply::ok(data),
+        Ok(Response::Balloon(b)) => Reply::ok(schema::balloon_json(&b)),
+        Ok(Response::BalloonStats(s)) => Reply::ok(schema::balloon_stats_json(&s)),
         Ok(Response::Config(view)) => match request {
             ApiRequest::Vmm(Request::GetMachineConfig) => {
                 Reply::ok(schema::machine_config_json(&view.vm))
@@ -750,10 +763,92 @@ mod tests {
     }
 
     #[test]
+    fn balloon_routes_reach_their_requests_and_bad_bodies_are_refused() {
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 2,
+                    "free_page_reporting": true, "free_page_hinting": false}"#
+            ),
+            Request::SetBalloon(vmm::BalloonConfig {
+                amount_mib: 64,
+                deflate_on_oom: true,
+                stats_polling_interval_s: 2,
+                free_page_reporting: true,
+            })
+        );
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 0, "deflate_on_oom": false}"#
+            ),
+            Request::SetBalloon(vmm::BalloonConfig::default())
+        );
+        assert_eq!(
+            fwd("PATCH", "/balloon", r#"{"amount_mib": 300}"#),
+            Request::UpdateBalloon { amount_mib: 300 }
+        );
+        assert_eq!(fwd("GET", "/balloon", ""), Request::GetBalloon);
+        assert_eq!(
+            fwd("GET", "/balloon/statistics", ""),
+            Request::GetBalloonStats
+        );
+        assert_eq!(
+            fwd(
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 5}"#
+            ),
+            Request::UpdateBalloonStats {
+                stats_polling_interval_s: 5
+            }
+        );
+        for (method, path, body, expected) in [
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 1}"#,
+                "missing required field 'deflate_on_oom'",
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": 1, "deflate_on_oom": true, "free_page_hinting": true}"#,
+                "free_page_hinting: flint has no free page hinting",
+            ),
+            (
+                "PUT",
+                "/balloon",
+                r#"{"amount_mib": -1, "deflate_on_oom": true}"#,
+                "amount_mib must be a whole number",
+            ),
+            (
+                "PATCH",
+                "/balloon/statistics",
+                r#"{"stats_polling_interval_s": 70000}"#,
+                "from 0 to 65535",
+            ),
+            (
+                "PATCH",
+                "/balloon",
+                r#"{"deflate_on_oom": true}"#,
+                "unknown field",
+            ),
+        ] {
+            let (status, msg) = refused(method, path, body);
+            assert_eq!(status, 400, "{body}");
+            assert!(msg.contains(expected), "{body}: {msg}");
+        }
+        assert_eq!(refused("DELETE", "/balloon", "").0, 405);
+    }
+
+    #[test]
     fn firecrackers_paths_for_missing_features_say_why() {
         for (method, path, reason) in [
-            ("PUT", "/balloon", "balloon"),
-            ("GET", "/balloon/statistics", "balloon"),
+            ("PATCH", "/balloon/hinting/start", "free page hinting"),
+            ("GET", "/balloon/hinting/status", "free page hinting"),
             ("PUT", "/cpu-config", "CPU templates"),
         ] {
             let (status, msg) = refused(method, path, "{}");

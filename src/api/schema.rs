@@ -40,6 +40,8 @@ pub fn field_name(field: Field) -> Option<&'static str> {
         Field::Mmds => return None,
         Field::VsockCid => "guest_cid",
         Field::MetricsPath => "metrics_path",
+        // The sentence says it is about the balloon.
+        Field::Balloon => return None,
         // The sentence names the device and the limiter's field itself.
         Field::RateLimiter => return None,
         Field::Devices => return None,
@@ -562,6 +564,76 @@ pub fn entropy_json(rate_limiter: &Option<RateLimiterConfig>) -> Value {
         Some(r) => serde_json::json!({ "rate_limiter": to_value(r) }),
         None => serde_json::json!({}),
     }
+}
+
+const BALLOON_FIELDS: &[&str] = &[
+    "amount_mib",
+    "deflate_on_oom",
+    "stats_polling_interval_s",
+    "free_page_reporting",
+    "free_page_hinting",
+];
+
+/// `PUT /balloon`, config file `balloon`: `amount_mib` and `deflate_on_oom` required,
+/// `stats_polling_interval_s` (0, no statistics, by default) and `free_page_reporting`
+/// optional; `free_page_hinting` only as false.
+pub fn balloon(v: &Value, ctx: &str) -> Result<vmm::BalloonConfig, BodyError> {
+    let f = Fields::new(v, ctx, BALLOON_FIELDS, &[])?;
+    if f.opt_bool("free_page_hinting")? == Some(true) {
+        return Err(f.err(
+            "free_page_hinting: flint has no free page hinting; the balloon's \
+             free_page_reporting gives the guest's free memory back to the host instead"
+                .into(),
+        ));
+    }
+    Ok(vmm::BalloonConfig {
+        amount_mib: f.req_uint("amount_mib", u32::MAX.into())? as u32,
+        deflate_on_oom: f.req_bool("deflate_on_oom")?,
+        stats_polling_interval_s: f
+            .opt_uint("stats_polling_interval_s", u16::MAX.into())?
+            .unwrap_or(0) as u16,
+        free_page_reporting: f.opt_bool("free_page_reporting")?.unwrap_or(false),
+    })
+}
+
+/// `PATCH /balloon`: `{"amount_mib": N}`.
+pub fn balloon_update(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["amount_mib"], &[])?;
+    Ok(Request::UpdateBalloon {
+        amount_mib: f.req_uint("amount_mib", u32::MAX.into())? as u32,
+    })
+}
+
+/// `PATCH /balloon/statistics`: `{"stats_polling_interval_s": N}`.
+pub fn balloon_stats_update(v: &Value, ctx: &str) -> Result<Request, BodyError> {
+    let f = Fields::new(v, ctx, &["stats_polling_interval_s"], &[])?;
+    Ok(Request::UpdateBalloonStats {
+        stats_polling_interval_s: f.req_uint("stats_polling_interval_s", u16::MAX.into())? as u16,
+    })
+}
+
+/// The balloon's configuration in the API's schema.
+pub fn balloon_json(b: &vmm::BalloonConfig) -> Value {
+    serde_json::json!({
+        "amount_mib": b.amount_mib,
+        "deflate_on_oom": b.deflate_on_oom,
+        "stats_polling_interval_s": b.stats_polling_interval_s,
+        "free_page_reporting": b.free_page_reporting,
+        "free_page_hinting": false,
+    })
+}
+
+/// `GET /balloon/statistics`: the balloon's size, then each statistic the guest reported.
+pub fn balloon_stats_json(s: &vmm::controller::BalloonStats) -> Value {
+    let mut map = Map::new();
+    map.insert("target_pages".into(), s.target_pages.into());
+    map.insert("actual_pages".into(), s.actual_pages.into());
+    map.insert("target_mib".into(), (s.target_pages / 256).into());
+    map.insert("actual_mib".into(), (s.actual_pages / 256).into());
+    for (name, value) in s.guest.reported() {
+        map.insert(name.into(), value.into());
+    }
+    Value::Object(map)
 }
 
 /// `PUT /mmds/config`, config file `mmds-config`: the NICs that serve the MMDS (by

@@ -210,7 +210,9 @@ fn option_for(field: vmm::Field) -> Option<&'static str> {
         Field::VsockCid => "--vsock",
         // The sentence names the device and the limiter itself; the device count has no
         // single option.
-        Field::RateLimiter | Field::Devices | Field::MetricsPath | Field::Mmds => return None,
+        Field::RateLimiter | Field::Devices | Field::MetricsPath | Field::Mmds | Field::Balloon => {
+            return None
+        }
     })
 }
 

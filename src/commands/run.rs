@@ -269,6 +269,11 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     cold: bool,
 
+    /// Keep the memory the guest frees: no free page reporting (by default the guest reports
+    /// it and flint gives it back to the host)
+    #[arg(long)]
+    no_page_reporting: bool,
+
     /// Do not install seccomp filters (debugging only)
     #[arg(long)]
     no_seccomp: bool,
@@ -308,6 +313,7 @@ impl RunArgs {
             copy_out_limit: self.copy_out_limit.unwrap_or(flint_agent::COPY_OUT_LIMIT),
             command: self.command.into_options(self.argv),
             cold: self.cold,
+            no_page_reporting: self.no_page_reporting,
         })))
     }
 }

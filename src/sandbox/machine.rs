@@ -76,6 +76,16 @@ pub(super) fn sandbox_cmdline(disks: &ImageDisks, nat: bool) -> String {
     cmdline
 }
 
+/// A sandbox's balloon (unless `--no-page-reporting`): no target, only free page reporting,
+/// so that memory the guest frees (a finished build, a deleted file in its RAM file system)
+/// goes back to the host.
+pub(super) const SANDBOX_BALLOON: vmm::BalloonConfig = vmm::BalloonConfig {
+    amount_mib: 0,
+    deflate_on_oom: false,
+    stats_polling_interval_s: 0,
+    free_page_reporting: true,
+};
+
 /// The sandbox's VM configuration, its sockets and disk copies in `work`.
 pub(super) fn vm_config(
     options: &RunOptions,
@@ -93,6 +103,9 @@ pub(super) fn vm_config(
         guest_cid: SANDBOX_CID,
         uds_path: work.join("vsock.sock"),
     });
+    if !options.no_page_reporting {
+        config.balloon = Some(SANDBOX_BALLOON);
+    }
     match &options.net {
         Some(SandboxNet::Tap(net)) => config.nets.push(net.clone()),
         // In the sandbox's own network namespace: always the same TAP and MAC address.
@@ -235,6 +248,7 @@ fn same_sandbox(restored: &VmConfig, want: &VmConfig) -> bool {
         && restored.vcpus == want.vcpus
         && restored.mem_mib == want.mem_mib
         && restored.entropy == want.entropy
+        && restored.balloon == want.balloon
         && same_disks
         && restored.nets.len() == want.nets.len()
         && restored.nets.iter().zip(&want.nets).all(|(r, w)| {
@@ -368,6 +382,20 @@ mod tests {
         let mut moved = config.clone();
         moved.nets[0].mac = Some([2, 0, 0, 0, 0, 1]);
         assert!(!same_sandbox(&moved, &config));
+        // Every sandbox reports its free memory; a snapshot of one without is not this one.
+        assert_eq!(config.balloon, Some(SANDBOX_BALLOON));
+        assert!(config
+            .balloon
+            .is_some_and(|b| b.free_page_reporting && b.amount_mib == 0));
+        let mut old = config.clone();
+        old.balloon = None;
+        assert!(!same_sandbox(&old, &config));
+        let keep = RunOptions {
+            no_page_reporting: true,
+            ..nat.clone()
+        };
+        let keep = vm_config(&keep, k, PathBuf::from("/s/i"), &none, &dir).unwrap();
+        assert_eq!(keep.balloon, None);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -77,6 +77,8 @@ pub struct RunOptions {
     pub command: CommandOptions,
     /// Boot the guest even when a snapshot of a booted sandbox could be restored.
     pub cold: bool,
+    /// No balloon: the memory the guest frees stays with the sandbox (`--no-page-reporting`).
+    pub no_page_reporting: bool,
 }
 
 /// A sandbox's network (`flint run --net`).

@@ -183,6 +183,36 @@ impl HugePages {
     }
 }
 
+/// The memory balloon (virtio-balloon).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BalloonConfig {
+    /// How much memory the guest is asked to give back, in MiB (the balloon's target).
+    pub amount_mib: u32,
+    /// The guest takes memory back from the balloon when it would otherwise run out.
+    pub deflate_on_oom: bool,
+    /// Interval of the guest's memory statistics in seconds; 0: no statistics. Statistics
+    /// cannot be turned on or off once the VM runs, only their interval changed.
+    pub stats_polling_interval_s: u16,
+    /// The guest reports the memory it frees, which the host then takes back.
+    pub free_page_reporting: bool,
+}
+
+impl BalloonConfig {
+    /// The target in 4 KiB pages.
+    pub fn target_pages(&self) -> u32 {
+        self.amount_mib.saturating_mul(256)
+    }
+
+    /// What the device offers the guest.
+    pub fn features(&self) -> devices::virtio::balloon::BalloonFeatures {
+        devices::virtio::balloon::BalloonFeatures {
+            deflate_on_oom: self.deflate_on_oom,
+            stats_interval_s: self.stats_polling_interval_s,
+            free_page_reporting: self.free_page_reporting,
+        }
+    }
+}
+
 /// Everything needed to boot one microVM.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -226,6 +256,9 @@ pub struct VmConfig {
     /// that changed since the previous snapshot.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// The memory balloon, if any.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl VmConfig {
@@ -247,6 +280,7 @@ impl VmConfig {
             mmds: None,
             huge_pages: HugePages::None,
             track_dirty_pages: false,
+            balloon: None,
         }
     }
 
@@ -300,7 +334,8 @@ impl VmConfig {
         let devices = self.drives.len()
             + usize::from(self.entropy)
             + self.nets.len()
-            + usize::from(self.vsock.is_some());
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(ConfigError::TooManyDevices(devices));
         }
@@ -379,6 +414,17 @@ impl VmConfig {
                 return Err(ConfigError::VsockCid(vsock.guest_cid));
             }
         }
+        if let Some(balloon) = &self.balloon {
+            if u64::from(balloon.amount_mib) > self.mem_mib {
+                return Err(ConfigError::BalloonTooLarge {
+                    amount: balloon.amount_mib,
+                    memory: self.mem_mib,
+                });
+            }
+            if self.huge_pages == HugePages::Size2M {
+                return Err(ConfigError::BalloonHugePages);
+            }
+        }
         if let Some(mmds) = &self.mmds {
             if !mmds.ipv4_address.is_link_local() {
                 return Err(ConfigError::MmdsAddress(mmds.ipv4_address));
@@ -447,6 +493,8 @@ pub enum Field {
     DrivePath,
     /// The file metrics are written to.
     MetricsPath,
+    /// The balloon device.
+    Balloon,
 }
 
 impl ConfigError {
@@ -473,6 +521,7 @@ impl ConfigError {
             | ConfigError::MmdsNoInterface
             | ConfigError::MmdsInterface(_) => Field::Mmds,
             ConfigError::RateLimiter { .. } => Field::RateLimiter,
+            ConfigError::BalloonTooLarge { .. } | ConfigError::BalloonHugePages => Field::Balloon,
         }
     }
 }
@@ -522,6 +571,12 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("the MMDS address {0} is not link-local: it must be in 169.254.0.0/16")]
     MmdsAddress(std::net::Ipv4Addr),
+    #[error("a balloon of {amount} MiB is larger than the guest's {memory} MiB of memory")]
+    BalloonTooLarge { amount: u32, memory: u64 },
+    #[error(
+        "the balloon cannot be used with 2 MiB huge pages: it gives memory back in 4 KiB pages"
+    )]
+    BalloonHugePages,
     #[error("the MMDS needs at least one network interface")]
     MmdsNoInterface,
     #[error(

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use crate::config::{
-    ConfigError, DriveConfig, Field, NetConfig, RateLimiterConfig, VmConfig, VsockConfig,
+    BalloonConfig, ConfigError, DriveConfig, Field, NetConfig, RateLimiterConfig, VmConfig,
+    VsockConfig,
 };
 use crate::seccomp::Filter;
 use crate::vm::{ConsoleIo, Vm};
@@ -138,6 +139,21 @@ pub enum Request {
     SetVsock(VsockConfig),
     /// Before start: give the guest an entropy device, with these limits if any.
     SetEntropy(Option<RateLimiterConfig>),
+    /// Before start: give the guest a memory balloon (replacing one set before).
+    SetBalloon(BalloonConfig),
+    /// A new balloon target, before or after start.
+    UpdateBalloon {
+        amount_mib: u32,
+    },
+    /// The balloon's configuration (with the target last set).
+    GetBalloon,
+    /// The balloon's target and actual size and the guest's latest memory statistics.
+    GetBalloonStats,
+    /// A new statistics polling interval: before start any; after start only another
+    /// non-zero one (statistics cannot be turned on or off then).
+    UpdateBalloonStats {
+        stats_polling_interval_s: u16,
+    },
     /// Append metrics lines to this file (see [`open_output`]).
     SetMetrics(MetricsConfig),
     /// Build and boot the VM.
@@ -208,6 +224,13 @@ impl LoadOverrides {
                 "the snapshot has no vsock device to give a new socket path",
             ));
         }
+        if self
+            .huge_pages
+            .is_some_and(|h| h == crate::HugePages::Size2M)
+            && saved.balloon.is_some()
+        {
+            return Err(ConfigError::BalloonHugePages.into());
+        }
         Ok(())
     }
 
@@ -251,6 +274,11 @@ impl Request {
             Request::SetVsock(_) => "put_vsock",
             Request::SetEntropy(_) => "put_entropy",
             Request::SetMetrics(_) => "put_metrics",
+            Request::SetBalloon(_) => "put_balloon",
+            Request::UpdateBalloon { .. } => "patch_balloon",
+            Request::GetBalloon => "get_balloon",
+            Request::GetBalloonStats => "get_balloon_stats",
+            Request::UpdateBalloonStats { .. } => "patch_balloon_stats",
             Request::Start => "instance_start",
             Request::SendCtrlAltDel => "send_ctrl_alt_del",
             Request::FlushMetrics => "flush_metrics",
@@ -275,6 +303,19 @@ pub enum Response {
     Config(Box<ConfigView>),
     /// The MMDS data.
     Mmds(serde_json::Value),
+    Balloon(BalloonConfig),
+    BalloonStats(Box<BalloonStats>),
+}
+
+/// The balloon's size and the guest's memory statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// The target in 4 KiB pages.
+    pub target_pages: u32,
+    /// The pages the guest says the balloon holds.
+    pub actual_pages: u32,
+    /// The statistics the guest reported (none before it did).
+    pub guest: devices::virtio::balloon::GuestStats,
 }
 
 /// A request that cannot be carried out: one sentence, and the field it is about (which a
@@ -307,6 +348,10 @@ fn refuse_field(field: Field, message: impl Into<String>) -> RequestError {
         field: Some(field),
         message: message.into(),
     }
+}
+
+fn no_balloon() -> RequestError {
+    refuse_field(Field::Balloon, crate::Error::NoBalloon.to_string())
 }
 
 /// Executes [`Request`]s on the VMM thread: holds the configuration until start, then the
@@ -597,6 +642,82 @@ impl Controller {
                 self.change(|c| {
                     c.entropy = true;
                     c.entropy_rate_limiter = rate_limiter;
+                })
+            }
+            Request::SetBalloon(balloon) => {
+                self.before_start("the balloon device")?;
+                self.change(|c| c.balloon = Some(balloon))
+            }
+            Request::UpdateBalloon { amount_mib } => {
+                let mut candidate = self.config.vm.clone();
+                let Some(balloon) = candidate.balloon.as_mut() else {
+                    return Err(no_balloon());
+                };
+                balloon.amount_mib = amount_mib;
+                let pages = balloon.target_pages();
+                candidate.validate()?;
+                if let Some(vm) = &self.vm {
+                    vm.set_balloon_target(pages)
+                        .map_err(|e| refuse_field(Field::Balloon, e.to_string()))?;
+                }
+                self.config.vm = candidate;
+                Ok(Response::Done)
+            }
+            Request::GetBalloon => match self.config.vm.balloon {
+                Some(b) => Ok(Response::Balloon(b)),
+                None => Err(no_balloon()),
+            },
+            Request::GetBalloonStats => {
+                let Some(balloon) = self.config.vm.balloon else {
+                    return Err(no_balloon());
+                };
+                if balloon.stats_polling_interval_s == 0 {
+                    return Err(refuse_field(
+                        Field::Balloon,
+                        crate::Error::BalloonStatsDisabled.to_string(),
+                    ));
+                }
+                let stats = match &self.vm {
+                    Some(vm) => {
+                        let (target_pages, actual_pages, guest) = vm
+                            .balloon_stats()
+                            .map_err(|e| refuse_field(Field::Balloon, e.to_string()))?;
+                        BalloonStats {
+                            target_pages,
+                            actual_pages,
+                            guest,
+                        }
+                    }
+                    None => BalloonStats {
+                        target_pages: balloon.target_pages(),
+                        actual_pages: 0,
+                        guest: Default::default(),
+                    },
+                };
+                Ok(Response::BalloonStats(Box::new(stats)))
+            }
+            Request::UpdateBalloonStats {
+                stats_polling_interval_s,
+            } => {
+                let Some(balloon) = self.config.vm.balloon else {
+                    return Err(no_balloon());
+                };
+                if let Some(vm) = &self.vm {
+                    let was = balloon.stats_polling_interval_s;
+                    if (was == 0) != (stats_polling_interval_s == 0) {
+                        return Err(refuse_field(
+                            Field::Balloon,
+                            "the balloon's statistics cannot be turned on or off once the VM \
+                             runs, only their interval changed",
+                        ));
+                    }
+                    vm.set_balloon_stats_interval(stats_polling_interval_s)
+                        .map_err(|e| refuse_field(Field::Balloon, e.to_string()))?;
+                }
+                self.change(|c| {
+                    if let Some(b) = c.balloon.as_mut() {
+                        b.stats_polling_interval_s = stats_polling_interval_s;
+                    }
                 })
             }
             Request::SetMmdsConfig {
@@ -917,6 +1038,70 @@ mod tests {
     }
 
     #[test]
+    fn the_balloon_is_configured_validated_and_reported_before_start() {
+        let mut c = controller();
+        let refused = |c: &mut Controller, r: Request| c.handle(r).unwrap_err();
+        for r in [
+            Request::GetBalloon,
+            Request::GetBalloonStats,
+            Request::UpdateBalloon { amount_mib: 1 },
+            Request::UpdateBalloonStats {
+                stats_polling_interval_s: 1,
+            },
+        ] {
+            let e = refused(&mut c, r);
+            assert_eq!(e.message, "the VM has no balloon device");
+            assert_eq!(e.field, Some(Field::Balloon));
+        }
+        let balloon = BalloonConfig {
+            amount_mib: 16,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 0,
+            free_page_reporting: true,
+        };
+        c.handle(Request::SetBalloon(balloon)).unwrap();
+        assert_eq!(
+            c.handle(Request::GetBalloon),
+            Ok(Response::Balloon(balloon))
+        );
+        // Larger than guest memory (128 MiB by default): refused, nothing changes.
+        let e = refused(&mut c, Request::UpdateBalloon { amount_mib: 129 });
+        assert_eq!(
+            e.message,
+            "a balloon of 129 MiB is larger than the guest's 128 MiB of memory"
+        );
+        c.handle(Request::UpdateBalloon { amount_mib: 100 })
+            .unwrap();
+        let e = refused(&mut c, Request::GetBalloonStats);
+        assert!(e.message.contains("statistics are not enabled"), "{e}");
+        // Before start, statistics can be turned on.
+        c.handle(Request::UpdateBalloonStats {
+            stats_polling_interval_s: 2,
+        })
+        .unwrap();
+        assert_eq!(
+            c.handle(Request::GetBalloonStats),
+            Ok(Response::BalloonStats(Box::new(BalloonStats {
+                target_pages: 100 * 256,
+                actual_pages: 0,
+                guest: Default::default(),
+            })))
+        );
+        assert_eq!(view(&mut c).vm.balloon.unwrap().amount_mib, 100);
+        let e = refused(
+            &mut c,
+            Request::UpdateMachineConfig(MachineUpdate {
+                huge_pages: Some(crate::HugePages::Size2M),
+                ..Default::default()
+            }),
+        );
+        assert_eq!(
+            e.message,
+            "the balloon cannot be used with 2 MiB huge pages: it gives memory back in 4 KiB pages"
+        );
+    }
+
+    #[test]
     fn describe_reports_not_started() {
         let mut c = controller();
         match c.handle(Request::Describe).unwrap() {
@@ -1174,6 +1359,11 @@ mod tests {
         memory.apply(&mut c);
         assert_eq!(c.huge_pages, crate::HugePages::Size2M);
         assert!(c.track_dirty_pages);
+        // A balloon gives back 4 KiB pages: not a guest restored into huge pages.
+        let mut ballooned = saved.clone();
+        ballooned.balloon = Some(Default::default());
+        let e = memory.check(&ballooned).unwrap_err();
+        assert_eq!(e.field, Some(Field::Balloon));
         let unknown = LoadOverrides {
             taps: vec![("eth1".into(), "tap7".into())],
             ..o.clone()

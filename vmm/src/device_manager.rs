@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use arch::GuestMemoryMmap;
 use devices::bus::Bus;
 use devices::rate_limiter::RateLimiter;
+use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
 use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{default_mac, Net};
@@ -156,6 +157,16 @@ pub fn build_devices(config: &VmConfig) -> Result<Vec<(Box<dyn VirtioDevice>, De
             .with_rate_limiter(limiter(&config.entropy_rate_limiter, "the entropy device")?);
         let metrics = DeviceMetrics::Rng(rng.metrics());
         devices.push((Box::new(rng), metrics));
+    }
+    if let Some(balloon) = &config.balloon {
+        let dev = Balloon::new(balloon.target_pages(), balloon.features()).map_err(|source| {
+            Error::Host {
+                what: "create the balloon's statistics timer",
+                source,
+            }
+        })?;
+        let metrics = DeviceMetrics::Balloon(dev.metrics());
+        devices.push((Box::new(dev), metrics));
     }
     Ok(devices)
 }

@@ -80,6 +80,10 @@ pub enum Error {
     NotADisk(String),
     #[error("there is no network interface number {0}")]
     NoSuchNet(usize),
+    #[error("the VM has no balloon device")]
+    NoBalloon,
+    #[error("the balloon's statistics are not enabled: set stats_polling_interval_s before the VM starts")]
+    BalloonStatsDisabled,
     #[error("the device {0} has no rate limiter to change")]
     NoRateLimiter(String),
     #[error("the kernel command line with flint's device parameters is {len} bytes long; at most {max} fit")]

@@ -27,8 +27,8 @@ mod vcpu;
 mod vm;
 
 pub use config::{
-    CacheType, ConfigError, DriveConfig, Field, HugePages, MmdsConfig, MmdsStore, NetConfig,
-    RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig, MAX_REFILL_TIME_MS,
+    BalloonConfig, CacheType, ConfigError, DriveConfig, Field, HugePages, MmdsConfig, MmdsStore,
+    NetConfig, RateLimiterConfig, TokenBucketConfig, VmConfig, VsockConfig, MAX_REFILL_TIME_MS,
 };
 pub use devices::virtio::net::{parse_mac, MacError};
 pub use error::{Error, Result};

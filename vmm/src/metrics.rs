@@ -13,6 +13,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use devices::virtio::balloon::BalloonMetrics;
 use devices::virtio::block::BlockMetrics;
 use devices::virtio::net::NetMetrics;
 use devices::virtio::rng::RngMetrics;
@@ -44,6 +45,7 @@ pub enum DeviceMetrics {
         metrics: Arc<NetMetrics>,
     },
     Vsock(Arc<VsockMetrics>),
+    Balloon(Arc<BalloonMetrics>),
 }
 
 fn get(a: &AtomicU64) -> u64 {
@@ -306,6 +308,18 @@ pub fn json_line(
                     ("timeouts", get(&m.timeouts)),
                 ]);
                 let _ = write!(line, ",\"vsock\":{obj}");
+            }
+            DeviceMetrics::Balloon(m) => {
+                let obj = object(&[
+                    ("stats_updates_count", get(&m.stats_updates)),
+                    ("inflated_pages", get(&m.inflated_pages)),
+                    ("deflated_pages", get(&m.deflated_pages)),
+                    ("reported_bytes", get(&m.reported_bytes)),
+                    ("invalid_pages", get(&m.invalid_pages)),
+                    ("invalid_chains", get(&m.invalid_chains)),
+                    ("discard_failures", get(&m.discard_failures)),
+                ]);
+                let _ = write!(line, ",\"balloon\":{obj}");
             }
         }
     }

@@ -88,6 +88,9 @@ pub struct SnapshotState {
     /// The MMDS data store, when the VM serves the MMDS.
     #[serde(default)]
     pub mmds: Option<devices::mmds::MmdsState>,
+    /// The balloon device's target, statistics and what the guest wrote, when the VM has one.
+    #[serde(default)]
+    pub balloon: Option<devices::virtio::balloon::BalloonState>,
     /// A random id of this snapshot's memory (what a later diff snapshot names as its base).
     #[serde(default)]
     pub memory_id: Option<u64>,
@@ -404,6 +407,7 @@ mod tests {
             vmgenid: Some(VmGenIdState {
                 addr: arch::layout::VMGENID_START,
             }),
+            balloon: None,
             memory_id: Some(7),
             diff_base: None,
         }

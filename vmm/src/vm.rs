@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arch::GuestMemoryMmap;
 use devices::bus::{lock, Bus};
 use devices::legacy::{BootTimer, SerialConsole, I8042};
+use devices::virtio::balloon::{Balloon, GuestStats};
 use devices::virtio::block::Block;
 use devices::virtio::net::Net;
 use devices::vmgenid::VmGenId;
@@ -453,6 +454,28 @@ impl Vm {
                 .restore(saved)
                 .map_err(|e| invalid(e.to_string()))?;
         }
+        if let Some(saved) = &state.balloon {
+            let mut found = false;
+            for transport in &base.virtio.transports {
+                let mut t = lock(transport);
+                if let Some(b) = balloon_of_mut(&mut t) {
+                    b.restore_state(saved);
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(invalid(
+                    "it holds a balloon but its configuration has none".into(),
+                ));
+            }
+            // What the API reports now: the target and interval the VM had.
+            if let Some(c) = config.balloon.as_mut() {
+                c.amount_mib = saved.target_pages / 256;
+                if saved.stats_interval_s > 0 && c.stats_polling_interval_s > 0 {
+                    c.stats_polling_interval_s = saved.stats_interval_s;
+                }
+            }
+        }
         // This guest may be one of many clones of the snapshot: a new generation ID, and the
         // interrupt that has its kernel reseed its random number generator as it resumes.
         base.memory_id = state.memory_id;
@@ -620,7 +643,7 @@ impl Vm {
         let vm = save_vm_state(&self.vm)?;
         // Devices keep running on the event loop: holding every transport keeps them from
         // touching guest memory or their queues until memory is saved too.
-        let transports: Vec<_> = self.virtio.transports.iter().map(|t| lock(t)).collect();
+        let mut transports: Vec<_> = self.virtio.transports.iter().map(|t| lock(t)).collect();
         let virtio = transports.iter().map(|t| t.state()).collect();
         let lineage = &mut *lineage;
         if let Some(dirty) = lineage.dirty.as_mut() {
@@ -645,6 +668,9 @@ impl Vm {
                 .mmds
                 .as_ref()
                 .map(|m| m.store.0.lock().unwrap_or_else(|e| e.into_inner()).state()),
+            balloon: transports
+                .iter_mut()
+                .find_map(|t| balloon_of_mut(t).map(|b| b.state())),
             memory_id: Some(memory_id),
             diff_base: match kind {
                 SnapshotType::Full => None,
@@ -839,6 +865,48 @@ impl Vm {
         Ok(())
     }
 
+    /// Run `f` on the balloon device and its transport (locked).
+    fn with_balloon<T>(
+        &self,
+        f: impl FnOnce(&mut Balloon) -> T,
+    ) -> Result<(
+        T,
+        std::sync::MutexGuard<'_, devices::virtio::mmio::MmioTransport>,
+    )> {
+        for transport in &self.virtio.transports {
+            let mut t = lock(transport);
+            if let Some(b) = balloon_of_mut(&mut t) {
+                return Ok((f(b), t));
+            }
+        }
+        Err(Error::NoBalloon)
+    }
+
+    /// Ask the guest for a balloon of `pages` 4 KiB pages.
+    pub fn set_balloon_target(&self, pages: u32) -> Result<()> {
+        let ((), mut transport) = self.with_balloon(|b| b.set_target_pages(pages))?;
+        transport.notify_config_change();
+        Ok(())
+    }
+
+    /// The balloon's target and actual size in pages, and the guest's latest statistics.
+    pub fn balloon_stats(&self) -> Result<(u32, u32, GuestStats)> {
+        let (stats, transport) =
+            self.with_balloon(|b| (b.target_pages(), b.actual_pages(), b.stats()))?;
+        drop(transport);
+        Ok(stats)
+    }
+
+    /// Poll the guest's statistics every `seconds` (more than 0), asking for them now.
+    pub fn set_balloon_stats_interval(&self, seconds: u16) -> Result<()> {
+        let (done, transport) = self.with_balloon(|b| b.set_stats_interval(seconds))?;
+        drop(transport);
+        if !done {
+            return Err(Error::BalloonStatsDisabled);
+        }
+        Ok(())
+    }
+
     /// Press Ctrl-Alt-Del on the guest's keyboard.
     pub fn send_ctrl_alt_del(&self) {
         lock(&self.i8042).press_ctrl_alt_del();
@@ -870,6 +938,14 @@ impl Drop for Vm {
         self.shared.pause.open();
         stop_vcpus(&self.shared, std::mem::take(&mut self.threads));
     }
+}
+
+/// The balloon behind `transport`, if it is one.
+fn balloon_of_mut(transport: &mut devices::virtio::mmio::MmioTransport) -> Option<&mut Balloon> {
+    transport
+        .device_mut()
+        .as_any_mut()
+        .and_then(|any| any.downcast_mut::<Balloon>())
 }
 
 /// The configured command line followed by flint's additions, checked against the limit.

@@ -9,6 +9,7 @@
 //!   [`mmio::MmioTransport::process_queue`] when one fires. Interrupts go out through an irqfd
 //!   ([`VirtioInterrupt`]).
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod mmio;
