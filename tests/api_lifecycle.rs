@@ -7,41 +7,8 @@ mod support;
 
 use std::path::PathBuf;
 
+use support::api_shell::{value, API_SHELL};
 use support::{run_scenario, DEFAULT_CMDLINE};
-
-/// Shell helpers of both scenarios: `call NAME METHOD PATH [BODY]` sends one request to
-/// `$SOCK` and prints its status and body; `check_for NAME FILE TEXT SECONDS` waits for TEXT
-/// in FILE (with the support preamble's `wait_for`) and prints `CHECK NAME yes` or `no`.
-const HELPERS: &str = r#"
-call() { # name method path [body]
-    name=$1; method=$2; path=$3; body=${4:-}
-    if [ -n "$body" ]; then
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" -X "$method" \
-            -H 'Content-Type: application/json' -d "$body" "http://localhost$path")
-    else
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" -X "$method" \
-            "http://localhost$path")
-    fi
-    echo "STEP $name $code"
-    echo "BODY $name $(cat "$WORK/$name.body")"
-}
-check_for() { # name file text seconds
-    if wait_for "$2" "$3" "$4"; then echo "CHECK $1 yes"; else echo "CHECK $1 no"; fi
-}
-start_flint() { # name: a flint with an API socket and console files named after it
-    mkfifo "$WORK/$1.in"
-    sleep 900 >"$WORK/$1.in" &
-    eval "keep_$1=\$!"
-    SOCK=$WORK/$1.sock
-    "$FLINT" --api-sock "$SOCK" --id "snap-$1" <"$WORK/$1.in" >"$WORK/$1.console" 2>"$WORK/$1.stderr" &
-    pid=$!
-    i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-}
-stop_flint() { # name
-    kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
-    eval "kill \$keep_$1" 2>/dev/null
-}
-"#;
 
 /// Steps print `STEP <name> <http status>` or `CHECK <name> <yes|no>` lines; the Rust side
 /// asserts on them.
@@ -191,22 +158,14 @@ echo "CHECK a_reseeded $(grep -q 'virtual machine fork' "$WORK/a.console" && ech
 for n in a b c; do echo "--- flint $n stderr"; cat "$WORK/$n.stderr"; echo "--- guest console $n (tail)"; tail -n 15 "$WORK/$n.console"; echo; done
 "#;
 
-fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
-    let prefix = format!("{kind} {name} ");
-    output
-        .lines()
-        .find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim()))
-        .unwrap_or_else(|| panic!("no {kind} {name} line in the output:\n{output}"))
-}
-
-/// Run `scenario` (after [`HELPERS`]) in one host VM, with curl; its output.
+/// Run `scenario` (after [`API_SHELL`]) in one host VM, with curl; its output.
 fn run_api_scenario(scenario: &str) -> String {
     let curl = PathBuf::from("/usr/bin/curl");
     assert!(
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{scenario}");
+    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{API_SHELL}{scenario}");
     let run = run_scenario(&script, &[(curl, "curl")]);
     assert_eq!(run.status, 0, "scenario failed");
     run.output

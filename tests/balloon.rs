@@ -11,6 +11,7 @@ mod support;
 
 use std::path::PathBuf;
 
+use support::api_shell::{json, value, API_SHELL};
 use support::{run_scenario, DEFAULT_CMDLINE};
 
 /// `call NAME METHOD PATH [BODY]` prints `STEP NAME <status>` and `BODY NAME <body>`;
@@ -18,21 +19,6 @@ use support::{run_scenario, DEFAULT_CMDLINE};
 /// number at `"KEY":` in the body of step NAME; `rss` is flint's resident memory in KiB;
 /// `guest NAME CMD` types CMD at the guest's shell and waits for it to finish (`CHECK NAME`).
 const HELPERS: &str = r#"
-call() {
-    name=$1; method=$2; path=$3; body=${4:-}
-    if [ -n "$body" ]; then
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" \
-            -X "$method" -H 'Content-Type: application/json' -d "$body" "http://localhost$path")
-    else
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" \
-            -X "$method" "http://localhost$path")
-    fi
-    echo "STEP $name $code"
-    echo "BODY $name $(cat "$WORK/$name.body")"
-}
-check_for() {
-    if wait_for "$2" "$3" "$4"; then echo "CHECK $1 yes"; else echo "CHECK $1 no"; fi
-}
 field() { sed -n "s/.*\"$2\":\([0-9]*\).*/\1/p" "$WORK/$1.body"; }
 rss() { sed -n 's/^VmRSS:[^0-9]*\([0-9]*\).*/\1/p' /proc/$pid/status; }
 n=0
@@ -133,20 +119,6 @@ echo "--- flint stderr"; cat "$WORK"/*.stderr
 for f in "$WORK"/*.console; do echo "--- $f (tail)"; tail -n 15 "$f"; echo; done
 "#;
 
-fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
-    let prefix = format!("{kind} {name} ");
-    output
-        .lines()
-        .find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim()))
-        .unwrap_or_else(|| panic!("no {kind} {name} line in the output:\n{output}"))
-}
-
-/// The JSON body of step `name`.
-fn json(output: &str, name: &str) -> serde_json::Value {
-    let body = value(output, "BODY", name);
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"))
-}
-
 #[test]
 fn balloon_gives_memory_back_reports_statistics_and_survives_a_snapshot() {
     let curl = PathBuf::from("/usr/bin/curl");
@@ -154,7 +126,7 @@ fn balloon_gives_memory_back_reports_statistics_and_survives_a_snapshot() {
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{SCENARIO}");
+    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{API_SHELL}{HELPERS}{SCENARIO}");
     let run = run_scenario(&script, &[(curl, "curl")]);
     assert_eq!(run.status, 0, "scenario failed");
     let out = &run.output;

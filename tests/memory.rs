@@ -7,42 +7,13 @@ mod support;
 
 use std::path::PathBuf;
 
+use support::api_shell::{value, API_SHELL};
 use support::{run_scenario, DEFAULT_CMDLINE};
 
-/// `call NAME METHOD PATH [BODY]` sends one request to `$SOCK` and prints `STEP NAME status`
-/// and `BODY NAME body`; `check_for NAME FILE TEXT SECONDS` prints `CHECK NAME yes|no`;
-/// `start_flint NAME` starts a flint serving `$WORK/NAME.sock`, its console typed into through
-/// `$WORK/NAME.in` and written to `$WORK/NAME.console`; `stop_flint NAME` kills it.
+/// Besides [`API_SHELL`]: `boot_source NAME` sets the test guest as NAME's boot source,
+/// `meminfo FIELD` reads the host's /proc/meminfo, `show_flints NAME...` prints their stderr
+/// and console tails.
 const HELPERS: &str = r#"
-CURL=$FILES/curl
-call() { # name method path [body]
-    name=$1; method=$2; path=$3; body=${4:-}
-    if [ -n "$body" ]; then
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" -X "$method" \
-            -H 'Content-Type: application/json' -d "$body" "http://localhost$path")
-    else
-        code=$("$CURL" -s -o "$WORK/$name.body" -w '%{http_code}' --unix-socket "$SOCK" -X "$method" \
-            "http://localhost$path")
-    fi
-    echo "STEP $name $code"
-    echo "BODY $name $(cat "$WORK/$name.body")"
-}
-check_for() { # name file text seconds
-    if wait_for "$2" "$3" "$4"; then echo "CHECK $1 yes"; else echo "CHECK $1 no"; fi
-}
-start_flint() { # name
-    mkfifo "$WORK/$1.in"
-    sleep 900 >"$WORK/$1.in" &
-    eval "keep_$1=\$!"
-    SOCK=$WORK/$1.sock
-    "$FLINT" --api-sock "$SOCK" --id "mem-$1" <"$WORK/$1.in" >"$WORK/$1.console" 2>"$WORK/$1.stderr" &
-    pid=$!
-    i=0; while [ ! -S "$SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
-}
-stop_flint() { # name
-    kill -KILL $pid 2>/dev/null; wait $pid 2>/dev/null
-    eval "kill \$keep_$1" 2>/dev/null
-}
 boot_source() { # name
     call "$1_boot_source" PUT /boot-source "{\"kernel_image_path\": \"$VMLINUX\", \"initrd_path\": \"$INITRAMFS\", \"boot_args\": \"$GUEST_CMDLINE\"}"
 }
@@ -147,14 +118,6 @@ stop_flint c
 show_flints a b c
 "#;
 
-fn value<'a>(output: &'a str, kind: &str, name: &str) -> &'a str {
-    let prefix = format!("{kind} {name} ");
-    output
-        .lines()
-        .find_map(|l| l.split_once(&prefix).map(|(_, v)| v.trim()))
-        .unwrap_or_else(|| panic!("no {kind} {name} line in the output:\n{output}"))
-}
-
 fn number(output: &str, name: &str) -> u64 {
     let v = value(output, "VALUE", name);
     v.parse()
@@ -168,7 +131,9 @@ fn run_api_scenario(scenario: &str) -> String {
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!("GUEST_CMDLINE='{DEFAULT_CMDLINE}'\n{HELPERS}{scenario}");
+    let script = format!(
+        "GUEST_CMDLINE='{DEFAULT_CMDLINE}'\nCURL=$FILES/curl\n{API_SHELL}{HELPERS}{scenario}"
+    );
     let run = run_scenario(&script, &[(curl, "curl")]);
     assert_eq!(run.status, 0, "scenario failed:\n{}", run.output);
     run.output

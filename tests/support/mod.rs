@@ -51,6 +51,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 
 pub use guest_tools::elf;
+pub mod api_shell;
 pub mod tiny;
 
 /// The command line flint uses when `--cmdline` is not given.
