@@ -426,6 +426,28 @@ fn copy_in_preserves_bytes_and_mode_and_copy_out_bytes() {
     fs::remove_dir_all(dir).unwrap();
 }
 
+/// Whether a `sleep` process runs whose parent's command line contains `text`.
+fn sleep_child_of_script_runs(text: &str) -> bool {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|entry| {
+        let proc_dir = entry.path();
+        let comm = fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
+        if comm.trim() != "sleep" {
+            return false;
+        }
+        let stat = fs::read_to_string(proc_dir.join("stat")).unwrap_or_default();
+        // Field 4, after the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .unwrap_or("0");
+        let cmdline = fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+        String::from_utf8_lossy(&cmdline).contains(text)
+    })
+}
+
 #[test]
 fn signals_reach_the_process_group() {
     let agent = TestAgent::new();
@@ -443,11 +465,13 @@ fn signals_reach_the_process_group() {
         (status, c)
     });
     let start = Instant::now();
-    // The shell has started (with its own signal dispositions) once the marker exists; on a
-    // loaded machine that can take far longer than any fixed pause.
-    while !marker.exists() {
+    // Signal once the shell waits for its `sleep` (the state a Ctrl-C meets): the marker
+    // exists and a `sleep` whose parent's command line names the marker runs. On a loaded
+    // machine that can take far longer than any fixed pause.
+    let script_text = marker.display().to_string();
+    while !(marker.exists() && sleep_child_of_script_runs(&script_text)) {
         assert!(
-            start.elapsed() < Duration::from_secs(10),
+            start.elapsed() < Duration::from_secs(20),
             "the command never started"
         );
         std::thread::sleep(Duration::from_millis(20));
@@ -456,7 +480,8 @@ fn signals_reach_the_process_group() {
     let ((status, out, _), _c) = t.join().unwrap();
     assert_eq!(status, CommandStatus::Killed(libc::SIGINT));
     assert!(out.is_empty());
-    assert!(start.elapsed() < Duration::from_secs(10));
+    // Well before the 30 s the command would otherwise take.
+    assert!(start.elapsed() < Duration::from_secs(25));
     fs::remove_dir_all(dir).unwrap();
 }
 
