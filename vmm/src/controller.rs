@@ -893,12 +893,23 @@ impl Controller {
             .clock
             .flags_for(&saved.vm.clock)
             .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
-        if let crate::MemBackend::File(mem_file_path) = mem_backend {
-            if let Err(e) = std::fs::metadata(mem_file_path) {
-                return Err(refuse(format!(
-                    "cannot load the snapshot: cannot open the memory file {}: {e}",
-                    mem_file_path.display()
-                )));
+        match mem_backend {
+            crate::MemBackend::File(mem_file_path) => {
+                if let Err(e) = std::fs::metadata(mem_file_path) {
+                    return Err(refuse(format!(
+                        "cannot load the snapshot: cannot open the memory file {}: {e}",
+                        mem_file_path.display()
+                    )));
+                }
+            }
+            crate::MemBackend::Uffd(socket) => {
+                if let Err(e) = std::fs::metadata(socket) {
+                    let e = crate::uffd::UffdError::Connect {
+                        path: socket.clone(),
+                        source: e,
+                    };
+                    return Err(refuse(format!("cannot load the snapshot: {e}")));
+                }
             }
         }
         let console = self.console.take().ok_or_else(|| {
