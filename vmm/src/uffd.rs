@@ -209,15 +209,46 @@ pub fn parse(message: &[u8], file_len: u64) -> Result<Vec<RegionMapping>, Messag
     Ok(regions)
 }
 
-/// A userfaultfd: created, its API version agreed, non-blocking and closed on exec.
-pub fn create() -> std::io::Result<OwnedFd> {
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xaa, 0x00)` on `/dev/userfaultfd`.
+const USERFAULTFD_IOC_NEW: u64 = 0xaa00;
+/// The device that hands out userfaultfds to whoever may open it (Linux 6.1 and later).
+const USERFAULTFD_DEVICE: &str = "/dev/userfaultfd";
+
+/// A new userfaultfd from the system call or, when that is not permitted (an unprivileged
+/// process on a host with `vm.unprivileged_userfaultfd=0`), from [`USERFAULTFD_DEVICE`].
+fn new_userfaultfd() -> std::io::Result<OwnedFd> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
     // SAFETY: the userfaultfd system call takes flags only and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd >= 0 {
+        // SAFETY: `fd` is a descriptor the kernel just created for this process alone.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    }
+    let denied = std::io::Error::last_os_error();
+    if denied.raw_os_error() != Some(libc::EPERM) {
+        return Err(denied);
+    }
+    let Ok(device) = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(USERFAULTFD_DEVICE)
+    else {
+        return Err(denied);
+    };
+    // SAFETY: USERFAULTFD_IOC_NEW takes the new descriptor's flags as its argument and
+    // returns a new descriptor or -1.
+    let fd = unsafe { libc::ioctl(device.as_raw_fd(), USERFAULTFD_IOC_NEW as _, flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: `fd` is a descriptor the kernel just created for this process alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A userfaultfd (see [`new_userfaultfd`]): its API version agreed, non-blocking and closed
+/// on exec.
+pub fn create() -> std::io::Result<OwnedFd> {
+    let fd = new_userfaultfd()?;
     let mut api = UffdioApi {
         api: UFFD_API,
         ..Default::default()
@@ -293,7 +324,7 @@ pub fn send_with_fd(stream: &UnixStream, message: &[u8], fd: RawFd) -> std::io::
 /// Why guest memory could not be handed to a page-fault handler.
 #[derive(Debug, thiserror::Error)]
 pub enum UffdError {
-    #[error("cannot create a userfaultfd for guest memory ({0}); flint needs CAP_SYS_PTRACE or vm.unprivileged_userfaultfd=1 for the Uffd memory backend")]
+    #[error("cannot create a userfaultfd for guest memory ({0}); flint needs CAP_SYS_PTRACE, read-write access to /dev/userfaultfd or vm.unprivileged_userfaultfd=1 for the Uffd memory backend")]
     Create(std::io::Error),
     #[error("cannot register guest memory with the userfaultfd: {0}")]
     Register(std::io::Error),
