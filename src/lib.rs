@@ -152,6 +152,9 @@ pub(crate) fn report_outcome(outcome: vmm::Outcome) -> ExitCode {
     match outcome.ending {
         Ending::Reset => ExitCode::SUCCESS,
         Ending::Fault { vcpu, reason } => fail(&format!("vCPU {vcpu}: {reason}")),
+        Ending::PageFaultHandlerGone(path) => {
+            fail(&vmm::Error::PageFaultHandlerGone(path).to_string())
+        }
         Ending::ConsoleQuit => {
             log::warn!("stopped the VM from the console (Ctrl-A x)");
             ExitCode::from(STATUS_CONSOLE_QUIT)

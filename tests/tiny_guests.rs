@@ -992,3 +992,171 @@ fn a_bad_config_file_value_is_named_in_the_files_terms() {
         assert_one_error(&["--config-file", s(&file), "--no-api"], expected);
     }
 }
+
+// ---- lazy restore: PUT /snapshot/load with the Uffd memory backend ----
+
+/// One HTTP request on the API socket `sock`; the whole answer.
+fn api(sock: &Path, method: &str, path: &str, body: &str) -> String {
+    let mut stream = std::os::unix::net::UnixStream::connect(sock).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// Wait until `sock` exists (a server listens there).
+fn wait_for_socket(sock: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            sock.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The example page-fault handler, built with the vmm crate's binaries (`cargo test
+/// --workspace` builds them; alone: `cargo build -p vmm --bin flint-uffd-handler`).
+fn uffd_handler() -> PathBuf {
+    let path = support::flint_bin().with_file_name("flint-uffd-handler");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p vmm --bin flint-uffd-handler",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn a_snapshot_loads_through_a_page_fault_handler_and_its_death_ends_flint() {
+    let dir = TempDir::new("uffd-api");
+    let kernel = spinning_kernel(&dir);
+    let config = dir.write(
+        "vm.json",
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": "{}"}}, "machine-config": {{"vcpu_count": 1, "mem_size_mib": 64}}}}"#,
+            s(&kernel)
+        )
+        .as_bytes(),
+    );
+    let (state, mem) = (dir.0.join("vm.snap"), dir.0.join("vm.mem"));
+    // A snapshot of a running guest.
+    let sock_a = dir.0.join("a.sock");
+    let mut a = flint()
+        .arg("--config-file")
+        .arg(&config)
+        .arg("--api-sock")
+        .arg(&sock_a)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_spinning(&mut a);
+    wait_for_socket(&sock_a);
+    let answer = api(&sock_a, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        s(&state),
+        s(&mem)
+    );
+    let answer = api(&sock_a, "PUT", "/snapshot/create", &body);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+    wait_bounded(a, Duration::from_secs(20));
+
+    let sock_b = dir.0.join("b.sock");
+    let b = flint()
+        .arg("--api-sock")
+        .arg(&sock_b)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock_b);
+    let handler_sock = dir.0.join("uffd.sock");
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        s(&state),
+        s(&handler_sock)
+    );
+    // No handler yet: refused in one sentence, and the load can be tried again.
+    let answer = api(&sock_b, "PUT", "/snapshot/load", &load);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains(&format!(
+            "cannot load the snapshot: cannot connect to the page-fault handler's socket {}: ",
+            s(&handler_sock)
+        )),
+        "{answer}"
+    );
+    let mut handler = Command::new(uffd_handler())
+        .arg(&handler_sock)
+        .arg(&mem)
+        .spawn()
+        .unwrap();
+    wait_for_socket(&handler_sock);
+    let answer = api(&sock_b, "PUT", "/snapshot/load", &load);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let answer = api(&sock_b, "GET", "/", "");
+    assert!(answer.contains(r#""state":"Running""#), "{answer}");
+    // The guest runs on pages the handler filled (its code is not in flint's memory
+    // otherwise); a snapshot reads all of them through the handler.
+    let answer = api(&sock_b, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let (state2, mem2) = (dir.0.join("vm2.snap"), dir.0.join("vm2.mem"));
+    let body = format!(
+        r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        s(&state2),
+        s(&mem2)
+    );
+    let answer = api(&sock_b, "PUT", "/snapshot/create", &body);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // All of it, but for the new VM generation ID the load wrote (16 bytes).
+    let (before, after) = (std::fs::read(&mem).unwrap(), std::fs::read(&mem2).unwrap());
+    let differ: Vec<usize> = (0..before.len().min(after.len()))
+        .filter(|&i| before[i] != after[i])
+        .collect();
+    let same = before.len() == after.len()
+        && differ.last().unwrap_or(&0) - differ.first().unwrap_or(&0) < 16;
+    if !same {
+        let _ = handler.kill();
+        let _ = std::process::Command::new("kill")
+            .arg(b.id().to_string())
+            .status();
+        panic!(
+            "the memory read through the handler differs from the memory file at {} bytes",
+            differ.len()
+        );
+    }
+    let answer = api(&sock_b, "PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    // The handler dies: flint stops the VM and exits with one sentence.
+    handler.kill().unwrap();
+    handler.wait().unwrap();
+    let out = wait_bounded(b, Duration::from_secs(20));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        messages(&out),
+        [format!(
+            "flint: error: the page-fault handler for guest memory ({}) went away, so the guest \
+             cannot continue",
+            s(&handler_sock)
+        )]
+    );
+}

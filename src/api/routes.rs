@@ -473,7 +473,7 @@ mod tests {
         );
         let load = |resume| Request::LoadSnapshot {
             snapshot_path: "/s".into(),
-            mem_file_path: "/m".into(),
+            mem_backend: vmm::MemBackend::File("/m".into()),
             resume,
             overrides: Default::default(),
         };
@@ -493,11 +493,25 @@ mod tests {
             ),
             load(false)
         );
+        // A page-fault handler serves the memory (lazy restore).
+        assert_eq!(
+            fwd(
+                "PUT",
+                "/snapshot/load",
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u.sock"}}"#
+            ),
+            Request::LoadSnapshot {
+                snapshot_path: "/s".into(),
+                mem_backend: vmm::MemBackend::Uffd("/u.sock".into()),
+                resume: false,
+                overrides: Default::default(),
+            }
+        );
         // Memory backing and dirty-page tracking: as the snapshot had them unless given
         // (enable_diff_snapshots is Firecracker's older name of track_dirty_pages).
         let load_with = |huge_pages, track_dirty_pages| Request::LoadSnapshot {
             snapshot_path: "/s".into(),
-            mem_file_path: "/m".into(),
+            mem_backend: vmm::MemBackend::File("/m".into()),
             resume: false,
             overrides: vmm::controller::LoadOverrides {
                 huge_pages,
@@ -541,7 +555,7 @@ mod tests {
             ),
             Request::LoadSnapshot {
                 snapshot_path: "/s".into(),
-                mem_file_path: "/m".into(),
+                mem_backend: vmm::MemBackend::File("/m".into()),
                 resume: true,
                 overrides: vmm::controller::LoadOverrides {
                     taps: vec![("eth0".into(), "tap9".into())],
@@ -589,8 +603,8 @@ mod tests {
             ),
             (
                 "/snapshot/load",
-                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/u"}}"#,
-                "mem_backend: backend_type \"Uffd\" is not supported",
+                r#"{"snapshot_path": "/s", "mem_backend": {"backend_type": "Uffd"}}"#,
+                "mem_backend: missing required field 'backend_path'",
             ),
             (
                 "/snapshot/load",

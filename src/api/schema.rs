@@ -763,7 +763,8 @@ pub fn snapshot_create(v: &Value, ctx: &str) -> Result<Request, BodyError> {
 }
 
 /// `PUT /snapshot/load`: the memory file comes as `mem_backend` (of type `File`) or, as in
-/// older Firecracker versions, `mem_file_path`.
+/// older Firecracker versions, `mem_file_path`; or a page-fault handler serves it
+/// (`mem_backend` of type `Uffd`, whose path is the handler's socket).
 pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     let f = Fields::new(
         v,
@@ -797,18 +798,18 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
         (None, None) => None,
         (a, b) => Some(a.unwrap_or(false) || b.unwrap_or(false)),
     };
-    let mem_file_path = match (f.opt_str("mem_file_path")?, f.get("mem_backend")) {
-        (Some(path), None) => path,
+    let mem_backend = match (f.opt_str("mem_file_path")?, f.get("mem_backend")) {
+        (Some(path), None) => vmm::MemBackend::File(path.into()),
         (None, Some(backend)) => {
             let ctx = format!("{}mem_backend", f.ctx);
             let b = Fields::new(backend, &ctx, &["backend_type", "backend_path"], &[])?;
-            if b.req_choice("backend_type", &["File", "Uffd"])? == "Uffd" {
-                return Err(b.err(
-                    "backend_type \"Uffd\" is not supported: flint maps the memory file itself"
-                        .into(),
-                ));
+            let uffd = b.req_choice("backend_type", &["File", "Uffd"])? == "Uffd";
+            let path = PathBuf::from(b.req_str("backend_path")?);
+            if uffd {
+                vmm::MemBackend::Uffd(path)
+            } else {
+                vmm::MemBackend::File(path)
             }
-            b.req_str("backend_path")?
         }
         (Some(_), Some(_)) => {
             return Err(f.err("give either mem_backend or mem_file_path, not both".into()))
@@ -846,7 +847,7 @@ pub fn snapshot_load(v: &Value, ctx: &str) -> Result<Request, BodyError> {
     };
     Ok(Request::LoadSnapshot {
         snapshot_path: f.req_str("snapshot_path")?.into(),
-        mem_file_path: mem_file_path.into(),
+        mem_backend,
         resume: f.opt_bool("resume_vm")?.unwrap_or(false),
         overrides: LoadOverrides {
             taps,

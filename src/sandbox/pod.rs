@@ -261,6 +261,9 @@ fn describe(ending: &Ending) -> String {
         Ending::Signal(sig) => format!("the shim got signal {sig}"),
         Ending::ConsoleQuit => "the console asked to quit".into(),
         Ending::Fault { vcpu, reason } => format!("vCPU {vcpu} failed: {reason}"),
+        Ending::PageFaultHandlerGone(path) => {
+            vmm::Error::PageFaultHandlerGone(path.clone()).to_string()
+        }
     }
 }
 

@@ -137,6 +137,9 @@ pub(super) fn conclude(
             log_console_tail(console_log, true);
             let reason = match other {
                 Ending::Fault { vcpu, reason } => format!("vCPU {vcpu}: {reason}"),
+                Ending::PageFaultHandlerGone(path) => {
+                    vmm::Error::PageFaultHandlerGone(path).to_string()
+                }
                 Ending::ConsoleQuit => "the console asked to quit".to_string(),
                 _ => "it ended".to_string(),
             };

@@ -186,7 +186,8 @@ pub enum Request {
     /// `resume`.
     LoadSnapshot {
         snapshot_path: PathBuf,
-        mem_file_path: PathBuf,
+        /// The memory file, or the page-fault handler that serves it.
+        mem_backend: crate::MemBackend,
         resume: bool,
         overrides: LoadOverrides,
     },
@@ -816,10 +817,10 @@ impl Controller {
             }
             Request::LoadSnapshot {
                 snapshot_path,
-                mem_file_path,
+                mem_backend,
                 resume,
                 overrides,
-            } => self.load_snapshot(&snapshot_path, &mem_file_path, resume, &overrides),
+            } => self.load_snapshot(&snapshot_path, &mem_backend, resume, &overrides),
             Request::SendCtrlAltDel => {
                 let vm = self.running("send Ctrl-Alt-Del")?;
                 if self.paused {
@@ -859,7 +860,7 @@ impl Controller {
     fn load_snapshot(
         &mut self,
         snapshot_path: &std::path::Path,
-        mem_file_path: &std::path::Path,
+        mem_backend: &crate::MemBackend,
         resume: bool,
         overrides: &LoadOverrides,
     ) -> Result<Response, RequestError> {
@@ -892,11 +893,24 @@ impl Controller {
             .clock
             .flags_for(&saved.vm.clock)
             .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
-        if let Err(e) = std::fs::metadata(mem_file_path) {
-            return Err(refuse(format!(
-                "cannot load the snapshot: cannot open the memory file {}: {e}",
-                mem_file_path.display()
-            )));
+        match mem_backend {
+            crate::MemBackend::File(mem_file_path) => {
+                if let Err(e) = std::fs::metadata(mem_file_path) {
+                    return Err(refuse(format!(
+                        "cannot load the snapshot: cannot open the memory file {}: {e}",
+                        mem_file_path.display()
+                    )));
+                }
+            }
+            crate::MemBackend::Uffd(socket) => {
+                if let Err(e) = std::fs::metadata(socket) {
+                    let e = crate::uffd::UffdError::Connect {
+                        path: socket.clone(),
+                        source: e,
+                    };
+                    return Err(refuse(format!("cannot load the snapshot: {e}")));
+                }
+            }
         }
         let console = self.console.take().ok_or_else(|| {
             refuse("cannot load the snapshot: an earlier start failed; start a new flint")
@@ -904,7 +918,7 @@ impl Controller {
         let store = self.mmds.clone();
         let (mut vm, config) = Vm::restore_with_clock(
             snapshot_path,
-            mem_file_path,
+            mem_backend,
             &mut |config| {
                 overrides.apply(config);
                 // The restored NICs serve this controller's store, which the API reads.
@@ -917,6 +931,11 @@ impl Controller {
             overrides.clock,
         )
         .map_err(|e| refuse(format!("cannot load the snapshot: {e}")))?;
+        // A page-fault handler that went away while the VM was restored (or refused it).
+        if let Some(crate::Ending::PageFaultHandlerGone(path)) = vm.ending() {
+            let e = crate::Error::PageFaultHandlerGone(path);
+            return Err(refuse(format!("cannot load the snapshot: {e}")));
+        }
         let started = if resume {
             vm.start(&self.vmm_thread)
         } else {
@@ -1403,7 +1422,7 @@ mod tests {
         c.handle(Request::SetEntropy(None)).unwrap();
         let load = Request::LoadSnapshot {
             snapshot_path: "/nonexistent/s".into(),
-            mem_file_path: "/nonexistent/m".into(),
+            mem_backend: crate::MemBackend::File("/nonexistent/m".into()),
             resume: true,
             overrides: LoadOverrides::default(),
         };
@@ -1433,7 +1452,7 @@ mod tests {
         let err = c
             .handle(Request::LoadSnapshot {
                 snapshot_path: "/s".into(),
-                mem_file_path: "/m".into(),
+                mem_backend: crate::MemBackend::File("/m".into()),
                 resume: false,
                 overrides: LoadOverrides::default(),
             })

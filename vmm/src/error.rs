@@ -140,6 +140,12 @@ pub enum Error {
     DiffSnapshotLoad(PathBuf),
     #[error("{} is not a diff snapshot, so there is nothing to merge", .0.display())]
     NotADiff(PathBuf),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
+    #[error("the Uffd memory backend serves ordinary pages only: load the snapshot with huge_pages \"None\" or \"Transparent\"")]
+    UffdHugePages,
+    #[error("the page-fault handler for guest memory ({}) went away, so the guest cannot continue", .0.display())]
+    PageFaultHandlerGone(PathBuf),
     #[error("the diff snapshot {} applies on top of a different snapshot than {}", .diff.display(), .base.display())]
     WrongBase { diff: PathBuf, base: PathBuf },
     #[error("KVM refused MSR {index:#x} of vCPU {id} from the snapshot")]

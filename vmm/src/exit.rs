@@ -15,6 +15,8 @@ pub enum Ending {
     ConsoleQuit,
     /// A vCPU hit something flint cannot continue from.
     Fault { vcpu: u32, reason: String },
+    /// The page-fault handler serving guest memory (listening on this socket) went away.
+    PageFaultHandlerGone(std::path::PathBuf),
 }
 
 /// The first ending reported wins; the VMM thread waits on `evt`.

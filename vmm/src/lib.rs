@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod seccomp;
 mod signals;
 pub mod snapshot;
+pub mod uffd;
 mod usage;
 mod vcpu;
 mod vm;
@@ -35,7 +36,7 @@ pub use error::{Error, Result};
 pub use exit::Ending;
 pub use loader::KernelFormat;
 pub use usage::MemoryUsage;
-pub use vm::{run, ClockRestore, ConsoleIo, Outcome, SnapshotType, Vm};
+pub use vm::{run, ClockRestore, ConsoleIo, MemBackend, Outcome, SnapshotType, Vm};
 
 /// Route SIGINT, SIGTERM and SIGHUP to `wake` (written once per signal); see
 /// [`stop_signal_received`]. Starting a VM routes them to the VM's own wake-up event.

@@ -24,7 +24,7 @@ use arch::{GuestMemoryMmap, GuestRegionMmap};
 /// The unit of sparseness in a snapshot memory file (all-zero pages of a full snapshot and
 /// unchanged pages of a diff are holes), and of dirty-page tracking: KVM's and `vm-memory`'s
 /// bitmaps have one bit per page of this size.
-const PAGE: usize = 4096;
+pub(crate) const PAGE: usize = 4096;
 static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
 /// How much guest memory a snapshot copies out at a time.
 const CHUNK: usize = 1 << 20;

@@ -48,6 +48,11 @@
 //!   started.
 //! - **console-in**: only the common calls (it reads the terminal and feeds the UART);
 //!   `openat` fails with `EACCES`.
+//! - **uffd-watch** (a VM loaded with the `Uffd` memory backend: waits for the page-fault
+//!   handler's connection to end): `poll`/`ppoll` and `recvfrom` besides the common calls; `openat` fails
+//!   with `EACCES`. Creating and registering the userfaultfd, connecting to the handler and
+//!   sending it (`userfaultfd`, its `ioctl`s, `socket`, `connect`, `sendmsg`) happen on the
+//!   VMM thread while it loads the snapshot, before it restricts itself.
 //! - **vmm** (the thread that owns a started VM: waits for its end, pauses it, snapshots it,
 //!   executes the [`controller`](crate::controller)'s requests: disk media changes, metrics
 //!   files): files including `openat` with any flags (snapshot and metrics files), `unlink`,
@@ -375,6 +380,14 @@ impl Filter {
     /// The thread that forwards input to the serial console.
     pub fn console_input() -> Filter {
         Filter::new("console-in").refuse_opens()
+    }
+
+    /// The thread that watches a page-fault handler's connection (see [`crate::uffd`]): it
+    /// waits with `poll` and reads with `recvfrom`; the rest are the common calls.
+    pub fn uffd_watch() -> Filter {
+        Filter::new("uffd-watch")
+            .allow(&[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_recvfrom])
+            .refuse_opens()
     }
 
     /// What a started VM needs on the thread that owns it: waiting for its end, pausing and

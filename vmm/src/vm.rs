@@ -131,6 +131,16 @@ pub enum SnapshotType {
     Diff,
 }
 
+/// Where a snapshot load gets guest memory from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemBackend {
+    /// The snapshot memory file, mapped copy-on-write (pages load on first touch).
+    File(std::path::PathBuf),
+    /// A page-fault handler listening on this Unix socket, which fills each page on first
+    /// touch (see [`crate::uffd`]).
+    Uffd(std::path::PathBuf),
+}
+
 /// What a diff snapshot of a VM is relative to.
 struct Lineage {
     /// The memory id of the snapshot the VM's memory last equalled: the last one it wrote, or
@@ -149,6 +159,9 @@ pub struct Vm {
     // Field order matters for drop: threads and devices go before the VM fd and memory.
     threads: Vec<JoinHandle<()>>,
     event_loop: Option<EventLoop>,
+    /// The page-fault handler's watch, when a handler fills guest memory: stopped (closing
+    /// flint's userfaultfd and the connection) once no thread runs in the VM.
+    _uffd: Option<crate::uffd::Watch>,
     unstarted: Vec<Vcpu>,
     console_input: Option<(Box<dyn Read + Send>, bool)>,
     shared: Arc<VcpuShared>,
@@ -177,13 +190,18 @@ struct Base {
     endings: Arc<Endings>,
     /// Set by `restore`: the memory id of the snapshot the memory came from.
     memory_id: Option<u64>,
+    uffd: Option<crate::uffd::Watch>,
 }
 
-/// Open KVM and create a VM with its interrupt controllers, PIT and `mem` (from `make_mem`),
-/// restoring `vm_state` if given, then the virtio devices the configuration asks for.
+/// Guest memory, and the watch of the page-fault handler filling it if one does.
+type MadeMemory = (GuestMemoryMmap, Option<crate::uffd::Watch>);
+
+/// Open KVM and create a VM with its interrupt controllers, PIT and `mem` (from `make_mem`,
+/// given where the VM's endings are reported), restoring `vm_state` if given, then the virtio
+/// devices the configuration asks for.
 fn create_base(
     config: &VmConfig,
-    make_mem: impl FnOnce() -> Result<GuestMemoryMmap>,
+    make_mem: impl FnOnce(&Arc<Endings>) -> Result<MadeMemory>,
     vm_state: Option<(&crate::snapshot::VmState, ClockRestore)>,
 ) -> Result<Base> {
     config.validate()?;
@@ -213,11 +231,11 @@ fn create_base(
         restore_vm_state(&vm, state, clock)?;
     }
 
-    let mem = make_mem()?;
+    let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
+    let (mem, uffd) = make_mem(&endings)?;
     memory::register(&vm, &mem, config.track_dirty_pages)?;
     let mut mmio = Bus::new();
     let virtio = device_manager::attach(&vm, &mem, &mut mmio, config, virtio_devices)?;
-    let endings = Arc::new(Endings::new().map_err(host_err("create an eventfd"))?);
     Ok(Base {
         kvm,
         vm,
@@ -227,6 +245,7 @@ fn create_base(
         mmio,
         endings,
         memory_id: None,
+        uffd,
     })
 }
 
@@ -328,7 +347,11 @@ impl Vm {
     /// Create the VM, load the kernel and configure every vCPU, without running anything.
     pub fn build(config: &VmConfig, console: ConsoleIo, start: Instant) -> Result<Vm> {
         let mem_size = config.mem_bytes();
-        let mut base = create_base(config, || memory::create(mem_size, config.huge_pages), None)?;
+        let mut base = create_base(
+            config,
+            |_| Ok((memory::create(mem_size, config.huge_pages)?, None)),
+            None,
+        )?;
         let cmdline = full_cmdline(&config.cmdline, &base.virtio.cmdline)?;
         let entry = loader::load(config, &cmdline, &base.mem)?;
         // Both: the MP table serves a guest booted with acpi=off.
@@ -388,7 +411,7 @@ impl Vm {
     ) -> Result<(Vm, VmConfig)> {
         Vm::restore_with_clock(
             state_path,
-            mem_path,
+            &MemBackend::File(mem_path.to_path_buf()),
             adjust,
             console,
             start,
@@ -396,10 +419,13 @@ impl Vm {
         )
     }
 
-    /// [`Vm::restore`], with the guest clock continuing as `clock` says.
+    /// [`Vm::restore`], with guest memory from `backend` (the memory file, or a page-fault
+    /// handler: then the handler has been sent guest memory's regions before this returns,
+    /// and anything touching a page waits for it to fill the page) and the guest clock
+    /// continuing as `clock` says.
     pub fn restore_with_clock(
         state_path: &Path,
-        mem_path: &Path,
+        backend: &MemBackend,
         adjust: &mut dyn FnMut(&mut VmConfig),
         console: ConsoleIo,
         start: Instant,
@@ -430,11 +456,24 @@ impl Vm {
             ));
         }
         let mem_size = config.mem_bytes();
-        let mut base = create_base(
-            &config,
-            || memory::restore(mem_path, mem_size, config.huge_pages),
-            Some((&state.vm, clock)),
-        )?;
+        let make_mem = |endings: &Arc<Endings>| -> Result<MadeMemory> {
+            match backend {
+                MemBackend::File(path) => {
+                    Ok((memory::restore(path, mem_size, config.huge_pages)?, None))
+                }
+                MemBackend::Uffd(socket) => {
+                    if config.huge_pages == crate::HugePages::Size2M {
+                        return Err(Error::UffdHugePages);
+                    }
+                    let mem = memory::create(mem_size, config.huge_pages)?;
+                    let handler = crate::uffd::hand_over(&mem, memory::PAGE as u64, socket)?;
+                    let watch = crate::uffd::Watch::start(handler, endings.clone())
+                        .map_err(host_err("start the page-fault handler's watch thread"))?;
+                    Ok((mem, Some(watch)))
+                }
+            }
+        };
+        let mut base = create_base(&config, make_mem, Some((&state.vm, clock)))?;
         if base.virtio.transports.len() != state.virtio.len() {
             return Err(invalid(format!(
                 "it holds {} virtio devices but its configuration has {}",
@@ -530,6 +569,7 @@ impl Vm {
             mut mmio,
             endings,
             memory_id,
+            uffd,
         } = base;
         // Recorded on the vCPU thread that wrote the reset command, before it runs on.
         let reset_endings = endings.clone();
@@ -591,6 +631,7 @@ impl Vm {
         Ok(Vm {
             threads: Vec::new(),
             event_loop: None,
+            _uffd: uffd,
             unstarted: vcpus,
             console_input,
             shared,

@@ -790,3 +790,151 @@ fn diff_snapshots_hold_the_changed_pages_and_load_merged_into_their_base() {
     });
     assert_counts_from(&format!("{before}{between}{after}"), 1);
 }
+
+/// The example page-fault handler serving `mem` on `socket`, once it listens.
+fn start_handler(socket: &Path, mem: &Path) -> std::process::Child {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_flint-uffd-handler"))
+        .arg(socket)
+        .arg(mem)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "the handler never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child
+}
+
+/// Wait (at most 10 s) for `child` to exit; its status.
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the handler did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Load the snapshot `state` with the `Uffd` backend through `socket`.
+fn restore_uffd(state: &Path, socket: &Path, out: &Output) -> vmm::Result<Vm> {
+    Vm::restore_with_clock(
+        state,
+        &vmm::MemBackend::Uffd(socket.to_path_buf()),
+        &mut |_| {},
+        out.console(),
+        Instant::now(),
+        vmm::ClockRestore::AsSaved,
+    )
+    .map(|(vm, _)| vm)
+}
+
+/// A snapshot of the counting guest after `lines` lines, in `dir`; what it printed.
+fn counting_snapshot(dir: &TempDir, lines: usize) -> (PathBuf, PathBuf, String) {
+    let kernel = dir.path("vmlinux");
+    std::fs::write(&kernel, elf(COUNTER)).unwrap();
+    let (state, mem) = (dir.path("s"), dir.path("m"));
+    let mut config = VmConfig::new(&kernel);
+    config.vcpus = 1;
+    config.mem_mib = 128;
+    let printed = {
+        let (state, mem) = (state.clone(), mem.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let vm = Vm::build(&config, out.console(), Instant::now()).unwrap();
+            run_and_snapshot(vm, &out, lines, (&state, &mem))
+        })
+    };
+    (state, mem, printed)
+}
+
+#[test]
+fn a_page_fault_handler_fills_guest_memory_and_the_restored_guest_counts_on() {
+    let dir = TempDir::new("uffd");
+    let (state, mem, first) = counting_snapshot(&dir, 10);
+    let socket = dir.path("uffd.sock");
+    let mut handler = start_handler(&socket, &mem);
+    let (state2, mem2) = (dir.path("s2"), dir.path("m2"));
+    let second = {
+        let (state2, mem2) = (state2.clone(), mem2.clone());
+        on_thread(move || {
+            let out = Output::default();
+            let vm = restore_uffd(&state, &socket, &out).unwrap();
+            // Its memory is anonymous: the guest's code and counter come from the handler.
+            // A snapshot of it reads every page, through the handler too.
+            run_and_snapshot(vm, &out, 10, (&state2, &mem2))
+        })
+    };
+    assert!(!second.starts_with("00000001"), "started over: {second:?}");
+    let both = format!("{first}{second}");
+    assert_counts_from(&both, 1);
+    // flint closed the connection with the VM: the handler is done.
+    assert!(wait_exit(&mut handler).success());
+    // The snapshot of the lazily restored VM restores as usual.
+    let third = on_thread(move || {
+        let out = Output::default();
+        let (mut vm, _) =
+            Vm::restore(&state2, &mem2, &mut |_| {}, out.console(), Instant::now()).unwrap();
+        vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
+        out.wait_lines(3);
+        vm.pause().unwrap();
+        out.text()
+    });
+    assert_counts_from(&format!("{both}{third}"), 1);
+}
+
+#[test]
+fn a_page_fault_handler_that_dies_ends_the_vm_with_one_sentence() {
+    let dir = TempDir::new("uffd-dies");
+    let (state, mem, _) = counting_snapshot(&dir, 3);
+    let socket = dir.path("uffd.sock");
+    // No handler listening: refused at once.
+    let err = {
+        let (state, socket) = (state.clone(), socket.clone());
+        on_thread(move || {
+            restore_uffd(&state, &socket, &Output::default())
+                .err()
+                .unwrap()
+                .to_string()
+        })
+    };
+    assert!(
+        err.starts_with(&format!(
+            "cannot connect to the page-fault handler's socket {}: ",
+            socket.display()
+        )),
+        "{err}"
+    );
+
+    let mut handler = start_handler(&socket, &mem);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sock = socket.clone();
+    std::thread::spawn(move || {
+        let out = Output::default();
+        let mut vm = restore_uffd(&state, &sock, &out).unwrap();
+        vm.start(&vmm::seccomp::Filter::vmm_thread()).unwrap();
+        out.wait_lines(3);
+        let _ = tx.send(None);
+        let ending = vm.wait_for_ending();
+        vm.shutdown(ending.clone());
+        let _ = tx.send(Some(ending));
+    });
+    // The restored guest runs; then its handler dies.
+    assert_eq!(rx.recv_timeout(Duration::from_secs(20)), Ok(None));
+    handler.kill().unwrap();
+    wait_exit(&mut handler);
+    let ending = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the VM did not stop when its page-fault handler died")
+        .unwrap();
+    assert_eq!(ending, vmm::Ending::PageFaultHandlerGone(socket.clone()));
+    assert_eq!(
+        vmm::Error::PageFaultHandlerGone(socket.clone()).to_string(),
+        format!(
+            "the page-fault handler for guest memory ({}) went away, so the guest cannot continue",
+            socket.display()
+        )
+    );
+}
