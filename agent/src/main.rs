@@ -650,6 +650,7 @@ impl Session {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
+        stop_ignoring_signals();
         if root_dirs.is_none() {
             cmd.current_dir(workdir);
         }
@@ -760,6 +761,30 @@ impl Drop for Session {
         self.stdin = None;
         if let Some(h) = self.output.take() {
             let _ = h.join();
+        }
+    }
+}
+
+/// Give back the default action of every signal the agent's process ignores (SIGPIPE apart,
+/// which Rust's runtime ignores and `Command` resets in the child). An ignored signal stays
+/// ignored across exec, so a parent that ignored SIGINT (a shell's background job does) would
+/// make every command ignore Ctrl-C and `flint run`'s forwarded signals. Handlers need nothing:
+/// exec resets them, and `Command` clears the signal mask.
+fn stop_ignoring_signals() {
+    for signal in 1..=31 {
+        if matches!(signal, libc::SIGKILL | libc::SIGSTOP | libc::SIGPIPE) {
+            continue;
+        }
+        // SAFETY: `old` is a valid sigaction on this stack for the kernel to fill; the new
+        // action is not given (null), so nothing changes by this call.
+        let ignored = unsafe {
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+                && old.sa_sigaction == libc::SIG_IGN
+        };
+        if ignored {
+            // SAFETY: setting a default disposition passes no pointers.
+            unsafe { libc::signal(signal, libc::SIG_DFL) };
         }
     }
 }

@@ -450,6 +450,10 @@ fn sleep_child_of_script_runs(text: &str) -> bool {
 
 #[test]
 fn signals_reach_the_process_group() {
+    // As when the agent's own parent ignored SIGINT (a shell's background job does): the
+    // command must still get the default action. (Process-wide; no other test uses SIGINT.)
+    // SAFETY: setting a disposition passes no pointers.
+    unsafe { libc::signal(libc::SIGINT, libc::SIG_IGN) };
     let agent = TestAgent::new();
     let mut c = agent.client();
     let signaller = c.signaller();
