@@ -87,13 +87,16 @@ def as_firecracker_parses(spec_in, spec_out):
 
     def bound_integer(name, schema):
         """An integer field takes what the Rust type Firecracker parses it into holds: every
-        one is unsigned, `guest_cid` is 32 bits, those the description calls int64 are at most
+        one is unsigned, `guest_cid` and the balloon's `amount_mib` are 32 bits, its
+        `stats_polling_interval_s` 16 bits, those the description calls int64 are at most
         2^63 - 1, the rest 64 bits."""
         if not isinstance(schema, dict) or schema.get("type") != "integer":
             return
         schema.setdefault("minimum", 0)
-        if name == "guest_cid":
+        if name in ("guest_cid", "amount_mib"):
             largest = 2**32 - 1
+        elif name == "stats_polling_interval_s":
+            largest = 2**16 - 1
         elif schema.get("format") == "int64":
             largest = 2**63 - 1
         else:
