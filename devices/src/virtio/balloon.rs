@@ -28,10 +28,10 @@ use arch::GuestMemoryMmap;
 use event_manager::{EventOps, Events};
 use log::debug;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::chain::{pop_chain, segments, Direction};
+use super::chain::{pop_chain, read_segments, segments, Direction};
 use super::{
     feature, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt, BACKEND_EVENT_BASE,
     MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1,
@@ -512,17 +512,8 @@ impl VirtioDevice for Balloon {
             match role {
                 Role::Inflate | Role::Deflate => {
                     match segments(mem, chain, Direction::DeviceReads, MAX_PFN_BYTES) {
-                        Ok((segs, total)) => {
-                            buf.clear();
-                            buf.resize(total as usize, 0);
-                            let mut at = 0;
-                            let mut ok = true;
-                            for s in &segs {
-                                let n = s.len as usize;
-                                ok &= mem.read_slice(&mut buf[at..at + n], s.addr).is_ok();
-                                at += n;
-                            }
-                            if ok {
+                        Ok((segs, _)) => {
+                            if read_segments(mem, &segs, &mut buf) {
                                 let inflate = role == Role::Inflate;
                                 let pages = handle_pfns(mem, &buf, inflate, metrics);
                                 let counter = if inflate {
@@ -566,17 +557,8 @@ impl VirtioDevice for Balloon {
                 }
                 Role::Stats => {
                     match segments(mem, chain, Direction::DeviceReads, MAX_STATS_BYTES) {
-                        Ok((segs, total)) => {
-                            buf.clear();
-                            buf.resize(total as usize, 0);
-                            let mut at = 0;
-                            let mut ok = true;
-                            for s in &segs {
-                                let n = s.len as usize;
-                                ok &= mem.read_slice(&mut buf[at..at + n], s.addr).is_ok();
-                                at += n;
-                            }
-                            if ok {
+                        Ok((segs, _)) => {
+                            if read_segments(mem, &segs, &mut buf) {
                                 *self.stats.lock().unwrap_or_else(|e| e.into_inner()) =
                                     GuestStats::parse(&buf);
                                 metrics.stats_updates.fetch_add(1, Ordering::Relaxed);
@@ -676,6 +658,7 @@ mod tests {
     use crate::virtio::test_utils::{
         guest_memory, interrupt, irq_count, r, w, Recycler, TestQueue,
     };
+    use vm_memory::Bytes;
 
     const MEM: usize = 0x40_0000;
     /// Where the test puts the buffers the driver sends (PFN arrays, statistics).

@@ -191,6 +191,23 @@ pub fn segments(
     Ok((segs, total))
 }
 
+/// Read the bytes of `segs` (checked to lie in `mem`, e.g. by [`segments`]) into `buf`,
+/// replacing its contents. False when memory refuses a read.
+pub fn read_segments(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut Vec<u8>) -> bool {
+    let total = segs.iter().map(|s| s.len as usize).sum();
+    buf.clear();
+    buf.resize(total, 0);
+    let mut at = 0;
+    for s in segs {
+        let n = s.len as usize;
+        if mem.read_slice(&mut buf[at..at + n], s.addr).is_err() {
+            return false;
+        }
+        at += n;
+    }
+    true
+}
+
 /// Copy `data` into `segs` from their start. False when it does not fit or memory refuses.
 pub fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], mut data: &[u8]) -> bool {
     for s in segs {

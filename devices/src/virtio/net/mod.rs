@@ -30,7 +30,8 @@ use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
-    add_used_together, pop_chain, segments, write_segments, ChainError, Direction, Segment,
+    add_used_together, pop_chain, read_segments, segments, write_segments, ChainError, Direction,
+    Segment,
 };
 use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
@@ -758,14 +759,8 @@ fn read_frame(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<u8>> {
     if !(VNET_HDR_LEN..=VNET_HDR_LEN + crate::mmds::endpoint::MAX_FRAME).contains(&total) {
         return None;
     }
-    let mut frame = vec![0u8; total];
-    let mut at = 0;
-    for s in segs {
-        let n = s.len as usize;
-        mem.read_slice(&mut frame[at..at + n], s.addr).ok()?;
-        at += n;
-    }
-    Some(frame)
+    let mut frame = Vec::new();
+    read_segments(mem, segs, &mut frame).then_some(frame)
 }
 
 /// `writev` the frame in `segs` (checked to lie in `mem`) to the TAP.
