@@ -545,12 +545,32 @@ done
 echo "VICTIM_TASK $($CTR task ls 2>/dev/null | grep victim | awk '{print $3}')"
 $CTR task delete victim >/dev/null 2>&1
 flint_case remove $CTR container rm victim
-sleep 2
-echo "SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
-echo "WORKLEFT $(find "$WORK/shim-work" -mindepth 1 | wc -l)"
-echo "MOUNTS $(grep -c "$C" /proc/mounts)"
-echo "TASKS $($CTR task ls -q | wc -l)"
-echo "SOCKETS $(ls /run/containerd/s 2>/dev/null | wc -l)"
+# containerd cleans up after a dead shim in the background (it runs the shim's delete
+# action, then forgets the task): give that a while on this slow host, then count.
+leftovers() {
+    shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')
+    workleft=$(find "$WORK/shim-work" -mindepth 1 | wc -l)
+    mounts=$(grep -c "$C" /proc/mounts)
+    tasks=$($CTR task ls -q | wc -l)
+    sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)
+    [ "$shims$workleft$mounts$tasks$sockets" = 00000 ]
+}
+n=0
+until leftovers || [ $n -ge 60 ]; do
+    sleep 1; n=$((n + 1))
+done
+echo "SHIMS $shims"
+echo "WORKLEFT $workleft"
+echo "MOUNTS $mounts"
+echo "TASKS $tasks"
+echo "SOCKETS $sockets"
+if [ "$shims$tasks$workleft" != 000 ]; then
+    echo "--- left after ${n} s:"
+    ps -o pid,args | grep '[c]ontainerd-shim-flint-v2'
+    $CTR task ls
+    find "$WORK/shim-work" -mindepth 1
+    ls -l /run/containerd/s 2>/dev/null
+fi
 kill $CPID
 wait $CPID
 [ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
