@@ -2,7 +2,7 @@
 # Build a Debian package of flint with cargo-deb:
 #   target/debian/flint_<version>-1_amd64.deb
 # It installs
-#   /usr/bin/flint
+#   /usr/bin/flint and /usr/bin/containerd-shim-flint-v2 (containerd's runtime shim)
 #   /usr/share/man/man1/flint.1.gz and flint-<command>.1.gz (from `flint man`)
 #   bash, zsh and fish completions (from `flint completions SHELL`)
 #   /usr/lib/flint/: the guest assets' builders (build-guest-kernel.sh, build-guest-initramfs.sh,
@@ -29,8 +29,9 @@ fi
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 assets=$target_dir/release/deb
 
-log "building flint (release)"
-cargo build --release --quiet --manifest-path "$repo/Cargo.toml" -p flint --bin flint
+log "building flint and its containerd shim (release)"
+cargo build --release --quiet --manifest-path "$repo/Cargo.toml" -p flint \
+    --bin flint --bin containerd-shim-flint-v2
 flint=$target_dir/release/flint
 
 log "generating man pages and shell completions"
