@@ -63,6 +63,8 @@ pub enum CliError {
     MissingValue(String),
     #[error("{option} takes a whole number, not '{value}'")]
     NotANumber { option: &'static str, value: String },
+    #[error("--huge-pages takes none, 2M or transparent, not '{0}'")]
+    HugePages(String),
     #[error("{0} was given more than once")]
     Repeated(String),
     #[error("{option} is not supported: {reason}")]
@@ -386,6 +388,26 @@ mod tests {
     }
 
     #[test]
+    fn boot_huge_pages_take_the_machine_config_values() {
+        assert_eq!(
+            boot(&["--kernel", "/k"]).unwrap().huge_pages,
+            vmm::HugePages::None
+        );
+        for (given, expected) in [
+            ("none", vmm::HugePages::None),
+            ("2M", vmm::HugePages::Size2M),
+            ("2m", vmm::HugePages::Size2M),
+            ("transparent", vmm::HugePages::Transparent),
+            ("Transparent", vmm::HugePages::Transparent),
+        ] {
+            let c = boot(&["--kernel", "/k", "--huge-pages", given]).unwrap();
+            assert_eq!(c.huge_pages, expected, "--huge-pages {given}");
+        }
+        let c = boot(&["--kernel", "/k", "--huge-pages=2M", "--memory", "256"]).unwrap();
+        assert_eq!((c.huge_pages, c.mem_mib), (vmm::HugePages::Size2M, 256));
+    }
+
+    #[test]
     fn cmdline_values_may_contain_equals_signs() {
         let c = boot(&["--kernel", "/k", "--cmdline", "root=/dev/vda rw"]).unwrap();
         assert_eq!(c.cmdline, "root=/dev/vda rw");
@@ -420,6 +442,26 @@ mod tests {
             (
                 &["boot", "--kernel", "/k", "--kernel", "/j"],
                 CliError::Repeated("--kernel".into()),
+            ),
+            (
+                &["boot", "--kernel", "/k", "--huge-pages", "1G"],
+                CliError::HugePages("1G".into()),
+            ),
+            (
+                &["boot", "--kernel", "/k", "--huge-pages", ""],
+                CliError::HugePages("".into()),
+            ),
+            (
+                &[
+                    "boot",
+                    "--kernel",
+                    "/k",
+                    "--huge-pages",
+                    "2M",
+                    "--huge-pages",
+                    "none",
+                ],
+                CliError::Repeated("--huge-pages".into()),
             ),
             (
                 &["boot", "--kernel", "/k", "--frobnicate", "x"],

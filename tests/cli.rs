@@ -165,6 +165,23 @@ fn bad_command_lines_get_one_sentence_and_status_1() {
         &["boot", "--kernel", "/k", "--kernel", "/j"],
         "--kernel was given more than once",
     );
+    refused(
+        &["boot", "--kernel", "/k", "--huge-pages", "1G"],
+        "--huge-pages takes none, 2M or transparent, not '1G'",
+    );
+    // Checked before the kernel is opened: huge pages come in 2 MiB.
+    refused(
+        &[
+            "boot",
+            "--kernel",
+            "/k",
+            "--huge-pages",
+            "2M",
+            "--memory",
+            "129",
+        ],
+        "129 MiB of guest memory cannot be backed by 2 MiB huge pages",
+    );
     refused(&["run", "true"], "needs a command after --");
     refused(
         &["run", "--bogus", "--", "true"],

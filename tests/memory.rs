@@ -1,14 +1,21 @@
-//! Tier 3: guest memory backed by 2 MiB huge pages, and diff snapshots merged into their base,
-//! with a real Linux guest driven through the REST API (`curl --unix-socket`) in the nested
-//! KVM host (or directly on a host whose KVM boots Linux). The host's huge page pool is set
-//! by the scenario (`/proc/sys/vm/nr_hugepages`).
+//! Tier 3: guest memory backed by 2 MiB huge pages, diff snapshots merged into their base, and
+//! lazy restore through the example page-fault handler (`Uffd` backend), with a real Linux
+//! guest driven through the REST API (`curl --unix-socket`) in the nested KVM host (or
+//! directly on a host whose KVM boots Linux). The host's huge page pool is set by the scenario
+//! (`/proc/sys/vm/nr_hugepages`).
+//!
+//! The three scenarios run one after the other in one scenario script, so that the file costs
+//! one boot of the nested host ([`shared_run`]); each test reads its own section of the output.
 
 mod support;
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use support::api_shell::{value, API_SHELL};
-use support::{run_scenario, DEFAULT_CMDLINE};
+use support::{
+    exec_cmdline, run_scenario_with, sh_quote, ScenarioOptions, ScenarioRun, DEFAULT_CMDLINE,
+};
 
 /// Besides [`API_SHELL`]: `boot_source NAME` sets the test guest as NAME's boot source,
 /// `meminfo FIELD` reads the host's /proc/meminfo, `show_flints NAME...` prints their stderr
@@ -69,6 +76,17 @@ echo "VALUE free_restored $(meminfo HugePages_Free)"
 echo "VALUE rsvd_restored $(meminfo HugePages_Rsvd)"
 stop_flint b
 show_flints few a b
+
+# The same from the command line: too few pages for 256 MiB, then a 128 MiB guest on them.
+flint_case cli_few "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --memory 256 --huge-pages 2M
+bg_case cli_boot "$FLINT" boot --kernel "$VMLINUX" --initrd "$INITRAMFS" --memory 128 --huge-pages 2M --cmdline "$HUGE_CMDLINE"
+if wait_for "$WORK/cli_boot.out" 'CLI-HUGE-42' 180; then
+    echo "VALUE cli_free $(meminfo HugePages_Free)"
+    echo "VALUE cli_rsvd $(meminfo HugePages_Rsvd)"
+fi
+end_case cli_boot $BG_PID
+# Give the pool back for the sections after this one.
+echo 0 >/proc/sys/vm/nr_hugepages
 "#;
 
 /// A guest with dirty-page tracking: a full snapshot (the base), then the guest writes 8 MiB
@@ -118,30 +136,118 @@ stop_flint c
 show_flints a b c
 "#;
 
+/// Lazy restore, on the merged snapshot of [`DIFF_SCENARIO`] (its guest holds 8 MiB of a known
+/// pattern in `/pattern`): the example handler serves the memory file, a new flint loads the
+/// snapshot with the `Uffd` backend, and its guest runs on and reads the pattern; flint never
+/// maps the memory file. Then the guest fills its tmpfs a little at a time (fresh pages, not
+/// yet faulted in) and the handler is killed meanwhile: flint must end with status 1 and its
+/// one sentence, not hang (a watchdog kills it after 60 s, which shows as status 137).
+const UFFD_SCENARIO: &str = r#"
+SNAP=$SHARED/diff
+HANDLER_SOCK=$WORK/handler.sock
+echo "VALUE handler_sock $HANDLER_SOCK"
+"$FILES/flint-uffd-handler" "$HANDLER_SOCK" "$SNAP/m2" >"$WORK/handler.log" 2>&1 &
+handler=$!
+i=0; while [ ! -S "$HANDLER_SOCK" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+start_flint d
+call d_load PUT /snapshot/load "{\"snapshot_path\": \"$SNAP/s2\", \"mem_backend\": {\"backend_type\": \"Uffd\", \"backend_path\": \"$HANDLER_SOCK\"}, \"resume_vm\": true}"
+echo 'echo "SEEN $(md5sum </pattern | cut -d" " -f1)"; echo "CONTINUES-$((6*7))"' >"$WORK/d.in"
+check_for d_continues "$WORK/d.console" 'CONTINUES-42' 120
+echo "VALUE seen $(sed -n 's/.*SEEN \([0-9a-f]*\).*/\1/p' "$WORK/d.console" | tail -n 1)"
+echo "VALUE maps_memory_file $(grep -c "$SNAP/m2" /proc/$pid/maps)"
+if kill -0 $handler 2>/dev/null; then echo "VALUE handler_serving yes"; else echo "VALUE handler_serving no"; fi
+echo 'i=0; while [ $i -lt 200 ]; do i=$((i+1)); yes FILL | head -c 262144 >/fill$i; echo "TOUCHED-$((i+1000))"; sleep 0.2; done' >"$WORK/d.in"
+check_for d_touching "$WORK/d.console" 'TOUCHED-1005' 120
+kill -KILL $handler
+(sleep 60; kill -KILL $pid 2>/dev/null) &
+dog=$!
+wait $pid
+echo "VALUE status $?"
+kill $dog 2>/dev/null
+eval "kill \$keep_d" 2>/dev/null
+echo "VALUE last_touched $(sed -n 's/.*TOUCHED-\([0-9]*\).*/\1/p' "$WORK/d.console" | tail -n 1)"
+echo "VALUE stderr_lines $(grep -c . "$WORK/d.stderr")"
+echo "VALUE error $(grep 'flint: error:' "$WORK/d.stderr")"
+show_flints d
+"#;
+
 fn number(output: &str, name: &str) -> u64 {
     let v = value(output, "VALUE", name);
     v.parse()
         .unwrap_or_else(|_| panic!("VALUE {name} is {v:?}:\n{output}"))
 }
 
-/// Run `scenario` (after [`HELPERS`]) in one host VM, with curl; its output.
-fn run_api_scenario(scenario: &str) -> String {
+/// The example page-fault handler, built with the vmm crate's binaries (`cargo test
+/// --workspace` builds them; alone: `cargo build -p vmm --bin flint-uffd-handler`).
+fn uffd_handler() -> PathBuf {
+    let path = support::flint_bin().with_file_name("flint-uffd-handler");
+    assert!(
+        path.exists(),
+        "{} is missing: cargo build -p vmm --bin flint-uffd-handler",
+        path.display()
+    );
+    path
+}
+
+/// The sections of [`shared_run`], in order: each runs with its own `$WORK` (`$SHARED/NAME`).
+const SECTIONS: [(&str, &str); 3] = [
+    ("huge", HUGE_PAGES_SCENARIO),
+    ("diff", DIFF_SCENARIO),
+    ("uffd", UFFD_SCENARIO),
+];
+
+/// The one run of every scenario of this file in one host VM (with curl and the example
+/// page-fault handler), shared by the tests: the first test to ask runs it, the others wait
+/// for it. Not a panic inside: a failed run is reported by every test.
+fn shared_run() -> &'static ScenarioRun {
+    static RUN: OnceLock<ScenarioRun> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let curl = PathBuf::from("/usr/bin/curl");
+        // The guest of `flint boot --huge-pages 2M` in the huge pages section: it prints its
+        // marker and stays up a few seconds, while the scenario reads the host's pool.
+        let huge_cmdline = exec_cmdline("echo \"CLI-HUGE-$((40+2))\"; sleep 4");
+        let mut script = format!(
+            "GUEST_CMDLINE='{DEFAULT_CMDLINE}'\nHUGE_CMDLINE={}\nCURL=$FILES/curl\n\
+             SHARED=$WORK\n{API_SHELL}{HELPERS}",
+            sh_quote(&huge_cmdline)
+        );
+        for (name, scenario) in SECTIONS {
+            script.push_str(&format!(
+                "echo \"MEMORY-SECTION {name}\"\nWORK=$SHARED/{name}\nmkdir -p \"$WORK\"\n{scenario}\n"
+            ));
+        }
+        script.push_str("echo \"MEMORY-SECTION end\"\n");
+        let files = [(curl, "curl"), (uffd_handler(), "flint-uffd-handler")];
+        let options = ScenarioOptions {
+            timeout_secs: 900,
+            ..ScenarioOptions::default()
+        };
+        run_scenario_with(&script, &files, &options)
+    })
+}
+
+/// The output of section `name` of [`shared_run`] (which must have succeeded).
+fn section(name: &str) -> &'static str {
     let curl = PathBuf::from("/usr/bin/curl");
     assert!(
         curl.is_file(),
         "curl is needed for this test (apt-get install curl)"
     );
-    let script = format!(
-        "GUEST_CMDLINE='{DEFAULT_CMDLINE}'\nCURL=$FILES/curl\n{API_SHELL}{HELPERS}{scenario}"
-    );
-    let run = run_scenario(&script, &[(curl, "curl")]);
+    let run = shared_run();
     assert_eq!(run.status, 0, "scenario failed:\n{}", run.output);
-    run.output
+    let start = format!("MEMORY-SECTION {name}\n");
+    let begin = run
+        .output
+        .find(&start)
+        .unwrap_or_else(|| panic!("no section {name} in the output:\n{}", run.output))
+        + start.len();
+    let rest = &run.output[begin..];
+    &rest[..rest.find("MEMORY-SECTION ").unwrap_or(rest.len())]
 }
 
 #[test]
 fn guest_memory_on_huge_pages() {
-    let out = &run_api_scenario(HUGE_PAGES_SCENARIO);
+    let out = section("huge");
     let step = |name: &str| value(out, "STEP", name);
     let body = |name: &str| value(out, "BODY", name);
     let check = |name: &str| value(out, "CHECK", name);
@@ -210,11 +316,33 @@ fn guest_memory_on_huge_pages() {
         (number(out, "free_restored"), number(out, "rsvd_restored"));
     assert_eq!(free - (free_restored - rsvd_restored), 64, "{out}");
     assert!(free_restored < free, "{out}");
+
+    // From the command line: `flint boot --huge-pages 2M`.
+    let run = shared_run();
+    let few = run.case("cli_few");
+    assert_eq!(few.status, 1, "{}", few.show());
+    assert_eq!(
+        few.stderr_lines(),
+        ["flint: error: cannot back 256 MiB of guest memory with 2 MiB huge pages: it needs 128 \
+          of them and the host has 80 free (raise vm.nr_hugepages, /proc/sys/vm/nr_hugepages)"],
+        "{}",
+        few.show()
+    );
+    let boot = run.case("cli_boot");
+    assert_eq!(boot.status, 0, "{}", boot.show());
+    assert!(boot.stdout.contains("CLI-HUGE-42"), "{}", boot.show());
+    boot.assert_no_errors();
+    let (cli_free, cli_rsvd) = (number(out, "cli_free"), number(out, "cli_rsvd"));
+    assert_eq!(
+        free - (cli_free - cli_rsvd),
+        64,
+        "`flint boot --huge-pages 2M` did not put its 128 MiB guest on the pool's pages:\n{out}"
+    );
 }
 
 #[test]
 fn diff_snapshots_merge_into_their_base() {
-    let out = &run_api_scenario(DIFF_SCENARIO);
+    let out = section("diff");
     let step = |name: &str| value(out, "STEP", name);
     let body = |name: &str| value(out, "BODY", name);
     let check = |name: &str| value(out, "CHECK", name);
@@ -279,5 +407,53 @@ fn diff_snapshots_merge_into_their_base() {
         ),
         "{}",
         body("c_diff")
+    );
+}
+
+#[test]
+fn a_snapshot_loads_lazily_through_the_example_handler_and_its_death_ends_flint() {
+    let diff = section("diff");
+    let out = section("uffd");
+    let step = |name: &str| value(out, "STEP", name);
+    let body = |name: &str| value(out, "BODY", name);
+    let check = |name: &str| value(out, "CHECK", name);
+
+    assert_eq!(step("d_load"), "204", "{}", body("d_load"));
+    assert_eq!(
+        check("d_continues"),
+        "yes",
+        "the guest restored through the page-fault handler did not run on:\n{out}"
+    );
+    assert_eq!(
+        value(out, "VALUE", "seen"),
+        value(diff, "VALUE", "expected"),
+        "the guest restored through the page-fault handler does not have the pattern:\n{out}"
+    );
+    // Its memory came from the handler: flint never mapped the memory file.
+    assert_eq!(number(out, "maps_memory_file"), 0, "{out}");
+    assert_eq!(value(out, "VALUE", "handler_serving"), "yes", "{out}");
+
+    // The handler is killed while the guest fills fresh pages of its tmpfs.
+    assert_eq!(check("d_touching"), "yes", "{out}");
+    let last = number(out, "last_touched");
+    assert!(
+        (1005..1200).contains(&last),
+        "the guest was not still filling memory when the handler died (last mark {last}):\n{out}"
+    );
+    assert_eq!(
+        number(out, "status"),
+        1,
+        "flint did not end with status 1 when its page-fault handler died (137: it hung and \
+         the watchdog killed it):\n{out}"
+    );
+    assert_eq!(number(out, "stderr_lines"), 1, "{out}");
+    assert_eq!(
+        value(out, "VALUE", "error"),
+        format!(
+            "flint: error: the page-fault handler for guest memory ({}) went away, so the \
+             guest cannot continue",
+            value(out, "VALUE", "handler_sock")
+        ),
+        "{out}"
     );
 }

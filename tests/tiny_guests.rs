@@ -1038,10 +1038,9 @@ fn uffd_handler() -> PathBuf {
     path
 }
 
-#[test]
-fn a_snapshot_loads_through_a_page_fault_handler_and_its_death_ends_flint() {
-    let dir = TempDir::new("uffd-api");
-    let kernel = spinning_kernel(&dir);
+/// A snapshot (state file, memory file) of the spinning guest, taken through the API.
+fn spinning_snapshot(dir: &TempDir) -> (PathBuf, PathBuf) {
+    let kernel = spinning_kernel(dir);
     let config = dir.write(
         "vm.json",
         format!(
@@ -1077,7 +1076,13 @@ fn a_snapshot_loads_through_a_page_fault_handler_and_its_death_ends_flint() {
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
     wait_bounded(a, Duration::from_secs(20));
+    (state, mem)
+}
 
+#[test]
+fn a_snapshot_loads_through_a_page_fault_handler_and_its_death_ends_flint() {
+    let dir = TempDir::new("uffd-api");
+    let (state, mem) = spinning_snapshot(&dir);
     let sock_b = dir.0.join("b.sock");
     let b = flint()
         .arg("--api-sock")
@@ -1158,5 +1163,144 @@ fn a_snapshot_loads_through_a_page_fault_handler_and_its_death_ends_flint() {
              cannot continue",
             s(&handler_sock)
         )]
+    );
+}
+
+/// A flint serving its API on `DIR/NAME.sock`, with `env`, that loads the snapshot of
+/// [`spinning_snapshot`] through a new example handler (on `DIR/NAME.uffd`) and resumes it;
+/// flint, the handler and the load's answer (empty if flint went away meanwhile).
+fn uffd_restored_flint(
+    dir: &TempDir,
+    name: &str,
+    (state, mem): (&Path, &Path),
+    env: &[(&str, &str)],
+) -> (Child, Child, String) {
+    let sock = dir.0.join(format!("{name}.sock"));
+    let handler_sock = dir.0.join(format!("{name}.uffd"));
+    let flint = flint()
+        .arg("--api-sock")
+        .arg(&sock)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&sock);
+    let handler = Command::new(uffd_handler())
+        .arg(&handler_sock)
+        .arg(mem)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&handler_sock);
+    let load = format!(
+        r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "{}"}}, "resume_vm": true}}"#,
+        s(state),
+        s(&handler_sock)
+    );
+    // flint may stop in the middle of the request (a self-test): no answer then.
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&sock)?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        write!(
+            stream,
+            "PUT /snapshot/load HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{load}",
+            load.len()
+        )?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer)
+    })()
+    .unwrap_or_default();
+    (flint, handler, answer)
+}
+
+#[test]
+fn the_uffd_watch_thread_is_filtered_and_its_forbidden_calls_stop_flint() {
+    let dir = TempDir::new("uffd-seccomp");
+    let (state, mem) = spinning_snapshot(&dir);
+    let snapshot = (state.as_path(), mem.as_path());
+
+    // Restored through a handler, flint has one more thread, and it is filtered too.
+    let (flint, mut handler, answer) = uffd_restored_flint(&dir, "modes", snapshot, &[]);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let modes = loop {
+        let modes = seccomp_modes(flint.id());
+        let watched = modes.iter().any(|(n, m)| n == "uffd-watch" && m == "2");
+        let all = modes.iter().all(|(n, m)| n.starts_with("kvm") || m == "2");
+        if (watched && all) || Instant::now() > deadline {
+            break modes;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // Under its filter the thread still does its work: it sees the handler go away (poll,
+    // recvfrom) and flint ends with its sentence.
+    handler.kill().unwrap();
+    handler.wait().unwrap();
+    let out = wait_bounded(flint, Duration::from_secs(20));
+    assert!(
+        modes.iter().any(|(n, m)| n == "uffd-watch" && m == "2"),
+        "no filtered uffd-watch thread: {modes:?}"
+    );
+    for (name, mode) in modes.iter().filter(|(n, _)| !n.starts_with("kvm")) {
+        assert_eq!(mode, "2", "thread {name} is not filtered: {modes:?}");
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("the page-fault handler for guest memory ("),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A call outside its filter stops flint and is named: one no thread may make, and calls
+    // every thread makes with arguments its rules refuse; it makes no sockets at all.
+    let cases = [
+        ("forbidden-call", (libc::SYS_getppid, "getppid")),
+        ("mmap-exec", MMAP),
+        ("mprotect-exec", MPROTECT),
+        ("futex-pi", FUTEX),
+        ("fcntl-getown", FCNTL),
+        ("socket-inet", SOCKET),
+        ("socket-dgram", SOCKET),
+    ];
+    let mut failed = Vec::new();
+    for (i, (probe, call)) in cases.into_iter().enumerate() {
+        let env = [("FLINT_SECCOMP_SELF_TEST", format!("uffd-watch:{probe}"))];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let (flint, mut handler, _) = uffd_restored_flint(&dir, &format!("p{i}"), snapshot, &env);
+        let out = wait_bounded(flint, Duration::from_secs(20));
+        let _ = handler.kill();
+        let _ = handler.wait();
+        let stderr = text(&out.stderr);
+        let expected = format!(
+            "flint: error: seccomp: the uffd-watch thread made the forbidden system call {} ({}) \
+             with arguments ",
+            call.0, call.1
+        );
+        if out.status.code() != Some(128 + libc::SIGSYS) || !stderr.contains(&expected) {
+            failed.push(format!("{probe}: {:?}: {stderr}", out.status.code()));
+        }
+    }
+    assert!(failed.is_empty(), "not refused:\n{}", failed.join("\n"));
+
+    // It opens no files: an open fails (EACCES) instead of stopping flint, so the self-test
+    // reports that the call came back.
+    let env = [("FLINT_SECCOMP_SELF_TEST", "uffd-watch:openat-read")];
+    let (flint, mut handler, _) = uffd_restored_flint(&dir, "open", snapshot, &env);
+    let out = wait_bounded(flint, Duration::from_secs(20));
+    let _ = handler.kill();
+    let _ = handler.wait();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "seccomp self-test: openat-read on the uffd-watch thread was not stopped: it \
+             returned -1 (Permission denied (os error {}))",
+            libc::EACCES
+        )),
+        "{stderr}"
     );
 }

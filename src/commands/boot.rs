@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{ArgMatches, Args};
 use vmm::config::{DEFAULT_CMDLINE, DEFAULT_MEM_MIB, DEFAULT_VCPUS};
-use vmm::{DriveConfig, NetConfig, VmConfig, VsockConfig};
+use vmm::{DriveConfig, HugePages, NetConfig, VmConfig, VsockConfig};
 
 use super::{once, values};
 use crate::cli::{CliError, Command};
@@ -46,6 +46,13 @@ pub(crate) struct BootArgs {
           help = format!("Guest memory in MiB, at least 2 (the kernel and initrd must fit) [default: {DEFAULT_MEM_MIB}]"),
           value_parser = |s: &str| values::number::<u64>("--memory", s))]
     memory: Vec<u64>,
+
+    /// What backs guest memory: none (ordinary 4 KiB pages), 2M (2 MiB pages from the host's
+    /// hugetlbfs pool, vm.nr_hugepages, all reserved at start; --memory must be a multiple of 2)
+    /// or transparent (the host kernel may use transparent huge pages) [default: none]
+    #[arg(long = "huge-pages", value_name = "none|2M|transparent", allow_hyphen_values = true,
+          value_parser = values::huge_pages)]
+    huge_pages: Vec<HugePages>,
 
     /// A virtio-blk disk on a raw image file (size a multiple of 512); ro: read-only; root: the
     /// guest mounts it as / (root=/dev/vda); id: the serial the guest reads (at most 20
@@ -93,6 +100,7 @@ impl BootArgs {
         config.cmdline = once("--cmdline", self.cmdline)?.unwrap_or(config.cmdline);
         config.vcpus = once("--vcpus", self.vcpus)?.unwrap_or(config.vcpus);
         config.mem_mib = once("--memory", self.memory)?.unwrap_or(config.mem_mib);
+        config.huge_pages = once("--huge-pages", self.huge_pages)?.unwrap_or(config.huge_pages);
         config.drives = in_given_order(
             matches
                 .indices_of("disk")

@@ -39,6 +39,16 @@ pub(crate) fn size(option: &'static str, value: &str) -> Result<u64, CliError> {
     n.checked_mul(1 << shift).ok_or_else(bad)
 }
 
+/// `--huge-pages`: `none`, `2M` or `transparent` (any case).
+pub(crate) fn huge_pages(value: &str) -> Result<vmm::HugePages, CliError> {
+    match value.to_ascii_lowercase().as_str() {
+        "none" => Ok(vmm::HugePages::None),
+        "2m" => Ok(vmm::HugePages::Size2M),
+        "transparent" => Ok(vmm::HugePages::Transparent),
+        _ => Err(CliError::HugePages(value.to_string())),
+    }
+}
+
 /// A per-second rate given as `key=N` to `option`: a bucket of N tokens refilled in 1 s.
 fn rate(
     option: &'static str,

@@ -899,6 +899,7 @@ mod tests {
             Filter::vcpu(),
             Filter::event_loop(),
             Filter::console_input(),
+            Filter::uffd_watch(),
         ] {
             let bpf = filter.program().unwrap();
             assert!(bpf.len() > 10, "{}", filter.thread());
@@ -922,6 +923,11 @@ mod tests {
         assert!(!event_loop.allows_any_arguments(libc::SYS_socket));
         assert!(event_loop.refuses_opens());
         assert!(Filter::console_input().refuses_opens());
+        // The page-fault handler's watch only waits and reads on a connection it was given.
+        let watch = Filter::uffd_watch();
+        assert!(watch.refuses_opens() && watch.allows(libc::SYS_poll));
+        assert!(!watch.allows(libc::SYS_socket) && !watch.allows(libc::SYS_connect));
+        assert!(!watch.allows(libc::SYS_ioctl));
         let vmm = Filter::vmm_thread();
         assert!(!vmm.refuses_opens() && vmm.allows_any_arguments(libc::SYS_openat));
         assert!(!vmm.allows(libc::SYS_socket) && !vmm.allows(libc::SYS_connect));
