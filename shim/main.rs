@@ -37,8 +37,11 @@ impl containerd_shim::Shim for FlintShim {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim, and so one VM, per container.
-        let grouping = opts.id.clone();
+        // One shim, and so one VM, per container, or per pod for the containers of a pod
+        // (CRI annotations): a pod's containers reach its sandbox's shim (the shim started
+        // with the same socket finds it listening and answers its address).
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let grouping = spec::grouping(&bundle, &opts.id);
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         // In the bundle (the working directory): the shim removes its socket on its way out,
         // and `delete` after a shim that died, by this file.
@@ -52,6 +55,14 @@ impl containerd_shim::Shim for FlintShim {
         if let Ok(config) = config::ShimConfig::load() {
             if let Some(dir) = task::work_dir(&config.work_dir, &self.namespace, &self.id) {
                 task::remove_work_dir(&dir);
+            }
+            // A pod's VM went with the shim too: its directory.
+            let bundle = std::env::current_dir().unwrap_or_default();
+            if let Some(member) = spec::Bundle::read(&bundle).ok().and_then(|b| b.pod) {
+                let dir = task::pod_dir(&config.work_dir, &self.namespace, &member.sandbox_id);
+                if let Some(dir) = dir {
+                    task::remove_work_dir(&dir);
+                }
             }
         }
         if let Ok(address) = containerd_shim::synchronous::util::read_address() {
