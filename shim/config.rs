@@ -241,11 +241,15 @@ mod tests {
         std::fs::write(&path, r#"{"pod_containers": 25}"#).unwrap();
         let e = ShimConfig::from_file(&path, true).unwrap_err();
         assert!(
-            e.to_string().ends_with("asks for pod_containers 25, more than 24"),
+            e.to_string()
+                .ends_with("asks for pod_containers 25, more than 24"),
             "{e}"
         );
         std::fs::write(&path, r#"{"pod_containers": 2}"#).unwrap();
-        assert_eq!(ShimConfig::from_file(&path, true).unwrap().pod_containers, 2);
+        assert_eq!(
+            ShimConfig::from_file(&path, true).unwrap().pod_containers,
+            2
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

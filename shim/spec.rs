@@ -291,7 +291,10 @@ mod tests {
         };
         assert_eq!(pod_member(&map(&[]), Some("c")), None);
         assert_eq!(
-            pod_member(&map(&[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, "p")]), Some("p")),
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, "p")]),
+                Some("p")
+            ),
             Some(PodMember {
                 sandbox_id: "p".into(),
                 sandbox: true
@@ -305,16 +308,25 @@ mod tests {
             })
         );
         assert_eq!(
-            pod_member(&map(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "p")]), Some("c")),
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "p")]),
+                Some("c")
+            ),
             Some(PodMember {
                 sandbox_id: "p".into(),
                 sandbox: false
             })
         );
         // A container that names no pod, or an unknown type: a container of its own.
-        assert_eq!(pod_member(&map(&[(CONTAINER_TYPE, "container")]), Some("c")), None);
         assert_eq!(
-            pod_member(&map(&[(CONTAINER_TYPE, "vm"), (SANDBOX_ID, "p")]), Some("c")),
+            pod_member(&map(&[(CONTAINER_TYPE, "container")]), Some("c")),
+            None
+        );
+        assert_eq!(
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "vm"), (SANDBOX_ID, "p")]),
+                Some("c")
+            ),
             None
         );
     }

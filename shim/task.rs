@@ -259,10 +259,7 @@ impl Service {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -469,10 +466,7 @@ impl Service {
         if guard.pod.is_none() {
             let dir = pod_dir(&config.work_dir, &self.shared.namespace, &member.sandbox_id)
                 .ok_or_else(|| {
-                    format!(
-                        "the pod id '{}' cannot name a directory",
-                        member.sandbox_id
-                    )
+                    format!("the pod id '{}' cannot name a directory", member.sandbox_id)
                 })?;
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::DirBuilder::new()
@@ -540,14 +534,7 @@ impl Service {
         settings: &flint::pod::PodSettings,
         work: &Path,
         slot: Option<usize>,
-    ) -> Result<
-        (
-            Arc<Pod>,
-            Option<Arc<vmm_sys_util::eventfd::EventFd>>,
-            u64,
-        ),
-        String,
-    > {
+    ) -> Result<(Arc<Pod>, Option<Arc<vmm_sys_util::eventfd::EventFd>>, u64), String> {
         let _ = std::fs::remove_dir_all(work);
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -574,7 +561,11 @@ impl Service {
             let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
                 .map_err(|e| format!("cannot create an eventfd: {e}"))?;
             let pod = Pod::boot(settings, &disk, work).map_err(|e| e.to_string())?;
-            return Ok((Arc::new(pod), Some(Arc::new(unwatch)), settings.mem_mib << 20));
+            return Ok((
+                Arc::new(pod),
+                Some(Arc::new(unwatch)),
+                settings.mem_mib << 20,
+            ));
         };
         let (pod, vm_memory, placeholder) = {
             let guard = self.lock();
@@ -783,7 +774,10 @@ impl Service {
                     )
                     .and_then(|mut agent| agent.unmount_container(&container.id));
                     if let Err(e) = unmounted {
-                        log::warn!("cannot unmount container {} in the pod's VM: {e}", container.id);
+                        log::warn!(
+                            "cannot unmount container {} in the pod's VM: {e}",
+                            container.id
+                        );
                     }
                     let placeholder = {
                         let guard = self.lock();
@@ -825,9 +819,7 @@ impl containerd_shim::Task for Service {
             .unwatch
             .as_ref()
             .map(|unwatch| (Arc::clone(&container.pod), Arc::clone(unwatch)));
-        self.lock()
-            .containers
-            .insert(req.id.clone(), container);
+        self.lock().containers.insert(req.id.clone(), container);
         if let Some((pod, unwatch)) = watch {
             self.watch(pod, unwatch, Some(req.id.clone()));
         }

@@ -215,7 +215,8 @@ pub fn enter(p: &Prepared) -> io::Result<()> {
     }
     // SAFETY: a plain fork (clone with only the exit signal); the child continues with this
     // single thread's copy of memory.
-    let child = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
+    let child =
+        unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD as libc::c_ulong, 0, 0, 0, 0) };
     if child < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -300,7 +301,13 @@ fn mount_fs(
     flags: libc::c_ulong,
     data: &str,
 ) -> Result<(), String> {
-    let fail = |e: io::Error| format!("cannot mount {fstype} on {}: {}", target.display(), describe(&e));
+    let fail = |e: io::Error| {
+        format!(
+            "cannot mount {fstype} on {}: {}",
+            target.display(),
+            describe(&e)
+        )
+    };
     let c = |s: &[u8]| CString::new(s).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput));
     let (source_c, target_c, fstype_c, data_c) = (
         c(source.as_bytes()).map_err(fail)?,
@@ -431,7 +438,12 @@ fn mount_layers(disk: &str, image: &Path, rw: &Path, root: &Path) -> Result<(), 
     // namespace), the rest now.
     let opened = Root::open(&root.to_string_lossy())
         .map_err(|e| format!("cannot open {}: {}", root.display(), describe(&e)))?;
-    for (name, mode) in [(c"proc", 0o555), (c"sys", 0o555), (c"dev", 0o755), (c"tmp", 0o1777)] {
+    for (name, mode) in [
+        (c"proc", 0o555),
+        (c"sys", 0o555),
+        (c"dev", 0o755),
+        (c"tmp", 0o1777),
+    ] {
         let keep_tmp = name == c"tmp" && opened.open_dir(Path::new("/tmp")).is_ok();
         if !keep_tmp {
             top_level_dir(&opened, name, mode).map_err(|e| {
@@ -444,8 +456,20 @@ fn mount_layers(disk: &str, image: &Path, rw: &Path, root: &Path) -> Result<(), 
         }
     }
     let quiet = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount_fs("sysfs", &root.join("sys"), "sysfs", quiet | libc::MS_RDONLY, "")?;
-    mount_fs("devtmpfs", &root.join("dev"), "devtmpfs", libc::MS_NOSUID, "")?;
+    mount_fs(
+        "sysfs",
+        &root.join("sys"),
+        "sysfs",
+        quiet | libc::MS_RDONLY,
+        "",
+    )?;
+    mount_fs(
+        "devtmpfs",
+        &root.join("dev"),
+        "devtmpfs",
+        libc::MS_NOSUID,
+        "",
+    )?;
     for d in ["pts", "shm"] {
         let path = root.join("dev").join(d);
         fs::create_dir_all(&path)
@@ -490,7 +514,13 @@ fn detach(base: &Path) -> Result<(), String> {
         match fs::remove_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {}", path.display(), describe(&e))),
+            Err(e) => {
+                return Err(format!(
+                    "cannot remove {}: {}",
+                    path.display(),
+                    describe(&e)
+                ))
+            }
         }
     }
     fs::remove_dir(base).map_err(|e| format!("cannot remove {}: {}", base.display(), describe(&e)))

@@ -34,11 +34,11 @@ use std::time::Duration;
 
 use flint_agent::part_file::PartFile;
 use flint_agent::poll::wait_readable;
+use flint_agent::protocol::CONTAINERS_DIR;
 use flint_agent::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
     SHUTDOWN_GRACE,
 };
-use flint_agent::protocol::CONTAINERS_DIR;
 use flint_agent::{AGENT_PORT, DEFAULT_ENV};
 use in_root::Root;
 

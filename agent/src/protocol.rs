@@ -49,7 +49,7 @@
 //! ```text
 //! Exec     [argv: list of string][env: list of (string, string)][workdir: option of string]
 //!          [root: option of string][user: option of (uid: u32, gid: u32, groups: list of u32)]
-//!          [container: option of (id: string, new_namespaces: flag)]
+//!          [container: (id: string, new_namespaces: flag), only when present]
 //! MountContainer   [id: string][disk: string][size: u64]
 //! UnmountContainer [id: string]
 //! CopyIn   [mode: u32][path: string][root: option of string]
@@ -529,13 +529,11 @@ impl Message for ToAgent {
                         }
                     }
                 }
-                match &spec.container {
-                    None => out.push(0),
-                    Some(container) => {
-                        out.push(1);
-                        put_str(out, &container.id)?;
-                        out.push(u8::from(container.new_namespaces));
-                    }
+                // Absent, nothing: the request is then what hosts and agents without
+                // containers send and read.
+                if let Some(container) = &spec.container {
+                    put_str(out, &container.id)?;
+                    out.push(u8::from(container.new_namespaces));
                 }
             }
             ToAgent::Stdin(data) | ToAgent::FileData(data) => put_data(out, data)?,
@@ -616,9 +614,9 @@ impl Message for ToAgent {
                         Some(UserSpec { uid, gid, groups })
                     }
                 };
-                spec.container = match d.flag("the container flag is not 0 or 1")? {
-                    false => None,
-                    true => Some(InContainer {
+                spec.container = match d.is_empty() {
+                    true => None,
+                    false => Some(InContainer {
                         id: d.string("container id")?,
                         new_namespaces: d.flag("the new-namespaces flag is not 0 or 1")?,
                     }),
@@ -853,6 +851,10 @@ impl<'a> Decoder<'a> {
             false => Ok(None),
             true => self.string(field).map(Some),
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
     }
 
     fn rest(&mut self) -> Vec<u8> {
@@ -1324,7 +1326,7 @@ mod tests {
         invalid(ToAgent::decode(kind::SIGNAL, &65i32.to_le_bytes()));
         invalid(ToAgent::decode(
             kind::EXEC,
-            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            &[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
         )); // no argv
         invalid(ToAgent::decode(
             kind::EXEC,
@@ -1333,7 +1335,7 @@ mod tests {
         invalid(ToAgent::decode(
             kind::EXEC,
             &[
-                1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1, 1, 0, 0, 0, b'r', 0, 0, 0,
+                1, 0, 0, 0, 1, 0, 0, 0, b'x', 0, 0, 0, 0, 1, 1, 0, 0, 0, b'r', 0, 0,
             ], // relative
         ));
         invalid(ToAgent::decode(
@@ -1413,22 +1415,25 @@ mod tests {
         for n in [7u32, 8, 2, 9, 10] {
             want.extend_from_slice(&n.to_le_bytes());
         }
-        want.push(0);
         assert_eq!(bytes, frame(kind::EXEC, &want));
         assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
         // Without them: two zero flags.
         let bytes = ToAgent::Exec(ExecSpec::new(["x"])).encode().unwrap();
-        assert_eq!(bytes, frame(kind::EXEC, &exec_payload(&[0, 0, 0])));
-        // A container: its id and the new-namespaces flag, last.
+        assert_eq!(bytes, frame(kind::EXEC, &exec_payload(&[0, 0])));
+        // A container: its id and the new-namespaces flag, last (absent: nothing, as
+        // hosts and agents without containers have it).
         let spec = ExecSpec::new(["x"]).container("c1", true);
-        let want = exec_payload(&[0, 0, 1, 2, 0, 0, 0, b'c', b'1', 1]);
+        let want = exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 1]);
         assert_eq!(
             ToAgent::Exec(spec.clone()).encode().unwrap(),
             frame(kind::EXEC, &want)
         );
         assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
         assert!(matches!(
-            ToAgent::decode(kind::EXEC, &exec_payload(&[0, 0, 1, 2, 0, 0, 0, b'c', b'1', 2])),
+            ToAgent::decode(
+                kind::EXEC,
+                &exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 2])
+            ),
             Err(ProtocolError::Invalid(_))
         ));
         // Copies: the root after the path.
@@ -1473,9 +1478,7 @@ mod tests {
             exec_payload(&rest)
         };
         let invalid = |payload: &[u8], what: &str| {
-            // With the container flag (absent) after it.
-            let payload = [payload, &[0]].concat();
-            let r = ToAgent::decode(kind::EXEC, &payload);
+            let r = ToAgent::decode(kind::EXEC, payload);
             assert!(matches!(r, Err(ProtocolError::Invalid(_))), "{what}: {r:?}");
         };
         invalid(&exec_payload(&[2, 0]), "root flag 2");
@@ -1510,7 +1513,7 @@ mod tests {
             Err(ProtocolError::Truncated)
         );
         let mut extra = with_user(user(1, 2, &[3]));
-        extra.extend([0, 0]);
+        extra.extend([2, 0, 0, 0, b'c', b'1', 0, 0]);
         assert_eq!(
             ToAgent::decode(kind::EXEC, &extra),
             Err(ProtocolError::TrailingBytes(1))

@@ -1471,7 +1471,8 @@ fn symlinks_planted_in_a_root_do_not_lead_the_copies_out_of_it() {
 #[test]
 fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "this test mounts: run it as root");
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test mounts: run it as root");
     let dir = temp_dir("containers");
     let root = container::root_of(&dir, "c1");
     fs::create_dir_all(&root).unwrap();
@@ -1500,7 +1501,8 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     let mut joiner = agent.client();
     let e = run(&mut joiner, &sh("true").container("c1", false), None).unwrap_err();
     assert!(
-        e.to_string().contains("the container c1 has no running init process"),
+        e.to_string()
+            .contains("the container c1 has no running init process"),
         "{e}"
     );
 
@@ -1511,9 +1513,15 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
         let mut out = Vec::new();
         let spec = sh("echo $$; echo /proc/[0-9]*; exec sleep 30").container("c1", true);
         let status = init_client
-            .run_and_tell(&spec, None::<Cursor<Vec<u8>>>, &mut out, io::sink(), &mut |pid| {
-                let _ = tx.send(pid);
-            })
+            .run_and_tell(
+                &spec,
+                None::<Cursor<Vec<u8>>>,
+                &mut out,
+                io::sink(),
+                &mut |pid| {
+                    let _ = tx.send(pid);
+                },
+            )
             .unwrap();
         (status, out)
     });
@@ -1546,7 +1554,10 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     let (status, out) = init.join().unwrap();
     assert_eq!(status, CommandStatus::Killed(libc::SIGKILL));
     let out = String::from_utf8(out).unwrap();
-    assert_eq!(out, "1\n/proc/1\n", "the init is pid 1 and alone in its /proc");
+    assert_eq!(
+        out, "1\n/proc/1\n",
+        "the init is pid 1 and alone in its /proc"
+    );
     let mut after = agent.client();
     let e = run(&mut after, &sh("true").container("c1", false), None).unwrap_err();
     assert!(e.to_string().contains("has no running init process"), "{e}");

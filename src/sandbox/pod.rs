@@ -93,7 +93,10 @@ enum Inner {
     #[error("cannot watch the VM: {0}")]
     EventFd(std::io::Error),
     #[error("cannot create the placeholder disk {}: {error}", path.display())]
-    Placeholder { path: PathBuf, error: std::io::Error },
+    Placeholder {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// `mount(2)` flags and the file system's own options of `options`, as `mount(8)` takes them.
@@ -337,7 +340,10 @@ const PLACEHOLDER_SIZE: u64 = 4096;
 
 /// The guest's name of container slot `slot` (below [`MAX_SLOTS`]): `/dev/vda`, `/dev/vdb`...
 pub fn slot_disk(slot: usize) -> String {
-    format!("/dev/vd{}", char::from(b'a' + slot.min(MAX_SLOTS - 1) as u8))
+    format!(
+        "/dev/vd{}",
+        char::from(b'a' + slot.min(MAX_SLOTS - 1) as u8)
+    )
 }
 
 impl Pod {
@@ -357,7 +363,12 @@ impl Pod {
     /// which [`Pod::replace_disk`] swaps for a container's root disk while the VM runs. The
     /// guest names slot `n` [`slot_disk`]`(n)`.
     pub fn boot_slots(settings: &PodSettings, slots: usize, work: &Path) -> Result<Pod, PodError> {
-        Pod::boot_with(settings, &machine::ImageDisks::default(), slots.clamp(1, MAX_SLOTS), work)
+        Pod::boot_with(
+            settings,
+            &machine::ImageDisks::default(),
+            slots.clamp(1, MAX_SLOTS),
+            work,
+        )
     }
 
     /// The file a free slot holds.
@@ -374,13 +385,12 @@ impl Pod {
         let cache = crate::cache_dir();
         let options = Pod::run_options(settings, &cache);
         let (kernel, initramfs) = Pod::images(&options, &cache)?;
-        let mut config = machine::vm_config(&options, &kernel, initramfs, disks, work).map_err(
-            |e| match e {
+        let mut config =
+            machine::vm_config(&options, &kernel, initramfs, disks, work).map_err(|e| match e {
                 // Not in terms of flint run's options: the shim has none.
                 SetupError::Config(e) => Inner::VmConfig(e),
                 other => Inner::Setup(other),
-            },
-        )?;
+            })?;
         if slots > 0 {
             let placeholder = Pod::placeholder(work);
             std::fs::File::create(&placeholder)
