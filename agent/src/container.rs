@@ -150,6 +150,12 @@ pub fn prepare(
         )
     })?;
     let how = if new_namespaces {
+        if fs::symlink_metadata("/proc/self/ns/pid").is_err() {
+            return Err(
+                "the guest kernel has no PID namespaces (CONFIG_PID_NS), which the containers of a pod need"
+                    .into(),
+            );
+        }
         if inits.live(id) {
             return Err(format!("the container {id} has a running init already"));
         }
