@@ -579,7 +579,10 @@ impl Service {
             .replace_disk(slot, &disk)
             .map_err(|e| format!("cannot attach the container's root disk to the pod's VM: {e}"))?;
         let mounted = AgentClient::connect(pod.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT)
-            .and_then(|mut agent| agent.mount_container(&req.id, &slot_disk(slot), size));
+            // The guest sees whole sectors.
+            .and_then(|mut agent| {
+                agent.mount_container(&req.id, &slot_disk(slot), size / 512 * 512)
+            });
         if let Err(e) = mounted {
             let _ = pod.replace_disk(slot, &placeholder);
             return Err(format!(
