@@ -50,22 +50,27 @@ impl containerd_shim::Shim for FlintShim {
     }
 
     /// containerd's cleanup after a shim that is gone (killed, crashed): its VM went with
-    /// it; remove what it left on disk.
+    /// it; remove what it left on disk. Also after a container of a pod failed to be created
+    /// in the pod's shim, which may well still run the pod's VM: its socket and the pod's
+    /// directory then stay.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let address = containerd_shim::synchronous::util::read_address().ok();
+        let alive = address.as_deref().is_some_and(shim_answers);
         if let Ok(config) = config::ShimConfig::load() {
             if let Some(dir) = task::work_dir(&config.work_dir, &self.namespace, &self.id) {
                 task::remove_work_dir(&dir);
             }
-            // A pod's VM went with the shim too: its directory.
+            // A pod's VM went with its shim: its directory.
             let bundle = std::env::current_dir().unwrap_or_default();
-            if let Some(member) = spec::Bundle::read(&bundle).ok().and_then(|b| b.pod) {
+            let member = spec::Bundle::read(&bundle).ok().and_then(|b| b.pod);
+            if let Some(member) = member.filter(|_| !alive) {
                 let dir = task::pod_dir(&config.work_dir, &self.namespace, &member.sandbox_id);
                 if let Some(dir) = dir {
                     task::remove_work_dir(&dir);
                 }
             }
         }
-        if let Ok(address) = containerd_shim::synchronous::util::read_address() {
+        if let Some(address) = address.filter(|_| !alive) {
             remove_socket(&address);
         }
         Ok(DeleteResponse {
@@ -82,6 +87,12 @@ impl containerd_shim::Shim for FlintShim {
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         task::Service::new(&self.namespace, Some(publisher), Arc::clone(&self.exit))
     }
+}
+
+/// Whether a shim listens on `address` (`unix://PATH`): the socket accepts a connection.
+fn shim_answers(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// Remove the Unix socket a shim listened on (`unix://PATH`), if it is still there.
