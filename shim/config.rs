@@ -5,7 +5,7 @@
 //! ```json
 //! { "kernel": "/var/lib/flint/vmlinux", "initramfs": "/var/lib/flint/initramfs.cpio.gz",
 //!   "vcpus": 1, "memory_mib": 256, "memory_overhead_mib": 64,
-//!   "work_dir": "/var/lib/flint/containerd" }
+//!   "work_dir": "/var/lib/flint/containerd", "pod_containers": 8 }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -39,6 +39,8 @@ pub enum ConfigError {
     },
     #[error("the flint shim's configuration file {} asks for {what} 0", path.display())]
     Zero { path: PathBuf, what: &'static str },
+    #[error("the flint shim's configuration file {} asks for pod_containers {asked}, more than {}", path.display(), flint::pod::MAX_SLOTS)]
+    TooManySlots { path: PathBuf, asked: usize },
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -50,6 +52,7 @@ struct File {
     memory_mib: Option<u64>,
     memory_overhead_mib: Option<u64>,
     work_dir: Option<PathBuf>,
+    pod_containers: Option<usize>,
 }
 
 /// What the shim runs containers with.
@@ -61,7 +64,12 @@ pub struct ShimConfig {
     /// the writes it keeps in memory).
     pub memory_overhead_mib: u64,
     pub work_dir: PathBuf,
+    /// How many containers a pod's VM holds at most (its container slots).
+    pub pod_containers: usize,
 }
+
+/// [`ShimConfig::pod_containers`] unless the file says otherwise.
+pub const DEFAULT_POD_CONTAINERS: usize = 8;
 
 /// [`ShimConfig::memory_overhead_mib`] unless the file says otherwise.
 pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 64;
@@ -127,6 +135,15 @@ impl ShimConfig {
         if file.memory_mib == Some(0) {
             return Err(zero("memory_mib"));
         }
+        if file.pod_containers == Some(0) {
+            return Err(zero("pod_containers"));
+        }
+        if let Some(asked) = file.pod_containers.filter(|n| *n > flint::pod::MAX_SLOTS) {
+            return Err(ConfigError::TooManySlots {
+                path: path.to_path_buf(),
+                asked,
+            });
+        }
         Ok(ShimConfig {
             pod: PodSettings {
                 kernel: file.kernel,
@@ -140,6 +157,7 @@ impl ShimConfig {
             work_dir: file
                 .work_dir
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_WORK_DIR)),
+            pod_containers: file.pod_containers.unwrap_or(DEFAULT_POD_CONTAINERS),
         })
     }
 }
@@ -195,6 +213,7 @@ mod tests {
             },
             memory_overhead_mib: 64,
             work_dir: PathBuf::from("/w"),
+            pod_containers: 8,
         };
         let pod = config.pod_for(&Resources::default());
         assert_eq!((pod.vcpus, pod.mem_mib), (1, 128));
@@ -219,6 +238,18 @@ mod tests {
         std::fs::write(&path, r#"{"vcpus": 0}"#).unwrap();
         let e = ShimConfig::from_file(&path, true).unwrap_err();
         assert!(e.to_string().ends_with("asks for vcpus 0"), "{e}");
+        std::fs::write(&path, r#"{"pod_containers": 25}"#).unwrap();
+        let e = ShimConfig::from_file(&path, true).unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("asks for pod_containers 25, more than 24"),
+            "{e}"
+        );
+        std::fs::write(&path, r#"{"pod_containers": 2}"#).unwrap();
+        assert_eq!(
+            ShimConfig::from_file(&path, true).unwrap().pod_containers,
+            2
+        );
         std::fs::remove_file(path).unwrap();
     }
 }

@@ -37,8 +37,11 @@ impl containerd_shim::Shim for FlintShim {
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        // One shim, and so one VM, per container.
-        let grouping = opts.id.clone();
+        // One shim, and so one VM, per container, or per pod for the containers of a pod
+        // (CRI annotations): a pod's containers reach its sandbox's shim (the shim started
+        // with the same socket finds it listening and answers its address).
+        let bundle = std::env::current_dir().unwrap_or_default();
+        let grouping = spec::grouping(&bundle, &opts.id);
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         // In the bundle (the working directory): the shim removes its socket on its way out,
         // and `delete` after a shim that died, by this file.
@@ -47,14 +50,27 @@ impl containerd_shim::Shim for FlintShim {
     }
 
     /// containerd's cleanup after a shim that is gone (killed, crashed): its VM went with
-    /// it; remove what it left on disk.
+    /// it; remove what it left on disk. Also after a container of a pod failed to be created
+    /// in the pod's shim, which may well still run the pod's VM: its socket and the pod's
+    /// directory then stay.
     fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
+        let address = containerd_shim::synchronous::util::read_address().ok();
+        let alive = address.as_deref().is_some_and(shim_answers);
         if let Ok(config) = config::ShimConfig::load() {
             if let Some(dir) = task::work_dir(&config.work_dir, &self.namespace, &self.id) {
                 task::remove_work_dir(&dir);
             }
+            // A pod's VM went with its shim: its directory.
+            let bundle = std::env::current_dir().unwrap_or_default();
+            let member = spec::Bundle::read(&bundle).ok().and_then(|b| b.pod);
+            if let Some(member) = member.filter(|_| !alive) {
+                let dir = task::pod_dir(&config.work_dir, &self.namespace, &member.sandbox_id);
+                if let Some(dir) = dir {
+                    task::remove_work_dir(&dir);
+                }
+            }
         }
-        if let Ok(address) = containerd_shim::synchronous::util::read_address() {
+        if let Some(address) = address.filter(|_| !alive) {
             remove_socket(&address);
         }
         Ok(DeleteResponse {
@@ -71,6 +87,12 @@ impl containerd_shim::Shim for FlintShim {
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         task::Service::new(&self.namespace, Some(publisher), Arc::clone(&self.exit))
     }
+}
+
+/// Whether a shim listens on `address` (`unix://PATH`): the socket accepts a connection.
+fn shim_answers(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    std::os::unix::net::UnixStream::connect(path).is_ok()
 }
 
 /// Remove the Unix socket a shim listened on (`unix://PATH`), if it is still there.

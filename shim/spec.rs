@@ -91,6 +91,54 @@ struct Spec {
     #[serde(default)]
     root: Root,
     linux: Option<Linux>,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
+}
+
+/// The OCI annotation containerd's CRI plugin sets to `sandbox` (a pod's pause container)
+/// or `container` (the pod's other containers).
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The OCI annotation naming the pod (its sandbox container's id).
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+
+/// A container of a pod, as its annotations say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodMember {
+    /// The pod's sandbox id: its containers share one shim and one VM.
+    pub sandbox_id: String,
+    /// The pod's sandbox (pause) container.
+    pub sandbox: bool,
+}
+
+/// Pod membership from a spec's annotations: `None` for a container of its own.
+fn pod_member(
+    annotations: &std::collections::HashMap<String, String>,
+    id: Option<&str>,
+) -> Option<PodMember> {
+    let sandbox = match annotations.get(CONTAINER_TYPE)?.as_str() {
+        "sandbox" => true,
+        "container" => false,
+        _ => return None,
+    };
+    let sandbox_id = match annotations.get(SANDBOX_ID).filter(|s| !s.is_empty()) {
+        Some(s) => s.clone(),
+        // A sandbox is its own pod.
+        None if sandbox => id?.to_string(),
+        None => return None,
+    };
+    Some(PodMember {
+        sandbox_id,
+        sandbox,
+    })
+}
+
+/// The id of the shim that serves container `id` of the bundle `bundle`: the pod's sandbox
+/// id for a container of a pod (so a pod's containers reach one shim), else `id`.
+pub fn grouping(bundle: &Path, id: &str) -> String {
+    match Bundle::read(bundle).ok().and_then(|b| b.pod) {
+        Some(member) if !member.sandbox => member.sandbox_id,
+        _ => id.to_string(),
+    }
 }
 
 /// What the shim takes from a bundle.
@@ -100,6 +148,8 @@ pub struct Bundle {
     /// The root directory (the bundle's `rootfs` unless the spec names another).
     pub rootfs: PathBuf,
     pub resources: Resources,
+    /// The pod the container belongs to, if its annotations say so.
+    pub pod: Option<PodMember>,
 }
 
 impl Bundle {
@@ -128,6 +178,10 @@ impl Bundle {
             process,
             rootfs: bundle.join(root),
             resources: spec.linux.and_then(|l| l.resources).unwrap_or_default(),
+            pod: pod_member(
+                &spec.annotations,
+                bundle.file_name().and_then(|n| n.to_str()),
+            ),
         })
     }
 }
@@ -225,6 +279,56 @@ mod tests {
         let user = spec.user.unwrap();
         assert_eq!((user.uid, user.gid, user.groups), (1000, 100, vec![10]));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn cri_annotations_group_a_pods_containers() {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        assert_eq!(pod_member(&map(&[]), Some("c")), None);
+        assert_eq!(
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "sandbox"), (SANDBOX_ID, "p")]),
+                Some("p")
+            ),
+            Some(PodMember {
+                sandbox_id: "p".into(),
+                sandbox: true
+            })
+        );
+        assert_eq!(
+            pod_member(&map(&[(CONTAINER_TYPE, "sandbox")]), Some("p")),
+            Some(PodMember {
+                sandbox_id: "p".into(),
+                sandbox: true
+            })
+        );
+        assert_eq!(
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "container"), (SANDBOX_ID, "p")]),
+                Some("c")
+            ),
+            Some(PodMember {
+                sandbox_id: "p".into(),
+                sandbox: false
+            })
+        );
+        // A container that names no pod, or an unknown type: a container of its own.
+        assert_eq!(
+            pod_member(&map(&[(CONTAINER_TYPE, "container")]), Some("c")),
+            None
+        );
+        assert_eq!(
+            pod_member(
+                &map(&[(CONTAINER_TYPE, "vm"), (SANDBOX_ID, "p")]),
+                Some("c")
+            ),
+            None
+        );
     }
 
     #[test]

@@ -1,5 +1,8 @@
-//! containerd's task API for one container per microVM: the container's init process and its
-//! exec processes run in the guest through flint's agent, each on a connection of its own.
+//! containerd's task API. A container of its own gets a microVM of its own; the containers
+//! of a pod (containerd's CRI annotations, see [`crate::spec::PodMember`]) share one shim and
+//! one microVM, each in a root file system and PID and mount namespaces of its own in the
+//! guest (see `flint_agent::protocol`, *Containers of a pod*). Processes run in the guest
+//! through flint's agent, each on a connection of its own.
 //!
 //! Process ids: the task's pid (create, start, exec, delete, events) is the shim's own, the
 //! host process that holds the VM (killing it ends the container); `pids` lists the
@@ -25,15 +28,17 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
-use flint::pod::{make_root_disk, Pod, RootMount};
-use flint_agent::{AgentClient, AgentError, ExecSpec, Signaller, AGENT_PORT};
+use flint::pod::{make_root_disk, slot_disk, Pod, RootMount};
+use flint_agent::{AgentClient, AgentError, ExecSpec, InContainer, Signaller, AGENT_PORT};
 
 use crate::config::ShimConfig;
 use crate::io::{Input, Output};
-use crate::spec::{exec_process, Bundle};
+use crate::spec::{exec_process, Bundle, PodMember};
 
 /// How long a guest gets to boot and start its agent.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the agent of a running pod VM gets to answer a container's unmount.
+const AGENT_UNMOUNT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The exit status of processes whose VM ended under them (as other VM runtimes report it).
 pub const STATUS_VM_GONE: u32 = 255;
 /// The exit status of a process killed by `signal`, as runc's shim reports it.
@@ -93,20 +98,70 @@ struct Container {
     id: String,
     bundle: String,
     pod: Arc<Pod>,
-    /// The container's disk, sockets and console log; removed with the container.
+    /// The container's disk (and, with a VM of its own, its sockets and console log);
+    /// removed with the container.
     work: PathBuf,
     /// `""` is the init process; the others are exec ids.
     processes: HashMap<String, Process>,
-    /// Tells the VM watcher to stop watching.
-    unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
+    /// With a VM of its own: tells the VM watcher to stop watching.
+    unwatch: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
     /// The VM's vCPUs are paused (`ctr task pause`).
     paused: bool,
     /// The VM's memory, in bytes (the memory limit `stats` reports).
     vm_memory: u64,
+    /// In a pod's VM: the container slot its root disk is in.
+    slot: Option<usize>,
+}
+
+/// The VM a pod's containers share.
+struct PodVm {
+    pod: Arc<Pod>,
+    /// The pod's sandbox id.
+    sandbox_id: String,
+    /// The VM's sockets, console log and placeholder disk; removed with the VM.
+    dir: PathBuf,
+    /// The container each slot holds (or is being set up for).
+    slots: Vec<Option<String>>,
+    unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
+    vm_memory: u64,
+}
+
+#[derive(Default)]
+struct State {
+    containers: HashMap<String, Container>,
+    /// The pod's VM, while one of its containers exists (or is being created).
+    pod: Option<PodVm>,
+}
+
+impl State {
+    fn get(&self, id: &str) -> TtrpcResult<&Container> {
+        self.containers
+            .get(id)
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("no container '{id}' in this shim")))
+    }
+
+    fn get_mut(&mut self, id: &str) -> TtrpcResult<&mut Container> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("no container '{id}' in this shim")))
+    }
+
+    /// Take the pod's VM if no container uses it or is being set up in it any more.
+    fn take_idle_pod(&mut self) -> Option<PodVm> {
+        let idle = self
+            .pod
+            .as_ref()
+            .is_some_and(|p| p.slots.iter().all(Option::is_none));
+        if idle {
+            self.pod.take()
+        } else {
+            None
+        }
+    }
 }
 
 struct Shared {
-    container: Mutex<Option<Container>>,
+    state: Mutex<State>,
     changed: Condvar,
     namespace: String,
     publisher: Option<RemotePublisher>,
@@ -117,6 +172,12 @@ struct Shared {
 #[derive(Clone)]
 pub struct Service {
     shared: Arc<Shared>,
+}
+
+/// The directory of the VM of pod `sandbox_id` of `namespace` under `root` (`@` is in no
+/// container id, so it is no container's directory).
+pub fn pod_dir(root: &Path, namespace: &str, sandbox_id: &str) -> Option<PathBuf> {
+    work_dir(root, namespace, &format!("{sandbox_id}@pod"))
 }
 
 /// The directory of container `id` of `namespace` under `root`.
@@ -188,7 +249,7 @@ impl Service {
     pub fn new(namespace: &str, publisher: Option<RemotePublisher>, exit: Arc<ExitSignal>) -> Self {
         Service {
             shared: Arc::new(Shared {
-                container: Mutex::new(None),
+                state: Mutex::new(State::default()),
                 changed: Condvar::new(),
                 namespace: namespace.to_string(),
                 publisher,
@@ -197,11 +258,8 @@ impl Service {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Option<Container>> {
-        self.shared
-            .container
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
@@ -214,12 +272,12 @@ impl Service {
         }
     }
 
-    /// Record that process `exec_id` ended with `status` unless it ended before; wake the
-    /// waiters and tell containerd.
-    fn record_exit(&self, exec_id: &str, status: u32) {
+    /// Record that process `exec_id` of container `container_id` ended with `status` unless
+    /// it ended before; wake the waiters and tell containerd.
+    fn record_exit(&self, container_id: &str, exec_id: &str, status: u32) {
         let (container_id, exit) = {
             let mut guard = self.lock();
-            let Some(container) = guard.as_mut() else {
+            let Some(container) = guard.containers.get_mut(container_id) else {
                 return;
             };
             let Some(process) = container.processes.get_mut(exec_id) else {
@@ -248,13 +306,15 @@ impl Service {
         self.publish("/tasks/exit", Box::new(event));
     }
 
-    /// The init process ended (or the VM did): every process has, and the VM is stopped.
-    fn end_all(&self, init_status: u32) {
-        self.record_exit("", init_status);
+    /// Container `id`'s init process ended (or its VM did). With a VM of its own, every
+    /// process has, and the VM is stopped; in a pod's VM, the init's end ends its PID
+    /// namespace, and the other processes report their own ends.
+    fn end_all(&self, id: &str, init_status: u32) {
+        self.record_exit(id, "", init_status);
         let (pod, others): (Option<Arc<Pod>>, Vec<String>) = {
             let guard = self.lock();
-            match guard.as_ref() {
-                Some(c) => (
+            match guard.containers.get(id) {
+                Some(c) if c.slot.is_none() => (
                     Some(Arc::clone(&c.pod)),
                     c.processes
                         .keys()
@@ -262,20 +322,41 @@ impl Service {
                         .cloned()
                         .collect(),
                 ),
-                None => (None, Vec::new()),
+                _ => (None, Vec::new()),
             }
         };
         for exec_id in others {
-            self.record_exit(&exec_id, STATUS_VM_GONE);
+            self.record_exit(id, &exec_id, STATUS_VM_GONE);
         }
         if let Some(pod) = pod {
             pod.stop();
         }
     }
 
-    /// Watch the VM: when it ends before the init process has reported, every process ends
-    /// with [`STATUS_VM_GONE`].
-    fn watch(&self, pod: Arc<Pod>, unwatch: Arc<vmm_sys_util::eventfd::EventFd>) {
+    /// The pod's VM ended: every process of its containers has, with [`STATUS_VM_GONE`].
+    fn end_pod(&self) {
+        let processes: Vec<(String, String)> = {
+            let guard = self.lock();
+            guard
+                .containers
+                .values()
+                .filter(|c| c.slot.is_some())
+                .flat_map(|c| c.processes.keys().map(|p| (c.id.clone(), p.clone())))
+                .collect()
+        };
+        for (id, exec_id) in processes {
+            self.record_exit(&id, &exec_id, STATUS_VM_GONE);
+        }
+    }
+
+    /// Watch a VM: when it ends before the processes have reported, they end with
+    /// [`STATUS_VM_GONE`]: container `id`'s (a VM of its own), or all the pod's (`None`).
+    fn watch(
+        &self,
+        pod: Arc<Pod>,
+        unwatch: Arc<vmm_sys_util::eventfd::EventFd>,
+        id: Option<String>,
+    ) {
         let service = self.clone();
         let spawned = std::thread::Builder::new()
             .name("vm-watch".into())
@@ -290,7 +371,10 @@ impl Service {
                         log::warn!("guest console: {line}");
                     }
                 }
-                service.end_all(STATUS_VM_GONE);
+                match id {
+                    Some(id) => service.end_all(&id, STATUS_VM_GONE),
+                    None => service.end_pod(),
+                }
             });
         if let Err(e) = spawned {
             log::warn!("cannot watch the VM: {e}");
@@ -306,40 +390,42 @@ impl Service {
         let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
         let settings = config.pod_for(&bundle.resources);
         Pod::check(&settings).map_err(|e| e.to_string())?;
-        let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+        if let Some(member) = &bundle.pod {
+            if flint_agent::protocol::check_container_id(&req.id).is_err() {
+                return Err(format!(
+                    "the container id '{}' cannot name a container in a pod's VM",
+                    req.id
+                ));
+            }
+            {
+                let guard = self.lock();
+                if let Some(vm) = &guard.pod {
+                    if vm.sandbox_id != member.sandbox_id {
+                        return Err(format!(
+                            "this shim runs the VM of pod {}, not of pod {}",
+                            vm.sandbox_id, member.sandbox_id
+                        ));
+                    }
+                }
+            }
+        } else if !self.lock().containers.is_empty() {
+            return Err("this shim runs a container already".into());
+        }
         let work = work_dir(&config.work_dir, &self.shared.namespace, &req.id)
             .ok_or_else(|| format!("the container id '{}' cannot name a directory", req.id))?;
-        let _ = std::fs::remove_dir_all(&work);
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&work)
-            .map_err(|e| {
-                format!(
-                    "cannot create the container's directory {}: {e}",
-                    work.display()
-                )
-            })?;
-        let made = (|| {
-            let mounts: Vec<RootMount> = req
-                .rootfs
-                .iter()
-                .map(|m| RootMount {
-                    fstype: m.type_.clone(),
-                    source: m.source.clone(),
-                    options: m.options.clone(),
-                })
-                .collect();
-            let disk = work.join("rootfs.ext4");
-            make_root_disk(&mounts, &bundle.rootfs, &disk)?;
-            Pod::boot(&settings, &disk, &work)
-        })();
-        let pod = match made {
-            Ok(pod) => pod,
+        let slot = match &bundle.pod {
+            Some(member) => Some(self.reserve_slot(&config, &settings, member, &req.id)?),
+            None => None,
+        };
+        let made = self.create_with(req, &bundle, &settings, &work, slot);
+        let (pod, unwatch, vm_memory) = match made {
+            Ok(made) => made,
             Err(e) => {
                 remove_work_dir(&work);
-                return Err(e.to_string());
+                if let Some(slot) = slot {
+                    self.free_slot(slot);
+                }
+                return Err(e);
             }
         };
         let mut processes = HashMap::new();
@@ -357,23 +443,161 @@ impl Service {
         Ok(Container {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
-            pod: Arc::new(pod),
+            pod,
             work,
             processes,
-            unwatch: Arc::new(unwatch),
+            unwatch,
             paused: false,
-            vm_memory: settings.mem_mib << 20,
+            vm_memory,
+            slot,
         })
+    }
+
+    /// Reserve a free slot of the pod's VM for container `id`, booting the VM (from
+    /// `settings`, with `config`'s number of slots) when the pod has none yet.
+    fn reserve_slot(
+        &self,
+        config: &ShimConfig,
+        settings: &flint::pod::PodSettings,
+        member: &PodMember,
+        id: &str,
+    ) -> Result<usize, String> {
+        let mut guard = self.lock();
+        if guard.pod.is_none() {
+            let dir = pod_dir(&config.work_dir, &self.shared.namespace, &member.sandbox_id)
+                .ok_or_else(|| {
+                    format!("the pod id '{}' cannot name a directory", member.sandbox_id)
+                })?;
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| format!("cannot create the pod's directory {}: {e}", dir.display()))?;
+            let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+            let pod = match Pod::boot_slots(settings, config.pod_containers, &dir) {
+                Ok(pod) => Arc::new(pod),
+                Err(e) => {
+                    remove_work_dir(&dir);
+                    return Err(e.to_string());
+                }
+            };
+            let unwatch = Arc::new(unwatch);
+            self.watch(Arc::clone(&pod), Arc::clone(&unwatch), None);
+            guard.pod = Some(PodVm {
+                pod,
+                sandbox_id: member.sandbox_id.clone(),
+                dir,
+                slots: vec![None; config.pod_containers],
+                unwatch,
+                vm_memory: settings.mem_mib << 20,
+            });
+        }
+        let vm = guard.pod.as_mut().expect("booted above");
+        let count = vm.slots.len();
+        let free = vm.slots.iter().position(Option::is_none).ok_or_else(|| {
+            format!(
+                "the pod's VM holds at most {count} containers (pod_containers in the flint shim's configuration file)"
+            )
+        })?;
+        vm.slots[free] = Some(id.to_string());
+        Ok(free)
+    }
+
+    /// Give slot `slot` of the pod's VM back; stop the VM when nothing uses it any more.
+    fn free_slot(&self, slot: usize) {
+        let idle = {
+            let mut guard = self.lock();
+            if let Some(vm) = guard.pod.as_mut() {
+                if let Some(s) = vm.slots.get_mut(slot) {
+                    *s = None;
+                }
+            }
+            guard.take_idle_pod()
+        };
+        if let Some(vm) = idle {
+            let _ = vm.unwatch.write(1);
+            vm.pod.stop();
+            remove_work_dir(&vm.dir);
+        }
+    }
+
+    /// Make the container's root disk and its VM: a VM of its own (`slot` `None`), or slot
+    /// `slot` of the pod's VM, mounted by the guest agent. Returns the VM, its watcher's
+    /// stop switch (a VM of its own) and its memory in bytes.
+    #[allow(clippy::type_complexity)]
+    fn create_with(
+        &self,
+        req: &api::CreateTaskRequest,
+        bundle: &Bundle,
+        settings: &flint::pod::PodSettings,
+        work: &Path,
+        slot: Option<usize>,
+    ) -> Result<(Arc<Pod>, Option<Arc<vmm_sys_util::eventfd::EventFd>>, u64), String> {
+        let _ = std::fs::remove_dir_all(work);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(work)
+            .map_err(|e| {
+                format!(
+                    "cannot create the container's directory {}: {e}",
+                    work.display()
+                )
+            })?;
+        let mounts: Vec<RootMount> = req
+            .rootfs
+            .iter()
+            .map(|m| RootMount {
+                fstype: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let disk = work.join("rootfs.ext4");
+        make_root_disk(&mounts, &bundle.rootfs, &disk).map_err(|e| e.to_string())?;
+        let Some(slot) = slot else {
+            let unwatch = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| format!("cannot create an eventfd: {e}"))?;
+            let pod = Pod::boot(settings, &disk, work).map_err(|e| e.to_string())?;
+            return Ok((
+                Arc::new(pod),
+                Some(Arc::new(unwatch)),
+                settings.mem_mib << 20,
+            ));
+        };
+        let (pod, vm_memory, placeholder) = {
+            let guard = self.lock();
+            let vm = guard
+                .pod
+                .as_ref()
+                .ok_or_else(|| "the pod's VM has stopped".to_string())?;
+            (Arc::clone(&vm.pod), vm.vm_memory, Pod::placeholder(&vm.dir))
+        };
+        let size = pod
+            .replace_disk(slot, &disk)
+            .map_err(|e| format!("cannot attach the container's root disk to the pod's VM: {e}"))?;
+        let mounted = AgentClient::connect(pod.agent_socket(), AGENT_PORT, AGENT_CONNECT_TIMEOUT)
+            // The guest sees whole sectors.
+            .and_then(|mut agent| {
+                agent.mount_container(&req.id, &slot_disk(slot), size / 512 * 512)
+            });
+        if let Err(e) = mounted {
+            let _ = pod.replace_disk(slot, &placeholder);
+            return Err(format!(
+                "the pod's VM cannot mount the container's root file system: {e}"
+            ));
+        }
+        Ok((pod, None, vm_memory))
     }
 
     /// Run process `exec_id` through the agent on a thread of its own; returns its guest pid
     /// once it runs.
-    fn start_process(&self, exec_id: &str) -> TtrpcResult<u32> {
+    fn start_process(&self, container_id: &str, exec_id: &str) -> TtrpcResult<u32> {
         let (pod, spec, stdin, stdout, stderr) = {
             let guard = self.lock();
-            let container = guard
-                .as_ref()
-                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let container = guard.get(container_id)?;
             let process = container
                 .processes
                 .get(exec_id)
@@ -390,9 +614,18 @@ impl Service {
                     "the container has stopped",
                 ));
             }
+            let mut spec = process.spec.clone();
+            if container.slot.is_some() {
+                // In the container's own root and namespaces, which its init creates.
+                spec.root = None;
+                spec.container = Some(InContainer {
+                    id: container.id.clone(),
+                    new_namespaces: exec_id.is_empty(),
+                });
+            }
             (
                 Arc::clone(&container.pod),
-                process.spec.clone(),
+                spec,
                 process.stdin.clone(),
                 process.stdout.clone(),
                 process.stderr.clone(),
@@ -414,6 +647,7 @@ impl Service {
         let (started_tx, started_rx) = mpsc::channel::<Result<u32, String>>();
         let service = self.clone();
         let id = exec_id.to_string();
+        let cid = container_id.to_string();
         std::thread::Builder::new()
             .name(format!("process-{id}"))
             .spawn(move || {
@@ -427,7 +661,11 @@ impl Service {
                     let mut tell = |pid: u32| {
                         {
                             let mut guard = service.lock();
-                            if let Some(p) = guard.as_mut().and_then(|c| c.processes.get_mut(&id)) {
+                            if let Some(p) = guard
+                                .containers
+                                .get_mut(&cid)
+                                .and_then(|c| c.processes.get_mut(&id))
+                            {
                                 if matches!(p.phase, Phase::Created) {
                                     p.phase = Phase::Running {
                                         signaller: Some(signaller.clone()),
@@ -444,9 +682,9 @@ impl Service {
                     Ok(status) => {
                         let status = status.code().clamp(0, 255) as u32;
                         if id.is_empty() {
-                            service.end_all(status);
+                            service.end_all(&cid, status);
                         } else {
-                            service.record_exit(&id, status);
+                            service.record_exit(&cid, &id, status);
                         }
                     }
                     Err(e) => {
@@ -460,9 +698,9 @@ impl Service {
                             _ => STATUS_VM_GONE,
                         };
                         if id.is_empty() {
-                            service.end_all(status);
+                            service.end_all(&cid, status);
                         } else {
-                            service.record_exit(&id, status);
+                            service.record_exit(&cid, &id, status);
                         }
                     }
                 }
@@ -480,7 +718,7 @@ impl Service {
             // The VM may end (or be killed) while the agent is still awaited.
             let reason = {
                 let guard = self.lock();
-                let container = guard.as_ref();
+                let container = guard.containers.get(container_id);
                 let stopped = container
                     .and_then(|c| c.processes.get(exec_id))
                     .is_none_or(|p| p.exit().is_some());
@@ -498,12 +736,17 @@ impl Service {
         }
     }
 
-    /// The VM of a container whose init process runs (pause and resume act on it).
-    fn running_pod(&self) -> TtrpcResult<Arc<Pod>> {
+    /// The VM of a container of its own whose init process runs (pause and resume act on
+    /// it).
+    fn running_pod(&self, id: &str) -> TtrpcResult<Arc<Pod>> {
         let guard = self.lock();
-        let container = guard
-            .as_ref()
-            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let container = guard.get(id)?;
+        if container.slot.is_some() {
+            return Err(error(
+                Code::FAILED_PRECONDITION,
+                "a container of a pod's VM cannot be paused or resumed alone (flint pauses whole VMs)",
+            ));
+        }
         match container.processes.get("").map(|p| &p.phase) {
             Some(Phase::Running { .. }) => Ok(Arc::clone(&container.pod)),
             _ => Err(error(
@@ -513,12 +756,48 @@ impl Service {
         }
     }
 
-    /// Remove the container: stop its VM, remove its directory.
+    /// Remove the container: stop its VM, or unmount it from the pod's VM and free its
+    /// slot (stopping that VM with its last container); remove its directory.
     fn remove(&self, container: Container) {
         // Waiters on its processes answer that they are gone.
         self.shared.changed.notify_all();
-        let _ = container.unwatch.write(1);
-        container.pod.stop();
+        match container.slot {
+            None => {
+                if let Some(unwatch) = &container.unwatch {
+                    let _ = unwatch.write(1);
+                }
+                container.pod.stop();
+            }
+            Some(slot) => {
+                if container.pod.ending().is_none() {
+                    let unmounted = AgentClient::connect(
+                        container.pod.agent_socket(),
+                        AGENT_PORT,
+                        AGENT_UNMOUNT_TIMEOUT,
+                    )
+                    .and_then(|mut agent| agent.unmount_container(&container.id));
+                    if let Err(e) = unmounted {
+                        log::warn!(
+                            "cannot unmount container {} in the pod's VM: {e}",
+                            container.id
+                        );
+                    }
+                    let placeholder = {
+                        let guard = self.lock();
+                        guard.pod.as_ref().map(|vm| Pod::placeholder(&vm.dir))
+                    };
+                    if let Some(placeholder) = placeholder {
+                        if let Err(e) = container.pod.replace_disk(slot, &placeholder) {
+                            log::warn!("cannot free the pod VM's slot {slot}: {e}");
+                        }
+                    }
+                }
+                remove_work_dir(&container.work);
+                drop(container.pod);
+                self.free_slot(slot);
+                return;
+            }
+        }
         drop(container.pod);
         remove_work_dir(&container.work);
     }
@@ -530,19 +809,23 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        if self.lock().is_some() {
+        if self.lock().containers.contains_key(&req.id) {
             return Err(error(
                 Code::ALREADY_EXISTS,
-                "this shim runs a container already",
+                format!("the container '{}' exists already", req.id),
             ));
         }
         let container = self
             .create_container(&req)
             .map_err(|message| error(Code::UNKNOWN, message))?;
-        let pod = Arc::clone(&container.pod);
-        let unwatch = Arc::clone(&container.unwatch);
-        *self.lock() = Some(container);
-        self.watch(pod, unwatch);
+        let watch = container
+            .unwatch
+            .as_ref()
+            .map(|unwatch| (Arc::clone(&container.pod), Arc::clone(unwatch)));
+        self.lock().containers.insert(req.id.clone(), container);
+        if let Some((pod, unwatch)) = watch {
+            self.watch(pod, unwatch, Some(req.id.clone()));
+        }
         let event = TaskCreate {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -562,7 +845,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        self.start_process(&req.exec_id)?;
+        self.start_process(&req.id, &req.exec_id)?;
         let pid = std::process::id();
         if req.exec_id.is_empty() {
             let event = TaskStart {
@@ -600,9 +883,7 @@ impl containerd_shim::Task for Service {
         .map_err(|e| error(Code::INVALID_ARGUMENT, e))?;
         {
             let mut guard = self.lock();
-            let container = guard
-                .as_mut()
-                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let container = guard.get_mut(&req.id)?;
             if req.exec_id.is_empty() || container.processes.contains_key(&req.exec_id) {
                 return Err(error(
                     Code::ALREADY_EXISTS,
@@ -633,9 +914,7 @@ impl containerd_shim::Task for Service {
     fn wait(&self, _ctx: &TtrpcContext, req: api::WaitRequest) -> TtrpcResult<api::WaitResponse> {
         let mut guard = self.lock();
         loop {
-            let container = guard
-                .as_ref()
-                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let container = guard.get(&req.id)?;
             let process = container
                 .processes
                 .get(&req.exec_id)
@@ -663,11 +942,9 @@ impl containerd_shim::Task for Service {
                 format!("{signal} is not a signal"),
             ));
         }
-        let (signaller, others) = {
+        let (signaller, others, in_pod) = {
             let guard = self.lock();
-            let container = guard
-                .as_ref()
-                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let container = guard.get(&req.id)?;
             // `all` of the container: its exec processes too.
             let others: Vec<Signaller> = if req.all && req.exec_id.is_empty() {
                 container
@@ -693,17 +970,17 @@ impl containerd_shim::Task for Service {
                 Phase::Created => None,
                 Phase::Running { signaller } => signaller.clone(),
             };
-            (signaller, others)
+            (signaller, others, container.slot.is_some())
         };
         let init = req.exec_id.is_empty();
         for other in others {
             let _ = other.signal(signal as i32);
         }
         match signaller {
-            // SIGKILL for the container: stopping its VM is surer than asking a guest that
-            // may not answer.
-            _ if init && signal == libc::SIGKILL as u32 => {
-                self.end_all(killed(signal));
+            // SIGKILL for a container with a VM of its own: stopping the VM is surer than
+            // asking a guest that may not answer.
+            _ if init && !in_pod && signal == libc::SIGKILL as u32 => {
+                self.end_all(&req.id, killed(signal));
             }
             Some(signaller) => {
                 signaller
@@ -711,8 +988,8 @@ impl containerd_shim::Task for Service {
                     .map_err(|e| error(Code::UNKNOWN, format!("cannot signal the process: {e}")))?;
             }
             // Not started: it ends as if the signal had killed it.
-            None if init => self.end_all(killed(signal)),
-            None => self.record_exit(&req.exec_id, killed(signal)),
+            None if init => self.end_all(&req.id, killed(signal)),
+            None => self.record_exit(&req.id, &req.exec_id, killed(signal)),
         }
         Ok(api::Empty::new())
     }
@@ -723,9 +1000,7 @@ impl containerd_shim::Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let guard = self.lock();
-        let container = guard
-            .as_ref()
-            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let container = guard.get(&req.id)?;
         let process = container
             .processes
             .get(&req.exec_id)
@@ -757,11 +1032,9 @@ impl containerd_shim::Task for Service {
         Ok(state)
     }
 
-    fn pids(&self, _ctx: &TtrpcContext, _req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
+    fn pids(&self, _ctx: &TtrpcContext, req: api::PidsRequest) -> TtrpcResult<api::PidsResponse> {
         let guard = self.lock();
-        let container = guard
-            .as_ref()
-            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let container = guard.get(&req.id)?;
         let processes = container
             .processes
             .values()
@@ -779,14 +1052,14 @@ impl containerd_shim::Task for Service {
     }
 
     fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        let pod = self.running_pod()?;
+        let pod = self.running_pod(&req.id)?;
         pod.pause().map_err(|e| {
             error(
                 Code::UNKNOWN,
                 format!("cannot pause the container's VM: {e}"),
             )
         })?;
-        if let Some(c) = self.lock().as_mut() {
+        if let Some(c) = self.lock().containers.get_mut(&req.id) {
             c.paused = true;
         }
         let event = TaskPaused {
@@ -798,9 +1071,9 @@ impl containerd_shim::Task for Service {
     }
 
     fn resume(&self, _ctx: &TtrpcContext, req: api::ResumeRequest) -> TtrpcResult<api::Empty> {
-        let pod = self.running_pod()?;
+        let pod = self.running_pod(&req.id)?;
         pod.resume();
-        if let Some(c) = self.lock().as_mut() {
+        if let Some(c) = self.lock().containers.get_mut(&req.id) {
             c.paused = false;
         }
         let event = TaskResumed {
@@ -814,13 +1087,11 @@ impl containerd_shim::Task for Service {
     fn stats(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::StatsRequest,
+        req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
         let (memory_limit, processes) = {
             let guard = self.lock();
-            let container = guard
-                .as_ref()
-                .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+            let container = guard.get(&req.id)?;
             let running = container
                 .processes
                 .values()
@@ -874,9 +1145,7 @@ impl containerd_shim::Task for Service {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut guard = self.lock();
-        let container = guard
-            .as_mut()
-            .ok_or_else(|| error(Code::NOT_FOUND, "no container in this shim"))?;
+        let container = guard.get_mut(&req.id)?;
         let process = container
             .processes
             .get(&req.exec_id)
@@ -896,7 +1165,7 @@ impl containerd_shim::Task for Service {
         };
         let container_id = container.id.clone();
         if req.exec_id.is_empty() {
-            if let Some(container) = guard.take() {
+            if let Some(container) = guard.containers.remove(&req.id) {
                 drop(guard);
                 self.remove(container);
             }
@@ -942,16 +1211,22 @@ impl containerd_shim::Task for Service {
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, req: api::ShutdownRequest) -> TtrpcResult<api::Empty> {
-        let container = {
+        let containers: Vec<Container> = {
             let mut guard = self.lock();
-            if guard.is_some() && !req.now {
-                // containerd deletes the container first; until then the shim stays.
+            if !guard.containers.is_empty() && !req.now {
+                // containerd deletes the containers first; until then the shim stays.
                 return Ok(api::Empty::new());
             }
-            guard.take()
+            guard.containers.drain().map(|(_, c)| c).collect()
         };
-        if let Some(container) = container {
+        for container in containers {
             self.remove(container);
+        }
+        let idle = self.lock().pod.take();
+        if let Some(vm) = idle {
+            let _ = vm.unwatch.write(1);
+            vm.pod.stop();
+            remove_work_dir(&vm.dir);
         }
         self.shared.exit.signal();
         Ok(api::Empty::new())

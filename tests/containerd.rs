@@ -435,6 +435,31 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
     );
     leftovers("bogus kernel");
 
+    // The same for the sandbox of a pod (CRI annotations): its VM cannot boot, and neither
+    // the pod's VM directory nor the container's is left.
+    let out = c.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "io.kubernetes.cri.container-type=sandbox",
+        "--annotation",
+        "io.kubernetes.cri.sandbox-id=bogus-pod",
+        IMAGE,
+        "bogus-pod",
+        "true",
+    ]);
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: {} is neither an ELF vmlinux nor a bzImage \
+             kernel: unknown",
+            bogus.display()
+        )
+    );
+    leftovers("bogus kernel for a pod");
+
     // A memory limit no VM can have: the VM's own limit, in the container's terms.
     c.write_shim_config(&serde_json::json!({
         "kernel": support::guest_images().vmlinux,
@@ -475,6 +500,19 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
         "{error}"
     );
     leftovers("bad configuration");
+
+    // More container slots than a pod's VM can have.
+    std::fs::write(c.dir.0.join("shim.json"), r#"{"pod_containers": 25}"#).unwrap();
+    let out = c.ctr(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "slots", "true"]);
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: the flint shim's configuration file {} asks for \
+             pod_containers 25, more than 24: unknown",
+            c.dir.0.join("shim.json").display()
+        )
+    );
+    leftovers("too many slots");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -489,7 +527,8 @@ mkdir -p "$C" "$WORK/shim-work"
 cp "$FILES/config.toml" "$C/config.toml"
 sed -i "s|@DIR@|$C|g" "$C/config.toml"
 cat >"$WORK/shim.json" <<EOF
-{"kernel": "$VMLINUX", "initramfs": "$FILES/sandbox.cpio.gz", "work_dir": "$WORK/shim-work"}
+{"kernel": "$VMLINUX", "initramfs": "$FILES/sandbox.cpio.gz", "work_dir": "$WORK/shim-work",
+ "pod_containers": 2}
 EOF
 FLINT_SHIM_CONFIG=$WORK/shim.json "$FILES/containerd" --config "$C/config.toml" \
     >"$WORK/containerd.log" 2>&1 &
@@ -525,6 +564,43 @@ end_case sleeper $BG_PID
 flint_case sized $CTR run --rm --runtime io.containerd.flint.v2 --cpus 2 \
     --memory-limit 402653184 docker.io/library/flint-shim-test:1 sized \
     sh -c 'echo "cpus $(grep -c ^processor /proc/cpuinfo)"; grep MemTotal /proc/meminfo'
+# Two containers of one pod (containerd's CRI annotations, set here with ctr) share one
+# shim and one VM, each in its own root and PID namespace.
+wait_task() {
+    n=0
+    until $CTR task ls 2>/dev/null | grep -q "^$1 .*$2" || [ $n -ge 300 ]; do
+        sleep 1; n=$((n + 1))
+    done
+}
+POD="--runtime io.containerd.flint.v2 --annotation io.kubernetes.cri.sandbox-id=pod1"
+flint_case pod_sandbox $CTR run -d $POD --annotation io.kubernetes.cri.container-type=sandbox \
+    docker.io/library/flint-shim-test:1 pod1 sh -c 'echo pod-a >/etc/message; exec sleep 600'
+wait_task pod1 RUNNING
+flint_case pod_container $CTR run -d $POD --annotation io.kubernetes.cri.container-type=container \
+    docker.io/library/flint-shim-test:1 pod1c sh -c 'echo pod-b >/etc/message; exec sleep 600'
+wait_task pod1c RUNNING
+sleep 2
+echo "POD_SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
+LOOK='echo "message $(cat /etc/message)"; echo "init $(cat /proc/1/comm)"; echo "self $$";
+echo "procs" /proc/[0-9]*; echo "boot $(cat /proc/sys/kernel/random/boot_id)"'
+flint_case pod_a $CTR task exec --exec-id look pod1 sh -c "$LOOK"
+flint_case pod_b $CTR task exec --exec-id look pod1c sh -c "$LOOK"
+flint_case pod_ps_a $CTR task ps pod1
+flint_case pod_ps_b $CTR task ps pod1c
+# A third container: more than the pod's VM holds (pod_containers 2).
+flint_case pod_full $CTR run --rm $POD --annotation io.kubernetes.cri.container-type=container \
+    docker.io/library/flint-shim-test:1 pod1x true
+# Killing all of one container's processes leaves the other running.
+flint_case pod_kill $CTR task kill --all -s SIGKILL pod1c
+wait_task pod1c STOPPED
+echo "POD_AFTER_KILL $($CTR task ls | grep '^pod1 ' | awk '{print $3}')"
+flint_case pod_still $CTR task exec --exec-id still pod1 cat /etc/message
+$CTR task delete pod1c >/dev/null
+$CTR container rm pod1c
+$CTR task kill -s SIGKILL pod1
+wait_task pod1 STOPPED
+$CTR task delete pod1 >/dev/null
+$CTR container rm pod1
 # The guest powers off under its process: the task ends with 255.
 flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
@@ -704,6 +780,64 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     assert!(
         (384 * 1024..=448 * 1024).contains(&mem_kib),
         "--memory-limit 384 MiB: the guest has {mem_kib} KiB"
+    );
+    // A pod's two containers: one shim, one VM (one boot id), each its own root (its own
+    // writes to /etc/message) and PID namespace (its init is pid 1 and only its processes
+    // are in its /proc).
+    for case in ["pod_sandbox", "pod_container"] {
+        let c = run.case(case);
+        assert_eq!(c.status, 0, "{case}: {}", c.stderr);
+    }
+    assert_eq!(line(&run.output, "POD_SHIMS "), "1", "one shim for the pod");
+    let (a, b) = (run.case("pod_a"), run.case("pod_b"));
+    assert_eq!(a.status, 0, "{}", a.stderr);
+    assert_eq!(b.status, 0, "{}", b.stderr);
+    assert_eq!(line(&a.stdout, "message "), "pod-a", "{}", a.stdout);
+    assert_eq!(line(&b.stdout, "message "), "pod-b", "{}", b.stdout);
+    for look in [&a, &b] {
+        assert_eq!(line(&look.stdout, "init "), "sleep", "{}", look.stdout);
+        let me = line(&look.stdout, "self ");
+        let procs: Vec<&str> = line(&look.stdout, "procs ").split_whitespace().collect();
+        assert_eq!(
+            procs,
+            ["/proc/1".to_string(), format!("/proc/{me}")],
+            "only the container's init and the exec'd shell: {}",
+            look.stdout
+        );
+    }
+    let boot = line(&a.stdout, "boot ");
+    assert_eq!(boot.len(), 36, "{}", a.stdout);
+    assert_eq!(boot, line(&b.stdout, "boot "), "the same VM");
+    for case in ["pod_ps_a", "pod_ps_b"] {
+        let ps = run.case(case);
+        assert_eq!(ps.status, 0, "{}", ps.stderr);
+        assert_eq!(
+            ps.stdout.lines().skip(1).count(),
+            1,
+            "{case}: {}",
+            ps.stdout
+        );
+    }
+    let full = run.case("pod_full");
+    assert_ne!(full.status, 0);
+    assert_eq!(
+        full.stderr.trim(),
+        "ctr: failed to create shim task: the pod's VM holds at most 2 containers \
+         (pod_containers in the flint shim's configuration file): unknown"
+    );
+    assert_eq!(
+        run.case("pod_kill").status,
+        0,
+        "{}",
+        run.case("pod_kill").stderr
+    );
+    assert_eq!(line(&run.output, "POD_AFTER_KILL "), "RUNNING");
+    let still = run.case("pod_still");
+    assert_eq!(
+        (still.status, still.stdout.trim()),
+        (0, "pod-a"),
+        "{}",
+        still.stderr
     );
     let poweroff = run.case("poweroff");
     assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);

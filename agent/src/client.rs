@@ -789,6 +789,46 @@ impl AgentClient {
         })
     }
 
+    /// Mount the pod container `id`'s root from the guest disk `disk` (`size` bytes, just
+    /// swapped in by the host); see the protocol's *Containers of a pod*.
+    pub fn mount_container(&mut self, id: &str, disk: &str, size: u64) -> Result<(), AgentError> {
+        self.request_ok(
+            &ToAgent::MountContainer {
+                id: id.to_string(),
+                disk: disk.to_string(),
+                size,
+            },
+            crate::protocol::DISK_WAIT + CONTAINER_REQUEST_MARGIN,
+        )
+    }
+
+    /// Unmount the pod container `id`'s root (its processes should have ended).
+    pub fn unmount_container(&mut self, id: &str) -> Result<(), AgentError> {
+        self.request_ok(
+            &ToAgent::UnmountContainer { id: id.to_string() },
+            CONTAINER_REQUEST_MARGIN,
+        )
+    }
+
+    /// Send `request`, which the agent answers `Ok` or `Error`, within `timeout`.
+    fn request_ok(&mut self, request: &ToAgent, timeout: Duration) -> Result<(), AgentError> {
+        request.encode().map_err(AgentError::BadRequest)?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
+        let result = self.guarded(|c| {
+            c.send(request)?;
+            match c.recv()? {
+                FromAgent::Ok => Ok(()),
+                FromAgent::Error(message) => Err(AgentError::Remote(agent_text(&message))),
+                other => Err(unexpected(&other)),
+            }
+        });
+        let _ = self.reader.get_ref().set_read_timeout(None);
+        result
+    }
+
     /// Ask the agent to sync and reboot the guest, which ends the VM (flint exits 0 with the
     /// default `reboot=k`). Returns once the agent has acknowledged (or the connection went
     /// away with the guest); wait for the flint process itself to know the VM is gone.
@@ -805,6 +845,10 @@ impl AgentClient {
         })
     }
 }
+
+/// How long the agent gets for a container's mount or unmount (beyond the wait for the
+/// disk).
+const CONTAINER_REQUEST_MARGIN: Duration = Duration::from_secs(20);
 
 /// Fill `buf` from the host kernel's random number generator (`getrandom(2)`, blocking
 /// until it is initialised).

@@ -26,8 +26,8 @@ pub use client::{
     COPY_OUT_LIMIT, COPY_OUT_TIMEOUT, REFRESH_ENTROPY,
 };
 pub use protocol::{
-    ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, UserSpec, AGENT_PORT,
-    DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD,
+    ExecSpec, FrameError, FromAgent, InContainer, Message, ProtocolError, ToAgent, UserSpec,
+    AGENT_PORT, CONTAINERS_DIR, DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD,
 };
 
 /// The kernel command-line parameter that makes the sandbox's `/init` use a container image:

@@ -23,7 +23,7 @@ use std::io::{self, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use flint_agent::part_file::PartFile;
 use flint_agent::poll::wait_readable;
+use flint_agent::protocol::CONTAINERS_DIR;
 use flint_agent::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
     SHUTDOWN_GRACE,
@@ -41,6 +42,7 @@ use flint_agent::protocol::{
 use flint_agent::{AGENT_PORT, DEFAULT_ENV};
 use in_root::Root;
 
+mod container;
 mod in_root;
 
 /// After the command exits, how long its output pipes may stay idle (held open by processes
@@ -89,6 +91,10 @@ fn main() {
     let agent = Arc::new(Agent {
         on_shutdown: Box::new(reboot_guest),
         system: Arc::new(GuestSystem),
+        containers: Arc::new(Containers {
+            dir: PathBuf::from(CONTAINERS_DIR),
+            inits: container::Inits::default(),
+        }),
     });
     loop {
         match vsock_accept(&listener) {
@@ -282,6 +288,15 @@ struct Agent {
     on_shutdown: Box<dyn Fn() + Send + Sync>,
     /// The guest-wide operations of a `Refresh`.
     system: Arc<dyn System>,
+    /// The pod's containers (shared by all connections).
+    containers: Arc<Containers>,
+}
+
+/// The containers of a pod: where their roots are mounted ([`CONTAINERS_DIR`] in the guest)
+/// and their inits.
+struct Containers {
+    dir: PathBuf,
+    inits: container::Inits,
 }
 
 impl Agent {
@@ -417,7 +432,7 @@ impl Conn {
                         ))?;
                         continue;
                     }
-                    match Session::start(&spec, &self.out) {
+                    match Session::start(&spec, &self.out, &agent.containers) {
                         Ok(s) => self.session = Some(s),
                         Err(message) => self.reply(&FromAgent::Error(message))?,
                     }
@@ -465,6 +480,21 @@ impl Conn {
                         self.reply(&FromAgent::Error(message))?;
                     }
                 },
+                ToAgent::MountContainer { id, disk, size } => {
+                    let containers = &agent.containers;
+                    match container::mount(&containers.dir, &id, &disk, size) {
+                        Ok(()) => self.reply(&FromAgent::Ok)?,
+                        Err(message) => self.reply(&FromAgent::Error(message))?,
+                    }
+                }
+                ToAgent::UnmountContainer { id } => {
+                    let containers = &agent.containers;
+                    containers.inits.forget(&id);
+                    match container::unmount(&containers.dir, &id) {
+                        Ok(()) => self.reply(&FromAgent::Ok)?,
+                        Err(message) => self.reply(&FromAgent::Error(message))?,
+                    }
+                }
             }
         }
     }
@@ -604,9 +634,21 @@ struct Session {
 
 impl Session {
     /// Spawn the command and the threads that serve it; `Err` is the message for the host.
-    fn start(spec: &ExecSpec, out: &Out) -> Result<Session, String> {
+    fn start(spec: &ExecSpec, out: &Out, containers: &Containers) -> Result<Session, String> {
         let argv0 = &spec.argv[0];
         let workdir = spec.workdir.as_deref().unwrap_or("/");
+        // A pod's container: its namespaces and root, entered by an intermediate process.
+        let in_container = match &spec.container {
+            None => None,
+            Some(c) => Some(container::prepare(
+                &containers.inits,
+                &containers.dir,
+                &c.id,
+                c.new_namespaces,
+                workdir,
+                spec.user.as_ref(),
+            )?),
+        };
         let bad_workdir = |e: &io::Error| {
             format!(
                 "cannot use {workdir} as the working directory: {}",
@@ -616,6 +658,7 @@ impl Session {
         // With another root: that root and the working directory inside it (created when
         // missing, as `docker run -w` does), open for the child to change into.
         let root_dirs = match spec.root.as_deref() {
+            None if in_container.is_some() => None,
             None => {
                 match fs::metadata(workdir) {
                     Ok(m) if m.is_dir() => {}
@@ -651,10 +694,17 @@ impl Session {
             .stderr(Stdio::piped())
             .process_group(0);
         stop_ignoring_signals();
-        if root_dirs.is_none() {
+        if root_dirs.is_none() && in_container.is_none() {
             cmd.current_dir(workdir);
         }
-        if root_dirs.is_some() || spec.user.is_some() {
+        if let Some(prepared) = in_container {
+            // SAFETY: the closure runs in the child between fork and exec and only makes
+            // system calls on data prepared before the fork (see `container::enter`); the
+            // descriptors it uses stay open in the parent until the spawn returns.
+            unsafe {
+                cmd.pre_exec(move || container::enter(&prepared));
+            }
+        } else if root_dirs.is_some() || spec.user.is_some() {
             let fds = root_dirs
                 .as_ref()
                 .map(|(root, cwd)| (root.raw_fd(), cwd.as_raw_fd()));
@@ -683,6 +733,18 @@ impl Session {
         else {
             unreachable!("all three streams are piped")
         };
+        if let Some(c) = &spec.container {
+            if c.new_namespaces {
+                match pidfd.try_clone() {
+                    Ok(fd) => containers.inits.register(&c.id, pid, fd),
+                    Err(e) => {
+                        kill_group(pid as i32, libc::SIGKILL);
+                        let _ = child.wait();
+                        return Err(format!("cannot watch `{argv0}`: {}", describe(&e)));
+                    }
+                }
+            }
+        }
         // A failure here means the host is gone: the output thread notices and kills it.
         let _ = out.send(&FromAgent::Started { pid });
 

@@ -29,6 +29,9 @@
 //! - **shutdown**: `Shutdown` → `Ok`; the agent then waits (at most
 //!   [`SHUTDOWN_GRACE`]) for the host to close the connection, syncs and reboots the guest,
 //!   which ends flint (with `reboot=k`) with status 0.
+//! - **mount a container**: `MountContainer { id, disk, size }` → `Ok` or `Error` (see
+//!   *Containers of a pod* below).
+//! - **unmount a container**: `UnmountContainer { id }` → `Ok` or `Error`.
 //! - **refresh**: `Refresh { unix_time_ns, entropy }` → `Ok` or `Error`. Payload
 //!   `[unix_time_ns: u64][entropy_len: u32][entropy: entropy_len bytes]`, with `unix_time_ns`
 //!   at least [`REFRESH_MIN_TIME_NS`] and `entropy_len` within
@@ -46,6 +49,9 @@
 //! ```text
 //! Exec     [argv: list of string][env: list of (string, string)][workdir: option of string]
 //!          [root: option of string][user: option of (uid: u32, gid: u32, groups: list of u32)]
+//!          [container: (id: string, new_namespaces: flag), only when present]
+//! MountContainer   [id: string][disk: string][size: u64]
+//! UnmountContainer [id: string]
 //! CopyIn   [mode: u32][path: string][root: option of string]
 //! CopyOut  [path: string][root: option of string]
 //! ```
@@ -62,6 +68,21 @@
 //! so a symbolic link planted by a command cannot make the agent read or write a file
 //! outside the root. `user` gives the command's numeric user, group and supplementary groups
 //! (at most [`MAX_GROUPS`]; none of them `u32::MAX`); without it the command runs as root.
+//!
+//! # Containers of a pod
+//!
+//! Several containers share one guest (the containerd shim's pods), each in a root file
+//! system and PID and mount namespaces of its own. `MountContainer` mounts the read-only ext4
+//! disk `disk` (`/dev/vd` and one or two letters; the host has just swapped it in, so the
+//! agent first waits, at most [`DISK_WAIT`], until the guest sees it `size` bytes long) under
+//! an overlay whose writes stay in guest memory, at `CONTAINERS_DIR/ID/root`, with `/sys`,
+//! `/dev`, `/dev/pts` and `/dev/shm` inside. An `Exec` with a `container` runs there
+//! (its `root` must be absent): with `new_namespaces` it starts the container's init, as pid
+//! 1 of a new PID namespace with a new mount namespace in which `/proc` is that PID
+//! namespace's (there must be no live init of that container); without, it joins the
+//! namespaces of the container's live init. `UnmountContainer` detaches the container's
+//! mounts and removes its directory. A container id is 1 to [`MAX_CONTAINER_ID`] characters
+//! of `A-Z a-z 0-9 _ . -`, not `.` or `..` (containerd's identifiers are such).
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -87,6 +108,13 @@ pub const REFRESH_ENTROPY_MAX: usize = 512;
 /// `/init` sets it up when the kernel command line names the image's disk
 /// ([`crate::IMAGE_PARAM`]).
 pub const IMAGE_ROOT: &str = "/run/flint/root";
+/// The guest directory under which `MountContainer` mounts each container's root
+/// (`CONTAINERS_DIR/ID/root`).
+pub const CONTAINERS_DIR: &str = "/run/flint/containers";
+/// Longest container id (containerd's limit for identifiers).
+pub const MAX_CONTAINER_ID: usize = 76;
+/// How long `MountContainer` waits for the guest to see the disk's new medium.
+pub const DISK_WAIT: Duration = Duration::from_secs(10);
 /// Most supplementary groups a command's [`UserSpec`] may carry.
 pub const MAX_GROUPS: usize = 1024;
 /// The earliest wall-clock time a `Refresh` request may set, 2000-01-01T00:00:00Z, in
@@ -105,6 +133,8 @@ pub mod kind {
     pub const COPY_OUT: u8 = 0x08;
     pub const SHUTDOWN: u8 = 0x09;
     pub const REFRESH: u8 = 0x0a;
+    pub const MOUNT_CONTAINER: u8 = 0x0b;
+    pub const UNMOUNT_CONTAINER: u8 = 0x0c;
     // Agent to host.
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -158,6 +188,19 @@ pub struct ExecSpec {
     pub root: Option<String>,
     /// The command's credentials; root (uid 0, gid 0) when `None`.
     pub user: Option<UserSpec>,
+    /// The container (of a pod) the command runs in, mounted by `MountContainer`; `root`
+    /// is then `None`.
+    pub container: Option<InContainer>,
+}
+
+/// Where a command of a pod's container runs (see the module docs).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct InContainer {
+    /// The container's id (see [`check_container_id`]).
+    pub id: String,
+    /// Start the container's init in new PID and mount namespaces; otherwise join those of
+    /// its live init.
+    pub new_namespaces: bool,
 }
 
 /// Numeric credentials of a command (names are resolved by the host).
@@ -221,6 +264,16 @@ impl ExecSpec {
         self
     }
 
+    /// Run the command in the pod's container `id`: its init (`new_namespaces`) or a
+    /// process joining the init's namespaces.
+    pub fn container(mut self, id: impl Into<String>, new_namespaces: bool) -> ExecSpec {
+        self.container = Some(InContainer {
+            id: id.into(),
+            new_namespaces,
+        });
+        self
+    }
+
     fn validate(&self) -> Result<(), ProtocolError> {
         if self.argv.is_empty() {
             return Err(ProtocolError::Invalid("the command line is empty"));
@@ -246,8 +299,50 @@ impl ExecSpec {
         if let Some(user) = &self.user {
             user.validate()?;
         }
+        if let Some(container) = &self.container {
+            check_container_id(&container.id)?;
+            if self.root.is_some() {
+                return Err(ProtocolError::Invalid(
+                    "a command names both a root directory and a container",
+                ));
+            }
+        }
         Ok(())
     }
+}
+
+/// A container id: 1 to [`MAX_CONTAINER_ID`] characters of `A-Z a-z 0-9 _ . -`, not `.` or
+/// `..` (so it names exactly one directory under [`CONTAINERS_DIR`]).
+pub fn check_container_id(id: &str) -> Result<(), ProtocolError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    if id.is_empty()
+        || id.len() > MAX_CONTAINER_ID
+        || !id.chars().all(allowed)
+        || id == "."
+        || id == ".."
+    {
+        return Err(ProtocolError::Invalid(
+            "a container id is not 1 to 76 characters of A-Z a-z 0-9 _ . - (or is . or ..)",
+        ));
+    }
+    Ok(())
+}
+
+/// A container's disk: `/dev/vd` and one or two lowercase letters, `size` a positive
+/// multiple of 512.
+fn check_disk(disk: &str, size: u64) -> Result<(), ProtocolError> {
+    let letters = disk.strip_prefix("/dev/vd").unwrap_or("");
+    if !(1..=2).contains(&letters.len()) || !letters.bytes().all(|b| b.is_ascii_lowercase()) {
+        return Err(ProtocolError::Invalid(
+            "a container's disk is not /dev/vd and one or two letters",
+        ));
+    }
+    if size == 0 || size % 512 != 0 {
+        return Err(ProtocolError::Invalid(
+            "a container's disk size is not a positive multiple of 512",
+        ));
+    }
+    Ok(())
 }
 
 const ROOT_FLAG: &str = "the root-directory flag is not 0 or 1";
@@ -336,6 +431,11 @@ pub enum ToAgent {
     /// with `entropy` ([`REFRESH_ENTROPY_MIN`] to [`REFRESH_ENTROPY_MAX`] bytes); for a guest
     /// restored from a snapshot.
     Refresh { unix_time_ns: u64, entropy: Vec<u8> },
+    /// Mount the pod container `id`'s disk `disk` (`size` bytes) as its root (see the
+    /// module docs).
+    MountContainer { id: String, disk: String, size: u64 },
+    /// Unmount the pod container `id`'s root and remove its directory.
+    UnmountContainer { id: String },
 }
 
 /// Agent to host.
@@ -397,6 +497,8 @@ impl Message for ToAgent {
             ToAgent::CopyOut { .. } => kind::COPY_OUT,
             ToAgent::Shutdown => kind::SHUTDOWN,
             ToAgent::Refresh { .. } => kind::REFRESH,
+            ToAgent::MountContainer { .. } => kind::MOUNT_CONTAINER,
+            ToAgent::UnmountContainer { .. } => kind::UNMOUNT_CONTAINER,
         }
     }
 
@@ -427,6 +529,12 @@ impl Message for ToAgent {
                         }
                     }
                 }
+                // Absent, nothing: the request is then what hosts and agents without
+                // containers send and read.
+                if let Some(container) = &spec.container {
+                    put_str(out, &container.id)?;
+                    out.push(u8::from(container.new_namespaces));
+                }
             }
             ToAgent::Stdin(data) | ToAgent::FileData(data) => put_data(out, data)?,
             ToAgent::StdinEof | ToAgent::FileEnd | ToAgent::Shutdown => {}
@@ -456,6 +564,17 @@ impl Message for ToAgent {
                 out.extend_from_slice(&unix_time_ns.to_le_bytes());
                 put_u32(out, entropy.len())?;
                 put_data(out, entropy)?;
+            }
+            ToAgent::MountContainer { id, disk, size } => {
+                check_container_id(id)?;
+                check_disk(disk, *size)?;
+                put_str(out, id)?;
+                put_str(out, disk)?;
+                out.extend_from_slice(&size.to_le_bytes());
+            }
+            ToAgent::UnmountContainer { id } => {
+                check_container_id(id)?;
+                put_str(out, id)?;
             }
         }
         Ok(())
@@ -495,6 +614,13 @@ impl Message for ToAgent {
                         Some(UserSpec { uid, gid, groups })
                     }
                 };
+                spec.container = match d.is_empty() {
+                    true => None,
+                    false => Some(InContainer {
+                        id: d.string("container id")?,
+                        new_namespaces: d.flag("the new-namespaces flag is not 0 or 1")?,
+                    }),
+                };
                 spec.validate()?;
                 ToAgent::Exec(spec)
             }
@@ -533,6 +659,19 @@ impl Message for ToAgent {
                     unix_time_ns,
                     entropy,
                 }
+            }
+            kind::MOUNT_CONTAINER => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                let disk = d.string("disk")?;
+                let size = d.u64()?;
+                check_disk(&disk, size)?;
+                ToAgent::MountContainer { id, disk, size }
+            }
+            kind::UNMOUNT_CONTAINER => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                ToAgent::UnmountContainer { id }
             }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
@@ -714,6 +853,10 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     fn rest(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.buf).to_vec()
     }
@@ -817,6 +960,19 @@ mod tests {
                 (0..MAX_GROUPS as u32).collect::<Vec<_>>(),
             )),
             ToAgent::Exec(ExecSpec::new(["ls"]).root("/")),
+            ToAgent::Exec(ExecSpec::new(["sh"]).container("c-1.x_Y", true)),
+            ToAgent::Exec(ExecSpec::new(["ps"]).container("a".repeat(MAX_CONTAINER_ID), false)),
+            ToAgent::MountContainer {
+                id: "0123abcd".into(),
+                disk: "/dev/vdb".into(),
+                size: 4096,
+            },
+            ToAgent::MountContainer {
+                id: "x".into(),
+                disk: "/dev/vdaa".into(),
+                size: 1 << 40,
+            },
+            ToAgent::UnmountContainer { id: "x".into() },
             ToAgent::CopyIn {
                 path: "/a/b".into(),
                 mode: 0o4755,
@@ -1082,7 +1238,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_wrong_direction() {
-        for k in [0u8, 0x0b, 0x7f, 0x80, 0x8a, 0xff] {
+        for k in [0u8, 0x0d, 0x7f, 0x80, 0x8a, 0xff] {
             assert_eq!(ToAgent::decode(k, &[]), Err(ProtocolError::UnknownKind(k)));
             assert_eq!(
                 FromAgent::decode(k, &[]),
@@ -1215,6 +1371,27 @@ mod tests {
                 path: "x".into(),
                 root: None,
             },
+            ToAgent::Exec(ExecSpec::new(["x"]).container("", true)),
+            ToAgent::Exec(ExecSpec::new(["x"]).container("..", true)),
+            ToAgent::Exec(ExecSpec::new(["x"]).container("a/b", false)),
+            ToAgent::Exec(ExecSpec::new(["x"]).container("a".repeat(77), false)),
+            ToAgent::Exec(ExecSpec::new(["x"]).root("/r").container("c", false)),
+            ToAgent::MountContainer {
+                id: "c".into(),
+                disk: "/dev/sda".into(),
+                size: 512,
+            },
+            ToAgent::MountContainer {
+                id: "c".into(),
+                disk: "/dev/vd../x".into(),
+                size: 512,
+            },
+            ToAgent::MountContainer {
+                id: "c".into(),
+                disk: "/dev/vdb".into(),
+                size: 511,
+            },
+            ToAgent::UnmountContainer { id: "../x".into() },
         ] {
             assert!(
                 matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
@@ -1243,6 +1420,22 @@ mod tests {
         // Without them: two zero flags.
         let bytes = ToAgent::Exec(ExecSpec::new(["x"])).encode().unwrap();
         assert_eq!(bytes, frame(kind::EXEC, &exec_payload(&[0, 0])));
+        // A container: its id and the new-namespaces flag, last (absent: nothing, as
+        // hosts and agents without containers have it).
+        let spec = ExecSpec::new(["x"]).container("c1", true);
+        let want = exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 1]);
+        assert_eq!(
+            ToAgent::Exec(spec.clone()).encode().unwrap(),
+            frame(kind::EXEC, &want)
+        );
+        assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
+        assert!(matches!(
+            ToAgent::decode(
+                kind::EXEC,
+                &exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 2])
+            ),
+            Err(ProtocolError::Invalid(_))
+        ));
         // Copies: the root after the path.
         let copy_out = ToAgent::CopyOut {
             path: "/f".into(),
@@ -1320,7 +1513,7 @@ mod tests {
             Err(ProtocolError::Truncated)
         );
         let mut extra = with_user(user(1, 2, &[3]));
-        extra.push(0);
+        extra.extend([2, 0, 0, 0, b'c', b'1', 0, 0]);
         assert_eq!(
             ToAgent::decode(kind::EXEC, &extra),
             Err(ProtocolError::TrailingBytes(1))

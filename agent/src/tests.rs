@@ -49,6 +49,7 @@ impl System for FakeSystem {
 struct TestAgent {
     shutdowns: Arc<AtomicU64>,
     system: Arc<FakeSystem>,
+    containers: Arc<Containers>,
 }
 
 impl TestAgent {
@@ -60,6 +61,10 @@ impl TestAgent {
         TestAgent {
             shutdowns: Arc::new(AtomicU64::new(0)),
             system: Arc::new(system),
+            containers: Arc::new(Containers {
+                dir: PathBuf::from("/nonexistent/containers"),
+                inits: container::Inits::default(),
+            }),
         }
     }
 
@@ -87,12 +92,14 @@ impl TestAgent {
         }
         let shutdowns = Arc::clone(&self.shutdowns);
         let system: Arc<dyn System> = self.system.clone();
+        let containers = Arc::clone(&self.containers);
         std::thread::spawn(move || {
             let agent = Agent {
                 on_shutdown: Box::new(move || {
                     shutdowns.fetch_add(1, Ordering::SeqCst);
                 }),
                 system,
+                containers,
             };
             serve(File::from(OwnedFd::from(guest)), &agent);
         });
@@ -708,6 +715,10 @@ fn fake_vsock(
             let agent = Agent {
                 on_shutdown: Box::new(|| {}),
                 system: Arc::new(FakeSystem::default()),
+                containers: Arc::new(Containers {
+                    dir: PathBuf::from("/nonexistent/containers"),
+                    inits: container::Inits::default(),
+                }),
             };
             serve(File::from(OwnedFd::from(stream)), &agent);
             return line;
@@ -1452,4 +1463,106 @@ fn symlinks_planted_in_a_root_do_not_lead_the_copies_out_of_it() {
     let meta = fs::symlink_metadata(image.root.join("abs")).unwrap();
     assert!(meta.is_file());
     assert_eq!(fs::read(image.root.join("abs")).unwrap(), b"planted\n");
+}
+
+/// A pod's containers (run on the test machine, as root): a container's init is pid 1 of a
+/// new PID namespace whose `/proc` it sees, in its own root; another process of the
+/// container joins those namespaces and sees the init; the statuses are the processes'.
+#[test]
+fn container_processes_run_in_the_containers_pid_namespace_and_root() {
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "this test mounts: run it as root");
+    let dir = temp_dir("containers");
+    let root = container::root_of(&dir, "c1");
+    fs::create_dir_all(&root).unwrap();
+    // The test machine's own files as the container's root (not recursive: its /proc is
+    // an empty directory there), with a marker file no other root has.
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let bind = c(&root);
+    // SAFETY: NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::mount(
+            c"/".as_ptr(),
+            bind.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+    let mut agent = TestAgent::new();
+    agent.containers = Arc::new(Containers {
+        dir: dir.clone(),
+        inits: container::Inits::default(),
+    });
+
+    // Joining a container without an init: one sentence.
+    let mut joiner = agent.client();
+    let e = run(&mut joiner, &sh("true").container("c1", false), None).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the container c1 has no running init process"),
+        "{e}"
+    );
+
+    // The init: pid 1, its /proc that of its namespace.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut init_client = agent.client();
+    let init = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let spec = sh("echo $$; echo /proc/[0-9]*; exec sleep 30").container("c1", true);
+        let status = init_client
+            .run_and_tell(
+                &spec,
+                None::<Cursor<Vec<u8>>>,
+                &mut out,
+                io::sink(),
+                &mut |pid| {
+                    let _ = tx.send(pid);
+                },
+            )
+            .unwrap();
+        (status, out)
+    });
+    let init_pid = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Time for the init to print and become `sleep`.
+    std::thread::sleep(Duration::from_millis(500));
+
+    // A second init while the first runs: refused.
+    let mut other = agent.client();
+    let e = run(&mut other, &sh("true").container("c1", true), None).unwrap_err();
+    assert!(e.to_string().contains("has a running init already"), "{e}");
+
+    // A process joining: pid 2 or more, sees the init as pid 1, and its status is its own.
+    let (status, out, _) = run(
+        &mut joiner,
+        &sh("echo $$; cat /proc/1/comm; exit 7").container("c1", false),
+        None,
+    )
+    .unwrap();
+    assert_eq!(status, CommandStatus::Exited(7));
+    let out = String::from_utf8(out).unwrap();
+    let mut lines = out.lines();
+    let pid: u32 = lines.next().unwrap().parse().unwrap();
+    assert!(pid >= 2, "{out}");
+    assert_eq!(lines.next(), Some("sleep"), "{out}");
+
+    // SIGKILL to the init's process group: the init is killed, as the agent reports it.
+    // SAFETY: kill takes no pointers.
+    unsafe { libc::kill(-(init_pid as i32), libc::SIGKILL) };
+    let (status, out) = init.join().unwrap();
+    assert_eq!(status, CommandStatus::Killed(libc::SIGKILL));
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(
+        out, "1\n/proc/1\n",
+        "the init is pid 1 and alone in its /proc"
+    );
+    let mut after = agent.client();
+    let e = run(&mut after, &sh("true").container("c1", false), None).unwrap_err();
+    assert!(e.to_string().contains("has no running init process"), "{e}");
+
+    // SAFETY: a NUL-terminated path.
+    unsafe { libc::umount2(bind.as_ptr(), libc::MNT_DETACH) };
+    fs::remove_dir_all(&dir).unwrap();
 }

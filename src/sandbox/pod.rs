@@ -92,6 +92,11 @@ enum Inner {
     Thread(std::io::Error),
     #[error("cannot watch the VM: {0}")]
     EventFd(std::io::Error),
+    #[error("cannot create the placeholder disk {}: {error}", path.display())]
+    Placeholder {
+        path: PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// `mount(2)` flags and the file system's own options of `options`, as `mount(8)` takes them.
@@ -249,6 +254,8 @@ pub struct Pod {
 
 /// What the VM's thread is asked to do.
 enum Command {
+    /// Give the disk of this name a new backing file; answers its size.
+    ReplaceDisk(String, PathBuf, mpsc::Sender<Result<u64, String>>),
     Pause(mpsc::Sender<Result<(), String>>),
     Resume(mpsc::Sender<()>),
     Stop,
@@ -303,6 +310,9 @@ fn run_vm(
         let _ = wake.read();
         loop {
             match commands.try_recv() {
+                Ok(Command::ReplaceDisk(name, path, reply)) => {
+                    let _ = reply.send(vm.replace_disk(&name, &path).map_err(|e| e.to_string()));
+                }
                 Ok(Command::Pause(reply)) => {
                     let _ = reply.send(vm.pause().map_err(|e| e.to_string()));
                 }
@@ -323,25 +333,78 @@ fn run_vm(
     vm.shutdown(Ending::Reset);
 }
 
+/// The most container slots a pod's VM may have (`/dev/vda` to `/dev/vdx`).
+pub const MAX_SLOTS: usize = 24;
+/// The size of the placeholder a free container slot holds.
+const PLACEHOLDER_SIZE: u64 = 4096;
+
+/// The guest's name of container slot `slot` (below [`MAX_SLOTS`]): `/dev/vda`, `/dev/vdb`...
+pub fn slot_disk(slot: usize) -> String {
+    format!(
+        "/dev/vd{}",
+        char::from(b'a' + slot.min(MAX_SLOTS - 1) as u8)
+    )
+}
+
 impl Pod {
     /// Boot a VM of `settings` whose guest runs commands in the files of `disk` (made by
     /// [`make_root_disk`]), its sockets and console log in `work` (private, kept until the
     /// pod is gone).
     pub fn boot(settings: &PodSettings, disk: &Path, work: &Path) -> Result<Pod, PodError> {
-        let cache = crate::cache_dir();
-        let options = Pod::run_options(settings, &cache);
-        let (kernel, initramfs) = Pod::images(&options, &cache)?;
         let disks = machine::ImageDisks {
             image: Some(disk),
             scratch: None,
         };
-        let config = machine::vm_config(&options, &kernel, initramfs, &disks, work).map_err(
-            |e| match e {
+        Pod::boot_with(settings, &disks, 0, work)
+    }
+
+    /// Boot a VM of `settings` for several containers: no image, but `slots` (1 to
+    /// [`MAX_SLOTS`]) read-only disks holding a small placeholder (`work/placeholder`),
+    /// which [`Pod::replace_disk`] swaps for a container's root disk while the VM runs. The
+    /// guest names slot `n` [`slot_disk`]`(n)`.
+    pub fn boot_slots(settings: &PodSettings, slots: usize, work: &Path) -> Result<Pod, PodError> {
+        Pod::boot_with(
+            settings,
+            &machine::ImageDisks::default(),
+            slots.clamp(1, MAX_SLOTS),
+            work,
+        )
+    }
+
+    /// The file a free slot holds.
+    pub fn placeholder(work: &Path) -> PathBuf {
+        work.join("placeholder")
+    }
+
+    fn boot_with(
+        settings: &PodSettings,
+        disks: &machine::ImageDisks,
+        slots: usize,
+        work: &Path,
+    ) -> Result<Pod, PodError> {
+        let cache = crate::cache_dir();
+        let options = Pod::run_options(settings, &cache);
+        let (kernel, initramfs) = Pod::images(&options, &cache)?;
+        let mut config =
+            machine::vm_config(&options, &kernel, initramfs, disks, work).map_err(|e| match e {
                 // Not in terms of flint run's options: the shim has none.
                 SetupError::Config(e) => Inner::VmConfig(e),
                 other => Inner::Setup(other),
-            },
-        )?;
+            })?;
+        if slots > 0 {
+            let placeholder = Pod::placeholder(work);
+            std::fs::File::create(&placeholder)
+                .and_then(|f| f.set_len(PLACEHOLDER_SIZE))
+                .map_err(|error| Inner::Placeholder {
+                    path: placeholder.clone(),
+                    error,
+                })?;
+            for _ in 0..slots {
+                let mut drive = vmm::DriveConfig::new(&placeholder);
+                drive.read_only = true;
+                config.drives.push(drive);
+            }
+        }
         let console_log = work.join("console.log");
         let console =
             console_to(&console_log).map_err(|e| Inner::Setup(SetupError::ConsoleLog(e)))?;
@@ -445,6 +508,19 @@ impl Pod {
     fn send(&self, command: Command) -> bool {
         let sent = lock(&self.commands).send(command).is_ok();
         sent && self.wake.write(1).is_ok()
+    }
+
+    /// Give container slot `slot` (of [`Pod::boot_slots`]) the disk `path` (read-only); its
+    /// size in bytes, or one sentence.
+    pub fn replace_disk(&self, slot: usize, path: &Path) -> Result<u64, String> {
+        let (reply, answer) = mpsc::channel();
+        let name = slot_disk(slot).trim_start_matches("/dev/").to_string();
+        if !self.send(Command::ReplaceDisk(name, path.to_path_buf(), reply)) {
+            return Err("the VM was stopped".into());
+        }
+        answer
+            .recv()
+            .unwrap_or_else(|_| Err("the VM was stopped".into()))
     }
 
     /// Pause the VM's vCPUs (its devices finish what they are doing); one sentence on failure.
