@@ -73,6 +73,8 @@ pub struct Outcome {
     pub unhandled_mmio: u64,
     /// Host memory use when the VM ended (measured only when debug logging is on).
     pub memory: Option<crate::usage::MemoryUsage>,
+    /// The vCPU exits by kind, summed over all vCPUs (see [`crate::metrics::ExitCounters`]).
+    pub exits: String,
 }
 
 /// Open `/dev/kvm` and check what flint relies on.
@@ -621,6 +623,7 @@ impl Vm {
             exits: Default::default(),
             pause: PauseGate::default(),
             msr_list,
+            process_start: start,
         });
         let lineage = Lineage {
             base: memory_id,
@@ -969,6 +972,7 @@ impl Vm {
             memory,
             unhandled_pio: self.shared.unhandled.pio.load(Ordering::Relaxed),
             unhandled_mmio: self.shared.unhandled.mmio.load(Ordering::Relaxed),
+            exits: self.shared.exits.summary(),
         }
     }
 }
