@@ -764,6 +764,12 @@ impl Vm {
         if let Some((input, escape)) = self.console_input.take() {
             spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
         }
+        // The event loop thread set itself up while the vCPU threads started.
+        if let Some(event_loop) = self.event_loop.as_mut() {
+            event_loop
+                .wait_ready()
+                .map_err(host_err("start the device event loop"))?;
+        }
         // Last: threads started from here on would inherit this filter too.
         vmm_thread.install()?;
         Ok(())
