@@ -13,7 +13,9 @@
 #                                   [--peers DIR] [--only VMM,...] [--append ARGS]
 #                                   [--flint-before PATH]
 #
-# --only VMM,...: boot only these of flint, qemu, firecracker, cloud-hypervisor (default all).
+# --only VMM,...: boot only these of flint, qemu, firecracker, cloud-hypervisor (default all),
+# and flint-config: flint from Firecracker's vm.json (`flint --no-api --config-file vm.json`),
+# which, as for Firecracker, gives the guest no entropy device (`flint boot` always adds one).
 # --flint-before PATH: also boot this other flint binary (e.g. a build of the previous commit),
 # as the column "flint-before", to compare two builds of flint in one run.
 # --append ARGS: add ARGS to every guest's command line (e.g. "loglevel=7 initcall_debug" to
@@ -226,8 +228,8 @@ gcc -O2 -static -Wall -Werror -o "$work/vmm-probe" "$work/vmm-probe.c" || die "c
 cmdline="console=ttyS0 panic=1 pci=off acpi=off quiet flint.exec=$(printf 'true' | base64 -w0)${append:+ $append}"
 for vmm in ${only//,/ }; do
     case $vmm in
-    flint | qemu | firecracker | cloud-hypervisor) ;;
-    *) die "--only takes flint, qemu, firecracker and cloud-hypervisor, not $vmm" ;;
+    flint | flint-config | qemu | firecracker | cloud-hypervisor) ;;
+    *) die "--only takes flint, flint-config, qemu, firecracker and cloud-hypervisor, not $vmm" ;;
     esac
 done
 wants() { [[ ",$only," == *",$1,"* ]]; }
@@ -284,8 +286,8 @@ qemu_boot() {
     sed 's/^/BENCH qemu /' \$TMPD/out
     echo_console qemu
 }
-firecracker_boot() {
-    [ -x \$BIN/firecracker ] && want firecracker || return 0
+# fc_json: Firecracker's configuration file, also read by flint-config.
+fc_json() {
     : >\$TMPD/fc-metrics
     cat >\$TMPD/fc.json <<FC_JSON
 {"boot-source": {"kernel_image_path": "\$BIN/$kernel_name",
@@ -294,6 +296,19 @@ firecracker_boot() {
  "machine-config": {"vcpu_count": 1, "mem_size_mib": $memory},
  "drives": []\$FC_METRICS}
 FC_JSON
+}
+flint_config_boot() {
+    want flint-config || return 0
+    fc_json
+    \$BIN/vmm-probe 60 $memory \$BIN/flint --no-api --config-file \$TMPD/fc.json \
+        --level Error >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED flint-config run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH flint-config /' \$TMPD/out
+    echo_console flint-config
+}
+firecracker_boot() {
+    [ -x \$BIN/firecracker ] && want firecracker || return 0
+    fc_json
     \$BIN/vmm-probe 60 $memory \$BIN/firecracker --no-api --config-file \$TMPD/fc.json \
         --level \$FC_LEVEL >\$TMPD/out 2>\$TMPD/err || {
         echo "BENCH-FAILED firecracker run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
@@ -315,10 +330,14 @@ cloud_hypervisor_boot() {
 i=0
 while [ \$i -lt $runs ]; do
     case \$((i % 4)) in
-    0) flint_boot; qemu_boot; firecracker_boot; flint_boot before; cloud_hypervisor_boot ;;
-    1) qemu_boot; flint_boot before; firecracker_boot; cloud_hypervisor_boot; flint_boot ;;
-    2) flint_boot before; firecracker_boot; cloud_hypervisor_boot; flint_boot; qemu_boot ;;
-    *) cloud_hypervisor_boot; flint_boot; qemu_boot; firecracker_boot; flint_boot before ;;
+    0) flint_boot; qemu_boot; flint_config_boot; firecracker_boot; flint_boot before
+       cloud_hypervisor_boot ;;
+    1) qemu_boot; flint_boot before; firecracker_boot; cloud_hypervisor_boot; flint_boot
+       flint_config_boot ;;
+    2) flint_boot before; flint_config_boot; firecracker_boot; cloud_hypervisor_boot
+       flint_boot; qemu_boot ;;
+    *) cloud_hypervisor_boot; flint_config_boot; flint_boot; qemu_boot; firecracker_boot
+       flint_boot before ;;
     esac
     i=\$((i + 1))
 done
@@ -380,8 +399,8 @@ echo
 echo "process start -> FLINT-GUEST-READY on the console (measured from outside, same for both):"
 # The VMMs with samples: those asked for (--only) that ran.
 vmms=
-for vmm in flint:flint flint-before:flint-before qemu:qemu-microvm firecracker:firecracker \
-    cloud-hypervisor:cloud-hypervisor; do
+for vmm in flint:flint flint-before:flint-before flint-config:flint-config \
+    qemu:qemu-microvm firecracker:firecracker cloud-hypervisor:cloud-hypervisor; do
     grep -q "BENCH ${vmm%%:*} PROBE" "$work/clean" && vmms="$vmms $vmm"
 done
 for vmm in $vmms; do
