@@ -10,7 +10,20 @@
 # reboot) are printed too.
 #
 # usage: resources/bench-compare.sh [-n RUNS] [--memory MIB] [--format elf|bzimage]
-#                                   [--peers DIR]
+#                                   [--peers DIR] [--only VMM,...] [--append ARGS]
+#                                   [--flint-before PATH]
+#
+# --only VMM,...: boot only these of flint, qemu, firecracker, cloud-hypervisor (default all),
+# and flint-config: flint from Firecracker's vm.json (`flint --no-api --config-file vm.json`),
+# which, as for Firecracker, gives the guest no entropy device (`flint boot` always adds one).
+# --flint-before PATH: also boot this other flint binary (e.g. a build of the previous commit),
+# as the column "flint-before", to compare two builds of flint in one run.
+# --append ARGS: add ARGS to every guest's command line (e.g. "loglevel=7 initcall_debug" to
+# see where the guest's time goes; such runs are for analysis, not for the figures).
+# BENCH_ECHO=1 (with BENCH_RAW=1 to see it) adds to the raw output every console and log line
+# with the host's milliseconds since process start, flint's debug log (when vCPU 0 first
+# entered the guest, its vCPU exits by kind) and Firecracker's log at Debug level and its
+# metrics at exit (exits by kind, i8042 and UART accesses). Analysis only: it slows the VMMs.
 #
 # --peers DIR: where the `firecracker` and `cloud-hypervisor` binaries are (default
 # ../shared/peers beside the checkout; see its README for how they were built). Either may be
@@ -38,12 +51,18 @@ runs=10
 memory=128
 format=elf
 peers=$here/../../shared/peers
+only=flint,qemu,firecracker,cloud-hypervisor
+append=
+flint_before=
 while (($#)); do
     case $1 in
     -n) runs=${2:?}; shift ;;
     --peers) peers=${2:?}; shift ;;
     --memory) memory=${2:?}; shift ;;
     --format) format=${2:?}; shift ;;
+    --only) only=${2:?}; shift ;;
+    --append) append=${2:?}; shift ;;
+    --flint-before) flint_before=${2:?}; shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
     esac
     shift
@@ -206,7 +225,14 @@ int main(int argc, char **argv) {
 PROBE_C
 gcc -O2 -static -Wall -Werror -o "$work/vmm-probe" "$work/vmm-probe.c" || die "cannot build vmm-probe"
 
-cmdline="console=ttyS0 panic=1 pci=off acpi=off quiet flint.exec=$(printf 'true' | base64 -w0)"
+cmdline="console=ttyS0 panic=1 pci=off acpi=off quiet flint.exec=$(printf 'true' | base64 -w0)${append:+ $append}"
+for vmm in ${only//,/ }; do
+    case $vmm in
+    flint | flint-config | qemu | firecracker | cloud-hypervisor) ;;
+    *) die "--only takes flint, flint-config, qemu, firecracker and cloud-hypervisor, not $vmm" ;;
+    esac
+done
+wants() { [[ ",$only," == *",$1,"* ]]; }
 # The fastest microvm setup found in the nested host: no option ROMs, no RTC/PIT/PIC, no
 # ACPI tables (flint has none either); firmware is qboot, QEMU's default for microvm.
 qemu_args="-M microvm,x-option-roms=off,isa-serial=on,rtc=off,pit=off,pic=off,acpi=off \
@@ -221,51 +247,97 @@ echo "BENCH qemu-version \$(\$QEMU --version | head -n1)"
 for peer in firecracker cloud-hypervisor; do
     [ -x \$BIN/\$peer ] && echo "BENCH peer-version \$(\$BIN/\$peer --version 2>&1 | head -n1)"
 done
+# want VMM: whether this run boots VMM (--only); BENCH_ECHO: the consoles with times.
+want() { case ",$only," in *",\$1,"*) return 0 ;; esac; return 1; }
+ECHO=${BENCH_ECHO:-}
+FC_LEVEL=Error
+FC_METRICS=
+if [ -n "\$ECHO" ]; then
+    export PROBE_ECHO=1
+    FC_LEVEL=Debug
+    FC_METRICS=", \\"metrics\\": {\\"metrics_path\\": \\"\$TMPD/fc-metrics\\"}"
+fi
+echo_console() {
+    [ -n "\$ECHO" ] || return 0
+    sed "s/^/BENCH \$1 console /" \$TMPD/err
+}
+# flint_boot [before]: the flint under test, or the other build of --flint-before.
 flint_boot() {
-    FLINT_LOG=debug \$BIN/vmm-probe 60 $memory \$BIN/flint boot --kernel \$BIN/$kernel_name \\
+    want flint || return 0
+    label=flint
+    if [ "\${1:-}" = before ]; then
+        [ -x \$BIN/flint-before ] || return 0
+        label=flint-before
+    fi
+    FLINT_LOG=debug \$BIN/vmm-probe 60 $memory \$BIN/\$label boot --kernel \$BIN/$kernel_name \\
         --initrd \$BIN/initramfs.cpio.gz --vcpus 1 --memory $memory \\
         --cmdline "$cmdline reboot=k" >\$TMPD/out 2>\$TMPD/err || {
-        echo "BENCH-FAILED flint run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
-    sed 's/^/BENCH flint /' \$TMPD/out
-    grep -E 'guest boot time|VMM overhead' \$TMPD/err | sed 's/^/BENCH /'
+        echo "BENCH-FAILED \$label run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed "s/^/BENCH \$label /" \$TMPD/out
+    grep -E 'guest boot time|VMM overhead|vCPU exits|enters the guest' \$TMPD/err |
+        sed "s/^/BENCH \$label own /"
+    echo_console \$label
 }
 qemu_boot() {
+    want qemu || return 0
     \$BIN/vmm-probe 60 $memory \$QEMU $qemu_args -kernel \$BIN/$kernel_name \\
         -initrd \$BIN/initramfs.cpio.gz -append "$cmdline reboot=t" >\$TMPD/out 2>\$TMPD/err || {
         echo "BENCH-FAILED qemu run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
     sed 's/^/BENCH qemu /' \$TMPD/out
+    echo_console qemu
 }
-firecracker_boot() {
-    [ -x \$BIN/firecracker ] || return 0
+# fc_json: Firecracker's configuration file, also read by flint-config.
+fc_json() {
+    : >\$TMPD/fc-metrics
     cat >\$TMPD/fc.json <<FC_JSON
 {"boot-source": {"kernel_image_path": "\$BIN/$kernel_name",
                  "initrd_path": "\$BIN/initramfs.cpio.gz",
                  "boot_args": "$cmdline reboot=k"},
  "machine-config": {"vcpu_count": 1, "mem_size_mib": $memory},
- "drives": []}
+ "drives": []\$FC_METRICS}
 FC_JSON
-    \$BIN/vmm-probe 60 $memory \$BIN/firecracker --no-api --config-file \$TMPD/fc.json \
+}
+flint_config_boot() {
+    want flint-config || return 0
+    fc_json
+    \$BIN/vmm-probe 60 $memory \$BIN/flint --no-api --config-file \$TMPD/fc.json \
         --level Error >\$TMPD/out 2>\$TMPD/err || {
+        echo "BENCH-FAILED flint-config run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
+    sed 's/^/BENCH flint-config /' \$TMPD/out
+    echo_console flint-config
+}
+firecracker_boot() {
+    [ -x \$BIN/firecracker ] && want firecracker || return 0
+    fc_json
+    \$BIN/vmm-probe 60 $memory \$BIN/firecracker --no-api --config-file \$TMPD/fc.json \
+        --level \$FC_LEVEL >\$TMPD/out 2>\$TMPD/err || {
         echo "BENCH-FAILED firecracker run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
     sed 's/^/BENCH firecracker /' \$TMPD/out
+    echo_console firecracker
+    [ -z "\$ECHO" ] || tail -n 1 \$TMPD/fc-metrics | sed 's/^/BENCH firecracker metrics /'
 }
 cloud_hypervisor_boot() {
-    [ -x \$BIN/cloud-hypervisor ] || return 0
+    [ -x \$BIN/cloud-hypervisor ] && want cloud-hypervisor || return 0
     PROBE_STOP_AT_READY=1 \$BIN/vmm-probe 60 $memory \$BIN/cloud-hypervisor \
         --kernel \$BIN/$kernel_name --initramfs \$BIN/initramfs.cpio.gz \
         --cmdline "$cmdline reboot=k" --cpus boot=1 --memory size=${memory}M \
         --serial tty --console off >\$TMPD/out 2>\$TMPD/err || {
         echo "BENCH-FAILED cloud-hypervisor run \$i"; cat \$TMPD/out \$TMPD/err; exit 1; }
     sed 's/^/BENCH cloud-hypervisor /' \$TMPD/out
+    echo_console cloud-hypervisor
 }
 # Rotate which VMM goes first so that drifting load hits all alike.
 i=0
 while [ \$i -lt $runs ]; do
     case \$((i % 4)) in
-    0) flint_boot; qemu_boot; firecracker_boot; cloud_hypervisor_boot ;;
-    1) qemu_boot; firecracker_boot; cloud_hypervisor_boot; flint_boot ;;
-    2) firecracker_boot; cloud_hypervisor_boot; flint_boot; qemu_boot ;;
-    *) cloud_hypervisor_boot; flint_boot; qemu_boot; firecracker_boot ;;
+    0) flint_boot; qemu_boot; flint_config_boot; firecracker_boot; flint_boot before
+       cloud_hypervisor_boot ;;
+    1) qemu_boot; flint_boot before; firecracker_boot; cloud_hypervisor_boot; flint_boot
+       flint_config_boot ;;
+    2) flint_boot before; flint_config_boot; firecracker_boot; cloud_hypervisor_boot
+       flint_boot; qemu_boot ;;
+    *) cloud_hypervisor_boot; flint_config_boot; flint_boot; qemu_boot; firecracker_boot
+       flint_boot before ;;
     esac
     i=\$((i + 1))
 done
@@ -282,7 +354,7 @@ if ! host_kvm_boots_linux; then
         [ -x "$peers/$peer" ] && peer_adds+=(--add "$peers/$peer:/bench/$peer")
     done
     "$here/nested-host/run.sh" --timeout $((120 + 80 * runs)) --scenario "$work/nested.sh" \
-        --add "$flint:/bench/flint" --add "$work/vmm-probe:/bench/vmm-probe" "${peer_adds[@]}" \
+        --add "$flint:/bench/flint" ${flint_before:+--add "$flint_before:/bench/flint-before"} --add "$work/vmm-probe:/bench/vmm-probe" "${peer_adds[@]}" \
         --add "$qemu:$qemu" --add /usr/share/qemu:/usr/share/qemu \
         --add "$guest/$kernel_name:/bench/$kernel_name" \
         --add "$guest/initramfs.cpio.gz:/bench/initramfs.cpio.gz" >"$work/out" 2>&1 ||
@@ -291,6 +363,7 @@ if ! host_kvm_boots_linux; then
 else
     mkdir -p "$work/bin"
     cp "$flint" "$work/vmm-probe" "$guest/$kernel_name" "$guest/initramfs.cpio.gz" "$work/bin/"
+    [ -z "$flint_before" ] || cp "$flint_before" "$work/bin/flint-before"
     for peer in firecracker cloud-hypervisor; do
         [ -x "$peers/$peer" ] && cp "$peers/$peer" "$work/bin/"
     done
@@ -321,13 +394,14 @@ tr -d "\r" <"$work/out" >"$work/clean"
 echo "boot comparison: $runs boots per VMM, alternating; $format kernel, 1 vCPU, $memory MiB, $(date -u +%Y-%m-%d)"
 echo "where: $where"
 sed -n 's/.*BENCH qemu-version /other VMM: /p; s/.*BENCH peer-version /other VMM: /p' "$work/clean"
-echo "other VMM command: qemu-system-x86_64 $qemu_args -kernel $kernel_name -initrd initramfs.cpio.gz -append \"$cmdline reboot=t\""
+! wants qemu || echo "other VMM command: qemu-system-x86_64 $qemu_args -kernel $kernel_name -initrd initramfs.cpio.gz -append \"$cmdline reboot=t\""
 echo
 echo "process start -> FLINT-GUEST-READY on the console (measured from outside, same for both):"
-# The VMMs with samples: flint and QEMU always, the peers when they ran.
-vmms="flint:flint qemu:qemu-microvm"
-for peer in firecracker cloud-hypervisor; do
-    grep -q "BENCH $peer PROBE" "$work/clean" && vmms="$vmms $peer:$peer"
+# The VMMs with samples: those asked for (--only) that ran.
+vmms=
+for vmm in flint:flint flint-before:flint-before flint-config:flint-config \
+    qemu:qemu-microvm firecracker:firecracker cloud-hypervisor:cloud-hypervisor; do
+    grep -q "BENCH ${vmm%%:*} PROBE" "$work/clean" && vmms="$vmms $vmm"
 done
 for vmm in $vmms; do
     probe "${vmm%%:*}" ready_ms | stats "  ${vmm#*:}" ms
@@ -336,8 +410,11 @@ echo "VMM VmRSS minus resident guest RAM, sampled at FLINT-GUEST-READY:"
 for vmm in $vmms; do
     probe "${vmm%%:*}" overhead_kib | awk '{ print $1 / 1024 }' | stats "  ${vmm#*:}" MiB
 done
+wants flint || exit 0
 echo "flint's own figures:"
-sed -n 's/.*BENCH flint: guest boot time: \([0-9]*\) ms$/\1/p' "$work/clean" |
+sed -n 's/.*BENCH flint own flint: debug: vCPU 0 enters the guest \([0-9]*\) ms.*/\1/p' "$work/clean" |
+    stats "  process start -> vCPU 0 enters the guest" ms
+sed -n 's/.*BENCH flint own flint: guest boot time: \([0-9]*\) ms$/\1/p' "$work/clean" |
     stats "  process start -> guest /init (boot timer)" ms
-sed -n 's/.*BENCH flint: debug: memory: VMM overhead \([0-9]*\) KiB.*/\1/p' "$work/clean" |
+sed -n 's/.*BENCH flint own flint: debug: memory: VMM overhead \([0-9]*\) KiB.*/\1/p' "$work/clean" |
     awk '{ print $1 / 1024 }' | stats "  VMM memory beyond guest RAM (at reboot)" MiB

@@ -141,6 +141,7 @@ pub(crate) fn report_outcome(outcome: vmm::Outcome) -> ExitCode {
             outcome.unhandled_mmio
         );
     }
+    log::debug!("vCPU exits: {}", outcome.exits);
     if let Some(m) = outcome.memory {
         log::debug!(
             "memory: VMM overhead {} KiB (resident {} KiB, of which guest RAM {} KiB)",

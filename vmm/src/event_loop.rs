@@ -70,10 +70,15 @@ impl MutEventSubscriber for Stop {
 pub struct EventLoop {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
+    /// Until [`EventLoop::wait_ready`]: tells whether the thread restricted itself.
+    ready: Option<std::sync::mpsc::Receiver<Result<(), String>>>,
 }
 
 impl EventLoop {
-    /// Start the loop serving `transports`.
+    /// Start the loop serving `transports`. The thread installs its seccomp filter before it
+    /// serves anything; [`EventLoop::wait_ready`] tells whether it could, so that the caller can
+    /// do other work (start the vCPUs) meanwhile: a queue notification that comes first waits
+    /// in its eventfd.
     pub fn start(transports: &[Arc<Mutex<MmioTransport>>]) -> std::io::Result<EventLoop> {
         let mut manager: EventManager<Subscriber> =
             EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
@@ -111,17 +116,29 @@ impl EventLoop {
                     }
                 }
             })?;
+        Ok(EventLoop {
+            stop,
+            thread: Some(thread),
+            ready: Some(ready_rx),
+        })
+    }
+
+    /// Wait until the thread has installed its seccomp filter (at once after the first call);
+    /// an error when it could not, and the thread has then ended.
+    pub fn wait_ready(&mut self) -> std::io::Result<()> {
+        let Some(ready_rx) = self.ready.take() else {
+            return Ok(());
+        };
         let ready = ready_rx
             .recv()
             .unwrap_or_else(|_| Err("the event loop thread died".to_string()));
         if let Err(e) = ready {
-            let _ = thread.join();
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
             return Err(std::io::Error::other(e));
         }
-        Ok(EventLoop {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(())
     }
 
     /// Stop the loop and wait for its thread.

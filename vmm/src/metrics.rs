@@ -32,6 +32,21 @@ pub struct ExitCounters {
     pub other: AtomicU64,
 }
 
+impl ExitCounters {
+    /// The counts as they are now, as one line of text (for logs).
+    pub fn summary(&self) -> String {
+        format!(
+            "port in {}, port out {}, MMIO read {}, MMIO write {}, interrupted {}, other {}",
+            get(&self.io_in),
+            get(&self.io_out),
+            get(&self.mmio_read),
+            get(&self.mmio_write),
+            get(&self.interrupted),
+            get(&self.other)
+        )
+    }
+}
+
 /// One device's counters, by kind.
 #[derive(Clone)]
 pub enum DeviceMetrics {

@@ -38,6 +38,8 @@ pub struct VcpuShared {
     pub pause: PauseGate,
     /// The MSRs a snapshot saves: KVM's MSR index list.
     pub msr_list: Vec<u32>,
+    /// When the VMM process started (vCPU 0 logs when it first enters the guest).
+    pub process_start: std::time::Instant,
 }
 
 /// Where vCPU threads wait while the VM is paused. While they wait they also answer requests
@@ -399,6 +401,12 @@ impl Vcpu {
                 reason: e.to_string(),
             });
             return;
+        }
+        if self.id == 0 {
+            log::debug!(
+                "vCPU 0 enters the guest {} ms after the process started",
+                shared.process_start.elapsed().as_millis()
+            );
         }
         // Once anything ended the VM (e.g. this vCPU's own keyboard-controller reset) run no
         // further guest code: what the guest would do next no longer matters.

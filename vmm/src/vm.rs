@@ -73,6 +73,8 @@ pub struct Outcome {
     pub unhandled_mmio: u64,
     /// Host memory use when the VM ended (measured only when debug logging is on).
     pub memory: Option<crate::usage::MemoryUsage>,
+    /// The vCPU exits by kind, summed over all vCPUs (see [`crate::metrics::ExitCounters`]).
+    pub exits: String,
 }
 
 /// Open `/dev/kvm` and check what flint relies on.
@@ -621,6 +623,7 @@ impl Vm {
             exits: Default::default(),
             pause: PauseGate::default(),
             msr_list,
+            process_start: start,
         });
         let lineage = Lineage {
             base: memory_id,
@@ -760,6 +763,12 @@ impl Vm {
         }
         if let Some((input, escape)) = self.console_input.take() {
             spawn_console_input(input, escape, self.serial.clone(), self.endings.clone());
+        }
+        // The event loop thread set itself up while the vCPU threads started.
+        if let Some(event_loop) = self.event_loop.as_mut() {
+            event_loop
+                .wait_ready()
+                .map_err(host_err("start the device event loop"))?;
         }
         // Last: threads started from here on would inherit this filter too.
         vmm_thread.install()?;
@@ -969,6 +978,7 @@ impl Vm {
             memory,
             unhandled_pio: self.shared.unhandled.pio.load(Ordering::Relaxed),
             unhandled_mmio: self.shared.unhandled.mmio.load(Ordering::Relaxed),
+            exits: self.shared.exits.summary(),
         }
     }
 }
