@@ -24,7 +24,8 @@
 //! either receives until end of stream (`--recv`) or sends BYTES (`--send`; connection i
 //! sends the stream of seed S+i), then half-closes and waits for the peer to close. With
 //! `--abort-after B` a connection closes abruptly after B bytes instead. `--retry SECS` keeps
-//! trying to connect (refused, or flint closed without `OK`) for up to SECS seconds.
+//! trying to connect (refused, or flint closed without `OK`) for up to SECS seconds. A vsock
+//! connect waits up to 60 s for the peer's answer (Linux's default is 2 s).
 //!
 //! One line per connection on stdout, when it ends:
 //! `vsock-io: conn=I mode=send|recv bytes=N sum=<16 hex digits> secs=S ok|aborted|error=<why>`,
@@ -219,8 +220,31 @@ fn check(rc: libc::c_int) -> io::Result<()> {
     }
 }
 
+/// `SO_VM_SOCKETS_CONNECT_TIMEOUT` (`linux/vm_sockets.h`, 64-bit layout: a `timeval`), at
+/// socket level `AF_VSOCK`.
+const SO_VM_SOCKETS_CONNECT_TIMEOUT: libc::c_int = 6;
+/// How long a vsock connect waits for the peer's answer. Linux's default, 2 s, is too short
+/// for a loaded (emulated) host where the request queues behind other streams' data: the
+/// connect then fails although the device has already connected the host program, which
+/// gets an empty stream, and a retry makes one connection more than the host program expects.
+const VSOCK_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn vsock_connect(cid: u32, port: u32) -> io::Result<Conn> {
     let fd = vsock_socket()?;
+    let tv = libc::timeval {
+        tv_sec: VSOCK_CONNECT_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    // SAFETY: tv is a valid timeval that outlives the call, and the length passed is its size.
+    check(unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::AF_VSOCK,
+            SO_VM_SOCKETS_CONNECT_TIMEOUT,
+            std::ptr::addr_of!(tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    })?;
     let addr = vsock_addr(cid, port);
     // SAFETY: addr is a valid sockaddr_vm that outlives the call, and the length passed is
     // its size.

@@ -95,6 +95,9 @@ pub struct Connection<S> {
     guest_send_shut: bool,
     /// The guest will receive no more.
     guest_rcv_shut: bool,
+    /// The guest forgot the connection (its reset) after shutting down its sending side:
+    /// only the bytes it sent before are still written to the host, nothing goes to it.
+    guest_gone: bool,
     /// When the connection was made (for a host program's: when its `CONNECT` was served).
     opened: Instant,
     /// Since when neither side sends any more, with the bytes moved by then.
@@ -130,6 +133,7 @@ impl<S: Read + Write> Connection<S> {
             shutdown_sent: false,
             guest_send_shut: false,
             guest_rcv_shut: false,
+            guest_gone: false,
             opened: Instant::now(),
             closing: None,
         }
@@ -218,6 +222,38 @@ impl<S: Read + Write> Connection<S> {
             // Nothing more goes to the guest.
             self.from_host.clear();
         }
+    }
+
+    /// The guest reset the connection. Returns whether it stays to write what the guest sent
+    /// before to the host.
+    ///
+    /// A reset after the guest shut down its sending side is not an abort: Linux's guest
+    /// driver sends it when its close timeout (8 s) passes before the device's own reset,
+    /// which the device sends once the host program has read everything. The bytes were
+    /// accepted under the credit the device advertised, and the guest's `send()` reported
+    /// them sent, so they still go to the host program, as a TCP stack delivers data before
+    /// its FIN. That lasts while the host program reads (bounded by the connection's credit
+    /// buffer and the shutdown timeout without progress); nothing more goes to the guest. A
+    /// reset while the guest could still send is an abort: the buffered bytes are dropped.
+    pub fn on_guest_reset(&mut self) -> bool {
+        if self.state != State::Established
+            || !self.guest_send_shut
+            || self.host_hup
+            || self.to_host_len() == 0
+        {
+            return false;
+        }
+        self.guest_gone = true;
+        self.guest_rcv_shut = true;
+        self.from_host.clear();
+        self.response_due = false;
+        self.credit_update_due = false;
+        true
+    }
+
+    /// Whether the guest reset the connection and only its last bytes still go to the host.
+    pub fn guest_gone(&self) -> bool {
+        self.guest_gone
     }
 
     /// The guest asked for our credit.
@@ -346,11 +382,12 @@ impl<S: Read + Write> Connection<S> {
 
     /// Whether [`Connection::next_packet`] has something.
     pub fn has_packet(&self) -> bool {
-        self.request_due
-            || self.response_due
-            || self.credit_update_due
-            || self.data_ready()
-            || self.shutdown_ready()
+        !self.guest_gone
+            && (self.request_due
+                || self.response_due
+                || self.credit_update_due
+                || self.data_ready()
+                || self.shutdown_ready())
     }
 
     fn data_ready(&self) -> bool {
@@ -378,6 +415,9 @@ impl<S: Read + Write> Connection<S> {
 
     /// The next packet for the guest, with at most `max_payload` payload bytes.
     pub fn next_packet(&mut self, max_payload: usize) -> Option<Outgoing> {
+        if self.guest_gone {
+            return None;
+        }
         let control = |hdr| Outgoing {
             hdr,
             payload: Vec::new(),

@@ -11,7 +11,9 @@
 //!
 //! Every stream has its own credit in both directions: the device never sends the guest more
 //! than it has room for, and buffers at most what it advertised for data on its way to a slow
-//! host socket. Host sockets are non-blocking and watched edge-triggered on the VMM's event
+//! host socket. Bytes the guest sent under that credit before shutting down its sending side
+//! reach the host program even if the guest resets the connection afterwards (Linux's close
+//! timeout; see [`conn::Connection::on_guest_reset`]). Host sockets are non-blocking and watched edge-triggered on the VMM's event
 //! loop; socket registrations made while serving a queue notification (which has no access
 //! to the event loop) are handed to the loop through an internal eventfd.
 //!

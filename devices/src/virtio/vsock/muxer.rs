@@ -391,13 +391,13 @@ impl Muxer {
         }
     }
 
-    /// Forget connection `key`; with `rst`, tell the guest.
+    /// Forget connection `key`; with `rst`, tell the guest (unless it already forgot it).
     fn remove_conn(&mut self, key: Key, rst: bool) {
         let Some((id, conn)) = self.conns.remove(&key) else {
             return;
         };
         self.by_event.remove(&id);
-        if rst {
+        if rst && !conn.guest_gone() {
             self.queue_rst(key);
         }
         inc(&self.metrics.connections_closed, 1);
@@ -596,7 +596,12 @@ impl Muxer {
         };
         let key = (hdr.dst_port, hdr.src_port);
         if op == Op::Request {
-            if self.conns.contains_key(&key) {
+            if self.conns.get(&key).is_some_and(|(_, c)| c.guest_gone()) {
+                // The guest reused the ports of a connection it reset while the device still
+                // wrote its last bytes to the host: the new connection wins.
+                debug!("virtio-vsock: a new connection {key:?} ends an old one's last writes");
+                self.remove_conn(key, false);
+            } else if self.conns.contains_key(&key) {
                 debug!("virtio-vsock: request for existing connection {key:?}");
                 inc(&m.malformed, 1);
                 self.remove_conn(key, true);
@@ -605,7 +610,7 @@ impl Muxer {
             self.open_guest_initiated(&hdr);
             return;
         }
-        let Some((_, c)) = self.conns.get_mut(&key) else {
+        let Some((_, c)) = self.conns.get_mut(&key).filter(|(_, c)| !c.guest_gone()) else {
             if op != Op::Rst {
                 debug!("virtio-vsock: {op:?} for unknown connection {key:?}");
                 inc(&m.malformed, 1);
@@ -616,7 +621,14 @@ impl Muxer {
         c.update_peer_credit(&hdr);
         let result = match op {
             Op::Rst => {
-                self.remove_conn(key, false);
+                // See `Connection::on_guest_reset`: data sent before the guest's shutdown
+                // still goes to the host.
+                if c.on_guest_reset() {
+                    debug!("virtio-vsock: connection {key:?} reset after its shutdown; flushing");
+                    self.service_conn(key);
+                } else {
+                    self.remove_conn(key, false);
+                }
                 return;
             }
             Op::Response if c.state == State::Connecting => {

@@ -1274,3 +1274,90 @@ fn host_connections_held_for_a_reset_the_guest_never_handles_time_out() {
     assert_eq!(m(&lp.dev().metrics().timeouts), 1);
     assert!(lp.dev().muxer.deferred.is_empty());
 }
+
+/// The guest fills the connection's whole credit while the host program has not accepted its
+/// connection yet, closes (SHUTDOWN both ways), and gives up waiting for the device's reset
+/// (Linux's close timeout) before the host program reads. The host program must still get
+/// every byte the guest's `send()` reported sent, then EOF.
+#[test]
+fn data_sent_before_a_guest_close_reaches_a_late_host_reader_despite_the_guest_reset() {
+    let mut s = setup();
+    let listener = UnixListener::bind(s.dir.port_path(6001)).unwrap();
+    let req = s.g.hdr(OP_REQUEST, 300, 6001);
+    s.g.send(&mut s.lp, req, &[]);
+    assert_eq!(s.g.wait(&mut s.lp, 1)[0].0.op, OP_RESPONSE);
+    let total = conn::CONN_BUF_ALLOC as usize;
+    let data: Vec<u8> = (0..total).map(|i| (i * 13 % 251) as u8).collect();
+    for chunk in data.chunks(16 * 1024) {
+        let rw = s.g.hdr(OP_RW, 300, 6001);
+        s.g.send(&mut s.lp, rw, chunk);
+    }
+    let mut sd = s.g.hdr(OP_SHUTDOWN, 300, 6001);
+    sd.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    s.g.send(&mut s.lp, sd, &[]);
+    for _ in 0..20 {
+        s.lp.run_once(5);
+    }
+    s.g.recv();
+    // The host socket buffers cannot hold it all: part of it still waits in the device.
+    let held: usize =
+        s.lp.dev()
+            .muxer
+            .conns
+            .values()
+            .map(|(_, c)| c.to_host_len())
+            .sum();
+    assert!(held > 0, "the host socket took everything: nothing to test");
+    let rst = s.g.hdr(OP_RST, 300, 6001);
+    s.g.send(&mut s.lp, rst, &[]);
+    // The host program accepts only now, and reads slowly.
+    let (mut host, _) = listener.accept().unwrap();
+    let (got, eof) = host_read(&mut s.lp, &mut host, usize::MAX);
+    assert!(eof, "no EOF after {} bytes", got.len());
+    assert_eq!(got.len(), total, "the host program got a short stream");
+    assert!(got == data, "the host program got other bytes");
+    assert_eq!(s.lp.dev().connection_count(), 0);
+    // The guest forgot the connection: nothing more goes to it.
+    assert_eq!(s.g.recv(), Vec::new());
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 0);
+}
+
+/// The same, but the host program never reads: a guest cannot make the device hold the
+/// connection beyond the shutdown timeout.
+#[test]
+fn data_after_a_guest_reset_the_host_never_reads_is_dropped_after_its_timeout() {
+    let mut s = setup();
+    s.lp.dev().set_timeouts(short_timeouts());
+    let listener = UnixListener::bind(s.dir.port_path(9)).unwrap();
+    let req = s.g.hdr(OP_REQUEST, 300, 9);
+    s.g.send(&mut s.lp, req, &[]);
+    assert_eq!(s.g.wait(&mut s.lp, 1)[0].0.op, OP_RESPONSE);
+    let (host, _) = listener.accept().unwrap();
+    for chunk in vec![1u8; conn::CONN_BUF_ALLOC as usize].chunks(16 * 1024) {
+        let rw = s.g.hdr(OP_RW, 300, 9);
+        s.g.send(&mut s.lp, rw, chunk);
+    }
+    let mut sd = s.g.hdr(OP_SHUTDOWN, 300, 9);
+    sd.flags = SHUTDOWN_SEND | SHUTDOWN_RCV;
+    s.g.send(&mut s.lp, sd, &[]);
+    s.lp.run_once(5);
+    s.g.recv();
+    let rst = s.g.hdr(OP_RST, 300, 9);
+    s.g.send(&mut s.lp, rst, &[]);
+    assert_eq!(s.lp.dev().connection_count(), 1, "still flushing");
+    // Packets on the forgotten connection are answered as for an unknown one.
+    let rw = s.g.hdr(OP_RW, 300, 9);
+    s.g.send(&mut s.lp, rw, b"late");
+    let pkts = s.g.wait(&mut s.lp, 1);
+    assert!(
+        pkts.iter()
+            .any(|(h, _)| (h.op, h.dst_port) == (OP_RST, 300)),
+        "{pkts:?}"
+    );
+    let done = s.lp.run_until(TIMEOUT, |d| d.connection_count() == 0);
+    assert!(done, "the stuck connection is still there");
+    assert_eq!(m(&s.lp.dev().metrics().timeouts), 1);
+    // The timeout sends no reset to a guest that already forgot the connection.
+    assert!(s.g.recv().iter().all(|(h, _)| h.op != OP_RST));
+    drop(host);
+}
