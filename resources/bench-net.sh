@@ -18,7 +18,7 @@
 # QEMU's microvm machine with vhost-net and vhost-vsock. RUNS rounds, one boot per VMM per
 # round, the order rotating each round so that drifting load hits all alike; medians.
 #
-# usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB] [--pings N]
+# usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB|0] [--pings N]
 #                               [--vmms LIST] [--flint-base BIN] [--peers DIR]
 #   --vmms LIST: comma-separated, from flint, flint-base, firecracker, qemu (default: flint,
 #                firecracker, qemu, plus flint-base when --flint-base is given)
@@ -52,9 +52,10 @@ while (($#)); do
     esac
     shift
 done
-for v in "$runs" "$tcp_mib" "$vsock_mib" "$pings"; do
+for v in "$runs" "$tcp_mib" "$pings"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || die "counts and sizes are positive integers, got '$v'"
 done
+[[ $vsock_mib =~ ^(0|[1-9][0-9]*)$ ]] || die "--vsock-mib takes a size in MiB (0: no vsock runs), got '$vsock_mib'"
 
 if [ -z "$vmms" ]; then
     vmms=flint,firecracker,qemu
@@ -117,10 +118,12 @@ timeout "$LIMIT" $T connect tcp:10.0.0.1:5102 --send ${TCP}M --seed 1 --retry 30
 c=$(counts)
 echo "BENCH counts tcp-h2g $a $b"
 echo "BENCH counts tcp-g2h $b $c"
-echo "BENCH-STEP vsock guest -> host"
-timeout "$LIMIT" $T connect vsock:2:6000 --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
-timeout "$LIMIT" $T listen vsock:5000 --conns 1 --recv | sed 's/^/BENCH vsock-h2g /' &
-sleep 1
+if [ "$VSOCK" != 0 ]; then
+    echo "BENCH-STEP vsock guest -> host"
+    timeout "$LIMIT" $T connect vsock:2:6000 --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
+    timeout "$LIMIT" $T listen vsock:5000 --conns 1 --recv | sed 's/^/BENCH vsock-h2g /' &
+    sleep 1
+fi
 echo BENCH-VSOCK-READY
 wait
 GUEST
@@ -213,13 +216,16 @@ FC_JSON
         ;;
     esac
     VMM_PID=$!
+    # the guest's console, live (progress on the nested host's console)
+    tail -f "$D/guest.out" 2>/dev/null | sed "s/^/live $vmm: /" &
     i=0
     while [ $i -lt 3000 ] && ! grep -q BENCH-VSOCK-READY "$D/guest.out" 2>/dev/null &&
         kill -0 $VMM_PID 2>/dev/null; do
         sleep 1
         i=$((i + 1))
     done
-    timeout 600 "$T" connect "$to_guest" --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
+    [ "$VSOCK" = 0 ] ||
+        timeout 600 "$T" connect "$to_guest" --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
     wait $VMM_PID
     status=$?
     sleep 1
