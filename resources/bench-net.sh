@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
 # Network benchmark (not a test). One guest with a virtio-net NIC on a TAP and a vsock device
-# measures, RUNS times each:
+# measures, once per boot:
 #   - TCP throughput host -> guest and guest -> host: MIB (default 100) through vsock-io
 #     (64 KiB per system call; busybox nc moves a few KiB per call and measures itself),
 #     timed from the first byte received to the end of the stream;
-#   - vsock throughput both ways: MIB through vsock-io (guest AF_VSOCK <-> flint's Unix
+#   - vsock throughput both ways: MIB through vsock-io (guest AF_VSOCK <-> the VMM's Unix
 #     socket on the host, or the host's AF_VSOCK under QEMU), timed the same way;
-# and once: ping round-trip latency (min/avg/max over N pings, 200 ms apart) and, as the
-# ceiling of this rig, how fast the same tools move bytes through a pipe in the guest
-# (generating and checksumming cost guest CPU too).
-# The same guest then runs under QEMU's microvm machine (vhost-net, vhost-vsock) in the same
-# host, and every figure is printed for both VMMs.
+#   - per TCP transfer, the guest's virtio interrupts and its eth0 frames (from
+#     /proc/interrupts and /proc/net/dev before and after), as interrupts per 1000 frames;
+# and in the first round only: ping round-trip latency (min/avg/max over N pings, 200 ms
+# apart) and, as the ceiling of this rig, how fast the same tools move bytes through a pipe in
+# the guest (generating and checksumming cost guest CPU too).
+# Each VMM boots the same kernel, initramfs and command line on the same TAP with the same
+# tools: flint; `--flint-base BIN`, a second flint binary (e.g. the previous commit's) as
+# "flint-base"; Firecracker (from --peers, default ../shared/peers: `--no-api --config-file`
+# with the NIC on the same TAP and its vsock, whose host side speaks flint's protocol); and
+# QEMU's microvm machine with vhost-net and vhost-vsock. RUNS rounds, one boot per VMM per
+# round, the order rotating each round so that drifting load hits all alike; medians.
 #
-# usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB] [--pings N]
+# usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB|0] [--pings N]
+#                               [--vmms LIST] [--flint-base BIN] [--peers DIR]
+#   --vmms LIST: comma-separated, from flint, flint-base, firecracker, qemu (default: flint,
+#                firecracker, qemu, plus flint-base when --flint-base is given)
 #
 # Where the local /dev/kvm cannot boot Linux (PVM), everything runs inside the nested KVM host
 # (resources/nested-host/run.sh); timings there are only comparable with other timings taken
@@ -27,18 +36,38 @@ runs=3
 tcp_mib=100
 vsock_mib=100
 pings=20
+vmms=
+flint_base=
+peers=$here/../../shared/peers
 while (($#)); do
     case $1 in
     -n) runs=${2:?}; shift ;;
     --tcp-mib) tcp_mib=${2:?}; shift ;;
     --vsock-mib) vsock_mib=${2:?}; shift ;;
     --pings) pings=${2:?}; shift ;;
+    --vmms) vmms=${2:?}; shift ;;
+    --flint-base) flint_base=$(realpath "${2:?}"); shift ;;
+    --peers) peers=${2:?}; shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
     esac
     shift
 done
-for v in "$runs" "$tcp_mib" "$vsock_mib" "$pings"; do
+for v in "$runs" "$tcp_mib" "$pings"; do
     [[ $v =~ ^[1-9][0-9]*$ ]] || die "counts and sizes are positive integers, got '$v'"
+done
+[[ $vsock_mib =~ ^(0|[1-9][0-9]*)$ ]] || die "--vsock-mib takes a size in MiB (0: no vsock runs), got '$vsock_mib'"
+
+if [ -z "$vmms" ]; then
+    vmms=flint,firecracker,qemu
+    [ -z "$flint_base" ] || vmms=flint,flint-base,firecracker,qemu
+fi
+for v in ${vmms//,/ }; do
+    case $v in
+    flint | qemu) ;;
+    flint-base) [ -x "$flint_base" ] || die "--vmms has flint-base: give its binary with --flint-base" ;;
+    firecracker) [ -x "$peers/firecracker" ] || die "no Firecracker binary at $peers/firecracker (--peers)" ;;
+    *) die "unknown VMM '$v' in --vmms (flint, flint-base, firecracker, qemu)" ;;
+    esac
 done
 
 ensure_packages iproute2 cpio busybox-static
@@ -46,7 +75,7 @@ ensure_packages iproute2 cpio busybox-static
 "$here/build-guest-initramfs.sh"
 target=${CARGO_TARGET_DIR:-$here/../target}
 log "building flint (release)"
-(cd "$here/.." && cargo build --release --quiet)
+(cd "$here/.." && cargo build --release --quiet --bin flint)
 flint=$target/release/flint
 log "building vsock-io (release, static)"
 (cd "$here/.." && CARGO_ENCODED_RUSTFLAGS=-Ctarget-feature=+crt-static cargo build --release \
@@ -70,23 +99,31 @@ T=/tools/vsock-io
 ip link set eth0 up && ip addr add 10.0.0.2/24 dev eth0
 i=0
 while [ $i -lt 90 ] && ! ping -c 1 -W 1 10.0.0.1 >/dev/null 2>&1; do i=$((i + 1)); done
-echo "BENCH guest-pipe $($T gen ${TCP}M | $T sum)"
-ping -c "$PINGS" -i 0.2 10.0.0.1 | sed -n 's/^round-trip/BENCH ping &/p'
-r=0
-while [ $r -lt "$RUNS" ]; do
-    echo "BENCH-STEP run $r: TCP"
-    timeout "$LIMIT" $T connect tcp:10.0.0.1:5101 --recv --retry 30 | sed 's/^/BENCH tcp-h2g /'
-    timeout "$LIMIT" $T connect tcp:10.0.0.1:5102 --send ${TCP}M --seed $r --retry 30 >/dev/null
-    r=$((r + 1))
-done
-r=0
-while [ $r -lt "$RUNS" ]; do
-    echo "BENCH-STEP run $r: vsock guest -> host"
-    timeout "$LIMIT" $T connect vsock:2:6000 --send ${VSOCK}M --seed $r --retry 30 >/dev/null
-    r=$((r + 1))
-done
-timeout "$LIMIT" $T listen vsock:5000 --conns "$RUNS" --recv | sed 's/^/BENCH vsock-h2g /' &
-sleep 1
+# counts: virtio interrupts (all devices; only the NIC is busy during a TCP transfer), eth0's
+# received and sent frames
+counts() {
+    irq=$(awk '/virtio/ { for (i = 2; i <= NF && $i ~ /^[0-9]+$/; i++) n += $i } END { print n + 0 }' /proc/interrupts)
+    pk=$(awk -F'[: ]+' '/eth0:/ { print $4, $12 }' /proc/net/dev)
+    echo "$irq $pk"
+}
+if [ "$FIRST" = 1 ]; then
+    echo "BENCH guest-pipe $($T gen ${TCP}M | $T sum)"
+    ping -c "$PINGS" -i 0.2 10.0.0.1 | sed -n 's/^round-trip/BENCH ping &/p'
+fi
+echo "BENCH-STEP TCP"
+a=$(counts)
+timeout "$LIMIT" $T connect tcp:10.0.0.1:5101 --recv --retry 30 | sed 's/^/BENCH tcp-h2g /'
+b=$(counts)
+timeout "$LIMIT" $T connect tcp:10.0.0.1:5102 --send ${TCP}M --seed 1 --retry 30 >/dev/null
+c=$(counts)
+echo "BENCH counts tcp-h2g $a $b"
+echo "BENCH counts tcp-g2h $b $c"
+if [ "$VSOCK" != 0 ]; then
+    echo "BENCH-STEP vsock guest -> host"
+    timeout "$LIMIT" $T connect vsock:2:6000 --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
+    timeout "$LIMIT" $T listen vsock:5000 --conns 1 --recv | sed 's/^/BENCH vsock-h2g /' &
+    sleep 1
+fi
 echo BENCH-VSOCK-READY
 wait
 GUEST
@@ -98,8 +135,11 @@ cat "$work/extra.cpio" >>"$work/initramfs-bench.cpio"
 
 # LIMIT: seconds for any one step (at 1 MiB/s at worst)
 limit=$((60 + tcp_mib + vsock_mib))
-exec_script="TCP=$tcp_mib VSOCK=$vsock_mib PINGS=$pings RUNS=$runs LIMIT=$limit sh /tools/bench.sh"
-cmdline="console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet flint.exec=$(printf '%s' "$exec_script" | base64 -w0)"
+exec_script="TCP=$tcp_mib VSOCK=$vsock_mib PINGS=$pings LIMIT=$limit sh /tools/bench.sh"
+cmdline_of() { # FIRST
+    printf '%s' "console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet flint.exec="
+    printf '%s' "FIRST=$1 $exec_script" | base64 -w0
+}
 
 # The other VMM: QEMU's microvm machine with the fastest back ends it has for these devices,
 # vhost-net for the NIC and vhost-vsock (the host side is then AF_VSOCK, not a Unix socket).
@@ -114,7 +154,9 @@ cat >"$work/scenario.sh" <<SCENARIO
 RUNS=$runs
 TCP=$tcp_mib
 VSOCK=$vsock_mib
-CMDLINE='$cmdline'
+VMMS='${vmms//,/ }'
+CMDLINE_FIRST='$(cmdline_of 1)'
+CMDLINE_REST='$(cmdline_of 0)'
 QEMU_ARGS='$qemu_args'
 SCENARIO
 cat >>"$work/scenario.sh" <<'SCENARIO'
@@ -133,41 +175,57 @@ $NS "$IP" tuntap add dev flbench0 mode tap
 $NS "$IP" addr add 10.0.0.1/24 dev flbench0
 $NS "$IP" link set flbench0 up
 
-# bench VMM: the whole guest run under VMM (flint or qemu); its results follow "BENCH-VMM VMM".
+# bench VMM ROUND: one boot of the guest under VMM; its results follow "BENCH-VMM VMM".
 bench() {
     vmm=$1
-    D=$W/$vmm
+    D=$W/$vmm-$2
     mkdir -p "$D"
-    $NS "$T" listen tcp:5101 --conns "$RUNS" --send ${TCP}M >/dev/null 2>&1 &
-    $NS "$T" listen tcp:5102 --conns "$RUNS" --recv >"$D/tcp-g2h" 2>&1 &
-    if [ "$vmm" = flint ]; then
-        "$T" listen unix:"$D/v.sock_6000" --conns "$RUNS" --recv >"$D/vsock-g2h" 2>&1 &
-        $NS "$BIN/flint" boot --kernel "$BIN/bzImage" --initrd "$BIN/initramfs-bench.cpio" \
+    CMDLINE=$CMDLINE_REST
+    [ "$2" != 0 ] || CMDLINE=$CMDLINE_FIRST
+    $NS "$T" listen tcp:5101 --conns 1 --send ${TCP}M >/dev/null 2>&1 &
+    $NS "$T" listen tcp:5102 --conns 1 --recv >"$D/tcp-g2h" 2>&1 &
+    case $vmm in
+    flint | flint-base)
+        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
+        $NS "$BIN/$vmm" boot --kernel "$BIN/bzImage" --initrd "$BIN/initramfs-bench.cpio" \
             --memory 256 --net tap=flbench0 --vsock cid=3,uds="$D/v.sock" --cmdline "$CMDLINE" \
             </dev/null >"$D/guest.out" 2>"$D/guest.err" &
         to_guest="flint:$D/v.sock:5000"
-    else
-        "$T" listen vsock:6000 --conns "$RUNS" --recv >"$D/vsock-g2h" 2>&1 &
+        ;;
+    firecracker)
+        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
+        cat >"$D/fc.json" <<FC_JSON
+{"boot-source": {"kernel_image_path": "$BIN/bzImage",
+                 "initrd_path": "$BIN/initramfs-bench.cpio",
+                 "boot_args": "$CMDLINE"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+ "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "flbench0"}],
+ "vsock": {"guest_cid": 3, "uds_path": "$D/v.sock"},
+ "drives": []}
+FC_JSON
+        $NS "$BIN/firecracker" --no-api --config-file "$D/fc.json" --level Error \
+            </dev/null >"$D/guest.out" 2>"$D/guest.err" &
+        to_guest="flint:$D/v.sock:5000"
+        ;;
+    qemu)
+        "$T" listen vsock:6000 --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
         # shellcheck disable=SC2086
         $NS "$QEMU" $QEMU_ARGS -kernel "$BIN/bzImage" -initrd "$BIN/initramfs-bench.cpio" \
             -append "$CMDLINE reboot=t" </dev/null >"$D/guest.out" 2>"$D/guest.err" &
         to_guest="vsock:3:5000"
-    fi
+        ;;
+    esac
     VMM_PID=$!
-    # the guest's console, live (progress for BENCH_RAW=1, and for the nested host's console)
+    # the guest's console, live (progress on the nested host's console)
     tail -f "$D/guest.out" 2>/dev/null | sed "s/^/live $vmm: /" &
-    TAIL_PID=$!
     i=0
     while [ $i -lt 3000 ] && ! grep -q BENCH-VSOCK-READY "$D/guest.out" 2>/dev/null &&
         kill -0 $VMM_PID 2>/dev/null; do
         sleep 1
         i=$((i + 1))
     done
-    r=0
-    while [ $r -lt "$RUNS" ]; do
-        timeout 600 "$T" connect "$to_guest" --send ${VSOCK}M --seed $r --retry 30 >/dev/null
-        r=$((r + 1))
-    done
+    [ "$VSOCK" = 0 ] ||
+        timeout 600 "$T" connect "$to_guest" --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
     wait $VMM_PID
     status=$?
     sleep 1
@@ -178,6 +236,9 @@ bench() {
     cat "$D/guest.out"
     sed 's/^/BENCH tcp-g2h /' "$D/tcp-g2h"
     sed 's/^/BENCH vsock-g2h /' "$D/vsock-g2h"
+    echo "BENCH-VMM-END $vmm round $2: $(grep -h 'vsock-io: conn' "$D/guest.out" "$D/tcp-g2h" "$D/vsock-g2h" | tr -d '\r' | sed -n 's/.*bytes=\([0-9]*\) .*secs=\([0-9.]*\) ok$/\1 \2/p' | awk '$2 > 0 { printf "%.0f ", $1 / $2 / 1048576 }')MiB/s"
+    # Firecracker's exit status on the guest's reset is not 0; the guest's marker says it all.
+    [ "$vmm" = firecracker ] && status=0
     if [ $status -ne 0 ] || ! grep -q 'FLINT-GUEST-EXIT 0' "$D/guest.out"; then
         echo "BENCH-FAILED $vmm status $status"
         cat "$D/guest.err"
@@ -185,13 +246,28 @@ bench() {
     fi
 }
 echo "BENCH-QEMU-VERSION $("$QEMU" --version | head -n1)"
-bench flint
-bench qemu
+[ -x "$BIN/firecracker" ] && echo "BENCH-FC-VERSION $("$BIN/firecracker" --version 2>&1 | head -n1)"
+set -- $VMMS
+n=$#
+r=0
+while [ $r -lt "$RUNS" ]; do
+    # rotate: round r starts with the (r mod n)-th VMM
+    k=0
+    while [ $k -lt $n ]; do
+        j=$(((r + k) % n + 1))
+        eval "bench \${$j} $r"
+        k=$((k + 1))
+    done
+    r=$((r + 1))
+done
 SCENARIO
 
 files=("$flint:flint" "$guest/bzImage:bzImage" "$work/initramfs-bench.cpio:initramfs-bench.cpio"
     "$tool:vsock-io" "$ip:ip")
-budget=$((600 + runs * (2 * tcp_mib + vsock_mib) * 2))
+[ -z "$flint_base" ] || files+=("$flint_base:flint-base")
+[[ ,$vmms, != *,firecracker,* ]] || files+=("$peers/firecracker:firecracker")
+nv=$(tr , "\n" <<<"$vmms" | wc -l)
+budget=$((600 + runs * nv * (120 + 2 * tcp_mib + 2 * vsock_mib)))
 if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running the benchmark inside the nested KVM host"
     {
@@ -216,36 +292,82 @@ fi
 tr -d '\r' <"$work/out" >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
 
-# rates VMM NAME: "MiB/s Gbit/s" per run of VMM's BENCH NAME vsock-io lines (bytes / secs).
+# rates VMM NAME: MiB/s per run of VMM's BENCH NAME vsock-io lines (bytes / secs).
 rates() {
     awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
         grep -E "^BENCH $2 vsock-io: .* ok\$" |
         sed -n 's/.* bytes=\([0-9]*\) .* secs=\([0-9.]*\) ok$/\1 \2/p' |
-        awk '$2 > 0 { printf "%.2f %.3f\n", $1 / $2 / 1048576, $1 * 8 / $2 / 1e9 }'
+        awk '$2 > 0 { printf "%.2f\n", $1 / $2 / 1048576 }'
 }
-# stats LABEL: median, min, max of the "MiB/s Gbit/s" lines on stdin.
-stats() {
-    sort -n | awk -v label="$1" '
-        { m[NR] = $1; g[NR] = $2 }
-        END {
-            if (NR == 0) { printf "%-28s no samples\n", label; exit 1 }
-            i = int((NR + 1) / 2)
-            printf "%-28s median %8.2f MiB/s (%.3f Gbit/s)   min %8.2f   max %8.2f   (n=%d)\n",
-                label, m[i], g[i], m[1], m[NR], NR
-        }'
+# median: "median (min-max)" of the numbers on stdin, or "-".
+median() {
+    sort -n | awk '{ m[NR] = $1 } END {
+        if (NR == 0) { print "-"; exit }
+        printf "%.0f (%.0f-%.0f)\n", m[int((NR + 1) / 2)], m[1], m[NR] }'
+}
+# irqs VMM NAME: guest interrupts per 1000 eth0 frames (both directions) per TCP transfer.
+irqs() {
+    awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
+        awk -v name="$2" '$1 == "BENCH" && $2 == "counts" && $3 == name {
+            f = ($8 - $5) + ($9 - $6); if (f > 0) printf "%.1f\n", ($7 - $4) * 1000 / f }' |
+        sort -n | awk '{ m[NR] = $1 } END { if (NR == 0) print "-"; else print m[int((NR + 1) / 2)] }'
+}
+# frames VMM NAME: eth0 frames (both directions) per MiB moved, median.
+frames() {
+    awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
+        awk -v name="$2" -v mib="$tcp_mib" '$1 == "BENCH" && $2 == "counts" && $3 == name {
+            printf "%.0f\n", (($8 - $5) + ($9 - $6)) / mib }' |
+        sort -n | awk '{ m[NR] = $1 } END { if (NR == 0) print "-"; else print m[int((NR + 1) / 2)] }'
+}
+ping_avg() {
+    awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
+        sed -n 's/^BENCH ping round-trip min\/avg\/max = \(.*\)$/\1/p' | head -n1 |
+        awk -F/ '{ printf "%s ms\n", $2 }'
 }
 
-echo "flint network benchmark, $(date -u +%Y-%m-%d): TCP ${tcp_mib} MiB and vsock ${vsock_mib} MiB per run, $runs runs"
-echo "where: $where; guest: 1 vCPU, 256 MiB, vsock-io on both ends"
-echo "other VMM: $(sed -n 's/.*BENCH-QEMU-VERSION //p' "$work/clean" | head -n1), microvm, vhost-net, vhost-vsock"
-for vmm in flint qemu; do
-    echo "--- $vmm"
-    rates $vmm tcp-h2g | stats "TCP host -> guest"
-    rates $vmm tcp-g2h | stats "TCP guest -> host"
-    rates $vmm vsock-h2g | stats "vsock host -> guest"
-    rates $vmm vsock-g2h | stats "vsock guest -> host"
-    awk -v vmm="$vmm" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
-        sed -n 's/^BENCH ping round-trip min\/avg\/max = \(.*\)$/\1/p' | head -n1 |
-        awk -v n="$pings" -F/ '{ printf "%-28s min %s ms   avg %s ms   max %s (n=%d)\n", "ping round trip", $1, $2, $3, n }'
-    rates $vmm guest-pipe | stats "pipe in the guest (ceiling)"
-done
+vmm_list=${vmms//,/ }
+echo "flint network benchmark, $(date -u +%Y-%m-%d): TCP ${tcp_mib} MiB and vsock ${vsock_mib} MiB per boot, $runs rounds (one boot per VMM per round, order rotating)"
+echo "where: $where; guest: 1 vCPU, 256 MiB, one TAP, vsock-io on both ends"
+[[ " $vmm_list " != *" qemu "* ]] ||
+    echo "qemu: $(sed -n 's/.*BENCH-QEMU-VERSION //p' "$work/clean" | head -n1), microvm, vhost-net, vhost-vsock"
+[[ " $vmm_list " != *" firecracker "* ]] ||
+    echo "firecracker: $(sed -n 's/.*BENCH-FC-VERSION //p' "$work/clean" | head -n1)"
+echo "MiB/s: median (min-max) of $runs; irq/kframe: guest virtio interrupts per 1000 eth0 frames"
+echo
+{
+    printf '| figure |'
+    for v in $vmm_list; do printf ' %s |' "$v"; done
+    [[ " $vmm_list " != *" firecracker "* ]] || printf ' flint / firecracker |'
+    echo
+    printf '|---|'
+    for v in $vmm_list; do printf -- '---|'; done
+    [[ " $vmm_list " != *" firecracker "* ]] || printf -- '---|'
+    echo
+    for fig in tcp-h2g:"TCP host -> guest" tcp-g2h:"TCP guest -> host" \
+        vsock-h2g:"vsock host -> guest" vsock-g2h:"vsock guest -> host"; do
+        name=${fig%%:*}
+        printf '| %s, MiB/s |' "${fig#*:}"
+        for v in $vmm_list; do printf ' %s |' "$(rates "$v" "$name" | median)"; done
+        if [[ " $vmm_list " == *" firecracker "* ]]; then
+            f=$(rates flint "$name" | median | cut -d' ' -f1)
+            c=$(rates firecracker "$name" | median | cut -d' ' -f1)
+            awk -v f="$f" -v c="$c" 'BEGIN { if (c > 0) printf " %.2fx |", f / c; else printf " - |" }'
+        fi
+        echo
+        case $name in tcp-*)
+            printf '| %s, irq/kframe (frames/MiB) |' "${fig#*:}"
+            for v in $vmm_list; do printf ' %s (%s) |' "$(irqs "$v" "$name")" "$(frames "$v" "$name")"; done
+            [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+            echo
+            ;;
+        esac
+    done
+    printf '| ping round trip, avg |'
+    for v in $vmm_list; do printf ' %s |' "$(ping_avg "$v")"; done
+    [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+    echo
+    printf '| pipe in the guest (ceiling), MiB/s |'
+    for v in $vmm_list; do printf ' %s |' "$(rates "$v" guest-pipe | median)"; done
+    [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+    echo
+}

@@ -26,7 +26,7 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
@@ -36,6 +36,7 @@ use super::chain::{
 use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
     BACKEND_EVENT_BASE, MAX_CHAINS_PER_PASS, VIRTIO_F_VERSION_1, VIRTIO_ID_NET,
+    VIRTIO_RING_F_EVENT_IDX,
 };
 use crate::mmds::endpoint::MmdsEndpoint;
 use crate::rate_limiter::RateLimiter;
@@ -264,18 +265,74 @@ struct Active {
     mrg_rxbuf: bool,
     /// Receive chains popped from the queue and not used yet, in order.
     rx_chains: VecDeque<RxChain>,
-    /// Used entries added since the last interrupt.
+    /// Used entries added since the last interrupt decision.
     rx_used: bool,
     tx_used: bool,
+    /// The used index of each queue when the device last decided whether to interrupt: the
+    /// entries after it are the new ones `used_event` is compared with.
+    rx_signalled: u16,
+    tx_signalled: u16,
     /// What is left of the current receive pass's budget: each frame and each receive chain
     /// taken costs one.
     rx_budget: usize,
 }
 
+/// Whether the driver wants an interrupt for the used entries `since..queue.next_used()`:
+/// with `VIRTIO_RING_F_EVENT_IDX`, when its `used_event` lies among them (virtio 1.2, 2.7.10);
+/// without, unless it set `VRING_AVAIL_F_NO_INTERRUPT`. Unreadable rings mean yes.
+fn wants_interrupt(queue: &Queue, mem: &GuestMemoryMmap, since: u16) -> bool {
+    // The used entries must be visible before the driver's suppression field is read (the
+    // driver writes that field and then reads the used index).
+    std::sync::atomic::fence(Ordering::SeqCst);
+    let avail = GuestAddress(queue.avail_ring());
+    if queue.event_idx_enabled() {
+        // `used_event` follows the flags, the index and `size` ring entries.
+        let Some(addr) = avail.checked_add(4 + 2 * u64::from(queue.size())) else {
+            return true;
+        };
+        let Ok(used_event) = mem.read_obj::<u16>(addr).map(u16::from_le) else {
+            return true;
+        };
+        let new = queue.next_used();
+        new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(since)
+    } else {
+        mem.read_obj::<u16>(avail)
+            .map(|flags| u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0)
+            .unwrap_or(true)
+    }
+}
+
+/// `flags` bit of the available ring: the driver does not want interrupts.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
 impl Active {
+    fn new(
+        mem: GuestMemoryMmap,
+        rx: Queue,
+        tx: Queue,
+        interrupt: Arc<VirtioInterrupt>,
+        mrg_rxbuf: bool,
+    ) -> Self {
+        let (rx_signalled, tx_signalled) = (rx.next_used(), tx.next_used());
+        Active {
+            mem,
+            rx,
+            tx,
+            interrupt,
+            mrg_rxbuf,
+            rx_chains: VecDeque::new(),
+            rx_used: false,
+            tx_used: false,
+            rx_signalled,
+            tx_signalled,
+            rx_budget: 0,
+        }
+    }
+
     /// Pop receive chains until `want` bytes fit (or one chain, without mergeable buffers).
     /// Returns whether the stash holds enough.
     fn stash_rx(&mut self, want: usize, metrics: &NetMetrics) -> bool {
+        let mut rearmed = false;
         loop {
             let have: usize = if self.mrg_rxbuf {
                 self.rx_chains.iter().map(|c| c.capacity).sum()
@@ -290,7 +347,17 @@ impl Active {
             }
             self.rx_budget -= 1;
             let Some(chain) = pop_chain(&mut self.rx, &self.mem) else {
-                return false;
+                // Out of buffers: ask the driver to notify when it adds some, and look once
+                // more in case it did meanwhile. Only once per call: a bogus available index
+                // must not keep the device spinning.
+                if rearmed {
+                    return false;
+                }
+                rearmed = true;
+                match self.rx.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    _ => return false,
+                }
             };
             let head = chain.head_index();
             match parse_rx_chain(&self.mem, head, chain) {
@@ -362,13 +429,16 @@ impl Active {
         Delivery::Delivered
     }
 
+    /// Interrupt the driver once for everything used since the last call, if it wants one.
     fn signal(&mut self) {
         let mut notify = false;
         if std::mem::take(&mut self.rx_used) {
-            notify |= self.rx.needs_notification(&self.mem).unwrap_or(true);
+            notify |= wants_interrupt(&self.rx, &self.mem, self.rx_signalled);
+            self.rx_signalled = self.rx.next_used();
         }
         if std::mem::take(&mut self.tx_used) {
-            notify |= self.tx.needs_notification(&self.mem).unwrap_or(true);
+            notify |= wants_interrupt(&self.tx, &self.mem, self.tx_signalled);
+            self.tx_signalled = self.tx.next_used();
         }
         if notify {
             self.interrupt.signal_used_queue();
@@ -436,7 +506,8 @@ impl Net {
                 | feature(VIRTIO_NET_F_GUEST_TSO6)
                 | feature(VIRTIO_NET_F_HOST_TSO4)
                 | feature(VIRTIO_NET_F_HOST_TSO6)
-                | feature(VIRTIO_NET_F_MRG_RXBUF),
+                | feature(VIRTIO_NET_F_MRG_RXBUF)
+                | feature(VIRTIO_RING_F_EVENT_IDX),
             acked_features: 0,
             config,
             active: None,
@@ -550,6 +621,9 @@ impl Net {
             return;
         };
         let m = &*self.metrics;
+        // The driver need not kick while the device has its buffers; `stash_rx` re-arms
+        // notifications when it runs out (a no-op with EVENT_IDX: see `stash_rx`).
+        let _ = active.rx.disable_notification(&active.mem);
         active.rx_budget = MAX_CHAINS_PER_PASS;
         while active.rx_budget > 0 {
             active.rx_budget -= 1;
@@ -655,74 +729,94 @@ impl Net {
             return;
         }
         let mut budget = MAX_CHAINS_PER_PASS;
-        while budget > 0 {
-            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
-                break;
-            };
-            budget -= 1;
-            let head = chain.head_index();
-            match parse_tx_chain(&mem, chain) {
-                Err(e) => {
-                    debug!(
-                        "virtio-net {}: malformed transmit chain: {e}",
-                        self.tap.name()
-                    );
-                    inc(&m.tx_malformed, 1);
-                }
-                Ok(segs)
-                    if !admit(
-                        &mut self.tx_limiter,
-                        segs.iter()
-                            .map(|s| s.len as usize)
-                            .sum::<usize>()
-                            .saturating_sub(VNET_HDR_LEN),
-                        &m.tx_rate_limiter_throttled,
-                    ) =>
-                {
-                    // Leave the chain in the queue until the limiter's timer fires.
-                    let next = active.tx.next_avail().wrapping_sub(1);
-                    active.tx.set_next_avail(next);
+        // Rounds that found nothing to send; bounds the re-checks below.
+        let mut idle_rounds = 0;
+        'serve: loop {
+            // No kicks while the queue is being drained (a no-op with EVENT_IDX, where the driver
+            // kicks only when it passes the `avail_event` set when re-arming below).
+            let _ = active.tx.disable_notification(&mem);
+            let mut popped = false;
+            while budget > 0 {
+                let Some(chain) = pop_chain(&mut active.tx, &mem) else {
                     break;
-                }
-                Ok(segs) if self.mmds.as_ref().is_some_and(|e| for_mmds(e, &mem, &segs)) => {
-                    if let (Some(frame), Some(mmds)) = (read_frame(&mem, &segs), self.mmds.as_mut())
+                };
+                budget -= 1;
+                popped = true;
+                let head = chain.head_index();
+                match parse_tx_chain(&mem, chain) {
+                    Err(e) => {
+                        debug!(
+                            "virtio-net {}: malformed transmit chain: {e}",
+                            self.tap.name()
+                        );
+                        inc(&m.tx_malformed, 1);
+                    }
+                    Ok(segs)
+                        if !admit(
+                            &mut self.tx_limiter,
+                            segs.iter()
+                                .map(|s| s.len as usize)
+                                .sum::<usize>()
+                                .saturating_sub(VNET_HDR_LEN),
+                            &m.tx_rate_limiter_throttled,
+                        ) =>
                     {
-                        mmds.receive(&frame[VNET_HDR_LEN..]);
-                        inc(&m.tx_frames, 1);
-                        inc(&m.tx_bytes, (frame.len() - VNET_HDR_LEN) as u64);
-                    }
-                }
-                Ok(segs) => match write_frame(&self.tap, &mem, &segs) {
-                    Ok(n) => {
-                        inc(&m.tx_frames, 1);
-                        inc(&m.tx_bytes, n.saturating_sub(VNET_HDR_LEN) as u64);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        // Leave the chain in the queue; retry when the TAP is writable.
+                        // Leave the chain in the queue until the limiter's timer fires.
                         let next = active.tx.next_avail().wrapping_sub(1);
                         active.tx.set_next_avail(next);
-                        self.tx_blocked = true;
-                        inc(&m.tx_blocked, 1);
-                        break;
+                        break 'serve;
                     }
-                    Err(e) => {
-                        debug!("virtio-net {}: TAP write failed: {e}", self.tap.name());
-                        inc(&m.tx_errors, 1);
+                    Ok(segs) if self.mmds.as_ref().is_some_and(|e| for_mmds(e, &mem, &segs)) => {
+                        if let (Some(frame), Some(mmds)) =
+                            (read_frame(&mem, &segs), self.mmds.as_mut())
+                        {
+                            mmds.receive(&frame[VNET_HDR_LEN..]);
+                            inc(&m.tx_frames, 1);
+                            inc(&m.tx_bytes, (frame.len() - VNET_HDR_LEN) as u64);
+                        }
                     }
-                },
+                    Ok(segs) => match write_frame(&self.tap, &mem, &segs) {
+                        Ok(n) => {
+                            inc(&m.tx_frames, 1);
+                            inc(&m.tx_bytes, n.saturating_sub(VNET_HDR_LEN) as u64);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            // Leave the chain in the queue; retry when the TAP is writable.
+                            let next = active.tx.next_avail().wrapping_sub(1);
+                            active.tx.set_next_avail(next);
+                            self.tx_blocked = true;
+                            inc(&m.tx_blocked, 1);
+                            break 'serve;
+                        }
+                        Err(e) => {
+                            debug!("virtio-net {}: TAP write failed: {e}", self.tap.name());
+                            inc(&m.tx_errors, 1);
+                        }
+                    },
+                }
+                if let Err(e) = active.tx.add_used(&mem, head, 0) {
+                    crate::guest_warn!(
+                        "virtio-net {}: cannot return a transmit buffer: {e}",
+                        self.tap.name()
+                    );
+                    break 'serve;
+                }
+                active.tx_used = true;
             }
-            if let Err(e) = active.tx.add_used(&mem, head, 0) {
-                crate::guest_warn!(
-                    "virtio-net {}: cannot return a transmit buffer: {e}",
-                    self.tap.name()
-                );
+            if budget == 0 {
+                // Chains may be left (notifications stay off): the transport brings us back.
+                self.unfinished |= 1 << TX_QUEUE;
                 break;
             }
-            active.tx_used = true;
-        }
-        if budget == 0 {
-            // Chains may be left: the transport brings us back.
-            self.unfinished |= 1 << TX_QUEUE;
+            if !popped {
+                idle_rounds += 1;
+            }
+            // Re-arm notifications; if the driver added chains meanwhile, go again (but not
+            // forever on an available index that yields nothing, e.g. a bogus one).
+            match active.tx.enable_notification(&mem) {
+                Ok(true) if idle_rounds < 2 => {}
+                _ => break,
+            }
         }
         active.signal();
         if self.mmds.as_ref().is_some_and(|e| e.has_frames()) {
@@ -827,17 +921,8 @@ impl VirtioDevice for Net {
             .set_offload(offload)
             .map_err(|e| ActivateError::Backend(e.to_string()))?;
         self.acked_features = acked_features;
-        self.active = Some(Active {
-            mem,
-            rx,
-            tx,
-            interrupt,
-            mrg_rxbuf: acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
-            rx_chains: VecDeque::new(),
-            rx_used: false,
-            tx_used: false,
-            rx_budget: 0,
-        });
+        let mrg_rxbuf = acked_features & feature(VIRTIO_NET_F_MRG_RXBUF) != 0;
+        self.active = Some(Active::new(mem, rx, tx, interrupt, mrg_rxbuf));
         self.tx_blocked = false;
         // Frames may have queued up while the device was not running.
         self.tap_readable = true;
@@ -955,17 +1040,7 @@ pub mod fuzzing {
         ) -> Self {
             let tx = Queue::new(QUEUE_SIZE).expect("a valid queue size");
             Receiver {
-                active: Active {
-                    mem,
-                    rx,
-                    tx,
-                    interrupt,
-                    mrg_rxbuf,
-                    rx_chains: VecDeque::new(),
-                    rx_used: false,
-                    tx_used: false,
-                    rx_budget: 0,
-                },
+                active: Active::new(mem, rx, tx, interrupt, mrg_rxbuf),
                 metrics: NetMetrics::default(),
             }
         }

@@ -696,3 +696,80 @@ fn rx_rate_limiter_holds_frames_until_the_timer() {
     }
     assert_eq!(m(&metrics.rx_dropped), 0);
 }
+
+#[test]
+fn event_idx_interrupts_where_the_driver_asks_and_rearms_kicks_when_out_of_buffers() {
+    let mut net = net_on_new_tap(true);
+    let sock = PacketSocket::bind(net.tap().name());
+    let mem = guest_memory(0x40_0000);
+    let mut rxq = TestQueue::new(&mem, RXQ_BASE, QUEUE_SIZE);
+    let mut txq = TestQueue::new(&mem, TXQ_BASE, QUEUE_SIZE);
+    let irq = interrupt();
+    let queues = [rxq.queue(), txq.queue()].map(|mut q| {
+        q.set_event_idx(true);
+        q
+    });
+    let features = feature(VIRTIO_F_VERSION_1)
+        | feature(VIRTIO_NET_F_MRG_RXBUF)
+        | feature(VIRTIO_RING_F_EVENT_IDX);
+    assert_eq!(net.avail_features() & features, features, "offered");
+    net.activate(mem.clone(), features, queues.into(), irq.clone())
+        .unwrap();
+    // The driver's `used_event` (after its available ring) and the device's `avail_event`
+    // (after its used ring).
+    let set_used_event = |tq: &TestQueue, v: u16| {
+        let at = tq.avail.unchecked_add(4 + 2 * u64::from(tq.size));
+        tq.mem.write_obj(v, at).unwrap();
+    };
+    let avail_event = |tq: &TestQueue| -> u16 {
+        let at = tq.used.unchecked_add(4 + 8 * u64::from(tq.size));
+        tq.mem.read_obj(at).unwrap()
+    };
+
+    let mut f = vec![0u8; 12];
+    f.extend(frame([0xff; 6], 100, 1));
+    mem.write_slice(&f, GuestAddress(BUF)).unwrap();
+    // Transmit: the driver asks for an interrupt once the 4th chain is used (used_event 3).
+    set_used_event(&txq, 3);
+    for _ in 0..3 {
+        txq.add_chain(&[r(BUF, f.len() as u32)]);
+    }
+    net.process_queue(TX_QUEUE);
+    assert_eq!(txq.used_idx(), 3);
+    assert_eq!(irq_count(&irq), 0, "used_event not reached: no interrupt");
+    assert_eq!(avail_event(&txq), 3, "drained: the next chain must kick");
+    txq.add_chain(&[r(BUF, f.len() as u32)]);
+    net.process_queue(TX_QUEUE);
+    assert_eq!(txq.used_idx(), 4);
+    assert_eq!(irq_count(&irq), 1, "used_event reached: one interrupt");
+    assert_eq!(m(&net.metrics().tx_frames), 4);
+
+    // Receive: one buffer for two frames. The first arrives with an interrupt (used_event 0),
+    // the second waits in the TAP, and the device asks for a kick on the next buffer.
+    let metrics = net.metrics();
+    let mut lp = BackendLoop::new(net);
+    rxq.add_chain(&[w(BUF + 0x1000, 2048)]);
+    sock.send(&frame(MAC, 200, 1));
+    sock.send(&frame(MAC, 300, 2));
+    lp.dev().process_queue(RX_QUEUE);
+    assert!(lp.run_until(Duration::from_secs(2), |_| m(&metrics.rx_frames) == 1));
+    for _ in 0..5 {
+        lp.run_once(10);
+    }
+    assert_eq!(
+        m(&metrics.rx_frames),
+        1,
+        "the second frame waits for a buffer"
+    );
+    assert_eq!(rxq.used_idx(), 1);
+    assert_eq!(irq_count(&irq), 1, "used_event 0 reached");
+    assert_eq!(
+        avail_event(&rxq),
+        1,
+        "out of buffers: the next one must kick"
+    );
+    rxq.add_chain(&[w(BUF + 0x2000, 2048)]);
+    lp.dev().process_queue(RX_QUEUE);
+    assert_eq!(m(&metrics.rx_frames), 2);
+    assert_eq!(rxq.used_idx(), 2);
+}
