@@ -23,6 +23,8 @@ struct FlintShim {
     exit: Arc<ExitSignal>,
     namespace: String,
     id: String,
+    /// The socket this shim serves on (`-socket`, given to the serving process only).
+    socket: String,
 }
 
 impl containerd_shim::Shim for FlintShim {
@@ -33,6 +35,7 @@ impl containerd_shim::Shim for FlintShim {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
+            socket: args.socket.clone(),
         }
     }
 
@@ -82,6 +85,13 @@ impl containerd_shim::Shim for FlintShim {
 
     fn wait(&mut self) {
         self.exit.wait();
+        // Remove the socket here, from the path this process was given: the shim crate does
+        // it next from the bundle's `address` file, but containerd may have removed the
+        // bundle by then (after a failed create it shuts the shim down and deletes the bundle
+        // at once), and `delete` leaves the socket of a shim that still answers.
+        if !self.socket.is_empty() {
+            remove_socket(&self.socket);
+        }
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
