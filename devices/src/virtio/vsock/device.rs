@@ -22,7 +22,7 @@ use crate::guest_warn;
 use crate::virtio::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
 use crate::virtio::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
 };
 
 /// The size of each queue.
@@ -234,53 +234,32 @@ impl Vsock {
         };
         let mut used = false;
         let mut taken = 0;
-        // Rounds that found nothing; bounds the re-checks after re-arming notifications.
-        let mut idle_rounds = 0;
-        'serve: loop {
-            // No kicks while the queue is being drained (a no-op with EVENT_IDX, where the driver
-            // kicks only when it passes the `avail_event` set when re-arming below).
-            if let Some(active) = self.active.as_mut() {
-                let _ = active.tx.disable_notification(&mem);
+        while let Some(active) = self.active.as_mut() {
+            if taken == MAX_TX_CHAINS_PER_PASS {
+                self.tx_more = true;
+                break;
             }
-            let mut popped = false;
-            while let Some(active) = self.active.as_mut() {
-                if taken == MAX_TX_CHAINS_PER_PASS {
-                    // Notifications stay off: `wake_loop` brings us back.
-                    self.tx_more = true;
-                    break 'serve;
+            let Some(chain) = pop_chain(&mut active.tx, &mem) else {
+                break;
+            };
+            taken += 1;
+            let head = chain.head_index();
+            let packet = parse_tx_chain(&mem, chain);
+            let returned = active.tx.add_used(&mem, head, 0);
+            used |= returned.is_ok();
+            match packet {
+                Ok((hdr, payload)) => {
+                    inc(&self.metrics.tx_packets, 1);
+                    self.muxer.handle_guest_packet(hdr, &payload);
                 }
-                let Some(chain) = pop_chain(&mut active.tx, &mem) else {
-                    break;
-                };
-                taken += 1;
-                popped = true;
-                let head = chain.head_index();
-                let packet = parse_tx_chain(&mem, chain);
-                let returned = active.tx.add_used(&mem, head, 0);
-                used |= returned.is_ok();
-                match packet {
-                    Ok((hdr, payload)) => {
-                        inc(&self.metrics.tx_packets, 1);
-                        self.muxer.handle_guest_packet(hdr, &payload);
-                    }
-                    Err(e) => {
-                        debug!("virtio-vsock: malformed transmit chain: {e}");
-                        inc(&self.metrics.malformed, 1);
-                    }
-                }
-                if let Err(e) = returned {
-                    guest_warn!("virtio-vsock: cannot return a transmit buffer: {e}");
-                    break 'serve;
+                Err(e) => {
+                    debug!("virtio-vsock: malformed transmit chain: {e}");
+                    inc(&self.metrics.malformed, 1);
                 }
             }
-            if !popped {
-                idle_rounds += 1;
-            }
-            // Re-arm notifications; if the driver added packets meanwhile, go again (but not
-            // forever on an available index that yields nothing, e.g. a bogus one).
-            match self.active.as_mut().map(|a| a.tx.enable_notification(&mem)) {
-                Some(Ok(true)) if idle_rounds < 2 => {}
-                _ => break,
+            if let Err(e) = returned {
+                guest_warn!("virtio-vsock: cannot return a transmit buffer: {e}");
+                break;
             }
         }
         if let Some(active) = self.active.as_mut() {
@@ -300,7 +279,6 @@ impl Vsock {
         let mut pass = self.muxer.rx_pass();
         let mut used = false;
         let mut taken = 0;
-        let mut rearmed = false;
         self.rx_more = false;
         while self.muxer.has_for_guest(&pass) {
             if taken == MAX_RX_CHAINS_PER_PASS {
@@ -309,15 +287,6 @@ impl Vsock {
             }
             taken += 1;
             let Some(chain) = pop_chain(&mut active.rx, &mem) else {
-                // Out of buffers: ask the driver to notify when it adds some, and look once
-                // more in case it did meanwhile (only once: a bogus available index must not
-                // keep the device spinning).
-                if !rearmed {
-                    rearmed = true;
-                    if let Ok(true) = active.rx.enable_notification(&mem) {
-                        continue;
-                    }
-                }
                 break;
             };
             let head = chain.head_index();
@@ -448,7 +417,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn avail_features(&self) -> u64 {
-        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_RING_F_EVENT_IDX)
+        feature(VIRTIO_F_VERSION_1)
     }
 
     fn config_space(&self) -> &[u8] {
