@@ -18,11 +18,14 @@ mkdir -p "$out"
 
 ensure_packages kmod xz-utils zstd qemu-system-x86 busybox-static cpio gzip
 
-# Modules the rig needs: KVM itself, plus tun/veth/bridge for network tests, and
-# nftables with connection tracking and NAT for `flint run --net nat` (tests/nat.rs).
+# Modules the rig needs: KVM itself, plus tun/veth/bridge for network tests,
+# nftables with connection tracking and NAT for `flint run --net nat` (tests/nat.rs),
+# tc's ingress qdisc with matchall and mirred to join a pod's TAP to its CNI
+# interface (containerd shim), and overlayfs for containerd's default snapshotter.
 # Their dependencies are added from `modinfo -F depends` below.
 wanted=(irqbypass kvm kvm-amd tun veth bridge vhost_net vhost_vsock
-    nf_tables nf_conntrack nf_nat nft_ct nft_chain_nat nft_nat nft_masq)
+    nf_tables nf_conntrack nf_nat nft_ct nft_chain_nat nft_nat nft_masq
+    sch_ingress cls_matchall act_mirred overlay)
 
 # linux-image-cloud-amd64 is a metapackage; its Depends names the real,
 # versioned package (e.g. linux-image-6.1.0-56-cloud-amd64).
