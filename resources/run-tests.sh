@@ -6,7 +6,10 @@
 #   3. cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
 #      (all tiers; tier 3 boots real guests in the nested host, see
 #      tests/support/mod.rs),
-#   4. schemathesis against the REST API (fuzz-api.sh) and every cargo-fuzz
+#   4. the benchmark guard (bench-guard.sh: a short boot and sandbox benchmark
+#      of the debug build the tests used, printed as ratios to QEMU's boot in
+#      the same run; it prints, it fails nothing),
+#   5. schemathesis against the REST API (fuzz-api.sh) and every cargo-fuzz
 #      target for 20 s (fuzz.sh).
 # Artefacts are cached in $FLINT_CACHE (default ~/.cache/flint), so a warm run
 # only pays for cargo.
@@ -46,6 +49,13 @@ run_cargo_test() {
     mkdir -p "$(dirname "$rig_log")"
     : >"$rig_log"
     cargo test --workspace --no-fail-fast 2>&1 | tee "$test_log"
+}
+
+# The benchmark guard prints figures; a slow or failed run of it fails nothing (the tests
+# before it decide whether flint works).
+bench_guard() {
+    "$here/bench-guard.sh" --flint "${CARGO_TARGET_DIR:-$repo/target}/debug/flint" ||
+        echo "benchmark guard: no figures this run (its output is above); CI does not fail on it"
 }
 
 summary() {
@@ -88,6 +98,7 @@ stage "nested host kernel" "$here/nested-host/build-host.sh"
 stage "cargo fmt" cargo fmt --all -- --check
 stage "cargo clippy" cargo clippy --workspace --all-targets -- -D warnings
 stage "cargo test" run_cargo_test
+stage "benchmark guard" bench_guard
 stage "API fuzzing" "$here/fuzz-api.sh"
 stage "fuzz targets" "$here/fuzz.sh" --seconds 20
 summary
