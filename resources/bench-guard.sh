@@ -140,10 +140,13 @@ if ((rc)) || [ -z "$qemu_ms" ] || [ -z "$(median boot_flint)" ] || [ -z "$(media
 fi
 
 # ref_of NAME: the reference ratio for NAME from the .ref file, if any.
-ref_of() { [ -f "$ref" ] && sed -n "s/^$1 \\([0-9.]*\\)\$/\\1/p" "$ref" | head -n1; }
+ref_of() {
+    [ -f "$ref" ] || return 0
+    sed -n "s/^$1 \\([0-9.]*\\)\$/\\1/p" "$ref" | head -n1
+}
 echo "benchmark guard, $(date -u +%Y-%m-%d), $runs runs each, alternating; flint $build build ($flint)"
 echo "where: $where; guest: 1 vCPU, 128 MiB"
-[ -f "$ref" ] && sed -n 's/^# taken /reference: taken /p' "$ref"
+[ ! -f "$ref" ] || sed -n 's/^# taken /reference: taken /p' "$ref"
 printf '%-44s %9s %9s %9s %9s  %s\n' figure "median" "n" "/QEMU" "ref" "change"
 ratios=()
 for kind in boot_qemu boot_flint run_flint; do
