@@ -310,6 +310,69 @@ impl Drop for Containerd {
     }
 }
 
+/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
+struct NetNs {
+    ip: PathBuf,
+    name: String,
+    path: String,
+}
+
+impl NetNs {
+    fn new(ip: &Path, name: &str) -> NetNs {
+        let _ = Command::new(ip).args(["netns", "del", name]).output();
+        let out = Command::new(ip)
+            .args(["netns", "add", name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = ["/run/netns", "/var/run/netns"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| Path::new(p).exists())
+            .expect("ip netns add makes /run/netns/NAME");
+        NetNs {
+            ip: ip.to_path_buf(),
+            name: name.to_string(),
+            path,
+        }
+    }
+
+    /// `ip ARGS` inside; its output.
+    fn output(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.ip)
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = Command::new(&self.ip)
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.ip)
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 /// One line of ctr's error output: what the user reads.
 fn ctr_error(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -459,6 +522,82 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
         )
     );
     leftovers("bogus kernel for a pod");
+
+    // Pod networking: a network namespace that does not exist, the shim's own, one without
+    // an IPv4 interface; one that has one, with a VM that cannot be built: one sentence
+    // each, and nothing left in the namespace.
+    let with_ns = |ns: &str, name: &str| {
+        c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &format!("network:{ns}"),
+            IMAGE,
+            name,
+            "true",
+        ])
+    };
+    let out = with_ns("/nonexistent/flint-netns", "no-netns");
+    assert_eq!(
+        ctr_error(&out),
+        "ctr: failed to create shim task: the container's network namespace \
+         /nonexistent/flint-netns does not exist: unknown"
+    );
+    leftovers("a network namespace that does not exist");
+    let out = with_ns("/proc/self/ns/net", "host-netns");
+    assert_eq!(
+        ctr_error(&out),
+        "ctr: failed to create shim task: the container's network namespace /proc/self/ns/net \
+         is the shim's own (the host's): flint joins a VM only to a namespace of the \
+         container's own: unknown"
+    );
+    leftovers("the host's network namespace");
+    let ip = program("ip", "iproute2");
+    let netns = NetNs::new(&ip, &format!("flint-test-{}", std::process::id()));
+    let out = with_ns(&netns.path, "empty-netns");
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: the container's network namespace {} has no \
+             interface with an IPv4 address (but loopback) for the VM: unknown",
+            netns.path
+        )
+    );
+    leftovers("a network namespace without an IPv4 interface");
+    netns.run(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    netns.run(&["addr", "add", "10.89.0.2/24", "dev", "eth0"]);
+    netns.run(&["link", "set", "eth0", "up"]);
+    let out = with_ns(&netns.path, "netns-bogus-kernel");
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: {} is neither an ELF vmlinux nor a bzImage \
+             kernel: unknown",
+            bogus.display()
+        )
+    );
+    leftovers("a network namespace and a VM that cannot be built");
+    assert_eq!(
+        netns.output(&["-o", "link", "show", "flint0"]),
+        "",
+        "the TAP"
+    );
+    let tc = program("tc", "iproute2");
+    let qdiscs = Command::new(&ip)
+        .args(["netns", "exec", &netns.name])
+        .arg(&tc)
+        .args(["qdisc", "show"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        !qdiscs.contains("ingress"),
+        "an ingress qdisc is left: {qdiscs}"
+    );
 
     // A memory limit no VM can have: the VM's own limit, in the container's terms.
     c.write_shim_config(&serde_json::json!({
