@@ -187,14 +187,15 @@ configure_net() {
     old_ifs=$IFS
     IFS=,
     # shellcheck disable=SC2086  # split at the commas (globbing is off)
-    set -- $1,
+    set -- $1
     IFS=$old_ifs
-    [ $# -ge 2 ] || return 1
+    [ $# -ge 1 ] || return 1
     ip link set eth0 up && ip addr add "$1" dev eth0 || return 1
-    if [ -n "$2" ]; then
+    if [ -n "${2:-}" ]; then
         ip route add default via "$2" || return 1
     fi
-    shift 2
+    shift
+    [ $# -eq 0 ] || shift
     # In place: the file is bind-mounted into an image's root.
     : >/etc/resolv.conf || return 1
     for dns in "$@"; do
