@@ -29,8 +29,9 @@
 # only once all of it is mounted: if anything fails (logged to the kernel log), it is
 # missing and the agent says so to the host.
 #
-# `flint run --net nat`: with `flint.net=ADDR/PREFIX,GATEWAY,DNS...` on the kernel command
-# line, /init gives eth0 that address and default route, and writes the name servers to
+# `flint run --net nat` and the containerd shim's pod networking: with
+# `flint.net=ADDR/PREFIX,GATEWAY,DNS...` on the kernel command line, /init gives eth0 that
+# address and default route (none when GATEWAY is empty), and writes the name servers to
 # /etc/resolv.conf (which an image's root then sees too).
 set -euo pipefail
 
@@ -178,17 +179,23 @@ mount_image() {
     fi
 }
 
-# `flint run --net nat`: eth0's address, the gateway and the name servers from
-# flint.net=ADDR/PREFIX,GATEWAY[,DNS]... (the same in every sandbox).
+# eth0's address, the gateway and the name servers from
+# flint.net=ADDR/PREFIX,GATEWAY[,DNS]...: the same in every sandbox with `flint run --net nat`,
+# those of the network namespace's interface for the containerd shim's pods, whose GATEWAY
+# may be empty (no default route).
 configure_net() {
     old_ifs=$IFS
     IFS=,
     # shellcheck disable=SC2086  # split at the commas (globbing is off)
     set -- $1
     IFS=$old_ifs
-    [ $# -ge 2 ] || return 1
-    ip link set eth0 up && ip addr add "$1" dev eth0 && ip route add default via "$2" || return 1
-    shift 2
+    [ $# -ge 1 ] || return 1
+    ip link set eth0 up && ip addr add "$1" dev eth0 || return 1
+    if [ -n "${2:-}" ]; then
+        ip route add default via "$2" || return 1
+    fi
+    shift
+    [ $# -eq 0 ] || shift
     # In place: the file is bind-mounted into an image's root.
     : >/etc/resolv.conf || return 1
     for dns in "$@"; do

@@ -150,6 +150,7 @@ impl ShimConfig {
                 initramfs: file.initramfs,
                 vcpus: file.vcpus.unwrap_or(defaults.vcpus),
                 mem_mib: file.memory_mib.unwrap_or(defaults.mem_mib),
+                network: None,
             },
             memory_overhead_mib: file
                 .memory_overhead_mib

@@ -65,7 +65,19 @@ impl containerd_shim::Shim for FlintShim {
             }
             // A pod's VM went with its shim: its directory.
             let bundle = std::env::current_dir().unwrap_or_default();
-            let member = spec::Bundle::read(&bundle).ok().and_then(|b| b.pod);
+            let read = spec::Bundle::read(&bundle).ok();
+            // And its TAP: the redirect to it that is left in the network namespace.
+            if let Some(network) = read.as_ref().and_then(task::pod_network).filter(|_| !alive) {
+                match flint::podnet::remove_stale(&network.netns) {
+                    Ok(true) => log::info!(
+                        "removed the redirect a killed shim left in {}",
+                        network.netns.display()
+                    ),
+                    Ok(false) => {}
+                    Err(e) => log::warn!("{e}"),
+                }
+            }
+            let member = read.and_then(|b| b.pod);
             if let Some(member) = member.filter(|_| !alive) {
                 let dir = task::pod_dir(&config.work_dir, &self.namespace, &member.sandbox_id);
                 if let Some(dir) = dir {

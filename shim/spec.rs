@@ -80,9 +80,29 @@ pub struct Resources {
     pub cpu: Option<Cpu>,
 }
 
+/// A `linux.namespaces` entry.
+#[derive(Debug, Default, Deserialize)]
+struct Namespace {
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    path: String,
+}
+
 #[derive(Debug, Default, Deserialize)]
 struct Linux {
     resources: Option<Resources>,
+    #[serde(default)]
+    namespaces: Vec<Namespace>,
+}
+
+/// A `mounts` entry (only where it goes and what it is).
+#[derive(Debug, Default, Deserialize)]
+struct Mount {
+    #[serde(default)]
+    destination: String,
+    #[serde(default)]
+    source: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -91,6 +111,8 @@ struct Spec {
     #[serde(default)]
     root: Root,
     linux: Option<Linux>,
+    #[serde(default)]
+    mounts: Vec<Mount>,
     #[serde(default)]
     annotations: std::collections::HashMap<String, String>,
 }
@@ -150,6 +172,11 @@ pub struct Bundle {
     pub resources: Resources,
     /// The pod the container belongs to, if its annotations say so.
     pub pod: Option<PodMember>,
+    /// The network namespace the spec names (`linux.namespaces`, type `network`, with a
+    /// path): CNI's for a pod's sandbox, `ctr run --with-ns network:PATH`'s.
+    pub netns: Option<PathBuf>,
+    /// The host file mounted on the container's `/etc/resolv.conf` (CRI mounts one).
+    pub resolv_conf: Option<PathBuf>,
 }
 
 impl Bundle {
@@ -174,10 +201,23 @@ impl Bundle {
         } else {
             &spec.root.path
         };
+        let linux = spec.linux.unwrap_or_default();
+        let netns = linux
+            .namespaces
+            .iter()
+            .find(|n| n.kind == "network" && !n.path.is_empty())
+            .map(|n| PathBuf::from(&n.path));
+        let resolv_conf = spec
+            .mounts
+            .iter()
+            .find(|m| m.destination == "/etc/resolv.conf" && m.source.starts_with('/'))
+            .map(|m| PathBuf::from(&m.source));
         Ok(Bundle {
             process,
             rootfs: bundle.join(root),
-            resources: spec.linux.and_then(|l| l.resources).unwrap_or_default(),
+            resources: linux.resources.unwrap_or_default(),
+            netns,
+            resolv_conf,
             pod: pod_member(
                 &spec.annotations,
                 bundle.file_name().and_then(|n| n.to_str()),
@@ -278,6 +318,40 @@ mod tests {
         assert_eq!(spec.root.as_deref(), Some(IMAGE_ROOT));
         let user = spec.user.unwrap();
         assert_eq!((user.uid, user.gid, user.groups), (1000, 100, vec![10]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_network_namespace_and_resolv_conf_are_read_from_the_spec() {
+        let dir = std::env::temp_dir().join(format!("flint-shim-netns-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"process": {"args": ["true"]}, "mounts": [
+              {"destination": "/proc", "type": "proc", "source": "proc"},
+              {"destination": "/etc/resolv.conf", "type": "bind",
+               "source": "/var/lib/containerd/sandboxes/p/resolv.conf", "options": ["rbind"]}],
+              "linux": {"namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/1/ns/ipc"},
+              {"type": "network", "path": "/var/run/netns/cni-1234"}, {"type": "mount"}]}}"#,
+        )
+        .unwrap();
+        let bundle = Bundle::read(&dir).unwrap();
+        assert_eq!(
+            bundle.netns.as_deref(),
+            Some(Path::new("/var/run/netns/cni-1234"))
+        );
+        assert_eq!(
+            bundle.resolv_conf.as_deref(),
+            Some(Path::new("/var/lib/containerd/sandboxes/p/resolv.conf"))
+        );
+        // A new namespace (no path), or none at all: no network to join.
+        std::fs::write(
+            dir.join("config.json"),
+            r#"{"process": {"args": ["true"]}, "linux": {"namespaces": [{"type": "network"}]}}"#,
+        )
+        .unwrap();
+        let bundle = Bundle::read(&dir).unwrap();
+        assert_eq!((bundle.netns, bundle.resolv_conf), (None, None));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

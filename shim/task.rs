@@ -28,7 +28,7 @@ use containerd_shim::protos::ttrpc::{self, Code};
 use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
-use flint::pod::{make_root_disk, slot_disk, Pod, RootMount};
+use flint::pod::{make_root_disk, slot_disk, Pod, PodNetwork, RootMount};
 use flint_agent::{AgentClient, AgentError, ExecSpec, InContainer, Signaller, AGENT_PORT};
 
 use crate::config::ShimConfig;
@@ -185,6 +185,22 @@ pub fn work_dir(root: &Path, namespace: &str, id: &str) -> Option<PathBuf> {
     let plain =
         |s: &str| !s.is_empty() && s != "." && s != ".." && !s.contains('/') && !s.contains('\0');
     (plain(namespace) && plain(id)).then(|| root.join(namespace).join(id))
+}
+
+/// The network a container's VM joins: the network namespace its spec names, for a
+/// container of its own or a pod's sandbox (whose VM the pod's containers share; theirs name
+/// the sandbox task's namespaces, which with flint are the shim's own).
+pub fn pod_network(bundle: &Bundle) -> Option<PodNetwork> {
+    if bundle.pod.as_ref().is_some_and(|member| !member.sandbox) {
+        return None;
+    }
+    let netns = bundle.netns.clone()?;
+    let dns = bundle
+        .resolv_conf
+        .as_deref()
+        .map(flint::podnet::name_servers)
+        .unwrap_or_default();
+    Some(PodNetwork { netns, dns })
 }
 
 /// What the shim's process (the VM's vCPUs and devices, and the shim) has used.
@@ -388,7 +404,8 @@ impl Service {
             return Err(crate::spec::SpecError::Terminal.to_string());
         }
         let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
-        let settings = config.pod_for(&bundle.resources);
+        let mut settings = config.pod_for(&bundle.resources);
+        settings.network = pod_network(&bundle);
         Pod::check(&settings).map_err(|e| e.to_string())?;
         if let Some(member) = &bundle.pod {
             if flint_agent::protocol::check_container_id(&req.id).is_err() {

@@ -10,6 +10,7 @@ mod jail;
 pub mod logger;
 mod sandbox;
 pub use sandbox::pod;
+pub use sandbox::podnet;
 mod seccomp;
 mod template;
 mod terminal;

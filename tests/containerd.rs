@@ -104,7 +104,10 @@ fn sha256_hex(data: &[u8]) -> String {
 fn image_archive(out: &Path) {
     let busybox = std::fs::read("/bin/busybox")
         .expect("the test image needs a static busybox at /bin/busybox (busybox-static)");
-    let applets = ["sh", "echo", "cat", "sleep", "true", "ls", "id", "grep"];
+    let applets = [
+        "sh", "echo", "cat", "sleep", "true", "ls", "id", "grep", "ip", "wget", "httpd", "timeout",
+        "mkdir",
+    ];
     let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
     let mut base = vec![
         Entry::Dir("bin", 0o755),
@@ -310,6 +313,69 @@ impl Drop for Containerd {
     }
 }
 
+/// A network namespace of the test's own (`ip netns add`), deleted when dropped.
+struct NetNs {
+    ip: PathBuf,
+    name: String,
+    path: String,
+}
+
+impl NetNs {
+    fn new(ip: &Path, name: &str) -> NetNs {
+        let _ = Command::new(ip).args(["netns", "del", name]).output();
+        let out = Command::new(ip)
+            .args(["netns", "add", name])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = ["/run/netns", "/var/run/netns"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| Path::new(p).exists())
+            .expect("ip netns add makes /run/netns/NAME");
+        NetNs {
+            ip: ip.to_path_buf(),
+            name: name.to_string(),
+            path,
+        }
+    }
+
+    /// `ip ARGS` inside; its output.
+    fn output(&self, args: &[&str]) -> String {
+        let out = Command::new(&self.ip)
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn run(&self, args: &[&str]) {
+        let out = Command::new(&self.ip)
+            .args(["-n", &self.name])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.ip)
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 /// One line of ctr's error output: what the user reads.
 fn ctr_error(out: &Output) -> String {
     let text = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -460,6 +526,82 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
     );
     leftovers("bogus kernel for a pod");
 
+    // Pod networking: a network namespace that does not exist, the shim's own, one without
+    // an IPv4 interface; one that has one, with a VM that cannot be built: one sentence
+    // each, and nothing left in the namespace.
+    let with_ns = |ns: &str, name: &str| {
+        c.ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--with-ns",
+            &format!("network:{ns}"),
+            IMAGE,
+            name,
+            "true",
+        ])
+    };
+    let out = with_ns("/nonexistent/flint-netns", "no-netns");
+    assert_eq!(
+        ctr_error(&out),
+        "ctr: failed to create shim task: the container's network namespace \
+         /nonexistent/flint-netns does not exist: unknown"
+    );
+    leftovers("a network namespace that does not exist");
+    let out = with_ns("/proc/self/ns/net", "host-netns");
+    assert_eq!(
+        ctr_error(&out),
+        "ctr: failed to create shim task: the container's network namespace /proc/self/ns/net \
+         is the shim's own (the host's): flint joins a VM only to a namespace of the \
+         container's own: unknown"
+    );
+    leftovers("the host's network namespace");
+    let ip = program("ip", "iproute2");
+    let netns = NetNs::new(&ip, &format!("flint-test-{}", std::process::id()));
+    let out = with_ns(&netns.path, "empty-netns");
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: the container's network namespace {} has no \
+             interface with an IPv4 address (but loopback) for the VM: unknown",
+            netns.path
+        )
+    );
+    leftovers("a network namespace without an IPv4 interface");
+    netns.run(&[
+        "link", "add", "eth0", "type", "veth", "peer", "name", "eth1",
+    ]);
+    netns.run(&["addr", "add", "10.89.0.2/24", "dev", "eth0"]);
+    netns.run(&["link", "set", "eth0", "up"]);
+    let out = with_ns(&netns.path, "netns-bogus-kernel");
+    assert_eq!(
+        ctr_error(&out),
+        format!(
+            "ctr: failed to create shim task: {} is neither an ELF vmlinux nor a bzImage \
+             kernel: unknown",
+            bogus.display()
+        )
+    );
+    leftovers("a network namespace and a VM that cannot be built");
+    assert_eq!(
+        netns.output(&["-o", "link", "show", "flint0"]),
+        "",
+        "the TAP"
+    );
+    let tc = program("tc", "iproute2");
+    let qdiscs = Command::new(&ip)
+        .args(["netns", "exec", &netns.name])
+        .arg(&tc)
+        .args(["qdisc", "show"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        !qdiscs.contains("ingress"),
+        "an ingress qdisc is left: {qdiscs}"
+    );
+
     // A memory limit no VM can have: the VM's own limit, in the container's terms.
     c.write_shim_config(&serde_json::json!({
         "kernel": support::guest_images().vmlinux,
@@ -601,11 +743,70 @@ $CTR task kill -s SIGKILL pod1
 wait_task pod1 STOPPED
 $CTR task delete pod1 >/dev/null
 $CTR container rm pod1
+# Pod networking: a network namespace as CNI leaves one, eth0 (MTU 1400) with 10.88.0.2/24
+# and a default route via the host's end of its veth pair, 10.88.0.1, where a web server
+# listens. A container run in it (ctr run --with-ns) serves a page on its port 8082.
+IP=$FILES/ip
+TC=$FILES/tc
+"$IP" netns add podnet
+NS=/run/netns/podnet
+[ -e "$NS" ] || NS=/var/run/netns/podnet
+"$IP" link add pn0 type veth peer name eth0 netns podnet
+echo 1 >/proc/sys/net/ipv6/conf/pn0/disable_ipv6
+"$IP" addr add 10.88.0.1/24 dev pn0
+"$IP" link set pn0 mtu 1400 up
+"$IP" -n podnet link set lo up
+"$IP" -n podnet link set eth0 mtu 1400 up
+"$IP" -n podnet addr add 10.88.0.2/24 dev eth0
+"$IP" -n podnet route add default via 10.88.0.1
+echo "NS_MAC $("$IP" netns exec podnet cat /sys/class/net/eth0/address)"
+mkdir -p "$WORK/pnwww"
+echo host-side-page >"$WORK/pnwww/index.html"
+/bin/busybox httpd -f -p 10.88.0.1:8081 -h "$WORK/pnwww" &
+PNWEB=$!
+IMG=docker.io/library/flint-shim-test:1
+GUESTWEB='mkdir -p /tmp/www; echo guest-side-page >/tmp/www/index.html; exec httpd -f -p 8082 -h /tmp/www'
+NETLOOK='ip -o -4 addr show eth0; ip -o link show eth0; ip route; echo "FETCH $(timeout 20 wget -q -O - http://10.88.0.1:8081/)"'
+net_left() {
+    echo "$("$IP" -n podnet -o link show | grep -c flint0) $("$IP" netns exec podnet "$TC" qdisc show | grep -c ingress)"
+}
+flint_case net_run $CTR run -d --runtime io.containerd.flint.v2 --with-ns "network:$NS" \
+    $IMG net1 sh -c "$GUESTWEB"
+wait_task net1 RUNNING
+sleep 2
+flint_case net_look $CTR task exec --exec-id look net1 sh -c "$NETLOOK"
+echo "HOSTFETCH $(timeout 20 /bin/busybox wget -q -O - http://10.88.0.2:8082/ 2>&1)"
+echo "NET_RUNNING $(net_left)"
+$CTR task kill -s SIGKILL net1
+wait_task net1 STOPPED
+$CTR task delete net1 >/dev/null
+$CTR container rm net1
+echo "NET_LEFT $(net_left)"
+# The same for a pod: its sandbox names the namespace, its other container shares the VM.
+POD2="--runtime io.containerd.flint.v2 --annotation io.kubernetes.cri.sandbox-id=pod2"
+flint_case netpod_sandbox $CTR run -d $POD2 --annotation io.kubernetes.cri.container-type=sandbox \
+    --with-ns "network:$NS" $IMG pod2 sh -c "$GUESTWEB"
+wait_task pod2 RUNNING
+flint_case netpod_container $CTR run -d $POD2 \
+    --annotation io.kubernetes.cri.container-type=container $IMG pod2c sleep 600
+wait_task pod2c RUNNING
+sleep 2
+flint_case netpod_look $CTR task exec --exec-id look pod2c sh -c "$NETLOOK"
+echo "PODHOSTFETCH $(timeout 20 /bin/busybox wget -q -O - http://10.88.0.2:8082/ 2>&1)"
+$CTR task kill -s SIGKILL pod2c
+wait_task pod2c STOPPED
+$CTR task delete pod2c >/dev/null
+$CTR container rm pod2c
+$CTR task kill -s SIGKILL pod2
+wait_task pod2 STOPPED
+$CTR task delete pod2 >/dev/null
+$CTR container rm pod2
+echo "NETPOD_LEFT $(net_left)"
 # The guest powers off under its process: the task ends with 255.
 flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
 # The shim is killed: containerd's cleanup (the shim's delete action) leaves nothing.
-flint_case detached $CTR run -d --runtime io.containerd.flint.v2 \
+flint_case detached $CTR run -d --runtime io.containerd.flint.v2 --with-ns "network:$NS" \
     docker.io/library/flint-shim-test:1 victim sleep 600
 n=0
 until $CTR task ls 2>/dev/null | grep -q "victim.*RUNNING" || [ $n -ge 300 ]; do
@@ -640,6 +841,9 @@ echo "WORKLEFT $workleft"
 echo "MOUNTS $mounts"
 echo "TASKS $tasks"
 echo "SOCKETS $sockets"
+# The killed shim's TAP went with its VM, its redirect with containerd's cleanup.
+echo "VICTIM_NET_LEFT $(net_left)"
+kill $PNWEB
 if [ "$shims$tasks$workleft" != 000 ]; then
     echo "--- left after ${n} s:"
     ps -o pid,args | grep '[c]ontainerd-shim-flint-v2'
@@ -679,6 +883,8 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         (shim_bin(), "containerd-shim-flint-v2"),
         (program("mkfs.ext4", "e2fsprogs"), "mkfs.ext4"),
         (program("debugfs", "e2fsprogs"), "debugfs"),
+        (program("ip", "iproute2"), "ip"),
+        (program("tc", "iproute2"), "tc"),
         (sandbox, "sandbox.cpio.gz"),
         (archive, "image.tar"),
         (config, "config.toml"),
@@ -838,6 +1044,71 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         (0, "pod-a"),
         "{}",
         still.stderr
+    );
+    // Pod networking: the guest has the namespace's address, MAC, MTU and route, reaches
+    // the host's side, and the host's side reaches it; nothing is left in the namespace.
+    let mac = line(&run.output, "NS_MAC ").trim().to_string();
+    assert_eq!(mac.len(), 17, "{mac}");
+    for (run_case, look_case, fetch) in [
+        ("net_run", "net_look", "HOSTFETCH "),
+        ("netpod_sandbox", "netpod_look", "PODHOSTFETCH "),
+    ] {
+        let started = run.case(run_case);
+        assert_eq!(started.status, 0, "{run_case}: {}", started.stderr);
+        let look = run.case(look_case);
+        assert_eq!(look.status, 0, "{look_case}: {}", look.stderr);
+        assert!(
+            look.stdout.contains("inet 10.88.0.2/24"),
+            "{look_case}: {}",
+            look.stdout
+        );
+        assert!(
+            look.stdout.contains(&format!("link/ether {mac}")),
+            "{look_case}: the namespace's MAC {mac}: {}",
+            look.stdout
+        );
+        assert!(look.stdout.contains("mtu 1400"), "{}", look.stdout);
+        assert!(
+            look.stdout.contains("default via 10.88.0.1"),
+            "{}",
+            look.stdout
+        );
+        assert_eq!(
+            line(&look.stdout, "FETCH "),
+            "host-side-page",
+            "{look_case}: the guest reaches the host's side"
+        );
+        assert_eq!(
+            line(&run.output, fetch),
+            "guest-side-page",
+            "the host's side reaches the container"
+        );
+    }
+    assert_eq!(
+        run.case("netpod_container").status,
+        0,
+        "{}",
+        run.case("netpod_container").stderr
+    );
+    assert_eq!(
+        line(&run.output, "NET_RUNNING "),
+        "1 2",
+        "the TAP and two ingress qdiscs while it runs"
+    );
+    assert_eq!(
+        line(&run.output, "NET_LEFT "),
+        "0 0",
+        "no TAP or qdisc left"
+    );
+    assert_eq!(
+        line(&run.output, "NETPOD_LEFT "),
+        "0 0",
+        "no TAP or qdisc left"
+    );
+    assert_eq!(
+        line(&run.output, "VICTIM_NET_LEFT "),
+        "0 0",
+        "no TAP or qdisc left after a killed shim"
     );
     let poweroff = run.case("poweroff");
     assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);

@@ -16,6 +16,7 @@ pub(crate) mod image_cache;
 mod machine;
 pub mod nat;
 pub mod pod;
+pub mod podnet;
 mod supervise;
 
 use std::io::{Read, Write};

@@ -13,6 +13,7 @@
 //! [`flint_agent::IMAGE_PARAM`]): the snapshot's upper directory is not written.
 
 use std::ffi::CString;
+use std::net::Ipv4Addr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -25,6 +26,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::console::{console_tail, console_to};
 use super::image::{self, ImageError};
+use super::podnet::{self, PodNet, PodNetError};
 use super::{machine, RunOptions, SetupError};
 
 /// What a pod's VM is made of.
@@ -37,6 +39,8 @@ pub struct PodSettings {
     pub initramfs: Option<PathBuf>,
     pub vcpus: u32,
     pub mem_mib: u64,
+    /// The network namespace whose network the guest gets, if any.
+    pub network: Option<PodNetwork>,
 }
 
 impl Default for PodSettings {
@@ -46,8 +50,20 @@ impl Default for PodSettings {
             initramfs: None,
             vcpus: DEFAULT_VCPUS,
             mem_mib: DEFAULT_MEM_MIB,
+            network: None,
         }
     }
+}
+
+/// The network of a pod's VM: the network namespace (CNI's, or any named by the
+/// container's OCI spec) whose IPv4 interface the guest's NIC takes over (see
+/// [`super::podnet`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    /// The namespace's path (`/var/run/netns/NAME`, `/proc/PID/ns/net`).
+    pub netns: PathBuf,
+    /// The guest's name servers (its `/etc/resolv.conf`), at most 3 used.
+    pub dns: Vec<Ipv4Addr>,
 }
 
 /// One mount of a container's root file system, as containerd's `Mount` has it.
@@ -92,11 +108,19 @@ enum Inner {
     Thread(std::io::Error),
     #[error("cannot watch the VM: {0}")]
     EventFd(std::io::Error),
+    #[error(transparent)]
+    Net(#[from] PodNetError),
     #[error("cannot create the placeholder disk {}: {error}", path.display())]
     Placeholder {
         path: PathBuf,
         error: std::io::Error,
     },
+}
+
+impl From<PodNetError> for PodError {
+    fn from(e: PodNetError) -> Self {
+        PodError(Inner::Net(e))
+    }
 }
 
 /// `mount(2)` flags and the file system's own options of `options`, as `mount(8)` takes them.
@@ -250,6 +274,8 @@ pub struct Pod {
     reason: Arc<Mutex<Option<String>>>,
     agent_socket: PathBuf,
     console_log: PathBuf,
+    /// The VM's network, undone once the VM has stopped.
+    net: Mutex<Option<PodNet>>,
 }
 
 /// What the VM's thread is asked to do.
@@ -385,12 +411,25 @@ impl Pod {
         let cache = crate::cache_dir();
         let options = Pod::run_options(settings, &cache);
         let (kernel, initramfs) = Pod::images(&options, &cache)?;
+        // Dropped after the VM (declared before it): the TAP goes first, then the redirect.
+        let mut net = match &settings.network {
+            Some(network) => Some((PodNet::open(&network.netns)?, &network.dns)),
+            None => None,
+        };
         let mut config =
             machine::vm_config(&options, &kernel, initramfs, disks, work).map_err(|e| match e {
                 // Not in terms of flint run's options: the shim has none.
                 SetupError::Config(e) => Inner::VmConfig(e),
                 other => Inner::Setup(other),
             })?;
+        if let Some((net, dns)) = &net {
+            config.nets.push(net.nic());
+            config.cmdline.push(' ');
+            config
+                .cmdline
+                .push_str(&podnet::guest_param(net.interface(), dns));
+            config.validate().map_err(Inner::VmConfig)?;
+        }
         if slots > 0 {
             let placeholder = Pod::placeholder(work);
             std::fs::File::create(&placeholder)
@@ -408,8 +447,15 @@ impl Pod {
         let console_log = work.join("console.log");
         let console =
             console_to(&console_log).map_err(|e| Inner::Setup(SetupError::ConsoleLog(e)))?;
-        let vm = Vm::build(&config, console, Instant::now())
-            .map_err(|e| Inner::Setup(SetupError::Vm(e)))?;
+        let vm = match &net {
+            // Its TAP is the namespace's.
+            Some((net, _)) => net.inside(|| Vm::build(&config, console, Instant::now()))?,
+            None => Vm::build(&config, console, Instant::now()),
+        }
+        .map_err(|e| Inner::Setup(SetupError::Vm(e)))?;
+        if let Some((net, _)) = net.as_mut() {
+            net.connect()?;
+        }
         let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(Inner::EventFd)?;
         let thread_wake = wake.try_clone().map_err(Inner::EventFd)?;
         let (commands, thread_commands) = mpsc::channel();
@@ -439,6 +485,7 @@ impl Pod {
             reason,
             agent_socket: machine::agent_socket(&config).to_path_buf(),
             console_log,
+            net: Mutex::new(net.map(|(net, _)| net)),
         })
     }
 
@@ -550,6 +597,8 @@ impl Pod {
             self.send(Command::Stop);
             let _ = thread.join();
         }
+        // The VM, and with it its TAP, is gone: now the interface's redirect.
+        drop(lock(&self.net).take());
     }
 }
 
