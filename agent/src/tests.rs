@@ -1566,3 +1566,5 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     unsafe { libc::umount2(bind.as_ptr(), libc::MNT_DETACH) };
     fs::remove_dir_all(&dir).unwrap();
 }
+
+mod terminal;
