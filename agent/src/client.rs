@@ -493,6 +493,11 @@ impl AgentClient {
     /// order), `stdin` (if any) is forwarded until its end, then the command's stdin is
     /// closed (immediately when `stdin` is `None`). Returns how the command ended.
     ///
+    /// With a terminal ([`ExecSpec::terminal`]), everything the command writes (and the
+    /// terminal's echo of its input) arrives on `stdout`, nothing on `stderr`, and the end
+    /// of `stdin` types the terminal's end of file (see the protocol's *Terminals*);
+    /// [`Signaller::resize`] changes its window size.
+    ///
     /// `stdin` is read on a thread of its own that is not joined: it ends at the next read
     /// that returns after the command has finished (that chunk is dropped) or when the
     /// connection closes. Output is never buffered beyond one chunk, so any amount flows.
