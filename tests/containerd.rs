@@ -12,7 +12,8 @@
 //!   the image lacks (one sentence); `ctr run -t` on a terminal of `pty-run`'s (the
 //!   `guest-tools` crate): the process sees a terminal, of ctr's size, then of a new size
 //!   ctr forwards, reads a typed line, and ctr exits with its status; in a
-//!   running one, `ctr task exec` (output, status), `ctr task exec -t` (as `run -t`), `ctr task ps`, `ctr task metrics`
+//!   running one, `ctr task exec` (output, status), `ctr task exec -t` (as `run -t`; also
+//!   in a pod's container), `ctr task ps`, `ctr task metrics`
 //!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
 //!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
 //!   the VM; a guest that powers off under its process (the task ends with 255); a shim
@@ -567,10 +568,13 @@ flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/
 # On terminals (ctr -t, on a terminal of pty-run's): the process sees one, of ctr's size
 # (resize_pty once started), then of the size pty-run changes it to once asked (ctr forwards
 # its SIGWINCH), reads a typed line, and its status is ctr's.
+# (busybox's stty size fails while the size is unknown, 0 x 0.)
 TTY_SCRIPT='test -t 0 && test -t 1 && test -t 2 && echo "tty yes"
-n=0; while [ "$(stty size)" = "0 0" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
-s=$(stty size); echo "size $s"; echo "resize please"
-n=0; while [ "$(stty size)" = "$s" ] && [ $n -lt 300 ]; do sleep 0.1; n=$((n + 1)); done
+n=0; until s=$(stty size 2>/dev/null) || [ $n -ge 300 ]; do sleep 0.1; n=$((n + 1)); done
+echo "size $s"; echo "resize please"
+n=0; while [ "$(stty size 2>/dev/null)" = "$s" ] && [ $n -lt 300 ]; do
+    sleep 0.1; n=$((n + 1))
+done
 echo "resized $(stty size)"; read -r line; echo "got <$line>"; exit $1'
 flint_case notfound $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 notfound /no/such/program
@@ -625,6 +629,10 @@ echo "procs" /proc/[0-9]*; echo "boot $(cat /proc/sys/kernel/random/boot_id)"'
 flint_case pod_a $CTR task exec --exec-id look pod1 sh -c "$LOOK"
 flint_case pod_b $CTR task exec --exec-id look pod1c sh -c "$LOOK"
 flint_case pod_ps_a $CTR task ps pod1
+# On a terminal in a pod's container too (the process joins the container's namespaces).
+printf 'typed in pod\n' | flint_case_stdin tty_pod "$FILES/pty-run" 20 70 \
+    --resize-on "resize please" 22 75 -- $CTR task exec -t --exec-id tlook pod1c \
+    sh -c "$TTY_SCRIPT" sh 6
 flint_case pod_ps_b $CTR task ps pod1c
 # A third container: more than the pod's VM holds (pod_containers 2).
 flint_case pod_full $CTR run --rm $POD --annotation io.kubernetes.cri.container-type=container \
@@ -755,6 +763,7 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     for (case, size, resized, typed, status) in [
         ("tty_run", "33 101", "44 120", "typed in run", 7),
         ("tty_exec", "25 90", "30 100", "typed in exec", 5),
+        ("tty_pod", "20 70", "22 75", "typed in pod", 6),
     ] {
         let c = run.case(case);
         let out = c.stdout.replace('\r', "");
