@@ -89,6 +89,24 @@ impl Read for Input {
     }
 }
 
+/// Hold the FIFO at `path` (a process's stdin) open for writing, so that its reader sees
+/// the end of input only once this is dropped and containerd's writers have closed theirs
+/// (as runc's shim does for a terminal: a client that detaches does not end the terminal's
+/// input; `close_io` does). `None` for `""`.
+pub fn hold_stdin(path: &str) -> io::Result<Option<File>> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    // Read-write: never waits for a reader, and is no reader that takes bytes (it is never
+    // read).
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+        .map(Some)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,6 +142,35 @@ mod tests {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         out.write_all(b"more").unwrap();
         out.write_all(b"and more").unwrap();
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn a_held_stdin_ends_only_once_released() {
+        let path = fifo("in");
+        let held = hold_stdin(path.to_str().unwrap()).unwrap();
+        let mut input = Input::new(path.to_str().unwrap()).unwrap();
+        let mut writer = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all(b"typed").unwrap();
+        drop(writer);
+        let mut got = [0u8; 16];
+        let n = input.read(&mut got).unwrap();
+        assert_eq!(&got[..n], b"typed");
+        // The client's writer is gone but the shim's holds: no end of input yet.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            let mut rest = Vec::new();
+            input.read_to_end(&mut rest).unwrap();
+            tx.send(rest).unwrap();
+        });
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err());
+        drop(held);
+        let rest = rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert!(rest.is_empty());
+        reader.join().unwrap();
+        assert!(hold_stdin("").unwrap().is_none());
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use flint_agent::{ExecSpec, IMAGE_ROOT};
+use flint_agent::{ExecSpec, WindowSize, IMAGE_ROOT, MAX_TERMINAL_SIZE};
 use serde::Deserialize;
 
 /// The largest `config.json` (or exec process) read.
@@ -24,8 +24,6 @@ pub enum SpecError {
     NoProcess,
     #[error("the container's process has no arguments")]
     NoArgs,
-    #[error("flint does not run container processes on a terminal yet (run without a TTY)")]
-    Terminal,
 }
 
 #[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
@@ -38,11 +36,32 @@ pub struct User {
     pub additional_gids: Vec<u32>,
 }
 
+/// An OCI `process.consoleSize`: the initial window size of its terminal.
+#[derive(Debug, Default, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub struct ConsoleSize {
+    #[serde(default)]
+    pub height: u32,
+    #[serde(default)]
+    pub width: u32,
+}
+
+/// A window size of `height` rows and `width` columns from containerd (a `consoleSize` or a
+/// resize request), each cut to the agent's limit.
+pub fn window_size(height: u32, width: u32) -> WindowSize {
+    let cut = |n: u32| u16::try_from(n).unwrap_or(u16::MAX).min(MAX_TERMINAL_SIZE);
+    WindowSize {
+        rows: cut(height),
+        cols: cut(width),
+    }
+}
+
 /// An OCI `process`.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 pub struct Process {
     #[serde(default)]
     pub terminal: bool,
+    #[serde(default, rename = "consoleSize")]
+    pub console_size: Option<ConsoleSize>,
     #[serde(default)]
     pub user: User,
     #[serde(default)]
@@ -255,11 +274,10 @@ impl Resources {
 }
 
 impl Process {
-    /// The agent's request for this process, run in the container's root file system.
+    /// The agent's request for this process, run in the container's root file system (on
+    /// a terminal of its `consoleSize`, or of unknown size until resized, when it asks for
+    /// one).
     pub fn exec_spec(&self) -> Result<ExecSpec, SpecError> {
-        if self.terminal {
-            return Err(SpecError::Terminal);
-        }
         if self.args.is_empty() {
             return Err(SpecError::NoArgs);
         }
@@ -283,6 +301,10 @@ impl Process {
         } else {
             self.cwd.clone()
         });
+        if self.terminal {
+            let size = self.console_size.unwrap_or_default();
+            spec.terminal = Some(window_size(size.height, size.width));
+        }
         Ok(spec)
     }
 }
@@ -429,12 +451,33 @@ mod tests {
     }
 
     #[test]
-    fn terminals_and_empty_commands_are_refused_in_one_sentence() {
+    fn terminals_get_their_console_size_and_empty_commands_are_refused() {
         let tty = exec_process(br#"{"terminal": true, "args": ["sh"]}"#).unwrap();
         assert_eq!(
-            tty.exec_spec().unwrap_err().to_string(),
-            "flint does not run container processes on a terminal yet (run without a TTY)"
+            tty.exec_spec().unwrap().terminal,
+            Some(WindowSize { rows: 0, cols: 0 })
         );
+        let sized = exec_process(
+            br#"{"terminal": true, "consoleSize": {"height": 40, "width": 120}, "args": ["sh"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sized.exec_spec().unwrap().terminal,
+            Some(WindowSize {
+                rows: 40,
+                cols: 120
+            })
+        );
+        // A size from containerd beyond the agent's limit is cut to it.
+        assert_eq!(
+            window_size(70_000, 10_001),
+            WindowSize {
+                rows: MAX_TERMINAL_SIZE,
+                cols: MAX_TERMINAL_SIZE
+            }
+        );
+        let plain = exec_process(br#"{"args": ["sh"]}"#).unwrap();
+        assert_eq!(plain.exec_spec().unwrap().terminal, None);
         let none = exec_process(br#"{"args": []}"#).unwrap();
         assert!(matches!(none.exec_spec(), Err(SpecError::NoArgs)));
     }

@@ -29,11 +29,13 @@ use containerd_shim::protos::types::task::ProcessInfo;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Context, ExitSignal, TtrpcContext, TtrpcResult};
 use flint::pod::{make_root_disk, slot_disk, Pod, PodNetwork, RootMount};
-use flint_agent::{AgentClient, AgentError, ExecSpec, InContainer, Signaller, AGENT_PORT};
+use flint_agent::{
+    AgentClient, AgentError, ExecSpec, InContainer, Signaller, WindowSize, AGENT_PORT,
+};
 
 use crate::config::ShimConfig;
-use crate::io::{Input, Output};
-use crate::spec::{exec_process, Bundle, PodMember};
+use crate::io::{hold_stdin, Input, Output};
+use crate::spec::{exec_process, window_size, Bundle, PodMember};
 
 /// How long a guest gets to boot and start its agent.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -75,6 +77,43 @@ struct Process {
     phase: Phase,
     /// The process id in the guest, once it runs.
     guest_pid: Option<u32>,
+    /// It runs on a terminal (its stdout carries the terminal's output, stderr nothing).
+    terminal: bool,
+    /// With a terminal: the shim's own writer of the stdin FIFO, held until `close_io` or
+    /// the process's end (see [`hold_stdin`]).
+    stdin_held: Option<std::fs::File>,
+}
+
+impl Process {
+    /// A process not started yet, running `spec` (on a terminal when the request or the
+    /// spec asks for one) with these FIFOs.
+    fn new(
+        mut spec: ExecSpec,
+        terminal: bool,
+        stdin: &str,
+        stdout: &str,
+        stderr: &str,
+    ) -> Result<Process, String> {
+        if terminal && spec.terminal.is_none() {
+            spec.terminal = Some(WindowSize::default());
+        }
+        let terminal = spec.terminal.is_some();
+        let stdin_held = match terminal {
+            true => hold_stdin(stdin)
+                .map_err(|e| format!("cannot open the process's stdin {stdin}: {e}"))?,
+            false => None,
+        };
+        Ok(Process {
+            spec,
+            stdin: stdin.to_string(),
+            stdout: stdout.to_string(),
+            stderr: stderr.to_string(),
+            phase: Phase::Created,
+            guest_pid: None,
+            terminal,
+            stdin_held,
+        })
+    }
 }
 
 impl Process {
@@ -304,6 +343,7 @@ impl Service {
             }
             let exit = Exit { status, at: now() };
             process.phase = Phase::Stopped(exit.clone());
+            process.stdin_held = None;
             (container.id.clone(), exit)
         };
         self.shared.changed.notify_all();
@@ -400,10 +440,8 @@ impl Service {
     fn create_container(&self, req: &api::CreateTaskRequest) -> Result<Container, String> {
         let config = ShimConfig::load().map_err(|e| e.to_string())?;
         let bundle = Bundle::read(Path::new(&req.bundle)).map_err(|e| e.to_string())?;
-        if req.terminal {
-            return Err(crate::spec::SpecError::Terminal.to_string());
-        }
         let spec = bundle.process.exec_spec().map_err(|e| e.to_string())?;
+        let init = Process::new(spec, req.terminal, &req.stdin, &req.stdout, &req.stderr)?;
         let mut settings = config.pod_for(&bundle.resources);
         settings.network = pod_network(&bundle);
         Pod::check(&settings).map_err(|e| e.to_string())?;
@@ -446,17 +484,7 @@ impl Service {
             }
         };
         let mut processes = HashMap::new();
-        processes.insert(
-            String::new(),
-            Process {
-                spec,
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                phase: Phase::Created,
-                guest_pid: None,
-            },
-        );
+        processes.insert(String::new(), init);
         Ok(Container {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
@@ -887,9 +915,6 @@ impl containerd_shim::Task for Service {
     }
 
     fn exec(&self, _ctx: &TtrpcContext, req: api::ExecProcessRequest) -> TtrpcResult<api::Empty> {
-        if req.terminal {
-            return Err(error(Code::UNKNOWN, crate::spec::SpecError::Terminal));
-        }
         let process = exec_process(
             req.spec
                 .as_ref()
@@ -907,17 +932,9 @@ impl containerd_shim::Task for Service {
                     format!("the process '{}' exists already", req.exec_id),
                 ));
             }
-            container.processes.insert(
-                req.exec_id.clone(),
-                Process {
-                    spec: process,
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    phase: Phase::Created,
-                    guest_pid: None,
-                },
-            );
+            let process = Process::new(process, req.terminal, &req.stdin, &req.stdout, &req.stderr)
+                .map_err(|e| error(Code::INTERNAL, e))?;
+            container.processes.insert(req.exec_id.clone(), process);
         }
         let event = TaskExecAdded {
             container_id: req.id.clone(),
@@ -1038,7 +1055,7 @@ impl containerd_shim::Task for Service {
             stdin: process.stdin.clone(),
             stdout: process.stdout.clone(),
             stderr: process.stderr.clone(),
-            terminal: false,
+            terminal: process.terminal,
             exec_id: req.exec_id.clone(),
             ..Default::default()
         };
@@ -1151,8 +1168,58 @@ impl containerd_shim::Task for Service {
         })
     }
 
-    fn close_io(&self, _ctx: &TtrpcContext, _req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
-        // The process's stdin ends when containerd closes the FIFO's writing end.
+    fn close_io(&self, _ctx: &TtrpcContext, req: api::CloseIORequest) -> TtrpcResult<api::Empty> {
+        // The process's stdin ends once containerd's writers of the FIFO have closed it
+        // too, after what they wrote: without a terminal, that alone ends it; with one,
+        // the shim's own writer held it open until now. The agent then types the
+        // terminal's end of file.
+        let mut guard = self.lock();
+        let container = guard.get_mut(&req.id)?;
+        let process = container
+            .processes
+            .get_mut(&req.exec_id)
+            .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+        process.stdin_held = None;
+        Ok(api::Empty::new())
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: api::ResizePtyRequest,
+    ) -> TtrpcResult<api::Empty> {
+        let size = window_size(req.height, req.width);
+        let signaller = {
+            let mut guard = self.lock();
+            let container = guard.get_mut(&req.id)?;
+            let process = container
+                .processes
+                .get_mut(&req.exec_id)
+                .ok_or_else(|| error(Code::NOT_FOUND, format!("no process '{}'", req.exec_id)))?;
+            if !process.terminal {
+                return Err(error(
+                    Code::FAILED_PRECONDITION,
+                    "the process has no terminal to resize",
+                ));
+            }
+            match &process.phase {
+                // Not started: it starts with that size.
+                Phase::Created => {
+                    process.spec.terminal = Some(size);
+                    None
+                }
+                Phase::Running { signaller } => signaller.clone(),
+                Phase::Stopped(_) => None,
+            }
+        };
+        if let Some(signaller) = signaller {
+            signaller.resize(size.rows, size.cols).map_err(|e| {
+                error(
+                    Code::UNKNOWN,
+                    format!("cannot resize the process's terminal: {e}"),
+                )
+            })?;
+        }
         Ok(api::Empty::new())
     }
 

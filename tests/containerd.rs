@@ -9,8 +9,11 @@
 //!   the overlayfs snapshotter's mounts).
 //! - Tier 3 (nested host): an image imported with `ctr image import` runs with
 //!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; a command
-//!   the image lacks (one sentence); in a
-//!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task metrics`
+//!   the image lacks (one sentence); `ctr run -t` on a terminal of `pty-run`'s (the
+//!   `guest-tools` crate): the process sees a terminal, of ctr's size, then of a new size
+//!   ctr forwards, reads a typed line, and ctr exits with its status; in a
+//!   running one, `ctr task exec` (output, status), `ctr task exec -t` (as `run -t`; also
+//!   in a pod's container), `ctr task ps`, `ctr task metrics`
 //!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
 //!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
 //!   the VM; a guest that powers off under its process (the task ends with 255); a shim
@@ -27,7 +30,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest as _, Sha256};
-use support::{cache_dir, run_scenario_with, ScenarioOptions, TempDir, RIG_FAULT_SH};
+use support::{cache_dir, repo_root, run_scenario_with, ScenarioOptions, TempDir, RIG_FAULT_SH};
 
 /// The name the test image is imported under.
 const IMAGE: &str = "docker.io/library/flint-shim-test:1";
@@ -38,6 +41,27 @@ const RUNTIME: &str = "io.containerd.flint.v2";
 
 fn shim_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_containerd-shim-flint-v2"))
+}
+
+/// `pty-run` (the `guest-tools` crate): gives `ctr run -t` the terminal it needs in the
+/// nested host, whose scenarios run without one.
+fn pty_run_bin() -> PathBuf {
+    let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("guest-tools");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let out = Command::new(&cargo)
+        .current_dir(repo_root())
+        .args(["build", "--release", "--quiet", "-p", "guest-tools"])
+        .args(["--bin", "pty-run", "--target-dir"])
+        .arg(&target_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build pty-run: {e}"));
+    assert!(
+        out.status.success(),
+        "building pty-run failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    target_dir.join("release").join("pty-run")
 }
 
 /// A program's full path from the usual directories; a missing one fails the test.
@@ -106,7 +130,7 @@ fn image_archive(out: &Path) {
         .expect("the test image needs a static busybox at /bin/busybox (busybox-static)");
     let applets = [
         "sh", "echo", "cat", "sleep", "true", "ls", "id", "grep", "ip", "wget", "httpd", "timeout",
-        "mkdir",
+        "mkdir", "stty",
     ];
     let links: Vec<String> = applets.iter().map(|a| format!("bin/{a}")).collect();
     let mut base = vec![
@@ -681,8 +705,22 @@ flint_case import $CTR image import "$FILES/image.tar"
 flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/flint-shim-test:1 \
     first sh -c 'echo "out: $(cat /etc/message)"; echo "err: $(id -u)" >&2; exit 3'
 # A command the image does not have: one sentence from the start request, nothing left.
+# On terminals (ctr -t, on a terminal of pty-run's): the process sees one, of ctr's size
+# (resize_pty once started), then of the size pty-run changes it to once asked (ctr forwards
+# its SIGWINCH), reads a typed line, and its status is ctr's.
+# (busybox's stty size fails while the size is unknown, 0 x 0.)
+TTY_SCRIPT='test -t 0 && test -t 1 && test -t 2 && echo "tty yes"
+n=0; until s=$(stty size 2>/dev/null) || [ $n -ge 300 ]; do sleep 0.1; n=$((n + 1)); done
+echo "size $s"; echo "resize please"
+n=0; while [ "$(stty size 2>/dev/null)" = "$s" ] && [ $n -lt 300 ]; do
+    sleep 0.1; n=$((n + 1))
+done
+echo "resized $(stty size)"; read -r line; echo "got <$line>"; exit $1'
 flint_case notfound $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 notfound /no/such/program
+printf 'typed in run\n' | flint_case_stdin tty_run "$FILES/pty-run" 33 101 \
+    --resize-on "resize please" 44 120 -- $CTR run -t --rm --runtime io.containerd.flint.v2 \
+    docker.io/library/flint-shim-test:1 ttyrun sh -c "$TTY_SCRIPT" sh 7
 bg_case sleeper $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 sleeper sleep 600
 n=0
@@ -693,6 +731,9 @@ done
 sleep 2
 flint_case exec $CTR task exec --exec-id e1 sleeper \
     sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
+printf 'typed in exec\n' | flint_case_stdin tty_exec "$FILES/pty-run" 25 90 \
+    --resize-on "resize please" 30 100 -- $CTR task exec -t --exec-id t1 sleeper \
+    sh -c "$TTY_SCRIPT" sh 5
 flint_case ps $CTR task ps sleeper
 flint_case metrics $CTR task metrics sleeper
 flint_case pause $CTR task pause sleeper
@@ -728,6 +769,10 @@ echo "procs" /proc/[0-9]*; echo "boot $(cat /proc/sys/kernel/random/boot_id)"'
 flint_case pod_a $CTR task exec --exec-id look pod1 sh -c "$LOOK"
 flint_case pod_b $CTR task exec --exec-id look pod1c sh -c "$LOOK"
 flint_case pod_ps_a $CTR task ps pod1
+# On a terminal in a pod's container too (the process joins the container's namespaces).
+printf 'typed in pod\n' | flint_case_stdin tty_pod "$FILES/pty-run" 20 70 \
+    --resize-on "resize please" 22 75 -- $CTR task exec -t --exec-id tlook pod1c \
+    sh -c "$TTY_SCRIPT" sh 6
 flint_case pod_ps_b $CTR task ps pod1c
 # A third container: more than the pod's VM holds (pod_containers 2).
 flint_case pod_full $CTR run --rm $POD --annotation io.kubernetes.cri.container-type=container \
@@ -881,6 +926,7 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         (program("containerd", "containerd"), "containerd"),
         (program("ctr", "containerd"), "ctr"),
         (shim_bin(), "containerd-shim-flint-v2"),
+        (pty_run_bin(), "pty-run"),
         (program("mkfs.ext4", "e2fsprogs"), "mkfs.ext4"),
         (program("debugfs", "e2fsprogs"), "debugfs"),
         (program("ip", "iproute2"), "ip"),
@@ -917,6 +963,24 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         "{}",
         notfound.stderr
     );
+    // Terminals: the output is the terminal's (`\r\n` line ends, the typed line echoed).
+    for (case, size, resized, typed, status) in [
+        ("tty_run", "33 101", "44 120", "typed in run", 7),
+        ("tty_exec", "25 90", "30 100", "typed in exec", 5),
+        ("tty_pod", "20 70", "22 75", "typed in pod", 6),
+    ] {
+        let c = run.case(case);
+        let out = c.stdout.replace('\r', "");
+        assert_eq!(c.status, status, "{case}: {out} {}", c.stderr);
+        assert!(out.contains("tty yes\n"), "{case}: {out}");
+        assert_eq!(line(&out, "size "), size, "{case}: ctr's size: {out}");
+        assert_eq!(line(&out, "resized "), resized, "{case}: a resize: {out}");
+        assert_eq!(
+            line(&out, "got "),
+            format!("<{typed}>"),
+            "{case}: the typed line: {out}"
+        );
+    }
     let exec = run.case("exec");
     assert_eq!(
         exec.stdout.trim(),

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::part_file::PartFile;
 use crate::protocol::{
-    read_message, ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, DATA_CHUNK,
+    read_message, ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, WindowSize,
+    DATA_CHUNK,
 };
 
 /// Why a client operation failed. Every message is one sentence.
@@ -143,6 +144,18 @@ impl Signaller {
     /// command was running (when none is, nothing is sent).
     pub fn signal(&self, signal: i32) -> Result<bool, AgentError> {
         signal_on(&mut lock(&self.shared), signal)
+    }
+
+    /// Set the window size of the running command's terminal (the kernel sends it
+    /// `SIGWINCH`). Returns whether a command was running (when none is, nothing is sent);
+    /// a command without a terminal ignores it.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<bool, AgentError> {
+        let mut w = lock(&self.shared);
+        if !w.active {
+            return Ok(false);
+        }
+        send_on(&mut w, &ToAgent::Resize(WindowSize { rows, cols }))?;
+        Ok(true)
     }
 
     /// [`signal`](Self::signal), unless another thread is writing on the connection right
@@ -479,6 +492,11 @@ impl AgentClient {
     /// `stderr` as they arrive (each flushed after every chunk; the two stay separate and in
     /// order), `stdin` (if any) is forwarded until its end, then the command's stdin is
     /// closed (immediately when `stdin` is `None`). Returns how the command ended.
+    ///
+    /// With a terminal ([`ExecSpec::terminal`]), everything the command writes (and the
+    /// terminal's echo of its input) arrives on `stdout`, nothing on `stderr`, and the end
+    /// of `stdin` types the terminal's end of file (see the protocol's *Terminals*);
+    /// [`Signaller::resize`] changes its window size.
     ///
     /// `stdin` is read on a thread of its own that is not joined: it ends at the next read
     /// that returns after the command has finished (that chunk is dropped) or when the

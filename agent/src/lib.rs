@@ -27,7 +27,7 @@ pub use client::{
 };
 pub use protocol::{
     ExecSpec, FrameError, FromAgent, InContainer, Message, ProtocolError, ToAgent, UserSpec,
-    AGENT_PORT, CONTAINERS_DIR, DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD,
+    WindowSize, AGENT_PORT, CONTAINERS_DIR, DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD, MAX_TERMINAL_SIZE,
 };
 
 /// The kernel command-line parameter that makes the sandbox's `/init` use a container image:

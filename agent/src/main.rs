@@ -12,6 +12,9 @@
 //! copies resolve their paths inside it without leaving it (see [`in_root`]). A command may
 //! also name its numeric user, group and supplementary groups.
 //!
+//! A command may run on a pseudo-terminal of its own (see [`terminal`]): its output is the
+//! terminal's, its stdin is typed on it, and the host may resize its window.
+//!
 //! A `Refresh` request sets the guest's wall clock and reseeds the kernel's random number
 //! generator with entropy from the host (for guests restored from a snapshot).
 //!
@@ -36,14 +39,15 @@ use flint_agent::part_file::PartFile;
 use flint_agent::poll::wait_readable;
 use flint_agent::protocol::CONTAINERS_DIR;
 use flint_agent::protocol::{
-    read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, DATA_CHUNK, HEADER_LEN,
-    SHUTDOWN_GRACE,
+    read_message, ExecSpec, FrameError, FromAgent, Message, ToAgent, WindowSize, DATA_CHUNK,
+    HEADER_LEN, SHUTDOWN_GRACE,
 };
 use flint_agent::{AGENT_PORT, DEFAULT_ENV};
 use in_root::Root;
 
 mod container;
 mod in_root;
+mod terminal;
 
 /// After the command exits, how long its output pipes may stay idle (held open by processes
 /// it left behind) before the exit is reported anyway.
@@ -453,6 +457,11 @@ impl Conn {
                         s.signal(signal);
                     }
                 }
+                ToAgent::Resize(size) => {
+                    if let Some(s) = &self.session {
+                        s.resize(size);
+                    }
+                }
                 ToAgent::CopyIn { path, mode, root } => {
                     self.copy_in(&path, mode, root.as_deref())?
                 }
@@ -628,8 +637,12 @@ struct Session {
     state: Arc<Mutex<ProcState>>,
     /// Set (under the connection's send lock) just before the final `Exited`/`Killed`.
     done: Arc<AtomicBool>,
+    /// Chunks for the command's stdin; with a terminal, an empty chunk types the end of
+    /// input.
     stdin: Option<SyncSender<Vec<u8>>>,
     output: Option<JoinHandle<()>>,
+    /// The master of the command's terminal, if it has one.
+    terminal: Option<OwnedFd>,
 }
 
 impl Session {
@@ -684,39 +697,85 @@ impl Session {
                 Some((root, cwd))
             }
         };
+        // A terminal, from the devpts of the root the command will have.
+        let pty = match spec.terminal {
+            None => None,
+            Some(size) => {
+                let container_root = spec.container.as_ref().and_then(|c| {
+                    Root::open(&container::root_of(&containers.dir, &c.id).to_string_lossy()).ok()
+                });
+                let root = container_root
+                    .as_ref()
+                    .or(root_dirs.as_ref().map(|(root, _)| root));
+                let uid = spec.user.as_ref().map(|u| u.uid);
+                Some(terminal::allocate(root, size, uid)?)
+            }
+        };
+        let tty = pty.is_some();
         let mut cmd = Command::new(argv0);
         cmd.args(&spec.argv[1..])
             .env_clear()
             .envs(DEFAULT_ENV)
-            .envs(spec.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+            .envs(spec.env.iter().map(|(k, v)| (k, v)));
+        match &pty {
+            None => {
+                cmd.stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped())
+                    .process_group(0);
+            }
+            // A session of its own instead of a process group (`take_terminal`): its id is
+            // the command's pid all the same.
+            Some(pty) => {
+                let slave = || {
+                    pty.slave
+                        .try_clone()
+                        .map(Stdio::from)
+                        .map_err(|e| format!("cannot use the terminal: {}", describe(&e)))
+                };
+                cmd.stdin(slave()?).stdout(slave()?).stderr(slave()?);
+            }
+        }
         stop_ignoring_signals();
         if root_dirs.is_none() && in_container.is_none() {
             cmd.current_dir(workdir);
         }
         if let Some(prepared) = in_container {
             // SAFETY: the closure runs in the child between fork and exec and only makes
-            // system calls on data prepared before the fork (see `container::enter`); the
-            // descriptors it uses stay open in the parent until the spawn returns.
+            // system calls on data prepared before the fork (see `terminal::take_terminal`
+            // and `container::enter`); the descriptors it uses stay open in the parent until
+            // the spawn returns.
             unsafe {
-                cmd.pre_exec(move || container::enter(&prepared));
+                cmd.pre_exec(move || {
+                    if tty {
+                        terminal::take_terminal()?;
+                    }
+                    container::enter(&prepared)
+                });
             }
-        } else if root_dirs.is_some() || spec.user.is_some() {
+        } else if root_dirs.is_some() || spec.user.is_some() || tty {
             let fds = root_dirs
                 .as_ref()
                 .map(|(root, cwd)| (root.raw_fd(), cwd.as_raw_fd()));
             let user = spec.user.clone();
             // SAFETY: the closure runs in the child between fork and exec and only makes
-            // system calls on data prepared before the fork (see `in_root::enter`). The
-            // descriptors stay open in the parent (`root_dirs`) until the spawn returns.
+            // system calls on data prepared before the fork (see `terminal::take_terminal`
+            // and `in_root::enter`). The descriptors stay open in the parent (`root_dirs`)
+            // until the spawn returns.
             unsafe {
-                cmd.pre_exec(move || in_root::enter(fds, user.as_ref()));
+                cmd.pre_exec(move || {
+                    if tty {
+                        terminal::take_terminal()?;
+                    }
+                    in_root::enter(fds, user.as_ref())
+                });
             }
         }
         let spawned = cmd.spawn();
+        // The command's copies of the slave: only the command may hold it, so that its
+        // master reads end once the command and what it left behind have closed it.
+        drop(cmd);
+        let master = pty.map(|pty| pty.master);
         drop(root_dirs);
         let mut child = spawned.map_err(|e| format!("cannot run `{argv0}`: {}", describe(&e)))?;
         let pid = child.id();
@@ -728,10 +787,27 @@ impl Session {
                 return Err(format!("cannot watch `{argv0}`: {}", describe(&e)));
             }
         };
-        let (Some(stdin), Some(stdout), Some(stderr)) =
-            (child.stdin.take(), child.stdout.take(), child.stderr.take())
-        else {
-            unreachable!("all three streams are piped")
+        // Where stdin goes and where output comes from: the pipes, or the terminal's master
+        // (a descriptor each for the stdin thread, the output thread and resizes).
+        let streams = match &master {
+            None => match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+                (Some(stdin), Some(stdout), Some(stderr)) => Ok((
+                    File::from(OwnedFd::from(stdin)),
+                    [Some(OwnedFd::from(stdout)), Some(OwnedFd::from(stderr))],
+                )),
+                _ => unreachable!("all three streams are piped"),
+            },
+            Some(master) => master
+                .try_clone()
+                .and_then(|writer| Ok((File::from(writer), [Some(master.try_clone()?), None]))),
+        };
+        let (stdin, pipes) = match streams {
+            Ok(streams) => streams,
+            Err(e) => {
+                kill_group(pid as i32, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(format!("cannot use the terminal: {}", describe(&e)));
+            }
         };
         if let Some(c) = &spec.container {
             if c.new_namespaces {
@@ -755,12 +831,19 @@ impl Session {
             .name("stdin".into())
             .spawn(move || {
                 let mut pipe = Some(stdin);
+                let mut last = None;
                 for data in rx {
                     if let Some(p) = &mut pipe {
+                        if data.is_empty() {
+                            // Only sent for a terminal: the end of the input.
+                            terminal::type_eof(p, last);
+                            continue;
+                        }
                         if p.write_all(&data).is_err() {
                             // The command closed its stdin: drop the rest.
                             pipe = None;
                         }
+                        last = data.last().copied();
                     }
                 }
             });
@@ -769,7 +852,6 @@ impl Session {
         let done = Arc::new(AtomicBool::new(false));
         let output = {
             let (state, done, out) = (Arc::clone(&state), Arc::clone(&done), out.clone());
-            let pipes = [OwnedFd::from(stdout), OwnedFd::from(stderr)];
             std::thread::Builder::new()
                 .name("output".into())
                 .spawn(move || forward_output(child, pidfd, pipes, &out, &state, &done))
@@ -787,6 +869,7 @@ impl Session {
             done,
             stdin: Some(tx),
             output: Some(output),
+            terminal: master,
         })
     }
 
@@ -795,6 +878,9 @@ impl Session {
     }
 
     fn stdin(&mut self, data: Vec<u8>) {
+        if data.is_empty() {
+            return;
+        }
         if let Some(tx) = &self.stdin {
             if tx.send(data).is_err() {
                 self.stdin = None;
@@ -802,8 +888,22 @@ impl Session {
         }
     }
 
+    /// Close the command's stdin; with a terminal, type the end of input (see the
+    /// protocol's *Terminals*).
     fn close_stdin(&mut self) {
+        if let (Some(tx), Some(_)) = (&self.stdin, &self.terminal) {
+            let _ = tx.send(Vec::new());
+        }
         self.stdin = None;
+    }
+
+    /// Set the window size of the command's terminal, if it has one and runs.
+    fn resize(&self, size: WindowSize) {
+        if let (Some(master), false) = (&self.terminal, self.is_done()) {
+            if let Err(e) = terminal::set_size(master.as_raw_fd(), size) {
+                log(3, &format!("cannot resize a terminal: {e}"));
+            }
+        }
     }
 
     /// Signal the command's process group, unless the command has been reaped.
@@ -866,13 +966,14 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(raw as RawFd) })
 }
 
-/// The output thread of a command: forwards stdout and stderr until both end (or, once the
-/// command has exited, until they stay idle for [`OUTPUT_GRACE`]), reaps the command and
+/// The output thread of a command: forwards stdout and stderr (with a terminal: its master,
+/// as stdout, whose reads fail with EIO once no process holds the slave) until both end
+/// (or, once the command has exited, until they stay idle for [`OUTPUT_GRACE`]), reaps the command and
 /// reports how it ended. If the host goes away, the command's process group is killed.
 fn forward_output(
     mut child: Child,
     pidfd: OwnedFd,
-    pipes: [OwnedFd; 2],
+    pipes: [Option<OwnedFd>; 2],
     out: &Out,
     state: &Mutex<ProcState>,
     done: &AtomicBool,
@@ -882,7 +983,7 @@ fn forward_output(
         FromAgent::Stdout(Vec::new()).kind(),
         FromAgent::Stderr(Vec::new()).kind(),
     ];
-    let mut pipes = pipes.map(Some);
+    let mut pipes = pipes;
     let mut exited = false;
     let mut host_ok = true;
     let mut buf = vec![0u8; HEADER_LEN + DATA_CHUNK];

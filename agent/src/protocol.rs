@@ -32,6 +32,9 @@
 //! - **mount a container**: `MountContainer { id, disk, size }` → `Ok` or `Error` (see
 //!   *Containers of a pod* below).
 //! - **unmount a container**: `UnmountContainer { id }` → `Ok` or `Error`.
+//! - **resize**: `Resize { rows, cols }` (no reply) sets the window size of the terminal of
+//!   the command that runs on the connection (see *Terminals* below); ignored when none runs
+//!   or it has no terminal.
 //! - **refresh**: `Refresh { unix_time_ns, entropy }` → `Ok` or `Error`. Payload
 //!   `[unix_time_ns: u64][entropy_len: u32][entropy: entropy_len bytes]`, with `unix_time_ns`
 //!   at least [`REFRESH_MIN_TIME_NS`] and `entropy_len` within
@@ -49,8 +52,11 @@
 //! ```text
 //! Exec     [argv: list of string][env: list of (string, string)][workdir: option of string]
 //!          [root: option of string][user: option of (uid: u32, gid: u32, groups: list of u32)]
-//!          [container: (id: string, new_namespaces: flag), only when present]
+//!          then, only when either is present:
+//!          [container: option of (id: string, new_namespaces: flag)]
+//!          [terminal: option of (rows: u16, cols: u16)]
 //! MountContainer   [id: string][disk: string][size: u64]
+//! Resize   [rows: u16][cols: u16]
 //! UnmountContainer [id: string]
 //! CopyIn   [mode: u32][path: string][root: option of string]
 //! CopyOut  [path: string][root: option of string]
@@ -83,6 +89,21 @@
 //! namespaces of the container's live init. `UnmountContainer` detaches the container's
 //! mounts and removes its directory. A container id is 1 to [`MAX_CONTAINER_ID`] characters
 //! of `A-Z a-z 0-9 _ . -`, not `.` or `..` (containerd's identifiers are such).
+//!
+//! # Terminals
+//!
+//! An `Exec` with a `terminal` runs the command on a new pseudo-terminal of that window size
+//! (rows and columns each at most [`MAX_TERMINAL_SIZE`]; 0 means unknown, as a new terminal
+//! has it): the pseudo-terminal is allocated from the `devpts` the command sees (its root's
+//! or container's `/dev/pts`, else the guest's), the command is the leader of a new session
+//! whose controlling terminal it is, with stdin, stdout and stderr on it. Everything it
+//! writes arrives as `Stdout` (no `Stderr`), as a terminal shows it (the terminal's own
+//! echo of the input and `\r\n` line ends included); `Stdin` is what is typed. `StdinEof`
+//! types the terminal's end-of-file character (Ctrl-D, after a line end when the typed
+//! input does not end a line) when the terminal is in canonical mode, so that a program
+//! reading lines sees the end of its input; a program that put the terminal in raw mode
+//! reads bytes and gets nothing. `Resize` changes the window size, and the kernel sends
+//! `SIGWINCH` to the terminal's foreground process group.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
@@ -120,6 +141,8 @@ pub const MAX_GROUPS: usize = 1024;
 /// The earliest wall-clock time a `Refresh` request may set, 2000-01-01T00:00:00Z, in
 /// nanoseconds since the Unix epoch: anything earlier is a broken host clock, not a time.
 pub const REFRESH_MIN_TIME_NS: u64 = 946_684_800 * 1_000_000_000;
+/// Most rows, and most columns, of a terminal's window size.
+pub const MAX_TERMINAL_SIZE: u16 = 10_000;
 
 /// Frame kinds, host to agent.
 pub mod kind {
@@ -135,6 +158,7 @@ pub mod kind {
     pub const REFRESH: u8 = 0x0a;
     pub const MOUNT_CONTAINER: u8 = 0x0b;
     pub const UNMOUNT_CONTAINER: u8 = 0x0c;
+    pub const RESIZE: u8 = 0x0d;
     // Agent to host.
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -191,6 +215,27 @@ pub struct ExecSpec {
     /// The container (of a pod) the command runs in, mounted by `MountContainer`; `root`
     /// is then `None`.
     pub container: Option<InContainer>,
+    /// Run the command on a new terminal of this window size (see the module docs).
+    pub terminal: Option<WindowSize>,
+}
+
+/// A terminal's window size, in characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct WindowSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+impl WindowSize {
+    /// Each at most [`MAX_TERMINAL_SIZE`].
+    fn validate(&self) -> Result<(), ProtocolError> {
+        if self.rows > MAX_TERMINAL_SIZE || self.cols > MAX_TERMINAL_SIZE {
+            return Err(ProtocolError::Invalid(
+                "a terminal's window size exceeds 10000 rows or columns",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Where a command of a pod's container runs (see the module docs).
@@ -274,7 +319,16 @@ impl ExecSpec {
         self
     }
 
+    /// Run the command on a new terminal of `rows` by `cols` characters.
+    pub fn terminal(mut self, rows: u16, cols: u16) -> ExecSpec {
+        self.terminal = Some(WindowSize { rows, cols });
+        self
+    }
+
     fn validate(&self) -> Result<(), ProtocolError> {
+        if let Some(size) = &self.terminal {
+            size.validate()?;
+        }
         if self.argv.is_empty() {
             return Err(ProtocolError::Invalid("the command line is empty"));
         }
@@ -436,6 +490,8 @@ pub enum ToAgent {
     MountContainer { id: String, disk: String, size: u64 },
     /// Unmount the pod container `id`'s root and remove its directory.
     UnmountContainer { id: String },
+    /// Set the window size of the running command's terminal (see the module docs).
+    Resize(WindowSize),
 }
 
 /// Agent to host.
@@ -499,6 +555,7 @@ impl Message for ToAgent {
             ToAgent::Refresh { .. } => kind::REFRESH,
             ToAgent::MountContainer { .. } => kind::MOUNT_CONTAINER,
             ToAgent::UnmountContainer { .. } => kind::UNMOUNT_CONTAINER,
+            ToAgent::Resize(_) => kind::RESIZE,
         }
     }
 
@@ -529,11 +586,24 @@ impl Message for ToAgent {
                         }
                     }
                 }
-                // Absent, nothing: the request is then what hosts and agents without
-                // containers send and read.
-                if let Some(container) = &spec.container {
-                    put_str(out, &container.id)?;
-                    out.push(u8::from(container.new_namespaces));
+                // Both absent, nothing: the request is then what hosts and agents without
+                // containers and terminals send and read.
+                if spec.container.is_some() || spec.terminal.is_some() {
+                    match &spec.container {
+                        None => out.push(0),
+                        Some(container) => {
+                            out.push(1);
+                            put_str(out, &container.id)?;
+                            out.push(u8::from(container.new_namespaces));
+                        }
+                    }
+                    match &spec.terminal {
+                        None => out.push(0),
+                        Some(size) => {
+                            out.push(1);
+                            put_size(out, size);
+                        }
+                    }
                 }
             }
             ToAgent::Stdin(data) | ToAgent::FileData(data) => put_data(out, data)?,
@@ -576,6 +646,10 @@ impl Message for ToAgent {
                 check_container_id(id)?;
                 put_str(out, id)?;
             }
+            ToAgent::Resize(size) => {
+                size.validate()?;
+                put_size(out, size);
+            }
         }
         Ok(())
     }
@@ -614,13 +688,19 @@ impl Message for ToAgent {
                         Some(UserSpec { uid, gid, groups })
                     }
                 };
-                spec.container = match d.is_empty() {
-                    true => None,
-                    false => Some(InContainer {
-                        id: d.string("container id")?,
-                        new_namespaces: d.flag("the new-namespaces flag is not 0 or 1")?,
-                    }),
-                };
+                if !d.is_empty() {
+                    spec.container = match d.flag("the container flag is not 0 or 1")? {
+                        false => None,
+                        true => Some(InContainer {
+                            id: d.string("container id")?,
+                            new_namespaces: d.flag("the new-namespaces flag is not 0 or 1")?,
+                        }),
+                    };
+                    spec.terminal = match d.flag("the terminal flag is not 0 or 1")? {
+                        false => None,
+                        true => Some(d.size()?),
+                    };
+                }
                 spec.validate()?;
                 ToAgent::Exec(spec)
             }
@@ -673,6 +753,7 @@ impl Message for ToAgent {
                 check_container_id(&id)?;
                 ToAgent::UnmountContainer { id }
             }
+            kind::RESIZE => ToAgent::Resize(d.size()?),
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -757,6 +838,11 @@ fn put_u32(out: &mut Vec<u8>, n: usize) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+fn put_size(out: &mut Vec<u8>, size: &WindowSize) {
+    out.extend_from_slice(&size.rows.to_le_bytes());
+    out.extend_from_slice(&size.cols.to_le_bytes());
+}
+
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), ProtocolError> {
     put_u32(out, s.len())?;
     put_data(out, s.as_bytes())
@@ -820,6 +906,21 @@ impl<'a> Decoder<'a> {
         Ok(u64::from_le_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
         ]))
+    }
+
+    fn u16(&mut self) -> Result<u16, ProtocolError> {
+        let b = self.take(2)?;
+        Ok(u16::from_le_bytes([b[0], b[1]]))
+    }
+
+    /// A window size, checked.
+    fn size(&mut self) -> Result<WindowSize, ProtocolError> {
+        let size = WindowSize {
+            rows: self.u16()?,
+            cols: self.u16()?,
+        };
+        size.validate()?;
+        Ok(size)
     }
 
     fn i32(&mut self) -> Result<i32, ProtocolError> {
@@ -973,6 +1074,12 @@ mod tests {
                 size: 1 << 40,
             },
             ToAgent::UnmountContainer { id: "x".into() },
+            ToAgent::Exec(ExecSpec::new(["sh"]).terminal(0, 0)),
+            ToAgent::Exec(ExecSpec::new(["sh"]).container("c", true).terminal(24, 80)),
+            ToAgent::Resize(WindowSize {
+                rows: 1,
+                cols: 10_000,
+            }),
             ToAgent::CopyIn {
                 path: "/a/b".into(),
                 mode: 0o4755,
@@ -1238,7 +1345,7 @@ mod tests {
 
     #[test]
     fn unknown_kinds_and_wrong_direction() {
-        for k in [0u8, 0x0d, 0x7f, 0x80, 0x8a, 0xff] {
+        for k in [0u8, 0x0e, 0x7f, 0x80, 0x8a, 0xff] {
             assert_eq!(ToAgent::decode(k, &[]), Err(ProtocolError::UnknownKind(k)));
             assert_eq!(
                 FromAgent::decode(k, &[]),
@@ -1420,22 +1527,92 @@ mod tests {
         // Without them: two zero flags.
         let bytes = ToAgent::Exec(ExecSpec::new(["x"])).encode().unwrap();
         assert_eq!(bytes, frame(kind::EXEC, &exec_payload(&[0, 0])));
-        // A container: its id and the new-namespaces flag, last (absent: nothing, as
-        // hosts and agents without containers have it).
+        // A container and a terminal: two options last (both absent: nothing, as hosts and
+        // agents without them have it).
         let spec = ExecSpec::new(["x"]).container("c1", true);
-        let want = exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 1]);
+        let want = exec_payload(&[0, 0, 1, 2, 0, 0, 0, b'c', b'1', 1, 0]);
         assert_eq!(
             ToAgent::Exec(spec.clone()).encode().unwrap(),
             frame(kind::EXEC, &want)
         );
         assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
-        assert!(matches!(
-            ToAgent::decode(
-                kind::EXEC,
-                &exec_payload(&[0, 0, 2, 0, 0, 0, b'c', b'1', 2])
-            ),
-            Err(ProtocolError::Invalid(_))
-        ));
+        let spec = ExecSpec::new(["x"]).terminal(24, 80);
+        let want = exec_payload(&[0, 0, 0, 1, 24, 0, 80, 0]);
+        assert_eq!(
+            ToAgent::Exec(spec.clone()).encode().unwrap(),
+            frame(kind::EXEC, &want)
+        );
+        assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
+        let spec = ExecSpec::new(["x"])
+            .container("c1", false)
+            .terminal(0x102, 0x304);
+        let want = exec_payload(&[0, 0, 1, 2, 0, 0, 0, b'c', b'1', 0, 1, 2, 1, 4, 3]);
+        assert_eq!(
+            ToAgent::Exec(spec.clone()).encode().unwrap(),
+            frame(kind::EXEC, &want)
+        );
+        assert_eq!(ToAgent::decode(kind::EXEC, &want), Ok(ToAgent::Exec(spec)));
+        for bad in [
+            &[0, 0, 1, 2, 0, 0, 0, b'c', b'1', 2, 0][..], // new-namespaces flag 2
+            &[0, 0, 2, 2, 0, 0, 0, b'c', b'1', 1, 0],     // container flag 2
+            &[0, 0, 0, 2],                                // terminal flag 2
+            &[0, 0, 0, 1, 0x11, 0x27, 80, 0],             // 10001 rows
+            &[0, 0, 0, 1, 24, 0, 0x11, 0x27],             // 10001 columns
+        ] {
+            let r = ToAgent::decode(kind::EXEC, &exec_payload(bad));
+            assert!(
+                matches!(r, Err(ProtocolError::Invalid(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        for short in [&[0, 0, 0][..], &[0, 0, 0, 1, 24, 0, 80]] {
+            let r = ToAgent::decode(kind::EXEC, &exec_payload(short));
+            assert_eq!(r, Err(ProtocolError::Truncated), "{short:?}");
+        }
+        // A resize: rows, then columns; the same limits.
+        let resize = ToAgent::Resize(WindowSize {
+            rows: 50,
+            cols: 200,
+        });
+        assert_eq!(
+            resize.encode().unwrap(),
+            frame(kind::RESIZE, &[50, 0, 200, 0])
+        );
+        assert_eq!(ToAgent::decode(kind::RESIZE, &[50, 0, 200, 0]), Ok(resize));
+        assert_eq!(
+            ToAgent::decode(kind::RESIZE, &[0x10, 0x27, 0x10, 0x27]),
+            Ok(ToAgent::Resize(WindowSize {
+                rows: MAX_TERMINAL_SIZE,
+                cols: MAX_TERMINAL_SIZE
+            }))
+        );
+        for bad in [[0x11, 0x27, 1, 0], [1, 0, 0xff, 0xff]] {
+            let r = ToAgent::decode(kind::RESIZE, &bad);
+            assert!(
+                matches!(r, Err(ProtocolError::Invalid(_))),
+                "{bad:?}: {r:?}"
+            );
+        }
+        assert_eq!(
+            ToAgent::decode(kind::RESIZE, &[1, 0, 1]),
+            Err(ProtocolError::Truncated)
+        );
+        assert_eq!(
+            ToAgent::decode(kind::RESIZE, &[1, 0, 1, 0, 0]),
+            Err(ProtocolError::TrailingBytes(1))
+        );
+        for bad in [
+            ToAgent::Resize(WindowSize {
+                rows: 10_001,
+                cols: 1,
+            }),
+            ToAgent::Exec(ExecSpec::new(["x"]).terminal(1, 10_001)),
+        ] {
+            assert!(
+                matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
         // Copies: the root after the path.
         let copy_out = ToAgent::CopyOut {
             path: "/f".into(),
@@ -1513,7 +1690,7 @@ mod tests {
             Err(ProtocolError::Truncated)
         );
         let mut extra = with_user(user(1, 2, &[3]));
-        extra.extend([2, 0, 0, 0, b'c', b'1', 0, 0]);
+        extra.extend([1, 2, 0, 0, 0, b'c', b'1', 0, 0, 9]);
         assert_eq!(
             ToAgent::decode(kind::EXEC, &extra),
             Err(ProtocolError::TrailingBytes(1))
