@@ -243,34 +243,32 @@ fn firecracker_getting_started_sequence() {
     assert_eq!(step("unlimit_drive"), "204", "{}", body("unlimit_drive"));
     assert_eq!(check("slow_reads"), "yes", "{out}");
     assert_eq!(check("fast_reads"), "yes", "{out}");
-    let seconds = |name: &str| -> u64 {
+    let number = |name: &str| -> u64 {
         check(name)
             .parse()
             .unwrap_or_else(|_| panic!("{name}: {out}"))
     };
     // 8 requests beyond the bucket's 2 at 2 a second: about 4 s; without the limit none.
     assert!(
-        seconds("slow_s") >= 3,
+        number("slow_s") >= 3,
         "the limit set after start did not apply: {}",
         out
     );
     // Lifted: the unlimited reads were never held back (counted by the device, not timed,
     // since a loaded machine makes any read slow).
-    let counter = |name: &str| -> u64 {
-        check(name)
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}: {out}"))
-    };
     assert_eq!(step("flush_after_slow"), "204");
     assert_eq!(step("flush_after_fast"), "204");
-    assert!(counter("throttled_slow") > 0, "the limit held nothing back: {out}");
     assert!(
-        counter("reads_fast") >= counter("reads_slow") + 10,
+        number("throttled_slow") > 0,
+        "the limit held nothing back: {out}"
+    );
+    assert!(
+        number("reads_fast") >= number("reads_slow") + 10,
         "the unlimited reads did not reach the disk: {out}"
     );
     assert_eq!(
-        counter("throttled_fast"),
-        counter("throttled_slow"),
+        number("throttled_fast"),
+        number("throttled_slow"),
         "the limit was not lifted: {out}"
     );
     assert_eq!(step("patch_unknown_drive"), "400");
