@@ -25,9 +25,9 @@
 # `build-guest-kernel-pci.sh` (the same kernel plus virtio-pci and MSI; flint, Firecracker
 # and QEMU with pci=off as always, Cloud Hypervisor without, its ELF vmlinux, the others its
 # bzImage). The vsock receivers are told the byte count (`vsock-io --recv --expect`) and close
-# when they have it: Firecracker's and Cloud Hypervisor's devices do not pass a guest's
-# half-close (`shutdown(SHUT_WR)`) on to the host's Unix socket, so a receiver waiting for the
-# end of the stream would wait forever (that hung this script's vsock step under Firecracker).
+# when they have it: Firecracker's device does not pass a guest's half-close
+# (`shutdown(SHUT_WR)`) on to the host's Unix socket, so a receiver waiting for the end of the
+# stream would wait forever (that hung this script's vsock step under Firecracker).
 #
 # usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB|0] [--pings N]
 #                               [--vmms LIST] [--flint-base BIN] [--peers DIR]

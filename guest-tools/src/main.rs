@@ -27,9 +27,9 @@
 //! `--abort-after B` a connection closes abruptly after B bytes instead. `--recv --expect B`
 //! receives exactly B bytes and then closes without waiting for the end of the stream (an
 //! earlier end is an error): for peers whose half-close does not come through, such as a guest
-//! behind Firecracker's or Cloud Hypervisor's vsock device, which do not pass the guest's
-//! `shutdown(SHUT_WR)` on to the host's Unix socket, so that a receiver waiting for the end of
-//! the stream and a sender waiting for the receiver to close would wait for each other forever.
+//! behind Firecracker's vsock device, which does not pass the guest's `shutdown(SHUT_WR)` on to
+//! the host's Unix socket, so that a receiver waiting for the end of the stream and a sender
+//! waiting for the receiver to close would wait for each other forever.
 //! `--retry SECS` keeps
 //! trying to connect (refused, or flint closed without `OK`) for up to SECS seconds. A vsock
 //! connect waits up to 60 s for the peer's answer (Linux's default is 2 s).
