@@ -9,12 +9,25 @@
 #     measure process start-up, not the disk; so a tiny C program built here (`randread`:
 #     pread(2) of 4 KiB at random aligned offsets, O_DIRECT when the file allows it) is
 #     shipped to the guest on a second, read-only disk (a tar archive).
-# Then the same commands run on the host side against the same image file, and the
-# guest/host ratio is printed.
+# The same guest (kernel, initramfs, command line, 1 vCPU, 256 MiB) does this under flint and,
+# when their binaries are in --peers (default ../shared/peers), under Firecracker (`--no-api
+# --config-file`, two `drives`) and Cloud Hypervisor (`--disk path=...`, its defaults), each on
+# the same raw image file, BOOTS boots per VMM with the order rotating. Then the same commands
+# run on the host side against the same image file, and the ratios are printed.
 #
-# usage: resources/bench-block.sh [-n RUNS] [--disk-mib MIB] [--reads N]
-#   RUNS measured rounds (default 3) after one warm-up round; medians and spreads are printed
-#   (BENCH_RAW=1 also prints every sample)
+# Cloud Hypervisor has virtio over PCI only, which the project's guest kernel leaves out; with
+# cloud-hypervisor in --vmms every VMM boots the kernel of build-guest-kernel-pci.sh (the same
+# kernel plus virtio-pci; flint and Firecracker with pci=off as always, so for them it is the
+# default kernel). Cloud Hypervisor restarts a guest that resets, so it is stopped once its
+# guest has printed its exit marker. Which of the guest's two disks holds the tools is found
+# by content, as the VMMs need not name them in the same order.
+#
+# usage: resources/bench-block.sh [-n RUNS] [--disk-mib MIB] [--reads N] [--boots B]
+#                                 [--vmms LIST] [--peers DIR]
+#   RUNS measured rounds (default 3) per boot after one warm-up round; medians and spreads
+#   of all boots' rounds are printed (BENCH_RAW=1 also prints every sample)
+#   --vmms LIST: comma-separated, from flint, firecracker, cloud-hypervisor (default: flint and
+#   the peers found in --peers)
 #
 # Where the local /dev/kvm cannot boot Linux (PVM), everything happens inside the nested KVM
 # host (resources/nested-host/run.sh); its "host side" is then that VM, whose files live in
@@ -30,18 +43,45 @@ repo=$(cd "$here/.." && pwd)
 runs=3
 disk_mib=256
 reads=5000
+boots=1
+vmms=
+peers=$here/../../shared/peers
 while (($#)); do
     case $1 in
     -n) runs=${2:?}; shift ;;
     --disk-mib) disk_mib=${2:?}; shift ;;
     --reads) reads=${2:?}; shift ;;
+    --boots) boots=${2:?}; shift ;;
+    --vmms) vmms=${2:?}; shift ;;
+    --peers) peers=${2:?}; shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
     esac
     shift
 done
 
+for v in "$runs" "$disk_mib" "$reads" "$boots"; do
+    [[ $v =~ ^[1-9][0-9]*$ ]] || die "counts and sizes are positive integers, got '$v'"
+done
+if [ -z "$vmms" ]; then
+    vmms=flint
+    for p in firecracker cloud-hypervisor; do [ ! -x "$peers/$p" ] || vmms=$vmms,$p; done
+fi
+for v in ${vmms//,/ }; do
+    case $v in
+    flint) ;;
+    firecracker | cloud-hypervisor) [ -x "$peers/$v" ] || die "no $v binary in $peers (--peers)" ;;
+    *) die "unknown VMM '$v' in --vmms (flint, firecracker, cloud-hypervisor)" ;;
+    esac
+done
+
 ensure_packages gcc libc6-dev
-"$here/build-guest-kernel.sh"
+kernel_dir=$FLINT_CACHE/guest
+if [[ ,$vmms, == *,cloud-hypervisor,* ]]; then
+    "$here/build-guest-kernel-pci.sh"
+    kernel_dir=$FLINT_CACHE/pci/guest
+else
+    "$here/build-guest-kernel.sh"
+fi
 "$here/build-guest-initramfs.sh"
 log "building flint (release)"
 (cd "$repo" && cargo build --release --quiet)
@@ -150,41 +190,120 @@ SH
 # a multiple of 512 bytes).
 tar -cf "$work/tools.tar" -C "$work/tools" .
 
-guest_script='mkdir /tmp/t && tar -xf /dev/vdb -C /tmp/t && sh /tmp/t/io-bench.sh /dev/vda guest'
-cmdline="console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet flint.exec=$(printf '%s' "$guest_script" | base64 -w0)"
+# The guest finds its tools on whichever disk has them (an all-zero disk is an empty archive).
+guest_script='mkdir /tmp/t && for d in vdb vda; do tar -xf /dev/$d -C /tmp/t 2>/dev/null; [ -f /tmp/t/io-bench.sh ] && break; done
+[ -f /tmp/t/io-bench.sh ] || { echo "BENCH-FAILED no disk holds the tools"; exit 1; }
+data=/dev/vda; [ $d = vda ] && data=/dev/vdb
+sh /tmp/t/io-bench.sh $data $L'
+cmdline_of() { # VMM: the command line, telling the guest which VMM it runs under
+    local c="console=ttyS0 reboot=k panic=1 pci=off acpi=off quiet"
+    [ "$1" != cloud-hypervisor ] || c="console=ttyS0 reboot=k panic=1 acpi=off quiet"
+    printf '%s flint.exec=%s' "$c" "$(printf 'L=%s\n%s' "$1" "$guest_script" | base64 -w0)"
+}
 
 cat >"$work/scenario.sh" <<SCENARIO
 #!/bin/sh
 # Runs in the benchmark host (nested or direct); \$BIN points at the files, \$TMPD is scratch.
-img=\$TMPD/bench-disk.img
-rm -f "\$img"
-dd if=/dev/zero of="\$img" bs=1M count=$disk_mib 2>/dev/null
-\$BIN/flint boot --kernel \$BIN/bzImage --initrd \$BIN/initramfs.cpio.gz --memory 256 \\
-    --disk "\$img" --disk "\$BIN/tools.tar,ro" --cmdline "$cmdline" </dev/null >\$TMPD/guest.out 2>\$TMPD/guest.err || {
-    echo "BENCH-FAILED flint"; cat \$TMPD/guest.out \$TMPD/guest.err; exit 1; }
-grep -E '^(BENCH|WARMUP)' \$TMPD/guest.out
-mkdir -p \$TMPD/tools
-tar -xf \$BIN/tools.tar -C \$TMPD/tools
-sh \$TMPD/tools/io-bench.sh "\$img" host
-rm -f "\$img"
+VMMS='${vmms//,/ }'
+BOOTS=$boots
+CMD_flint='$(cmdline_of flint)'
+CMD_firecracker='$(cmdline_of firecracker)'
+CMD_ch='$(cmdline_of cloud-hypervisor)'
 SCENARIO
+cat >>"$work/scenario.sh" <<'SCENARIO'
+img=$TMPD/bench-disk.img
+rm -f "$img"
+dd if=/dev/zero of="$img" bs=1M count=DISK_MIB 2>/dev/null
+[ -x "$BIN/firecracker" ] && echo "BENCH-FC-VERSION $("$BIN/firecracker" --version 2>&1 | head -n1)"
+[ -x "$BIN/cloud-hypervisor" ] && echo "BENCH-CH-VERSION $("$BIN/cloud-hypervisor" --version 2>&1 | head -n1)"
+# boot VMM: one boot of the guest under VMM on the image; its lines on stdout.
+boot() {
+    out=$TMPD/guest-$1.out
+    err=$TMPD/guest-$1.err
+    case $1 in
+    flint)
+        "$BIN/flint" boot --kernel "$BIN/bzImage" --initrd "$BIN/initramfs.cpio.gz" --memory 256 \
+            --disk "$img" --disk "$BIN/tools.tar,ro" --cmdline "$CMD_flint" </dev/null >"$out" 2>"$err"
+        status=$?
+        ;;
+    firecracker)
+        cat >"$TMPD/fc.json" <<FC_JSON
+{"boot-source": {"kernel_image_path": "$BIN/bzImage", "initrd_path": "$BIN/initramfs.cpio.gz",
+                 "boot_args": "$CMD_firecracker"},
+ "machine-config": {"vcpu_count": 1, "mem_size_mib": 256},
+ "drives": [{"drive_id": "data", "path_on_host": "$img", "is_root_device": false,
+             "is_read_only": false},
+            {"drive_id": "tools", "path_on_host": "$BIN/tools.tar", "is_root_device": false,
+             "is_read_only": true}]}
+FC_JSON
+        "$BIN/firecracker" --no-api --config-file "$TMPD/fc.json" --level Error \
+            </dev/null >"$out" 2>"$err"
+        # its exit status on the guest's reset is not 0; the guest's marker says it all
+        status=0
+        ;;
+    cloud-hypervisor)
+        "$BIN/cloud-hypervisor" --kernel "$BIN/vmlinux" --initramfs "$BIN/initramfs.cpio.gz" \
+            --cmdline "$CMD_ch" --cpus boot=1 --memory size=256M \
+            --disk path="$img" path="$BIN/tools.tar,readonly=on" \
+            --serial tty --console off </dev/null >"$out" 2>"$err" &
+        pid=$!
+        i=0
+        while [ $i -lt 900 ] && ! grep -q FLINT-GUEST-EXIT "$out" 2>/dev/null && kill -0 $pid 2>/dev/null; do
+            sleep 1
+            i=$((i + 1))
+        done
+        kill $pid 2>/dev/null
+        wait $pid
+        status=0
+        ;;
+    esac
+    if [ $status -ne 0 ] || ! grep -q 'FLINT-GUEST-EXIT 0' "$out"; then
+        echo "BENCH-FAILED $1 (status $status)"
+        cat "$out" "$err"
+        return 1
+    fi
+    tr -d '\r' <"$out" | grep -E '^(BENCH|WARMUP)'
+}
+set -- $VMMS
+n=$#
+r=0
+while [ $r -lt "$BOOTS" ]; do
+    k=0
+    while [ $k -lt $n ]; do
+        j=$(((r + k) % n + 1))
+        eval "boot \${$j}" || exit 1
+        k=$((k + 1))
+    done
+    r=$((r + 1))
+done
+mkdir -p $TMPD/tools
+tar -xf $BIN/tools.tar -C $TMPD/tools
+sh $TMPD/tools/io-bench.sh "$img" host
+rm -f "$img"
+SCENARIO
+sed -i "s/DISK_MIB/$disk_mib/" "$work/scenario.sh"
 
+files=("$flint:flint" "$kernel_dir/bzImage:bzImage" "$kernel_dir/vmlinux:vmlinux"
+    "$guest/initramfs.cpio.gz:initramfs.cpio.gz" "$work/tools.tar:tools.tar")
+for p in firecracker cloud-hypervisor; do
+    [[ ,$vmms, != *,$p,* ]] || files+=("$peers/$p:$p")
+done
+nv=$(tr , "\n" <<<"$vmms" | wc -l)
 if ! host_kvm_boots_linux; then
     log "local /dev/kvm cannot boot Linux: running inside the nested KVM host"
     {
         echo 'BIN=/bench; TMPD=/tmp'
         cat "$work/scenario.sh"
     } >"$work/nested.sh"
-    "$here/nested-host/run.sh" --timeout $((300 + 240 * runs)) --mem $((2048 + disk_mib * 2)) \
-        --scenario "$work/nested.sh" \
-        --add "$flint:/bench/flint" --add "$guest/bzImage:/bench/bzImage" \
-        --add "$guest/initramfs.cpio.gz:/bench/initramfs.cpio.gz" \
-        --add "$work/tools.tar:/bench/tools.tar" >"$work/out" 2>&1 ||
+    adds=()
+    for f in "${files[@]}"; do adds+=(--add "${f%%:*}:/bench/${f##*:}"); done
+    "$here/nested-host/run.sh" --timeout $((300 + boots * nv * (120 + 120 * runs) + 120 * runs)) \
+        --mem $((2048 + disk_mib * 2)) --scenario "$work/nested.sh" "${adds[@]}" >"$work/out" 2>&1 ||
         { cat "$work/out"; die "benchmark run failed"; }
     where="nested KVM host (QEMU TCG, Debian cloud kernel, kvm_amd) on $(nproc) cores; host-side files on tmpfs"
 else
     mkdir -p "$work/bin"
-    cp "$flint" "$guest/bzImage" "$guest/initramfs.cpio.gz" "$work/tools.tar" "$work/bin/"
+    for f in "${files[@]}"; do cp "${f%%:*}" "$work/bin/${f##*:}"; done
     BIN=$work/bin TMPD=$work sh "$work/scenario.sh" >"$work/out" 2>&1 ||
         { cat "$work/out"; die "benchmark run failed"; }
     where="local hardware KVM; image in $work"
@@ -192,10 +311,9 @@ fi
 
 tr -d "\r" <"$work/out" >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
-if grep -q 'BENCH-FAILED' "$work/clean"; then
-    cat "$work/clean"
-    die "a measurement failed (see above)"
-fi
+# A failed step (a guest's dd that exited with an error) still has its time in the table;
+# the failures are listed after it and the script then fails. A failed boot has no figures.
+failed=$(grep '^BENCH-FAILED' "$work/clean" | sort | uniq -c || true)
 
 # median LABEL METRIC: median of that metric's samples ("n/a" if there are none).
 median() {
@@ -214,16 +332,41 @@ spread() {
 }
 mode() { sed -n "s/^BENCH $1 $2 [0-9.]* (\(.*\))/\1/p" "$work/clean" | head -n1; }
 
-echo "flint block benchmark: ${disk_mib} MiB virtio-blk disk (raw file), $runs runs, busybox dd + randread ($reads reads), $(date -u +%Y-%m-%d)"
+vmm_list=${vmms//,/ }
+peers_in=
+for p in firecracker cloud-hypervisor; do [[ " $vmm_list " != *" $p "* ]] || peers_in="$peers_in $p"; done
+echo "flint block benchmark: ${disk_mib} MiB virtio-blk disk (raw file), $boots boot(s) per VMM x $runs runs, busybox dd + randread ($reads reads), $(date -u +%Y-%m-%d)"
 echo "where: $where"
-echo "guest: project 6.1 kernel, 1 vCPU, 256 MiB, initramfs root; flint release build"
-printf '%-26s %14s %16s %14s %16s %8s\n' metric "guest median" "(min-max)" "host median" "(min-max)" "g/h"
-for metric in seq_write_MiBps seq_read_direct_MiBps seq_read_buffered_MiBps rand_read_4k_IOPS; do
-    g=$(median guest $metric)
-    h=$(median host $metric)
-    ratio=$(awk -v g="$g" -v h="$h" 'BEGIN { if (g + 0 > 0 && h + 0 > 0) printf "%.3g", g / h; else print "n/a" }')
-    printf '%-26s %14s %16s %14s %16s %8s\n' "$metric" "$g" "($(spread guest $metric))" "$h" "($(spread host $metric))" "$ratio"
-done
-gm=$(mode guest rand_read_4k_IOPS)
+echo "guest: project 6.1 kernel ($kernel_dir), 1 vCPU, 256 MiB, initramfs root; flint release build"
+[[ " $vmm_list " != *" firecracker "* ]] ||
+    echo "firecracker: $(sed -n 's/.*BENCH-FC-VERSION //p' "$work/clean" | head -n1)"
+[[ " $vmm_list " != *" cloud-hypervisor "* ]] ||
+    echo "cloud-hypervisor: $(sed -n 's/.*BENCH-CH-VERSION //p' "$work/clean" | head -n1), virtio-pci"
+echo "median (min-max) of all measured rounds; MiB/s, random reads in IOPS"
+echo
+{
+    printf '| metric |'
+    for v in $vmm_list; do printf ' %s |' "$v"; done
+    printf ' host side |'
+    for p in $peers_in; do printf ' flint / %s |' "$p"; done
+    printf ' flint / host |\n|---|'
+    for v in $vmm_list $peers_in; do printf -- '---|'; done
+    printf -- '---|---|\n'
+    for metric in seq_write_MiBps seq_read_direct_MiBps seq_read_buffered_MiBps rand_read_4k_IOPS; do
+        printf '| %s |' "$metric"
+        for v in $vmm_list host; do printf ' %s (%s) |' "$(median "$v" $metric)" "$(spread "$v" $metric)"; done
+        f=$(median flint $metric)
+        for p in $peers_in host; do
+            awk -v g="$f" -v h="$(median "$p" $metric)" 'BEGIN { if (g + 0 > 0 && h + 0 > 0) printf " %.2fx |", g / h; else printf " n/a |" }'
+        done
+        echo
+    done
+}
+gm=$(mode flint rand_read_4k_IOPS)
 hm=$(mode host rand_read_4k_IOPS)
-echo "random reads: guest ${gm:-?} I/O on /dev/vda, host ${hm:-?} I/O on the image file"
+echo "random reads: guest ${gm:-?} I/O on its data disk, host ${hm:-?} I/O on the image file"
+if [ -n "$failed" ]; then
+    echo "FAILED steps (count, step); their times are in the table all the same:"
+    echo "$failed"
+    die "a measurement failed (BENCH_RAW=1 shows the raw output)"
+fi

@@ -14,14 +14,26 @@
 # Each VMM boots the same kernel, initramfs and command line on the same TAP with the same
 # tools: flint; `--flint-base BIN`, a second flint binary (e.g. the previous commit's) as
 # "flint-base"; Firecracker (from --peers, default ../shared/peers: `--no-api --config-file`
-# with the NIC on the same TAP and its vsock, whose host side speaks flint's protocol); and
-# QEMU's microvm machine with vhost-net and vhost-vsock. RUNS rounds, one boot per VMM per
-# round, the order rotating each round so that drifting load hits all alike; medians.
+# with the NIC on the same TAP and its vsock, whose host side speaks flint's protocol); Cloud
+# Hypervisor (same --peers: `--net tap=` on the same TAP, virtio over PCI, and its hybrid
+# vsock, `--vsock cid=3,socket=`, the same protocol again); and QEMU's microvm machine with
+# vhost-net and vhost-vsock. RUNS rounds, one boot per VMM per round, the order rotating each
+# round so that drifting load hits all alike; medians.
+#
+# Cloud Hypervisor has no virtio-mmio transport, and the project's guest kernel has no virtio
+# over PCI; with cloud-hypervisor in --vmms every VMM boots the kernel of
+# `build-guest-kernel-pci.sh` (the same kernel plus virtio-pci and MSI; flint, Firecracker
+# and QEMU with pci=off as always, Cloud Hypervisor without, its ELF vmlinux, the others its
+# bzImage). The vsock receivers are told the byte count (`vsock-io --recv --expect`) and close
+# when they have it: Firecracker's device does not pass a guest's half-close
+# (`shutdown(SHUT_WR)`) on to the host's Unix socket, so a receiver waiting for the end of the
+# stream would wait forever (that hung this script's vsock step under Firecracker).
 #
 # usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB|0] [--pings N]
 #                               [--vmms LIST] [--flint-base BIN] [--peers DIR]
-#   --vmms LIST: comma-separated, from flint, flint-base, firecracker, qemu (default: flint,
-#                firecracker, qemu, plus flint-base when --flint-base is given)
+#   --vmms LIST: comma-separated, from flint, flint-base, firecracker, cloud-hypervisor, qemu
+#                (default: flint, firecracker, cloud-hypervisor, qemu, plus flint-base when
+#                --flint-base is given)
 #
 # Where the local /dev/kvm cannot boot Linux (PVM), everything runs inside the nested KVM host
 # (resources/nested-host/run.sh); timings there are only comparable with other timings taken
@@ -58,20 +70,27 @@ done
 [[ $vsock_mib =~ ^(0|[1-9][0-9]*)$ ]] || die "--vsock-mib takes a size in MiB (0: no vsock runs), got '$vsock_mib'"
 
 if [ -z "$vmms" ]; then
-    vmms=flint,firecracker,qemu
-    [ -z "$flint_base" ] || vmms=flint,flint-base,firecracker,qemu
+    vmms=flint,firecracker,cloud-hypervisor,qemu
+    [ -z "$flint_base" ] || vmms=flint,flint-base,firecracker,cloud-hypervisor,qemu
 fi
 for v in ${vmms//,/ }; do
     case $v in
     flint | qemu) ;;
     flint-base) [ -x "$flint_base" ] || die "--vmms has flint-base: give its binary with --flint-base" ;;
     firecracker) [ -x "$peers/firecracker" ] || die "no Firecracker binary at $peers/firecracker (--peers)" ;;
-    *) die "unknown VMM '$v' in --vmms (flint, flint-base, firecracker, qemu)" ;;
+    cloud-hypervisor) [ -x "$peers/cloud-hypervisor" ] || die "no Cloud Hypervisor binary at $peers/cloud-hypervisor (--peers)" ;;
+    *) die "unknown VMM '$v' in --vmms (flint, flint-base, firecracker, cloud-hypervisor, qemu)" ;;
     esac
 done
 
 ensure_packages iproute2 cpio busybox-static
-"$here/build-guest-kernel.sh"
+kernel_dir=$FLINT_CACHE/guest
+if [[ ,$vmms, == *,cloud-hypervisor,* ]]; then
+    "$here/build-guest-kernel-pci.sh"
+    kernel_dir=$FLINT_CACHE/pci/guest
+else
+    "$here/build-guest-kernel.sh"
+fi
 "$here/build-guest-initramfs.sh"
 target=${CARGO_TARGET_DIR:-$here/../target}
 log "building flint (release)"
@@ -121,7 +140,7 @@ echo "BENCH counts tcp-g2h $b $c"
 if [ "$VSOCK" != 0 ]; then
     echo "BENCH-STEP vsock guest -> host"
     timeout "$LIMIT" $T connect vsock:2:6000 --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
-    timeout "$LIMIT" $T listen vsock:5000 --conns 1 --recv | sed 's/^/BENCH vsock-h2g /' &
+    timeout "$LIMIT" $T listen vsock:5000 --conns 1 --recv --expect ${VSOCK}M | sed 's/^/BENCH vsock-h2g /' &
     sleep 1
 fi
 echo BENCH-VSOCK-READY
@@ -157,6 +176,7 @@ VSOCK=$vsock_mib
 VMMS='${vmms//,/ }'
 CMDLINE_FIRST='$(cmdline_of 1)'
 CMDLINE_REST='$(cmdline_of 0)'
+VSOCK_BYTES=$((vsock_mib * 1048576))
 QEMU_ARGS='$qemu_args'
 SCENARIO
 cat >>"$work/scenario.sh" <<'SCENARIO'
@@ -186,14 +206,14 @@ bench() {
     $NS "$T" listen tcp:5102 --conns 1 --recv >"$D/tcp-g2h" 2>&1 &
     case $vmm in
     flint | flint-base)
-        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
+        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv --expect "$VSOCK_BYTES" >"$D/vsock-g2h" 2>&1 &
         $NS "$BIN/$vmm" boot --kernel "$BIN/bzImage" --initrd "$BIN/initramfs-bench.cpio" \
             --memory 256 --net tap=flbench0 --vsock cid=3,uds="$D/v.sock" --cmdline "$CMDLINE" \
             </dev/null >"$D/guest.out" 2>"$D/guest.err" &
         to_guest="flint:$D/v.sock:5000"
         ;;
     firecracker)
-        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
+        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv --expect "$VSOCK_BYTES" >"$D/vsock-g2h" 2>&1 &
         cat >"$D/fc.json" <<FC_JSON
 {"boot-source": {"kernel_image_path": "$BIN/bzImage",
                  "initrd_path": "$BIN/initramfs-bench.cpio",
@@ -207,8 +227,18 @@ FC_JSON
             </dev/null >"$D/guest.out" 2>"$D/guest.err" &
         to_guest="flint:$D/v.sock:5000"
         ;;
+    cloud-hypervisor)
+        "$T" listen unix:"$D/v.sock_6000" --conns 1 --recv --expect "$VSOCK_BYTES" >"$D/vsock-g2h" 2>&1 &
+        # virtio over PCI: the same command line without pci=off; the guest's reset (it
+        # reboots at the end) would restart it, so it is stopped after its exit marker below.
+        $NS "$BIN/cloud-hypervisor" --kernel "$BIN/vmlinux" --initramfs "$BIN/initramfs-bench.cpio" \
+            --cmdline "$(echo "$CMDLINE" | sed 's/ pci=off//')" --cpus boot=1 --memory size=256M \
+            --net tap=flbench0,ip=10.0.0.1,mask=255.255.255.0 --vsock cid=3,socket="$D/v.sock" \
+            --serial tty --console off </dev/null >"$D/guest.out" 2>"$D/guest.err" &
+        to_guest="flint:$D/v.sock:5000"
+        ;;
     qemu)
-        "$T" listen vsock:6000 --conns 1 --recv >"$D/vsock-g2h" 2>&1 &
+        "$T" listen vsock:6000 --conns 1 --recv --expect "$VSOCK_BYTES" >"$D/vsock-g2h" 2>&1 &
         # shellcheck disable=SC2086
         $NS "$QEMU" $QEMU_ARGS -kernel "$BIN/bzImage" -initrd "$BIN/initramfs-bench.cpio" \
             -append "$CMDLINE reboot=t" </dev/null >"$D/guest.out" 2>"$D/guest.err" &
@@ -226,6 +256,16 @@ FC_JSON
     done
     [ "$VSOCK" = 0 ] ||
         timeout 600 "$T" connect "$to_guest" --send ${VSOCK}M --seed 1 --retry 30 >/dev/null
+    if [ "$vmm" = cloud-hypervisor ]; then
+        i=0
+        while [ $i -lt 600 ] && ! grep -q FLINT-GUEST-EXIT "$D/guest.out" 2>/dev/null &&
+            kill -0 $VMM_PID 2>/dev/null; do
+            sleep 1
+            i=$((i + 1))
+        done
+        sleep 1
+        kill $VMM_PID 2>/dev/null
+    fi
     wait $VMM_PID
     status=$?
     sleep 1
@@ -237,8 +277,9 @@ FC_JSON
     sed 's/^/BENCH tcp-g2h /' "$D/tcp-g2h"
     sed 's/^/BENCH vsock-g2h /' "$D/vsock-g2h"
     echo "BENCH-VMM-END $vmm round $2: $(grep -h 'vsock-io: conn' "$D/guest.out" "$D/tcp-g2h" "$D/vsock-g2h" | tr -d '\r' | sed -n 's/.*bytes=\([0-9]*\) .*secs=\([0-9.]*\) ok$/\1 \2/p' | awk '$2 > 0 { printf "%.0f ", $1 / $2 / 1048576 }')MiB/s"
-    # Firecracker's exit status on the guest's reset is not 0; the guest's marker says it all.
-    [ "$vmm" = firecracker ] && status=0
+    # Firecracker's exit status on the guest's reset is not 0, and Cloud Hypervisor was
+    # stopped; the guest's marker says it all.
+    [ "$vmm" = firecracker ] || [ "$vmm" = cloud-hypervisor ] && status=0
     if [ $status -ne 0 ] || ! grep -q 'FLINT-GUEST-EXIT 0' "$D/guest.out"; then
         echo "BENCH-FAILED $vmm status $status"
         cat "$D/guest.err"
@@ -247,6 +288,7 @@ FC_JSON
 }
 echo "BENCH-QEMU-VERSION $("$QEMU" --version | head -n1)"
 [ -x "$BIN/firecracker" ] && echo "BENCH-FC-VERSION $("$BIN/firecracker" --version 2>&1 | head -n1)"
+[ -x "$BIN/cloud-hypervisor" ] && echo "BENCH-CH-VERSION $("$BIN/cloud-hypervisor" --version 2>&1 | head -n1)"
 set -- $VMMS
 n=$#
 r=0
@@ -262,10 +304,11 @@ while [ $r -lt "$RUNS" ]; do
 done
 SCENARIO
 
-files=("$flint:flint" "$guest/bzImage:bzImage" "$work/initramfs-bench.cpio:initramfs-bench.cpio"
+files=("$flint:flint" "$kernel_dir/bzImage:bzImage" "$kernel_dir/vmlinux:vmlinux" "$work/initramfs-bench.cpio:initramfs-bench.cpio"
     "$tool:vsock-io" "$ip:ip")
 [ -z "$flint_base" ] || files+=("$flint_base:flint-base")
 [[ ,$vmms, != *,firecracker,* ]] || files+=("$peers/firecracker:firecracker")
+[[ ,$vmms, != *,cloud-hypervisor,* ]] || files+=("$peers/cloud-hypervisor:cloud-hypervisor")
 nv=$(tr , "\n" <<<"$vmms" | wc -l)
 budget=$((600 + runs * nv * (120 + 2 * tcp_mib + 2 * vsock_mib)))
 if ! host_kvm_boots_linux; then
@@ -326,48 +369,56 @@ ping_avg() {
 }
 
 vmm_list=${vmms//,/ }
+# peers: the columns flint is divided by
+peers_in=
+for p in firecracker cloud-hypervisor; do
+    [[ " $vmm_list " != *" $p "* ]] || peers_in="$peers_in $p"
+done
+[[ " $vmm_list " == *" flint "* ]] || peers_in=
 echo "flint network benchmark, $(date -u +%Y-%m-%d): TCP ${tcp_mib} MiB and vsock ${vsock_mib} MiB per boot, $runs rounds (one boot per VMM per round, order rotating)"
 echo "where: $where; guest: 1 vCPU, 256 MiB, one TAP, vsock-io on both ends"
+echo "guest kernel: $kernel_dir (the same for all VMMs)"
 [[ " $vmm_list " != *" qemu "* ]] ||
     echo "qemu: $(sed -n 's/.*BENCH-QEMU-VERSION //p' "$work/clean" | head -n1), microvm, vhost-net, vhost-vsock"
 [[ " $vmm_list " != *" firecracker "* ]] ||
     echo "firecracker: $(sed -n 's/.*BENCH-FC-VERSION //p' "$work/clean" | head -n1)"
+[[ " $vmm_list " != *" cloud-hypervisor "* ]] ||
+    echo "cloud-hypervisor: $(sed -n 's/.*BENCH-CH-VERSION //p' "$work/clean" | head -n1), virtio-pci"
 echo "MiB/s: median (min-max) of $runs; irq/kframe: guest virtio interrupts per 1000 eth0 frames"
 echo
 {
     printf '| figure |'
     for v in $vmm_list; do printf ' %s |' "$v"; done
-    [[ " $vmm_list " != *" firecracker "* ]] || printf ' flint / firecracker |'
+    for p in $peers_in; do printf ' flint / %s |' "$p"; done
     echo
     printf '|---|'
-    for v in $vmm_list; do printf -- '---|'; done
-    [[ " $vmm_list " != *" firecracker "* ]] || printf -- '---|'
+    for v in $vmm_list $peers_in; do printf -- '---|'; done
     echo
     for fig in tcp-h2g:"TCP host -> guest" tcp-g2h:"TCP guest -> host" \
         vsock-h2g:"vsock host -> guest" vsock-g2h:"vsock guest -> host"; do
         name=${fig%%:*}
         printf '| %s, MiB/s |' "${fig#*:}"
         for v in $vmm_list; do printf ' %s |' "$(rates "$v" "$name" | median)"; done
-        if [[ " $vmm_list " == *" firecracker "* ]]; then
+        for p in $peers_in; do
             f=$(rates flint "$name" | median | cut -d' ' -f1)
-            c=$(rates firecracker "$name" | median | cut -d' ' -f1)
-            awk -v f="$f" -v c="$c" 'BEGIN { if (c > 0) printf " %.2fx |", f / c; else printf " - |" }'
-        fi
+            c=$(rates "$p" "$name" | median | cut -d' ' -f1)
+            awk -v f="$f" -v c="$c" 'BEGIN { if (c > 0 && f > 0) printf " %.2fx |", f / c; else printf " - |" }'
+        done
         echo
         case $name in tcp-*)
             printf '| %s, irq/kframe (frames/MiB) |' "${fig#*:}"
             for v in $vmm_list; do printf ' %s (%s) |' "$(irqs "$v" "$name")" "$(frames "$v" "$name")"; done
-            [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+            for p in $peers_in; do printf ' |'; done
             echo
             ;;
         esac
     done
     printf '| ping round trip, avg |'
     for v in $vmm_list; do printf ' %s |' "$(ping_avg "$v")"; done
-    [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+    for p in $peers_in; do printf ' |'; done
     echo
     printf '| pipe in the guest (ceiling), MiB/s |'
     for v in $vmm_list; do printf ' %s |' "$(rates "$v" guest-pipe | median)"; done
-    [[ " $vmm_list " != *" firecracker "* ]] || printf ' |'
+    for p in $peers_in; do printf ' |'; done
     echo
 }

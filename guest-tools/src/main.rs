@@ -5,9 +5,10 @@
 //! binary (`RUSTFLAGS="-C target-feature=+crt-static"`), and in the nested test host.
 //!
 //! ```text
-//! vsock-io listen  ADDR [--conns N] (--recv | --send BYTES) [--abort-after BYTES] [--seed S]
-//! vsock-io connect ADDR [--conns N] (--recv | --send BYTES) [--abort-after BYTES] [--seed S]
-//!                       [--retry SECS]
+//! vsock-io listen  ADDR [--conns N] (--recv [--expect BYTES] | --send BYTES)
+//!                       [--abort-after BYTES] [--seed S]
+//! vsock-io connect ADDR [--conns N] (--recv [--expect BYTES] | --send BYTES)
+//!                       [--abort-after BYTES] [--seed S] [--retry SECS]
 //! vsock-io gen BYTES [--seed S]          deterministic bytes to stdout (same as --send)
 //! vsock-io sum                           checksum of stdin, printed like a connection's
 //!
@@ -23,7 +24,13 @@
 //! `listen` serves N connections (default 1) at once, `connect` opens N at once; each one
 //! either receives until end of stream (`--recv`) or sends BYTES (`--send`; connection i
 //! sends the stream of seed S+i), then half-closes and waits for the peer to close. With
-//! `--abort-after B` a connection closes abruptly after B bytes instead. `--retry SECS` keeps
+//! `--abort-after B` a connection closes abruptly after B bytes instead. `--recv --expect B`
+//! receives exactly B bytes and then closes without waiting for the end of the stream (an
+//! earlier end is an error): for peers whose half-close does not come through, such as a guest
+//! behind Firecracker's vsock device, which does not pass the guest's `shutdown(SHUT_WR)` on to
+//! the host's Unix socket, so that a receiver waiting for the end of the stream and a sender
+//! waiting for the receiver to close would wait for each other forever.
+//! `--retry SECS` keeps
 //! trying to connect (refused, or flint closed without `OK`) for up to SECS seconds. A vsock
 //! connect waits up to 60 s for the peer's answer (Linux's default is 2 s).
 //!
@@ -370,6 +377,8 @@ struct Options {
     conns: u32,
     mode: Mode,
     abort_after: Option<u64>,
+    /// Receiving: the exact number of bytes to take before closing.
+    expect: Option<u64>,
     seed: u64,
     retry: Duration,
 }
@@ -390,6 +399,7 @@ fn parse_options(listen: bool, args: &[String]) -> Result<Options, String> {
     let mut conns = 1;
     let mut mode = None;
     let mut abort_after = None;
+    let mut expect = None;
     let mut seed = 0;
     let mut retry = Duration::ZERO;
     while let Some(arg) = it.next() {
@@ -405,17 +415,23 @@ fn parse_options(listen: bool, args: &[String]) -> Result<Options, String> {
             "--recv" => mode = Some(Mode::Recv),
             "--send" => mode = Some(Mode::Send(parse_size(value()?)?)),
             "--abort-after" => abort_after = Some(parse_size(value()?)?),
+            "--expect" => expect = Some(parse_size(value()?)?),
             "--seed" => seed = value()?.parse().map_err(|_| "bad --seed")?,
             "--retry" => retry = Duration::from_secs(value()?.parse().map_err(|_| "bad --retry")?),
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
+    let mode = mode.ok_or("one of --recv or --send BYTES is needed")?;
+    if expect.is_some() && mode != Mode::Recv {
+        return Err("--expect goes with --recv".into());
+    }
     Ok(Options {
         listen,
         addr,
         conns,
-        mode: mode.ok_or("one of --recv or --send BYTES is needed")?,
+        mode,
         abort_after,
+        expect,
         seed,
         retry,
     })
@@ -435,19 +451,35 @@ fn secs_since(start: Option<Instant>) -> f64 {
     start.map_or(0.0, |s| s.elapsed().as_secs_f64())
 }
 
-fn recv_stream(conn: &mut impl Read, limit: Option<u64>) -> Outcome {
+/// Receive until the end of the stream, or `limit` bytes (then aborted), or exactly `expect`
+/// bytes (then done; an earlier end is an error).
+fn recv_stream(conn: &mut impl Read, limit: Option<u64>, expect: Option<u64>) -> Outcome {
     let mut buf = vec![0u8; BLOCK];
     let mut sum = Checksum::new();
     let mut bytes = 0u64;
     let mut first = None;
     let result = loop {
-        let want = match limit {
+        let mut want = buf.len() as u64;
+        match limit {
             Some(l) if bytes >= l => break Ok(true),
-            Some(l) => buf.len().min((l - bytes) as usize),
-            None => buf.len(),
-        };
-        match conn.read(&mut buf[..want]) {
-            Ok(0) => break Ok(false),
+            Some(l) => want = want.min(l - bytes),
+            None => {}
+        }
+        match expect {
+            Some(e) if bytes >= e => break Ok(false),
+            Some(e) => want = want.min(e - bytes),
+            None => {}
+        }
+        match conn.read(&mut buf[..want as usize]) {
+            Ok(0) => match expect {
+                Some(e) => {
+                    break Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("the stream ended after {bytes} of the {e} bytes expected"),
+                    ))
+                }
+                None => break Ok(false),
+            },
             Ok(n) => {
                 first.get_or_insert_with(Instant::now);
                 sum.update(&buf[..n]);
@@ -578,7 +610,7 @@ fn serve(conn: io::Result<Conn>, index: u32, opts: &Options) -> bool {
             result: Err(e),
         },
         Ok(mut c) => match opts.mode {
-            Mode::Recv => recv_stream(&mut c, opts.abort_after),
+            Mode::Recv => recv_stream(&mut c, opts.abort_after, opts.expect),
             Mode::Send(n) => send_stream(
                 &mut c,
                 n,
@@ -667,7 +699,7 @@ fn gen_to_stdout(total: u64, seed: u64) -> io::Result<()> {
 }
 
 fn sum_stdin() -> io::Result<()> {
-    let outcome = recv_stream(&mut io::stdin().lock(), None);
+    let outcome = recv_stream(&mut io::stdin().lock(), None, None);
     outcome
         .result
         .as_ref()
@@ -676,8 +708,8 @@ fn sum_stdin() -> io::Result<()> {
     Ok(())
 }
 
-const USAGE: &str = "usage: vsock-io listen|connect ADDR [--conns N] (--recv | --send BYTES) \
-[--abort-after BYTES] [--seed S] [--retry SECS]\n       vsock-io gen BYTES [--seed S]\n       \
+const USAGE: &str = "usage: vsock-io listen|connect ADDR [--conns N] (--recv [--expect BYTES] | \
+--send BYTES) [--abort-after BYTES] [--seed S] [--retry SECS]\n       vsock-io gen BYTES [--seed S]\n       \
 vsock-io sum\nADDR: vsock:PORT | vsock:CID:PORT | unix:PATH | flint:PATH:PORT | tcp:PORT | tcp:IP:PORT";
 
 fn main() -> ExitCode {
@@ -808,6 +840,13 @@ mod tests {
         assert!(parse_options(false, &args("vsock:5 --recv")).is_err());
         assert!(parse_options(true, &args("vsock:5")).is_err());
         assert!(parse_options(true, &args("vsock:5 --recv --conns 0")).is_err());
+        assert_eq!(
+            parse_options(true, &args("unix:/v_6000 --recv --expect 2M"))
+                .unwrap()
+                .expect,
+            Some(2 << 20)
+        );
+        assert!(parse_options(true, &args("vsock:5 --send 1M --expect 1M")).is_err());
     }
 
     /// Both ends over a Unix socket pair: sums match, half-close works, abort is reported.
@@ -815,7 +854,7 @@ mod tests {
     fn send_and_receive_over_a_socket_pair() {
         let (a, b) = UnixStream::pair().unwrap();
         let sender = thread::spawn(move || send_stream(&mut Conn::Unix(a), 300_000, 5, None));
-        let got = recv_stream(&mut Conn::Unix(b), None);
+        let got = recv_stream(&mut Conn::Unix(b), None, None);
         let sent = sender.join().unwrap();
         assert!(matches!(sent.result, Ok(false)));
         assert!(matches!(got.result, Ok(false)));
@@ -824,9 +863,49 @@ mod tests {
 
         let (a, b) = UnixStream::pair().unwrap();
         let sender = thread::spawn(move || send_stream(&mut Conn::Unix(a), 300_000, 5, Some(1000)));
-        let got = recv_stream(&mut Conn::Unix(b), None);
+        let got = recv_stream(&mut Conn::Unix(b), None, None);
         let sent = sender.join().unwrap();
         assert!(matches!(sent.result, Ok(true)));
         assert_eq!((got.bytes, got.sum.value()), (1000, sent.sum.value()));
+    }
+
+    /// A peer whose half-close never arrives (as behind Firecracker's vsock): with --expect
+    /// the receiver closes after the bytes it expects, and then the sender's wait for that
+    /// close ends too; a stream that ends short of the count is an error.
+    #[test]
+    fn expect_ends_a_stream_without_the_peers_half_close() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // The sender's half-close is not passed on: its data reaches the receiver through a
+        // second socket pair whose far end stays open until the receiver has closed.
+        let (relay_in, relay_out) = UnixStream::pair().unwrap();
+        let sender = thread::spawn(move || send_stream(&mut Conn::Unix(a), 300_000, 9, None));
+        let relay = thread::spawn(move || {
+            let mut from_sender = b;
+            let mut to_receiver = relay_in;
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let n = from_sender.read(&mut buf).unwrap();
+                if n == 0 {
+                    break;
+                }
+                to_receiver.write_all(&buf[..n]).unwrap();
+            }
+            // Keep the receiver's side open (no EOF) until it closes, then close ours.
+            let mut rest = Vec::new();
+            let _ = to_receiver.read_to_end(&mut rest);
+        });
+        let got = recv_stream(&mut Conn::Unix(relay_out), None, Some(300_000));
+        relay.join().unwrap();
+        let sent = sender.join().unwrap();
+        assert!(matches!(got.result, Ok(false)), "{:?}", got.result.err());
+        assert!(matches!(sent.result, Ok(false)));
+        assert_eq!((got.bytes, got.sum.value()), (300_000, sent.sum.value()));
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let sender = thread::spawn(move || send_stream(&mut Conn::Unix(a), 1000, 9, None));
+        let got = recv_stream(&mut Conn::Unix(b), None, Some(2000));
+        sender.join().unwrap();
+        assert_eq!(got.bytes, 1000);
+        assert_eq!(got.result.unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
     }
 }
