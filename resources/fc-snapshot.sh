@@ -13,7 +13,8 @@ cat >"$W/fc.json" <<JSON
   "machine-config": {"vcpu_count": 1, "mem_size_mib": 128},
   "vsock": {"guest_cid": 3, "uds_path": "$W/fc-boot.vsock"},
   "entropy": {},
-  "balloon": {"amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true}
+  "balloon": {"amount_mib": 0, "deflate_on_oom": true, "free_page_reporting": true},
+  "drives": []
 }
 JSON
 fcapi() { # method path body
@@ -25,6 +26,8 @@ rm -f "$W/fc-boot.sock" "$W/fc-boot.vsock"
 "$BIN/firecracker" --api-sock "$W/fc-boot.sock" --config-file "$W/fc.json" --level Error \
     </dev/null >"$W/fc-boot.log" 2>&1 &
 fcboot=$!
+sleep 1
+kill -0 $fcboot 2>/dev/null || { echo "BENCH-FAILED firecracker did not start"; cat "$W/fc-boot.log"; exit 1; }
 "$BIN/agent-client" "$W/fc-boot.vsock" --timeout 300 -- true </dev/null ||
     { echo "BENCH-FAILED firecracker boot: no agent"; tail -n 20 "$W/fc-boot.log"; exit 1; }
 fcapi PATCH /vm '{"state": "Paused"}'
