@@ -121,6 +121,12 @@ for vmm in flint firecracker; do
         fi
         i=$((i + 1))
     done
+    # Where sandbox 0's memory is, mapping by mapping (BENCH_RAW=1 shows it).
+    awk -v vmm=$vmm '/^[0-9a-f]+-[0-9a-f]+ / { name = ($6 == "") ? "[anon]" : $6 }
+        /^Size:/ { size = $2 } /^Private_Dirty:/ { pd = $2 }
+        /^Pss:/ { pss = $2 }
+        /^VmFlags:/ { if (pss > 0) printf "BENCH map %s %s size %d pss %d private_dirty %d\n", vmm, name, size, pss, pd }' \
+        "/proc/$(cat "$W/pid-0")/smaps"
     echo "BENCH $vmm pss $total_pss rss $total_rss guest $total_guest clients $clients avail $((before - after))"
     for f in "$W"/pid-*; do kill -KILL "$(cat "$f")" 2>/dev/null || true; done
     wait
@@ -150,7 +156,8 @@ else
     where="local hardware KVM"
 fi
 
-tr -d '\r' <"$work/out" >"$work/clean"
+# The console may put control sequences before a line.
+tr -d '\r' <"$work/out" | sed 's/^.*BENCH/BENCH/' >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
 if grep -q 'BENCH-FAILED' "$work/clean" || ! grep -q '^BENCH done' "$work/clean"; then
     cat "$work/clean"

@@ -76,18 +76,18 @@ LOAD="{\"snapshot_path\": \"$W/fc.state\", \"mem_backend\": {\"backend_type\": \
 one_flint() { # tag
     if [ -n "$PHASES" ]; then
         FLINT_LOG=debug "$BIN/stopwatch" "$1" "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" \
-            --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err"
+            --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err" 3>&1
         sed -n 's/.*sandbox: \(.*\) at \([0-9]*\) ms.*/\1|\2/p' "$W/flint.err" |
             awk -F'|' '{ gsub(/ /, "_", $1); print "BENCH flint-phase", $1, $2 }'
     else
         "$BIN/stopwatch" "$1" "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" \
-            --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err"
+            --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err" 3>&1
     fi
 }
 one_fc() { # tag
     rm -f "$W/fc-run.vsock"
     "$BIN/stopwatch" "$1" "$BIN/fc-sandbox" "$BIN/firecracker" "$W/fc-run.sock" "$LOAD" "$W/fc-run.log" \
-        -- "$BIN/agent-client" "$W/fc-run.vsock" --refresh -- true </dev/null 2>"$W/fc.err"
+        -- "$BIN/agent-client" "$W/fc-run.vsock" --refresh -- true </dev/null 2>"$W/fc.err" 3>&1
     sed -n 's/^FCPHASE /BENCH fc-phase /p' "$W/fc.err"
     grep -v '^FCPHASE' "$W/fc.err" | sed 's/^/BENCH fc-stderr /' | head -n 5
 }
@@ -124,7 +124,8 @@ else
     where="local hardware KVM"
 fi
 
-tr -d '\r' <"$work/out" >"$work/clean"
+# The console may put control sequences before a line.
+tr -d '\r' <"$work/out" | sed 's/^.*BENCH/BENCH/' >"$work/clean"
 [ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
 if grep -q 'BENCH-FAILED' "$work/clean" || ! grep -q '^BENCH done' "$work/clean"; then
     cat "$work/clean"
@@ -170,4 +171,5 @@ printf '| %-44s | %-13s | %-50s | %-13s |\n' "clock and RNG refreshed" "$(fm gue
 printf '| %-44s | %-13s | %-50s | %-13s |\n' "command ended" "$(fm command_ended)" "Firecracker killed and reaped" "$(cm 4)"
 printf '| %-44s | %-13s | %-50s | %-13s |\n' "status in" "$(fm status_in)" "" ""
 printf '| %-44s | %-13s | %-50s | %-13s |\n' "VM stopped" "$(fm VM_stopped)" "" ""
+printf '| %-44s | %-13s | %-50s | %-13s |\n' "cleaned up (work directory removed)" "$(fm cleaned_up)" "" ""
 printf '| %-44s | %-13s | %-50s | %-13s |\n' "whole run, fork to exit (stopwatch)" "$total_fl" "whole run, fork to exit (stopwatch)" "$total_fc"
