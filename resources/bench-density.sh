@@ -111,6 +111,7 @@ for vmm in flint firecracker; do
         if [ -r "/proc/$pid/smaps" ]; then
             set -- $(measure $pid)
             total_pss=$((total_pss + $1)); total_rss=$((total_rss + $2)); total_guest=$((total_guest + $3))
+            echo "BENCH one $vmm $i pss $1 rss $2 guest $3"
         fi
         if [ $vmm = firecracker ]; then
             # agent-client, the driver's child: the host side of the command (flint run's
