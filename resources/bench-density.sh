@@ -65,6 +65,7 @@ export FLINT_CACHE=$W/flint-cache
 "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true \
     </dev/null >"$W/first.out" 2>&1 || { echo "BENCH-FAILED flint's first run"; cat "$W/first.out"; exit 1; }
 IDLE='echo ready; exec sleep 900'
+echo "BENCH thp $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 avail() { sed -n 's/^MemAvailable: *\([0-9]*\).*/\1/p' /proc/meminfo; }
 start_flint() { # i: in the background, $! is flint itself
     (exec "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" \
@@ -172,7 +173,7 @@ val() { sed -n "s/^BENCH $1 pss .*/&/p" "$work/clean" | awk -v k="$2" '{ for (i 
 fcver=$("$peers/firecracker" --version 2>/dev/null | head -n1)
 echo "density, flint against Firecracker, $(date -u +%Y-%m-%d): $count idle sandboxes restored from one snapshot, 20 s after the last was ready"
 echo "where: $where"
-echo "guest: the sandbox image, 1 vCPU, 128 MiB each; other VMM: $fcver (+ agent-client per sandbox)"
+echo "guest: the sandbox image, 1 vCPU, 128 MiB each; other VMM: $fcver (+ agent-client per sandbox); host transparent huge pages: $(sed -n 's/^BENCH thp //p' "$work/clean")"
 mib() { awk -v k="$1" 'BEGIN { printf "%.0f MiB", k / 1024 }'; }
 per() { awk -v k="$1" -v n="$count" 'BEGIN { printf "%.0f KiB", k / n }'; }
 row() { printf '| %-58s | %-18s | %-18s |\n' "$1" "$2" "$3"; }
