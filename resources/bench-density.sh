@@ -1,0 +1,188 @@
+#!/usr/bin/env bash
+# Density benchmark (not a test): the host memory N idle sandboxes take (default 50), each
+# restored from one snapshot of a booted sandbox, flint against Firecracker. Same guest
+# kernel, sandbox image and command line, 1 vCPU, 128 MiB, the same devices (vsock, entropy,
+# balloon with free page reporting). flint: `flint run -- sh -c 'echo ready; exec sleep 900'`
+# (the snapshot made by a first run); Firecracker: its snapshot of the same booted sandbox
+# loaded by resources/fc-sandbox.c (File backend, each with its own vsock socket) and the
+# same command run through the same agent by `agent-client --refresh`. Sandboxes start five
+# at a time; 20 s after the last is ready, each VMM process's memory is read from
+# /proc/PID/smaps: PSS (proportional set size: a page shared by k processes counts 1/k in
+# each, so the sum counts the snapshot's page cache, shared by all, once; RSS would count it
+# N times), split into the guest memory mapping (the mapping of the guest's size) and the
+# rest (the VMM's own: heap, stacks, binary, libraries). Also the drop of the host's
+# MemAvailable, which includes what no process owns: KVM's kernel memory (page tables, which
+# in this rig shadow the guest's) and the page cache of the snapshot.
+#
+# Cloud Hypervisor is not measured: its devices are virtio-pci only and this guest kernel has
+# no virtio-pci driver, so its guest would have no vsock and no agent (no sandbox).
+#
+# usage: resources/bench-density.sh [-n SANDBOXES] [--peers DIR] [--host-mem MIB]
+#   --host-mem: the nested KVM host's RAM (default 4096)
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/.." && pwd)
+# shellcheck source=resources/lib.sh
+. "$here/lib.sh"
+
+count=50
+host_mem=4096
+peers=$repo/../shared/peers
+while (($#)); do
+    case $1 in
+    -n) count=${2:?}; shift ;;
+    --peers) peers=${2:?}; shift ;;
+    --host-mem) host_mem=${2:?}; shift ;;
+    *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
+    esac
+    shift
+done
+((count > 0)) || die "-n wants a positive number of sandboxes"
+[ -x "$peers/firecracker" ] || die "no firecracker binary in $peers (see --peers)"
+
+ensure_packages curl gcc libc6-dev
+"$here/build-guest-kernel.sh"
+"$here/build-sandbox-image.sh"
+log "building flint (release)"
+(cd "$repo" && cargo build --release --quiet --bin flint)
+target=${CARGO_TARGET_DIR:-$repo/target}/release
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+gcc -O2 -Wall -o "$work/fc-sandbox" "$here/fc-sandbox.c" || die "cannot compile fc-sandbox"
+cmdline=$(sed -n '/^const SANDBOX_CMDLINE/,/;$/p' "$repo/src/sandbox/machine.rs" | tr -d '\n' |
+    sed 's/.*"\(.*\)";.*/\1/; s/\\ *//g')
+[ -n "$cmdline" ] || die "cannot read SANDBOX_CMDLINE from src/sandbox/machine.rs"
+
+cat >"$work/scenario.sh" <<SCENARIO
+#!/bin/sh
+N=$count
+CMDLINE='$cmdline'
+SCENARIO
+cat "$here/fc-snapshot.sh" >>"$work/scenario.sh"
+cat >>"$work/scenario.sh" <<'SCENARIO'
+export FLINT_CACHE=$W/flint-cache
+"$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true \
+    </dev/null >"$W/first.out" 2>&1 || { echo "BENCH-FAILED flint's first run"; cat "$W/first.out"; exit 1; }
+IDLE='echo ready; exec sleep 900'
+echo "BENCH thp $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
+avail() { sed -n 's/^MemAvailable: *\([0-9]*\).*/\1/p' /proc/meminfo; }
+start_flint() { # i: in the background, $! is flint itself
+    (exec "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" \
+        -- sh -c "$IDLE" </dev/null >"$W/out-$1" 2>&1) &
+    echo $! >"$W/pid-$1"
+}
+start_fc() { # i
+    rm -f "$W/fc-$1.vsock"
+    load="{\"snapshot_path\": \"$W/fc.state\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"$W/fc.mem\"}, \"resume_vm\": true, \"vsock_override\": {\"uds_path\": \"$W/fc-$1.vsock\"}}"
+    FC_PIDFILE=$W/pid-$1 "$BIN/fc-sandbox" "$BIN/firecracker" "$W/fc-$1.sock" "$load" "$W/fc-$1.log" \
+        -- "$BIN/agent-client" "$W/fc-$1.vsock" --refresh -- sh -c "$IDLE" </dev/null >"$W/out-$1" 2>&1 &
+    echo $! >"$W/driver-$1"
+}
+ready() { cat "$W"/out-* 2>/dev/null | grep -c '^ready'; }
+# measure PID: "pss rss guest_pss" in KiB; the guest mapping is the one of 128 MiB or more.
+measure() {
+    awk '/^Size:/ { big = ($2 >= 131072) }
+         /^Rss:/ { rss += $2 }
+         /^Pss:/ { pss += $2; if (big) guest += $2 }
+         END { printf "%d %d %d\n", pss, rss, guest }' "/proc/$1/smaps"
+}
+for vmm in flint firecracker; do
+    rm -f "$W"/out-* "$W"/pid-* "$W"/driver-*
+    sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
+    sleep 5
+    before=$(avail)
+    i=0
+    while [ $i -lt $N ]; do
+        j=0
+        while [ $j -lt 5 ] && [ $i -lt $N ]; do
+            if [ $vmm = flint ]; then start_flint $i; else start_fc $i; fi
+            i=$((i + 1)); j=$((j + 1))
+        done
+        t=0
+        while [ "$(ready)" -lt $i ] && [ $t -lt 1200 ]; do sleep 0.5; t=$((t + 1)); done
+    done
+    echo "BENCH $vmm ready $(ready) of $N"
+    sleep 20
+    after=$(avail)
+    total_pss=0; total_rss=0; total_guest=0; clients=0
+    i=0
+    while [ $i -lt $N ]; do
+        pid=$(cat "$W/pid-$i" 2>/dev/null || echo 0)
+        if [ -r "/proc/$pid/smaps" ]; then
+            set -- $(measure $pid)
+            total_pss=$((total_pss + $1)); total_rss=$((total_rss + $2)); total_guest=$((total_guest + $3))
+            echo "BENCH one $vmm $i pss $1 rss $2 guest $3"
+        fi
+        if [ $vmm = firecracker ]; then
+            # agent-client, the driver's child: the host side of the command (flint run's
+            # own process holds that too).
+            for c in $(cat "/proc/$(cat "$W/driver-$i")/task/"*/children 2>/dev/null); do
+                [ "$c" = "$pid" ] || { set -- $(measure $c); clients=$((clients + $1)); }
+            done
+        fi
+        i=$((i + 1))
+    done
+    # Where sandbox 0's memory is, mapping by mapping (BENCH_RAW=1 shows it).
+    awk -v vmm=$vmm '/^[0-9a-f]+-[0-9a-f]+ / { name = ($6 == "") ? "[anon]" : $6 }
+        /^Size:/ { size = $2 } /^Private_Dirty:/ { pd = $2 }
+        /^Pss:/ { pss = $2 }
+        /^VmFlags:/ { if (pss > 0) printf "BENCH map %s %s size %d pss %d private_dirty %d\n", vmm, name, size, pss, pd }' \
+        "/proc/$(cat "$W/pid-0")/smaps"
+    echo "BENCH $vmm pss $total_pss rss $total_rss guest $total_guest clients $clients avail $((before - after))"
+    for f in "$W"/pid-*; do kill -KILL "$(cat "$f")" 2>/dev/null || true; done
+    wait
+done
+echo "BENCH done"
+SCENARIO
+
+if ! host_kvm_boots_linux; then
+    log "local /dev/kvm cannot boot Linux: running inside the nested KVM host ($host_mem MiB)"
+    { echo 'BIN=/bench; W=/tmp/bench; mkdir -p $W'; cat "$work/scenario.sh"; } >"$work/nested.sh"
+    "$here/nested-host/run.sh" --mem "$host_mem" --timeout $((1200 + 40 * count)) \
+        --scenario "$work/nested.sh" \
+        --add "$target/flint:/bench/flint" --add "$FLINT_CACHE/sandbox/agent-client:/bench/agent-client" \
+        --add "$peers/firecracker:/bench/firecracker" \
+        --add "$FLINT_CACHE/guest/vmlinux:/bench/vmlinux" \
+        --add "$FLINT_CACHE/sandbox/initramfs.cpio.gz:/bench/sandbox.cpio.gz" \
+        --add "$work/fc-sandbox:/bench/fc-sandbox" --add "$(command -v curl):/bench/curl" \
+        >"$work/out" 2>&1 || { cat "$work/out"; die "benchmark run failed"; }
+    where="nested KVM host (QEMU TCG with kvm_amd, no nested paging, $host_mem MiB), $(nproc) host cores; files on its tmpfs"
+else
+    mkdir -p "$work/bin" "$work/w"
+    cp "$target/flint" "$FLINT_CACHE/sandbox/agent-client" "$peers/firecracker" "$FLINT_CACHE/guest/vmlinux" \
+        "$work/fc-sandbox" "$(command -v curl)" "$work/bin/"
+    cp "$FLINT_CACHE/sandbox/initramfs.cpio.gz" "$work/bin/sandbox.cpio.gz"
+    BIN=$work/bin W=$work/w timeout $((1200 + 40 * count)) sh "$work/scenario.sh" >"$work/out" 2>&1 ||
+        { cat "$work/out"; die "benchmark run failed"; }
+    where="local hardware KVM"
+fi
+
+# The console may put control sequences before a line.
+tr -d '\r' <"$work/out" | sed 's/^.*BENCH/BENCH/' >"$work/clean"
+[ -z "${BENCH_RAW:-}" ] || cat "$work/clean"
+if grep -q 'BENCH-FAILED' "$work/clean" || ! grep -q '^BENCH done' "$work/clean"; then
+    cat "$work/clean"
+    die "a measurement failed (see above)"
+fi
+for vmm in flint firecracker; do
+    n=$(sed -n "s/^BENCH $vmm ready \([0-9]*\) of .*/\1/p" "$work/clean")
+    [ "$n" = "$count" ] || { cat "$work/clean"; die "$vmm: only ${n:-0} of $count sandboxes were ready"; }
+done
+val() { sed -n "s/^BENCH $1 pss .*/&/p" "$work/clean" | awk -v k="$2" '{ for (i = 3; i < NF; i += 2) if ($i == k) print $(i + 1) }'; }
+fcver=$("$peers/firecracker" --version 2>/dev/null | head -n1)
+echo "density, flint against Firecracker, $(date -u +%Y-%m-%d): $count idle sandboxes restored from one snapshot, 20 s after the last was ready"
+echo "where: $where"
+echo "guest: the sandbox image, 1 vCPU, 128 MiB each; other VMM: $fcver (+ agent-client per sandbox); host transparent huge pages: $(sed -n 's/^BENCH thp //p' "$work/clean")"
+mib() { awk -v k="$1" 'BEGIN { printf "%.0f MiB", k / 1024 }'; }
+per() { awk -v k="$1" -v n="$count" 'BEGIN { printf "%.0f KiB", k / n }'; }
+row() { printf '| %-58s | %-18s | %-18s |\n' "$1" "$2" "$3"; }
+row "figure ($count sandboxes)" "flint run" "Firecracker"
+row "VMM processes, PSS summed" "$(mib "$(val flint pss)")" "$(mib "$(val firecracker pss)")"
+row "· of it guest memory mappings" "$(mib "$(val flint guest)")" "$(mib "$(val firecracker guest)")"
+row "· guest memory per sandbox (PSS)" "$(per "$(val flint guest)")" "$(per "$(val firecracker guest)")"
+row "· VMM overhead beyond guest pages, per sandbox (PSS)" \
+    "$(per $(($(val flint pss) - $(val flint guest))))" "$(per $(($(val firecracker pss) - $(val firecracker guest))))"
+row "agent-client processes, PSS summed (in flint run's process)" "-" "$(mib "$(val firecracker clients)")"
+row "VMM processes, RSS summed (shared pages counted per process)" "$(mib "$(val flint rss)")" "$(mib "$(val firecracker rss)")"
+row "host MemAvailable drop (incl. KVM and page cache)" "$(mib "$(val flint avail)")" "$(mib "$(val firecracker avail)")"
