@@ -80,7 +80,8 @@ packages() {
         build-essential bc flex bison libelf-dev libssl-dev \
         cpio gzip xz-utils zstd kmod e2fsprogs util-linux binutils curl iproute2 \
         docker-registry skopeo apache2-utils \
-        nftables dnsmasq-base mmdebstrap containerd
+        nftables dnsmasq-base mmdebstrap containerd containernetworking-plugins \
+        protobuf-compiler
     command -v cargo >/dev/null || die "cargo is not installed (install Rust with rustup)"
     cargo --version
     rustc --version

@@ -17,10 +17,16 @@
 //!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
 //!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
 //!   the VM; a guest that powers off under its process (the task ends with 255); a shim
-//!   killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left afterwards.
-//!   The nested host's kernel has no overlay module (see
-//!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter
-//!   there, whose root file systems reach the shim as bind mounts.
+//!   killed with SIGKILL (containerd's cleanup leaves nothing). `ctr` uses containerd's
+//!   `native` snapshotter there, whose root file systems reach the shim as bind mounts.
+//!   In the same boot, a kubelet's calls through containerd's CRI plugin (`cri-client`, the
+//!   workspace's CRI client, on the `flint` runtime handler): RunPodSandbox (the pause
+//!   image pulled from a registry the nested host serves, a CNI bridge network),
+//!   PullImage, CreateContainer, StartContainer, ExecSync (output, status), ContainerStatus
+//!   (running, then exited with its status), the containers' CRI logs, StopPodSandbox,
+//!   RemovePodSandbox, and a missing kernel as one sentence in RunPodSandbox's error; the
+//!   CRI plugin uses the overlayfs snapshotter. Afterwards no shim, work directory, mount,
+//!   task, shim socket, pod directory, network namespace, veth or TAP is left.
 
 mod support;
 
@@ -126,6 +132,11 @@ fn sha256_hex(data: &[u8]) -> String {
 
 /// An OCI archive of the test image at `out`, named [`IMAGE`] for `ctr image import`.
 fn image_archive(out: &Path) {
+    image_archive_of(out, IMAGE, &["sh"]);
+}
+
+/// An OCI archive of the test image at `out`, named `name`, whose command is `cmd`.
+fn image_archive_of(out: &Path, name: &str, cmd: &[&str]) {
     let busybox = std::fs::read("/bin/busybox")
         .expect("the test image needs a static busybox at /bin/busybox (busybox-static)");
     let applets = [
@@ -164,7 +175,7 @@ fn image_archive(out: &Path) {
     }
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["sh"] },
+        "config": { "Env": ["PATH=/bin"], "Cmd": cmd },
         "rootfs": { "type": "layers", "diff_ids": diff_ids },
     });
     let (config_digest, config_size) = put(serde_json::to_vec(&config).unwrap());
@@ -183,7 +194,7 @@ fn image_archive(out: &Path) {
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "digest": manifest_digest, "size": manifest_size,
             "platform": { "architecture": "amd64", "os": "linux" },
-            "annotations": { "io.containerd.image.name": IMAGE,
+            "annotations": { "io.containerd.image.name": name,
                              "org.opencontainers.image.ref.name": "1" },
         }],
     });
@@ -220,6 +231,143 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
   address = "{d}/containerd.sock.ttrpc"
 "#
     )
+}
+
+/// The address of the registry the nested host's scenario serves its images from.
+const REGISTRY: &str = "127.0.0.1:5000";
+
+/// containerd's configuration with its CRI plugin, as the nested host's scenario runs it
+/// (`@DIR@` is containerd's directory): a `flint` runtime handler beside `runc` (the default),
+/// the pods' sandbox image and every image pulled over plain HTTP from [`REGISTRY`], CNI's
+/// plugins and configuration in `@DIR@/cni-bin` and `@DIR@/cni`, network namespaces under
+/// the state directory, the overlayfs snapshotter.
+fn containerd_cri_config(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{REGISTRY}/flint-pause:1"
+  netns_mounts_under_state_dir = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.flint]
+      runtime_type = "io.containerd.flint.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni-bin"
+    conf_dir = "{d}/cni"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."{REGISTRY}"]
+    endpoint = ["http://{REGISTRY}"]
+"#
+    )
+}
+
+/// The pods' network: a bridge of CNI's (no masquerading: nothing leaves the host) with
+/// addresses from host-local under `@DIR@`.
+fn cni_conflist(dir: &Path) -> String {
+    format!(
+        r#"{{"cniVersion": "0.4.0", "name": "flint-test", "plugins": [
+  {{"type": "bridge", "bridge": "flintcri0", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "10.89.0.0/24"}}]],
+              "dataDir": "{}/cni-ipam"}}}},
+  {{"type": "loopback"}}]}}
+"#,
+        dir.display()
+    )
+}
+
+/// The `cri-client` binary (the `cri-client` crate of this workspace), built once per test
+/// process into a target directory of its own, without debug information.
+fn cri_client() -> PathBuf {
+    static TOOL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    TOOL.get_or_init(|| {
+        let target_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cri-client");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let out = Command::new(&cargo)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "-p", "cri-client", "--target-dir"])
+            .arg(&target_dir)
+            .env("CARGO_PROFILE_DEV_DEBUG", "0")
+            .env("CARGO_PROFILE_DEV_STRIP", "true")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cargo:?} to build cri-client: {e}"));
+        assert!(
+            out.status.success(),
+            "building cri-client failed (its k8s-cri dependency needs protoc: Debian's \
+             protobuf-compiler):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        target_dir.join("debug/cri-client")
+    })
+    .clone()
+}
+
+/// A registry's storage directory at `dir` holding `images` (OCI archives, pushed under the
+/// names given): Debian's `docker-registry`, started on a free loopback port for the push,
+/// filled by `skopeo` and stopped. The nested host serves that directory with its own.
+fn registry_storage(dir: &Path, images: &[(&Path, &str)]) -> PathBuf {
+    let storage = dir.join("storage");
+    std::fs::create_dir_all(&storage).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.join("config.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    \
+             rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            storage.display()
+        ),
+    )
+    .unwrap();
+    let mut registry = Command::new(program("docker-registry", "docker-registry"))
+        .arg("serve")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start docker-registry");
+    let began = Instant::now();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(
+            began.elapsed() < Duration::from_secs(20),
+            "docker-registry did not listen on {addr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for (archive, name) in images {
+        let out = Command::new(program("skopeo", "skopeo"))
+            .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{addr}/{name}"))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run skopeo");
+        assert!(
+            out.status.success(),
+            "skopeo copy to {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = registry.kill();
+    let _ = registry.wait();
+    storage
 }
 
 // ---------------------------------------------------------------------------------------
@@ -684,9 +832,10 @@ fn a_vm_that_cannot_be_built_is_one_sentence_in_ctr_and_leaves_nothing() {
 // ---------------------------------------------------------------------------------------
 // Tier 3: containers run in microVMs in the nested host.
 
-const SCENARIO: &str = r#"
+/// The nested host's scenario starts containerd (with its CRI plugin) and the registry.
+const SETUP_SCENARIO: &str = r#"
 export PATH="$FILES:$PATH"
-# ctr's default snapshotter (the host kernel has no overlay module).
+# ctr's snapshotter (the CRI plugin's pods use overlayfs).
 export CONTAINERD_SNAPSHOTTER=native
 C=$WORK/containerd
 mkdir -p "$C" "$WORK/shim-work"
@@ -696,11 +845,38 @@ cat >"$WORK/shim.json" <<EOF
 {"kernel": "$VMLINUX", "initramfs": "$FILES/sandbox.cpio.gz", "work_dir": "$WORK/shim-work",
  "pod_containers": 2}
 EOF
+# The CRI plugin copies the host's /etc/hosts and /etc/resolv.conf into each pod.
+[ -e /etc/hosts ] || echo "127.0.0.1 localhost" >/etc/hosts
+[ -e /etc/resolv.conf ] || echo "nameserver 127.0.0.1" >/etc/resolv.conf
+# The CRI plugin's network: CNI's bridge, host-local and loopback plugins.
+mkdir -p "$C/cni-bin" "$C/cni" "$WORK/pod-logs"
+for p in bridge host-local loopback; do ln -s "$FILES/cni-$p" "$C/cni-bin/$p"; done
+sed "s|@DIR@|$C|g" "$FILES/cni.conflist" >"$C/cni/10-flint.conflist"
+# The registry the CRI plugin pulls from, serving what the test pushed on its host.
+cat >"$WORK/registry.yml" <<EOF
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $FILES/registry
+http:
+  addr: 127.0.0.1:5000
+EOF
+"$FILES/docker-registry" serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+RPID=$!
+wait_for "$WORK/registry.log" "listening on" 60
 FLINT_SHIM_CONFIG=$WORK/shim.json "$FILES/containerd" --config "$C/config.toml" \
     >"$WORK/containerd.log" 2>&1 &
 CPID=$!
 wait_for "$WORK/containerd.log" "containerd successfully booted" 60
 CTR="$FILES/ctr --address $C/containerd.sock --namespace flint-test"
+"#;
+
+/// `ctr` drives the shim.
+const CTR_SCENARIO: &str = r#"
 flint_case import $CTR image import "$FILES/image.tar"
 flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/flint-shim-test:1 \
     first sh -c 'echo "out: $(cat /etc/message)"; echo "err: $(id -u)" >&2; exit 3'
@@ -867,15 +1043,83 @@ done
 echo "VICTIM_TASK $($CTR task ls 2>/dev/null | grep victim | awk '{print $3}')"
 $CTR task delete victim >/dev/null 2>&1
 flint_case remove $CTR container rm victim
+# The killed shim's TAP went with its VM, its redirect with containerd's cleanup (which runs
+# in the background: give it a while on this slow host).
+n=0
+while [ "$(net_left)" != "0 0" ] && [ $n -lt 60 ]; do
+    sleep 1; n=$((n + 1))
+done
+echo "VICTIM_NET_LEFT $(net_left)"
+kill $PNWEB
+"#;
+
+/// A kubelet's calls through containerd's CRI plugin (`cri-client`), with the `flint`
+/// runtime handler: a pod whose VM holds its sandbox (pause) and two containers, images
+/// pulled from the registry.
+const CRI_SCENARIO: &str = r#"
+CRI="$FILES/cri-client --socket $C/containerd.sock --log-dir $WORK/pod-logs"
+# A CRI pod's pause container takes one of its VM's container slots: room for two more.
+sed -i 's|"pod_containers": 2|"pod_containers": 3|' "$WORK/shim.json"
+APP=127.0.0.1:5000/flint-shim-test:1
+flint_case cri_version $CRI version
+flint_case cri_pull $CRI pull $APP
+flint_case cri_run_pod $CRI run-pod pod-a flint
+POD=$(cat "$WORK/cri_run_pod.out")
+flint_case cri_pod_status $CRI pod-status "$POD"
+flint_case cri_create $CRI create "$POD" app $APP \
+    sh -c 'echo "app: $(cat /etc/message)"; exec sleep 600'
+APP_ID=$(cat "$WORK/cri_create.out")
+flint_case cri_start $CRI start "$APP_ID"
+flint_case cri_running $CRI wait "$APP_ID" RUNNING 120
+flint_case cri_status_running $CRI status "$APP_ID"
+flint_case cri_exec $CRI exec "$APP_ID" 60 \
+    sh -c 'echo "exec: $(cat /etc/message) $(cat /proc/1/comm)"; echo oops >&2; exit 5'
+echo "CRI_POD_SHIMS $(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')"
+# The pod's network (CNI's bridge) reaches the guest: the container sees the pod's address
+# on eth0, and the nested host reaches that address.
+POD_IP=$(sed -n 's/.* ip=\([0-9.]*\).*/\1/p' "$WORK/cri_pod_status.out")
+echo "CRI_POD_IP $POD_IP"
+flint_case cri_net $CRI exec "$APP_ID" 60 sh -c 'ip -o -4 addr show eth0'
+echo "CRI_PING $(/bin/busybox ping -c 1 -W 10 "$POD_IP" >/dev/null 2>&1 && echo yes || echo no)"
+# A second container of the pod that ends with its own status.
+flint_case cri_create_b $CRI create "$POD" quitter $APP sh -c 'echo bye; exit 7'
+QUIT_ID=$(cat "$WORK/cri_create_b.out")
+flint_case cri_start_b $CRI start "$QUIT_ID"
+flint_case cri_exited_b $CRI wait "$QUIT_ID" EXITED 120
+flint_case cri_status_b $CRI status "$QUIT_ID"
+flint_case cri_log cat "$WORK/pod-logs/app.log"
+flint_case cri_log_b cat "$WORK/pod-logs/quitter.log"
+flint_case cri_stop_pod $CRI stop-pod "$POD"
+flint_case cri_status_stopped $CRI status "$APP_ID"
+flint_case cri_remove_pod $CRI remove-pod "$POD"
+flint_case cri_pods $CRI pods
+flint_case cri_containers $CRI containers
+# A handler whose kernel is missing: one sentence in RunPodSandbox's error.
+cp "$WORK/shim.json" "$WORK/shim.json.good"
+sed -i "s|\"kernel\": \"[^\"]*\"|\"kernel\": \"/nonexistent/vmlinux\"|" "$WORK/shim.json"
+flint_case cri_nokernel $CRI run-pod pod-b flint
+mv "$WORK/shim.json.good" "$WORK/shim.json"
+flint_case cri_pods_after $CRI pods
+"#;
+/// Nothing may be left.
+const END_SCENARIO: &str = r#"
 # containerd cleans up after a dead shim in the background (it runs the shim's delete
 # action, then forgets the task): give that a while on this slow host, then count.
 leftovers() {
     shims=$(ps -o args | grep -c '^[^ ]*containerd-shim-flint-v2')
     workleft=$(find "$WORK/shim-work" -mindepth 1 | wc -l)
     mounts=$(grep -c "$C" /proc/mounts)
-    tasks=$($CTR task ls -q | wc -l)
+    tasks=$(($($CTR task ls -q | wc -l) + $($CTR --namespace k8s.io task ls -q | wc -l)))
     sockets=$(ls /run/containerd/s 2>/dev/null | wc -l)
-    [ "$shims$workleft$mounts$tasks$sockets" = 00000 ]
+    # What the CRI plugin makes for a pod: its directories (and network namespace
+    # under the state directory), the pod's veth on the bridge, a TAP for its VM.
+    crileft=$(find "$C/root/io.containerd.grpc.v1.cri/sandboxes" \
+        "$C/root/io.containerd.grpc.v1.cri/containers" \
+        "$C/state/io.containerd.grpc.v1.cri/sandboxes" \
+        "$C/state/io.containerd.grpc.v1.cri/containers" \
+        "$C/state/io.containerd.grpc.v1.cri/netns" -mindepth 1 2>/dev/null | wc -l)
+    links=$(ls /sys/class/net | grep -c -e '^veth' -e '^tap')
+    [ "$shims$workleft$mounts$tasks$sockets$crileft$links" = 0000000 ]
 }
 n=0
 until leftovers || [ $n -ge 60 ]; do
@@ -886,17 +1130,18 @@ echo "WORKLEFT $workleft"
 echo "MOUNTS $mounts"
 echo "TASKS $tasks"
 echo "SOCKETS $sockets"
-# The killed shim's TAP went with its VM, its redirect with containerd's cleanup.
-echo "VICTIM_NET_LEFT $(net_left)"
-kill $PNWEB
-if [ "$shims$tasks$workleft" != 000 ]; then
+echo "CRI_LEFT $crileft"
+echo "LINKS $links"
+if [ "$shims$tasks$workleft$crileft$links" != 00000 ]; then
     echo "--- left after ${n} s:"
     ps -o pid,args | grep '[c]ontainerd-shim-flint-v2'
     $CTR task ls
     find "$WORK/shim-work" -mindepth 1
     ls -l /run/containerd/s 2>/dev/null
+    find "$C/root/io.containerd.grpc.v1.cri" "$C/state/io.containerd.grpc.v1.cri" 2>/dev/null
+    ls /sys/class/net
 fi
-kill $CPID
+kill $CPID $RPID
 wait $CPID
 [ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
 "#;
@@ -908,20 +1153,43 @@ fn line<'a>(output: &'a str, key: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no line {key:?} in the output"))
 }
 
-#[test]
-fn containers_run_in_microvms_with_their_output_status_and_signals() {
+/// Run `parts` of the scenario in the nested host, between [`SETUP_SCENARIO`] and
+/// [`END_SCENARIO`], with everything they need.
+fn run_nested(parts: &[&str]) -> support::ScenarioRun {
     let tmp = TempDir::new("containerd-nested");
     let archive = tmp.0.join("image.tar");
     image_archive(&archive);
+    // The pods' sandbox (pause) image: the test image sleeping.
+    let pause = tmp.0.join("pause.tar");
+    image_archive_of(
+        &pause,
+        "docker.io/library/flint-pause:1",
+        &["sleep", "1000000000"],
+    );
+    let registry = registry_storage(
+        &tmp.0.join("registry"),
+        &[(&archive, "flint-shim-test:1"), (&pause, "flint-pause:1")],
+    );
     let config = tmp.write(
         "config.toml",
-        containerd_config(Path::new("@DIR@")).as_bytes(),
+        containerd_cri_config(Path::new("@DIR@")).as_bytes(),
     );
+    let cni = tmp.write("cni.conflist", cni_conflist(Path::new("@DIR@")).as_bytes());
     let sandbox = cache_dir().join("sandbox/initramfs.cpio.gz");
     assert!(
         sandbox.is_file(),
         "sandbox image missing: run resources/build-sandbox-image.sh (resources/run-tests.sh does)"
     );
+    let cni_plugin = |name: &str| {
+        let p = Path::new("/usr/lib/cni").join(name);
+        assert!(
+            p.is_file(),
+            "{} is missing: install Debian's containernetworking-plugins (resources/run-tests.sh \
+             does)",
+            p.display()
+        );
+        p
+    };
     let files = [
         (program("containerd", "containerd"), "containerd"),
         (program("ctr", "containerd"), "ctr"),
@@ -931,12 +1199,27 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         (program("debugfs", "e2fsprogs"), "debugfs"),
         (program("ip", "iproute2"), "ip"),
         (program("tc", "iproute2"), "tc"),
+        (
+            program("docker-registry", "docker-registry"),
+            "docker-registry",
+        ),
+        (cri_client(), "cri-client"),
+        (cni_plugin("bridge"), "cni-bridge"),
+        (cni_plugin("host-local"), "cni-host-local"),
+        (cni_plugin("loopback"), "cni-loopback"),
         (sandbox, "sandbox.cpio.gz"),
         (archive, "image.tar"),
+        (registry, "registry"),
         (config, "config.toml"),
+        (cni, "cni.conflist"),
     ];
+    let mut script = format!("{RIG_FAULT_SH}{SETUP_SCENARIO}");
+    for part in parts {
+        script.push_str(part);
+    }
+    script.push_str(END_SCENARIO);
     let run = run_scenario_with(
-        &format!("{RIG_FAULT_SH}{SCENARIO}"),
+        &script,
         &files,
         &ScenarioOptions {
             timeout_secs: 900,
@@ -944,6 +1227,19 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         },
     );
     run.assert_ok();
+    run
+}
+
+#[test]
+fn containers_run_in_microvms_with_their_output_status_and_signals() {
+    let run = run_nested(&[CTR_SCENARIO, CRI_SCENARIO]);
+    assert_ctr(&run);
+    assert_cri(&run);
+    assert_nothing_left(&run);
+}
+
+/// What `ctr` saw.
+fn assert_ctr(run: &support::ScenarioRun) {
     let import = run.case("import");
     assert_eq!(import.status, 0, "{}", import.stderr);
     let first = run.case("run");
@@ -1187,9 +1483,124 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
     );
     let remove = run.case("remove");
     assert_eq!(remove.status, 0, "{}", remove.stderr);
+}
+
+/// Nothing is left: no shim, work directory, mount, task, shim socket, nor what the CRI
+/// plugin made for a pod.
+fn assert_nothing_left(run: &support::ScenarioRun) {
     assert_eq!(line(&run.output, "SHIMS "), "0", "a shim is left");
     assert_eq!(line(&run.output, "WORKLEFT "), "0", "files are left");
     assert_eq!(line(&run.output, "MOUNTS "), "0", "mounts are left");
     assert_eq!(line(&run.output, "TASKS "), "0", "tasks are left");
     assert_eq!(line(&run.output, "SOCKETS "), "0", "shim sockets are left");
+    assert_eq!(
+        line(&run.output, "CRI_LEFT "),
+        "0",
+        "pod directories are left"
+    );
+    assert_eq!(line(&run.output, "LINKS "), "0", "a veth or TAP is left");
+}
+
+/// What a kubelet would have seen through the CRI.
+fn assert_cri(run: &support::ScenarioRun) {
+    let ok = |name: &str| {
+        let case = run.case(name);
+        assert_eq!(case.status, 0, "{}", case.show());
+        case.stdout.trim().to_string()
+    };
+    assert!(
+        ok("cri_version").starts_with("containerd "),
+        "the CRI answers"
+    );
+    assert!(
+        ok("cri_pull").starts_with("sha256:"),
+        "PullImage gives the image's id"
+    );
+    let pod = ok("cri_run_pod");
+    assert_eq!(pod.len(), 64, "RunPodSandbox gives the pod's id: {pod}");
+    assert!(
+        ok("cri_pod_status").starts_with("SANDBOX_READY"),
+        "the pod is ready"
+    );
+    let app = ok("cri_create");
+    assert_eq!(
+        app.len(),
+        64,
+        "CreateContainer gives the container's id: {app}"
+    );
+    ok("cri_start");
+    ok("cri_running");
+    assert_eq!(ok("cri_status_running"), "RUNNING exit=0 reason=");
+    // ExecSync: the command's output, error output and status, in the container's root
+    // and PID namespace (its init is pid 1).
+    let exec = run.case("cri_exec");
+    assert_eq!(
+        (exec.status, exec.stdout.trim(), exec.stderr.trim()),
+        (5, "exec: the second layer sleep", "oops"),
+        "{}",
+        exec.show()
+    );
+    assert_eq!(
+        line(&run.output, "CRI_POD_SHIMS "),
+        "1",
+        "the pod (sandbox and container) is one shim"
+    );
+    // The pod's CNI address is the guest's.
+    let pod_ip = line(&run.output, "CRI_POD_IP ");
+    assert!(
+        pod_ip.parse::<std::net::Ipv4Addr>().is_ok(),
+        "the pod has a CNI address: {pod_ip:?}"
+    );
+    let net = ok("cri_net");
+    assert!(
+        net.contains(&format!("inet {pod_ip}/")),
+        "the container sees the pod's address on eth0: {net}"
+    );
+    assert_eq!(
+        line(&run.output, "CRI_PING "),
+        "yes",
+        "the nested host reaches the pod's address in the guest"
+    );
+    ok("cri_create_b");
+    ok("cri_start_b");
+    ok("cri_exited_b");
+    assert_eq!(ok("cri_status_b"), "EXITED exit=7 reason=Error");
+    // The CRI plugin writes the containers' output to their logs in the CRI log format
+    // (`TIME stdout F TEXT`).
+    let log = ok("cri_log");
+    assert!(
+        log.lines()
+            .any(|l| l.ends_with(" stdout F app: the second layer")),
+        "app.log: {log}"
+    );
+    let log = ok("cri_log_b");
+    assert!(
+        log.lines().any(|l| l.ends_with(" stdout F bye")),
+        "quitter.log: {log}"
+    );
+    ok("cri_stop_pod");
+    let stopped = ok("cri_status_stopped");
+    assert!(
+        stopped.starts_with("EXITED exit=137"),
+        "StopPodSandbox kills the pod's containers: {stopped}"
+    );
+    ok("cri_remove_pod");
+    assert_eq!(ok("cri_pods"), "", "RemovePodSandbox leaves no pod");
+    assert_eq!(ok("cri_containers"), "", "nor a container");
+    let nokernel = run.case("cri_nokernel");
+    assert_eq!(nokernel.status, 1, "{}", nokernel.show());
+    assert_eq!(nokernel.stderr_lines().len(), 1, "{}", nokernel.show());
+    assert!(
+        nokernel.stderr.contains(
+            "the guest kernel /nonexistent/vmlinux does not exist (build it with \
+             resources/build-guest-kernel.sh, or name another in the shim's configuration file)"
+        ),
+        "{}",
+        nokernel.show()
+    );
+    assert_eq!(
+        ok("cri_pods_after"),
+        "",
+        "a pod that failed to start is not left"
+    );
 }
