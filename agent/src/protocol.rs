@@ -32,6 +32,9 @@
 //! - **mount a container**: `MountContainer { id, disk, size }` → `Ok` or `Error` (see
 //!   *Containers of a pod* below).
 //! - **unmount a container**: `UnmountContainer { id }` → `Ok` or `Error`.
+//! - **container cgroup**: `ContainerCgroup { id, image_root, memory_max, pids_max }` → `Ok`
+//!   or `Error` (see *Cgroups of containers* below).
+//! - **container stats**: `ContainerStats { id }` → `ContainerStats(stats)` or `Error`.
 //! - **refresh**: `Refresh { unix_time_ns, entropy }` → `Ok` or `Error`. Payload
 //!   `[unix_time_ns: u64][entropy_len: u32][entropy: entropy_len bytes]`, with `unix_time_ns`
 //!   at least [`REFRESH_MIN_TIME_NS`] and `entropy_len` within
@@ -52,6 +55,9 @@
 //!          [container: (id: string, new_namespaces: flag), only when present]
 //! MountContainer   [id: string][disk: string][size: u64]
 //! UnmountContainer [id: string]
+//! ContainerCgroup  [id: string][image_root: flag][memory_max: option of u64]
+//!                  [pids_max: option of u64]
+//! ContainerStats   [id: string]
 //! CopyIn   [mode: u32][path: string][root: option of string]
 //! CopyOut  [path: string][root: option of string]
 //! ```
@@ -83,9 +89,30 @@
 //! namespaces of the container's live init. `UnmountContainer` detaches the container's
 //! mounts and removes its directory. A container id is 1 to [`MAX_CONTAINER_ID`] characters
 //! of `A-Z a-z 0-9 _ . -`, not `.` or `..` (containerd's identifiers are such).
+//!
+//! # Cgroups of containers
+//!
+//! The guest agent mounts cgroup v2 at `/sys/fs/cgroup` (when the guest kernel has it) and
+//! enables the `memory` and `pids` controllers for its children. `ContainerCgroup` makes (or
+//! updates) container `id`'s cgroup, `container-ID`, and sets `memory.max` and `pids.max` to
+//! the limits given (absent: no limit, `max`); a limit the guest cannot apply (no such
+//! controller) is an `Error`. From then on every command of that container joins the
+//! cgroup before it runs: an `Exec` with that `container`, or, with `image_root`, every
+//! `Exec` whose `root` is [`IMAGE_ROOT`] (the container of a VM of its own). Only the
+//! command's process joins (not the agent's intermediate process). `UnmountContainer`
+//! removes the cgroup too.
+//!
+//! `ContainerStats` answers the cgroup's numbers ([`CgroupStats`]: `cpu.stat`'s usage,
+//! `memory.current`, `memory.max`, fields of `memory.stat` and `memory.events`,
+//! `pids.current`, `pids.max`). While a command of a container with a cgroup runs, the
+//! agent watches the cgroup's `memory.events`: whenever its `oom_kill` count rises, the exec
+//! stream carries `OomKills { count }` (the cgroup's total), always before the command's
+//! `Exited` or `Killed`, so a host learns of an OOM kill before the exit it caused.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
+
+pub use crate::stats::{CgroupStats, MemoryStats, PidsStats, MEMORY_EVENTS, MEMORY_STAT};
 
 /// The vsock port the guest agent listens on (any CID).
 pub const AGENT_PORT: u32 = 52;
@@ -120,6 +147,8 @@ pub const MAX_GROUPS: usize = 1024;
 /// The earliest wall-clock time a `Refresh` request may set, 2000-01-01T00:00:00Z, in
 /// nanoseconds since the Unix epoch: anything earlier is a broken host clock, not a time.
 pub const REFRESH_MIN_TIME_NS: u64 = 946_684_800 * 1_000_000_000;
+/// The most `pids.max` a `ContainerCgroup` may set (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
 
 /// Frame kinds, host to agent.
 pub mod kind {
@@ -135,6 +164,9 @@ pub mod kind {
     pub const REFRESH: u8 = 0x0a;
     pub const MOUNT_CONTAINER: u8 = 0x0b;
     pub const UNMOUNT_CONTAINER: u8 = 0x0c;
+    // Containers' cgroups (0x10..: apart from the kinds other additions take).
+    pub const CONTAINER_CGROUP: u8 = 0x10;
+    pub const CONTAINER_STATS: u8 = 0x11;
     // Agent to host.
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -145,6 +177,8 @@ pub mod kind {
     pub const FILE_DATA_OUT: u8 = 0x87;
     pub const FILE_END_OUT: u8 = 0x88;
     pub const OK: u8 = 0x89;
+    pub const CONTAINER_STATS_REPLY: u8 = 0x90;
+    pub const OOM_KILLS: u8 = 0x91;
 }
 
 /// Why a frame is malformed.
@@ -390,6 +424,20 @@ fn check_refresh(unix_time_ns: u64, entropy: &[u8]) -> Result<(), ProtocolError>
     Ok(())
 }
 
+/// A container's limits: a memory limit of at least one byte, a pids limit of 1 to
+/// [`MAX_PIDS`].
+fn check_limits(memory_max: Option<u64>, pids_max: Option<u64>) -> Result<(), ProtocolError> {
+    if memory_max == Some(0) {
+        return Err(ProtocolError::Invalid("a container's memory limit is 0"));
+    }
+    if pids_max.is_some_and(|p| p == 0 || p > MAX_PIDS) {
+        return Err(ProtocolError::Invalid(
+            "a container's pids limit is not 1 to 4194304",
+        ));
+    }
+    Ok(())
+}
+
 fn check_mode(mode: u32) -> Result<(), ProtocolError> {
     if mode <= 0o7777 {
         Ok(())
@@ -436,6 +484,16 @@ pub enum ToAgent {
     MountContainer { id: String, disk: String, size: u64 },
     /// Unmount the pod container `id`'s root and remove its directory.
     UnmountContainer { id: String },
+    /// Make (or update) container `id`'s cgroup with these limits (bytes, processes); with
+    /// `image_root`, commands run in [`IMAGE_ROOT`] join it (see the module docs).
+    ContainerCgroup {
+        id: String,
+        image_root: bool,
+        memory_max: Option<u64>,
+        pids_max: Option<u64>,
+    },
+    /// Answer container `id`'s cgroup's numbers.
+    ContainerStats { id: String },
 }
 
 /// Agent to host.
@@ -460,6 +518,11 @@ pub enum FromAgent {
     FileEnd { mode: u32 },
     /// Copy-in, shutdown or refresh done.
     Ok,
+    /// The numbers of a container's cgroup.
+    ContainerStats(CgroupStats),
+    /// The cgroup of the running command's container has seen this many OOM kills in all
+    /// (sent when the count rises).
+    OomKills { count: u64 },
 }
 
 /// A frame type of one direction.
@@ -499,6 +562,8 @@ impl Message for ToAgent {
             ToAgent::Refresh { .. } => kind::REFRESH,
             ToAgent::MountContainer { .. } => kind::MOUNT_CONTAINER,
             ToAgent::UnmountContainer { .. } => kind::UNMOUNT_CONTAINER,
+            ToAgent::ContainerCgroup { .. } => kind::CONTAINER_CGROUP,
+            ToAgent::ContainerStats { .. } => kind::CONTAINER_STATS,
         }
     }
 
@@ -572,9 +637,22 @@ impl Message for ToAgent {
                 put_str(out, disk)?;
                 out.extend_from_slice(&size.to_le_bytes());
             }
-            ToAgent::UnmountContainer { id } => {
+            ToAgent::UnmountContainer { id } | ToAgent::ContainerStats { id } => {
                 check_container_id(id)?;
                 put_str(out, id)?;
+            }
+            ToAgent::ContainerCgroup {
+                id,
+                image_root,
+                memory_max,
+                pids_max,
+            } => {
+                check_container_id(id)?;
+                check_limits(*memory_max, *pids_max)?;
+                put_str(out, id)?;
+                out.push(u8::from(*image_root));
+                put_opt_u64(out, *memory_max);
+                put_opt_u64(out, *pids_max);
             }
         }
         Ok(())
@@ -673,6 +751,25 @@ impl Message for ToAgent {
                 check_container_id(&id)?;
                 ToAgent::UnmountContainer { id }
             }
+            kind::CONTAINER_CGROUP => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                let image_root = d.flag("the image-root flag is not 0 or 1")?;
+                let memory_max = d.opt_u64("the memory-limit flag is not 0 or 1")?;
+                let pids_max = d.opt_u64("the pids-limit flag is not 0 or 1")?;
+                check_limits(memory_max, pids_max)?;
+                ToAgent::ContainerCgroup {
+                    id,
+                    image_root,
+                    memory_max,
+                    pids_max,
+                }
+            }
+            kind::CONTAINER_STATS => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                ToAgent::ContainerStats { id }
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -692,6 +789,8 @@ impl Message for FromAgent {
             FromAgent::FileData(_) => kind::FILE_DATA_OUT,
             FromAgent::FileEnd { .. } => kind::FILE_END_OUT,
             FromAgent::Ok => kind::OK,
+            FromAgent::ContainerStats(_) => kind::CONTAINER_STATS_REPLY,
+            FromAgent::OomKills { .. } => kind::OOM_KILLS,
         }
     }
 
@@ -712,6 +811,11 @@ impl Message for FromAgent {
                 out.extend_from_slice(&mode.to_le_bytes());
             }
             FromAgent::Ok => {}
+            FromAgent::ContainerStats(stats) => {
+                stats.validate()?;
+                stats.encode(out);
+            }
+            FromAgent::OomKills { count } => out.extend_from_slice(&count.to_le_bytes()),
         }
         Ok(())
     }
@@ -742,6 +846,12 @@ impl Message for FromAgent {
                 FromAgent::FileEnd { mode }
             }
             kind::OK => FromAgent::Ok,
+            kind::CONTAINER_STATS_REPLY => {
+                let stats = CgroupStats::decode(&mut d)?;
+                stats.validate()?;
+                FromAgent::ContainerStats(stats)
+            }
+            kind::OOM_KILLS => FromAgent::OomKills { count: d.u64()? },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -755,6 +865,17 @@ fn put_u32(out: &mut Vec<u8>, n: usize) -> Result<(), ProtocolError> {
     }
     out.extend_from_slice(&(n as u32).to_le_bytes());
     Ok(())
+}
+
+/// An optional number: a flag byte, then the number when present.
+fn put_opt_u64(out: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        None => out.push(0),
+        Some(n) => {
+            out.push(1);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), ProtocolError> {
@@ -785,7 +906,7 @@ fn put_data(out: &mut Vec<u8>, data: &[u8]) -> Result<(), ProtocolError> {
 }
 
 /// A cursor over a payload.
-struct Decoder<'a> {
+pub(crate) struct Decoder<'a> {
     buf: &'a [u8],
 }
 
@@ -815,7 +936,7 @@ impl<'a> Decoder<'a> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ProtocolError> {
         let b = self.take(8)?;
         Ok(u64::from_le_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
@@ -833,7 +954,7 @@ impl<'a> Decoder<'a> {
     }
 
     /// The flag byte of an option: 0 or 1; anything else is `Invalid(bad)`.
-    fn flag(&mut self, bad: &'static str) -> Result<bool, ProtocolError> {
+    pub(crate) fn flag(&mut self, bad: &'static str) -> Result<bool, ProtocolError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -850,6 +971,14 @@ impl<'a> Decoder<'a> {
         match self.flag(bad)? {
             false => Ok(None),
             true => self.string(field).map(Some),
+        }
+    }
+
+    /// An optional number: its flag (see [`flag`](Self::flag)), then the number.
+    fn opt_u64(&mut self, bad: &'static str) -> Result<Option<u64>, ProtocolError> {
+        match self.flag(bad)? {
+            false => Ok(None),
+            true => self.u64().map(Some),
         }
     }
 
@@ -973,6 +1102,19 @@ mod tests {
                 size: 1 << 40,
             },
             ToAgent::UnmountContainer { id: "x".into() },
+            ToAgent::ContainerCgroup {
+                id: "c1".into(),
+                image_root: true,
+                memory_max: Some(64 << 20),
+                pids_max: Some(MAX_PIDS),
+            },
+            ToAgent::ContainerCgroup {
+                id: "c1".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: None,
+            },
+            ToAgent::ContainerStats { id: "c1".into() },
             ToAgent::CopyIn {
                 path: "/a/b".into(),
                 mode: 0o4755,
@@ -1017,6 +1159,23 @@ mod tests {
             FromAgent::FileData(vec![1; 1000]),
             FromAgent::FileEnd { mode: 0o644 },
             FromAgent::Ok,
+            FromAgent::ContainerStats(CgroupStats {
+                cpu_usage_usec: 10,
+                cpu_user_usec: 6,
+                cpu_system_usec: 4,
+                memory: Some(MemoryStats {
+                    current: 1 << 20,
+                    max: None,
+                    ..MemoryStats::default()
+                }),
+                pids: Some(PidsStats {
+                    current: 1,
+                    max: Some(10),
+                }),
+            }),
+            FromAgent::ContainerStats(CgroupStats::default()),
+            FromAgent::OomKills { count: 0 },
+            FromAgent::OomKills { count: u64::MAX },
         ]
     }
 
@@ -1392,6 +1551,31 @@ mod tests {
                 size: 511,
             },
             ToAgent::UnmountContainer { id: "../x".into() },
+            ToAgent::ContainerStats { id: "".into() },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: Some(0),
+                pids_max: None,
+            },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: Some(0),
+            },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: Some(MAX_PIDS + 1),
+            },
+            ToAgent::ContainerCgroup {
+                id: "a/b".into(),
+                image_root: true,
+                memory_max: None,
+                pids_max: None,
+            },
         ] {
             assert!(
                 matches!(bad.encode(), Err(ProtocolError::Invalid(_))),
