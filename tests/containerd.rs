@@ -535,6 +535,9 @@ FLINT_SHIM_CONFIG=$WORK/shim.json "$FILES/containerd" --config "$C/config.toml" 
 CPID=$!
 wait_for "$WORK/containerd.log" "containerd successfully booted" 60
 CTR="$FILES/ctr --address $C/containerd.sock --namespace flint-test"
+# Every event, to look for the OOM event later.
+$CTR events >"$WORK/events.log" 2>&1 &
+EPID=$!
 flint_case import $CTR image import "$FILES/image.tar"
 flint_case run $CTR run --rm --runtime io.containerd.flint.v2 docker.io/library/flint-shim-test:1 \
     first sh -c 'echo "out: $(cat /etc/message)"; echo "err: $(id -u)" >&2; exit 3'
@@ -553,6 +556,10 @@ flint_case exec $CTR task exec --exec-id e1 sleeper \
     sh -c 'echo "exec: $(cat /etc/message)"; exit 4'
 flint_case ps $CTR task ps sleeper
 flint_case metrics $CTR task metrics sleeper
+# 16 MiB written to the container's /tmp (guest memory): its cgroup's memory grows.
+flint_case fill $CTR task exec --exec-id fill sleeper busybox dd if=/dev/zero of=/tmp/fill \
+    bs=1M count=16
+flint_case metrics_filled $CTR task metrics sleeper
 flint_case pause $CTR task pause sleeper
 echo "PAUSED $($CTR task ls | grep sleeper | awk '{print $3}')"
 flint_case resume $CTR task resume sleeper
@@ -587,6 +594,11 @@ flint_case pod_a $CTR task exec --exec-id look pod1 sh -c "$LOOK"
 flint_case pod_b $CTR task exec --exec-id look pod1c sh -c "$LOOK"
 flint_case pod_ps_a $CTR task ps pod1
 flint_case pod_ps_b $CTR task ps pod1c
+# Each container's metrics are its own cgroup's: 16 MiB more in the one that wrote them.
+flint_case pod_fill $CTR task exec --exec-id fill pod1 busybox dd if=/dev/zero of=/tmp/fill \
+    bs=1M count=16
+flint_case pod_metrics_a $CTR task metrics pod1
+flint_case pod_metrics_b $CTR task metrics pod1c
 # A third container: more than the pod's VM holds (pod_containers 2).
 flint_case pod_full $CTR run --rm $POD --annotation io.kubernetes.cri.container-type=container \
     docker.io/library/flint-shim-test:1 pod1x true
@@ -601,6 +613,14 @@ $CTR task kill -s SIGKILL pod1
 wait_task pod1 STOPPED
 $CTR task delete pod1 >/dev/null
 $CTR container rm pod1
+# A container that writes more than its memory limit to guest memory is OOM-killed in the
+# guest: it ends with 137 and containerd gets a /tasks/oom event for it before its exit.
+flint_case oom $CTR run --rm --runtime io.containerd.flint.v2 --memory-limit 67108864 \
+    docker.io/library/flint-shim-test:1 oomer busybox dd if=/dev/zero of=/tmp/fill bs=1M count=128
+sleep 1
+echo "EVENTS_BEGIN"
+grep -E "/tasks/(oom|exit)" "$WORK/events.log" | grep -F '"oomer"' || true
+echo "EVENTS_END"
 # The guest powers off under its process: the task ends with 255.
 flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
@@ -647,10 +667,23 @@ if [ "$shims$tasks$workleft" != 000 ]; then
     find "$WORK/shim-work" -mindepth 1
     ls -l /run/containerd/s 2>/dev/null
 fi
+kill $EPID
 kill $CPID
 wait $CPID
 [ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
 "#;
+
+/// The value of `name` in `ctr task metrics`' table (`NAME  VALUE` lines).
+fn metric(case: &support::Case, name: &str) -> u64 {
+    case.stdout
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next())?
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {}", case.stdout))
+}
 
 fn line<'a>(output: &'a str, key: &str) -> &'a str {
     output
@@ -732,22 +765,32 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         "no guest pid in ctr task ps: {}",
         ps.stdout
     );
+    // The guest's cgroup v2 numbers of the container (`ctr task metrics`' table).
     let metrics = run.case("metrics");
     assert_eq!(metrics.status, 0, "{}", metrics.stderr);
-    let metric = |name: &str| -> u64 {
-        line(&metrics.stdout, name)
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} in {}", metrics.stdout))
-    };
     assert_eq!(
-        metric("memory.limit_in_bytes"),
+        metric(&metrics, "memory.usage_limit"),
         128 << 20,
-        "the VM's memory"
+        "no limit: the VM's memory"
     );
-    assert!(metric("memory.usage_in_bytes") > 0);
-    assert!(metric("cpuacct.usage") > 0);
-    assert_eq!(metric("pids.current"), 1, "the sleeper");
+    let usage = metric(&metrics, "memory.usage");
+    assert!(
+        usage > 0 && usage < 8 << 20,
+        "the container's memory, not the VM's: {}",
+        metrics.stdout
+    );
+    assert!(metric(&metrics, "cpu.usage_usec") > 0);
+    assert_eq!(metric(&metrics, "pids.current"), 1, "the sleeper");
+    let fill = run.case("fill");
+    assert_eq!(fill.status, 0, "{}", fill.stderr);
+    let filled = run.case("metrics_filled");
+    assert_eq!(filled.status, 0, "{}", filled.stderr);
+    assert!(
+        metric(&filled, "memory.usage") >= usage + (16 << 20),
+        "16 MiB written: {} then {}",
+        metrics.stdout,
+        filled.stdout
+    );
     assert_eq!(run.case("pause").status, 0, "{}", run.case("pause").stderr);
     assert_eq!(line(&run.output, "PAUSED "), "PAUSED");
     assert_eq!(
@@ -818,6 +861,19 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
             ps.stdout
         );
     }
+    let pod_fill = run.case("pod_fill");
+    assert_eq!(pod_fill.status, 0, "{}", pod_fill.stderr);
+    let (ma, mb) = (run.case("pod_metrics_a"), run.case("pod_metrics_b"));
+    assert_eq!(ma.status, 0, "{}", ma.stderr);
+    assert_eq!(mb.status, 0, "{}", mb.stderr);
+    assert!(
+        metric(&ma, "memory.usage") >= metric(&mb, "memory.usage") + (16 << 20),
+        "each container's own memory: {} and {}",
+        ma.stdout,
+        mb.stdout
+    );
+    assert_eq!(metric(&ma, "pids.current"), 1, "{}", ma.stdout);
+    assert_eq!(metric(&mb, "pids.current"), 1, "{}", mb.stdout);
     let full = run.case("pod_full");
     assert_ne!(full.status, 0);
     assert_eq!(
@@ -838,6 +894,24 @@ fn containers_run_in_microvms_with_their_output_status_and_signals() {
         (0, "pod-a"),
         "{}",
         still.stderr
+    );
+    // OOM: 137, and the /tasks/oom event before the /tasks/exit one.
+    let oom = run.case("oom");
+    assert_eq!(oom.status, 137, "OOM-killed: {}", oom.stderr);
+    let events: Vec<&str> = run
+        .output
+        .split("EVENTS_BEGIN")
+        .nth(1)
+        .and_then(|rest| rest.split("EVENTS_END").next())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let at = |topic: &str| events.iter().position(|l| l.contains(topic));
+    let (oom_at, exit_at) = (at("/tasks/oom"), at("/tasks/exit"));
+    assert!(
+        oom_at.is_some() && oom_at < exit_at,
+        "a /tasks/oom event for oomer before its exit: {events:?}"
     );
     let poweroff = run.case("poweroff");
     assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);
