@@ -15,13 +15,13 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use containerd_shim::api::{self, Status};
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat as CpuV2, MemoryEvents as MemoryEventsV2, MemoryStat as MemoryV2, Metrics as MetricsV2,
+    PidsStat as PidsV2,
+};
 use containerd_shim::protos::events::task::{
     TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
-};
-use containerd_shim::protos::cgroups_v2::metrics::{
-    CPUStat as CpuV2, MemoryEvents as MemoryEventsV2, MemoryStat as MemoryV2,
-    Metrics as MetricsV2, PidsStat as PidsV2,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -923,7 +923,9 @@ impl Service {
         match answer {
             Ok(stats) => Some(stats),
             Err(e) => {
-                log::warn!("container {id}: the guest gave no stats ({e}); the host's numbers are given");
+                log::warn!(
+                    "container {id}: the guest gave no stats ({e}); the host's numbers are given"
+                );
                 None
             }
         }

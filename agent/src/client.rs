@@ -876,7 +876,7 @@ impl AgentClient {
         let result = self.guarded(|c| {
             c.send(&request)?;
             match c.recv()? {
-                FromAgent::ContainerStats(stats) => Ok(stats),
+                FromAgent::ContainerStats(stats) => Ok(*stats),
                 FromAgent::Error(message) => Err(AgentError::Remote(agent_text(&message))),
                 other => Err(unexpected(&other)),
             }

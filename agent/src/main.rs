@@ -515,7 +515,7 @@ impl Conn {
                 }
                 ToAgent::ContainerStats { id } => {
                     let reply = match agent.containers.cgroups.stats(&id) {
-                        Ok(stats) => FromAgent::ContainerStats(stats),
+                        Ok(stats) => FromAgent::ContainerStats(Box::new(stats)),
                         Err(message) => FromAgent::Error(message),
                     };
                     if reply.encode().is_ok() {

@@ -519,7 +519,7 @@ pub enum FromAgent {
     /// Copy-in, shutdown or refresh done.
     Ok,
     /// The numbers of a container's cgroup.
-    ContainerStats(CgroupStats),
+    ContainerStats(Box<CgroupStats>),
     /// The cgroup of the running command's container has seen this many OOM kills in all
     /// (sent when the count rises).
     OomKills { count: u64 },
@@ -849,7 +849,7 @@ impl Message for FromAgent {
             kind::CONTAINER_STATS_REPLY => {
                 let stats = CgroupStats::decode(&mut d)?;
                 stats.validate()?;
-                FromAgent::ContainerStats(stats)
+                FromAgent::ContainerStats(Box::new(stats))
             }
             kind::OOM_KILLS => FromAgent::OomKills { count: d.u64()? },
             other => return Err(ProtocolError::UnknownKind(other)),
@@ -1159,7 +1159,7 @@ mod tests {
             FromAgent::FileData(vec![1; 1000]),
             FromAgent::FileEnd { mode: 0o644 },
             FromAgent::Ok,
-            FromAgent::ContainerStats(CgroupStats {
+            FromAgent::ContainerStats(Box::new(CgroupStats {
                 cpu_usage_usec: 10,
                 cpu_user_usec: 6,
                 cpu_system_usec: 4,
@@ -1172,8 +1172,8 @@ mod tests {
                     current: 1,
                     max: Some(10),
                 }),
-            }),
-            FromAgent::ContainerStats(CgroupStats::default()),
+            })),
+            FromAgent::ContainerStats(Box::default()),
             FromAgent::OomKills { count: 0 },
             FromAgent::OomKills { count: u64::MAX },
         ]

@@ -255,11 +255,11 @@ mod tests {
             },
             CgroupStats::default(),
         ] {
-            let msg = FromAgent::ContainerStats(stats.clone());
+            let msg = FromAgent::ContainerStats(Box::new(stats.clone()));
             let bytes = msg.encode().unwrap();
             assert_eq!(
                 FromAgent::decode(bytes[0], &bytes[5..]),
-                Ok(FromAgent::ContainerStats(stats))
+                Ok(FromAgent::ContainerStats(Box::new(stats)))
             );
             // Cut anywhere: truncated; one byte more: trailing.
             for cut in 5..bytes.len() {
@@ -311,7 +311,7 @@ mod tests {
             },
         ];
         for stats in bad {
-            let msg = FromAgent::ContainerStats(stats.clone());
+            let msg = FromAgent::ContainerStats(Box::new(stats.clone()));
             assert!(
                 matches!(msg.encode(), Err(ProtocolError::Invalid(_))),
                 "{stats:?}"
@@ -330,7 +330,9 @@ mod tests {
             cpu_system_usec: 6,
             ..sample()
         };
-        assert!(FromAgent::ContainerStats(rounded).encode().is_ok());
+        assert!(FromAgent::ContainerStats(Box::new(rounded))
+            .encode()
+            .is_ok());
         // A flag byte other than 0 or 1.
         let mut payload = Vec::new();
         CgroupStats::default().encode(&mut payload);
