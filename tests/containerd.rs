@@ -11,9 +11,12 @@
 //!   `ctr run --rm --runtime io.containerd.flint.v2`: its output and exit status; a command
 //!   the image lacks (one sentence); in a
 //!   running one, `ctr task exec` (output, status), `ctr task ps`, `ctr task metrics`
-//!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
-//!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
-//!   the VM; a guest that powers off under its process (the task ends with 255); a shim
+//!   (the container's cgroup in the guest: its memory, growing by what it writes to its
+//!   `/tmp`; per container in a pod), `ctr task pause` and `resume`, then a signal sent with
+//!   `ctr task kill`; `--cpus` and `--memory-limit` sizing the VM; a container writing past
+//!   its memory limit OOM-killed in the guest (137, and a `/tasks/oom` event before its
+//!   exit in `ctr events`); a guest that powers off under its process (the task ends with
+//!   255); a shim
 //!   killed with SIGKILL (containerd's cleanup leaves nothing); nothing is left afterwards.
 //!   The nested host's kernel has no overlay module (see
 //!   resources/nested-host/build-host.sh), so containerd uses its `native` snapshotter
