@@ -226,6 +226,7 @@ mod tests {
                 quota: Some(200000),
                 period: Some(100000),
             }),
+            pids: None,
         };
         let pod = config.pod_for(&limited);
         assert_eq!((pod.vcpus, pod.mem_mib), (2, 256 + 64));

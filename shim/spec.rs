@@ -91,12 +91,19 @@ pub struct Cpu {
     pub period: Option<u64>,
 }
 
+/// `linux.resources.pids`.
+#[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
+pub struct Pids {
+    pub limit: Option<i64>,
+}
+
 /// `linux.resources`: what `ctr run --memory-limit` and `--cpus` (or a pod spec's limits)
-/// set.
+/// set, and the pids limit.
 #[derive(Debug, Default, Clone, Deserialize, PartialEq, Eq)]
 pub struct Resources {
     pub memory: Option<Memory>,
     pub cpu: Option<Cpu>,
+    pub pids: Option<Pids>,
 }
 
 /// A `linux.namespaces` entry.
@@ -266,10 +273,23 @@ impl Resources {
 
     /// The memory limit in MiB (rounded up), if it sets one.
     pub fn memory_mib(&self) -> Option<u64> {
-        let limit = u64::try_from(self.memory.as_ref()?.limit?)
+        Some(self.memory_bytes()?.div_ceil(1 << 20))
+    }
+
+    /// The memory limit in bytes, if it sets one.
+    pub fn memory_bytes(&self) -> Option<u64> {
+        u64::try_from(self.memory.as_ref()?.limit?)
             .ok()
-            .filter(|l| *l > 0)?;
-        Some(limit.div_ceil(1 << 20))
+            .filter(|l| *l > 0)
+    }
+
+    /// The most processes the container may have, if it sets a limit (0 or less: none, as
+    /// runc reads it; more than the guest kernel's limit: that limit).
+    pub fn pids_limit(&self) -> Option<u64> {
+        u64::try_from(self.pids.as_ref()?.limit?)
+            .ok()
+            .filter(|l| *l > 0)
+            .map(|l| l.min(flint_agent::protocol::MAX_PIDS))
     }
 }
 
@@ -431,12 +451,15 @@ mod tests {
     fn cpu_and_memory_limits_are_read_rounded_up() {
         let spec: Spec = serde_json::from_str(
             r#"{"process": {"args": ["true"]}, "linux": {"resources": {
-                "memory": {"limit": 314572801}, "cpu": {"quota": 150000, "period": 100000}}}}"#,
+                "memory": {"limit": 314572801}, "cpu": {"quota": 150000, "period": 100000},
+                "pids": {"limit": 20}}}}"#,
         )
         .unwrap();
         let resources = spec.linux.unwrap().resources.unwrap();
         assert_eq!(resources.vcpus(), Some(2));
         assert_eq!(resources.memory_mib(), Some(301));
+        assert_eq!(resources.memory_bytes(), Some(314572801));
+        assert_eq!(resources.pids_limit(), Some(20));
         // No limits, or "unlimited" ones (-1, 0).
         assert_eq!(Resources::default().vcpus(), None);
         let unlimited = Resources {
@@ -445,9 +468,12 @@ mod tests {
                 quota: Some(-1),
                 period: Some(100000),
             }),
+            pids: Some(Pids { limit: Some(0) }),
         };
         assert_eq!(unlimited.vcpus(), None);
         assert_eq!(unlimited.memory_mib(), None);
+        assert_eq!(unlimited.memory_bytes(), None);
+        assert_eq!(unlimited.pids_limit(), None);
     }
 
     #[test]

@@ -15,12 +15,13 @@ use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use containerd_shim::api::{self, Status};
-use containerd_shim::protos::cgroups::metrics::{
-    CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
+use containerd_shim::protos::cgroups_v2::metrics::{
+    CPUStat as CpuV2, MemoryEvents as MemoryEventsV2, MemoryStat as MemoryV2, Metrics as MetricsV2,
+    PidsStat as PidsV2,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskPaused, TaskResumed,
-    TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -41,6 +42,9 @@ use crate::spec::{exec_process, window_size, Bundle, PodMember};
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long the agent of a running pod VM gets to answer a container's unmount.
 const AGENT_UNMOUNT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the agent gets to answer `stats` (connection and answer, each) before the
+/// host's numbers are given instead.
+const AGENT_STATS_TIMEOUT: Duration = Duration::from_secs(5);
 /// The exit status of processes whose VM ended under them (as other VM runtimes report it).
 pub const STATUS_VM_GONE: u32 = 255;
 /// The exit status of a process killed by `signal`, as runc's shim reports it.
@@ -150,6 +154,12 @@ struct Container {
     vm_memory: u64,
     /// In a pod's VM: the container slot its root disk is in.
     slot: Option<usize>,
+    /// The limits of the container's cgroup in the guest (bytes, processes).
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+    /// The most OOM kills the guest has reported for the container's cgroup (a rise is a
+    /// `TaskOOM` event).
+    oom_kills: u64,
 }
 
 /// The VM a pod's containers share.
@@ -285,6 +295,115 @@ fn own_usage() -> Option<Usage> {
         u64::try_from(tick).ok()?,
         u64::try_from(page).ok()?,
     )
+}
+
+/// What the init of a container asks of the guest before it runs: the container's cgroup.
+struct CgroupRequest {
+    in_pod: bool,
+    memory_limit: Option<u64>,
+    pids_limit: Option<u64>,
+}
+
+impl CgroupRequest {
+    /// Make container `id`'s cgroup in the guest. A guest that cannot (a kernel without
+    /// cgroups) runs the container without one (no guest stats, no OOM events; a VM of its
+    /// own is still limited by its size), except that a pod's container whose limits cannot
+    /// be applied does not start.
+    fn send(&self, client: &mut AgentClient, id: &str) -> Result<(), AgentError> {
+        let limited = self.memory_limit.is_some() || self.pids_limit.is_some();
+        match client.container_cgroup(id, !self.in_pod, self.memory_limit, self.pids_limit) {
+            Ok(()) => Ok(()),
+            Err(AgentError::Remote(message)) if self.in_pod && limited => {
+                Err(AgentError::NotStarted(message))
+            }
+            Err(AgentError::Remote(message)) => {
+                log::warn!("container {id}: {message}");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// containerd's cgroup v2 metrics of the guest's numbers for a container's cgroup; without a
+/// memory limit the VM's memory (`vm_memory` bytes) is the limit.
+fn guest_metrics(stats: &flint_agent::CgroupStats, vm_memory: u64) -> MetricsV2 {
+    let mut metrics = MetricsV2 {
+        cpu: MessageField::some(CpuV2 {
+            usage_usec: stats.cpu_usage_usec,
+            user_usec: stats.cpu_user_usec,
+            system_usec: stats.cpu_system_usec,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    if let Some(m) = &stats.memory {
+        metrics.memory = MessageField::some(MemoryV2 {
+            usage: m.current,
+            usage_limit: m.max.unwrap_or(vm_memory).min(vm_memory),
+            anon: m.stat("anon"),
+            file: m.stat("file"),
+            kernel_stack: m.stat("kernel_stack"),
+            slab: m.stat("slab"),
+            sock: m.stat("sock"),
+            shmem: m.stat("shmem"),
+            file_mapped: m.stat("file_mapped"),
+            file_dirty: m.stat("file_dirty"),
+            file_writeback: m.stat("file_writeback"),
+            anon_thp: m.stat("anon_thp"),
+            inactive_anon: m.stat("inactive_anon"),
+            active_anon: m.stat("active_anon"),
+            inactive_file: m.stat("inactive_file"),
+            active_file: m.stat("active_file"),
+            unevictable: m.stat("unevictable"),
+            slab_reclaimable: m.stat("slab_reclaimable"),
+            slab_unreclaimable: m.stat("slab_unreclaimable"),
+            pgfault: m.stat("pgfault"),
+            pgmajfault: m.stat("pgmajfault"),
+            ..Default::default()
+        });
+        metrics.memory_events = MessageField::some(MemoryEventsV2 {
+            low: m.event("low"),
+            high: m.event("high"),
+            max: m.event("max"),
+            oom: m.event("oom"),
+            oom_kill: m.event("oom_kill"),
+            ..Default::default()
+        });
+    }
+    if let Some(p) = &stats.pids {
+        metrics.pids = MessageField::some(PidsV2 {
+            current: p.current,
+            // 0 for no limit, as runc's shim reports `max`.
+            limit: p.max.unwrap_or(0),
+            ..Default::default()
+        });
+    }
+    metrics
+}
+
+/// The same metrics measured on the host, for a guest that cannot answer: the shim
+/// process's CPU time and resident memory (the VM's vCPUs and devices, and the guest memory
+/// touched so far), the VM's memory as the limit and the running processes.
+fn host_metrics(usage: &Usage, vm_memory: u64, processes: u64) -> MetricsV2 {
+    MetricsV2 {
+        cpu: MessageField::some(CpuV2 {
+            usage_usec: (usage.user_ns + usage.kernel_ns) / 1000,
+            user_usec: usage.user_ns / 1000,
+            system_usec: usage.kernel_ns / 1000,
+            ..Default::default()
+        }),
+        memory: MessageField::some(MemoryV2 {
+            usage: usage.resident,
+            usage_limit: vm_memory,
+            ..Default::default()
+        }),
+        pids: MessageField::some(PidsV2 {
+            current: processes,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
 }
 
 /// Remove a container's directory, and its namespace's if that is empty then.
@@ -495,6 +614,9 @@ impl Service {
             paused: false,
             vm_memory,
             slot,
+            memory_limit: bundle.resources.memory_bytes(),
+            pids_limit: bundle.resources.pids_limit(),
+            oom_kills: 0,
         })
     }
 
@@ -640,7 +762,7 @@ impl Service {
     /// Run process `exec_id` through the agent on a thread of its own; returns its guest pid
     /// once it runs.
     fn start_process(&self, container_id: &str, exec_id: &str) -> TtrpcResult<u32> {
-        let (pod, spec, stdin, stdout, stderr) = {
+        let (pod, spec, stdin, stdout, stderr, cgroup) = {
             let guard = self.lock();
             let container = guard.get(container_id)?;
             let process = container
@@ -668,12 +790,19 @@ impl Service {
                     new_namespaces: exec_id.is_empty(),
                 });
             }
+            // The init first gives the container its cgroup in the guest, with its limits.
+            let cgroup = exec_id.is_empty().then_some(CgroupRequest {
+                in_pod: container.slot.is_some(),
+                memory_limit: container.memory_limit,
+                pids_limit: container.pids_limit,
+            });
             (
                 Arc::clone(&container.pod),
                 spec,
                 process.stdin.clone(),
                 process.stdout.clone(),
                 process.stderr.clone(),
+                cgroup,
             )
         };
         let stdout = Output::open(&stdout).map_err(|e| {
@@ -702,6 +831,16 @@ impl Service {
                         AGENT_PORT,
                         AGENT_CONNECT_TIMEOUT,
                     )?;
+                    if let Some(cgroup) = &cgroup {
+                        cgroup.send(&mut client, &cid)?;
+                    }
+                    // Told before the process's end (see the protocol's *Cgroups of
+                    // containers*), so TaskOOM comes before TaskExit, as runc's shim has it.
+                    let oom_service = service.clone();
+                    let oom_cid = cid.clone();
+                    client.on_oom_kills(Box::new(move |count| {
+                        oom_service.oom_killed(&oom_cid, count)
+                    }));
                     let signaller = client.signaller();
                     let mut tell = |pid: u32| {
                         {
@@ -777,6 +916,62 @@ impl Service {
                         reason.unwrap_or_else(|| "the container was removed".into())
                     ),
                 ));
+            }
+        }
+    }
+
+    /// The guest reports `count` OOM kills in container `id`'s cgroup: tell containerd
+    /// (`TaskOOM`) if that is more than before.
+    fn oom_killed(&self, id: &str, count: u64) {
+        let rose = {
+            let mut guard = self.lock();
+            match guard.containers.get_mut(id) {
+                Some(c) if count > c.oom_kills => {
+                    c.oom_kills = count;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if rose {
+            log::info!("container {id}: OOM kill in the guest ({count} in all)");
+            let event = TaskOOM {
+                container_id: id.to_string(),
+                ..Default::default()
+            };
+            self.publish("/tasks/oom", Box::new(event));
+        }
+    }
+
+    /// The guest's numbers for container `id`'s cgroup, or `None` (with a warning) when the
+    /// guest cannot answer.
+    fn guest_stats(&self, id: &str) -> Option<flint_agent::CgroupStats> {
+        let pod = {
+            let guard = self.lock();
+            let container = guard.containers.get(id)?;
+            // A paused VM cannot answer; neither can one whose container has not started
+            // (it has no cgroup yet).
+            let started = !matches!(
+                container.processes.get("").map(|p| &p.phase),
+                Some(Phase::Created) | None
+            );
+            if container.paused || !started {
+                return None;
+            }
+            Arc::clone(&container.pod)
+        };
+        if pod.ending().is_some() {
+            return None;
+        }
+        let answer = AgentClient::connect(pod.agent_socket(), AGENT_PORT, AGENT_STATS_TIMEOUT)
+            .and_then(|mut agent| agent.container_stats(id, AGENT_STATS_TIMEOUT));
+        match answer {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                log::warn!(
+                    "container {id}: the guest gave no stats ({e}); the host's numbers are given"
+                );
+                None
             }
         }
     }
@@ -1123,7 +1318,7 @@ impl containerd_shim::Task for Service {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let (memory_limit, processes) = {
+        let (vm_memory, processes) = {
             let guard = self.lock();
             let container = guard.get(&req.id)?;
             let running = container
@@ -1133,32 +1328,14 @@ impl containerd_shim::Task for Service {
                 .count();
             (container.vm_memory, running as u64)
         };
-        let usage = own_usage()
-            .ok_or_else(|| error(Code::INTERNAL, "cannot read the shim's own usage in /proc"))?;
-        let metrics = Metrics {
-            cpu: MessageField::some(CPUStat {
-                usage: MessageField::some(CPUUsage {
-                    total: usage.user_ns + usage.kernel_ns,
-                    user: usage.user_ns,
-                    kernel: usage.kernel_ns,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            memory: MessageField::some(MemoryStat {
-                rss: usage.resident,
-                usage: MessageField::some(MemoryEntry {
-                    usage: usage.resident,
-                    limit: memory_limit,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            pids: MessageField::some(PidsStat {
-                current: processes,
-                ..Default::default()
-            }),
-            ..Default::default()
+        let metrics = match self.guest_stats(&req.id) {
+            Some(stats) => guest_metrics(&stats, vm_memory),
+            None => {
+                let usage = own_usage().ok_or_else(|| {
+                    error(Code::INTERNAL, "cannot read the shim's own usage in /proc")
+                })?;
+                host_metrics(&usage, vm_memory, processes)
+            }
         };
         let stats = containerd_shim::util::convert_to_any(Box::new(metrics))
             .map_err(|e| error(Code::INTERNAL, format!("cannot encode the stats: {e}")))?;

@@ -14,19 +14,23 @@
 //!   ctr forwards, reads a typed line, and ctr exits with its status; in a
 //!   running one, `ctr task exec` (output, status), `ctr task exec -t` (as `run -t`; also
 //!   in a pod's container), `ctr task ps`, `ctr task metrics`
-//!   (the shim's CPU time and resident memory, the VM's size), `ctr task pause` and
-//!   `resume`, then a signal sent with `ctr task kill`; `--cpus` and `--memory-limit` sizing
-//!   the VM; a guest that powers off under its process (the task ends with 255); a shim
-//!   killed with SIGKILL (containerd's cleanup leaves nothing). `ctr` uses containerd's
+//!   (the container's cgroup in the guest: its memory, growing by what it writes to its
+//!   `/tmp`; per container in a pod), `ctr task pause` and `resume`, then a signal sent with
+//!   `ctr task kill`; `--cpus` and `--memory-limit` sizing the VM; a container writing past
+//!   its memory limit OOM-killed in the guest (137, and a `/tasks/oom` event before its
+//!   exit in `ctr events`); pod networking (`ctr run --with-ns` and a pod, a namespace made
+//!   like CNI's); a guest that powers off under its process (the task ends with 255); a
+//!   shim killed with SIGKILL (containerd's cleanup leaves nothing). `ctr` uses containerd's
 //!   `native` snapshotter there, whose root file systems reach the shim as bind mounts.
 //!   In the same boot, a kubelet's calls through containerd's CRI plugin (`cri-client`, the
 //!   workspace's CRI client, on the `flint` runtime handler): RunPodSandbox (the pause
-//!   image pulled from a registry the nested host serves, a CNI bridge network),
-//!   PullImage, CreateContainer, StartContainer, ExecSync (output, status), ContainerStatus
-//!   (running, then exited with its status), the containers' CRI logs, StopPodSandbox,
-//!   RemovePodSandbox, and a missing kernel as one sentence in RunPodSandbox's error; the
-//!   CRI plugin uses the overlayfs snapshotter. Afterwards no shim, work directory, mount,
-//!   task, shim socket, pod directory, network namespace, veth or TAP is left.
+//!   image pulled from a registry the nested host serves, a CNI bridge network that
+//!   reaches the guest), PullImage, CreateContainer, StartContainer, ExecSync (output,
+//!   status), ContainerStatus (running, then exited with its status), the containers' CRI
+//!   logs, StopPodSandbox, RemovePodSandbox, and a missing kernel as one sentence in
+//!   RunPodSandbox's error; the CRI plugin uses the overlayfs snapshotter. Afterwards no
+//!   shim, work directory, mount, task, shim socket, pod directory, network namespace, veth
+//!   or TAP is left.
 
 mod support;
 
@@ -873,6 +877,9 @@ FLINT_SHIM_CONFIG=$WORK/shim.json "$FILES/containerd" --config "$C/config.toml" 
 CPID=$!
 wait_for "$WORK/containerd.log" "containerd successfully booted" 60
 CTR="$FILES/ctr --address $C/containerd.sock --namespace flint-test"
+# Every event, to look for the OOM event later.
+$CTR events >"$WORK/events.log" 2>&1 &
+EPID=$!
 "#;
 
 /// `ctr` drives the shim.
@@ -912,6 +919,10 @@ printf 'typed in exec\n' | flint_case_stdin tty_exec "$FILES/pty-run" 25 90 \
     sh -c "$TTY_SCRIPT" sh 5
 flint_case ps $CTR task ps sleeper
 flint_case metrics $CTR task metrics sleeper
+# 16 MiB written to the container's /tmp (guest memory): its cgroup's memory grows.
+flint_case fill $CTR task exec --exec-id fill sleeper busybox dd if=/dev/zero of=/tmp/fill \
+    bs=1M count=16
+flint_case metrics_filled $CTR task metrics sleeper
 flint_case pause $CTR task pause sleeper
 echo "PAUSED $($CTR task ls | grep sleeper | awk '{print $3}')"
 flint_case resume $CTR task resume sleeper
@@ -950,6 +961,11 @@ printf 'typed in pod\n' | flint_case_stdin tty_pod "$FILES/pty-run" 20 70 \
     --resize-on "resize please" 22 75 -- $CTR task exec -t --exec-id tlook pod1c \
     sh -c "$TTY_SCRIPT" sh 6
 flint_case pod_ps_b $CTR task ps pod1c
+# Each container's metrics are its own cgroup's: 16 MiB more in the one that wrote them.
+flint_case pod_fill $CTR task exec --exec-id fill pod1 busybox dd if=/dev/zero of=/tmp/fill \
+    bs=1M count=16
+flint_case pod_metrics_a $CTR task metrics pod1
+flint_case pod_metrics_b $CTR task metrics pod1c
 # A third container: more than the pod's VM holds (pod_containers 2).
 flint_case pod_full $CTR run --rm $POD --annotation io.kubernetes.cri.container-type=container \
     docker.io/library/flint-shim-test:1 pod1x true
@@ -1023,6 +1039,15 @@ wait_task pod2 STOPPED
 $CTR task delete pod2 >/dev/null
 $CTR container rm pod2
 echo "NETPOD_LEFT $(net_left)"
+# A container that writes more than its memory limit to guest memory is OOM-killed in the
+# guest: it ends with 137 and containerd gets a /tasks/oom event for it before its exit.
+# (32 MiB: the VM then has 96 MiB, and the tmpfs under the container's writes half of it.)
+flint_case oom $CTR run --rm --runtime io.containerd.flint.v2 --memory-limit 33554432 \
+    docker.io/library/flint-shim-test:1 oomer busybox dd if=/dev/zero of=/tmp/fill bs=1M count=128
+sleep 1
+echo "EVENTS_BEGIN"
+grep -E "/tasks/(oom|exit)" "$WORK/events.log" | grep -F '"oomer"' || true
+echo "EVENTS_END"
 # The guest powers off under its process: the task ends with 255.
 flint_case poweroff $CTR run --rm --runtime io.containerd.flint.v2 \
     docker.io/library/flint-shim-test:1 poweroff sh -c 'echo going; busybox poweroff -f; sleep 60'
@@ -1141,10 +1166,23 @@ if [ "$shims$tasks$workleft$crileft$links" != 00000 ]; then
     find "$C/root/io.containerd.grpc.v1.cri" "$C/state/io.containerd.grpc.v1.cri" 2>/dev/null
     ls /sys/class/net
 fi
+kill $EPID
 kill $CPID $RPID
 wait $CPID
 [ -s "$WORK/containerd.log" ] && grep -i "level=error" "$WORK/containerd.log" | tail -n 5
 "#;
+
+/// The value of `name` in `ctr task metrics`' table (`NAME  VALUE` lines).
+fn metric(case: &support::Case, name: &str) -> u64 {
+    case.stdout
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(name)).then(|| words.next())?
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {}", case.stdout))
+}
 
 fn line<'a>(output: &'a str, key: &str) -> &'a str {
     output
@@ -1298,22 +1336,33 @@ fn assert_ctr(run: &support::ScenarioRun) {
         "no guest pid in ctr task ps: {}",
         ps.stdout
     );
+    // The guest's cgroup v2 numbers of the container (`ctr task metrics`' table).
     let metrics = run.case("metrics");
     assert_eq!(metrics.status, 0, "{}", metrics.stderr);
-    let metric = |name: &str| -> u64 {
-        line(&metrics.stdout, name)
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name} in {}", metrics.stdout))
-    };
     assert_eq!(
-        metric("memory.limit_in_bytes"),
+        metric(&metrics, "memory.usage_limit"),
         128 << 20,
-        "the VM's memory"
+        "no limit: the VM's memory"
     );
-    assert!(metric("memory.usage_in_bytes") > 0);
-    assert!(metric("cpuacct.usage") > 0);
-    assert_eq!(metric("pids.current"), 1, "the sleeper");
+    let usage = metric(&metrics, "memory.usage");
+    assert!(
+        usage > 0 && usage < 8 << 20,
+        "the container's memory, not the VM's: {}",
+        metrics.stdout
+    );
+    assert!(metric(&metrics, "cpu.usage_usec") > 0);
+    assert_eq!(metric(&metrics, "pids.current"), 1, "the sleeper");
+    let fill = run.case("fill");
+    assert_eq!(fill.status, 0, "{}", fill.stderr);
+    let filled = run.case("metrics_filled");
+    assert_eq!(filled.status, 0, "{}", filled.stderr);
+    assert!(
+        // Less what the guest reclaimed meanwhile (its page cache).
+        metric(&filled, "memory.usage") >= usage + (15 << 20),
+        "16 MiB written: {} then {}",
+        metrics.stdout,
+        filled.stdout
+    );
     assert_eq!(run.case("pause").status, 0, "{}", run.case("pause").stderr);
     assert_eq!(line(&run.output, "PAUSED "), "PAUSED");
     assert_eq!(
@@ -1384,6 +1433,19 @@ fn assert_ctr(run: &support::ScenarioRun) {
             ps.stdout
         );
     }
+    let pod_fill = run.case("pod_fill");
+    assert_eq!(pod_fill.status, 0, "{}", pod_fill.stderr);
+    let (ma, mb) = (run.case("pod_metrics_a"), run.case("pod_metrics_b"));
+    assert_eq!(ma.status, 0, "{}", ma.stderr);
+    assert_eq!(mb.status, 0, "{}", mb.stderr);
+    assert!(
+        metric(&ma, "memory.usage") >= metric(&mb, "memory.usage") + (15 << 20),
+        "each container's own memory: {} and {}",
+        ma.stdout,
+        mb.stdout
+    );
+    assert_eq!(metric(&ma, "pids.current"), 1, "{}", ma.stdout);
+    assert_eq!(metric(&mb, "pids.current"), 1, "{}", mb.stdout);
     let full = run.case("pod_full");
     assert_ne!(full.status, 0);
     assert_eq!(
@@ -1469,6 +1531,24 @@ fn assert_ctr(run: &support::ScenarioRun) {
         line(&run.output, "VICTIM_NET_LEFT "),
         "0 0",
         "no TAP or qdisc left after a killed shim"
+    );
+    // OOM: 137, and the /tasks/oom event before the /tasks/exit one.
+    let oom = run.case("oom");
+    assert_eq!(oom.status, 137, "OOM-killed: {}", oom.stderr);
+    let events: Vec<&str> = run
+        .output
+        .split("EVENTS_BEGIN")
+        .nth(1)
+        .and_then(|rest| rest.split("EVENTS_END").next())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    let at = |topic: &str| events.iter().position(|l| l.contains(topic));
+    let (oom_at, exit_at) = (at("/tasks/oom"), at("/tasks/exit"));
+    assert!(
+        oom_at.is_some() && oom_at < exit_at,
+        "a /tasks/oom event for oomer before its exit: {events:?}"
     );
     let poweroff = run.case("poweroff");
     assert_eq!(poweroff.stdout.trim(), "going", "{}", poweroff.stderr);

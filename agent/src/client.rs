@@ -14,6 +14,7 @@ use crate::protocol::{
     read_message, ExecSpec, FrameError, FromAgent, Message, ProtocolError, ToAgent, WindowSize,
     DATA_CHUNK,
 };
+use crate::stats::CgroupStats;
 
 /// Why a client operation failed. Every message is one sentence.
 #[derive(Debug, thiserror::Error)]
@@ -180,16 +181,30 @@ fn signal_on(writer: &mut Writer, signal: i32) -> Result<bool, AgentError> {
     Ok(true)
 }
 
+/// What [`AgentClient::on_oom_kills`] calls.
+pub type OomKillsHandler = Box<dyn FnMut(u64) + Send>;
+
 /// A connection to the guest agent. Operations run one at a time; after a failure other
 /// than [`AgentError::NotStarted`] or [`AgentError::Remote`] the connection is closed (which
 /// kills a command still running) and later calls return [`AgentError::Broken`].
-#[derive(Debug)]
 pub struct AgentClient {
     reader: BufReader<UnixStream>,
     shared: Shared,
     broken: bool,
     /// The guest directory the paths of copy-ins and copy-outs are inside of.
     root: Option<String>,
+    /// Told of the OOM kills of a running command's container.
+    on_oom_kills: Option<OomKillsHandler>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("reader", &self.reader)
+            .field("broken", &self.broken)
+            .field("root", &self.root)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How many bytes of the host's entropy [`AgentClient::refresh`] sends.
@@ -427,6 +442,7 @@ impl AgentClient {
             })),
             broken: false,
             root: None,
+            on_oom_kills: None,
         })
     }
 
@@ -437,6 +453,14 @@ impl AgentClient {
     /// [`crate::protocol::IMAGE_ROOT`].
     pub fn set_root(&mut self, root: Option<&str>) {
         self.root = root.map(str::to_string);
+    }
+
+    /// Call `handler` with the cgroup's total of OOM kills whenever the agent reports that it
+    /// rose while a command runs (a command of a container with a cgroup: see the protocol's
+    /// *Cgroups of containers*); called on the thread that runs the command, before the
+    /// command's end is returned. Without a handler the reports are dropped.
+    pub fn on_oom_kills(&mut self, handler: OomKillsHandler) {
+        self.on_oom_kills = Some(handler);
     }
 
     /// A handle that sends signals to the command [`run`](Self::run) is running.
@@ -579,6 +603,11 @@ impl AgentClient {
                     .map_err(AgentError::Output)?,
                 FromAgent::Exited { code } => break CommandStatus::Exited(code),
                 FromAgent::Killed { signal } => break CommandStatus::Killed(signal),
+                FromAgent::OomKills { count } => {
+                    if let Some(handler) = &mut self.on_oom_kills {
+                        handler(count);
+                    }
+                }
                 FromAgent::Error(message) => return Err(AgentError::Remote(agent_text(&message))),
                 other => return Err(unexpected(&other)),
             }
@@ -828,6 +857,52 @@ impl AgentClient {
         )
     }
 
+    /// Make (or update) container `id`'s cgroup in the guest with these limits (bytes,
+    /// processes; `None`: no limit); with `image_root`, the commands run in the image's root
+    /// join it. See the protocol's *Cgroups of containers*.
+    pub fn container_cgroup(
+        &mut self,
+        id: &str,
+        image_root: bool,
+        memory_max: Option<u64>,
+        pids_max: Option<u64>,
+    ) -> Result<(), AgentError> {
+        self.request_ok(
+            &ToAgent::ContainerCgroup {
+                id: id.to_string(),
+                image_root,
+                memory_max,
+                pids_max,
+            },
+            CONTAINER_REQUEST_MARGIN,
+        )
+    }
+
+    /// The numbers of container `id`'s cgroup in the guest, answered within `timeout`
+    /// (checked as [`CgroupStats`] are when decoded: see the protocol).
+    pub fn container_stats(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<CgroupStats, AgentError> {
+        let request = ToAgent::ContainerStats { id: id.to_string() };
+        request.encode().map_err(AgentError::BadRequest)?;
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .map_err(AgentError::Io)?;
+        let result = self.guarded(|c| {
+            c.send(&request)?;
+            match c.recv()? {
+                FromAgent::ContainerStats(stats) => Ok(*stats),
+                FromAgent::Error(message) => Err(AgentError::Remote(agent_text(&message))),
+                other => Err(unexpected(&other)),
+            }
+        });
+        let _ = self.reader.get_ref().set_read_timeout(None);
+        result
+    }
+
     /// Send `request`, which the agent answers `Ok` or `Error`, within `timeout`.
     fn request_ok(&mut self, request: &ToAgent, timeout: Duration) -> Result<(), AgentError> {
         request.encode().map_err(AgentError::BadRequest)?;
@@ -933,6 +1008,8 @@ fn unexpected(msg: &FromAgent) -> AgentError {
         FromAgent::FileData(_) => "FileData",
         FromAgent::FileEnd { .. } => "FileEnd",
         FromAgent::Ok => "Ok",
+        FromAgent::ContainerStats(_) => "ContainerStats",
+        FromAgent::OomKills { .. } => "OomKills",
     })
 }
 

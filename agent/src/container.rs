@@ -118,6 +118,8 @@ pub struct Prepared {
     root: CString,
     workdir: CString,
     user: Option<UserSpec>,
+    /// The container's cgroup's `cgroup.procs`, open for writing: the process joins it.
+    pub cgroup: Option<RawFd>,
 }
 
 fn cstring(bytes: &[u8]) -> Result<CString, String> {
@@ -171,6 +173,7 @@ pub fn prepare(
         root: cstring(root.as_os_str().as_bytes())?,
         workdir: cstring(workdir.as_bytes())?,
         user: user.cloned(),
+        cgroup: None,
     })
 }
 
@@ -228,6 +231,9 @@ pub fn enter(p: &Prepared) -> io::Result<()> {
     }
     if child > 0 {
         intermediate(child as libc::pid_t);
+    }
+    if let Some(procs) = p.cgroup {
+        crate::cgroup::join(procs)?;
     }
     // SAFETY: prctl, mount, chdir and chroot take integers and NUL-terminated strings
     // that outlive the calls.
@@ -300,7 +306,7 @@ fn intermediate(child: libc::pid_t) -> ! {
 }
 
 /// `mount(2)` of `source` (type `fstype`) on `target`.
-fn mount_fs(
+pub fn mount_fs(
     source: &str,
     target: &Path,
     fstype: &str,

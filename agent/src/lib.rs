@@ -19,6 +19,7 @@ pub mod client;
 pub mod part_file;
 pub mod poll;
 pub mod protocol;
+pub mod stats;
 pub mod vsock;
 
 pub use client::{
@@ -29,6 +30,7 @@ pub use protocol::{
     ExecSpec, FrameError, FromAgent, InContainer, Message, ProtocolError, ToAgent, UserSpec,
     WindowSize, AGENT_PORT, CONTAINERS_DIR, DATA_CHUNK, IMAGE_ROOT, MAX_PAYLOAD, MAX_TERMINAL_SIZE,
 };
+pub use stats::{CgroupStats, MemoryStats, PidsStats};
 
 /// The kernel command-line parameter that makes the sandbox's `/init` use a container image:
 /// `flint.image=/dev/vdX` names the read-only ext4 disk holding the image's files. `/init`

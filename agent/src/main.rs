@@ -45,6 +45,7 @@ use flint_agent::protocol::{
 use flint_agent::{AGENT_PORT, DEFAULT_ENV};
 use in_root::Root;
 
+mod cgroup;
 mod container;
 mod in_root;
 mod terminal;
@@ -98,6 +99,7 @@ fn main() {
         containers: Arc::new(Containers {
             dir: PathBuf::from(CONTAINERS_DIR),
             inits: container::Inits::default(),
+            cgroups: cgroup::Cgroups::new(cgroup::mount_guest()),
         }),
     });
     loop {
@@ -297,10 +299,12 @@ struct Agent {
 }
 
 /// The containers of a pod: where their roots are mounted ([`CONTAINERS_DIR`] in the guest)
-/// and their inits.
+/// and their inits; and the containers' cgroups (a pod's, or the one container of a VM of
+/// its own).
 struct Containers {
     dir: PathBuf,
     inits: container::Inits,
+    cgroups: cgroup::Cgroups,
 }
 
 impl Agent {
@@ -499,9 +503,36 @@ impl Conn {
                 ToAgent::UnmountContainer { id } => {
                     let containers = &agent.containers;
                     containers.inits.forget(&id);
-                    match container::unmount(&containers.dir, &id) {
+                    let unmounted = container::unmount(&containers.dir, &id);
+                    containers.cgroups.remove(&id);
+                    match unmounted {
                         Ok(()) => self.reply(&FromAgent::Ok)?,
                         Err(message) => self.reply(&FromAgent::Error(message))?,
+                    }
+                }
+                ToAgent::ContainerCgroup {
+                    id,
+                    image_root,
+                    memory_max,
+                    pids_max,
+                } => {
+                    let cgroups = &agent.containers.cgroups;
+                    match cgroups.setup(&id, image_root, memory_max, pids_max) {
+                        Ok(()) => self.reply(&FromAgent::Ok)?,
+                        Err(message) => self.reply(&FromAgent::Error(message))?,
+                    }
+                }
+                ToAgent::ContainerStats { id } => {
+                    let reply = match agent.containers.cgroups.stats(&id) {
+                        Ok(stats) => FromAgent::ContainerStats(Box::new(stats)),
+                        Err(message) => FromAgent::Error(message),
+                    };
+                    if reply.encode().is_ok() {
+                        self.reply(&reply)?;
+                    } else {
+                        self.reply(&FromAgent::Error(format!(
+                            "the container {id}'s cgroup numbers are inconsistent"
+                        )))?;
                     }
                 }
             }
@@ -712,6 +743,8 @@ impl Session {
             }
         };
         let tty = pty.is_some();
+        // The container's cgroup, which the command joins before it runs.
+        let mut member = containers.cgroups.for_command(spec)?;
         let mut cmd = Command::new(argv0);
         cmd.args(&spec.argv[1..])
             .env_clear()
@@ -740,7 +773,9 @@ impl Session {
         if root_dirs.is_none() && in_container.is_none() {
             cmd.current_dir(workdir);
         }
-        if let Some(prepared) = in_container {
+        if let Some(mut prepared) = in_container {
+            // The process joins (not the intermediate, which stays in the agent's cgroup).
+            prepared.cgroup = member.as_ref().map(cgroup::Member::procs_fd);
             // SAFETY: the closure runs in the child between fork and exec and only makes
             // system calls on data prepared before the fork (see `terminal::take_terminal`
             // and `container::enter`); the descriptors it uses stay open in the parent until
@@ -753,30 +788,43 @@ impl Session {
                     container::enter(&prepared)
                 });
             }
-        } else if root_dirs.is_some() || spec.user.is_some() || tty {
-            let fds = root_dirs
-                .as_ref()
-                .map(|(root, cwd)| (root.raw_fd(), cwd.as_raw_fd()));
-            let user = spec.user.clone();
-            // SAFETY: the closure runs in the child between fork and exec and only makes
-            // system calls on data prepared before the fork (see `terminal::take_terminal`
-            // and `in_root::enter`). The descriptors stay open in the parent (`root_dirs`)
-            // until the spawn returns.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if tty {
-                        terminal::take_terminal()?;
-                    }
-                    in_root::enter(fds, user.as_ref())
-                });
+        } else {
+            if let Some(procs) = member.as_ref().map(cgroup::Member::procs_fd) {
+                // SAFETY: the closure runs in the child between fork and exec and makes one
+                // system call on a descriptor that `member` keeps open until the spawn
+                // returns.
+                unsafe {
+                    cmd.pre_exec(move || cgroup::join(procs));
+                }
+            }
+            if root_dirs.is_some() || spec.user.is_some() || tty {
+                let fds = root_dirs
+                    .as_ref()
+                    .map(|(root, cwd)| (root.raw_fd(), cwd.as_raw_fd()));
+                let user = spec.user.clone();
+                // SAFETY: the closure runs in the child between fork and exec and only
+                // makes system calls on data prepared before the fork (see
+                // `terminal::take_terminal` and `in_root::enter`). The descriptors stay open
+                // in the parent (`root_dirs`) until the spawn returns.
+                unsafe {
+                    cmd.pre_exec(move || {
+                        if tty {
+                            terminal::take_terminal()?;
+                        }
+                        in_root::enter(fds, user.as_ref())
+                    });
+                }
             }
         }
+        // Its OOM kills from now on.
+        let oom = member.as_mut().and_then(cgroup::Member::oom_watch);
         let spawned = cmd.spawn();
         // The command's copies of the slave: only the command may hold it, so that its
         // master reads end once the command and what it left behind have closed it.
         drop(cmd);
         let master = pty.map(|pty| pty.master);
         drop(root_dirs);
+        drop(member);
         let mut child = spawned.map_err(|e| format!("cannot run `{argv0}`: {}", describe(&e)))?;
         let pid = child.id();
         let pidfd = match pidfd_open(pid) {
@@ -854,7 +902,7 @@ impl Session {
             let (state, done, out) = (Arc::clone(&state), Arc::clone(&done), out.clone());
             std::thread::Builder::new()
                 .name("output".into())
-                .spawn(move || forward_output(child, pidfd, pipes, &out, &state, &done))
+                .spawn(move || forward_output(child, pidfd, pipes, oom, &out, &state, &done))
         };
         let output = match output {
             Ok(h) => h,
@@ -970,10 +1018,14 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// as stdout, whose reads fail with EIO once no process holds the slave) until both end
 /// (or, once the command has exited, until they stay idle for [`OUTPUT_GRACE`]), reaps the command and
 /// reports how it ended. If the host goes away, the command's process group is killed.
+/// With `oom`, the OOM kills in the command's cgroup are reported as they happen, and once
+/// more before the end.
+#[allow(clippy::too_many_arguments)]
 fn forward_output(
     mut child: Child,
     pidfd: OwnedFd,
     pipes: [Option<OwnedFd>; 2],
+    mut oom: Option<cgroup::OomWatch>,
     out: &Out,
     state: &Mutex<ProcState>,
     done: &AtomicBool,
@@ -1010,6 +1062,14 @@ fn forward_output(
             fds.push(pollfd(pidfd.as_raw_fd()));
             which.push(2);
         }
+        if let Some(watch) = &oom {
+            fds.push(libc::pollfd {
+                fd: watch.fd(),
+                events: libc::POLLPRI,
+                revents: 0,
+            });
+            which.push(3);
+        }
         match poll(&mut fds, timeout_ms) {
             Ok(0) => break,
             Ok(_) => {}
@@ -1025,6 +1085,10 @@ fn forward_output(
             }
             if i == 2 {
                 exited = true;
+                continue;
+            }
+            if i == 3 {
+                report_oom_kills(&mut oom, out, host_ok);
                 continue;
             }
             let Some(fd) = &pipes[i] else { continue };
@@ -1080,12 +1144,23 @@ fn forward_output(
             describe(&e)
         )),
     };
+    // An OOM kill that ended the command is told before the end.
+    report_oom_kills(&mut oom, out, host_ok);
     // `done` is set under the send lock, before the host can see the end of the command.
     let mut w = out.lock();
     done.store(true, Ordering::SeqCst);
     if host_ok {
         if let Ok(frame) = msg.encode() {
             let _ = w.write_all(&frame);
+        }
+    }
+}
+
+/// Tell the host of the OOM kills of the command's cgroup if their count rose.
+fn report_oom_kills(oom: &mut Option<cgroup::OomWatch>, out: &Out, host_ok: bool) {
+    if let Some(count) = oom.as_mut().and_then(cgroup::OomWatch::check) {
+        if host_ok {
+            let _ = out.send(&FromAgent::OomKills { count });
         }
     }
 }

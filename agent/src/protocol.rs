@@ -35,6 +35,9 @@
 //! - **resize**: `Resize { rows, cols }` (no reply) sets the window size of the terminal of
 //!   the command that runs on the connection (see *Terminals* below); ignored when none runs
 //!   or it has no terminal.
+//! - **container cgroup**: `ContainerCgroup { id, image_root, memory_max, pids_max }` → `Ok`
+//!   or `Error` (see *Cgroups of containers* below).
+//! - **container stats**: `ContainerStats { id }` → `ContainerStats(stats)` or `Error`.
 //! - **refresh**: `Refresh { unix_time_ns, entropy }` → `Ok` or `Error`. Payload
 //!   `[unix_time_ns: u64][entropy_len: u32][entropy: entropy_len bytes]`, with `unix_time_ns`
 //!   at least [`REFRESH_MIN_TIME_NS`] and `entropy_len` within
@@ -58,6 +61,9 @@
 //! MountContainer   [id: string][disk: string][size: u64]
 //! Resize   [rows: u16][cols: u16]
 //! UnmountContainer [id: string]
+//! ContainerCgroup  [id: string][image_root: flag][memory_max: option of u64]
+//!                  [pids_max: option of u64]
+//! ContainerStats   [id: string]
 //! CopyIn   [mode: u32][path: string][root: option of string]
 //! CopyOut  [path: string][root: option of string]
 //! ```
@@ -104,9 +110,29 @@
 //! reading lines sees the end of its input; a program that put the terminal in raw mode
 //! reads bytes and gets nothing. `Resize` changes the window size, and the kernel sends
 //! `SIGWINCH` to the terminal's foreground process group.
+//! # Cgroups of containers
+//!
+//! The guest agent mounts cgroup v2 at `/sys/fs/cgroup` (when the guest kernel has it) and
+//! enables the `memory` and `pids` controllers for its children. `ContainerCgroup` makes (or
+//! updates) container `id`'s cgroup, `container-ID`, and sets `memory.max` and `pids.max` to
+//! the limits given (absent: no limit, `max`); a limit the guest cannot apply (no such
+//! controller) is an `Error`. From then on every command of that container joins the
+//! cgroup before it runs: an `Exec` with that `container`, or, with `image_root`, every
+//! `Exec` whose `root` is [`IMAGE_ROOT`] (the container of a VM of its own). Only the
+//! command's process joins (not the agent's intermediate process). `UnmountContainer`
+//! removes the cgroup too.
+//!
+//! `ContainerStats` answers the cgroup's numbers ([`CgroupStats`]: `cpu.stat`'s usage,
+//! `memory.current`, `memory.max`, fields of `memory.stat` and `memory.events`,
+//! `pids.current`, `pids.max`). While a command of a container with a cgroup runs, the
+//! agent watches the cgroup's `memory.events`: whenever its `oom_kill` count rises, the exec
+//! stream carries `OomKills { count }` (the cgroup's total), always before the command's
+//! `Exited` or `Killed`, so a host learns of an OOM kill before the exit it caused.
 
 use std::io::{self, Read, Write};
 use std::time::Duration;
+
+pub use crate::stats::{CgroupStats, MemoryStats, PidsStats, MEMORY_EVENTS, MEMORY_STAT};
 
 /// The vsock port the guest agent listens on (any CID).
 pub const AGENT_PORT: u32 = 52;
@@ -143,6 +169,8 @@ pub const MAX_GROUPS: usize = 1024;
 pub const REFRESH_MIN_TIME_NS: u64 = 946_684_800 * 1_000_000_000;
 /// Most rows, and most columns, of a terminal's window size.
 pub const MAX_TERMINAL_SIZE: u16 = 10_000;
+/// The most `pids.max` a `ContainerCgroup` may set (the kernel's `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 * 1024 * 1024;
 
 /// Frame kinds, host to agent.
 pub mod kind {
@@ -159,6 +187,9 @@ pub mod kind {
     pub const MOUNT_CONTAINER: u8 = 0x0b;
     pub const UNMOUNT_CONTAINER: u8 = 0x0c;
     pub const RESIZE: u8 = 0x0d;
+    // Containers' cgroups (0x10..: apart from the kinds other additions take).
+    pub const CONTAINER_CGROUP: u8 = 0x10;
+    pub const CONTAINER_STATS: u8 = 0x11;
     // Agent to host.
     pub const STARTED: u8 = 0x81;
     pub const STDOUT: u8 = 0x82;
@@ -169,6 +200,8 @@ pub mod kind {
     pub const FILE_DATA_OUT: u8 = 0x87;
     pub const FILE_END_OUT: u8 = 0x88;
     pub const OK: u8 = 0x89;
+    pub const CONTAINER_STATS_REPLY: u8 = 0x90;
+    pub const OOM_KILLS: u8 = 0x91;
 }
 
 /// Why a frame is malformed.
@@ -444,6 +477,20 @@ fn check_refresh(unix_time_ns: u64, entropy: &[u8]) -> Result<(), ProtocolError>
     Ok(())
 }
 
+/// A container's limits: a memory limit of at least one byte, a pids limit of 1 to
+/// [`MAX_PIDS`].
+fn check_limits(memory_max: Option<u64>, pids_max: Option<u64>) -> Result<(), ProtocolError> {
+    if memory_max == Some(0) {
+        return Err(ProtocolError::Invalid("a container's memory limit is 0"));
+    }
+    if pids_max.is_some_and(|p| p == 0 || p > MAX_PIDS) {
+        return Err(ProtocolError::Invalid(
+            "a container's pids limit is not 1 to 4194304",
+        ));
+    }
+    Ok(())
+}
+
 fn check_mode(mode: u32) -> Result<(), ProtocolError> {
     if mode <= 0o7777 {
         Ok(())
@@ -492,6 +539,16 @@ pub enum ToAgent {
     UnmountContainer { id: String },
     /// Set the window size of the running command's terminal (see the module docs).
     Resize(WindowSize),
+    /// Make (or update) container `id`'s cgroup with these limits (bytes, processes); with
+    /// `image_root`, commands run in [`IMAGE_ROOT`] join it (see the module docs).
+    ContainerCgroup {
+        id: String,
+        image_root: bool,
+        memory_max: Option<u64>,
+        pids_max: Option<u64>,
+    },
+    /// Answer container `id`'s cgroup's numbers.
+    ContainerStats { id: String },
 }
 
 /// Agent to host.
@@ -516,6 +573,11 @@ pub enum FromAgent {
     FileEnd { mode: u32 },
     /// Copy-in, shutdown or refresh done.
     Ok,
+    /// The numbers of a container's cgroup.
+    ContainerStats(Box<CgroupStats>),
+    /// The cgroup of the running command's container has seen this many OOM kills in all
+    /// (sent when the count rises).
+    OomKills { count: u64 },
 }
 
 /// A frame type of one direction.
@@ -556,6 +618,8 @@ impl Message for ToAgent {
             ToAgent::MountContainer { .. } => kind::MOUNT_CONTAINER,
             ToAgent::UnmountContainer { .. } => kind::UNMOUNT_CONTAINER,
             ToAgent::Resize(_) => kind::RESIZE,
+            ToAgent::ContainerCgroup { .. } => kind::CONTAINER_CGROUP,
+            ToAgent::ContainerStats { .. } => kind::CONTAINER_STATS,
         }
     }
 
@@ -642,13 +706,26 @@ impl Message for ToAgent {
                 put_str(out, disk)?;
                 out.extend_from_slice(&size.to_le_bytes());
             }
-            ToAgent::UnmountContainer { id } => {
+            ToAgent::UnmountContainer { id } | ToAgent::ContainerStats { id } => {
                 check_container_id(id)?;
                 put_str(out, id)?;
             }
             ToAgent::Resize(size) => {
                 size.validate()?;
                 put_size(out, size);
+            }
+            ToAgent::ContainerCgroup {
+                id,
+                image_root,
+                memory_max,
+                pids_max,
+            } => {
+                check_container_id(id)?;
+                check_limits(*memory_max, *pids_max)?;
+                put_str(out, id)?;
+                out.push(u8::from(*image_root));
+                put_opt_u64(out, *memory_max);
+                put_opt_u64(out, *pids_max);
             }
         }
         Ok(())
@@ -754,6 +831,25 @@ impl Message for ToAgent {
                 ToAgent::UnmountContainer { id }
             }
             kind::RESIZE => ToAgent::Resize(d.size()?),
+            kind::CONTAINER_CGROUP => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                let image_root = d.flag("the image-root flag is not 0 or 1")?;
+                let memory_max = d.opt_u64("the memory-limit flag is not 0 or 1")?;
+                let pids_max = d.opt_u64("the pids-limit flag is not 0 or 1")?;
+                check_limits(memory_max, pids_max)?;
+                ToAgent::ContainerCgroup {
+                    id,
+                    image_root,
+                    memory_max,
+                    pids_max,
+                }
+            }
+            kind::CONTAINER_STATS => {
+                let id = d.string("container id")?;
+                check_container_id(&id)?;
+                ToAgent::ContainerStats { id }
+            }
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -773,6 +869,8 @@ impl Message for FromAgent {
             FromAgent::FileData(_) => kind::FILE_DATA_OUT,
             FromAgent::FileEnd { .. } => kind::FILE_END_OUT,
             FromAgent::Ok => kind::OK,
+            FromAgent::ContainerStats(_) => kind::CONTAINER_STATS_REPLY,
+            FromAgent::OomKills { .. } => kind::OOM_KILLS,
         }
     }
 
@@ -793,6 +891,11 @@ impl Message for FromAgent {
                 out.extend_from_slice(&mode.to_le_bytes());
             }
             FromAgent::Ok => {}
+            FromAgent::ContainerStats(stats) => {
+                stats.validate()?;
+                stats.encode(out);
+            }
+            FromAgent::OomKills { count } => out.extend_from_slice(&count.to_le_bytes()),
         }
         Ok(())
     }
@@ -823,6 +926,12 @@ impl Message for FromAgent {
                 FromAgent::FileEnd { mode }
             }
             kind::OK => FromAgent::Ok,
+            kind::CONTAINER_STATS_REPLY => {
+                let stats = CgroupStats::decode(&mut d)?;
+                stats.validate()?;
+                FromAgent::ContainerStats(Box::new(stats))
+            }
+            kind::OOM_KILLS => FromAgent::OomKills { count: d.u64()? },
             other => return Err(ProtocolError::UnknownKind(other)),
         };
         d.finish()?;
@@ -841,6 +950,17 @@ fn put_u32(out: &mut Vec<u8>, n: usize) -> Result<(), ProtocolError> {
 fn put_size(out: &mut Vec<u8>, size: &WindowSize) {
     out.extend_from_slice(&size.rows.to_le_bytes());
     out.extend_from_slice(&size.cols.to_le_bytes());
+}
+
+/// An optional number: a flag byte, then the number when present.
+fn put_opt_u64(out: &mut Vec<u8>, n: Option<u64>) {
+    match n {
+        None => out.push(0),
+        Some(n) => {
+            out.push(1);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
 }
 
 fn put_str(out: &mut Vec<u8>, s: &str) -> Result<(), ProtocolError> {
@@ -871,7 +991,7 @@ fn put_data(out: &mut Vec<u8>, data: &[u8]) -> Result<(), ProtocolError> {
 }
 
 /// A cursor over a payload.
-struct Decoder<'a> {
+pub(crate) struct Decoder<'a> {
     buf: &'a [u8],
 }
 
@@ -901,7 +1021,7 @@ impl<'a> Decoder<'a> {
         Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, ProtocolError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, ProtocolError> {
         let b = self.take(8)?;
         Ok(u64::from_le_bytes([
             b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
@@ -934,7 +1054,7 @@ impl<'a> Decoder<'a> {
     }
 
     /// The flag byte of an option: 0 or 1; anything else is `Invalid(bad)`.
-    fn flag(&mut self, bad: &'static str) -> Result<bool, ProtocolError> {
+    pub(crate) fn flag(&mut self, bad: &'static str) -> Result<bool, ProtocolError> {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
@@ -951,6 +1071,14 @@ impl<'a> Decoder<'a> {
         match self.flag(bad)? {
             false => Ok(None),
             true => self.string(field).map(Some),
+        }
+    }
+
+    /// An optional number: its flag (see [`flag`](Self::flag)), then the number.
+    fn opt_u64(&mut self, bad: &'static str) -> Result<Option<u64>, ProtocolError> {
+        match self.flag(bad)? {
+            false => Ok(None),
+            true => self.u64().map(Some),
         }
     }
 
@@ -1080,6 +1208,19 @@ mod tests {
                 rows: 1,
                 cols: 10_000,
             }),
+            ToAgent::ContainerCgroup {
+                id: "c1".into(),
+                image_root: true,
+                memory_max: Some(64 << 20),
+                pids_max: Some(MAX_PIDS),
+            },
+            ToAgent::ContainerCgroup {
+                id: "c1".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: None,
+            },
+            ToAgent::ContainerStats { id: "c1".into() },
             ToAgent::CopyIn {
                 path: "/a/b".into(),
                 mode: 0o4755,
@@ -1124,6 +1265,23 @@ mod tests {
             FromAgent::FileData(vec![1; 1000]),
             FromAgent::FileEnd { mode: 0o644 },
             FromAgent::Ok,
+            FromAgent::ContainerStats(Box::new(CgroupStats {
+                cpu_usage_usec: 10,
+                cpu_user_usec: 6,
+                cpu_system_usec: 4,
+                memory: Some(MemoryStats {
+                    current: 1 << 20,
+                    max: None,
+                    ..MemoryStats::default()
+                }),
+                pids: Some(PidsStats {
+                    current: 1,
+                    max: Some(10),
+                }),
+            })),
+            FromAgent::ContainerStats(Box::default()),
+            FromAgent::OomKills { count: 0 },
+            FromAgent::OomKills { count: u64::MAX },
         ]
     }
 
@@ -1499,6 +1657,31 @@ mod tests {
                 size: 511,
             },
             ToAgent::UnmountContainer { id: "../x".into() },
+            ToAgent::ContainerStats { id: "".into() },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: Some(0),
+                pids_max: None,
+            },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: Some(0),
+            },
+            ToAgent::ContainerCgroup {
+                id: "c".into(),
+                image_root: false,
+                memory_max: None,
+                pids_max: Some(MAX_PIDS + 1),
+            },
+            ToAgent::ContainerCgroup {
+                id: "a/b".into(),
+                image_root: true,
+                memory_max: None,
+                pids_max: None,
+            },
         ] {
             assert!(
                 matches!(bad.encode(), Err(ProtocolError::Invalid(_))),

@@ -64,6 +64,7 @@ impl TestAgent {
             containers: Arc::new(Containers {
                 dir: PathBuf::from("/nonexistent/containers"),
                 inits: container::Inits::default(),
+                cgroups: cgroup::Cgroups::new(None),
             }),
         }
     }
@@ -718,6 +719,7 @@ fn fake_vsock(
                 containers: Arc::new(Containers {
                     dir: PathBuf::from("/nonexistent/containers"),
                     inits: container::Inits::default(),
+                    cgroups: cgroup::Cgroups::new(None),
                 }),
             };
             serve(File::from(OwnedFd::from(stream)), &agent);
@@ -1500,6 +1502,7 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     agent.containers = Arc::new(Containers {
         dir: dir.clone(),
         inits: container::Inits::default(),
+        cgroups: cgroup::Cgroups::new(None),
     });
 
     // Joining a container without an init: one sentence.
@@ -1573,3 +1576,156 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
 }
 
 mod terminal;
+
+// --- Containers' cgroups ----------------------------------------------------------------
+
+/// A cgroup v2 directory of the test's own under the test machine's cgroup v2 mount,
+/// removed when dropped (with the containers' cgroups left in it).
+struct TestCgroup(PathBuf);
+
+impl TestCgroup {
+    fn new(tag: &str) -> TestCgroup {
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        assert_eq!(euid, 0, "making cgroups needs root");
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+        // `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS... - TYPE SOURCE ...`
+        let mount = mountinfo
+            .lines()
+            .find_map(|l| {
+                let (left, right) = l.split_once(" - ")?;
+                (right.split_whitespace().next()? == "cgroup2")
+                    .then(|| left.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .expect("these tests need a cgroup v2 mount on the test machine");
+        static N: AtomicU64 = AtomicU64::new(0);
+        let dir = mount.join(format!(
+            "flint-agent-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir(&dir).unwrap();
+        TestCgroup(dir)
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if let Ok(entries) = fs::read_dir(&self.0) {
+            for entry in entries.flatten() {
+                if entry.path().is_dir() {
+                    let _ = fs::remove_dir(entry.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// A container's cgroup (run on the test machine, as root, in a cgroup of the test's own):
+/// the image's commands join it before they run, others do not; its stats are its own; a
+/// limit the kernel's controllers cannot apply is one sentence; unmounting removes it. (The
+/// test machine's cgroup v2 may lack the memory and pids controllers: what they add, and
+/// OOM kills, are tested in a guest by tests/containerd.rs.)
+#[test]
+fn the_image_containers_commands_join_its_cgroup_and_its_stats_are_its_own() {
+    let cgroup = TestCgroup::new("cgroups");
+    cgroup::enable_controllers(&cgroup.0);
+    let image = ImageRoot::new("cgroup-image");
+    std::os::unix::fs::symlink("busybox", image.root.join("bin/sleep")).unwrap();
+    let mut agent = TestAgent::new();
+    let mut cgroups = cgroup::Cgroups::new(Some(cgroup.0.clone()));
+    cgroups.image_dir = image.root().to_string();
+    agent.containers = Arc::new(Containers {
+        dir: PathBuf::from("/nonexistent/containers"),
+        inits: container::Inits::default(),
+        cgroups,
+    });
+    let mut c = agent.client();
+    let dir = cgroup.0.join("container-img");
+
+    // No cgroup yet: no numbers.
+    let e = c
+        .container_stats("img", Duration::from_secs(5))
+        .unwrap_err();
+    assert_eq!(e.to_string(), "the container img has no cgroup");
+    c.container_cgroup("img", true, None, None).unwrap();
+    assert!(dir.is_dir());
+
+    // The image's command is in the cgroup from its start (the agent's output thread and
+    // the test's are not) and uses CPU time there.
+    let procs = dir.join("cgroup.procs");
+    let mut seen = None;
+    let mut out = Vec::new();
+    let script = "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 0.2; echo $i";
+    let status = c
+        .run_and_tell(
+            &image.sh(script),
+            None::<Cursor<Vec<u8>>>,
+            &mut out,
+            io::sink(),
+            &mut |pid| seen = Some((pid, fs::read_to_string(&procs).unwrap())),
+        )
+        .unwrap();
+    assert_eq!(
+        (status, text(out).trim()),
+        (CommandStatus::Exited(0), "20000")
+    );
+    let (pid, members) = seen.unwrap();
+    assert_eq!(members.trim(), pid.to_string(), "only the command is in it");
+    let stats = c.container_stats("img", Duration::from_secs(5)).unwrap();
+    assert!(stats.cpu_usage_usec >= 1000, "{stats:?}");
+    assert!(
+        stats.cpu_user_usec + stats.cpu_system_usec <= stats.cpu_usage_usec,
+        "{stats:?}"
+    );
+    assert_eq!(stats.memory.is_some(), dir.join("memory.current").exists());
+    assert_eq!(stats.pids.is_some(), dir.join("pids.current").exists());
+    if let Some(pids) = &stats.pids {
+        assert_eq!((pids.current, pids.max), (0, None), "the command has ended");
+    }
+    assert_eq!(
+        fs::read_to_string(&procs).unwrap(),
+        "",
+        "nothing left in it"
+    );
+
+    // A command outside the image's root stays out of it.
+    let (status, out, _) = run(&mut c, &sh("cat /proc/self/cgroup"), None).unwrap();
+    assert_eq!(status, CommandStatus::Exited(0));
+    assert!(!text(out).contains("container-img"));
+    let again = c.container_stats("img", Duration::from_secs(5)).unwrap();
+    assert!(
+        again.cpu_usage_usec - stats.cpu_usage_usec < 1000,
+        "{again:?}"
+    );
+
+    // Limits: applied where the controller is there, one sentence where it is not.
+    let limited = c.container_cgroup("lim", false, Some(64 << 20), None);
+    match fs::read_to_string(cgroup.0.join("cgroup.subtree_control")) {
+        Ok(s) if s.split_whitespace().any(|c| c == "memory") => {
+            limited.unwrap();
+            let max = fs::read_to_string(cgroup.0.join("container-lim/memory.max")).unwrap();
+            assert_eq!(max.trim(), "67108864");
+        }
+        _ => assert_eq!(
+            limited.unwrap_err().to_string(),
+            "the guest kernel has no memory cgroup controller (CONFIG_MEMCG), so the \
+             container lim's memory limit cannot be applied"
+        ),
+    }
+
+    // Unmounting the container (not mounted here: an error) removes its cgroup.
+    assert!(c.unmount_container("img").is_err());
+    assert!(!dir.exists());
+    assert_eq!(
+        c.container_stats("img", Duration::from_secs(5))
+            .unwrap_err()
+            .to_string(),
+        "the container img has no cgroup"
+    );
+    // And the image's commands no longer join anything.
+    let (status, _, _) = run(&mut c, &image.sh("true"), None).unwrap();
+    assert_eq!(status, CommandStatus::Exited(0));
+    assert!(!dir.exists());
+}

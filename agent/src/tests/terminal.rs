@@ -180,6 +180,7 @@ fn a_containers_processes_get_terminals() {
     agent.containers = Arc::new(Containers {
         dir: dir.clone(),
         inits: container::Inits::default(),
+        cgroups: crate::cgroup::Cgroups::new(None),
     });
 
     let (tx, rx) = mpsc::channel();
