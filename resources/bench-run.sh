@@ -40,9 +40,7 @@ trap 'rm -rf "$work"' EXIT
 # agent-client. Like flint run, a run ends when the command's status is in: QEMU is then
 # stopped, not waited for.
 qemu=/usr/bin/qemu-system-x86_64
-cmdline=$(sed -n '/^const SANDBOX_CMDLINE/,/;$/p' "$here/../src/sandbox/machine.rs" | tr -d '\n' |
-    sed 's/.*"\(.*\)";.*/\1/; s/\\ *//g')
-[ -n "$cmdline" ] || die "cannot read SANDBOX_CMDLINE from src/sandbox/machine.rs"
+cmdline=$(sandbox_cmdline)
 
 # busybox has no date +%N: /proc/uptime gives centiseconds, enough for runs of seconds.
 cat >"$work/scenario.sh" <<SCENARIO

@@ -56,9 +56,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 gcc -O2 -Wall -o "$work/stopwatch" "$here/stopwatch.c" || die "cannot compile the stopwatch helper"
 gcc -O2 -Wall -o "$work/fc-sandbox" "$here/fc-sandbox.c" || die "cannot compile fc-sandbox"
-cmdline=$(sed -n '/^const SANDBOX_CMDLINE/,/;$/p' "$repo/src/sandbox/machine.rs" | tr -d '\n' |
-    sed 's/.*"\(.*\)";.*/\1/; s/\\ *//g')
-[ -n "$cmdline" ] || die "cannot read SANDBOX_CMDLINE from src/sandbox/machine.rs"
+cmdline=$(sandbox_cmdline)
 
 cat >"$work/scenario.sh" <<SCENARIO
 #!/bin/sh

@@ -12,6 +12,17 @@ export FLINT_CACHE
 # guests run them inside the nested KVM host (nested-host/run.sh) otherwise.
 host_kvm_boots_linux() { [ -e /dev/kvm ] && [ ! -e /sys/module/kvm_pvm ]; }
 
+# sandbox_cmdline: the kernel command line `flint run` gives a sandbox (SANDBOX_CMDLINE in
+# src/sandbox/machine.rs), for benchmarks that boot the same sandbox under another VMM.
+sandbox_cmdline() {
+    local src c
+    src=$(dirname "${BASH_SOURCE[0]}")/../src/sandbox/machine.rs
+    c=$(sed -n '/^const SANDBOX_CMDLINE/,/;$/p' "$src" | tr -d '\n' |
+        sed 's/.*"\(.*\)";.*/\1/; s/\\ *//g')
+    [ -n "$c" ] || die "cannot read SANDBOX_CMDLINE from $src"
+    printf '%s\n' "$c"
+}
+
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 
