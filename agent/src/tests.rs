@@ -1475,18 +1475,18 @@ fn symlinks_planted_in_a_root_do_not_lead_the_copies_out_of_it() {
 /// A pod's containers (run on the test machine, as root): a container's init is pid 1 of a
 /// new PID namespace whose `/proc` it sees, in its own root; another process of the
 /// container joins those namespaces and sees the init; the statuses are the processes'.
-#[test]
-fn container_processes_run_in_the_containers_pid_namespace_and_root() {
+/// A test agent whose containers directory (a new one, `tag`) holds container `id` with the
+/// test machine's own files as its root: `/` bind-mounted there (not recursive, so its
+/// `/proc` is an empty directory). The caller unmounts the returned mount point
+/// ([`unmount_container_root`]) and removes the directory. Needs root.
+fn agent_with_host_root_container(tag: &str, id: &str) -> (TestAgent, PathBuf, std::ffi::CString) {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(euid, 0, "this test mounts: run it as root");
-    let dir = temp_dir("containers");
-    let root = container::root_of(&dir, "c1");
+    let dir = temp_dir(tag);
+    let root = container::root_of(&dir, id);
     fs::create_dir_all(&root).unwrap();
-    // The test machine's own files as the container's root (not recursive: its /proc is
-    // an empty directory there), with a marker file no other root has.
-    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
-    let bind = c(&root);
+    let bind = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: NUL-terminated strings that outlive the call.
     let rc = unsafe {
         libc::mount(
@@ -1504,6 +1504,18 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
         inits: container::Inits::default(),
         cgroups: cgroup::Cgroups::new(None),
     });
+    (agent, dir, bind)
+}
+
+/// Undo [`agent_with_host_root_container`]'s bind mount.
+fn unmount_container_root(bind: &std::ffi::CStr) {
+    // SAFETY: a NUL-terminated path.
+    unsafe { libc::umount2(bind.as_ptr(), libc::MNT_DETACH) };
+}
+
+#[test]
+fn container_processes_run_in_the_containers_pid_namespace_and_root() {
+    let (agent, dir, bind) = agent_with_host_root_container("containers", "c1");
 
     // Joining a container without an init: one sentence.
     let mut joiner = agent.client();
@@ -1570,8 +1582,7 @@ fn container_processes_run_in_the_containers_pid_namespace_and_root() {
     let e = run(&mut after, &sh("true").container("c1", false), None).unwrap_err();
     assert!(e.to_string().contains("has no running init process"), "{e}");
 
-    // SAFETY: a NUL-terminated path.
-    unsafe { libc::umount2(bind.as_ptr(), libc::MNT_DETACH) };
+    unmount_container_root(&bind);
     fs::remove_dir_all(&dir).unwrap();
 }
 

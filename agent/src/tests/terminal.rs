@@ -158,30 +158,7 @@ fn a_command_in_another_root_gets_a_terminal_as_its_user() {
 /// joining process through the intermediate process that waits for it.
 #[test]
 fn a_containers_processes_get_terminals() {
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test mounts: run it as root");
-    let dir = temp_dir("containers-tty");
-    let root = container::root_of(&dir, "t1");
-    fs::create_dir_all(&root).unwrap();
-    let bind = std::ffi::CString::new(root.as_os_str().as_encoded_bytes()).unwrap();
-    // SAFETY: NUL-terminated strings that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            c"/".as_ptr(),
-            bind.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "{}", io::Error::last_os_error());
-    let mut agent = TestAgent::new();
-    agent.containers = Arc::new(Containers {
-        dir: dir.clone(),
-        inits: container::Inits::default(),
-        cgroups: crate::cgroup::Cgroups::new(None),
-    });
+    let (agent, dir, bind) = agent_with_host_root_container("containers-tty", "t1");
 
     let (tx, rx) = mpsc::channel();
     let mut init_client = agent.client();
@@ -215,8 +192,7 @@ fn a_containers_processes_get_terminals() {
     // Signals reach the init through its session's process group.
     assert!(init_signaller.signal(libc::SIGKILL).unwrap());
     assert_eq!(init.join().unwrap(), CommandStatus::Killed(libc::SIGKILL));
-    // SAFETY: a NUL-terminated path.
-    unsafe { libc::umount2(bind.as_ptr(), libc::MNT_DETACH) };
+    unmount_container_root(&bind);
     fs::remove_dir_all(&dir).unwrap();
 }
 
