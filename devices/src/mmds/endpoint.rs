@@ -108,6 +108,25 @@ pub struct MmdsEndpoint {
     epoch: StdInstant,
 }
 
+/// Whether the IPv4 sender of `frame` (an ARP packet's sender protocol address, an IPv4
+/// packet's source) is an address a reply can go to: not unspecified (0.0.0.0), broadcast or
+/// multicast. The guest chooses these bytes; smoltcp asserts that it never sends to an
+/// unspecified address, so a SYN from 0.0.0.0 would otherwise panic the VMM's thread.
+fn sender_is_unicast(frame: &[u8]) -> bool {
+    let sender = match frame.get(12..14) {
+        Some([0x08, 0x06]) => frame.get(14 + 14..14 + 18),
+        Some([0x08, 0x00]) => frame.get(14 + 12..14 + 16),
+        _ => None,
+    };
+    match sender {
+        Some(&[a, b, c, d]) => {
+            let ip = std::net::Ipv4Addr::new(a, b, c, d);
+            !(ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast())
+        }
+        _ => false,
+    }
+}
+
 impl MmdsEndpoint {
     /// An endpoint at `ip` serving `store`.
     pub fn new(ip: Ipv4Addr, store: SharedMmds) -> MmdsEndpoint {
@@ -175,8 +194,13 @@ impl MmdsEndpoint {
     }
 
     /// Take the guest's frame (for the MMDS, see [`Self::wants`]) and do what it asks.
+    /// A frame whose sender could not be answered (see [`sender_is_unicast`]) is dropped:
+    /// the TCP/IP stack must never be asked to reply to such an address.
     pub fn receive(&mut self, frame: &[u8]) {
-        if frame.len() > MAX_FRAME || self.queues.from_guest.len() >= MAX_QUEUED {
+        if frame.len() > MAX_FRAME
+            || self.queues.from_guest.len() >= MAX_QUEUED
+            || !sender_is_unicast(frame)
+        {
             return;
         }
         self.queues.from_guest.push_back(frame.to_vec());
@@ -419,6 +443,44 @@ mod tests {
             41002,
         );
         assert!(r.ends_with("i-9"), "{r:?}");
+    }
+
+    /// A TCP SYN to the MMDS from 0.0.0.0 (found by the mmds fuzz target): smoltcp would
+    /// answer it and assert on the unspecified destination, panicking the VMM's thread. It
+    /// is dropped, as are ARP packets and IPv4 packets from broadcast or multicast senders.
+    #[test]
+    fn frames_from_unanswerable_senders_are_dropped() {
+        let mut mmds = endpoint();
+        let syn_from = |src: [u8; 4]| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&GUEST_MAC);
+            f.extend_from_slice(&[0x08, 0x00]);
+            // IPv4: 20 bytes, total 40, TTL 64, TCP; checksums left 0.
+            f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
+            f.extend_from_slice(&src);
+            f.extend_from_slice(&[169, 254, 169, 254]);
+            // TCP: 40000 -> 80, SYN, window 65535.
+            f.extend_from_slice(&[0x9c, 0x40, 0, 80, 0, 0, 3, 232, 0, 0, 0, 0, 0x50, 2]);
+            f.extend_from_slice(&[0xff, 0xff, 0, 0, 0, 0]);
+            f
+        };
+        for src in [[0, 0, 0, 0], [255, 255, 255, 255], [224, 0, 0, 1]] {
+            let frame = syn_from(src);
+            assert!(mmds.wants(&frame));
+            assert!(!sender_is_unicast(&frame), "{src:?}");
+            mmds.receive(&frame);
+            assert!(!mmds.has_frames(), "nothing is answered to {src:?}");
+        }
+        assert!(sender_is_unicast(&syn_from([169, 254, 0, 2])));
+        // An ARP probe (sender 0.0.0.0) for the MMDS's address.
+        let mut arp = vec![0xff; 6];
+        arp.extend_from_slice(&GUEST_MAC);
+        arp.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        arp.extend_from_slice(&GUEST_MAC);
+        arp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 169, 254, 169, 254]);
+        assert!(mmds.wants(&arp));
+        mmds.receive(&arp);
+        assert!(!mmds.has_frames());
     }
 
     #[test]
