@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim::api::{self, Status};
 use containerd_shim::protos::cgroups_v2::metrics::{
@@ -157,9 +157,42 @@ struct Container {
     /// The limits of the container's cgroup in the guest (bytes, processes).
     memory_limit: Option<u64>,
     pids_limit: Option<u64>,
-    /// The most OOM kills the guest has reported for the container's cgroup (a rise is a
-    /// `TaskOOM` event).
-    oom_kills: u64,
+    /// The OOM kills the guest has reported for the container's cgroup, and when the last
+    /// `TaskOOM` event went out.
+    oom: OomEvents,
+}
+
+/// The shortest time between two `TaskOOM` events of one container. The guest reports its
+/// cgroup's OOM kill count, which a hostile guest could raise in a tight loop: each rise
+/// within this window is recorded but not published, so a guest can cause at most one event
+/// RPC to containerd a second per container.
+const OOM_EVENT_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The OOM kill count of one container's guest cgroup, and whether a report of it is news.
+#[derive(Debug, Default)]
+struct OomEvents {
+    /// The highest count the guest has reported.
+    kills: u64,
+    /// When the last `TaskOOM` was published.
+    last_event: Option<Instant>,
+}
+
+impl OomEvents {
+    /// The guest reports `count` kills at `now`: record it, and say whether a `TaskOOM` event
+    /// is due (the count rose and no event went out in the last [`OOM_EVENT_INTERVAL`]).
+    fn report(&mut self, count: u64, now: Instant) -> bool {
+        if count <= self.kills {
+            return false;
+        }
+        self.kills = count;
+        let due = self
+            .last_event
+            .is_none_or(|last| now.saturating_duration_since(last) >= OOM_EVENT_INTERVAL);
+        if due {
+            self.last_event = Some(now);
+        }
+        due
+    }
 }
 
 /// The VM a pod's containers share.
@@ -616,7 +649,7 @@ impl Service {
             slot,
             memory_limit: bundle.resources.memory_bytes(),
             pids_limit: bundle.resources.pids_limit(),
-            oom_kills: 0,
+            oom: OomEvents::default(),
         })
     }
 
@@ -921,19 +954,16 @@ impl Service {
     }
 
     /// The guest reports `count` OOM kills in container `id`'s cgroup: tell containerd
-    /// (`TaskOOM`) if that is more than before.
+    /// (`TaskOOM`) if that is more than before, at most once per [`OOM_EVENT_INTERVAL`].
     fn oom_killed(&self, id: &str, count: u64) {
-        let rose = {
+        let due = {
             let mut guard = self.lock();
-            match guard.containers.get_mut(id) {
-                Some(c) if count > c.oom_kills => {
-                    c.oom_kills = count;
-                    true
-                }
-                _ => false,
-            }
+            guard
+                .containers
+                .get_mut(id)
+                .is_some_and(|c| c.oom.report(count, Instant::now()))
         };
-        if rose {
+        if due {
             log::info!("container {id}: OOM kill in the guest ({count} in all)");
             let event = TaskOOM {
                 container_id: id.to_string(),
@@ -1497,6 +1527,28 @@ impl containerd_shim::Task for Service {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_raising_its_oom_count_in_a_loop_gets_one_event_a_second() {
+        let start = Instant::now();
+        let mut oom = OomEvents::default();
+        // The first kill is told at once (containerd sees TaskOOM before TaskExit).
+        assert!(oom.report(1, start));
+        // A hostile guest reports a rising count as fast as it can: recorded, not published.
+        let events = (2..10_000u64)
+            .filter(|&n| oom.report(n, start + Duration::from_micros(n)))
+            .count();
+        assert_eq!(events, 0);
+        assert_eq!(oom.kills, 9_999);
+        // A repeated or lower count is never news, however late.
+        let later = start + OOM_EVENT_INTERVAL * 5;
+        assert!(!oom.report(9_999, later));
+        assert!(!oom.report(3, later));
+        // A rise after the interval is.
+        assert!(oom.report(10_000, later));
+        assert!(!oom.report(10_001, later + OOM_EVENT_INTERVAL / 2));
+        assert!(oom.report(10_002, later + OOM_EVENT_INTERVAL));
+    }
 
     #[test]
     fn container_directories_stay_under_the_work_directory() {
