@@ -26,35 +26,40 @@ pub(crate) fn prepare() {
     if ok != 1 {
         log::debug!("cannot limit malloc to one arena");
     }
-    if let Some((low, _)) = stack_bounds() {
-        MAIN_STACK_LOW.store(low, Ordering::Relaxed);
+    if let Some((low, size)) = stack_bounds() {
+        STACK_LOW.store(low, Ordering::Relaxed);
+        STACK_HIGH.store(low.saturating_add(size), Ordering::Relaxed);
     }
 }
 
-/// The lowest address of the main thread's stack mapping, once [`prepare`] found it.
-static MAIN_STACK_LOW: AtomicUsize = AtomicUsize::new(0);
+/// The stack of the thread that called [`prepare`]: lowest and highest address (0: unknown).
+static STACK_LOW: AtomicUsize = AtomicUsize::new(0);
+static STACK_HIGH: AtomicUsize = AtomicUsize::new(0);
 
 /// How far below the current frame the stack is left alone: room for the frames of the
 /// calls made from here (`madvise`, `malloc_trim`) and a signal handler's.
 const STACK_MARGIN: usize = 8 << 10;
 
 /// Give the host back what the setup left behind and the idle process no longer uses: the
-/// heap's free pages (`malloc_trim`) and the main thread's stack pages below the current
+/// heap's free pages (`malloc_trim`) and the calling thread's stack pages below the current
 /// frame (the kernel maps a zero page again at their next touch, as for any stack growth).
-/// Call on the main thread, after [`prepare`], from a shallow frame, once the deep setup work
+/// Call on the thread that called [`prepare`], from a shallow frame, once the deep setup work
 /// is done. Makes no system calls but `madvise` and `brk`. Best effort: any step that fails
 /// leaves that memory as it was.
 pub(crate) fn release_setup_memory() {
     // SAFETY: malloc_trim only returns free heap memory to the kernel.
     unsafe { libc::malloc_trim(0) };
-    release_stack_below_here(MAIN_STACK_LOW.load(Ordering::Relaxed));
+    release_stack_below_here(
+        STACK_LOW.load(Ordering::Relaxed),
+        STACK_HIGH.load(Ordering::Relaxed),
+    );
 }
 
-/// Release the pages of the calling thread's stack, whose lowest address is `low`, more than
-/// [`STACK_MARGIN`] below the current frame.
+/// Release the pages of the calling thread's stack, [low, high), more than [`STACK_MARGIN`]
+/// below the current frame; nothing if the current frame is not in that stack.
 #[inline(never)]
-fn release_stack_below_here(low: usize) {
-    if let Some((low, high)) = unused_stack_below_here(low) {
+fn release_stack_below_here(low: usize, high: usize) {
+    if let Some((low, high)) = unused_stack_below_here(low, high) {
         // SAFETY: [low, high) lies within this thread's stack mapping, more than
         // STACK_MARGIN below the caller's frame and everything below it (the stack grows
         // down): no live data is there, and MADV_DONTNEED on private anonymous memory only
@@ -70,17 +75,17 @@ fn release_stack_below_here(low: usize) {
     }
 }
 
-/// The page-aligned part of the calling thread's stack, whose lowest address is `low` (0:
-/// unknown), more than [`STACK_MARGIN`] below the current frame, if any.
-fn unused_stack_below_here(low: usize) -> Option<(usize, usize)> {
-    if low == 0 {
-        return None;
-    }
+/// The page-aligned part of the stack [low, high) more than [`STACK_MARGIN`] below the
+/// current frame, if the current frame is in that stack (so it is the calling thread's).
+fn unused_stack_below_here(low: usize, high: usize) -> Option<(usize, usize)> {
     let page = page_size()?;
     let here = {
         let marker = 0u8;
         std::ptr::addr_of!(marker) as usize
     };
+    if !(low..high).contains(&here) {
+        return None;
+    }
     let high = here.checked_sub(STACK_MARGIN)? & !(page - 1);
     // The lowest page of glibc's reported range may be the guard or not mapped yet.
     let low = (low + page - 1) & !(page - 1);
@@ -139,18 +144,28 @@ mod tests {
         let (low, size) = stack_bounds().expect("stack bounds");
         let at = here();
         assert!((low..low + size).contains(&at));
-        let (from, to) = unused_stack_below_here(low).expect("a thread's stack has room below");
+        let (from, to) =
+            unused_stack_below_here(low, low + size).expect("a thread's stack has room below");
         assert!(
             from >= low && to <= at - STACK_MARGIN,
             "{from:x}-{to:x} {at:x}"
         );
         let before = deep(32);
-        release_stack_below_here(low);
+        release_stack_below_here(low, low + size);
         assert_eq!(deep(32), before);
         assert_eq!(
-            unused_stack_below_here(0),
+            unused_stack_below_here(0, 0),
             None,
             "an unknown stack is left alone"
+        );
+        // Another thread's stack (as if `prepare` had run there) is left alone.
+        let other = std::thread::spawn(|| stack_bounds().unwrap())
+            .join()
+            .unwrap();
+        assert_eq!(
+            unused_stack_below_here(other.0, other.0 + other.1),
+            None,
+            "only the calling thread's own stack is released"
         );
     }
 }
