@@ -17,8 +17,10 @@
 # Cloud Hypervisor is not measured: its devices are virtio-pci only and this guest kernel has
 # no virtio-pci driver, so its guest would have no vsock and no agent (no sandbox).
 #
-# usage: resources/bench-density.sh [-n SANDBOXES] [--peers DIR] [--host-mem MIB]
+# usage: resources/bench-density.sh [-n SANDBOXES] [--peers DIR] [--host-mem MIB] [--baseline FLINT]
 #   --host-mem: the nested KVM host's RAM (default 4096)
+#   --baseline: another flint binary (e.g. main's build) measured the same way in the same
+#               run, in a column of its own: a before/after comparison on equal terms
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -29,17 +31,23 @@ repo=$(cd "$here/.." && pwd)
 count=50
 host_mem=4096
 peers=$repo/../shared/peers
+baseline=
 while (($#)); do
     case $1 in
     -n) count=${2:?}; shift ;;
     --peers) peers=${2:?}; shift ;;
     --host-mem) host_mem=${2:?}; shift ;;
+    --baseline) baseline=${2:?}; shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
     esac
     shift
 done
 ((count > 0)) || die "-n wants a positive number of sandboxes"
 [ -x "$peers/firecracker" ] || die "no firecracker binary in $peers (see --peers)"
+[ -z "$baseline" ] || [ -x "$baseline" ] || die "--baseline: no executable $baseline"
+vmms="flint firecracker"
+load_before=$(uptime)
+[ -z "$baseline" ] || vmms="baseline flint firecracker"
 
 ensure_packages curl gcc libc6-dev
 "$here/build-guest-kernel.sh"
@@ -56,19 +64,24 @@ cat >"$work/scenario.sh" <<SCENARIO
 #!/bin/sh
 N=$count
 CMDLINE='$cmdline'
+VMMS='$vmms'
 SCENARIO
 cat "$here/fc-snapshot.sh" >>"$work/scenario.sh"
 cat >>"$work/scenario.sh" <<'SCENARIO'
-export FLINT_CACHE=$W/flint-cache
-"$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true \
-    </dev/null >"$W/first.out" 2>&1 || { echo "BENCH-FAILED flint's first run"; cat "$W/first.out"; exit 1; }
+# Each flint binary makes its own snapshot (a template is tied to the binary) in a cache of
+# its own.
+for f in flint baseline; do
+    [ -x "$BIN/$f" ] || continue
+    FLINT_CACHE=$W/$f-cache "$BIN/$f" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" -- true \
+        </dev/null >"$W/first.out" 2>&1 || { echo "BENCH-FAILED $f's first run"; cat "$W/first.out"; exit 1; }
+done
 IDLE='echo ready; exec sleep 900'
 echo "BENCH thp $(cat /sys/kernel/mm/transparent_hugepage/enabled 2>/dev/null)"
 avail() { sed -n 's/^MemAvailable: *\([0-9]*\).*/\1/p' /proc/meminfo; }
-start_flint() { # i: in the background, $! is flint itself
-    (exec "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" \
-        -- sh -c "$IDLE" </dev/null >"$W/out-$1" 2>&1) &
-    echo $! >"$W/pid-$1"
+start_flint() { # binary i: in the background, $! is flint itself
+    (FLINT_CACHE=$W/$1-cache exec "$BIN/$1" run --memory 128 --kernel "$BIN/vmlinux" --initramfs "$BIN/sandbox.cpio.gz" \
+        -- sh -c "$IDLE" </dev/null >"$W/out-$2" 2>&1) &
+    echo $! >"$W/pid-$2"
 }
 start_fc() { # i
     rm -f "$W/fc-$1.vsock"
@@ -85,7 +98,7 @@ measure() {
          /^Pss:/ { pss += $2; if (big) guest += $2 }
          END { printf "%d %d %d\n", pss, rss, guest }' "/proc/$1/smaps"
 }
-for vmm in flint firecracker; do
+for vmm in $VMMS; do
     rm -f "$W"/out-* "$W"/pid-* "$W"/driver-*
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
     sleep 5
@@ -94,7 +107,7 @@ for vmm in flint firecracker; do
     while [ $i -lt $N ]; do
         j=0
         while [ $j -lt 5 ] && [ $i -lt $N ]; do
-            if [ $vmm = flint ]; then start_flint $i; else start_fc $i; fi
+            if [ $vmm = firecracker ]; then start_fc $i; else start_flint $vmm $i; fi
             i=$((i + 1)); j=$((j + 1))
         done
         t=0
@@ -139,7 +152,7 @@ if ! host_kvm_boots_linux; then
     { echo 'BIN=/bench; W=/tmp/bench; mkdir -p $W'; cat "$work/scenario.sh"; } >"$work/nested.sh"
     "$here/nested-host/run.sh" --mem "$host_mem" --timeout $((1200 + 40 * count)) \
         --scenario "$work/nested.sh" \
-        --add "$target/flint:/bench/flint" --add "$FLINT_CACHE/sandbox/agent-client:/bench/agent-client" \
+        --add "$target/flint:/bench/flint" ${baseline:+--add "$baseline:/bench/baseline"} --add "$FLINT_CACHE/sandbox/agent-client:/bench/agent-client" \
         --add "$peers/firecracker:/bench/firecracker" \
         --add "$FLINT_CACHE/guest/vmlinux:/bench/vmlinux" \
         --add "$FLINT_CACHE/sandbox/initramfs.cpio.gz:/bench/sandbox.cpio.gz" \
@@ -148,6 +161,7 @@ if ! host_kvm_boots_linux; then
     where="nested KVM host (QEMU TCG with kvm_amd, no nested paging, $host_mem MiB), $(nproc) host cores; files on its tmpfs"
 else
     mkdir -p "$work/bin" "$work/w"
+    [ -z "$baseline" ] || cp "$baseline" "$work/bin/baseline"
     cp "$target/flint" "$FLINT_CACHE/sandbox/agent-client" "$peers/firecracker" "$FLINT_CACHE/guest/vmlinux" \
         "$work/fc-sandbox" "$(command -v curl)" "$work/bin/"
     cp "$FLINT_CACHE/sandbox/initramfs.cpio.gz" "$work/bin/sandbox.cpio.gz"
@@ -163,7 +177,7 @@ if grep -q 'BENCH-FAILED' "$work/clean" || ! grep -q '^BENCH done' "$work/clean"
     cat "$work/clean"
     die "a measurement failed (see above)"
 fi
-for vmm in flint firecracker; do
+for vmm in $vmms; do
     n=$(sed -n "s/^BENCH $vmm ready \([0-9]*\) of .*/\1/p" "$work/clean")
     [ "$n" = "$count" ] || { cat "$work/clean"; die "$vmm: only ${n:-0} of $count sandboxes were ready"; }
 done
@@ -172,15 +186,39 @@ fcver=$("$peers/firecracker" --version 2>/dev/null | head -n1)
 echo "density, flint against Firecracker, $(date -u +%Y-%m-%d): $count idle sandboxes restored from one snapshot, 20 s after the last was ready"
 echo "where: $where"
 echo "guest: the sandbox image, 1 vCPU, 128 MiB each; other VMM: $fcver (+ agent-client per sandbox); host transparent huge pages: $(sed -n 's/^BENCH thp //p' "$work/clean")"
+[ -z "$baseline" ] || echo "baseline: $baseline"
+echo "load (this machine) at the start: ${load_before##*load average: }; at the end: $(uptime | sed 's/.*load average: //')"
 mib() { awk -v k="$1" 'BEGIN { printf "%.0f MiB", k / 1024 }'; }
 per() { awk -v k="$1" -v n="$count" 'BEGIN { printf "%.0f KiB", k / n }'; }
-row() { printf '| %-58s | %-18s | %-18s |\n' "$1" "$2" "$3"; }
-row "figure ($count sandboxes)" "flint run" "Firecracker"
-row "VMM processes, PSS summed" "$(mib "$(val flint pss)")" "$(mib "$(val firecracker pss)")"
-row "· of it guest memory mappings" "$(mib "$(val flint guest)")" "$(mib "$(val firecracker guest)")"
-row "· guest memory per sandbox (PSS)" "$(per "$(val flint guest)")" "$(per "$(val firecracker guest)")"
-row "· VMM overhead beyond guest pages, per sandbox (PSS)" \
-    "$(per $(($(val flint pss) - $(val flint guest))))" "$(per $(($(val firecracker pss) - $(val firecracker guest))))"
-row "agent-client processes, PSS summed (in flint run's process)" "-" "$(mib "$(val firecracker clients)")"
-row "VMM processes, RSS summed (shared pages counted per process)" "$(mib "$(val flint rss)")" "$(mib "$(val firecracker rss)")"
-row "host MemAvailable drop (incl. KVM and page cache)" "$(mib "$(val flint avail)")" "$(mib "$(val firecracker avail)")"
+# The median process's PSS beyond its guest mapping.
+median_over() {
+    sed -n "s/^BENCH one $1 [0-9]* pss \([0-9]*\) rss [0-9]* guest \([0-9]*\)$/\1 \2/p" "$work/clean" |
+        awk '{ print $1 - $2 }' | sort -n | awk '{ v[NR] = $1 } END { printf "%d KiB", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+label() { case $1 in baseline) echo "flint run (baseline)" ;; flint) echo "flint run" ;; *) echo "Firecracker" ;; esac; }
+row() { # label cell...
+    printf '| %-66s' "$1"
+    shift
+    for c in "$@"; do printf ' | %-20s' "$c"; done
+    printf ' |\n'
+}
+over() { echo "$(per $(($(val "$1" pss) - $(val "$1" guest)))); $(median_over "$1")"; }
+clients() { if [ "$1" = firecracker ]; then mib "$(val "$1" clients)"; else printf -- '-'; fi; }
+pss() { mib "$(val "$1" pss)"; }
+guest() { mib "$(val "$1" guest)"; }
+guest_per() { per "$(val "$1" guest)"; }
+rss() { mib "$(val "$1" rss)"; }
+avail() { mib "$(val "$1" avail)"; }
+table_row() { # label function
+    local cells=() v
+    for v in $vmms; do cells+=("$("$2" "$v")"); done
+    row "$1" "${cells[@]}"
+}
+table_row "figure ($count sandboxes)" label
+table_row "VMM processes, PSS summed" pss
+table_row "· of it guest memory mappings" guest
+table_row "· guest memory per sandbox (PSS)" guest_per
+table_row "· VMM overhead beyond guest pages, per sandbox (PSS; mean; median)" over
+table_row "agent-client processes, PSS summed (in flint run's process)" clients
+table_row "VMM processes, RSS summed (shared pages counted per process)" rss
+table_row "host MemAvailable drop (incl. KVM and page cache)" avail

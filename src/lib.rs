@@ -7,6 +7,7 @@ mod cli;
 mod commands;
 pub mod config_file;
 mod jail;
+mod lean;
 pub mod logger;
 mod sandbox;
 pub use sandbox::pod;

@@ -173,6 +173,7 @@ impl Drop for WorkDir {
 /// `flint run`.
 pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
     no_transparent_huge_pages();
+    crate::lean::prepare();
     match run_sandbox(options, start) {
         Ok(code) => code,
         Err(e) => sandbox_failed(&e),
@@ -254,6 +255,8 @@ fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupEr
     };
     let client = AgentThread::spawn(machine::agent_socket(&config), options, spec, first, start)?;
     vm.start(&crate::seccomp::vmm_thread())?;
+    // The VM is restored or booted and runs: the deep and allocation-heavy part is over.
+    crate::lean::release_setup_memory();
     let outcome = supervise::supervise(&vm, &client, staging, options.timeout, start);
     Ok(supervise::conclude(
         outcome,
