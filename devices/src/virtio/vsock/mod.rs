@@ -41,6 +41,7 @@ pub mod conn;
 mod device;
 mod muxer;
 pub mod packet;
+mod ring;
 
 use std::io;
 use std::path::PathBuf;
