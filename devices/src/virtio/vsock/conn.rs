@@ -45,6 +45,10 @@ pub enum ConnError {
     Host(String),
 }
 
+/// Where [`Connection::next_packet`] puts a packet: given its header and its payload as two
+/// slices, in order (both empty for control packets).
+pub type PacketWriter<'a> = dyn FnMut(&Header, &[u8], &[u8]) + 'a;
+
 /// A packet [`Connection::next_packet`] handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outgoing {
@@ -425,12 +429,12 @@ impl<S: Read + Write> Connection<S> {
     pub fn next_packet(
         &mut self,
         max_payload: usize,
-        write: &mut dyn FnMut(&Header, &[u8], &[u8]),
+        write: &mut PacketWriter<'_>,
     ) -> Option<Outgoing> {
         if self.guest_gone {
             return None;
         }
-        fn control(write: &mut dyn FnMut(&Header, &[u8], &[u8]), hdr: Header) -> Outgoing {
+        fn control(write: &mut PacketWriter<'_>, hdr: Header) -> Outgoing {
             write(&hdr, &[], &[]);
             Outgoing { hdr, last: false }
         }

@@ -16,7 +16,7 @@ use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::conn::{self, ConnError, Connection, State};
+use super::conn::{self, ConnError, Connection, PacketWriter, State};
 use super::packet::{check_guest_header, parse_connect_line, rst_for, Header, Op, OP_RST};
 use super::{inc, Key, VsockError, VsockMetrics, FIRST_SOCKET_EVENT, LISTENER_EVENT, TIMER_EVENT};
 use crate::guest_warn;
@@ -721,7 +721,7 @@ impl Muxer {
         &mut self,
         pass: &mut RxPass,
         max_payload: usize,
-        write: &mut dyn FnMut(&Header, &[u8], &[u8]),
+        write: &mut PacketWriter<'_>,
     ) -> Option<Header> {
         if let Some(hdr) = self.ctrl.pop_front() {
             if hdr.op == OP_RST {
