@@ -712,16 +712,11 @@ impl Net {
                         break;
                     }
                     // With mergeable buffers that can take a frame of any size, and no receive
-                    // limit (a limiter needs a frame's length before the guest gets it; the
-                    // VMM always has one, unlimited unless configured), the frame goes straight
-                    // into the guest's buffers. Otherwise, or when they come in too many
-                    // pieces, through the bounce buffer.
-                    let unlimited = self
-                        .rx_limiter
-                        .as_ref()
-                        .is_none_or(|l| l.bandwidth().is_none() && l.ops().is_none());
+                    // limiter (which needs a frame's length before the guest gets it), the
+                    // frame goes straight into the guest's buffers. Otherwise, or when they
+                    // come in too many pieces, through the bounce buffer.
                     let direct = active.mrg_rxbuf
-                        && unlimited
+                        && self.rx_limiter.is_none()
                         && active.stash_rx(VNET_HDR_LEN + MAX_FRAME_LEN, m);
                     let read = match direct.then(|| active.receive_direct(&self.tap, m)) {
                         // Delivered (or a runt dropped) in place.

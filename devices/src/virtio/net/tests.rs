@@ -582,16 +582,7 @@ fn rx_from_the_wire_waits_for_buffers_then_arrives() {
 #[test]
 fn rx_reads_the_tap_straight_into_mergeable_buffers() {
     use vm_memory::bitmap::Bitmap;
-    // As the VMM builds it: with limiters that limit nothing (until the API sets them).
-    let unlimited = || {
-        Some(
-            crate::rate_limiter::RateLimiter::new(
-                &crate::rate_limiter::RateLimiterConfig::default(),
-            )
-            .unwrap(),
-        )
-    };
-    let net = net_on_new_tap(true).with_rate_limiters(unlimited(), unlimited());
+    let net = net_on_new_tap(true);
     let sock = PacketSocket::bind(net.tap().name());
     let Setup {
         mut net,
