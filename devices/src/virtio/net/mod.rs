@@ -28,13 +28,12 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
     add_used_together, pop_chain, read_segments, segments, write_segments, ChainError, Direction,
-    Segment, SegmentWriter,
+    Segment,
 };
 use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
@@ -56,9 +55,6 @@ pub const TX_QUEUE: usize = 1;
 pub const MAX_FRAME_LEN: usize = 65536 + 18;
 /// Shortest frame the device transmits: an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
-/// Most pieces of guest memory one `readv` of the TAP is given (the kernel's `UIO_MAXIOV`).
-/// Receive buffers in more pieces than this go through the bounce buffer.
-const MAX_RX_IOVECS: usize = 1024;
 
 pub use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -435,57 +431,6 @@ impl Active {
         Delivery::Delivered
     }
 
-    /// Read one frame from the TAP straight into the stashed receive chains (which hold at
-    /// least [`VNET_HDR_LEN`] + [`MAX_FRAME_LEN`] bytes) and hand the guest the chains it
-    /// filled; the others stay stashed for the next frame. `None` when the chains cannot be
-    /// given to one `readv` (more than [`MAX_RX_IOVECS`] pieces, or memory refuses a range):
-    /// then nothing was read. Otherwise what the read returned; a frame shorter than a
-    /// virtio-net header is dropped.
-    fn receive_direct(&mut self, tap: &Tap, metrics: &NetMetrics) -> Option<io::Result<usize>> {
-        let n = match read_frame_into(tap, &self.mem, &self.rx_chains) {
-            None => return None,
-            Some(Err(e)) => return Some(Err(e)),
-            Some(Ok(n)) => n,
-        };
-        if n < VNET_HDR_LEN {
-            inc(&metrics.rx_dropped, 1);
-            return Some(Ok(n));
-        }
-        // The chains the frame filled, in order, and what each holds.
-        let mut lens = Vec::new();
-        let mut left = n;
-        for c in &self.rx_chains {
-            if left == 0 {
-                break;
-            }
-            let k = left.min(c.capacity);
-            // At most the frame length.
-            lens.push(k as u32);
-            left -= k;
-        }
-        // At most the queue size, which fits in 16 bits.
-        let num_buffers = lens.len() as u16;
-        let Some(first) = self.rx_chains.front() else {
-            return Some(Ok(n));
-        };
-        let mut out = SegmentWriter::new(&self.mem, &first.segs);
-        if !(out.skip(NUM_BUFFERS_OFFSET) && out.write(&num_buffers.to_le_bytes())) {
-            inc(&metrics.rx_errors, 1);
-        }
-        let used: Vec<(u16, u32)> = lens
-            .iter()
-            .filter_map(|&len| self.rx_chains.pop_front().map(|c| (c.head, len)))
-            .collect();
-        // All at once, as `deliver` does.
-        if let Err(e) = add_used_together(&mut self.rx, &self.mem, &used) {
-            crate::guest_warn!("virtio-net: cannot return receive buffers: {e}");
-        }
-        self.rx_used = true;
-        inc(&metrics.rx_frames, 1);
-        inc(&metrics.rx_bytes, (n - VNET_HDR_LEN) as u64);
-        Some(Ok(n))
-    }
-
     /// Interrupt the driver once for everything used since the last call, if it wants one.
     fn signal(&mut self) {
         let mut notify = false;
@@ -711,21 +656,8 @@ impl Net {
                     if !self.tap_readable || limited || !active.has_rx_buffer(m) {
                         break;
                     }
-                    // With mergeable buffers that can take a frame of any size, and no receive
-                    // limiter (which needs a frame's length before the guest gets it), the
-                    // frame goes straight into the guest's buffers. Otherwise, or when they
-                    // come in too many pieces, through the bounce buffer.
-                    let direct = active.mrg_rxbuf
-                        && self.rx_limiter.is_none()
-                        && active.stash_rx(VNET_HDR_LEN + MAX_FRAME_LEN, m);
-                    let read = match direct.then(|| active.receive_direct(&self.tap, m)) {
-                        // Delivered (or a runt dropped) in place.
-                        Some(Some(result)) => result.map(|_| None),
-                        _ => self.tap.read_frame(&mut self.rx_buf).map(Some),
-                    };
-                    match read {
-                        Ok(None) => continue,
-                        Ok(Some(n)) => (n, false),
+                    match self.tap.read_frame(&mut self.rx_buf) {
+                        Ok(n) => (n, false),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.tap_readable = false;
                             break;
@@ -925,65 +857,6 @@ fn read_frame(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<u8>> {
     }
     let mut frame = Vec::new();
     read_segments(mem, segs, &mut frame).then_some(frame)
-}
-
-/// `readv` one frame from the TAP into `chains` (checked to lie in `mem`), in order, at most
-/// [`VNET_HDR_LEN`] + [`MAX_FRAME_LEN`] bytes. `None`, with nothing read, when the chains hold
-/// less than that, come in more than [`MAX_RX_IOVECS`] pieces, or memory refuses a range.
-fn read_frame_into(
-    tap: &Tap,
-    mem: &GuestMemoryMmap,
-    chains: &VecDeque<RxChain>,
-) -> Option<io::Result<usize>> {
-    let mut slices = Vec::new();
-    let mut left = VNET_HDR_LEN + MAX_FRAME_LEN;
-    'chains: for c in chains {
-        for s in &c.segs {
-            if left == 0 {
-                break 'chains;
-            }
-            let n = left.min(s.len as usize);
-            for slice in GuestMemoryBackend::get_slices(mem, s.addr, n) {
-                slices.push(slice.ok()?);
-                if slices.len() > MAX_RX_IOVECS {
-                    return None;
-                }
-            }
-            left -= n;
-        }
-    }
-    if left > 0 {
-        return None;
-    }
-    let guards: Vec<_> = slices
-        .iter()
-        .map(|s| (s.ptr_guard_mut(), s.len()))
-        .collect();
-    let iovs: Vec<libc::iovec> = guards
-        .iter()
-        .map(|(g, len)| libc::iovec {
-            iov_base: g.as_ptr().cast(),
-            iov_len: *len,
-        })
-        .collect();
-    // SAFETY: each iovec points into a mapped guest memory region (`get_slices` checked the
-    // range), kept alive by `mem` and the pointer guards for the duration of the call; the
-    // kernel writes only there.
-    let result = unsafe { tap.readv(&iovs) };
-    drop(guards);
-    if let Ok(n) = result {
-        // The kernel's writes bypass the dirty-page bitmap: mark what the frame filled.
-        let mut left = n;
-        for s in &slices {
-            if left == 0 {
-                break;
-            }
-            let k = left.min(s.len());
-            s.bitmap().mark_dirty(0, k);
-            left -= k;
-        }
-    }
-    Some(result)
 }
 
 /// `writev` the frame in `segs` (checked to lie in `mem`) to the TAP.
