@@ -8,9 +8,7 @@
 //! The TAP is registered edge-triggered for reading and writing with the VMM's event loop:
 //! - Receive: frames are read from the TAP only while the guest has receive buffers. When it
 //!   has none, the device stops reading (frames wait in the kernel's queue) and resumes when
-//!   the driver refills the receive queue. With mergeable receive buffers, once the guest's
-//!   buffers can hold a frame of any size, each frame is read with one `readv(2)` straight
-//!   into them (no copy in the VMM); otherwise through a bounce buffer.
+//!   the driver refills the receive queue.
 //! - Transmit: chains go to the TAP with `writev(2)` straight from guest memory. When the TAP
 //!   is full, the chain stays in the queue and transmission resumes when the TAP becomes
 //!   writable again.
