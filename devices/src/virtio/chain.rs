@@ -162,6 +162,20 @@ pub fn segments(
     limit: u64,
 ) -> Result<(Vec<Segment>, u64), ChainError> {
     let mut segs = Vec::new();
+    let total = segments_into(mem, chain, direction, limit, &mut segs)?;
+    Ok((segs, total))
+}
+
+/// [`segments`] into `segs` (cleared first; a device reuses it for every chain), returning
+/// the total length. On error `segs` holds what was checked up to then.
+pub fn segments_into(
+    mem: &GuestMemoryMmap,
+    chain: impl IntoIterator<Item = Descriptor>,
+    direction: Direction,
+    limit: u64,
+    segs: &mut Vec<Segment>,
+) -> Result<u64, ChainError> {
+    segs.clear();
     let mut total = 0u64;
     let mut last = None;
     for d in chain {
@@ -188,7 +202,7 @@ pub fn segments(
     if last.is_none_or(|d| d.has_next()) {
         return Err(ChainError::BrokenChain);
     }
-    Ok((segs, total))
+    Ok(total)
 }
 
 /// Read the bytes of `segs` (checked to lie in `mem`, e.g. by [`segments`]) into `buf`,
@@ -209,18 +223,65 @@ pub fn read_segments(mem: &GuestMemoryMmap, segs: &[Segment], buf: &mut Vec<u8>)
 }
 
 /// Copy `data` into `segs` from their start. False when it does not fit or memory refuses.
-pub fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], mut data: &[u8]) -> bool {
-    for s in segs {
-        if data.is_empty() {
-            break;
+pub fn write_segments(mem: &GuestMemoryMmap, segs: &[Segment], data: &[u8]) -> bool {
+    SegmentWriter::new(mem, segs).write(data)
+}
+
+/// Writes pieces of data one after the other into `segs` (checked to lie in `mem`, e.g. by
+/// [`segments`]), each piece going on where the last one ended, across segment boundaries.
+/// Never writes past the segments' lengths.
+#[derive(Debug)]
+pub struct SegmentWriter<'a> {
+    mem: &'a GuestMemoryMmap,
+    segs: &'a [Segment],
+    /// The segment the next byte goes to, and the offset in it.
+    seg: usize,
+    at: u32,
+    written: usize,
+}
+
+impl<'a> SegmentWriter<'a> {
+    pub fn new(mem: &'a GuestMemoryMmap, segs: &'a [Segment]) -> Self {
+        SegmentWriter {
+            mem,
+            segs,
+            seg: 0,
+            at: 0,
+            written: 0,
         }
-        let n = data.len().min(s.len as usize);
-        if mem.write_slice(&data[..n], s.addr).is_err() {
-            return false;
-        }
-        data = &data[n..];
     }
-    data.is_empty()
+
+    /// Append `data`. False when it does not fit in what is left of the segments (then what
+    /// fits is written) or memory refuses a write.
+    pub fn write(&mut self, mut data: &[u8]) -> bool {
+        while !data.is_empty() {
+            let Some(s) = self.segs.get(self.seg) else {
+                return false;
+            };
+            let room = s.len - self.at;
+            // `room` is a u32, so `n` fits one.
+            let n = data.len().min(room as usize);
+            let Some(addr) = s.addr.checked_add(u64::from(self.at)) else {
+                return false;
+            };
+            if self.mem.write_slice(&data[..n], addr).is_err() {
+                return false;
+            }
+            data = &data[n..];
+            self.written += n;
+            self.at += n as u32;
+            if self.at == s.len {
+                self.seg += 1;
+                self.at = 0;
+            }
+        }
+        true
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> usize {
+        self.written
+    }
 }
 
 /// Put every `(head, len)` of `used` in the used ring and then publish them with a single index
@@ -411,6 +472,40 @@ mod tests {
         mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
         assert_eq!((&a, &b), (b"abc", b"defg"));
         assert!(!write_segments(&mem, &segs, b"abcdefgh"));
+    }
+
+    #[test]
+    fn a_segment_writer_goes_on_where_it_stopped_and_never_past_the_end() {
+        let mem = guest_memory(MEM);
+        let seg = |addr, len| Segment {
+            addr: GuestAddress(addr),
+            len,
+        };
+        mem.write_slice(&[0xee; 16], GuestAddress(0x1000)).unwrap();
+        mem.write_slice(&[0xee; 16], GuestAddress(0x2000)).unwrap();
+        // A header of 5 split 2 + 3, then a payload given as two pieces.
+        let segs = [seg(0x1000, 2), seg(0x2000, 6), seg(0x3000, 4)];
+        let mut wr = SegmentWriter::new(&mem, &segs);
+        assert!(wr.write(b"HHHHH"));
+        assert!(wr.write(b"ab"));
+        assert!(wr.write(b""));
+        assert!(wr.write(b"cdef"));
+        assert_eq!(wr.written(), 11);
+        let mut a = [0u8; 3];
+        let mut b = [0u8; 7];
+        let mut c = [0u8; 4];
+        mem.read_slice(&mut a, GuestAddress(0x1000)).unwrap();
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        mem.read_slice(&mut c, GuestAddress(0x3000)).unwrap();
+        assert_eq!(&a, b"HH\xee");
+        assert_eq!(&b, b"HHHabc\xee");
+        assert_eq!(&c[..3], b"def");
+        // One byte left: a longer piece fills it and is refused; nothing goes further.
+        assert!(!wr.write(b"xy"));
+        assert_eq!(wr.written(), 12);
+        assert!(!wr.write(b"z"));
+        mem.read_slice(&mut b, GuestAddress(0x2000)).unwrap();
+        assert_eq!(b[6], 0xee, "past a segment's end is untouched");
     }
 
     #[test]

@@ -11,12 +11,16 @@ use super::packet::{
     Header, MAX_PAYLOAD, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND,
 };
+use super::ring::ByteRing;
 
 /// Receive buffer the device advertises to the guest for each connection: bytes from the
 /// guest that are not yet written to the host socket.
 pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
 /// Most bytes read from the host socket ahead of the guest taking them.
 pub const FROM_HOST_MAX: usize = 64 * 1024;
+/// The host socket is read only when at least this much of the buffer is free, so a stream
+/// the guest takes 4 KiB at a time costs one read per 32 KiB rather than one per packet.
+pub const FROM_HOST_REFILL: usize = FROM_HOST_MAX / 2;
 
 /// Where the connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,11 +45,14 @@ pub enum ConnError {
     Host(String),
 }
 
-/// What the guest should receive next on this connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where [`Connection::next_packet`] puts a packet: given its header and its payload as two
+/// slices, in order (both empty for control packets).
+pub type PacketWriter<'a> = dyn FnMut(&Header, &[u8], &[u8]) + 'a;
+
+/// A packet [`Connection::next_packet`] handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outgoing {
     pub hdr: Header,
-    pub payload: Vec<u8>,
     /// After this packet the connection is finished and goes away.
     pub last: bool,
 }
@@ -74,7 +81,7 @@ pub struct Connection<S> {
     buf_alloc: u32,
 
     // Host -> guest.
-    from_host: VecDeque<u8>,
+    from_host: ByteRing<FROM_HOST_MAX>,
     tx_cnt: u32,
     peer_buf_alloc: u32,
     peer_fwd_cnt: u32,
@@ -121,7 +128,7 @@ impl<S: Read + Write> Connection<S> {
             fwd_cnt: 0,
             last_fwd_cnt_sent: 0,
             buf_alloc: CONN_BUF_ALLOC,
-            from_host: VecDeque::new(),
+            from_host: ByteRing::default(),
             tx_cnt: 0,
             peer_buf_alloc: 0,
             peer_fwd_cnt: 0,
@@ -149,6 +156,7 @@ impl<S: Read + Write> Connection<S> {
         early: &[u8],
     ) -> Self {
         let mut c = Self::new(stream, guest_cid, local_port, peer_port, State::Connecting);
+        // The bytes that came with a `CONNECT` line: far fewer than the buffer holds.
         c.from_host.extend(early);
         c
     }
@@ -356,17 +364,19 @@ impl<S: Read + Write> Connection<S> {
         false
     }
 
-    /// Read from the host socket while there is room.
-    pub fn fill_from_host(&mut self, scratch: &mut [u8]) -> Result<(), ConnError> {
+    /// Read from the host socket, straight into the buffer with one vectored read over its
+    /// free space, while at least [`FROM_HOST_REFILL`] bytes of it are free. The socket stays
+    /// marked readable until a read finds it empty, so what is left in it is read once the
+    /// guest has taken enough.
+    pub fn fill_from_host(&mut self) -> Result<(), ConnError> {
         while self.host_readable
             && !self.host_eof
             && !self.guest_rcv_shut
-            && self.from_host.len() < FROM_HOST_MAX
+            && self.from_host.free() >= FROM_HOST_REFILL
         {
-            let room = (FROM_HOST_MAX - self.from_host.len()).min(scratch.len());
-            match self.stream.read(&mut scratch[..room]) {
+            match self.from_host.read_from(&mut self.stream) {
                 Ok(0) => self.host_eof = true,
-                Ok(n) => self.from_host.extend(&scratch[..n]),
+                Ok(_) => {}
                 Err(e) => match e.kind() {
                     io::ErrorKind::WouldBlock => self.host_readable = false,
                     io::ErrorKind::Interrupted => {}
@@ -413,23 +423,28 @@ impl<S: Read + Write> Connection<S> {
         h
     }
 
-    /// The next packet for the guest, with at most `max_payload` payload bytes.
-    pub fn next_packet(&mut self, max_payload: usize) -> Option<Outgoing> {
+    /// The next packet for the guest, with at most `max_payload` payload bytes. `write` is
+    /// given its header and its payload (empty for control packets) as two slices, in order,
+    /// to copy where the guest reads them, before the connection lets go of the bytes.
+    pub fn next_packet(
+        &mut self,
+        max_payload: usize,
+        write: &mut PacketWriter<'_>,
+    ) -> Option<Outgoing> {
         if self.guest_gone {
             return None;
         }
-        let control = |hdr| Outgoing {
-            hdr,
-            payload: Vec::new(),
-            last: false,
-        };
+        fn control(write: &mut PacketWriter<'_>, hdr: Header) -> Outgoing {
+            write(&hdr, &[], &[]);
+            Outgoing { hdr, last: false }
+        }
         if self.request_due {
             self.request_due = false;
-            return Some(control(self.header(OP_REQUEST)));
+            return Some(control(write, self.header(OP_REQUEST)));
         }
         if self.response_due {
             self.response_due = false;
-            return Some(control(self.header(OP_RESPONSE)));
+            return Some(control(write, self.header(OP_RESPONSE)));
         }
         if self.data_ready() && max_payload > 0 {
             let n = self
@@ -438,22 +453,14 @@ impl<S: Read + Write> Connection<S> {
                 .min(self.peer_free() as usize)
                 .min(max_payload)
                 .min(MAX_PAYLOAD as usize);
-            // Two bulk copies out of the ring buffer (a byte-wise drain is far slower).
-            let (front, back) = self.from_host.as_slices();
-            let from_front = n.min(front.len());
-            let mut payload = Vec::with_capacity(n);
-            payload.extend_from_slice(&front[..from_front]);
-            payload.extend_from_slice(&back[..n - from_front]);
-            self.from_host.drain(..n);
             // `n` is at most MAX_PAYLOAD.
             self.tx_cnt = self.tx_cnt.wrapping_add(n as u32);
             let mut hdr = self.header(OP_RW);
             hdr.len = n as u32;
-            return Some(Outgoing {
-                hdr,
-                payload,
-                last: false,
-            });
+            let (front, back) = self.from_host.peek(n);
+            write(&hdr, front, back);
+            self.from_host.consume(n);
+            return Some(Outgoing { hdr, last: false });
         }
         if self.shutdown_ready() {
             self.shutdown_sent = true;
@@ -463,14 +470,14 @@ impl<S: Read + Write> Connection<S> {
             if self.host_hup {
                 hdr.flags |= SHUTDOWN_RCV;
             }
+            write(&hdr, &[], &[]);
             return Some(Outgoing {
                 hdr,
-                payload: Vec::new(),
                 last: self.host_hup,
             });
         }
         if self.credit_update_due {
-            return Some(control(self.header(OP_CREDIT_UPDATE)));
+            return Some(control(write, self.header(OP_CREDIT_UPDATE)));
         }
         None
     }
@@ -489,10 +496,18 @@ mod tests {
         written: Vec<u8>,
         write_room: usize,
         broken: bool,
+        /// Read calls made.
+        reads: usize,
     }
 
     impl Read for Mock {
         fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.read_vectored(&mut [io::IoSliceMut::new(buf)])
+        }
+
+        /// Like readv(2): the buffers are filled in turn.
+        fn read_vectored(&mut self, bufs: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+            self.reads += 1;
             if self.broken {
                 return Err(io::Error::from(io::ErrorKind::ConnectionReset));
             }
@@ -503,9 +518,13 @@ mod tests {
                     Err(io::ErrorKind::WouldBlock.into())
                 };
             }
-            let n = buf.len().min(self.input.len());
-            for (b, v) in buf.iter_mut().zip(self.input.drain(..n)) {
-                *b = v;
+            let mut n = 0;
+            for buf in bufs.iter_mut() {
+                let k = buf.len().min(self.input.len());
+                for (b, v) in buf.iter_mut().zip(self.input.drain(..k)) {
+                    *b = v;
+                }
+                n += k;
             }
             Ok(n)
         }
@@ -529,6 +548,38 @@ mod tests {
         }
     }
 
+    /// A packet as the guest receives it.
+    #[derive(Debug, PartialEq)]
+    struct Pkt {
+        hdr: Header,
+        payload: Vec<u8>,
+        last: bool,
+        /// The payload came in two pieces (across the buffer's wrap).
+        wrapped: bool,
+    }
+
+    /// The connection's next packet, as `next_packet` writes it out.
+    fn next(c: &mut Connection<Mock>, max_payload: usize) -> Option<Pkt> {
+        let mut payload = Vec::new();
+        let mut written = None;
+        let mut wrapped = false;
+        let o = c.next_packet(max_payload, &mut |hdr, front, back| {
+            assert!(written.is_none(), "one write per packet");
+            written = Some(*hdr);
+            wrapped = !back.is_empty();
+            payload.extend_from_slice(front);
+            payload.extend_from_slice(back);
+        })?;
+        assert_eq!(written, Some(o.hdr), "the packet's header is written");
+        assert_eq!(o.hdr.len as usize, payload.len());
+        Some(Pkt {
+            hdr: o.hdr,
+            payload,
+            last: o.last,
+            wrapped,
+        })
+    }
+
     fn req(buf_alloc: u32, fwd_cnt: u32) -> Header {
         Header {
             src_cid: 3,
@@ -545,7 +596,7 @@ mod tests {
 
     fn conn(buf_alloc: u32) -> Connection<Mock> {
         let mut c = Connection::guest_initiated(Mock::default(), 3, &req(buf_alloc, 0));
-        let resp = c.next_packet(4096).unwrap();
+        let resp = next(&mut c, 4096).unwrap();
         assert_eq!(resp.hdr.op, OP_RESPONSE);
         assert_eq!((resp.hdr.src_port, resp.hdr.dst_port), (80, 4000));
         assert_eq!(resp.hdr.buf_alloc, CONN_BUF_ALLOC);
@@ -555,24 +606,66 @@ mod tests {
     #[test]
     fn host_data_respects_guest_credit() {
         let mut c = conn(100);
-        let mut scratch = vec![0u8; 4096];
         c.stream.input.extend(vec![7u8; 300]);
-        c.fill_from_host(&mut scratch).unwrap();
-        let p = c.next_packet(4096).unwrap();
+        c.fill_from_host().unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!((p.hdr.op, p.hdr.len, p.payload.len()), (OP_RW, 100, 100));
         assert_eq!(c.peer_free(), 0);
         assert!(!c.has_packet(), "no credit left");
-        assert_eq!(c.next_packet(4096), None);
+        assert_eq!(next(&mut c, 4096), None);
         // The guest consumed 60 bytes.
         let mut upd = req(100, 60);
         upd.op = OP_CREDIT_UPDATE;
         c.update_peer_credit(&upd);
         assert_eq!(c.peer_free(), 60);
-        let p = c.next_packet(50).unwrap();
+        let p = next(&mut c, 50).unwrap();
         assert_eq!(p.payload.len(), 50, "limited by the buffer");
-        let p = c.next_packet(4096).unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!(p.payload.len(), 10);
-        assert_eq!(c.next_packet(4096), None);
+        assert_eq!(next(&mut c, 4096), None);
+    }
+
+    #[test]
+    fn host_data_keeps_its_order_with_one_read_per_half_buffer() {
+        let mut c = conn(1 << 30);
+        let data: Vec<u8> = (0..256 * 1024).map(|i| (i * 13 + i / 4093) as u8).collect();
+        c.stream.input.extend(&data);
+        c.fill_from_host().unwrap();
+        // The buffer grows from 4 KiB while reads fill it: a few reads the first time.
+        assert_eq!(c.from_host.len(), FROM_HOST_MAX);
+        let first = c.stream.reads;
+        assert!(first <= 5, "{first} reads to fill the buffer");
+        // What a 4 KiB Linux receive buffer holds after the header: packets straddle the
+        // buffer's wrap.
+        let max = 4096 - 44;
+        let mut got = Vec::new();
+        let mut wrapped = 0;
+        while got.len() < data.len() {
+            let p = next(&mut c, max).expect("data for the guest");
+            assert_eq!(p.hdr.op, OP_RW);
+            wrapped += usize::from(p.wrapped);
+            got.extend_from_slice(&p.payload);
+            // As the muxer does after every packet.
+            c.fill_from_host().unwrap();
+            if got.len() < 32 * 1024 {
+                assert_eq!(
+                    c.stream.reads, first,
+                    "no read until half the buffer is free"
+                );
+            }
+        }
+        assert!(got == data, "bytes lost or reordered");
+        assert!(wrapped >= 3, "packets crossed the wrap {wrapped} times");
+        // Then a read per 32 KiB or more taken, and one that finds the socket empty.
+        let refills = c.stream.reads - first;
+        assert!(
+            refills <= (data.len() - 64 * 1024) / (32 * 1024) + 1,
+            "{refills} reads for {} bytes after the first 64 KiB",
+            data.len() - FROM_HOST_MAX
+        );
+        assert_eq!(next(&mut c, max), None);
+        // Every byte counted against the guest's credit.
+        assert_eq!(c.peer_free(), (1 << 30) - data.len() as u32);
     }
 
     #[test]
@@ -592,19 +685,19 @@ mod tests {
         assert!(!c.host_writable);
         assert_eq!(c.stream.written.len(), 1000);
         assert_eq!(c.our_free(), 1000);
-        let p = c.next_packet(4096).unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!((p.hdr.op, p.hdr.fwd_cnt), (OP_CREDIT_UPDATE, 1000));
-        assert_eq!(c.next_packet(4096), None);
+        assert_eq!(next(&mut c, 4096), None);
         // A credit request is answered even without progress.
         c.on_credit_request();
-        assert_eq!(c.next_packet(4096).unwrap().hdr.op, OP_CREDIT_UPDATE);
+        assert_eq!(next(&mut c, 4096).unwrap().hdr.op, OP_CREDIT_UPDATE);
     }
 
     #[test]
     fn host_initiated_handshake_and_prefix() {
         let mut c = Connection::host_initiated(Mock::default(), 3, 1024, 5000, b"early");
         assert!(c.has_packet());
-        let p = c.next_packet(4096).unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!(p.hdr.op, OP_REQUEST);
         assert_eq!(
             (p.hdr.src_port, p.hdr.dst_port, p.hdr.dst_cid),
@@ -619,25 +712,24 @@ mod tests {
         c.stream.write_room = 100;
         c.flush_to_host().unwrap();
         assert_eq!(c.stream.written, b"OK 1024\nhi");
-        let p = c.next_packet(4096).unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!(p.payload, b"early");
     }
 
     #[test]
     fn shutdowns_both_ways() {
         let mut c = conn(1000);
-        let mut scratch = vec![0u8; 64];
         // Host half-closes after some data: data first, then SHUTDOWN(SEND).
         c.stream.input.extend(b"bye");
         c.stream.eof = true;
-        c.fill_from_host(&mut scratch).unwrap();
-        assert_eq!(c.next_packet(4096).unwrap().payload, b"bye");
-        let p = c.next_packet(4096).unwrap();
+        c.fill_from_host().unwrap();
+        assert_eq!(next(&mut c, 4096).unwrap().payload, b"bye");
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!(
             (p.hdr.op, p.hdr.flags, p.last),
             (OP_SHUTDOWN, SHUTDOWN_SEND, false)
         );
-        assert_eq!(c.next_packet(4096), None);
+        assert_eq!(next(&mut c, 4096), None);
         // The guest still sends, then shuts down its side: host EOF after the data.
         c.on_guest_data(b"more").unwrap();
         c.on_guest_shutdown(false, true);
@@ -659,11 +751,10 @@ mod tests {
         c.on_guest_data(b"data").unwrap();
         assert!(matches!(c.flush_to_host(), Err(ConnError::Host(_))));
         assert!(c.host_hup);
-        let p = c.next_packet(4096).unwrap();
+        let p = next(&mut c, 4096).unwrap();
         assert_eq!(p.hdr.flags, SHUTDOWN_SEND | SHUTDOWN_RCV);
         assert!(p.last);
-        let mut scratch = [0u8; 8];
-        assert!(c.fill_from_host(&mut scratch).is_err());
+        assert!(c.fill_from_host().is_err());
         let _ = OP_RST;
     }
 }

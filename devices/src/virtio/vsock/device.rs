@@ -19,7 +19,10 @@ use super::muxer::{Muxer, Timeouts};
 use super::packet::{Header, HDR_LEN, MAX_PAYLOAD};
 use super::{inc, Key, VsockError, VsockMetrics, WAKE_EVENT};
 use crate::guest_warn;
-use crate::virtio::chain::{pop_chain, segments, write_segments, ChainError, Direction, Segment};
+use crate::virtio::chain::{
+    pop_chain, segments, segments_into, write_segments, ChainError, Direction, Segment,
+    SegmentWriter,
+};
 use crate::virtio::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK,
@@ -104,14 +107,18 @@ pub fn parse_tx_chain(
     Ok((Header::from_bytes(&hdr_bytes), payload))
 }
 
-/// The device-writable descriptors of a receive chain, with room for a header.
+/// The device-writable descriptors of a receive chain (into `segs`), if they have room for a
+/// header: their total length, at most what the largest packet needs (the rest of a longer
+/// chain is left unused).
 fn rx_segments(
     mem: &GuestMemoryMmap,
     chain: impl IntoIterator<Item = Descriptor>,
-) -> Option<(Vec<Segment>, usize)> {
-    match segments(mem, chain, Direction::DeviceWrites, u64::MAX) {
-        // Guest memory is addressable, so its size fits in `usize`.
-        Ok((segs, total)) if total >= HDR_LEN as u64 => Some((segs, total as usize)),
+    segs: &mut Vec<Segment>,
+) -> Option<usize> {
+    match segments_into(mem, chain, Direction::DeviceWrites, u64::MAX, segs) {
+        Ok(total) if total >= HDR_LEN as u64 => {
+            Some(total.min(HDR_LEN as u64 + u64::from(MAX_PAYLOAD)) as usize)
+        }
         _ => None,
     }
 }
@@ -146,6 +153,8 @@ pub struct Vsock {
     /// wakeup eventfd.
     tx_more: bool,
     rx_more: bool,
+    /// The segments of the receive chain being filled (kept to reuse its allocation).
+    rx_segs: Vec<Segment>,
     pub(super) metrics: Arc<VsockMetrics>,
 }
 
@@ -170,6 +179,7 @@ impl Vsock {
             reset_sent_avail: 0,
             tx_more: false,
             rx_more: false,
+            rx_segs: Vec::new(),
             metrics,
         })
     }
@@ -290,8 +300,9 @@ impl Vsock {
                 break;
             };
             let head = chain.head_index();
-            let (segs, capacity) = match rx_segments(&mem, chain) {
-                Some(found) => found,
+            let segs = &mut self.rx_segs;
+            let capacity = match rx_segments(&mem, chain, segs) {
+                Some(capacity) => capacity,
                 None => {
                     inc(&m.rx_errors, 1);
                     if let Err(e) = active.rx.add_used(&mem, head, 0) {
@@ -302,23 +313,31 @@ impl Vsock {
                     continue;
                 }
             };
-            let Some((hdr, payload)) = self.muxer.next_for_guest(&mut pass, capacity - HDR_LEN)
-            else {
+            // The header and the payload go straight from the connection's buffer into the
+            // chain's descriptors, which `capacity` (and the writer) bound.
+            let mut out = SegmentWriter::new(&mem, segs);
+            let mut written = true;
+            let sent = self.muxer.next_for_guest(
+                &mut pass,
+                capacity - HDR_LEN,
+                &mut |hdr, front, back| {
+                    written = out.write(&hdr.to_bytes()) && out.write(front) && out.write(back);
+                },
+            );
+            let Some(hdr) = sent else {
                 // Nothing to send after all: give the buffer back to the ring.
                 let next = active.rx.next_avail().wrapping_sub(1);
                 active.rx.set_next_avail(next);
                 break;
             };
-            let mut bytes = Vec::with_capacity(HDR_LEN + payload.len());
-            bytes.extend_from_slice(&hdr.to_bytes());
-            bytes.extend_from_slice(&payload);
-            if !write_segments(&mem, &segs, &bytes) {
+            if !written {
                 inc(&m.rx_errors, 1);
             }
             inc(&m.rx_packets, 1);
-            inc(&m.rx_bytes, payload.len() as u64);
+            inc(&m.rx_bytes, u64::from(hdr.len));
             // At most HDR_LEN + MAX_PAYLOAD.
-            if let Err(e) = active.rx.add_used(&mem, head, bytes.len() as u32) {
+            let len = HDR_LEN as u32 + hdr.len;
+            if let Err(e) = active.rx.add_used(&mem, head, len) {
                 guest_warn!("virtio-vsock: cannot return a receive buffer: {e}");
                 break;
             }

@@ -32,6 +32,10 @@
 //!   whose last bytes do not move once neither side sends, and a host connection held back
 //!   after a restore until the guest handles the transport reset.
 //!
+//! Host data for the guest is read from the host socket with one `readv(2)` into the
+//! connection's ring buffer (`ring.rs`) whenever half of it is free, and copied from there
+//! straight into the guest's receive descriptors, header and payload alike.
+//!
 //! The device ([`Vsock`], `device.rs`) owns the queues: it takes the guest's packets from the
 //! transmit queue, fills the receive queue and sends the transport-reset event. The muxer
 //! (`muxer.rs`) owns the host side: the connection table ([`conn`]), host programs waiting
@@ -41,6 +45,7 @@ pub mod conn;
 mod device;
 mod muxer;
 pub mod packet;
+mod ring;
 
 use std::io;
 use std::path::PathBuf;

@@ -16,7 +16,7 @@ use log::{debug, warn};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::conn::{self, ConnError, Connection, State};
+use super::conn::{self, ConnError, Connection, PacketWriter, State};
 use super::packet::{check_guest_header, parse_connect_line, rst_for, Header, Op, OP_RST};
 use super::{inc, Key, VsockError, VsockMetrics, FIRST_SOCKET_EVENT, LISTENER_EVENT, TIMER_EVENT};
 use crate::guest_warn;
@@ -158,7 +158,6 @@ pub(super) struct Muxer {
     timer: TimerFd,
     timer_armed: bool,
     timeouts: Timeouts,
-    scratch: Vec<u8>,
     metrics: Arc<VsockMetrics>,
 }
 
@@ -236,7 +235,6 @@ impl Muxer {
             timeouts: Timeouts::default(),
             to_register: Vec::new(),
             to_unregister: Vec::new(),
-            scratch: vec![0; 16 * 1024],
             metrics,
         })
     }
@@ -563,7 +561,7 @@ impl Muxer {
             let _ = c.stream.shutdown(std::net::Shutdown::Write);
         }
         if result.is_ok() && c.state == State::Established {
-            result = c.fill_from_host(&mut self.scratch);
+            result = c.fill_from_host();
         }
         let finished = c.finished();
         match result {
@@ -717,37 +715,41 @@ impl Muxer {
     }
 
     /// The next packet for the guest, with at most `max_payload` payload bytes: a waiting
-    /// control packet first, then the connections of the pass in turn.
+    /// control packet first, then the connections of the pass in turn. The packet is handed
+    /// to `write` (its header, and its payload as two slices) and returned.
     pub(super) fn next_for_guest(
         &mut self,
         pass: &mut RxPass,
         max_payload: usize,
-    ) -> Option<(Header, Vec<u8>)> {
+        write: &mut PacketWriter<'_>,
+    ) -> Option<Header> {
         if let Some(hdr) = self.ctrl.pop_front() {
             if hdr.op == OP_RST {
                 inc(&self.metrics.resets_sent, 1);
             }
-            return Some((hdr, Vec::new()));
+            write(&hdr, &[], &[]);
+            return Some(hdr);
         }
         while let Some(key) = pass.ready.pop_front() {
             let Some((_, c)) = self.conns.get_mut(&key) else {
                 continue;
             };
-            let Some(o) = c.next_packet(max_payload) else {
+            let Some(o) = c.next_packet(max_payload, write) else {
                 continue;
             };
             if o.last {
                 pass.finished.push(key);
             } else {
-                // Keep the host data coming while the guest has room.
-                if c.fill_from_host(&mut self.scratch).is_err() {
+                // Keep the host data coming while the guest has room (a read once half the
+                // buffer is free).
+                if c.fill_from_host().is_err() {
                     c.host_hup = true;
                 }
                 if c.has_packet() {
                     pass.ready.push_back(key);
                 }
             }
-            return Some((o.hdr, o.payload));
+            return Some(o.hdr);
         }
         None
     }

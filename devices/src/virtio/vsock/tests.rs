@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::packet::*;
 use super::*;
 use crate::virtio::test_utils::{
-    guest_memory, interrupt, r, w, BackendLoop, TestQueue, VIRTQ_DESC_F_NEXT,
+    guest_memory, interrupt, r, w, BackendLoop, Desc, TestQueue, VIRTQ_DESC_F_NEXT,
 };
 use crate::virtio::{feature, ActivateError, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_ID_VSOCK};
 
@@ -756,6 +756,150 @@ fn bad_rx_chains_are_returned_empty() {
     }
     assert_eq!(s.g.rxq.used_elem(3), (3, HDR_LEN as u32));
     assert_eq!(m(&s.lp.dev().metrics().rx_errors), 3);
+}
+
+/// Guest memory for receive chains laid out by the tests below (above the standard buffers).
+const SPLITBUF: u64 = 0x20_0000;
+
+/// Read back what the device wrote into a chain of `descs` (device-writable, in order), `len`
+/// bytes: the header and the payload.
+fn read_chain(mem: &GuestMemoryMmap, descs: &[(u64, u32)], len: u32) -> (Header, Vec<u8>) {
+    let mut bytes = Vec::new();
+    let mut left = len as usize;
+    for &(addr, dlen) in descs {
+        let n = left.min(dlen as usize);
+        let mut b = vec![0u8; n];
+        mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
+        bytes.extend_from_slice(&b);
+        left -= n;
+    }
+    assert_eq!(left, 0, "the device reported more than the chain holds");
+    let mut hb = [0u8; HDR_LEN];
+    hb.copy_from_slice(&bytes[..HDR_LEN]);
+    let hdr = Header::from_bytes(&hb);
+    assert_eq!(hdr.len as usize, bytes.len() - HDR_LEN);
+    (hdr, bytes[HDR_LEN..].to_vec())
+}
+
+#[test]
+fn host_data_reaches_chains_that_split_the_header_in_order() {
+    let mut s = setup_with_rx(1);
+    let (mut host, hp) = host_connect(&mut s, 4242, true);
+    assert_eq!(host_read(&mut s.lp, &mut host, 8).0, b"OK 1024\n");
+    // Several times the connection's buffer, so its wrap falls inside packets.
+    let data: Vec<u8> = (0..300 * 1024u32)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8)
+        .collect();
+    host.set_nonblocking(false).unwrap();
+    let writer = {
+        let mut host = host.try_clone().unwrap();
+        let data = data.clone();
+        std::thread::spawn(move || host.write_all(&data).unwrap())
+    };
+    let mem = s.g.rxq.mem.clone();
+    let mut got = Vec::new();
+    let mut layouts: HashMap<u16, Vec<(u64, u32)>> = HashMap::new();
+    let end = Instant::now() + TIMEOUT * 4;
+    let mut round = 0u64;
+    let mut outstanding = 0;
+    while got.len() < data.len() && Instant::now() < end {
+        if outstanding == 0 {
+            // 16 chains: the header split 10 + 34 over two descriptors (the second also
+            // holding the payload's first bytes), then a payload descriptor of an odd size.
+            for j in 0..16u64 {
+                let base = SPLITBUF + j * 0x8000;
+                let tail = 3000 + ((round * 16 + j) * 97 % 5000) as u32;
+                let descs = vec![(base, 10), (base + 0x100, 40), (base + 0x1000, tail)];
+                let chain: Vec<_> = descs.iter().map(|&(a, l)| w(a, l)).collect();
+                let head = s.g.rxq.add_chain(&chain);
+                layouts.insert(head, descs);
+            }
+            outstanding = 16;
+            round += 1;
+            s.lp.dev().process_queue(RX_QUEUE);
+        }
+        s.lp.run_once(5);
+        while s.g.pending() > 0 {
+            let (head, len) = s.g.rxq.used_elem(s.g.seen);
+            s.g.seen = s.g.seen.wrapping_add(1);
+            outstanding -= 1;
+            let (hdr, payload) = read_chain(&mem, &layouts[&(head as u16)], len);
+            assert_eq!((hdr.op, hdr.src_port, hdr.dst_port), (OP_RW, hp, 4242));
+            assert!(hdr.len > 0);
+            got.extend_from_slice(&payload);
+        }
+    }
+    writer.join().unwrap();
+    assert_eq!(got.len(), data.len(), "all bytes arrive");
+    assert!(got == data, "bytes reordered or corrupted");
+    let mm = s.lp.dev().metrics();
+    assert_eq!(m(&mm.rx_errors), 0);
+    assert_eq!(m(&mm.rx_bytes), data.len() as u64);
+}
+
+#[test]
+fn hostile_receive_chains_get_nothing_and_the_data_waits_for_a_good_one() {
+    let mut s = setup_with_rx(1);
+    let (mut host, _) = host_connect(&mut s, 4343, true);
+    assert_eq!(host_read(&mut s.lp, &mut host, 8).0, b"OK 1024\n");
+    let mem = s.g.rxq.mem.clone();
+    let end_of_mem = 0x80_0000u64;
+    mem.write_slice(&[0xee; 0x2000], GuestAddress(SPLITBUF))
+        .unwrap();
+    mem.write_slice(&[0xee; 8], GuestAddress(end_of_mem - 8))
+        .unwrap();
+    let bad: [&[Desc]; 7] = [
+        // An address that wraps around the top of the address space.
+        &[w(u64::MAX - 15, 64)],
+        // Past the end of guest memory, and longer than all of it.
+        &[w(end_of_mem - 8, 64)],
+        &[w(SPLITBUF, 0x1000_0000)],
+        // Too short for a header, in one descriptor or two.
+        &[w(SPLITBUF, HDR_LEN as u32 - 1)],
+        &[w(SPLITBUF, 20), w(SPLITBUF + 0x1000, 20)],
+        // A good descriptor followed by one outside memory.
+        &[w(SPLITBUF, 4096), w(end_of_mem - 4, 64)],
+        // The wrong way round.
+        &[w(SPLITBUF, 30), r(SPLITBUF + 0x1000, 4096)],
+    ];
+    for chain in bad {
+        s.g.rxq.add_chain(chain);
+    }
+    host.write_all(b"payload").unwrap();
+    let good =
+        s.g.rxq
+            .add_chain(&[w(SPLITBUF + 0x4000, 8), w(SPLITBUF + 0x5000, 4096)]);
+    s.lp.dev().process_queue(RX_QUEUE);
+    let first = s.g.seen;
+    let stop = Instant::now() + TIMEOUT;
+    while s.g.pending() < 8 && Instant::now() < stop {
+        s.lp.run_once(5);
+    }
+    assert_eq!(s.g.pending(), 8);
+    for i in 0..7 {
+        assert_eq!(
+            s.g.rxq.used_elem(first.wrapping_add(i)).1,
+            0,
+            "bad chain {i}"
+        );
+    }
+    let (head, len) = s.g.rxq.used_elem(first.wrapping_add(7));
+    assert_eq!(head, u32::from(good));
+    let (hdr, payload) = read_chain(
+        &mem,
+        &[(SPLITBUF + 0x4000, 8), (SPLITBUF + 0x5000, 4096)],
+        len,
+    );
+    assert_eq!((hdr.op, payload.as_slice()), (OP_RW, &b"payload"[..]));
+    assert_eq!(m(&s.lp.dev().metrics().rx_errors), 7);
+    // Nothing was written into the bad chains.
+    let mut b = vec![0u8; 0x2000];
+    mem.read_slice(&mut b, GuestAddress(SPLITBUF)).unwrap();
+    assert!(b.iter().all(|&x| x == 0xee));
+    let mut b = [0u8; 8];
+    mem.read_slice(&mut b, GuestAddress(end_of_mem - 8))
+        .unwrap();
+    assert_eq!(b, [0xee; 8]);
 }
 
 #[test]
