@@ -36,6 +36,7 @@ use std::time::{Duration, Instant};
 use flint_agent::poll::wait_readable;
 use log::debug;
 use serde::{Deserialize, Serialize};
+use vmm::Ending;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::agent::{exec_spec, AgentThread};
@@ -282,6 +283,8 @@ fn member_run(options: &RunOptions, start: Instant) -> Result<u8, MemberError> {
     };
     match supervise(&vm, &client, staging, None, None, start) {
         Outcome::Connected => {}
+        // The pool stopping it: nothing to say.
+        Outcome::Ended(Ending::Signal(_)) => return Ok(finish(Outcome::Abandoned, vm, None)),
         other => return Ok(finish(other, vm, None)),
     }
     debug!("pool member: ready at {} ms", start.elapsed().as_millis());
@@ -292,6 +295,7 @@ fn member_run(options: &RunOptions, start: Instant) -> Result<u8, MemberError> {
     // connection, or its end) is what this waits for, or the VM's end.
     match supervise(&vm, &client, None, None, Some(&pool as &dyn AsRawFd), start) {
         Outcome::Abandoned => {}
+        Outcome::Ended(Ending::Signal(_)) => return Ok(finish(Outcome::Abandoned, vm, None)),
         other => return Ok(finish(other, vm, None)),
     }
     let Some(conn) = take_connection(&pool) else {
