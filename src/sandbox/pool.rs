@@ -643,6 +643,8 @@ impl Pool<'_> {
             self.options.socket.display()
         );
         loop {
+            // Waiting clients first; then replacements for the members that took them.
+            self.dispatch();
             let warm = self
                 .members
                 .iter()
@@ -653,7 +655,6 @@ impl Pool<'_> {
                 debug!("pool: started member {}", member.pid);
                 self.members.push(member);
             }
-            self.dispatch();
             let mut fds: Vec<&dyn AsRawFd> = vec![&signals.0, &listener.socket];
             fds.extend(self.members.iter().map(|m| &m.socket as &dyn AsRawFd));
             let timeout = (!self.pending.is_empty()).then_some(Duration::from_secs(1));
