@@ -121,13 +121,12 @@ for i in 1 2 3 4; do
 done
 # A pool of two warm sandboxes (flint pool): jobs through it, a client killed while its
 # command runs, then SIGTERM. Members are flint processes whose command line names them.
-members() {
-    n=0
+member_pids() {
     for p in /proc/[0-9]*; do
-        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q ' pool-member ' && n=$((n + 1))
+        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q ' pool-member ' && echo "${p#/proc/}"
     done
-    echo $n
 }
+members() { member_pids | wc -l; }
 P=$WORK/pool.sock
 $FLINT pool --socket "$P" --size 2 --kernel $VMLINUX --initramfs $FILES/sandbox.cpio.gz \
     </dev/null >/dev/null 2>"$WORK/pool.err" &
@@ -143,12 +142,16 @@ $RP --env GREETING=pooled --workdir /tmp -- sh -c 'echo "$GREETING in $(pwd)"; e
 echo "STATUS pool3 $?"; echo "POOL_ENV $(cat "$WORK/pool3.out")"
 $RP -- sh -c 'date +%s' </dev/null >"$WORK/pool4.out" 2>&1
 echo "STATUS pool4 $?"; echo "POOL_TIME $(( $(date +%s) - $(cat "$WORK/pool4.out") ))"
+# The members before this job: the one that takes it must go when its client is killed.
+alive() { n=0; for p in "$@"; do [ -d "/proc/$p" ] && n=$((n + 1)); done; echo $n; }
+old_members=$(member_pids)
 $RP -- sh -c 'echo started; exec sleep 600' </dev/null >"$WORK/poolk.out" 2>&1 &
 client=$!
 wait_for "$WORK/poolk.out" started 120 || true
 echo "MEMBERS_BUSY $(members)"
 kill -9 $client; wait $client
-n=0; until [ "$(members)" = 2 ] || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
+n=0; until [ "$(alive $old_members)" = 1 ] && [ "$(members)" = 2 ] || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
+echo "OLD_MEMBERS_LEFT $(alive $old_members)"
 echo "MEMBERS_AFTER_KILL $(members)"
 $RP -- sh -c 'echo refilled' </dev/null >"$WORK/pool5.out" 2>&1
 echo "STATUS pool5 $?"; echo "POOL_AFTER $(cat "$WORK/pool5.out")"
@@ -352,13 +355,18 @@ fn flint_run_sandboxes() {
     );
     assert_eq!(
         line(out, "MEMBERS_BUSY "),
-        "3",
-        "two warm sandboxes besides the busy one"
+        "2",
+        "a running sandbox counts toward --size 2: one warm sandbox besides it"
+    );
+    assert_eq!(
+        line(out, "OLD_MEMBERS_LEFT "),
+        "1",
+        "the sandbox of a killed client goes"
     );
     assert_eq!(
         line(out, "MEMBERS_AFTER_KILL "),
         "2",
-        "the sandbox of a killed client goes"
+        "the pool refills to --size 2"
     );
     assert_eq!(status("pool5"), "0");
     assert_eq!(line(out, "POOL_AFTER "), "refilled");

@@ -21,8 +21,10 @@ restored from the sandbox snapshot (as 'flint run' restores it), started, and wh
 agent answers. A 'flint run --pool' hands its command, environment, working directory,
 timeout and its own stdin, stdout and stderr to one of them, which sets the guest's clock,
 reseeds its random number generator, runs COMMAND and reports its status; then that sandbox
-is destroyed and the pool starts a new one. A sandbox runs one command only: nothing is
-shared between commands.
+is destroyed. A sandbox runs one command only: nothing is shared between commands. Running
+sandboxes count toward N, but one is always kept ready: replacements start as commands end
+(or at once when none is ready), so that restoring them does not take the CPU from running
+commands.
 
 Only the pool's own user may use it. A client waits for a free sandbox (at most 120 s);
 when its client goes away, a sandbox stops its command and its VM. SIGINT, SIGTERM or

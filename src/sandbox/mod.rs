@@ -8,6 +8,8 @@
 //! and turns what happened into flint's exit status; [`console`] keeps the guest's console in
 //! a capped log whose last lines a failure shows. With `--image`, [`image`] first makes the
 //! container image into the read-only disk the sandbox mounts, and the command that runs in it.
+//! [`pool`] keeps sandboxes made this way warm, each waiting for one command
+//! (`flint pool`, `flint run --pool`).
 
 mod agent;
 mod console;

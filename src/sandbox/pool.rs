@@ -645,12 +645,7 @@ impl Pool<'_> {
         loop {
             // Waiting clients first; then replacements for the members that took them.
             self.dispatch();
-            let warm = self
-                .members
-                .iter()
-                .filter(|m| m.state != State::Busy)
-                .count();
-            for _ in warm..self.options.size {
+            for _ in self.warm()..self.wanted_warm() {
                 let member = spawn_member(&self.options.vm).map_err(PoolError::Spawn)?;
                 debug!("pool: started member {}", member.pid);
                 self.members.push(member);
@@ -673,6 +668,23 @@ impl Pool<'_> {
                 self.pending.pop_front();
             }
         }
+    }
+
+    /// Members starting or ready.
+    fn warm(&self) -> usize {
+        self.members
+            .iter()
+            .filter(|m| m.state != State::Busy)
+            .count()
+    }
+
+    /// How many members to keep starting or ready: `--size` less the ones running a job, but
+    /// at least one. So restoring replacements does not take the CPU from running commands
+    /// (a replacement starts when a job's sandbox ends), and the pool holds at most `--size`
+    /// VMs unless more jobs than that run at once.
+    fn wanted_warm(&self) -> usize {
+        let busy = self.members.len() - self.warm();
+        self.options.size.saturating_sub(busy).max(1)
     }
 
     /// Take the clients that connected: this user's only, as many as may wait.
