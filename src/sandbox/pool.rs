@@ -411,23 +411,8 @@ fn read_job(conn: &UnixStream) -> Result<(Job, Vec<File>), JobError> {
     };
     wait()?;
     let mut head = [0u8; 4096];
-    let mut fds = [-1; 3];
-    let mut iov = [libc::iovec {
-        iov_base: head.as_mut_ptr().cast(),
-        iov_len: head.len(),
-    }];
-    // SAFETY: the one iovec points to `head`, which stays borrowed for the call and may
-    // take any bytes.
-    let received = unsafe { conn.recv_with_fds(&mut iov, &mut fds) };
-    let (n, count) = received.map_err(|e| match e.errno() {
-        libc::ENOBUFS => JobError::Descriptors(4),
-        errno => JobError::Io(io::Error::from_raw_os_error(errno)),
-    })?;
-    // SAFETY: recv_with_fds handed over these `count` descriptors, owned by nobody else.
-    let files: Vec<File> = fds[..count]
-        .iter()
-        .map(|&fd| unsafe { File::from_raw_fd(fd) })
-        .collect();
+    let (n, files) = recv_with_descriptors(conn, &mut head).map_err(JobError::Io)?;
+    let count = files.len();
     if count != 3 {
         return Err(JobError::Descriptors(count));
     }
@@ -451,6 +436,60 @@ fn read_job(conn: &UnixStream) -> Result<(Job, Vec<File>), JobError> {
         return Err(JobError::NoCommand);
     }
     Ok((job, files))
+}
+
+/// The most descriptors [`recv_with_descriptors`] takes from one message (more are closed by
+/// the kernel, which then truncates the message's control data).
+const DESCRIPTORS_MAX: usize = 8;
+
+/// Receive bytes into `buf` and the descriptors that come with them, every one of them owned
+/// by the result (so that none is left open in this process when the caller refuses them).
+fn recv_with_descriptors(conn: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<File>)> {
+    // u64s: aligned for cmsghdr.
+    let mut control = [0u64; 8];
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((DESCRIPTORS_MAX * 4) as u32) } as usize;
+    assert!(space <= std::mem::size_of_val(&control));
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: msghdr is plain data; zeroed is a valid empty one.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: `msg` points to `iov` (over `buf`) and `control` (of `space` bytes), all
+    // borrowed for the call; recvmsg writes only within them.
+    let n = unsafe { libc::recvmsg(conn.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut files = Vec::new();
+    // SAFETY: the CMSG_* macros walk the control data recvmsg wrote, within msg_controllen.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    // Each one is a new descriptor the kernel installed for us.
+                    files.push(File::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+        }
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // The ones taken close with `files`; the kernel closed the rest.
+        drop(files);
+        return Err(io::Error::other(format!(
+            "more than {DESCRIPTORS_MAX} file descriptors came with the job"
+        )));
+    }
+    Ok((n as usize, files))
 }
 
 /// Bytes the connection has, after `wait`; the end of the connection is an error.
