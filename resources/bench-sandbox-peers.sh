@@ -13,6 +13,13 @@
 # does on a restored guest), then SIGKILL and reap Firecracker. Each time is fork to exit of
 # the whole run (the stopwatch helper), flint and Firecracker alternating.
 #
+# Without --phases, a third column: `flint run --pool` against a `flint pool --size 2` of the
+# same sandboxes, started (and warmed with one job) before the timed runs. Its time is the
+# client's, fork to exit, like the others'; the pool's work before the job (restoring and
+# starting the VM, connecting the agent) is not in it, that is the point. After each pooled
+# run the script waits until the pool has two ready sandboxes again, so that no restore in
+# the background overlaps a timed run. The three alternate (rotating which goes first).
+#
 # With --phases, prints instead where each one's time goes: flint's own debug log (`FLINT_LOG=
 # debug`: restored, agent connected, refreshed, command ended, status in, VM stopped, in ms
 # since flint's main started) and fc-sandbox's marks (API accepting, load answered, client
@@ -89,12 +96,44 @@ one_fc() { # tag
     sed -n 's/^FCPHASE /BENCH fc-phase /p' "$W/fc.err"
     grep -v '^FCPHASE' "$W/fc.err" | sed 's/^/BENCH fc-stderr /' | head -n 5
 }
+POOL=$W/pool.sock
+ready=0
+pool_ready() { # wait until the pool has reported N ready sandboxes in all
+    n=0
+    until [ "$(grep -c 'is ready' "$W/pool.err")" -ge "$1" ] || [ $n -ge 600 ]; do sleep 0.1 2>/dev/null || sleep 1; n=$((n + 1)); done
+}
+one_pool() { # tag
+    "$BIN/stopwatch" "$1" "$BIN/flint" run --pool "$POOL" -- true </dev/null 2>"$W/pool-run.err" 3>&1
+    ready=$((ready + 1))
+    pool_ready $ready
+}
+if [ -z "$PHASES" ]; then
+    FLINT_LOG=debug "$BIN/flint" pool --socket "$POOL" --size 2 --memory 128 --kernel "$BIN/vmlinux" \
+        --initramfs "$BIN/sandbox.cpio.gz" </dev/null >/dev/null 2>"$W/pool.err" &
+    pool=$!
+    ready=2
+    pool_ready $ready
+    [ -S "$POOL" ] || { echo "BENCH-FAILED the pool did not start"; cat "$W/pool.err"; exit 1; }
+    one_pool WARM-pool
+fi
 one_flint WARM-flint; one_fc WARM-fc
 r=1
 while [ $r -le $RUNS ]; do
-    if [ $((r % 2)) -eq 0 ]; then one_flint flint; one_fc firecracker; else one_fc firecracker; one_flint flint; fi
+    if [ -n "$PHASES" ]; then
+        if [ $((r % 2)) -eq 0 ]; then one_flint flint; one_fc firecracker; else one_fc firecracker; one_flint flint; fi
+    else
+        case $((r % 3)) in
+        0) one_flint flint; one_pool pool; one_fc firecracker ;;
+        1) one_pool pool; one_fc firecracker; one_flint flint ;;
+        2) one_fc firecracker; one_flint flint; one_pool pool ;;
+        esac
+    fi
     r=$((r + 1))
 done
+if [ -n "$PHASES" ]; then :; else
+    kill -TERM $pool; wait $pool
+    echo "BENCH pool-exit $? $(ls -d /tmp/flint-run-* 2>/dev/null | wc -l) $([ -e "$POOL" ] && echo left || echo gone)"
+fi
 echo "BENCH done"
 SCENARIO
 
@@ -130,7 +169,7 @@ if grep -q 'BENCH-FAILED' "$work/clean" || ! grep -q '^BENCH done' "$work/clean"
     die "a measurement failed (see above)"
 fi
 # stopwatch lines: "BENCH LABEL MICROSECONDS STATUS"
-bad=$(grep -E '^BENCH (flint|firecracker) [0-9]+ [0-9]+$' "$work/clean" | grep -cv ' 0$' || true)
+bad=$(grep -E '^BENCH (flint|firecracker|pool) [0-9]+ [0-9]+$' "$work/clean" | grep -cv ' 0$' || true)
 samples() { sed -n "s/^BENCH $1 \([0-9]*\) 0$/\1/p" "$work/clean" | sort -n; }
 stats() { # prints "median (min-max) n" in ms of the sorted microsecond samples on stdin
     awk '{ v[NR] = $1 / 1000 } END {
@@ -149,11 +188,14 @@ echo "snapshots: flint's template $(sed -n 's/^BENCH flint-snapshot //p' "$work/
 [ "$bad" = 0 ] || echo "runs that failed (not timed): $bad"
 if [ -z "$phases" ]; then
     fl=$(samples flint | stats)
+    fp=$(samples pool | stats)
     fc=$(samples firecracker | stats)
-    ratio=$(awk -v a="$(samples flint | median_of)" -v b="$(samples firecracker | median_of)" \
-        'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }')
-    printf '| %-62s | %-24s | %-24s | %-11s |\n' "figure" "flint run (restored)" "Firecracker + agent" "flint / FC"
-    printf '| %-62s | %-24s | %-24s | %-11s |\n' "start -> \`true\` ran -> exit, median (min-max)" "$fl" "$fc" "$ratio"
+    ratio_to_fc() { awk -v a="$(samples "$1" | median_of)" -v b="$(samples firecracker | median_of)" \
+        'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "-" }'; }
+    echo "pool: $(sed -n 's/^BENCH pool-exit //p' "$work/clean" | awk '{ printf "exit status %s after SIGTERM, %s work directories left, socket %s", $1, $2, $3 }')"
+    printf '| %-50s | %-24s | %-24s | %-24s |\n' "figure" "flint run (restored)" "flint run --pool (warm)" "Firecracker + agent"
+    printf '| %-50s | %-24s | %-24s | %-24s |\n' "start -> \`true\` ran -> exit, median (min-max)" "$fl" "$fp" "$fc"
+    printf '| %-50s | %-24s | %-24s | %-24s |\n' "ratio to Firecracker (medians)" "$(ratio_to_fc flint)" "$(ratio_to_fc pool)" "1.00"
     exit 0
 fi
 # Phase table: medians of the marks, and the time between consecutive marks.

@@ -24,6 +24,12 @@ pub enum Command {
     Run(Box<RunOptions>),
     /// Run a command in a running microVM.
     Exec(ExecOptions),
+    /// Keep sandboxes warm (`flint pool`).
+    Pool(Box<crate::sandbox::pool::PoolOptions>),
+    /// One warm sandbox of a pool (the hidden `flint pool-member`).
+    PoolMember(Box<RunOptions>),
+    /// Run a command in a pool's sandbox (`flint run --pool`).
+    RunInPool(crate::sandbox::pool::PoolRunOptions),
     /// Manage the image cache.
     Image(ImageCommand),
     /// Run flint in a jail.
@@ -171,14 +177,18 @@ pub enum CliError {
     NoImageCommand,
     #[error("'flint snapshot' needs a command: merge (see 'flint snapshot --help')")]
     NoSnapshotCommand,
+    #[error("{0} cannot be used with --pool: the pool's sandboxes are made by 'flint pool' (give VM options there), and 'flint run --pool' takes only --env, --workdir and --timeout")]
+    PoolOption(String),
     #[error("--scratch takes a size from 8 MiB to 1 TiB (MiB without a suffix, as in 512 or 2G), not '{0}'")]
     ScratchSize(String),
 }
 
 /// The subcommands, by name, as `CliError::UnknownOption` names them.
-const SUBCOMMANDS: [&str; 8] = [
+const SUBCOMMANDS: [&str; 10] = [
     "boot",
     "run",
+    "pool",
+    "pool-member",
     "exec",
     "image",
     "jail",
@@ -262,6 +272,13 @@ fn from_clap(e: &clap::Error, args: &[String]) -> Result<Command, CliError> {
             if context(e, ContextKind::PriorArg).as_deref() == Some(arg.as_str()) =>
         {
             CliError::Repeated(option_name(&arg))
+        }
+        ErrorKind::ArgumentConflict if sub == Some("run") => {
+            let prior = context(e, ContextKind::PriorArg).unwrap_or_default();
+            match (option_name(&arg), option_name(&prior)) {
+                (pool, other) | (other, pool) if pool == "--pool" => CliError::PoolOption(other),
+                _ => usage(e),
+            }
         }
         ErrorKind::InvalidValue if context(e, ContextKind::InvalidValue).as_deref() == Some("") => {
             CliError::MissingValue(option_name(&arg))

@@ -68,6 +68,12 @@ pub fn main_entry() -> ExitCode {
             code
         }
         Ok(Command::Exec(options)) => sandbox::exec(&options),
+        Ok(Command::Pool(options)) => sandbox::pool::pool(&options),
+        Ok(Command::PoolMember(options)) => {
+            logger::quiet_unless_asked();
+            sandbox::pool::member(&options, start)
+        }
+        Ok(Command::RunInPool(options)) => sandbox::pool::run_in_pool(&options),
         Ok(Command::Image(command)) => sandbox::image_cache::run(&command, &cache_dir()),
         Ok(Command::Jail(options)) => jail::run(&options),
         Ok(Command::Completions(shell)) => {

@@ -93,12 +93,25 @@ pub fn vmm_thread() -> Filter {
         .allow_ioctls(&[libc::TCGETS, libc::TCSETS])
 }
 
+/// The VMM thread of a `flint pool` member: [`vmm_thread`], plus receiving its client's
+/// connection and streams (`recvmsg` with `SCM_RIGHTS`) and putting them in place of its
+/// standard descriptors (`dup3`). Still no `socket`, no `connect`.
+pub fn pool_member() -> Filter {
+    vmm_thread().allow(&[libc::SYS_recvmsg, libc::SYS_recvfrom, libc::SYS_dup3])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn front_end_filters() -> [Filter; 4] {
-        [api(), agent_client(false), agent_client(true), vmm_thread()]
+    fn front_end_filters() -> [Filter; 5] {
+        [
+            api(),
+            agent_client(false),
+            agent_client(true),
+            vmm_thread(),
+            pool_member(),
+        ]
     }
 
     #[test]
@@ -128,6 +141,14 @@ mod tests {
         // What the VM itself needs there stays as strict: signals only to its own threads.
         assert!(vmm.allows(libc::SYS_tgkill) && !vmm.allows_any_arguments(libc::SYS_tgkill));
         assert!(!vmm.allows_any_arguments(libc::SYS_ioctl));
+    }
+
+    #[test]
+    fn a_pool_member_receives_descriptors_but_makes_no_sockets() {
+        let member = pool_member();
+        assert!(member.allows(libc::SYS_recvmsg) && member.allows(libc::SYS_dup3));
+        assert!(!member.allows(libc::SYS_socket) && !member.allows(libc::SYS_connect));
+        assert!(!vmm_thread().allows(libc::SYS_dup3));
     }
 
     #[test]

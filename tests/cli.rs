@@ -197,3 +197,82 @@ fn bad_command_lines_get_one_sentence_and_status_1() {
     refused(&["completions"], "needs <SHELL>");
     refused(&["completions", "tcsh"], "one of bash");
 }
+
+/// `flint pool` and `flint run --pool` without a guest: the one-sentence errors a user meets
+/// before any sandbox starts.
+#[test]
+fn pool_command_lines_and_a_missing_pool_get_one_sentence() {
+    for size in ["0", "33"] {
+        refused(
+            &["pool", "--socket", "/tmp/x.sock", "--size", size],
+            "--size must be from 1 to 32",
+        );
+    }
+    refused(
+        &["pool", "--socket", "/tmp/x.sock", "--size", "two"],
+        "--size takes a whole number",
+    );
+    refused(&["pool"], "--socket");
+    for option in [
+        &["--vcpus", "2"][..],
+        &["--memory", "256"],
+        &["--kernel", "/k"],
+        &["--cold"],
+        &["--copy-out", "/a:/b"],
+    ] {
+        let mut args = vec!["run", "--pool", "/tmp/x.sock"];
+        args.extend_from_slice(option);
+        args.extend(["--", "true"]);
+        refused(&args, &format!("{} cannot be used with --pool", option[0]));
+        // In either order.
+        let mut args = vec!["run"];
+        args.extend_from_slice(option);
+        args.extend(["--pool", "/tmp/x.sock", "--", "true"]);
+        refused(&args, &format!("{} cannot be used with --pool", option[0]));
+    }
+    refused(
+        &["run", "--pool", "/tmp/x.sock"],
+        "needs a command after --",
+    );
+    // No pool on the socket: one sentence that says how to start one, status 125 (the
+    // sandbox failed), as `flint run` reports a sandbox that cannot start.
+    let dir = std::env::temp_dir().join(format!("flint-cli-pool-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let missing = dir.join("none.sock");
+    let stale = dir.join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    for socket in [&missing, &stale] {
+        let out = flint(&["run", "--pool", socket.to_str().unwrap(), "--", "true"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.starts_with(&format!(
+                "flint: error: no flint pool listens on {}",
+                socket.display()
+            )) && stderr.contains("start one with 'flint pool --socket"),
+            "{stderr}"
+        );
+    }
+    // A pool whose sandboxes cannot be made says why before it starts any, and leaves no
+    // socket.
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args([
+            "pool",
+            "--socket",
+            missing.to_str().unwrap(),
+            "--kernel",
+            "/no/such/vmlinux",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("the guest kernel /no/such/vmlinux does not exist"),
+        "{stderr}"
+    );
+    assert!(!missing.exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -119,6 +119,49 @@ for i in 1 2 3 4; do
     echo "PAR $i $(cat "$WORK/par$i.rc") $(cat "$WORK/par$i.out" | tr '\n' ' ')"
     rig_fault "$(cat "$WORK/par$i.rc")" "$WORK/par$i.out" || true
 done
+# A pool of two warm sandboxes (flint pool): jobs through it, a client killed while its
+# command runs, then SIGTERM. Members are flint processes whose command line names them.
+member_pids() {
+    for p in /proc/[0-9]*; do
+        tr '\0' ' ' <"$p/cmdline" 2>/dev/null | grep -q ' pool-member ' && echo "${p#/proc/}"
+    done
+}
+members() { member_pids | wc -l; }
+P=$WORK/pool.sock
+$FLINT pool --socket "$P" --size 2 --kernel $VMLINUX --initramfs $FILES/sandbox.cpio.gz \
+    </dev/null >/dev/null 2>"$WORK/pool.err" &
+pool=$!
+n=0; until [ -S "$P" ] || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
+echo "POOL_MODE $(stat -c %a "$P")"
+RP="$FLINT run --pool $P"
+$RP -- sh -c 'echo pooled-out; echo pooled-err >&2' </dev/null >"$WORK/pool1.out" 2>"$WORK/pool1.err"
+echo "STATUS pool1 $?"; echo "POOL_OUT $(cat "$WORK/pool1.out")"; echo "POOL_ERR $(cat "$WORK/pool1.err")"
+$RP -- md5sum <"$WORK/blob" >"$WORK/pool2.out" 2>&1
+echo "STATUS pool2 $?"; echo "POOL_MD5 $(cut -d' ' -f1 <"$WORK/pool2.out")"
+$RP --env GREETING=pooled --workdir /tmp -- sh -c 'echo "$GREETING in $(pwd)"; exit 7' </dev/null >"$WORK/pool3.out" 2>&1
+echo "STATUS pool3 $?"; echo "POOL_ENV $(cat "$WORK/pool3.out")"
+$RP -- sh -c 'date +%s' </dev/null >"$WORK/pool4.out" 2>&1
+echo "STATUS pool4 $?"; echo "POOL_TIME $(( $(date +%s) - $(cat "$WORK/pool4.out") ))"
+$RP -- sh -c 'echo started; exec sleep 600' </dev/null >"$WORK/poolk.out" 2>&1 &
+client=$!
+wait_for "$WORK/poolk.out" started 120 || true
+echo "MEMBERS_BUSY $(members)"
+# The member running the job holds the client's stdout: it must go when the client is killed.
+busy=
+for p in $(member_pids); do [ "$(readlink "/proc/$p/fd/1")" = "$WORK/poolk.out" ] && busy=$p; done
+kill -9 $client; wait $client
+gone() { [ -n "$busy" ] && [ ! -d "/proc/$busy" ]; }
+n=0; until { gone && [ "$(members)" = 2 ]; } || [ $n -ge 60 ]; do sleep 1; n=$((n + 1)); done
+echo "BUSY_MEMBER $([ -n "$busy" ] && echo found || echo missing) $(gone && echo gone || echo left)"
+echo "MEMBERS_AFTER_KILL $(members)"
+$RP -- sh -c 'echo refilled' </dev/null >"$WORK/pool5.out" 2>&1
+echo "STATUS pool5 $?"; echo "POOL_AFTER $(cat "$WORK/pool5.out")"
+kill -TERM $pool; wait $pool; echo "STATUS poolterm $?"
+echo "MEMBERS_END $(members)"
+echo "POOL_SOCKET $([ -e "$P" ] && echo left || echo gone)"
+$RP -- true </dev/null 2>"$WORK/pool-gone.err"; echo "STATUS poolgone $?"
+echo "POOL_GONE_ERR $(cat "$WORK/pool-gone.err")"
+echo "POOL_LOG [$(grep -v '^flint: pool' "$WORK/pool.err" | tr '\n' ' ')]"
 sleep 1
 echo "STATE after $(state)"
 "#;
@@ -292,6 +335,59 @@ fn flint_run_sandboxes() {
             "parallel sandbox {i}"
         );
     }
+    // The pool: owner-only socket, jobs pass streams, stdin, environment and statuses through.
+    assert_eq!(line(out, "POOL_MODE "), "600");
+    assert_eq!(status("pool1"), "0", "{out}");
+    assert_eq!(line(out, "POOL_OUT "), "pooled-out");
+    assert_eq!(line(out, "POOL_ERR "), "pooled-err");
+    assert_eq!(status("pool2"), "0");
+    assert_eq!(
+        line(out, "POOL_MD5 "),
+        line(out, "MD5 blob "),
+        "stdin reached the pooled command"
+    );
+    assert_eq!(status("pool3"), "7", "a pooled command's status");
+    assert_eq!(line(out, "POOL_ENV "), "pooled in /tmp");
+    assert_eq!(status("pool4"), "0");
+    let behind: i64 = line(out, "POOL_TIME ").parse().unwrap();
+    assert!(
+        (0..=30).contains(&behind),
+        "a pooled guest's clock is set when its job comes: {behind} s behind"
+    );
+    assert_eq!(
+        line(out, "MEMBERS_BUSY "),
+        "2",
+        "a running sandbox counts toward --size 2: one warm sandbox besides it"
+    );
+    assert_eq!(
+        line(out, "BUSY_MEMBER "),
+        "found gone",
+        "the sandbox of a killed client (holding its stdout) goes"
+    );
+    assert_eq!(
+        line(out, "MEMBERS_AFTER_KILL "),
+        "2",
+        "the pool refills to --size 2"
+    );
+    assert_eq!(status("pool5"), "0");
+    assert_eq!(line(out, "POOL_AFTER "), "refilled");
+    assert_eq!(status("poolterm"), "0", "SIGTERM ends the pool");
+    assert_eq!(
+        line(out, "MEMBERS_END "),
+        "0",
+        "the pool's sandboxes end with it"
+    );
+    assert_eq!(line(out, "POOL_SOCKET "), "gone");
+    assert_eq!(status("poolgone"), "125");
+    assert!(
+        line(out, "POOL_GONE_ERR ").starts_with("flint: error: no flint pool listens on"),
+        "{out}"
+    );
+    assert_eq!(
+        line(out, "POOL_LOG "),
+        "[]",
+        "the pool or its sandboxes complained"
+    );
     let before = line(out, "STATE before ");
     let after = line(out, "STATE after ");
     assert_eq!(

@@ -8,6 +8,7 @@ pub(crate) mod boot;
 pub(crate) mod exec;
 pub(crate) mod image;
 pub(crate) mod jail;
+pub(crate) mod pool;
 pub(crate) mod run;
 pub(crate) mod snapshot;
 pub(crate) mod values;
@@ -27,6 +28,8 @@ Usage forms:
   flint run --image REF [OPTIONS] [-- COMMAND [ARG]...]
         run a command in a throwaway microVM (in a container image's files with --image)
         and exit with its status
+  flint pool --socket PATH [--size N] [OPTIONS]
+        keep sandboxes warm; 'flint run --pool PATH -- COMMAND' runs a command in one
   flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...
         run a command in a running microVM
   flint --api-sock PATH [--config-file FILE] [--id ID]
@@ -75,6 +78,11 @@ enum Sub {
     #[command(about = run::ABOUT, after_help = run::after_help(), args_override_self = true,
               override_usage = "flint run [OPTIONS] -- COMMAND [ARG]...\n       flint run --image REF [OPTIONS] [-- COMMAND [ARG]...]")]
     Run(Box<run::RunArgs>),
+    #[command(about = pool::ABOUT, after_help = pool::after_help(),
+              override_usage = "flint pool --socket PATH [--size N] [OPTIONS]")]
+    Pool(pool::PoolArgs),
+    #[command(hide = true, name = "pool-member")]
+    PoolMember(pool::PoolMemberArgs),
     #[command(about = exec::ABOUT, after_help = exec::AFTER_HELP,
               override_usage = "flint exec --api-sock PATH [OPTIONS] -- COMMAND [ARG]...")]
     Exec(exec::ExecArgs),
@@ -114,7 +122,7 @@ pub(crate) struct CommandArgs {
 }
 
 impl CommandArgs {
-    fn into_options(self, argv: Vec<String>) -> CommandOptions {
+    pub(crate) fn into_options(self, argv: Vec<String>) -> CommandOptions {
         CommandOptions {
             argv,
             env: self.env,
@@ -155,6 +163,8 @@ pub(crate) fn command_from(matches: &ArgMatches) -> Result<Command, CliError> {
         }
         Some(Sub::Run(args)) => args.into_command(),
         Some(Sub::Exec(args)) => args.into_command(),
+        Some(Sub::Pool(args)) => args.into_command(),
+        Some(Sub::PoolMember(args)) => args.into_command(),
         Some(Sub::Image(args)) => args.into_command(),
         Some(Sub::Jail(args)) => args.into_command(),
         Some(Sub::Snapshot(args)) => args.into_command(),

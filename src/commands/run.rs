@@ -9,6 +9,7 @@ use vmm::config::{DEFAULT_MEM_MIB, DEFAULT_VCPUS};
 use super::values::{self, RootImage};
 use super::CommandArgs;
 use crate::cli::{CliError, Command};
+use crate::sandbox::pool::PoolRunOptions;
 use crate::sandbox::{nat, RunOptions, SandboxNet};
 
 pub(crate) const ABOUT: &str = "Run a command in a throwaway microVM and exit with its status";
@@ -54,6 +55,12 @@ everything else but DNS is dropped. Restored snapshots work with --net nat.
 
 Copy-outs (--copy-out) get mode 0755 on the host if the guest's file is executable by its
 owner, else 0644, less the umask; all copy-outs together must finish within {copy_out_s} s.
+
+With --pool PATH, COMMAND runs in a warm sandbox of the 'flint pool' listening on PATH (see
+'flint pool --help'): no VM is restored or booted for it, so it starts sooner. Only --env,
+--workdir and --timeout may go with it; the pool's options shape the VM. Stopping this flint
+(or its end of the connection closing) stops COMMAND and that sandbox. Without a pool on PATH,
+flint says so and exits with 125.
 
 Exit status: COMMAND's status (128+N when signal N killed it); 124 when --timeout expired; 125
 when the sandbox itself failed (one line on stderr says why); 127 when COMMAND could not be
@@ -278,6 +285,14 @@ pub(crate) struct RunArgs {
     #[arg(long)]
     no_seccomp: bool,
 
+    /// Run COMMAND in a warm sandbox of the 'flint pool' listening on PATH instead of a new
+    /// one (with --env, --workdir and --timeout only: the pool made the VM)
+    #[arg(long, value_name = "PATH", allow_hyphen_values = true,
+          conflicts_with_all = ["kernel", "initramfs", "image", "insecure_registry", "user",
+              "entrypoint", "scratch", "rootfs", "vcpus", "memory", "net", "copy_in", "copy_out",
+              "copy_out_limit", "cold", "no_page_reporting", "no_seccomp"])]
+    pool: Option<PathBuf>,
+
     /// The command to run in the guest and its arguments
     #[arg(last = true, value_name = "COMMAND")]
     argv: Vec<String>,
@@ -289,6 +304,13 @@ impl RunArgs {
         // An image has a command of its own.
         if self.argv.is_empty() && self.image.is_none() {
             return Err(CliError::NoCommandToRun("run"));
+        }
+        if let Some(socket) = self.pool {
+            return Ok(Command::RunInPool(PoolRunOptions {
+                socket,
+                command: self.command.into_options(self.argv),
+                timeout: self.timeout.map(std::time::Duration::from_secs),
+            }));
         }
         let (rootfs, rootfs_rate_limiter) = match self.rootfs {
             Some(RootImage { path, limiter }) => (Some(path), limiter),

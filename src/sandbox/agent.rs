@@ -48,6 +48,9 @@ pub(super) fn image_exec_spec(run: &RunSpec) -> ExecSpec {
 
 /// What the agent-client thread reports.
 pub(super) enum ClientResult {
+    /// A pool member's agent answered (and a booted guest was snapshotted): the thread now
+    /// waits for the command ([`AgentThread::job`]).
+    Connected,
     Finished(CommandStatus),
     Failed(AgentError),
     /// The agent answered and the connection is closed again: the booted guest can be
@@ -87,10 +90,18 @@ pub(super) struct Copies {
     copy_out_limit: u64,
 }
 
+/// The command [`drive_agent`] runs: known now, or (a pool member's) once `wait` returns it,
+/// which it calls with the agent connected, before a restored guest's refresh; `None` from
+/// `wait`: no command comes.
+pub(super) enum Work {
+    Now(ExecSpec),
+    Later(Box<dyn FnOnce() -> Option<ExecSpec> + Send>),
+}
+
 /// Run one command through the agent: copies in, the command, copies out.
 pub(super) fn drive_agent(
     uds: &Path,
-    spec: &ExecSpec,
+    work: Work,
     copies: &Copies,
     signaller: &mpsc::Sender<Signaller>,
     prepare: Prepare,
@@ -101,18 +112,10 @@ pub(super) fn drive_agent(
         "sandbox: agent connected at {} ms",
         start.elapsed().as_millis()
     );
+    let mut refresh = None;
     match prepare {
         Prepare::Nothing => {}
-        Prepare::Refresh { failed } => {
-            if let Err(e) = client.refresh() {
-                failed.store(true, Ordering::Release);
-                return Err(e);
-            }
-            debug!(
-                "sandbox: guest clock and RNG refreshed at {} ms",
-                start.elapsed().as_millis()
-            );
-        }
+        Prepare::Refresh { failed } => refresh = Some(failed),
         Prepare::RefreshIfSupported => {
             if let Err(e) = client.refresh() {
                 log::warn!(
@@ -132,6 +135,22 @@ pub(super) fn drive_agent(
             client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
         }
     }
+    let spec = match work {
+        Work::Now(spec) => spec,
+        Work::Later(wait) => wait().ok_or(AgentError::Closed)?,
+    };
+    // Right before the command: a pool member's guest may have sat idle for long.
+    if let Some(failed) = refresh {
+        if let Err(e) = client.refresh() {
+            failed.store(true, Ordering::Release);
+            return Err(e);
+        }
+        debug!(
+            "sandbox: guest clock and RNG refreshed at {} ms",
+            start.elapsed().as_millis()
+        );
+    }
+    let spec = &spec;
     // Copies go to and from the command's root, as the command sees its files.
     client.set_root(spec.root.as_deref());
     let _ = signaller.send(client.signaller());
@@ -172,15 +191,19 @@ pub(super) struct AgentThread {
     pub signaller: mpsc::Receiver<Signaller>,
     /// Tells the thread, after [`ClientResult::ReadyForSnapshot`], that the guest may go on.
     pub snapshot_done: mpsc::Sender<()>,
+    /// A pool member's command, once its job came (after [`ClientResult::Connected`]).
+    pub job: mpsc::Sender<ExecSpec>,
 }
 
 impl AgentThread {
-    /// Start the thread that runs `options`' command through the agent at `uds`. It is started
-    /// before the VMM thread restricts itself (threads inherit filters), with its own filter.
+    /// Start the thread that runs `options`' command through the agent at `uds`, `spec`, or
+    /// without one (a pool member), the one sent on [`AgentThread::job`] after it reported
+    /// [`ClientResult::Connected`]. It is started before the VMM thread restricts itself
+    /// (threads inherit filters), with its own filter.
     pub(super) fn spawn(
         uds: &Path,
         options: &RunOptions,
-        spec: ExecSpec,
+        spec: Option<ExecSpec>,
         first: FirstStep,
         start: Instant,
     ) -> Result<AgentThread, SetupError> {
@@ -189,6 +212,19 @@ impl AgentThread {
         let (result_tx, result_rx) = mpsc::channel();
         let (signaller_tx, signaller_rx) = mpsc::channel();
         let (snapshot_done_tx, snapshot_done_rx) = mpsc::channel();
+        let (job_tx, job_rx) = mpsc::channel();
+        let work = match spec {
+            Some(spec) => Work::Now(spec),
+            None => {
+                let connected_tx = result_tx.clone();
+                let connected_writer = done_writer.try_clone().map_err(SetupError::EventFd)?;
+                Work::Later(Box::new(move || {
+                    let _ = connected_tx.send(ClientResult::Connected);
+                    let _ = connected_writer.write(1);
+                    job_rx.recv().ok()
+                }))
+            }
+        };
         let prepare = match first {
             FirstStep::Nothing => Prepare::Nothing,
             FirstStep::Refresh(failed) => Prepare::Refresh { failed },
@@ -217,17 +253,13 @@ impl AgentThread {
             .spawn(move || {
                 let result = match crate::seccomp::agent_client(copies_out).install() {
                     Err(e) => ClientResult::Failed(AgentError::Remote(e.to_string())),
-                    Ok(()) => match drive_agent(
-                        &client_uds,
-                        &spec,
-                        &copies,
-                        &signaller_tx,
-                        prepare,
-                        start,
-                    ) {
-                        Ok(status) => ClientResult::Finished(status),
-                        Err(e) => ClientResult::Failed(e),
-                    },
+                    Ok(()) => {
+                        match drive_agent(&client_uds, work, &copies, &signaller_tx, prepare, start)
+                        {
+                            Ok(status) => ClientResult::Finished(status),
+                            Err(e) => ClientResult::Failed(e),
+                        }
+                    }
                 };
                 let _ = result_tx.send(result);
                 let _ = done_writer.write(1);
@@ -238,6 +270,7 @@ impl AgentThread {
             results: result_rx,
             signaller: signaller_rx,
             snapshot_done: snapshot_done_tx,
+            job: job_tx,
         })
     }
 }

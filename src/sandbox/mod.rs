@@ -8,6 +8,8 @@
 //! and turns what happened into flint's exit status; [`console`] keeps the guest's console in
 //! a capped log whose last lines a failure shows. With `--image`, [`image`] first makes the
 //! container image into the read-only disk the sandbox mounts, and the command that runs in it.
+//! [`pool`] keeps sandboxes made this way warm, each waiting for one command
+//! (`flint pool`, `flint run --pool`).
 
 mod agent;
 mod console;
@@ -17,6 +19,7 @@ mod machine;
 pub mod nat;
 pub mod pod;
 pub mod podnet;
+pub mod pool;
 mod supervise;
 
 use std::io::{Read, Write};
@@ -28,7 +31,9 @@ use std::time::{Duration, Instant};
 use flint_agent::AgentError;
 use vmm::NetConfig;
 
-use agent::{drive_agent, exec_spec, image_exec_spec, AgentThread, Copies, FirstStep, Prepare};
+use agent::{
+    drive_agent, exec_spec, image_exec_spec, AgentThread, Copies, FirstStep, Prepare, Work,
+};
 
 /// Exit status when the command timed out (the VM is killed first), as `timeout(1)` does.
 pub const STATUS_TIMEOUT: u8 = 124;
@@ -133,8 +138,13 @@ enum SetupError {
 }
 
 fn sandbox_failed(message: &dyn std::fmt::Display) -> ExitCode {
+    ExitCode::from(sandbox_failure(message))
+}
+
+/// Say why the sandbox failed; [`STATUS_SANDBOX_FAILED`].
+fn sandbox_failure(message: &dyn std::fmt::Display) -> u8 {
     eprintln!("flint: error: {message}");
-    ExitCode::from(STATUS_SANDBOX_FAILED)
+    STATUS_SANDBOX_FAILED
 }
 
 /// `$FLINT_CACHE` (see [`crate::cache_dir`]).
@@ -199,74 +209,112 @@ fn no_transparent_huge_pages() {
     }
 }
 
+/// A sandbox made as far as its VM, not started yet: the first part of `flint run`, and all of
+/// a pool member's preparation.
+struct Sandbox {
+    vm: machine::SandboxVm,
+    config: vmm::VmConfig,
+    /// The guest's console is not shown: the command's output is. Kept for diagnostics.
+    console_log: PathBuf,
+    /// With `--image`: the image's command, with the user's overrides.
+    image_spec: Option<flint_agent::ExecSpec>,
+    /// With `--image`: held while the sandbox runs (the image is in use).
+    _image: Option<image::Prepared>,
+    // Dropped after the VM (declared after it): its TAP goes first, then the rest.
+    _nat: Option<nat::Nat>,
+    _work: WorkDir,
+}
+
+impl Sandbox {
+    /// Make the VM configuration from `options` and obtain the VM, restored or booted.
+    fn prepare(options: &RunOptions, start: Instant) -> Result<Sandbox, SetupError> {
+        let cache = cache_dir();
+        let (kernel, initramfs) = machine::images(options, &cache)?;
+        let prepared = match &options.image {
+            Some(reference) => Some(image::prepare(
+                reference,
+                &cache,
+                &image::overrides(options),
+                &flint_image::PullOptions {
+                    insecure: options.insecure_registries.clone(),
+                    ..Default::default()
+                },
+            )?),
+            None => None,
+        };
+        let work = WorkDir::create().map_err(SetupError::WorkDir)?;
+        let nat = match &options.net {
+            Some(SandboxNet::Nat(nat)) => Some(nat::Nat::setup(nat)?),
+            _ => None,
+        };
+        let scratch = match options.scratch {
+            Some(bytes) => Some(image::make_scratch(&work.0, bytes)?),
+            None => None,
+        };
+        let disks = machine::ImageDisks {
+            image: prepared.as_ref().map(|p| p.disk.as_path()),
+            scratch: scratch.as_deref(),
+        };
+        let config = machine::vm_config(options, &kernel, initramfs, &disks, &work.0)?;
+        let console_log = work.0.join("console.log");
+        let vm = match &nat {
+            // The TAP is the one in the sandbox's network namespace.
+            Some(nat) => {
+                nat.inside(|| machine::obtain(options, &cache, &config, &console_log, start))??
+            }
+            None => machine::obtain(options, &cache, &config, &console_log, start)?,
+        };
+        Ok(Sandbox {
+            vm,
+            config,
+            console_log,
+            image_spec: prepared.as_ref().map(|p| image_exec_spec(&p.spec)),
+            _image: prepared,
+            _nat: nat,
+            _work: work,
+        })
+    }
+
+    /// What the agent client does first: refresh a restored guest, let a booted one be
+    /// snapshotted for later runs, or nothing.
+    fn first_step(&self) -> FirstStep {
+        match (&self.vm.restored, &self.vm.staging) {
+            (Some(restored), _) => FirstStep::Refresh(restored.refresh_failed.clone()),
+            (None, Some(_)) => FirstStep::Template,
+            (None, None) => FirstStep::Nothing,
+        }
+    }
+}
+
 /// `flint run` once it has a VM configuration, a VM and an agent client; setting those up can
 /// fail, what happens after is an exit status.
 fn run_sandbox(options: &RunOptions, start: Instant) -> Result<ExitCode, SetupError> {
-    let cache = cache_dir();
-    let (kernel, initramfs) = machine::images(options, &cache)?;
-    let prepared = match &options.image {
-        Some(reference) => Some(image::prepare(
-            reference,
-            &cache,
-            &image::overrides(options),
-            &flint_image::PullOptions {
-                insecure: options.insecure_registries.clone(),
-                ..Default::default()
-            },
-        )?),
-        None => None,
-    };
-    let work = WorkDir::create().map_err(SetupError::WorkDir)?;
-    // Dropped after the VM (declared before it): its TAP goes first, then the rest.
-    let nat = match &options.net {
-        Some(SandboxNet::Nat(nat)) => Some(nat::Nat::setup(nat)?),
-        _ => None,
-    };
-    let scratch = match options.scratch {
-        Some(bytes) => Some(image::make_scratch(&work.0, bytes)?),
-        None => None,
-    };
-    let disks = machine::ImageDisks {
-        image: prepared.as_ref().map(|p| p.disk.as_path()),
-        scratch: scratch.as_deref(),
-    };
-    let config = machine::vm_config(options, &kernel, initramfs, &disks, &work.0)?;
-    let spec = match &prepared {
-        Some(prepared) => image_exec_spec(&prepared.spec),
-        None => exec_spec(&options.command),
-    };
-    // The guest's console is not shown: the command's output is. Keep it for diagnostics.
-    let console_log = work.0.join("console.log");
+    let mut sandbox = Sandbox::prepare(options, start)?;
+    let spec = sandbox
+        .image_spec
+        .take()
+        .unwrap_or_else(|| exec_spec(&options.command));
+    let first = sandbox.first_step();
+    let uds = machine::agent_socket(&sandbox.config);
+    let client = AgentThread::spawn(uds, options, Some(spec), first, start)?;
     let machine::SandboxVm {
         mut vm,
         restored,
         staging,
-    } = match &nat {
-        // The TAP is the one in the sandbox's network namespace.
-        Some(nat) => {
-            nat.inside(|| machine::obtain(options, &cache, &config, &console_log, start))??
-        }
-        None => machine::obtain(options, &cache, &config, &console_log, start)?,
-    };
-    let first = match (&restored, &staging) {
-        (Some(restored), _) => FirstStep::Refresh(restored.refresh_failed.clone()),
-        (None, Some(_)) => FirstStep::Template,
-        (None, None) => FirstStep::Nothing,
-    };
-    let client = AgentThread::spawn(machine::agent_socket(&config), options, spec, first, start)?;
+    } = sandbox.vm;
     vm.start(&crate::seccomp::vmm_thread())?;
     // The VM is restored or booted and runs: the deep and allocation-heavy part is over.
     crate::lean::release_setup_memory();
-    let outcome = supervise::supervise(&vm, &client, staging, options.timeout, start);
-    Ok(supervise::conclude(
+    let outcome = supervise::supervise(&vm, &client, staging, options.timeout, None, start);
+    Ok(ExitCode::from(supervise::conclude(
         outcome,
         vm,
         &client,
         restored.as_ref(),
-        &console_log,
+        &sandbox.console_log,
         options.timeout,
         start,
-    ))
+    )))
 }
 
 /// Ask a running flint's API for its vsock socket.
@@ -315,7 +363,7 @@ pub fn exec(options: &ExecOptions) -> ExitCode {
     let spec = exec_spec(&options.command);
     match drive_agent(
         &uds,
-        &spec,
+        Work::Now(spec),
         &Copies::default(),
         &signaller_tx,
         // The VM may have been loaded from a snapshot: its clock and random state would be

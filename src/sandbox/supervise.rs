@@ -1,8 +1,8 @@
 //! Supervising a started sandbox: wait for the command, the VM's end or the timeout, then
 //! stop the VM and turn what happened into flint's exit status.
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use flint_agent::poll::wait_readable;
@@ -13,7 +13,7 @@ use vmm::{Ending, Vm};
 use super::agent::{AgentThread, ClientResult};
 use super::console::log_console_tail;
 use super::machine::{make_template, Restored};
-use super::{sandbox_failed, STATUS_NOT_STARTED, STATUS_TIMEOUT};
+use super::{sandbox_failure, STATUS_NOT_STARTED, STATUS_SANDBOX_FAILED, STATUS_TIMEOUT};
 use crate::template::Staging;
 
 /// What ended the supervision of a running sandbox.
@@ -26,21 +26,32 @@ pub(super) enum Outcome {
     Ended(Ending),
     /// The timeout passed first.
     TimedOut,
+    /// A pool member's agent client is connected and waits for the command.
+    Connected,
+    /// Whoever the command ran for is gone (a pool's client hung up, or no job came): the
+    /// command and the VM are stopped without a word.
+    Abandoned,
 }
 
-/// Wait until the agent client reports, the VM ends or `timeout` passes. Meanwhile, when the
-/// client says the booted guest is ready, snapshot it into `staging` for later runs.
+/// Wait until the agent client reports, the VM ends, `timeout` passes or `hang_up` (a pool
+/// client's connection, which sends nothing while its command runs) becomes readable.
+/// Meanwhile, when the client says the booted guest is ready, snapshot it into `staging` for
+/// later runs.
 pub(super) fn supervise(
     vm: &Vm,
     client: &AgentThread,
     mut staging: Option<Staging>,
     timeout: Option<Duration>,
+    hang_up: Option<&dyn AsRawFd>,
     start: Instant,
 ) -> Outcome {
     let deadline = timeout.map(|t| Instant::now() + t);
     loop {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        wait_readable(&[vm.ending_event(), &client.done], timeout);
+        match hang_up {
+            Some(fd) => wait_readable(&[vm.ending_event(), &client.done, fd], timeout),
+            None => wait_readable(&[vm.ending_event(), &client.done], timeout),
+        }
         // Drain the counter: the client may report more than once.
         let _ = client.done.read();
         let mut result = client.results.try_recv().ok();
@@ -66,6 +77,7 @@ pub(super) fn supervise(
                 return Outcome::Finished(status);
             }
             Some(ClientResult::Failed(e)) => return Outcome::ClientFailed(e),
+            Some(ClientResult::Connected) => return Outcome::Connected,
         }
         if let Some(ending) = vm.ending() {
             debug!(
@@ -77,12 +89,27 @@ pub(super) fn supervise(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             return Outcome::TimedOut;
         }
+        if hang_up.is_some_and(|fd| readable_now(fd.as_raw_fd())) {
+            return Outcome::Abandoned;
+        }
     }
+}
+
+/// Whether `fd` is readable (or hung up) right now.
+fn readable_now(fd: i32) -> bool {
+    let mut poll = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: `poll` is one valid pollfd for the whole call; poll only reads and writes it.
+    let n = unsafe { libc::poll(&mut poll, 1, 0) };
+    n > 0 && poll.revents != 0
 }
 
 /// Stop the VM after `outcome` and say how the run ended: the command's status, or why there
 /// is none. A template the guest was restored from is discarded if the guest could not be
-/// refreshed (the next run boots and makes a new one).
+/// refreshed (the next run boots and makes a new one). Returns flint's exit status.
 pub(super) fn conclude(
     outcome: Outcome,
     vm: Vm,
@@ -91,7 +118,7 @@ pub(super) fn conclude(
     console_log: &Path,
     timeout: Option<Duration>,
     start: Instant,
-) -> ExitCode {
+) -> u8 {
     let mut command_status = None;
     let mut client_error = None;
     match outcome {
@@ -110,7 +137,14 @@ pub(super) fn conclude(
                 "flint: error: the command did not finish within {} s; the VM was stopped",
                 timeout.unwrap_or_default().as_secs()
             );
-            return ExitCode::from(STATUS_TIMEOUT);
+            return STATUS_TIMEOUT;
+        }
+        Outcome::Connected | Outcome::Abandoned => {
+            if let Ok(signaller) = client.signaller.try_recv() {
+                let _ = signaller.try_signal(libc::SIGKILL);
+            }
+            vm.shutdown(Ending::Reset);
+            return STATUS_SANDBOX_FAILED;
         }
         Outcome::Ended(Ending::Signal(sig)) => {
             // Ctrl-C (or a stop signal): kill the command, then the VM. Never wait for the
@@ -120,7 +154,7 @@ pub(super) fn conclude(
             }
             vm.shutdown(Ending::Signal(sig));
             eprintln!("flint: stopped the sandbox on signal {sig}");
-            return ExitCode::from(128u8.saturating_add(sig as u8));
+            return 128u8.saturating_add(sig as u8);
         }
         Outcome::Ended(Ending::Reset) => {
             // The guest powered off (the command may have rebooted it). The client may still
@@ -128,7 +162,7 @@ pub(super) fn conclude(
             match client.results.recv_timeout(Duration::from_secs(5)) {
                 Ok(ClientResult::Finished(s)) => command_status = Some(s),
                 Ok(ClientResult::Failed(e)) => client_error = Some(e),
-                Ok(ClientResult::ReadyForSnapshot(_)) | Err(_) => {}
+                Ok(ClientResult::ReadyForSnapshot(_) | ClientResult::Connected) | Err(_) => {}
             }
             vm.shutdown(Ending::Reset);
         }
@@ -143,7 +177,7 @@ pub(super) fn conclude(
                 Ending::ConsoleQuit => "the console asked to quit".to_string(),
                 _ => "it ended".to_string(),
             };
-            return sandbox_failed(&format!(
+            return sandbox_failure(&format!(
                 "the sandbox VM stopped before the command finished: {reason}"
             ));
         }
@@ -156,16 +190,16 @@ pub(super) fn conclude(
         // The command itself could not start (not found, not executable...): as a shell.
         Some(e @ AgentError::NotStarted(_)) => {
             eprintln!("flint: error: {e}");
-            return ExitCode::from(STATUS_NOT_STARTED);
+            return STATUS_NOT_STARTED;
         }
         Some(e) => {
             log_console_tail(console_log, command_status.is_none());
-            return sandbox_failed(&e);
+            return sandbox_failure(&e);
         }
         None => {}
     }
     match command_status {
-        Some(status) => ExitCode::from(status.code().clamp(0, 255) as u8),
-        None => sandbox_failed(&"the guest powered off before the command reported its status"),
+        Some(status) => status.code().clamp(0, 255) as u8,
+        None => sandbox_failure(&"the guest powered off before the command reported its status"),
     }
 }
