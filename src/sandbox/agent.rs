@@ -135,20 +135,24 @@ pub(super) fn drive_agent(
             client = AgentClient::connect(uds, AGENT_PORT, AGENT_CONNECT_TIMEOUT)?;
         }
     }
+    // A pool member refreshes its restored guest before it waits for a job, off the job's
+    // path: from then on the guest runs, so its random number generator is its own and its
+    // clock follows the host's (kvm-clock). Only a long wait calls for another refresh.
+    let mut refreshed_at = None;
     let spec = match work {
         Work::Now(spec) => spec,
-        Work::Later(wait) => wait().ok_or(AgentError::Closed)?,
-    };
-    // Right before the command: a pool member's guest may have sat idle for long.
-    if let Some(failed) = refresh {
-        if let Err(e) = client.refresh() {
-            failed.store(true, Ordering::Release);
-            return Err(e);
+        Work::Later(wait) => {
+            if let Some(failed) = &refresh {
+                refresh_guest(&mut client, failed, start)?;
+                refreshed_at = Some(Instant::now());
+            }
+            wait().ok_or(AgentError::Closed)?
         }
-        debug!(
-            "sandbox: guest clock and RNG refreshed at {} ms",
-            start.elapsed().as_millis()
-        );
+    };
+    if let Some(failed) = &refresh {
+        if refreshed_at.is_none_or(|at| at.elapsed() > WARM_REFRESH_VALID) {
+            refresh_guest(&mut client, failed, start)?;
+        }
     }
     let spec = &spec;
     // Copies go to and from the command's root, as the command sees its files.
@@ -169,6 +173,31 @@ pub(super) fn drive_agent(
         client.copy_out_within(Path::new(guest), host, &mut budget)?;
     }
     Ok(status)
+}
+
+/// How long a warm sandbox's refresh holds. A running guest's clock keeps the host's time
+/// through kvm-clock, but not a step of the host's clock (`settimeofday`, an NTP step) nor
+/// its slewing: a pool member that waited for its job longer than this is refreshed again
+/// right before the command, so its clock is never off by more than what this long a wait
+/// can make it.
+const WARM_REFRESH_VALID: Duration = Duration::from_secs(10);
+
+/// Set a restored guest's clock and reseed its random number generator; on failure, set
+/// `failed` (the snapshot's guest cannot be refreshed).
+fn refresh_guest(
+    client: &mut AgentClient,
+    failed: &AtomicBool,
+    start: Instant,
+) -> Result<(), AgentError> {
+    if let Err(e) = client.refresh() {
+        failed.store(true, Ordering::Release);
+        return Err(e);
+    }
+    debug!(
+        "sandbox: guest clock and RNG refreshed at {} ms",
+        start.elapsed().as_millis()
+    );
+    Ok(())
 }
 
 /// What the agent-client thread of `flint run` does before the command.
