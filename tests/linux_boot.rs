@@ -10,10 +10,12 @@ mod support;
 
 use support::{exec_cmdline, run_scenario, sh_quote, Case, DEFAULT_CMDLINE};
 
-/// Guest-side script of the boot cases: proves it ran, reports CPUs and memory, and ends
-/// with a distinctive status that the guest init reports as `FLINT-GUEST-EXIT 7`.
+/// Guest-side script of the boot cases: proves it ran, reports CPUs, the processor's name
+/// and memory, and ends with a distinctive status that the guest init reports as
+/// `FLINT-GUEST-EXIT 7`.
 const GUEST_PROBE: &str = "echo GUEST-SCRIPT-RAN
 echo CPUS=$(grep -c ^processor /proc/cpuinfo)
+echo MODEL=$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-)
 grep MemTotal /proc/meminfo
 exit 7
 ";
@@ -94,6 +96,14 @@ fn assert_probe_boot(case: &Case, vcpus: u32, mem_mib: u64) {
         case.value_of("CPUS"),
         vcpus.to_string(),
         "guest sees the wrong number of CPUs\n{}",
+        case.show()
+    );
+    // The processor's name, not Linux's "family/model" stand-in (e.g. "17/01") for a CPU
+    // whose brand-string leaves are empty.
+    let model = case.value_of("MODEL");
+    assert!(
+        model.chars().any(|c| c.is_ascii_alphabetic()),
+        "the guest's CPU has no name: model name {model:?}\n{}",
         case.show()
     );
     let total = mem_total_kib(case);

@@ -547,6 +547,38 @@ pub fn enable_tsc_deadline(entries: &mut [kvm_cpuid_entry2]) {
     }
 }
 
+/// The brand-string leaves, 0x8000_0002 to 0x8000_0004: 16 bytes of the processor's name each.
+const BRAND_LEAVES: [u32; 3] = [0x8000_0002, 0x8000_0003, 0x8000_0004];
+
+/// The host processor's brand string as its own CPUID instruction returns it (leaves
+/// 0x8000_0002-0x8000_0004, eax..edx each), or `None` when the host has no such leaves.
+pub fn host_brand_string() -> Option<[[u32; 4]; 3]> {
+    use std::arch::x86_64::__cpuid;
+    if __cpuid(0x8000_0000).eax < 0x8000_0004 {
+        return None;
+    }
+    Some(BRAND_LEAVES.map(|leaf| {
+        let r = __cpuid(leaf);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }))
+}
+
+/// Give the guest the processor's name: KVM's supported CPUID list leaves the brand-string
+/// leaves empty (all zero), and a Linux guest then names its CPU by family and model alone
+/// (`model name : 17/01` in `/proc/cpuinfo`). Each brand leaf that is present and empty gets
+/// the host's value from `brand`; a leaf with a string already is left alone, and no leaf is
+/// added (the extended leaves KVM lists are the ones the guest sees).
+pub fn fill_brand_string(entries: &mut [kvm_cpuid_entry2], brand: &[[u32; 4]; 3]) {
+    for entry in entries.iter_mut() {
+        let Some(i) = BRAND_LEAVES.iter().position(|&leaf| leaf == entry.function) else {
+            continue;
+        };
+        if entry.eax | entry.ebx | entry.ecx | entry.edx == 0 {
+            [entry.eax, entry.ebx, entry.ecx, entry.edx] = brand[i];
+        }
+    }
+}
+
 /// The XCR0 value that enables every state component the (normalised) CPUID offers: leaf 0xD
 /// subleaf 0 EAX/EDX. `None` when leaf 1 has no XSAVE or there is no leaf 0xD.
 ///
@@ -599,6 +631,60 @@ mod xcr0_tests {
         enable_tsc_deadline(&mut entries);
         assert_eq!(entries[0].ecx, LEAF1_ECX_TSC_DEADLINE);
         assert_eq!(entries[1].ecx, 0);
+    }
+
+    #[test]
+    fn empty_brand_leaves_get_the_hosts_name_and_others_stay() {
+        // "AMD EPYC Processor" padded with NULs, as 12 little-endian words.
+        let mut bytes = [0u8; 48];
+        bytes[..18].copy_from_slice(b"AMD EPYC Processor");
+        let word = |i: usize| u32::from_le_bytes(bytes[i * 4..i * 4 + 4].try_into().unwrap());
+        let brand = [
+            [word(0), word(1), word(2), word(3)],
+            [word(4), word(5), word(6), word(7)],
+            [word(8), word(9), word(10), word(11)],
+        ];
+        let kept = [0x6e65_6547, 1, 2, 3];
+        let mut entries = [
+            entry(0x8000_0001, 0, 0, 0, 0),
+            entry(0x8000_0002, 0, 0, 0, 0),
+            entry(0x8000_0003, 0, kept[0], 0, 0),
+            entry(0x8000_0004, 0, 0, 0, 0),
+            entry(0x8000_0005, 0, 0, 0, 0),
+        ];
+        entries[2].ebx = kept[1];
+        entries[2].ecx = kept[2];
+        entries[2].edx = kept[3];
+        fill_brand_string(&mut entries, &brand);
+        let regs = |e: &kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
+        assert_eq!(regs(&entries[0]), [0; 4]);
+        assert_eq!(regs(&entries[1]), brand[0]);
+        assert_eq!(
+            regs(&entries[2]),
+            kept,
+            "a leaf with a string is the host's choice"
+        );
+        assert_eq!(regs(&entries[3]), brand[2]);
+        assert_eq!(regs(&entries[4]), [0; 4]);
+        // The guest reads the name back from the three leaves in order.
+        let name: Vec<u8> = [entries[1], entries[3]]
+            .iter()
+            .flat_map(|e| regs(e).into_iter().flat_map(u32::to_le_bytes))
+            .collect();
+        assert!(name.starts_with(b"AMD EPYC Process"));
+    }
+
+    #[test]
+    fn the_hosts_brand_string_is_readable_text() {
+        // Every x86_64 host this runs on has the leaves (they date from 2003).
+        let brand = host_brand_string().expect("brand-string leaves");
+        let bytes: Vec<u8> = brand
+            .iter()
+            .flatten()
+            .flat_map(|w| w.to_le_bytes())
+            .collect();
+        let text = bytes.split(|&b| b == 0).next().unwrap();
+        assert!(!text.is_empty() && text.is_ascii(), "{bytes:?}");
     }
 
     #[test]

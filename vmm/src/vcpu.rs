@@ -208,6 +208,9 @@ impl Vcpu {
         if kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
             arch::cpuid::enable_tsc_deadline(cpuid.as_mut_slice());
         }
+        if let Some(brand) = arch::cpuid::host_brand_string() {
+            arch::cpuid::fill_brand_string(cpuid.as_mut_slice(), &brand);
+        }
         fd.set_cpuid2(&cpuid).map_err(setup("set CPUID"))?;
         if let Some(xcr0) = arch::cpuid::supported_xcr0(cpuid.as_slice()) {
             let mut xcrs = kvm_xcrs {
