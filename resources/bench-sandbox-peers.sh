@@ -190,13 +190,13 @@ fi
 ! has firecracker || one_firecracker WARM-fc
 ! has cloud-hypervisor || one_ch WARM-ch
 set -- $VMMS
-n=$#
+nvmm=$#
 r=1
 while [ $r -le $RUNS ]; do
-    # rotate: round r starts with the (r mod n)-th VMM
+    # rotate: round r starts with the (r mod nvmm)-th VMM
     k=0
-    while [ $k -lt $n ]; do
-        j=$(((r + k) % n + 1))
+    while [ $k -lt $nvmm ]; do
+        j=$(((r + k) % nvmm + 1))
         eval "one \${$j}"
         k=$((k + 1))
     done
@@ -206,7 +206,11 @@ if has pool; then
     kill -TERM $pool; wait $pool
     echo "BENCH pool-exit $? $(ls -d /tmp/flint-run-* 2>/dev/null | wc -l) $([ -e "$POOL" ] && echo left || echo gone)"
 fi
-echo "BENCH leftover $(cat /proc/[0-9]*/comm 2>/dev/null | grep -cE '^(flint|firecracker|cloud-hyperviso|agent-client|fc-sandbox)$') processes, $(ls "$W"/*.vsock "$W"/*.sock 2>/dev/null | wc -l) sockets"
+# Left: VMM processes; sockets other than the peers' (a SIGKILLed peer leaves its API and
+# vsock sockets, and Cloud Hypervisor its API socket's lock file: removed here).
+left_sockets=$(find "$W" /tmp/flint-run-* -type s ! -name 'fc-*' ! -name 'ch-*' 2>/dev/null | wc -l)
+rm -rf "$W"/fc-*.sock "$W"/fc-*.vsock "$W"/ch-*.sock "$W"/ch-*.sock.lock "$W"/ch-*.vsock "$W/ch-run"
+echo "BENCH leftover $(cat /proc/[0-9]*/comm 2>/dev/null | grep -cE '^(flint|firecracker|cloud-hyperviso|agent-client|fc-sandbox)$') VMM processes, $left_sockets sockets of flint's"
 echo "BENCH done"
 SCENARIO
 
