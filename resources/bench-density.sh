@@ -199,7 +199,15 @@ for vmm in $VMMS; do
         /^VmFlags:/ { if (pss > 0) printf "BENCH map %s %s size %d pss %d private_dirty %d\n", vmm, name, size, pss, pd }' \
         "/proc/$(cat "$W/pid-0")/smaps"
     echo "BENCH $vmm pss $total_pss rss $total_rss guest $total_guest clients $clients avail $((before - after))"
-    for f in "$W"/pid-*; do kill -KILL "$(cat "$f")" 2>/dev/null || true; done
+    # flint run ends its sandbox and removes its work directory on SIGTERM; the peers get
+    # SIGKILL (as in their runs).
+    case $vmm in firecracker | cloud-hypervisor) sig=KILL ;; *) sig=TERM ;; esac
+    for f in "$W"/pid-*; do kill -$sig "$(cat "$f")" 2>/dev/null || true; done
+    t=0
+    for f in "$W"/pid-*; do
+        while kill -0 "$(cat "$f")" 2>/dev/null && [ $t -lt 60 ]; do sleep 0.5; t=$((t + 1)); done
+        kill -KILL "$(cat "$f")" 2>/dev/null && echo "BENCH $vmm $(basename "$f") needed SIGKILL"
+    done
     wait
     # a SIGKILLed peer leaves its API and vsock sockets (Cloud Hypervisor a lock file too)
     rm -rf "$W"/fc-*.sock "$W"/fc-*.vsock "$W"/ch-[0-9]*
@@ -245,8 +253,8 @@ for vmm in $vmms; do
 done
 val() { sed -n "s/^BENCH $1 pss .*/&/p" "$work/clean" | awk -v k="$2" '{ for (i = 3; i < NF; i += 2) if ($i == k) print $(i + 1) }'; }
 others=
-! has firecracker || others="$("$peers/firecracker" --version 2>/dev/null | head -n1)"
-! has cloud-hypervisor || others="${others:+$others; }$("$peers/cloud-hypervisor" --version 2>/dev/null | head -n1) (restore: memory_restore_mode $ch_mode)"
+! has firecracker || others="$("$peers/firecracker" --version 2>/dev/null | sed -n 1p)"
+! has cloud-hypervisor || others="${others:+$others; }$("$peers/cloud-hypervisor" --version 2>/dev/null | sed -n 1p) (restore: memory_restore_mode $ch_mode)"
 echo "density, $(tr ' ' '\n' <<<"$vmms" | paste -sd, | sed 's/,/, /g'), $(date -u +%Y-%m-%d): $count idle sandboxes restored from one snapshot, 20 s after the last was ready"
 echo "where: $where"
 echo "guest: the sandbox image, 1 vCPU, 128 MiB each; kernel: $kernel${others:+; other VMMs: $others (+ agent-client per sandbox)}; host transparent huge pages: $(sed -n 's/^BENCH thp //p' "$work/clean")"

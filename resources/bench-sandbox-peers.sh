@@ -259,8 +259,8 @@ median_of() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) { printf "-"; exi
     printf "%.0f", (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 others=
-! has firecracker || others="$("$peers/firecracker" --version 2>/dev/null | head -n1)"
-! has cloud-hypervisor || others="${others:+$others; }$("$peers/cloud-hypervisor" --version 2>/dev/null | head -n1) (restore: memory_restore_mode $ch_mode)"
+! has firecracker || others="$("$peers/firecracker" --version 2>/dev/null | sed -n 1p)"
+! has cloud-hypervisor || others="${others:+$others; }$("$peers/cloud-hypervisor" --version 2>/dev/null | sed -n 1p) (restore: memory_restore_mode $ch_mode)"
 echo "sandbox start, $(tr ' ' '\n' <<<"$vmms" | paste -sd, | sed 's/,/, /g'), $(date -u +%Y-%m-%d): $runs runs each after a warm-up, rotating"
 echo "where: $where"
 echo "guest: the sandbox image (initramfs with the guest agent), 1 vCPU, 128 MiB; kernel: $kernel${others:+; other VMMs: $others}"
