@@ -133,8 +133,11 @@ one_flint() { # tag
     if [ -n "$PHASES" ]; then
         FLINT_LOG=debug "$BIN/stopwatch" "$1" "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" \
             --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err" 3>&1
-        sed -n 's/.*sandbox: \(.*\) at \([0-9]*\) ms.*/\1|\2/p' "$W/flint.err" |
-            awk -F'|' '{ gsub(/ /, "_", $1); print "BENCH flint-phase", $1, $2 }'
+        # the phase table is of the timed runs, not the warm-up
+        case $1 in WARM-*) ;; *)
+            sed -n 's/.*sandbox: \(.*\) at \([0-9]*\) ms.*/\1|\2/p' "$W/flint.err" |
+                awk -F'|' '{ gsub(/ /, "_", $1); print "BENCH flint-phase", $1, $2 }' ;;
+        esac
     else
         "$BIN/stopwatch" "$1" "$BIN/flint" run --memory 128 --kernel "$BIN/vmlinux" \
             --initramfs "$BIN/sandbox.cpio.gz" -- true </dev/null 2>"$W/flint.err" 3>&1
@@ -144,7 +147,7 @@ one_firecracker() { # tag
     rm -f "$W/fc-run.vsock"
     "$BIN/stopwatch" "$1" "$BIN/fc-sandbox" "$BIN/firecracker" "$W/fc-run.sock" "$LOAD" "$W/fc-run.log" \
         -- "$BIN/agent-client" "$W/fc-run.vsock" --refresh -- true </dev/null 2>"$W/fc.err" 3>&1
-    sed -n 's/^FCPHASE /BENCH fc-phase /p' "$W/fc.err"
+    case $1 in WARM-*) ;; *) sed -n 's/^FCPHASE /BENCH fc-phase /p' "$W/fc.err" ;; esac
     grep -v '^FCPHASE' "$W/fc.err" | sed 's/^/BENCH fc-stderr /' | head -n 5
 }
 one_ch() { # tag
@@ -153,7 +156,7 @@ one_ch() { # tag
     rm -f "$W/ch-run.sock.lock"
     "$BIN/stopwatch" "$1" "$BIN/fc-sandbox" --cloud-hypervisor "$BIN/cloud-hypervisor" "$W/ch-run.sock" "$CH_LOAD" \
         "$W/ch-run.log" -- "$BIN/agent-client" "$W/ch-run.vsock" --refresh -- true </dev/null 2>"$W/ch.err" 3>&1
-    sed -n 's/^FCPHASE /BENCH ch-phase /p' "$W/ch.err"
+    case $1 in WARM-*) ;; *) sed -n 's/^FCPHASE /BENCH ch-phase /p' "$W/ch.err" ;; esac
     grep -v '^FCPHASE' "$W/ch.err" | sed 's/^/BENCH ch-stderr /' | head -n 5
     [ ! -s "$W/ch.err" ] || grep -q '^FCPHASE' "$W/ch.err" || tail -n 5 "$W/ch-run.log" | sed 's/^/BENCH ch-log /'
 }
