@@ -22,8 +22,9 @@
 # sandbox command line as always (pci=off: for them the default kernel), Cloud Hypervisor
 # without pci=off. Cloud Hypervisor restores guest memory by copying the snapshot's memory
 # file into private anonymous memory (memory_restore_mode Copy, its default; --ch-restore
-# ondemand: userfaultfd, copied in as the guest touches it), not by mapping the file: nothing
-# of the guest is shared between its sandboxes. So with it in the run the nested host's
+# ondemand: userfaultfd, pages copied in on first touch and the rest in the background, so an
+# idle guest is wholly resident seconds later), not by mapping the file: nothing of the guest
+# is shared between its sandboxes. So with it in the run the nested host's
 # default RAM grows to hold N private guests (--host-mem).
 #
 # usage: resources/bench-density.sh [-n SANDBOXES] [--peers DIR] [--vmms LIST] [--host-mem MIB]

@@ -23,7 +23,8 @@
 # for them it is the default kernel), Cloud Hypervisor with the same line without pci=off.
 # Cloud Hypervisor restores guest memory by copying the snapshot's memory file into anonymous
 # memory (its default `memory_restore_mode` Copy; --ch-restore ondemand: userfaultfd, pages
-# copied in as the guest touches them), where Firecracker and flint map theirs.
+# copied in on first touch and the rest in the background), where Firecracker and flint map
+# theirs.
 #
 # The `pool` column: `flint run --pool` against a `flint pool --size 2` of the same sandboxes,
 # started (and warmed with one job) before the timed runs. Its time is the client's, fork to
