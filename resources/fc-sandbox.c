@@ -1,14 +1,17 @@
-/* fc-sandbox FIRECRACKER API_SOCK LOAD_BODY LOG -- CLIENT [ARG]...: a Firecracker sandbox
- * run for the benchmarks, with no shell or curl in the timed path. Starts FIRECRACKER
- * (--api-sock API_SOCK, its output to LOG), connects to its API socket as soon as it accepts
- * (retrying every millisecond), sends `PUT /snapshot/load` with the JSON LOAD_BODY, then runs
- * CLIENT (the guest agent's client: it connects over Firecracker's vsock socket, refreshes the
- * guest and runs the command), and when CLIENT ends kills Firecracker (SIGKILL: it has no
- * other way to stop a VM at once) and waits for it. With FC_PIDFILE set, writes Firecracker's
- * pid there once the load answered (the density benchmark measures the running VMs).
- * Prints "FCPHASE API LOAD CLIENT END" on stderr: microseconds from this program's start to
- * the API accepting, the load answering, CLIENT's exit and Firecracker's reaping.
- * Exit status: CLIENT's; 125 if Firecracker or the load failed. */
+/* fc-sandbox [--cloud-hypervisor] VMM API_SOCK LOAD_BODY LOG -- CLIENT [ARG]...: a Firecracker
+ * (or Cloud Hypervisor) sandbox run for the benchmarks, with no shell or curl in the timed
+ * path. Starts VMM (Firecracker: --api-sock API_SOCK; Cloud Hypervisor: --api-socket
+ * path=API_SOCK; its output to LOG), connects to its API socket as soon as it accepts
+ * (retrying every millisecond), sends `PUT /snapshot/load` (Cloud Hypervisor:
+ * `PUT /api/v1/vm.restore`, whose body should ask for "resume": true) with the JSON
+ * LOAD_BODY, then runs CLIENT (the guest agent's client: it connects over the VMM's vsock
+ * socket, refreshes the guest and runs the command), and when CLIENT ends kills the VMM
+ * (SIGKILL: Firecracker has no other way to stop a VM at once; both are treated alike) and
+ * waits for it. With FC_PIDFILE set, writes the VMM's pid there once the load answered (the
+ * density benchmark measures the running VMs). Prints "FCPHASE API LOAD CLIENT END" on
+ * stderr: microseconds from this program's start to the API accepting, the load answering,
+ * CLIENT's exit and the VMM's reaping. Exit status: CLIENT's; 125 if the VMM or the load
+ * failed. */
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -42,8 +45,13 @@ static int fail(const char *what) {
 
 int main(int argc, char **argv) {
     t0 = now_us();
+    int ch = argc > 1 && strcmp(argv[1], "--cloud-hypervisor") == 0;
+    if (ch) {
+        argc--;
+        argv++;
+    }
     if (argc < 7 || strcmp(argv[5], "--") != 0) {
-        fprintf(stderr, "usage: fc-sandbox FIRECRACKER API_SOCK LOAD_BODY LOG -- CLIENT [ARG]...\n");
+        fprintf(stderr, "usage: fc-sandbox [--cloud-hypervisor] VMM API_SOCK LOAD_BODY LOG -- CLIENT [ARG]...\n");
         return 2;
     }
     const char *sock = argv[2], *body = argv[3], *logpath = argv[4];
@@ -61,7 +69,13 @@ int main(int argc, char **argv) {
         dup2(null, 0);
         dup2(log, 1);
         dup2(log, 2);
-        execl(argv[1], argv[1], "--api-sock", sock, "--level", "Error", (char *)NULL);
+        if (ch) {
+            char arg[sizeof addr.sun_path + 5];
+            snprintf(arg, sizeof arg, "path=%s", sock);
+            execl(argv[1], argv[1], "--api-socket", arg, (char *)NULL);
+        } else {
+            execl(argv[1], argv[1], "--api-sock", sock, "--level", "Error", (char *)NULL);
+        }
         _exit(127);
     }
 
@@ -73,18 +87,18 @@ int main(int argc, char **argv) {
         close(s);
         if (waitpid(fc, NULL, WNOHANG) == fc) {
             fc = -1;
-            return fail("Firecracker exited before its API socket accepted");
+            return fail("the VMM exited before its API socket accepted");
         }
-        if (tries > 20000) return fail("Firecracker's API socket never accepted");
+        if (tries > 20000) return fail("the VMM's API socket never accepted");
         usleep(1000);
     }
     long long t_api = now_us() - t0;
 
     char req[8192];
     int n = snprintf(req, sizeof req,
-                     "PUT /snapshot/load HTTP/1.1\r\nHost: localhost\r\n"
+                     "PUT %s HTTP/1.1\r\nHost: localhost\r\n"
                      "Content-Type: application/json\r\nContent-Length: %zu\r\n\r\n%s",
-                     strlen(body), body);
+                     ch ? "/api/v1/vm.restore" : "/snapshot/load", strlen(body), body);
     if (n <= 0 || (size_t)n >= sizeof req) return fail("load body too long");
     for (int off = 0; off < n;) {
         ssize_t w = write(s, req + off, (size_t)(n - off));
