@@ -182,6 +182,7 @@ impl Drop for WorkDir {
 
 /// `flint run`.
 pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
+    crate::lean::restart_without_malloc_cache();
     no_transparent_huge_pages();
     crate::lean::prepare();
     match run_sandbox(options, start) {
