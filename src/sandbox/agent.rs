@@ -183,7 +183,7 @@ pub(super) fn drive_agent(
 
 /// Whether file descriptor `fd` is closed or `/dev/null` (the character device 1:3): every
 /// read would return end of file at once.
-fn reads_nothing(fd: libc::c_int) -> bool {
+pub(super) fn reads_nothing(fd: libc::c_int) -> bool {
     let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
     // SAFETY: fstat writes a `struct stat` into the valid buffer and touches nothing else.
     if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
