@@ -161,7 +161,13 @@ pub(super) fn drive_agent(
     for (host, guest) in &copies.copy_in {
         client.copy_in(host, Path::new(guest))?;
     }
-    let stdin: Option<Box<dyn Read + Send>> = Some(Box::new(std::io::stdin()));
+    // An input with nothing to read needs no forwarder thread: the command's stdin is just
+    // closed, as the forwarder would do at its first read.
+    let stdin: Option<Box<dyn Read + Send>> = if reads_nothing(libc::STDIN_FILENO) {
+        None
+    } else {
+        Some(Box::new(std::io::stdin()))
+    };
     let status = client.run(spec, stdin, std::io::stdout(), std::io::stderr())?;
     debug!(
         "sandbox: command ended at {} ms",
@@ -173,6 +179,19 @@ pub(super) fn drive_agent(
         client.copy_out_within(Path::new(guest), host, &mut budget)?;
     }
     Ok(status)
+}
+
+/// Whether file descriptor `fd` is closed or `/dev/null` (the character device 1:3): every
+/// read would return end of file at once.
+pub(super) fn reads_nothing(fd: libc::c_int) -> bool {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a `struct stat` into the valid buffer and touches nothing else.
+    if unsafe { libc::fstat(fd, stat.as_mut_ptr()) } != 0 {
+        return std::io::Error::last_os_error().raw_os_error() == Some(libc::EBADF);
+    }
+    // SAFETY: fstat returned 0, so it initialised the buffer.
+    let stat = unsafe { stat.assume_init() };
+    stat.st_mode & libc::S_IFMT == libc::S_IFCHR && stat.st_rdev == libc::makedev(1, 3)
 }
 
 /// How long a warm sandbox's refresh holds. A running guest's clock keeps the host's time
@@ -301,5 +320,27 @@ impl AgentThread {
             snapshot_done: snapshot_done_tx,
             job: job_tx,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reads_nothing;
+    use std::os::fd::AsRawFd;
+
+    /// Only /dev/null and a closed descriptor skip the stdin forwarder: a pipe, a file or a
+    /// terminal-like character device (/dev/zero has data) is forwarded.
+    #[test]
+    fn only_an_input_without_data_goes_without_a_forwarder() {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(reads_nothing(null.as_raw_fd()));
+        let zero = std::fs::File::open("/dev/zero").unwrap();
+        assert!(!reads_nothing(zero.as_raw_fd()));
+        let file = std::fs::File::open("/proc/self/exe").unwrap();
+        assert!(!reads_nothing(file.as_raw_fd()));
+        let (reader, _writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(!reads_nothing(reader.as_raw_fd()));
+        // Above any open file limit: never open.
+        assert!(reads_nothing(1 << 30), "a closed descriptor reads nothing");
     }
 }

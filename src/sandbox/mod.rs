@@ -182,6 +182,7 @@ impl Drop for WorkDir {
 
 /// `flint run`.
 pub fn run(options: &RunOptions, start: Instant) -> ExitCode {
+    crate::lean::restart_without_malloc_cache();
     no_transparent_huge_pages();
     crate::lean::prepare();
     match run_sandbox(options, start) {
@@ -467,6 +468,9 @@ mod tests {
             crate::seccomp::agent_client(false).install().unwrap();
             let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
             assert!(status.contains("Seccomp:\t2"), "no filter on this thread");
+            // Looking at stdin before the command, as drive_agent does.
+            use std::os::fd::AsRawFd;
+            assert!(!super::agent::reads_nothing(host.as_raw_fd()));
             let mut client = AgentClient::from_stream(host).unwrap();
             client.copy_in(&file, Path::new("/data/in"))
         });

@@ -233,6 +233,9 @@ fn is_open(fd: RawFd) -> bool {
 
 /// The hidden `flint pool-member`: one warm sandbox for one job of a pool.
 pub fn member(options: &RunOptions, start: Instant) -> ExitCode {
+    // A warm sandbox idles like a `flint run` one. Its socket to the pool (MEMBER_FD, not
+    // closed on exec) and its parent-death signal stay across the restart.
+    crate::lean::restart_without_malloc_cache();
     no_transparent_huge_pages();
     crate::lean::prepare();
     match member_run(options, start) {
