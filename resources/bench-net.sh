@@ -35,13 +35,14 @@
 # share (/proc/stat), each VMM thread's CPU time (/proc/PID/task/*/{stat,schedstat}; threads
 # with guest time are vCPUs), KVM's exit counters for the VM (debugfs, the same for every VMM),
 # the TAP's frames and bytes each way (average frame size: TSO/GSO in effect or not) and the
-# guest's interrupts, all per MiB; with --strace also the VMM's system calls per MiB by kind
-# (strace -c -f attached for each transfer: slows the transfer, so its MiB/s are not the
-# benchmark's; the counts are).
+# guest's interrupts, all per MiB; with --syscalls also the VMM's system calls per MiB by kind
+# and thread (perf stat counting syscall tracepoints in the kernel: cheap, the transfer keeps
+# its pace), with --strace the same from strace -c -f (which slows the VMM so much that its
+# frames and calls per MiB change: for a look at rare calls only).
 #
 # usage: resources/bench-net.sh [-n RUNS] [--tcp-mib MIB] [--vsock-mib MIB|0] [--pings N]
 #                               [--vmms LIST] [--flint-base BIN] [--peers DIR]
-#                               [--profile] [--strace] [--from-log FILE]
+#                               [--profile] [--syscalls] [--strace] [--from-log FILE]
 #   --from-log FILE: no run; print the tables from FILE, the output of an earlier run made with
 #                    BENCH_RAW=1 in the environment (give the same options as that run)
 #   --vmms LIST: comma-separated, from flint, flint-base, firecracker, cloud-hypervisor, qemu
@@ -66,6 +67,7 @@ flint_base=
 peers=$here/../../shared/peers
 profile=0
 strace=0
+perf=0
 from_log=
 while (($#)); do
     case $1 in
@@ -78,6 +80,7 @@ while (($#)); do
     --peers) peers=${2:?}; shift ;;
     --profile) profile=1 ;;
     --strace) profile=1 strace=1 ;;
+    --syscalls) profile=1 perf=1 ;;
     --from-log) from_log=$(realpath "${2:?}"); shift ;;
     *) die "unknown argument: $1 (see the usage at the top of $0)" ;;
     esac
@@ -159,6 +162,10 @@ if [ "$FIRST" = 1 ]; then
     echo "BENCH guest-pipe $($T gen ${TCP}M | $T sum)"
     ping -c "$PINGS" -i 0.2 10.0.0.1 | sed -n 's/^round-trip/BENCH ping &/p'
 fi
+# the NIC's negotiated feature bits (virtio device id 1), as the guest sees them
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" != 0x0001 ] || echo "BENCH net-features $(cat "$d/features")"
+done
 echo "BENCH-STEP TCP"
 sync
 a=$(counts)
@@ -213,6 +220,7 @@ VSOCK_BYTES=$((vsock_mib * 1048576))
 QEMU_ARGS='$qemu_args'
 PROFILE=$profile
 STRACE=$strace
+PERF=$perf
 SCENARIO
 cat >>"$work/scenario.sh" <<'SCENARIO'
 IP=$BIN/ip
@@ -232,7 +240,12 @@ $NS "$IP" link set flbench0 up
 if [ "$PROFILE" = 1 ]; then
     [ -d /sys/kernel/debug/kvm ] || mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
     [ -d /sys/kernel/debug/kvm ] || echo "BENCH-NOTE no KVM debugfs: no exit counts"
+    [ "$PERF" != 1 ] || [ -d /sys/kernel/tracing/events ] || mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 fi
+# system calls counted with --syscalls
+SYSCALLS="read readv write writev ioctl futex epoll_wait epoll_pwait clock_gettime poll ppoll recvfrom sendto recvmsg sendmsg"
+EVENTS=
+for c in $SYSCALLS; do EVENTS="$EVENTS${EVENTS:+,}syscalls:sys_enter_$c"; done
 
 # snap NAME: one snapshot for --profile, into $D/prof: wall time, each VMM thread's CPU time
 # (stat: utime stime guest_time in ticks; schedstat: run time in ns), the TAP's counters, the
@@ -269,6 +282,10 @@ profile() {
         sp=
         if [ "$STRACE" = 1 ]; then
             "$BIN/strace" -c -f -q -p "$VMM_PID" -o "$D/strace-$dir" 2>/dev/null &
+            sp=$!
+            sleep 0.3
+        elif [ "$PERF" = 1 ]; then
+            "$BIN/perf" stat -x, --per-thread -e "$EVENTS" -p "$VMM_PID" -o "$D/perf-$dir" 2>"$D/perf-err-$dir" &
             sp=$!
             sleep 0.3
         fi
@@ -369,6 +386,7 @@ FC_JSON
     [ ! -f "$D/prof" ] || cat "$D/prof"
     for dir in h2g g2h; do
         [ ! -f "$D/strace-$dir" ] || sed "s/^/BENCH strace $dir /" "$D/strace-$dir"
+        [ ! -f "$D/perf-$dir" ] || sed "s/^/BENCH perf $dir /" "$D/perf-$dir" "$D/perf-err-$dir"
     done
     echo "BENCH-VMM-END $vmm round $2: $(grep -h 'vsock-io: conn' "$D/guest.out" "$D/tcp-g2h" "$D/vsock-g2h" | tr -d '\r' | sed -n 's/.*bytes=\([0-9]*\) .*secs=\([0-9.]*\) ok$/\1 \2/p' | awk '$2 > 0 { printf "%.0f ", $1 / $2 / 1048576 }')MiB/s"
     # Firecracker's exit status on the guest's reset is not 0, and Cloud Hypervisor was
@@ -403,6 +421,11 @@ files=("$flint:flint" "$kernel_dir/bzImage:bzImage" "$kernel_dir/vmlinux:vmlinux
 [ -z "$flint_base" ] || files+=("$flint_base:flint-base")
 [[ ,$vmms, != *,firecracker,* ]] || files+=("$peers/firecracker:firecracker")
 [[ ,$vmms, != *,cloud-hypervisor,* ]] || files+=("$peers/cloud-hypervisor:cloud-hypervisor")
+if [ "$perf" = 1 ]; then
+    s=$(command -v perf || true)
+    [ -x "$s" ] || die "--syscalls needs perf on this machine (it is copied into the benchmark host)"
+    files+=("$s:perf")
+fi
 if [ "$strace" = 1 ]; then
     s=$(command -v strace || true)
     [ -x "$s" ] || die "--strace needs strace on this machine (it is copied into the benchmark host)"
@@ -461,6 +484,12 @@ frames() {
         awk -v name="$2" -v mib="$tcp_mib" '$1 == "BENCH" && $2 == "counts" && $3 == name {
             printf "%.0f\n", (($12 - $5) + ($13 - $6)) / mib }' |
         sort -n | awk '{ m[NR] = $1 } END { if (NR == 0) print "-"; else print m[int((NR + 1) / 2)] }'
+}
+# features VMM: the NIC's negotiated virtio features (bit numbers) in VMM's first boot.
+features() {
+    awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
+        sed -n 's/^BENCH net-features //p' | head -n1 |
+        awk '{ s = ""; for (i = 1; i <= length($1); i++) if (substr($1, i, 1) == "1") s = s (s == "" ? "" : " ") (i - 1); print (s == "" ? "-" : s) }'
 }
 ping_avg() {
     awk -v vmm="$1" '/^BENCH-VMM /{ cur = $2 } cur == vmm' "$work/clean" |
@@ -565,7 +594,8 @@ prof() {
             for (k in kb) { split(k, p, SUBSEP); if (p[1] == d) print d, "kvm:" p[2], (kb[k] - ka[k]) / mib }
         }
         for (k in sc) { split(k, p, SUBSEP); print p[1], "sys:" p[2], sc[k] / mib }
-        delete ta; delete tb; delete tapa; delete tapb; delete ka; delete kb; delete th; delete sc; delete sec; delete hba; delete hbb; delete hia; delete hib
+        for (k in pt) { split(k, p, SUBSEP); if (pt[k] > 0) print p[1], "sys:" p[2], pt[k] / mib }
+        delete ta; delete tb; delete tapa; delete tapb; delete ka; delete kb; delete th; delete sc; delete pt; delete sec; delete hba; delete hbb; delete hia; delete hib
         have = 0
     }
     $1 == "BENCH-VMM-END" { flush() }
@@ -593,6 +623,15 @@ prof() {
     }
     # strace -c rows: % time, seconds, usecs/call, calls, [errors,] syscall
     $1 == "BENCH" && $2 == "strace" && $4 ~ /^[0-9.]+$/ && $NF ~ /^[a-z_0-9]+$/ && $NF != "total" { sc[$3, $NF] += $7 }
+    # perf stat -x, --per-thread rows: COMM-TID,COUNT,UNIT,EVENT,...
+    $1 == "BENCH" && $2 == "perf" && /,syscalls:sys_enter_/ {
+        # the thread name may hold spaces (Firecracker'"'"'s "fc_vcpu 0")
+        line = $0; sub(/^BENCH perf [a-z0-9]+ +/, "", line); gsub(/ /, "_", line)
+        n = split(line, f, ","); if (f[2] !~ /^[0-9]+$/) next
+        ev = f[4]; sub(/^syscalls:sys_enter_/, "", ev)
+        t = f[1]; sub(/-[0-9]+$/, "", t)
+        sc[$3, ev] += f[2]; pt[$3, t "." ev] += f[2]
+    }
     END { flush() }'
 }
 for v in $vmm_list; do prof "$v" | sed "s/^/$v /"; done >"$work/prof"
@@ -603,6 +642,17 @@ pm() {
 }
 echo
 echo "Profile (--profile): medians over boots; per MiB of TCP payload; CPU times from /proc (ms), exits from KVM's debugfs"
+for v in $vmm_list; do echo "$v: NIC features negotiated (bits): $(features "$v")"; done
+cat <<'LEGEND'
+mibps: the transfer's rate; guest_busy_pct: the guest CPU's non-idle share (its /proc/stat);
+host_busy_pct, host_busy_ms: the whole benchmark host's CPUs (all processes, the TCP peer
+included); vcpu_pct: vCPU threads' run time / transfer time; busiest_pct: the same for the
+busiest other VMM thread; vcpu_ms: vCPU threads' run time (schedstat), vcpu_guest_ms of it in
+guest mode, vcpu_host_ms outside (ticks, 10 ms); vmm_ms and thread:NAME: the other threads'
+run time; guest_*: eth0 frames, bytes per frame and virtio interrupts in the guest; tap_*: the
+TAP's frames and bytes per frame on the host (tx: to the guest); kvm:*: KVM's counters for
+the VM; sys:CALL and sys:THREAD.CALL: system calls (--syscalls or --strace).
+LEGEND
 for dir in h2g g2h; do
     echo
     [ $dir = h2g ] && echo "TCP host -> guest" || echo "TCP guest -> host"
