@@ -14,6 +14,16 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Registers of a device that are served without taking the device's lock (atomics shared
+/// with the device), so that a vCPU touching them does not wait while another thread holds
+/// the device for a long piece of work. Tried before the device; same offsets and data rules.
+pub trait LockFreeRegisters: Send + Sync {
+    /// Serve a read of `data.len()` bytes at `offset`; false leaves it to the device.
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool;
+    /// Serve a write of `data` at `offset`; false leaves it to the device.
+    fn write(&self, offset: u64, data: &[u8]) -> bool;
+}
+
 /// Errors from building a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
@@ -26,6 +36,7 @@ struct Entry {
     base: u64,
     len: u64,
     device: Arc<Mutex<dyn BusDevice>>,
+    lock_free: Option<Arc<dyn LockFreeRegisters>>,
 }
 
 /// Address ranges mapped to devices. Built before the vCPUs start, then only read.
@@ -48,6 +59,18 @@ impl Bus {
         base: u64,
         len: u64,
     ) -> Result<(), BusError> {
+        self.insert_with(device, None, base, len)
+    }
+
+    /// Map `device` at `[base, base + len)`, with `lock_free` serving some of its registers
+    /// without its lock.
+    pub fn insert_with(
+        &mut self,
+        device: Arc<Mutex<dyn BusDevice>>,
+        lock_free: Option<Arc<dyn LockFreeRegisters>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), BusError> {
         let end = base
             .checked_add(len)
             .filter(|_| len > 0)
@@ -60,7 +83,15 @@ impl Bus {
             return Err(BusError::Overlap { base, len });
         }
         let pos = self.entries.partition_point(|e| e.base < base);
-        self.entries.insert(pos, Entry { base, len, device });
+        self.entries.insert(
+            pos,
+            Entry {
+                base,
+                len,
+                device,
+                lock_free,
+            },
+        );
         Ok(())
     }
 
@@ -81,7 +112,13 @@ impl Bus {
     pub fn read(&self, addr: u64, data: &mut [u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((entry, offset)) => {
-                lock(&entry.device).read(offset, data);
+                if !entry
+                    .lock_free
+                    .as_ref()
+                    .is_some_and(|r| r.read(offset, data))
+                {
+                    lock(&entry.device).read(offset, data);
+                }
                 true
             }
             None => false,
@@ -92,7 +129,13 @@ impl Bus {
     pub fn write(&self, addr: u64, data: &[u8]) -> bool {
         match self.find(addr, data.len()) {
             Some((entry, offset)) => {
-                lock(&entry.device).write(offset, data);
+                if !entry
+                    .lock_free
+                    .as_ref()
+                    .is_some_and(|r| r.write(offset, data))
+                {
+                    lock(&entry.device).write(offset, data);
+                }
                 true
             }
             None => false,
@@ -151,6 +194,61 @@ mod tests {
         assert!(!bus.write(0x1010, &[1]));
         assert!(!bus.write(u64::MAX, &[1, 2]));
         assert_eq!(data, [0xaa; 4]);
+    }
+
+    /// Serves offset 0 (reads 0x5a, writes recorded) and leaves the rest to the device.
+    #[derive(Default)]
+    struct Offset0 {
+        written: Mutex<Vec<u8>>,
+    }
+
+    impl LockFreeRegisters for Offset0 {
+        fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+            offset == 0 && {
+                data.fill(0x5a);
+                true
+            }
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> bool {
+            offset == 0 && {
+                self.written.lock().unwrap().extend_from_slice(data);
+                true
+            }
+        }
+    }
+
+    #[test]
+    fn lock_free_registers_are_served_while_the_device_is_held() {
+        let dev = Arc::new(Mutex::new(Recorder::default()));
+        let fast = Arc::new(Offset0::default());
+        let mut bus = Bus::new();
+        bus.insert_with(dev.clone(), Some(fast.clone()), 0x1000, 0x10)
+            .unwrap();
+        let bus = Arc::new(bus);
+        // Another thread holds the device (as the event loop does during a pass); a vCPU's
+        // access to a lock-free register completes meanwhile.
+        let held = dev.lock().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let b = bus.clone();
+        let vcpu = std::thread::spawn(move || {
+            let mut data = [0u8; 4];
+            let routed = b.read(0x1000, &mut data) && b.write(0x1000, &[1, 2]);
+            tx.send((routed, data)).unwrap();
+        });
+        let (routed, data) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the lock-free register waited for the device's lock");
+        assert!(routed);
+        assert_eq!(data, [0x5a; 4]);
+        assert_eq!(*fast.written.lock().unwrap(), vec![1, 2]);
+        drop(held);
+        vcpu.join().unwrap();
+        // Other offsets still reach the device, with offsets relative to its base.
+        let mut data = [0u8; 1];
+        assert!(bus.read(0x1003, &mut data));
+        assert_eq!(data, [3]);
+        assert!(bus.write(0x1004, &[9]));
+        assert_eq!(dev.lock().unwrap().writes, vec![(4, vec![9])]);
     }
 
     #[test]

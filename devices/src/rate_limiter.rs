@@ -242,6 +242,12 @@ impl RateLimiter {
     /// Take `bytes` from the bandwidth bucket and one operation from the ops bucket, both or
     /// neither. On refusal the timer is armed for when both will fit.
     pub fn consume(&mut self, bytes: u64) -> bool {
+        // A limiter without buckets (the VMM builds one for every device) admits everything:
+        // no clock read, which is a system call where the vDSO cannot read the clock (as in
+        // a nested host), once per frame.
+        if self.bandwidth.is_none() && self.ops.is_none() && !self.blocked {
+            return true;
+        }
         self.consume_at(bytes, 1, Instant::now())
     }
 

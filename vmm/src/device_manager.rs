@@ -9,7 +9,9 @@ use devices::bus::Bus;
 use devices::rate_limiter::RateLimiter;
 use devices::virtio::balloon::Balloon;
 use devices::virtio::block::Block;
-use devices::virtio::mmio::{MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::mmio::{
+    InterruptRegisters, MmioTransport, MMIO_REGION_SIZE, QUEUE_NOTIFY_OFFSET,
+};
 use devices::virtio::net::{default_mac, Net};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::Vsock;
@@ -229,12 +231,18 @@ pub fn attach(
             vm.register_ioevent(evt, &addr, index as u32)
                 .map_err(kvm("connect a virtio queue notification"))?;
         }
+        let interrupt_registers = Arc::new(InterruptRegisters(transport.interrupt().clone()));
         let transport = Arc::new(Mutex::new(transport));
-        mmio.insert(transport.clone(), slot.base, MMIO_REGION_SIZE)
-            .map_err(|source| Error::MmioBus {
-                number: n + 1,
-                source,
-            })?;
+        mmio.insert_with(
+            transport.clone(),
+            Some(interrupt_registers),
+            slot.base,
+            MMIO_REGION_SIZE,
+        )
+        .map_err(|source| Error::MmioBus {
+            number: n + 1,
+            source,
+        })?;
         // With ACPI the guest finds the device in the DSDT instead (`arch::acpi`).
         if !config.acpi() {
             if !out.cmdline.is_empty() {

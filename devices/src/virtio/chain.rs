@@ -278,7 +278,26 @@ impl<'a> SegmentWriter<'a> {
         true
     }
 
-    /// Bytes written so far.
+    /// Leave the next `n` bytes as they are. False when fewer are left.
+    pub fn skip(&mut self, mut n: usize) -> bool {
+        while n > 0 {
+            let Some(s) = self.segs.get(self.seg) else {
+                return false;
+            };
+            // At most `s.len - self.at`, a u32.
+            let k = n.min((s.len - self.at) as usize);
+            n -= k;
+            self.written += k;
+            self.at += k as u32;
+            if self.at == s.len {
+                self.seg += 1;
+                self.at = 0;
+            }
+        }
+        true
+    }
+
+    /// Bytes written (or skipped) so far.
     pub fn written(&self) -> usize {
         self.written
     }

@@ -618,6 +618,30 @@ impl MmioTransport {
     }
 }
 
+/// The transport's interrupt registers, `InterruptStatus` and `InterruptACK`, served from the
+/// interrupt's atomic status without the transport's lock: the guest's interrupt handler
+/// reads and acknowledges them on every interrupt, and must not wait while the event loop
+/// holds the transport for a pass over the device's queues.
+pub struct InterruptRegisters(pub Arc<VirtioInterrupt>);
+
+impl crate::bus::LockFreeRegisters for InterruptRegisters {
+    fn read(&self, offset: u64, data: &mut [u8]) -> bool {
+        if offset != INTERRUPT_STATUS || data.len() != 4 {
+            return false;
+        }
+        data.copy_from_slice(&self.0.status().to_le_bytes());
+        true
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> bool {
+        let (INTERRUPT_ACK, Ok(bytes)) = (offset, <[u8; 4]>::try_from(data)) else {
+            return false;
+        };
+        self.0.ack(u32::from_le_bytes(bytes));
+        true
+    }
+}
+
 impl BusDevice for MmioTransport {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         data.fill(0);
@@ -1061,6 +1085,32 @@ mod tests {
         assert_eq!(h.rd(INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
         h.wr(INTERRUPT_ACK, VIRTIO_MMIO_INT_CONFIG);
         assert_eq!(h.rd(INTERRUPT_STATUS), 0);
+    }
+
+    #[test]
+    fn interrupt_registers_without_the_lock_match_the_transport() {
+        use crate::bus::LockFreeRegisters;
+        let mut h = harness(&[256], false);
+        let regs = InterruptRegisters(h.t.interrupt().clone());
+        h.t.interrupt().signal_used_queue();
+        h.t.interrupt().signal_config_change();
+        let mut d = [0u8; 4];
+        assert!(regs.read(INTERRUPT_STATUS, &mut d));
+        assert_eq!(
+            u32::from_le_bytes(d),
+            VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG
+        );
+        assert!(regs.write(INTERRUPT_ACK, &VIRTIO_MMIO_INT_VRING.to_le_bytes()));
+        assert_eq!(h.rd(INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        // Anything else (other registers, other widths) is left to the transport.
+        let mut two = [0u8; 2];
+        assert!(!regs.read(INTERRUPT_STATUS, &mut two));
+        assert!(!regs.read(STATUS, &mut d));
+        assert!(!regs.write(INTERRUPT_ACK, &[1, 0]));
+        assert!(!regs.write(INTERRUPT_STATUS, &[3, 0, 0, 0]));
+        assert!(!regs.write(STATUS, &[1, 0, 0, 0]));
+        assert_eq!(h.rd(INTERRUPT_STATUS), VIRTIO_MMIO_INT_CONFIG);
+        assert_eq!(h.rd(STATUS), 0);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! The TAP is registered edge-triggered for reading and writing with the VMM's event loop:
 //! - Receive: frames are read from the TAP only while the guest has receive buffers. When it
 //!   has none, the device stops reading (frames wait in the kernel's queue) and resumes when
-//!   the driver refills the receive queue.
+//!   the driver refills the receive queue. With mergeable receive buffers, once the guest's
+//!   buffers can hold a frame of any size, each frame is read with one `readv(2)` straight
+//!   into them (no copy in the VMM); otherwise through a bounce buffer.
 //! - Transmit: chains go to the TAP with `writev(2)` straight from guest memory. When the TAP
 //!   is full, the chain stays in the queue and transmission resumes when the TAP becomes
 //!   writable again.
@@ -26,12 +28,13 @@ use event_manager::{EventOps, Events};
 use log::{debug, warn};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::chain::{
     add_used_together, pop_chain, read_segments, segments, write_segments, ChainError, Direction,
-    Segment,
+    Segment, SegmentWriter,
 };
 use super::{
     feature, take_queues, ActivateError, QueuePosition, VirtioDevice, VirtioInterrupt,
@@ -53,6 +56,9 @@ pub const TX_QUEUE: usize = 1;
 pub const MAX_FRAME_LEN: usize = 65536 + 18;
 /// Shortest frame the device transmits: an Ethernet header.
 pub const MIN_FRAME_LEN: usize = 14;
+/// Most pieces of guest memory one `readv` of the TAP is given (the kernel's `UIO_MAXIOV`).
+/// Receive buffers in more pieces than this go through the bounce buffer.
+const MAX_RX_IOVECS: usize = 1024;
 
 pub use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -265,6 +271,9 @@ struct Active {
     mrg_rxbuf: bool,
     /// Receive chains popped from the queue and not used yet, in order.
     rx_chains: VecDeque<RxChain>,
+    /// What `rx_chains` hold together (saturating), kept so that a frame's check for room
+    /// does not walk them all.
+    rx_stash_bytes: usize,
     /// Used entries added since the last interrupt decision.
     rx_used: bool,
     tx_used: bool,
@@ -321,6 +330,7 @@ impl Active {
             interrupt,
             mrg_rxbuf,
             rx_chains: VecDeque::new(),
+            rx_stash_bytes: 0,
             rx_used: false,
             tx_used: false,
             rx_signalled,
@@ -335,7 +345,7 @@ impl Active {
         let mut rearmed = false;
         loop {
             let have: usize = if self.mrg_rxbuf {
-                self.rx_chains.iter().map(|c| c.capacity).sum()
+                self.rx_stash_bytes
             } else {
                 self.rx_chains.front().map_or(0, |c| c.capacity)
             };
@@ -361,7 +371,10 @@ impl Active {
             };
             let head = chain.head_index();
             match parse_rx_chain(&self.mem, head, chain) {
-                Ok(c) => self.rx_chains.push_back(c),
+                Ok(c) => {
+                    self.rx_stash_bytes = self.rx_stash_bytes.saturating_add(c.capacity);
+                    self.rx_chains.push_back(c);
+                }
                 Err(e) => {
                     debug!("virtio-net: unusable receive chain: {e}");
                     inc(&metrics.rx_errors, 1);
@@ -369,6 +382,13 @@ impl Active {
                 }
             }
         }
+    }
+
+    /// The oldest stashed receive chain.
+    fn pop_stashed(&mut self) -> Option<RxChain> {
+        let c = self.rx_chains.pop_front()?;
+        self.rx_stash_bytes = self.rx_stash_bytes.saturating_sub(c.capacity);
+        Some(c)
     }
 
     fn add_used_rx(&mut self, head: u16, len: u32) {
@@ -398,7 +418,7 @@ impl Active {
         let mut chains = Vec::new();
         let mut covered = 0usize;
         while covered < frame.len() {
-            let Some(c) = self.rx_chains.pop_front() else {
+            let Some(c) = self.pop_stashed() else {
                 break;
             };
             covered += c.capacity;
@@ -427,6 +447,57 @@ impl Active {
         }
         self.rx_used = true;
         Delivery::Delivered
+    }
+
+    /// Read one frame from the TAP straight into the stashed receive chains (which hold at
+    /// least [`VNET_HDR_LEN`] + [`MAX_FRAME_LEN`] bytes) and hand the guest the chains it
+    /// filled; the others stay stashed for the next frame. `None` when the chains cannot be
+    /// given to one `readv` (more than [`MAX_RX_IOVECS`] pieces, or memory refuses a range):
+    /// then nothing was read. Otherwise what the read returned; a frame shorter than a
+    /// virtio-net header is dropped.
+    fn receive_direct(&mut self, tap: &Tap, metrics: &NetMetrics) -> Option<io::Result<usize>> {
+        let n = match read_frame_into(tap, &self.mem, &self.rx_chains) {
+            None => return None,
+            Some(Err(e)) => return Some(Err(e)),
+            Some(Ok(n)) => n,
+        };
+        if n < VNET_HDR_LEN {
+            inc(&metrics.rx_dropped, 1);
+            return Some(Ok(n));
+        }
+        // The chains the frame filled, in order, and what each holds.
+        let mut lens = Vec::new();
+        let mut left = n;
+        for c in &self.rx_chains {
+            if left == 0 {
+                break;
+            }
+            let k = left.min(c.capacity);
+            // At most the frame length.
+            lens.push(k as u32);
+            left -= k;
+        }
+        // At most the queue size, which fits in 16 bits.
+        let num_buffers = lens.len() as u16;
+        let Some(first) = self.rx_chains.front() else {
+            return Some(Ok(n));
+        };
+        let mut out = SegmentWriter::new(&self.mem, &first.segs);
+        if !(out.skip(NUM_BUFFERS_OFFSET) && out.write(&num_buffers.to_le_bytes())) {
+            inc(&metrics.rx_errors, 1);
+        }
+        let used: Vec<(u16, u32)> = lens
+            .iter()
+            .filter_map(|&len| self.pop_stashed().map(|c| (c.head, len)))
+            .collect();
+        // All at once, as `deliver` does.
+        if let Err(e) = add_used_together(&mut self.rx, &self.mem, &used) {
+            crate::guest_warn!("virtio-net: cannot return receive buffers: {e}");
+        }
+        self.rx_used = true;
+        inc(&metrics.rx_frames, 1);
+        inc(&metrics.rx_bytes, (n - VNET_HDR_LEN) as u64);
+        Some(Ok(n))
     }
 
     /// Interrupt the driver once for everything used since the last call, if it wants one.
@@ -654,8 +725,26 @@ impl Net {
                     if !self.tap_readable || limited || !active.has_rx_buffer(m) {
                         break;
                     }
-                    match self.tap.read_frame(&mut self.rx_buf) {
-                        Ok(n) => (n, false),
+                    // With mergeable buffers that can take a frame of any size, and no receive
+                    // limit (a limiter needs a frame's length before the guest gets it; the
+                    // VMM always has one, unlimited unless configured), the frame goes straight
+                    // into the guest's buffers. Otherwise, or when they come in too many
+                    // pieces, through the bounce buffer.
+                    let unlimited = self
+                        .rx_limiter
+                        .as_ref()
+                        .is_none_or(|l| l.bandwidth().is_none() && l.ops().is_none());
+                    let direct = active.mrg_rxbuf
+                        && unlimited
+                        && active.stash_rx(VNET_HDR_LEN + MAX_FRAME_LEN, m);
+                    let read = match direct.then(|| active.receive_direct(&self.tap, m)) {
+                        // Delivered (or a runt dropped) in place.
+                        Some(Some(result)) => result.map(|_| None),
+                        _ => self.tap.read_frame(&mut self.rx_buf).map(Some),
+                    };
+                    match read {
+                        Ok(None) => continue,
+                        Ok(Some(n)) => (n, false),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                             self.tap_readable = false;
                             break;
@@ -855,6 +944,65 @@ fn read_frame(mem: &GuestMemoryMmap, segs: &[Segment]) -> Option<Vec<u8>> {
     }
     let mut frame = Vec::new();
     read_segments(mem, segs, &mut frame).then_some(frame)
+}
+
+/// `readv` one frame from the TAP into `chains` (checked to lie in `mem`), in order, at most
+/// [`VNET_HDR_LEN`] + [`MAX_FRAME_LEN`] bytes. `None`, with nothing read, when the chains hold
+/// less than that, come in more than [`MAX_RX_IOVECS`] pieces, or memory refuses a range.
+fn read_frame_into(
+    tap: &Tap,
+    mem: &GuestMemoryMmap,
+    chains: &VecDeque<RxChain>,
+) -> Option<io::Result<usize>> {
+    let mut slices = Vec::new();
+    let mut left = VNET_HDR_LEN + MAX_FRAME_LEN;
+    'chains: for c in chains {
+        for s in &c.segs {
+            if left == 0 {
+                break 'chains;
+            }
+            let n = left.min(s.len as usize);
+            for slice in GuestMemoryBackend::get_slices(mem, s.addr, n) {
+                slices.push(slice.ok()?);
+                if slices.len() > MAX_RX_IOVECS {
+                    return None;
+                }
+            }
+            left -= n;
+        }
+    }
+    if left > 0 {
+        return None;
+    }
+    let guards: Vec<_> = slices
+        .iter()
+        .map(|s| (s.ptr_guard_mut(), s.len()))
+        .collect();
+    let iovs: Vec<libc::iovec> = guards
+        .iter()
+        .map(|(g, len)| libc::iovec {
+            iov_base: g.as_ptr().cast(),
+            iov_len: *len,
+        })
+        .collect();
+    // SAFETY: each iovec points into a mapped guest memory region (`get_slices` checked the
+    // range), kept alive by `mem` and the pointer guards for the duration of the call; the
+    // kernel writes only there.
+    let result = unsafe { tap.readv(&iovs) };
+    drop(guards);
+    if let Ok(n) = result {
+        // The kernel's writes bypass the dirty-page bitmap: mark what the frame filled.
+        let mut left = n;
+        for s in &slices {
+            if left == 0 {
+                break;
+            }
+            let k = left.min(s.len());
+            s.bitmap().mark_dirty(0, k);
+            left -= k;
+        }
+    }
+    Some(result)
 }
 
 /// `writev` the frame in `segs` (checked to lie in `mem`) to the TAP.

@@ -195,6 +195,29 @@ impl Tap {
         }
     }
 
+    /// Read one frame (header included) scattered over `iovs`, in order. `WouldBlock` when none
+    /// is queued.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that is valid for writes for the whole call.
+    pub unsafe fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        let count = std::os::raw::c_int::try_from(iovs.len())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        loop {
+            // SAFETY: the caller guarantees each iovec is writable; `iovs` itself is a valid
+            // slice of `count` entries.
+            let n = unsafe { libc::readv(self.file.as_raw_fd(), iovs.as_ptr(), count) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+
     /// Write one frame (header included) gathered from `iovs`.
     ///
     /// # Safety

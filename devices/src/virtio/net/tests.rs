@@ -580,6 +580,77 @@ fn rx_from_the_wire_waits_for_buffers_then_arrives() {
 }
 
 #[test]
+fn rx_reads_the_tap_straight_into_mergeable_buffers() {
+    use vm_memory::bitmap::Bitmap;
+    // As the VMM builds it: with limiters that limit nothing (until the API sets them).
+    let unlimited = || {
+        Some(
+            crate::rate_limiter::RateLimiter::new(
+                &crate::rate_limiter::RateLimiterConfig::default(),
+            )
+            .unwrap(),
+        )
+    };
+    let net = net_on_new_tap(true).with_rate_limiters(unlimited(), unlimited());
+    let sock = PacketSocket::bind(net.tap().name());
+    let Setup {
+        mut net,
+        mut rxq,
+        txq: _txq,
+        irq: _irq,
+    } = activate(
+        net,
+        feature(VIRTIO_F_VERSION_1) | feature(VIRTIO_NET_F_MRG_RXBUF),
+    );
+    net.rx_buf.fill(0x5a);
+    let metrics = net.metrics();
+    let mut lp = BackendLoop::new(net);
+    // 70 chains of 1 KiB, more than a frame of any size needs, each split 8 + 1016 so that
+    // `num_buffers` (bytes 10-11 of the header) lies in a chain's second descriptor.
+    const CHAIN: u64 = 0x400;
+    let chain_at = |i: u64| BUF + i * 0x800;
+    for i in 0..70 {
+        rxq.add_chain(&[
+            w(chain_at(i), 8),
+            w(chain_at(i) + 0x400, (CHAIN - 8) as u32),
+        ]);
+    }
+    lp.dev().process_queue(RX_QUEUE);
+    let f1 = frame(MAC, 200, 1);
+    let f2 = frame(MAC, 1400, 2);
+    sock.send(&f1);
+    sock.send(&f2);
+    assert!(lp.run_until(Duration::from_secs(2), |_| m(&metrics.rx_frames) == 2));
+    // A chain's bytes, as the guest reads them.
+    let chain_bytes = |i: u64, len: usize| {
+        let mut b = read_mem(&rxq, chain_at(i), 8.min(len));
+        b.extend(read_mem(&rxq, chain_at(i) + 0x400, len.saturating_sub(8)));
+        b
+    };
+    // f1 fills one chain, f2 (12 + 1414 bytes) two.
+    assert_eq!(rxq.used_idx(), 3);
+    assert_eq!(rxq.used_elem(0), (0, 12 + f1.len() as u32));
+    assert_eq!(rxq.used_elem(1), (2, CHAIN as u32));
+    assert_eq!(rxq.used_elem(2), (4, (12 + f2.len()) as u32 - CHAIN as u32));
+    let got1 = chain_bytes(0, 12 + f1.len());
+    assert_eq!(u16::from_le_bytes([got1[10], got1[11]]), 1);
+    assert_eq!(got1[12..], f1[..]);
+    let mut got2 = chain_bytes(1, CHAIN as usize);
+    got2.extend(chain_bytes(2, 12 + f2.len() - CHAIN as usize));
+    assert_eq!(u16::from_le_bytes([got2[10], got2[11]]), 2);
+    assert_eq!(got2[12..], f2[..]);
+    assert_eq!(m(&metrics.rx_bytes), (f1.len() + f2.len()) as u64);
+    // Straight from the TAP: the bounce buffer was not used, and the pages the kernel wrote
+    // are marked dirty (for snapshots) while the unused chains' are not.
+    assert!(lp.dev().rx_buf.iter().all(|&b| b == 0x5a));
+    let region = rxq.mem.find_region(GuestAddress(BUF)).unwrap();
+    assert!(region.bitmap().dirty_at(chain_at(2) as usize + 0x400));
+    assert!(!region.bitmap().dirty_at(chain_at(10) as usize + 0x400));
+    // The chains not used are given back to the ring when the queue's position is saved.
+    assert_eq!(lp.dev().queue_positions()[RX_QUEUE].next_avail, 3);
+}
+
+#[test]
 fn inactive_or_reset_device_leaves_the_tap_alone() {
     let net = net_on_new_tap(true);
     let sock = PacketSocket::bind(net.tap().name());
