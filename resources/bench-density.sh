@@ -90,13 +90,7 @@ fi
 load_before=$(uptime)
 
 ensure_packages curl gcc libc6-dev
-if has cloud-hypervisor; then
-    "$here/build-guest-kernel-pci.sh"
-    kernel=$FLINT_CACHE/pci/guest/vmlinux
-else
-    "$here/build-guest-kernel.sh"
-    kernel=$FLINT_CACHE/guest/vmlinux
-fi
+kernel=$(sandbox_bench_kernel "$(has cloud-hypervisor && echo 1)")
 "$here/build-sandbox-image.sh"
 log "building flint (release)"
 (cd "$repo" && cargo build --release --quiet --bin flint)

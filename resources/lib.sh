@@ -23,6 +23,21 @@ sandbox_cmdline() {
     printf '%s\n' "$c"
 }
 
+# sandbox_bench_kernel WITH_PCI: build the guest kernel a sandbox benchmark boots and print
+# its ELF vmlinux: the virtio-pci one (build-guest-kernel-pci.sh) when WITH_PCI is 1 (Cloud
+# Hypervisor, whose devices are virtio-pci only, is in the run), else the usual one.
+sandbox_bench_kernel() {
+    local dir
+    dir=$(dirname "${BASH_SOURCE[0]}")
+    if [ "$1" = 1 ]; then
+        "$dir/build-guest-kernel-pci.sh" >&2
+        printf '%s\n' "$FLINT_CACHE/pci/guest/vmlinux"
+    else
+        "$dir/build-guest-kernel.sh" >&2
+        printf '%s\n' "$FLINT_CACHE/guest/vmlinux"
+    fi
+}
+
 log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
 die() { printf '[%s] error: %s\n' "${0##*/}" "$*" >&2; exit 1; }
 
